@@ -1,0 +1,1 @@
+"""The canonical mesh model: frozen, indexed, built from the whole config store."""

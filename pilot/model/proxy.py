@@ -1,0 +1,124 @@
+"""Who a connected proxy is, read from its Envoy `Node`, and which config class it belongs to.
+
+Proxies of one class receive byte-identical config, so the class is the snapshot cache
+key. It holds exactly the fields that generators read; nothing else may influence them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from google.protobuf import json_format
+
+# Istio's node metadata keys, so bootstraps written for Istio tooling read the same.
+META_NAMESPACE = "NAMESPACE"
+META_WORKLOAD = "WORKLOAD_NAME"
+META_LABELS = "LABELS"
+META_SERVICE_ACCOUNT = "SERVICE_ACCOUNT"
+META_INSTANCE_IPS = "INSTANCE_IPS"
+# meshctl's own: the loopback address a local-mesh sidecar binds its listeners to.
+META_BIND_ADDRESS = "MESHCTL_BIND_ADDRESS"
+
+# Labels that differ between replicas of one workload but never change its config.
+VOLATILE_LABELS = frozenset({"pod-template-hash", "controller-revision-hash", "pod-template-generation"})
+
+
+class ProxyKind(StrEnum):
+    SIDECAR = "sidecar"
+    ROUTER = "router"
+
+
+@dataclass(frozen=True, order=True)
+class ProxyClass:
+    """Everything a generator may read about a proxy. Hashable: it keys the snapshot cache.
+
+    `bind_address` is set only for local-mesh sidecars, which listen on their own loopback
+    address instead of relying on iptables capture; it makes each such sidecar its own class.
+    """
+
+    kind: ProxyKind
+    namespace: str
+    labels: tuple[tuple[str, str], ...] = ()
+    bind_address: str | None = None
+    workload: str | None = None
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        return dict(self.labels)
+
+    def describe(self) -> str:
+        parts = [self.kind.value, self.namespace]
+        if self.workload:
+            parts.append(self.workload)
+        if self.bind_address:
+            parts.append(self.bind_address)
+        return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class ProxyIdentity:
+    """A connected proxy as shown by proxy-status: its id plus the class it is served as."""
+
+    node_id: str
+    cluster: str
+    proxy_class: ProxyClass
+    service_account: str = ""
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def namespace(self) -> str:
+        return self.proxy_class.namespace
+
+    @property
+    def workload(self) -> str:
+        return self.proxy_class.workload or ""
+
+
+class NodeError(ValueError):
+    """The Envoy Node does not say enough to tell who the proxy is."""
+
+
+def identity_from_node(node: Any) -> ProxyIdentity:
+    """Read identity and class from an `envoy.config.core.v3.Node`.
+
+    The node id follows Istio's `<kind>~<ip>~<workload>.<namespace>~<domain>`; metadata keys
+    (NAMESPACE, WORKLOAD_NAME, LABELS) win over what the id says when both are present.
+    """
+    node_id: str = node.id
+    if not node_id:
+        raise NodeError("node.id is empty")
+    meta = json_format.MessageToDict(node.metadata) if node.HasField("metadata") else {}
+    parts = node_id.split("~")
+    kind_text = parts[0] if len(parts) == 4 else "sidecar"
+    try:
+        kind = ProxyKind(kind_text)
+    except ValueError as exc:
+        raise NodeError(f"node.id {node_id!r}: kind {kind_text!r} is not sidecar or router") from exc
+    id_workload, _, id_namespace = (parts[2] if len(parts) == 4 else "").partition(".")
+    namespace = str(meta.get(META_NAMESPACE) or id_namespace or "")
+    if not namespace:
+        raise NodeError(f"node {node_id!r}: no namespace in metadata.{META_NAMESPACE} or in the id")
+    raw_labels = meta.get(META_LABELS) or {}
+    if not isinstance(raw_labels, dict):
+        raise NodeError(f"node {node_id!r}: metadata.{META_LABELS} must be a map of strings")
+    labels = tuple(sorted((str(k), str(v)) for k, v in raw_labels.items() if k not in VOLATILE_LABELS))
+    bind = meta.get(META_BIND_ADDRESS)
+    workload = str(meta.get(META_WORKLOAD) or id_workload or "") or None
+    proxy_class = ProxyClass(
+        kind=kind,
+        namespace=namespace,
+        labels=labels,
+        bind_address=str(bind) if bind else None,
+        # The workload name only separates classes where config is per workload (local mesh).
+        workload=workload if bind else None,
+    )
+    return ProxyIdentity(
+        node_id=node_id,
+        cluster=node.cluster,
+        proxy_class=proxy_class,
+        service_account=str(meta.get(META_SERVICE_ACCOUNT) or ""),
+        metadata={**meta, "workload": workload or ""},
+    )

@@ -1,0 +1,24 @@
+"""Pilot's settings, built once by the CLI (or a test) and passed down; never read at import."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class PilotSettings(BaseSettings):
+    """Where pilot listens and what it serves. Environment variables MESHCTL_PILOT_* override."""
+
+    model_config = SettingsConfigDict(env_prefix="MESHCTL_PILOT_", frozen=True)
+
+    ads_host: str = "127.0.0.1"
+    ads_port: int = Field(15010, ge=0, le=65535, description="plaintext xDS (local mesh); 0 picks a free port")
+    debug_host: str = "127.0.0.1"
+    debug_port: int = Field(15014, ge=0, le=65535, description="HTTP monitoring and debug; 0 picks a free port")
+    config_dir: Path | None = None
+    debounce_ms: int = Field(100, ge=0, description="quiet time after a config change before a push")
+    debounce_max_ms: int = Field(1000, ge=0, description="longest a push waits while changes keep coming")
+    stream_queue_size: int = Field(16, ge=1, description="bounded queue of unprocessed requests per ADS stream")
+    cluster_domain: str = "cluster.local"

@@ -1,0 +1,92 @@
+"""The snapshot cache: proxy class -> latest consistent Snapshot, with change notification.
+
+Concurrency: everything runs on one event loop. The pusher is the only writer (`set`);
+ADS streams are readers that `await wait_for_change`, which parks on an asyncio.Event that
+`set` fires, so no stream ever polls. Streams `watch` their class so the pusher knows which
+classes are in demand and can generate a snapshot for a class the moment it first connects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+from pilot.model.proxy import ProxyClass
+from pilot.xds.snapshot import InconsistentSnapshotError, Snapshot
+
+DemandListener = Callable[[ProxyClass], None]
+
+
+class SnapshotCache:
+    """Holds one snapshot per proxy class; refuses inconsistent ones."""
+
+    def __init__(self) -> None:
+        self._snapshots: dict[ProxyClass, Snapshot] = {}
+        self._events: dict[ProxyClass, asyncio.Event] = {}
+        self._watchers: Counter[ProxyClass] = Counter()
+        self._demand_listeners: list[DemandListener] = []
+
+    def set(self, key: ProxyClass, snapshot: Snapshot) -> None:
+        """Publish a snapshot after checking it; wakes every stream of that class.
+
+        Raises InconsistentSnapshotError and keeps the previous snapshot if the new one
+        refers to resources it does not contain.
+        """
+        errors = snapshot.consistency_errors()
+        if errors:
+            raise InconsistentSnapshotError(key, errors)
+        if self._snapshots.get(key) == snapshot:
+            return
+        self._snapshots[key] = snapshot
+        event = self._events.pop(key, None)
+        if event is not None:
+            event.set()
+
+    def get(self, key: ProxyClass) -> Snapshot | None:
+        return self._snapshots.get(key)
+
+    def keys(self) -> list[ProxyClass]:
+        """Classes that have a snapshot."""
+        return list(self._snapshots)
+
+    def watched(self) -> list[ProxyClass]:
+        """Classes with at least one connected stream."""
+        return [k for k, n in self._watchers.items() if n > 0]
+
+    async def wait_for_change(self, key: ProxyClass, current: Snapshot | None) -> Snapshot:
+        """Return the class's snapshot as soon as it differs from `current`."""
+        while True:
+            latest = self._snapshots.get(key)
+            if latest is not None and latest is not current:
+                return latest
+            event = self._events.get(key)
+            if event is None:
+                event = self._events[key] = asyncio.Event()
+            await event.wait()
+
+    def on_demand(self, listener: DemandListener) -> None:
+        """Call `listener(key)` whenever a class gains its first watching stream."""
+        self._demand_listeners.append(listener)
+
+    @contextlib.contextmanager
+    def watch(self, key: ProxyClass) -> Iterator[None]:
+        """Mark a class as in demand for the duration of a stream."""
+        self._watchers[key] += 1
+        if self._watchers[key] == 1:
+            for listener in self._demand_listeners:
+                listener(key)
+        try:
+            yield
+        finally:
+            self._watchers[key] -= 1
+            if self._watchers[key] <= 0:
+                del self._watchers[key]
+
+    def drop_unwatched(self) -> int:
+        """Forget snapshots of classes no stream watches any more; returns how many."""
+        gone = [k for k in self._snapshots if self._watchers[k] <= 0]
+        for key in gone:
+            del self._snapshots[key]
+        return len(gone)

@@ -1,0 +1,33 @@
+"""Names that resources of one type refer to in another type (EDS from CDS, RDS from LDS)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+
+_HCM = hcm_pb2.HttpConnectionManager
+
+
+def cluster_eds_name(cluster: Any) -> str | None:
+    """The ClusterLoadAssignment name an EDS cluster waits for; None for other discovery types."""
+    if not cluster.HasField("type") or cluster.type != cluster_pb2.Cluster.EDS:
+        return None
+    return str(cluster.eds_cluster_config.service_name or cluster.name)
+
+
+def listener_route_names(listener: Any) -> Iterator[str]:
+    """RDS names used by the HTTP connection managers of a listener's filter chains."""
+    chains = list(listener.filter_chains)
+    if listener.HasField("default_filter_chain"):
+        chains.append(listener.default_filter_chain)
+    for chain in chains:
+        for flt in chain.filters:
+            if not flt.typed_config.Is(_HCM.DESCRIPTOR):
+                continue
+            hcm = _HCM()
+            flt.typed_config.Unpack(hcm)
+            if hcm.HasField("rds"):
+                yield str(hcm.rds.route_config_name)

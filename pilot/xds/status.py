@@ -1,0 +1,170 @@
+"""What each connected proxy has been sent and what it acknowledged, per resource type.
+
+Streams write their own `StreamStatus` (one writer each, on the event loop); the debug API
+reads them all. A NACK is never dropped: it is logged, counted in metrics, and kept here
+with Envoy's message until a later response for the same type is ACKed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from pilot.model.proxy import ProxyIdentity
+from pilot.xds import typeurls
+from pilot.xds.cache import SnapshotCache
+
+log = logging.getLogger(__name__)
+
+
+class SyncState(StrEnum):
+    SYNCED = "SYNCED"  # the proxy ACKed the latest version of this type
+    STALE = "STALE"  # a newer version exists, or the last response is not acknowledged yet
+    NACKED = "NACKED"  # the proxy rejected the last response; it keeps serving the previous config
+    NOT_SENT = "NOT_SENT"  # the proxy has not asked for this type
+
+
+@dataclass
+class TypeStatus:
+    sent_version: str = ""
+    sent_nonce: str = ""
+    sent_at: float = 0.0
+    acked_version: str = ""
+    acked_at: float = 0.0
+    nack_message: str = ""
+    nack_version: str = ""
+    nacks: int = 0
+
+    def state(self, current_version: str | None) -> SyncState:
+        if not self.sent_nonce:
+            return SyncState.NOT_SENT
+        if self.nack_message:
+            return SyncState.NACKED
+        if self.acked_version and self.acked_version == self.sent_version and (
+            current_version is None or current_version == self.sent_version
+        ):
+            return SyncState.SYNCED
+        return SyncState.STALE
+
+
+@dataclass
+class StreamStatus:
+    """The status of one ADS stream (one connected proxy)."""
+
+    stream_id: int
+    identity: ProxyIdentity
+    protocol: str  # "sotw" or "delta"
+    peer: str
+    connected_at: float = field(default_factory=time.time)
+    types: dict[str, TypeStatus] = field(default_factory=dict)
+
+    def of(self, type_url: str) -> TypeStatus:
+        return self.types.setdefault(type_url, TypeStatus())
+
+
+class XdsMetrics:
+    """Prometheus metrics of the ADS server, registered on the component's own registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.pushes = Counter("pilot_xds_pushes", "xDS responses sent", ["type"], registry=registry)
+        self.nacks = Counter("pilot_xds_nacks", "xDS responses rejected by proxies", ["type"], registry=registry)
+        self.acks = Counter("pilot_xds_acks", "xDS responses acknowledged by proxies", ["type"], registry=registry)
+        self.stale_requests = Counter(
+            "pilot_xds_stale_nonce_requests", "requests ignored for carrying a stale nonce", ["type"], registry=registry
+        )
+        self.connected = Gauge("pilot_xds_connected_proxies", "connected ADS streams", registry=registry)
+        self.stream_errors = Counter(
+            "pilot_xds_stream_errors", "ADS streams ended by an error", ["reason"], registry=registry
+        )
+
+
+class StatusRegistry:
+    """All live streams, for the debug API and proxy-status."""
+
+    def __init__(self, cache: SnapshotCache, metrics: XdsMetrics) -> None:
+        self._cache = cache
+        self.metrics = metrics
+        self._streams: dict[int, StreamStatus] = {}
+        self._ids = itertools.count(1)
+
+    def open(self, identity: ProxyIdentity, protocol: str, peer: str) -> StreamStatus:
+        status = StreamStatus(next(self._ids), identity, protocol, peer)
+        self._streams[status.stream_id] = status
+        self.metrics.connected.inc()
+        return status
+
+    def close(self, status: StreamStatus) -> None:
+        if self._streams.pop(status.stream_id, None) is not None:
+            self.metrics.connected.dec()
+
+    def streams(self) -> list[StreamStatus]:
+        return list(self._streams.values())
+
+    def record_sent(self, status: StreamStatus, type_url: str, version: str, nonce: str) -> None:
+        ts = status.of(type_url)
+        ts.sent_version, ts.sent_nonce, ts.sent_at = version, nonce, time.time()
+        self.metrics.pushes.labels(typeurls.short_name(type_url)).inc()
+
+    def record_ack(self, status: StreamStatus, type_url: str, version: str) -> None:
+        ts = status.of(type_url)
+        ts.acked_version, ts.acked_at = version, time.time()
+        ts.nack_message = ts.nack_version = ""
+        self.metrics.acks.labels(typeurls.short_name(type_url)).inc()
+
+    def record_nack(self, status: StreamStatus, type_url: str, version: str, message: str) -> None:
+        ts = status.of(type_url)
+        ts.nack_message, ts.nack_version = message or "(no message)", version
+        ts.nacks += 1
+        self.metrics.nacks.labels(typeurls.short_name(type_url)).inc()
+        log.warning(
+            "NACK from %s for %s version %s: %s",
+            status.identity.node_id, typeurls.short_name(type_url), version, message,
+        )
+
+    def record_stale(self, type_url: str) -> None:
+        self.metrics.stale_requests.labels(typeurls.short_name(type_url)).inc()
+
+    def syncz(self) -> list[dict[str, Any]]:
+        """JSON-ready status of every stream, sorted by proxy id."""
+        rows = []
+        for st in sorted(self._streams.values(), key=lambda s: (s.identity.node_id, s.stream_id)):
+            snap = self._cache.get(st.identity.proxy_class)
+            types = {}
+            for type_url, ts in sorted(st.types.items(), key=lambda kv: _order(kv[0])):
+                current = snap.version(type_url) if snap is not None else None
+                types[typeurls.short_name(type_url)] = {
+                    "state": ts.state(current).value,
+                    "type_url": type_url,
+                    "current_version": current or "",
+                    "sent_version": ts.sent_version,
+                    "sent_nonce": ts.sent_nonce,
+                    "acked_version": ts.acked_version,
+                    "nack": ts.nack_message,
+                    "nack_version": ts.nack_version,
+                    "nacks": ts.nacks,
+                }
+            ident = st.identity
+            rows.append({
+                "proxy": ident.node_id,
+                "cluster": ident.cluster,
+                "namespace": ident.namespace,
+                "workload": ident.workload,
+                "labels": dict(ident.proxy_class.labels),
+                "service_account": ident.service_account,
+                "proxy_class": ident.proxy_class.describe(),
+                "protocol": st.protocol,
+                "peer": st.peer,
+                "connected_since": st.connected_at,
+                "types": types,
+            })
+        return rows
+
+
+def _order(type_url: str) -> int:
+    return typeurls.PUSH_ORDER.index(type_url) if type_url in typeurls.PUSH_ORDER else len(typeurls.PUSH_ORDER)

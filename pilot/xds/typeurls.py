@@ -1,0 +1,25 @@
+"""Envoy v3 resource type URLs and the order in which they are pushed.
+
+The order is the xDS "make before break" order: clusters before the endpoints that
+fill them, listeners before the routes they name.
+"""
+
+from typing import Final
+
+CLUSTER: Final = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT: Final = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER: Final = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE: Final = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+SECRET: Final = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+PUSH_ORDER: Final = (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET)
+
+# LDS and CDS are wildcard types: an empty subscription means "everything".
+WILDCARD_TYPES: Final = frozenset({CLUSTER, LISTENER})
+
+SHORT_NAMES: Final = {CLUSTER: "CDS", ENDPOINT: "EDS", LISTENER: "LDS", ROUTE: "RDS", SECRET: "SDS"}
+
+
+def short_name(type_url: str) -> str:
+    """The familiar three-letter name of a type (CDS, EDS, ...) or the URL's last part."""
+    return SHORT_NAMES.get(type_url, type_url.rsplit(".", 1)[-1])
