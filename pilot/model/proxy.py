@@ -65,6 +65,7 @@ class ProxyIdentity:
     node_id: str
     cluster: str
     proxy_class: ProxyClass
+    workload: str = ""
     service_account: str = ""
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
@@ -72,9 +73,6 @@ class ProxyIdentity:
     def namespace(self) -> str:
         return self.proxy_class.namespace
 
-    @property
-    def workload(self) -> str:
-        return self.proxy_class.workload or ""
 
 
 class NodeError(ValueError):
@@ -119,6 +117,7 @@ def identity_from_node(node: Any) -> ProxyIdentity:
         node_id=node_id,
         cluster=node.cluster,
         proxy_class=proxy_class,
+        workload=workload or "",
         service_account=str(meta.get(META_SERVICE_ACCOUNT) or ""),
-        metadata={**meta, "workload": workload or ""},
+        metadata=meta,
     )

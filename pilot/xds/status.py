@@ -18,7 +18,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from pilot.model.proxy import ProxyIdentity
 from pilot.xds import typeurls
-from pilot.xds.cache import SnapshotCache
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +39,15 @@ class TypeStatus:
     nack_message: str = ""
     nack_version: str = ""
     nacks: int = 0
+    # What this proxy should have of the type now (its subscription of the latest snapshot).
+    current_version: str = ""
 
-    def state(self, current_version: str | None) -> SyncState:
-        if not self.sent_nonce:
-            return SyncState.NOT_SENT
+    def state(self) -> SyncState:
         if self.nack_message:
             return SyncState.NACKED
-        if self.acked_version and self.acked_version == self.sent_version and (
-            current_version is None or current_version == self.sent_version
-        ):
+        if not self.sent_nonce:
+            return SyncState.NOT_SENT
+        if self.acked_version == self.sent_version == self.current_version:
             return SyncState.SYNCED
         return SyncState.STALE
 
@@ -87,8 +86,7 @@ class XdsMetrics:
 class StatusRegistry:
     """All live streams, for the debug API and proxy-status."""
 
-    def __init__(self, cache: SnapshotCache, metrics: XdsMetrics) -> None:
-        self._cache = cache
+    def __init__(self, metrics: XdsMetrics) -> None:
         self.metrics = metrics
         self._streams: dict[int, StreamStatus] = {}
         self._ids = itertools.count(1)
@@ -134,14 +132,12 @@ class StatusRegistry:
         """JSON-ready status of every stream, sorted by proxy id."""
         rows = []
         for st in sorted(self._streams.values(), key=lambda s: (s.identity.node_id, s.stream_id)):
-            snap = self._cache.get(st.identity.proxy_class)
             types = {}
             for type_url, ts in sorted(st.types.items(), key=lambda kv: _order(kv[0])):
-                current = snap.version(type_url) if snap is not None else None
                 types[typeurls.short_name(type_url)] = {
-                    "state": ts.state(current).value,
+                    "state": ts.state().value,
                     "type_url": type_url,
-                    "current_version": current or "",
+                    "current_version": ts.current_version,
                     "sent_version": ts.sent_version,
                     "sent_nonce": ts.sent_nonce,
                     "acked_version": ts.acked_version,

@@ -1,0 +1,1 @@
+"""Test helpers shipped with pilot, for users' tests and ours: an in-process ADS client."""

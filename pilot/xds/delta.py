@@ -1,0 +1,104 @@
+"""Incremental (delta) ADS session: per-resource versions, subscribe/unsubscribe, removals.
+
+The proxy tells what it holds (`initial_resource_versions` on reconnect); only resources
+whose version differs are sent. Resources that vanish are named in `removed_resources`
+once every pending response is acknowledged (make before break). Subscribed names that do
+not exist are reported as removed once, so the proxy does not wait for them. Nonces only
+pair ACK/NACK with responses; subscription changes apply whatever the nonce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pilot.xds import typeurls
+from pilot.xds.session import SessionBase, existing, ordered_types, version_of
+from pilot.xds.snapshot import Resource, Snapshot
+from pilot.xds.wire import len_field, str_field
+
+
+@dataclass
+class _DeltaType:
+    wildcard: bool
+    names: set[str] = field(default_factory=set)
+    held: dict[str, str] = field(default_factory=dict)  # name -> version the proxy holds
+    reported_missing: set[str] = field(default_factory=set)
+
+
+class DeltaSession(SessionBase):
+    protocol = "delta"
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.types: dict[str, _DeltaType] = {}
+
+    def handle(self, request: Any) -> None:
+        type_url: str = request.type_url
+        subscribe = list(request.resource_names_subscribe)
+        state = self.types.get(type_url)
+        if state is None:
+            wildcard = type_url in typeurls.WILDCARD_TYPES and (not subscribe or "*" in subscribe)
+            state = self.types[type_url] = _DeltaType(wildcard=wildcard)
+            state.held.update(request.initial_resource_versions)
+        elif request.response_nonce:
+            if request.response_nonce == self.pending.get(type_url):
+                self._acknowledge(type_url, request.response_nonce, self._error_text(request))
+            else:
+                self.registry.record_stale(type_url)
+        for name in subscribe:
+            if name == "*":
+                state.wildcard = True
+            else:
+                state.names.add(name)
+                state.reported_missing.discard(name)
+        for name in request.resource_names_unsubscribe:
+            if name == "*":
+                state.wildcard = False
+            else:
+                state.names.discard(name)
+                state.held.pop(name, None)
+
+    def responses(self, snapshot: Snapshot) -> list[bytes]:
+        order = ordered_types(self.types)
+        out = [r for t in order if (r := self._updates(t, snapshot))]
+        if not self.pending:
+            out += [r for t in order if (r := self._removals(t, snapshot))]
+        return out
+
+    def _interest(self, state: _DeltaType, snapshot: Snapshot, type_url: str) -> dict[str, Resource]:
+        names = set(snapshot.of(type_url).resources) if state.wildcard else state.names
+        return dict(existing(snapshot, type_url, names))
+
+    def _updates(self, type_url: str, snapshot: Snapshot) -> bytes | None:
+        state = self.types[type_url]
+        view = self._interest(state, snapshot, type_url)
+        self._set_current(type_url, version_of({n: r.version for n, r in view.items()}))
+        changed = [r for n, r in view.items() if state.held.get(n) != r.version]
+        missing = sorted(n for n in state.names - set(view) - set(state.held) - state.reported_missing)
+        if not changed and not missing:
+            return None
+        state.held.update((r.name, r.version) for r in changed)
+        state.reported_missing |= set(missing)
+        return self._send(type_url, snapshot, state, changed, missing)
+
+    def _removals(self, type_url: str, snapshot: Snapshot) -> bytes | None:
+        state = self.types[type_url]
+        view = self._interest(state, snapshot, type_url)
+        gone = sorted(set(state.held) - set(view))
+        if not gone:
+            return None
+        for name in gone:
+            del state.held[name]
+        return self._send(type_url, snapshot, state, [], gone)
+
+    def _send(
+        self, type_url: str, snapshot: Snapshot, state: _DeltaType, changed: list[Resource], removed: list[str]
+    ) -> bytes:
+        nonce = self._sent(type_url, version_of(state.held))
+        entries = b"".join(r.delta_entry for r in sorted(changed, key=lambda r: r.name))
+        removals = b"".join(len_field(6, name.encode()) for name in removed)
+        return (
+            str_field(1, snapshot.version(type_url)) + entries + str_field(4, type_url)
+            + str_field(5, nonce) + removals
+        )

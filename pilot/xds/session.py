@@ -1,0 +1,96 @@
+"""What SotW and delta sessions share: nonces, ACK/NACK bookkeeping, the view of a type.
+
+A session is a pure state machine: `handle(request)` updates it and `responses(snapshot)`
+returns the encoded responses to send now, in push order, removals last. The ADS server
+owns all I/O; sessions never await anything, so they are tested without gRPC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import secrets
+from collections.abc import Iterable, Mapping
+
+from pilot.xds import typeurls
+from pilot.xds.snapshot import Resource, Snapshot
+from pilot.xds.status import StatusRegistry, StreamStatus
+
+
+def version_of(versions: Mapping[str, str]) -> str:
+    """Version of a set of resources (name -> resource version) as one proxy holds it.
+
+    Same scheme as TypeSnapshot.version, so a proxy holding a whole type reports that version.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    for name in sorted(versions):
+        h.update(name.encode() + b"\0" + versions[name].encode() + b"\n")
+    return h.hexdigest()
+
+
+def versions(resources: Mapping[str, Resource]) -> dict[str, str]:
+    return {name: res.version for name, res in resources.items()}
+
+
+def ordered_types(type_urls: Iterable[str]) -> list[str]:
+    """Types in push order (CDS, EDS, LDS, RDS, SDS), unknown ones last, by name."""
+    known = [t for t in typeurls.PUSH_ORDER if t in set(type_urls)]
+    return known + sorted(set(type_urls) - set(typeurls.PUSH_ORDER))
+
+
+class Nonces:
+    """Nonces unique to one stream, so a nonce from an earlier connection is never current."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(4)
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}-{next(self._counter)}"
+
+
+class SessionBase:
+    """Acknowledgement bookkeeping common to both protocol variants."""
+
+    protocol = ""
+
+    def __init__(self, status: StreamStatus, registry: StatusRegistry) -> None:
+        self.status = status
+        self.registry = registry
+        self.nonces = Nonces()
+        # type_url -> nonce of the last response that is not yet ACKed or NACKed
+        self.pending: dict[str, str] = {}
+        # type_url -> the version carried by the response with that nonce
+        self._pending_version: dict[str, str] = {}
+
+    def _sent(self, type_url: str, version: str) -> str:
+        nonce = self.nonces.next()
+        self.pending[type_url] = nonce
+        self._pending_version[type_url] = version
+        self.registry.record_sent(self.status, type_url, version, nonce)
+        return nonce
+
+    def _acknowledge(self, type_url: str, nonce: str, error: str | None) -> None:
+        """Settle the pending response `nonce`: an ACK, or a NACK carrying Envoy's message."""
+        version = self._pending_version.pop(type_url, "")
+        self.pending.pop(type_url, None)
+        if error is None:
+            self.registry.record_ack(self.status, type_url, version)
+        else:
+            self.registry.record_nack(self.status, type_url, version, error)
+
+    def _set_current(self, type_url: str, version: str) -> None:
+        self.status.of(type_url).current_version = version
+
+    @staticmethod
+    def _error_text(request: object) -> str | None:
+        if not request.HasField("error_detail"):  # type: ignore[attr-defined]
+            return None
+        detail = request.error_detail  # type: ignore[attr-defined]
+        return str(detail.message) or f"code {detail.code}"
+
+
+def existing(snapshot: Snapshot, type_url: str, names: Iterable[str]) -> Mapping[str, Resource]:
+    """The resources of a type that exist among `names`."""
+    have = snapshot.of(type_url).resources
+    return {n: have[n] for n in sorted(names) if n in have}
