@@ -1,0 +1,71 @@
+"""Sidecar: narrows what a sidecar sees and where its inbound traffic goes.
+
+meshctl uses ``ingress[].defaultEndpoint`` today (where the local-mesh sidecar forwards
+inbound traffic); egress scoping is parsed and validated for later use.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from pilot.api.base import ApiObject, IstioModel, LabelSelector
+from pilot.api.common import Port
+from pilot.api.errors import FieldIssue
+
+# Istio accepts 127.0.0.1:PORT, 0.0.0.0:PORT, [::1]:PORT, [::]:PORT or a unix socket.
+_ENDPOINT = re.compile(r"^(127\.0\.0\.1|0\.0\.0\.0|\[::1\]|\[::\]):(\d{1,5})$")
+
+
+def parse_default_endpoint(value: str) -> tuple[str, int] | None:
+    """(host, port) of a ``defaultEndpoint`` such as ``127.0.0.1:8080``; None if not that form."""
+    match = _ENDPOINT.match(value)
+    if not match or not 1 <= int(match.group(2)) <= 65535:
+        return None
+    return match.group(1).strip("[]"), int(match.group(2))
+
+
+class IstioIngressListener(IstioModel):
+    port: Port
+    bind: str | None = None
+    capture_mode: str | None = None
+    default_endpoint: str | None = None
+    tls: dict[str, Any] | None = None
+    connection_pool: dict[str, Any] | None = None
+
+    def problems(self, path: str) -> Iterator[FieldIssue]:
+        endpoint = self.default_endpoint
+        if endpoint and not endpoint.startswith("unix://") and parse_default_endpoint(endpoint) is None:
+            yield FieldIssue(
+                f"{path}.defaultEndpoint",
+                f"{endpoint!r} must be 127.0.0.1:PORT, 0.0.0.0:PORT, [::1]:PORT, [::]:PORT or unix://PATH",
+            )
+
+
+class IstioEgressListener(IstioModel):
+    port: Port | None = None
+    bind: str | None = None
+    capture_mode: str | None = None
+    hosts: tuple[str, ...] = ()
+
+
+class SidecarSpec(IstioModel):
+    workload_selector: LabelSelector | None = None
+    ingress: tuple[IstioIngressListener, ...] = ()
+    egress: tuple[IstioEgressListener, ...] = ()
+    outbound_traffic_policy: dict[str, Any] | None = None
+    inbound_connection_pool: dict[str, Any] | None = None
+
+    def problems(self, path: str) -> Iterator[FieldIssue]:
+        seen: set[int] = set()
+        for i, listener in enumerate(self.ingress):
+            if listener.port.number in seen:
+                yield FieldIssue(f"{path}.ingress[{i}].port.number", "duplicate ingress port")
+            seen.add(listener.port.number)
+
+
+class Sidecar(ApiObject):
+    KIND = "Sidecar"
+    kind: Literal["Sidecar"]
+    spec: SidecarSpec
