@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
 import click
+from rich.console import Console
 
 from meshctl import __version__
+from meshctl.status_view import nack_lines, status_table
+
+DEFAULT_DEBUG = "127.0.0.1:15014"
 
 
 @click.group()
@@ -13,5 +26,78 @@ def cli() -> None:
     """meshctl: a service-mesh control plane for Envoy that speaks the Istio API."""
 
 
+@cli.command()
+@click.option("--config-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Directory of Istio YAML (ServiceEntry, WorkloadEntry, DestinationRule, VirtualService...).")
+@click.option("--ads", "ads_addr", default="127.0.0.1:15010", show_default=True, help="xDS listen address.")
+@click.option("--debug", "debug_addr", default=DEFAULT_DEBUG, show_default=True, help="Debug HTTP address.")
+@click.option("--log-level", default="info", show_default=True)
+def up(config_dir: Path, ads_addr: str, debug_addr: str, log_level: str) -> None:
+    """Run the control plane on a directory of mesh config until Ctrl-C."""
+    from pilot.app import Pilot
+    from pilot.settings import PilotSettings
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ads_host, ads_port = _split(ads_addr)
+    debug_host, debug_port = _split(debug_addr)
+    settings = PilotSettings(ads_host=ads_host, ads_port=ads_port, debug_host=debug_host, debug_port=debug_port,
+                             config_dir=config_dir)
+
+    async def run() -> None:
+        async with Pilot(settings) as pilot:
+            click.echo(f"pilot: xDS on {pilot.ads_address}, debug on http://{pilot.debug_address}", err=True)
+            await _until_signal()
+
+    asyncio.run(run())
+
+
+@cli.command("proxy-status")
+@click.option("--debug", "debug_addr", default=DEFAULT_DEBUG, show_default=True, help="Pilot debug address.")
+@click.option("--json", "as_json", is_flag=True, help="Print pilot's raw /debug/syncz JSON.")
+def proxy_status(debug_addr: str, as_json: bool) -> None:
+    """Show every connected proxy and whether it is SYNCED, STALE or NACKED per xDS type."""
+    rows = asyncio.run(_get_json(f"http://{debug_addr}/debug/syncz"))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    console = Console()
+    if not rows:
+        console.print("no proxies connected")
+        return
+    console.print(status_table(rows))
+    for line in nack_lines(rows):
+        console.print(f"[bold red]NACK[/] {line}", highlight=False)
+
+
+async def _get_json(url: str) -> list[dict[str, object]]:
+    try:
+        async with aiohttp.ClientSession() as session, session.get(url) as resp:
+            resp.raise_for_status()
+            data: list[dict[str, object]] = await resp.json()
+            return data
+    except aiohttp.ClientError as exc:
+        raise click.ClickException(f"cannot reach pilot at {url}: {exc}") from exc
+
+
+async def _until_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def _split(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise click.BadParameter(f"{addr!r} is not host:port")
+    return host, int(port)
+
+
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,8 +37,9 @@ class SnapshotCache:
         errors = snapshot.consistency_errors()
         if errors:
             raise InconsistentSnapshotError(key, errors)
-        if self._snapshots.get(key) == snapshot:
-            return
+        previous = self._snapshots.get(key)
+        if previous is not None and previous.versions() == snapshot.versions():
+            return  # identical content: no push
         self._snapshots[key] = snapshot
         event = self._events.pop(key, None)
         if event is not None:

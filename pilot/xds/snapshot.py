@@ -95,6 +95,10 @@ class Snapshot:
     def version(self, type_url: str) -> str:
         return self.of(type_url).version
 
+    def versions(self) -> dict[str, str]:
+        """type_url -> version; equal for snapshots with identical content."""
+        return {t: ts.version for t, ts in self.types.items()}
+
     def consistency_errors(self) -> list[str]:
         """What would make Envoy wait forever or reject: references to names that do not exist.
 

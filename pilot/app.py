@@ -1,0 +1,102 @@
+"""Pilot wiring: builds every part once from PilotSettings, starts and stops them in order.
+
+Start order: config store and sources, the first mesh build, the ADS server, then the debug
+API, so that a proxy connecting at once gets config. Stop is the reverse. Everything runs on
+the caller's event loop; background work is guarded (pilot.tasks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from pilot.config.files import FileSource
+from pilot.config.store import ConfigStore
+from pilot.debug import DebugApi
+from pilot.model.build import build_mesh
+from pilot.push import PushMetrics, Pusher
+from pilot.settings import PilotSettings
+from pilot.tasks import TaskFailures, spawn
+from pilot.translate import generate
+from pilot.xds.cache import SnapshotCache
+from pilot.xds.server import AdsServer
+from pilot.xds.status import StatusRegistry, XdsMetrics
+
+log = logging.getLogger(__name__)
+
+
+class Pilot:
+    """One pilot instance. `async with Pilot(settings) as pilot:` runs it."""
+
+    def __init__(self, settings: PilotSettings) -> None:
+        self.settings = settings
+        self.registry = CollectorRegistry()
+        self.failures = TaskFailures(self.registry)
+        self.store = ConfigStore()
+        self.cache = SnapshotCache()
+        self.status = StatusRegistry(XdsMetrics(self.registry))
+        self.pusher = Pusher(
+            self.store, self.cache,
+            build_mesh=lambda objects: build_mesh(objects, cluster_domain=settings.cluster_domain),
+            generate=generate,
+            metrics=PushMetrics(self.registry),
+            debounce=settings.debounce_ms / 1000,
+            debounce_max=settings.debounce_max_ms / 1000,
+        )
+        self.ads = AdsServer(self.cache, self.status, queue_size=settings.stream_queue_size)
+        self.files = FileSource(settings.config_dir, self.store) if settings.config_dir else None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._web: web.AppRunner | None = None
+        self.ads_port = 0
+        self.debug_port = 0
+
+    async def start(self) -> None:
+        if self.files is not None:
+            await self.files.load()
+            self._tasks.append(spawn("config-files", self.files.watch, self.failures))
+        self._tasks.append(spawn("pusher", self.pusher.run, self.failures))
+        await self.pusher.ready.wait()
+        s = self.settings
+        self.ads_port = await self.ads.start(s.ads_host, s.ads_port)
+        self._web = web.AppRunner(DebugApi(self.status, self.pusher, self.store, self.registry).app(),
+                                  access_log=None)
+        await self._web.setup()
+        site = web.TCPSite(self._web, s.debug_host, s.debug_port)
+        await site.start()
+        self.debug_port = _bound_port(site)
+        log.info("pilot serving xDS on %s:%d, debug on %s:%d", s.ads_host, self.ads_port, s.debug_host,
+                 self.debug_port)
+
+    async def stop(self) -> None:
+        await self.ads.stop(grace=0.5)
+        if self._web is not None:
+            await self._web.cleanup()
+            self._web = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def __aenter__(self) -> Pilot:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def ads_address(self) -> str:
+        return f"{self.settings.ads_host}:{self.ads_port}"
+
+    @property
+    def debug_address(self) -> str:
+        return f"{self.settings.debug_host}:{self.debug_port}"
+
+
+def _bound_port(site: web.TCPSite) -> int:
+    server: Any = site._server  # aiohttp keeps the asyncio server here; it knows the real port
+    return int(server.sockets[0].getsockname()[1])

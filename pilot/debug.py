@@ -1,0 +1,95 @@
+"""Pilot's HTTP monitoring and debug API (aiohttp), port 15014 by Istio convention.
+
+Read-only views of live state: `/debug/syncz` (per-proxy xDS status), `/debug/configz`
+(accepted and rejected config), `/debug/workload/{ns}/{name}`, `/debug/config_dump`,
+`/metrics` (Prometheus) and `/ready`. Handlers only read; they run on pilot's event loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from google.protobuf import any_pb2, json_format
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from pilot.push import Pusher
+from pilot.xds import typeurls
+from pilot.xds.status import StatusRegistry
+
+
+class DebugApi:
+    def __init__(self, status: StatusRegistry, pusher: Pusher, store: Any, registry: CollectorRegistry) -> None:
+        self.status = status
+        self.pusher = pusher
+        self.store = store
+        self.registry = registry
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/debug/syncz", self.syncz)
+        app.router.add_get("/debug/configz", self.configz)
+        app.router.add_get("/debug/workload/{namespace}/{name}", self.workload)
+        app.router.add_get("/debug/config_dump", self.config_dump)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/ready", self.ready)
+        return app
+
+    async def syncz(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status.syncz())
+
+    async def configz(self, request: web.Request) -> web.Response:
+        mesh = self.pusher.mesh
+        body = {
+            **self.store.debug(),
+            "mesh_warnings": list(getattr(mesh, "warnings", ())),
+            "generate_errors": {k.describe(): v for k, v in sorted(self.pusher.errors.items())},
+        }
+        return web.json_response(body)
+
+    async def workload(self, request: web.Request) -> web.Response:
+        ns, name = request.match_info["namespace"], request.match_info["name"]
+        found = self.pusher.mesh.workload(ns, name) if self.pusher.mesh is not None else None
+        if found is None:
+            raise web.HTTPNotFound(text=f"no WorkloadEntry {ns}/{name} in the mesh config\n")
+        return web.json_response({
+            "namespace": ns,
+            "name": name,
+            "address": found.address,
+            "labels": dict(found.labels),
+            "service_account": found.service_account,
+            "ports": dict(found.ports),
+        })
+
+    async def config_dump(self, request: web.Request) -> web.Response:
+        """The xDS resources pilot serves to one connected proxy (`?proxy=<node id>`)."""
+        proxy = request.query.get("proxy", "")
+        streams = [s for s in self.status.streams() if s.identity.node_id == proxy]
+        if not streams:
+            raise web.HTTPNotFound(text=f"proxy {proxy!r} is not connected\n")
+        snapshot = self.pusher.cache.get(streams[0].identity.proxy_class)
+        if snapshot is None:
+            raise web.HTTPNotFound(text=f"no config generated yet for {proxy!r}\n")
+        dump: dict[str, Any] = {}
+        for type_url in typeurls.PUSH_ORDER:
+            ts = snapshot.of(type_url)
+            dump[typeurls.short_name(type_url)] = {
+                "version": ts.version,
+                "resources": [_json(r.type_url, r.value) for r in ts.resources.values()],
+            }
+        return web.json_response(dump)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        if not self.pusher.ready.is_set():
+            raise web.HTTPServiceUnavailable(text="mesh not built yet\n")
+        return web.Response(text="ready\n")
+
+
+def _json(type_url: str, value: bytes) -> dict[str, Any]:
+    msg = any_pb2.Any(type_url=type_url, value=value)
+    out: dict[str, Any] = json_format.MessageToDict(msg)
+    return out

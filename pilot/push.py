@@ -1,0 +1,103 @@
+"""From config changes to published snapshots: debounce, build the mesh, generate, publish.
+
+Concurrency: one pusher task per pilot. It waits on the store's change event, lets changes
+settle (debounce, bounded by a maximum delay), builds one MeshSnapshot and regenerates the
+snapshot of every class that has a connected proxy. A class seen for the first time is
+generated immediately from the current mesh (cache demand callback). A generator failure for
+one class is logged and counted; that class keeps its last good snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from pilot.model.proxy import ProxyClass
+from pilot.xds.cache import SnapshotCache
+from pilot.xds.snapshot import ProxyResources, Snapshot
+
+log = logging.getLogger(__name__)
+
+BuildMesh = Callable[[Iterable[Any]], Any]
+Generate = Callable[[Any, ProxyClass], ProxyResources]
+
+
+class PushMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.builds = Counter("pilot_mesh_builds", "mesh snapshots built", registry=registry)
+        self.generate_errors = Counter(
+            "pilot_generate_errors", "snapshots not published: generator failed or was inconsistent",
+            registry=registry)
+        self.push_seconds = Histogram(
+            "pilot_push_seconds", "time to build the mesh and publish every watched class", registry=registry)
+
+
+class Pusher:
+    """Keeps the snapshot cache in step with the config store."""
+
+    def __init__(self, store: Any, cache: SnapshotCache, build_mesh: BuildMesh, generate: Generate,
+                 metrics: PushMetrics, debounce: float = 0.1, debounce_max: float = 1.0) -> None:
+        self.store = store
+        self.cache = cache
+        self.build_mesh = build_mesh
+        self.generate = generate
+        self.metrics = metrics
+        self.debounce = debounce
+        self.debounce_max = debounce_max
+        self.mesh: Any = None
+        self.errors: dict[ProxyClass, str] = {}  # last generation error per class, for /debug
+        self.ready = asyncio.Event()
+        cache.on_demand(self._on_demand)
+
+    def _on_demand(self, key: ProxyClass) -> None:
+        if self.mesh is not None and self.cache.get(key) is None:
+            self.publish(key)
+
+    def rebuild(self) -> None:
+        """Build the mesh from the store now and publish every watched class."""
+        started = time.perf_counter()
+        self.mesh = self.build_mesh(self.store.objects())
+        self.metrics.builds.inc()
+        for key in self.cache.watched():
+            self.publish(key)
+        self.cache.drop_unwatched()
+        self.metrics.push_seconds.observe(time.perf_counter() - started)
+        self.ready.set()
+
+    def publish(self, key: ProxyClass) -> bool:
+        """Generate and publish one class; on failure keep its last good snapshot."""
+        try:
+            snapshot = Snapshot.from_resources(self.generate(self.mesh, key))
+            self.cache.set(key, snapshot)
+        except Exception as exc:
+            self.metrics.generate_errors.inc()
+            self.errors[key] = f"{type(exc).__name__}: {exc}"
+            log.exception("config for %s not published; it keeps its last good config", key.describe())
+            return False
+        self.errors.pop(key, None)
+        return True
+
+    async def run(self) -> None:
+        """Rebuild after every settled burst of changes, forever."""
+        revision = self.store.revision
+        self.rebuild()
+        while True:
+            revision = await self.store.wait_for_change(revision)
+            revision = await self._settle(revision)
+            self.rebuild()
+
+    async def _settle(self, revision: int) -> int:
+        """Wait until no change came for `debounce` seconds, or `debounce_max` passed."""
+        deadline = time.monotonic() + self.debounce_max
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                revision = await asyncio.wait_for(
+                    self.store.wait_for_change(revision), min(self.debounce, left))
+            except TimeoutError:
+                break
+        return revision

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pilot.model.proxy import ProxyClass, ProxyKind
+from pilot.xds.cache import SnapshotCache
+from pilot.xds.snapshot import InconsistentSnapshotError, Snapshot
+from pilot.xds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from tests.conformance.builders import cluster, endpoints, listener, route, snapshot
+
+KEY = ProxyClass(ProxyKind.SIDECAR, "default")
+
+
+def test_cluster_without_endpoints_is_refused_and_last_good_kept() -> None:
+    cache = SnapshotCache()
+    good = snapshot({"c1": 1})
+    cache.set(KEY, good)
+    broken = Snapshot.from_resources({CLUSTER: {"c1": cluster("c1"), "c2": cluster("c2")},
+                                      ENDPOINT: {"c1": endpoints("c1", 1)}})
+    with pytest.raises(InconsistentSnapshotError, match="EDS name 'c2' is referenced"):
+        cache.set(KEY, broken)
+    assert cache.get(KEY) is good
+
+
+def test_listener_naming_a_missing_route_is_refused() -> None:
+    snap = Snapshot.from_resources({LISTENER: {"l": listener("l", 1, "nowhere")}, ROUTE: {"r": route("r", "c")}})
+    errors = snap.consistency_errors()
+    assert "RDS name 'nowhere' is referenced but not in the snapshot" in errors
+    assert "RDS resource 'r' is in the snapshot but nothing references it" in errors
+
+
+def test_same_content_gives_same_versions() -> None:
+    a, b = snapshot({"c1": 1, "c2": 2}, routes={"r1": "c1"}), snapshot({"c2": 2, "c1": 1}, routes={"r1": "c1"})
+    assert all(a.version(t) == b.version(t) for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE))
+    assert snapshot({"c1": 1}).version(ENDPOINT) != snapshot({"c1": 2}).version(ENDPOINT)
+
+
+async def test_waiters_wake_on_change_without_polling() -> None:
+    cache = SnapshotCache()
+    first = snapshot({"c1": 1})
+    cache.set(KEY, first)
+    waiter = asyncio.create_task(cache.wait_for_change(KEY, first))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    cache.set(KEY, snapshot({"c1": 1}))  # equal content: no wake-up
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    second = snapshot({"c1": 2})
+    cache.set(KEY, second)
+    assert await asyncio.wait_for(waiter, 1) is second
+
+
+def test_demand_listener_fires_on_first_watcher_only() -> None:
+    cache = SnapshotCache()
+    demanded: list[ProxyClass] = []
+    cache.on_demand(demanded.append)
+    with cache.watch(KEY), cache.watch(KEY):
+        assert cache.watched() == [KEY]
+    assert demanded == [KEY] and cache.watched() == []

@@ -1,0 +1,100 @@
+"""Random request sequences never crash a session, and its invariants always hold."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+from envoy.service.discovery.v3 import discovery_pb2
+from google.rpc import status_pb2
+from pilot.model.proxy import ProxyClass, ProxyIdentity, ProxyKind
+from pilot.xds.delta import DeltaSession
+from pilot.xds.snapshot import Snapshot
+from pilot.xds.sotw import SotwSession
+from pilot.xds.status import StatusRegistry, XdsMetrics
+from pilot.xds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from tests.conformance.builders import snapshot
+
+TYPES = [CLUSTER, ENDPOINT, LISTENER, ROUTE]
+NAMES = ["c0", "c1", "c2", "r1", "r2", "*", "x"]
+SNAPSHOTS = [
+    snapshot({"c0": 1}),
+    snapshot({"c0": 2, "c1": 1}, routes={"r1": "c1"}),
+    snapshot({"c1": 3, "c2": 1}, routes={"r1": "c2", "r2": "c1"}),
+]
+
+
+def _registry() -> StatusRegistry:
+    return StatusRegistry(XdsMetrics(CollectorRegistry()))
+
+
+def _identity() -> ProxyIdentity:
+    return ProxyIdentity("p", "c", ProxyClass(ProxyKind.SIDECAR, "default"))
+
+
+step = st.one_of(
+    st.tuples(st.just("snap"), st.integers(0, len(SNAPSHOTS) - 1)),
+    st.tuples(
+        st.just("req"), st.sampled_from(TYPES), st.lists(st.sampled_from(NAMES), max_size=4),
+        st.sampled_from(["none", "last", "stale"]), st.booleans(),
+    ),
+)
+
+
+def _nonce(choice: str, last: str) -> str:
+    return {"none": "", "last": last, "stale": "bogus-1"}[choice]
+
+
+def _decode(raw: bytes, delta: bool) -> object:
+    msg = discovery_pb2.DeltaDiscoveryResponse() if delta else discovery_pb2.DiscoveryResponse()
+    msg.ParseFromString(raw)
+    return msg
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(step, max_size=30), st.booleans())
+def test_any_request_sequence_is_handled(steps: list[tuple[object, ...]], delta: bool) -> None:
+    reg = _registry()
+    status = reg.open(_identity(), "delta" if delta else "sotw", "test")
+    session = DeltaSession(status, reg) if delta else SotwSession(status, reg)
+    snap: Snapshot | None = None
+    last_nonce: dict[str, str] = {}
+    seen_nonces: set[str] = set()
+    for item in steps:
+        if item[0] == "snap":
+            snap = SNAPSHOTS[int(item[1])]  # type: ignore[arg-type]
+        else:
+            _, type_url, names, nonce_choice, nack = item
+            nonce = _nonce(str(nonce_choice), last_nonce.get(str(type_url), ""))
+            req: object
+            if delta:
+                req = discovery_pb2.DeltaDiscoveryRequest(
+                    type_url=type_url, resource_names_subscribe=names, response_nonce=nonce)
+            else:
+                req = discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=names, response_nonce=nonce)
+            if nack:
+                req.error_detail.CopyFrom(status_pb2.Status(code=3, message="no"))  # type: ignore[attr-defined]
+            session.handle(req)
+        if snap is None:
+            continue
+        for raw in session.responses(snap):
+            resp = _decode(raw, delta)
+            assert resp.nonce and resp.nonce not in seen_nonces  # type: ignore[attr-defined]
+            seen_nonces.add(resp.nonce)  # type: ignore[attr-defined]
+            last_nonce[resp.type_url] = resp.nonce  # type: ignore[attr-defined]
+    # Settled: once everything is ACKed, a further round sends nothing new but removals, then stops.
+    if snap is not None:
+        for _ in range(3):
+            for t, n in list(session.pending.items()):
+                ack: object = (discovery_pb2.DeltaDiscoveryRequest(type_url=t, response_nonce=n) if delta else
+                               discovery_pb2.DiscoveryRequest(type_url=t, response_nonce=n,
+                                                              resource_names=_names(session, t)))
+                session.handle(ack)
+            session.responses(snap)
+        assert session.responses(snap) == []
+
+
+def _names(session: object, type_url: str) -> list[str]:
+    state = session.types[type_url]  # type: ignore[attr-defined]
+    return sorted(state.names) if state.names is not None else []
