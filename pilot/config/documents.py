@@ -1,0 +1,36 @@
+"""What a source reports about the documents it read: objects kept and documents rejected."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from pilot.api import ApiObject
+
+
+@dataclass(frozen=True, order=True)
+class DocumentError:
+    """A rejected document: where it is, what it claims to be, and why it was refused."""
+
+    file: str
+    index: int  # position among the file's non-empty documents, from 0
+    kind: str | None
+    namespace: str | None
+    name: str | None
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}[{self.index}]: {self.message}"
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """Valid objects (invalid documents skipped) and one error per skipped document."""
+
+    objects: tuple[ApiObject, ...] = ()
+    errors: tuple[DocumentError, ...] = field(default=())
+
+    def __add__(self, other: LoadResult) -> LoadResult:
+        return LoadResult(self.objects + other.objects, self.errors + other.errors)

@@ -1,0 +1,196 @@
+"""The file source: a directory of Istio YAML, loaded into the ConfigStore and kept in sync.
+
+Watching is by polling stat() every ``interval`` seconds rather than inotify: it needs no
+dependency, sees editors' atomic renames, bind mounts and network file systems alike, and
+costs nothing for the handful of files of a local mesh. Concurrency: `FileSource.run` is one
+task on the store's loop; reading and parsing happen in a worker thread, and only the final
+`replace_source` touches the store, on the loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from pathlib import Path
+
+import yaml
+
+from pilot.api import ApiError, ApiObject, parse_object
+from pilot.config.documents import DocumentError, LoadResult
+from pilot.config.store import ConfigStore
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".yaml", ".yml")
+# A line that starts a new YAML document: "---", optionally followed by a comment.
+_DOC_START = re.compile(r"^---[ \t]*(?:#.*)?$", re.MULTILINE)
+# Files modified this recently may still change within the same mtime tick: look again.
+_RACY_SECONDS = 2.0
+
+Fingerprint = tuple[tuple[str, int, int, int], ...]
+
+
+def yaml_files(directory: Path) -> list[Path]:
+    """Every ``*.yaml``/``*.yml`` under ``directory``, recursively, sorted; dotfiles skipped."""
+    found = (p for p in directory.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+    rel = (p for p in found if not any(part.startswith(".") for part in p.relative_to(directory).parts))
+    return sorted(rel)
+
+
+def load_dir(path: Path | str) -> LoadResult:
+    """Parse every YAML file under ``path``; valid objects are kept, bad documents reported.
+
+    An object defined twice (same kind, namespace and name) keeps its first definition in
+    file order; the later one is reported as an error.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        return LoadResult(errors=(DocumentError(str(directory), 0, None, None, None, "not a directory"),))
+    located: list[_Located] = []
+    errors: list[DocumentError] = []
+    for file in yaml_files(directory):
+        name = str(file.relative_to(directory))
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            errors.append(DocumentError(name, 0, None, None, None, f"cannot read: {_one_line(exc)}"))
+            continue
+        _parse_text(text, name, located, errors)
+    return _without_duplicates(located, errors)
+
+
+def load_file(path: Path | str, *, display_name: str | None = None) -> LoadResult:
+    """Parse one (multi-document) YAML file."""
+    name = display_name or str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return LoadResult(
+            errors=(DocumentError(name, 0, None, None, None, f"cannot read: {_one_line(exc)}"),)
+        )
+    return load_text(text, name)
+
+
+def load_text(text: str, file: str = "<text>") -> LoadResult:
+    """Parse multi-document YAML text; a syntax error costs only the document it is in."""
+    located: list[_Located] = []
+    errors: list[DocumentError] = []
+    _parse_text(text, file, located, errors)
+    return _without_duplicates(located, errors)
+
+
+_Located = tuple[str, int, ApiObject]
+
+
+def _parse_text(text: str, file: str, located: list[_Located], errors: list[DocumentError]) -> None:
+    index = 0
+    for chunk in _DOC_START.split(text):
+        try:
+            docs = [d for d in yaml.safe_load_all(chunk) if d is not None]
+        except (yaml.YAMLError, RecursionError, ValueError) as exc:
+            if chunk.strip():
+                errors.append(DocumentError(file, index, None, None, None, f"invalid YAML: {_one_line(exc)}"))
+                index += 1
+            continue
+        for doc in docs:
+            try:
+                located.append((file, index, parse_object(doc)))
+            except ApiError as exc:
+                errors.append(DocumentError(file, index, exc.kind, exc.namespace, exc.name, str(exc)))
+            except RecursionError:
+                errors.append(DocumentError(file, index, None, None, None, "document is nested too deeply"))
+            index += 1
+
+
+def _without_duplicates(located: list[_Located], errors: list[DocumentError]) -> LoadResult:
+    first: dict[tuple[str, str, str], tuple[str, int]] = {}
+    kept: list[ApiObject] = []
+    for file, index, obj in located:
+        if obj.key in first:
+            where = "{}[{}]".format(*first[obj.key])
+            kind, namespace, name = obj.key
+            errors.append(
+                DocumentError(file, index, kind, namespace, name, f"{obj.ref}: already defined at {where}")
+            )
+            continue
+        first[obj.key] = (file, index)
+        kept.append(obj)
+    return LoadResult(tuple(kept), tuple(errors))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def fingerprint(directory: Path) -> tuple[Fingerprint, bool]:
+    """What changes when any YAML file is added, removed, rewritten or renamed over.
+
+    The flag is True when some file changed so recently that a further write could land
+    in the same timestamp tick; the caller should then not trust the fingerprint yet.
+    """
+    entries = []
+    newest = 0
+    for file in yaml_files(directory) if directory.is_dir() else []:
+        try:
+            st = file.stat()
+        except OSError:
+            continue
+        entries.append((str(file), st.st_mtime_ns, st.st_size, st.st_ino))
+        newest = max(newest, st.st_mtime_ns)
+    racy = time.time_ns() - newest < _RACY_SECONDS * 1e9
+    return tuple(entries), racy
+
+
+class FileSource:
+    """Keeps a ConfigStore source equal to the YAML files in one directory."""
+
+    def __init__(
+        self,
+        store: ConfigStore,
+        directory: Path | str,
+        *,
+        source_id: str | None = None,
+        interval: float = 0.25,
+    ) -> None:
+        self.store = store
+        self.directory = Path(directory)
+        self.source_id = source_id or f"file:{self.directory}"
+        self.interval = interval
+        self.failures = 0
+        self.last_result = LoadResult()
+        self._seen: Fingerprint | None = None
+
+    def sync(self) -> bool:
+        """Load the directory now if it changed; True if the store changed. For tests and startup."""
+        loaded = self._scan()
+        return loaded is not None and self._apply(loaded)
+
+    async def run(self) -> None:
+        """Poll forever. A failing pass is logged and counted; the store keeps the last good config."""
+        while True:
+            try:
+                loaded = await asyncio.to_thread(self._scan)
+                if loaded is not None:
+                    self._apply(loaded)
+            except Exception:
+                self.failures += 1
+                log.exception("file source %s: reload failed (failure %d)", self.directory, self.failures)
+            await asyncio.sleep(self.interval)
+
+    def _scan(self) -> LoadResult | None:
+        seen, racy = fingerprint(self.directory)
+        if seen == self._seen:
+            return None
+        loaded = load_dir(self.directory)
+        # Fingerprint taken before reading: a write during the read shows up next pass.
+        self._seen = None if racy else seen
+        return loaded
+
+    def _apply(self, loaded: LoadResult) -> bool:
+        if loaded.errors != self.last_result.errors:
+            for err in loaded.errors:
+                log.warning("file source %s: rejected %s", self.directory, err)
+        self.last_result = loaded
+        return self.store.replace_source(self.source_id, loaded.objects, loaded.errors)

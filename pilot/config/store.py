@@ -1,0 +1,132 @@
+"""The ConfigStore: every valid API object from every source, keyed by (kind, namespace, name).
+
+Concurrency: one event loop. Sources call the synchronous writers (`apply`, `delete`,
+`replace_source`) on the loop thread; consumers `await wait_for_change(rev)`, which wakes on
+an `asyncio.Event` swapped at every revision, so nothing polls. A write that changes no
+object does not bump the revision, so re-reading unchanged files causes no push.
+
+Two sources may define the same key; the source with the smallest id wins, deterministically,
+and the loser is listed under ``shadowed`` on the debug page instead of vanishing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from pilot.api import ApiObject
+from pilot.config.documents import DocumentError
+
+Key = tuple[str, str, str]  # (kind, namespace, name)
+DEFAULT_SOURCE = "api"
+
+
+class ConfigStore:
+    """Typed objects with a monotonically increasing revision and change notification."""
+
+    def __init__(self) -> None:
+        self._by_source: dict[str, dict[Key, ApiObject]] = {}
+        self._errors: dict[str, tuple[DocumentError, ...]] = {}
+        self._effective: dict[Key, tuple[str, ApiObject]] = {}
+        self._revision = 0
+        self._changed = asyncio.Event()
+
+    @property
+    def revision(self) -> int:
+        """Bumped once per write that changed the effective set of objects."""
+        return self._revision
+
+    def get(self, kind: str, namespace: str, name: str) -> ApiObject | None:
+        found = self._effective.get((kind, namespace, name))
+        return found[1] if found else None
+
+    def objects(self, kind: str | None = None) -> list[ApiObject]:
+        """Effective objects sorted by key (optionally of one kind)."""
+        return [obj for key, (_, obj) in sorted(self._effective.items()) if kind is None or key[0] == kind]
+
+    def apply(self, obj: ApiObject, source_id: str = DEFAULT_SOURCE) -> bool:
+        """Add or replace one object; True if the effective config changed."""
+        self._by_source.setdefault(source_id, {})[obj.key] = obj
+        return self._settle([obj.key])
+
+    def delete(self, kind: str, namespace: str, name: str, source_id: str = DEFAULT_SOURCE) -> bool:
+        """Remove one object of a source; True if the effective config changed."""
+        key = (kind, namespace, name)
+        if self._by_source.get(source_id, {}).pop(key, None) is None:
+            return False
+        return self._settle([key])
+
+    def replace_source(
+        self, source_id: str, objects: Iterable[ApiObject], errors: Sequence[DocumentError] = ()
+    ) -> bool:
+        """Make ``objects`` the whole content of a source (and ``errors`` its rejections).
+
+        Objects the source no longer has are deleted; True if the effective config changed.
+        """
+        new = {obj.key: obj for obj in objects}
+        old = self._by_source.get(source_id, {})
+        self._by_source[source_id] = new
+        self._errors[source_id] = tuple(errors)
+        return self._settle(old.keys() | new.keys())
+
+    async def wait_for_change(self, after_revision: int) -> int:
+        """Wait until the revision exceeds ``after_revision``; return the new revision."""
+        while self._revision <= after_revision:
+            await self._changed.wait()
+        return self._revision
+
+    def _settle(self, keys: Iterable[Key]) -> bool:
+        changed = False
+        for key in keys:
+            winner = self._winner(key)
+            if winner != self._effective.get(key):
+                changed = True
+                if winner is None:
+                    del self._effective[key]
+                else:
+                    self._effective[key] = winner
+        if changed:
+            self._revision += 1
+            event, self._changed = self._changed, asyncio.Event()
+            event.set()
+        return changed
+
+    def _winner(self, key: Key) -> tuple[str, ApiObject] | None:
+        for source_id in sorted(self._by_source):
+            obj = self._by_source[source_id].get(key)
+            if obj is not None:
+                return source_id, obj
+        return None
+
+    def debug_dump(self) -> dict[str, Any]:
+        """JSON-ready view for ``/debug/configz``: objects with warnings, rejections, shadowing."""
+        objects = [
+            {
+                "source": source_id,
+                "kind": key[0],
+                "namespace": key[1],
+                "name": key[2],
+                "warnings": [str(w) for w in obj.warnings],
+                "object": obj.to_dict(),
+            }
+            for key, (source_id, obj) in sorted(self._effective.items())
+        ]
+        rejected = [
+            {"source": source_id, **err.to_dict()}
+            for source_id in sorted(self._errors)
+            for err in self._errors[source_id]
+        ]
+        shadowed = [
+            {
+                "source": source_id,
+                "kind": k[0],
+                "namespace": k[1],
+                "name": k[2],
+                "winner": self._effective[k][0],
+            }
+            for source_id in sorted(self._by_source)
+            for k in sorted(self._by_source[source_id])
+            if self._effective[k][0] != source_id
+        ]
+        return {"revision": self._revision, "objects": objects, "rejected": rejected, "shadowed": shadowed}

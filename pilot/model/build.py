@@ -1,0 +1,225 @@
+"""`build_mesh`: the whole config store in, one frozen, indexed MeshSnapshot out (pure).
+
+Conflicts are resolved the same way every time: the oldest object (creationTimestamp; objects
+without one count as newest), then namespace/name, wins. Every loser and every dangling
+reference is reported in ``MeshSnapshot.warnings``; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from pilot.api import (
+    ApiObject,
+    DestinationRule,
+    ServiceEntry,
+    Sidecar,
+    VirtualService,
+    WorkloadEntry,
+    WorkloadEntrySpec,
+)
+from pilot.api.service_entry import ServicePort as ApiServicePort
+from pilot.model import convert
+from pilot.model import mesh as m
+
+MESH_GATEWAY = "mesh"
+_LATEST = datetime.max.replace(tzinfo=UTC)
+T = TypeVar("T", bound=ApiObject)
+
+
+def precedence(obj: ApiObject) -> tuple[datetime, str, str]:
+    """Sort key for conflict resolution: oldest first, then namespace, then name."""
+    ts = obj.metadata.creation_timestamp
+    if ts is not None and ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return (ts or _LATEST, obj.metadata.namespace, obj.metadata.name)
+
+
+def build_mesh(objects: Iterable[ApiObject], cluster_domain: str = "cluster.local") -> m.MeshSnapshot:
+    """Index every object into a MeshSnapshot; see the module docstring for conflict rules."""
+    objs = list(objects)
+    warnings: list[str] = []
+    workloads = _workloads(_of(objs, WorkloadEntry))
+    services = _services(_of(objs, ServiceEntry), workloads, warnings)
+    rules = _destination_rules(_of(objs, DestinationRule), cluster_domain, warnings)
+    routing = _virtual_services(_of(objs, VirtualService), cluster_domain, warnings)
+    warnings += _dangling_references(routing, services, rules)
+    return m.MeshSnapshot(
+        cluster_domain=cluster_domain,
+        services=m.frozen_map(services),
+        workloads=m.frozen_map(workloads),
+        destination_rules=m.frozen_map(rules),
+        virtual_services=m.frozen_map(routing),
+        sidecars=_sidecars(_of(objs, Sidecar)),
+        warnings=tuple(warnings),
+    )
+
+
+def _of(objs: Sequence[ApiObject], cls: type[T]) -> list[T]:
+    return sorted((o for o in objs if isinstance(o, cls)), key=precedence)
+
+
+def _workloads(entries: list[WorkloadEntry]) -> dict[tuple[str, str], m.Workload]:
+    return {
+        (e.metadata.namespace, e.metadata.name): m.Workload(
+            namespace=e.metadata.namespace,
+            name=e.metadata.name,
+            address=e.spec.address,
+            labels=m.frozen_map(e.spec.labels),
+            service_account=e.spec.service_account,
+            ports=m.frozen_map(e.spec.ports),
+            weight=e.spec.weight,
+            network=e.spec.network,
+            locality=e.spec.locality,
+        )
+        for e in entries
+    }
+
+
+def _services(
+    entries: list[ServiceEntry], workloads: dict[tuple[str, str], m.Workload], warnings: list[str]
+) -> dict[str, m.Service]:
+    services: dict[str, m.Service] = {}
+    owners: dict[str, str] = {}
+    for se in entries:
+        ports = tuple(sorted((_port(p) for p in se.spec.ports), key=lambda p: p.number))
+        endpoints = _endpoints(se, ports, workloads)
+        for host in se.spec.hosts:
+            if host in services:
+                warnings.append(
+                    f"{se.ref}: host {host} is already defined by {owners[host]}; ignored for this host"
+                )
+                continue
+            owners[host] = se.ref
+            services[host] = m.Service(
+                host=host,
+                namespace=se.metadata.namespace,
+                name=se.metadata.name,
+                ports=ports,
+                resolution=se.spec.resolution.value,
+                location=se.spec.location.value,
+                selector=m.frozen_map(se.spec.workload_selector.labels)
+                if se.spec.workload_selector
+                else None,
+                endpoints=endpoints,
+            )
+    return services
+
+
+def _port(p: ApiServicePort) -> m.ServicePort:
+    return m.ServicePort(
+        name=p.name, number=p.number, protocol=p.effective_protocol, target_port=p.target_port
+    )
+
+
+def endpoint_port(port: m.ServicePort, workload_ports: Mapping[str, int] | None) -> int:
+    """Where an instance listens for ``port``: its own port map, else targetPort, else the port."""
+    own = (workload_ports or {}).get(port.name)
+    return int(own) if own else (port.target_port or port.number)
+
+
+def _endpoints(
+    se: ServiceEntry, ports: tuple[m.ServicePort, ...], workloads: dict[tuple[str, str], m.Workload]
+) -> tuple[m.Endpoint, ...]:
+    found: list[m.Endpoint] = []
+    selector = se.spec.workload_selector
+    if selector is not None:
+        ns = se.metadata.namespace
+        for wl in workloads.values():
+            if wl.namespace == ns and wl.address and m.selects(selector.labels, wl.labels):
+                port_map = {p.name: endpoint_port(p, wl.ports) for p in ports}
+                found.append(
+                    m.Endpoint(wl.address, m.frozen_map(port_map), wl.labels, wl.weight, f"{ns}/{wl.name}")
+                )
+    found += [_inline_endpoint(ep, ports) for ep in se.spec.endpoints if ep.address]
+    return tuple(sorted(found, key=lambda e: (e.address, e.workload or "", sorted(e.ports.items()))))
+
+
+def _inline_endpoint(ep: WorkloadEntrySpec, ports: tuple[m.ServicePort, ...]) -> m.Endpoint:
+    port_map = {p.name: endpoint_port(p, ep.ports) for p in ports}
+    return m.Endpoint(ep.address, m.frozen_map(port_map), m.frozen_map(ep.labels), ep.weight, None)
+
+
+def _destination_rules(
+    rules: list[DestinationRule], cluster_domain: str, warnings: list[str]
+) -> dict[str, m.DestinationPolicy]:
+    found: dict[str, m.DestinationPolicy] = {}
+    for rule in rules:
+        host = convert.qualify(rule.spec.host, rule.metadata.namespace, cluster_domain)
+        if host in found:
+            winner = found[host]
+            warnings.append(
+                f"{rule.ref}: host {host} already has DestinationRule "
+                f"{winner.namespace}/{winner.name}; ignored"
+            )
+            continue
+        if rule.spec.workload_selector is not None:
+            warnings.append(
+                f"{rule.ref}: workloadSelector is not supported yet; the rule applies to every proxy"
+            )
+        found[host] = convert.destination_policy(rule, host)
+    return found
+
+
+def _virtual_services(
+    entries: list[VirtualService], cluster_domain: str, warnings: list[str]
+) -> dict[str, m.RoutingRule]:
+    found: dict[str, m.RoutingRule] = {}
+    for vs in entries:
+        if vs.spec.gateways and MESH_GATEWAY not in vs.spec.gateways:
+            continue  # gateway-only routes do not apply to sidecars
+        rule = convert.routing_rule(vs, cluster_domain)
+        for host in rule.hosts:
+            if host in found:
+                winner = found[host]
+                warnings.append(
+                    f"{vs.ref}: host {host} already routed by VirtualService "
+                    f"{winner.namespace}/{winner.name}; "
+                    "ignored for this host"
+                )
+                continue
+            found[host] = rule
+    return found
+
+
+def _dangling_references(
+    routing: dict[str, m.RoutingRule], services: dict[str, m.Service], rules: dict[str, m.DestinationPolicy]
+) -> list[str]:
+    """Destinations naming hosts, subsets or ports that do not exist (Envoy would answer 503)."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for rule in routing.values():
+        for route in rule.http:
+            for d in route.destinations:
+                ref = f"VirtualService {rule.namespace}/{rule.name}: destination {d.host}"
+                svc = services.get(d.host)
+                if svc is None:
+                    msg = f"{ref}: no ServiceEntry defines this host"
+                elif d.subset and d.subset not in (rules[d.host].subsets if d.host in rules else {}):
+                    msg = f"{ref}: subset {d.subset!r} is not defined by a DestinationRule"
+                elif d.port is not None and svc.port(d.port) is None:
+                    msg = f"{ref}: port {d.port} is not a port of the service"
+                else:
+                    continue
+                if msg not in seen:
+                    seen.add(msg)
+                    out.append(msg)
+    return out
+
+
+def _sidecars(entries: list[Sidecar]) -> tuple[m.SidecarScope, ...]:
+    scopes = [
+        m.SidecarScope(
+            namespace=s.metadata.namespace,
+            name=s.metadata.name,
+            selector=m.frozen_map(s.spec.workload_selector.labels) if s.spec.workload_selector else None,
+            ingress_endpoints=m.frozen_map(
+                {i.port.number: i.default_endpoint for i in s.spec.ingress if i.default_endpoint}
+            ),
+        )
+        for s in entries
+    ]
+    # Istio: a Sidecar with a selector beats the namespace-wide default; oldest first otherwise.
+    return tuple(sorted(scopes, key=lambda s: s.selector is None))

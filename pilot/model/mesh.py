@@ -1,0 +1,270 @@
+"""The canonical mesh model: what the generators read, independent of Istio's API shapes.
+
+Everything here is frozen and indexed once by `build_mesh`; host names are already fully
+qualified and conflicts already resolved. No Envoy types: a MeshSnapshot can be dumped and
+golden-tested on its own. Mappings are read-only views so a shared snapshot stays shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+from types import MappingProxyType
+from typing import Literal, TypeVar
+
+Labels = Mapping[str, str]
+EMPTY: Mapping[str, str] = MappingProxyType({})
+HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", "GRPC-WEB"})
+
+
+K = TypeVar("K", str, int, tuple[str, str])
+V = TypeVar("V")
+
+
+def frozen_map(items: Mapping[K, V] | None = None) -> Mapping[K, V]:
+    """A read-only mapping sorted by key, for deterministic iteration."""
+    return MappingProxyType(dict(sorted((items or {}).items())))
+
+
+def selects(selector: Labels, labels: Labels) -> bool:
+    """Kubernetes equality-based selection: every selector label present with the same value."""
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    name: str
+    number: int
+    protocol: str
+    target_port: int | None = None
+
+    @property
+    def is_http(self) -> bool:
+        return self.protocol in HTTP_PROTOCOLS
+
+    @property
+    def is_http2(self) -> bool:
+        return self.protocol in ("HTTP2", "GRPC", "GRPC-WEB")
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """A WorkloadEntry: one instance of an application, possibly behind several services."""
+
+    namespace: str
+    name: str
+    address: str
+    labels: Labels = EMPTY
+    service_account: str = ""
+    ports: Mapping[str, int] = field(default_factory=frozen_map)  # port name -> number
+    weight: int = 1
+    network: str = ""
+    locality: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One instance of a service, with the port it listens on for each service port name."""
+
+    address: str
+    ports: Mapping[str, int]
+    labels: Labels = EMPTY
+    weight: int = 1
+    workload: str | None = None  # "namespace/name" of the WorkloadEntry; None for inline endpoints
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """One host of a ServiceEntry, with its ports (sorted by number) and endpoints."""
+
+    host: str
+    namespace: str
+    name: str  # of the ServiceEntry
+    ports: tuple[ServicePort, ...]
+    resolution: str = "NONE"
+    location: str = "MESH_EXTERNAL"
+    selector: Labels | None = None
+    endpoints: tuple[Endpoint, ...] = ()
+
+    def port(self, number: int) -> ServicePort | None:
+        return next((p for p in self.ports if p.number == number), None)
+
+    @property
+    def http_ports(self) -> tuple[ServicePort, ...]:
+        return tuple(p for p in self.ports if p.is_http)
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficPolicy:
+    """Connection settings for a destination; None fields inherit from the enclosing level."""
+
+    connect_timeout: timedelta | None = None
+    lb_policy: str | None = None
+    max_connections: int | None = None
+    max_pending_requests: int | None = None
+    max_requests: int | None = None
+    max_retries: int | None = None
+    max_requests_per_connection: int | None = None
+
+    def over(self, base: TrafficPolicy | None) -> TrafficPolicy:
+        """This policy with unset fields taken from ``base`` (Istio's subset/port override)."""
+        if base is None:
+            return self
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        inherited = {k: getattr(base, k) for k, v in values.items() if v is None}
+        return TrafficPolicy(**{**values, **inherited})
+
+
+@dataclass(frozen=True, slots=True)
+class Subset:
+    name: str
+    labels: Labels
+    policy: TrafficPolicy = TrafficPolicy()
+    port_policies: Mapping[int, TrafficPolicy] = field(default_factory=frozen_map)
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationPolicy:
+    """A DestinationRule resolved to its host: subsets and layered traffic policy."""
+
+    host: str
+    namespace: str
+    name: str
+    policy: TrafficPolicy = TrafficPolicy()
+    port_policies: Mapping[int, TrafficPolicy] = field(default_factory=frozen_map)
+    subsets: Mapping[str, Subset] = field(default_factory=frozen_map)
+
+    def policy_for(self, port: int, subset: str = "") -> TrafficPolicy:
+        """Most specific wins: subset port-level, subset, rule port-level, rule."""
+        policy = self.policy
+        policy = self.port_policies.get(port, TrafficPolicy()).over(policy)
+        found = self.subsets.get(subset)
+        if found is not None:
+            policy = found.policy.over(policy)
+            policy = found.port_policies.get(port, TrafficPolicy()).over(policy)
+        return policy
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    kind: Literal["exact", "prefix", "regex"]
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """One HTTP match condition; every field set must match."""
+
+    uri: StringMatch | None = None
+    ignore_uri_case: bool = False
+    method: StringMatch | None = None
+    authority: StringMatch | None = None
+    scheme: StringMatch | None = None
+    headers: tuple[tuple[str, StringMatch], ...] = ()
+    without_headers: tuple[tuple[str, StringMatch], ...] = ()
+    query_params: tuple[tuple[str, StringMatch], ...] = ()
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDestination:
+    host: str  # fully qualified
+    subset: str = ""
+    port: int | None = None  # None: the service's only port, or the port the request came in on
+    weight: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    uri: str | None = None
+    authority: str | None = None
+    port: int | None = None
+    scheme: str | None = None
+    code: int = 301
+
+
+@dataclass(frozen=True, slots=True)
+class DirectResponse:
+    status: int
+    body: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Retries:
+    attempts: int
+    per_try_timeout: timedelta | None = None
+    retry_on: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRoute:
+    """One VirtualService http entry: matches (empty = everything) and exactly one action."""
+
+    name: str = ""
+    matches: tuple[RouteMatch, ...] = ()
+    destinations: tuple[RouteDestination, ...] = ()
+    redirect: Redirect | None = None
+    direct_response: DirectResponse | None = None
+    timeout: timedelta | None = None
+    retries: Retries | None = None
+    rewrite_uri: str | None = None
+    rewrite_authority: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingRule:
+    """A VirtualService that applies to sidecars, with hosts fully qualified."""
+
+    namespace: str
+    name: str
+    hosts: tuple[str, ...]
+    http: tuple[HttpRoute, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarScope:
+    """A Sidecar resource: which workloads it selects and where inbound ports forward to."""
+
+    namespace: str
+    name: str
+    selector: Labels | None
+    ingress_endpoints: Mapping[int, str] = field(default_factory=frozen_map)  # port -> defaultEndpoint
+
+
+@dataclass(frozen=True, slots=True)
+class MeshSnapshot:
+    """The whole mesh at one config revision. Build with `pilot.model.build.build_mesh`."""
+
+    cluster_domain: str = "cluster.local"
+    services: Mapping[str, Service] = field(default_factory=frozen_map)
+    workloads: Mapping[tuple[str, str], Workload] = field(default_factory=frozen_map)
+    destination_rules: Mapping[str, DestinationPolicy] = field(default_factory=frozen_map)
+    virtual_services: Mapping[str, RoutingRule] = field(default_factory=frozen_map)
+    sidecars: tuple[SidecarScope, ...] = ()  # precedence order: with selector first, then oldest
+    warnings: tuple[str, ...] = ()
+
+    def workload(self, namespace: str, name: str) -> Workload | None:
+        return self.workloads.get((namespace, name))
+
+    def service(self, host: str) -> Service | None:
+        return self.services.get(host)
+
+    def services_selecting(self, namespace: str, labels: Labels) -> tuple[Service, ...]:
+        """Services whose workloadSelector picks a workload with ``labels`` in ``namespace``."""
+        return tuple(
+            s
+            for s in self.services.values()
+            if s.selector is not None and s.namespace == namespace and selects(s.selector, labels)
+        )
+
+    def sidecar_for(self, namespace: str, labels: Labels) -> SidecarScope | None:
+        """The Sidecar resource that applies to a workload, as Istio picks it."""
+        return next(
+            (
+                s
+                for s in self.sidecars
+                if s.namespace == namespace and (s.selector is None or selects(s.selector, labels))
+            ),
+            None,
+        )
