@@ -15,6 +15,7 @@ import click
 from rich.console import Console
 
 from meshctl import __version__
+from meshctl.proxy_cmd import proxy
 from meshctl.status_view import nack_lines, status_table
 
 DEFAULT_DEBUG = "127.0.0.1:15014"
@@ -67,6 +68,9 @@ def proxy_status(debug_addr: str, as_json: bool) -> None:
     console.print(status_table(rows))
     for line in nack_lines(rows):
         console.print(f"[bold red]NACK[/] {line}", highlight=False)
+
+
+cli.add_command(proxy)
 
 
 async def _get_json(url: str) -> list[dict[str, object]]:
