@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
-
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -18,7 +16,7 @@ from pilot.config.files import FileSource
 from pilot.config.store import ConfigStore
 from pilot.debug import DebugApi
 from pilot.model.build import build_mesh
-from pilot.push import PushMetrics, Pusher
+from pilot.push import Generate, PushMetrics, Pusher
 from pilot.settings import PilotSettings
 from pilot.tasks import TaskFailures, spawn
 from pilot.translate import generate
@@ -32,7 +30,8 @@ log = logging.getLogger(__name__)
 class Pilot:
     """One pilot instance. `async with Pilot(settings) as pilot:` runs it."""
 
-    def __init__(self, settings: PilotSettings) -> None:
+    def __init__(self, settings: PilotSettings, generator: Generate = generate) -> None:
+        """`generator` is the translation stage; tests may wrap the real one (e.g. to make Envoy NACK)."""
         self.settings = settings
         self.registry = CollectorRegistry()
         self.failures = TaskFailures(self.registry)
@@ -42,7 +41,7 @@ class Pilot:
         self.pusher = Pusher(
             self.store, self.cache,
             build_mesh=lambda objects: build_mesh(objects, cluster_domain=settings.cluster_domain),
-            generate=generate,
+            generate=generator,
             metrics=PushMetrics(self.registry),
             debounce=settings.debounce_ms / 1000,
             debounce_max=settings.debounce_max_ms / 1000,
@@ -67,7 +66,7 @@ class Pilot:
         await self._web.setup()
         site = web.TCPSite(self._web, s.debug_host, s.debug_port)
         await site.start()
-        self.debug_port = _bound_port(site)
+        self.debug_port = int(self._web.addresses[0][1])
         log.info("pilot serving xDS on %s:%d, debug on %s:%d", s.ads_host, self.ads_port, s.debug_host,
                  self.debug_port)
 
@@ -96,7 +95,3 @@ class Pilot:
     def debug_address(self) -> str:
         return f"{self.settings.debug_host}:{self.debug_port}"
 
-
-def _bound_port(site: web.TCPSite) -> int:
-    server: Any = site._server  # aiohttp keeps the asyncio server here; it knows the real port
-    return int(server.sockets[0].getsockname()[1])
