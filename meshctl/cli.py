@@ -52,6 +52,20 @@ def up(config_dir: Path, ads_addr: str, debug_addr: str, log_level: str) -> None
     asyncio.run(run())
 
 
+@cli.command()
+@click.option("--duration", type=float, default=30.0, show_default=True, help="Seconds to run, then stop.")
+@click.option("--ads-port", type=int, default=15010, show_default=True, help="Pilot xDS port (0: any free port).")
+@click.option("--debug-port", type=int, default=15014, show_default=True, help="Pilot debug port (0: any free).")
+def demo(duration: float, ads_port: int, debug_port: int) -> None:
+    """Run a local mesh with a live canary shift: frontend -> reviews v1/v2/v3, real Envoy sidecars."""
+    from meshctl.demo import main as demo_main
+
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    failed = demo_main(duration, ads_port, debug_port)
+    if failed:
+        raise SystemExit(1)
+
+
 @cli.command("proxy-status")
 @click.option("--debug", "debug_addr", default=DEFAULT_DEBUG, show_default=True, help="Pilot debug address.")
 @click.option("--json", "as_json", is_flag=True, help="Print pilot's raw /debug/syncz JSON.")

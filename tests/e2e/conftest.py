@@ -10,67 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from meshctl.democonfig import DemoMesh
 from meshctl.localmesh import LocalMesh
 from pilot.settings import PilotSettings
-
-CANARY = """\
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: reviews, namespace: default}}
-spec:
-  hosts: [reviews.default.svc.cluster.local]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{{number: 9080, name: http, protocol: HTTP}}]
-  workloadSelector: {{labels: {{app: reviews}}}}
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata: {{name: frontend, namespace: default}}
-spec: {{address: {frontend}, labels: {{app: frontend}}, serviceAccount: frontend}}
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata: {{name: reviews-v1, namespace: default}}
-spec:
-  address: {v1}
-  labels: {{app: reviews, version: v1}}
-  serviceAccount: reviews
-  ports: {{http: {p1}}}
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata: {{name: reviews-v2, namespace: default}}
-spec:
-  address: {v2}
-  labels: {{app: reviews, version: v2}}
-  serviceAccount: reviews
-  ports: {{http: {p2}}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: reviews, namespace: default}}
-spec:
-  host: reviews
-  subsets:
-  - {{name: v1, labels: {{version: v1}}}}
-  - {{name: v2, labels: {{version: v2}}}}
-"""
-
-ROUTE = """\
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: reviews, namespace: default}}
-spec:
-  hosts: [reviews]
-  http:
-  - route:
-    - destination: {{host: reviews, subset: v1}}
-      weight: {w1}
-    - destination: {{host: reviews, subset: v2}}
-      weight: {w2}
-"""
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -87,24 +29,28 @@ def random_block() -> str:
 class Canary:
     mesh: LocalMesh
     config_dir: Path
-    frontend: str
-    outbound: str  # the frontend sidecar's outbound URL
+    demo: DemoMesh
 
-    def set_weights(self, w1: int, w2: int) -> None:
-        (self.config_dir / "route.yaml").write_text(ROUTE.format(w1=w1, w2=w2))
+    @property
+    def outbound(self) -> str:
+        """The frontend sidecar's outbound listener."""
+        return f"http://{self.demo.frontend}:15001"
+
+    def set_weights(self, *weights: int) -> None:
+        (self.config_dir / "route.yaml").write_text(self.demo.route_yaml(weights))
 
 
 @pytest.fixture
 async def canary(tmp_path: Path) -> AsyncIterator[Canary]:
-    block = random_block()
-    addrs = {"frontend": f"{block}.10", "v1": f"{block}.11", "v2": f"{block}.12"}
-    (tmp_path / "mesh.yaml").write_text(CANARY.format(**addrs, p1=free_port(), p2=free_port()))
-    (tmp_path / "route.yaml").write_text(ROUTE.format(w1=80, w2=20))
+    """frontend -> reviews v1 (80) / v2 (20), every workload with a real Envoy sidecar."""
+    demo = DemoMesh(random_block(), {"v1": free_port(), "v2": free_port()})
+    (tmp_path / "mesh.yaml").write_text(demo.mesh_yaml())
+    (tmp_path / "route.yaml").write_text(demo.route_yaml([80, 20]))
     settings = PilotSettings(ads_port=free_port(), debug_port=0, config_dir=tmp_path, debounce_ms=50)
     async with LocalMesh(settings) as mesh:
-        await mesh.start_app("default", "reviews-v1", "v1")
-        await mesh.start_app("default", "reviews-v2", "v2")
-        for name in ("frontend", "reviews-v1", "reviews-v2"):
+        for v in demo.versions:
+            await mesh.start_app("default", f"reviews-{v}", v)
+        for name in ("frontend", *(f"reviews-{v}" for v in demo.versions)):
             await mesh.start_sidecar("default", name)
         await mesh.wait_synced()
-        yield Canary(mesh, tmp_path, addrs["frontend"], f"http://{addrs['frontend']}:15001")
+        yield Canary(mesh, tmp_path, demo)

@@ -1,0 +1,131 @@
+"""`meshctl demo`: a local mesh with a canary release you can watch shift live.
+
+Starts pilot, reviews v1/v2/v3 apps and a frontend app, each with a real Envoy sidecar; the
+frontend calls reviews through its sidecar. The route starts 80/20/0 and, halfway through,
+the demo rewrites the VirtualService file to 0/0/100, as a user would with their editor.
+Everything runs on one event loop and stops after `duration` seconds or on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from meshctl.democonfig import DemoMesh
+from meshctl.echoapp import Upstream, start_echo_app
+from meshctl.localmesh import LocalMesh, http_session
+from pilot.settings import PilotSettings
+
+START_WEIGHTS = (80, 20, 0)
+SHIFTED_WEIGHTS = (0, 0, 100)
+
+
+@dataclass
+class Tally:
+    """Answers per reviews version in a sliding window, so a shift shows up within seconds."""
+
+    window: float = 3.0
+    events: collections.deque[tuple[float, str]] = field(default_factory=collections.deque)
+    total: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def add(self, outcome: str, now: float) -> None:
+        self.events.append((now, outcome))
+        self.total[outcome] += 1
+        while self.events and self.events[0][0] < now - self.window:
+            self.events.popleft()
+
+    def recent(self) -> collections.Counter[str]:
+        return collections.Counter(o for _, o in self.events)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def render(tally: Tally, versions: Sequence[str], weights: Sequence[int], note: str) -> Group:
+    table = Table(title="reviews traffic seen by the frontend", header_style="bold")
+    for col in ("version", "route weight", "last 3 s", "share", "total"):
+        table.add_column(col, justify="right")
+    recent = tally.recent()
+    n = sum(recent.values()) or 1
+    for v, w in zip(versions, weights, strict=True):
+        share = recent[v] / n
+        bar = "█" * round(share * 30)
+        table.add_row(v, f"{w}%", str(recent[v]), f"{share:6.1%} {bar}", str(tally.total[v]))
+    failed = sum(c for k, c in tally.total.items() if k not in versions)
+    return Group(table, f"failed requests: {failed}    {note}")
+
+
+async def run_demo(duration: float, ads_port: int, debug_port: int, console: Console) -> int:
+    """Run the demo; returns the number of failed requests (0 is a healthy mesh)."""
+    demo = DemoMesh("127.0.10", {v: _free_port() for v in ("v1", "v2", "v3")})
+    with tempfile.TemporaryDirectory(prefix="meshctl-demo-") as tmp:
+        config = Path(tmp)
+        (config / "mesh.yaml").write_text(demo.mesh_yaml())
+        (config / "route.yaml").write_text(demo.route_yaml(START_WEIGHTS))
+        settings = PilotSettings(ads_port=ads_port, debug_port=debug_port, config_dir=config)
+        async with LocalMesh(settings) as mesh:
+            console.print(f"pilot: xDS {mesh.pilot.ads_address}, debug http://{mesh.pilot.debug_address}")
+            for v in demo.versions:
+                await mesh.start_app("default", f"reviews-{v}", v)
+            for name in ("frontend", *(f"reviews-{v}" for v in demo.versions)):
+                envoy = await mesh.start_sidecar("default", name)
+                console.print(f"sidecar {name:>10} on {envoy.spec.address} (admin {envoy.admin_url})")
+            await mesh.wait_synced()
+            upstream = Upstream(f"http://{demo.frontend}:15001", "reviews:9080")
+            runner, url = await start_echo_app("frontend", upstream=upstream, call_always=True)
+            try:
+                return await _drive(url, config, demo, duration, console)
+            finally:
+                await runner.cleanup()
+
+
+async def _drive(url: str, config: Path, demo: DemoMesh, duration: float, console: Console) -> int:
+    tally, weights = Tally(), START_WEIGHTS
+    note = f"route {'/'.join(map(str, weights))}; shifting at {duration / 2:.0f}s"
+    start = time.monotonic()
+    async with http_session() as session:
+        with Live(render(tally, demo.versions, weights, note), console=console, refresh_per_second=4) as live:
+            while (elapsed := time.monotonic() - start) < duration:
+                if weights == START_WEIGHTS and elapsed >= duration / 2:
+                    weights = SHIFTED_WEIGHTS
+                    (config / "route.yaml").write_text(demo.route_yaml(weights))
+                    note = f"t={elapsed:.0f}s: edited route.yaml to {'/'.join(map(str, weights))}"
+                tally.add(await _one(session, url), time.monotonic())
+                live.update(render(tally, demo.versions, weights, note))
+    failed = sum(c for k, c in tally.total.items() if k not in demo.versions)
+    console.print(f"done: {sum(tally.total.values())} requests, {failed} failed")
+    return failed
+
+
+async def _one(session: object, url: str) -> str:
+    try:
+        async with session.get(url + "/") as resp:  # type: ignore[attr-defined]
+            body = await resp.json()
+    except Exception as exc:
+        return f"error {type(exc).__name__}"
+    up = body.get("upstream", {})
+    if up.get("status") != 200:
+        return f"status {up.get('status', up.get('error'))}"
+    return str(up["body"]["version"])
+
+
+def main(duration: float, ads_port: int, debug_port: int) -> int:
+    console = Console()
+    try:
+        return asyncio.run(run_demo(duration, ads_port, debug_port, console))
+    except KeyboardInterrupt:
+        console.print("stopped")
+        return 0
