@@ -47,7 +47,7 @@ class Pilot:
             debounce_max=settings.debounce_max_ms / 1000,
         )
         self.ads = AdsServer(self.cache, self.status, queue_size=settings.stream_queue_size)
-        self.files = FileSource(settings.config_dir, self.store) if settings.config_dir else None
+        self.files = FileSource(self.store, settings.config_dir) if settings.config_dir else None
         self._tasks: list[asyncio.Task[None]] = []
         self._web: web.AppRunner | None = None
         self.ads_port = 0
@@ -55,8 +55,8 @@ class Pilot:
 
     async def start(self) -> None:
         if self.files is not None:
-            await self.files.load()
-            self._tasks.append(spawn("config-files", self.files.watch, self.failures))
+            self.files.sync()  # on the loop: the store wakes asyncio waiters
+            self._tasks.append(spawn("config-files", self.files.run, self.failures))
         self._tasks.append(spawn("pusher", self.pusher.run, self.failures))
         await self.pusher.ready.wait()
         s = self.settings

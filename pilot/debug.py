@@ -42,7 +42,7 @@ class DebugApi:
     async def configz(self, request: web.Request) -> web.Response:
         mesh = self.pusher.mesh
         body = {
-            **self.store.debug(),
+            **self.store.debug_dump(),
             "mesh_warnings": list(getattr(mesh, "warnings", ())),
             "generate_errors": {k.describe(): v for k, v in sorted(self.pusher.errors.items())},
         }
