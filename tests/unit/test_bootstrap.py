@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.core.v3 import config_source_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import json_format
@@ -74,7 +75,7 @@ def test_ads_is_v3_grpc_to_the_xds_cluster_with_fast_backoff() -> None:
     dynamic = sidecar_bootstrap(_spec()).dynamic_resources
     ads = dynamic.ads_config
     assert ads.api_type == ads.GRPC
-    assert ads.transport_api_version == 2  # V3
+    assert ads.transport_api_version == config_source_pb2.V3
     assert ads.set_node_on_first_message_only
     (grpc,) = ads.grpc_services
     assert grpc.envoy_grpc.cluster_name == XDS_CLUSTER
@@ -82,7 +83,7 @@ def test_ads_is_v3_grpc_to_the_xds_cluster_with_fast_backoff() -> None:
     assert backoff.max_interval.ToMilliseconds() <= 5000
     for source in (dynamic.cds_config, dynamic.lds_config):
         assert source.HasField("ads")
-        assert source.resource_api_version == 2
+        assert source.resource_api_version == config_source_pb2.V3
 
 
 def test_xds_cluster_speaks_http2_with_keepalive() -> None:
@@ -93,7 +94,8 @@ def test_xds_cluster_speaks_http2_with_keepalive() -> None:
     assert xds.connect_timeout.ToMilliseconds() == 1000
     assert xds.upstream_connection_options.tcp_keepalive.keepalive_time.value > 0
     options = http_protocol_options_pb2.HttpProtocolOptions()
-    xds.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].Unpack(options)
+    packed = xds.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert packed.Unpack(options)
     assert options.explicit_http_config.HasField("http2_protocol_options")
     endpoint = xds.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
     assert (endpoint.address, endpoint.port_value) == ("127.0.0.1", 15999)

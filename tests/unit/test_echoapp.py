@@ -191,4 +191,3 @@ async def _wait_for_json(client: aiohttp.ClientSession, url: str) -> Any:
         except aiohttp.ClientConnectionError:
             await asyncio.sleep(0.05)
     raise AssertionError(f"{url} never answered")
-
