@@ -14,7 +14,6 @@ from types import MappingProxyType
 from typing import Literal, TypeVar
 
 Labels = Mapping[str, str]
-EMPTY: Mapping[str, str] = MappingProxyType({})
 HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", "GRPC-WEB"})
 
 
@@ -55,7 +54,7 @@ class Workload:
     namespace: str
     name: str
     address: str
-    labels: Labels = EMPTY
+    labels: Labels = field(default_factory=frozen_map)
     service_account: str = ""
     ports: Mapping[str, int] = field(default_factory=frozen_map)  # port name -> number
     weight: int = 1
@@ -69,7 +68,7 @@ class Endpoint:
 
     address: str
     ports: Mapping[str, int]
-    labels: Labels = EMPTY
+    labels: Labels = field(default_factory=frozen_map)
     weight: int = 1
     workload: str | None = None  # "namespace/name" of the WorkloadEntry; None for inline endpoints
 

@@ -1,0 +1,9 @@
+"""Pure xDS generators: `generate(mesh, proxy_class)` -> resources by type URL and name.
+
+Generators read only their arguments (no globals, clock or environment), so a snapshot cache
+keyed by ProxyClass is exact. This package imports no gRPC and no Kubernetes client.
+"""
+
+from pilot.translate.generate import Resources, generate
+
+__all__ = ["Resources", "generate"]

@@ -1,0 +1,46 @@
+"""ClusterLoadAssignments for every EDS cluster: service endpoints filtered by subset labels."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from envoy.config.endpoint.v3 import endpoint_pb2
+
+from pilot.model.mesh import Endpoint, MeshSnapshot, selects
+from pilot.translate import names
+from pilot.translate.clusters import discovery, subsets_of
+from pilot.translate.common import UNIX_PREFIX, lb_endpoint
+
+
+def _routable(endpoint: Endpoint) -> bool:
+    """EDS takes IP addresses and pipes only; host names would make Envoy reject the update."""
+    if endpoint.address.startswith(UNIX_PREFIX):
+        return True
+    try:
+        ipaddress.ip_address(endpoint.address)
+    except ValueError:
+        return False
+    return True
+
+
+def load_assignments(mesh: MeshSnapshot) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for service in mesh.services.values():
+        if discovery(service) != "EDS":
+            continue
+        rule = mesh.destination_rules.get(service.host)
+        for port in service.ports:
+            for subset in subsets_of(mesh, service.host):
+                labels = rule.subsets[subset].labels if rule and subset else {}
+                name = names.outbound_cluster(port.number, subset, service.host)
+                members = [e for e in service.endpoints if _routable(e) and selects(labels, e.labels)]
+                out[name] = _assignment(name, [(e.address, e.ports[port.name], e.weight) for e in members])
+    return out
+
+
+def _assignment(name: str, targets: list[tuple[str, int, int]]) -> Any:
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+    if targets:
+        cla.endpoints.add().lb_endpoints.extend(lb_endpoint(h, p, w) for h, p, w in sorted(targets))
+    return cla

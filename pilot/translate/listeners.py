@@ -1,0 +1,64 @@
+"""Listeners: the outbound HTTP listener (port 15001) and one listener per inbound port.
+
+Local-mesh sidecars bind every listener on their own loopback address; proxies without a
+bind address (Kubernetes style) bind on 0.0.0.0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.listener.v3 import listener_components_pb2 as lc
+from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+
+from pilot.translate import names
+from pilot.translate.common import address, ads_config_source
+from pilot.translate.routes import inbound_route_config
+from pilot.translate.scope import InboundPort, ProxyView
+
+
+def router_filter() -> Any:
+    flt = hcm_pb2.HttpFilter(name=names.ROUTER_FILTER)
+    flt.typed_config.Pack(router_pb2.Router())
+    return flt
+
+
+def _listener(bind: str, port: int, network_filter: Any) -> Any:
+    listener = listener_pb2.Listener(name=names.listener(bind, port), address=address(bind, port))
+    listener.filter_chains.append(lc.FilterChain(filters=[network_filter]))
+    return listener
+
+
+def _hcm_filter(hcm: Any) -> Any:
+    hcm.http_filters.append(router_filter())
+    flt = lc.Filter(name=names.HCM_FILTER)
+    flt.typed_config.Pack(hcm)
+    return flt
+
+
+def outbound_listener(view: ProxyView) -> Any:
+    hcm = hcm_pb2.HttpConnectionManager(stat_prefix="outbound")
+    hcm.rds.route_config_name = names.OUTBOUND_ROUTE
+    hcm.rds.config_source.CopyFrom(ads_config_source())
+    return _listener(view.bind_address, names.OUTBOUND_PORT, _hcm_filter(hcm))
+
+
+def inbound_listener(view: ProxyView, port: InboundPort) -> Any:
+    stat_prefix = f"inbound_{port.port}"
+    if port.http:
+        hcm = hcm_pb2.HttpConnectionManager(
+            stat_prefix=stat_prefix, route_config=inbound_route_config(port.port)
+        )
+        return _listener(view.bind_address, port.port, _hcm_filter(hcm))
+    tcp = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix, cluster=names.inbound_cluster(port.port))
+    flt = lc.Filter(name=names.TCP_PROXY_FILTER)
+    flt.typed_config.Pack(tcp)
+    return _listener(view.bind_address, port.port, flt)
+
+
+def sidecar_listeners(view: ProxyView) -> dict[str, Any]:
+    listeners = [outbound_listener(view), *(inbound_listener(view, p) for p in view.inbound)]
+    return {lis.name: lis for lis in listeners}

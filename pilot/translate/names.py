@@ -1,0 +1,40 @@
+"""Resource names and well-known ports: the contract between generators, Envoy and tooling.
+
+Names follow Istio (`outbound|9080|v1|reviews.default.svc.cluster.local`) so istioctl-style
+habits and dashboards read the same.
+"""
+
+from __future__ import annotations
+
+OUTBOUND_PORT = 15001
+OUTBOUND_ROUTE = "outbound"
+WILDCARD_ADDRESS = "0.0.0.0"
+APP_ADDRESS = "127.0.0.1"
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 10
+# Ports the sidecar itself uses; a workload port among them would clash with the sidecar.
+RESERVED_PORTS = frozenset({15000, 15001, 15006, 15021, 15090})
+
+HCM_FILTER = "envoy.filters.network.http_connection_manager"
+TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
+ROUTER_FILTER = "envoy.filters.http.router"
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def outbound_cluster(port: int, subset: str, host: str) -> str:
+    return f"outbound|{port}|{subset}|{host}"
+
+
+def inbound_cluster(port: int) -> str:
+    return f"inbound|{port}||"
+
+
+def inbound_route(port: int) -> str:
+    return f"inbound|{port}"
+
+
+def listener(address: str, port: int) -> str:
+    return f"{address}_{port}"
+
+
+def virtual_host(host: str, port: int) -> str:
+    return f"{host}:{port}"

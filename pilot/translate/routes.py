@@ -1,0 +1,84 @@
+"""The outbound RouteConfiguration: one virtual host per (service host, HTTP port).
+
+Domains are what an app may put in its Host header: ``host:port`` always, the bare host for
+the service's lowest HTTP port, and Kubernetes short forms (``reviews``, ``reviews.default``)
+for ``*.svc.<cluster domain>`` hosts. A domain may appear only once in a route config (Envoy
+rejects duplicates), so full host names are claimed first and a short form that would
+collide is left out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
+
+from pilot.model.mesh import MeshSnapshot, Service, ServicePort
+from pilot.translate import names
+from pilot.translate.http_routes import default_route, virtual_service_routes
+
+
+def outbound_route_config(mesh: MeshSnapshot, namespace: str) -> Any:
+    """RouteConfiguration ``outbound`` for a sidecar in ``namespace``; vhosts sorted by name."""
+    vhosts: list[tuple[str, Service, ServicePort]] = []
+    for service in mesh.services.values():
+        http_ports = service.http_ports
+        for port in http_ports:
+            vhosts.append((names.virtual_host(service.host, port.number), service, port))
+    vhosts.sort(key=lambda v: v[0])
+    wanted = {name: _domains(mesh, svc, port, namespace) for name, svc, port in vhosts}
+    claimed = _claim(wanted)
+    config = route_pb2.RouteConfiguration(name=names.OUTBOUND_ROUTE)
+    for name, service, port in vhosts:
+        config.virtual_hosts.append(
+            rc.VirtualHost(name=name, domains=sorted(claimed[name]), routes=_routes(mesh, service, port))
+        )
+    return config
+
+
+def _domains(
+    mesh: MeshSnapshot, service: Service, port: ServicePort, namespace: str
+) -> tuple[list[str], list[str]]:
+    """(full-name domains, short-form domains) wanted by one virtual host."""
+    full = [service.host]
+    short: list[str] = []
+    suffix = f".svc.{mesh.cluster_domain}"
+    if service.host.endswith(suffix):
+        name, _, ns = service.host[: -len(suffix)].partition(".")
+        if name and ns and "." not in ns:
+            short = [f"{name}.{ns}", f"{name}.{ns}.svc"] + ([name] if ns == namespace else [])
+    bare = port == service.http_ports[0]  # http_ports are sorted by number
+
+    def with_port(hosts: list[str]) -> list[str]:
+        return [f"{h}:{port.number}" for h in hosts] + (hosts if bare else [])
+
+    return with_port(full), with_port(short)
+
+
+def _claim(wanted: dict[str, tuple[list[str], list[str]]]) -> dict[str, set[str]]:
+    taken: set[str] = set()
+    claimed: dict[str, set[str]] = {name: set() for name in wanted}
+    for tier in (0, 1):
+        for name in sorted(wanted):
+            for domain in wanted[name][tier]:
+                if domain not in taken:
+                    taken.add(domain)
+                    claimed[name].add(domain)
+    return claimed
+
+
+def _routes(mesh: MeshSnapshot, service: Service, port: ServicePort) -> list[Any]:
+    rule = mesh.virtual_services.get(service.host)
+    routes = virtual_service_routes(mesh, rule, port.number) if rule is not None else []
+    # A VirtualService with nothing for this port leaves the port's default behaviour in place.
+    return routes or [default_route(names.outbound_cluster(port.number, "", service.host))]
+
+
+def inbound_route_config(port: int) -> Any:
+    """Inline route config of an inbound listener: everything to the local app's cluster."""
+    name = names.inbound_route(port)
+    route = default_route(names.inbound_cluster(port))
+    return route_pb2.RouteConfiguration(
+        name=name, virtual_hosts=[rc.VirtualHost(name=name, domains=["*"], routes=[route])]
+    )

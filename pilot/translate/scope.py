@@ -1,0 +1,83 @@
+"""What one proxy class sees of the mesh: its bind address, its own workload, its inbound ports."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from pilot.model.build import endpoint_port
+from pilot.model.mesh import MeshSnapshot, Workload
+from pilot.model.proxy import ProxyClass
+from pilot.translate import names
+
+
+@dataclass(frozen=True, slots=True)
+class InboundPort:
+    """A port the proxy's own application serves, and where the sidecar forwards it."""
+
+    port: int  # the workload port: the sidecar listens here, on its bind address
+    http: bool
+    http2: bool
+    app_address: str  # host or unix:// path the app listens on
+    app_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyView:
+    bind_address: str
+    namespace: str
+    labels: Mapping[str, str]
+    workload: Workload | None
+    inbound: tuple[InboundPort, ...]
+
+
+def proxy_view(mesh: MeshSnapshot, proxy: ProxyClass) -> ProxyView:
+    """Resolve a proxy class against the mesh: the local-mesh WorkloadEntry, else its labels."""
+    workload = mesh.workload(proxy.namespace, proxy.workload) if proxy.workload else None
+    labels = workload.labels if workload is not None else proxy.label_map
+    bind = proxy.bind_address or names.WILDCARD_ADDRESS
+    return ProxyView(
+        bind_address=bind,
+        namespace=proxy.namespace,
+        labels=labels,
+        workload=workload,
+        inbound=_inbound_ports(mesh, proxy.namespace, labels, workload, bind),
+    )
+
+
+def _inbound_ports(
+    mesh: MeshSnapshot, namespace: str, labels: Mapping[str, str], workload: Workload | None, bind: str
+) -> tuple[InboundPort, ...]:
+    protocols: dict[int, list[tuple[bool, bool]]] = {}
+    for service in mesh.services_selecting(namespace, labels):
+        for port in service.ports:
+            number = endpoint_port(port, workload.ports if workload else None)
+            protocols.setdefault(number, []).append((port.is_http, port.is_http2))
+    sidecar = mesh.sidecar_for(namespace, labels)
+    found = []
+    for number, kinds in sorted(protocols.items()):
+        if number in names.RESERVED_PORTS:
+            continue
+        default_endpoint = sidecar.ingress_endpoints.get(number) if sidecar else None
+        address, app_port = app_endpoint(default_endpoint, number, bind)
+        # Several services on one port: HTTP only if all agree, since TCP proxying suits anything.
+        http = all(h for h, _ in kinds)
+        found.append(InboundPort(number, http, http and any(h2 for _, h2 in kinds), address, app_port))
+    return tuple(found)
+
+
+def app_endpoint(default_endpoint: str | None, port: int, bind: str) -> tuple[str, int]:
+    """Where the app listens: Sidecar ``defaultEndpoint`` if given, else ``127.0.0.1:<port>``.
+
+    ``0.0.0.0:P`` means "the instance address", which for a local-mesh sidecar is its own bind
+    address; ``unix://`` paths are returned whole with port 0.
+    """
+    if not default_endpoint:
+        return names.APP_ADDRESS, port
+    if default_endpoint.startswith("unix://"):
+        return default_endpoint, 0
+    host, _, port_text = default_endpoint.rpartition(":")
+    host = host.strip("[]")
+    if host in ("0.0.0.0", "::"):
+        host = bind if bind != names.WILDCARD_ADDRESS else names.APP_ADDRESS
+    return host, int(port_text)
