@@ -69,7 +69,7 @@ class AdsServer:
             ("grpc.keepalive_permit_without_calls", 1),
         ])
         self._server.add_generic_rpc_handlers((self.handler(),))
-        bound = self._server.add_insecure_port(f"{host}:{port}")
+        bound = int(self._server.add_insecure_port(f"{host}:{port}"))
         await self._server.start()
         return bound
 

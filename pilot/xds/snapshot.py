@@ -109,7 +109,9 @@ class Snapshot:
         for kind, refs, type_url in (("EDS", self.eds_refs, typeurls.ENDPOINT), ("RDS", self.rds_refs, typeurls.ROUTE)):
             have = set(self.of(type_url).resources)
             errors += [f"{kind} name {n!r} is referenced but not in the snapshot" for n in sorted(refs - have)]
-            errors += [f"{kind} resource {n!r} is in the snapshot but nothing references it" for n in sorted(have - refs)]
+            errors += [
+                f"{kind} resource {n!r} is in the snapshot but nothing references it" for n in sorted(have - refs)
+            ]
         return errors
 
     @classmethod

@@ -14,6 +14,7 @@ from meshctl.democonfig import DemoMesh
 from meshctl.localmesh import LocalMesh
 from pilot.settings import PilotSettings
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from envoy.service.discovery.v3 import discovery_pb2
+from google.rpc import status_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from envoy.service.discovery.v3 import discovery_pb2
-from google.rpc import status_pb2
 from pilot.model.proxy import ProxyClass, ProxyIdentity, ProxyKind
 from pilot.xds.delta import DeltaSession
 from pilot.xds.snapshot import Snapshot
