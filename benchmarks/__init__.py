@@ -1,0 +1,1 @@
+"""Load benchmarks for pilot's ADS server: simulated Envoys against a real pilot process."""

@@ -1,0 +1,114 @@
+"""ADS load benchmark: N simulated Envoys against a real pilot process, and a raw baseline.
+
+    python -m benchmarks.ads_load --clients 100,1000,5000 --protocol both --json out.json
+
+For every protocol and N: generate a mesh config directory, start `meshctl up` on free
+loopback ports, connect N clients from worker processes, measure connect time and the
+latency of route and endpoint changes (file write -> each client's ACK), with pilot's CPU
+seconds and peak RSS; then the same phases against a server that only replays the bytes
+pilot sent. Every process started is killed at the end, on error too.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import psutil
+from rich.console import Console
+
+from benchmarks.procs import ProcessGroup
+from benchmarks.report import Report, print_report
+from benchmarks.runner import Options, run_baseline, run_pilot
+
+
+def machine_info() -> dict[str, object]:
+    cores = os.cpu_count() or 0
+    return {
+        "cpus": cores,
+        "memory_mb": psutil.virtual_memory().total // (1024 * 1024),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "note": f"{cores} CPU cores shared by pilot (or the baseline server) and the client workers; "
+                "latencies include pilot's file polling and debounce.",
+    }
+
+
+def run_benchmark(clients: list[int], protocols: list[str], workdir: Path, repeats: int = 3,
+                  services: int = 50, workers: int = 0, baseline: bool = True,
+                  pilot_env: dict[str, str] | None = None, profile_dir: Path | None = None,
+                  console: Console | None = None) -> Report:
+    """Run every (protocol, N) case; the result holds pilot and baseline runs in order."""
+    console = console or Console(stderr=True)
+    report = Report(machine_info(), {"clients": clients, "protocols": protocols, "repeats": repeats,
+                                     "services": services, "classes": 10, "pilot_env": pilot_env or {}})
+    with ProcessGroup() as group:
+        for protocol in protocols:
+            for n in clients:
+                profile = profile_dir / f"pilot-{protocol}-{n}.prof" if profile_dir else None
+                opts = Options(clients=n, protocol=protocol, workdir=workdir, services=services,
+                               repeats=repeats, workers=workers, pilot_env=pilot_env or {}, profile=profile)
+                started = time.monotonic()
+                console.print(f"[bold]{protocol} N={n}[/] ({opts.worker_count} client workers)")
+                run, recording = run_pilot(group, opts, console.print)
+                report.runs.append(run)
+                if baseline and recording is not None:
+                    console.print("  baseline (replayed bytes, no pilot logic):")
+                    report.runs.append(run_baseline(group, opts, recording, console.print))
+                elif run.error:
+                    console.print(f"  [red]{run.error}[/]")
+                console.print(f"  [dim]{time.monotonic() - started:.0f}s[/]")
+    return report
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from exc
+    if not values or any(v <= 0 for v in values):
+        raise click.BadParameter("client counts must be positive")
+    return values
+
+
+@click.command()
+@click.option("--clients", default="100,1000", show_default=True, help="Comma-separated client counts.")
+@click.option("--protocol", type=click.Choice(["sotw", "delta", "both"]), default="both", show_default=True)
+@click.option("--repeats", default=3, show_default=True, help="Changes of each kind per run.")
+@click.option("--services", default=50, show_default=True, help="Services in the generated mesh.")
+@click.option("--workers", default=0, help="Client worker processes (0: 1, 2 or 4 by client count).")
+@click.option("--no-baseline", is_flag=True, help="Skip the raw fan-out baseline.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write results here.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep configs and pilot logs here (default: a temp dir, removed).")
+@click.option("--profile-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Run pilot under cProfile and write one .prof per run here.")
+@click.option("--pilot-env", multiple=True,
+              help="KEY=VALUE for pilot's environment, e.g. MESHCTL_PILOT_DEBOUNCE_MS=10.")
+def main(clients: str, protocol: str, repeats: int, services: int, workers: int, no_baseline: bool,
+         json_path: Path | None, workdir: Path | None, profile_dir: Path | None, pilot_env: tuple[str, ...]) -> None:
+    """Measure pilot's ADS fan-out: connect time, change latency, CPU and memory."""
+    counts = _ints(clients)
+    protocols = ["sotw", "delta"] if protocol == "both" else [protocol]
+    env = dict(item.split("=", 1) for item in pilot_env if "=" in item)
+    if profile_dir:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ads-load-") as tmp:
+        base = workdir or Path(tmp)
+        base.mkdir(parents=True, exist_ok=True)
+        report = run_benchmark(counts, protocols, base, repeats, services, workers, not no_baseline, env,
+                               profile_dir.resolve() if profile_dir else None)
+    print_report(report, Console(width=max(160, Console().width)))
+    if json_path:
+        report.write_json(json_path)
+    if not all(r.converged for r in report.runs):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

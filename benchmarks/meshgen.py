@@ -1,0 +1,135 @@
+"""A realistic local-mesh config directory for the load benchmark, and the edits it measures.
+
+Each service gets its own file holding a ServiceEntry (selecting workloads by label), a
+DestinationRule with subsets v1 and v2, a VirtualService splitting traffic 90/10 between
+them, and 2-4 WorkloadEntries per subset. Edits change the in-memory spec first, so the
+caller can arm its clients before `write_service` makes the edit visible; files are
+rewritten atomically (temp file, then rename) so pilot never reads half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+NAMESPACE = "bench"
+PORT = 8080
+SUBSETS = ("v1", "v2")
+BASE_WEIGHTS = (90, 10)
+
+
+@dataclass
+class ServiceSpec:
+    """One service of the generated mesh and its current state (weights and addresses)."""
+
+    index: int
+    endpoints: dict[str, list[str]]  # subset -> workload addresses
+    weights: tuple[int, int] = BASE_WEIGHTS
+
+    @property
+    def name(self) -> str:
+        return f"svc-{self.index:03d}"
+
+    @property
+    def host(self) -> str:
+        return f"{self.name}.{NAMESPACE}.svc.cluster.local"
+
+
+@dataclass
+class MeshConfig:
+    """The generated directory; `route_change` and `endpoint_change` edit it in place."""
+
+    directory: Path
+    services: list[ServiceSpec] = field(default_factory=list)
+    _edits: int = 0
+
+    def write_all(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for svc in self.services:
+            self._write(svc)
+
+    def route_change(self, service: int) -> tuple[int, int]:
+        """New weights for one VirtualService (unique per edit, never 90/10); not written yet."""
+        self._edits += 1
+        first = 21 + self._edits % 29  # 21..49: never equal to its complement nor to 90/10
+        svc = self.services[service % len(self.services)]
+        svc.weights = (first, 100 - first)
+        return svc.weights
+
+    def endpoint_change(self, service: int) -> str:
+        """A new address for the first v1 workload of a service; not written yet."""
+        self._edits += 1
+        address = f"10.250.{self._edits // 250}.{self._edits % 250 + 1}"
+        self.services[service % len(self.services)].endpoints[SUBSETS[0]][0] = address
+        return address
+
+    def write_service(self, service: int) -> float:
+        """Write one service's file; returns the monotonic time at which it became visible."""
+        self._write(self.services[service % len(self.services)])
+        return time.monotonic()
+
+    def _write(self, svc: ServiceSpec) -> None:
+        path = self.directory / f"{svc.name}.yaml"
+        tmp = self.directory / f".{svc.name}.yaml.tmp"  # dotfiles are ignored by the file source
+        tmp.write_text(yaml.safe_dump_all(service_documents(svc), sort_keys=False), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def generate(directory: Path, services: int = 50, seed: int = 7) -> MeshConfig:
+    """Write `services` services with 2 subsets of 2-4 endpoints each into `directory`."""
+    rng = random.Random(seed)
+    specs = []
+    for i in range(services):
+        eps = {s: [f"10.{i // 200 + 1}.{i % 200}.{j * 8 + k + 1}" for k in range(rng.randint(2, 4))]
+               for j, s in enumerate(SUBSETS)}
+        specs.append(ServiceSpec(index=i, endpoints=eps))
+    mesh = MeshConfig(directory, specs)
+    mesh.write_all()
+    return mesh
+
+
+def service_documents(svc: ServiceSpec) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = [
+        _obj("ServiceEntry", svc.name, {
+            "hosts": [svc.host],
+            "location": "MESH_INTERNAL",
+            "resolution": "STATIC",
+            "ports": [{"number": PORT, "name": "http", "protocol": "HTTP"}],
+            "workloadSelector": {"labels": {"app": svc.name}},
+        }),
+        _obj("DestinationRule", svc.name, {
+            "host": svc.host,
+            "subsets": [{"name": s, "labels": {"version": s}} for s in SUBSETS],
+        }),
+        _obj("VirtualService", svc.name, {
+            "hosts": [svc.host],
+            "http": [{"route": [
+                {"destination": {"host": svc.host, "subset": s}, "weight": w}
+                for s, w in zip(SUBSETS, svc.weights, strict=True)
+            ]}],
+        }),
+    ]
+    for subset, addresses in svc.endpoints.items():
+        for k, address in enumerate(addresses):
+            docs.append(_obj("WorkloadEntry", f"{svc.name}-{subset}-{k}", {
+                "address": address,
+                "labels": {"app": svc.name, "version": subset},
+                "ports": {"http": PORT},
+                "serviceAccount": svc.name,
+            }))
+    return docs
+
+
+def _obj(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": spec,
+    }

@@ -1,0 +1,180 @@
+"""Processes the benchmark starts (pilot, client workers, the baseline server) and their cost.
+
+Every process is registered with a `ProcessGroup` as soon as it exists and the group kills
+whatever is still alive on exit, error or not. `ResourceMeter` samples one process's RSS
+every ~50 ms on a daemon thread and reads its CPU seconds (user + system) per phase.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+_READY = re.compile(r"pilot: xDS on ([\d.]+:\d+), debug on http://([\d.]+:\d+)")
+SPAWN = multiprocessing.get_context("spawn")
+
+
+class ProcessGroup:
+    """Owns child processes; `with ProcessGroup() as group:` stops them all at the end."""
+
+    def __init__(self) -> None:
+        self._popen: list[subprocess.Popen[bytes]] = []
+        self._mp: list[Any] = []
+
+    def __enter__(self) -> ProcessGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    def popen(self, args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with log.open("ab") as out:
+            proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    stdin=subprocess.DEVNULL)
+        self._popen.append(proc)
+        return proc
+
+    def spawn(self, target: Callable[..., None], *args: Any) -> tuple[Connection, Any]:
+        """Start `target(conn, *args)` in a spawned process; returns our end of the pipe."""
+        ours, theirs = SPAWN.Pipe()
+        proc = SPAWN.Process(target=target, args=(theirs, *args), daemon=True)
+        proc.start()
+        theirs.close()
+        self._mp.append(proc)
+        return ours, proc
+
+    def stop(self, proc: Any, grace: float = 5.0) -> None:
+        """SIGTERM, wait up to `grace` seconds, then SIGKILL. Works for Popen and mp.Process."""
+        if isinstance(proc, subprocess.Popen):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(grace)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+            return
+        proc.join(grace)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(2)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(2)
+
+    def stop_all(self) -> None:
+        for proc in [*self._popen, *self._mp]:
+            with contextlib.suppress(Exception):
+                self.stop(proc, grace=0 if not isinstance(proc, subprocess.Popen) else 3.0)
+        self._popen.clear()
+        self._mp.clear()
+
+
+@dataclass
+class PilotProcess:
+    proc: subprocess.Popen[bytes]
+    ads: str
+    debug: str
+    log: Path
+
+
+def start_pilot(group: ProcessGroup, config_dir: Path, log: Path, timeout: float = 60.0,
+                profile: Path | None = None, env_extra: dict[str, str] | None = None) -> PilotProcess:
+    """`python -m meshctl.cli up` on free loopback ports; waits for its "serving" line."""
+    args = [sys.executable]
+    if profile is not None:
+        args += ["-m", "cProfile", "-o", str(profile)]
+    args += ["-m", "meshctl.cli", "up", "--config-dir", str(config_dir),
+             "--ads", "127.0.0.1:0", "--debug", "127.0.0.1:0", "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    proc = group.popen(args, log, env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = _READY.search(log.read_text(errors="replace"))
+        if found:
+            return PilotProcess(proc, found.group(1), found.group(2), log)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    tail = log.read_text(errors="replace")[-3000:]
+    group.stop(proc)
+    raise RuntimeError(f"pilot did not start (exit code {proc.poll()}); log tail:\n{tail}")
+
+
+class ResourceMeter:
+    """Peak RSS (sampled every `interval` s) and CPU seconds of one process, per phase."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.proc = psutil.Process(pid)
+        self.interval = interval
+        self.peak_rss = 0
+        self.phase_peak = 0
+        self._cpu_mark = self.cpu()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name=f"rss-{pid}", daemon=True)
+
+    def __enter__(self) -> ResourceMeter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+    def cpu(self) -> float:
+        try:
+            t = self.proc.cpu_times()
+        except psutil.Error:
+            return 0.0
+        return float(t.user + t.system)
+
+    def rss(self) -> int:
+        try:
+            return int(self.proc.memory_info().rss)
+        except psutil.Error:
+            return 0
+
+    def mark(self) -> None:
+        """Start a phase: CPU and phase peak are counted from now."""
+        self._cpu_mark = self.cpu()
+        self.phase_peak = self.rss()
+
+    def phase(self) -> tuple[float, int]:
+        """(CPU seconds, peak RSS bytes) since the last mark."""
+        self._record(self.rss())
+        return self.cpu() - self._cpu_mark, self.phase_peak
+
+    def _record(self, rss: int) -> None:
+        self.peak_rss = max(self.peak_rss, rss)
+        self.phase_peak = max(self.phase_peak, rss)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._record(self.rss())
+
+
+def cpu_of(processes: list[Any]) -> float:
+    """Total user+system CPU seconds of processes still alive (for the client side)."""
+    total = 0.0
+    for p in processes:
+        with contextlib.suppress(psutil.Error, ValueError):
+            t = psutil.Process(p.pid).cpu_times()
+            total += t.user + t.system
+    return total

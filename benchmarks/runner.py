@@ -1,0 +1,243 @@
+"""One benchmark run: a server process, client workers, and the phases measured against it.
+
+The coordinator is synchronous: it starts processes, sends commands to the workers and polls
+their status every 50 ms, with a deadline on every wait. Phases: connect (all clients ACK
+their full initial config), then route and endpoint changes, each repeated. For pilot the
+trigger is a file write; for the baseline server it is a `push` command. All processes are
+owned by the caller's ProcessGroup, which kills them whatever happens.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import baseline, meshgen, worker
+from benchmarks.client import ClientResult, Expectation
+from benchmarks.procs import ProcessGroup, ResourceMeter, cpu_of, start_pilot
+from benchmarks.report import MB, Latency, Phase, Run
+from benchmarks.worker import NodeSpec, WorkerHandle
+
+POLL = 0.05
+
+
+@dataclass(frozen=True)
+class Options:
+    clients: int
+    protocol: str  # sotw | delta
+    workdir: Path
+    services: int = 50
+    classes: int = 10
+    repeats: int = 3
+    workers: int = 0  # 0: chosen from the client count
+    settle: float = 0.5  # pause between changes, seconds
+    pilot_env: dict[str, str] = field(default_factory=dict)
+    profile: Path | None = None
+
+    @property
+    def worker_count(self) -> int:
+        if self.workers:
+            return self.workers
+        return 1 if self.clients <= 300 else 2 if self.clients <= 2000 else 4
+
+    @property
+    def connect_timeout(self) -> float:
+        return 60 + self.clients * 0.06
+
+    @property
+    def change_timeout(self) -> float:
+        return 30 + self.clients * 0.01
+
+
+@dataclass
+class Recording:
+    """Responses captured from pilot by one client, replayed by the baseline server."""
+
+    initial: dict[str, list[bytes]]
+    changes: dict[str, bytes]
+    expectations: dict[str, Expectation]
+
+
+def nodes(count: int, classes: int) -> list[NodeSpec]:
+    """`count` proxies spread round-robin over `classes` (namespace, labels) combinations."""
+    out = []
+    for i in range(count):
+        k = i % classes
+        ns = f"team-{k // 2}"
+        labels = (("app", "loadgen"), ("tier", "ab"[k % 2]))
+        out.append(NodeSpec(f"sidecar~10.99.{i // 250}.{i % 250}~loadgen-{i}.{ns}~{ns}.svc.cluster.local", ns, labels))
+    return out
+
+
+class Session:
+    """Client workers connected to one server, with that server's resource meter."""
+
+    def __init__(self, group: ProcessGroup, opts: Options, meter: ResourceMeter) -> None:
+        self.opts = opts
+        self.meter = meter
+        self.handles: list[WorkerHandle] = []
+        for _ in range(opts.worker_count):
+            conn, proc = group.spawn(worker.main)
+            self.handles.append(WorkerHandle(conn, proc))
+
+    def call_all(self, name: str, *args: Any, timeout: float = 30.0) -> list[Any]:
+        return [h.call(name, *args, timeout=timeout) for h in self.handles]
+
+    def client_cpu(self) -> float:
+        return cpu_of([h.process for h in self.handles])
+
+    def wait(self, key: str, timeout: float) -> tuple[int, str]:
+        """Poll until every client has `key` (ready|matched) or errors; (count, first error)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.call_all("status")
+            done = sum(s[key] for s in status)
+            errors = sum(s["errors"] for s in status)
+            first_error = next((s["first_error"] for s in status if s["first_error"]), "")
+            if done + errors >= self.opts.clients and (errors or done == self.opts.clients):
+                return done, first_error and f"{errors} streams failed: {first_error}"
+            if time.monotonic() > deadline:
+                return done, f"timed out after {timeout:.0f}s: {done}/{self.opts.clients} clients"
+            time.sleep(POLL)
+
+    def results(self) -> list[ClientResult]:
+        return [r for rs in self.call_all("results", timeout=60) for r in rs]
+
+    def measure(self, name: str, key: str, timeout: float, trigger: Callable[[], float]) -> tuple[Phase, float]:
+        """Mark, trigger (returns the trigger time), wait for every client, build the Phase."""
+        self.meter.mark()
+        client_cpu = self.client_cpu()
+        t0 = trigger()
+        done, error = self.wait(key, timeout)
+        cpu, peak = self.meter.phase()
+        stamps = [getattr(r, f"{key}_at") for r in self.results()]
+        latency = Latency.of([t - t0 for t in stamps if t is not None])
+        phase = Phase(name, self.opts.clients, done, latency, cpu, peak / MB, self.client_cpu() - client_cpu, error)
+        return phase, t0
+
+
+def _connect(session: Session, target: str, delta: bool, record: bool) -> Phase:
+    opts = session.opts
+    specs = nodes(opts.clients, opts.classes)
+    shares = [specs[i::len(session.handles)] for i in range(len(session.handles))]
+
+    def trigger() -> float:
+        t0 = time.monotonic()
+        for i, (handle, share) in enumerate(zip(session.handles, shares, strict=True)):
+            handle.call("connect", target, delta, share, record and i == 0)
+        return t0
+
+    phase, _ = session.measure("connect", "ready", opts.connect_timeout, trigger)
+    return phase
+
+
+def run_pilot(group: ProcessGroup, opts: Options, log: Callable[[str], None]) -> tuple[Run, Recording | None]:
+    run = Run("pilot", opts.protocol, opts.clients)
+    case_dir = opts.workdir / f"{opts.protocol}-{opts.clients}"
+    mesh = meshgen.generate(case_dir / "config", services=opts.services)
+    pilot = start_pilot(group, mesh.directory, case_dir / "pilot.log", profile=opts.profile, env_extra=opts.pilot_env)
+    log(f"pilot pid {pilot.proc.pid}: xDS {pilot.ads}, debug {pilot.debug}; {opts.clients} {opts.protocol} clients")
+    recording: Recording | None = None
+    try:
+        with ResourceMeter(pilot.proc.pid) as meter:
+            session = Session(group, opts, meter)
+            run.phases.append(_connect(session, pilot.ads, opts.protocol == "delta", record=True))
+            log(_line(run.phases[-1]))
+            if run.phases[-1].complete:
+                expectations = _changes(session, run, log, lambda kind, i: _file_edit(mesh, kind, i))
+                initial, changes = session.handles[0].call("recorded")
+                recording = Recording(_by_type(initial), changes, expectations)
+            session.call_all("close")
+            run.peak_rss_mb = meter.peak_rss / MB
+    except Exception as exc:
+        run.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        group.stop(pilot.proc)
+    return run, recording
+
+
+def run_baseline(group: ProcessGroup, opts: Options, rec: Recording, log: Callable[[str], None]) -> Run:
+    run = Run("baseline", opts.protocol, opts.clients)
+    conn, proc = group.spawn(baseline.main, rec.initial, rec.changes)
+    try:
+        if not conn.poll(30):
+            raise TimeoutError("baseline server did not report its port in 30s")
+        server = WorkerHandle(conn, proc)
+        target = f"127.0.0.1:{conn.recv()}"
+        with ResourceMeter(proc.pid) as meter:
+            session = Session(group, opts, meter)
+            run.phases.append(_connect(session, target, opts.protocol == "delta", record=False))
+            log(_line(run.phases[-1]))
+            if run.phases[-1].complete:
+                def push(kind: str, i: int) -> tuple[Expectation, Callable[[], float]]:
+                    return rec.expectations[kind], lambda: _push(server, kind)
+
+                _changes(session, run, log, push)
+            session.call_all("close")
+            run.peak_rss_mb = meter.peak_rss / MB
+        server.call("close", timeout=10)
+    except Exception as exc:
+        run.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        group.stop(proc, grace=2)
+    return run
+
+
+Change = Callable[[str, int], tuple[Expectation, Callable[[], float]]]
+
+
+def _changes(session: Session, run: Run, log: Callable[[str], None], change: Change) -> dict[str, Expectation]:
+    """Route then endpoint changes, `repeats` times each; returns the last expectation per kind."""
+    last: dict[str, Expectation] = {}
+    for kind in ("route", "endpoint"):
+        for i in range(session.opts.repeats):
+            time.sleep(session.opts.settle)
+            expectation, trigger = change(kind, i)
+            session.call_all("arm", expectation)
+            phase, t0 = session.measure(kind, "matched", session.opts.change_timeout, trigger)
+            run.phases.append(phase)
+            run.samples.setdefault(kind, []).extend(_latencies(session, t0))
+            log(_line(phase))
+            last[kind] = expectation
+            if not phase.complete:
+                return last
+    return last
+
+
+def _latencies(session: Session, t0: float) -> list[float]:
+    return [r.matched_at - t0 for r in session.results() if r.matched_at is not None]
+
+
+def _file_edit(mesh: meshgen.MeshConfig, kind: str, i: int) -> tuple[Expectation, Callable[[], float]]:
+    service = i * 7 + (0 if kind == "route" else 3)  # spread edits over services
+    if kind == "route":
+        expectation = Expectation("route", weights=mesh.route_change(service))
+    else:
+        expectation = Expectation("endpoint", address=mesh.endpoint_change(service))
+    return expectation, lambda: mesh.write_service(service)
+
+
+def _push(server: WorkerHandle, kind: str) -> float:
+    t0 = time.monotonic()
+    server.call("push", kind)
+    return t0
+
+
+def _by_type(initial: list[tuple[str, bytes]]) -> dict[str, list[bytes]]:
+    out: dict[str, list[bytes]] = {}
+    for type_url, raw in initial:
+        out.setdefault(type_url, []).append(raw)
+    return out
+
+
+def _line(phase: Phase) -> str:
+    lat = phase.latency
+    ms = "-" if math.isnan(lat.p99) else f"p50 {lat.p50 * 1000:.0f} ms, p99 {lat.p99 * 1000:.0f} ms"
+    status = "" if phase.complete else f" [{phase.error}]"
+    return (f"  {phase.name:8s} {phase.converged}/{phase.clients} converged, {ms}, "
+            f"server CPU {phase.server_cpu_s:.2f}s, RSS {phase.server_peak_rss_mb:.0f} MB{status}")
+

@@ -1,0 +1,159 @@
+"""A client worker process: many simulated Envoys on one event loop, driven over a pipe.
+
+The coordinator sends commands (`Command`) and waits for each reply; the worker handles one
+command at a time on its event loop while the clients' tasks run. Receiving blocks a helper
+thread, never the loop. A worker exits on `close`, on a closed pipe, or on any error (the
+error is sent back as the reply so the coordinator can report it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import grpc
+
+from benchmarks.client import ClientResult, Expectation, NameCache, SimClient
+from pilot.testing.ads_client import make_node
+
+STREAMS_PER_CHANNEL = 250
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.use_local_subchannel_pool", 1),  # one TCP connection per channel, not one shared
+]
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """A simulated proxy: node id, namespace and labels (which decide its config class)."""
+
+    node_id: str
+    namespace: str
+    labels: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str  # connect | status | arm | results | recorded | close
+    args: tuple[Any, ...] = ()
+
+
+class Worker:
+    def __init__(self) -> None:
+        self.names = NameCache()
+        self.clients: list[SimClient] = []
+        self.channels: list[grpc.aio.Channel] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def connect(self, target: str, delta: bool, nodes: list[NodeSpec], record_first: bool) -> int:
+        count = max(1, math.ceil(len(nodes) / STREAMS_PER_CHANNEL))
+        self.channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(count)]
+        for i, spec in enumerate(nodes):
+            node = make_node(spec.node_id, namespace=spec.namespace, labels=dict(spec.labels), workload="loadgen")
+            client = SimClient(node, delta, self.names, record=record_first and i == 0)
+            self.clients.append(client)
+            self.tasks.append(asyncio.create_task(client.run(self.channels[i % count])))
+        return len(self.clients)
+
+    def status(self) -> dict[str, Any]:
+        results = [c.result for c in self.clients]
+        errors = [r.error for r in results if r.error]
+        return {
+            "clients": len(results),
+            "ready": sum(r.ready_at is not None for r in results),
+            "matched": sum(r.matched_at is not None for r in results),
+            "errors": len(errors),
+            "first_error": errors[0] if errors else "",
+        }
+
+    def arm(self, expectation: Expectation) -> None:
+        for client in self.clients:
+            client.arm(expectation)
+
+    def results(self) -> list[ClientResult]:
+        return [c.result for c in self.clients]
+
+    def recorded(self) -> tuple[list[tuple[str, bytes]], dict[str, bytes]]:
+        """The recording client's initial responses and change responses (empty if none)."""
+        for c in self.clients:
+            if c.record:
+                return c.recorded_initial, c.recorded_changes
+        return [], {}
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for channel in self.channels:
+            await channel.close(grace=None)
+
+
+async def serve(conn: Connection) -> None:
+    worker = Worker()
+    try:
+        while True:
+            try:
+                cmd: Command = await asyncio.to_thread(conn.recv)
+            except EOFError:
+                return
+            try:
+                reply = _dispatch(worker, cmd)
+            except Exception:
+                reply = RuntimeError(traceback.format_exc())
+            conn.send(reply)
+            if cmd.name == "close":
+                return
+            await asyncio.sleep(0)
+    finally:
+        await worker.close()
+
+
+def _dispatch(worker: Worker, cmd: Command) -> Any:
+    if cmd.name == "connect":
+        return worker.connect(*cmd.args)
+    if cmd.name == "status":
+        return worker.status()
+    if cmd.name == "arm":
+        worker.arm(*cmd.args)
+        return True
+    if cmd.name == "results":
+        return worker.results()
+    if cmd.name == "recorded":
+        return worker.recorded()
+    if cmd.name == "close":
+        return True
+    raise ValueError(f"unknown command {cmd.name!r}")
+
+
+def main(conn: Connection) -> None:
+    """Process entry point (multiprocessing, spawn start method)."""
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(conn))
+    conn.close()
+
+
+class WorkerHandle:
+    """The coordinator's side of one worker process: synchronous request/reply with timeouts."""
+
+    def __init__(self, conn: Connection, process: Any) -> None:
+        self.conn = conn
+        self.process = process
+
+    def call(self, name: str, *args: Any, timeout: float = 30.0) -> Any:
+        self.conn.send(Command(name, args))
+        deadline = time.monotonic() + timeout
+        while not self.conn.poll(0.05):
+            if not self.process.is_alive():
+                raise RuntimeError(f"client worker {self.process.pid} died (exit code {self.process.exitcode})")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"client worker {self.process.pid}: no reply to {name!r} in {timeout}s")
+        reply = self.conn.recv()
+        if isinstance(reply, BaseException):
+            raise RuntimeError(f"client worker {self.process.pid} failed on {name!r}: {reply}")
+        return reply
