@@ -1,0 +1,215 @@
+"""build_mesh: indexing, selection, port resolution and deterministic conflict resolution."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+import pytest
+
+from pilot.api import ApiObject, parse_object
+from pilot.model.build import build_mesh
+
+
+def obj(
+    kind: str, name: str, spec: dict[str, Any], namespace: str = "default", created: str | None = None
+) -> ApiObject:
+    meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    if created:
+        meta["creationTimestamp"] = created
+    return parse_object({"apiVersion": "networking.istio.io/v1", "kind": kind, "metadata": meta, "spec": spec})
+
+
+def workload(name: str, address: str, labels: dict[str, str], namespace: str = "default", **spec: Any) -> ApiObject:
+    return obj("WorkloadEntry", name, {"address": address, "labels": labels, **spec}, namespace)
+
+
+REVIEWS = "reviews.default.svc.cluster.local"
+SE = obj(
+    "ServiceEntry",
+    "reviews",
+    {
+        "hosts": [REVIEWS],
+        "resolution": "STATIC",
+        "ports": [
+            {"number": 9080, "name": "http", "protocol": "HTTP"},
+            {"number": 9090, "name": "grpc-api", "targetPort": 19090},
+        ],
+        "workloadSelector": {"labels": {"app": "reviews"}},
+    },
+)
+V1 = workload("v1", "127.0.0.11", {"app": "reviews", "version": "v1"}, ports={"http": 9081}, serviceAccount="rev")
+V2 = workload("v2", "127.0.0.12", {"app": "reviews", "version": "v2"})
+OTHER_NS = workload("v3", "127.0.0.13", {"app": "reviews"}, namespace="other")
+
+
+def test_workload_lookup_for_the_cli() -> None:
+    mesh = build_mesh([SE, V1])
+    wl = mesh.workload("default", "v1")
+    assert wl is not None
+    assert (wl.address, dict(wl.labels), wl.service_account, dict(wl.ports)) == (
+        "127.0.0.11",
+        {"app": "reviews", "version": "v1"},
+        "rev",
+        {"http": 9081},
+    )
+    assert mesh.workload("default", "nope") is None
+
+
+def test_selector_picks_same_namespace_workloads_and_resolves_ports() -> None:
+    mesh = build_mesh([SE, V1, V2, OTHER_NS])
+    service = mesh.service(REVIEWS)
+    assert service is not None
+    assert [p.number for p in service.ports] == [9080, 9090]
+    assert [(p.protocol, p.is_http) for p in service.ports] == [("HTTP", True), ("GRPC", True)]
+    got = [(e.address, dict(e.ports), e.workload) for e in service.endpoints]
+    assert got == [
+        # WorkloadEntry port by name wins, then targetPort, then the service port.
+        ("127.0.0.11", {"http": 9081, "grpc-api": 19090}, "default/v1"),
+        ("127.0.0.12", {"http": 9080, "grpc-api": 19090}, "default/v2"),
+    ]
+    assert [s.host for s in mesh.services_selecting("default", {"app": "reviews", "x": "y"})] == [REVIEWS]
+    assert mesh.services_selecting("other", {"app": "reviews"}) == ()
+
+
+def test_inline_endpoints() -> None:
+    se = obj(
+        "ServiceEntry",
+        "pay",
+        {
+            "hosts": ["pay.example.com", "pay2.example.com"],
+            "resolution": "STATIC",
+            "ports": [{"number": 80, "name": "http", "targetPort": 8080}],
+            "endpoints": [{"address": "10.0.0.2", "ports": {"http": 9000}, "weight": 5}, {"address": "10.0.0.1"}],
+        },
+    )
+    mesh = build_mesh([se])
+    assert sorted(mesh.services) == ["pay.example.com", "pay2.example.com"]
+    service = mesh.services["pay.example.com"]
+    assert [(e.address, e.ports["http"], e.weight, e.workload) for e in service.endpoints] == [
+        ("10.0.0.1", 8080, 1, None),
+        ("10.0.0.2", 9000, 5, None),
+    ]
+
+
+def _conflicting() -> list[ApiObject]:
+    def se(name: str, port: int, created: str | None, ns: str = "default") -> ApiObject:
+        spec = {"hosts": ["dup.example.com"], "ports": [{"number": port, "name": "http"}]}
+        return obj("ServiceEntry", name, spec, ns, created)
+
+    return [
+        se("newer", 1, "2024-05-01T00:00:00Z"),
+        se("oldest", 2, "2024-01-01T00:00:00Z"),
+        se("no-timestamp", 3, None),
+        se("same-age-b", 4, "2024-02-01T00:00:00Z", "b"),
+        se("same-age-a", 5, "2024-02-01T00:00:00Z", "a"),
+    ]
+
+
+def test_conflicts_resolve_the_same_way_in_any_order() -> None:
+    results = {
+        (build_mesh(order).services["dup.example.com"].name, build_mesh(order).warnings)
+        for order in itertools.permutations(_conflicting())
+    }
+    assert len(results) == 1
+    ((winner, warnings),) = results
+    assert winner == "oldest"
+    assert warnings == tuple(
+        f"ServiceEntry {ref}: host dup.example.com is already defined by ServiceEntry default/oldest; "
+        "ignored for this host"
+        for ref in ("a/same-age-a", "b/same-age-b", "default/newer", "default/no-timestamp")
+    )
+
+
+def test_destination_rule_conflict_and_short_host() -> None:
+    first = obj("DestinationRule", "a", {"host": "reviews", "subsets": [{"name": "v1", "labels": {"version": "v1"}}]})
+    second = obj("DestinationRule", "b", {"host": REVIEWS})
+    mesh = build_mesh([second, first, SE])
+    rule = mesh.destination_rules[REVIEWS]
+    assert (rule.name, list(rule.subsets)) == ("a", ["v1"])
+    assert any("DestinationRule default/b" in w and "ignored" in w for w in mesh.warnings)
+
+
+def test_traffic_policy_layers() -> None:
+    spec = {
+        "host": "reviews",
+        "trafficPolicy": {
+            "connectionPool": {"tcp": {"connectTimeout": "1s", "maxConnections": 10}},
+            "loadBalancer": {"simple": "RANDOM"},
+            "portLevelSettings": [{"port": {"number": 9090}, "connectionPool": {"tcp": {"connectTimeout": "2s"}}}],
+        },
+        "subsets": [{"name": "v1", "trafficPolicy": {"connectionPool": {"tcp": {"connectTimeout": "3s"}}}}],
+    }
+    rule = build_mesh([obj("DestinationRule", "r", spec)]).destination_rules[REVIEWS]
+    timeouts = {(p, s): rule.policy_for(p, s).connect_timeout.total_seconds() for p in (9080, 9090) for s in ("", "v1")}  # type: ignore[union-attr]
+    assert timeouts == {(9080, ""): 1, (9090, ""): 2, (9080, "v1"): 3, (9090, "v1"): 3}
+    assert rule.policy_for(9090, "v1").max_connections == 10
+    assert rule.policy_for(9090, "v1").lb_policy == "RANDOM"
+
+
+def test_virtual_services_are_qualified_and_mesh_only() -> None:
+    vs = obj(
+        "VirtualService",
+        "r",
+        {
+            "hosts": ["reviews"],
+            "http": [
+                {
+                    "route": [
+                        {"destination": {"host": "reviews", "subset": "v1"}, "weight": 80},
+                        {"destination": {"host": "reviews", "subset": "v9"}, "weight": 20},
+                    ]
+                },
+            ],
+        },
+    )
+    gateway_only = obj(
+        "VirtualService",
+        "g",
+        {"hosts": ["other.example.com"], "gateways": ["gw"], "http": [{"route": [{"destination": {"host": "x"}}]}]},
+    )
+    dr = obj("DestinationRule", "r", {"host": "reviews", "subsets": [{"name": "v1", "labels": {"version": "v1"}}]})
+    mesh = build_mesh([vs, gateway_only, dr, SE])
+    assert list(mesh.virtual_services) == [REVIEWS]
+    dests = mesh.virtual_services[REVIEWS].http[0].destinations
+    assert [(d.host, d.subset, d.weight) for d in dests] == [(REVIEWS, "v1", 80), (REVIEWS, "v9", 20)]
+    assert mesh.warnings == (
+        f"VirtualService default/r: destination {REVIEWS}: subset 'v9' is not defined by a DestinationRule",
+    )
+
+
+def test_single_destination_gets_all_traffic() -> None:
+    vs = obj("VirtualService", "r", {"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews"}}]}]})
+    assert build_mesh([vs]).virtual_services[REVIEWS].http[0].destinations[0].weight == 100
+
+
+def test_sidecar_with_selector_beats_namespace_default() -> None:
+    default = obj("Sidecar", "default", {"ingress": [{"port": {"number": 80}, "defaultEndpoint": "127.0.0.1:1"}]})
+    specific = obj(
+        "Sidecar",
+        "specific",
+        {
+            "workloadSelector": {"labels": {"app": "a"}},
+            "ingress": [{"port": {"number": 80}, "defaultEndpoint": "127.0.0.1:2"}],
+        },
+    )
+    mesh = build_mesh([default, specific])
+    found = mesh.sidecar_for("default", {"app": "a"})
+    assert found is not None and found.name == "specific"
+    found = mesh.sidecar_for("default", {"app": "b"})
+    assert found is not None and found.name == "default"
+    assert mesh.sidecar_for("other", {"app": "a"}) is None
+
+
+def test_snapshot_is_frozen() -> None:
+    mesh = build_mesh([SE, V1])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        mesh.cluster_domain = "x"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        mesh.services["x"] = mesh.services[REVIEWS]  # type: ignore[index]
+
+
+def test_cluster_domain_is_used_for_short_names() -> None:
+    vs = obj("VirtualService", "r", {"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews"}}]}]})
+    assert list(build_mesh([vs], cluster_domain="corp.local").virtual_services) == ["reviews.default.svc.corp.local"]

@@ -1,0 +1,121 @@
+"""Loading YAML directories and watching them: bad documents cost only themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from pilot.config import ConfigStore, FileSource, load_dir, load_text
+
+SE = """apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}}}
+spec:
+  hosts: [{host}]
+  ports: [{{number: {port}, name: http}}]
+"""
+
+
+def se(name: str, host: str = "a.example.com", port: int = 80) -> str:
+    return SE.format(name=name, host=host, port=port)
+
+
+def test_multi_document_file_keeps_valid_documents(tmp_path: Path) -> None:
+    text = "---\n" + se("one") + "---\n" + se("two", port=0) + "---\n# only a comment\n---\n" + se("three")
+    (tmp_path / "mesh.yaml").write_text(text)
+    result = load_dir(tmp_path)
+    assert [o.metadata.name for o in result.objects] == ["one", "three"]
+    (err,) = result.errors
+    assert (err.file, err.index, err.kind, err.namespace, err.name) == (
+        "mesh.yaml",
+        1,
+        "ServiceEntry",
+        "default",
+        "two",
+    )
+    assert "spec.ports[0].number: must be between 1 and 65535" in err.message
+
+
+def test_yaml_syntax_error_costs_only_its_document() -> None:
+    text = se("one") + "---\nkind: [unclosed\n---\n" + se("three")
+    result = load_text(text, "x.yaml")
+    assert [o.metadata.name for o in result.objects] == ["one", "three"]
+    assert result.errors[0].index == 1 and "invalid YAML" in result.errors[0].message
+
+
+def test_suffixes_subdirectories_and_dotfiles(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.yml").write_text(se("a"))
+    (tmp_path / "sub" / "b.yaml").write_text(se("b"))
+    (tmp_path / ".hidden.yaml").write_text(se("hidden"))
+    (tmp_path / "notes.txt").write_text(se("txt"))
+    assert sorted(o.metadata.name for o in load_dir(tmp_path).objects) == ["a", "b"]
+
+
+def test_duplicate_object_keeps_first_and_reports_second(tmp_path: Path) -> None:
+    (tmp_path / "1.yaml").write_text(se("dup", port=80))
+    (tmp_path / "2.yaml").write_text(se("dup", port=81))
+    result = load_dir(tmp_path)
+    assert [o.to_dict()["spec"]["ports"][0]["number"] for o in result.objects] == [80]
+    assert result.errors[0].file == "2.yaml" and "already defined at 1.yaml[0]" in result.errors[0].message
+
+
+def test_unreadable_and_missing(tmp_path: Path) -> None:
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00")
+    assert "cannot read" in load_dir(tmp_path).errors[0].message
+    assert load_dir(tmp_path / "nope").errors[0].message == "not a directory"
+
+
+def test_sync_applies_to_store_with_errors(tmp_path: Path) -> None:
+    (tmp_path / "m.yaml").write_text(se("a") + "---\n" + se("bad", port=0))
+    store = ConfigStore()
+    source = FileSource(store, tmp_path, source_id="files")
+    assert source.sync() is True
+    assert [o.metadata.name for o in store.objects()] == ["a"]
+    assert [r["name"] for r in store.debug_dump()["rejected"]] == ["bad"]
+
+
+async def _until(predicate: object, timeout: float = 1.5) -> None:
+    assert callable(predicate)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "change not picked up in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_watch_picks_up_add_change_fix_and_delete(tmp_path: Path) -> None:
+    store = ConfigStore()
+    source = FileSource(store, tmp_path, interval=0.05)
+    task = asyncio.create_task(source.run())
+    try:
+        names = lambda: sorted(o.metadata.name for o in store.objects())  # noqa: E731
+        (tmp_path / "a.yaml").write_text(se("a"))
+        await _until(lambda: names() == ["a"])
+        (tmp_path / "b.yaml").write_text(se("b", port=0))  # bad at first
+        await _until(lambda: len(store.debug_dump()["rejected"]) == 1)
+        assert names() == ["a"]
+        (tmp_path / "b.yaml").write_text(se("b", port=81))  # fixed
+        await _until(lambda: names() == ["a", "b"])
+        assert store.debug_dump()["rejected"] == []
+        # Atomic replace, as editors do: write elsewhere, rename over.
+        (tmp_path / ".a.tmp").write_text(se("a2"))
+        os.replace(tmp_path / ".a.tmp", tmp_path / "a.yaml")
+        await _until(lambda: names() == ["a2", "b"])
+        (tmp_path / "b.yaml").unlink()
+        await _until(lambda: names() == ["a2"])
+    finally:
+        task.cancel()
+    assert source.failures == 0
+
+
+async def test_unchanged_files_cause_no_revision(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(se("a"))
+    store = ConfigStore()
+    source = FileSource(store, tmp_path, interval=0.02)
+    source.sync()
+    rev = store.revision
+    task = asyncio.create_task(source.run())
+    await asyncio.sleep(0.2)
+    task.cancel()
+    assert store.revision == rev

@@ -1,0 +1,109 @@
+"""ConfigStore: revisions, sources, change notification and the debug view."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pilot.api import ApiObject, parse_object
+from pilot.config import ConfigStore, DocumentError
+
+
+def we(name: str, address: str = "127.0.0.5", namespace: str = "default") -> ApiObject:
+    return parse_object(
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "WorkloadEntry",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"address": address, "bogus": 1},
+        }
+    )
+
+
+def test_apply_get_delete_and_revisions() -> None:
+    store = ConfigStore()
+    assert store.revision == 0
+    assert store.apply(we("a")) is True
+    assert store.revision == 1
+    assert store.get("WorkloadEntry", "default", "a") == we("a")
+    assert store.apply(we("a")) is False, "identical content is not a change"
+    assert store.revision == 1
+    assert store.apply(we("a", "127.0.0.6")) is True
+    assert store.revision == 2
+    assert store.delete("WorkloadEntry", "default", "a") is True
+    assert store.delete("WorkloadEntry", "default", "a") is False
+    assert store.revision == 3
+    assert store.objects() == []
+
+
+def test_replace_source_adds_changes_and_removes() -> None:
+    store = ConfigStore()
+    store.replace_source("files", [we("a"), we("b")])
+    assert [o.metadata.name for o in store.objects()] == ["a", "b"]
+    rev = store.revision
+    assert store.replace_source("files", [we("b"), we("a")]) is False
+    assert store.revision == rev
+    assert store.replace_source("files", [we("b", "127.0.0.9")]) is True
+    assert store.revision == rev + 1, "one replace is one revision, however many objects changed"
+    assert [o.metadata.name for o in store.objects()] == ["b"]
+
+
+def test_conflicting_sources_resolve_deterministically_and_show_on_debug_page() -> None:
+    store = ConfigStore()
+    store.replace_source("b-source", [we("a", "127.0.0.2")])
+    store.replace_source("a-source", [we("a", "127.0.0.1")])
+    obj = store.get("WorkloadEntry", "default", "a")
+    assert obj is not None and obj.to_dict()["spec"]["address"] == "127.0.0.1"
+    dump = store.debug_dump()
+    assert dump["shadowed"] == [
+        {"source": "b-source", "kind": "WorkloadEntry", "namespace": "default", "name": "a", "winner": "a-source"}
+    ]
+    store.replace_source("a-source", [])
+    obj = store.get("WorkloadEntry", "default", "a")
+    assert obj is not None and obj.to_dict()["spec"]["address"] == "127.0.0.2"
+
+
+def test_debug_dump_has_objects_warnings_and_rejections() -> None:
+    store = ConfigStore()
+    error = DocumentError("mesh.yaml", 2, "ServiceEntry", "default", "bad", "ServiceEntry default/bad: spec.hosts: x")
+    store.replace_source("files", [we("a")], [error])
+    dump = store.debug_dump()
+    assert dump["revision"] == 1
+    (entry,) = dump["objects"]
+    assert entry["source"] == "files"
+    assert entry["warnings"] == ["spec.bogus: unknown field, ignored"]
+    assert entry["object"]["spec"]["address"] == "127.0.0.5"
+    assert dump["rejected"] == [{"source": "files", **error.to_dict()}]
+
+
+async def test_wait_for_change_wakes_on_change_only() -> None:
+    store = ConfigStore()
+    waiter = asyncio.create_task(store.wait_for_change(0))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    store.apply(we("a"))
+    assert await asyncio.wait_for(waiter, 1) == 1
+    # Already past the revision: returns at once.
+    assert await asyncio.wait_for(store.wait_for_change(0), 1) == 1
+    waiter = asyncio.create_task(store.wait_for_change(1))
+    store.apply(we("a"))  # no change
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    store.delete("WorkloadEntry", "default", "a")
+    assert await asyncio.wait_for(waiter, 1) == 2
+
+
+async def test_many_waiters_all_wake() -> None:
+    store = ConfigStore()
+    waiters = [asyncio.create_task(store.wait_for_change(0)) for _ in range(5)]
+    await asyncio.sleep(0)
+    store.apply(we("a"))
+    assert await asyncio.wait_for(asyncio.gather(*waiters), 1) == [1] * 5
+
+
+@pytest.mark.parametrize("kind", ["WorkloadEntry", "ServiceEntry"])
+def test_objects_filters_by_kind(kind: str) -> None:
+    store = ConfigStore()
+    store.apply(we("a"))
+    assert len(store.objects(kind)) == (1 if kind == "WorkloadEntry" else 0)

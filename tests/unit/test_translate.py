@@ -1,0 +1,118 @@
+"""Targeted checks of the local-mesh data-plane convention (the goldens show the whole output)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+
+from pilot.api import ApiObject, parse_object
+from pilot.model.build import build_mesh
+from pilot.model.mesh import MeshSnapshot
+from pilot.model.proxy import ProxyClass, ProxyKind
+from pilot.translate import generate
+from pilot.xds import typeurls
+from pilot.xds.snapshot import Snapshot
+
+
+def obj(kind: str, name: str, spec: dict[str, Any], namespace: str = "default") -> ApiObject:
+    meta = {"name": name, "namespace": namespace}
+    return parse_object({"apiVersion": "networking.istio.io/v1", "kind": kind, "metadata": meta, "spec": spec})
+
+
+def service(host: str, ports: list[tuple[int, str]], namespace: str = "default") -> ApiObject:
+    spec = {
+        "hosts": [host],
+        "resolution": "STATIC",
+        "ports": [{"number": n, "name": name} for n, name in ports],
+        "workloadSelector": {"labels": {"app": host.split(".", maxsplit=1)[0]}},
+    }
+    return obj("ServiceEntry", host.split(".", maxsplit=1)[0], spec, namespace)
+
+
+def sidecar(namespace: str = "default", bind: str | None = "127.0.0.10", workload: str | None = "me") -> ProxyClass:
+    return ProxyClass(ProxyKind.SIDECAR, namespace, bind_address=bind, workload=workload)
+
+
+def domains(mesh: MeshSnapshot, proxy: ProxyClass) -> dict[str, list[str]]:
+    routes = generate(mesh, proxy)[typeurls.ROUTE]["outbound"]
+    return {vh.name: list(vh.domains) for vh in routes.virtual_hosts}
+
+
+def test_short_forms_depend_on_namespace_and_bare_host_on_lowest_port() -> None:
+    mesh = build_mesh([service("reviews.default.svc.cluster.local", [(9080, "http"), (80, "http-web")])])
+    same = domains(mesh, sidecar("default"))
+    assert same["reviews.default.svc.cluster.local:80"] == sorted(
+        f"{h}{p}"
+        for h in ("reviews", "reviews.default", "reviews.default.svc", "reviews.default.svc.cluster.local")
+        for p in ("", ":80")
+    )
+    assert "reviews" not in same["reviews.default.svc.cluster.local:9080"]
+    assert "reviews:9080" in same["reviews.default.svc.cluster.local:9080"]
+    other = domains(mesh, sidecar("shop"))
+    assert "reviews:80" not in other["reviews.default.svc.cluster.local:80"]
+    assert "reviews.default:80" in other["reviews.default.svc.cluster.local:80"]
+
+
+def test_a_short_form_never_steals_a_real_host() -> None:
+    mesh = build_mesh(
+        [service("reviews.default.svc.cluster.local", [(80, "http")]), service("reviews.default", [(80, "http")])]
+    )
+    got = domains(mesh, sidecar())
+    assert "reviews.default:80" in got["reviews.default:80"]
+    assert "reviews.default:80" not in got["reviews.default.svc.cluster.local:80"]
+    all_domains = [d for ds in got.values() for d in ds]
+    assert len(all_domains) == len(set(all_domains)), "Envoy rejects duplicate domains"
+
+
+def test_bind_address_or_wildcard() -> None:
+    wl = obj("WorkloadEntry", "me", {"address": "127.0.0.10", "labels": {"app": "reviews"}, "ports": {"http": 7000}})
+    mesh = build_mesh([service("reviews.default.svc.cluster.local", [(9080, "http")]), wl])
+    local = generate(mesh, sidecar())
+    assert sorted(local[typeurls.LISTENER]) == ["127.0.0.10_15001", "127.0.0.10_7000"]
+    app = local[typeurls.CLUSTER]["inbound|7000||"].load_assignment.endpoints[0].lb_endpoints[0]
+    assert (app.endpoint.address.socket_address.address, app.endpoint.address.socket_address.port_value) == (
+        "127.0.0.1",
+        7000,
+    )
+    k8s = generate(mesh, ProxyClass(ProxyKind.SIDECAR, "default", labels=(("app", "reviews"),)))
+    # No WorkloadEntry to say otherwise: the service port is the workload port.
+    assert sorted(k8s[typeurls.LISTENER]) == ["0.0.0.0_15001", "0.0.0.0_9080"]
+
+
+def test_outbound_listener_uses_rds_and_router() -> None:
+    listener = generate(build_mesh([]), sidecar())[typeurls.LISTENER]["127.0.0.10_15001"]
+    hcm = hcm_pb2.HttpConnectionManager()
+    assert listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    assert (hcm.stat_prefix, hcm.rds.route_config_name) == ("outbound", "outbound")
+    assert [f.name for f in hcm.http_filters] == ["envoy.filters.http.router"]
+    assert hcm.http_filters[0].typed_config.type_url.endswith("envoy.extensions.filters.http.router.v3.Router")
+
+
+def test_empty_mesh_is_consistent() -> None:
+    resources = generate(build_mesh([]), sidecar(workload=None))
+    assert Snapshot.from_resources(resources).consistency_errors() == []
+    assert list(resources[typeurls.ROUTE]) == ["outbound"]
+    assert list(resources[typeurls.ROUTE]["outbound"].virtual_hosts) == []
+
+
+def test_uri_matches_and_port_specific_routes() -> None:
+    vs = obj(
+        "VirtualService",
+        "r",
+        {
+            "hosts": ["reviews"],
+            "http": [
+                {"match": [{"uri": {"exact": "/x"}, "port": 9080}], "route": [{"destination": {"host": "reviews"}}]},
+                {"match": [{"uri": {"regex": "/r.*"}}], "route": [{"destination": {"host": "reviews"}}]},
+            ],
+        },
+    )
+    mesh = build_mesh([service("reviews.default.svc.cluster.local", [(9080, "http"), (80, "http-web")]), vs])
+    vhosts = {vh.name: vh for vh in generate(mesh, sidecar())[typeurls.ROUTE]["outbound"].virtual_hosts}
+    on_9080 = vhosts["reviews.default.svc.cluster.local:9080"].routes
+    assert [r.match.WhichOneof("path_specifier") for r in on_9080] == ["path", "safe_regex"]
+    # No destination port and several service ports: the request's port picks the cluster.
+    assert [r.route.cluster for r in on_9080] == ["outbound|9080||reviews.default.svc.cluster.local"] * 2
+    on_80 = vhosts["reviews.default.svc.cluster.local:80"].routes
+    assert [r.route.cluster for r in on_80] == ["outbound|80||reviews.default.svc.cluster.local"]
