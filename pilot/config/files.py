@@ -67,9 +67,7 @@ def load_file(path: Path | str, *, display_name: str | None = None) -> LoadResul
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        return LoadResult(
-            errors=(DocumentError(name, 0, None, None, None, f"cannot read: {_one_line(exc)}"),)
-        )
+        return LoadResult(errors=(DocumentError(name, 0, None, None, None, f"cannot read: {_one_line(exc)}"),))
     return load_text(text, name)
 
 
@@ -111,9 +109,7 @@ def _without_duplicates(located: list[_Located], errors: list[DocumentError]) ->
         if obj.key in first:
             where = "{}[{}]".format(*first[obj.key])
             kind, namespace, name = obj.key
-            errors.append(
-                DocumentError(file, index, kind, namespace, name, f"{obj.ref}: already defined at {where}")
-            )
+            errors.append(DocumentError(file, index, kind, namespace, name, f"{obj.ref}: already defined at {where}"))
             continue
         first[obj.key] = (file, index)
         kept.append(obj)
@@ -161,36 +157,47 @@ class FileSource:
         self.failures = 0
         self.last_result = LoadResult()
         self._seen: Fingerprint | None = None
+        self._trusted = False
 
     def sync(self) -> bool:
-        """Load the directory now if it changed; True if the store changed. For tests and startup."""
-        loaded = self._scan()
-        return loaded is not None and self._apply(loaded)
+        """Load the directory now if it changed; True if the revision moved. For tests and startup."""
+        scanned = self._scan()
+        return scanned is not None and self._apply(*scanned)
 
     async def run(self) -> None:
         """Poll forever. A failing pass is logged and counted; the store keeps the last good config."""
         while True:
             try:
-                loaded = await asyncio.to_thread(self._scan)
-                if loaded is not None:
-                    self._apply(loaded)
+                scanned = await asyncio.to_thread(self._scan)
+                if scanned is not None:
+                    self._apply(*scanned)
             except Exception:
                 self.failures += 1
                 log.exception("file source %s: reload failed (failure %d)", self.directory, self.failures)
             await asyncio.sleep(self.interval)
 
-    def _scan(self) -> LoadResult | None:
-        seen, racy = fingerprint(self.directory)
-        if seen == self._seen:
-            return None
-        loaded = load_dir(self.directory)
-        # Fingerprint taken before reading: a write during the read shows up next pass.
-        self._seen = None if racy else seen
-        return loaded
+    def _scan(self) -> tuple[LoadResult, bool] | None:
+        """(what the files hold, whether the files changed) or None if nothing to do.
 
-    def _apply(self, loaded: LoadResult) -> bool:
+        After a change the files are read again on every pass while their mtimes are recent
+        enough that a second write could hide in the same timestamp tick.
+        """
+        seen, racy = fingerprint(self.directory)
+        touched = seen != self._seen
+        if not touched and self._trusted:
+            return None
+        loaded = load_dir(self.directory)  # the fingerprint was taken first: later writes show next pass
+        self._seen, self._trusted = seen, not racy
+        return loaded, touched
+
+    def _apply(self, loaded: LoadResult, touched: bool) -> bool:
         if loaded.errors != self.last_result.errors:
             for err in loaded.errors:
                 log.warning("file source %s: rejected %s", self.directory, err)
         self.last_result = loaded
-        return self.store.replace_source(self.source_id, loaded.objects, loaded.errors)
+        if self.store.replace_source(self.source_id, loaded.objects, loaded.errors):
+            return True
+        if touched:
+            # A file was written without changing any object: the operator asked for a rebuild.
+            self.store.touch()
+        return touched

@@ -87,10 +87,21 @@ class ConfigStore:
                 else:
                     self._effective[key] = winner
         if changed:
-            self._revision += 1
-            event, self._changed = self._changed, asyncio.Event()
-            event.set()
+            self._bump()
         return changed
+
+    def touch(self) -> int:
+        """Bump the revision with no change, so consumers rebuild (an operator touched config).
+
+        Identical output serializes to identical versions downstream, so Envoy sees no push.
+        """
+        self._bump()
+        return self._revision
+
+    def _bump(self) -> None:
+        self._revision += 1
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
 
     def _winner(self, key: Key) -> tuple[str, ApiObject] | None:
         for source_id in sorted(self._by_source):

@@ -119,3 +119,16 @@ async def test_unchanged_files_cause_no_revision(tmp_path: Path) -> None:
     await asyncio.sleep(0.2)
     task.cancel()
     assert store.revision == rev
+
+
+async def test_touching_a_file_asks_for_a_rebuild_but_rechecks_do_not(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(se("a"))
+    store = ConfigStore()
+    source = FileSource(store, tmp_path, interval=0.02)
+    source.sync()
+    rev = store.revision
+    (tmp_path / "note.yaml").write_text("# only a comment\n")
+    assert source.sync() is True
+    assert store.revision == rev + 1
+    assert source.sync() is False, "re-reading recently written files is not a new change"
+    assert store.revision == rev + 1

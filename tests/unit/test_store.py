@@ -107,3 +107,13 @@ def test_objects_filters_by_kind(kind: str) -> None:
     store = ConfigStore()
     store.apply(we("a"))
     assert len(store.objects(kind)) == (1 if kind == "WorkloadEntry" else 0)
+
+
+async def test_touch_wakes_waiters_without_changing_objects() -> None:
+    store = ConfigStore()
+    store.apply(we("a"))
+    waiter = asyncio.create_task(store.wait_for_change(1))
+    await asyncio.sleep(0)
+    assert store.touch() == 2
+    assert await asyncio.wait_for(waiter, 1) == 2
+    assert [o.metadata.name for o in store.objects()] == ["a"]
