@@ -43,7 +43,6 @@ def between(lo: int, hi: int) -> AfterValidator:
     return AfterValidator(check)
 
 
-StrictInt = Annotated[int, Field(strict=True)]
 PortNumber = Annotated[int, Field(strict=True), between(1, 65535)]
 Percent = Annotated[int, Field(strict=True), between(0, 100)]
 NonNegative = Annotated[int, Field(strict=True), between(0, 2**31 - 1)]
