@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pydantic import Field
-
 from pilot.api.base import IstioModel, PortNumber
 from pilot.api.service_entry import Protocol
 
@@ -19,5 +17,5 @@ class Port(IstioModel):
 
     number: PortNumber
     protocol: Protocol | None = None
-    name: str = Field("", min_length=0)
+    name: str = ""
     target_port: PortNumber | None = None
