@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -16,7 +17,7 @@ from pilot.config.files import FileSource
 from pilot.config.store import ConfigStore
 from pilot.debug import DebugApi
 from pilot.model.build import build_mesh
-from pilot.push import Generate, PushMetrics, Pusher
+from pilot.push import Generate, Pusher, PushMetrics
 from pilot.settings import PilotSettings
 from pilot.tasks import TaskFailures, spawn
 from pilot.translate import generate

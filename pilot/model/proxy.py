@@ -74,7 +74,6 @@ class ProxyIdentity:
         return self.proxy_class.namespace
 
 
-
 class NodeError(ValueError):
     """The Envoy Node does not say enough to tell who the proxy is."""
 
