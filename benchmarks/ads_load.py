@@ -44,7 +44,7 @@ def run_benchmark(clients: list[int], protocols: list[str], workdir: Path, repea
                   pilot_env: dict[str, str] | None = None, profile_dir: Path | None = None,
                   console: Console | None = None) -> Report:
     """Run every (protocol, N) case; the result holds pilot and baseline runs in order."""
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, width=max(160, Console(stderr=True).width))
     report = Report(machine_info(), {"clients": clients, "protocols": protocols, "repeats": repeats,
                                      "services": services, "classes": 10, "pilot_env": pilot_env or {}})
     with ProcessGroup() as group:

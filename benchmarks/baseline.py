@@ -43,8 +43,8 @@ class Replay:
         self.streams.add(queue)
         reader = asyncio.create_task(self._read(requests, queue))
         try:
-            while True:
-                yield await queue.get()
+            while raw := await queue.get():  # b"": the proxy closed its side
+                yield raw
         finally:
             reader.cancel()
             self.streams.discard(queue)
@@ -55,6 +55,7 @@ class Replay:
                 if not request.response_nonce:
                     for raw in self.initial.get(request.type_url, []):
                         queue.put_nowait(raw)
+        queue.put_nowait(b"")
 
     def push(self, kind: str) -> int:
         raw = self.changes[kind]

@@ -142,6 +142,14 @@ class SimClient:
         self.recorded_initial: list[tuple[str, bytes]] = []  # (type_url, raw) until the first arm
         self.recorded_changes: dict[str, bytes] = {}  # expectation kind -> raw matching response
         self._sent_node = False
+        self._call: Any = None
+        self._closing = False
+
+    async def close(self) -> None:
+        """Half-close the stream, as a proxy shutting down cleanly would; the server then ends it."""
+        self._closing = True
+        if self._call is not None:
+            await self._call.done_writing()
 
     def arm(self, expectation: Expectation) -> None:
         self.expectation = expectation
@@ -153,18 +161,20 @@ class SimClient:
             method = channel.stream_stream(DELTA_METHOD, DeltaRequest.SerializeToString, _raw)
         else:
             method = channel.stream_stream(SOTW_METHOD, Request.SerializeToString, _raw)
-        call = method()
+        call = self._call = method()
         try:
             for type_url in (CLUSTER, LISTENER):
                 await call.write(self._request(type_url))
             while True:
                 raw = await call.read()
                 if raw is grpc.aio.EOF:
-                    self.result.error = "stream ended by server"
+                    if not self._closing:
+                        self.result.error = "stream ended by server"
                     return
                 await self._on_response(call, raw)
         except grpc.aio.AioRpcError as exc:
-            self.result.error = f"{exc.code().name}: {exc.details()}"
+            if not self._closing:
+                self.result.error = f"{exc.code().name}: {exc.details()}"
         except asyncio.CancelledError:
             call.cancel()
             raise

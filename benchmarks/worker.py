@@ -86,12 +86,18 @@ class Worker:
                 return c.recorded_initial, c.recorded_changes
         return [], {}
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 5.0) -> None:
+        """Half-close every stream and let the server end them; cancel what is left after `grace`."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True), grace)
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=grace)
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         for channel in self.channels:
             await channel.close(grace=None)
+        self.clients, self.tasks, self.channels = [], [], []
 
 
 async def serve(conn: Connection) -> None:
@@ -106,9 +112,11 @@ async def serve(conn: Connection) -> None:
                 reply = _dispatch(worker, cmd)
             except Exception:
                 reply = RuntimeError(traceback.format_exc())
-            conn.send(reply)
             if cmd.name == "close":
+                await worker.close()
+                conn.send(reply)
                 return
+            conn.send(reply)
             await asyncio.sleep(0)
     finally:
         await worker.close()
