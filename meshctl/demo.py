@@ -58,12 +58,13 @@ def render(tally: Tally, versions: Sequence[str], weights: Sequence[int], note: 
     table = Table(title="reviews traffic seen by the frontend", header_style="bold")
     for col in ("version", "route weight", "last 3 s", "share", "total"):
         table.add_column(col, justify="right")
+    table.add_column("", min_width=30, no_wrap=True)
     recent = tally.recent()
     n = sum(recent.values()) or 1
     for v, w in zip(versions, weights, strict=True):
         share = recent[v] / n
         bar = "█" * round(share * 30)
-        table.add_row(v, f"{w}%", str(recent[v]), f"{share:6.1%} {bar}", str(tally.total[v]))
+        table.add_row(v, f"{w}%", str(recent[v]), f"{share:6.1%}", str(tally.total[v]), bar)
     failed = sum(c for k, c in tally.total.items() if k not in versions)
     return Group(table, f"failed requests: {failed}    {note}")
 
@@ -106,7 +107,7 @@ async def _drive(url: str, config: Path, demo: DemoMesh, duration: float, consol
                 tally.add(await _one(session, url), time.monotonic())
                 live.update(render(tally, demo.versions, weights, note))
     failed = sum(c for k, c in tally.total.items() if k not in demo.versions)
-    console.print(f"done: {sum(tally.total.values())} requests, {failed} failed")
+    console.print(f"\ndone: {sum(tally.total.values())} requests, {failed} failed")
     return failed
 
 
