@@ -75,7 +75,8 @@ def proxy_status(debug_addr: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    console = Console()
+    # Piped output must not be cut to 80 columns: scripts grep it.
+    console = Console() if sys.stdout.isatty() else Console(width=250)
     if not rows:
         console.print("no proxies connected")
         return
@@ -118,4 +119,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

