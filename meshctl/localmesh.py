@@ -86,6 +86,18 @@ class LocalMesh:
         self._apps.append(runner)
         return url
 
+    async def wait_applied(self, after_revision: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+        """Wait until pilot saw a config change past `after_revision`, pushed it, and all proxies ACKed it.
+
+        Take `pilot.store.revision` before editing files, then call this: unlike `wait_synced`
+        alone, it cannot return early on the old config.
+        """
+        deadline = time.monotonic() + timeout
+        store = self.pilot.store
+        revision = await asyncio.wait_for(store.wait_for_change(after_revision), timeout)
+        await asyncio.wait_for(self.pilot.pusher.wait_built(revision), max(0.1, deadline - time.monotonic()))
+        return await self.wait_synced(max(0.1, deadline - time.monotonic()))
+
     async def wait_synced(self, timeout: float = 20.0, proxies: int | None = None) -> list[dict[str, Any]]:
         """Wait until every connected proxy (at least `proxies` of them) is SYNCED on each type it uses."""
         deadline = time.monotonic() + timeout

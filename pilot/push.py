@@ -52,6 +52,8 @@ class Pusher:
         self.mesh: Any = None
         self.errors: dict[ProxyClass, str] = {}  # last generation error per class, for /debug
         self.ready = asyncio.Event()
+        self.built_revision = -1  # the store revision the current mesh was built from
+        self._built = asyncio.Event()
         cache.on_demand(self._on_demand)
 
     def _on_demand(self, key: ProxyClass) -> None:
@@ -61,13 +63,22 @@ class Pusher:
     def rebuild(self) -> None:
         """Build the mesh from the store now and publish every watched class."""
         started = time.perf_counter()
+        revision = self.store.revision
         self.mesh = self.build_mesh(self.store.objects())
         self.metrics.builds.inc()
         for key in self.cache.watched():
             self.publish(key)
         self.cache.drop_unwatched()
         self.metrics.push_seconds.observe(time.perf_counter() - started)
+        self.built_revision = revision
+        self._built.set()
+        self._built = asyncio.Event()
         self.ready.set()
+
+    async def wait_built(self, revision: int) -> None:
+        """Wait until a mesh built from `revision` or later is published."""
+        while self.built_revision < revision:
+            await self._built.wait()
 
     def publish(self, key: ProxyClass) -> bool:
         """Generate and publish one class; on failure keep its last good snapshot."""

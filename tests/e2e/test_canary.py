@@ -16,9 +16,9 @@ HOST = {"Host": "reviews:9080"}
 
 
 async def test_canary_90_10_lands_within_3_points_over_2000_requests(canary: Canary) -> None:
+    before = canary.mesh.pilot.store.revision
     canary.set_weights(90, 10)
-    await asyncio.sleep(0.5)  # let the file source see the edit; then every proxy must ACK it
-    await canary.mesh.wait_synced()
+    await canary.mesh.wait_applied(before)
     counts: collections.Counter[str] = collections.Counter()
     async with http_session() as session:
         for _ in range(2000):

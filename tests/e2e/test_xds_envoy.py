@@ -90,11 +90,11 @@ async def test_invalid_resource_is_nacked_shown_and_last_good_config_keeps_servi
     # Envoy kept the last good route (80/20), not the rejected 0/100 one.
     counts = await versions_seen(canary.outbound, 200)
     assert counts["v1"] > 100, counts
-    # Fixing the config clears the NACK.
+    # Fixing the generator and touching the config clears the NACK; the 0/100 route goes live.
     bad["on"] = False
-    canary.set_weights(0, 100)
+    before = canary.mesh.pilot.store.revision
     (canary.config_dir / "touch.yaml").write_text("# trigger\n")
-    await canary.mesh.wait_synced()
+    await canary.mesh.wait_applied(before)
     assert (await versions_seen(canary.outbound, 50)) == {"v2": 50}
 
 
