@@ -20,6 +20,7 @@ from pilot.api.base import (
     rule_error,
 )
 from pilot.api.errors import FieldIssue
+from pilot.api.hosts import ExportTo
 
 PROTOCOLS = frozenset(
     {"HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "MYSQL", "REDIS", "TCP", "TLS", "UDP"}
@@ -113,7 +114,7 @@ class ServiceEntrySpec(IstioModel):
     resolution: Resolution = Resolution.NONE
     endpoints: tuple[WorkloadEntrySpec, ...] = ()
     workload_selector: LabelSelector | None = None
-    export_to: tuple[str, ...] = ()
+    export_to: ExportTo = ()
     subject_alt_names: tuple[str, ...] = ()
 
     def problems(self, path: str) -> Iterator[FieldIssue]:
