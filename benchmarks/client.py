@@ -5,7 +5,9 @@ and RDS for every route name its listeners use, and ACKs each response. It times
 the system-wide monotonic clock, comparable across processes) the moment its full initial
 config is ACKed, and the ACK of the first response matching an armed `Expectation`.
 
-Concurrency: one task per client on its worker's event loop; the read loop is the only
+A failed stream is reopened after Envoy's jittered exponential backoff, with state reset (a
+new stream starts from scratch, as Envoy's does without initial versions); reconnects are
+counted. Concurrency: one task per client on its worker's event loop; the read loop is the only
 writer of the client's state; the worker reads it between awaits. Decoded cross-type names
 are memoised per resource bytes in a `NameCache` shared by all clients of a worker.
 """
@@ -13,6 +15,7 @@ are memoised per resource bytes in a `NameCache` shared by all clients of a work
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,6 +37,9 @@ Request = discovery_pb2.DiscoveryRequest
 DeltaRequest = discovery_pb2.DeltaDiscoveryRequest
 Response = discovery_pb2.DiscoveryResponse
 DeltaResponse = discovery_pb2.DeltaDiscoveryResponse
+# Envoy's ADS retry backoff: jittered exponential from 500 ms, capped at 30 s.
+RETRY_BASE = 0.5
+RETRY_MAX = 30.0
 # The type that, once received, tells which names of the dependent type to request.
 DEPENDENT = {CLUSTER: ENDPOINT, LISTENER: ROUTE}
 
@@ -125,11 +131,12 @@ class ClientResult:
     ready_at: float | None = None
     matched_at: float | None = None
     responses: int = 0
-    error: str = ""
+    reconnects: int = 0
+    error: str = ""  # why the last stream failed
 
 
 class SimClient:
-    """One simulated Envoy. `await run(channel)` until cancelled or the stream fails."""
+    """One simulated Envoy. `await run(channel)` until cancelled or closed; reconnects on failure."""
 
     def __init__(self, node: Any, delta: bool, names: NameCache, record: bool = False) -> None:
         self.node = node
@@ -156,28 +163,47 @@ class SimClient:
         self.result.matched_at = None
 
     async def run(self, channel: grpc.aio.Channel) -> None:
+        """Keep a stream open; after a failure reconnect with Envoy's jittered exponential backoff."""
         self.result.started_at = time.monotonic()
+        attempt = 0
+        while True:
+            got_responses = await self._stream(channel)
+            if self._closing:
+                return
+            self.result.reconnects += 1
+            attempt = 1 if got_responses else attempt + 1
+            await asyncio.sleep(random.uniform(0, min(RETRY_MAX, RETRY_BASE * 2 ** (attempt - 1))))
+            self._reset()
+
+    def _reset(self) -> None:
+        self.types = {t: _TypeState() for t in self.types}
+        self._sent_node = False
+        if self.expectation is None:
+            self.recorded_initial.clear()
+
+    async def _stream(self, channel: grpc.aio.Channel) -> bool:
+        """One ADS stream until it ends; records why and returns whether it got any response."""
         if self.delta:
             method = channel.stream_stream(DELTA_METHOD, DeltaRequest.SerializeToString, _raw)
         else:
             method = channel.stream_stream(SOTW_METHOD, Request.SerializeToString, _raw)
         call = self._call = method()
+        got = False
         try:
             for type_url in (CLUSTER, LISTENER):
                 await call.write(self._request(type_url))
-            while True:
-                raw = await call.read()
-                if raw is grpc.aio.EOF:
-                    if not self._closing:
-                        self.result.error = "stream ended by server"
-                    return
+            while (raw := await call.read()) is not grpc.aio.EOF:
+                got = True
                 await self._on_response(call, raw)
+            self.result.error = "stream ended by server"
         except grpc.aio.AioRpcError as exc:
-            if not self._closing:
-                self.result.error = f"{exc.code().name}: {exc.details()}"
+            self.result.error = f"{exc.code().name}: {exc.details()}"
+        except asyncio.InvalidStateError as exc:
+            self.result.error = f"stream already finished: {exc}"
         except asyncio.CancelledError:
             call.cancel()
             raise
+        return got
 
     async def _on_response(self, call: Any, raw: bytes) -> None:
         self.result.responses += 1

@@ -44,7 +44,7 @@ class ProcessGroup:
         self.stop_all()
 
     def popen(self, args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with log.open("ab") as out:
+        with log.open("wb") as out:
             proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
                                     stdin=subprocess.DEVNULL)
         self._popen.append(proc)

@@ -55,6 +55,7 @@ class Phase:
     server_cpu_s: float
     server_peak_rss_mb: float
     client_cpu_s: float
+    reconnects: int = 0  # streams that failed and were reopened by their client during the phase
     error: str = ""
 
     @property
@@ -171,10 +172,11 @@ def print_report(report: Report, console: Console | None = None) -> None:
 
 
 def _results_table(report: Report) -> Table:
-    table = Table(title="ADS load (ms unless noted; first = earliest ACK, i.e. detection + build + first send)")
+    table = Table(title="ADS load (ms unless noted; first = earliest ACK, i.e. detection + build + first send; "
+                        "reopened = streams that failed and were reconnected by their client)")
     for col in ("proto", "N", "server", "connect p50/p99", "route p50/p99", "route first",
                 "endpoint p50/p99", "endpoint first", "server CPU s conn/route/ep", "client CPU s",
-                "peak RSS MB", "ok"):
+                "peak RSS MB", "reopened", "ok"):
         table.add_column(col, justify="left" if col in ("proto", "server", "ok") else "right")
     for run in report.runs:
         c = _connect(run)
@@ -186,6 +188,7 @@ def _results_table(report: Report) -> Table:
             f"{_ms(endpoint.p50)}/{_ms(endpoint.p99)}", _ms(endpoint.min),
             f"{run.cpu('connect'):.2f}/{run.cpu('route'):.2f}/{run.cpu('endpoint'):.2f}",
             f"{sum(p.client_cpu_s for p in run.phases):.1f}", f"{run.peak_rss_mb:.0f}",
+            str(sum(p.reconnects for p in run.phases)),
             "yes" if run.converged else f"[red]NO[/] {run.error[:60]}",
         )
     return table

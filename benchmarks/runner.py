@@ -91,18 +91,21 @@ class Session:
         return cpu_of([h.process for h in self.handles])
 
     def wait(self, key: str, timeout: float) -> tuple[int, str]:
-        """Poll until every client has `key` (ready|matched) or errors; (count, first error)."""
+        """Poll until every client has `key` (ready|matched); (count, error if it timed out)."""
         deadline = time.monotonic() + timeout
         while True:
             status = self.call_all("status")
             done = sum(s[key] for s in status)
-            errors = sum(s["errors"] for s in status)
-            first_error = next((s["first_error"] for s in status if s["first_error"]), "")
-            if done + errors >= self.opts.clients and (errors or done == self.opts.clients):
-                return done, first_error and f"{errors} streams failed: {first_error}"
+            if done == self.opts.clients:
+                return done, ""
             if time.monotonic() > deadline:
-                return done, f"timed out after {timeout:.0f}s: {done}/{self.opts.clients} clients"
+                first_error = next((s["first_error"] for s in status if s["first_error"]), "")
+                return done, (f"timed out after {timeout:.0f}s: {done}/{self.opts.clients} clients"
+                              + (f"; last stream error: {first_error}" if first_error else ""))
             time.sleep(POLL)
+
+    def reconnects(self) -> int:
+        return sum(s["reconnects"] for s in self.call_all("status"))
 
     def results(self) -> list[ClientResult]:
         return [r for rs in self.call_all("results", timeout=60) for r in rs]
@@ -111,12 +114,14 @@ class Session:
         """Mark, trigger (returns the trigger time), wait for every client, build the Phase."""
         self.meter.mark()
         client_cpu = self.client_cpu()
+        reconnects = self.reconnects()
         t0 = trigger()
         done, error = self.wait(key, timeout)
         cpu, peak = self.meter.phase()
         stamps = [getattr(r, f"{key}_at") for r in self.results()]
         latency = Latency.of([t - t0 for t in stamps if t is not None])
-        phase = Phase(name, self.opts.clients, done, latency, cpu, peak / MB, self.client_cpu() - client_cpu, error)
+        phase = Phase(name, self.opts.clients, done, latency, cpu, peak / MB, self.client_cpu() - client_cpu,
+                      self.reconnects() - reconnects, error)
         return phase, t0
 
 
@@ -238,6 +243,7 @@ def _line(phase: Phase) -> str:
     lat = phase.latency
     ms = "-" if math.isnan(lat.p99) else f"p50 {lat.p50 * 1000:.0f} ms, p99 {lat.p99 * 1000:.0f} ms"
     status = "" if phase.complete else f" [{phase.error}]"
+    retried = f", {phase.reconnects} streams reopened" if phase.reconnects else ""
     return (f"  {phase.name:8s} {phase.converged}/{phase.clients} converged, {ms}, "
-            f"server CPU {phase.server_cpu_s:.2f}s, RSS {phase.server_peak_rss_mb:.0f} MB{status}")
+            f"server CPU {phase.server_cpu_s:.2f}s, RSS {phase.server_peak_rss_mb:.0f} MB{retried}{status}")
 

@@ -68,7 +68,7 @@ class Worker:
             "clients": len(results),
             "ready": sum(r.ready_at is not None for r in results),
             "matched": sum(r.matched_at is not None for r in results),
-            "errors": len(errors),
+            "reconnects": sum(r.reconnects for r in results),
             "first_error": errors[0] if errors else "",
         }
 
