@@ -5,6 +5,7 @@ from __future__ import annotations
 from pilot.api import destination_rule as dr
 from pilot.api import virtual_service as vs
 from pilot.model import mesh as m
+from pilot.model.convert_policy import port_policies, traffic_policy
 
 
 def qualify(host: str, namespace: str, cluster_domain: str) -> str:
@@ -15,31 +16,6 @@ def qualify(host: str, namespace: str, cluster_domain: str) -> str:
     if "." in host or host.startswith("*"):
         return host
     return f"{host}.{namespace}.svc.{cluster_domain}"
-
-
-def traffic_policy(src: dr.TrafficPolicy | dr.PortTrafficPolicy | None) -> m.TrafficPolicy:
-    """The parts of a DestinationRule traffic policy that the generators apply."""
-    if src is None:
-        return m.TrafficPolicy()
-    pool = src.connection_pool or dr.ConnectionPoolSettings()
-    tcp = pool.tcp or dr.TcpSettings()
-    http = pool.http or dr.HttpSettings()
-    simple = src.load_balancer.simple if src.load_balancer else None
-    return m.TrafficPolicy(
-        connect_timeout=tcp.connect_timeout,
-        lb_policy=simple.value if simple and simple != dr.SimpleLB.UNSPECIFIED else None,
-        max_connections=tcp.max_connections,
-        max_pending_requests=http.http1_max_pending_requests,
-        max_requests=http.http2_max_requests,
-        max_retries=http.max_retries,
-        max_requests_per_connection=http.max_requests_per_connection,
-    )
-
-
-def port_policies(src: dr.TrafficPolicy | None) -> dict[int, m.TrafficPolicy]:
-    if src is None:
-        return {}
-    return {p.port.number: traffic_policy(p) for p in src.port_level_settings if p.port is not None}
 
 
 def destination_policy(rule: dr.DestinationRule, host: str) -> m.DestinationPolicy:

@@ -8,10 +8,12 @@ golden-tested on its own. Mappings are read-only views so a shared snapshot stay
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import timedelta
 from types import MappingProxyType
 from typing import Literal, TypeVar
+
+from pilot.model.policy import NO_POLICY, TrafficPolicy, effective_policy
 
 Labels = Mapping[str, str]
 HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", "GRPC-WEB"})
@@ -95,31 +97,10 @@ class Service:
 
 
 @dataclass(frozen=True, slots=True)
-class TrafficPolicy:
-    """Connection settings for a destination; None fields inherit from the enclosing level."""
-
-    connect_timeout: timedelta | None = None
-    lb_policy: str | None = None
-    max_connections: int | None = None
-    max_pending_requests: int | None = None
-    max_requests: int | None = None
-    max_retries: int | None = None
-    max_requests_per_connection: int | None = None
-
-    def over(self, base: TrafficPolicy | None) -> TrafficPolicy:
-        """This policy with unset fields taken from ``base`` (Istio's subset/port override)."""
-        if base is None:
-            return self
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        inherited = {k: getattr(base, k) for k, v in values.items() if v is None}
-        return TrafficPolicy(**{**values, **inherited})
-
-
-@dataclass(frozen=True, slots=True)
 class Subset:
     name: str
     labels: Labels
-    policy: TrafficPolicy = TrafficPolicy()
+    policy: TrafficPolicy = NO_POLICY
     port_policies: Mapping[int, TrafficPolicy] = field(default_factory=frozen_map)
 
 
@@ -130,19 +111,16 @@ class DestinationPolicy:
     host: str
     namespace: str
     name: str
-    policy: TrafficPolicy = TrafficPolicy()
+    policy: TrafficPolicy = NO_POLICY
     port_policies: Mapping[int, TrafficPolicy] = field(default_factory=frozen_map)
     subsets: Mapping[str, Subset] = field(default_factory=frozen_map)
 
     def policy_for(self, port: int, subset: str = "") -> TrafficPolicy:
-        """Most specific wins: subset port-level, subset, rule port-level, rule."""
-        policy = self.policy
-        policy = self.port_policies.get(port, TrafficPolicy()).over(policy)
+        """The policy of cluster (port, subset), combined as Istio does (see `pilot.model.policy`)."""
         found = self.subsets.get(subset)
-        if found is not None:
-            policy = found.policy.over(policy)
-            policy = found.port_policies.get(port, TrafficPolicy()).over(policy)
-        return policy
+        if found is None:
+            return effective_policy(self.policy, self.port_policies, None, {}, port)
+        return effective_policy(self.policy, self.port_policies, found.policy, found.port_policies, port)
 
 
 @dataclass(frozen=True, slots=True)

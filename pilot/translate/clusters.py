@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
-from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
-from envoy.config.core.v3 import protocol_pb2
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
-from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo_pb2
 
-from pilot.model.mesh import MeshSnapshot, Service, ServicePort, TrafficPolicy
+from pilot.model.mesh import MeshSnapshot, Service, ServicePort
+from pilot.model.policy import NO_POLICY, ConnectionPool, TrafficPolicy
 from pilot.translate import names
 from pilot.translate.common import ads_config_source, lb_endpoint
+from pilot.translate.policy import apply_connection_limits, apply_traffic_policy, set_http_options
 from pilot.translate.scope import InboundPort, ProxyView
 
 Cluster = cluster_pb2.Cluster
-_LB_POLICIES = {
-    "ROUND_ROBIN": Cluster.ROUND_ROBIN,
-    "LEAST_REQUEST": Cluster.LEAST_REQUEST,
-    "LEAST_CONN": Cluster.LEAST_REQUEST,  # Istio's deprecated alias
-    "RANDOM": Cluster.RANDOM,
-}
 DNS_RESOLUTIONS = frozenset({"DNS", "DNS_ROUND_ROBIN"})
 
 
@@ -38,6 +31,18 @@ def discovery(service: Service) -> str:
     return "EDS"
 
 
+def uses_eds(mesh: MeshSnapshot, service: Service, port: int, subset: str) -> bool:
+    """Whether cluster (port, subset) of ``service`` waits for a ClusterLoadAssignment.
+
+    A PASSTHROUGH load balancer makes a cluster original-destination, which takes no EDS.
+    """
+    if discovery(service) != "EDS":
+        return False
+    rule = mesh.destination_rules.get(service.host)
+    lb = rule.policy_for(port, subset).load_balancer if rule is not None else None
+    return lb is None or lb.simple != "PASSTHROUGH"
+
+
 def subsets_of(mesh: MeshSnapshot, host: str) -> list[str]:
     """ "" for the whole service, then each DestinationRule subset name in order."""
     rule = mesh.destination_rules.get(host)
@@ -50,7 +55,7 @@ def outbound_clusters(mesh: MeshSnapshot) -> dict[str, Any]:
         rule = mesh.destination_rules.get(service.host)
         for port in service.ports:
             for subset in subsets_of(mesh, service.host):
-                policy = rule.policy_for(port.number, subset) if rule else TrafficPolicy()
+                policy = rule.policy_for(port.number, subset) if rule else NO_POLICY
                 name = names.outbound_cluster(port.number, subset, service.host)
                 out[name] = _outbound_cluster(name, service, port, policy)
     return out
@@ -69,7 +74,7 @@ def _outbound_cluster(name: str, service: Service, port: ServicePort, policy: Tr
     else:
         cluster.type = Cluster.ORIGINAL_DST
         cluster.lb_policy = Cluster.CLUSTER_PROVIDED
-    _apply_policy(cluster, policy, port)
+    apply_traffic_policy(cluster, policy, port)
     return cluster
 
 
@@ -82,39 +87,6 @@ def _dns_assignment(name: str, service: Service, port: ServicePort) -> Any:
     return cla
 
 
-def _apply_policy(cluster: Any, policy: TrafficPolicy, port: ServicePort) -> None:
-    timeout = policy.connect_timeout or timedelta(seconds=names.DEFAULT_CONNECT_TIMEOUT_SECONDS)
-    cluster.connect_timeout.FromTimedelta(timeout)
-    if policy.lb_policy in _LB_POLICIES and cluster.type != Cluster.ORIGINAL_DST:
-        cluster.lb_policy = _LB_POLICIES[policy.lb_policy]
-    limits = {
-        "max_connections": policy.max_connections,
-        "max_pending_requests": policy.max_pending_requests,
-        "max_requests": policy.max_requests,
-        "max_retries": policy.max_retries,
-    }
-    if any(v is not None for v in limits.values()):
-        thresholds = circuit_breaker_pb2.CircuitBreakers.Thresholds()
-        for field, value in limits.items():
-            if value is not None:
-                getattr(thresholds, field).value = value
-        cluster.circuit_breakers.thresholds.append(thresholds)
-    if port.is_http:
-        _set_http_options(cluster, port.is_http2, policy.max_requests_per_connection)
-
-
-def _set_http_options(cluster: Any, http2: bool, max_requests_per_connection: int | None = None) -> None:
-    options = hpo_pb2.HttpProtocolOptions()
-    explicit = options.explicit_http_config
-    if http2:
-        explicit.http2_protocol_options.CopyFrom(protocol_pb2.Http2ProtocolOptions())
-    else:
-        explicit.http_protocol_options.CopyFrom(protocol_pb2.Http1ProtocolOptions())
-    if max_requests_per_connection:
-        options.common_http_protocol_options.max_requests_per_connection.value = max_requests_per_connection
-    cluster.typed_extension_protocol_options[names.HTTP_PROTOCOL_OPTIONS].Pack(options)
-
-
 def inbound_clusters(view: ProxyView) -> dict[str, Any]:
     return {names.inbound_cluster(p.port): _inbound_cluster(p) for p in view.inbound}
 
@@ -122,9 +94,9 @@ def inbound_clusters(view: ProxyView) -> dict[str, Any]:
 def _inbound_cluster(port: InboundPort) -> Any:
     name = names.inbound_cluster(port.port)
     cluster = Cluster(name=name, type=Cluster.STATIC)
-    cluster.connect_timeout.FromTimedelta(timedelta(seconds=names.DEFAULT_CONNECT_TIMEOUT_SECONDS))
+    apply_connection_limits(cluster, ConnectionPool())
     cluster.load_assignment.cluster_name = name
     cluster.load_assignment.endpoints.add().lb_endpoints.append(lb_endpoint(port.app_address, port.app_port))
     if port.http:
-        _set_http_options(cluster, port.http2)
+        set_http_options(cluster, port.http2)
     return cluster

@@ -9,7 +9,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 
 from pilot.model.mesh import Endpoint, MeshSnapshot, selects
 from pilot.translate import names
-from pilot.translate.clusters import discovery, subsets_of
+from pilot.translate.clusters import discovery, subsets_of, uses_eds
 from pilot.translate.common import UNIX_PREFIX, lb_endpoint
 
 
@@ -33,6 +33,8 @@ def load_assignments(mesh: MeshSnapshot) -> dict[str, Any]:
         for port in service.ports:
             for subset in subsets_of(mesh, service.host):
                 labels = rule.subsets[subset].labels if rule and subset else {}
+                if not uses_eds(mesh, service, port.number, subset):
+                    continue  # PASSTHROUGH: an original-destination cluster
                 name = names.outbound_cluster(port.number, subset, service.host)
                 members = [e for e in service.endpoints if _routable(e) and selects(labels, e.labels)]
                 out[name] = _assignment(name, [(e.address, e.ports[port.name], e.weight) for e in members])

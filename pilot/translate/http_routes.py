@@ -13,6 +13,7 @@ from envoy.type.matcher.v3 import regex_pb2, string_pb2
 
 from pilot.model import mesh as m
 from pilot.translate import names
+from pilot.translate.policy import cluster_hash_policies
 
 _REDIRECT_CODES = {
     301: rc.RedirectAction.MOVED_PERMANENTLY,
@@ -103,6 +104,7 @@ def _route_action(mesh: m.MeshSnapshot, route: m.HttpRoute, port: int) -> Any:
             name = destination_cluster(mesh, dest, port)
             weights[name] = weights.get(name, 0) + dest.weight
     action = rc.RouteAction()
+    action.hash_policy.extend(cluster_hash_policies(mesh, weights))  # DestinationRule consistentHash
     if len(weights) == 1:
         action.cluster = next(iter(weights))
     for name, weight in sorted(weights.items()) if len(weights) > 1 else ():

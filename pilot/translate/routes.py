@@ -17,6 +17,7 @@ from envoy.config.route.v3 import route_pb2
 from pilot.model.mesh import MeshSnapshot, Service, ServicePort
 from pilot.translate import names
 from pilot.translate.http_routes import default_route, virtual_service_routes
+from pilot.translate.policy import cluster_hash_policies
 
 
 def outbound_route_config(mesh: MeshSnapshot, namespace: str) -> Any:
@@ -72,7 +73,11 @@ def _routes(mesh: MeshSnapshot, service: Service, port: ServicePort) -> list[Any
     rule = mesh.virtual_services.get(service.host)
     routes = virtual_service_routes(mesh, rule, port.number) if rule is not None else []
     # A VirtualService with nothing for this port leaves the port's default behaviour in place.
-    return routes or [default_route(names.outbound_cluster(port.number, "", service.host))]
+    if routes:
+        return routes
+    default = default_route(names.outbound_cluster(port.number, "", service.host))
+    default.route.hash_policy.extend(cluster_hash_policies(mesh, [default.route.cluster]))
+    return [default]
 
 
 def inbound_route_config(port: int) -> Any:

@@ -142,10 +142,13 @@ def test_traffic_policy_layers() -> None:
         "subsets": [{"name": "v1", "trafficPolicy": {"connectionPool": {"tcp": {"connectTimeout": "3s"}}}}],
     }
     rule = build_mesh([obj("DestinationRule", "r", spec)]).destination_rules[REVIEWS]
-    timeouts = {(p, s): rule.policy_for(p, s).connect_timeout.total_seconds() for p in (9080, 9090) for s in ("", "v1")}  # type: ignore[union-attr]
+    pools = {(p, s): rule.policy_for(p, s).connection_pool for p in (9080, 9090) for s in ("", "v1")}
+    timeouts = {k: pool.connect_timeout.total_seconds() for k, pool in pools.items()}  # type: ignore[union-attr]
     assert timeouts == {(9080, ""): 1, (9090, ""): 2, (9080, "v1"): 3, (9090, "v1"): 3}
-    assert rule.policy_for(9090, "v1").max_connections == 10
-    assert rule.policy_for(9090, "v1").lb_policy == "RANDOM"
+    # Istio: sections replace whole (no field merge), and port-level settings do not inherit.
+    assert pools[(9080, "v1")].max_connections is None  # type: ignore[union-attr]
+    assert rule.policy_for(9080, "v1").load_balancer.simple == "RANDOM"  # type: ignore[union-attr]
+    assert rule.policy_for(9090, "v1").load_balancer is None
 
 
 def test_virtual_services_are_qualified_and_mesh_only() -> None:
