@@ -1,135 +1,140 @@
-"""VirtualService: how requests for a host are matched and routed.
+"""VirtualService: how requests and connections for a host are matched and routed.
 
-Only what the generators translate today is typed in depth (matches, weighted routes,
-redirects, direct responses, rewrites, timeouts, retries); the other HTTPRoute features are
-accepted as opaque values so real configs parse without warnings while support grows.
+HTTP entries live in ``pilot.api.http_route``; this module holds the L4 (``tcp``) and SNI
+(``tls``) entries and the spec itself, and re-exports the route types for callers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field
-
-from pilot.api.base import ApiObject, Duration, Host, IstioModel, NonNegative, Percent, PortNumber, one_of
-from pilot.api.common import PortSelector
+from pilot.api.base import ApiObject, Host, IstioModel, PortNumber
 from pilot.api.errors import FieldIssue
+from pilot.api.http_route import (
+    CorsPolicy,
+    Delay,
+    HTTPDirectResponse,
+    HTTPFaultInjection,
+    HTTPMatchRequest,
+    HTTPMirrorPolicy,
+    HTTPRedirect,
+    HTTPRetry,
+    HTTPRewrite,
+    HTTPRoute,
+    HTTPRouteDestination,
+)
+from pilot.api.route_common import (
+    FULL_WEIGHT,
+    Destination,
+    LabelMap,
+    RouteDestination,
+    StringMatch,
+    Subnet,
+    weight_problems,
+)
 
-FULL_WEIGHT = 100
+__all__ = [
+    "FULL_WEIGHT",
+    "CorsPolicy",
+    "Delay",
+    "Destination",
+    "HTTPDirectResponse",
+    "HTTPFaultInjection",
+    "HTTPMatchRequest",
+    "HTTPMirrorPolicy",
+    "HTTPRedirect",
+    "HTTPRetry",
+    "HTTPRewrite",
+    "HTTPRoute",
+    "HTTPRouteDestination",
+    "L4MatchAttributes",
+    "RouteDestination",
+    "StringMatch",
+    "TCPRoute",
+    "TLSMatchAttributes",
+    "TLSRoute",
+    "VirtualService",
+    "VirtualServiceSpec",
+]
 
 
-class StringMatch(IstioModel):
-    exact: str | None = None
-    prefix: str | None = None
-    regex: str | None = None
-
-    def problems(self, path: str) -> Iterator[FieldIssue]:
-        yield from one_of(self, path, ("exact", "prefix", "regex"), "a string match")
-
-
-class HTTPMatchRequest(IstioModel):
-    name: str | None = None
-    uri: StringMatch | None = None
-    scheme: StringMatch | None = None
-    method: StringMatch | None = None
-    authority: StringMatch | None = None
-    headers: dict[str, StringMatch] = Field(default_factory=dict)
+class L4MatchAttributes(IstioModel):
+    destination_subnets: tuple[Subnet, ...] = ()
     port: PortNumber | None = None
-    source_labels: dict[str, str] = Field(default_factory=dict)
+    source_labels: LabelMap
     gateways: tuple[str, ...] = ()
-    query_params: dict[str, StringMatch] = Field(default_factory=dict)
-    ignore_uri_case: bool = False
-    without_headers: dict[str, StringMatch] = Field(default_factory=dict)
     source_namespace: str | None = None
-    stat_prefix: str | None = None
 
 
-class Destination(IstioModel):
-    host: Host
-    subset: str | None = None
-    port: PortSelector | None = None
-
-
-class HTTPRouteDestination(IstioModel):
-    destination: Destination
-    weight: Percent | None = None
-    headers: dict[str, Any] | None = None
-
-
-class HTTPRedirect(IstioModel):
-    uri: str | None = None
-    authority: str | None = None
+class TLSMatchAttributes(IstioModel):
+    sni_hosts: tuple[Host, ...] = ()
+    destination_subnets: tuple[Subnet, ...] = ()
     port: PortNumber | None = None
-    derive_port: str | None = None
-    scheme: str | None = None
-    redirect_code: NonNegative | None = None
-
-
-class HTTPDirectResponse(IstioModel):
-    status: int = Field(strict=True, ge=200, le=599)
-    body: dict[str, Any] | None = None
-
-
-class HTTPRewrite(IstioModel):
-    uri: str | None = None
-    authority: str | None = None
-    uri_regex_rewrite: dict[str, Any] | None = None
-
-
-class HTTPRetry(IstioModel):
-    attempts: NonNegative = 0
-    per_try_timeout: Duration | None = None
-    retry_on: str | None = None
-    retry_remote_localities: bool | None = None
-
-
-class HTTPRoute(IstioModel):
-    name: str | None = None
-    match: tuple[HTTPMatchRequest, ...] = ()
-    route: tuple[HTTPRouteDestination, ...] = ()
-    redirect: HTTPRedirect | None = None
-    direct_response: HTTPDirectResponse | None = None
-    delegate: dict[str, Any] | None = None
-    rewrite: HTTPRewrite | None = None
-    timeout: Duration | None = None
-    retries: HTTPRetry | None = None
-    fault: dict[str, Any] | None = None
-    mirror: Destination | None = None
-    mirrors: tuple[dict[str, Any], ...] = ()
-    mirror_percentage: dict[str, Any] | None = None
-    mirror_percent: Any = None
-    cors_policy: dict[str, Any] | None = None
-    headers: dict[str, Any] | None = None
+    source_labels: LabelMap
+    gateways: tuple[str, ...] = ()
+    source_namespace: str | None = None
 
     def problems(self, path: str) -> Iterator[FieldIssue]:
-        actions = [f for f in ("route", "redirect", "direct_response", "delegate") if getattr(self, f)]
-        if len(actions) != 1:
-            yield FieldIssue(path, "must set exactly one of route, redirect, directResponse, delegate")
-        if len(self.route) > 1 and not any(d.weight for d in self.route):
-            yield FieldIssue(
-                f"{path}.route", "with several destinations, at least one needs a weight above 0"
-            )
+        if not self.sni_hosts:
+            yield FieldIssue(f"{path}.sniHosts", "at least one SNI host is required")
 
-    def advisories(self, path: str) -> Iterator[FieldIssue]:
-        total = sum(d.weight or 0 for d in self.route)
-        if len(self.route) > 1 and total not in (0, FULL_WEIGHT):
-            yield FieldIssue(
-                f"{path}.route", f"weights add up to {total}, not 100; they are used as proportions"
-            )
+
+class TCPRoute(IstioModel):
+    match: tuple[L4MatchAttributes, ...] = ()
+    route: tuple[RouteDestination, ...] = ()
+
+    def problems(self, path: str) -> Iterator[FieldIssue]:
+        if not self.route:
+            yield FieldIssue(f"{path}.route", "at least one destination is required")
+        yield from weight_problems(f"{path}.route", self.route)
+
+
+class TLSRoute(IstioModel):
+    match: tuple[TLSMatchAttributes, ...] = ()
+    route: tuple[RouteDestination, ...] = ()
+
+    def problems(self, path: str) -> Iterator[FieldIssue]:
+        if not self.match:
+            yield FieldIssue(f"{path}.match", "at least one match (with sniHosts) is required")
+        if not self.route:
+            yield FieldIssue(f"{path}.route", "at least one destination is required")
+        yield from weight_problems(f"{path}.route", self.route)
+
+
+def sni_within(sni: str, hosts: tuple[str, ...]) -> bool:
+    """Istio: an SNI host must fall within one of the VirtualService's hosts."""
+    for host in hosts:
+        if host in ("*", sni) or "." not in host:  # short names are qualified later
+            return True
+        if host.startswith("*.") and (sni.endswith(host[1:]) or sni == host[2:]):
+            return True
+        if sni.startswith("*.") and host.endswith(sni[1:]):
+            return True
+    return False
 
 
 class VirtualServiceSpec(IstioModel):
     hosts: tuple[Host, ...] = ()
     gateways: tuple[str, ...] = ()
     http: tuple[HTTPRoute, ...] = ()
-    tls: tuple[dict[str, Any], ...] = ()
-    tcp: tuple[dict[str, Any], ...] = ()
+    tls: tuple[TLSRoute, ...] = ()
+    tcp: tuple[TCPRoute, ...] = ()
     export_to: tuple[str, ...] = ()
 
     def problems(self, path: str) -> Iterator[FieldIssue]:
         if not self.hosts:
             yield FieldIssue(f"{path}.hosts", "at least one host is required")
+
+    def advisories(self, path: str) -> Iterator[FieldIssue]:
+        for i, route in enumerate(self.tls):
+            for j, match in enumerate(route.match):
+                for sni in match.sni_hosts:
+                    if not sni_within(sni, self.hosts):
+                        yield FieldIssue(
+                            f"{path}.tls[{i}].match[{j}].sniHosts",
+                            f"{sni!r} is not within any of the hosts {list(self.hosts)}; it never matches",
+                        )
 
 
 class VirtualService(ApiObject):

@@ -21,7 +21,7 @@ from pilot.api import (
     WorkloadEntrySpec,
 )
 from pilot.api.service_entry import ServicePort as ApiServicePort
-from pilot.model import convert
+from pilot.model import convert, convert_routes
 from pilot.model import mesh as m
 
 MESH_GATEWAY = "mesh"
@@ -170,7 +170,7 @@ def _virtual_services(
     for vs in entries:
         if vs.spec.gateways and MESH_GATEWAY not in vs.spec.gateways:
             continue  # gateway-only routes do not apply to sidecars
-        rule = convert.routing_rule(vs, cluster_domain)
+        rule = convert_routes.routing_rule(vs, cluster_domain)
         for host in rule.hosts:
             if host in found:
                 winner = found[host]

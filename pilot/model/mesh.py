@@ -142,6 +142,26 @@ class RouteMatch:
     without_headers: tuple[tuple[str, StringMatch], ...] = ()
     query_params: tuple[tuple[str, StringMatch], ...] = ()
     port: int | None = None
+    source_labels: tuple[tuple[str, str], ...] = ()  # the proxy's own labels must include these
+    source_namespace: str | None = None
+    gateways: tuple[str, ...] = ()  # qualified ("mesh" or "ns/name"); empty: the rule's gateways
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderOps:
+    """Header edits: ``set`` overwrites, ``add`` appends, ``remove`` drops (names sorted)."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderRules:
+    request: HeaderOps = HeaderOps()
+    response: HeaderOps = HeaderOps()
+    authority: str | None = None  # request.set of host/:authority: a host rewrite
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +170,7 @@ class RouteDestination:
     subset: str = ""
     port: int | None = None  # None: the service's only port, or the port the request came in on
     weight: int = 100
+    headers: HeaderRules = HeaderRules()
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,9 +190,42 @@ class DirectResponse:
 
 @dataclass(frozen=True, slots=True)
 class Retries:
+    """An explicit retry policy; ``HttpRoute.retries`` None means Istio's default policy."""
+
     attempts: int
     per_try_timeout: timedelta | None = None
     retry_on: str | None = None
+    retry_remote_localities: bool = False
+    retry_ignore_previous_hosts: bool | None = None
+    backoff: timedelta | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """Client-side fault injection; percentages are in [0, 100]."""
+
+    delay: timedelta | None = None
+    delay_percent: float = 100.0
+    abort_http_status: int | None = None
+    abort_grpc_status: int | None = None
+    abort_percent: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    destination: RouteDestination
+    percent: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class CorsPolicy:
+    allow_origins: tuple[StringMatch, ...] = ()
+    allow_methods: tuple[str, ...] = ()
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()
+    max_age: timedelta | None = None
+    allow_credentials: bool | None = None
+    forward_unmatched_preflights: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +241,32 @@ class HttpRoute:
     retries: Retries | None = None
     rewrite_uri: str | None = None
     rewrite_authority: str | None = None
+    rewrite_uri_regex: tuple[str, str] | None = None  # (pattern, substitution)
+    fault: Fault | None = None
+    mirrors: tuple[Mirror, ...] = ()
+    cors: CorsPolicy | None = None
+    headers: HeaderRules = HeaderRules()
+    delegate: bool = False  # not supported: such a route is left out (and warned about)
+
+
+@dataclass(frozen=True, slots=True)
+class L4Match:
+    """One match of a tcp or tls route; ``sni_hosts`` is empty for tcp."""
+
+    port: int | None = None
+    destination_subnets: tuple[str, ...] = ()
+    sni_hosts: tuple[str, ...] = ()
+    source_labels: tuple[tuple[str, str], ...] = ()
+    source_namespace: str | None = None
+    gateways: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class L4Route:
+    """A VirtualService tcp or tls entry: matches (empty = every connection) and weighted destinations."""
+
+    matches: tuple[L4Match, ...] = ()
+    destinations: tuple[RouteDestination, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +277,9 @@ class RoutingRule:
     name: str
     hosts: tuple[str, ...]
     http: tuple[HttpRoute, ...] = ()
+    tcp: tuple[L4Route, ...] = ()
+    tls: tuple[L4Route, ...] = ()
+    gateways: tuple[str, ...] = ("mesh",)  # qualified: "mesh" or "namespace/name"
 
 
 @dataclass(frozen=True, slots=True)

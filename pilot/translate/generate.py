@@ -13,6 +13,7 @@ from pilot.translate.endpoints import load_assignments
 from pilot.translate.listeners import sidecar_listeners
 from pilot.translate.routes import outbound_route_config
 from pilot.translate.scope import proxy_view
+from pilot.translate.tcp_routes import outbound_l4_listeners
 from pilot.xds import typeurls
 
 Resources = dict[str, dict[str, Any]]  # type URL -> resource name -> xds-protos message
@@ -30,7 +31,8 @@ def generate(mesh: MeshSnapshot, proxy: ProxyClass) -> Resources:
         view = proxy_view(mesh, proxy)
         clusters.update(inbound_clusters(view))
         listeners = sidecar_listeners(view)
-        routes = {names.OUTBOUND_ROUTE: outbound_route_config(mesh, proxy.namespace)}
+        listeners.update(outbound_l4_listeners(mesh, view))
+        routes = {names.OUTBOUND_ROUTE: outbound_route_config(mesh, proxy.namespace, view.labels)}
     return {
         typeurls.CLUSTER: sorted_by_name(clusters),
         typeurls.ENDPOINT: sorted_by_name(load_assignments(mesh)),

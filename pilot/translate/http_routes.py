@@ -9,11 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 from envoy.config.route.v3 import route_components_pb2 as rc
-from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from envoy.type.matcher.v3 import regex_pb2
 
 from pilot.model import mesh as m
 from pilot.translate import names
+from pilot.translate.matchers import string_matcher
 from pilot.translate.policy import cluster_hash_policies
+from pilot.translate.retries import DEFAULT_RETRY_ON, retry_policy
+from pilot.translate.route_policies import apply_filter_configs, apply_headers, mirror_policies
+from pilot.translate.route_source import RouteSource
 
 _REDIRECT_CODES = {
     301: rc.RedirectAction.MOVED_PERMANENTLY,
@@ -22,25 +26,53 @@ _REDIRECT_CODES = {
     307: rc.RedirectAction.TEMPORARY_REDIRECT,
     308: rc.RedirectAction.PERMANENT_REDIRECT,
 }
-# Istio's default retry conditions when a VirtualService sets attempts but not retryOn.
-DEFAULT_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+__all__ = ["DEFAULT_RETRY_ON", "RouteSource", "string_matcher"]
 
 
 def default_route(cluster: str) -> Any:
-    return rc.Route(name="default", match=rc.RouteMatch(prefix="/"), route=rc.RouteAction(cluster=cluster))
+    """Everything to ``cluster``, with Istio's "no timeout" (Envoy's own default would be 15s)."""
+    action = rc.RouteAction(cluster=cluster)
+    action.timeout.FromSeconds(0)
+    return rc.Route(name="default", match=rc.RouteMatch(prefix="/"), route=action)
 
 
-def virtual_service_routes(mesh: m.MeshSnapshot, rule: m.RoutingRule, port: int) -> list[Any]:
-    """Envoy routes for requests reaching ``port``; matches for other ports are left out."""
+def outbound_default_route(cluster: str) -> Any:
+    """The route of a service port no VirtualService routes: no timeout, Istio's default retries."""
+    route = default_route(cluster)
+    route.route.retry_policy.CopyFrom(retry_policy(None))
+    return route
+
+
+def virtual_service_routes(
+    mesh: m.MeshSnapshot, rule: m.RoutingRule, port: int, source: RouteSource | None = None
+) -> list[Any]:
+    """Envoy routes of ``rule`` for requests reaching ``port`` from ``source``, in rule order.
+
+    Matches for other ports, other senders (sourceLabels, sourceNamespace, gateways) are left
+    out; a route none of whose matches is left does not apply. ``source`` defaults to a sidecar
+    without labels in the rule's namespace. Gateway code calls this with its own source.
+    """
+    sender = source or RouteSource(rule.namespace)
+    return [r for route in rule.http for r in http_route_entries(mesh, rule, route, port, sender)]
+
+
+def http_route_entries(
+    mesh: m.MeshSnapshot, rule: m.RoutingRule, route: m.HttpRoute, port: int, source: RouteSource
+) -> list[Any]:
+    """One Envoy route per applicable match of one VirtualService http entry."""
+    if route.delegate:
+        return []  # not supported; build_mesh warns
+    matches = [x for x in route.matches if x.port in (None, port) and source.accepts_http(rule, x)]
+    if route.matches and not matches:
+        return []
+    if not route.matches and not source.accepts(rule.gateways, (), (), None):
+        return []
     out = []
-    for route in rule.http:
-        matches = [x for x in route.matches if x.port in (None, port)]
-        if route.matches and not matches:
-            continue
-        for match in matches or [m.RouteMatch()]:
-            envoy_route = rc.Route(name=route.name, match=route_match(match))
-            _set_action(envoy_route, mesh, route, port)
-            out.append(envoy_route)
+    for match in matches or [m.RouteMatch()]:
+        name = ".".join(n for n in (route.name, match.name) if n)
+        envoy_route = rc.Route(name=name, match=route_match(match))
+        _set_action(envoy_route, mesh, route, port)
+        out.append(envoy_route)
     return out
 
 
@@ -69,14 +101,6 @@ def route_match(match: m.RouteMatch) -> Any:
     return out
 
 
-def string_matcher(match: m.StringMatch) -> Any:
-    if match.kind == "exact":
-        return string_pb2.StringMatcher(exact=match.value)
-    if match.kind == "prefix":
-        return string_pb2.StringMatcher(prefix=match.value)
-    return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=match.value))
-
-
 def _set_action(out: Any, mesh: m.MeshSnapshot, route: m.HttpRoute, port: int) -> None:
     if route.redirect is not None:
         out.redirect.CopyFrom(_redirect(route.redirect))
@@ -86,6 +110,14 @@ def _set_action(out: Any, mesh: m.MeshSnapshot, route: m.HttpRoute, port: int) -
             out.direct_response.body.inline_string = route.direct_response.body
     else:
         out.route.CopyFrom(_route_action(mesh, route, port))
+        if len(route.destinations) == 1:  # Istio: a lone destination's headers apply to the route
+            apply_headers(out, route.destinations[0].headers)
+            if route.destinations[0].headers.authority is not None:
+                out.route.host_rewrite_literal = route.destinations[0].headers.authority
+    apply_headers(out, route.headers)
+    if route.headers.authority is not None and out.HasField("route"):
+        out.route.host_rewrite_literal = route.headers.authority
+    apply_filter_configs(out, route)
 
 
 def destination_cluster(mesh: m.MeshSnapshot, dest: m.RouteDestination, port: int) -> str:
@@ -110,19 +142,38 @@ def _route_action(mesh: m.MeshSnapshot, route: m.HttpRoute, port: int) -> Any:
     for name, weight in sorted(weights.items()) if len(weights) > 1 else ():
         cluster = action.weighted_clusters.clusters.add(name=name)
         cluster.weight.value = weight
+        _destination_headers(cluster, mesh, route, port)
+    _apply_policies(action, mesh, route, port)
+    return action
+
+
+def _destination_headers(cluster: Any, mesh: m.MeshSnapshot, route: m.HttpRoute, port: int) -> None:
+    """Destination-level header rules of the (first) destination behind a weighted cluster."""
+    dest = next(d for d in route.destinations if destination_cluster(mesh, d, port) == cluster.name)
+    apply_headers(cluster, dest.headers)
+    if dest.headers.authority is not None:
+        cluster.host_rewrite_literal = dest.headers.authority
+
+
+def _apply_policies(action: Any, mesh: m.MeshSnapshot, route: m.HttpRoute, port: int) -> None:
+    """Timeout (Istio: none unless set), retries, rewrites and mirrors of a forwarding route."""
     if route.timeout is not None:
         action.timeout.FromTimedelta(route.timeout)
-    if route.retries is not None and route.retries.attempts > 0:
-        policy = action.retry_policy
-        policy.retry_on = route.retries.retry_on or DEFAULT_RETRY_ON
-        policy.num_retries.value = route.retries.attempts
-        if route.retries.per_try_timeout is not None:
-            policy.per_try_timeout.FromTimedelta(route.retries.per_try_timeout)
+    else:
+        action.timeout.FromSeconds(0)
+    policy = retry_policy(route.retries)
+    if policy is not None:
+        action.retry_policy.CopyFrom(policy)
     if route.rewrite_uri is not None:
         action.prefix_rewrite = route.rewrite_uri
+    if route.rewrite_uri_regex is not None:
+        action.regex_rewrite.pattern.regex = route.rewrite_uri_regex[0]
+        action.regex_rewrite.substitution = route.rewrite_uri_regex[1]
     if route.rewrite_authority is not None:
         action.host_rewrite_literal = route.rewrite_authority
-    return action
+    action.request_mirror_policies.extend(
+        mirror_policies(route.mirrors, lambda d: destination_cluster(mesh, d, port))
+    )
 
 
 def _redirect(redirect: m.Redirect) -> Any:

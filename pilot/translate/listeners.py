@@ -16,6 +16,7 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
 from pilot.translate import names
 from pilot.translate.common import address, ads_config_source
+from pilot.translate.route_policies import route_http_filters
 from pilot.translate.routes import inbound_route_config
 from pilot.translate.scope import InboundPort, ProxyView
 
@@ -43,6 +44,7 @@ def outbound_listener(view: ProxyView) -> Any:
     hcm = hcm_pb2.HttpConnectionManager(stat_prefix="outbound")
     hcm.rds.route_config_name = names.OUTBOUND_ROUTE
     hcm.rds.config_source.CopyFrom(ads_config_source())
+    hcm.http_filters.extend(route_http_filters())  # CORS and fault, before the router
     return _listener(view.bind_address, names.OUTBOUND_PORT, _hcm_filter(hcm))
 
 

@@ -9,6 +9,7 @@ collide is left out.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -16,12 +17,18 @@ from envoy.config.route.v3 import route_pb2
 
 from pilot.model.mesh import MeshSnapshot, Service, ServicePort
 from pilot.translate import names
-from pilot.translate.http_routes import default_route, virtual_service_routes
+from pilot.translate.http_routes import default_route, outbound_default_route, virtual_service_routes
 from pilot.translate.policy import cluster_hash_policies
+from pilot.translate.route_source import RouteSource
 
 
-def outbound_route_config(mesh: MeshSnapshot, namespace: str) -> Any:
-    """RouteConfiguration ``outbound`` for a sidecar in ``namespace``; vhosts sorted by name."""
+def outbound_route_config(mesh: MeshSnapshot, namespace: str, labels: Mapping[str, str] | None = None) -> Any:
+    """RouteConfiguration ``outbound`` for a sidecar in ``namespace``; vhosts sorted by name.
+
+    ``labels`` are the sidecar's own: VirtualService matches with ``sourceLabels`` apply only
+    when they fit, which makes the route config specific to the proxy class.
+    """
+    source = RouteSource(namespace, labels or {})
     vhosts: list[tuple[str, Service, ServicePort]] = []
     for service in mesh.services.values():
         http_ports = service.http_ports
@@ -33,7 +40,7 @@ def outbound_route_config(mesh: MeshSnapshot, namespace: str) -> Any:
     config = route_pb2.RouteConfiguration(name=names.OUTBOUND_ROUTE)
     for name, service, port in vhosts:
         config.virtual_hosts.append(
-            rc.VirtualHost(name=name, domains=sorted(claimed[name]), routes=_routes(mesh, service, port))
+            rc.VirtualHost(name=name, domains=sorted(claimed[name]), routes=_routes(mesh, service, port, source))
         )
     return config
 
@@ -69,13 +76,13 @@ def _claim(wanted: dict[str, tuple[list[str], list[str]]]) -> dict[str, set[str]
     return claimed
 
 
-def _routes(mesh: MeshSnapshot, service: Service, port: ServicePort) -> list[Any]:
+def _routes(mesh: MeshSnapshot, service: Service, port: ServicePort, source: RouteSource) -> list[Any]:
     rule = mesh.virtual_services.get(service.host)
-    routes = virtual_service_routes(mesh, rule, port.number) if rule is not None else []
+    routes = virtual_service_routes(mesh, rule, port.number, source) if rule is not None else []
     # A VirtualService with nothing for this port leaves the port's default behaviour in place.
     if routes:
         return routes
-    default = default_route(names.outbound_cluster(port.number, "", service.host))
+    default = outbound_default_route(names.outbound_cluster(port.number, "", service.host))
     default.route.hash_policy.extend(cluster_hash_policies(mesh, [default.route.cluster]))
     return [default]
 

@@ -196,11 +196,16 @@ def test_kubernetes_metadata_does_not_warn() -> None:
     assert obj.metadata.resource_version == "7"
 
 
-def test_weights_not_adding_to_100_warn_but_parse() -> None:
+def test_weights_of_several_destinations_must_add_up_to_100() -> None:
     route = [{"destination": {"host": "r", "subset": s}, "weight": 30} for s in ("a", "b")]
-    obj = parse_object(doc("VirtualService", {"hosts": ["r"], "http": [{"route": route}]}))
-    assert isinstance(obj, VirtualService)
-    assert [w.path for w in obj.warnings] == ["spec.http[0].route"]
+    with pytest.raises(InvalidObjectError) as info:
+        parse_object(doc("VirtualService", {"hosts": ["r"], "http": [{"route": route}]}))
+    assert [(i.path, i.message) for i in info.value.issues] == [
+        ("spec.http[0].route", "weights of several destinations must add up to 100, not 60")
+    ]
+    # A lone destination may omit its weight.
+    obj = parse_object(doc("VirtualService", {"hosts": ["r"], "http": [{"route": route[:1]}]}))
+    assert isinstance(obj, VirtualService) and obj.warnings == ()
 
 
 @pytest.mark.parametrize(

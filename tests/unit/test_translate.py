@@ -85,8 +85,11 @@ def test_outbound_listener_uses_rds_and_router() -> None:
     hcm = hcm_pb2.HttpConnectionManager()
     assert listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
     assert (hcm.stat_prefix, hcm.rds.route_config_name) == ("outbound", "outbound")
-    assert [f.name for f in hcm.http_filters] == ["envoy.filters.http.router"]
-    assert hcm.http_filters[0].typed_config.type_url.endswith("envoy.extensions.filters.http.router.v3.Router")
+    # CORS and fault injection act per route, so they sit before the router on every outbound chain.
+    assert [f.name for f in hcm.http_filters] == [
+        "envoy.filters.http.cors", "envoy.filters.http.fault", "envoy.filters.http.router"
+    ]
+    assert hcm.http_filters[-1].typed_config.type_url.endswith("envoy.extensions.filters.http.router.v3.Router")
 
 
 def test_empty_mesh_is_consistent() -> None:
