@@ -24,6 +24,7 @@ from pilot.translate import generate
 from pilot.xds import typeurls
 from tests.golden.test_golden import case_dirs, read_proxies
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PROXIES = [(case, name) for case in case_dirs() for name in read_proxies(case)]
 
 
@@ -68,5 +69,6 @@ def test_envoy_validates_generated_config(tmp_path: Path, case: Path, proxy: str
         text=True,
         timeout=60,
         check=False,
+        cwd=REPO_ROOT,  # file paths in goldens (TLS certificates) are relative to the repository
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
