@@ -1,0 +1,206 @@
+"""VirtualService route features: Istio's validation errors, defaults, and their Envoy translation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+
+from pilot.api import InvalidObjectError, parse_object
+from pilot.model.build import build_mesh
+from pilot.translate.faults import FAULT_FILTER
+from pilot.translate.http_routes import virtual_service_routes
+from pilot.translate.retries import DEFAULT_RETRY_ON, parse_retry_on
+from pilot.translate.route_source import RouteSource
+
+SE = {
+    "apiVersion": "networking.istio.io/v1",
+    "kind": "ServiceEntry",
+    "metadata": {"name": "r", "namespace": "default"},
+    "spec": {"hosts": ["r.default.svc.cluster.local"], "ports": [{"number": 80, "name": "http"}]},
+}
+DEST = {"destination": {"host": "r"}}
+
+
+def vs(*http: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "r", "namespace": "default"},
+        "spec": {"hosts": ["r"], "http": list(http), **spec},
+    }
+
+
+@pytest.mark.parametrize(
+    ("route", "path", "reason"),
+    [
+        ({"route": [DEST], "timeout": "0s"}, "spec.http[0].timeout", "at least 1ms"),
+        (
+            {"route": [DEST], "retries": {"attempts": 2, "retryOn": "5xx,bogus"}},
+            "spec.http[0].retries.retryOn",
+            "'bogus'",
+        ),
+        (
+            {"route": [DEST], "retries": {"attempts": 2, "perTryTimeout": "0ms"}},
+            "spec.http[0].retries.perTryTimeout",
+            "1ms",
+        ),
+        ({"route": [DEST], "fault": {}}, "spec.http[0].fault", "delay, abort or both"),
+        (
+            {"route": [DEST], "fault": {"delay": {"percentage": {"value": 5}}}},
+            "spec.http[0].fault.delay.fixedDelay",
+            "required",
+        ),
+        (
+            {"route": [DEST], "fault": {"abort": {"httpStatus": 700}}},
+            "spec.http[0].fault.abort.httpStatus",
+            "200 and 599",
+        ),
+        (
+            {"route": [DEST], "fault": {"abort": {"grpcStatus": "NOPE"}}},
+            "spec.http[0].fault.abort.grpcStatus",
+            "gRPC status",
+        ),
+        (
+            {"route": [DEST], "fault": {"abort": {"httpStatus": 503, "percentage": {"value": 101}}}},
+            "spec.http[0].fault.abort.percentage.value",
+            "between 0 and 100",
+        ),
+        (
+            {"route": [DEST], "mirror": {"host": "r"}, "mirrors": [DEST]},
+            "spec.http[0]",
+            "at most one of mirror, mirrors",
+        ),
+        (
+            {"route": [DEST], "mirrorPercentage": {"value": 5}},
+            "spec.http[0].mirrorPercentage",
+            "only applies to mirror",
+        ),
+        ({"redirect": {"uri": "/x", "redirectCode": 305}}, "spec.http[0].redirect.redirectCode", "305 is not one of"),
+        ({"redirect": {"uri": "/x"}, "rewrite": {"uri": "/y"}}, "spec.http[0].rewrite", "cannot be used with redirect"),
+        (
+            {"route": [DEST], "rewrite": {"uri": "/a", "uriRegexRewrite": {"match": "a", "rewrite": "b"}}},
+            "spec.http[0].rewrite",
+            "at most one of uri, uriRegexRewrite",
+        ),
+        (
+            {"match": [{"uri": {"regex": "(a"}}], "route": [DEST]},
+            "spec.http[0].match[0].uri.regex",
+            "not a valid regex",
+        ),
+        ({"match": [{"uri": {"regex": "(?=a)"}}], "route": [DEST]}, "spec.http[0].match[0].uri.regex", "RE2"),
+        ({"match": [{"uri": {}}], "route": [DEST]}, "spec.http[0].match[0].uri", "exactly one of"),
+        (
+            {"match": [{"queryParams": {"q": {"prefix": "a"}}}], "route": [DEST]},
+            "spec.http[0].match[0].queryParams.q",
+            "prefix",
+        ),
+        (
+            {"route": [DEST], "headers": {"request": {"remove": ["host"]}}},
+            "spec.http[0].headers.request",
+            "only be set",
+        ),
+        (
+            {"route": [DEST], "corsPolicy": {"allowMethods": ["FETCH"]}},
+            "spec.http[0].corsPolicy.allowMethods",
+            "not an HTTP method",
+        ),
+        (
+            {"route": [DEST], "corsPolicy": {"maxAge": "1.5s"}},
+            "spec.http[0].corsPolicy.maxAge",
+            "whole number of seconds",
+        ),
+        (
+            {"route": [{**DEST, "weight": 50}, {"destination": {"host": "r", "subset": "b"}, "weight": 40}]},
+            "spec.http[0].route",
+            "add up to 100, not 90",
+        ),
+    ],
+)
+def test_invalid_http_routes_name_the_field_and_reason(route: dict[str, Any], path: str, reason: str) -> None:
+    with pytest.raises(InvalidObjectError) as info:
+        parse_object(vs(route))
+    assert str(info.value).startswith("VirtualService default/r: ")
+    assert any(i.path == path and reason in i.message for i in info.value.issues), info.value.issues
+
+
+@pytest.mark.parametrize(
+    ("spec", "path", "reason"),
+    [
+        ({"tcp": [{"route": []}]}, "spec.tcp[0].route", "at least one destination"),
+        (
+            {"tcp": [{"match": [{"destinationSubnets": ["10.0.0.0/33"]}], "route": [DEST]}]},
+            "spec.tcp[0].match[0].destinationSubnets[0]",
+            "CIDR",
+        ),
+        ({"tls": [{"route": [DEST]}]}, "spec.tls[0].match", "sniHosts"),
+        ({"tls": [{"match": [{"port": 443}], "route": [DEST]}]}, "spec.tls[0].match[0].sniHosts", "at least one SNI"),
+    ],
+)
+def test_invalid_l4_routes_name_the_field_and_reason(spec: dict[str, Any], path: str, reason: str) -> None:
+    with pytest.raises(InvalidObjectError) as info:
+        parse_object(vs(**spec))
+    assert any(i.path == path and reason in i.message for i in info.value.issues), info.value.issues
+
+
+def test_sni_outside_the_hosts_is_a_warning() -> None:
+    doc = vs(tls=[{"match": [{"sniHosts": ["other.example.com"]}], "route": [DEST]}])
+    doc["spec"]["hosts"] = ["r.example.com"]
+    obj = parse_object(doc)
+    assert [w.path for w in obj.warnings] == ["spec.tls[0].match[0].sniHosts"]
+
+
+def routes(*http: dict[str, Any], source: RouteSource | None = None) -> list[Any]:
+    mesh = build_mesh([parse_object(SE), parse_object(vs(*http))])
+    rule = mesh.virtual_services["r.default.svc.cluster.local"]
+    return virtual_service_routes(mesh, rule, 80, source)
+
+
+def test_istio_defaults_no_timeout_and_two_retries_on_503_and_connection_failures() -> None:
+    (route,) = routes({"route": [DEST]})
+    action = route.route
+    assert action.timeout.ToSeconds() == 0 and action.HasField("timeout")
+    assert action.retry_policy.retry_on == DEFAULT_RETRY_ON
+    assert action.retry_policy.num_retries.value == 2
+    assert list(action.retry_policy.retriable_status_codes) == [503]
+
+
+def test_attempts_zero_disables_retries_and_codes_in_retry_on_become_status_codes() -> None:
+    off, custom = routes(
+        {"match": [{"uri": {"exact": "/off"}}], "route": [DEST], "retries": {"attempts": 0}},
+        {"route": [DEST], "retries": {"attempts": 4, "retryOn": "gateway-error,502, 504", "perTryTimeout": "1s"}},
+    )
+    assert not off.route.HasField("retry_policy")
+    policy = custom.route.retry_policy
+    assert (policy.retry_on, list(policy.retriable_status_codes)) == (
+        "gateway-error,retriable-status-codes",
+        [502, 504],
+    )
+    assert (policy.num_retries.value, policy.per_try_timeout.ToMilliseconds()) == (4, 1000)
+    assert parse_retry_on("unavailable,cancelled") == ("unavailable,cancelled", ())
+
+
+def test_source_labels_and_namespace_select_the_sender() -> None:
+    http = (
+        {"name": "canary", "match": [{"sourceLabels": {"env": "canary"}}], "route": [DEST]},
+        {"name": "shop", "match": [{"sourceNamespace": "shop"}], "route": [DEST]},
+        {"name": "all", "route": [DEST]},
+    )
+    assert [r.name for r in routes(*http)] == ["all"]
+    canary = RouteSource("default", {"env": "canary", "app": "x"})
+    assert [r.name for r in routes(*http, source=canary)] == ["canary", "all"]
+    assert [r.name for r in routes(*http, source=RouteSource("shop"))] == ["shop", "all"]
+
+
+def test_fault_percentages_become_parts_per_million() -> None:
+    fault = {"delay": {"fixedDelay": "2s", "percent": 7}, "abort": {"httpStatus": 418, "percentage": {"value": 0.5}}}
+    (route,) = routes({"route": [DEST], "fault": fault})
+    config = fault_pb2.HTTPFault()
+    assert route.typed_per_filter_config[FAULT_FILTER].Unpack(config)
+    assert (config.delay.fixed_delay.seconds, config.delay.percentage.numerator) == (2, 70_000)
+    assert (config.abort.http_status, config.abort.percentage.numerator) == (418, 5_000)
+
+
+def test_delegate_routes_are_left_out() -> None:
+    assert routes({"delegate": {"name": "child"}}) == []
