@@ -14,6 +14,7 @@ from typing import TypeVar
 from pilot.api import (
     ApiObject,
     DestinationRule,
+    Gateway,
     ServiceEntry,
     Sidecar,
     VirtualService,
@@ -23,6 +24,7 @@ from pilot.api import (
 from pilot.api.service_entry import ServicePort as ApiServicePort
 from pilot.model import convert, convert_routes
 from pilot.model import mesh as m
+from pilot.model.build_scoping import ScopeInputs, build_scoping, oldest_merged_rules
 
 MESH_GATEWAY = "mesh"
 _LATEST = datetime.max.replace(tzinfo=UTC)
@@ -45,6 +47,12 @@ def build_mesh(objects: Iterable[ApiObject], cluster_domain: str = "cluster.loca
     services = _services(_of(objs, ServiceEntry), workloads, warnings)
     rules = _destination_rules(_of(objs, DestinationRule), cluster_domain, warnings)
     routing = _virtual_services(_of(objs, VirtualService), cluster_domain, warnings)
+    scope_inputs = ScopeInputs(
+        _of(objs, ServiceEntry), _of(objs, DestinationRule), _of(objs, VirtualService), _of(objs, Gateway),
+        _of(objs, Sidecar),
+    )
+    scoping = build_scoping(scope_inputs, workloads, cluster_domain, warnings)
+    rules = oldest_merged_rules(scoping)  # the base view, with same-namespace rules merged as Istio does
     warnings += _dangling_references(routing, services, rules)
     return m.MeshSnapshot(
         cluster_domain=cluster_domain,
@@ -53,6 +61,7 @@ def build_mesh(objects: Iterable[ApiObject], cluster_domain: str = "cluster.loca
         destination_rules=m.frozen_map(rules),
         virtual_services=m.frozen_map(routing),
         sidecars=_sidecars(_of(objs, Sidecar)),
+        scoping=scoping,
         warnings=tuple(warnings),
     )
 
@@ -149,12 +158,7 @@ def _destination_rules(
     for rule in rules:
         host = convert.qualify(rule.spec.host, rule.metadata.namespace, cluster_domain)
         if host in found:
-            winner = found[host]
-            warnings.append(
-                f"{rule.ref}: host {host} already has DestinationRule "
-                f"{winner.namespace}/{winner.name}; ignored"
-            )
-            continue
+            continue  # merged or looked up per namespace; build_scoping reports it
         if rule.spec.workload_selector is not None:
             warnings.append(
                 f"{rule.ref}: workloadSelector is not supported yet; the rule applies to every proxy"
@@ -173,13 +177,7 @@ def _virtual_services(
         rule = convert_routes.routing_rule(vs, cluster_domain)
         for host in rule.hosts:
             if host in found:
-                winner = found[host]
-                warnings.append(
-                    f"{vs.ref}: host {host} already routed by VirtualService "
-                    f"{winner.namespace}/{winner.name}; "
-                    "ignored for this host"
-                )
-                continue
+                continue  # build_scoping reports the conflict where exportTo lets sidecars see both
             found[host] = rule
     return found
 

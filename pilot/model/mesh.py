@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Literal, TypeVar
 
 from pilot.model.policy import NO_POLICY, TrafficPolicy, effective_policy
+from pilot.model.scoping import Scoping
 
 Labels = Mapping[str, str]
 HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", "GRPC-WEB"})
@@ -302,6 +303,7 @@ class MeshSnapshot:
     destination_rules: Mapping[str, DestinationPolicy] = field(default_factory=frozen_map)
     virtual_services: Mapping[str, RoutingRule] = field(default_factory=frozen_map)
     sidecars: tuple[SidecarScope, ...] = ()  # precedence order: with selector first, then oldest
+    scoping: Scoping = field(default_factory=Scoping)  # exportTo, every VS/DR candidate, Gateways, Sidecar egress
     warnings: tuple[str, ...] = ()
 
     def workload(self, namespace: str, name: str) -> Workload | None:

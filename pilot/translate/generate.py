@@ -10,10 +10,12 @@ from pilot.translate import names
 from pilot.translate.clusters import inbound_clusters, outbound_clusters
 from pilot.translate.common import sorted_by_name
 from pilot.translate.endpoints import load_assignments
+from pilot.translate.gateway import gateway_resources
 from pilot.translate.listeners import sidecar_listeners
 from pilot.translate.routes import outbound_route_config
 from pilot.translate.scope import proxy_view
 from pilot.translate.tcp_routes import outbound_l4_listeners
+from pilot.translate.visibility import outbound_policy_vhosts, visible_mesh
 from pilot.xds import typeurls
 
 Resources = dict[str, dict[str, Any]]  # type URL -> resource name -> xds-protos message
@@ -22,20 +24,26 @@ Resources = dict[str, dict[str, Any]]  # type URL -> resource name -> xds-protos
 def generate(mesh: MeshSnapshot, proxy: ProxyClass) -> Resources:
     """Clusters, endpoints, listeners and routes for ``proxy``, each keyed and sorted by name.
 
-    Routers (gateways) get clusters and endpoints only until Gateway translation lands.
+    Both kinds see the mesh narrowed to what their namespace may reach (exportTo, and for
+    sidecars their Sidecar's egress hosts); routers get the listeners of their Gateways.
     """
-    clusters = outbound_clusters(mesh)
-    listeners: dict[str, Any] = {}
-    routes: dict[str, Any] = {}
-    if proxy.kind == ProxyKind.SIDECAR:
-        view = proxy_view(mesh, proxy)
+    view = proxy_view(mesh, proxy)
+    if proxy.kind == ProxyKind.ROUTER:
+        seen = visible_mesh(mesh, proxy.namespace)
+        clusters = outbound_clusters(seen)
+        listeners, routes = gateway_resources(seen, view)
+    else:
+        seen = visible_mesh(mesh, proxy.namespace, view.egress)
+        clusters = outbound_clusters(seen)
         clusters.update(inbound_clusters(view))
         listeners = sidecar_listeners(view)
-        listeners.update(outbound_l4_listeners(mesh, view))
-        routes = {names.OUTBOUND_ROUTE: outbound_route_config(mesh, proxy.namespace, view.labels)}
+        listeners.update(outbound_l4_listeners(seen, view))
+        outbound = outbound_route_config(seen, proxy.namespace, view.labels)
+        outbound.virtual_hosts.extend(outbound_policy_vhosts(view.egress))
+        routes = {names.OUTBOUND_ROUTE: outbound}
     return {
         typeurls.CLUSTER: sorted_by_name(clusters),
-        typeurls.ENDPOINT: sorted_by_name(load_assignments(mesh)),
+        typeurls.ENDPOINT: sorted_by_name(load_assignments(seen)),
         typeurls.LISTENER: sorted_by_name(listeners),
         typeurls.ROUTE: sorted_by_name(routes),
     }

@@ -1,4 +1,9 @@
-"""What one proxy class sees of the mesh: its bind address, its own workload, its inbound ports."""
+"""What one proxy class sees of the mesh: its bind address, its workload, Sidecar, inbound ports.
+
+The Sidecar resource that applies is picked as Istio does: one in the workload's namespace whose
+``workloadSelector`` selects it, else that namespace's selector-less one, else the selector-less
+one of the root namespace (the mesh-wide default).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pilot.model.build import endpoint_port
-from pilot.model.mesh import MeshSnapshot, Workload
+from pilot.model.mesh import MeshSnapshot, SidecarScope, Workload
 from pilot.model.proxy import ProxyClass
+from pilot.model.scoping import EgressScope
 from pilot.translate import names
 
 
@@ -29,6 +35,8 @@ class ProxyView:
     labels: Mapping[str, str]
     workload: Workload | None
     inbound: tuple[InboundPort, ...]
+    sidecar: SidecarScope | None = None
+    egress: EgressScope | None = None
 
 
 def proxy_view(mesh: MeshSnapshot, proxy: ProxyClass) -> ProxyView:
@@ -36,24 +44,40 @@ def proxy_view(mesh: MeshSnapshot, proxy: ProxyClass) -> ProxyView:
     workload = mesh.workload(proxy.namespace, proxy.workload) if proxy.workload else None
     labels = workload.labels if workload is not None else proxy.label_map
     bind = proxy.bind_address or names.WILDCARD_ADDRESS
+    sidecar = sidecar_for(mesh, proxy.namespace, labels)
     return ProxyView(
         bind_address=bind,
         namespace=proxy.namespace,
         labels=labels,
         workload=workload,
-        inbound=_inbound_ports(mesh, proxy.namespace, labels, workload, bind),
+        inbound=_inbound_ports(mesh, proxy.namespace, labels, workload, bind, sidecar),
+        sidecar=sidecar,
+        egress=mesh.scoping.egress.get((sidecar.namespace, sidecar.name)) if sidecar else None,
     )
 
 
+def sidecar_for(mesh: MeshSnapshot, namespace: str, labels: Mapping[str, str]) -> SidecarScope | None:
+    """The Sidecar resource for a workload; the root namespace's default if its namespace has none."""
+    found = mesh.sidecar_for(namespace, labels)
+    if found is not None or namespace == mesh.scoping.root_namespace:
+        return found
+    root = mesh.scoping.root_namespace
+    return next((s for s in mesh.sidecars if s.namespace == root and s.selector is None), None)
+
+
 def _inbound_ports(
-    mesh: MeshSnapshot, namespace: str, labels: Mapping[str, str], workload: Workload | None, bind: str
+    mesh: MeshSnapshot,
+    namespace: str,
+    labels: Mapping[str, str],
+    workload: Workload | None,
+    bind: str,
+    sidecar: SidecarScope | None,
 ) -> tuple[InboundPort, ...]:
     protocols: dict[int, list[tuple[bool, bool]]] = {}
     for service in mesh.services_selecting(namespace, labels):
         for port in service.ports:
             number = endpoint_port(port, workload.ports if workload else None)
             protocols.setdefault(number, []).append((port.is_http, port.is_http2))
-    sidecar = mesh.sidecar_for(namespace, labels)
     found = []
     for number, kinds in sorted(protocols.items()):
         if number in names.RESERVED_PORTS:

@@ -48,7 +48,7 @@ def static_bootstrap(resources: dict[str, dict[str, Any]]) -> Any:
     for listener in resources[typeurls.LISTENER].values():
         static_listener = bootstrap.static_resources.listeners.add()
         static_listener.CopyFrom(listener)
-        for flt in static_listener.filter_chains[0].filters:
+        for flt in (f for chain in static_listener.filter_chains for f in chain.filters):
             hcm = hcm_pb2.HttpConnectionManager()
             if flt.typed_config.Unpack(hcm) and hcm.HasField("rds"):
                 hcm.route_config.CopyFrom(resources[typeurls.ROUTE][hcm.rds.route_config_name])

@@ -128,7 +128,8 @@ def test_destination_rule_conflict_and_short_host() -> None:
     mesh = build_mesh([second, first, SE])
     rule = mesh.destination_rules[REVIEWS]
     assert (rule.name, list(rule.subsets)) == ("a", ["v1"])
-    assert any("DestinationRule default/b" in w and "ignored" in w for w in mesh.warnings)
+    # Istio merges DestinationRules for one host within a namespace; the merge is reported.
+    assert any("DestinationRule default/b" in w and "merged into DestinationRule default/a" in w for w in mesh.warnings)
 
 
 def test_traffic_policy_layers() -> None:
@@ -179,6 +180,7 @@ def test_virtual_services_are_qualified_and_mesh_only() -> None:
     assert [(d.host, d.subset, d.weight) for d in dests] == [(REVIEWS, "v1", 80), (REVIEWS, "v9", 20)]
     assert mesh.warnings == (
         f"VirtualService default/r: destination {REVIEWS}: subset 'v9' is not defined by a DestinationRule",
+        "VirtualService default/g: gateway default/gw does not exist",
     )
 
 

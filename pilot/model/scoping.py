@@ -1,0 +1,62 @@
+"""What decides which proxy sees which config: exportTo, Sidecar egress scopes, Gateways.
+
+`build_mesh` fills one `Scoping` per MeshSnapshot with every candidate (all VirtualServices
+and all DestinationRules, merged per namespace and host, with their resolved ``exportTo``);
+`pilot.translate.scope` then picks, per proxy, what Istio would: visible objects only, the
+DestinationRule on the lookup path (proxy namespace, service namespace, root namespace), the
+most specific VirtualService host. Frozen like the rest of the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+from pilot.model.gateway import GatewayConfig
+from pilot.model.hosts import EVERYWHERE, ROOT_NAMESPACE
+
+if TYPE_CHECKING:
+    from pilot.model.mesh import DestinationPolicy, RoutingRule
+
+T = TypeVar("T")
+ALLOW_ANY = "ALLOW_ANY"
+REGISTRY_ONLY = "REGISTRY_ONLY"
+
+
+def _empty() -> Mapping[str, frozenset[str]]:
+    return MappingProxyType({})
+
+
+def _no_egress() -> Mapping[tuple[str, str], EgressScope]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Exported(Generic[T]):
+    """A config object with the namespaces it is exported to (``*`` for all)."""
+
+    value: T
+    export_to: frozenset[str] = EVERYWHERE
+
+
+@dataclass(frozen=True, slots=True)
+class EgressScope:
+    """The outbound part of a Sidecar resource: ``hosts`` None means no egress section (see all)."""
+
+    hosts: tuple[tuple[str, str], ...] | None = None  # (namespace, dnsName); "." already resolved
+    outbound_policy: str | None = None  # None: the mesh default, ALLOW_ANY
+
+
+@dataclass(frozen=True, slots=True)
+class Scoping:
+    root_namespace: str = ROOT_NAMESPACE
+    service_exports: Mapping[str, frozenset[str]] = field(default_factory=_empty)  # host -> exportTo
+    routing_rules: tuple[Exported[RoutingRule], ...] = ()  # every VirtualService, oldest first
+    destination_rules: tuple[Exported[DestinationPolicy], ...] = ()  # merged per (namespace, host)
+    gateways: tuple[GatewayConfig, ...] = ()  # oldest first
+    egress: Mapping[tuple[str, str], EgressScope] = field(default_factory=_no_egress)  # Sidecar (ns, name)
+
+    def service_export(self, host: str) -> frozenset[str]:
+        return self.service_exports.get(host, EVERYWHERE)

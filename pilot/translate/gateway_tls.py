@@ -1,0 +1,59 @@
+"""DownstreamTlsContext for a gateway server that terminates TLS, from certificate files.
+
+Envoy reads the files itself (filename data sources) and re-reads nothing on its own: a
+rotated certificate needs a config push, which any change of the Gateway triggers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+from envoy.type.matcher.v3 import string_pb2
+
+from pilot.model.gateway import ServerTls
+
+TLS_TRANSPORT_SOCKET = "envoy.transport_sockets.tls"
+TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
+_VERSIONS = {
+    "TLS_AUTO": common_pb2.TlsParameters.TLS_AUTO,
+    "TLSV1_0": common_pb2.TlsParameters.TLSv1_0,
+    "TLSV1_1": common_pb2.TlsParameters.TLSv1_1,
+    "TLSV1_2": common_pb2.TlsParameters.TLSv1_2,
+    "TLSV1_3": common_pb2.TlsParameters.TLSv1_3,
+}
+_SAN_TYPES = (
+    common_pb2.SubjectAltNameMatcher.DNS,
+    common_pb2.SubjectAltNameMatcher.URI,
+)
+
+
+def downstream_tls_context(tls: ServerTls, alpn: tuple[str, ...] = ("h2", "http/1.1")) -> Any:
+    """SIMPLE: serve the certificate; MUTUAL: also require a client certificate signed by the CA;
+    OPTIONAL_MUTUAL: verify a client certificate only when one is presented."""
+    common = tls_pb2.CommonTlsContext(alpn_protocols=list(alpn))
+    cert = common.tls_certificates.add()
+    cert.certificate_chain.CopyFrom(base_pb2.DataSource(filename=tls.server_certificate))
+    cert.private_key.CopyFrom(base_pb2.DataSource(filename=tls.private_key))
+    params = common.tls_params
+    params.tls_minimum_protocol_version = _VERSIONS[tls.min_version]
+    params.tls_maximum_protocol_version = _VERSIONS[tls.max_version]
+    params.cipher_suites.extend(tls.cipher_suites)
+    context = tls_pb2.DownstreamTlsContext(common_tls_context=common)
+    if tls.mode in ("MUTUAL", "OPTIONAL_MUTUAL") and tls.ca_certificates:
+        validation = common.validation_context
+        validation.trusted_ca.CopyFrom(base_pb2.DataSource(filename=tls.ca_certificates))
+        for san in sorted(tls.subject_alt_names):
+            for san_type in _SAN_TYPES:
+                validation.match_typed_subject_alt_names.add(
+                    san_type=san_type, matcher=string_pb2.StringMatcher(exact=san)
+                )
+        context.require_client_certificate.value = tls.mode == "MUTUAL"
+    return context
+
+
+def transport_socket(tls: ServerTls, alpn: tuple[str, ...] = ("h2", "http/1.1")) -> Any:
+    socket = base_pb2.TransportSocket(name=TLS_TRANSPORT_SOCKET)
+    socket.typed_config.Pack(downstream_tls_context(tls, alpn))
+    return socket

@@ -1,0 +1,106 @@
+"""The mesh as one proxy may see it: exportTo, Sidecar egress hosts, DestinationRule lookup.
+
+`visible_mesh` returns a MeshSnapshot narrowed for a proxy namespace (and Sidecar scope), with
+``virtual_services`` and ``destination_rules`` re-keyed by the hosts that proxy resolves. The
+cluster, endpoint and route generators then run unchanged on it, so a service a proxy may not
+reach has no cluster, no endpoints and no virtual host there. Pure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+
+from envoy.config.route.v3 import route_components_pb2 as rc
+
+from pilot.model.hosts import MESH_GATEWAY, host_matches, namespace_allows, specificity, visible_to
+from pilot.model.mesh import DestinationPolicy, MeshSnapshot, RouteDestination, RoutingRule, Service, frozen_map
+from pilot.model.scoping import REGISTRY_ONLY, EgressScope, Exported
+
+Rules = list[Exported[RoutingRule]]
+BLOCK_ALL = "block_all"
+
+
+def visible_rules(mesh: MeshSnapshot, namespace: str, gateway: str = MESH_GATEWAY) -> Rules:
+    """VirtualServices exported to ``namespace`` and bound to ``gateway`` (``mesh``: sidecars), oldest first."""
+    return [r for r in mesh.scoping.routing_rules if gateway in r.value.gateways and visible_to(r.export_to, namespace)]
+
+
+def visible_mesh(mesh: MeshSnapshot, namespace: str, egress: EgressScope | None = None) -> MeshSnapshot:
+    """``mesh`` narrowed to what a proxy in ``namespace`` (under Sidecar ``egress``) may reach."""
+    scoping = mesh.scoping
+    services = {h: s for h, s in mesh.services.items() if visible_to(scoping.service_export(h), namespace)}
+    rules = visible_rules(mesh, namespace)
+    if egress is not None and egress.hosts is not None:
+        hosts = tuple((namespace if ns == "." else ns, h) for ns, h in egress.hosts)
+        rules = [r for r in rules if any(_egress_admits(hosts, r.value.namespace, h) for h in r.value.hosts)]
+        wanted = {h for h, s in services.items() if _egress_admits(hosts, s.namespace, h)}
+        # Istio keeps what in-scope VirtualServices route to, so no route points at a missing cluster.
+        wanted |= {d.host for r in rules for d in _destinations(r.value)} & set(services)
+        services = {h: services[h] for h in sorted(wanted)}
+    return dataclasses.replace(
+        mesh,
+        services=frozen_map(services),
+        virtual_services=frozen_map(routes_by_host([r.value for r in rules], services)),
+        destination_rules=frozen_map(
+            {h: p for h, s in services.items() if (p := destination_rule_for(mesh, namespace, s)) is not None}
+        ),
+    )
+
+
+def _egress_admits(hosts: Iterable[tuple[str, str]], namespace: str, host: str) -> bool:
+    return any(namespace_allows(ns, namespace) and host_matches(pattern, host) for ns, pattern in hosts)
+
+
+def _destinations(rule: RoutingRule) -> Iterable[RouteDestination]:
+    for route in rule.http:
+        yield from route.destinations
+        yield from (mirror.destination for mirror in route.mirrors)
+    for l4 in (*rule.tcp, *rule.tls):
+        yield from l4.destinations
+
+
+def routes_by_host(rules: list[RoutingRule], services: Mapping[str, Service]) -> dict[str, RoutingRule]:
+    """Each rule under its own hosts (oldest wins), and each service under its most specific matching rule."""
+    found: dict[str, RoutingRule] = {}
+    for rule in rules:
+        for host in rule.hosts:
+            found.setdefault(host, rule)
+    patterns = sorted(found, key=specificity)
+    for host in services:
+        if host not in found:
+            best = next((p for p in patterns if host_matches(p, host)), None)
+            if best is not None:
+                found[host] = found[best]
+    return found
+
+
+def destination_rule_for(mesh: MeshSnapshot, namespace: str, service: Service) -> DestinationPolicy | None:
+    """Istio's lookup path: the proxy's namespace, then the service's, then the root namespace.
+
+    Within a namespace the most specific host wins (exact before ``*.example.com``), then the oldest.
+    """
+    candidates = [
+        c
+        for c in mesh.scoping.destination_rules
+        if visible_to(c.export_to, namespace) and host_matches(c.value.host, service.host)
+    ]
+    for ns in (namespace, service.namespace, mesh.scoping.root_namespace):
+        in_ns = [c.value for c in candidates if c.value.namespace == ns]
+        if in_ns:
+            return min(in_ns, key=lambda p: specificity(p.host))  # min is stable: oldest among equals
+    return None
+
+
+def outbound_policy_vhosts(egress: EgressScope | None) -> list[rc.VirtualHost]:
+    """Istio's REGISTRY_ONLY: a catch-all virtual host answering 502 for hosts outside the registry.
+
+    ALLOW_ANY (the default) adds nothing here: Istio passes unknown hosts to their original
+    destination, which a local-mesh sidecar (no iptables capture) does not know, so Envoy's own
+    404 (no route) is what an unknown host gets.
+    """
+    if egress is None or egress.outbound_policy != REGISTRY_ONLY:
+        return []
+    route = rc.Route(name=BLOCK_ALL, match=rc.RouteMatch(prefix="/"))
+    route.direct_response.status = 502
+    return [rc.VirtualHost(name=BLOCK_ALL, domains=["*"], routes=[route])]
