@@ -10,6 +10,7 @@ from pydantic import Field
 from pilot.api.base import ApiObject, DnsLabel, Host, IstioModel, LabelSelector
 from pilot.api.common import PortSelector
 from pilot.api.errors import FieldIssue
+from pilot.api.hosts import ExportTo
 from pilot.api.traffic_policy import (
     ClientTLSSettings,
     ConnectionPoolSettings,
@@ -99,7 +100,7 @@ class DestinationRuleSpec(IstioModel):
     host: Host
     traffic_policy: TrafficPolicy | None = None
     subsets: tuple[Subset, ...] = ()
-    export_to: tuple[str, ...] = ()
+    export_to: ExportTo = ()
     workload_selector: LabelSelector | None = None
 
     def problems(self, path: str) -> Iterator[FieldIssue]:

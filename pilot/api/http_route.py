@@ -17,6 +17,7 @@ from pydantic import Field
 
 from pilot.api.base import Duration, IstioModel, NonNegative, Percent, PortNumber, one_of
 from pilot.api.errors import FieldIssue
+from pilot.api.hosts import GatewayRef
 from pilot.api.route_common import (
     Destination,
     LabelMap,
@@ -63,7 +64,7 @@ class HTTPMatchRequest(IstioModel):
     headers: dict[str, StringMatch] = Field(default_factory=dict)
     port: PortNumber | None = None
     source_labels: LabelMap
-    gateways: tuple[str, ...] = ()
+    gateways: tuple[GatewayRef, ...] = ()
     query_params: dict[str, StringMatch] = Field(default_factory=dict)
     ignore_uri_case: bool = False
     without_headers: dict[str, StringMatch] = Field(default_factory=dict)

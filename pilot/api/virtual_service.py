@@ -11,6 +11,7 @@ from typing import Literal
 
 from pilot.api.base import ApiObject, Host, IstioModel, PortNumber
 from pilot.api.errors import FieldIssue
+from pilot.api.hosts import ExportTo, GatewayRef
 from pilot.api.http_route import (
     CorsPolicy,
     Delay,
@@ -63,7 +64,7 @@ class L4MatchAttributes(IstioModel):
     destination_subnets: tuple[Subnet, ...] = ()
     port: PortNumber | None = None
     source_labels: LabelMap
-    gateways: tuple[str, ...] = ()
+    gateways: tuple[GatewayRef, ...] = ()
     source_namespace: str | None = None
 
 
@@ -72,7 +73,7 @@ class TLSMatchAttributes(IstioModel):
     destination_subnets: tuple[Subnet, ...] = ()
     port: PortNumber | None = None
     source_labels: LabelMap
-    gateways: tuple[str, ...] = ()
+    gateways: tuple[GatewayRef, ...] = ()
     source_namespace: str | None = None
 
     def problems(self, path: str) -> Iterator[FieldIssue]:
@@ -116,11 +117,11 @@ def sni_within(sni: str, hosts: tuple[str, ...]) -> bool:
 
 class VirtualServiceSpec(IstioModel):
     hosts: tuple[Host, ...] = ()
-    gateways: tuple[str, ...] = ()
+    gateways: tuple[GatewayRef, ...] = ()
     http: tuple[HTTPRoute, ...] = ()
     tls: tuple[TLSRoute, ...] = ()
     tcp: tuple[TCPRoute, ...] = ()
-    export_to: tuple[str, ...] = ()
+    export_to: ExportTo = ()
 
     def problems(self, path: str) -> Iterator[FieldIssue]:
         if not self.hosts:

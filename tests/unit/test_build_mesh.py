@@ -179,8 +179,8 @@ def test_virtual_services_are_qualified_and_mesh_only() -> None:
     dests = mesh.virtual_services[REVIEWS].http[0].destinations
     assert [(d.host, d.subset, d.weight) for d in dests] == [(REVIEWS, "v1", 80), (REVIEWS, "v9", 20)]
     assert mesh.warnings == (
-        f"VirtualService default/r: destination {REVIEWS}: subset 'v9' is not defined by a DestinationRule",
         "VirtualService default/g: gateway default/gw does not exist",
+        f"VirtualService default/r: destination {REVIEWS}: subset 'v9' is not defined by a DestinationRule",
     )
 
 
