@@ -189,21 +189,25 @@ def _dangling_references(
     out: list[str] = []
     seen: set[str] = set()
     for rule in routing.values():
-        for route in rule.http:
-            for d in route.destinations:
-                ref = f"VirtualService {rule.namespace}/{rule.name}: destination {d.host}"
-                svc = services.get(d.host)
-                if svc is None:
-                    msg = f"{ref}: no ServiceEntry defines this host"
-                elif d.subset and d.subset not in (rules[d.host].subsets if d.host in rules else {}):
-                    msg = f"{ref}: subset {d.subset!r} is not defined by a DestinationRule"
-                elif d.port is not None and svc.port(d.port) is None:
-                    msg = f"{ref}: port {d.port} is not a port of the service"
-                else:
-                    continue
-                if msg not in seen:
-                    seen.add(msg)
-                    out.append(msg)
+        ref = f"VirtualService {rule.namespace}/{rule.name}"
+        if any(route.delegate for route in rule.http):
+            msg = f"{ref}: http delegate is not supported; those routes are ignored"
+            if msg not in seen:
+                seen.add(msg)
+                out.append(msg)
+        for d in convert_routes.all_destinations(rule):
+            svc = services.get(d.host)
+            if svc is None:
+                msg = f"{ref}: destination {d.host}: no ServiceEntry defines this host"
+            elif d.subset and d.subset not in (rules[d.host].subsets if d.host in rules else {}):
+                msg = f"{ref}: destination {d.host}: subset {d.subset!r} is not defined by a DestinationRule"
+            elif d.port is not None and svc.port(d.port) is None:
+                msg = f"{ref}: destination {d.host}: port {d.port} is not a port of the service"
+            else:
+                continue
+            if msg not in seen:
+                seen.add(msg)
+                out.append(msg)
     return out
 
 

@@ -7,7 +7,7 @@ never have to know Istio's field shapes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from pilot.api import http_route as hr
 from pilot.api import route_common as rcm
@@ -221,3 +221,12 @@ def routing_rule(src: vs.VirtualService, cluster_domain: str) -> m.RoutingRule:
         tls=tuple(l4_route(r, ns, cluster_domain) for r in src.spec.tls),
         gateways=tuple(sorted(qualify_gateway(g, ns) for g in src.spec.gateways)) or (MESH_GATEWAY,),
     )
+
+
+def all_destinations(rule: m.RoutingRule) -> Iterator[m.RouteDestination]:
+    """Every destination a rule can send to: http routes and mirrors, tcp and tls routes."""
+    for route in rule.http:
+        yield from route.destinations
+        yield from (mirror.destination for mirror in route.mirrors)
+    for l4 in (*rule.tcp, *rule.tls):
+        yield from l4.destinations

@@ -223,3 +223,18 @@ def test_examples_load_cleanly_and_translate_consistently(example: str) -> None:
     for wl in mesh.workloads.values():
         proxy = ProxyClass(ProxyKind.SIDECAR, wl.namespace, bind_address=wl.address, workload=wl.name)
         assert Snapshot.from_resources(generate(mesh, proxy)).consistency_errors() == []
+
+
+def test_delegate_and_dangling_l4_and_mirror_destinations_are_warned_about() -> None:
+    doc = vs(
+        {"delegate": {"name": "child"}},
+        {"route": [DEST], "mirror": {"host": "ghost"}},
+        tcp=[{"route": [{"destination": {"host": "r", "subset": "v9"}}]}],
+    )
+    mesh = build_mesh([parse_object(SE), parse_object(doc)])
+    assert mesh.warnings == (
+        "VirtualService default/r: http delegate is not supported; those routes are ignored",
+        "VirtualService default/r: destination ghost.default.svc.cluster.local: no ServiceEntry defines this host",
+        "VirtualService default/r: destination r.default.svc.cluster.local: "
+        "subset 'v9' is not defined by a DestinationRule",
+    )
