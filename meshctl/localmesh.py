@@ -74,6 +74,17 @@ class LocalMesh:
         self.sidecars[f"{namespace}/{name}"] = envoy
         return envoy
 
+    async def start_gateway(self, namespace: str, name: str) -> EnvoyProcess:
+        """A gateway (router) Envoy for a WorkloadEntry, like `meshctl proxy run --gateway`.
+
+        Its labels select Gateways; it binds each server port on the WorkloadEntry's address.
+        Kept with the sidecars, so `wait_synced` and `stop` cover it.
+        """
+        envoy = EnvoyProcess(self.spec(namespace, name, ProxyKind.ROUTER), log_level=self.envoy_log_level)
+        await envoy.start()
+        self.sidecars[f"{namespace}/{name}"] = envoy
+        return envoy
+
     async def start_app(self, namespace: str, name: str, version: str = "v1", port_name: str = "http",
                         upstream: Upstream | None = None, call_always: bool = False) -> str:
         """Start the echo app of a workload where its sidecar forwards inbound traffic (127.0.0.1:<port>)."""

@@ -1,0 +1,154 @@
+"""Ingress gateway with real Envoy: routing by host and path over HTTP, HTTPS with file certificates.
+
+One mesh for the module: a gateway (router) Envoy in istio-system and two backends (api, web)
+in default, each behind its own sidecar, all on a random 127.a.b.0/24 block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from meshctl.devcerts import DevCa
+from meshctl.localmesh import LocalMesh, http_session
+from pilot.settings import PilotSettings
+from tests.e2e.conftest import free_port, random_block
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
+
+HTTP_PORT, REDIRECT_PORT, HTTPS_PORT = 18080, 18081, 18443
+
+CONFIG = """
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: ingress, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: {http}, name: http, protocol: HTTP}}
+    hosts: ["*/shop.example.com", "default/api.example.com"]
+  - port: {{number: {redirect}, name: http-redirect, protocol: HTTP}}
+    hosts: ["*/shop.example.com"]
+    tls: {{httpsRedirect: true}}
+  - port: {{number: {https}, name: https, protocol: HTTPS}}
+    hosts: ["*/shop.example.com"]
+    tls: {{mode: SIMPLE, serverCertificate: {cert}, privateKey: {key}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: ingress, namespace: istio-system}}
+spec: {{address: {block}.10, labels: {{istio: ingressgateway}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: shop, namespace: default}}
+spec:
+  hosts: [shop.example.com, api.example.com]
+  gateways: [istio-system/ingress]
+  http:
+  - match: [{{uri: {{prefix: /api}}}}, {{authority: {{exact: api.example.com}}}}]
+    route: [{{destination: {{host: api}}}}]
+  - route: [{{destination: {{host: web}}}}]
+"""
+
+BACKEND = """
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: default}}
+spec:
+  hosts: [{name}.default.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 8000, name: http, protocol: HTTP}}]
+  workloadSelector: {{labels: {{app: {name}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: {name}, namespace: default}}
+spec: {{address: {address}, labels: {{app: {name}}}, ports: {{http: {port}}}}}
+"""
+
+
+@dataclass
+class Ingress:
+    mesh: LocalMesh
+    address: str
+    ca_file: Path
+
+    def url(self, port: int, path: str = "/", scheme: str = "http") -> str:
+        return f"{scheme}://{self.address}:{port}{path}"
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def ingress(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Ingress]:
+    config_dir = tmp_path_factory.mktemp("gateway-config")
+    certs = tmp_path_factory.mktemp("gateway-certs")
+    ca = DevCa.create("e2e gateway CA")
+    issued = ca.issue(certs, "shop", ["shop.example.com"])
+    block = random_block()
+    text = CONFIG.format(
+        http=HTTP_PORT, redirect=REDIRECT_PORT, https=HTTPS_PORT, cert=issued.cert, key=issued.key, block=block
+    )
+    for i, name in enumerate(("api", "web")):
+        text += BACKEND.format(name=name, address=f"{block}.{11 + i}", port=free_port())
+    (config_dir / "mesh.yaml").write_text(text)
+    settings = PilotSettings(ads_port=free_port(), debug_port=0, config_dir=config_dir, debounce_ms=50)
+    async with LocalMesh(settings) as mesh:
+        for name in ("api", "web"):
+            await mesh.start_app("default", name)
+        await asyncio.gather(
+            mesh.start_gateway("istio-system", "ingress"),
+            mesh.start_sidecar("default", "api"),
+            mesh.start_sidecar("default", "web"),
+        )
+        await mesh.wait_synced()
+        yield Ingress(mesh, f"{block}.10", ca.write_ca(certs / "ca.pem"))
+
+
+async def answer(session: aiohttp.ClientSession, url: str, host: str) -> tuple[int, str]:
+    async with session.get(url, headers={"Host": host}, allow_redirects=False) as resp:
+        body = await resp.json(content_type=None) if resp.status == 200 else {}
+        return resp.status, body.get("name", "") if isinstance(body, dict) else ""
+
+
+async def test_gateway_routes_by_host_and_path_to_two_backends(ingress: Ingress) -> None:
+    async with http_session() as session:
+        assert await answer(session, ingress.url(HTTP_PORT, "/api/items"), "shop.example.com") == (200, "api")
+        assert await answer(session, ingress.url(HTTP_PORT, "/"), "shop.example.com") == (200, "web")
+        assert await answer(session, ingress.url(HTTP_PORT, "/"), f"shop.example.com:{HTTP_PORT}") == (200, "web")
+        assert await answer(session, ingress.url(HTTP_PORT, "/"), "api.example.com") == (200, "api")
+        # A host no server exposes has no virtual host: Envoy answers 404.
+        assert (await answer(session, ingress.url(HTTP_PORT, "/"), "other.example.com"))[0] == 404
+        # httpsRedirect: a plain-HTTP request is sent to https.
+        async with session.get(
+            ingress.url(REDIRECT_PORT, "/x"), headers={"Host": "shop.example.com"}, allow_redirects=False
+        ) as resp:
+            assert resp.status == 301
+            assert resp.headers["location"].startswith("https://shop.example.com")
+
+
+async def test_https_server_presents_file_certificate_by_sni(ingress: Ingress) -> None:
+    trusted = ssl.create_default_context(cafile=str(ingress.ca_file))
+    url = ingress.url(HTTPS_PORT, "/api/secure", scheme="https")
+    async with http_session() as session:
+        async with session.get(
+            url, headers={"Host": "shop.example.com"}, ssl=trusted, server_hostname="shop.example.com"
+        ) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["name"] == "api"
+        # Without the CA the certificate does not verify: it really is the file's self-signed chain.
+        with pytest.raises(aiohttp.ClientConnectorCertificateError):
+            async with session.get(url, ssl=ssl.create_default_context(), server_hostname="shop.example.com"):
+                pass
+        # An SNI name no server lists matches no filter chain: the handshake fails.
+        with pytest.raises(aiohttp.ClientError):
+            async with session.get(url, ssl=trusted, server_hostname="other.example.com"):
+                pass
