@@ -67,7 +67,10 @@ class Scoped:
         await self.mesh.wait_applied(revision)
 
     async def status(self, host: str) -> int:
-        async with http_session() as session, session.get(f"http://{self.frontend}:15001/", headers={"Host": host}) as r:
+        async with (
+            http_session() as session,
+            session.get(f"http://{self.frontend}:15001/", headers={"Host": host}) as r,
+        ):
             return r.status
 
     async def cluster_names(self) -> set[str]:
@@ -84,7 +87,9 @@ async def scoped(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Scop
         for i, name in enumerate(("reviews", "ratings"))
     )
     (config_dir / "mesh.yaml").write_text(text + FRONTEND.format(address=f"{block}.10"))
-    (config_dir / "sidecar.yaml").write_text(SCOPE.format(hosts="./reviews.default.svc.cluster.local", mode="ALLOW_ANY"))
+    (config_dir / "sidecar.yaml").write_text(
+        SCOPE.format(hosts="./reviews.default.svc.cluster.local", mode="ALLOW_ANY")
+    )
     settings = PilotSettings(ads_port=free_port(), debug_port=0, config_dir=config_dir, debounce_ms=50)
     async with LocalMesh(settings) as mesh:
         for name in ("reviews", "ratings"):
