@@ -103,7 +103,7 @@ def main(clients: str, protocol: str, repeats: int, services: int, workers: int,
         base.mkdir(parents=True, exist_ok=True)
         report = run_benchmark(counts, protocols, base, repeats, services, workers, not no_baseline, env,
                                profile_dir.resolve() if profile_dir else None)
-    print_report(report, Console(width=max(160, Console().width)))
+    print_report(report, Console(width=max(200, Console().width)))
     if json_path:
         report.write_json(json_path)
     if not all(r.converged for r in report.runs):
