@@ -42,7 +42,7 @@ def downstream_tls_context(tls: ServerTls, alpn: tuple[str, ...] = ("h2", "http/
     params.cipher_suites.extend(tls.cipher_suites)
     context = tls_pb2.DownstreamTlsContext(common_tls_context=common)
     if tls.mode in ("MUTUAL", "OPTIONAL_MUTUAL") and tls.ca_certificates:
-        validation = common.validation_context
+        validation = context.common_tls_context.validation_context  # the message holds a copy of `common`
         validation.trusted_ca.CopyFrom(base_pb2.DataSource(filename=tls.ca_certificates))
         for san in sorted(tls.subject_alt_names):
             for san_type in _SAN_TYPES:

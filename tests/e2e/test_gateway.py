@@ -23,7 +23,7 @@ from tests.e2e.conftest import free_port, random_block
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
-HTTP_PORT, REDIRECT_PORT, HTTPS_PORT = 18080, 18081, 18443
+HTTP_PORT, REDIRECT_PORT, HTTPS_PORT, MTLS_PORT = 18080, 18081, 18443, 19443
 
 CONFIG = """
 apiVersion: networking.istio.io/v1
@@ -40,6 +40,9 @@ spec:
   - port: {{number: {https}, name: https, protocol: HTTPS}}
     hosts: ["*/shop.example.com"]
     tls: {{mode: SIMPLE, serverCertificate: {cert}, privateKey: {key}}}
+  - port: {{number: {mtls}, name: https-mtls, protocol: HTTPS}}
+    hosts: ["*/shop.example.com"]
+    tls: {{mode: MUTUAL, serverCertificate: {cert}, privateKey: {key}, caCertificates: {ca}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
@@ -93,10 +96,11 @@ async def ingress(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Ing
     certs = tmp_path_factory.mktemp("gateway-certs")
     ca = DevCa.create("e2e gateway CA")
     issued = ca.issue(certs, "shop", ["shop.example.com"])
+    ca.issue(certs, "client", ["client.example.com"], client=True)
+    ca_file = ca.write_ca(certs / "ca.pem")
     block = random_block()
-    text = CONFIG.format(
-        http=HTTP_PORT, redirect=REDIRECT_PORT, https=HTTPS_PORT, cert=issued.cert, key=issued.key, block=block
-    )
+    ports = {"http": HTTP_PORT, "redirect": REDIRECT_PORT, "https": HTTPS_PORT, "mtls": MTLS_PORT}
+    text = CONFIG.format(**ports, cert=issued.cert, key=issued.key, ca=ca_file, block=block)
     for i, name in enumerate(("api", "web")):
         text += BACKEND.format(name=name, address=f"{block}.{11 + i}", port=free_port())
     (config_dir / "mesh.yaml").write_text(text)
@@ -110,7 +114,7 @@ async def ingress(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Ing
             mesh.start_sidecar("default", "web"),
         )
         await mesh.wait_synced()
-        yield Ingress(mesh, f"{block}.10", ca.write_ca(certs / "ca.pem"))
+        yield Ingress(mesh, f"{block}.10", ca_file)
 
 
 async def answer(session: aiohttp.ClientSession, url: str, host: str) -> tuple[int, str]:
@@ -152,3 +156,19 @@ async def test_https_server_presents_file_certificate_by_sni(ingress: Ingress) -
         with pytest.raises(aiohttp.ClientError):
             async with session.get(url, ssl=trusted, server_hostname="other.example.com"):
                 pass
+
+
+async def test_mutual_tls_server_requires_a_client_certificate_from_its_ca(ingress: Ingress) -> None:
+    url = ingress.url(MTLS_PORT, "/", scheme="https")
+    with_cert = ssl.create_default_context(cafile=str(ingress.ca_file))
+    certs = ingress.ca_file.parent
+    with_cert.load_cert_chain(certs / "client.pem", certs / "client.key")
+    async with http_session() as session:
+        host = {"Host": "shop.example.com"}
+        async with session.get(url, headers=host, ssl=with_cert, server_hostname="shop.example.com") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["name"] == "web"
+        without = ssl.create_default_context(cafile=str(ingress.ca_file))
+        with pytest.raises(aiohttp.ClientError):
+            async with session.get(url, headers=host, ssl=without, server_hostname="shop.example.com") as resp:
+                await resp.read()
