@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pilot.xds import typeurls
-from pilot.xds.session import SessionBase, existing, ordered_types, version_of
+from pilot.xds.session import SessionBase, ordered_types, version_of
 from pilot.xds.snapshot import Resource, Snapshot
 from pilot.xds.wire import len_field, str_field
 
@@ -24,6 +24,10 @@ class _DeltaType:
     names: set[str] = field(default_factory=set)
     held: dict[str, str] = field(default_factory=dict)  # name -> version the proxy holds
     reported_missing: set[str] = field(default_factory=set)
+    seen: str = ""  # the view version this state was last reconciled with
+
+    def subscription(self) -> frozenset[str] | None:
+        return None if self.wildcard else frozenset(self.names)
 
 
 class DeltaSession(SessionBase):
@@ -33,7 +37,8 @@ class DeltaSession(SessionBase):
         super().__init__(*args)
         self.types: dict[str, _DeltaType] = {}
 
-    def handle(self, request: Any) -> None:
+    def handle(self, request: Any) -> bool:
+        """Apply a request; True if it may call for a response (False for a plain ACK)."""
         type_url: str = request.type_url
         subscribe = list(request.resource_names_subscribe)
         state = self.types.get(type_url)
@@ -41,9 +46,11 @@ class DeltaSession(SessionBase):
             wildcard = type_url in typeurls.WILDCARD_TYPES and (not subscribe or "*" in subscribe)
             state = self.types[type_url] = _DeltaType(wildcard=wildcard)
             state.held.update(request.initial_resource_versions)
-        elif request.response_nonce:
+        settled = False
+        if request.response_nonce:
             if request.response_nonce == self.pending.get(type_url):
                 self._acknowledge(type_url, request.response_nonce, self._error_text(request))
+                settled = True
             else:
                 self.registry.record_stale(type_url)
         for name in subscribe:
@@ -58,6 +65,10 @@ class DeltaSession(SessionBase):
             else:
                 state.names.discard(name)
                 state.held.pop(name, None)
+        changed = bool(subscribe or request.resource_names_unsubscribe or request.initial_resource_versions)
+        if changed:
+            state.seen = ""
+        return changed or state.seen == "" or (settled and not self.pending)
 
     def responses(self, snapshot: Snapshot) -> list[bytes]:
         order = ordered_types(self.types)
@@ -66,14 +77,14 @@ class DeltaSession(SessionBase):
             out += [r for t in order if (r := self._removals(t, snapshot))]
         return out
 
-    def _interest(self, state: _DeltaType, snapshot: Snapshot, type_url: str) -> dict[str, Resource]:
-        names = set(snapshot.of(type_url).resources) if state.wildcard else state.names
-        return dict(existing(snapshot, type_url, names))
-
     def _updates(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         state = self.types[type_url]
-        view = self._interest(state, snapshot, type_url)
-        self._set_current(type_url, version_of({n: r.version for n, r in view.items()}))
+        snap_view = snapshot.view(type_url, state.subscription())
+        self._set_current(type_url, snap_view.version)
+        if snap_view.version == state.seen:
+            return None
+        state.seen = snap_view.version
+        view = snap_view.resources
         changed = [r for n, r in view.items() if state.held.get(n) != r.version]
         missing = sorted(n for n in state.names - set(view) - set(state.held) - state.reported_missing)
         if not changed and not missing:
@@ -84,7 +95,9 @@ class DeltaSession(SessionBase):
 
     def _removals(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         state = self.types[type_url]
-        view = self._interest(state, snapshot, type_url)
+        view = snapshot.view(type_url, state.subscription()).resources
+        if len(state.held) == len(view):
+            return None  # everything held is in view (held never has names outside it but these)
         gone = sorted(set(state.held) - set(view))
         if not gone:
             return None

@@ -67,6 +67,10 @@ class AdsServer:
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.keepalive_permit_without_calls", 1),
+            # A fleet reconnecting at once (pilot restart) opens thousands of streams together;
+            # gRPC's default of 1,000 pending calls would refuse most of them.
+            ("grpc.server.max_pending_requests", 100_000),
+            ("grpc.server.max_pending_requests_hard_limit", 100_000),
         ])
         self._server.add_generic_rpc_handlers((self.handler(),))
         bound = int(self._server.add_insecure_port(f"{host}:{port}"))
@@ -120,26 +124,28 @@ class AdsServer:
         snapshot: Snapshot | None = self.cache.get(key)
         next_request: asyncio.Task[Any] | None = None
         next_snapshot: asyncio.Task[Snapshot] | None = None
+        dirty = True  # the first request is handled already
         try:
             while True:
-                if snapshot is not None:
+                if snapshot is not None and dirty:
                     for response in session.responses(snapshot):
                         yield response
+                dirty = False
                 next_request = next_request or asyncio.create_task(queue.get())
                 next_snapshot = next_snapshot or asyncio.create_task(self.cache.wait_for_change(key, snapshot))
                 done, _ = await asyncio.wait({next_request, next_snapshot}, return_when=asyncio.FIRST_COMPLETED)
                 if next_snapshot in done:
-                    snapshot, next_snapshot = next_snapshot.result(), None
+                    snapshot, next_snapshot, dirty = next_snapshot.result(), None, True
                 if next_request in done:
                     request, next_request = next_request.result(), None
+                    # Take everything already waiting before answering.
+                    while request is not _END:
+                        dirty = session.handle(request) or dirty
+                        if queue.empty():
+                            break
+                        request = queue.get_nowait()
                     if request is _END:
                         return
-                    session.handle(request)
-                    while not queue.empty():  # take everything already waiting before answering
-                        request = queue.get_nowait()
-                        if request is _END:
-                            return
-                        session.handle(request)
         finally:
             for task in (next_request, next_snapshot):
                 if task is not None:

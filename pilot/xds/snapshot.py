@@ -80,6 +80,14 @@ EMPTY_VERSION = TypeSnapshot.build("", []).version
 
 
 @dataclass(frozen=True)
+class View:
+    """The resources of one type that a subscription sees, and their combined version."""
+
+    resources: Mapping[str, Resource]
+    version: str
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """The complete config of one proxy class: one TypeSnapshot per type in PUSH_ORDER."""
 
@@ -87,6 +95,23 @@ class Snapshot:
     # Names referenced across types, kept for the consistency check and for debugging.
     eds_refs: frozenset[str] = field(default=frozenset())
     rds_refs: frozenset[str] = field(default=frozenset())
+    # Subscription views computed so far; every stream of a class shares them (event loop only).
+    _views: dict[tuple[str, frozenset[str] | None], View] = field(
+        default_factory=dict, compare=False, repr=False)
+
+    def view(self, type_url: str, names: frozenset[str] | None) -> View:
+        """What a subscription to `names` (None: wildcard) sees of a type; memoized per snapshot."""
+        key = (type_url, names)
+        found = self._views.get(key)
+        if found is None:
+            ts = self.of(type_url)
+            if names is None:
+                found = View(ts.resources, ts.version)
+            else:
+                picked = {n: ts.resources[n] for n in sorted(names) if n in ts.resources}
+                found = View(picked, TypeSnapshot.build(type_url, picked.values()).version)
+            self._views[key] = found
+        return found
 
     def of(self, type_url: str) -> TypeSnapshot:
         found = self.types.get(type_url)
