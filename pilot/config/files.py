@@ -1,6 +1,6 @@
 """The file source: a directory of Istio YAML, loaded into the ConfigStore and kept in sync.
 
-Watching is by polling stat() every ``interval`` seconds rather than inotify: it needs no
+Watching is by polling stat() every ``interval`` seconds (0.1 s) rather than inotify: it needs no
 dependency, sees editors' atomic renames, bind mounts and network file systems alike, and
 costs nothing for the handful of files of a local mesh. Concurrency: `FileSource.run` is one
 task on the store's loop; reading and parsing happen in a worker thread, and only the final
@@ -10,6 +10,7 @@ task on the store's loop; reading and parsing happen in a worker thread, and onl
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
@@ -30,6 +31,8 @@ _DOC_START = re.compile(r"^---[ \t]*(?:#.*)?$", re.MULTILINE)
 _RACY_SECONDS = 2.0
 
 Fingerprint = tuple[tuple[str, int, int, int], ...]
+# libyaml's safe loader when present: the same documents, parsed about 8x faster.
+_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def yaml_files(directory: Path) -> list[Path]:
@@ -45,20 +48,54 @@ def load_dir(path: Path | str) -> LoadResult:
     An object defined twice (same kind, namespace and name) keeps its first definition in
     file order; the later one is reported as an error.
     """
-    directory = Path(path)
+    return load_dir_cached(Path(path), {})[0]
+
+
+# file name -> (content digest, its parsed objects, its errors)
+ParseCache = dict[str, tuple[bytes, list["_Located"], list[DocumentError]]]
+
+
+def load_dir_cached(directory: Path, cache: ParseCache) -> tuple[LoadResult, bool]:
+    """`load_dir`, re-parsing only files whose bytes changed since they were put in `cache`.
+
+    Returns the result and whether anything differs from what the cache held (a file was
+    added, removed or rewritten with other bytes). `cache` is updated in place.
+    """
     if not directory.is_dir():
-        return LoadResult(errors=(DocumentError(str(directory), 0, None, None, None, "not a directory"),))
+        return LoadResult(errors=(DocumentError(str(directory), 0, None, None, None, "not a directory"),)), True
     located: list[_Located] = []
     errors: list[DocumentError] = []
+    names = []
+    changed = False
     for file in yaml_files(directory):
         name = str(file.relative_to(directory))
-        try:
-            text = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            errors.append(DocumentError(name, 0, None, None, None, f"cannot read: {_one_line(exc)}"))
-            continue
-        _parse_text(text, name, located, errors)
-    return _without_duplicates(located, errors)
+        names.append(name)
+        entry = _parse_file(file, name, cache.get(name))
+        changed = changed or entry is not cache.get(name)
+        cache[name] = entry
+        located += entry[1]
+        errors += entry[2]
+    for gone in set(cache) - set(names):
+        del cache[gone]
+        changed = True
+    return _without_duplicates(located, errors), changed
+
+
+def _parse_file(
+    file: Path, name: str, cached: tuple[bytes, list[_Located], list[DocumentError]] | None
+) -> tuple[bytes, list[_Located], list[DocumentError]]:
+    try:
+        data = file.read_bytes()
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        if cached is not None and cached[0] == digest:
+            return cached
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return b"", [], [DocumentError(name, 0, None, None, None, f"cannot read: {_one_line(exc)}")]
+    located: list[_Located] = []
+    errors: list[DocumentError] = []
+    _parse_text(text, name, located, errors)
+    return digest, located, errors
 
 
 def load_file(path: Path | str, *, display_name: str | None = None) -> LoadResult:
@@ -86,7 +123,7 @@ def _parse_text(text: str, file: str, located: list[_Located], errors: list[Docu
     index = 0
     for chunk in _DOC_START.split(text):
         try:
-            docs = [d for d in yaml.safe_load_all(chunk) if d is not None]
+            docs = [d for d in yaml.load_all(chunk, Loader=_LOADER) if d is not None]
         except (yaml.YAMLError, RecursionError, ValueError) as exc:
             if chunk.strip():
                 errors.append(DocumentError(file, index, None, None, None, f"invalid YAML: {_one_line(exc)}"))
@@ -148,7 +185,7 @@ class FileSource:
         directory: Path | str,
         *,
         source_id: str | None = None,
-        interval: float = 0.25,
+        interval: float = 0.1,
     ) -> None:
         self.store = store
         self.directory = Path(directory)
@@ -158,6 +195,7 @@ class FileSource:
         self.last_result = LoadResult()
         self._seen: Fingerprint | None = None
         self._trusted = False
+        self._cache: ParseCache = {}
 
     def sync(self) -> bool:
         """Load the directory now if it changed; True if the revision moved. For tests and startup."""
@@ -186,8 +224,12 @@ class FileSource:
         touched = seen != self._seen
         if not touched and self._trusted:
             return None
-        loaded = load_dir(self.directory)  # the fingerprint was taken first: later writes show next pass
+        # The fingerprint was taken first: later writes show next pass. Only files whose bytes
+        # changed are parsed again, so re-reading racy files costs a read and a hash.
+        loaded, changed = load_dir_cached(self.directory, self._cache)
         self._seen, self._trusted = seen, not racy
+        if not touched and not changed:
+            return None
         return loaded, touched
 
     def _apply(self, loaded: LoadResult, touched: bool) -> bool:
