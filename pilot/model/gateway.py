@@ -90,9 +90,10 @@ def gateway_config(gw: Gateway, warnings: list[str]) -> GatewayConfig:
     ref = f"{gw.metadata.namespace}/{gw.metadata.name}"
     servers = []
     for i, server in enumerate(gw.spec.servers):
-        converted = _server(ref, i, server)
+        unsupported = _unsupported(server)
+        converted = None if unsupported else _server(ref, i, server)
         if converted is None:
-            warnings.append(f"{gw.ref}: spec.servers[{i}] uses credentialName (secrets), not supported yet; skipped")
+            warnings.append(f"{gw.ref}: spec.servers[{i}] {unsupported or 'cannot be served'}; skipped")
         else:
             servers.append(converted)
     return GatewayConfig(
@@ -101,6 +102,18 @@ def gateway_config(gw: Gateway, warnings: list[str]) -> GatewayConfig:
         selector=MappingProxyType(dict(sorted(gw.spec.selector.items()))),
         servers=tuple(servers),
     )
+
+
+def _unsupported(server: Server) -> str | None:
+    """Why a server cannot be served locally yet (no secret store, no mesh CA), else None."""
+    tls = server.tls
+    if tls is None:
+        return None
+    if tls.mode == ServerTLSMode.ISTIO_MUTUAL:
+        return "uses tls.mode ISTIO_MUTUAL (mesh certificates), not supported yet"
+    if tls.terminates and not (tls.server_certificate and tls.private_key):
+        return "uses credentialName (secrets), not supported yet"
+    return None
 
 
 def _server(ref: str, index: int, server: Server) -> GatewayServer | None:
