@@ -12,6 +12,7 @@ last looked at it is skipped by comparing one version string, so a push costs O(
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +101,10 @@ class SotwSession(SessionBase):
         if state.names is None:
             # Keep resources that are going away until the removal phase.
             gone = {n: r for n, r in state.held.items() if n not in view.resources}
+            if not gone:
+                if not state.force_all and state.held_version == view.version:
+                    return None
+                return self._send(type_url, state, dict(view.resources), view.resources, view.version)
             target = {**gone, **view.resources}
             if not state.force_all and versions(target) == versions(state.held):
                 return None
@@ -112,7 +117,10 @@ class SotwSession(SessionBase):
         state.force_names.clear()
         if not changed:
             return None
-        return self._send(type_url, state, {**state.held, **changed}, changed)
+        held = {**state.held, **changed}
+        # Usually the proxy then holds exactly the view, whose version is already known.
+        known = view.version if len(held) == len(view.resources) and held.keys() == view.resources.keys() else None
+        return self._send(type_url, state, held, changed, known)
 
     def _removals(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         state = self.types[type_url]
@@ -121,10 +129,13 @@ class SotwSession(SessionBase):
         current = snapshot.view(type_url, None)
         if state.held_version == current.version or not set(state.held) - set(current.resources):
             return None
-        return self._send(type_url, state, dict(current.resources), dict(current.resources))
+        return self._send(type_url, state, dict(current.resources), current.resources, current.version)
 
-    def _send(self, type_url: str, state: _TypeState, held: dict[str, Resource], body: dict[str, Resource]) -> bytes:
-        version = version_of(versions(held))
+    def _send(
+        self, type_url: str, state: _TypeState, held: dict[str, Resource], body: Mapping[str, Resource],
+        version: str | None = None,
+    ) -> bytes:
+        version = version or version_of(versions(held))
         nonce = self._sent(type_url, version)
         state.held, state.held_version, state.last_nonce = held, version, nonce
         state.force_all = False
