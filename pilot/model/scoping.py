@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from pilot.model.gateway import GatewayConfig
-from pilot.model.hosts import EVERYWHERE, ROOT_NAMESPACE
+from pilot.model.hosts import EVERYWHERE, ROOT_NAMESPACE, host_matches
 
 if TYPE_CHECKING:
     from pilot.model.mesh import DestinationPolicy, RoutingRule
@@ -30,6 +30,10 @@ def _empty() -> Mapping[str, frozenset[str]]:
 
 
 def _no_egress() -> Mapping[tuple[str, str], EgressScope]:
+    return MappingProxyType({})
+
+
+def _no_rules() -> Mapping[str, tuple[Exported[DestinationPolicy], ...]]:
     return MappingProxyType({})
 
 
@@ -57,6 +61,24 @@ class Scoping:
     destination_rules: tuple[Exported[DestinationPolicy], ...] = ()  # merged per (namespace, host)
     gateways: tuple[GatewayConfig, ...] = ()  # oldest first
     egress: Mapping[tuple[str, str], EgressScope] = field(default_factory=_no_egress)  # Sidecar (ns, name)
+    # Indexes of destination_rules, filled by __post_init__: exact hosts, and the wildcard rules.
+    rules_by_host: Mapping[str, tuple[Exported[DestinationPolicy], ...]] = field(default_factory=_no_rules)
+    wildcard_rules: tuple[Exported[DestinationPolicy], ...] = ()
+
+    def __post_init__(self) -> None:
+        by_host: dict[str, list[Exported[DestinationPolicy]]] = {}
+        for rule in self.destination_rules:
+            if not rule.value.host.startswith("*"):
+                by_host.setdefault(rule.value.host, []).append(rule)
+        object.__setattr__(self, "rules_by_host", MappingProxyType({h: tuple(r) for h, r in by_host.items()}))
+        wild = tuple(r for r in self.destination_rules if r.value.host.startswith("*"))
+        object.__setattr__(self, "wildcard_rules", wild)
 
     def service_export(self, host: str) -> frozenset[str]:
         return self.service_exports.get(host, EVERYWHERE)
+
+    def destination_rules_for_host(self, host: str) -> list[Exported[DestinationPolicy]]:
+        """Rules whose host is ``host`` or a wildcard matching it, oldest first (indexed, not scanned)."""
+        exact = self.rules_by_host.get(host, ())
+        wild = [r for r in self.wildcard_rules if host_matches(r.value.host, host)]
+        return sorted((*exact, *wild), key=self.destination_rules.index) if wild else list(exact)

@@ -66,7 +66,7 @@ def routes_by_host(rules: list[RoutingRule], services: Mapping[str, Service]) ->
     for rule in rules:
         for host in rule.hosts:
             found.setdefault(host, rule)
-    patterns = sorted(found, key=specificity)
+    patterns = sorted((h for h in found if h.startswith("*")), key=specificity)
     for host in services:
         if host not in found:
             best = next((p for p in patterns if host_matches(p, host)), None)
@@ -81,9 +81,7 @@ def destination_rule_for(mesh: MeshSnapshot, namespace: str, service: Service) -
     Within a namespace the most specific host wins (exact before ``*.example.com``), then the oldest.
     """
     candidates = [
-        c
-        for c in mesh.scoping.destination_rules
-        if visible_to(c.export_to, namespace) and host_matches(c.value.host, service.host)
+        c for c in mesh.scoping.destination_rules_for_host(service.host) if visible_to(c.export_to, namespace)
     ]
     for ns in (namespace, service.namespace, mesh.scoping.root_namespace):
         in_ns = [c.value for c in candidates if c.value.namespace == ns]
