@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from pilot.model.proxy import ProxyClass
 from pilot.xds.cache import SnapshotCache
-from pilot.xds.snapshot import ProxyResources, Snapshot
+from pilot.xds.snapshot import ProxyResources, SerializeMemo, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class Pusher:
         self.debounce = debounce
         self.debounce_max = debounce_max
         self.mesh: Any = None
+        self._serialized: SerializeMemo = {}  # per mesh: messages shared by classes serialize once
         self.errors: dict[ProxyClass, str] = {}  # last generation error per class, for /debug
         self.ready = asyncio.Event()
         self.built_revision = -1  # the store revision the current mesh was built from
@@ -65,6 +66,7 @@ class Pusher:
         started = time.perf_counter()
         revision = self.store.revision
         self.mesh = self.build_mesh(self.store.objects())
+        self._serialized = {}
         self.metrics.builds.inc()
         for key in self.cache.watched():
             self.publish(key)
@@ -83,7 +85,7 @@ class Pusher:
     def publish(self, key: ProxyClass) -> bool:
         """Generate and publish one class; on failure keep its last good snapshot."""
         try:
-            snapshot = Snapshot.from_resources(self.generate(self.mesh, key))
+            snapshot = Snapshot.from_resources(self.generate(self.mesh, key), self._serialized)
             self.cache.set(key, snapshot)
         except Exception as exc:
             self.metrics.generate_errors.inc()

@@ -140,19 +140,35 @@ class Snapshot:
         return errors
 
     @classmethod
-    def from_resources(cls, resources: ProxyResources) -> Snapshot:
-        """Serialize generated messages once and collect cross-type references."""
+    def from_resources(cls, resources: ProxyResources, memo: SerializeMemo | None = None) -> Snapshot:
+        """Serialize generated messages once and collect cross-type references.
+
+        With a `memo`, a message object already serialized for another class (generators share
+        the messages that do not depend on the proxy) is not serialized again.
+        """
+        memo = {} if memo is None else memo
         types: dict[str, TypeSnapshot] = {}
         for type_url in typeurls.PUSH_ORDER:
             msgs = resources.get(type_url, {})
-            types[type_url] = TypeSnapshot.build(
-                type_url, (Resource.from_message(type_url, name, m) for name, m in msgs.items())
-            )
+            types[type_url] = TypeSnapshot.build(type_url, (_resource(memo, type_url, n, m) for n, m in msgs.items()))
         clusters = resources.get(typeurls.CLUSTER, {}).values()
         listeners = resources.get(typeurls.LISTENER, {}).values()
         eds = frozenset(n for n in (cluster_eds_name(c) for c in clusters) if n)
         rds = frozenset(n for lis in listeners for n in listener_route_names(lis))
         return cls(types=types, eds_refs=eds, rds_refs=rds)
+
+
+# id(message) -> (the message, kept alive so the id stays its own; its serialized resource)
+SerializeMemo = dict[int, tuple[Any, Resource]]
+
+
+def _resource(memo: SerializeMemo, type_url: str, name: str, message: Any) -> Resource:
+    found = memo.get(id(message))
+    if found is not None and found[0] is message and found[1].name == name and found[1].type_url == type_url:
+        return found[1]
+    res = Resource.from_message(type_url, name, message)
+    memo[id(message)] = (message, res)
+    return res
 
 
 class InconsistentSnapshotError(ValueError):

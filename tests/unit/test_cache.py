@@ -59,3 +59,13 @@ def test_demand_listener_fires_on_first_watcher_only() -> None:
     with cache.watch(KEY), cache.watch(KEY):
         assert cache.watched() == [KEY]
     assert demanded == [KEY] and cache.watched() == []
+
+
+def test_a_message_shared_by_two_classes_is_serialized_once() -> None:
+    shared = cluster("c1")
+    memo: dict[int, tuple[object, object]] = {}
+    a = Snapshot.from_resources({CLUSTER: {"c1": shared}, ENDPOINT: {"c1": endpoints("c1", 1)}}, memo)  # type: ignore[arg-type]
+    b = Snapshot.from_resources({CLUSTER: {"c1": shared}, ENDPOINT: {"c1": endpoints("c1", 1)}}, memo)  # type: ignore[arg-type]
+    assert a.of(CLUSTER).resources["c1"] is b.of(CLUSTER).resources["c1"]  # reused
+    assert a.of(ENDPOINT).resources["c1"] is not b.of(ENDPOINT).resources["c1"]  # distinct objects
+    assert a.versions() == b.versions()
