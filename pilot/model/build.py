@@ -92,9 +92,12 @@ def _services(
 ) -> dict[str, m.Service]:
     services: dict[str, m.Service] = {}
     owners: dict[str, str] = {}
+    by_namespace: dict[str, list[m.Workload]] = {}  # selectors only look in their own namespace
+    for wl in workloads.values():
+        by_namespace.setdefault(wl.namespace, []).append(wl)
     for se in entries:
         ports = tuple(sorted((_port(p) for p in se.spec.ports), key=lambda p: p.number))
-        endpoints = _endpoints(se, ports, workloads)
+        endpoints = _endpoints(se, ports, by_namespace.get(se.metadata.namespace, []))
         for host in se.spec.hosts:
             if host in services:
                 warnings.append(
@@ -130,14 +133,14 @@ def endpoint_port(port: m.ServicePort, workload_ports: Mapping[str, int] | None)
 
 
 def _endpoints(
-    se: ServiceEntry, ports: tuple[m.ServicePort, ...], workloads: dict[tuple[str, str], m.Workload]
+    se: ServiceEntry, ports: tuple[m.ServicePort, ...], same_namespace: list[m.Workload]
 ) -> tuple[m.Endpoint, ...]:
     found: list[m.Endpoint] = []
     selector = se.spec.workload_selector
     if selector is not None:
         ns = se.metadata.namespace
-        for wl in workloads.values():
-            if wl.namespace == ns and wl.address and m.selects(selector.labels, wl.labels):
+        for wl in same_namespace:
+            if wl.address and m.selects(selector.labels, wl.labels):
                 port_map = {p.name: endpoint_port(p, wl.ports) for p in ports}
                 found.append(
                     m.Endpoint(wl.address, m.frozen_map(port_map), wl.labels, wl.weight, f"{ns}/{wl.name}")

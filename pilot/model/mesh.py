@@ -7,11 +7,11 @@ golden-tested on its own. Mappings are read-only views so a shared snapshot stay
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import MappingProxyType
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pilot.model.policy import NO_POLICY, TrafficPolicy, effective_policy
 from pilot.model.scoping import Scoping
@@ -305,6 +305,9 @@ class MeshSnapshot:
     sidecars: tuple[SidecarScope, ...] = ()  # precedence order: with selector first, then oldest
     scoping: Scoping = field(default_factory=Scoping)  # exportTo, every VS/DR candidate, Gateways, Sidecar egress
     warnings: tuple[str, ...] = ()
+    # Results of pure functions of this snapshot, shared by every proxy class generated from it
+    # (see pilot.translate.memo). Not an input: init=False, so `dataclasses.replace` starts empty.
+    memo: dict[Hashable, Any] = field(default_factory=dict, init=False, compare=False, hash=False, repr=False)
 
     def workload(self, namespace: str, name: str) -> Workload | None:
         return self.workloads.get((namespace, name))

@@ -12,13 +12,21 @@ from pilot.translate.common import sorted_by_name
 from pilot.translate.endpoints import load_assignments
 from pilot.translate.gateway import gateway_resources
 from pilot.translate.listeners import sidecar_listeners
+from pilot.translate.memo import memoized
 from pilot.translate.routes import outbound_route_config
-from pilot.translate.scope import proxy_view
+from pilot.translate.scope import ProxyView, proxy_view
 from pilot.translate.tcp_routes import outbound_l4_listeners
 from pilot.translate.visibility import outbound_policy_vhosts, visible_mesh
 from pilot.xds import typeurls
 
 Resources = dict[str, dict[str, Any]]  # type URL -> resource name -> xds-protos message
+
+
+def _outbound_routes(seen: MeshSnapshot, view: ProxyView) -> dict[str, Any]:
+    """The sidecar's outbound route config: depends on its namespace, labels and egress scope."""
+    outbound = outbound_route_config(seen, view.namespace, view.labels)
+    outbound.virtual_hosts.extend(outbound_policy_vhosts(view.egress))
+    return {names.OUTBOUND_ROUTE: outbound}
 
 
 def generate(mesh: MeshSnapshot, proxy: ProxyClass) -> Resources:
@@ -28,22 +36,22 @@ def generate(mesh: MeshSnapshot, proxy: ProxyClass) -> Resources:
     sidecars their Sidecar's egress hosts); routers get the listeners of their Gateways.
     """
     view = proxy_view(mesh, proxy)
+    egress = None if proxy.kind == ProxyKind.ROUTER else view.egress
+    # Parts that depend only on what the proxy may see are computed once per mesh and shared.
+    seen = memoized(mesh, ("visible", proxy.namespace, egress), lambda: visible_mesh(mesh, proxy.namespace, egress))
+    clusters = dict(memoized(seen, "clusters", lambda: outbound_clusters(seen)))
     if proxy.kind == ProxyKind.ROUTER:
-        seen = visible_mesh(mesh, proxy.namespace)
-        clusters = outbound_clusters(seen)
         listeners, routes = gateway_resources(seen, view)
     else:
-        seen = visible_mesh(mesh, proxy.namespace, view.egress)
-        clusters = outbound_clusters(seen)
         clusters.update(inbound_clusters(view))
         listeners = sidecar_listeners(view)
         listeners.update(outbound_l4_listeners(seen, view))
-        outbound = outbound_route_config(seen, proxy.namespace, view.labels)
-        outbound.virtual_hosts.extend(outbound_policy_vhosts(view.egress))
-        routes = {names.OUTBOUND_ROUTE: outbound}
+        labels = tuple(sorted(view.labels.items()))
+        routes = memoized(seen, ("routes", proxy.namespace, labels), lambda: _outbound_routes(seen, view))
+    endpoints = memoized(seen, "endpoints", lambda: load_assignments(seen))
     return {
         typeurls.CLUSTER: sorted_by_name(clusters),
-        typeurls.ENDPOINT: sorted_by_name(load_assignments(seen)),
+        typeurls.ENDPOINT: sorted_by_name(endpoints),
         typeurls.LISTENER: sorted_by_name(listeners),
         typeurls.ROUTE: sorted_by_name(routes),
     }

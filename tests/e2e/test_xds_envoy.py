@@ -54,7 +54,10 @@ def corrupting(bad: dict[str, bool]) -> Any:
     def gen(mesh: Any, proxy: Any) -> Any:
         out = generate(mesh, proxy)
         if bad["on"] and "outbound" in out.get(ROUTE, {}):
-            rc = out[ROUTE]["outbound"]
+            # Generated messages are shared between classes: corrupt a copy, never the original.
+            rc = type(out[ROUTE]["outbound"])()
+            rc.CopyFrom(out[ROUTE]["outbound"])
+            out[ROUTE] = {**out[ROUTE], "outbound": rc}
             for vh in rc.virtual_hosts:
                 r = vh.routes.add()
                 r.match.safe_regex.regex = "(unclosed"
