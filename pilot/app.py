@@ -46,9 +46,13 @@ class Pilot:
             metrics=PushMetrics(self.registry),
             debounce=settings.debounce_ms / 1000,
             debounce_max=settings.debounce_max_ms / 1000,
+            endpoint_debounce=settings.endpoint_debounce_ms / 1000,
         )
         self.ads = AdsServer(self.cache, self.status, queue_size=settings.stream_queue_size)
-        self.files = FileSource(self.store, settings.config_dir) if settings.config_dir else None
+        self.files = (
+            FileSource(self.store, settings.config_dir, interval=settings.file_poll_ms / 1000)
+            if settings.config_dir else None
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._web: web.AppRunner | None = None
         self.ads_port = 0

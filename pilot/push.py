@@ -23,6 +23,9 @@ from pilot.xds.snapshot import ProxyResources, SerializeMemo, Snapshot
 
 log = logging.getLogger(__name__)
 
+# Kinds whose changes only move endpoints (EDS), eligible for the short debounce.
+ENDPOINT_KINDS = frozenset({"WorkloadEntry"})
+
 BuildMesh = Callable[[Iterable[Any]], Any]
 Generate = Callable[[Any, ProxyClass], ProxyResources]
 
@@ -33,6 +36,9 @@ class PushMetrics:
         self.generate_errors = Counter(
             "pilot_generate_errors", "snapshots not published: generator failed or was inconsistent",
             registry=registry)
+        self.endpoint_fast_pushes = Counter(
+            "pilot_endpoint_fast_pushes", "pushes of endpoint-only changes that skipped the full debounce",
+            registry=registry)
         self.push_seconds = Histogram(
             "pilot_push_seconds", "time to build the mesh and publish every watched class", registry=registry)
 
@@ -41,7 +47,8 @@ class Pusher:
     """Keeps the snapshot cache in step with the config store."""
 
     def __init__(self, store: Any, cache: SnapshotCache, build_mesh: BuildMesh, generate: Generate,
-                 metrics: PushMetrics, debounce: float = 0.1, debounce_max: float = 1.0) -> None:
+                 metrics: PushMetrics, debounce: float = 0.1, debounce_max: float = 1.0,
+                 endpoint_debounce: float = 0.01) -> None:
         self.store = store
         self.cache = cache
         self.build_mesh = build_mesh
@@ -49,6 +56,7 @@ class Pusher:
         self.metrics = metrics
         self.debounce = debounce
         self.debounce_max = debounce_max
+        self.endpoint_debounce = endpoint_debounce
         self.mesh: Any = None
         self._serialized: SerializeMemo = {}  # per mesh: messages shared by classes serialize once
         self.errors: dict[ProxyClass, str] = {}  # last generation error per class, for /debug
@@ -105,12 +113,21 @@ class Pusher:
             self.rebuild()
 
     async def _settle(self, revision: int) -> int:
-        """Wait until no change came for `debounce` seconds, or `debounce_max` passed."""
+        """Wait until no change came for the debounce time, or `debounce_max` passed.
+
+        Endpoint fast path: while every change since the last build is to endpoints
+        (WorkloadEntry), the quiet time is `endpoint_debounce`, so a scale-up or a moved
+        workload reaches proxies without waiting out the batching meant for rule edits.
+        """
         deadline = time.monotonic() + self.debounce_max
         while (left := deadline - time.monotonic()) > 0:
+            kinds = self.store.kinds_changed_since(self.built_revision)
+            fast = kinds is not None and kinds <= ENDPOINT_KINDS
             try:
                 revision = await asyncio.wait_for(
-                    self.store.wait_for_change(revision), min(self.debounce, left))
+                    self.store.wait_for_change(revision), min(self.endpoint_debounce if fast else self.debounce, left))
             except TimeoutError:
+                if fast:
+                    self.metrics.endpoint_fast_pushes.inc()
                 break
         return revision

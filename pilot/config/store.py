@@ -12,6 +12,7 @@ and the loser is listed under ``shadowed`` on the debug page instead of vanishin
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -31,6 +32,8 @@ class ConfigStore:
         self._effective: dict[Key, tuple[str, ApiObject]] = {}
         self._revision = 0
         self._changed = asyncio.Event()
+        # (revision, kinds it changed), newest last; lets the pusher take the endpoint fast path.
+        self._kind_log: collections.deque[tuple[int, frozenset[str]]] = collections.deque(maxlen=256)
 
     @property
     def revision(self) -> int:
@@ -77,29 +80,46 @@ class ConfigStore:
         return self._revision
 
     def _settle(self, keys: Iterable[Key]) -> bool:
-        changed = False
+        kinds: set[str] = set()
         for key in keys:
             winner = self._winner(key)
             if winner != self._effective.get(key):
-                changed = True
+                kinds.add(key[0])
                 if winner is None:
                     del self._effective[key]
                 else:
                     self._effective[key] = winner
-        if changed:
-            self._bump()
-        return changed
+        if kinds:
+            self._bump(frozenset(kinds))
+        return bool(kinds)
+
+    def kinds_changed_since(self, revision: int) -> frozenset[str] | None:
+        """Kinds of the objects changed after ``revision``; None if unknown (a touch, or too old)."""
+        if revision >= self._revision:
+            return frozenset()
+        found: set[str] = set()
+        covered = self._revision
+        for rev, kinds in reversed(self._kind_log):
+            if rev <= revision:
+                break
+            if rev != covered:
+                return None  # a revision without a log entry (touch) or trimmed history
+            found |= kinds
+            covered -= 1
+        return frozenset(found) if covered == revision else None
 
     def touch(self) -> int:
         """Bump the revision with no change, so consumers rebuild (an operator touched config).
 
         Identical output serializes to identical versions downstream, so Envoy sees no push.
         """
-        self._bump()
+        self._bump(None)
         return self._revision
 
-    def _bump(self) -> None:
+    def _bump(self, kinds: frozenset[str] | None) -> None:
         self._revision += 1
+        if kinds is not None:
+            self._kind_log.append((self._revision, kinds))
         event, self._changed = self._changed, asyncio.Event()
         event.set()
 
