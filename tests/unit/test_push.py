@@ -13,7 +13,7 @@ from pilot.config.files import load_dir
 from pilot.config.store import ConfigStore
 from pilot.model.build import build_mesh
 from pilot.model.proxy import ProxyClass, ProxyKind
-from pilot.push import PushMetrics, Pusher
+from pilot.push import Pusher, PushMetrics
 from pilot.translate import generate
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.typeurls import ENDPOINT, ROUTE
@@ -28,17 +28,18 @@ def _objects() -> list[Any]:
 
 def _moved(objects: list[Any], kind: str) -> list[Any]:
     """The same config with one WorkloadEntry moved, or one VirtualService's weights swapped."""
-    out = []
-    for obj in objects:
-        if obj.key[0] == kind == "WorkloadEntry" and obj.key[2] == "reviews-v1":
-            obj = obj.model_copy(update={"spec": obj.spec.model_copy(update={"address": "127.0.0.99"})})
-        if obj.key[0] == kind == "VirtualService":
-            route = obj.spec.http[0].route
-            swapped = [d.model_copy(update={"weight": w.weight}) for d, w in zip(route, reversed(route), strict=True)]
-            http = [obj.spec.http[0].model_copy(update={"route": swapped})]
-            obj = obj.model_copy(update={"spec": obj.spec.model_copy(update={"http": http})})
-        out.append(obj)
-    return out
+    return [_changed(obj, kind) for obj in objects]
+
+
+def _changed(obj: Any, kind: str) -> Any:
+    if obj.key[0] == kind == "WorkloadEntry" and obj.key[2] == "reviews-v1":
+        return obj.model_copy(update={"spec": obj.spec.model_copy(update={"address": "127.0.0.99"})})
+    if obj.key[0] == kind == "VirtualService":
+        route = obj.spec.http[0].route
+        swapped = [d.model_copy(update={"weight": w.weight}) for d, w in zip(route, reversed(route), strict=True)]
+        http = [obj.spec.http[0].model_copy(update={"route": swapped})]
+        return obj.model_copy(update={"spec": obj.spec.model_copy(update={"http": http})})
+    return obj
 
 
 def test_store_reports_the_kinds_changed_since_a_revision() -> None:
@@ -53,7 +54,9 @@ def test_store_reports_the_kinds_changed_since_a_revision() -> None:
     assert store.kinds_changed_since(base) is None  # a touch says nothing about kinds
 
 
-@pytest.mark.parametrize(("kind", "fast", "changed_type"), [("WorkloadEntry", 1, ENDPOINT), ("VirtualService", 0, ROUTE)])
+@pytest.mark.parametrize(
+    ("kind", "fast", "changed_type"), [("WorkloadEntry", 1, ENDPOINT), ("VirtualService", 0, ROUTE)]
+)
 async def test_endpoint_only_changes_take_the_fast_path(kind: str, fast: int, changed_type: str) -> None:
     store, cache, registry = ConfigStore(), SnapshotCache(), CollectorRegistry()
     metrics = PushMetrics(registry)
