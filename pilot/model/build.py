@@ -92,12 +92,10 @@ def _services(
 ) -> dict[str, m.Service]:
     services: dict[str, m.Service] = {}
     owners: dict[str, str] = {}
-    by_namespace: dict[str, list[m.Workload]] = {}  # selectors only look in their own namespace
-    for wl in workloads.values():
-        by_namespace.setdefault(wl.namespace, []).append(wl)
+    index = _WorkloadIndex(workloads.values())
     for se in entries:
         ports = tuple(sorted((_port(p) for p in se.spec.ports), key=lambda p: p.number))
-        endpoints = _endpoints(se, ports, by_namespace.get(se.metadata.namespace, []))
+        endpoints = _endpoints(se, ports, index)
         for host in se.spec.hosts:
             if host in services:
                 warnings.append(
@@ -132,14 +130,30 @@ def endpoint_port(port: m.ServicePort, workload_ports: Mapping[str, int] | None)
     return int(own) if own else (port.target_port or port.number)
 
 
-def _endpoints(
-    se: ServiceEntry, ports: tuple[m.ServicePort, ...], same_namespace: list[m.Workload]
-) -> tuple[m.Endpoint, ...]:
+class _WorkloadIndex:
+    """Workloads by namespace and by (namespace, label, value): selectors look at candidates only."""
+
+    def __init__(self, workloads: Iterable[m.Workload]) -> None:
+        self.by_namespace: dict[str, list[m.Workload]] = {}
+        self.by_label: dict[tuple[str, str, str], list[m.Workload]] = {}
+        for wl in workloads:
+            self.by_namespace.setdefault(wl.namespace, []).append(wl)
+            for key, value in wl.labels.items():
+                self.by_label.setdefault((wl.namespace, key, value), []).append(wl)
+
+    def candidates(self, namespace: str, labels: Mapping[str, str]) -> list[m.Workload]:
+        """A superset of the workloads `labels` selects in `namespace` (the smallest such list)."""
+        if not labels:
+            return self.by_namespace.get(namespace, [])
+        return min((self.by_label.get((namespace, k, v), []) for k, v in labels.items()), key=len)
+
+
+def _endpoints(se: ServiceEntry, ports: tuple[m.ServicePort, ...], index: _WorkloadIndex) -> tuple[m.Endpoint, ...]:
     found: list[m.Endpoint] = []
     selector = se.spec.workload_selector
     if selector is not None:
         ns = se.metadata.namespace
-        for wl in same_namespace:
+        for wl in index.candidates(ns, selector.labels):
             if wl.address and m.selects(selector.labels, wl.labels):
                 port_map = {p.name: endpoint_port(p, wl.ports) for p in ports}
                 found.append(
