@@ -29,6 +29,7 @@ def load_assignments(mesh: MeshSnapshot) -> dict[str, Any]:
     for service in mesh.services.values():
         if discovery(service) != "EDS":
             continue
+        routable = [e for e in service.endpoints if _routable(e)]  # once per service, not per subset
         rule = mesh.destination_rules.get(service.host)
         for port in service.ports:
             for subset in subsets_of(mesh, service.host):
@@ -36,7 +37,7 @@ def load_assignments(mesh: MeshSnapshot) -> dict[str, Any]:
                 if not uses_eds(mesh, service, port.number, subset):
                     continue  # PASSTHROUGH: an original-destination cluster
                 name = names.outbound_cluster(port.number, subset, service.host)
-                members = [e for e in service.endpoints if _routable(e) and selects(labels, e.labels)]
+                members = [e for e in routable if selects(labels, e.labels)]
                 out[name] = _assignment(name, [(e.address, e.ports[port.name], e.weight) for e in members])
     return out
 

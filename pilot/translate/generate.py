@@ -22,6 +22,21 @@ from pilot.xds import typeurls
 Resources = dict[str, dict[str, Any]]  # type URL -> resource name -> xds-protos message
 
 
+def _shared(mesh: MeshSnapshot, narrowed: MeshSnapshot) -> MeshSnapshot:
+    """One object for every namespace that sees exactly the same services and rules.
+
+    Narrowing reuses the mesh's own service and rule objects, so identities say "the same";
+    the memoized entry keeps them alive, so an id is never reused while it is a key.
+    """
+    signature = (
+        "same-view",
+        tuple((h, id(s)) for h, s in narrowed.services.items()),
+        tuple((h, id(r)) for h, r in narrowed.destination_rules.items()),
+        tuple((h, id(v)) for h, v in narrowed.virtual_services.items()),
+    )
+    return memoized(mesh, signature, lambda: narrowed)
+
+
 def _outbound_routes(seen: MeshSnapshot, view: ProxyView) -> dict[str, Any]:
     """The sidecar's outbound route config: depends on its namespace, labels and egress scope."""
     outbound = outbound_route_config(seen, view.namespace, view.labels)
@@ -38,7 +53,9 @@ def generate(mesh: MeshSnapshot, proxy: ProxyClass) -> Resources:
     view = proxy_view(mesh, proxy)
     egress = None if proxy.kind == ProxyKind.ROUTER else view.egress
     # Parts that depend only on what the proxy may see are computed once per mesh and shared.
-    seen = memoized(mesh, ("visible", proxy.namespace, egress), lambda: visible_mesh(mesh, proxy.namespace, egress))
+    seen = memoized(
+        mesh, ("visible", proxy.namespace, egress), lambda: _shared(mesh, visible_mesh(mesh, proxy.namespace, egress))
+    )
     clusters = dict(memoized(seen, "clusters", lambda: outbound_clusters(seen)))
     if proxy.kind == ProxyKind.ROUTER:
         listeners, routes = gateway_resources(seen, view)
@@ -47,7 +64,7 @@ def generate(mesh: MeshSnapshot, proxy: ProxyClass) -> Resources:
         listeners = sidecar_listeners(view)
         listeners.update(outbound_l4_listeners(seen, view))
         labels = tuple(sorted(view.labels.items()))
-        routes = memoized(seen, ("routes", proxy.namespace, labels), lambda: _outbound_routes(seen, view))
+        routes = memoized(seen, ("routes", proxy.namespace, labels, egress), lambda: _outbound_routes(seen, view))
     endpoints = memoized(seen, "endpoints", lambda: load_assignments(seen))
     return {
         typeurls.CLUSTER: sorted_by_name(clusters),

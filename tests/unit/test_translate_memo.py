@@ -33,3 +33,33 @@ def test_memoized_output_equals_a_fresh_generation() -> None:
     fresh = Snapshot.from_resources(generate(build_mesh(objects), proxy))
     assert again.versions() == fresh.versions()
     assert fresh.of(ROUTE).resources  # not vacuous
+
+
+SIDECARS = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web.shop.svc.cluster.local]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.5.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: strict}
+spec:
+  egress: [{hosts: ["*/*"]}]
+  outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+"""
+
+
+def test_namespaces_that_see_the_same_services_differ_by_their_outbound_policy() -> None:
+    from pilot.config.files import load_text
+
+    mesh = build_mesh(load_text(SIDECARS).objects)
+    loose = generate(mesh, ProxyClass(ProxyKind.SIDECAR, "loose"))
+    strict = generate(mesh, ProxyClass(ProxyKind.SIDECAR, "strict"))
+    assert set(loose[CLUSTER]) == set(strict[CLUSTER])  # same visible services (shared view)
+    vhosts = {ns: [v.name for v in r[ROUTE]["outbound"].virtual_hosts] for ns, r in (("loose", loose), ("strict", strict))}
+    assert len(vhosts["strict"]) == len(vhosts["loose"]) + 1, vhosts  # REGISTRY_ONLY's catch-all
