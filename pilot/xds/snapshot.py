@@ -98,6 +98,24 @@ class Snapshot:
     # Subscription views computed so far; every stream of a class shares them (event loop only).
     _views: dict[tuple[str, frozenset[str] | None], View] = field(
         default_factory=dict, compare=False, repr=False)
+    # (type, subscription, version held before) -> resources that changed; shared by a class's streams.
+    _changes: dict[tuple[str, frozenset[str] | None, str], Mapping[str, Resource]] = field(
+        default_factory=dict, compare=False, repr=False)
+
+    def changes(self, type_url: str, names: frozenset[str] | None, held: Mapping[str, Resource],
+                held_version: str) -> Mapping[str, Resource]:
+        """Subscribed resources that differ from `held` (whose version is `held_version`), memoized.
+
+        Streams of one class usually hold the same thing, so the comparison runs once per push.
+        """
+        key = (type_url, names, held_version)
+        found = self._changes.get(key)
+        if found is None:
+            view = self.view(type_url, names).resources
+            found = self._changes[key] = {
+                n: r for n, r in view.items() if n not in held or held[n].version != r.version
+            }
+        return found
 
     def view(self, type_url: str, names: frozenset[str] | None) -> View:
         """What a subscription to `names` (None: wildcard) sees of a type; memoized per snapshot."""

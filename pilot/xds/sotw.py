@@ -79,6 +79,7 @@ class SotwSession(SessionBase):
             for gone in state.names - names:
                 state.held.pop(gone, None)
                 state.force_names.discard(gone)
+            state.held_version = version_of(versions(state.held))  # it keys shared change sets
         state.names = names
         state.seen = ""
         return True
@@ -109,10 +110,12 @@ class SotwSession(SessionBase):
             if not state.force_all and versions(target) == versions(state.held):
                 return None
             return self._send(type_url, state, target, target)
-        changed = {
-            n: r for n, r in view.resources.items()
-            if state.force_all or n in state.force_names or n not in state.held or state.held[n].version != r.version
-        }
+        if state.force_all:
+            changed: Mapping[str, Resource] = view.resources
+        else:
+            changed = snapshot.changes(type_url, state.names, state.held, state.held_version)
+            if state.force_names:
+                changed = {**changed, **{n: r for n, r in view.resources.items() if n in state.force_names}}
         state.force_all = False
         state.force_names.clear()
         if not changed:

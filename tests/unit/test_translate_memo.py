@@ -61,5 +61,6 @@ def test_namespaces_that_see_the_same_services_differ_by_their_outbound_policy()
     loose = generate(mesh, ProxyClass(ProxyKind.SIDECAR, "loose"))
     strict = generate(mesh, ProxyClass(ProxyKind.SIDECAR, "strict"))
     assert set(loose[CLUSTER]) == set(strict[CLUSTER])  # same visible services (shared view)
-    vhosts = {ns: [v.name for v in r[ROUTE]["outbound"].virtual_hosts] for ns, r in (("loose", loose), ("strict", strict))}
+    pairs = [("loose", loose), ("strict", strict)]
+    vhosts = {ns: [v.name for v in r[ROUTE]["outbound"].virtual_hosts] for ns, r in pairs}
     assert len(vhosts["strict"]) == len(vhosts["loose"]) + 1, vhosts  # REGISTRY_ONLY's catch-all
