@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pilot.xds import typeurls
-from pilot.xds.session import SessionBase, ordered_types, version_of
+from pilot.xds.session import SessionBase, version_of
 from pilot.xds.snapshot import Resource, Snapshot
 from pilot.xds.wire import len_field, str_field
 
@@ -30,12 +30,8 @@ class _DeltaType:
         return None if self.wildcard else frozenset(self.names)
 
 
-class DeltaSession(SessionBase):
+class DeltaSession(SessionBase[_DeltaType]):
     protocol = "delta"
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.types: dict[str, _DeltaType] = {}
 
     def handle(self, request: Any) -> bool:
         """Apply a request; True if it may call for a response (False for a plain ACK)."""
@@ -69,13 +65,6 @@ class DeltaSession(SessionBase):
         if changed:
             state.seen = ""
         return changed or state.seen == "" or (settled and not self.pending)
-
-    def responses(self, snapshot: Snapshot) -> list[bytes]:
-        order = ordered_types(self.types)
-        out = [r for t in order if (r := self._updates(t, snapshot))]
-        if not self.pending:
-            out += [r for t in order if (r := self._removals(t, snapshot))]
-        return out
 
     def _updates(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         state = self.types[type_url]

@@ -92,7 +92,7 @@ class AdsServer:
             yield chunk
 
     async def _stream(
-        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, kind: type[SessionBase]
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, kind: type[SessionBase[Any]]
     ) -> AsyncIterator[bytes]:
         first = await anext(aiter(requests), None)
         if first is None:

@@ -11,10 +11,13 @@ import hashlib
 import itertools
 import secrets
 from collections.abc import Iterable, Mapping
+from typing import Any, Generic, TypeVar
 
 from pilot.xds import typeurls
 from pilot.xds.snapshot import Resource, Snapshot
 from pilot.xds.status import StatusRegistry, StreamStatus
+
+StateT = TypeVar("StateT")
 
 
 def version_of(versions: Mapping[str, str]) -> str:
@@ -49,12 +52,13 @@ class Nonces:
         return f"{self._prefix}-{next(self._counter)}"
 
 
-class SessionBase:
-    """Acknowledgement bookkeeping common to both protocol variants."""
+class SessionBase(Generic[StateT]):
+    """What both protocol variants share: per-type state, the order of a push, ACK bookkeeping."""
 
     protocol = ""
 
     def __init__(self, status: StreamStatus, registry: StatusRegistry) -> None:
+        self.types: dict[str, StateT] = {}
         self.status = status
         self.registry = registry
         self.nonces = Nonces()
@@ -62,6 +66,24 @@ class SessionBase:
         self.pending: dict[str, str] = {}
         # type_url -> the version carried by the response with that nonce
         self._pending_version: dict[str, str] = {}
+
+    def handle(self, request: Any) -> bool:
+        """Apply a request; True if it may call for a response."""
+        raise NotImplementedError
+
+    def responses(self, snapshot: Snapshot) -> list[bytes]:
+        """Encoded responses to send now: updates in push order, then removals once all settled."""
+        order = ordered_types(self.types)
+        out = [r for t in order if (r := self._updates(t, snapshot))]
+        if not self.pending:
+            out += [r for t in order if (r := self._removals(t, snapshot))]
+        return out
+
+    def _updates(self, type_url: str, snapshot: Snapshot) -> bytes | None:
+        raise NotImplementedError
+
+    def _removals(self, type_url: str, snapshot: Snapshot) -> bytes | None:
+        raise NotImplementedError
 
     def _sent(self, type_url: str, version: str) -> str:
         nonce = self.nonces.next()

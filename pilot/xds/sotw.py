@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pilot.xds import typeurls
-from pilot.xds.session import SessionBase, ordered_types, version_of, versions
+from pilot.xds.session import SessionBase, version_of, versions
 from pilot.xds.snapshot import Resource, Snapshot
 from pilot.xds.wire import str_field
 
@@ -39,12 +39,8 @@ def _subscription(type_url: str, names: list[str]) -> frozenset[str] | None:
     return frozenset(names) - {"*"}
 
 
-class SotwSession(SessionBase):
+class SotwSession(SessionBase[_TypeState]):
     protocol = "sotw"
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.types: dict[str, _TypeState] = {}
 
     def handle(self, request: Any) -> bool:
         """Apply a request; True if it may call for a response (False: stale, or a plain ACK)."""
@@ -83,14 +79,6 @@ class SotwSession(SessionBase):
         state.names = names
         state.seen = ""
         return True
-
-    def responses(self, snapshot: Snapshot) -> list[bytes]:
-        """Encoded responses to send now: updates in push order, then removals if all settled."""
-        order = ordered_types(self.types)
-        out = [r for t in order if (r := self._updates(t, snapshot))]
-        if not self.pending:
-            out += [r for t in order if (r := self._removals(t, snapshot))]
-        return out
 
     def _updates(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         state = self.types[type_url]
