@@ -1,9 +1,10 @@
 """The snapshot cache: proxy class -> latest consistent Snapshot, with change notification.
 
 Concurrency: everything runs on one event loop. The pusher is the only writer (`set`);
-ADS streams are readers that `await wait_for_change`, which parks on an asyncio.Event that
-`set` fires, so no stream ever polls. Streams `watch` their class so the pusher knows which
-classes are in demand and can generate a snapshot for a class the moment it first connects.
+ADS streams are readers woken by a callback they register with `watch` (other readers may
+`await wait_for_change`, parked on an asyncio.Event that `set` fires), so nothing polls.
+`watch` also tells the pusher which classes are in demand, so it can generate a snapshot for
+a class the moment its first proxy connects.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class SnapshotCache:
         self._events: dict[ProxyClass, asyncio.Event] = {}
         self._watchers: Counter[ProxyClass] = Counter()
         self._demand_listeners: list[DemandListener] = []
+        self._wakers: dict[ProxyClass, set[Callable[[], None]]] = {}
 
     def set(self, key: ProxyClass, snapshot: Snapshot) -> None:
         """Publish a snapshot after checking it; wakes every stream of that class.
@@ -44,6 +46,8 @@ class SnapshotCache:
         event = self._events.pop(key, None)
         if event is not None:
             event.set()
+        for wake in self._wakers.get(key, ()):
+            wake()
 
     def get(self, key: ProxyClass) -> Snapshot | None:
         return self._snapshots.get(key)
@@ -72,8 +76,13 @@ class SnapshotCache:
         self._demand_listeners.append(listener)
 
     @contextlib.contextmanager
-    def watch(self, key: ProxyClass) -> Iterator[None]:
-        """Mark a class as in demand for the duration of a stream."""
+    def watch(self, key: ProxyClass, wake: Callable[[], None] | None = None) -> Iterator[None]:
+        """Mark a class as in demand for the duration of a stream; `wake()` runs on each new snapshot.
+
+        A callback is cheaper than a waiting task per stream when a push wakes thousands of them.
+        """
+        if wake is not None:
+            self._wakers.setdefault(key, set()).add(wake)
         self._watchers[key] += 1
         if self._watchers[key] == 1:
             for listener in self._demand_listeners:
@@ -84,6 +93,10 @@ class SnapshotCache:
             self._watchers[key] -= 1
             if self._watchers[key] <= 0:
                 del self._watchers[key]
+            if wake is not None:
+                self._wakers[key].discard(wake)
+                if not self._wakers[key]:
+                    del self._wakers[key]
 
     def drop_unwatched(self) -> int:
         """Forget snapshots of classes no stream watches any more; returns how many."""

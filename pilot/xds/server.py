@@ -2,8 +2,8 @@
 
 Concurrency: each stream is one handler coroutine on the event loop plus a reader task that
 feeds a bounded request queue (a full queue stops reading, which pushes back on the proxy).
-The handler waits for whichever comes first, a request or a new snapshot of its class, lets
-the session decide what to send, and writes it. Snapshots are coalesced, never queued, so a
+The handler sleeps on one event that the reader (a request) and the cache (a new snapshot of
+its class) both set, lets the session decide what to send, and writes it. Snapshots are coalesced, never queued, so a
 slow proxy gets the newest config rather than a backlog. Responses are pre-encoded bytes.
 """
 
@@ -108,57 +108,53 @@ class AdsServer:
         log.info("%s stream %d opened by %s (%s)", kind.protocol, stream_status.stream_id,
                  identity.node_id, identity.proxy_class.describe())
         queue: asyncio.Queue[Any] = asyncio.Queue(self.queue_size)
-        reader = asyncio.create_task(_read(requests, queue))
+        wake = asyncio.Event()
+        reader = asyncio.create_task(_read(requests, queue, wake))
         try:
-            with self.cache.watch(identity.proxy_class):
+            with self.cache.watch(identity.proxy_class, wake.set):
                 session.handle(first)
-                async for chunk in self._serve(identity, session, queue):
+                async for chunk in self._serve(identity, session, queue, wake):
                     yield chunk
         finally:
             reader.cancel()
             self.status.close(stream_status)
             log.info("stream %d of %s closed", stream_status.stream_id, identity.node_id)
 
-    async def _serve(self, identity: ProxyIdentity, session: Any, queue: asyncio.Queue[Any]) -> AsyncIterator[bytes]:
+    async def _serve(
+        self, identity: ProxyIdentity, session: Any, queue: asyncio.Queue[Any], wake: asyncio.Event
+    ) -> AsyncIterator[bytes]:
+        """Answer whenever requests arrive or the class gets a new snapshot, until the client leaves."""
         key = identity.proxy_class
-        snapshot: Snapshot | None = self.cache.get(key)
-        next_request: asyncio.Task[Any] | None = None
-        next_snapshot: asyncio.Task[Snapshot] | None = None
+        snapshot: Snapshot | None = None
         dirty = True  # the first request is handled already
-        try:
-            while True:
-                if snapshot is not None and dirty:
-                    for response in session.responses(snapshot):
-                        yield response
-                dirty = False
-                next_request = next_request or asyncio.create_task(queue.get())
-                next_snapshot = next_snapshot or asyncio.create_task(self.cache.wait_for_change(key, snapshot))
-                done, _ = await asyncio.wait({next_request, next_snapshot}, return_when=asyncio.FIRST_COMPLETED)
-                if next_snapshot in done:
-                    snapshot, next_snapshot, dirty = next_snapshot.result(), None, True
-                if next_request in done:
-                    request, next_request = next_request.result(), None
-                    # Take everything already waiting before answering.
-                    while request is not _END:
-                        dirty = session.handle(request) or dirty
-                        if queue.empty():
-                            break
-                        request = queue.get_nowait()
-                    if request is _END:
-                        return
-        finally:
-            for task in (next_request, next_snapshot):
-                if task is not None:
-                    task.cancel()
+        while True:
+            latest = self.cache.get(key)
+            if latest is not snapshot:
+                snapshot, dirty = latest, True
+            while not queue.empty():  # take everything already waiting before answering
+                request = queue.get_nowait()
+                if request is _END:
+                    return
+                dirty = session.handle(request) or dirty
+            if snapshot is not None and dirty:
+                for response in session.responses(snapshot):
+                    yield response
+            dirty = False
+            if queue.empty() and self.cache.get(key) is snapshot:
+                # No await between the checks above and clear(): nothing can slip in unseen.
+                wake.clear()
+                await wake.wait()
 
 
-async def _read(requests: AsyncIterator[Any], queue: asyncio.Queue[Any]) -> None:
+async def _read(requests: AsyncIterator[Any], queue: asyncio.Queue[Any], wake: asyncio.Event) -> None:
     """Copy requests into the bounded queue; a vanished client ends the stream quietly."""
     try:
         async for request in requests:
             await queue.put(request)
+            wake.set()
     except grpc.aio.AioRpcError:
         pass
     except Exception:
         log.exception("reading an ADS stream failed")
     await queue.put(_END)
+    wake.set()
