@@ -27,32 +27,35 @@ from benchmarks.report import Report, print_report
 from benchmarks.runner import Options, run_baseline, run_pilot
 
 
-def machine_info() -> dict[str, object]:
+def machine_info(pin: bool = False) -> dict[str, object]:
     cores = os.cpu_count() or 0
+    sharing = ("the server (pilot or the baseline) pinned to core 0, client workers on the rest"
+               if pin else "shared by pilot (or the baseline server) and the client workers")
     return {
         "cpus": cores,
         "memory_mb": psutil.virtual_memory().total // (1024 * 1024),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "note": f"{cores} CPU cores shared by pilot (or the baseline server) and the client workers; "
-                "latencies include pilot's file polling and debounce.",
+        "note": f"{cores} CPU cores, {sharing}; latencies include pilot's file polling and debounce.",
     }
 
 
 def run_benchmark(clients: list[int], protocols: list[str], workdir: Path, repeats: int = 3,
                   services: int = 50, workers: int = 0, baseline: bool = True,
                   pilot_env: dict[str, str] | None = None, profile_dir: Path | None = None,
-                  console: Console | None = None) -> Report:
+                  console: Console | None = None, pin: bool = False) -> Report:
     """Run every (protocol, N) case; the result holds pilot and baseline runs in order."""
     console = console or Console(stderr=True, width=max(160, Console(stderr=True).width))
-    report = Report(machine_info(), {"clients": clients, "protocols": protocols, "repeats": repeats,
-                                     "services": services, "classes": 10, "pilot_env": pilot_env or {}})
+    report = Report(machine_info(pin), {"clients": clients, "protocols": protocols, "repeats": repeats,
+                                     "services": services, "classes": 10, "pilot_env": pilot_env or {},
+                                     "pinned": pin})
     with ProcessGroup() as group:
         for protocol in protocols:
             for n in clients:
                 profile = profile_dir / f"pilot-{protocol}-{n}.prof" if profile_dir else None
                 opts = Options(clients=n, protocol=protocol, workdir=workdir, services=services,
-                               repeats=repeats, workers=workers, pilot_env=pilot_env or {}, profile=profile)
+                               repeats=repeats, workers=workers, pilot_env=pilot_env or {}, profile=profile,
+                               pin=pin)
                 started = time.monotonic()
                 console.print(f"[bold]{protocol} N={n}[/] ({opts.worker_count} client workers)")
                 run, recording = run_pilot(group, opts, console.print)
@@ -83,6 +86,8 @@ def _ints(text: str) -> list[int]:
 @click.option("--services", default=50, show_default=True, help="Services in the generated mesh.")
 @click.option("--workers", default=0, help="Client worker processes (0: 1, 2 or 4 by client count).")
 @click.option("--no-baseline", is_flag=True, help="Skip the raw fan-out baseline.")
+@click.option("--pin", is_flag=True,
+              help="Server (pilot or baseline) on the first CPU core, client workers on the others.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write results here.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep configs and pilot logs here (default: a temp dir, removed).")
@@ -90,7 +95,7 @@ def _ints(text: str) -> list[int]:
               help="Run pilot under cProfile and write one .prof per run here.")
 @click.option("--pilot-env", multiple=True,
               help="KEY=VALUE for pilot's environment, e.g. MESHCTL_PILOT_DEBOUNCE_MS=10.")
-def main(clients: str, protocol: str, repeats: int, services: int, workers: int, no_baseline: bool,
+def main(clients: str, protocol: str, repeats: int, services: int, workers: int, no_baseline: bool, pin: bool,
          json_path: Path | None, workdir: Path | None, profile_dir: Path | None, pilot_env: tuple[str, ...]) -> None:
     """Measure pilot's ADS fan-out: connect time, change latency, CPU and memory."""
     counts = _ints(clients)
@@ -102,7 +107,7 @@ def main(clients: str, protocol: str, repeats: int, services: int, workers: int,
         base = workdir or Path(tmp)
         base.mkdir(parents=True, exist_ok=True)
         report = run_benchmark(counts, protocols, base, repeats, services, workers, not no_baseline, env,
-                               profile_dir.resolve() if profile_dir else None)
+                               profile_dir.resolve() if profile_dir else None, pin=pin)
     print_report(report, Console(width=max(200, Console().width)))
     if json_path:
         report.write_json(json_path)

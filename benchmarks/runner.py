@@ -10,11 +10,14 @@ owned by the caller's ProcessGroup, which kills them whatever happens.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from benchmarks import baseline, meshgen, worker
 from benchmarks.client import ClientResult, Expectation
@@ -37,6 +40,7 @@ class Options:
     settle: float = 0.5  # pause between changes, seconds
     pilot_env: dict[str, str] = field(default_factory=dict)
     profile: Path | None = None
+    pin: bool = False  # server on the first core, clients on the others (as Envoys would be elsewhere)
 
     @property
     def worker_count(self) -> int:
@@ -73,6 +77,20 @@ def nodes(count: int, classes: int) -> list[NodeSpec]:
     return out
 
 
+def pin(pid: int, server: bool) -> None:
+    """Give the server the first core and everything else the rest (no-op on one core).
+
+    Unpinned, the simulated Envoys steal the control plane's CPU, which real Envoys on other
+    machines never do; both readings are worth having.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return
+    chosen = cores[:1] if server else cores[1:]
+    for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        proc.cpu_affinity(chosen)
+
+
 class Session:
     """Client workers connected to one server, with that server's resource meter."""
 
@@ -83,6 +101,8 @@ class Session:
         for _ in range(opts.worker_count):
             conn, proc = group.spawn(worker.main)
             self.handles.append(WorkerHandle(conn, proc))
+            if opts.pin:
+                pin(proc.pid, server=False)
 
     def call_all(self, name: str, *args: Any, timeout: float = 30.0) -> list[Any]:
         return [h.call(name, *args, timeout=timeout) for h in self.handles]
@@ -145,6 +165,8 @@ def run_pilot(group: ProcessGroup, opts: Options, log: Callable[[str], None]) ->
     case_dir = opts.workdir / f"{opts.protocol}-{opts.clients}"
     mesh = meshgen.generate(case_dir / "config", services=opts.services)
     pilot = start_pilot(group, mesh.directory, case_dir / "pilot.log", profile=opts.profile, env_extra=opts.pilot_env)
+    if opts.pin:
+        pin(pilot.proc.pid, server=True)
     log(f"pilot pid {pilot.proc.pid}: xDS {pilot.ads}, debug {pilot.debug}; {opts.clients} {opts.protocol} clients")
     recording: Recording | None = None
     try:
@@ -168,6 +190,8 @@ def run_pilot(group: ProcessGroup, opts: Options, log: Callable[[str], None]) ->
 def run_baseline(group: ProcessGroup, opts: Options, rec: Recording, log: Callable[[str], None]) -> Run:
     run = Run("baseline", opts.protocol, opts.clients)
     conn, proc = group.spawn(baseline.main, rec.initial, rec.changes)
+    if opts.pin:
+        pin(proc.pid, server=True)
     try:
         if not conn.poll(30):
             raise TimeoutError("baseline server did not report its port in 30s")
