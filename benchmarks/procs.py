@@ -95,13 +95,14 @@ class PilotProcess:
 
 
 def start_pilot(group: ProcessGroup, config_dir: Path, log: Path, timeout: float = 60.0,
-                profile: Path | None = None, env_extra: dict[str, str] | None = None) -> PilotProcess:
+                profile: Path | None = None, env_extra: dict[str, str] | None = None,
+                log_level: str = "info") -> PilotProcess:
     """`python -m meshctl.cli up` on free loopback ports; waits for its "serving" line."""
     args = [sys.executable]
     if profile is not None:
         args += ["-m", "cProfile", "-o", str(profile)]
     args += ["-m", "meshctl.cli", "up", "--config-dir", str(config_dir),
-             "--ads", "127.0.0.1:0", "--debug", "127.0.0.1:0", "--log-level", "warning"]
+             "--ads", "127.0.0.1:0", "--debug", "127.0.0.1:0", "--log-level", log_level]
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
     proc = group.popen(args, log, env)
     deadline = time.monotonic() + timeout

@@ -105,7 +105,7 @@ class AdsServer:
             return
         stream_status = self.status.open(identity, kind.protocol, context.peer())
         session: Any = kind(stream_status, self.status)
-        log.info("%s stream %d opened by %s (%s)", kind.protocol, stream_status.stream_id,
+        log.debug("%s stream %d opened by %s (%s)", kind.protocol, stream_status.stream_id,
                  identity.node_id, identity.proxy_class.describe())
         queue: asyncio.Queue[Any] = asyncio.Queue(self.queue_size)
         wake = asyncio.Event()
@@ -118,7 +118,7 @@ class AdsServer:
         finally:
             reader.cancel()
             self.status.close(stream_status)
-            log.info("stream %d of %s closed", stream_status.stream_id, identity.node_id)
+            log.debug("stream %d of %s closed", stream_status.stream_id, identity.node_id)
 
     async def _serve(
         self, identity: ProxyIdentity, session: Any, queue: asyncio.Queue[Any], wake: asyncio.Event
