@@ -37,6 +37,17 @@ def _shared(mesh: MeshSnapshot, narrowed: MeshSnapshot) -> MeshSnapshot:
     return memoized(mesh, signature, lambda: narrowed)
 
 
+def _source_label_keys(seen: MeshSnapshot) -> frozenset[str]:
+    """Label keys that HTTP route matches select senders by (`sourceLabels`)."""
+    return frozenset(
+        key
+        for rule in seen.virtual_services.values()
+        for route in rule.http
+        for match in route.matches
+        for key, _ in match.source_labels
+    )
+
+
 def _outbound_routes(seen: MeshSnapshot, view: ProxyView) -> dict[str, Any]:
     """The sidecar's outbound route config: depends on its namespace, labels and egress scope."""
     outbound = outbound_route_config(seen, view.namespace, view.labels)
@@ -63,7 +74,9 @@ def generate(mesh: MeshSnapshot, proxy: ProxyClass) -> Resources:
         clusters.update(inbound_clusters(view))
         listeners = sidecar_listeners(view)
         listeners.update(outbound_l4_listeners(seen, view))
-        labels = tuple(sorted(view.labels.items()))
+        # Only labels some route's sourceLabels mention can change the route config: key on those.
+        keys = memoized(seen, "source-label-keys", lambda: _source_label_keys(seen))
+        labels = tuple(sorted((k, v) for k, v in view.labels.items() if k in keys))
         routes = memoized(seen, ("routes", proxy.namespace, labels, egress), lambda: _outbound_routes(seen, view))
     endpoints = memoized(seen, "endpoints", lambda: load_assignments(seen))
     return {

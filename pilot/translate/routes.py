@@ -15,9 +15,10 @@ from typing import Any
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 
-from pilot.model.mesh import MeshSnapshot, Service, ServicePort
+from pilot.model.mesh import MeshSnapshot, RoutingRule, Service, ServicePort
 from pilot.translate import names
 from pilot.translate.http_routes import default_route, outbound_default_route, virtual_service_routes
+from pilot.translate.memo import memoized
 from pilot.translate.policy import cluster_hash_policies
 from pilot.translate.route_source import RouteSource
 
@@ -77,7 +78,32 @@ def _claim(wanted: dict[str, tuple[list[str], list[str]]]) -> dict[str, set[str]
 
 
 def _routes(mesh: MeshSnapshot, service: Service, port: ServicePort, source: RouteSource) -> list[Any]:
+    """A virtual host's routes, shared by every sender they would be identical for.
+
+    They depend on the sender only through `sourceLabels` and `sourceNamespace` matches, so the
+    memo key holds just the parts of `source` those matches of this rule look at.
+    """
     rule = mesh.virtual_services.get(service.host)
+    label_keys, by_namespace = _sender_inputs(rule)
+    key = (
+        "vhost-routes", service.host, port.number, source.gateways,
+        source.namespace if by_namespace else None,
+        tuple(sorted((k, v) for k, v in source.labels.items() if k in label_keys)),
+    )
+    return memoized(mesh, key, lambda: _build_routes(mesh, service, port, source, rule))
+
+
+def _sender_inputs(rule: RoutingRule | None) -> tuple[frozenset[str], bool]:
+    """Label keys and whether the namespace of the sender matter to a rule's HTTP matches."""
+    if rule is None:
+        return frozenset(), False
+    matches = [m for route in rule.http for m in route.matches]
+    return frozenset(k for m in matches for k, _ in m.source_labels), any(m.source_namespace for m in matches)
+
+
+def _build_routes(
+    mesh: MeshSnapshot, service: Service, port: ServicePort, source: RouteSource, rule: RoutingRule | None
+) -> list[Any]:
     routes = virtual_service_routes(mesh, rule, port.number, source) if rule is not None else []
     # A VirtualService with nothing for this port leaves the port's default behaviour in place.
     if routes:

@@ -64,3 +64,42 @@ def test_namespaces_that_see_the_same_services_differ_by_their_outbound_policy()
     pairs = [("loose", loose), ("strict", strict)]
     vhosts = {ns: [v.name for v in r[ROUTE]["outbound"].virtual_hosts] for ns, r in pairs}
     assert len(vhosts["strict"]) == len(vhosts["loose"]) + 1, vhosts  # REGISTRY_ONLY's catch-all
+
+
+SENDERS = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: default}
+spec:
+  hosts: [api.default.svc.cluster.local]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.6.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api, namespace: default}
+spec:
+  hosts: [api]
+  http:
+  - {name: canary, match: [{sourceLabels: {env: canary}}], route: [{destination: {host: api}}]}
+  - {name: shop, match: [{sourceNamespace: shop}], route: [{destination: {host: api}}]}
+  - {name: all, route: [{destination: {host: api}}]}
+"""
+
+
+def test_shared_route_memo_keeps_sender_specific_routes_apart() -> None:
+    from pilot.config.files import load_text
+
+    mesh = build_mesh(load_text(SENDERS).objects)  # one mesh object: every class below shares its memo
+
+    def route_names(namespace: str, **labels: str) -> list[str]:
+        out = generate(mesh, ProxyClass(ProxyKind.SIDECAR, namespace, tuple(sorted(labels.items()))))
+        vhost = next(v for v in out[ROUTE]["outbound"].virtual_hosts if v.name.startswith("api."))
+        return [r.name.split(".")[0] for r in vhost.routes]
+
+    assert route_names("default", env="canary", app="x") == ["canary", "all"]
+    assert route_names("default", app="x") == ["all"]
+    assert route_names("shop", env="prod") == ["shop", "all"]
+    assert route_names("shop", env="canary") == ["canary", "shop", "all"]
+    assert route_names("default", env="canary") == ["canary", "all"]
