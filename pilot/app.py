@@ -17,10 +17,11 @@ from pilot.config.files import FileSource
 from pilot.config.store import ConfigStore
 from pilot.debug import DebugApi
 from pilot.model.build import build_mesh
+from pilot.model.diff import endpoints_only
 from pilot.push import Generate, Pusher, PushMetrics
 from pilot.settings import PilotSettings
 from pilot.tasks import TaskFailures, spawn
-from pilot.translate import generate
+from pilot.translate import generate, generate_endpoints
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.server import AdsServer
 from pilot.xds.status import StatusRegistry, XdsMetrics
@@ -47,6 +48,8 @@ class Pilot:
             debounce=settings.debounce_ms / 1000,
             debounce_max=settings.debounce_max_ms / 1000,
             endpoint_debounce=settings.endpoint_debounce_ms / 1000,
+            endpoints_only=endpoints_only,
+            generate_endpoints=generate_endpoints,
         )
         self.ads = AdsServer(self.cache, self.status, queue_size=settings.stream_queue_size)
         self.files = (

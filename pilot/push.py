@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from pilot.model.proxy import ProxyClass
+from pilot.xds import typeurls
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.snapshot import ProxyResources, SerializeMemo, Snapshot
 
@@ -28,6 +29,8 @@ ENDPOINT_KINDS = frozenset({"WorkloadEntry"})
 
 BuildMesh = Callable[[Iterable[Any]], Any]
 Generate = Callable[[Any, ProxyClass], ProxyResources]
+GenerateEndpoints = Callable[[Any, ProxyClass], Mapping[str, Any]]
+EndpointsOnly = Callable[[Any, Any], bool]
 
 
 class PushMetrics:
@@ -36,6 +39,8 @@ class PushMetrics:
         self.generate_errors = Counter(
             "pilot_generate_errors", "snapshots not published: generator failed or was inconsistent",
             registry=registry)
+        self.eds_only_pushes = Counter(
+            "pilot_eds_only_pushes", "classes updated by the EDS fast path (other types kept)", registry=registry)
         self.endpoint_fast_pushes = Counter(
             "pilot_endpoint_fast_pushes", "pushes of endpoint-only changes that skipped the full debounce",
             registry=registry)
@@ -48,7 +53,10 @@ class Pusher:
 
     def __init__(self, store: Any, cache: SnapshotCache, build_mesh: BuildMesh, generate: Generate,
                  metrics: PushMetrics, debounce: float = 0.1, debounce_max: float = 1.0,
-                 endpoint_debounce: float = 0.01) -> None:
+                 endpoint_debounce: float = 0.01, endpoints_only: EndpointsOnly | None = None,
+                 generate_endpoints: GenerateEndpoints | None = None) -> None:
+        """`endpoints_only(old_mesh, new_mesh)` and `generate_endpoints(mesh, proxy)` enable the EDS
+        fast path: when only endpoints moved, classes get new EDS and keep their other types."""
         self.store = store
         self.cache = cache
         self.build_mesh = build_mesh
@@ -57,6 +65,8 @@ class Pusher:
         self.debounce = debounce
         self.debounce_max = debounce_max
         self.endpoint_debounce = endpoint_debounce
+        self.endpoints_only = endpoints_only
+        self.generate_endpoints = generate_endpoints
         self.mesh: Any = None
         self._serialized: SerializeMemo = {}  # per mesh: messages shared by classes serialize once
         self.errors: dict[ProxyClass, str] = {}  # last generation error per class, for /debug
@@ -73,18 +83,21 @@ class Pusher:
         """Build the mesh from the store now and publish every watched class."""
         started = time.perf_counter()
         revision = self.store.revision
-        self.mesh = self.build_mesh(self.store.objects())
+        old, self.mesh = self.mesh, self.build_mesh(self.store.objects())
         self._serialized = {}
         self.metrics.builds.inc()
         built = time.perf_counter()
+        eds_only = self._eds_only(old)
         watched = self.cache.watched()
         for key in watched:
-            self.publish(key)
+            if not (eds_only and self.publish_endpoints(key)):
+                self.publish(key)
         self.cache.drop_unwatched()
         done = time.perf_counter()
         self.metrics.push_seconds.observe(done - started)
-        log.info("revision %d: mesh built in %.1f ms, %d classes generated and published in %.1f ms",
-                 revision, (built - started) * 1000, len(watched), (done - built) * 1000)
+        log.info("revision %d: mesh built in %.1f ms, %d classes %s in %.1f ms", revision, (built - started) * 1000,
+                 len(watched), "given new endpoints (EDS only)" if eds_only else "generated and published",
+                 (done - built) * 1000)
         self.built_revision = revision
         self._built.set()
         self._built = asyncio.Event()
@@ -94,6 +107,25 @@ class Pusher:
         """Wait until a mesh built from `revision` or later is published."""
         while self.built_revision < revision:
             await self._built.wait()
+
+    def _eds_only(self, old: Any) -> bool:
+        if old is None or self.endpoints_only is None or self.generate_endpoints is None:
+            return False
+        return self.endpoints_only(old, self.mesh)
+
+    def publish_endpoints(self, key: ProxyClass) -> bool:
+        """EDS fast path: the class's current snapshot with new endpoints; False if not applicable."""
+        previous = self.cache.get(key)
+        if previous is None or key in self.errors or self.generate_endpoints is None:
+            return False  # no good snapshot of the current config to patch
+        try:
+            eds = self.generate_endpoints(self.mesh, key)
+            self.cache.set(key, previous.with_type(typeurls.ENDPOINT, eds, self._serialized))
+        except Exception:
+            log.exception("EDS fast path failed for %s; doing a full push", key.describe())
+            return False
+        self.metrics.eds_only_pushes.inc()
+        return True
 
     def publish(self, key: ProxyClass) -> bool:
         """Generate and publish one class; on failure keep its last good snapshot."""

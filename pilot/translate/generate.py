@@ -55,6 +55,20 @@ def _outbound_routes(seen: MeshSnapshot, view: ProxyView) -> dict[str, Any]:
     return {names.OUTBOUND_ROUTE: outbound}
 
 
+def _seen(mesh: MeshSnapshot, proxy: ProxyClass, view: ProxyView) -> MeshSnapshot:
+    """What the proxy may see; parts depending only on this are computed once and shared."""
+    egress = None if proxy.kind == ProxyKind.ROUTER else view.egress
+    return memoized(
+        mesh, ("visible", proxy.namespace, egress), lambda: _shared(mesh, visible_mesh(mesh, proxy.namespace, egress))
+    )
+
+
+def generate_endpoints(mesh: MeshSnapshot, proxy: ProxyClass, view: ProxyView | None = None) -> dict[str, Any]:
+    """Only the ClusterLoadAssignments of ``proxy``: exactly ``generate(...)[ENDPOINT]``, for the EDS fast path."""
+    seen = _seen(mesh, proxy, view or proxy_view(mesh, proxy))
+    return sorted_by_name(memoized(seen, "endpoints", lambda: load_assignments(seen)))
+
+
 def generate(mesh: MeshSnapshot, proxy: ProxyClass) -> Resources:
     """Clusters, endpoints, listeners and routes for ``proxy``, each keyed and sorted by name.
 
@@ -63,10 +77,7 @@ def generate(mesh: MeshSnapshot, proxy: ProxyClass) -> Resources:
     """
     view = proxy_view(mesh, proxy)
     egress = None if proxy.kind == ProxyKind.ROUTER else view.egress
-    # Parts that depend only on what the proxy may see are computed once per mesh and shared.
-    seen = memoized(
-        mesh, ("visible", proxy.namespace, egress), lambda: _shared(mesh, visible_mesh(mesh, proxy.namespace, egress))
-    )
+    seen = _seen(mesh, proxy, view)
     clusters = dict(memoized(seen, "clusters", lambda: outbound_clusters(seen)))
     if proxy.kind == ProxyKind.ROUTER:
         listeners, routes = gateway_resources(seen, view)
@@ -78,10 +89,9 @@ def generate(mesh: MeshSnapshot, proxy: ProxyClass) -> Resources:
         keys = memoized(seen, "source-label-keys", lambda: _source_label_keys(seen))
         labels = tuple(sorted((k, v) for k, v in view.labels.items() if k in keys))
         routes = memoized(seen, ("routes", proxy.namespace, labels, egress), lambda: _outbound_routes(seen, view))
-    endpoints = memoized(seen, "endpoints", lambda: load_assignments(seen))
     return {
         typeurls.CLUSTER: sorted_by_name(clusters),
-        typeurls.ENDPOINT: sorted_by_name(endpoints),
+        typeurls.ENDPOINT: generate_endpoints(mesh, proxy, view),
         typeurls.LISTENER: sorted_by_name(listeners),
         typeurls.ROUTE: sorted_by_name(routes),
     }

@@ -157,6 +157,15 @@ class Snapshot:
             ]
         return errors
 
+    def with_type(self, type_url: str, messages: Mapping[str, Any], memo: SerializeMemo | None = None) -> Snapshot:
+        """This snapshot with one type's resources replaced (the EDS fast path).
+
+        Only for types no other type refers *from* (endpoints): references stay as they were.
+        """
+        memo = {} if memo is None else memo
+        replaced = TypeSnapshot.build(type_url, (_resource(memo, type_url, n, m) for n, m in messages.items()))
+        return Snapshot({**self.types, type_url: replaced}, self.eds_refs, self.rds_refs)
+
     @classmethod
     def from_resources(cls, resources: ProxyResources, memo: SerializeMemo | None = None) -> Snapshot:
         """Serialize generated messages once and collect cross-type references.
