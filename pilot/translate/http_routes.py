@@ -27,6 +27,7 @@ _REDIRECT_CODES = {
     308: rc.RedirectAction.PERMANENT_REDIRECT,
 }
 __all__ = ["DEFAULT_RETRY_ON", "RouteSource", "string_matcher"]
+_PRESENT = m.StringMatch("regex", ".*")  # how the model spells Istio's empty match ``{}``
 
 
 def default_route(cluster: str) -> Any:
@@ -93,12 +94,27 @@ def route_match(match: m.RouteMatch) -> Any:
     headers = [(k, v, False) for k, v in pseudo if v is not None]
     headers += [(k, v, False) for k, v in match.headers] + [(k, v, True) for k, v in match.without_headers]
     for name, value, invert in sorted(headers, key=lambda h: (h[0], h[2])):
-        out.headers.append(
-            rc.HeaderMatcher(name=name, string_match=string_matcher(value), invert_match=invert)
-        )
+        out.headers.append(_header_matcher(name, value, invert))
     for name, value in match.query_params:
         out.query_parameters.append(rc.QueryParameterMatcher(name=name, string_match=string_matcher(value)))
     return out
+
+
+def _header_matcher(name: str, value: m.StringMatch, invert: bool) -> Any:
+    """A header match; inverted ones are Istio's ``withoutHeaders``.
+
+    Istio: ``withoutHeaders`` matches a request whose header does not match, and a request without
+    the header. Envoy's inverted string match fails on a missing header, so (as Istio does) a
+    missing header counts as empty, and ``{}`` (presence, ``.*`` in the model) becomes an inverted
+    presence match: "the header is absent".
+    """
+    if not invert:
+        return rc.HeaderMatcher(name=name, string_match=string_matcher(value))
+    if value == _PRESENT:
+        return rc.HeaderMatcher(name=name, present_match=True, invert_match=True)
+    return rc.HeaderMatcher(
+        name=name, string_match=string_matcher(value), invert_match=True, treat_missing_header_as_empty=True
+    )
 
 
 def _set_action(out: Any, mesh: m.MeshSnapshot, route: m.HttpRoute, port: int) -> None:
