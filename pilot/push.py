@@ -83,11 +83,13 @@ class Pusher:
         """Build the mesh from the store now and publish every watched class."""
         started = time.perf_counter()
         revision = self.store.revision
+        # A touch (kinds unknown) is an operator asking for a rebuild: never the fast path then.
+        known_kinds = self.store.kinds_changed_since(self.built_revision) is not None
         old, self.mesh = self.mesh, self.build_mesh(self.store.objects())
         self._serialized = {}
         self.metrics.builds.inc()
         built = time.perf_counter()
-        eds_only = self._eds_only(old)
+        eds_only = known_kinds and self._eds_only(old)
         watched = self.cache.watched()
         for key in watched:
             if not (eds_only and self.publish_endpoints(key)):

@@ -104,3 +104,21 @@ def test_fast_path_snapshot_equals_a_full_generation() -> None:
     assert metrics.eds_only_pushes._value.get() == len(CLASSES)
     for w in watches:
         w.__exit__(None, None, None)
+
+
+def test_a_touch_forces_a_full_push() -> None:
+    store, cache, metrics = ConfigStore(), SnapshotCache(), PushMetrics(CollectorRegistry())
+    calls: list[ProxyClass] = []
+
+    def counting(mesh: Any, proxy: ProxyClass) -> Any:
+        calls.append(proxy)
+        return generate(mesh, proxy)
+
+    pusher = Pusher(store, cache, build_mesh, counting, metrics,
+                    endpoints_only=endpoints_only, generate_endpoints=generate_endpoints)
+    store.replace_source("f", load_dir(CANARY).objects)
+    with cache.watch(CLASSES[0]):
+        pusher.rebuild()
+        store.touch()  # nothing changed, but the operator asked for a rebuild
+        pusher.rebuild()
+    assert len(calls) == 2 and metrics.eds_only_pushes._value.get() == 0
