@@ -126,14 +126,21 @@ def _set_action(out: Any, mesh: m.MeshSnapshot, route: m.HttpRoute, port: int) -
             out.direct_response.body.inline_string = route.direct_response.body
     else:
         out.route.CopyFrom(_route_action(mesh, route, port))
-        if len(route.destinations) == 1:  # Istio: a lone destination's headers apply to the route
-            apply_headers(out, route.destinations[0].headers)
-            if route.destinations[0].headers.authority is not None:
-                out.route.host_rewrite_literal = route.destinations[0].headers.authority
     apply_headers(out, route.headers)
-    if route.headers.authority is not None and out.HasField("route"):
-        out.route.host_rewrite_literal = route.headers.authority
+    if out.HasField("route"):
+        _lone_destination_headers(out, route)
     apply_filter_configs(out, route)
+
+
+def _lone_destination_headers(out: Any, route: m.HttpRoute) -> None:
+    """Istio: a lone destination's header rules join the route's, after them (so its ``set`` wins);
+    the authority is ``rewrite.authority``, else the route's ``host`` header, else the destination's.
+    """
+    lone = route.destinations[0].headers if len(route.destinations) == 1 else m.HeaderRules()
+    apply_headers(out, lone)
+    authority = route.rewrite_authority or route.headers.authority or lone.authority
+    if authority is not None:
+        out.route.host_rewrite_literal = authority
 
 
 def destination_cluster(mesh: m.MeshSnapshot, dest: m.RouteDestination, port: int) -> str:
@@ -172,7 +179,7 @@ def _destination_headers(cluster: Any, mesh: m.MeshSnapshot, route: m.HttpRoute,
 
 
 def _apply_policies(action: Any, mesh: m.MeshSnapshot, route: m.HttpRoute, port: int) -> None:
-    """Timeout (Istio: none unless set), retries, rewrites and mirrors of a forwarding route."""
+    """Timeout (Istio: none unless set), retries, path rewrites and mirrors of a forwarding route."""
     if route.timeout is not None:
         action.timeout.FromTimedelta(route.timeout)
     else:
@@ -185,8 +192,6 @@ def _apply_policies(action: Any, mesh: m.MeshSnapshot, route: m.HttpRoute, port:
     if route.rewrite_uri_regex is not None:
         action.regex_rewrite.pattern.regex = route.rewrite_uri_regex[0]
         action.regex_rewrite.substitution = route.rewrite_uri_regex[1]
-    if route.rewrite_authority is not None:
-        action.host_rewrite_literal = route.rewrite_authority
     action.request_mirror_policies.extend(
         mirror_policies(route.mirrors, lambda d: destination_cluster(mesh, d, port))
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import textwrap
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,9 +124,9 @@ class Routes:
     certs: dict[str, bytes] = field(default_factory=dict, repr=False)  # secure version -> its certificate (DER)
 
     async def route(self, http: str) -> None:
-        """Replace the web VirtualService (``http`` is its indented ``http:`` list) and wait for it."""
+        """Replace the web VirtualService (``http`` is its ``http:`` list, any indent) and wait for it."""
         revision = self.mesh.pilot.store.revision
-        (self.config_dir / "web-vs.yaml").write_text(VS_HEAD + http)
+        (self.config_dir / "web-vs.yaml").write_text(VS_HEAD + textwrap.indent(textwrap.dedent(http), "  "))
         await self.mesh.wait_applied(revision)
 
     async def call(
@@ -304,21 +305,129 @@ async def test_without_headers_matches_requests_lacking_the_header(routes: Route
 
 
 async def test_port_match_routes_the_two_ports_of_one_service_differently(routes: Routes) -> None:
-    await routes.route(
-        "  - match: [{port: 8080}]\n" + TO_V1 + "  - match: [{port: 8081}]\n"
-        "    route: [{destination: {host: web, subset: v2, port: {number: 8081}}}]\n"
-    )
+    await routes.route("""
+        - match: [{port: 8080}]
+          route: [{destination: {host: web, subset: v1}}]
+        - match: [{port: 8081}]
+          route: [{destination: {host: web, subset: v2, port: {number: 8081}}}]
+    """)
     for _ in range(5):
         assert (await routes.call("/", host="web:8080")).body["version"] == "v1"
         assert (await routes.call("/", host="web:8081")).body["version"] == "v2"
 
 
 async def test_source_labels_give_two_clients_different_routes(routes: Routes) -> None:
-    await routes.route(
-        "  - match: [{sourceLabels: {env: canary}}]\n"
-        "    route: [{destination: {host: web, subset: v2}}]\n"
-        "  - route: [{destination: {host: web, subset: v1}}]\n"
-    )
+    await routes.route("""
+        - match: [{sourceLabels: {env: canary}}]
+          route: [{destination: {host: web, subset: v2}}]
+        - route: [{destination: {host: web, subset: v1}}]
+    """)
     for _ in range(5):
         assert (await routes.call("/same", client="frontend")).body["version"] == "v1"
         assert (await routes.call("/same", client="tester")).body["version"] == "v2"
+
+
+async def test_redirect_answers_with_the_status_code_and_location(routes: Routes) -> None:
+    await routes.route("""
+        - match: [{uri: {exact: /old}}]
+          redirect: {uri: /new, authority: moved.example.com}
+        - match: [{uri: {prefix: /temp}}]
+          redirect: {uri: /elsewhere, redirectCode: 307}
+        - match: [{uri: {prefix: /tls}}]
+          redirect: {scheme: https, authority: moved.example.com, port: 8443, redirectCode: 308}
+        - route: [{destination: {host: web, subset: v1}}]
+    """)
+    before = await routes.served("v1")
+    old, temp, tls = [await routes.call(p) for p in ("/old", "/temp/a/b", "/tls/x")]
+    assert (old.status, old.headers["location"]) == (301, "http://moved.example.com/new")  # Istio's default code
+    # The whole path is replaced, although the route matched a prefix; the authority stays.
+    assert (temp.status, temp.headers["location"]) == (307, f"http://{HOST}/elsewhere")
+    assert (tls.status, tls.headers["location"]) == (308, "https://moved.example.com:8443/tls/x")
+    assert await routes.served("v1") == before  # Envoy answered: the app saw none of them
+
+
+async def test_rewrite_uri_prefix_regex_and_authority_reach_the_app(routes: Routes) -> None:
+    await routes.route(r"""
+        - match: [{uri: {prefix: /v1/}}]
+          rewrite: {uri: /api/}
+          route: [{destination: {host: web, subset: v1}}]
+        - match: [{uri: {exact: /login}}]
+          rewrite: {uri: /auth/login, authority: auth.internal}
+          route: [{destination: {host: web, subset: v1}}]
+        - match: [{uri: {prefix: /service/}}]
+          rewrite: {uriRegexRewrite: {match: '^/service/([^/]+)(/.*)$', rewrite: '\2/instance/\1'}}
+          route: [{destination: {host: web, subset: v1}}]
+    """)
+    prefixed, login, regex = [await routes.call(p) for p in ("/v1/items?q=1", "/login", "/service/foo/bar")]
+    assert (prefixed.body["path"], prefixed.body["host"]) == ("/api/items?q=1", HOST)
+    assert (login.body["path"], login.body["host"]) == ("/auth/login", "auth.internal")
+    assert regex.body["path"] == "/bar/instance/foo"
+
+
+async def test_route_level_header_edits_on_request_and_response(routes: Routes) -> None:
+    await routes.route("""
+        - headers:
+            request: {set: {x-route: mesh}, add: {x-trace: mesh}, remove: [x-internal]}
+            response: {set: {x-app-name: mesh, x-served-by: mesh}, add: {x-extra: one}, remove: [x-app-version]}
+          route: [{destination: {host: web, subset: v1}}]
+    """)
+    reply = await routes.call("/", x_route="client", x_trace="client", x_internal="secret", x_kept="yes")
+    seen = reply.received
+    assert (seen["x-route"], seen["x-kept"]) == ("mesh", "yes")  # set overwrites; others pass untouched
+    assert sorted(v.strip() for v in seen["x-trace"].split(",")) == ["client", "mesh"]  # add appends
+    assert "x-internal" not in seen
+    assert reply.headers.getall("x-app-name") == ["mesh"]  # set replaced the app's own header
+    assert (reply.headers["x-served-by"], reply.headers["x-extra"]) == ("mesh", "one")
+    assert "x-app-version" not in reply.headers and reply.body["version"] == "v1"
+
+
+async def test_destination_level_header_edits_follow_the_chosen_destination(routes: Routes) -> None:
+    await routes.route("""
+        - match: [{uri: {prefix: /lone}}]
+          route:
+          - destination: {host: web, subset: v2}
+            headers: {request: {set: {x-dest: lone, host: lone.internal}}, response: {set: {x-dest: lone}}}
+        - route:
+          - destination: {host: web, subset: v1}
+            weight: 50
+            headers: {request: {set: {x-canary: 'no'}}, response: {add: {x-subset: v1}, remove: [x-app-name]}}
+          - destination: {host: web, subset: v2}
+            weight: 50
+            headers: {request: {set: {x-canary: 'yes', host: canary.internal}}, response: {add: {x-subset: v2}}}
+    """)
+    lone = await routes.call("/lone")
+    assert (lone.body["version"], lone.received["x-dest"], lone.body["host"]) == ("v2", "lone", "lone.internal")
+    assert lone.headers["x-dest"] == "lone"
+    seen = set()
+    for _ in range(40):  # both halves show up: all 40 on one side has probability 2**-39
+        r = await routes.call("/split")
+        seen.add((r.body["version"], r.received["x-canary"], r.body["host"], r.headers["x-subset"],
+                  r.headers.get("x-app-name")))  # fmt: skip
+    assert seen == {("v1", "no", HOST, "v1", None), ("v2", "yes", "canary.internal", "v2", "web-v2")}
+
+
+async def test_route_and_lone_destination_header_rules_combine_as_in_istio(routes: Routes) -> None:
+    """Istio applies a lone destination's header rules after the route's (its ``set`` wins), and takes
+    the authority from ``rewrite.authority``, else the route's ``host`` header, else the destination's."""
+    await routes.route("""
+        - match: [{uri: {prefix: /all}}]
+          headers: {request: {set: {x-level: route, host: route.internal}}}
+          rewrite: {authority: rewrite.internal}
+          route:
+          - destination: {host: web, subset: v1}
+            headers: {request: {set: {x-level: destination, host: dest.internal}}}
+        - match: [{uri: {prefix: /headers}}]
+          headers: {request: {set: {x-level: route, host: route.internal}}}
+          route:
+          - destination: {host: web, subset: v1}
+            headers: {request: {set: {x-level: destination, host: dest.internal}}}
+        - route:
+          - destination: {host: web, subset: v1}
+            headers: {request: {set: {x-level: destination, host: dest.internal}}}
+    """)
+    seen = {p: ((r := await routes.call(p)).received["x-level"], r.body["host"]) for p in ("/all", "/headers", "/")}
+    assert seen == {
+        "/all": ("destination", "rewrite.internal"),
+        "/headers": ("destination", "route.internal"),
+        "/": ("destination", "dest.internal"),
+    }
