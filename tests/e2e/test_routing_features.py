@@ -1,219 +1,29 @@
 """HTTP and TLS route features through real Envoy sidecars, observed over real HTTP and TLS.
 
-One local mesh per module: two clients (``frontend``, and ``tester`` which also carries
-``env: canary``), the ``web`` service (HTTP ports 8080 and 8081, subsets v1/v2, echo apps that
-report the path, host and headers they received) and the TLS service ``secure.example.com``
-(subsets v1/v2: small TLS servers, each with its own certificate). Each HTTP test replaces the
-``web`` VirtualService, waits until every sidecar ACKed it (``wait_applied``) and checks what a
-caller sees. Match tests tag every route with a request header (``x-route``), so the app's echo
-tells which route Envoy chose.
+One local mesh for the module (see ``route_features_mesh``). Each HTTP test replaces the ``web``
+VirtualService, waits until every sidecar ACKed it (``wait_applied``) and checks what a caller
+sees. Match tests tag every route with a request header (``x-route``), so the app's echo tells
+which route Envoy chose.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-import textwrap
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
-from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
-from meshctl.devcerts import DevCa
-from meshctl.localmesh import LocalMesh, http_session
-from pilot.settings import PilotSettings
-from tests.e2e.conftest import free_port, random_block
+from tests.e2e.route_features_mesh import HOST, Reply, Routes, running_mesh, tagged
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
-
-HOST = "web:8080"
-VERSIONS = ("v1", "v2")
-SERVICES = """\
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: web, namespace: default}}
-spec:
-  hosts: [web.default.svc.cluster.local]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{{number: 8080, name: http, protocol: HTTP}}, {{number: 8081, name: http-alt, protocol: HTTP}}]
-  workloadSelector: {{labels: {{app: web}}}}
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: secure, namespace: default}}
-spec:
-  hosts: [secure.example.com]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{{number: {tls_port}, name: tls, protocol: TLS}}]
-  workloadSelector: {{labels: {{app: secure}}}}
-"""
-SUBSETS = """\
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: {name}, namespace: default}}
-spec:
-  host: {host}
-  subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]
-"""
-WORKLOAD = """\
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata: {{name: {name}, namespace: default}}
-spec: {{address: {address}, labels: {labels}, ports: {ports}}}
-"""
-# TLS passthrough by SNI: alias.example.com is no service of its own, only an SNI name routed to v2.
-TLS_ROUTE = """\
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: secure, namespace: default}
-spec:
-  hosts: [secure.example.com, alias.example.com]
-  tls:
-  - match: [{sniHosts: [alias.example.com]}]
-    route: [{destination: {host: secure.example.com, subset: v2}}]
-  - match: [{sniHosts: [secure.example.com]}]
-    route: [{destination: {host: secure.example.com, subset: v1}}]
-"""
-VS_HEAD = """\
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: web, namespace: default}
-spec:
-  hosts: [web]
-  http:
-"""
-TO_V1 = "    route: [{destination: {host: web, subset: v1}}]\n"
-
-
-@dataclass(frozen=True)
-class Reply:
-    status: int
-    body: dict[str, Any]  # the echo app's JSON; empty when Envoy answered itself
-    headers: CIMultiDictProxy[str]  # response headers
-
-    @property
-    def received(self) -> dict[str, str]:
-        """Request headers as the app received them, names lower-cased."""
-        return {k.lower(): v for k, v in self.body.get("headers", {}).items()}
-
-    @property
-    def tag(self) -> str | None:
-        return self.received.get("x-route")
-
-
-@dataclass
-class Routes:
-    mesh: LocalMesh
-    config_dir: Path
-    addresses: dict[str, str]  # workload name -> its (and its sidecar's) address
-    apps: dict[str, str]  # web version -> app URL on port "http", for /_control
-    tls_port: int
-    ca_file: Path
-    certs: dict[str, bytes] = field(default_factory=dict, repr=False)  # secure version -> its certificate (DER)
-
-    async def route(self, http: str) -> None:
-        """Replace the web VirtualService (``http`` is its ``http:`` list, any indent) and wait for it."""
-        revision = self.mesh.pilot.store.revision
-        (self.config_dir / "web-vs.yaml").write_text(VS_HEAD + textwrap.indent(textwrap.dedent(http), "  "))
-        await self.mesh.wait_applied(revision)
-
-    async def call(
-        self, path: str = "/", *, host: str = HOST, method: str = "GET", client: str = "frontend", **headers: str
-    ) -> Reply:
-        """One request through ``client``'s outbound listener; ``x_foo=`` sends header ``x-foo``."""
-        sent = CIMultiDict({"Host": host, **{k.replace("_", "-"): v for k, v in headers.items()}})
-        url = URL(f"http://{self.addresses[client]}:15001{path}", encoded=True)
-        async with http_session() as session, session.request(method, url, headers=sent, allow_redirects=False) as resp:
-            body = await resp.json() if resp.content_type == "application/json" else {}
-            return Reply(resp.status, body, resp.headers)
-
-    async def tags(self, paths: Iterable[str]) -> dict[str, str | None]:
-        """path -> the route that tagged a GET of it."""
-        return {path: (await self.call(path)).tag for path in paths}
-
-    async def served(self, version: str) -> int:
-        """How many requests the app of ``version`` has answered (on port ``http``)."""
-        async with http_session() as session, session.get(self.apps[version] + "/_control") as resp:
-            return int((await resp.json())["requests"]["total"])
-
-
-def tagged(*routes: tuple[str, str]) -> str:
-    """An ``http:`` list: per (tag, match) one route that sets ``x-route: tag``, then a fallback."""
-    out = ""
-    for tag, match in [*routes, ("fallback", "")]:
-        out += f"  - name: {tag}\n" + (f"    match: [{match}]\n" if match else "")
-        out += f"    headers: {{request: {{set: {{x-route: {tag}}}}}}}\n" + TO_V1
-    return out
-
-
-async def _tls_server(name: str, cert: Path, key: Path, port: int) -> asyncio.Server:
-    """A TLS echo server answering ``<name>:<line>``: the client can tell who terminated TLS."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        line = await reader.readline()
-        writer.write(name.encode() + b":" + line)
-        await writer.drain()
-        writer.close()
-
-    return await asyncio.start_server(handle, "127.0.0.1", port, ssl=context)
-
-
-def _mesh_yaml(block: str, ports: dict[str, dict[str, int]], tls_port: int) -> tuple[str, dict[str, str]]:
-    addresses = {"frontend": f"{block}.10", "tester": f"{block}.20"}
-    labels = {"frontend": "{app: frontend}", "tester": "{app: frontend, env: canary}"}
-    for i, v in enumerate(VERSIONS):
-        addresses[f"web-{v}"], labels[f"web-{v}"] = f"{block}.{11 + i}", f"{{app: web, version: {v}}}"
-        addresses[f"secure-{v}"], labels[f"secure-{v}"] = f"{block}.{31 + i}", f"{{app: secure, version: {v}}}"
-    text = SERVICES.format(tls_port=tls_port)
-    text += SUBSETS.format(name="web", host="web") + SUBSETS.format(name="secure", host="secure.example.com")
-    for name, address in addresses.items():
-        workload_ports = "{" + ", ".join(f"{k}: {p}" for k, p in ports.get(name, {}).items()) + "}"
-        text += WORKLOAD.format(name=name, address=address, labels=labels[name], ports=workload_ports)
-    return text + TLS_ROUTE, addresses
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def routes(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Routes]:
-    config_dir = tmp_path_factory.mktemp("route-features")
-    cert_dir = tmp_path_factory.mktemp("route-features-certs")
-    ca = DevCa.create("e2e route features CA")
-    ports = {f"web-{v}": {"http": free_port(), "http-alt": free_port()} for v in VERSIONS}
-    ports |= {f"secure-{v}": {"tls": free_port()} for v in VERSIONS}
-    tls_port = free_port()
-    text, addresses = _mesh_yaml(random_block(), ports, tls_port)
-    (config_dir / "mesh.yaml").write_text(text)
-    settings = PilotSettings(ads_port=free_port(), debug_port=0, config_dir=config_dir, debounce_ms=50)
-    state = Routes(LocalMesh(settings), config_dir, addresses, {}, tls_port, ca.write_ca(cert_dir / "ca.pem"))
-    servers = []
-    for v in VERSIONS:
-        issued = ca.issue(cert_dir, f"secure-{v}", ["secure.example.com", "alias.example.com"])
-        state.certs[v] = x509.load_pem_x509_certificate(issued.cert.read_bytes()).public_bytes(Encoding.DER)
-        servers.append(await _tls_server(v, issued.cert, issued.key, ports[f"secure-{v}"]["tls"]))
-    try:
-        async with state.mesh as mesh:
-            for v in VERSIONS:
-                state.apps[v] = await mesh.start_app("default", f"web-{v}", v)
-                await mesh.start_app("default", f"web-{v}", v, port_name="http-alt")
-            await asyncio.gather(*(mesh.start_sidecar("default", name) for name in addresses))
-            await mesh.wait_synced()
-            yield state
-    finally:
-        for server in servers:
-            server.close()
+    async with running_mesh(tmp_path_factory.mktemp("route-features")) as state:
+        yield state
 
 
 async def test_uri_exact_prefix_regex_in_order_first_match_wins(routes: Routes) -> None:
@@ -431,3 +241,102 @@ async def test_route_and_lone_destination_header_rules_combine_as_in_istio(route
         "/headers": ("destination", "route.internal"),
         "/": ("destination", "dest.internal"),
     }
+
+
+CORS_ROUTES = """
+    - match: [{uri: {prefix: /api}}]
+      corsPolicy:
+        allowOrigins: [{exact: "https://shop.example.com"}, {regex: "https://[a-z]+[.]example[.]org"}]
+        allowMethods: [GET, POST]
+        allowHeaders: [x-token]
+        exposeHeaders: [x-served-by]
+        maxAge: 24h
+        allowCredentials: true
+      route: [{destination: {host: web, subset: v1}}]
+    - route: [{destination: {host: web, subset: v1}}]
+"""
+
+
+def access_control(reply: Reply) -> dict[str, str]:
+    return {k.lower(): v for k, v in reply.headers.items() if k.lower().startswith("access-control-")}
+
+
+async def test_cors_preflight_from_an_allowed_origin_is_answered_by_envoy(routes: Routes) -> None:
+    await routes.route(CORS_ROUTES)
+    before = await routes.served("v1")
+    preflight = {"origin": "https://shop.example.com", "access_control_request_method": "POST"}
+    allowed = await routes.call("/api/items", method="OPTIONS", **preflight)
+    assert allowed.status == 200 and allowed.body == {}
+    assert access_control(allowed) == {
+        "access-control-allow-origin": "https://shop.example.com",
+        "access-control-allow-methods": "GET,POST",
+        "access-control-allow-headers": "x-token",
+        "access-control-expose-headers": "x-served-by",
+        "access-control-max-age": "86400",
+        "access-control-allow-credentials": "true",
+    }
+    by_regex = await routes.call("/api/items", method="OPTIONS", **{**preflight, "origin": "https://app.example.org"})
+    assert access_control(by_regex)["access-control-allow-origin"] == "https://app.example.org"
+    assert await routes.served("v1") == before  # neither preflight reached the app
+    # An origin no matcher allows gets no CORS headers; Istio's default (unmatchedPreflights
+    # FORWARD) passes its preflight on to the app.
+    denied = await routes.call("/api/items", method="OPTIONS", **{**preflight, "origin": "https://evil.example.com"})
+    assert denied.status == 200 and access_control(denied) == {}
+    assert denied.body["method"] == "OPTIONS" and await routes.served("v1") == before + 1
+
+
+async def test_cors_simple_request_gets_allow_origin_only_for_allowed_origins(routes: Routes) -> None:
+    await routes.route(CORS_ROUTES)
+    allowed = await routes.call("/api/items", origin="https://shop.example.com")
+    assert allowed.status == 200 and allowed.body["version"] == "v1"
+    assert access_control(allowed) == {
+        "access-control-allow-origin": "https://shop.example.com",
+        "access-control-expose-headers": "x-served-by",
+        "access-control-allow-credentials": "true",
+    }
+    denied = await routes.call("/api/items", origin="https://evil.example.com")
+    assert denied.status == 200 and access_control(denied) == {}  # CORS is for browsers to enforce
+    elsewhere = await routes.call("/other", origin="https://shop.example.com")
+    assert elsewhere.status == 200 and access_control(elsewhere) == {}  # no policy on this route
+
+
+async def test_cors_unmatched_preflights_ignore_keeps_them_from_the_app(routes: Routes) -> None:
+    await routes.route(CORS_ROUTES.replace("maxAge: 24h", "unmatchedPreflights: IGNORE"))
+    before = await routes.served("v1")
+    denied = await routes.call(
+        "/api/items", method="OPTIONS", origin="https://evil.example.com", access_control_request_method="POST"
+    )
+    # Envoy answers it itself, without access-control-allow-origin, so a browser refuses the call.
+    assert denied.status == 200 and denied.body == {}
+    assert "access-control-allow-origin" not in access_control(denied)
+    assert await routes.served("v1") == before
+
+
+async def tls_exchange(routes: Routes, sni: str, context: ssl.SSLContext) -> tuple[bytes, bytes]:
+    """Send a line over TLS through frontend's TLS listener: (the reply, the server's certificate)."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(routes.addresses["frontend"], routes.tls_port, ssl=context, server_hostname=sni), 5
+    )
+    try:
+        certificate = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.write(b"ping\n")
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), 5), certificate
+    finally:
+        writer.close()
+
+
+async def test_tls_route_passes_the_connection_through_by_sni(routes: Routes) -> None:
+    verifying = ssl.create_default_context(cafile=routes.ca_file)  # checks the chain and the SNI name
+    for _ in range(3):
+        # The client verifies the backend's own certificate: the sidecar forwarded the TLS bytes untouched.
+        assert await tls_exchange(routes, "secure.example.com", verifying) == (b"v1:ping\n", routes.certs["v1"])
+        assert await tls_exchange(routes, "alias.example.com", verifying) == (b"v2:ping\n", routes.certs["v2"])
+    # An SNI name no tls route (and no service) claims matches no filter chain: the sidecar refuses
+    # it, even to a client that would accept any certificate.
+    trusting = ssl.create_default_context()
+    trusting.check_hostname, trusting.verify_mode = False, ssl.CERT_NONE
+    assert (await tls_exchange(routes, "secure.example.com", trusting))[0] == b"v1:ping\n"
+    with pytest.raises((OSError, asyncio.IncompleteReadError)) as refused:
+        await tls_exchange(routes, "other.example.com", trusting)
+    assert not isinstance(refused.value, TimeoutError)  # closed at once, not left hanging
