@@ -196,7 +196,9 @@ async def test_destination_level_header_edits_follow_the_chosen_destination(rout
         - match: [{uri: {prefix: /lone}}]
           route:
           - destination: {host: web, subset: v2}
-            headers: {request: {set: {x-dest: lone, host: lone.internal}}, response: {set: {x-dest: lone}}}
+            headers:
+              request: {set: {x-dest: lone, host: lone.internal}, add: {x-trace: lone}, remove: [x-internal]}
+              response: {set: {x-dest: lone}}
         - route:
           - destination: {host: web, subset: v1}
             weight: 50
@@ -205,8 +207,9 @@ async def test_destination_level_header_edits_follow_the_chosen_destination(rout
             weight: 50
             headers: {request: {set: {x-canary: 'yes', host: canary.internal}}, response: {add: {x-subset: v2}}}
     """)
-    lone = await routes.call("/lone")
+    lone = await routes.call("/lone", x_trace="client", x_internal="secret")
     assert (lone.body["version"], lone.received["x-dest"], lone.body["host"]) == ("v2", "lone", "lone.internal")
+    assert "x-internal" not in lone.received and lone.received["x-trace"].replace(" ", "") == "client,lone"
     assert lone.headers["x-dest"] == "lone"
     seen = set()
     for _ in range(40):  # both halves show up: all 40 on one side has probability 2**-39
