@@ -293,7 +293,7 @@ async def test_cookie_hash_sets_a_cookie_and_requests_carrying_it_stick(pm: Mesh
         assert not any("Set-Cookie" in a.headers for a in answers)  # only generated when missing
         chosen = {
             user: await versions(session, pm, f"cookie:{PORT}", 4, Cookie=f"session={user}")
-            for user in (f"user-{i}" for i in range(16))
+            for user in (f"user-{i}" for i in range(24))
         }
     assert all(len(v) == 1 for v in chosen.values()), chosen
     assert set().union(*chosen.values()) == set(BACKENDS), chosen  # values spread over both
@@ -316,7 +316,7 @@ async def test_query_parameter_hash_pins_each_value_to_one_endpoint(pm: Mesh) ->
         assert len(alice) == 1, alice
         # Only the named parameter counts: other parameters do not move alice.
         assert await versions(session, pm, f"query:{PORT}", 10, path="/other?page=7&user=alice") == alice
-        chosen = {u: await versions(session, pm, f"query:{PORT}", 4, path=f"/?user={u}") for u in range(16)}
+        chosen = {u: await versions(session, pm, f"query:{PORT}", 4, path=f"/?user={u}") for u in range(24)}
     assert all(len(v) == 1 for v in chosen.values()), chosen
     assert set().union(*chosen.values()) == set(BACKENDS), chosen
 
@@ -331,7 +331,7 @@ async def from_address(pm: Mesh, source: str, host: str, n: int) -> set[str]:
 
 
 async def test_source_ip_hash_pins_each_client_address_to_one_endpoint(pm: Mesh) -> None:
-    sources = [f"{pm.block}.{100 + i}" for i in range(16)]
+    sources = [f"{pm.block}.{100 + i}" for i in range(24)]
     chosen = {s: await from_address(pm, s, f"source:{PORT}", 4) for s in sources}
     assert all(len(v) == 1 for v in chosen.values()), chosen
     assert set().union(*chosen.values()) == set(BACKENDS), chosen
