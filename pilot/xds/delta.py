@@ -25,9 +25,18 @@ class _DeltaType:
     held: dict[str, str] = field(default_factory=dict)  # name -> version the proxy holds
     reported_missing: set[str] = field(default_factory=set)
     seen: str = ""  # the view version this state was last reconciled with
+    held_version: str = ""  # the version of exactly what `held` holds, when known ("" otherwise)
+    acked: dict[str, str] = field(default_factory=dict)  # what the proxy had at its last ACK
+    acked_version: str = ""
+
+    frozen: frozenset[str] | None = None  # `names` as a frozenset, cached while it is unchanged
 
     def subscription(self) -> frozenset[str] | None:
-        return None if self.wildcard else frozenset(self.names)
+        if self.wildcard:
+            return None
+        if self.frozen is None:
+            self.frozen = frozenset(self.names)
+        return self.frozen
 
 
 class DeltaSession(SessionBase[_DeltaType]):
@@ -42,11 +51,17 @@ class DeltaSession(SessionBase[_DeltaType]):
             wildcard = type_url in typeurls.WILDCARD_TYPES and (not subscribe or "*" in subscribe)
             state = self.types[type_url] = _DeltaType(wildcard=wildcard)
             state.held.update(request.initial_resource_versions)
+            state.acked = dict(state.held)
         settled = False
         if request.response_nonce:
             if request.response_nonce == self.pending.get(type_url):
-                self._acknowledge(type_url, request.response_nonce, self._error_text(request))
+                error = self._error_text(request)
+                self._acknowledge(type_url, request.response_nonce, error)
                 settled = True
+                if error is None:
+                    state.acked, state.acked_version = dict(state.held), state.held_version
+                else:  # the proxy kept its last ACKed resources; `seen` stays, so no resend loop
+                    state.held, state.held_version = dict(state.acked), state.acked_version
             else:
                 self.registry.record_stale(type_url)
         for name in subscribe:
@@ -63,7 +78,8 @@ class DeltaSession(SessionBase[_DeltaType]):
                 state.held.pop(name, None)
         changed = bool(subscribe or request.resource_names_unsubscribe or request.initial_resource_versions)
         if changed:
-            state.seen = ""
+            state.seen = state.held_version = ""
+            state.frozen = None
         return changed or state.seen == "" or (settled and not self.pending)
 
     def _updates(self, type_url: str, snapshot: Snapshot) -> bytes | None:
@@ -74,11 +90,16 @@ class DeltaSession(SessionBase[_DeltaType]):
             return None
         state.seen = snap_view.version
         view = snap_view.resources
-        changed = [r for n, r in view.items() if state.held.get(n) != r.version]
-        missing = sorted(n for n in state.names - set(view) - set(state.held) - state.reported_missing)
+        # Streams of a class holding the same thing share one computed change set.
+        changes = snapshot.changes(type_url, state.subscription(), state.held_version, lambda: state.held)
+        changed = list(changes.values())
+        missing: list[str] = []
+        if len(view) < len(state.names):  # some subscribed names do not exist
+            missing = sorted(n for n in state.names - set(view) - set(state.held) - state.reported_missing)
         if not changed and not missing:
             return None
         state.held.update((r.name, r.version) for r in changed)
+        state.held_version = snap_view.version if len(state.held) == len(view) else ""
         state.reported_missing |= set(missing)
         return self._send(type_url, snapshot, state, changed, missing)
 
@@ -92,6 +113,8 @@ class DeltaSession(SessionBase[_DeltaType]):
             return None
         for name in gone:
             del state.held[name]
+        current = snapshot.view(type_url, state.subscription()).version
+        state.held_version = current if len(state.held) == len(view) else ""
         return self._send(type_url, snapshot, state, [], gone)
 
     def _send(

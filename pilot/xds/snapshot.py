@@ -8,7 +8,7 @@ names and versions, so identical config always yields identical versions (no spu
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -102,19 +102,21 @@ class Snapshot:
     _changes: dict[tuple[str, frozenset[str] | None, str], Mapping[str, Resource]] = field(
         default_factory=dict, compare=False, repr=False)
 
-    def changes(self, type_url: str, names: frozenset[str] | None, held: Mapping[str, Resource],
-                held_version: str) -> Mapping[str, Resource]:
-        """Subscribed resources that differ from `held` (whose version is `held_version`), memoized.
+    def changes(self, type_url: str, names: frozenset[str] | None, held_version: str,
+                held: Callable[[], Mapping[str, str]]) -> Mapping[str, Resource]:
+        """Subscribed resources whose version differs from what a proxy holds, memoized.
 
-        Streams of one class usually hold the same thing, so the comparison runs once per push.
+        `held_version` names exactly what the proxy holds (`held()` gives name -> version, only
+        called on a miss); streams of one class usually hold the same, so this runs once a push.
         """
         key = (type_url, names, held_version)
         found = self._changes.get(key)
         if found is None:
+            versions = held()
             view = self.view(type_url, names).resources
-            found = self._changes[key] = {
-                n: r for n, r in view.items() if n not in held or held[n].version != r.version
-            }
+            found = {n: r for n, r in view.items() if versions.get(n) != r.version}
+            if held_version:
+                self._changes[key] = found
         return found
 
     def view(self, type_url: str, names: frozenset[str] | None) -> View:

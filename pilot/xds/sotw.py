@@ -27,6 +27,9 @@ class _TypeState:
     names: frozenset[str] | None  # None: wildcard (every resource of the type)
     held: dict[str, Resource] = field(default_factory=dict)  # what the proxy was sent
     held_version: str = ""
+    # What the proxy had when it last ACKed: a NACK means it kept exactly this.
+    acked: dict[str, Resource] = field(default_factory=dict)
+    acked_version: str = ""
     last_nonce: str = ""
     seen: str = ""  # the view version this state was last reconciled with
     force_all: bool = True  # a new request: answer even if nothing changed
@@ -59,7 +62,14 @@ class SotwSession(SessionBase[_TypeState]):
             return False
         settled = type_url in self.pending
         if settled:
-            self._acknowledge(type_url, nonce, self._error_text(request))
+            error = self._error_text(request)
+            self._acknowledge(type_url, nonce, error)
+            if error is None:
+                state.acked, state.acked_version = dict(state.held), state.held_version
+            else:
+                # The proxy kept its last ACKed config; diff the next change against that.
+                # `seen` stays, so nothing is resent until the config changes (no NACK loop).
+                state.held, state.held_version = dict(state.acked), state.acked_version
         changed = self._resubscribe(state, names)
         # Once every response is settled, deferred removals may be due.
         return state.force_all or changed or (settled and not self.pending)
@@ -101,7 +111,7 @@ class SotwSession(SessionBase[_TypeState]):
         if state.force_all:
             changed: Mapping[str, Resource] = view.resources
         else:
-            changed = snapshot.changes(type_url, state.names, state.held, state.held_version)
+            changed = snapshot.changes(type_url, state.names, state.held_version, lambda: versions(state.held))
             if state.force_names:
                 changed = {**changed, **{n: r for n, r in view.resources.items() if n in state.force_names}}
         state.force_all = False

@@ -129,3 +129,17 @@ async def test_ack_marks_synced(ads: Harness) -> None:
         await asyncio.sleep(0.1)
         assert ads.status_of("CDS")["state"] == "SYNCED"
         assert ads.status.syncz()[0]["protocol"] == "delta"
+
+
+async def test_after_a_nack_the_next_change_resends_what_the_proxy_rejected(ads: Harness) -> None:
+    ads.publish(snapshot({"c1": 1, "c2": 1}))
+    async with ads.client(delta=True) as c:
+        c.send_delta(ENDPOINT, subscribe=["c1", "c2"])
+        c.send_delta(ENDPOINT, nonce=(await c.recv()).nonce)
+        ads.publish(snapshot({"c1": 2, "c2": 2}))
+        rejected = await c.recv()
+        assert names(rejected) == ["c1", "c2"]
+        c.send_delta(ENDPOINT, nonce=rejected.nonce, error="c2: bad endpoint")
+        await c.expect_silence()
+        ads.publish(snapshot({"c1": 2, "c2": 3}))
+        assert names(await c.recv()) == ["c1", "c2"]
