@@ -21,6 +21,6 @@ class PilotSettings(BaseSettings):
     debounce_ms: int = Field(100, ge=0, description="quiet time after a config change before a push")
     debounce_max_ms: int = Field(1000, ge=0, description="longest a push waits while changes keep coming")
     endpoint_debounce_ms: int = Field(10, ge=0, description="quiet time when only endpoints (WorkloadEntry) changed")
-    file_poll_ms: int = Field(50, ge=10, description="how often the file source looks for changed YAML files")
+    file_poll_ms: int = Field(25, ge=10, description="how often the file source looks for changed YAML files")
     stream_queue_size: int = Field(16, ge=1, description="bounded queue of unprocessed requests per ADS stream")
     cluster_domain: str = "cluster.local"

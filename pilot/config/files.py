@@ -1,6 +1,6 @@
 """The file source: a directory of Istio YAML, loaded into the ConfigStore and kept in sync.
 
-Watching is by polling stat() every ``interval`` seconds (0.1 s) rather than inotify: it needs no
+Watching is by polling stat() every ``interval`` seconds (pilot uses 25 ms) rather than inotify: it needs no
 dependency, sees editors' atomic renames, bind mounts and network file systems alike, and
 costs nothing for the handful of files of a local mesh. Concurrency: `FileSource.run` is one
 task on the store's loop; reading and parsing happen in a worker thread, and only the final
