@@ -9,10 +9,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from meshctl.democonfig import DemoMesh
 from meshctl.localmesh import LocalMesh
 from pilot.settings import PilotSettings
+
+
+def service_entry(name: str, port: int = 9080, app: str | None = None, namespace: str = "default") -> str:
+    """A MESH_INTERNAL HTTP ServiceEntry for `<name>.<namespace>.svc.cluster.local` selecting `app: <app or name>`."""
+    return _doc("ServiceEntry", name, namespace, {
+        "hosts": [f"{name}.{namespace}.svc.cluster.local"],
+        "location": "MESH_INTERNAL",
+        "resolution": "STATIC",
+        "ports": [{"number": port, "name": "http", "protocol": "HTTP"}],
+        "workloadSelector": {"labels": {"app": app or name}},
+    })
+
+
+def workload_entry(
+    name: str, address: str, labels: dict[str, str] | None = None, port: int | None = None, namespace: str = "default"
+) -> str:
+    """A local-mesh WorkloadEntry (labels default to `app: <name>`; `port` is its `http` port)."""
+    spec: dict[str, object] = {"address": address, "labels": labels or {"app": name}}
+    if port is not None:
+        spec["ports"] = {"http": port}
+    return _doc("WorkloadEntry", name, namespace, spec)
+
+
+def _doc(kind: str, name: str, namespace: str, spec: dict[str, object]) -> str:
+    body = {"apiVersion": "networking.istio.io/v1", "kind": kind,
+            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+    return "---\n" + yaml.safe_dump(body, sort_keys=False)
 
 
 def free_port() -> int:

@@ -19,7 +19,7 @@ import pytest_asyncio
 from meshctl.devcerts import DevCa
 from meshctl.localmesh import LocalMesh, http_session
 from pilot.settings import PilotSettings
-from tests.e2e.conftest import free_port, random_block
+from tests.e2e.conftest import free_port, random_block, service_entry, workload_entry
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
@@ -61,25 +61,6 @@ spec:
   - route: [{{destination: {{host: web}}}}]
 """
 
-BACKEND = """
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: {name}, namespace: default}}
-spec:
-  hosts: [{name}.default.svc.cluster.local]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{{number: 8000, name: http, protocol: HTTP}}]
-  workloadSelector: {{labels: {{app: {name}}}}}
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata: {{name: {name}, namespace: default}}
-spec: {{address: {address}, labels: {{app: {name}}}, ports: {{http: {port}}}}}
-"""
-
-
 @dataclass
 class Ingress:
     mesh: LocalMesh
@@ -102,7 +83,7 @@ async def ingress(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Ing
     ports = {"http": HTTP_PORT, "redirect": REDIRECT_PORT, "https": HTTPS_PORT, "mtls": MTLS_PORT}
     text = CONFIG.format(**ports, cert=issued.cert, key=issued.key, ca=ca_file, block=block)
     for i, name in enumerate(("api", "web")):
-        text += BACKEND.format(name=name, address=f"{block}.{11 + i}", port=free_port())
+        text += service_entry(name, 8000) + workload_entry(name, f"{block}.{11 + i}", port=free_port())
     (config_dir / "mesh.yaml").write_text(text)
     settings = PilotSettings(ads_port=free_port(), debug_port=0, config_dir=config_dir, debounce_ms=50)
     async with LocalMesh(settings) as mesh:

@@ -16,33 +16,10 @@ import pytest_asyncio
 
 from meshctl.localmesh import LocalMesh, http_session
 from pilot.settings import PilotSettings
-from tests.e2e.conftest import free_port, random_block
+from tests.e2e.conftest import free_port, random_block, service_entry, workload_entry
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
-SERVICE = """
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: {name}, namespace: default}}
-spec:
-  hosts: [{name}.default.svc.cluster.local]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{{number: 9080, name: http, protocol: HTTP}}]
-  workloadSelector: {{labels: {{app: {name}}}}}
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata: {{name: {name}, namespace: default}}
-spec: {{address: {address}, labels: {{app: {name}}}, ports: {{http: {port}}}}}
----
-"""
-FRONTEND = """
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata: {{name: frontend, namespace: default}}
-spec: {{address: {address}, labels: {{app: frontend}}}}
-"""
 SCOPE = """
 apiVersion: networking.istio.io/v1
 kind: Sidecar
@@ -83,10 +60,10 @@ async def scoped(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Scop
     config_dir = tmp_path_factory.mktemp("sidecar-scope")
     block = random_block()
     text = "".join(
-        SERVICE.format(name=name, address=f"{block}.{11 + i}", port=free_port())
+        service_entry(name) + workload_entry(name, f"{block}.{11 + i}", port=free_port())
         for i, name in enumerate(("reviews", "ratings"))
     )
-    (config_dir / "mesh.yaml").write_text(text + FRONTEND.format(address=f"{block}.10"))
+    (config_dir / "mesh.yaml").write_text(text + workload_entry("frontend", f"{block}.10"))
     (config_dir / "sidecar.yaml").write_text(
         SCOPE.format(hosts="./reviews.default.svc.cluster.local", mode="ALLOW_ANY")
     )

@@ -22,7 +22,7 @@ import pytest_asyncio
 from meshctl.envoy import EnvoyProcess
 from meshctl.localmesh import LocalMesh, http_session
 from pilot.settings import PilotSettings
-from tests.e2e.conftest import free_port, random_block
+from tests.e2e.conftest import free_port, random_block, service_entry, workload_entry
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
@@ -37,17 +37,7 @@ POLICIES = {
     "pool": "connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}",
     "direct": "loadBalancer: {simple: PASSTHROUGH}",
 }
-SERVICE = """\
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: {name}, namespace: default}}
-spec:
-  hosts: [{name}.default.svc.cluster.local]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{{number: {port}, name: http, protocol: HTTP}}]
-  workloadSelector: {{labels: {{app: backend}}}}
+RULE = """\
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -57,15 +47,6 @@ spec:
   trafficPolicy:
     {policy}
 """
-WORKLOAD = """\
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata: {{name: {name}, namespace: default}}
-spec: {{address: {address}, labels: {labels}, ports: {{http: {port}}}}}
-"""
-
-
 @dataclass
 class PolicyMesh:
     mesh: LocalMesh
@@ -88,11 +69,12 @@ class PolicyMesh:
 
 
 def mesh_yaml(block: str, ports: dict[str, int]) -> str:
-    out = WORKLOAD.format(name="client", address=f"{block}.10", labels="{app: client}", port=free_port())
+    out = workload_entry("client", f"{block}.10", {"app": "client"}, free_port())
     for i, b in enumerate(BACKENDS):
-        labels = f"{{app: backend, name: {b}}}"
-        out += WORKLOAD.format(name=f"backend-{b}", address=f"{block}.{11 + i}", labels=labels, port=ports[b])
-    return out + "".join(SERVICE.format(name=n, port=PORT, policy=p) for n, p in POLICIES.items())
+        out += workload_entry(f"backend-{b}", f"{block}.{11 + i}", {"app": "backend", "name": b}, ports[b])
+    return out + "".join(
+        service_entry(n, PORT, app="backend") + RULE.format(name=n, policy=p) for n, p in POLICIES.items()
+    )
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
