@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,7 +9,6 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 
 from pilot.api import ApiObject, InvalidObjectError, parse_object
-from pilot.config import load_file
 from pilot.model.build import build_mesh
 from pilot.model.proxy import ProxyClass, ProxyKind
 from pilot.translate import generate
@@ -249,19 +247,3 @@ def test_https_redirect_and_merged_virtual_services() -> None:
     assert vhost.require_tls == vhost.ALL
     assert [r.match.prefix for r in vhost.routes] == ["/api", "/"]  # oldest (then by name) first
     assert any("merged after VirtualService default/first" in w for w in build_mesh(objs).warnings)
-
-
-@pytest.mark.parametrize("example", ["ingress-gateway", "sidecar-scoping"])
-def test_examples_load_cleanly_and_translate_consistently(example: str) -> None:
-    loaded = load_file(Path(__file__).parents[2] / "examples" / example / "mesh.yaml")
-    assert loaded.errors == () and all(not o.warnings for o in loaded.objects)
-    mesh = build_mesh(loaded.objects)
-    assert mesh.warnings == ()
-    for wl in mesh.workloads.values():
-        gateway_proxy = any(g.selects(wl.labels) and g.selector for g in mesh.scoping.gateways)
-        kind = ProxyKind.ROUTER if gateway_proxy else ProxyKind.SIDECAR
-        labels = tuple(sorted(wl.labels.items()))
-        proxy = ProxyClass(kind, wl.namespace, labels=labels, bind_address=wl.address, workload=wl.name)
-        out = generate(mesh, proxy)
-        assert Snapshot.from_resources(out).consistency_errors() == []
-        assert out[typeurls.LISTENER], f"{example}: {wl.name} got no listeners"

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 
 from pilot.api import InvalidObjectError, parse_object
-from pilot.config import load_file
 from pilot.model.build import build_mesh
-from pilot.model.proxy import ProxyClass, ProxyKind
-from pilot.translate import generate
 from pilot.translate.faults import FAULT_FILTER
 from pilot.translate.http_routes import virtual_service_routes
 from pilot.translate.retries import DEFAULT_RETRY_ON, parse_retry_on
 from pilot.translate.route_source import RouteSource
-from pilot.xds.snapshot import Snapshot
 
 SE = {
     "apiVersion": "networking.istio.io/v1",
@@ -209,20 +204,6 @@ def test_fault_percentages_become_parts_per_million() -> None:
 
 def test_delegate_routes_are_left_out() -> None:
     assert routes({"delegate": {"name": "child"}}) == []
-
-
-EXAMPLES = ("header-routing", "retries", "timeouts", "fault-injection", "mirroring", "tcp-routes")
-
-
-@pytest.mark.parametrize("example", EXAMPLES)
-def test_examples_load_cleanly_and_translate_consistently(example: str) -> None:
-    loaded = load_file(Path(__file__).parents[2] / "examples" / example / "mesh.yaml")
-    assert loaded.errors == () and all(not o.warnings for o in loaded.objects)
-    mesh = build_mesh(loaded.objects)
-    assert mesh.warnings == ()
-    for wl in mesh.workloads.values():
-        proxy = ProxyClass(ProxyKind.SIDECAR, wl.namespace, bind_address=wl.address, workload=wl.name)
-        assert Snapshot.from_resources(generate(mesh, proxy)).consistency_errors() == []
 
 
 def test_delegate_and_dangling_l4_and_mirror_destinations_are_warned_about() -> None:
