@@ -98,10 +98,23 @@ class DeltaSession(SessionBase[_DeltaType]):
             missing = sorted(n for n in state.names - set(view) - set(state.held) - state.reported_missing)
         if not changed and not missing:
             return None
+        if type_url == typeurls.CLUSTER:
+            self._rewarm(snapshot, state.held, changed)
         state.held.update((r.name, r.version) for r in changed)
         state.held_version = snap_view.version if len(state.held) == len(view) else ""
         state.reported_missing |= set(missing)
         return self._send(type_url, snapshot, state, changed, missing)
+
+    def _rewarm(self, snapshot: Snapshot, held: dict[str, str], changed: list[Resource]) -> None:
+        """Envoy warms a changed cluster until its endpoints arrive again: forget that the proxy
+        has them, so EDS (next in push order) resends them."""
+        eds = self.types.get(typeurls.ENDPOINT)
+        if eds is None:
+            return
+        for cluster in changed:
+            name = snapshot.cluster_eds.get(cluster.name)
+            if cluster.name in held and name is not None and eds.held.pop(name, None) is not None:
+                eds.seen = eds.held_version = ""
 
     def _removals(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         state = self.types[type_url]

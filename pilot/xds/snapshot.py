@@ -95,6 +95,8 @@ class Snapshot:
     # Names referenced across types, kept for the consistency check and for debugging.
     eds_refs: frozenset[str] = field(default=frozenset())
     rds_refs: frozenset[str] = field(default=frozenset())
+    # EDS cluster name -> the ClusterLoadAssignment it waits for (a changed cluster warms on it).
+    cluster_eds: Mapping[str, str] = field(default_factory=dict)
     # Subscription views computed so far; every stream of a class shares them (event loop only).
     _views: dict[tuple[str, frozenset[str] | None], View] = field(
         default_factory=dict, compare=False, repr=False)
@@ -166,7 +168,7 @@ class Snapshot:
         """
         memo = {} if memo is None else memo
         replaced = TypeSnapshot.build(type_url, (_resource(memo, type_url, n, m) for n, m in messages.items()))
-        return Snapshot({**self.types, type_url: replaced}, self.eds_refs, self.rds_refs)
+        return Snapshot({**self.types, type_url: replaced}, self.eds_refs, self.rds_refs, self.cluster_eds)
 
     @classmethod
     def from_resources(cls, resources: ProxyResources, memo: SerializeMemo | None = None) -> Snapshot:
@@ -180,11 +182,11 @@ class Snapshot:
         for type_url in typeurls.PUSH_ORDER:
             msgs = resources.get(type_url, {})
             types[type_url] = TypeSnapshot.build(type_url, (_resource(memo, type_url, n, m) for n, m in msgs.items()))
-        clusters = resources.get(typeurls.CLUSTER, {}).values()
+        clusters = resources.get(typeurls.CLUSTER, {})
         listeners = resources.get(typeurls.LISTENER, {}).values()
-        eds = frozenset(n for n in (cluster_eds_name(c) for c in clusters) if n)
+        eds_of = {name: eds for name, c in clusters.items() if (eds := cluster_eds_name(c))}
         rds = frozenset(n for lis in listeners for n in listener_route_names(lis))
-        return cls(types=types, eds_refs=eds, rds_refs=rds)
+        return cls(types=types, eds_refs=frozenset(eds_of.values()), rds_refs=rds, cluster_eds=eds_of)
 
 
 # id(message) -> (the message, kept alive so the id stays its own; its serialized resource)

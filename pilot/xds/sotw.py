@@ -99,6 +99,8 @@ class SotwSession(SessionBase[_TypeState]):
         state.seen = view.version
         if state.names is None:
             # Keep resources that are going away until the removal phase.
+            if type_url == typeurls.CLUSTER:
+                self._rewarm(snapshot, state.held, view.resources)
             gone = {n: r for n, r in state.held.items() if n not in view.resources}
             if not gone:
                 if not state.force_all and state.held_version == view.version:
@@ -122,6 +124,20 @@ class SotwSession(SessionBase[_TypeState]):
         # Usually the proxy then holds exactly the view, whose version is already known.
         known = view.version if len(held) == len(view.resources) and held.keys() == view.resources.keys() else None
         return self._send(type_url, state, held, changed, known)
+
+    def _rewarm(self, snapshot: Snapshot, held: Mapping[str, Resource], clusters: Mapping[str, Resource]) -> None:
+        """Envoy warms a changed cluster until its endpoints arrive again, changed or not: resend them.
+
+        Called before the CDS response goes out; EDS follows in the same push (push order).
+        """
+        eds = self.types.get(typeurls.ENDPOINT)
+        if eds is None or eds.names is None:
+            return
+        changed = [n for n, r in clusters.items() if n in held and held[n].version != r.version]
+        again = {snapshot.cluster_eds[n] for n in changed if n in snapshot.cluster_eds} & eds.names
+        if again:
+            eds.force_names |= again
+            eds.seen = ""
 
     def _removals(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         state = self.types[type_url]

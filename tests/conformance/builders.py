@@ -16,9 +16,9 @@ from pilot.xds import typeurls
 from pilot.xds.snapshot import Snapshot
 
 
-def cluster(name: str) -> Any:
+def cluster(name: str, connect_timeout: int = 1) -> Any:
     c = cluster_pb2.Cluster(name=name, type=cluster_pb2.Cluster.EDS)
-    c.connect_timeout.seconds = 1
+    c.connect_timeout.seconds = connect_timeout
     c.eds_cluster_config.eds_config.ads.SetInParent()
     c.eds_cluster_config.eds_config.resource_api_version = config_source_pb2.V3
     return c
@@ -56,11 +56,17 @@ def route(name: str, cluster_name: str) -> Any:
     return route_pb2.RouteConfiguration(name=name, virtual_hosts=[vh])
 
 
-def snapshot(clusters: dict[str, int], routes: dict[str, str] | None = None, **extra_ports: int) -> Snapshot:
-    """Clusters with one endpoint each (name -> port), and listeners/routes (route name -> cluster)."""
+def snapshot(
+    clusters: dict[str, int], routes: dict[str, str] | None = None, timeouts: dict[str, int] | None = None
+) -> Snapshot:
+    """Clusters with one endpoint each (name -> port), and listeners/routes (route name -> cluster).
+
+    `timeouts` changes a cluster's connect timeout: a cluster change that leaves its endpoints alone.
+    """
     routes = routes if routes is not None else {"r1": next(iter(clusters), "")}
+    timeouts = timeouts or {}
     res: dict[str, dict[str, Any]] = {
-        typeurls.CLUSTER: {n: cluster(n) for n in clusters},
+        typeurls.CLUSTER: {n: cluster(n, timeouts.get(n, 1)) for n in clusters},
         typeurls.ENDPOINT: {n: endpoints(n, p) for n, p in clusters.items()},
         typeurls.LISTENER: {f"l_{r}": listener(f"l_{r}", 10000 + i, r) for i, r in enumerate(sorted(routes))},
         typeurls.ROUTE: {r: route(r, c) for r, c in routes.items()},

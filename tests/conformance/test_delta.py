@@ -143,3 +143,17 @@ async def test_after_a_nack_the_next_change_resends_what_the_proxy_rejected(ads:
         await c.expect_silence()
         ads.publish(snapshot({"c1": 2, "c2": 3}))
         assert names(await c.recv()) == ["c1", "c2"]
+
+
+async def test_a_changed_cluster_gets_its_endpoints_again(ads: Harness) -> None:
+    ads.publish(snapshot({"c1": 1, "c2": 1}))
+    async with ads.client(delta=True) as c:
+        c.send_delta(CLUSTER)
+        c.send_delta(CLUSTER, nonce=(await c.recv()).nonce)
+        c.send_delta(ENDPOINT, subscribe=["c1", "c2"])
+        c.send_delta(ENDPOINT, nonce=(await c.recv()).nonce)
+        ads.publish(snapshot({"c1": 1, "c2": 1}, timeouts={"c1": 5}))
+        cds = await c.recv()
+        assert cds.type_url == CLUSTER and names(cds) == ["c1"]
+        eds = await c.recv()
+        assert eds.type_url == ENDPOINT and names(eds) == ["c1"]

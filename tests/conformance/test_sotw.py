@@ -259,3 +259,18 @@ async def test_after_a_nack_the_next_change_resends_what_the_proxy_rejected(ads:
         # c2 is fixed; c1 is unchanged since the rejected response, but the proxy never applied it.
         ads.publish(snapshot({"c1": 2, "c2": 3}))
         assert sorted(resource_names(await c.recv())) == ["c1", "c2"]
+
+
+async def test_a_changed_cluster_gets_its_endpoints_again(ads: Harness) -> None:
+    """Envoy warms an updated cluster until EDS arrives for it, even if the endpoints did not change."""
+    ads.publish(snapshot({"c1": 1, "c2": 1}))
+    async with ads.client() as c:
+        c.send(CLUSTER)
+        c.ack(await c.recv())
+        c.send(ENDPOINT, ["c1", "c2"])
+        c.ack(await c.recv())
+        ads.publish(snapshot({"c1": 1, "c2": 1}, timeouts={"c1": 5}))  # c1's cluster changes, not its endpoints
+        cds = await c.recv()
+        assert cds.type_url == CLUSTER
+        eds = await c.recv()
+        assert eds.type_url == ENDPOINT and resource_names(eds) == ["c1"]

@@ -148,3 +148,19 @@ async def test_each_type_is_acked_with_the_snapshot_version(canary: Canary) -> N
             if t in row["types"]:
                 assert row["types"][t]["acked_version"] == row["types"][t]["current_version"]
                 assert row["types"][t]["state"] == "SYNCED"
+
+
+async def test_a_destination_rule_edit_is_applied_without_waiting_for_envoy_timeouts(canary: Canary) -> None:
+    """A changed cluster warms in Envoy until its endpoints are sent again; pilot must resend them.
+
+    Without that, Envoy waits out its 15 s initial-fetch timeout before using (and ACKing) the cluster.
+    """
+    before = canary.mesh.pilot.store.revision
+    rule = canary.demo.route_yaml([80, 20]).replace(
+        "  host: reviews\n", "  host: reviews\n  trafficPolicy: {connectionPool: {tcp: {connectTimeout: 3s}}}\n", 1)
+    (canary.config_dir / "route.yaml").write_text(rule)
+    await canary.mesh.wait_applied(before, timeout=5)
+    dump = await canary.mesh.sidecars["default/frontend"].config_dump("dynamic_warming_clusters")
+    assert not dump.get("configs"), dump
+    counts = await versions_seen(canary.outbound, 20)
+    assert sum(counts.values()) == 20
