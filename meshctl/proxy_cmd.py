@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -81,7 +82,8 @@ def run(log_level: str, ready_timeout: float, **spec_args: Any) -> None:
 
 
 async def _serve(spec_args: dict[str, Any], log_level: str, ready_timeout: float) -> None:
-    spec = await build_spec(**spec_args)
+    # Started together with `meshctl up` (an example's command block), pilot may not be up yet.
+    spec = await build_spec(**spec_args, wait_for_pilot=ready_timeout)
     task = asyncio.current_task()
     if task is None:
         raise RuntimeError("_serve must run as a task")
@@ -114,13 +116,17 @@ async def build_spec(
     cluster_domain: str,
     gateway: bool,
     initial_fetch_timeout: float,
+    wait_for_pilot: float = 0.0,
 ) -> BootstrapSpec:
-    """The spec from the options, asking pilot for whatever `--address` did not say."""
+    """The spec from the options, asking pilot for whatever `--address` did not say.
+
+    `wait_for_pilot` seconds: keep trying while pilot's debug API does not answer yet.
+    """
     namespace, name = _split_workload(workload)
     extra = _parse_labels(labels)
     known: dict[str, Any] = {}
     if address is None:
-        known = await fetch_workload(debug, namespace, name)
+        known = await fetch_workload(debug, namespace, name, wait=wait_for_pilot)
     try:
         pilot_host, pilot_port = parse_host_port(pilot)
         return BootstrapSpec(
@@ -139,8 +145,27 @@ async def build_spec(
         raise click.UsageError(str(exc)) from exc
 
 
-async def fetch_workload(debug: str, namespace: str, name: str) -> dict[str, Any]:
-    """Pilot's view of a WorkloadEntry from `GET /debug/workload/<ns>/<name>`; ClickException if none."""
+async def fetch_workload(debug: str, namespace: str, name: str, wait: float = 0.0) -> dict[str, Any]:
+    """Pilot's view of a WorkloadEntry from `GET /debug/workload/<ns>/<name>`; ClickException if none.
+
+    While pilot cannot be reached it is retried for up to `wait` seconds. Pilot serves its debug
+    API only once its first mesh is built, so an answer (even a 404) is final.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return await _fetch_workload_once(debug, namespace, name)
+        except _Unreachable as exc:
+            if time.monotonic() >= deadline:
+                raise click.ClickException(str(exc)) from exc
+            await asyncio.sleep(0.2)
+
+
+class _Unreachable(Exception):
+    """Pilot's debug API did not answer at all."""
+
+
+async def _fetch_workload_once(debug: str, namespace: str, name: str) -> dict[str, Any]:
     url = f"http://{debug}/debug/workload/{namespace}/{name}"
     try:
         async with (
@@ -158,7 +183,7 @@ async def fetch_workload(debug: str, namespace: str, name: str) -> dict[str, Any
     except ValueError as exc:
         raise click.ClickException(f"pilot at {debug}: GET {url} answered invalid JSON ({exc})") from exc
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise click.ClickException(
+        raise _Unreachable(
             f"cannot reach pilot's debug API at {debug} ({exc}); is pilot running? or pass --address"
         ) from exc
     if not isinstance(data, dict) or not data.get("address"):
