@@ -237,6 +237,7 @@ def _sidecars(entries: list[Sidecar]) -> tuple[m.SidecarScope, ...]:
             ingress_endpoints=m.frozen_map(
                 {i.port.number: i.default_endpoint for i in s.spec.ingress if i.default_endpoint}
             ),
+            ingress_ports=m.frozen_map({i.port.number: (i.port.protocol or "").upper() for i in s.spec.ingress}),
         )
         for s in entries
     ]

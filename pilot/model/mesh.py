@@ -291,6 +291,9 @@ class SidecarScope:
     name: str
     selector: Labels | None
     ingress_endpoints: Mapping[int, str] = field(default_factory=frozen_map)  # port -> defaultEndpoint
+    # port -> protocol ("" when not given) of every ingress listener; empty: no ingress section,
+    # and inbound ports come from the services that select the workload.
+    ingress_ports: Mapping[int, str] = field(default_factory=frozen_map)
 
 
 @dataclass(frozen=True, slots=True)

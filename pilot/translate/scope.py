@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pilot.model.build import endpoint_port
-from pilot.model.mesh import MeshSnapshot, SidecarScope, Workload
+from pilot.model.mesh import HTTP_PROTOCOLS, MeshSnapshot, SidecarScope, Workload
 from pilot.model.proxy import ProxyClass
 from pilot.model.scoping import EgressScope
 from pilot.translate import names
@@ -74,10 +74,15 @@ def _inbound_ports(
     sidecar: SidecarScope | None,
 ) -> tuple[InboundPort, ...]:
     protocols: dict[int, list[tuple[bool, bool]]] = {}
-    for service in mesh.services_selecting(namespace, labels):
+    services = mesh.services_selecting(namespace, labels)
+    for service in services:
         for port in service.ports:
             number = endpoint_port(port, workload.ports if workload else None)
             protocols.setdefault(number, []).append((port.is_http, port.is_http2))
+    if sidecar is not None and sidecar.ingress_ports:
+        # Istio: an ingress section replaces the ports taken from services, and applies only
+        # to a workload that some service selects.
+        protocols = _listed_ports(sidecar.ingress_ports, protocols) if services else {}
     found = []
     for number, kinds in sorted(protocols.items()):
         if number in names.RESERVED_PORTS:
@@ -88,6 +93,19 @@ def _inbound_ports(
         http = all(h for h, _ in kinds)
         found.append(InboundPort(number, http, http and any(h2 for _, h2 in kinds), address, app_port))
     return tuple(found)
+
+
+def _listed_ports(
+    listed: Mapping[int, str], from_services: dict[int, list[tuple[bool, bool]]]
+) -> dict[int, list[tuple[bool, bool]]]:
+    """The Sidecar's ingress ports; a port without a protocol takes the services' for that port."""
+    out: dict[int, list[tuple[bool, bool]]] = {}
+    for number, protocol in listed.items():
+        if protocol:
+            out[number] = [(protocol in HTTP_PROTOCOLS, protocol in ("HTTP2", "GRPC", "GRPC-WEB"))]
+        else:
+            out[number] = from_services.get(number, [(False, False)])
+    return out
 
 
 def app_endpoint(default_endpoint: str | None, port: int, bind: str) -> tuple[str, int]:
