@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# grpc-core logs every GOAWAY of a closed test stream at INFO; it reads this when grpc loads,
+# which happens after this file in every test run. Errors still show.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
