@@ -274,3 +274,13 @@ async def test_a_changed_cluster_gets_its_endpoints_again(ads: Harness) -> None:
         assert cds.type_url == CLUSTER
         eds = await c.recv()
         assert eds.type_url == ENDPOINT and resource_names(eds) == ["c1"]
+
+
+async def test_a_type_pilot_does_not_serve_is_ignored_and_the_stream_keeps_working(ads: Harness) -> None:
+    ads.publish(snapshot({"c1": 1}))
+    async with ads.client() as c:
+        c.send("type.googleapis.com/envoy.service.runtime.v3.Runtime", ["rtds"])
+        c.send("type.googleapis.com/not.a.Type")
+        await c.expect_silence()
+        c.send(CLUSTER)
+        assert resource_names(await c.recv()) == ["c1"]
