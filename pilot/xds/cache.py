@@ -1,15 +1,13 @@
 """The snapshot cache: proxy class -> latest consistent Snapshot, with change notification.
 
 Concurrency: everything runs on one event loop. The pusher is the only writer (`set`);
-ADS streams are readers woken by a callback they register with `watch` (other readers may
-`await wait_for_change`, parked on an asyncio.Event that `set` fires), so nothing polls.
+ADS streams are readers woken by a callback they register with `watch`, so nothing polls.
 `watch` also tells the pusher which classes are in demand, so it can generate a snapshot for
 a class the moment its first proxy connects.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -25,7 +23,6 @@ class SnapshotCache:
 
     def __init__(self) -> None:
         self._snapshots: dict[ProxyClass, Snapshot] = {}
-        self._events: dict[ProxyClass, asyncio.Event] = {}
         self._watchers: Counter[ProxyClass] = Counter()
         self._demand_listeners: list[DemandListener] = []
         self._wakers: dict[ProxyClass, set[Callable[[], None]]] = {}
@@ -43,9 +40,6 @@ class SnapshotCache:
         if previous is not None and previous.versions() == snapshot.versions():
             return  # identical content: no push
         self._snapshots[key] = snapshot
-        event = self._events.pop(key, None)
-        if event is not None:
-            event.set()
         for wake in self._wakers.get(key, ()):
             wake()
 
@@ -59,17 +53,6 @@ class SnapshotCache:
     def watched(self) -> list[ProxyClass]:
         """Classes with at least one connected stream."""
         return [k for k, n in self._watchers.items() if n > 0]
-
-    async def wait_for_change(self, key: ProxyClass, current: Snapshot | None) -> Snapshot:
-        """Return the class's snapshot as soon as it differs from `current`."""
-        while True:
-            latest = self._snapshots.get(key)
-            if latest is not None and latest is not current:
-                return latest
-            event = self._events.get(key)
-            if event is None:
-                event = self._events[key] = asyncio.Event()
-            await event.wait()
 
     def on_demand(self, listener: DemandListener) -> None:
         """Call `listener(key)` whenever a class gains its first watching stream."""

@@ -111,8 +111,3 @@ class SessionBase(Generic[StateT]):
         detail = request.error_detail  # type: ignore[attr-defined]
         return str(detail.message) or f"code {detail.code}"
 
-
-def existing(snapshot: Snapshot, type_url: str, names: Iterable[str]) -> Mapping[str, Resource]:
-    """The resources of a type that exist among `names`."""
-    have = snapshot.of(type_url).resources
-    return {n: have[n] for n in sorted(names) if n in have}

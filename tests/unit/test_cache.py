@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from pilot.model.proxy import ProxyClass, ProxyKind
@@ -37,19 +35,19 @@ def test_same_content_gives_same_versions() -> None:
     assert snapshot({"c1": 1}).version(ENDPOINT) != snapshot({"c1": 2}).version(ENDPOINT)
 
 
-async def test_waiters_wake_on_change_without_polling() -> None:
+def test_watchers_are_woken_on_change_only() -> None:
     cache = SnapshotCache()
     first = snapshot({"c1": 1})
     cache.set(KEY, first)
-    waiter = asyncio.create_task(cache.wait_for_change(KEY, first))
-    await asyncio.sleep(0.05)
-    assert not waiter.done()
-    cache.set(KEY, snapshot({"c1": 1}))  # equal content: no wake-up
-    await asyncio.sleep(0.05)
-    assert not waiter.done()
-    second = snapshot({"c1": 2})
-    cache.set(KEY, second)
-    assert await asyncio.wait_for(waiter, 1) is second
+    woken: list[object] = []
+    with cache.watch(KEY, lambda: woken.append(cache.get(KEY))):
+        cache.set(KEY, snapshot({"c1": 1}))  # equal content: no wake-up
+        assert woken == []
+        second = snapshot({"c1": 2})
+        cache.set(KEY, second)
+        assert woken == [second]
+    cache.set(KEY, snapshot({"c1": 3}))  # no longer watching
+    assert woken == [second]
 
 
 def test_demand_listener_fires_on_first_watcher_only() -> None:
