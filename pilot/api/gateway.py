@@ -18,9 +18,10 @@ from pilot.api.base import ApiObject, IstioModel
 from pilot.api.common import Port
 from pilot.api.errors import FieldIssue
 from pilot.api.hosts import GatewayHost
+from pilot.api.service_entry import HTTP_PROTOCOLS
 
 # Server protocols served with an HTTP connection manager (plus HTTPS once TLS is terminated).
-HTTP_SERVER_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", "GRPC-WEB"})
+HTTP_SERVER_PROTOCOLS = HTTP_PROTOCOLS
 TLS_PROTOCOLS = frozenset({"HTTPS", "TLS"})
 
 

@@ -27,6 +27,7 @@ PROTOCOLS = frozenset(
 )
 # Protocols Envoy handles with the HTTP connection manager.
 HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", "GRPC-WEB"})
+HTTP2_PROTOCOLS = frozenset({"HTTP2", "GRPC", "GRPC-WEB"})  # spoken as HTTP/2 upstream
 
 
 def _check_protocol(value: str) -> str:

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pilot.model.mesh import MeshSnapshot, Service
-
-# Resolutions whose clusters carry their endpoints inline (CDS), not through EDS.
-_INLINE_ENDPOINTS = frozenset({"DNS", "DNS_ROUND_ROBIN"})
+from pilot.model.mesh import DNS_RESOLUTIONS, MeshSnapshot, Service
 
 
 def endpoints_only(old: MeshSnapshot, new: MeshSnapshot) -> bool:
@@ -34,7 +31,7 @@ def endpoints_only(old: MeshSnapshot, new: MeshSnapshot) -> bool:
 def _same_but_endpoints(old: Service, new: Service) -> bool:
     if dataclasses.replace(old, endpoints=()) != dataclasses.replace(new, endpoints=()):
         return False
-    if old.resolution in _INLINE_ENDPOINTS:
+    if old.resolution in DNS_RESOLUTIONS:
         return old.endpoints == new.endpoints
     # Having endpoints at all decides a cluster's discovery type (EDS or original destination).
     return bool(old.endpoints) == bool(new.endpoints)

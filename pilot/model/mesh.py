@@ -13,11 +13,13 @@ from datetime import timedelta
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 
+from pilot.api.service_entry import HTTP2_PROTOCOLS, HTTP_PROTOCOLS
 from pilot.model.policy import NO_POLICY, TrafficPolicy, effective_policy
 from pilot.model.scoping import Scoping
 
 Labels = Mapping[str, str]
-HTTP_PROTOCOLS = frozenset({"HTTP", "HTTP2", "GRPC", "GRPC-WEB"})
+# Resolutions whose clusters carry their endpoints inline (DNS discovery), not through EDS.
+DNS_RESOLUTIONS = frozenset({"DNS", "DNS_ROUND_ROBIN"})
 
 
 K = TypeVar("K", str, int, tuple[str, str])
@@ -47,7 +49,7 @@ class ServicePort:
 
     @property
     def is_http2(self) -> bool:
-        return self.protocol in ("HTTP2", "GRPC", "GRPC-WEB")
+        return self.protocol in HTTP2_PROTOCOLS
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ from typing import Any
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 
-from pilot.model.mesh import MeshSnapshot, Service, ServicePort
+from pilot.model.mesh import DNS_RESOLUTIONS, MeshSnapshot, Service, ServicePort
 from pilot.model.policy import NO_POLICY, ConnectionPool, TrafficPolicy
 from pilot.translate import names
 from pilot.translate.common import ads_config_source, lb_endpoint
@@ -15,7 +15,6 @@ from pilot.translate.policy import apply_connection_limits, apply_traffic_policy
 from pilot.translate.scope import InboundPort, ProxyView
 
 Cluster = cluster_pb2.Cluster
-DNS_RESOLUTIONS = frozenset({"DNS", "DNS_ROUND_ROBIN"})
 
 
 def discovery(service: Service) -> str:

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from pilot.api.service_entry import HTTP2_PROTOCOLS, HTTP_PROTOCOLS
 from pilot.model.build import endpoint_port
-from pilot.model.mesh import HTTP_PROTOCOLS, MeshSnapshot, SidecarScope, Workload
+from pilot.model.mesh import MeshSnapshot, SidecarScope, Workload
 from pilot.model.proxy import ProxyClass
 from pilot.model.scoping import EgressScope
 from pilot.translate import names
@@ -102,7 +103,7 @@ def _listed_ports(
     out: dict[int, list[tuple[bool, bool]]] = {}
     for number, protocol in listed.items():
         if protocol:
-            out[number] = [(protocol in HTTP_PROTOCOLS, protocol in ("HTTP2", "GRPC", "GRPC-WEB"))]
+            out[number] = [(protocol in HTTP_PROTOCOLS, protocol in HTTP2_PROTOCOLS)]
         else:
             out[number] = from_services.get(number, [(False, False)])
     return out
