@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import socket
 import tempfile
 import time
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from rich.table import Table
 
 from meshctl.democonfig import DemoMesh
 from meshctl.echoapp import Upstream, start_echo_app
-from meshctl.localmesh import LocalMesh, http_session
+from meshctl.localmesh import LocalMesh, free_port, http_session
 from pilot.settings import PilotSettings
 
 START_WEIGHTS = (80, 20, 0)
@@ -48,12 +47,6 @@ class Tally:
         return collections.Counter(o for _, o in self.events)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def render(tally: Tally, versions: Sequence[str], weights: Sequence[int], note: str) -> Group:
     table = Table(title="reviews traffic seen by the frontend", header_style="bold")
     for col in ("version", "route weight", "last 3 s", "share", "total"):
@@ -71,7 +64,7 @@ def render(tally: Tally, versions: Sequence[str], weights: Sequence[int], note: 
 
 async def run_demo(duration: float, ads_port: int, debug_port: int, console: Console) -> int:
     """Run the demo; returns the number of failed requests (0 is a healthy mesh)."""
-    demo = DemoMesh("127.0.10", {v: _free_port() for v in ("v1", "v2", "v3")})
+    demo = DemoMesh("127.0.10", {v: free_port() for v in ("v1", "v2", "v3")})
     with tempfile.TemporaryDirectory(prefix="meshctl-demo-") as tmp:
         config = Path(tmp)
         (config / "mesh.yaml").write_text(demo.mesh_yaml())

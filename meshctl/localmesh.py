@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -129,6 +130,13 @@ def _synced(row: dict[str, Any]) -> bool:
 
 def _summary(rows: list[dict[str, Any]]) -> str:
     return "; ".join(f'{r["proxy"]}: ' + ",".join(f'{k}={v["state"]}' for k, v in r["types"].items()) for r in rows)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for apps and pilot in local meshes and tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @contextlib.asynccontextmanager

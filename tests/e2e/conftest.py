@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import yaml
 
 from meshctl.democonfig import DemoMesh
-from meshctl.localmesh import LocalMesh
+from meshctl.localmesh import LocalMesh, free_port
 from pilot.settings import PilotSettings
 
 
@@ -41,12 +40,6 @@ def _doc(kind: str, name: str, namespace: str, spec: dict[str, object]) -> str:
     body = {"apiVersion": "networking.istio.io/v1", "kind": kind,
             "metadata": {"name": name, "namespace": namespace}, "spec": spec}
     return "---\n" + yaml.safe_dump(body, sort_keys=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def random_block() -> str:

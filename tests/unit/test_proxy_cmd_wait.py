@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import click
 import pytest
 from aiohttp import web
 
+from meshctl.localmesh import free_port
 from meshctl.proxy_cmd import fetch_workload
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_a_debug_api_that_comes_up_late_is_still_found() -> None:
-    port = _free_port()
+    port = free_port()
 
     async def workload(request: web.Request) -> web.Response:
         return web.json_response({"namespace": "default", "name": "a", "address": "127.0.8.1", "labels": {}})
@@ -43,4 +37,4 @@ async def test_a_debug_api_that_comes_up_late_is_still_found() -> None:
 
 async def test_without_waiting_an_absent_pilot_is_a_clear_error_at_once() -> None:
     with pytest.raises(click.ClickException, match="cannot reach pilot's debug API"):
-        await fetch_workload(f"127.0.0.1:{_free_port()}", "default", "a")
+        await fetch_workload(f"127.0.0.1:{free_port()}", "default", "a")
