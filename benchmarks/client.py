@@ -127,7 +127,6 @@ class _TypeState:
 
 @dataclass
 class ClientResult:
-    started_at: float = 0.0
     ready_at: float | None = None
     matched_at: float | None = None
     responses: int = 0
@@ -164,7 +163,6 @@ class SimClient:
 
     async def run(self, channel: grpc.aio.Channel) -> None:
         """Keep a stream open; after a failure reconnect with Envoy's jittered exponential backoff."""
-        self.result.started_at = time.monotonic()
         attempt = 0
         while True:
             got_responses = await self._stream(channel)

@@ -198,6 +198,7 @@ async def test_proxy_status_reports_identity_and_versions(ads: Harness) -> None:
         assert row["labels"] == {"app": "a"}
         assert row["types"]["CDS"]["sent_nonce"] == r.nonce
         assert row["types"]["CDS"]["acked_version"] == r.version_info == row["types"]["CDS"]["current_version"]
+        assert 0 < row["types"]["CDS"]["sent_at"] <= row["types"]["CDS"]["acked_at"]
 
 
 async def test_a_client_that_vanishes_is_forgotten_and_others_keep_being_served(ads: Harness) -> None:
