@@ -36,6 +36,7 @@ def cli() -> None:
 def up(config_dir: Path, ads_addr: str, debug_addr: str, log_level: str) -> None:
     """Run the control plane on a directory of mesh config until Ctrl-C."""
     from pilot.app import Pilot
+    from pilot.gcpolicy import tune_gc
     from pilot.settings import PilotSettings
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -46,6 +47,7 @@ def up(config_dir: Path, ads_addr: str, debug_addr: str, log_level: str) -> None
 
     async def run() -> None:
         async with Pilot(settings) as pilot:
+            tune_gc(settings.gc_young_threshold)  # after start-up: what exists now lives as long as pilot
             click.echo(f"pilot: xDS on {pilot.ads_address}, debug on http://{pilot.debug_address}", err=True)
             await _until_signal()
 

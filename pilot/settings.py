@@ -24,3 +24,5 @@ class PilotSettings(BaseSettings):
     file_poll_ms: int = Field(25, ge=10, description="how often the file source looks for changed YAML files")
     stream_queue_size: int = Field(16, ge=1, description="bounded queue of unprocessed requests per ADS stream")
     cluster_domain: str = "cluster.local"
+    gc_young_threshold: int = Field(
+        50_000, ge=0, description="allocations between young garbage collections (`meshctl up`); 0: Python's 700")
