@@ -53,7 +53,8 @@ class Pilot:
         )
         self.ads = AdsServer(self.cache, self.status, queue_size=settings.stream_queue_size)
         self.files = (
-            FileSource(self.store, settings.config_dir, interval=settings.file_poll_ms / 1000)
+            FileSource(self.store, settings.config_dir, interval=settings.file_poll_ms / 1000,
+                       watch=settings.file_watch, rescan=settings.file_rescan_ms / 1000)
             if settings.config_dir else None
         )
         self._tasks: list[asyncio.Task[None]] = []

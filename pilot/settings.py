@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,7 +22,10 @@ class PilotSettings(BaseSettings):
     debounce_ms: int = Field(100, ge=0, description="quiet time after a config change before a push")
     debounce_max_ms: int = Field(1000, ge=0, description="longest a push waits while changes keep coming")
     endpoint_debounce_ms: int = Field(10, ge=0, description="quiet time when only endpoints (WorkloadEntry) changed")
-    file_poll_ms: int = Field(25, ge=10, description="how often the file source looks for changed YAML files")
+    file_watch: Literal["events", "poll"] = Field(
+        "events", description="events: woken by file events (inotify...); poll: stat() every file_poll_ms")
+    file_poll_ms: int = Field(25, ge=10, description="how often the file source looks for changed files when polling")
+    file_rescan_ms: int = Field(1000, ge=10, description="safety sweep for changes file events missed")
     stream_queue_size: int = Field(16, ge=1, description="bounded queue of unprocessed requests per ADS stream")
     cluster_domain: str = "cluster.local"
     gc_young_threshold: int = Field(

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Any, Literal
 
-from pilot.config import ConfigStore, FileSource, load_dir, load_text
+import pytest
+
+from pilot.config import ConfigStore, FileSource, files, load_dir, load_text
 
 SE = """apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -84,9 +87,11 @@ async def _until(predicate: object, timeout: float = 1.5) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_watch_picks_up_add_change_fix_and_delete(tmp_path: Path) -> None:
+@pytest.mark.parametrize("watch", ["events", "poll"])
+async def test_watch_picks_up_add_change_fix_and_delete(tmp_path: Path, watch: Literal["events", "poll"]) -> None:
     store = ConfigStore()
-    source = FileSource(store, tmp_path, interval=0.05)
+    # With events, sweeps are a minute apart: only file events can make the deadlines.
+    source = FileSource(store, tmp_path, interval=0.05, watch=watch, rescan=60)
     task = asyncio.create_task(source.run())
     try:
         names = lambda: sorted(o.metadata.name for o in store.objects())  # noqa: E731
@@ -132,3 +137,45 @@ async def test_touching_a_file_asks_for_a_rebuild_but_rechecks_do_not(tmp_path: 
     assert store.revision == rev + 1
     assert source.sync() is False, "re-reading recently written files is not a new change"
     assert store.revision == rev + 1
+
+
+async def test_a_replaced_directory_is_watched_again(tmp_path: Path) -> None:
+    """A watch follows the old directory; the sweep notices the new one and re-arms on it."""
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "a.yaml").write_text(se("a"))
+    store = ConfigStore()
+    source = FileSource(store, config, rescan=0.2)
+    source.sync()
+    task = asyncio.create_task(source.run())
+    try:
+        names = lambda: sorted(o.metadata.name for o in store.objects())  # noqa: E731
+        await asyncio.sleep(0.1)  # let the watch arm on the first directory
+        replacement = tmp_path / "next"
+        replacement.mkdir()
+        (replacement / "b.yaml").write_text(se("b"))
+        config.rename(tmp_path / "old")
+        replacement.rename(config)
+        await _until(lambda: names() == ["b"])
+        (config / "c.yaml").write_text(se("c", host="c.example.com"))
+        await _until(lambda: names() == ["b", "c"])
+    finally:
+        task.cancel()
+    assert source.failures == 0
+
+
+async def test_without_file_events_the_source_polls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("inotify watch limit reached")
+
+    monkeypatch.setattr(files, "RustNotify", unavailable)
+    store = ConfigStore()
+    source = FileSource(store, tmp_path, interval=0.02, rescan=60)
+    task = asyncio.create_task(source.run())
+    try:
+        (tmp_path / "a.yaml").write_text(se("a"))
+        await _until(lambda: [o.metadata.name for o in store.objects()] == ["a"])
+    finally:
+        task.cancel()
+    assert "file events unavailable (inotify watch limit reached); polling every 20 ms" in caplog.text
