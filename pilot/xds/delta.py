@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pilot.xds import typeurls
-from pilot.xds.session import SessionBase, version_of
+from pilot.xds.session import SessionBase, Subscriptions, version_of
 from pilot.xds.snapshot import Resource, Snapshot
 from pilot.xds.wire import len_field, str_field
 
@@ -31,11 +31,11 @@ class _DeltaType:
 
     frozen: frozenset[str] | None = None  # `names` as a frozenset, cached while it is unchanged
 
-    def subscription(self) -> frozenset[str] | None:
+    def subscription(self, subscriptions: Subscriptions) -> frozenset[str] | None:
         if self.wildcard:
             return None
         if self.frozen is None:
-            self.frozen = frozenset(self.names)
+            self.frozen = subscriptions.intern(frozenset(self.names))
         return self.frozen
 
 
@@ -84,14 +84,15 @@ class DeltaSession(SessionBase[_DeltaType]):
 
     def _updates(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         state = self.types[type_url]
-        snap_view = snapshot.view(type_url, state.subscription())
+        snap_view = snapshot.view(type_url, state.subscription(self.subscriptions))
         self._set_current(type_url, snap_view.version)
         if snap_view.version == state.seen:
             return None
         state.seen = snap_view.version
         view = snap_view.resources
         # Streams of a class holding the same thing share one computed change set.
-        changes = snapshot.changes(type_url, state.subscription(), state.held_version, lambda: state.held)
+        subscription = state.subscription(self.subscriptions)
+        changes = snapshot.changes(type_url, subscription, state.held_version, lambda: state.held)
         changed = list(changes.values())
         missing: list[str] = []
         if len(view) < len(state.names):  # some subscribed names do not exist
@@ -118,7 +119,7 @@ class DeltaSession(SessionBase[_DeltaType]):
 
     def _removals(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         state = self.types[type_url]
-        view = snapshot.view(type_url, state.subscription()).resources
+        view = snapshot.view(type_url, state.subscription(self.subscriptions)).resources
         if len(state.held) == len(view):
             return None  # everything held is in view (held never has names outside it but these)
         gone = sorted(set(state.held) - set(view))
@@ -126,14 +127,15 @@ class DeltaSession(SessionBase[_DeltaType]):
             return None
         for name in gone:
             del state.held[name]
-        current = snapshot.view(type_url, state.subscription()).version
+        current = snapshot.view(type_url, state.subscription(self.subscriptions)).version
         state.held_version = current if len(state.held) == len(view) else ""
         return self._send(type_url, snapshot, state, [], gone)
 
     def _send(
         self, type_url: str, snapshot: Snapshot, state: _DeltaType, changed: list[Resource], removed: list[str]
     ) -> bytes:
-        nonce = self._sent(type_url, version_of(state.held))
+        # Usually known (the proxy holds exactly its view); hashing every held version per stream is not free.
+        nonce = self._sent(type_url, state.held_version or version_of(state.held))
         entries = b"".join(r.delta_entry for r in sorted(changed, key=lambda r: r.name))
         removals = b"".join(len_field(6, name.encode()) for name in removed)
         return (

@@ -20,7 +20,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from pilot.model.proxy import NodeError, ProxyIdentity, identity_from_node
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.delta import DeltaSession
-from pilot.xds.session import SessionBase
+from pilot.xds.session import SessionBase, Subscriptions
 from pilot.xds.snapshot import Snapshot
 from pilot.xds.sotw import SotwSession
 from pilot.xds.status import StatusRegistry
@@ -49,6 +49,7 @@ class AdsServer:
         self.status = status
         self.queue_size = queue_size
         self.classify = classify
+        self.subscriptions = Subscriptions()  # shared by every stream's session
         self._server: grpc.aio.Server | None = None
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -104,7 +105,7 @@ class AdsServer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot identify proxy: {exc}")
             return
         stream_status = self.status.open(identity, kind.protocol, context.peer())
-        session: Any = kind(stream_status, self.status)
+        session: Any = kind(stream_status, self.status, self.subscriptions)
         log.debug("%s stream %d opened by %s (%s)", kind.protocol, stream_status.stream_id,
                  identity.node_id, identity.proxy_class.describe())
         queue: asyncio.Queue[Any] = asyncio.Queue(self.queue_size)

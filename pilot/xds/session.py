@@ -37,8 +37,32 @@ def versions(resources: Mapping[str, Resource]) -> dict[str, str]:
 
 def ordered_types(type_urls: Iterable[str]) -> list[str]:
     """Types in push order (CDS, EDS, LDS, RDS, SDS), unknown ones last, by name."""
-    known = [t for t in typeurls.PUSH_ORDER if t in set(type_urls)]
-    return known + sorted(set(type_urls) - set(typeurls.PUSH_ORDER))
+    present = set(type_urls)
+    known: list[str] = [t for t in typeurls.PUSH_ORDER if t in present]
+    return known + sorted(present.difference(typeurls.PUSH_ORDER)) if len(known) < len(present) else known
+
+
+class Subscriptions:
+    """One shared object per distinct subscription (set of resource names), across streams.
+
+    Why: views and change sets are memoized per (type, subscription); with one object per
+    distinct set, those lookups and a session's "did my subscription change" check are
+    identity comparisons instead of comparing a hundred names per stream and push. Bounded:
+    past `limit` distinct sets the table starts over (sharing is lost, never correctness).
+    """
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self._known: dict[frozenset[str], frozenset[str]] = {}
+
+    def intern(self, names: frozenset[str]) -> frozenset[str]:
+        found = self._known.get(names)
+        if found is not None:
+            return found
+        if len(self._known) >= self.limit:
+            self._known.clear()
+        self._known[names] = names
+        return names
 
 
 class Nonces:
@@ -57,10 +81,12 @@ class SessionBase(Generic[StateT]):
 
     protocol = ""
 
-    def __init__(self, status: StreamStatus, registry: StatusRegistry) -> None:
+    def __init__(self, status: StreamStatus, registry: StatusRegistry,
+                 subscriptions: Subscriptions | None = None) -> None:
         self.types: dict[str, StateT] = {}
         self.status = status
         self.registry = registry
+        self.subscriptions = Subscriptions() if subscriptions is None else subscriptions
         self.nonces = Nonces()
         # type_url -> nonce of the last response that is not yet ACKed or NACKed
         self.pending: dict[str, str] = {}

@@ -39,7 +39,7 @@ class _TypeState:
 def _subscription(type_url: str, names: list[str]) -> frozenset[str] | None:
     if type_url in typeurls.WILDCARD_TYPES and (not names or "*" in names):
         return None
-    return frozenset(names) - {"*"}
+    return frozenset(names).difference(("*",))
 
 
 class SotwSession(SessionBase[_TypeState]):
@@ -48,8 +48,8 @@ class SotwSession(SessionBase[_TypeState]):
     def handle(self, request: Any) -> bool:
         """Apply a request; True if it may call for a response (False: stale, or a plain ACK)."""
         type_url: str = request.type_url
-        names = _subscription(type_url, list(request.resource_names))
         state = self.types.get(type_url)
+        names = self._names(type_url, request.resource_names, state)
         if state is None or not state.last_nonce:
             # First request of a type on this stream: never stale, whatever nonce it carries.
             self.types[type_url] = _TypeState(names=names)
@@ -74,9 +74,17 @@ class SotwSession(SessionBase[_TypeState]):
         # Once every response is settled, deferred removals may be due.
         return state.force_all or changed or (settled and not self.pending)
 
+    def _names(self, type_url: str, requested: Any, state: _TypeState | None) -> frozenset[str] | None:
+        """The subscription a request names, as the shared object for that set."""
+        if state is not None and state.names is not None and len(requested) == len(state.names) \
+                and state.names.issuperset(requested):
+            return state.names  # the common case, an ACK: same names, no new set built
+        names = _subscription(type_url, list(requested))
+        return None if names is None else self.subscriptions.intern(names)
+
     @staticmethod
     def _resubscribe(state: _TypeState, names: frozenset[str] | None) -> bool:
-        if names == state.names:
+        if names is state.names:
             return False
         if names is None or state.names is None:
             state.force_all = True

@@ -1,0 +1,157 @@
+"""Pilot's per-stream CPU for one push, without gRPC: N sessions of one class answer a change.
+
+    python -m benchmarks.session_fanout --streams 1000 --rounds 5
+
+The ADS load benchmark measures the whole system on shared cores, where a few milliseconds
+are noise; this isolates what pilot's own code costs per stream and push. N sessions
+(SotW or delta) subscribe like Envoy to the benchmark mesh's snapshot for one class and ACK
+it; then, for each of an endpoint and a route change, every session computes its responses
+and handles its ACK. Printed: microseconds per stream for each protocol and change, and, as
+the baseline measured in the same run, the cost of just concatenating the same response
+bytes per stream (the least any server must do).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from envoy.service.discovery.v3 import discovery_pb2
+from prometheus_client import CollectorRegistry
+
+from benchmarks import meshgen
+from pilot.config import load_dir
+from pilot.model.build import build_mesh
+from pilot.model.proxy import ProxyClass, ProxyIdentity, ProxyKind
+from pilot.translate.generate import generate
+from pilot.xds import typeurls
+from pilot.xds.delta import DeltaSession
+from pilot.xds.session import SessionBase, Subscriptions
+from pilot.xds.snapshot import Snapshot
+from pilot.xds.sotw import SotwSession
+from pilot.xds.status import StatusRegistry, XdsMetrics
+
+PROXY = ProxyClass(ProxyKind.SIDECAR, "team-0", (("app", "loadgen"),))
+
+
+def snapshot_of(directory: Path) -> Snapshot:
+    mesh = build_mesh(load_dir(directory).objects)
+    return Snapshot.from_resources(generate(mesh, PROXY))
+
+
+def _names(snapshot: Snapshot, type_url: str) -> list[str]:
+    return sorted(snapshot.of(type_url).resources)
+
+
+def _sotw_requests(snapshot: Snapshot, type_url: str, nonce: str = "") -> Any:
+    names = [] if type_url in typeurls.WILDCARD_TYPES else _names(snapshot, type_url)
+    return discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=names, response_nonce=nonce)
+
+
+def _delta_request(snapshot: Snapshot, type_url: str, nonce: str = "") -> Any:
+    if nonce:
+        return discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, response_nonce=nonce)
+    names = [] if type_url in typeurls.WILDCARD_TYPES else _names(snapshot, type_url)
+    return discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, resource_names_subscribe=names)
+
+
+def _nonces(responses: list[bytes], delta: bool) -> list[tuple[str, str]]:
+    kind = discovery_pb2.DeltaDiscoveryResponse if delta else discovery_pb2.DiscoveryResponse
+    return [(r.type_url, r.nonce) for r in (kind.FromString(raw) for raw in responses)]
+
+
+class Fleet:
+    """N sessions of one protocol, all subscribed to every type and in sync with `snapshot`."""
+
+    def __init__(self, n: int, delta: bool, snapshot: Snapshot) -> None:
+        self.delta = delta
+        self.registry = StatusRegistry(XdsMetrics(CollectorRegistry()))
+        kind: type[SessionBase[Any]] = DeltaSession if delta else SotwSession
+        self.sessions: list[SessionBase[Any]] = []
+        shared = Subscriptions()  # as the ADS server shares one across its streams
+        for i in range(n):
+            identity = ProxyIdentity(f"sidecar~10.0.0.{i}~w{i}.team-0~team-0.svc.cluster.local", "bench", PROXY)
+            session = kind(self.registry.open(identity, kind.protocol, "bench"), self.registry, shared)
+            for type_url in typeurls.PUSH_ORDER[:4]:
+                make = _delta_request if delta else _sotw_requests
+                session.handle(make(snapshot, type_url))
+            self.sessions.append(session)
+        self.push(snapshot)
+
+    def push(self, snapshot: Snapshot) -> int:
+        """Every session answers `snapshot` and handles the ACKs; returns the responses sent."""
+        sent = 0
+        for session in self.sessions:
+            responses = session.responses(snapshot)
+            sent += len(responses)
+            for type_url, nonce in _nonces(responses, self.delta):
+                ack = (_delta_request(snapshot, type_url, nonce) if self.delta
+                       else _sotw_requests(snapshot, type_url, nonce))
+                session.handle(ack)
+        return sent
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def _floor(delta: bool, streams: int, before: Snapshot, after: Snapshot) -> float:
+    """Seconds per stream to join one stream's response bytes, parse them and build the ACKs:
+    the harness's own share of `Fleet.push`, with no session logic."""
+    responses = Fleet(1, delta, before).sessions[0].responses(after)
+    make = _delta_request if delta else _sotw_requests
+
+    def run() -> None:
+        for _ in range(streams):
+            b"".join(responses)
+            for type_url, nonce in _nonces(responses, delta):
+                make(after, type_url, nonce)
+
+    return _timed(run) / streams
+
+
+def measure(delta: bool, streams: int, before: Snapshot, changes: dict[str, list[Snapshot]]) -> dict[str, float]:
+    """Median microseconds of session logic per stream and push, per change kind."""
+    fleet = Fleet(streams, delta, before)
+    per: dict[str, list[float]] = {kind: [] for kind in changes}
+    for i in range(len(changes["endpoint"])):
+        for kind, snapshots in changes.items():
+            snapshot = snapshots[i]
+            per[kind].append(_timed(lambda: fleet.push(snapshot)) / streams)  # noqa: B023 (called at once)
+    return {kind: (statistics.median(values) - _floor(delta, streams, before, changes[kind][-1])) * 1e6
+            for kind, values in per.items()}
+
+
+@click.command()
+@click.option("--streams", default=1000, show_default=True)
+@click.option("--rounds", default=5, show_default=True, help="Changes of each kind, alternating.")
+@click.option("--services", default=50, show_default=True)
+def main(streams: int, rounds: int, services: int) -> None:
+    """Microseconds of pilot session work per stream and push (lower is better)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = meshgen.generate(Path(tmp), services=services)
+        before = snapshot_of(config.directory)
+        changes: dict[str, list[Snapshot]] = {"endpoint": [], "route": []}
+        for i in range(rounds):
+            config.endpoint_change(i * 7 + 3)
+            config.write_service(i * 7 + 3)
+            changes["endpoint"].append(snapshot_of(config.directory))
+            config.route_change(i * 7)
+            config.write_service(i * 7)
+            changes["route"].append(snapshot_of(config.directory))
+    print(f"{streams} streams, {services} services: session logic in microseconds per stream and push "
+          f"(median of {rounds}; the harness's own parsing and ACK building subtracted)")
+    for protocol in ("sotw", "delta"):
+        result = measure(protocol == "delta", streams, before, changes)
+        print("  " + protocol.ljust(6) + "  ".join(f"{kind} {us:6.1f} us" for kind, us in result.items()))
+
+
+if __name__ == "__main__":
+    main()
