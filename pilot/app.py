@@ -17,6 +17,7 @@ from pilot.config.files import FileSource
 from pilot.config.store import ConfigStore
 from pilot.debug import DebugApi
 from pilot.model.build import build_mesh
+from pilot.model.conversions import Conversions
 from pilot.model.diff import endpoints_only
 from pilot.push import Generate, Pusher, PushMetrics
 from pilot.settings import PilotSettings
@@ -40,9 +41,10 @@ class Pilot:
         self.store = ConfigStore()
         self.cache = SnapshotCache()
         self.status = StatusRegistry(XdsMetrics(self.registry))
+        conversions = Conversions()  # per-object conversions reused from one build to the next
         self.pusher = Pusher(
             self.store, self.cache,
-            build_mesh=lambda objects: build_mesh(objects, cluster_domain=settings.cluster_domain),
+            build_mesh=lambda objects: build_mesh(objects, settings.cluster_domain, conversions),
             generate=generator,
             metrics=PushMetrics(self.registry),
             debounce=settings.debounce_ms / 1000,

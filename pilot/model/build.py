@@ -25,6 +25,7 @@ from pilot.api.service_entry import ServicePort as ApiServicePort
 from pilot.model import convert, convert_routes
 from pilot.model import mesh as m
 from pilot.model.build_scoping import ScopeInputs, build_scoping, oldest_merged_rules
+from pilot.model.conversions import Conversions
 
 MESH_GATEWAY = "mesh"
 _LATEST = datetime.max.replace(tzinfo=UTC)
@@ -39,19 +40,28 @@ def precedence(obj: ApiObject) -> tuple[datetime, str, str]:
     return (ts or _LATEST, obj.metadata.namespace, obj.metadata.name)
 
 
-def build_mesh(objects: Iterable[ApiObject], cluster_domain: str = "cluster.local") -> m.MeshSnapshot:
-    """Index every object into a MeshSnapshot; see the module docstring for conflict rules."""
-    objs = list(objects)
+def build_mesh(
+    objects: Iterable[ApiObject], cluster_domain: str = "cluster.local", conversions: Conversions | None = None
+) -> m.MeshSnapshot:
+    """Index every object into a MeshSnapshot; see the module docstring for conflict rules.
+
+    `conversions` carries per-object conversions over from the previous build (pilot keeps
+    one); the result is the same without it.
+    """
+    memo = Conversions() if conversions is None else conversions
+    memo.next_build()
+    by_kind: dict[type[ApiObject], list[ApiObject]] = {}
+    for obj in objects:
+        by_kind.setdefault(type(obj), []).append(obj)
+    entries, dest_rules = _of(by_kind, ServiceEntry), _of(by_kind, DestinationRule)
+    virtual_services = _of(by_kind, VirtualService)
     warnings: list[str] = []
-    workloads = _workloads(_of(objs, WorkloadEntry))
-    services = _services(_of(objs, ServiceEntry), workloads, warnings)
-    rules = _destination_rules(_of(objs, DestinationRule), cluster_domain, warnings)
-    routing = _virtual_services(_of(objs, VirtualService), cluster_domain, warnings)
-    scope_inputs = ScopeInputs(
-        _of(objs, ServiceEntry), _of(objs, DestinationRule), _of(objs, VirtualService), _of(objs, Gateway),
-        _of(objs, Sidecar),
-    )
-    scoping = build_scoping(scope_inputs, workloads, cluster_domain, warnings)
+    workloads = _workloads(_of(by_kind, WorkloadEntry), memo)
+    services = _services(entries, workloads, warnings, memo)
+    rules = _destination_rules(dest_rules, cluster_domain, warnings, memo)
+    routing = _virtual_services(virtual_services, cluster_domain, warnings, memo)
+    scope_inputs = ScopeInputs(entries, dest_rules, virtual_services, _of(by_kind, Gateway), _of(by_kind, Sidecar))
+    scoping = build_scoping(scope_inputs, workloads, cluster_domain, warnings, memo)
     rules = oldest_merged_rules(scoping)  # the base view, with same-namespace rules merged as Istio does
     warnings += _dangling_references(routing, services, rules)
     return m.MeshSnapshot(
@@ -60,42 +70,44 @@ def build_mesh(objects: Iterable[ApiObject], cluster_domain: str = "cluster.loca
         workloads=m.frozen_map(workloads),
         destination_rules=m.frozen_map(rules),
         virtual_services=m.frozen_map(routing),
-        sidecars=_sidecars(_of(objs, Sidecar)),
+        sidecars=_sidecars(scope_inputs.sidecars),
         scoping=scoping,
         warnings=tuple(warnings),
     )
 
 
-def _of(objs: Sequence[ApiObject], cls: type[T]) -> list[T]:
-    return sorted((o for o in objs if isinstance(o, cls)), key=precedence)
+def _of(by_kind: Mapping[type[ApiObject], list[ApiObject]], cls: type[T]) -> list[T]:
+    return sorted(by_kind.get(cls, ()), key=precedence)  # type: ignore[arg-type]
 
 
-def _workloads(entries: list[WorkloadEntry]) -> dict[tuple[str, str], m.Workload]:
-    return {
-        (e.metadata.namespace, e.metadata.name): m.Workload(
-            namespace=e.metadata.namespace,
-            name=e.metadata.name,
-            address=e.spec.address,
-            labels=m.frozen_map(e.spec.labels),
-            service_account=e.spec.service_account,
-            ports=m.frozen_map(e.spec.ports),
-            weight=e.spec.weight,
-            network=e.spec.network,
-            locality=e.spec.locality,
-        )
-        for e in entries
-    }
+def _workload(e: WorkloadEntry) -> m.Workload:
+    return m.Workload(
+        namespace=e.metadata.namespace,
+        name=e.metadata.name,
+        address=e.spec.address,
+        labels=m.frozen_map(e.spec.labels),
+        service_account=e.spec.service_account,
+        ports=m.frozen_map(e.spec.ports),
+        weight=e.spec.weight,
+        network=e.spec.network,
+        locality=e.spec.locality,
+    )
+
+
+def _workloads(entries: list[WorkloadEntry], memo: Conversions) -> dict[tuple[str, str], m.Workload]:
+    return {(e.metadata.namespace, e.metadata.name): memo.of(_workload, e) for e in entries}
 
 
 def _services(
-    entries: list[ServiceEntry], workloads: dict[tuple[str, str], m.Workload], warnings: list[str]
+    entries: list[ServiceEntry], workloads: dict[tuple[str, str], m.Workload], warnings: list[str],
+    memo: Conversions,
 ) -> dict[str, m.Service]:
     services: dict[str, m.Service] = {}
     owners: dict[str, str] = {}
     index = _WorkloadIndex(workloads.values())
     for se in entries:
-        ports = tuple(sorted((_port(p) for p in se.spec.ports), key=lambda p: p.number))
-        endpoints = _endpoints(se, ports, index)
+        ports = memo.of(_ports, se)
+        endpoints = _endpoints(se, ports, index, memo)
         for host in se.spec.hosts:
             if host in services:
                 warnings.append(
@@ -116,6 +128,10 @@ def _services(
                 endpoints=endpoints,
             )
     return services
+
+
+def _ports(se: ServiceEntry) -> tuple[m.ServicePort, ...]:
+    return tuple(sorted((_port(p) for p in se.spec.ports), key=lambda p: p.number))
 
 
 def _port(p: ApiServicePort) -> m.ServicePort:
@@ -148,19 +164,27 @@ class _WorkloadIndex:
         return min((self.by_label.get((namespace, k, v), []) for k, v in labels.items()), key=len)
 
 
-def _endpoints(se: ServiceEntry, ports: tuple[m.ServicePort, ...], index: _WorkloadIndex) -> tuple[m.Endpoint, ...]:
+def _endpoints(
+    se: ServiceEntry, ports: tuple[m.ServicePort, ...], index: _WorkloadIndex, memo: Conversions
+) -> tuple[m.Endpoint, ...]:
     found: list[m.Endpoint] = []
     selector = se.spec.workload_selector
     if selector is not None:
         ns = se.metadata.namespace
         for wl in index.candidates(ns, selector.labels):
             if wl.address and m.selects(selector.labels, wl.labels):
-                port_map = {p.name: endpoint_port(p, wl.ports) for p in ports}
-                found.append(
-                    m.Endpoint(wl.address, m.frozen_map(port_map), wl.labels, wl.weight, f"{ns}/{wl.name}")
-                )
-    found += [_inline_endpoint(ep, ports) for ep in se.spec.endpoints if ep.address]
+                found.append(memo.of(_workload_endpoint, wl, ports))
+    found += memo.of(_inline_endpoints, se, ports)
     return tuple(sorted(found, key=lambda e: (e.address, e.workload or "", sorted(e.ports.items()))))
+
+
+def _workload_endpoint(wl: m.Workload, ports: tuple[m.ServicePort, ...]) -> m.Endpoint:
+    port_map = {p.name: endpoint_port(p, wl.ports) for p in ports}
+    return m.Endpoint(wl.address, m.frozen_map(port_map), wl.labels, wl.weight, f"{wl.namespace}/{wl.name}")
+
+
+def _inline_endpoints(se: ServiceEntry, ports: tuple[m.ServicePort, ...]) -> list[m.Endpoint]:
+    return [_inline_endpoint(ep, ports) for ep in se.spec.endpoints if ep.address]
 
 
 def _inline_endpoint(ep: WorkloadEntrySpec, ports: tuple[m.ServicePort, ...]) -> m.Endpoint:
@@ -169,7 +193,7 @@ def _inline_endpoint(ep: WorkloadEntrySpec, ports: tuple[m.ServicePort, ...]) ->
 
 
 def _destination_rules(
-    rules: list[DestinationRule], cluster_domain: str, warnings: list[str]
+    rules: list[DestinationRule], cluster_domain: str, warnings: list[str], memo: Conversions
 ) -> dict[str, m.DestinationPolicy]:
     found: dict[str, m.DestinationPolicy] = {}
     for rule in rules:
@@ -180,18 +204,18 @@ def _destination_rules(
             warnings.append(
                 f"{rule.ref}: workloadSelector is not supported yet; the rule applies to every proxy"
             )
-        found[host] = convert.destination_policy(rule, host)
+        found[host] = memo.of(convert.destination_policy, rule, host)
     return found
 
 
 def _virtual_services(
-    entries: list[VirtualService], cluster_domain: str, warnings: list[str]
+    entries: list[VirtualService], cluster_domain: str, warnings: list[str], memo: Conversions
 ) -> dict[str, m.RoutingRule]:
     found: dict[str, m.RoutingRule] = {}
     for vs in entries:
         if vs.spec.gateways and MESH_GATEWAY not in vs.spec.gateways:
             continue  # gateway-only routes do not apply to sidecars
-        rule = convert_routes.routing_rule(vs, cluster_domain)
+        rule = memo.of(convert_routes.routing_rule, vs, cluster_domain)
         for host in rule.hosts:
             if host in found:
                 continue  # build_scoping reports the conflict where exportTo lets sidecars see both
@@ -228,7 +252,7 @@ def _dangling_references(
     return out
 
 
-def _sidecars(entries: list[Sidecar]) -> tuple[m.SidecarScope, ...]:
+def _sidecars(entries: Sequence[Sidecar]) -> tuple[m.SidecarScope, ...]:
     scopes = [
         m.SidecarScope(
             namespace=s.metadata.namespace,

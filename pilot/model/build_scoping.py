@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pilot.api import DestinationRule, Gateway, ServiceEntry, Sidecar, VirtualService
 from pilot.model import convert, convert_routes
 from pilot.model import mesh as m
+from pilot.model.conversions import Conversions
 from pilot.model.gateway import GatewayConfig, gateway_config, servers_by_port
 from pilot.model.hosts import (
     MESH_GATEWAY,
@@ -39,10 +40,13 @@ def build_scoping(
     workloads: Mapping[tuple[str, str], m.Workload],
     cluster_domain: str,
     warnings: list[str],
+    memo: Conversions | None = None,
 ) -> Scoping:
+    memo = Conversions() if memo is None else memo
     gateways = tuple(gateway_config(g, warnings) for g in inputs.gateways)
     rules = tuple(
-        Exported(convert_routes.routing_rule(vs, cluster_domain), export_set(vs.spec.export_to, vs.metadata.namespace))
+        Exported(memo.of(convert_routes.routing_rule, vs, cluster_domain),
+                 export_set(vs.spec.export_to, vs.metadata.namespace))
         for vs in inputs.virtual_services
     )
     warnings += mesh_route_conflicts(rules)
@@ -52,7 +56,7 @@ def build_scoping(
         root_namespace=ROOT_NAMESPACE,
         service_exports=_service_exports(inputs.service_entries),
         routing_rules=rules,
-        destination_rules=merged_destination_rules(inputs.destination_rules, cluster_domain, warnings),
+        destination_rules=merged_destination_rules(inputs.destination_rules, cluster_domain, warnings, memo),
         gateways=gateways,
         egress=_egress_scopes(inputs.sidecars, warnings),
     )
@@ -67,15 +71,16 @@ def _service_exports(entries: Sequence[ServiceEntry]) -> Mapping[str, frozenset[
 
 
 def merged_destination_rules(
-    rules: Sequence[DestinationRule], cluster_domain: str, warnings: list[str]
+    rules: Sequence[DestinationRule], cluster_domain: str, warnings: list[str], memo: Conversions | None = None
 ) -> tuple[Exported[m.DestinationPolicy], ...]:
     """Istio merges DestinationRules for one host within one namespace: the oldest rule's traffic
     policy and exportTo stand, later rules add subsets, a repeated subset name keeps the oldest."""
+    memo = Conversions() if memo is None else memo
     merged: dict[tuple[str, str], Exported[m.DestinationPolicy]] = {}
     for rule in rules:
         ns = rule.metadata.namespace
         host = convert.qualify(rule.spec.host, ns, cluster_domain)
-        policy = convert.destination_policy(rule, host)
+        policy = memo.of(convert.destination_policy, rule, host)
         found = merged.get((ns, host))
         if found is None:
             merged[(ns, host)] = Exported(policy, export_set(rule.spec.export_to, ns))

@@ -1,0 +1,91 @@
+"""Conversions carried between builds: the same mesh as a fresh build, with unchanged parts reused."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pilot.api import ApiObject
+from pilot.config.files import load_dir
+from pilot.model.build import build_mesh
+from pilot.model.conversions import Conversions
+
+EXAMPLES = sorted(p for p in (Path(__file__).resolve().parents[2] / "examples").iterdir() if p.is_dir())
+Edit = Callable[[ApiObject], ApiObject | None]
+
+
+def _spec(obj: ApiObject, **update: Any) -> ApiObject:
+    return obj.model_copy(update={"spec": obj.spec.model_copy(update=update)})  # type: ignore[attr-defined]
+
+
+def _move_workload(obj: ApiObject) -> ApiObject | None:
+    if obj.kind == "WorkloadEntry":
+        return _spec(obj, address="127.0.9.9", labels={**obj.spec.labels, "version": "moved"})  # type: ignore[attr-defined]
+    return obj
+
+
+def _drop_first_service(objs: list[ApiObject]) -> list[ApiObject]:
+    first = next((o for o in objs if o.kind == "ServiceEntry"), None)
+    return [o for o in objs if o is not first]
+
+
+def _reweigh(obj: ApiObject) -> ApiObject | None:
+    if obj.kind == "VirtualService" and obj.spec.http:  # type: ignore[attr-defined]
+        first = obj.spec.http[0]  # type: ignore[attr-defined]
+        route = tuple(r.model_copy(update={"weight": None}) for r in first.route[:1])
+        return _spec(obj, http=(first.model_copy(update={"route": route}), *obj.spec.http[1:]))  # type: ignore[attr-defined]
+    return obj
+
+
+def _drop_subsets(obj: ApiObject) -> ApiObject | None:
+    return _spec(obj, subsets=()) if obj.kind == "DestinationRule" else obj
+
+
+EDITS: list[Callable[[list[ApiObject]], list[ApiObject]]] = [
+    lambda objs: [e for o in objs if (e := _move_workload(o)) is not None],
+    _drop_first_service,
+    lambda objs: [e for o in objs if (e := _reweigh(o)) is not None],
+    lambda objs: [e for o in objs if (e := _drop_subsets(o)) is not None],
+]
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_a_carried_memo_builds_the_same_mesh_as_a_fresh_build(example: Path) -> None:
+    memo = Conversions()
+    objects = list(load_dir(example).objects)
+    assert build_mesh(objects, conversions=memo) == build_mesh(objects)
+    for edit in EDITS:  # each edit on top of the previous ones, as config evolves
+        objects = edit(objects)
+        assert build_mesh(objects, conversions=memo) == build_mesh(objects), edit
+        assert build_mesh(objects, conversions=memo) == build_mesh(objects), "a second identical build"
+
+
+def test_unchanged_objects_keep_their_converted_form_and_edited_ones_do_not() -> None:
+    memo = Conversions()
+    objects = list(load_dir(EXAMPLES[0]).objects)
+    before = build_mesh(objects, conversions=memo)
+    edited = [_spec(o, address="127.0.9.9") if o.key == ("WorkloadEntry", "default", "reviews-v1") else o
+              for o in objects]
+    hits = memo.hits
+    after = build_mesh(edited, conversions=memo)
+
+    assert memo.hits > hits
+    assert after.workload("default", "reviews-v1") is not before.workload("default", "reviews-v1")
+    assert after.workload("default", "reviews-v1").address == "127.0.9.9"  # type: ignore[union-attr]
+    assert after.workload("default", "reviews-v2") is before.workload("default", "reviews-v2")
+    assert after.virtual_services == before.virtual_services
+    assert all(after.virtual_services[h] is before.virtual_services[h] for h in before.virtual_services)
+
+
+def test_the_memo_keeps_only_what_the_last_builds_used() -> None:
+    memo = Conversions()
+    objects = list(load_dir(EXAMPLES[0]).objects)
+    build_mesh(objects, conversions=memo)
+    one_build = len(memo)
+    for i in range(10):  # every build sees new instances of every WorkloadEntry
+        objects = [_spec(o, weight=i + 1) if o.kind == "WorkloadEntry" else o for o in objects]
+        build_mesh(objects, conversions=memo)
+    assert len(memo) <= 2 * one_build
