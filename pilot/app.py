@@ -53,7 +53,7 @@ class Pilot:
             endpoints_only=endpoints_only,
             generate_endpoints=generate_endpoints,
         )
-        self.ads = AdsServer(self.cache, self.status, queue_size=settings.stream_queue_size)
+        self.ads = AdsServer(self.cache, self.status)
         self.files = (
             FileSource(self.store, settings.config_dir, interval=settings.file_poll_ms / 1000,
                        watch=settings.file_watch, rescan=settings.file_rescan_ms / 1000)

@@ -26,7 +26,6 @@ class PilotSettings(BaseSettings):
         "events", description="events: woken by file events (inotify...); poll: stat() every file_poll_ms")
     file_poll_ms: int = Field(25, ge=10, description="how often the file source looks for changed files when polling")
     file_rescan_ms: int = Field(1000, ge=10, description="safety sweep for changes file events missed")
-    stream_queue_size: int = Field(16, ge=1, description="bounded queue of unprocessed requests per ADS stream")
     cluster_domain: str = "cluster.local"
     gc_young_threshold: int = Field(
         50_000, ge=0, description="allocations between young garbage collections (`meshctl up`); 0: Python's 700")

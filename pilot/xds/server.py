@@ -1,10 +1,12 @@
 """The ADS gRPC server (grpc.aio): moves bytes between sessions and proxies, nothing else.
 
-Concurrency: each stream is one handler coroutine on the event loop plus a reader task that
-feeds a bounded request queue (a full queue stops reading, which pushes back on the proxy).
-The handler sleeps on one event that the reader (a request) and the cache (a new snapshot of
-its class) both set, lets the session decide what to send, and writes it. Snapshots are coalesced, never queued, so a
-slow proxy gets the newest config rather than a backlog. Responses are pre-encoded bytes.
+Concurrency: each stream is one handler coroutine on the event loop (the writer) plus a
+reader task that applies each request to the session as it arrives; reading waits while a
+request is applied, which is the backpressure. The writer sleeps on one event that the reader
+(a request that calls for an answer; plain ACKs do not) and the cache (a new snapshot of its
+class) both set, lets the session decide what to send, and writes it. Snapshots are coalesced,
+never queued, so a slow proxy gets the newest config rather than a backlog. Responses are
+pre-encoded bytes.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from pilot.xds.status import StatusRegistry
 log = logging.getLogger(__name__)
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
-_END = object()
 
 
 def _identity(bytes_: bytes) -> bytes:
@@ -42,12 +43,10 @@ class AdsServer:
         self,
         cache: SnapshotCache,
         status: StatusRegistry,
-        queue_size: int = 16,
         classify: Callable[[Any], ProxyIdentity] = identity_from_node,
     ) -> None:
         self.cache = cache
         self.status = status
-        self.queue_size = queue_size
         self.classify = classify
         self.subscriptions = Subscriptions()  # shared by every stream's session
         self._server: grpc.aio.Server | None = None
@@ -107,55 +106,68 @@ class AdsServer:
         stream_status = self.status.open(identity, kind.protocol, context.peer())
         session: Any = kind(stream_status, self.status, self.subscriptions)
         log.debug("%s stream %d opened by %s (%s)", kind.protocol, stream_status.stream_id,
-                 identity.node_id, identity.proxy_class.describe())
-        queue: asyncio.Queue[Any] = asyncio.Queue(self.queue_size)
-        wake = asyncio.Event()
-        reader = asyncio.create_task(_read(requests, queue, wake))
+                  identity.node_id, identity.proxy_class.describe())
+        stream = _Stream()
+        reader = asyncio.create_task(_read(requests, session, stream))
         try:
-            with self.cache.watch(identity.proxy_class, wake.set):
+            with self.cache.watch(identity.proxy_class, stream.wake.set):
                 session.handle(first)
-                async for chunk in self._serve(identity, session, queue, wake):
+                async for chunk in self._serve(identity, session, stream):
                     yield chunk
         finally:
             reader.cancel()
             self.status.close(stream_status)
             log.debug("stream %d of %s closed", stream_status.stream_id, identity.node_id)
 
-    async def _serve(
-        self, identity: ProxyIdentity, session: Any, queue: asyncio.Queue[Any], wake: asyncio.Event
-    ) -> AsyncIterator[bytes]:
-        """Answer whenever requests arrive or the class gets a new snapshot, until the client leaves."""
+    async def _serve(self, identity: ProxyIdentity, session: Any, stream: _Stream) -> AsyncIterator[bytes]:
+        """Answer whenever a request calls for it or the class gets a new snapshot, until the client leaves."""
         key = identity.proxy_class
         snapshot: Snapshot | None = None
-        dirty = True  # the first request is handled already
+        stream.dirty = True  # the first request is handled already
         while True:
+            if stream.error is not None:
+                raise stream.error
+            if stream.closed:
+                return
             latest = self.cache.get(key)
             if latest is not snapshot:
-                snapshot, dirty = latest, True
-            while not queue.empty():  # take everything already waiting before answering
-                request = queue.get_nowait()
-                if request is _END:
-                    return
-                dirty = session.handle(request) or dirty
-            if snapshot is not None and dirty:
+                snapshot, stream.dirty = latest, True
+            if snapshot is not None and stream.dirty:
+                stream.dirty = False
                 for response in session.responses(snapshot):
                     yield response
-            dirty = False
-            if queue.empty() and self.cache.get(key) is snapshot:
-                # No await between the checks above and clear(): nothing can slip in unseen.
-                wake.clear()
-                await wake.wait()
+                continue  # requests may have been handled while the responses were written
+            # No await between the checks above and clear(): nothing can slip in unseen.
+            stream.wake.clear()
+            await stream.wake.wait()
 
 
-async def _read(requests: AsyncIterator[Any], queue: asyncio.Queue[Any], wake: asyncio.Event) -> None:
-    """Copy requests into the bounded queue; a vanished client ends the stream quietly."""
+class _Stream:
+    """What the reader tells the writer of one stream; both run on the event loop."""
+
+    def __init__(self) -> None:
+        self.wake = asyncio.Event()  # set by the reader (a request calls for an answer) and the cache
+        self.dirty = False  # a handled request may call for a response
+        self.closed = False  # the proxy ended the stream
+        self.error: BaseException | None = None
+
+
+async def _read(requests: AsyncIterator[Any], session: Any, stream: _Stream) -> None:
+    """Apply each request to the session as it arrives; wake the writer only when it must answer.
+
+    Sessions are synchronous state machines, so the reader can apply requests itself: a plain
+    ACK costs no task switch, and not reading while one is applied is the backpressure (gRPC
+    flow control then holds the proxy). A vanished client ends the stream quietly.
+    """
     try:
         async for request in requests:
-            await queue.put(request)
-            wake.set()
+            if session.handle(request):
+                stream.dirty = True
+                stream.wake.set()
     except grpc.aio.AioRpcError:
         pass
-    except Exception:
-        log.exception("reading an ADS stream failed")
-    await queue.put(_END)
-    wake.set()
+    except Exception as exc:
+        log.exception("handling an ADS request failed")
+        stream.error = exc
+    stream.closed = True
+    stream.wake.set()

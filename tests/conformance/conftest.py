@@ -42,7 +42,7 @@ class Harness:
 async def ads() -> AsyncIterator[Harness]:
     cache = SnapshotCache()
     status = StatusRegistry(XdsMetrics(CollectorRegistry()))
-    server = AdsServer(cache, status, queue_size=4)
+    server = AdsServer(cache, status)
     port = await server.start("127.0.0.1", 0)
     node = make_node("sidecar~127.0.0.2~app.default~default.svc.cluster.local", labels={"app": "a"})
     try:

@@ -218,8 +218,8 @@ async def test_a_client_that_vanishes_is_forgotten_and_others_keep_being_served(
         assert len(ads.status.streams()) == 1
 
 
-async def test_many_queued_requests_are_all_processed(ads: Harness) -> None:
-    """The per-stream queue is small (4); a burst much larger than it must still be handled."""
+async def test_a_burst_of_requests_is_all_processed(ads: Harness) -> None:
+    """Forty requests sent without waiting: each is applied, and the answers cover them all."""
     ads.publish(snapshot({f"c{i}": i + 1 for i in range(40)}))
     async with ads.client() as c:
         c.send(ENDPOINT, ["c0"])
