@@ -34,6 +34,7 @@ class _TypeState:
     seen: str = ""  # the view version this state was last reconciled with
     force_all: bool = True  # a new request: answer even if nothing changed
     force_names: set[str] = field(default_factory=set)  # newly subscribed names
+    requested: list[str] = field(default_factory=list)  # the names of the last request, as sent
 
 
 def _subscription(type_url: str, names: list[str]) -> frozenset[str] | None:
@@ -49,10 +50,13 @@ class SotwSession(SessionBase[_TypeState]):
         """Apply a request; True if it may call for a response (False: stale, or a plain ACK)."""
         type_url: str = request.type_url
         state = self.types.get(type_url)
-        names = self._names(type_url, request.resource_names, state)
+        requested = request.resource_names
+        same = state is not None and requested == state.requested
+        # An ACK repeats the names in the same order: one list comparison, no set built or hashed.
+        names = state.names if same and state is not None else self._names(type_url, requested)
         if state is None or not state.last_nonce:
             # First request of a type on this stream: never stale, whatever nonce it carries.
-            self.types[type_url] = _TypeState(names=names)
+            self.types[type_url] = _TypeState(names=names, requested=list(requested))
             return True
         nonce: str = request.response_nonce
         if not nonce:
@@ -64,21 +68,22 @@ class SotwSession(SessionBase[_TypeState]):
         if settled:
             error = self._error_text(request)
             self._acknowledge(type_url, nonce, error)
+            # `held` is never changed in place (a send or a resubscription replaces it), so the
+            # two may share one dict.
             if error is None:
-                state.acked, state.acked_version = dict(state.held), state.held_version
+                state.acked, state.acked_version = state.held, state.held_version
             else:
                 # The proxy kept its last ACKed config; diff the next change against that.
                 # `seen` stays, so nothing is resent until the config changes (no NACK loop).
-                state.held, state.held_version = dict(state.acked), state.acked_version
+                state.held, state.held_version = state.acked, state.acked_version
+        if not same:
+            state.requested = list(requested)
         changed = self._resubscribe(state, names)
         # Once every response is settled, deferred removals may be due.
         return state.force_all or changed or (settled and not self.pending)
 
-    def _names(self, type_url: str, requested: Any, state: _TypeState | None) -> frozenset[str] | None:
+    def _names(self, type_url: str, requested: Any) -> frozenset[str] | None:
         """The subscription a request names, as the shared object for that set."""
-        if state is not None and state.names is not None and len(requested) == len(state.names) \
-                and state.names.issuperset(requested):
-            return state.names  # the common case, an ACK: same names, no new set built
         names = _subscription(type_url, list(requested))
         return None if names is None else self.subscriptions.intern(names)
 
@@ -90,9 +95,8 @@ class SotwSession(SessionBase[_TypeState]):
             state.force_all = True
         else:
             state.force_names |= names - state.names
-            for gone in state.names - names:
-                state.held.pop(gone, None)
-                state.force_names.discard(gone)
+            state.force_names &= names
+            state.held = {n: r for n, r in state.held.items() if n in names}
             state.held_version = version_of(versions(state.held))  # it keys shared change sets
         state.names = names
         state.seen = ""
