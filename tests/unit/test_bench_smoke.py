@@ -29,3 +29,18 @@ def test_benchmark_converges_with_five_clients(tmp_path: Path) -> None:
         assert [p.name for p in run.phases] == ["connect", "route", "endpoint"]
         assert all(p.converged == 5 for p in run.phases)
     assert (tmp_path / "result.json").stat().st_size > 0
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_session_fanout_fleet_ends_synced_after_each_change(tmp_path: Path, delta: bool) -> None:
+    from benchmarks import meshgen
+    from benchmarks.session_fanout import Fleet, snapshot_of
+    from pilot.xds.status import SyncState
+
+    config = meshgen.generate(tmp_path, services=3)
+    fleet = Fleet(3, delta, snapshot_of(config.directory))
+    config.endpoint_change(1)
+    config.write_service(1)
+    assert fleet.push(snapshot_of(config.directory)) == 3  # one EDS response per stream
+    states = {ts.state() for st in fleet.registry.streams() for ts in st.types.values()}
+    assert states == {SyncState.SYNCED}
