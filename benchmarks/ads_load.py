@@ -36,7 +36,7 @@ def machine_info(pin: bool = False) -> dict[str, object]:
         "memory_mb": psutil.virtual_memory().total // (1024 * 1024),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "note": f"{cores} CPU cores, {sharing}; latencies include pilot's file polling and debounce.",
+        "note": f"{cores} CPU cores, {sharing}; latencies include pilot's file watching and debounce.",
     }
 
 

@@ -81,6 +81,16 @@ class XdsMetrics:
         self.stream_errors = Counter(
             "pilot_xds_stream_errors", "ADS streams ended by an error", ["reason"], registry=registry
         )
+        # Labelled children by type URL: `labels()` takes a lock and builds a key, every stream every push.
+        self._children: dict[tuple[int, str], Any] = {}
+
+    def of_type(self, counter: Counter, type_url: str) -> Any:
+        """`counter` labelled with the short name of `type_url`, looked up once per type."""
+        key = (id(counter), type_url)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = counter.labels(typeurls.short_name(type_url))
+        return child
 
 
 class StatusRegistry:
@@ -107,26 +117,26 @@ class StatusRegistry:
     def record_sent(self, status: StreamStatus, type_url: str, version: str, nonce: str) -> None:
         ts = status.of(type_url)
         ts.sent_version, ts.sent_nonce, ts.sent_at = version, nonce, time.time()
-        self.metrics.pushes.labels(typeurls.short_name(type_url)).inc()
+        self.metrics.of_type(self.metrics.pushes, type_url).inc()
 
     def record_ack(self, status: StreamStatus, type_url: str, version: str) -> None:
         ts = status.of(type_url)
         ts.acked_version, ts.acked_at = version, time.time()
         ts.nack_message = ts.nack_version = ""
-        self.metrics.acks.labels(typeurls.short_name(type_url)).inc()
+        self.metrics.of_type(self.metrics.acks, type_url).inc()
 
     def record_nack(self, status: StreamStatus, type_url: str, version: str, message: str) -> None:
         ts = status.of(type_url)
         ts.nack_message, ts.nack_version = message or "(no message)", version
         ts.nacks += 1
-        self.metrics.nacks.labels(typeurls.short_name(type_url)).inc()
+        self.metrics.of_type(self.metrics.nacks, type_url).inc()
         log.warning(
             "NACK from %s for %s version %s: %s",
             status.identity.node_id, typeurls.short_name(type_url), version, message,
         )
 
     def record_stale(self, type_url: str) -> None:
-        self.metrics.stale_requests.labels(typeurls.short_name(type_url)).inc()
+        self.metrics.of_type(self.metrics.stale_requests, type_url).inc()
 
     def syncz(self) -> list[dict[str, Any]]:
         """JSON-ready status of every stream, sorted by proxy id."""

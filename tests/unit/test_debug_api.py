@@ -95,5 +95,6 @@ async def test_config_dump_syncz_and_metrics_for_a_connected_proxy(pilot: Pilot)
         _, rows = await get(pilot, "/debug/syncz")
         assert rows[0]["proxy"] == node.id and rows[0]["types"]["CDS"]["state"] == "SYNCED"
         _, metrics = await get(pilot, "/metrics")
-        assert "pilot_xds_connected_proxies 1.0" in metrics and 'pilot_xds_acks_total{type="CDS"}' in metrics
+        assert "pilot_xds_connected_proxies 1.0" in metrics
+        assert 'pilot_xds_acks_total{type="CDS"} 1.0' in metrics and 'pilot_xds_pushes_total{type="CDS"} 1.0' in metrics
     assert (await get(pilot, "/ready"))[0] == 200
