@@ -20,6 +20,7 @@ from pilot.api.errors import FieldIssue
 from pilot.api.hosts import GatewayRef
 from pilot.api.route_common import (
     Destination,
+    HeaderStringMatch,
     LabelMap,
     Percentage,
     StringMatch,
@@ -61,13 +62,13 @@ class HTTPMatchRequest(IstioModel):
     scheme: StringMatch | None = None
     method: StringMatch | None = None
     authority: StringMatch | None = None
-    headers: dict[str, StringMatch] = Field(default_factory=dict)
+    headers: dict[str, HeaderStringMatch] = Field(default_factory=dict)
     port: PortNumber | None = None
     source_labels: LabelMap
     gateways: tuple[GatewayRef, ...] = ()
     query_params: dict[str, StringMatch] = Field(default_factory=dict)
     ignore_uri_case: bool = False
-    without_headers: dict[str, StringMatch] = Field(default_factory=dict)
+    without_headers: dict[str, HeaderStringMatch] = Field(default_factory=dict)
     source_namespace: str | None = None
     stat_prefix: str | None = None
 

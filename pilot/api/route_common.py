@@ -71,6 +71,20 @@ class StringMatch(IstioModel):
             yield FieldIssue(f"{path}.regex", why)
 
 
+# Istio's spelling of "any value" in a header match: `regex: "*"` means the header is present
+# (it is not a valid RE2 regex; Istio turns it into a presence match).
+CATCH_ALL_REGEX = "*"
+
+
+class HeaderStringMatch(StringMatch):
+    """A header's match: a StringMatch that also takes Istio's catch-all ``regex: "*"``."""
+
+    def problems(self, path: str) -> Iterator[FieldIssue]:
+        if self.regex == CATCH_ALL_REGEX and self.exact is None and self.prefix is None:
+            return
+        yield from super().problems(path)
+
+
 class Destination(IstioModel):
     host: Host
     subset: str | None = None

@@ -36,7 +36,13 @@ def string_match(src: rcm.StringMatch | None) -> m.StringMatch | None:
 
 def _named(src: Mapping[str, rcm.StringMatch]) -> tuple[tuple[str, m.StringMatch], ...]:
     # A name with an empty match means "present": a regex that matches anything.
-    return tuple((k, string_match(v) or m.StringMatch("regex", ".*")) for k, v in sorted(src.items()))
+    return tuple((k, string_match(v) or m.PRESENT) for k, v in sorted(src.items()))
+
+
+def _headers(src: Mapping[str, rcm.StringMatch]) -> tuple[tuple[str, m.StringMatch], ...]:
+    # Headers also take Istio's catch-all `regex: "*"`, another way to say "present".
+    return tuple((k, m.PRESENT if v.regex == rcm.CATCH_ALL_REGEX else string_match(v) or m.PRESENT)
+                 for k, v in sorted(src.items()))
 
 
 def _labels(src: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
@@ -50,8 +56,8 @@ def route_match(src: hr.HTTPMatchRequest, namespace: str) -> m.RouteMatch:
         method=string_match(src.method),
         authority=string_match(src.authority),
         scheme=string_match(src.scheme),
-        headers=_named(src.headers),
-        without_headers=_named(src.without_headers),
+        headers=_headers(src.headers),
+        without_headers=_headers(src.without_headers),
         query_params=_named(src.query_params),
         port=src.port,
         source_labels=_labels(src.source_labels),

@@ -132,6 +132,11 @@ class StringMatch:
     value: str
 
 
+# "The header (or query parameter) is present, with any value": Istio's empty match `{}`, and
+# for headers also its catch-all `regex: "*"`.
+PRESENT = StringMatch("regex", ".*")
+
+
 @dataclass(frozen=True, slots=True)
 class RouteMatch:
     """One HTTP match condition; every field set must match."""

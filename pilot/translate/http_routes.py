@@ -27,7 +27,6 @@ _REDIRECT_CODES = {
     308: rc.RedirectAction.PERMANENT_REDIRECT,
 }
 __all__ = ["DEFAULT_RETRY_ON", "RouteSource", "string_matcher"]
-_PRESENT = m.StringMatch("regex", ".*")  # how the model spells Istio's empty match ``{}``
 
 
 def default_route(cluster: str) -> Any:
@@ -110,7 +109,7 @@ def _header_matcher(name: str, value: m.StringMatch, invert: bool) -> Any:
     """
     if not invert:
         return rc.HeaderMatcher(name=name, string_match=string_matcher(value))
-    if value == _PRESENT:
+    if value == m.PRESENT:
         return rc.HeaderMatcher(name=name, present_match=True, invert_match=True)
     return rc.HeaderMatcher(
         name=name, string_match=string_matcher(value), invert_match=True, treat_missing_header_as_empty=True

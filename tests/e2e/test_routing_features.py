@@ -114,6 +114,22 @@ async def test_without_headers_matches_requests_lacking_the_header(routes: Route
     assert [(h, (await routes.call("/", **h)).tag) for h, _ in cases] == cases
 
 
+async def test_istio_catch_all_regex_means_present_in_headers_and_absent_in_without_headers(routes: Routes) -> None:
+    await routes.route(
+        tagged(
+            ("any-gamma", "{headers: {x-gamma: {regex: '*'}}}"),
+            ("no-delta", "{withoutHeaders: {x-delta: {regex: '*'}}}"),
+        )
+    )
+    cases = [
+        ({"x_gamma": "anything", "x_delta": "1"}, "any-gamma"),
+        ({"x_gamma": "", "x_delta": "1"}, "any-gamma"),  # present, even empty
+        ({}, "no-delta"),
+        ({"x_delta": "*"}, "fallback"),  # not the literal "*": any value counts as present
+    ]
+    assert [(h, (await routes.call("/", **h)).tag) for h, _ in cases] == cases
+
+
 async def test_port_match_routes_the_two_ports_of_one_service_differently(routes: Routes) -> None:
     await routes.route("""
         - match: [{port: 8080}]

@@ -8,6 +8,7 @@ import pytest
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 
 from pilot.api import InvalidObjectError, parse_object
+from pilot.model import mesh as m
 from pilot.model.build import build_mesh
 from pilot.translate.faults import FAULT_FILTER
 from pilot.translate.http_routes import virtual_service_routes
@@ -90,6 +91,13 @@ def vs(*http: dict[str, Any], **spec: Any) -> dict[str, Any]:
             "not a valid regex",
         ),
         ({"match": [{"uri": {"regex": "(?=a)"}}], "route": [DEST]}, "spec.http[0].match[0].uri.regex", "RE2"),
+        # Istio's catch-all "*" is for headers only; elsewhere it is an invalid regex.
+        ({"match": [{"uri": {"regex": "*"}}], "route": [DEST]}, "spec.http[0].match[0].uri.regex", "not a valid"),
+        (
+            {"match": [{"queryParams": {"q": {"regex": "*"}}}], "route": [DEST]},
+            "spec.http[0].match[0].queryParams.q.regex",
+            "not a valid regex",
+        ),
         ({"match": [{"uri": {}}], "route": [DEST]}, "spec.http[0].match[0].uri", "exactly one of"),
         (
             {"match": [{"queryParams": {"q": {"prefix": "a"}}}], "route": [DEST]},
@@ -155,6 +163,15 @@ def routes(*http: dict[str, Any], source: RouteSource | None = None) -> list[Any
     mesh = build_mesh([parse_object(SE), parse_object(vs(*http))])
     rule = mesh.virtual_services["r.default.svc.cluster.local"]
     return virtual_service_routes(mesh, rule, 80, source)
+
+
+def test_catch_all_regex_is_accepted_in_headers_and_means_present() -> None:
+    match = {"headers": {"x-a": {"regex": "*"}}, "withoutHeaders": {"x-b": {"regex": "*"}}}
+    obj = parse_object(vs({"match": [match], "route": [DEST]}))
+    (rule,) = build_mesh([parse_object(SE), obj]).virtual_services.values()
+    (route_match,) = rule.http[0].matches
+    present = m.StringMatch("regex", ".*")
+    assert route_match.headers == (("x-a", present),) and route_match.without_headers == (("x-b", present),)
 
 
 def test_istio_defaults_no_timeout_and_two_retries_on_503_and_connection_failures() -> None:
