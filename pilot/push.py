@@ -86,6 +86,7 @@ class Pusher:
         # A touch (kinds unknown) is an operator asking for a rebuild: never the fast path then.
         known_kinds = self.store.kinds_changed_since(self.built_revision) is not None
         old, self.mesh = self.mesh, self.build_mesh(self.store.objects())
+        self._log_new_warnings(old)
         self._serialized = {}
         self.metrics.builds.inc()
         built = time.perf_counter()
@@ -104,6 +105,13 @@ class Pusher:
         self._built.set()
         self._built = asyncio.Event()
         self.ready.set()
+
+    def _log_new_warnings(self, old: Any) -> None:
+        """Log each mesh warning once, when it first appears (all stay listed in /debug/configz)."""
+        before = set(getattr(old, "warnings", ()))
+        for warning in getattr(self.mesh, "warnings", ()):
+            if warning not in before:
+                log.warning("mesh: %s", warning)
 
     async def wait_built(self, revision: int) -> None:
         """Wait until a mesh built from `revision` or later is published."""

@@ -26,6 +26,7 @@ from pilot.model import convert, convert_routes
 from pilot.model import mesh as m
 from pilot.model.build_scoping import ScopeInputs, build_scoping, oldest_merged_rules
 from pilot.model.conversions import Conversions
+from pilot.model.local_ports import local_port_warnings
 
 MESH_GATEWAY = "mesh"
 _LATEST = datetime.max.replace(tzinfo=UTC)
@@ -64,6 +65,7 @@ def build_mesh(
     scoping = build_scoping(scope_inputs, workloads, cluster_domain, warnings, memo)
     rules = oldest_merged_rules(scoping)  # the base view, with same-namespace rules merged as Istio does
     warnings += _dangling_references(routing, services, rules)
+    warnings += local_port_warnings(services)
     return m.MeshSnapshot(
         cluster_domain=cluster_domain,
         services=m.frozen_map(services),

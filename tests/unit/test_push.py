@@ -95,3 +95,20 @@ async def test_a_failing_generator_keeps_the_last_good_snapshot() -> None:
         store.replace_source("f", _moved(_objects(), "WorkloadEntry"))
         pusher.rebuild()
     assert cache.get(KEY) is good and "boom" in pusher.errors[KEY]
+
+
+def test_mesh_warnings_are_logged_once_when_they_appear(caplog: pytest.LogCaptureFixture) -> None:
+    store, cache = ConfigStore(), SnapshotCache()
+    pusher = Pusher(store, cache, build_mesh, generate, PushMetrics(CollectorRegistry()))
+    objects = _objects()
+    store.replace_source("f", objects)
+    pusher.rebuild()
+    assert "mesh:" not in caplog.text
+    dangling = [o for o in objects if o.key[0] != "DestinationRule"]  # the route's subsets now dangle
+    store.replace_source("f", dangling)
+    pusher.rebuild()
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("mesh:")]
+    assert logged and all("is not defined by a DestinationRule" in m for m in logged)
+    store.replace_source("f", _moved(dangling, "WorkloadEntry"))
+    pusher.rebuild()  # the same warnings again: not logged again
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("mesh:")] == logged
