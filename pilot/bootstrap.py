@@ -28,9 +28,11 @@ from envoy.config.core.v3 import (
 )
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.overload.v3 import overload_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.resource_monitors.downstream_connections.v3 import downstream_connections_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import any_pb2, duration_pb2, json_format, message, struct_pb2, wrappers_pb2
 
@@ -137,7 +139,20 @@ def sidecar_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
                 _http_listener(spec, STATS_LISTENER, STATS_PORT, _stats_route()),
             ],
         ),
+        overload_manager=_overload_manager(),
     )
+
+
+# Envoy's "global downstream connections" monitor, at the largest value (as Istio sets it): no
+# limit is imposed, but Envoy stops warning at every start that none is configured.
+MAX_DOWNSTREAM_CONNECTIONS = 2**31 - 1
+
+
+def _overload_manager() -> overload_pb2.OverloadManager:
+    config = downstream_connections_pb2.DownstreamConnectionsConfig(
+        max_active_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS)
+    return overload_pb2.OverloadManager(resource_monitors=[overload_pb2.ResourceMonitor(
+        name="envoy.resource_monitors.global_downstream_max_connections", typed_config=_any(config))])
 
 
 def render(bootstrap: bootstrap_pb2.Bootstrap, fmt: Format = "yaml") -> str:

@@ -71,6 +71,13 @@ async def test_admin_health_and_stats_answer_on_the_workload_address(envoy: Envo
     assert status == 404, "the stats listener must not expose the rest of admin"
 
 
+async def test_the_bootstrap_leaves_envoy_nothing_to_warn_about_connection_limits(envoy: EnvoyProcess) -> None:
+    assert envoy.log_path is not None
+    log = envoy.log_path.read_text()
+    assert "starting main dispatch loop" in log  # the log is Envoy's start-up, at info level
+    assert "no configured limit to the number of allowed active downstream connections" not in log
+
+
 async def test_clusters_and_stats_show_pilot_unreachable(envoy: EnvoyProcess) -> None:
     clusters = await envoy.clusters()
     names = {c["name"] for c in clusters["cluster_statuses"]}

@@ -127,6 +127,15 @@ def test_everything_binds_to_the_workload_address() -> None:
     assert ports[15090].route.cluster == ADMIN_CLUSTER
 
 
+def test_overload_manager_sets_the_downstream_connection_monitor() -> None:
+    from envoy.extensions.resource_monitors.downstream_connections.v3 import downstream_connections_pb2
+
+    (monitor,) = sidecar_bootstrap(_spec()).overload_manager.resource_monitors
+    assert monitor.name == "envoy.resource_monitors.global_downstream_max_connections"
+    config = downstream_connections_pb2.DownstreamConnectionsConfig()
+    assert monitor.typed_config.Unpack(config) and config.max_active_downstream_connections == 2**31 - 1
+
+
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
