@@ -7,6 +7,9 @@ durations are at least 1ms, percentages are floats in [0, 100], regexes are RE2,
 
 from __future__ import annotations
 
+import base64
+import binascii
+import builtins
 import re
 from collections.abc import Iterator
 from datetime import timedelta
@@ -135,9 +138,30 @@ class HTTPRedirect(IstioModel):
             yield FieldIssue(f"{path}.redirectCode", f"{self.redirect_code} is not one of 301, 302, 303, 307, 308")
 
 
+# Istio's webhook refuses a direct-response body over 1 MB (and pilot raises Envoy's 4 KB limit).
+MAX_DIRECT_RESPONSE_BODY = 1024 * 1024
+
+
 class HTTPBody(IstioModel):
     string: str | None = None
-    bytes: str | None = None
+    bytes: str | None = None  # base64, as protobuf JSON spells bytes
+
+    def decoded(self) -> builtins.bytes | None:
+        """`bytes` decoded, None if unset or not valid base64 (reported by `problems`)."""
+        if self.bytes is None:
+            return None
+        try:
+            return base64.b64decode(self.bytes, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+
+    def problems(self, path: str) -> Iterator[FieldIssue]:
+        yield from one_of(self, path, ("string", "bytes"), "a body", required=False)
+        if self.bytes is not None and self.decoded() is None:
+            yield FieldIssue(f"{path}.bytes", "is not valid base64")
+        size = len(self.string.encode()) if self.string is not None else len(self.decoded() or b"")
+        if size > MAX_DIRECT_RESPONSE_BODY:
+            yield FieldIssue(path, f"is {size} bytes; a direct response body may be at most 1 MB")
 
 
 class HTTPDirectResponse(IstioModel):

@@ -165,7 +165,9 @@ def redirect(src: hr.HTTPRedirect | None) -> m.Redirect | None:
 def direct_response(src: hr.HTTPDirectResponse | None) -> m.DirectResponse | None:
     if src is None:
         return None
-    return m.DirectResponse(status=src.status, body=src.body.string if src.body else None)
+    if src.body is None:
+        return m.DirectResponse(status=src.status)
+    return m.DirectResponse(status=src.status, body=src.body.string, body_bytes=src.body.decoded())
 
 
 def http_route(src: hr.HTTPRoute, namespace: str, domain: str) -> m.HttpRoute:

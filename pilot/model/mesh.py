@@ -193,7 +193,8 @@ class Redirect:
 @dataclass(frozen=True, slots=True)
 class DirectResponse:
     status: int
-    body: str | None = None
+    body: str | None = None  # `body.string`
+    body_bytes: bytes | None = None  # `body.bytes`, decoded
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from envoy.config.route.v3 import route_pb2
 from pilot.model.gateway import GatewayServer
 from pilot.model.mesh import MeshSnapshot, RoutingRule
 from pilot.translate import names
-from pilot.translate.http_routes import virtual_service_routes
+from pilot.translate.http_routes import allow_large_direct_bodies, virtual_service_routes
 from pilot.translate.route_source import RouteSource
 from pilot.translate.scope import ProxyView
 from pilot.translate.visibility import visible_rules
@@ -77,4 +77,4 @@ def gateway_route_config(
             # Istio's httpsRedirect: Envoy answers plain-HTTP requests with a 301 to https.
             vhost.require_tls = rc.VirtualHost.ALL
         config.virtual_hosts.append(vhost)
-    return config
+    return allow_large_direct_bodies(config)

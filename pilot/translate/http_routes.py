@@ -11,6 +11,7 @@ from typing import Any
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.type.matcher.v3 import regex_pb2
 
+from pilot.api.http_route import MAX_DIRECT_RESPONSE_BODY
 from pilot.model import mesh as m
 from pilot.translate import names
 from pilot.translate.matchers import string_matcher
@@ -123,6 +124,8 @@ def _set_action(out: Any, mesh: m.MeshSnapshot, route: m.HttpRoute, port: int) -
         out.direct_response.status = route.direct_response.status
         if route.direct_response.body is not None:
             out.direct_response.body.inline_string = route.direct_response.body
+        elif route.direct_response.body_bytes is not None:
+            out.direct_response.body.inline_bytes = route.direct_response.body_bytes
     else:
         out.route.CopyFrom(_route_action(mesh, route, port))
     apply_headers(out, route.headers)
@@ -209,3 +212,22 @@ def _redirect(redirect: m.Redirect) -> Any:
     if redirect.scheme is not None:
         out.scheme_redirect = redirect.scheme
     return out
+
+
+# Envoy's default limit for direct-response bodies in one route config; larger ones are NACKed.
+ENVOY_DIRECT_BODY_LIMIT = 4096
+
+
+def allow_large_direct_bodies(config: Any) -> Any:
+    """Raise a route config's direct-response body limit to Istio's 1 MB where a body needs it.
+
+    Envoy refuses a whole RouteConfiguration holding a body over 4 KB unless
+    `max_direct_response_body_size_bytes` says more; Istio validates bodies up to 1 MB.
+    """
+    sizes = (
+        len(r.direct_response.body.inline_string.encode()) + len(r.direct_response.body.inline_bytes)
+        for vhost in config.virtual_hosts for r in vhost.routes if r.HasField("direct_response")
+    )
+    if max(sizes, default=0) > ENVOY_DIRECT_BODY_LIMIT:
+        config.max_direct_response_body_size_bytes.value = MAX_DIRECT_RESPONSE_BODY
+    return config

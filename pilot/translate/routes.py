@@ -17,7 +17,12 @@ from envoy.config.route.v3 import route_pb2
 
 from pilot.model.mesh import MeshSnapshot, RoutingRule, Service, ServicePort
 from pilot.translate import names
-from pilot.translate.http_routes import default_route, outbound_default_route, virtual_service_routes
+from pilot.translate.http_routes import (
+    allow_large_direct_bodies,
+    default_route,
+    outbound_default_route,
+    virtual_service_routes,
+)
 from pilot.translate.memo import memoized
 from pilot.translate.policy import cluster_hash_policies
 from pilot.translate.route_source import RouteSource
@@ -43,7 +48,7 @@ def outbound_route_config(mesh: MeshSnapshot, namespace: str, labels: Mapping[st
         config.virtual_hosts.append(
             rc.VirtualHost(name=name, domains=sorted(claimed[name]), routes=_routes(mesh, service, port, source))
         )
-    return config
+    return allow_large_direct_bodies(config)
 
 
 def _domains(

@@ -9,12 +9,14 @@ which route Envoy chose.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
 from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
 
+from meshctl.localmesh import http_session
 from tests.e2e.route_features_mesh import HOST, Reply, Routes, running_mesh, tagged
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
@@ -170,6 +172,34 @@ async def test_redirect_answers_with_the_status_code_and_location(routes: Routes
     assert (temp.status, temp.headers["location"]) == (307, f"http://{HOST}/elsewhere")
     assert (tls.status, tls.headers["location"]) == (308, "https://moved.example.com:8443/tls/x")
     assert await routes.served("v1") == before  # Envoy answered: the app saw none of them
+
+
+async def test_direct_responses_with_string_bytes_and_a_body_over_envoys_4k_default(routes: Routes) -> None:
+    large = "x" * 5000  # over Envoy's default 4 KB: the route config must raise its limit or be NACKed
+    await routes.route(f"""
+        - match: [{{uri: {{exact: /teapot}}}}]
+          directResponse: {{status: 418, body: {{string: "short and stout"}}}}
+        - match: [{{uri: {{exact: /bytes}}}}]
+          directResponse: {{status: 200, body: {{bytes: "{base64.b64encode(bytes(range(256))).decode()}"}}}}
+        - match: [{{uri: {{exact: /large}}}}]
+          directResponse: {{status: 503, body: {{string: "{large}"}}}}
+        - match: [{{uri: {{exact: /empty}}}}]
+          directResponse: {{status: 204}}
+        - route: [{{destination: {{host: web, subset: v1}}}}]
+    """)
+
+    async def raw(path: str) -> tuple[int, bytes]:
+        url = f"http://{routes.addresses['frontend']}:15001{path}"
+        async with http_session() as session, session.get(url, headers={"Host": HOST}) as resp:
+            return resp.status, await resp.read()
+
+    before = await routes.served("v1")
+    assert await raw("/teapot") == (418, b"short and stout")
+    assert await raw("/bytes") == (200, bytes(range(256)))
+    assert await raw("/large") == (503, large.encode())
+    assert await raw("/empty") == (204, b"")
+    assert await routes.served("v1") == before  # Envoy answered all of them itself
+    assert (await routes.call("/")).status == 200
 
 
 async def test_rewrite_uri_prefix_regex_and_authority_reach_the_app(routes: Routes) -> None:

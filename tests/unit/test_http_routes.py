@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from pilot.translate.faults import FAULT_FILTER
 from pilot.translate.http_routes import virtual_service_routes
 from pilot.translate.retries import DEFAULT_RETRY_ON, parse_retry_on
 from pilot.translate.route_source import RouteSource
+from pilot.translate.routes import outbound_route_config
 
 SE = {
     "apiVersion": "networking.istio.io/v1",
@@ -91,6 +93,21 @@ def vs(*http: dict[str, Any], **spec: Any) -> dict[str, Any]:
             "not a valid regex",
         ),
         ({"match": [{"uri": {"regex": "(?=a)"}}], "route": [DEST]}, "spec.http[0].match[0].uri.regex", "RE2"),
+        (
+            {"directResponse": {"status": 200, "body": {"string": "a", "bytes": "YQ=="}}},
+            "spec.http[0].directResponse.body",
+            "at most one of string, bytes",
+        ),
+        (
+            {"directResponse": {"status": 200, "body": {"bytes": "not base64!"}}},
+            "spec.http[0].directResponse.body.bytes",
+            "is not valid base64",
+        ),
+        (
+            {"directResponse": {"status": 200, "body": {"string": "x" * (1024 * 1024 + 1)}}},
+            "spec.http[0].directResponse.body",
+            "is 1048577 bytes; a direct response body may be at most 1 MB",
+        ),
         # Istio's catch-all "*" is for headers only; elsewhere it is an invalid regex.
         ({"match": [{"uri": {"regex": "*"}}], "route": [DEST]}, "spec.http[0].match[0].uri.regex", "not a valid"),
         (
@@ -172,6 +189,17 @@ def test_catch_all_regex_is_accepted_in_headers_and_means_present() -> None:
     (route_match,) = rule.http[0].matches
     present = m.StringMatch("regex", ".*")
     assert route_match.headers == (("x-a", present),) and route_match.without_headers == (("x-b", present),)
+
+
+@pytest.mark.parametrize(("body", "limit"), [({"string": "x" * 4096}, 0), ({"string": "x" * 4097}, 1024 * 1024),
+                                             ({"bytes": base64.b64encode(b"\0" * 5000).decode()}, 1024 * 1024)])
+def test_route_configs_raise_envoys_body_limit_only_for_bodies_over_4k(body: dict[str, str], limit: int) -> None:
+    mesh = build_mesh([parse_object(SE), parse_object(vs({"directResponse": {"status": 200, "body": body}}))])
+    config = outbound_route_config(mesh, "default")
+    assert config.max_direct_response_body_size_bytes.value == limit
+    (route,) = [r for vh in config.virtual_hosts for r in vh.routes if r.HasField("direct_response")]
+    expected = body["string"].encode() if "string" in body else base64.b64decode(body["bytes"])
+    assert route.direct_response.body.inline_string.encode() + route.direct_response.body.inline_bytes == expected
 
 
 def test_istio_defaults_no_timeout_and_two_retries_on_503_and_connection_failures() -> None:
