@@ -158,7 +158,8 @@ def redirect(src: hr.HTTPRedirect | None) -> m.Redirect | None:
     if src is None:
         return None
     return m.Redirect(
-        uri=src.uri, authority=src.authority, port=src.port, scheme=src.scheme, code=src.redirect_code or 301
+        uri=src.uri, authority=src.authority, port=src.port, scheme=src.scheme, code=src.redirect_code or 301,
+        port_from_request=src.derive_port == hr.DerivePort.FROM_REQUEST_PORT,
     )
 
 

@@ -188,6 +188,7 @@ class Redirect:
     port: int | None = None
     scheme: str | None = None
     code: int = 301
+    port_from_request: bool = False  # Istio's derivePort FROM_REQUEST_PORT
 
 
 @dataclass(frozen=True, slots=True)

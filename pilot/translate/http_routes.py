@@ -119,7 +119,7 @@ def _header_matcher(name: str, value: m.StringMatch, invert: bool) -> Any:
 
 def _set_action(out: Any, mesh: m.MeshSnapshot, route: m.HttpRoute, port: int) -> None:
     if route.redirect is not None:
-        out.redirect.CopyFrom(_redirect(route.redirect))
+        out.redirect.CopyFrom(_redirect(route.redirect, port))
     elif route.direct_response is not None:
         out.direct_response.status = route.direct_response.status
         if route.direct_response.body is not None:
@@ -199,7 +199,9 @@ def _apply_policies(action: Any, mesh: m.MeshSnapshot, route: m.HttpRoute, port:
     )
 
 
-def _redirect(redirect: m.Redirect) -> Any:
+def _redirect(redirect: m.Redirect, port: int) -> Any:
+    """Envoy's redirect. derivePort FROM_REQUEST_PORT is the port this route config serves (as in
+    Istio: every route config is built for one port); FROM_PROTOCOL_DEFAULT sets no port."""
     out = rc.RedirectAction(
         response_code=_REDIRECT_CODES.get(redirect.code, rc.RedirectAction.MOVED_PERMANENTLY)
     )
@@ -209,6 +211,8 @@ def _redirect(redirect: m.Redirect) -> Any:
         out.host_redirect = redirect.authority
     if redirect.port is not None:
         out.port_redirect = redirect.port
+    elif redirect.port_from_request:
+        out.port_redirect = port
     if redirect.scheme is not None:
         out.scheme_redirect = redirect.scheme
     return out

@@ -163,10 +163,17 @@ async def test_redirect_answers_with_the_status_code_and_location(routes: Routes
           redirect: {uri: /elsewhere, redirectCode: 307}
         - match: [{uri: {prefix: /tls}}]
           redirect: {scheme: https, authority: moved.example.com, port: 8443, redirectCode: 308}
+        - match: [{uri: {prefix: /same-port}}]
+          redirect: {authority: moved.example.com, derivePort: FROM_REQUEST_PORT}
+        - match: [{uri: {prefix: /default-port}}]
+          redirect: {authority: moved.example.com, derivePort: FROM_PROTOCOL_DEFAULT}
         - route: [{destination: {host: web, subset: v1}}]
     """)
     before = await routes.served("v1")
     old, temp, tls = [await routes.call(p) for p in ("/old", "/temp/a/b", "/tls/x")]
+    same, default = [await routes.call(p) for p in ("/same-port", "/default-port")]
+    assert same.headers["location"] == "http://moved.example.com:8080/same-port"  # the service port asked for
+    assert default.headers["location"] == "http://moved.example.com/default-port"
     assert (old.status, old.headers["location"]) == (301, "http://moved.example.com/new")  # Istio's default code
     # The whole path is replaced, although the route matched a prefix; the authority stays.
     assert (temp.status, temp.headers["location"]) == (307, f"http://{HOST}/elsewhere")
