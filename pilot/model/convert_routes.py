@@ -64,6 +64,7 @@ def route_match(src: hr.HTTPMatchRequest, namespace: str) -> m.RouteMatch:
         source_namespace=src.source_namespace,
         gateways=tuple(sorted(qualify_gateway(g, namespace) for g in src.gateways)),
         name=src.name or "",
+        stat_prefix=src.stat_prefix or "",
     )
 
 

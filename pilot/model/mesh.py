@@ -154,6 +154,7 @@ class RouteMatch:
     source_namespace: str | None = None
     gateways: tuple[str, ...] = ()  # qualified ("mesh" or "ns/name"); empty: the rule's gateways
     name: str = ""
+    stat_prefix: str = ""  # Envoy route statistics under vhost.<vhost>.route.<stat_prefix>
 
 
 @dataclass(frozen=True, slots=True)

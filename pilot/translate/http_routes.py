@@ -71,7 +71,7 @@ def http_route_entries(
     out = []
     for match in matches or [m.RouteMatch()]:
         name = ".".join(n for n in (route.name, match.name) if n)
-        envoy_route = rc.Route(name=name, match=route_match(match))
+        envoy_route = rc.Route(name=name, match=route_match(match), stat_prefix=match.stat_prefix)
         _set_action(envoy_route, mesh, route, port)
         out.append(envoy_route)
     return out

@@ -132,6 +132,20 @@ async def test_istio_catch_all_regex_means_present_in_headers_and_absent_in_with
     assert [(h, (await routes.call("/", **h)).tag) for h, _ in cases] == cases
 
 
+async def test_stat_prefix_gives_a_match_its_own_envoy_route_statistics(routes: Routes) -> None:
+    await routes.route("""
+        - match: [{uri: {prefix: /counted}, statPrefix: counted_api}]
+          route: [{destination: {host: web, subset: v1}}]
+        - route: [{destination: {host: web, subset: v1}}]
+    """)
+    for path in ("/counted/a", "/counted/b", "/counted/c", "/other"):
+        assert (await routes.call(path)).status == 200
+    url = f"http://{routes.addresses['frontend']}:15000/stats?filter=route\\.counted_api\\.upstream_rq_completed$"
+    async with http_session() as session, session.get(url) as resp:
+        stats = dict(line.split(": ") for line in (await resp.text()).splitlines() if ": " in line)
+    assert list(stats.values()) == ["3"], stats  # the three /counted requests, not /other
+
+
 async def test_port_match_routes_the_two_ports_of_one_service_differently(routes: Routes) -> None:
     await routes.route("""
         - match: [{port: 8080}]
