@@ -18,7 +18,6 @@ from envoy.config.listener.v3 import listener_components_pb2 as lc
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
-from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
 from pilot.model import gateway as gw
 from pilot.model.hosts import host_intersection
@@ -33,9 +32,9 @@ from pilot.translate.gateway_routes import (
     source_for,
 )
 from pilot.translate.gateway_tls import TLS_INSPECTOR, transport_socket
-from pilot.translate.http_routes import destination_cluster
 from pilot.translate.listeners import _hcm_filter
 from pilot.translate.scope import ProxyView
+from pilot.translate.tcp_routes import tcp_proxy_filter
 
 Resources = dict[str, Any]
 
@@ -145,18 +144,4 @@ def _tcp_chains(mesh: MeshSnapshot, view: ProxyView, server: gw.GatewayServer, p
 
 def _tcp_filter(mesh: MeshSnapshot, route: L4Route, port: int, stat_prefix: str) -> Any | None:
     """A tcp_proxy to the route's (weighted) destinations; None if it has none with weight."""
-    weights: dict[str, int] = {}
-    for dest in route.destinations:
-        if dest.weight > 0:
-            name = destination_cluster(mesh, dest, port)
-            weights[name] = weights.get(name, 0) + dest.weight
-    if not weights:
-        return None
-    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix)
-    if len(weights) == 1:
-        proxy.cluster = next(iter(weights))
-    for name, weight in sorted(weights.items()) if len(weights) > 1 else ():
-        proxy.weighted_clusters.clusters.add(name=name, weight=weight)
-    flt = lc.Filter(name=names.TCP_PROXY_FILTER)
-    flt.typed_config.Pack(proxy)
-    return flt
+    return tcp_proxy_filter(mesh, route.destinations, port, stat_prefix)

@@ -145,13 +145,17 @@ def _lone_destination_headers(out: Any, route: m.HttpRoute) -> None:
         out.route.host_rewrite_literal = authority
 
 
-def destination_cluster(mesh: m.MeshSnapshot, dest: m.RouteDestination, port: int) -> str:
-    """Cluster for a destination: its port, else the service's only port, else the request's port."""
+def destination_port(mesh: m.MeshSnapshot, dest: m.RouteDestination, port: int) -> int:
+    """Where a destination's traffic goes: its port, else the service's only port, else the request's."""
     number = dest.port
     service = mesh.service(dest.host)
     if number is None and service is not None and len(service.ports) == 1:
         number = service.ports[0].number
-    return names.outbound_cluster(number or port, dest.subset, dest.host)
+    return number or port
+
+
+def destination_cluster(mesh: m.MeshSnapshot, dest: m.RouteDestination, port: int) -> str:
+    return names.outbound_cluster(destination_port(mesh, dest, port), dest.subset, dest.host)
 
 
 def _route_action(mesh: m.MeshSnapshot, route: m.HttpRoute, port: int) -> Any:

@@ -16,7 +16,8 @@ Ports the sidecar already uses (its inbound ports and 15000-15090) get no outbou
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
 from typing import Any
 
 from envoy.config.listener.v3 import listener_components_pb2 as lc
@@ -27,7 +28,7 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from pilot.model import mesh as m
 from pilot.translate import names
 from pilot.translate.common import address
-from pilot.translate.http_routes import destination_cluster
+from pilot.translate.http_routes import destination_cluster, destination_port
 from pilot.translate.route_source import RouteSource
 from pilot.translate.scope import ProxyView
 
@@ -66,20 +67,48 @@ def _listener(bind: str, port: int, chains: list[Any], tls: bool) -> Any:
     return listener
 
 
-def _tcp_proxy(mesh: m.MeshSnapshot, destinations: tuple[m.RouteDestination, ...], port: int) -> Any:
+def tcp_proxy_filter(
+    mesh: m.MeshSnapshot, destinations: Sequence[m.RouteDestination], port: int, stat_prefix: str = ""
+) -> Any | None:
+    """A tcp_proxy to the (weighted) destinations; None if none has weight.
+
+    Its idle timeout is the destinations' DestinationRule `connectionPool.tcp.idleTimeout`
+    when they agree (Istio's; Envoy's default is one hour). `stat_prefix` defaults to the
+    first cluster's name.
+    """
     weights: dict[str, int] = {}
     for dest in destinations:
         if dest.weight > 0:
             name = destination_cluster(mesh, dest, port)
             weights[name] = weights.get(name, 0) + dest.weight
-    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=min(weights, default=""))
+    if not weights:
+        return None
+    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix or min(weights))
     if len(weights) == 1:
-        proxy.cluster = proxy.stat_prefix
+        proxy.cluster = next(iter(weights))
     for name, weight in sorted(weights.items()) if len(weights) > 1 else ():
         proxy.weighted_clusters.clusters.add(name=name, weight=weight)
+    idle = {_idle_timeout(mesh, dest, port) for dest in destinations if dest.weight > 0}
+    if len(idle) == 1 and (timeout := idle.pop()) is not None:
+        proxy.idle_timeout.FromTimedelta(timeout)
     flt = lc.Filter(name=names.TCP_PROXY_FILTER)
     flt.typed_config.Pack(proxy)
     return flt
+
+
+def _idle_timeout(mesh: m.MeshSnapshot, dest: m.RouteDestination, port: int) -> timedelta | None:
+    rule = mesh.destination_rules.get(dest.host)
+    if rule is None:
+        return None
+    pool = rule.policy_for(destination_port(mesh, dest, port), dest.subset).connection_pool
+    return pool.tcp_idle_timeout if pool is not None else None
+
+
+def _proxy(mesh: m.MeshSnapshot, destinations: Sequence[m.RouteDestination], port: int) -> Any:
+    found = tcp_proxy_filter(mesh, destinations, port)
+    if found is None:  # validation gives every tcp/tls route a destination with weight
+        raise ValueError(f"port {port}: a TCP route without a weighted destination")
+    return found
 
 
 def _chain(key: ChainKey, proxy: Any) -> Any:
@@ -113,11 +142,11 @@ def _tcp_chains(mesh: m.MeshSnapshot, service: m.Service, port: int, source: Rou
     rule = mesh.virtual_services.get(service.host)
     for route, match in _applicable(rule, rule.tcp, port, source) if rule else ():
         key: ChainKey = (tuple(sorted(match.destination_subnets)) if match else (), "")
-        chains.setdefault(key, _chain(key, _tcp_proxy(mesh, route.destinations, port)))
+        chains.setdefault(key, _chain(key, _proxy(mesh, route.destinations, port)))
         if not key[0]:
             break  # first catch-all wins; later routes are unreachable
     default = m.RouteDestination(host=service.host, port=port)
-    chains.setdefault(((), ""), _chain(((), ""), _tcp_proxy(mesh, (default,), port)))
+    chains.setdefault(((), ""), _chain(((), ""), _proxy(mesh, (default,), port)))
     return [chains[k] for k in sorted(chains)]
 
 
@@ -129,8 +158,8 @@ def _tls_chains(mesh: m.MeshSnapshot, members: Members, port: int, source: Route
             subnets = tuple(sorted(match.destination_subnets)) if match else ()
             for sni in match.sni_hosts if match else ():
                 key = (subnets, sni)
-                chains.setdefault(key, _chain(key, _tcp_proxy(mesh, route.destinations, port)))
+                chains.setdefault(key, _chain(key, _proxy(mesh, route.destinations, port)))
         default = m.RouteDestination(host=service.host, port=port)
         key = ((), service.host)
-        chains.setdefault(key, _chain(key, _tcp_proxy(mesh, (default,), port)))
+        chains.setdefault(key, _chain(key, _proxy(mesh, (default,), port)))
     return [chains[k] for k in sorted(chains)]

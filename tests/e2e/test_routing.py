@@ -99,9 +99,9 @@ class Mesh:
 
 async def _tcp_echo(tag: bytes, port: int) -> asyncio.Server:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        data = await reader.read(1024)
-        writer.write(tag + data)
-        await writer.drain()
+        while data := await reader.read(1024):  # until the other side closes
+            writer.write(tag + data)
+            await writer.drain()
         writer.close()
 
     return await asyncio.start_server(handle, "127.0.0.1", port)
@@ -231,3 +231,33 @@ async def test_tcp_route_carries_bytes_to_the_routed_subset(routed: Mesh) -> Non
         replies.append(await asyncio.wait_for(reader.read(1024), timeout=5))
         writer.close()
     assert replies == [f"v2:hello {i}".encode() for i in range(5)]
+
+
+async def test_tcp_idle_timeout_from_the_destination_rule_closes_idle_connections(routed: Mesh) -> None:
+    async def idle_close_after() -> float:
+        """Seconds an idle connection through the sidecar stays open (capped at 4)."""
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(routed.demo.frontend, routed.tcp_port), 5)
+        writer.write(b"ping")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(1024), 5) == b"v2:ping"
+        started = time.monotonic()
+        try:
+            assert await asyncio.wait_for(reader.read(1024), 4) == b""  # closed by Envoy
+        except TimeoutError:
+            pass
+        finally:
+            writer.close()
+        return time.monotonic() - started
+
+    assert await idle_close_after() > 3.9  # Envoy's default: an hour
+    revision = routed.mesh.pilot.store.revision
+    idle = "  trafficPolicy: {connectionPool: {tcp: {idleTimeout: 1s}}}\n"
+    rule = TCP_RULES.replace("  host: echo-tcp\n", "  host: echo-tcp\n" + idle)
+    (routed.config_dir / "tcp.yaml").write_text(rule)
+    await routed.mesh.wait_applied(revision)
+    try:
+        assert 0.9 < await idle_close_after() < 2.5
+    finally:
+        revision = routed.mesh.pilot.store.revision
+        (routed.config_dir / "tcp.yaml").write_text(TCP_RULES)
+        await routed.mesh.wait_applied(revision)
