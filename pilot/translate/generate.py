@@ -13,6 +13,7 @@ from pilot.translate.endpoints import load_assignments
 from pilot.translate.gateway import gateway_resources
 from pilot.translate.listeners import sidecar_listeners
 from pilot.translate.memo import memoized
+from pilot.translate.passthrough import PASSTHROUGH_CLUSTER, allow_any, passthrough_cluster, passthrough_vhost
 from pilot.translate.routes import outbound_route_config
 from pilot.translate.scope import ProxyView, proxy_view
 from pilot.translate.tcp_routes import outbound_l4_listeners
@@ -52,6 +53,8 @@ def _outbound_routes(seen: MeshSnapshot, view: ProxyView) -> dict[str, Any]:
     """The sidecar's outbound route config: depends on its namespace, labels and egress scope."""
     outbound = outbound_route_config(seen, view.namespace, view.labels)
     outbound.virtual_hosts.extend(outbound_policy_vhosts(view.egress))
+    if allow_any(view):
+        outbound.virtual_hosts.append(passthrough_vhost())
     return {names.OUTBOUND_ROUTE: outbound}
 
 
@@ -83,12 +86,15 @@ def generate(mesh: MeshSnapshot, proxy: ProxyClass) -> Resources:
         listeners, routes = gateway_resources(seen, view)
     else:
         clusters.update(inbound_clusters(view))
+        if allow_any(view):
+            clusters[PASSTHROUGH_CLUSTER] = passthrough_cluster()
         listeners = sidecar_listeners(view)
         listeners.update(outbound_l4_listeners(seen, view))
         # Only labels some route's sourceLabels mention can change the route config: key on those.
         keys = memoized(seen, "source-label-keys", lambda: _source_label_keys(seen))
         labels = tuple(sorted((k, v) for k, v in view.labels.items() if k in keys))
-        routes = memoized(seen, ("routes", proxy.namespace, labels, egress), lambda: _outbound_routes(seen, view))
+        key = ("routes", proxy.namespace, labels, egress, allow_any(view))
+        routes = memoized(seen, key, lambda: _outbound_routes(seen, view))
     return {
         typeurls.CLUSTER: sorted_by_name(clusters),
         typeurls.ENDPOINT: generate_endpoints(mesh, proxy, view),

@@ -16,6 +16,7 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
 from pilot.translate import names
 from pilot.translate.common import address, ads_config_source
+from pilot.translate.passthrough import allow_any, passthrough_filter
 from pilot.translate.route_policies import route_http_filters
 from pilot.translate.routes import inbound_route_config
 from pilot.translate.scope import InboundPort, ProxyView
@@ -45,6 +46,8 @@ def outbound_listener(view: ProxyView) -> Any:
     hcm.rds.route_config_name = names.OUTBOUND_ROUTE
     hcm.rds.config_source.CopyFrom(ads_config_source())
     hcm.http_filters.extend(route_http_filters())  # CORS and fault, before the router
+    if allow_any(view):
+        hcm.http_filters.append(passthrough_filter())  # resolves the Host for PassthroughCluster
     return _listener(view.bind_address, names.OUTBOUND_PORT, _hcm_filter(hcm))
 
 

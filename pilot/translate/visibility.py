@@ -93,9 +93,7 @@ def destination_rule_for(mesh: MeshSnapshot, namespace: str, service: Service) -
 def outbound_policy_vhosts(egress: EgressScope | None) -> list[rc.VirtualHost]:
     """Istio's REGISTRY_ONLY: a catch-all virtual host answering 502 for hosts outside the registry.
 
-    ALLOW_ANY (the default) adds nothing here: Istio passes unknown hosts to their original
-    destination, which a local-mesh sidecar (no iptables capture) does not know, so Envoy's own
-    404 (no route) is what an unknown host gets.
+    ALLOW_ANY (the default) adds nothing here; see `pilot.translate.passthrough`.
     """
     if egress is None or egress.outbound_policy != REGISTRY_ONLY:
         return []

@@ -1,7 +1,9 @@
-"""Sidecar egress scoping with real Envoy: an out-of-scope service has no cluster and no route.
+"""Sidecar egress scoping and the outbound traffic policy with real Envoy.
 
 frontend's Sidecar lets it reach reviews only; ratings is a working service (proved by widening
-the scope at the end), yet from frontend it gets 404 (no route) and is absent from /clusters.
+the scope at the end), yet frontend has no cluster for it. Under ALLOW_ANY a host outside the
+registry goes where DNS says (PassthroughCluster): `localhost:<port>` reaches a plain server, and
+`ratings` (not in DNS on the local mesh) fails with 503; under REGISTRY_ONLY both get 502.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from aiohttp import web
 
 from meshctl.localmesh import LocalMesh, http_session
 from pilot.settings import PilotSettings
@@ -37,6 +40,7 @@ class Scoped:
     mesh: LocalMesh
     config_dir: Path
     frontend: str
+    outside_port: int  # a plain HTTP server on 127.0.0.1, in no ServiceEntry
 
     async def set_scope(self, hosts: str, mode: str = "ALLOW_ANY") -> None:
         revision = self.mesh.pilot.store.revision
@@ -68,12 +72,24 @@ async def scoped(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Scop
         SCOPE.format(hosts="./reviews.default.svc.cluster.local", mode="ALLOW_ANY")
     )
     settings = PilotSettings(ads_port=free_port(), debug_port=0, config_dir=config_dir, debounce_ms=50)
-    async with LocalMesh(settings) as mesh:
-        for name in ("reviews", "ratings"):
-            await mesh.start_app("default", name)
-        await asyncio.gather(*(mesh.start_sidecar("default", n) for n in ("frontend", "reviews", "ratings")))
-        await mesh.wait_synced()
-        yield Scoped(mesh, config_dir, f"{block}.10")
+    async def hello(_: web.Request) -> web.Response:
+        return web.Response(text="outside the mesh")
+
+    outside = web.Application()
+    outside.router.add_get("/", hello)
+    runner = web.AppRunner(outside)
+    await runner.setup()
+    outside_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", outside_port).start()
+    try:
+        async with LocalMesh(settings) as mesh:
+            for name in ("reviews", "ratings"):
+                await mesh.start_app("default", name)
+            await asyncio.gather(*(mesh.start_sidecar("default", n) for n in ("frontend", "reviews", "ratings")))
+            await mesh.wait_synced()
+            yield Scoped(mesh, config_dir, f"{block}.10", outside_port)
+    finally:
+        await runner.cleanup()
 
 
 async def test_egress_scope_removes_a_service_and_keeps_the_allowed_one(scoped: Scoped) -> None:
@@ -81,13 +97,20 @@ async def test_egress_scope_removes_a_service_and_keeps_the_allowed_one(scoped: 
     assert "outbound|9080||reviews.default.svc.cluster.local" in names
     assert not any("ratings" in n for n in names), names
     assert await scoped.status("reviews:9080") == 200
-    assert await scoped.status("ratings:9080") == 404  # no virtual host: Envoy's "no route"
+    assert await scoped.status("ratings:9080") == 503  # passed through, but no DNS name "ratings"
+
+
+async def test_allow_any_passes_a_host_outside_the_registry_to_where_dns_points(scoped: Scoped) -> None:
+    assert await scoped.status(f"localhost:{scoped.outside_port}") == 200
+    assert "PassthroughCluster" in await scoped.cluster_names()
 
 
 async def test_registry_only_answers_502_for_hosts_outside_the_scope(scoped: Scoped) -> None:
     await scoped.set_scope("./reviews.default.svc.cluster.local", mode="REGISTRY_ONLY")
     assert await scoped.status("ratings:9080") == 502
+    assert await scoped.status(f"localhost:{scoped.outside_port}") == 502
     assert await scoped.status("reviews:9080") == 200
+    assert "PassthroughCluster" not in await scoped.cluster_names()
 
 
 async def test_widening_the_scope_makes_the_other_service_reachable(scoped: Scoped) -> None:

@@ -85,18 +85,31 @@ def test_outbound_listener_uses_rds_and_router() -> None:
     hcm = hcm_pb2.HttpConnectionManager()
     assert listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
     assert (hcm.stat_prefix, hcm.rds.route_config_name) == ("outbound", "outbound")
-    # CORS and fault injection act per route, so they sit before the router on every outbound chain.
+    # CORS and fault injection act per route, so they sit before the router on every outbound chain;
+    # the dynamic forward proxy resolves hosts for PassthroughCluster (ALLOW_ANY) just before it.
     assert [f.name for f in hcm.http_filters] == [
-        "envoy.filters.http.cors", "envoy.filters.http.fault", "envoy.filters.http.router"
+        "envoy.filters.http.cors", "envoy.filters.http.fault", "envoy.filters.http.dynamic_forward_proxy",
+        "envoy.filters.http.router",
     ]
     assert hcm.http_filters[-1].typed_config.type_url.endswith("envoy.extensions.filters.http.router.v3.Router")
+
+
+def test_passthrough_is_for_local_mesh_sidecars_even_when_the_mesh_memo_is_shared() -> None:
+    mesh = build_mesh([])
+    local = generate(mesh, sidecar(workload=None))
+    kubernetes_style = generate(mesh, sidecar(bind=None, workload=None))  # same namespace, same memo
+    assert "PassthroughCluster" in local[typeurls.CLUSTER]
+    assert "PassthroughCluster" not in kubernetes_style[typeurls.CLUSTER]
+    assert [v.name for v in kubernetes_style[typeurls.ROUTE]["outbound"].virtual_hosts] == []
 
 
 def test_empty_mesh_is_consistent() -> None:
     resources = generate(build_mesh([]), sidecar(workload=None))
     assert Snapshot.from_resources(resources).consistency_errors() == []
     assert list(resources[typeurls.ROUTE]) == ["outbound"]
-    assert list(resources[typeurls.ROUTE]["outbound"].virtual_hosts) == []
+    # Only ALLOW_ANY's catch-all: every host goes where DNS points.
+    assert [v.name for v in resources[typeurls.ROUTE]["outbound"].virtual_hosts] == ["allow_any"]
+    assert list(resources[typeurls.CLUSTER]) == ["PassthroughCluster"]
 
 
 def test_uri_matches_and_port_specific_routes() -> None:
