@@ -115,18 +115,46 @@ class ConsistentHashLB(IstioModel):
             yield FieldIssue(path, "no hash key set: requests are spread at random")
 
 
+def _aggression(value: float) -> float:
+    if value < 1:
+        raise rule_error("must be at least 1")
+    return value
+
+
+def _percent(value: float) -> float:
+    if not 0 <= value <= 100:
+        raise rule_error("must be between 0 and 100")
+    return value
+
+
+class WarmupConfiguration(IstioModel):
+    """Slow start of new endpoints: their share of traffic grows over `duration`."""
+
+    duration: MinDuration
+    minimum_percent: Annotated[float, AfterValidator(_percent)] | None = None
+    aggression: Annotated[float, AfterValidator(_aggression)] | None = None
+
+
+# Envoy's slow start exists for these balancers only (and Istio's default is LEAST_REQUEST).
+WARMUP_BALANCERS = (None, SimpleLB.UNSPECIFIED, SimpleLB.ROUND_ROBIN, SimpleLB.LEAST_REQUEST, SimpleLB.LEAST_CONN)
+
+
 class LoadBalancerSettings(IstioModel):
     simple: SimpleLB | None = None
     consistent_hash: ConsistentHashLB | None = None
     locality_lb_setting: dict[str, Any] | None = None
-    warmup_duration_secs: Any = None
-    warmup: Any = None
+    warmup_duration_secs: MinDuration | None = None
+    warmup: WarmupConfiguration | None = None
 
     def problems(self, path: str) -> Iterator[FieldIssue]:
         yield from one_of(self, path, ("simple", "consistent_hash"), "loadBalancer", required=False)
+        yield from one_of(self, path, ("warmup_duration_secs", "warmup"), "loadBalancer", required=False)
 
     def advisories(self, path: str) -> Iterator[FieldIssue]:
-        yield from _not_yet(self, path, ("locality_lb_setting", "warmup_duration_secs", "warmup"))
+        yield from _not_yet(self, path, ("locality_lb_setting",))
+        warm = self.warmup_duration_secs is not None or self.warmup is not None
+        if warm and (self.consistent_hash is not None or self.simple not in WARMUP_BALANCERS):
+            yield FieldIssue(path, "warmup applies to ROUND_ROBIN and LEAST_REQUEST balancing only; ignored")
 
 
 class TcpKeepalive(IstioModel):

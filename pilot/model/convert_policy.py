@@ -35,7 +35,16 @@ def load_balancer(src: api.LoadBalancerSettings | None) -> m.LoadBalancer | None
     return m.LoadBalancer(
         simple=None if simple in (None, api.SimpleLB.UNSPECIFIED) else str(simple),
         consistent_hash=consistent_hash(src.consistent_hash),
+        warmup=warmup(src),
     )
+
+
+def warmup(src: api.LoadBalancerSettings) -> m.Warmup | None:
+    if src.warmup is not None:
+        return m.Warmup(src.warmup.duration, src.warmup.minimum_percent, src.warmup.aggression)
+    if src.warmup_duration_secs is not None:
+        return m.Warmup(src.warmup_duration_secs)
+    return None
 
 
 def consistent_hash(src: api.ConsistentHashLB | None) -> m.ConsistentHash | None:

@@ -42,9 +42,19 @@ class ConsistentHash:
 
 
 @dataclass(frozen=True, slots=True)
+class Warmup:
+    """Slow start: a new endpoint's weight ramps up over `window` (Envoy's defaults when None)."""
+
+    window: timedelta
+    min_percent: float | None = None
+    aggression: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LoadBalancer:
     simple: str | None = None  # ROUND_ROBIN, LEAST_REQUEST, RANDOM, PASSTHROUGH; None: Istio's default
     consistent_hash: ConsistentHash | None = None
+    warmup: Warmup | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo_pb2
 
 from pilot.model.mesh import MeshSnapshot, ServicePort
-from pilot.model.policy import ClientTls, ConnectionPool, ConsistentHash, LoadBalancer, TrafficPolicy
+from pilot.model.policy import ClientTls, ConnectionPool, ConsistentHash, LoadBalancer, TrafficPolicy, Warmup
 from pilot.translate import names
 from pilot.translate.outlier import apply_outlier_detection
 from pilot.translate.upstream_tls import apply_upstream_tls
@@ -83,6 +83,24 @@ def apply_load_balancer(cluster: Any, lb: LoadBalancer | None) -> None:
         return
     simple = lb.simple if lb is not None else None
     cluster.lb_policy = _SIMPLE.get(simple or "", Cluster.LEAST_REQUEST)
+    if lb is not None and lb.warmup is not None:
+        _slow_start(cluster, lb.warmup)
+
+
+def _slow_start(cluster: Any, warmup: Warmup) -> None:
+    """Istio's warmup: Envoy's slow start, for round robin and least request only (RANDOM has none)."""
+    if cluster.lb_policy == Cluster.ROUND_ROBIN:
+        config = cluster.round_robin_lb_config.slow_start_config
+    elif cluster.lb_policy == Cluster.LEAST_REQUEST:
+        config = cluster.least_request_lb_config.slow_start_config
+    else:
+        return
+    config.slow_start_window.FromTimedelta(warmup.window)
+    if warmup.aggression is not None:
+        config.aggression.default_value = warmup.aggression
+        config.aggression.runtime_key = "upstream.slow_start.aggression"
+    if warmup.min_percent is not None:
+        config.min_weight_percent.value = warmup.min_percent
 
 
 def _passthrough(cluster: Any) -> None:

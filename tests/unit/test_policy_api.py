@@ -39,6 +39,15 @@ P = "spec.trafficPolicy"
     ("policy", "expected"),
     [
         ({}, f"{P}: traffic policy must set at least one field"),
+        (
+            {"loadBalancer": {"warmupDurationSecs": "10s", "warmup": {"duration": "10s"}}},
+            f"{P}.loadBalancer: loadBalancer must set at most one of warmupDurationSecs, warmup",
+        ),
+        ({"loadBalancer": {"warmup": {"minimumPercent": 5}}}, f"{P}.loadBalancer.warmup.duration: required"),
+        (
+            {"loadBalancer": {"warmup": {"duration": "10s", "aggression": 0.5}}},
+            f"{P}.loadBalancer.warmup.aggression: must be at least 1",
+        ),
         ({"connectionPool": {}}, f"{P}.connectionPool: connection pool must set at least one of tcp, http"),
         (
             {"loadBalancer": {"simple": "RANDOM", "consistentHash": {"httpHeaderName": "x"}}},
@@ -150,6 +159,13 @@ def test_accepted_but_not_applied_fields_are_warnings() -> None:
         "consecutiveGatewayErrors",
         f"{P}.tls.mode: ISTIO_MUTUAL is not supported yet (needs the mesh CA); traffic stays plaintext",
         f"{P}.tls: certificate fields should be empty when mode is ISTIO_MUTUAL",
+    }
+
+
+def test_warmup_with_a_balancer_envoy_cannot_slow_start_is_a_warning() -> None:
+    obj = rule({"loadBalancer": {"simple": "RANDOM", "warmupDurationSecs": "30s"}})
+    assert {str(w) for w in obj.warnings} == {
+        f"{P}.loadBalancer: warmup applies to ROUND_ROBIN and LEAST_REQUEST balancing only; ignored"
     }
 
 
