@@ -14,7 +14,6 @@ import re
 from collections.abc import Iterator
 from datetime import timedelta
 from enum import StrEnum
-from typing import Any
 
 from pydantic import Field
 
@@ -279,13 +278,20 @@ class CorsPolicy(IstioModel):
             yield FieldIssue(f"{path}.unmatchedPreflights", "must be FORWARD or IGNORE")
 
 
+class Delegate(IstioModel):
+    """The VirtualService (without hosts) whose http routes stand in for this route."""
+
+    name: str
+    namespace: str | None = None  # default: the root VirtualService's
+
+
 class HTTPRoute(IstioModel):
     name: str | None = None
     match: tuple[HTTPMatchRequest, ...] = ()
     route: tuple[HTTPRouteDestination, ...] = ()
     redirect: HTTPRedirect | None = None
     direct_response: HTTPDirectResponse | None = None
-    delegate: dict[str, Any] | None = None
+    delegate: Delegate | None = None
     rewrite: HTTPRewrite | None = None
     timeout: Duration | None = None
     retries: HTTPRetry | None = None

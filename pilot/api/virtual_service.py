@@ -123,9 +123,23 @@ class VirtualServiceSpec(IstioModel):
     tcp: tuple[TCPRoute, ...] = ()
     export_to: ExportTo = ()
 
+    @property
+    def is_delegate(self) -> bool:
+        """Without hosts a VirtualService is a delegate: only roots' `delegate` routes use it."""
+        return not self.hosts
+
     def problems(self, path: str) -> Iterator[FieldIssue]:
-        if not self.hosts:
-            yield FieldIssue(f"{path}.hosts", "at least one host is required")
+        if not self.is_delegate:
+            return
+        # Istio's rules for delegates: http routes only, no gateways, one level of delegation.
+        for field in ("gateways", "tls", "tcp"):
+            if getattr(self, field):
+                yield FieldIssue(f"{path}.{field}", "a delegate VirtualService (no hosts) must not set it")
+        if not self.http:
+            yield FieldIssue(f"{path}.hosts", "at least one host is required (or http routes, for a delegate)")
+        for i, route in enumerate(self.http):
+            if route.delegate is not None:
+                yield FieldIssue(f"{path}.http[{i}].delegate", "only one level of delegation is supported")
 
     def advisories(self, path: str) -> Iterator[FieldIssue]:
         for i, route in enumerate(self.tls):

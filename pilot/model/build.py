@@ -26,6 +26,7 @@ from pilot.model import convert, convert_routes
 from pilot.model import mesh as m
 from pilot.model.build_scoping import ScopeInputs, build_scoping, oldest_merged_rules
 from pilot.model.conversions import Conversions
+from pilot.model.delegates import resolve_delegates
 from pilot.model.local_ports import local_port_warnings
 
 MESH_GATEWAY = "mesh"
@@ -55,8 +56,8 @@ def build_mesh(
     for obj in objects:
         by_kind.setdefault(type(obj), []).append(obj)
     entries, dest_rules = _of(by_kind, ServiceEntry), _of(by_kind, DestinationRule)
-    virtual_services = _of(by_kind, VirtualService)
     warnings: list[str] = []
+    virtual_services = resolve_delegates(_of(by_kind, VirtualService), warnings)
     workloads = _workloads(_of(by_kind, WorkloadEntry), memo)
     services = _services(entries, workloads, warnings, memo)
     rules = _destination_rules(dest_rules, cluster_domain, warnings, memo)
@@ -233,11 +234,6 @@ def _dangling_references(
     seen: set[str] = set()
     for rule in routing.values():
         ref = f"VirtualService {rule.namespace}/{rule.name}"
-        if any(route.delegate for route in rule.http):
-            msg = f"{ref}: http delegate is not supported; those routes are ignored"
-            if msg not in seen:
-                seen.add(msg)
-                out.append(msg)
         for d in convert_routes.all_destinations(rule):
             svc = services.get(d.host)
             if svc is None:

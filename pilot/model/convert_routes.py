@@ -195,7 +195,6 @@ def http_route(src: hr.HTTPRoute, namespace: str, domain: str) -> m.HttpRoute:
         mirrors=mirrors(src, namespace, domain),
         cors=cors(src.cors_policy),
         headers=header_rules(src.headers),
-        delegate=src.delegate is not None,
     )
 
 

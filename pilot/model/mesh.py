@@ -257,7 +257,6 @@ class HttpRoute:
     mirrors: tuple[Mirror, ...] = ()
     cors: CorsPolicy | None = None
     headers: HeaderRules = HeaderRules()
-    delegate: bool = False  # not supported: such a route is left out (and warned about)
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,8 +61,6 @@ def http_route_entries(
     mesh: m.MeshSnapshot, rule: m.RoutingRule, route: m.HttpRoute, port: int, source: RouteSource
 ) -> list[Any]:
     """One Envoy route per applicable match of one VirtualService http entry."""
-    if route.delegate:
-        return []  # not supported; build_mesh warns
     matches = [x for x in route.matches if x.port in (None, port) and source.accepts_http(rule, x)]
     if route.matches and not matches:
         return []

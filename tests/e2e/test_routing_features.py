@@ -146,6 +146,50 @@ async def test_stat_prefix_gives_a_match_its_own_envoy_route_statistics(routes: 
     assert list(stats.values()) == ["3"], stats  # the three /counted requests, not /other
 
 
+DELEGATE = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web-api, namespace: team}
+spec:
+  exportTo: [default]
+  http:
+  - name: beta
+    match: [{uri: {prefix: /api/beta}, headers: {x-beta: {exact: "yes"}}}]
+    headers: {request: {set: {x-route: beta}}}
+    route: [{destination: {host: web.default.svc.cluster.local, subset: v2}}]
+  - name: outside
+    match: [{uri: {prefix: /admin}}]
+    route: [{destination: {host: web.default.svc.cluster.local, subset: v2}}]
+  - name: rest
+    route: [{destination: {host: web.default.svc.cluster.local, subset: v1}}]
+"""
+
+
+async def test_delegate_routes_merge_with_the_root_route_in_envoy(routes: Routes) -> None:
+    (routes.config_dir / "web-delegate.yaml").write_text(DELEGATE)
+    try:
+        await routes.route("""
+            - name: api
+              match: [{uri: {prefix: /api}}]
+              delegate: {name: web-api, namespace: team}
+              headers: {request: {set: {x-route: api}}}
+            - name: site
+              headers: {request: {set: {x-route: site}}}
+              route: [{destination: {host: web, subset: v2}}]
+        """)
+        beta = await routes.call("/api/beta/x", x_beta="yes")
+        assert (beta.body["version"], beta.tag) == ("v2", "beta")  # the delegate's own header edit
+        plain = await routes.call("/api/beta/x")
+        assert (plain.body["version"], plain.tag) == ("v1", "api")  # "rest": the root's header edit
+        # "outside" (/admin) is not under /api: left out, so /admin falls to the root's next route.
+        admin = await routes.call("/admin")
+        assert (admin.body["version"], admin.tag) == ("v2", "site")
+        warnings = routes.mesh.pilot.pusher.mesh.warnings
+        assert any("delegate team/web-api: its http[1] has a match outside" in w for w in warnings), warnings
+    finally:
+        (routes.config_dir / "web-delegate.yaml").unlink()
+
+
 async def test_port_match_routes_the_two_ports_of_one_service_differently(routes: Routes) -> None:
     await routes.route("""
         - match: [{port: 8080}]

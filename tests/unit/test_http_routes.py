@@ -247,11 +247,11 @@ def test_fault_percentages_become_parts_per_million() -> None:
     assert (config.abort.http_status, config.abort.percentage.numerator) == (418, 5_000)
 
 
-def test_delegate_routes_are_left_out() -> None:
+def test_a_missing_delegate_costs_only_its_route() -> None:
     assert routes({"delegate": {"name": "child"}}) == []
 
 
-def test_delegate_and_dangling_l4_and_mirror_destinations_are_warned_about() -> None:
+def test_missing_delegate_and_dangling_l4_and_mirror_destinations_are_warned_about() -> None:
     doc = vs(
         {"delegate": {"name": "child"}},
         {"route": [DEST], "mirror": {"host": "ghost"}},
@@ -259,7 +259,8 @@ def test_delegate_and_dangling_l4_and_mirror_destinations_are_warned_about() -> 
     )
     mesh = build_mesh([parse_object(SE), parse_object(doc)])
     assert mesh.warnings == (
-        "VirtualService default/r: http delegate is not supported; those routes are ignored",
+        "VirtualService default/r: http[0].delegate default/child: no delegate VirtualService (one without hosts) "
+        "by that name; route left out",
         "VirtualService default/r: destination ghost.default.svc.cluster.local: no ServiceEntry defines this host",
         "VirtualService default/r: destination r.default.svc.cluster.local: "
         "subset 'v9' is not defined by a DestinationRule",
