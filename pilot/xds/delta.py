@@ -80,6 +80,8 @@ class DeltaSession(SessionBase[_DeltaType]):
         if changed:
             state.seen = state.held_version = ""
             state.frozen = None
+        if request.resource_names_unsubscribe:
+            self._holding(type_url, version_of(state.held))  # an unsubscribe needs no response
         return changed or state.seen == "" or (settled and not self.pending)
 
     def _updates(self, type_url: str, snapshot: Snapshot) -> bytes | None:

@@ -127,6 +127,11 @@ class SessionBase(Generic[StateT]):
         else:
             self.registry.record_nack(self.status, type_url, version, error)
 
+    def _holding(self, type_url: str, version: str) -> None:
+        """After a request that left nothing pending for the type: the proxy holds `version`."""
+        if type_url not in self.pending and version:
+            self.registry.record_holding(self.status, type_url, version)
+
     def _set_current(self, type_url: str, version: str) -> None:
         self.status.of(type_url).current_version = version
 

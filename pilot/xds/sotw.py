@@ -79,6 +79,8 @@ class SotwSession(SessionBase[_TypeState]):
         if not same:
             state.requested = list(requested)
         changed = self._resubscribe(state, names)
+        if changed:
+            self._holding(type_url, state.held_version)  # an unsubscribe needs no response
         # Once every response is settled, deferred removals may be due.
         return state.force_all or changed or (settled and not self.pending)
 

@@ -125,6 +125,16 @@ class StatusRegistry:
         ts.nack_message = ts.nack_version = ""
         self.metrics.of_type(self.metrics.acks, type_url).inc()
 
+    def record_holding(self, status: StreamStatus, type_url: str, version: str) -> None:
+        """The proxy, settled and not NACKing, now holds exactly `version` without a response.
+
+        That happens when it unsubscribes from resources (a cluster went away, so its endpoints
+        did): nothing needs sending, and what it holds is its last ACKed set minus those.
+        """
+        ts = status.of(type_url)
+        if not ts.nack_message and ts.acked_version == ts.sent_version:
+            ts.sent_version = ts.acked_version = version
+
     def record_nack(self, status: StreamStatus, type_url: str, version: str, message: str) -> None:
         ts = status.of(type_url)
         ts.nack_message, ts.nack_version = message or "(no message)", version

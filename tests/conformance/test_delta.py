@@ -157,3 +157,15 @@ async def test_a_changed_cluster_gets_its_endpoints_again(ads: Harness) -> None:
         assert cds.type_url == CLUSTER and names(cds) == ["c1"]
         eds = await c.recv()
         assert eds.type_url == ENDPOINT and names(eds) == ["c1"]
+
+
+async def test_an_unsubscribe_needs_no_response_and_leaves_the_proxy_synced(ads: Harness) -> None:
+    ads.publish(snapshot({"c1": 1, "c2": 1}))
+    async with ads.client(delta=True) as c:
+        c.send_delta(ENDPOINT, subscribe=["c1", "c2"])
+        r = await c.recv()
+        c.ack(r)
+        await c.expect_silence()
+        c.send_delta(ENDPOINT, unsubscribe=["c2"])  # c2 still exists; the proxy no longer wants it
+        await c.expect_silence()
+        assert ads.status_of("EDS")["state"] == "SYNCED"

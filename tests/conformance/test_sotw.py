@@ -285,3 +285,17 @@ async def test_a_type_pilot_does_not_serve_is_ignored_and_the_stream_keeps_worki
         await c.expect_silence()
         c.send(CLUSTER)
         assert resource_names(await c.recv()) == ["c1"]
+
+
+async def test_an_unsubscribe_needs_no_response_and_leaves_the_proxy_synced(ads: Harness) -> None:
+    """A removed cluster takes its endpoints along: the proxy holds the rest, in sync, with no response."""
+    ads.publish(snapshot({"c1": 1, "c2": 1}))
+    async with ads.client() as c:
+        c.send(ENDPOINT, ["c1", "c2"])
+        first = await c.recv()
+        c.ack(first)
+        await c.expect_silence()
+        ads.publish(snapshot({"c1": 1}))  # c2 is gone from the config
+        c.send(ENDPOINT, ["c1"], nonce=first.nonce, version=first.version_info)
+        await c.expect_silence()
+        assert ads.status_of("EDS")["state"] == "SYNCED"

@@ -164,3 +164,20 @@ async def test_a_destination_rule_edit_is_applied_without_waiting_for_envoy_time
     assert not dump.get("configs"), dump
     counts = await versions_seen(canary.outbound, 20)
     assert sum(counts.values()) == 20
+
+
+async def test_removing_subsets_leaves_every_proxy_synced(canary: Canary) -> None:
+    """The subset clusters go, and Envoy drops their endpoints by unsubscribing: no response is
+    due, and proxy status must still show every proxy in sync (it used to stay STALE)."""
+    before = canary.mesh.pilot.store.revision
+    rule = (
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: default}\n"
+        "spec: {host: reviews}\n---\n"
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: default}\n"
+        "spec: {hosts: [reviews], http: [{route: [{destination: {host: reviews}}]}]}\n"
+    )
+    (canary.config_dir / "route.yaml").write_text(rule)
+    rows = await canary.mesh.wait_applied(before, timeout=5)
+    clusters = await canary.mesh.sidecars["default/frontend"].clusters()
+    assert not any("|v1|" in c["name"] for c in clusters["cluster_statuses"])
+    assert all(t["state"] == "SYNCED" for row in rows for t in row["types"].values())
