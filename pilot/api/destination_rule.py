@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from pilot.api.base import ApiObject, DnsLabel, Host, IstioModel, LabelSelector
+from pilot.api.base import ApiObject, DnsLabel, Host, IstioModel
 from pilot.api.common import PortSelector
 from pilot.api.errors import FieldIssue
 from pilot.api.hosts import ExportTo
@@ -96,12 +96,18 @@ class Subset(IstioModel):
     traffic_policy: TrafficPolicy | None = None
 
 
+class MatchLabels(IstioModel):
+    """`istio.type.v1beta1.WorkloadSelector`: the consumer workloads a DestinationRule applies to."""
+
+    match_labels: dict[str, str] = Field(default_factory=dict)
+
+
 class DestinationRuleSpec(IstioModel):
     host: Host
     traffic_policy: TrafficPolicy | None = None
     subsets: tuple[Subset, ...] = ()
     export_to: ExportTo = ()
-    workload_selector: LabelSelector | None = None
+    workload_selector: MatchLabels | None = None
 
     def problems(self, path: str) -> Iterator[FieldIssue]:
         seen: set[str] = set()
@@ -109,6 +115,11 @@ class DestinationRuleSpec(IstioModel):
             if subset.name in seen:
                 yield FieldIssue(f"{path}.subsets[{i}].name", f"duplicate subset {subset.name!r}")
             seen.add(subset.name)
+
+    def advisories(self, path: str) -> Iterator[FieldIssue]:
+        if self.workload_selector is not None and any(e != "." for e in self.export_to):
+            yield FieldIssue(f"{path}.exportTo", "a rule with a workloadSelector applies in its own namespace only; "
+                                                 "exportTo is ignored")
 
 
 class DestinationRule(ApiObject):

@@ -201,12 +201,8 @@ def _destination_rules(
     found: dict[str, m.DestinationPolicy] = {}
     for rule in rules:
         host = convert.qualify(rule.spec.host, rule.metadata.namespace, cluster_domain)
-        if host in found:
-            continue  # merged or looked up per namespace; build_scoping reports it
-        if rule.spec.workload_selector is not None:
-            warnings.append(
-                f"{rule.ref}: workloadSelector is not supported yet; the rule applies to every proxy"
-            )
+        if host in found or rule.spec.workload_selector is not None:
+            continue  # merged or looked up per namespace (build_scoping reports it); selectors per proxy
         found[host] = memo.of(convert.destination_policy, rule, host)
     return found
 

@@ -77,10 +77,15 @@ def merged_destination_rules(
     policy and exportTo stand, later rules add subsets, a repeated subset name keeps the oldest."""
     memo = Conversions() if memo is None else memo
     merged: dict[tuple[str, str], Exported[m.DestinationPolicy]] = {}
+    selected: list[Exported[m.DestinationPolicy]] = []
     for rule in rules:
         ns = rule.metadata.namespace
         host = convert.qualify(rule.spec.host, ns, cluster_domain)
         policy = memo.of(convert.destination_policy, rule, host)
+        if policy.selector is not None:
+            # Picked per proxy by its labels, never merged; only its own namespace's proxies can match.
+            selected.append(Exported(policy, frozenset({ns})))
+            continue
         found = merged.get((ns, host))
         if found is None:
             merged[(ns, host)] = Exported(policy, export_set(rule.spec.export_to, ns))
@@ -93,7 +98,7 @@ def merged_destination_rules(
         warnings.append(f"{rule.ref}: merged into DestinationRule {ns}/{first.name} for host {host}{note}")
         subsets = {**policy.subsets, **first.subsets}
         merged[(ns, host)] = dataclasses.replace(found, value=dataclasses.replace(first, subsets=m.frozen_map(subsets)))
-    return tuple(merged.values())
+    return (*merged.values(), *selected)
 
 
 def oldest_merged_rules(scoping: Scoping) -> dict[str, m.DestinationPolicy]:
@@ -101,7 +106,8 @@ def oldest_merged_rules(scoping: Scoping) -> dict[str, m.DestinationPolicy]:
     is `pilot.translate.visibility.destination_rule_for`)."""
     found: dict[str, m.DestinationPolicy] = {}
     for exported in scoping.destination_rules:
-        found.setdefault(exported.value.host, exported.value)
+        if exported.value.selector is None:
+            found.setdefault(exported.value.host, exported.value)
     return found
 
 

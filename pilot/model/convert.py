@@ -37,4 +37,5 @@ def destination_policy(rule: dr.DestinationRule, host: str) -> m.DestinationPoli
         policy=traffic_policy(rule.spec.traffic_policy),
         port_policies=m.frozen_map(port_policies(rule.spec.traffic_policy)),
         subsets=m.frozen_map(subsets),
+        selector=m.frozen_map(selector.match_labels) if (selector := rule.spec.workload_selector) else None,
     )

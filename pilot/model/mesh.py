@@ -117,6 +117,8 @@ class DestinationPolicy:
     policy: TrafficPolicy = NO_POLICY
     port_policies: Mapping[int, TrafficPolicy] = field(default_factory=frozen_map)
     subsets: Mapping[str, Subset] = field(default_factory=frozen_map)
+    # workloadSelector: applies only to the proxies it selects in its own namespace; None: every proxy.
+    selector: Labels | None = None
 
     def policy_for(self, port: int, subset: str = "") -> TrafficPolicy:
         """The policy of cluster (port, subset), combined as Istio does (see `pilot.model.policy`)."""

@@ -17,7 +17,7 @@ from pilot.translate.passthrough import PASSTHROUGH_CLUSTER, allow_any, passthro
 from pilot.translate.routes import outbound_route_config
 from pilot.translate.scope import ProxyView, proxy_view
 from pilot.translate.tcp_routes import outbound_l4_listeners
-from pilot.translate.visibility import outbound_policy_vhosts, visible_mesh
+from pilot.translate.visibility import outbound_policy_vhosts, selected_rules, visible_mesh
 from pilot.xds import typeurls
 
 Resources = dict[str, dict[str, Any]]  # type URL -> resource name -> xds-protos message
@@ -61,8 +61,10 @@ def _outbound_routes(seen: MeshSnapshot, view: ProxyView) -> dict[str, Any]:
 def _seen(mesh: MeshSnapshot, proxy: ProxyClass, view: ProxyView) -> MeshSnapshot:
     """What the proxy may see; parts depending only on this are computed once and shared."""
     egress = None if proxy.kind == ProxyKind.ROUTER else view.egress
+    selected = selected_rules(mesh, proxy.namespace, view.labels)  # DestinationRules picked by workloadSelector
     return memoized(
-        mesh, ("visible", proxy.namespace, egress), lambda: _shared(mesh, visible_mesh(mesh, proxy.namespace, egress))
+        mesh, ("visible", proxy.namespace, egress, selected),
+        lambda: _shared(mesh, visible_mesh(mesh, proxy.namespace, egress, view.labels)),
     )
 
 

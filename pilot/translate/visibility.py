@@ -14,7 +14,16 @@ from collections.abc import Iterable, Mapping
 from envoy.config.route.v3 import route_components_pb2 as rc
 
 from pilot.model.hosts import MESH_GATEWAY, host_matches, namespace_allows, specificity, visible_to
-from pilot.model.mesh import DestinationPolicy, MeshSnapshot, RouteDestination, RoutingRule, Service, frozen_map
+from pilot.model.mesh import (
+    DestinationPolicy,
+    MeshSnapshot,
+    RouteDestination,
+    RoutingRule,
+    Service,
+    frozen_map,
+    selects,
+)
+from pilot.model.policy import NO_POLICY
 from pilot.model.scoping import REGISTRY_ONLY, EgressScope, Exported
 
 Rules = list[Exported[RoutingRule]]
@@ -26,8 +35,14 @@ def visible_rules(mesh: MeshSnapshot, namespace: str, gateway: str = MESH_GATEWA
     return [r for r in mesh.scoping.routing_rules if gateway in r.value.gateways and visible_to(r.export_to, namespace)]
 
 
-def visible_mesh(mesh: MeshSnapshot, namespace: str, egress: EgressScope | None = None) -> MeshSnapshot:
-    """``mesh`` narrowed to what a proxy in ``namespace`` (under Sidecar ``egress``) may reach."""
+def visible_mesh(
+    mesh: MeshSnapshot, namespace: str, egress: EgressScope | None = None, labels: Mapping[str, str] | None = None
+) -> MeshSnapshot:
+    """``mesh`` narrowed to what a proxy in ``namespace`` (under Sidecar ``egress``) may reach.
+
+    ``labels`` are the proxy's, for DestinationRules with a workloadSelector (see
+    `destination_rule_for`); the result depends on them only through `selected_rules`.
+    """
     scoping = mesh.scoping
     services = {h: s for h, s in mesh.services.items() if visible_to(scoping.service_export(h), namespace)}
     rules = visible_rules(mesh, namespace)
@@ -43,7 +58,7 @@ def visible_mesh(mesh: MeshSnapshot, namespace: str, egress: EgressScope | None 
         services=frozen_map(services),
         virtual_services=frozen_map(routes_by_host([r.value for r in rules], services)),
         destination_rules=frozen_map(
-            {h: p for h, s in services.items() if (p := destination_rule_for(mesh, namespace, s)) is not None}
+            {h: p for h, s in services.items() if (p := destination_rule_for(mesh, namespace, s, labels)) is not None}
         ),
     )
 
@@ -75,15 +90,47 @@ def routes_by_host(rules: list[RoutingRule], services: Mapping[str, Service]) ->
     return found
 
 
-def destination_rule_for(mesh: MeshSnapshot, namespace: str, service: Service) -> DestinationPolicy | None:
+def destination_rule_for(
+    mesh: MeshSnapshot, namespace: str, service: Service, labels: Mapping[str, str] | None = None
+) -> DestinationPolicy | None:
     """Istio's lookup path: the proxy's namespace, then the service's, then the root namespace.
 
     Within a namespace the most specific host wins (exact before ``*.example.com``), then the oldest.
+    A rule with a workloadSelector in the proxy's own namespace that selects its ``labels`` is
+    layered over that rule (see `_layered`); one that does not select the proxy never applies.
     """
     candidates = [
         c for c in mesh.scoping.destination_rules_for_host(service.host) if visible_to(c.export_to, namespace)
     ]
-    for ns in (namespace, service.namespace, mesh.scoping.root_namespace):
+    chosen = [c.value for c in candidates if c.value.selector is not None and labels is not None
+              and c.value.namespace == namespace and selects(c.value.selector, labels)]
+    base = _catch_all_rule([c for c in candidates if c.value.selector is None], namespace, service,
+                           mesh.scoping.root_namespace)
+    if chosen:
+        return _layered(min(chosen, key=lambda p: specificity(p.host)), base)
+    return base
+
+
+def _layered(selected: DestinationPolicy, base: DestinationPolicy | None) -> DestinationPolicy:
+    """A selected rule over the rule its proxies would get otherwise: its traffic policy (when it
+    sets one) replaces the base's, and its subsets join the base's (same name: the selected one's),
+    so routes to the base rule's subsets keep working for the selected workloads."""
+    if base is None:
+        return selected
+    own_policy = selected.policy != NO_POLICY or bool(selected.port_policies)
+    return dataclasses.replace(
+        selected,
+        policy=selected.policy if own_policy else base.policy,
+        port_policies=selected.port_policies if own_policy else base.port_policies,
+        subsets=frozen_map({**base.subsets, **selected.subsets}),
+    )
+
+
+def _catch_all_rule(
+    candidates: list[Exported[DestinationPolicy]], namespace: str, service: Service, root_namespace: str
+) -> DestinationPolicy | None:
+    """The rule without a workloadSelector a proxy in `namespace` gets, by Istio's lookup path."""
+    for ns in (namespace, service.namespace, root_namespace):
         in_ns = [c.value for c in candidates if c.value.namespace == ns]
         if in_ns:
             return min(in_ns, key=lambda p: specificity(p.host))  # min is stable: oldest among equals
@@ -100,3 +147,15 @@ def outbound_policy_vhosts(egress: EgressScope | None) -> list[rc.VirtualHost]:
     route = rc.Route(name=BLOCK_ALL, match=rc.RouteMatch(prefix="/"))
     route.direct_response.status = 502
     return [rc.VirtualHost(name=BLOCK_ALL, domains=["*"], routes=[route])]
+
+
+def selected_rules(mesh: MeshSnapshot, namespace: str, labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The DestinationRules with a workloadSelector that pick a proxy (its namespace's, selecting its labels).
+
+    Proxies of one namespace with the same selected rules see the same mesh, so this keys the
+    shared visible mesh; usually it is empty.
+    """
+    return tuple(sorted(
+        (r.value.namespace, r.value.name) for r in mesh.scoping.destination_rules
+        if r.value.selector is not None and r.value.namespace == namespace and selects(r.value.selector, labels)
+    ))

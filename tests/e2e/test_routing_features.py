@@ -190,6 +190,33 @@ async def test_delegate_routes_merge_with_the_root_route_in_envoy(routes: Routes
         (routes.config_dir / "web-delegate.yaml").unlink()
 
 
+CANARY_RULE = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web-canary-clients, namespace: default}
+spec:
+  host: web
+  workloadSelector: {matchLabels: {env: canary}}
+  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
+"""
+
+
+async def test_a_destination_rule_with_a_workload_selector_applies_to_the_selected_client_only(
+    routes: Routes,
+) -> None:
+    (routes.config_dir / "web-canary-rule.yaml").write_text(CANARY_RULE)
+    try:
+        await routes.route("""
+            - route: [{destination: {host: web}}]
+        """)
+        tester = {(await routes.call("/", client="tester", x_user="ann")).body["version"] for _ in range(20)}
+        frontend = {(await routes.call("/", x_user="ann")).body["version"] for _ in range(20)}
+        assert len(tester) == 1  # env=canary: hashed on x-user, always one endpoint
+        assert frontend == {"v1", "v2"}  # not selected: Istio's default balancing over both
+    finally:
+        (routes.config_dir / "web-canary-rule.yaml").unlink()
+
+
 async def test_port_match_routes_the_two_ports_of_one_service_differently(routes: Routes) -> None:
     await routes.route("""
         - match: [{port: 8080}]
