@@ -111,8 +111,8 @@ class SotwSession(SessionBase[_TypeState]):
         if not state.force_all and view.version == state.seen:
             return None
         state.seen = view.version
-        if state.names is None:
-            # Keep resources that are going away until the removal phase.
+        if type_url in typeurls.FULL_STATE_TYPES:
+            # The whole subscribed set every time; keep resources going away until the removal phase.
             if type_url == typeurls.CLUSTER:
                 self._rewarm(snapshot, state.held, view.resources)
             gone = {n: r for n, r in state.held.items() if n not in view.resources}
@@ -155,9 +155,9 @@ class SotwSession(SessionBase[_TypeState]):
 
     def _removals(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         state = self.types[type_url]
-        if state.names is not None:
+        if type_url not in typeurls.FULL_STATE_TYPES:
             return None  # EDS/RDS: resources leave when the proxy unsubscribes
-        current = snapshot.view(type_url, None)
+        current = snapshot.view(type_url, state.names)
         if state.held_version == current.version or not set(state.held) - set(current.resources):
             return None
         return self._send(type_url, state, dict(current.resources), current.resources, current.version)

@@ -16,6 +16,9 @@ PUSH_ORDER: Final = (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET)
 
 # LDS and CDS are wildcard types: an empty subscription means "everything".
 WILDCARD_TYPES: Final = frozenset({CLUSTER, LISTENER})
+# In SotW, an LDS or CDS response carries the whole subscribed set, wildcard or named: a resource
+# left out is removed by the proxy. EDS and RDS responses may carry only what changed.
+FULL_STATE_TYPES: Final = frozenset({CLUSTER, LISTENER})
 
 SHORT_NAMES: Final = {CLUSTER: "CDS", ENDPOINT: "EDS", LISTENER: "LDS", ROUTE: "RDS", SECRET: "SDS"}
 

@@ -299,3 +299,23 @@ async def test_an_unsubscribe_needs_no_response_and_leaves_the_proxy_synced(ads:
         c.send(ENDPOINT, ["c1"], nonce=first.nonce, version=first.version_info)
         await c.expect_silence()
         assert ads.status_of("EDS")["state"] == "SYNCED"
+
+
+async def test_a_named_cds_subscription_gets_the_whole_subscribed_set_and_removals(ads: Harness) -> None:
+    """LDS/CDS responses carry every subscribed resource, named or wildcard: a left-out one is removed."""
+    ads.publish(snapshot({"c1": 1, "c2": 1, "c3": 1}))
+    async with ads.client() as c:
+        c.send(CLUSTER, ["c1", "c2"])
+        first = await c.recv()
+        assert resource_names(first) == ["c1", "c2"]
+        c.ack(first)
+        ads.publish(snapshot({"c1": 1, "c2": 1, "c3": 1}, timeouts={"c2": 7}))  # only c2 changes
+        second = await c.recv()
+        assert resource_names(second) == ["c1", "c2"]  # c1 too: leaving it out would remove it
+        c.ack(second)
+        ads.publish(snapshot({"c1": 1, "c3": 1}, timeouts={"c2": 7}))  # c2 goes away
+        third = await c.recv()
+        assert resource_names(third) == ["c1"]
+        c.ack(third)
+        await c.expect_silence()
+        assert ads.status_of("CDS")["state"] == "SYNCED"

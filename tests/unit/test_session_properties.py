@@ -12,8 +12,8 @@ from pilot.model.proxy import ProxyClass, ProxyIdentity, ProxyKind
 from pilot.xds.delta import DeltaSession
 from pilot.xds.snapshot import Snapshot
 from pilot.xds.sotw import SotwSession
-from pilot.xds.status import StatusRegistry, XdsMetrics
-from pilot.xds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from pilot.xds.status import StatusRegistry, SyncState, XdsMetrics
+from pilot.xds.typeurls import CLUSTER, ENDPOINT, FULL_STATE_TYPES, LISTENER, ROUTE
 from tests.conformance.builders import snapshot
 
 TYPES = [CLUSTER, ENDPOINT, LISTENER, ROUTE]
@@ -93,6 +93,12 @@ def test_any_request_sequence_is_handled(steps: list[tuple[object, ...]], delta:
                 session.handle(ack)
             session.responses(snap)
         assert session.responses(snap) == []
+        # ...and proxy status agrees: once the proxy has everything it asked for, nothing is STALE,
+        # except (SotW EDS/RDS, which have no removals) a resource it still holds that is gone.
+        for t, ts in status.types.items():
+            if ts.state() == SyncState.STALE:
+                assert not delta and t not in FULL_STATE_TYPES, vars(ts)
+                assert set(session.types[t].held) - set(snap.of(t).resources), vars(ts)  # type: ignore[attr-defined]
 
 
 def _names(session: object, type_url: str) -> list[str]:
