@@ -60,6 +60,20 @@ class DevCa:
         path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
         return path
 
+    def write_crl(self, path: Path, revoked: list[Path]) -> Path:
+        """A PEM certificate revocation list, signed by this CA, revoking the given certificate files."""
+        now = datetime.datetime.now(datetime.UTC)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.cert.subject)
+            .last_update(now - datetime.timedelta(minutes=5))
+            .next_update(now + _VALIDITY)
+        )
+        for cert_file in revoked:
+            builder = builder.add_revoked_certificate(_revoked(cert_file, now))
+        path.write_bytes(builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        return path
+
     def issue(self, directory: Path, stem: str, hosts: list[str], *, client: bool = False) -> Issued:
         """A leaf certificate for ``hosts`` (DNS SANs) in ``<stem>.pem`` and ``<stem>.key``."""
         key = ec.generate_private_key(ec.SECP256R1())
@@ -80,6 +94,11 @@ class DevCa:
             )
         )
         return out
+
+
+def _revoked(cert_file: Path, when: datetime.datetime) -> x509.RevokedCertificate:
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    return x509.RevokedCertificateBuilder().serial_number(cert.serial_number).revocation_date(when).build()
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:

@@ -8,6 +8,9 @@ unique across servers.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from collections.abc import Iterator
 from enum import StrEnum
 from typing import Literal
@@ -42,6 +45,16 @@ class TLSProtocolVersion(StrEnum):
     TLSV1_3 = "TLSV1_3"
 
 
+_HASH = re.compile(r"[0-9A-Fa-f]{64}|[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){31}")
+
+
+def _is_spki_pin(value: str) -> bool:
+    try:
+        return len(base64.b64decode(value, validate=True)) == 32
+    except (binascii.Error, ValueError):
+        return False
+
+
 class ServerTLSSettings(IstioModel):
     https_redirect: bool = False
     mode: ServerTLSMode = ServerTLSMode.PASSTHROUGH
@@ -74,6 +87,14 @@ class ServerTLSSettings(IstioModel):
             yield FieldIssue(f"{path}.privateKey", f"{mode} TLS requires a private key")
         if self.mode != ServerTLSMode.SIMPLE and not self.ca_certificates:
             yield FieldIssue(f"{path}.caCertificates", f"{mode} TLS requires a client CA bundle")
+        for i, value in enumerate(self.verify_certificate_hash):
+            if not _HASH.fullmatch(value):
+                yield FieldIssue(f"{path}.verifyCertificateHash[{i}]",
+                                 f"{value!r} is not a hex SHA-256 fingerprint (64 hex digits, colons allowed)")
+        for i, value in enumerate(self.verify_certificate_spki):
+            if not _is_spki_pin(value):
+                yield FieldIssue(f"{path}.verifyCertificateSpki[{i}]",
+                                 f"{value!r} is not a base64 SHA-256 hash of a public key (44 characters)")
 
     def advisories(self, path: str) -> Iterator[FieldIssue]:
         if self.terminates and (self.credential_name or self.credential_names):
@@ -81,6 +102,12 @@ class ServerTLSSettings(IstioModel):
                 f"{path}.credentialName",
                 "secrets are not supported yet; use serverCertificate/privateKey files (server skipped)",
             )
+        client_checks = {"caCrl": self.ca_crl, "verifyCertificateSpki": self.verify_certificate_spki,
+                         "verifyCertificateHash": self.verify_certificate_hash}
+        if self.mode not in (ServerTLSMode.MUTUAL, ServerTLSMode.OPTIONAL_MUTUAL):
+            for name in (n for n, value in client_checks.items() if value):
+                yield FieldIssue(f"{path}.{name}",
+                                 "checks client certificates: MUTUAL and OPTIONAL_MUTUAL only; ignored")
 
 
 def _redirect_only(tls: ServerTLSSettings) -> bool:

@@ -29,6 +29,9 @@ class ServerTls:
     private_key: str
     ca_certificates: str | None = None
     subject_alt_names: tuple[str, ...] = ()
+    ca_crl: str | None = None  # client certificates it revokes
+    spki_pins: tuple[str, ...] = ()  # accepted clients by public key (base64 SHA-256); empty: any
+    hash_pins: tuple[str, ...] = ()  # accepted clients by certificate (hex SHA-256); empty: any
     min_version: str = "TLS_AUTO"
     max_version: str = "TLS_AUTO"
     cipher_suites: tuple[str, ...] = ()
@@ -139,6 +142,9 @@ def _server(ref: str, index: int, server: Server) -> GatewayServer | None:
             private_key=tls.private_key,
             ca_certificates=tls.ca_certificates,
             subject_alt_names=tls.subject_alt_names,
+            ca_crl=tls.ca_crl,
+            spki_pins=tls.verify_certificate_spki,
+            hash_pins=tls.verify_certificate_hash,
             min_version=tls.min_protocol_version.value,
             max_version=tls.max_protocol_version.value,
             cipher_suites=tls.cipher_suites,

@@ -30,7 +30,8 @@ _SAN_TYPES = (
 
 
 def downstream_tls_context(tls: ServerTls, alpn: tuple[str, ...] = ("h2", "http/1.1")) -> Any:
-    """SIMPLE: serve the certificate; MUTUAL: also require a client certificate signed by the CA;
+    """SIMPLE: serve the certificate; MUTUAL: also require a client certificate signed by the CA
+    (and, when given, not revoked by the CRL and matching a pinned key or certificate hash);
     OPTIONAL_MUTUAL: verify a client certificate only when one is presented."""
     common = tls_pb2.CommonTlsContext(alpn_protocols=list(alpn))
     cert = common.tls_certificates.add()
@@ -49,6 +50,11 @@ def downstream_tls_context(tls: ServerTls, alpn: tuple[str, ...] = ("h2", "http/
                 validation.match_typed_subject_alt_names.add(
                     san_type=san_type, matcher=string_pb2.StringMatcher(exact=san)
                 )
+        if tls.ca_crl:
+            validation.crl.CopyFrom(base_pb2.DataSource(filename=tls.ca_crl))
+        # Pins: a client certificate matching any SPKI or any hash is accepted (Envoy's and Istio's rule).
+        validation.verify_certificate_spki.extend(tls.spki_pins)
+        validation.verify_certificate_hash.extend(tls.hash_pins)
         context.require_client_certificate.value = tls.mode == "MUTUAL"
     return context
 

@@ -7,6 +7,8 @@ in default, each behind its own sidecar, all on a random 127.a.b.0/24 block.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,6 +17,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 import pytest_asyncio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from meshctl.devcerts import DevCa
 from meshctl.localmesh import LocalMesh, http_session
@@ -24,6 +28,7 @@ from tests.e2e.conftest import free_port, random_block, service_entry, workload_
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
 HTTP_PORT, REDIRECT_PORT, HTTPS_PORT, MTLS_PORT = 18080, 18081, 18443, 19443
+HASH_PORT, SPKI_PORT, CRL_PORT = 19444, 19445, 19446
 
 CONFIG = """
 apiVersion: networking.istio.io/v1
@@ -43,6 +48,17 @@ spec:
   - port: {{number: {mtls}, name: https-mtls, protocol: HTTPS}}
     hosts: ["*/shop.example.com"]
     tls: {{mode: MUTUAL, serverCertificate: {cert}, privateKey: {key}, caCertificates: {ca}}}
+  - port: {{number: {hash_port}, name: https-hash, protocol: HTTPS}}
+    hosts: ["*/shop.example.com"]
+    tls: {{mode: MUTUAL, serverCertificate: {cert}, privateKey: {key}, caCertificates: {ca},
+           verifyCertificateHash: ["{client_hash}"]}}
+  - port: {{number: {spki_port}, name: https-spki, protocol: HTTPS}}
+    hosts: ["*/shop.example.com"]
+    tls: {{mode: MUTUAL, serverCertificate: {cert}, privateKey: {key}, caCertificates: {ca},
+           verifyCertificateSpki: ["{other_spki}"]}}
+  - port: {{number: {crl_port}, name: https-crl, protocol: HTTPS}}
+    hosts: ["*/shop.example.com"]
+    tls: {{mode: MUTUAL, serverCertificate: {cert}, privateKey: {key}, caCertificates: {ca}, caCrl: {crl}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: WorkloadEntry
@@ -61,6 +77,19 @@ spec:
   - route: [{{destination: {{host: web}}}}]
 """
 
+def _fingerprint(cert_file: Path) -> str:
+    """Hex SHA-256 of a certificate (Istio's verifyCertificateHash)."""
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def _spki_pin(cert_file: Path) -> str:
+    """Base64 SHA-256 of a certificate's public key (Istio's verifyCertificateSpki)."""
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
 @dataclass
 class Ingress:
     mesh: LocalMesh
@@ -77,11 +106,15 @@ async def ingress(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Ing
     certs = tmp_path_factory.mktemp("gateway-certs")
     ca = DevCa.create("e2e gateway CA")
     issued = ca.issue(certs, "shop", ["shop.example.com"])
-    ca.issue(certs, "client", ["client.example.com"], client=True)
+    client = ca.issue(certs, "client", ["client.example.com"], client=True)
+    other = ca.issue(certs, "other", ["other.example.com"], client=True)
     ca_file = ca.write_ca(certs / "ca.pem")
     block = random_block()
-    ports = {"http": HTTP_PORT, "redirect": REDIRECT_PORT, "https": HTTPS_PORT, "mtls": MTLS_PORT}
-    text = CONFIG.format(**ports, cert=issued.cert, key=issued.key, ca=ca_file, block=block)
+    ports = {"http": HTTP_PORT, "redirect": REDIRECT_PORT, "https": HTTPS_PORT, "mtls": MTLS_PORT,
+             "hash_port": HASH_PORT, "spki_port": SPKI_PORT, "crl_port": CRL_PORT}
+    text = CONFIG.format(**ports, cert=issued.cert, key=issued.key, ca=ca_file, block=block,
+                         client_hash=_fingerprint(client.cert), other_spki=_spki_pin(other.cert),
+                         crl=ca.write_crl(certs / "crl.pem", revoked=[other.cert]))
     for i, name in enumerate(("api", "web")):
         text += service_entry(name, 8000) + workload_entry(name, f"{block}.{11 + i}", port=free_port())
     (config_dir / "mesh.yaml").write_text(text)
@@ -153,3 +186,25 @@ async def test_mutual_tls_server_requires_a_client_certificate_from_its_ca(ingre
         with pytest.raises(aiohttp.ClientError):
             async with session.get(url, headers=host, ssl=without, server_hostname="shop.example.com") as resp:
                 await resp.read()
+
+
+@pytest.mark.parametrize(("port", "accepted"), [(HASH_PORT, "client"), (SPKI_PORT, "other"), (CRL_PORT, "client")],
+                         ids=["certificate-hash", "spki", "crl"])
+async def test_mutual_tls_pins_and_revocation_decide_which_client_certificates_pass(
+    ingress: Ingress, port: int, accepted: str,
+) -> None:
+    """Both clients hold certificates from the server's CA; the pin (or the CRL, which revokes
+    `other`) lets exactly one of them in."""
+    certs = ingress.ca_file.parent
+    results = {}
+    async with http_session() as session:
+        for name in ("client", "other"):
+            context = ssl.create_default_context(cafile=str(ingress.ca_file))
+            context.load_cert_chain(certs / f"{name}.pem", certs / f"{name}.key")
+            try:
+                async with session.get(ingress.url(port, "/", scheme="https"), headers={"Host": "shop.example.com"},
+                                       ssl=context, server_hostname="shop.example.com") as resp:
+                    results[name] = resp.status
+            except aiohttp.ClientError:
+                results[name] = 0  # the handshake was refused
+    assert results == {name: 200 if name == accepted else 0 for name in ("client", "other")}

@@ -227,6 +227,29 @@ def test_mutual_tls_requires_and_verifies_client_certificates() -> None:
     assert list(listener.filter_chains[0].filter_chain_match.server_names) == []  # "*": any SNI
 
 
+def test_client_certificate_pins_and_crl_are_validated_and_translated() -> None:
+    pins = {"verifyCertificateHash": ["AB:" * 31 + "CD"], "verifyCertificateSpki": ["A" * 43 + "="],
+            "caCrl": "/crl.pem"}
+    mutual = {**SIMPLE, "mode": "MUTUAL", "caCertificates": "/ca.pem", **pins}
+    objs = [gateway(server(443, "HTTPS", ["*"], **mutual)), *SERVICES, route("*", "web", ["edge/gw"])]
+    ctx = tls_pb2.DownstreamTlsContext()
+    chain = resources(objs)[typeurls.LISTENER]["127.0.0.70_443"].filter_chains[0]
+    assert chain.transport_socket.typed_config.Unpack(ctx)
+    validation = ctx.common_tls_context.validation_context
+    assert validation.crl.filename == "/crl.pem"
+    assert list(validation.verify_certificate_hash) == ["AB:" * 31 + "CD"]
+    assert list(validation.verify_certificate_spki) == ["A" * 43 + "="]
+
+    bad = {**mutual, "verifyCertificateHash": ["abc"], "verifyCertificateSpki": ["not-base64"]}
+    found = issues("Gateway", {"servers": [server(443, "HTTPS", ["*"], **bad)]})
+    assert any(i.startswith("spec.servers[0].tls.verifyCertificateHash[0]: 'abc' is not a hex SHA-256") for i in found)
+    spki = "spec.servers[0].tls.verifyCertificateSpki[0]: 'not-base64' is not a base64"
+    assert any(i.startswith(spki) for i in found)
+    simple = gateway(server(443, "HTTPS", ["*"], **SIMPLE, caCrl="/crl.pem"))
+    assert [str(w) for w in simple.warnings] == [
+        "spec.servers[0].tls.caCrl: checks client certificates: MUTUAL and OPTIONAL_MUTUAL only; ignored"]
+
+
 def test_https_redirect_and_merged_virtual_services() -> None:
     objs = [
         gateway(server(80, "HTTP", ["*/shop.com"], httpsRedirect=True)),
