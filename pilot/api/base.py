@@ -45,6 +45,15 @@ def between(lo: int, hi: int) -> AfterValidator:
 
 PortNumber = Annotated[int, Field(strict=True), between(1, 65535)]
 Percent = Annotated[int, Field(strict=True), between(0, 100)]
+
+
+def _float_percent(value: float) -> float:
+    if not 0.0 <= value <= 100.0:
+        raise rule_error("must be between 0 and 100")
+    return value
+
+
+FloatPercent = Annotated[float, AfterValidator(_float_percent)]  # Istio's `Percent` message and the like
 NonNegative = Annotated[int, Field(strict=True), between(0, 2**31 - 1)]
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")

@@ -14,7 +14,7 @@ from typing import Annotated, Protocol
 
 from pydantic import AfterValidator, Field
 
-from pilot.api.base import Host, IstioModel, Percent, one_of, rule_error
+from pilot.api.base import FloatPercent, Host, IstioModel, Percent, one_of, rule_error
 from pilot.api.common import PortSelector
 from pilot.api.errors import FieldIssue
 
@@ -41,16 +41,10 @@ def duration_problem(path: str, value: timedelta | None) -> Iterator[FieldIssue]
         yield FieldIssue(path, "must be at least 1ms")
 
 
-def _check_percentage(value: float) -> float:
-    if not 0.0 <= value <= 100.0:
-        raise rule_error("must be between 0 and 100")
-    return value
-
-
 class Percentage(IstioModel):
     """Istio's ``Percent``: a float in [0, 100]."""
 
-    value: Annotated[float, AfterValidator(_check_percentage)] = 0.0
+    value: FloatPercent = 0.0
 
 
 class StringMatch(IstioModel):

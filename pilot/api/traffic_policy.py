@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
 
-from pilot.api.base import Duration, IstioModel, NonNegative, Percent, one_of, rule_error
+from pilot.api.base import Duration, FloatPercent, IstioModel, NonNegative, Percent, one_of, rule_error
 from pilot.api.errors import FieldIssue
 
 MAGLEV_TABLE_LIMIT = 5000011
@@ -121,17 +121,11 @@ def _aggression(value: float) -> float:
     return value
 
 
-def _percent(value: float) -> float:
-    if not 0 <= value <= 100:
-        raise rule_error("must be between 0 and 100")
-    return value
-
-
 class WarmupConfiguration(IstioModel):
     """Slow start of new endpoints: their share of traffic grows over `duration`."""
 
     duration: MinDuration
-    minimum_percent: Annotated[float, AfterValidator(_percent)] | None = None
+    minimum_percent: FloatPercent | None = None
     aggression: Annotated[float, AfterValidator(_aggression)] | None = None
 
 
