@@ -22,7 +22,7 @@ from pilot.api import (
     WorkloadEntrySpec,
 )
 from pilot.api.service_entry import ServicePort as ApiServicePort
-from pilot.model import convert, convert_routes
+from pilot.model import convert_routes
 from pilot.model import mesh as m
 from pilot.model.build_scoping import ScopeInputs, build_scoping, oldest_merged_rules
 from pilot.model.conversions import Conversions
@@ -60,7 +60,6 @@ def build_mesh(
     virtual_services = resolve_delegates(_of(by_kind, VirtualService), warnings)
     workloads = _workloads(_of(by_kind, WorkloadEntry), memo)
     services = _services(entries, workloads, warnings, memo)
-    rules = _destination_rules(dest_rules, cluster_domain, warnings, memo)
     routing = _virtual_services(virtual_services, cluster_domain, warnings, memo)
     scope_inputs = ScopeInputs(entries, dest_rules, virtual_services, _of(by_kind, Gateway), _of(by_kind, Sidecar))
     scoping = build_scoping(scope_inputs, workloads, cluster_domain, warnings, memo)
@@ -193,18 +192,6 @@ def _inline_endpoints(se: ServiceEntry, ports: tuple[m.ServicePort, ...]) -> lis
 def _inline_endpoint(ep: WorkloadEntrySpec, ports: tuple[m.ServicePort, ...]) -> m.Endpoint:
     port_map = {p.name: endpoint_port(p, ep.ports) for p in ports}
     return m.Endpoint(ep.address, m.frozen_map(port_map), m.frozen_map(ep.labels), ep.weight, None)
-
-
-def _destination_rules(
-    rules: list[DestinationRule], cluster_domain: str, warnings: list[str], memo: Conversions
-) -> dict[str, m.DestinationPolicy]:
-    found: dict[str, m.DestinationPolicy] = {}
-    for rule in rules:
-        host = convert.qualify(rule.spec.host, rule.metadata.namespace, cluster_domain)
-        if host in found or rule.spec.workload_selector is not None:
-            continue  # merged or looked up per namespace (build_scoping reports it); selectors per proxy
-        found[host] = memo.of(convert.destination_policy, rule, host)
-    return found
 
 
 def _virtual_services(
