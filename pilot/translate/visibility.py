@@ -102,8 +102,7 @@ def destination_rule_for(
     candidates = [
         c for c in mesh.scoping.destination_rules_for_host(service.host) if visible_to(c.export_to, namespace)
     ]
-    chosen = [c.value for c in candidates if c.value.selector is not None and labels is not None
-              and c.value.namespace == namespace and selects(c.value.selector, labels)]
+    chosen = [c.value for c in candidates if labels is not None and _picks(c.value, namespace, labels)]
     base = _catch_all_rule([c for c in candidates if c.value.selector is None], namespace, service,
                            mesh.scoping.root_namespace)
     if chosen:
@@ -156,6 +155,10 @@ def selected_rules(mesh: MeshSnapshot, namespace: str, labels: Mapping[str, str]
     shared visible mesh; usually it is empty.
     """
     return tuple(sorted(
-        (r.value.namespace, r.value.name) for r in mesh.scoping.destination_rules
-        if r.value.selector is not None and r.value.namespace == namespace and selects(r.value.selector, labels)
+        (r.value.namespace, r.value.name) for r in mesh.scoping.destination_rules if _picks(r.value, namespace, labels)
     ))
+
+
+def _picks(rule: DestinationPolicy, namespace: str, labels: Mapping[str, str]) -> bool:
+    """Whether a rule with a workloadSelector applies to a proxy: its own namespace's, selected."""
+    return rule.selector is not None and rule.namespace == namespace and selects(rule.selector, labels)
