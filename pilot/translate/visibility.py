@@ -25,6 +25,7 @@ from pilot.model.mesh import (
 )
 from pilot.model.policy import NO_POLICY
 from pilot.model.scoping import REGISTRY_ONLY, EgressScope, Exported
+from pilot.translate.memo import memoized
 
 Rules = list[Exported[RoutingRule]]
 BLOCK_ALL = "block_all"
@@ -154,9 +155,11 @@ def selected_rules(mesh: MeshSnapshot, namespace: str, labels: Mapping[str, str]
     Proxies of one namespace with the same selected rules see the same mesh, so this keys the
     shared visible mesh; usually it is empty.
     """
-    return tuple(sorted(
-        (r.value.namespace, r.value.name) for r in mesh.scoping.destination_rules if _picks(r.value, namespace, labels)
-    ))
+    # Run for every class on every push: scan only the (usually no) rules that have a selector.
+    rules = mesh.scoping.destination_rules
+    with_selector = memoized(mesh, "selector-rules",
+                             lambda: tuple(r.value for r in rules if r.value.selector is not None))
+    return tuple(sorted((r.namespace, r.name) for r in with_selector if _picks(r, namespace, labels)))
 
 
 def _picks(rule: DestinationPolicy, namespace: str, labels: Mapping[str, str]) -> bool:
