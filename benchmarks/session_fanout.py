@@ -45,7 +45,7 @@ def snapshot_of(directory: Path) -> Snapshot:
 
 
 def _names(snapshot: Snapshot, type_url: str) -> list[str]:
-    return sorted(snapshot.of(type_url).resources)
+    return sorted(snapshot.of(type_url))
 
 
 def _sotw_requests(snapshot: Snapshot, type_url: str, nonce: str = "") -> Any:

@@ -22,7 +22,7 @@ from pilot.model.diff import endpoints_only
 from pilot.push import Generate, Pusher, PushMetrics
 from pilot.settings import PilotSettings
 from pilot.tasks import TaskFailures, spawn
-from pilot.translate import generate, generate_endpoints
+from pilot.translate import generate, generate_endpoints, generate_parts
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.server import AdsServer
 from pilot.xds.status import StatusRegistry, XdsMetrics
@@ -45,7 +45,8 @@ class Pilot:
         self.pusher = Pusher(
             self.store, self.cache,
             build_mesh=lambda objects: build_mesh(objects, settings.cluster_domain, conversions),
-            generate=generator,
+            # The real generator hands shared parts over as shared objects (serialized once per mesh).
+            generate=generate_parts if generator is generate else generator,
             metrics=PushMetrics(self.registry),
             debounce=settings.debounce_ms / 1000,
             debounce_max=settings.debounce_max_ms / 1000,

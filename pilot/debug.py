@@ -76,7 +76,7 @@ class DebugApi:
             ts = snapshot.of(type_url)
             dump[typeurls.short_name(type_url)] = {
                 "version": ts.version,
-                "resources": [_json(r.type_url, r.value) for r in ts.resources.values()],
+                "resources": [_json(r.type_url, r.value) for r in ts.values()],
             }
         return web.json_response(dump)
 

@@ -2,9 +2,18 @@
 
 Concurrency: one pusher task per pilot. It waits on the store's change event, lets changes
 settle (debounce, bounded by a maximum delay), builds one MeshSnapshot and regenerates the
-snapshot of every class that has a connected proxy. A class seen for the first time is
-generated immediately from the current mesh (cache demand callback). A generator failure for
-one class is logged and counted; that class keeps its last good snapshot.
+snapshot of every class that has a connected proxy. Publishing yields to the event loop
+every `slice` seconds (default 10 ms), so streams write the snapshots already published, ACKs
+are read and new proxies are served while thousands of classes are still being regenerated.
+A class seen for the first time is generated immediately from the current mesh (cache demand
+callback). A generator failure for one class is logged and counted; that class keeps its last
+good snapshot.
+
+Cost: generators return each type as parts, shared parts being the same objects for every
+class (see `pilot.translate.generate.generate_parts`), and the `Serializer` serializes each
+part once per mesh version and each message once while it lives. A class's publication then
+costs its own few resources plus references; its CPU time (no socket writes) is recorded in
+`pilot_class_publish_cpu_seconds`.
 """
 
 from __future__ import annotations
@@ -12,15 +21,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, Summary
 
 from pilot.model.proxy import ProxyClass
 from pilot.xds import typeurls
 from pilot.xds.cache import SnapshotCache
-from pilot.xds.snapshot import ProxyResources, SerializeMemo, Snapshot
+from pilot.xds.snapshot import ProxyParts, ProxyResources, Serializer, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +37,8 @@ log = logging.getLogger(__name__)
 ENDPOINT_KINDS = frozenset({"WorkloadEntry"})
 
 BuildMesh = Callable[[Iterable[Any]], Any]
-Generate = Callable[[Any, ProxyClass], ProxyResources]
+# Flat resources per type, or parts per type (`generate_parts`); both are accepted.
+Generate = Callable[[Any, ProxyClass], ProxyResources | ProxyParts]
 GenerateEndpoints = Callable[[Any, ProxyClass], Mapping[str, Any]]
 EndpointsOnly = Callable[[Any, Any], bool]
 
@@ -46,6 +56,10 @@ class PushMetrics:
             registry=registry)
         self.push_seconds = Histogram(
             "pilot_push_seconds", "time to build the mesh and publish every watched class", registry=registry)
+        self.class_cpu = Summary(
+            "pilot_class_publish_cpu_seconds",
+            "CPU time to generate, serialize and publish one class's snapshot (no socket writes)",
+            registry=registry)
 
 
 class Pusher:
@@ -54,7 +68,7 @@ class Pusher:
     def __init__(self, store: Any, cache: SnapshotCache, build_mesh: BuildMesh, generate: Generate,
                  metrics: PushMetrics, debounce: float = 0.1, debounce_max: float = 1.0,
                  endpoint_debounce: float = 0.01, endpoints_only: EndpointsOnly | None = None,
-                 generate_endpoints: GenerateEndpoints | None = None) -> None:
+                 generate_endpoints: GenerateEndpoints | None = None, slice_seconds: float = 0.01) -> None:
         """`endpoints_only(old_mesh, new_mesh)` and `generate_endpoints(mesh, proxy)` enable the EDS
         fast path: when only endpoints moved, classes get new EDS and keep their other types."""
         self.store = store
@@ -68,7 +82,8 @@ class Pusher:
         self.endpoints_only = endpoints_only
         self.generate_endpoints = generate_endpoints
         self.mesh: Any = None
-        self._serialized: SerializeMemo = {}  # per mesh: messages shared by classes serialize once
+        self.slice = slice_seconds  # longest stretch of publishing between two yields to the event loop
+        self.serializer = Serializer()  # each message serialized once while it lives, each part once per mesh
         self.errors: dict[ProxyClass, str] = {}  # last generation error per class, for /debug
         self.ready = asyncio.Event()
         self.built_revision = -1  # the store revision the current mesh was built from
@@ -80,21 +95,35 @@ class Pusher:
             self.publish(key)
 
     def rebuild(self) -> None:
-        """Build the mesh from the store now and publish every watched class."""
+        """Build the mesh from the store now and publish every watched class, without yielding."""
+        for _ in self._rebuild():
+            pass
+
+    async def rebuild_yielding(self) -> None:
+        """`rebuild`, giving the event loop a turn every `slice` seconds of publishing."""
+        for _ in self._rebuild():
+            await asyncio.sleep(0)
+
+    def _rebuild(self) -> Iterator[None]:
+        """The rebuild as steps: yields whenever a time slice of publishing is used up."""
         started = time.perf_counter()
         revision = self.store.revision
         # A touch (kinds unknown) is an operator asking for a rebuild: never the fast path then.
         known_kinds = self.store.kinds_changed_since(self.built_revision) is not None
         old, self.mesh = self.mesh, self.build_mesh(self.store.objects())
         self._log_new_warnings(old)
-        self._serialized = {}
+        self.serializer.next_mesh()
         self.metrics.builds.inc()
         built = time.perf_counter()
         eds_only = known_kinds and self._eds_only(old)
         watched = self.cache.watched()
+        deadline = time.perf_counter() + self.slice
         for key in watched:
             if not (eds_only and self.publish_endpoints(key)):
                 self.publish(key)
+            if time.perf_counter() > deadline:
+                yield
+                deadline = time.perf_counter() + self.slice
         self.cache.drop_unwatched()
         done = time.perf_counter()
         self.metrics.push_seconds.observe(done - started)
@@ -130,7 +159,7 @@ class Pusher:
             return False  # no good snapshot of the current config to patch
         try:
             eds = self.generate_endpoints(self.mesh, key)
-            self.cache.set(key, previous.with_type(typeurls.ENDPOINT, eds, self._serialized))
+            self.cache.set(key, previous.with_type(typeurls.ENDPOINT, self.serializer.set_of(typeurls.ENDPOINT, eds)))
         except Exception:
             log.exception("EDS fast path failed for %s; doing a full push", key.describe())
             return False
@@ -139,8 +168,9 @@ class Pusher:
 
     def publish(self, key: ProxyClass) -> bool:
         """Generate and publish one class; on failure keep its last good snapshot."""
+        cpu = time.thread_time()
         try:
-            snapshot = Snapshot.from_resources(self.generate(self.mesh, key), self._serialized)
+            snapshot = Snapshot.from_parts(_as_parts(self.generate(self.mesh, key)), self.serializer)
             self.cache.set(key, snapshot)
         except Exception as exc:
             self.metrics.generate_errors.inc()
@@ -148,16 +178,17 @@ class Pusher:
             log.exception("config for %s not published; it keeps its last good config", key.describe())
             return False
         self.errors.pop(key, None)
+        self.metrics.class_cpu.observe(time.thread_time() - cpu)
         return True
 
     async def run(self) -> None:
         """Rebuild after every settled burst of changes, forever."""
         revision = self.store.revision
-        self.rebuild()
+        await self.rebuild_yielding()
         while True:
             revision = await self.store.wait_for_change(revision)
             revision = await self._settle(revision)
-            self.rebuild()
+            await self.rebuild_yielding()
 
     async def _settle(self, revision: int) -> int:
         """Wait until no change came for the debounce time, or `debounce_max` passed.
@@ -178,3 +209,8 @@ class Pusher:
                     self.metrics.endpoint_fast_pushes.inc()
                 break
         return revision
+
+
+def _as_parts(resources: ProxyResources | ProxyParts) -> ProxyParts:
+    """Parts as they are; flat resources (a generator of `generate`'s shape) as one part per type."""
+    return {t: v if isinstance(v, tuple | list) else (v,) for t, v in resources.items()}

@@ -7,7 +7,7 @@ golden-tested on its own. Mappings are read-only views so a shared snapshot stay
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import MappingProxyType
@@ -330,12 +330,19 @@ class MeshSnapshot:
         return self.services.get(host)
 
     def services_selecting(self, namespace: str, labels: Labels) -> tuple[Service, ...]:
-        """Services whose workloadSelector picks a workload with ``labels`` in ``namespace``."""
-        return tuple(
-            s
-            for s in self.services.values()
-            if s.selector is not None and s.namespace == namespace and selects(s.selector, labels)
-        )
+        """Services whose workloadSelector picks a workload with ``labels`` in ``namespace``, in host order.
+
+        Asked once per proxy class, so it looks only at candidates: services indexed under one
+        label of their selector (built once per snapshot), never every service of the mesh.
+        """
+        index = self.memo.get(_SELECTOR_INDEX)
+        if index is None:
+            index = self.memo[_SELECTOR_INDEX] = _selector_index(self.services.values())
+        found = [*index.get((namespace, "", ""), ())]
+        for key, value in labels.items():
+            found += index.get((namespace, key, value), ())
+        return tuple(s for _, s in sorted({id(s): (i, s) for i, s in found}.values(), key=lambda e: e[0])
+                     if selects(s.selector or {}, labels))
 
     def sidecar_for(self, namespace: str, labels: Labels) -> SidecarScope | None:
         """The Sidecar resource that applies to a workload, as Istio picks it."""
@@ -347,3 +354,22 @@ class MeshSnapshot:
             ),
             None,
         )
+
+
+_SELECTOR_INDEX = ("mesh", "selector-index")
+
+
+def _selector_index(services: Iterable[Service]) -> dict[tuple[str, str, str], list[tuple[int, Service]]]:
+    """(namespace, label, value) -> (position, service) for one label of each workloadSelector.
+
+    A selector picks a workload only if the workload has every selector label, so looking up
+    each of a workload's labels finds every service that may select it. Empty selectors (every
+    workload of the namespace) are under the label "".
+    """
+    index: dict[tuple[str, str, str], list[tuple[int, Service]]] = {}
+    for i, service in enumerate(services):
+        if service.selector is None:
+            continue
+        key, value = min(service.selector.items(), default=("", ""))
+        index.setdefault((service.namespace, key, value), []).append((i, service))
+    return index

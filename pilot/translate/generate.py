@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pilot.model.mesh import MeshSnapshot
@@ -21,6 +22,7 @@ from pilot.translate.visibility import outbound_policy_vhosts, selected_rules, v
 from pilot.xds import typeurls
 
 Resources = dict[str, dict[str, Any]]  # type URL -> resource name -> xds-protos message
+Parts = dict[str, tuple[Mapping[str, Any], ...]]  # type URL -> disjoint parts, shared ones first
 
 
 def _shared(mesh: MeshSnapshot, narrowed: MeshSnapshot) -> MeshSnapshot:
@@ -71,7 +73,44 @@ def _seen(mesh: MeshSnapshot, proxy: ProxyClass, view: ProxyView) -> MeshSnapsho
 def generate_endpoints(mesh: MeshSnapshot, proxy: ProxyClass, view: ProxyView | None = None) -> dict[str, Any]:
     """Only the ClusterLoadAssignments of ``proxy``: exactly ``generate(...)[ENDPOINT]``, for the EDS fast path."""
     seen = _seen(mesh, proxy, view or proxy_view(mesh, proxy))
-    return sorted_by_name(memoized(seen, "endpoints", lambda: load_assignments(seen)))
+    return memoized(seen, "endpoints", lambda: sorted_by_name(load_assignments(seen)))
+
+
+def generate_parts(mesh: MeshSnapshot, proxy: ProxyClass) -> Parts:
+    """Each type of ``proxy``'s config as disjoint parts: shared ones first, then its own.
+
+    A shared part (outbound clusters, endpoints, the outbound route config) is the very same
+    mapping object for every class that has it (memoized on the visible mesh), so it is
+    serialized and versioned once per mesh version however many classes use it; the class's
+    own part holds only what depends on the proxy itself (inbound clusters and listeners,
+    passthrough). Parts keep their positions per proxy kind, so two versions of a class's
+    config compare part by part.
+    """
+    view = proxy_view(mesh, proxy)
+    egress = None if proxy.kind == ProxyKind.ROUTER else view.egress
+    seen = _seen(mesh, proxy, view)
+    shared_clusters = memoized(seen, "clusters", lambda: sorted_by_name(outbound_clusters(seen)))
+    own_clusters: dict[str, Any] = {}
+    if proxy.kind == ProxyKind.ROUTER:
+        listeners, gateway_routes = gateway_resources(seen, view)
+        routes = sorted_by_name(gateway_routes)
+    else:
+        own_clusters.update(inbound_clusters(view))
+        if allow_any(view):
+            own_clusters[PASSTHROUGH_CLUSTER] = passthrough_cluster()
+        listeners = sidecar_listeners(view)
+        listeners.update(outbound_l4_listeners(seen, view))
+        # Only labels some route's sourceLabels mention can change the route config: key on those.
+        keys = memoized(seen, "source-label-keys", lambda: _source_label_keys(seen))
+        labels = tuple(sorted((k, v) for k, v in view.labels.items() if k in keys))
+        key = ("routes", proxy.namespace, labels, egress, allow_any(view))
+        routes = memoized(seen, key, lambda: sorted_by_name(_outbound_routes(seen, view)))
+    return {
+        typeurls.CLUSTER: (shared_clusters, sorted_by_name(own_clusters)),
+        typeurls.ENDPOINT: (generate_endpoints(mesh, proxy, view),),
+        typeurls.LISTENER: (sorted_by_name(listeners),),
+        typeurls.ROUTE: (routes,),
+    }
 
 
 def generate(mesh: MeshSnapshot, proxy: ProxyClass) -> Resources:
@@ -79,27 +118,9 @@ def generate(mesh: MeshSnapshot, proxy: ProxyClass) -> Resources:
 
     Both kinds see the mesh narrowed to what their namespace may reach (exportTo, and for
     sidecars their Sidecar's egress hosts); routers get the listeners of their Gateways.
+    The same resources as `generate_parts`, merged into one mapping per type.
     """
-    view = proxy_view(mesh, proxy)
-    egress = None if proxy.kind == ProxyKind.ROUTER else view.egress
-    seen = _seen(mesh, proxy, view)
-    clusters = dict(memoized(seen, "clusters", lambda: outbound_clusters(seen)))
-    if proxy.kind == ProxyKind.ROUTER:
-        listeners, routes = gateway_resources(seen, view)
-    else:
-        clusters.update(inbound_clusters(view))
-        if allow_any(view):
-            clusters[PASSTHROUGH_CLUSTER] = passthrough_cluster()
-        listeners = sidecar_listeners(view)
-        listeners.update(outbound_l4_listeners(seen, view))
-        # Only labels some route's sourceLabels mention can change the route config: key on those.
-        keys = memoized(seen, "source-label-keys", lambda: _source_label_keys(seen))
-        labels = tuple(sorted((k, v) for k, v in view.labels.items() if k in keys))
-        key = ("routes", proxy.namespace, labels, egress, allow_any(view))
-        routes = memoized(seen, key, lambda: _outbound_routes(seen, view))
     return {
-        typeurls.CLUSTER: sorted_by_name(clusters),
-        typeurls.ENDPOINT: generate_endpoints(mesh, proxy, view),
-        typeurls.LISTENER: sorted_by_name(listeners),
-        typeurls.ROUTE: sorted_by_name(routes),
+        type_url: sorted_by_name({name: msg for part in parts for name, msg in part.items()})
+        for type_url, parts in generate_parts(mesh, proxy).items()
     }

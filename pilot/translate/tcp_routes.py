@@ -29,6 +29,7 @@ from pilot.model import mesh as m
 from pilot.translate import names
 from pilot.translate.common import address
 from pilot.translate.http_routes import destination_cluster, destination_port
+from pilot.translate.memo import memoized
 from pilot.translate.route_source import RouteSource
 from pilot.translate.scope import ProxyView
 
@@ -41,21 +42,31 @@ ChainKey = tuple[tuple[str, ...], str]
 
 def outbound_l4_listeners(mesh: m.MeshSnapshot, view: ProxyView) -> dict[str, Any]:
     """One listener per non-HTTP service port the proxy can bind, keyed by name."""
+    ports = memoized(mesh, "l4-ports", lambda: _l4_ports(mesh))  # once per mesh, not per class
+    if not ports:
+        return {}
     source = RouteSource(view.namespace, view.labels)
     taken = {p.port for p in view.inbound} | names.RESERVED_PORTS
-    by_port: dict[int, Members] = {}
-    for service in mesh.services.values():
-        for port in service.ports:
-            if not port.is_http and port.number not in taken:
-                by_port.setdefault(port.number, []).append((service, port))
     out: dict[str, Any] = {}
-    for number, members in sorted(by_port.items()):
+    for number, members in ports:
+        if number in taken:
+            continue
         tls = [x for x in members if x[1].protocol in TLS_PROTOCOLS]
         chains = _tls_chains(mesh, tls, number, source) if tls else _tcp_chains(mesh, members[0][0], number, source)
         if chains:
             listener = _listener(view.bind_address, number, chains, tls=bool(tls))
             out[listener.name] = listener
     return out
+
+
+def _l4_ports(mesh: m.MeshSnapshot) -> list[tuple[int, Members]]:
+    """Non-HTTP service ports by number, with the services that have them, in port order."""
+    by_port: dict[int, Members] = {}
+    for service in mesh.services.values():
+        for port in service.ports:
+            if not port.is_http:
+                by_port.setdefault(port.number, []).append((service, port))
+    return sorted(by_port.items())
 
 
 def _listener(bind: str, port: int, chains: list[Any], tls: bool) -> Any:

@@ -5,53 +5,57 @@ whose version differs are sent. Resources that vanish are named in `removed_reso
 once every pending response is acknowledged (make before break). Subscribed names that do
 not exist are reported as removed once, so the proxy does not wait for them. Nonces only
 pair ACK/NACK with responses; subscription changes apply whatever the nonce.
+
+Cost: a subscription is one interned frozenset shared by every stream with the same names;
+what a stream holds is the shared view it was last brought to (never copied: held and acked
+are references), and the changes between views are computed once per pair of versions, so a
+push costs a stream O(changes). Only a proxy holding something no view has (a reconnect with
+initial versions, a NACK, removals still pending) is diffed name by name.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from pilot.xds import typeurls
-from pilot.xds.session import SessionBase, Subscriptions, version_of
-from pilot.xds.snapshot import Resource, Snapshot
+from pilot.xds.resources import EMPTY_SET, Resource
+from pilot.xds.session import SessionBase, held_version_of
+from pilot.xds.snapshot import Snapshot
 from pilot.xds.wire import len_field, str_field
 
 
 @dataclass
 class _DeltaType:
     wildcard: bool
-    names: set[str] = field(default_factory=set)
-    held: dict[str, str] = field(default_factory=dict)  # name -> version the proxy holds
+    names: frozenset[str] = frozenset()  # explicit subscriptions, interned (shared by streams)
+    held: Mapping[str, Resource] = EMPTY_SET  # what the proxy holds; replaced, never changed in place
     reported_missing: set[str] = field(default_factory=set)
     seen: str = ""  # the view version this state was last reconciled with
     held_version: str = ""  # the version of exactly what `held` holds, when known ("" otherwise)
-    acked: dict[str, str] = field(default_factory=dict)  # what the proxy had at its last ACK
+    acked: Mapping[str, Resource] = EMPTY_SET  # what the proxy had at its last ACK
     acked_version: str = ""
+    force_names: set[str] = field(default_factory=set)  # resend these even if the proxy has them
 
-    frozen: frozenset[str] | None = None  # `names` as a frozenset, cached while it is unchanged
-
-    def subscription(self, subscriptions: Subscriptions) -> frozenset[str] | None:
-        if self.wildcard:
-            return None
-        if self.frozen is None:
-            self.frozen = subscriptions.intern(frozenset(self.names))
-        return self.frozen
+    def subscription(self) -> frozenset[str] | None:
+        return None if self.wildcard else self.names
 
 
 class DeltaSession(SessionBase[_DeltaType]):
     protocol = "delta"
 
-    def handle(self, request: Any) -> bool:
+    def handle(self, request: Any, wire: bytes | None = None) -> bool:
         """Apply a request; True if it may call for a response (False for a plain ACK)."""
         type_url: str = request.type_url
         subscribe = list(request.resource_names_subscribe)
+        unsubscribe = list(request.resource_names_unsubscribe)
         state = self.types.get(type_url)
         if state is None:
             wildcard = type_url in typeurls.WILDCARD_TYPES and (not subscribe or "*" in subscribe)
             state = self.types[type_url] = _DeltaType(wildcard=wildcard)
-            state.held.update(request.initial_resource_versions)
-            state.acked = dict(state.held)
+            initial = request.initial_resource_versions
+            state.held = state.acked = {n: Resource.held(type_url, n, v) for n, v in initial.items()}
         settled = False
         if request.response_nonce:
             if request.response_nonce == self.pending.get(type_url):
@@ -59,86 +63,102 @@ class DeltaSession(SessionBase[_DeltaType]):
                 self._acknowledge(type_url, request.response_nonce, error)
                 settled = True
                 if error is None:
-                    state.acked, state.acked_version = dict(state.held), state.held_version
+                    state.acked, state.acked_version = state.held, state.held_version
                 else:  # the proxy kept its last ACKed resources; `seen` stays, so no resend loop
-                    state.held, state.held_version = dict(state.acked), state.acked_version
+                    state.held, state.held_version = state.acked, state.acked_version
             else:
                 self.registry.record_stale(type_url)
+        if subscribe or unsubscribe:
+            self._resubscribe(state, subscribe, unsubscribe)
+        changed = bool(subscribe or unsubscribe or request.initial_resource_versions)
+        if changed:
+            state.seen = ""
+        if unsubscribe:
+            self._holding(type_url, held_version_of(state.held))  # an unsubscribe needs no response
+        return changed or state.seen == "" or (settled and not self.pending)
+
+    def _resubscribe(self, state: _DeltaType, subscribe: list[str], unsubscribe: list[str]) -> None:
+        names = set(state.names)
         for name in subscribe:
             if name == "*":
                 state.wildcard = True
             else:
-                state.names.add(name)
+                names.add(name)
                 state.reported_missing.discard(name)
-        for name in request.resource_names_unsubscribe:
+        dropped = set()
+        for name in unsubscribe:
             if name == "*":
                 state.wildcard = False
             else:
-                state.names.discard(name)
-                state.held.pop(name, None)
-        changed = bool(subscribe or request.resource_names_unsubscribe or request.initial_resource_versions)
-        if changed:
-            state.seen = state.held_version = ""
-            state.frozen = None
-        if request.resource_names_unsubscribe:
-            self._holding(type_url, version_of(state.held))  # an unsubscribe needs no response
-        return changed or state.seen == "" or (settled and not self.pending)
+                names.discard(name)
+                dropped.add(name)
+        state.names = self.subscriptions.intern(frozenset(names))
+        if dropped & state.held.keys():
+            held = state.held
+            state.held = {n: r for n, r in held.items() if n not in dropped}
+            state.held_version = ""
 
     def _updates(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         state = self.types[type_url]
-        snap_view = snapshot.view(type_url, state.subscription(self.subscriptions))
-        self._set_current(type_url, snap_view.version)
-        if snap_view.version == state.seen:
+        view = snapshot.view(type_url, state.subscription())
+        self._set_current(type_url, view.version)
+        if view.version == state.seen:
             return None
-        state.seen = snap_view.version
-        view = snap_view.resources
-        # Streams of a class holding the same thing share one computed change set.
-        subscription = state.subscription(self.subscriptions)
-        changes = snapshot.changes(type_url, subscription, state.held_version, lambda: state.held)
-        changed = list(changes.values())
+        state.seen = view.version
+        changed: Mapping[str, Resource] = view.changes_from(state.held, state.held_version)
+        if state.force_names:
+            again = {n: r for n in state.force_names if (r := view.get(n)) is not None}
+            changed = {**changed, **again}
+            state.force_names.clear()
         missing: list[str] = []
-        if len(view) < len(state.names):  # some subscribed names do not exist
-            missing = sorted(n for n in state.names - set(view) - set(state.held) - state.reported_missing)
+        if not state.wildcard and len(view) < len(state.names):  # some subscribed names do not exist
+            missing = sorted(n for n in state.names - set(view) - state.held.keys() - state.reported_missing)
         if not changed and not missing:
             return None
         if type_url == typeurls.CLUSTER:
             self._rewarm(snapshot, state.held, changed)
-        state.held.update((r.name, r.version) for r in changed)
-        state.held_version = snap_view.version if len(state.held) == len(view) else ""
+        if view.gone_from(state.held):  # removals still to come: the proxy holds more than the view
+            state.held = {**state.held, **changed}
+            state.held_version = ""
+        else:
+            state.held, state.held_version = view, view.version
         state.reported_missing |= set(missing)
         return self._send(type_url, snapshot, state, changed, missing)
 
-    def _rewarm(self, snapshot: Snapshot, held: dict[str, str], changed: list[Resource]) -> None:
-        """Envoy warms a changed cluster until its endpoints arrive again: forget that the proxy
-        has them, so EDS (next in push order) resends them."""
+    def _rewarm(self, snapshot: Snapshot, held: Mapping[str, Resource], changed: Mapping[str, Resource]) -> None:
+        """Envoy warms a changed cluster until its endpoints arrive again: resend them with EDS
+        (next in push order), even if the proxy has them."""
         eds = self.types.get(typeurls.ENDPOINT)
         if eds is None:
             return
         for cluster in changed:
-            name = snapshot.cluster_eds.get(cluster.name)
-            if cluster.name in held and name is not None and eds.held.pop(name, None) is not None:
-                eds.seen = eds.held_version = ""
+            name = snapshot.eds_name(cluster)
+            if cluster in held and name is not None and name in eds.held:
+                eds.force_names.add(name)
+                eds.seen = ""
 
     def _removals(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         state = self.types[type_url]
-        view = snapshot.view(type_url, state.subscription(self.subscriptions)).resources
-        if len(state.held) == len(view):
-            return None  # everything held is in view (held never has names outside it but these)
-        gone = sorted(set(state.held) - set(view))
+        view = snapshot.view(type_url, state.subscription())
+        gone = view.gone_from(state.held)
         if not gone:
             return None
-        for name in gone:
-            del state.held[name]
-        current = snapshot.view(type_url, state.subscription(self.subscriptions)).version
-        state.held_version = current if len(state.held) == len(view) else ""
-        return self._send(type_url, snapshot, state, [], gone)
+        dropped = set(gone)
+        remaining = {n: r for n, r in state.held.items() if n not in dropped}
+        if len(remaining) == len(view) and remaining.keys() == view.keys():
+            same = all(view[n].version == r.version for n, r in remaining.items())
+            state.held, state.held_version = (view, view.version) if same else (remaining, "")
+        else:
+            state.held, state.held_version = remaining, ""
+        return self._send(type_url, snapshot, state, {}, gone)
 
     def _send(
-        self, type_url: str, snapshot: Snapshot, state: _DeltaType, changed: list[Resource], removed: list[str]
+        self, type_url: str, snapshot: Snapshot, state: _DeltaType, changed: Mapping[str, Resource],
+        removed: list[str],
     ) -> bytes:
-        # Usually known (the proxy holds exactly its view); hashing every held version per stream is not free.
-        nonce = self._sent(type_url, state.held_version or version_of(state.held))
-        entries = b"".join(r.delta_entry for r in sorted(changed, key=lambda r: r.name))
+        # Usually known (the proxy holds exactly its view); summing every held version is O(n).
+        nonce = self._sent(type_url, state.held_version or held_version_of(state.held))
+        entries = b"".join(changed[n].delta_entry for n in sorted(changed))
         removals = b"".join(len_field(6, name.encode()) for name in removed)
         return (
             str_field(1, snapshot.version(type_url)) + entries + str_field(4, type_url)

@@ -8,7 +8,11 @@ from typing import Any
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 
+from pilot.xds import typeurls
+
 _HCM = hcm_pb2.HttpConnectionManager
+_CLUSTER_TYPE = typeurls.CLUSTER
+_LISTENER_TYPE = typeurls.LISTENER
 
 
 def cluster_eds_name(cluster: Any) -> str | None:
@@ -31,3 +35,13 @@ def listener_route_names(listener: Any) -> Iterator[str]:
             flt.typed_config.Unpack(hcm)
             if hcm.HasField("rds"):
                 yield str(hcm.rds.route_config_name)
+
+
+def references_of(type_url: str, message: Any) -> tuple[str, ...]:
+    """Names a resource makes a proxy ask for in the dependent type (CDS -> EDS, LDS -> RDS)."""
+    if type_url == _CLUSTER_TYPE:
+        name = cluster_eds_name(message)
+        return (name,) if name else ()
+    if type_url == _LISTENER_TYPE:
+        return tuple(listener_route_names(message))
+    return ()

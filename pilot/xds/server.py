@@ -36,6 +36,18 @@ def _identity(bytes_: bytes) -> bytes:
     return bytes_
 
 
+# Requests arrive as (message, the bytes it was parsed from): SotW sessions compare name lists as bytes.
+Received = tuple[Any, bytes]
+
+
+def _sotw_request(raw: bytes) -> Received:
+    return discovery_pb2.DiscoveryRequest.FromString(raw), raw
+
+
+def _delta_request(raw: bytes) -> Received:
+    return discovery_pb2.DeltaDiscoveryRequest.FromString(raw), raw
+
+
 class AdsServer:
     """Serves StreamAggregatedResources and DeltaAggregatedResources from a SnapshotCache."""
 
@@ -54,9 +66,9 @@ class AdsServer:
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
             "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                self._sotw, discovery_pb2.DiscoveryRequest.FromString, _identity),
+                self._sotw, _sotw_request, _identity),
             "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                self._delta, discovery_pb2.DeltaDiscoveryRequest.FromString, _identity),
+                self._delta, _delta_request, _identity),
         })
 
     async def start(self, host: str, port: int) -> int:
@@ -94,9 +106,10 @@ class AdsServer:
     async def _stream(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, kind: type[SessionBase[Any]]
     ) -> AsyncIterator[bytes]:
-        first = await anext(aiter(requests), None)
-        if first is None:
+        received: Received | None = await anext(aiter(requests), None)
+        if received is None:
             return
+        first, first_wire = received
         try:
             identity = self.classify(first.node)
         except NodeError as exc:
@@ -111,7 +124,7 @@ class AdsServer:
         reader = asyncio.create_task(_read(requests, session, stream))
         try:
             with self.cache.watch(identity.proxy_class, stream.wake.set):
-                session.handle(first)
+                session.handle(first, first_wire)
                 async for chunk in self._serve(identity, session, stream):
                     yield chunk
         finally:
@@ -160,8 +173,8 @@ async def _read(requests: AsyncIterator[Any], session: Any, stream: _Stream) -> 
     flow control then holds the proxy). A vanished client ends the stream quietly.
     """
     try:
-        async for request in requests:
-            if session.handle(request):
+        async for request, wire in requests:
+            if session.handle(request, wire):
                 stream.dirty = True
                 stream.wake.set()
     except grpc.aio.AioRpcError:

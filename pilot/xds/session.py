@@ -7,32 +7,24 @@ owns all I/O; sessions never await anything, so they are tested without gRPC.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 from pilot.xds import typeurls
-from pilot.xds.snapshot import Resource, Snapshot
+from pilot.xds.resources import Resource, View, version_of
+from pilot.xds.snapshot import Snapshot
 from pilot.xds.status import StatusRegistry, StreamStatus
 
 StateT = TypeVar("StateT")
+# Bytes of remembered request name lists; past it the table starts over (sharing lost, not correctness).
+WIRE_BYTES_LIMIT = 64 * 1024 * 1024
 
 
-def version_of(versions: Mapping[str, str]) -> str:
-    """Version of a set of resources (name -> resource version) as one proxy holds it.
-
-    Same scheme as TypeSnapshot.version, so a proxy holding a whole type reports that version.
-    """
-    h = hashlib.blake2b(digest_size=8)
-    for name in sorted(versions):
-        h.update(name.encode() + b"\0" + versions[name].encode() + b"\n")
-    return h.hexdigest()
-
-
-def versions(resources: Mapping[str, Resource]) -> dict[str, str]:
-    return {name: res.version for name, res in resources.items()}
+def held_version_of(held: Mapping[str, Resource]) -> str:
+    """Version of what a proxy holds: known for a shared view, summed (O(n)) for anything else."""
+    return held.version if isinstance(held, View) else version_of(held)
 
 
 def ordered_types(type_urls: Iterable[str]) -> list[str]:
@@ -54,6 +46,11 @@ class Subscriptions:
     def __init__(self, limit: int = 4096) -> None:
         self.limit = limit
         self._known: dict[frozenset[str], frozenset[str]] = {}
+        # The wire bytes of a SotW request's names (and type) -> (those bytes, the subscription):
+        # a stream recognises an unchanged subscription by comparing bytes, and keeps a reference
+        # to the shared bytes object instead of its own copy of a few thousand names.
+        self._wire: dict[bytes, tuple[bytes, frozenset[str] | None]] = {}
+        self._wire_bytes = 0
 
     def intern(self, names: frozenset[str]) -> frozenset[str]:
         found = self._known.get(names)
@@ -63,6 +60,18 @@ class Subscriptions:
             self._known.clear()
         self._known[names] = names
         return names
+
+    def by_wire(self, key: bytes) -> tuple[bytes, frozenset[str] | None] | None:
+        """The shared key bytes and subscription seen before for these request bytes, if any."""
+        return self._wire.get(key)
+
+    def remember_wire(self, key: bytes, names: frozenset[str] | None) -> tuple[bytes, frozenset[str] | None]:
+        if len(self._wire) >= self.limit or self._wire_bytes > WIRE_BYTES_LIMIT:
+            self._wire.clear()
+            self._wire_bytes = 0
+        self._wire_bytes += len(key)
+        found = self._wire[key] = (key, names)
+        return found
 
 
 class Nonces:
@@ -93,8 +102,8 @@ class SessionBase(Generic[StateT]):
         # type_url -> the version carried by the response with that nonce
         self._pending_version: dict[str, str] = {}
 
-    def handle(self, request: Any) -> bool:
-        """Apply a request; True if it may call for a response."""
+    def handle(self, request: Any, wire: bytes | None = None) -> bool:
+        """Apply a request (`wire`: the bytes it was parsed from, if known); True if it may call for a response."""
         raise NotImplementedError
 
     def responses(self, snapshot: Snapshot) -> list[bytes]:

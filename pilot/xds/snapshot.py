@@ -1,150 +1,72 @@
-"""Serialized, versioned, consistency-checked xDS snapshots for one proxy class.
+"""One proxy class's config: a `View` per type, made of shared `ResourceSet` parts.
 
-A snapshot is immutable once built. Each resource is serialized exactly once (deterministic
-bytes), its version is a hash of those bytes, and a type's version is a hash of its resources'
-names and versions, so identical config always yields identical versions (no spurious pushes).
+A snapshot is immutable once built. Generators hand over each type as a few parts (name ->
+message mappings); a part that several classes share (the outbound clusters, endpoints and
+routes of a namespace) is the same mapping object for all of them, so the `Serializer` turns
+it into one ResourceSet per mesh version and every class refers to that. A class's snapshot
+is then its few own resources plus references: building one costs O(its own resources), not
+O(mesh), and it holds no copy of the shared parts.
+
+Serialization follows change too: a message object the generators carried over from the last
+mesh version (unchanged inputs, see `pilot.translate.memo.carried`) keeps its serialized
+Resource, bytes and version, so a rebuild serializes what changed.
+
+The consistency check (every EDS name a cluster refers to has endpoints, every route name a
+listener refers to exists, nothing unreferenced) is memoized on the shared parts, so classes
+sharing them pay one dictionary lookup.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from functools import cached_property
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from pilot.model.conversions import Conversions
 from pilot.xds import typeurls
-from pilot.xds.references import cluster_eds_name, listener_route_names
-from pilot.xds.wire import len_field, str_field
+from pilot.xds.resources import EMPTY_SET, Resource, ResourceSet, View
 
-# type_url -> resource name -> protobuf message; what generators return.
+# type_url -> resource name -> protobuf message; what `generate` returns.
 ProxyResources = Mapping[str, Mapping[str, Any]]
+# type_url -> parts, each a name -> message mapping (disjoint); what `generate_parts` returns.
+ProxyParts = Mapping[str, Sequence[Mapping[str, Any]]]
 
-# DiscoveryResponse.resources and DeltaDiscoveryResponse.resources are both field 2.
-_RESOURCES_FIELD = 2
-
-
-def _digest(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=8).hexdigest()
+_REFERENCES = (("EDS", typeurls.CLUSTER, typeurls.ENDPOINT), ("RDS", typeurls.LISTENER, typeurls.ROUTE))
 
 
 @dataclass(frozen=True, eq=False)
-class Resource:
-    """One serialized resource: its name, content version and `Any` encoding."""
-
-    type_url: str
-    name: str
-    version: str
-    value: bytes  # the message's own deterministic serialization
-
-    @cached_property
-    def any_bytes(self) -> bytes:
-        """The resource as a serialized google.protobuf.Any."""
-        return str_field(1, self.type_url) + len_field(2, self.value)
-
-    @cached_property
-    def sotw_entry(self) -> bytes:
-        """This resource as one element of DiscoveryResponse.resources."""
-        return len_field(_RESOURCES_FIELD, self.any_bytes)
-
-    @cached_property
-    def delta_entry(self) -> bytes:
-        """This resource as one element of DeltaDiscoveryResponse.resources (a Resource message)."""
-        body = str_field(1, self.version) + len_field(2, self.any_bytes) + str_field(3, self.name)
-        return len_field(_RESOURCES_FIELD, body)
-
-    @classmethod
-    def from_message(cls, type_url: str, name: str, message: Any) -> Resource:
-        value: bytes = message.SerializeToString(deterministic=True)
-        return cls(type_url=type_url, name=name, version=_digest(value), value=value)
-
-
-@dataclass(frozen=True)
-class TypeSnapshot:
-    """All resources of one type for one class, with the type's version."""
-
-    type_url: str
-    resources: Mapping[str, Resource]
-    version: str
-
-    @classmethod
-    def build(cls, type_url: str, resources: Iterable[Resource]) -> TypeSnapshot:
-        by_name = {r.name: r for r in sorted(resources, key=lambda r: r.name)}
-        h = hashlib.blake2b(digest_size=8)
-        for name, res in by_name.items():
-            h.update(name.encode() + b"\0" + res.version.encode() + b"\n")
-        return cls(type_url=type_url, resources=by_name, version=h.hexdigest())
-
-
-EMPTY_VERSION = TypeSnapshot.build("", []).version
-
-
-@dataclass(frozen=True)
-class View:
-    """The resources of one type that a subscription sees, and their combined version."""
-
-    resources: Mapping[str, Resource]
-    version: str
-
-
-@dataclass(frozen=True)
 class Snapshot:
-    """The complete config of one proxy class: one TypeSnapshot per type in PUSH_ORDER."""
+    """The complete config of one proxy class: one View per type."""
 
-    types: Mapping[str, TypeSnapshot]
-    # Names referenced across types, kept for the consistency check and for debugging.
-    eds_refs: frozenset[str] = field(default=frozenset())
-    rds_refs: frozenset[str] = field(default=frozenset())
-    # EDS cluster name -> the ClusterLoadAssignment it waits for (a changed cluster warms on it).
-    cluster_eds: Mapping[str, str] = field(default_factory=dict)
-    # Subscription views computed so far; every stream of a class shares them (event loop only).
-    _views: dict[tuple[str, frozenset[str] | None], View] = field(
-        default_factory=dict, compare=False, repr=False)
-    # (type, subscription, version held before) -> resources that changed; shared by a class's streams.
-    _changes: dict[tuple[str, frozenset[str] | None, str], Mapping[str, Resource]] = field(
-        default_factory=dict, compare=False, repr=False)
+    types: Mapping[str, View]
 
-    def changes(self, type_url: str, names: frozenset[str] | None, held_version: str,
-                held: Callable[[], Mapping[str, str]]) -> Mapping[str, Resource]:
-        """Subscribed resources whose version differs from what a proxy holds, memoized.
-
-        `held_version` names exactly what the proxy holds (`held()` gives name -> version, only
-        called on a miss); streams of one class usually hold the same, so this runs once a push.
-        """
-        key = (type_url, names, held_version)
-        found = self._changes.get(key)
-        if found is None:
-            versions = held()
-            view = self.view(type_url, names).resources
-            found = {n: r for n, r in view.items() if versions.get(n) != r.version}
-            if held_version:
-                self._changes[key] = found
-        return found
+    def of(self, type_url: str) -> View:
+        found = self.types.get(type_url)
+        return found if found is not None else EMPTY_SET
 
     def view(self, type_url: str, names: frozenset[str] | None) -> View:
-        """What a subscription to `names` (None: wildcard) sees of a type; memoized per snapshot."""
-        key = (type_url, names)
-        found = self._views.get(key)
-        if found is None:
-            ts = self.of(type_url)
-            if names is None:
-                found = View(ts.resources, ts.version)
-            else:
-                picked = {n: ts.resources[n] for n in sorted(names) if n in ts.resources}
-                found = View(picked, TypeSnapshot.build(type_url, picked.values()).version)
-            self._views[key] = found
-        return found
-
-    def of(self, type_url: str) -> TypeSnapshot:
-        found = self.types.get(type_url)
-        return found if found is not None else TypeSnapshot(type_url, {}, EMPTY_VERSION)
+        """What a subscription to `names` (None: wildcard) sees of a type; memoized on the parts."""
+        return self.of(type_url).view(names)
 
     def version(self, type_url: str) -> str:
         return self.of(type_url).version
 
     def versions(self) -> dict[str, str]:
         """type_url -> version; equal for snapshots with identical content."""
-        return {t: ts.version for t, ts in self.types.items()}
+        return {t: v.version for t, v in self.types.items()}
+
+    def eds_name(self, cluster: str) -> str | None:
+        """The ClusterLoadAssignment an EDS cluster of this snapshot waits for (a changed cluster warms on it)."""
+        found: Resource | None = self.of(typeurls.CLUSTER).get(cluster)
+        return found.refs[0] if found is not None and found.refs else None
+
+    @property
+    def eds_refs(self) -> frozenset[str]:
+        return self.of(typeurls.CLUSTER).refs()
+
+    @property
+    def rds_refs(self) -> frozenset[str]:
+        return self.of(typeurls.LISTENER).refs()
 
     def consistency_errors(self) -> list[str]:
         """What would make Envoy wait forever or reject: references to names that do not exist.
@@ -153,53 +75,72 @@ class Snapshot:
         listener refers to needs a RouteConfiguration, and there is nothing unreferenced.
         """
         errors: list[str] = []
-        for kind, refs, type_url in (("EDS", self.eds_refs, typeurls.ENDPOINT), ("RDS", self.rds_refs, typeurls.ROUTE)):
-            have = set(self.of(type_url).resources)
-            errors += [f"{kind} name {n!r} is referenced but not in the snapshot" for n in sorted(refs - have)]
-            errors += [
-                f"{kind} resource {n!r} is in the snapshot but nothing references it" for n in sorted(have - refs)
-            ]
+        for kind, source, target in _REFERENCES:
+            refs, have = self.of(source).refs(), self.of(target)
+            if have.holds_exactly(refs):
+                continue
+            names = set(have)
+            errors += [f"{kind} name {n!r} is referenced but not in the snapshot" for n in sorted(refs - names)]
+            errors += [f"{kind} resource {n!r} is in the snapshot but nothing references it"
+                       for n in sorted(names - refs)]
         return errors
 
-    def with_type(self, type_url: str, messages: Mapping[str, Any], memo: SerializeMemo | None = None) -> Snapshot:
-        """This snapshot with one type's resources replaced (the EDS fast path).
-
-        Only for types no other type refers *from* (endpoints): references stay as they were.
-        """
-        memo = {} if memo is None else memo
-        replaced = TypeSnapshot.build(type_url, (_resource(memo, type_url, n, m) for n, m in messages.items()))
-        return Snapshot({**self.types, type_url: replaced}, self.eds_refs, self.rds_refs, self.cluster_eds)
+    def with_type(self, type_url: str, view: View) -> Snapshot:
+        """This snapshot with one type replaced (the EDS fast path)."""
+        return Snapshot({**self.types, type_url: view})
 
     @classmethod
-    def from_resources(cls, resources: ProxyResources, memo: SerializeMemo | None = None) -> Snapshot:
-        """Serialize generated messages once and collect cross-type references.
+    def from_resources(cls, resources: ProxyResources, serializer: Serializer | None = None) -> Snapshot:
+        """A snapshot of one part per type (tests and tools; pilot builds from parts)."""
+        return cls.from_parts({t: (r,) for t, r in resources.items()}, serializer)
 
-        With a `memo`, a message object already serialized for another class (generators share
-        the messages that do not depend on the proxy) is not serialized again.
-        """
-        memo = {} if memo is None else memo
-        types: dict[str, TypeSnapshot] = {}
+    @classmethod
+    def from_parts(cls, parts: ProxyParts, serializer: Serializer | None = None) -> Snapshot:
+        """Serialize each part once (shared parts: once per mesh version) and compose the views."""
+        serializer = serializer or Serializer()
+        types: dict[str, View] = {}
         for type_url in typeurls.PUSH_ORDER:
-            msgs = resources.get(type_url, {})
-            types[type_url] = TypeSnapshot.build(type_url, (_resource(memo, type_url, n, m) for n, m in msgs.items()))
-        clusters = resources.get(typeurls.CLUSTER, {})
-        listeners = resources.get(typeurls.LISTENER, {}).values()
-        eds_of = {name: eds for name, c in clusters.items() if (eds := cluster_eds_name(c))}
-        rds = frozenset(n for lis in listeners for n in listener_route_names(lis))
-        return cls(types=types, eds_refs=frozenset(eds_of.values()), rds_refs=rds, cluster_eds=eds_of)
+            found = parts.get(type_url)
+            if not found:
+                types[type_url] = EMPTY_SET
+                continue
+            sets = tuple(serializer.set_of(type_url, p) for p in found)
+            types[type_url] = sets[0] if len(sets) == 1 else View(sets)
+        return cls(types)
 
 
-# id(message) -> (the message, kept alive so the id stays its own; its serialized resource)
-SerializeMemo = dict[int, tuple[Any, Resource]]
+def _serialize(message: Any, type_url: str, name: str) -> Resource:
+    return Resource.from_message(type_url, name, message)
 
 
-def _resource(memo: SerializeMemo, type_url: str, name: str, message: Any) -> Resource:
-    found = memo.get(id(message))
-    if found is not None and found[0] is message and found[1].name == name and found[1].type_url == type_url:
-        return found[1]
-    res = Resource.from_message(type_url, name, message)
-    memo[id(message)] = (message, res)
-    return res
+class Serializer:
+    """Messages to Resources and parts to ResourceSets, reusing the last mesh version's work.
+
+    A message object is serialized once while it lives (generators share objects across
+    classes and carry unchanged ones across mesh versions); a part mapping becomes one
+    ResourceSet per mesh version. Only what the current and the previous mesh version used
+    is kept (see `Conversions`), so memory does not grow with history.
+    """
+
+    def __init__(self) -> None:
+        self._resources = Conversions()
+        self._sets: dict[int, tuple[Mapping[str, Any], ResourceSet]] = {}
+
+    def next_mesh(self) -> None:
+        """A new mesh version: parts are new objects now; serialized messages stay reusable."""
+        self._sets = {}
+        self._resources.next_build()
+
+    def resource(self, type_url: str, name: str, message: Any) -> Resource:
+        return self._resources.of(_serialize, message, type_url, name)
+
+    def set_of(self, type_url: str, part: Mapping[str, Any]) -> ResourceSet:
+        found = self._sets.get(id(part))
+        if found is not None and found[0] is part:
+            return found[1]
+        made = ResourceSet(type_url, [self.resource(type_url, n, m) for n, m in part.items()])
+        self._sets[id(part)] = (part, made)  # keeps `part` alive, so its id stays its own
+        return made
 
 
 class InconsistentSnapshotError(ValueError):

@@ -6,8 +6,12 @@ a NACK and nothing is resent until the config changes; LDS/CDS responses carry t
 EDS/RDS responses only the subscribed resources that changed or were newly subscribed;
 removals from LDS/CDS wait until every other response was acknowledged (make before break).
 
-Cost: a plain ACK needs no answer, and a type whose view did not change since the session
-last looked at it is skipped by comparing one version string, so a push costs O(changes).
+Cost: a plain ACK needs no answer; an ACK repeating the names it subscribed to is recognised
+by comparing the bytes of its name list with the ones this stream sent last (memcmp, no name
+is decoded), and a subscription is one interned object shared by every stream asking for the
+same names. What a stream holds is a reference to the shared view it was sent, never a copy,
+and the changes between two views are computed once per pair of versions (`View.changes_from`),
+so a push costs each stream O(changes) plus the bytes it writes.
 """
 
 from __future__ import annotations
@@ -17,24 +21,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pilot.xds import typeurls
-from pilot.xds.session import SessionBase, version_of, versions
-from pilot.xds.snapshot import Resource, Snapshot
-from pilot.xds.wire import str_field
+from pilot.xds.resources import EMPTY_SET, Resource, View, version_of
+from pilot.xds.session import SessionBase, held_version_of
+from pilot.xds.snapshot import Snapshot
+from pilot.xds.wire import request_names_key, str_field
 
 
 @dataclass
 class _TypeState:
-    names: frozenset[str] | None  # None: wildcard (every resource of the type)
-    held: dict[str, Resource] = field(default_factory=dict)  # what the proxy was sent
+    names: frozenset[str] | None  # None: wildcard (every resource of the type); interned, shared
+    # What the proxy was sent: the shared view itself whenever it holds exactly that (no copy).
+    held: Mapping[str, Resource] = EMPTY_SET
     held_version: str = ""
     # What the proxy had when it last ACKed: a NACK means it kept exactly this.
-    acked: dict[str, Resource] = field(default_factory=dict)
+    acked: Mapping[str, Resource] = EMPTY_SET
     acked_version: str = ""
     last_nonce: str = ""
     seen: str = ""  # the view version this state was last reconciled with
     force_all: bool = True  # a new request: answer even if nothing changed
     force_names: set[str] = field(default_factory=set)  # newly subscribed names
-    requested: list[str] = field(default_factory=list)  # the names of the last request, as sent
+    requested_key: bytes | None = None  # the wire bytes of the last request's names (interned)
 
 
 def _subscription(type_url: str, names: list[str]) -> frozenset[str] | None:
@@ -46,19 +52,23 @@ def _subscription(type_url: str, names: list[str]) -> frozenset[str] | None:
 class SotwSession(SessionBase[_TypeState]):
     protocol = "sotw"
 
-    def handle(self, request: Any) -> bool:
-        """Apply a request; True if it may call for a response (False: stale, or a plain ACK)."""
+    def handle(self, request: Any, wire: bytes | None = None) -> bool:
+        """Apply a request; True if it may call for a response (False: stale, or a plain ACK).
+
+        `wire` is the request as received; with it, repeated name lists are compared as bytes.
+        """
         type_url: str = request.type_url
         state = self.types.get(type_url)
-        requested = request.resource_names
-        same = state is not None and requested == state.requested
-        # An ACK repeats the names in the same order: one list comparison, no set built or hashed.
-        names = state.names if same and state is not None else self._names(type_url, requested)
+        nonce: str = request.response_nonce
+        key = request_names_key(wire, nonce) if wire is not None else None
+        if key is not None and state is not None and key == state.requested_key:
+            names, key = state.names, state.requested_key  # an ACK repeating its names: O(1) in Python
+        else:
+            key, names = self._names(type_url, request, key)
         if state is None or not state.last_nonce:
             # First request of a type on this stream: never stale, whatever nonce it carries.
-            self.types[type_url] = _TypeState(names=names, requested=list(requested))
+            self.types[type_url] = _TypeState(names=names, requested_key=key)
             return True
-        nonce: str = request.response_nonce
         if not nonce:
             state.force_all = True  # the proxy asks afresh
         elif nonce != state.last_nonce:
@@ -69,25 +79,31 @@ class SotwSession(SessionBase[_TypeState]):
             error = self._error_text(request)
             self._acknowledge(type_url, nonce, error)
             # `held` is never changed in place (a send or a resubscription replaces it), so the
-            # two may share one dict.
+            # two may share one object.
             if error is None:
                 state.acked, state.acked_version = state.held, state.held_version
             else:
                 # The proxy kept its last ACKed config; diff the next change against that.
                 # `seen` stays, so nothing is resent until the config changes (no NACK loop).
                 state.held, state.held_version = state.acked, state.acked_version
-        if not same:
-            state.requested = list(requested)
+        state.requested_key = key
         changed = self._resubscribe(state, names)
         if changed:
             self._holding(type_url, state.held_version)  # an unsubscribe needs no response
         # Once every response is settled, deferred removals may be due.
         return state.force_all or changed or (settled and not self.pending)
 
-    def _names(self, type_url: str, requested: Any) -> frozenset[str] | None:
-        """The subscription a request names, as the shared object for that set."""
-        names = _subscription(type_url, list(requested))
-        return None if names is None else self.subscriptions.intern(names)
+    def _names(self, type_url: str, request: Any, key: bytes | None) -> tuple[bytes | None, frozenset[str] | None]:
+        """The subscription a request names, as the shared object for that set (and its wire key)."""
+        if key is not None:
+            found = self.subscriptions.by_wire(key)
+            if found is not None:
+                return found
+        names = _subscription(type_url, list(request.resource_names))
+        shared = None if names is None else self.subscriptions.intern(names)
+        if key is None:
+            return None, shared
+        return self.subscriptions.remember_wire(key, shared)
 
     @staticmethod
     def _resubscribe(state: _TypeState, names: frozenset[str] | None) -> bool:
@@ -98,8 +114,11 @@ class SotwSession(SessionBase[_TypeState]):
         else:
             state.force_names |= names - state.names
             state.force_names &= names
-            state.held = {n: r for n, r in state.held.items() if n in names}
-            state.held_version = version_of(versions(state.held))  # it keys shared change sets
+            held = state.held
+            # A view restricted to the new names is memoized per subscription: shared, not copied.
+            state.held = held.view(names) if isinstance(held, View) else {
+                n: r for n, r in held.items() if n in names}
+            state.held_version = held_version_of(state.held)  # it keys shared change sets
         state.names = names
         state.seen = ""
         return True
@@ -112,34 +131,39 @@ class SotwSession(SessionBase[_TypeState]):
             return None
         state.seen = view.version
         if type_url in typeurls.FULL_STATE_TYPES:
-            # The whole subscribed set every time; keep resources going away until the removal phase.
-            if type_url == typeurls.CLUSTER:
-                self._rewarm(snapshot, state.held, view.resources)
-            gone = {n: r for n, r in state.held.items() if n not in view.resources}
-            if not gone:
-                if not state.force_all and state.held_version == view.version:
-                    return None
-                return self._send(type_url, state, dict(view.resources), view.resources, view.version)
-            target = {**gone, **view.resources}
-            if not state.force_all and versions(target) == versions(state.held):
-                return None
-            return self._send(type_url, state, target, target)
+            return self._full_state(type_url, state, snapshot, view)
         if state.force_all:
-            changed: Mapping[str, Resource] = view.resources
+            changed: Mapping[str, Resource] = view
         else:
-            changed = snapshot.changes(type_url, state.names, state.held_version, lambda: versions(state.held))
+            changed = view.changes_from(state.held, state.held_version)
             if state.force_names:
-                changed = {**changed, **{n: r for n, r in view.resources.items() if n in state.force_names}}
+                changed = {**changed, **{n: r for n in state.force_names if (r := view.get(n)) is not None}}
         state.force_all = False
         state.force_names.clear()
         if not changed:
             return None
-        held = {**state.held, **changed}
-        # Usually the proxy then holds exactly the view, whose version is already known.
-        known = view.version if len(held) == len(view.resources) and held.keys() == view.resources.keys() else None
-        return self._send(type_url, state, held, changed, known)
+        # Usually the proxy then holds exactly the view: share it. Otherwise it keeps resources
+        # that left the snapshot (SotW EDS/RDS have no removals) until it unsubscribes.
+        if not view.gone_from(state.held):
+            return self._send(type_url, state, view, changed, view.version)
+        return self._send(type_url, state, {**state.held, **changed}, changed)
 
-    def _rewarm(self, snapshot: Snapshot, held: Mapping[str, Resource], clusters: Mapping[str, Resource]) -> None:
+    def _full_state(self, type_url: str, state: _TypeState, snapshot: Snapshot, view: View) -> bytes | None:
+        """The whole subscribed set every time; resources going away stay until the removal phase."""
+        if type_url == typeurls.CLUSTER:
+            self._rewarm(snapshot, state, view)
+        gone = view.gone_from(state.held)
+        if not gone:
+            if not state.force_all and state.held_version == view.version:
+                return None
+            return self._send(type_url, state, view, view, view.version)
+        target = {**{n: state.held[n] for n in gone}, **view}
+        version = version_of(target)
+        if not state.force_all and version == state.held_version:
+            return None
+        return self._send(type_url, state, target, target, version)
+
+    def _rewarm(self, snapshot: Snapshot, state: _TypeState, clusters: View) -> None:
         """Envoy warms a changed cluster until its endpoints arrive again, changed or not: resend them.
 
         Called before the CDS response goes out; EDS follows in the same push (push order).
@@ -147,8 +171,9 @@ class SotwSession(SessionBase[_TypeState]):
         eds = self.types.get(typeurls.ENDPOINT)
         if eds is None or eds.names is None:
             return
-        changed = [n for n, r in clusters.items() if n in held and held[n].version != r.version]
-        again = {snapshot.cluster_eds[n] for n in changed if n in snapshot.cluster_eds} & eds.names
+        held = state.held
+        changed = [n for n in clusters.changes_from(held, state.held_version) if n in held]
+        again = {e for n in changed if (e := snapshot.eds_name(n)) is not None} & eds.names
         if again:
             eds.force_names |= again
             eds.seen = ""
@@ -158,18 +183,18 @@ class SotwSession(SessionBase[_TypeState]):
         if type_url not in typeurls.FULL_STATE_TYPES:
             return None  # EDS/RDS: resources leave when the proxy unsubscribes
         current = snapshot.view(type_url, state.names)
-        if state.held_version == current.version or not set(state.held) - set(current.resources):
+        if state.held_version == current.version or not current.gone_from(state.held):
             return None
-        return self._send(type_url, state, dict(current.resources), current.resources, current.version)
+        return self._send(type_url, state, current, current, current.version)
 
     def _send(
-        self, type_url: str, state: _TypeState, held: dict[str, Resource], body: Mapping[str, Resource],
+        self, type_url: str, state: _TypeState, held: Mapping[str, Resource], body: Mapping[str, Resource],
         version: str | None = None,
     ) -> bytes:
-        version = version or version_of(versions(held))
+        version = version or held_version_of(held)
         nonce = self._sent(type_url, version)
         state.held, state.held_version, state.last_nonce = held, version, nonce
         state.force_all = False
         state.force_names.clear()
-        entries = b"".join(body[n].sotw_entry for n in sorted(body))
+        entries = body.sotw_body() if isinstance(body, View) else b"".join(body[n].sotw_entry for n in sorted(body))
         return str_field(1, version) + entries + str_field(4, type_url) + str_field(5, nonce)

@@ -4,7 +4,7 @@ import pytest
 
 from pilot.model.proxy import ProxyClass, ProxyKind
 from pilot.xds.cache import SnapshotCache
-from pilot.xds.snapshot import InconsistentSnapshotError, Snapshot
+from pilot.xds.snapshot import InconsistentSnapshotError, Serializer, Snapshot
 from pilot.xds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from tests.conformance.builders import cluster, endpoints, listener, route, snapshot
 
@@ -61,9 +61,9 @@ def test_demand_listener_fires_on_first_watcher_only() -> None:
 
 def test_a_message_shared_by_two_classes_is_serialized_once() -> None:
     shared = cluster("c1")
-    memo: dict[int, tuple[object, object]] = {}
-    a = Snapshot.from_resources({CLUSTER: {"c1": shared}, ENDPOINT: {"c1": endpoints("c1", 1)}}, memo)  # type: ignore[arg-type]
-    b = Snapshot.from_resources({CLUSTER: {"c1": shared}, ENDPOINT: {"c1": endpoints("c1", 1)}}, memo)  # type: ignore[arg-type]
+    memo = Serializer()
+    a = Snapshot.from_resources({CLUSTER: {"c1": shared}, ENDPOINT: {"c1": endpoints("c1", 1)}}, memo)
+    b = Snapshot.from_resources({CLUSTER: {"c1": shared}, ENDPOINT: {"c1": endpoints("c1", 1)}}, memo)
     assert a.of(CLUSTER).resources["c1"] is b.of(CLUSTER).resources["c1"]  # reused
     assert a.of(ENDPOINT).resources["c1"] is not b.of(ENDPOINT).resources["c1"]  # distinct objects
     assert a.versions() == b.versions()

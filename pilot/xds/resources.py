@@ -1,0 +1,312 @@
+"""Serialized resources and the immutable, shared sets and views that hold them.
+
+Why: at mission scale (1,000 services, a config class per workload) most of a class's config
+is the same as its neighbours': the outbound clusters, endpoints and routes of its namespace.
+A `ResourceSet` holds such a group once per mesh version, serialized, indexed and versioned;
+every class that has it refers to the same object. A class's type is a `View`: a few disjoint
+parts (shared sets plus its own small ones), never a copy.
+
+Versions compose. A resource's `tag` is a 128-bit hash of its name and content version; a
+set's version is the sum of its tags (mod 2**128), so a view of several parts costs one
+addition per part, and what a proxy holds after a change is versioned in O(changes). Equal
+content gives equal versions whatever the grouping, so no spurious pushes.
+
+Cost: a set is hashed and indexed once when built (O(resources)); lookups, views of a
+subscription and the changes between two versions are memoized on the set, so streams and
+classes that share a set share that work too. Everything here is read-only after
+construction and used from the event loop only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, cast
+
+from pilot.xds.references import references_of
+from pilot.xds.wire import len_field, str_field
+
+_MASK = (1 << 128) - 1
+# DiscoveryResponse.resources and DeltaDiscoveryResponse.resources are both field 2.
+_RESOURCES_FIELD = 2
+# Memo entries kept per set (subscription views, change sets): a set lives for one mesh version,
+# and streams of a class hold one of very few earlier versions.
+_MEMO_LIMIT = 16
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def tag_of(name: str, version: str) -> int:
+    """What one resource adds to the version of a set holding it."""
+    data = name.encode() + b"\0" + version.encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=16).digest(), "big")
+
+
+def version_of_total(total: int) -> str:
+    return f"{total & _MASK:032x}"
+
+
+def version_of(resources: Mapping[str, Resource]) -> str:
+    """Version of any name -> resource mapping, as a set of exactly those resources would have."""
+    return version_of_total(sum(r.tag for r in resources.values()))
+
+
+EMPTY_VERSION = version_of_total(0)
+
+
+@dataclass(frozen=True, eq=False)
+class Resource:
+    """One serialized resource: its name, content version and `Any` encoding.
+
+    `refs` are the names it makes a proxy ask for in the dependent type (a cluster's EDS name,
+    a listener's route configurations), read once from the message when it is serialized.
+    """
+
+    type_url: str
+    name: str
+    version: str
+    value: bytes  # the message's own deterministic serialization
+    refs: tuple[str, ...] = ()
+    tag: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tag", tag_of(self.name, self.version))
+
+    @cached_property
+    def any_bytes(self) -> bytes:
+        """The resource as a serialized google.protobuf.Any."""
+        return str_field(1, self.type_url) + len_field(2, self.value)
+
+    @cached_property
+    def sotw_entry(self) -> bytes:
+        """This resource as one element of DiscoveryResponse.resources."""
+        return len_field(_RESOURCES_FIELD, self.any_bytes)
+
+    @cached_property
+    def delta_entry(self) -> bytes:
+        """This resource as one element of DeltaDiscoveryResponse.resources (a Resource message)."""
+        body = str_field(1, self.version) + len_field(2, self.any_bytes) + str_field(3, self.name)
+        return len_field(_RESOURCES_FIELD, body)
+
+    @classmethod
+    def from_message(cls, type_url: str, name: str, message: Any) -> Resource:
+        value: bytes = message.SerializeToString(deterministic=True)
+        return cls(type_url, name, _digest(value), value, references_of(type_url, message))
+
+    @classmethod
+    def held(cls, type_url: str, name: str, version: str) -> Resource:
+        """What a proxy says it holds (delta `initial_resource_versions`): a version, no bytes."""
+        return cls(type_url, name, version, b"")
+
+
+class View(Mapping[str, Resource]):
+    """The resources of one type that a class or subscription sees: disjoint shared parts.
+
+    Parts keep their position (a class's shared part first, its own after), so the changes
+    between two views are the changes between their parts, each computed once per pair of
+    versions and shared by everyone holding them.
+    """
+
+    __slots__ = ("_exact", "_subviews", "parts", "total", "version")
+    parts: tuple[ResourceSet, ...]
+    total: int
+    version: str
+    # Identity, not content: views are shared objects, compared by version where it matters.
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def __init__(self, parts: tuple[ResourceSet, ...]) -> None:
+        self.parts = parts
+        self.total = sum(p.total for p in parts) & _MASK
+        self.version = version_of_total(self.total)
+        self._subviews: dict[int, tuple[frozenset[str], View]] = {}
+        self._exact: dict[int, tuple[frozenset[str], bool]] = {}
+
+    # -- Mapping ---------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Resource:
+        for part in self.parts:
+            found = part.by_name.get(name)
+            if found is not None:
+                return found
+        raise KeyError(name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        for part in self.parts:
+            found = part.by_name.get(name)
+            if found is not None:
+                return found
+        return default
+
+    def __contains__(self, name: object) -> bool:
+        return any(name in part.by_name for part in self.parts)
+
+    def __iter__(self) -> Iterator[str]:
+        for part in self.parts:
+            yield from part.by_name
+
+    def __len__(self) -> int:
+        return sum(len(part.by_name) for part in self.parts)
+
+    @property
+    def resources(self) -> Mapping[str, Resource]:
+        """The view as a name -> resource mapping (it is one; no copy is made)."""
+        return self
+
+    # -- what streams ask ------------------------------------------------------------------
+    def view(self, names: frozenset[str] | None) -> View:
+        """What a subscription to `names` (None: wildcard) sees; memoized per subscription object.
+
+        Subscriptions are interned (`pilot.xds.session.Subscriptions`), so streams asking for the
+        same names share one view, and a view equal to the whole is the whole itself.
+        """
+        if names is None:
+            return self
+        found = self._subviews.get(id(names))
+        if found is not None and found[0] is names:
+            return found[1]
+        picked = tuple(p.view(names) for p in self.parts)
+        result = self if all(a is b for a, b in zip(picked, self.parts, strict=True)) else View(picked)
+        if len(self._subviews) >= _MEMO_LIMIT:
+            self._subviews.clear()
+        self._subviews[id(names)] = (names, result)
+        return result
+
+    def changes_from(self, held: Mapping[str, Resource], held_version: str) -> Mapping[str, Resource]:
+        """Resources of this view whose version differs from what a proxy holds.
+
+        O(changes) when `held` is an earlier view of the same shape (the usual case); otherwise
+        one pass over this view.
+        """
+        if held_version == self.version:
+            return {}
+        if isinstance(held, View) and len(held.parts) == len(self.parts):
+            out: dict[str, Resource] = {}
+            for new, old in zip(self.parts, held.parts, strict=True):
+                if new is not old and new.total != old.total:
+                    out.update(new.changed_since(old))
+            if len(self.parts) > 1:  # a resource may have moved between parts unchanged
+                out = {n: r for n, r in out.items() if (h := held.get(n)) is None or h.version != r.version}
+            return out
+        return {n: r for n, r in self.items() if (h := held.get(n)) is None or h.version != r.version}
+
+    def gone_from(self, held: Mapping[str, Resource]) -> list[str]:
+        """Names a proxy holds that this view no longer has, sorted."""
+        if isinstance(held, View) and len(held.parts) == len(self.parts):
+            gone = [n for new, old in zip(self.parts, held.parts, strict=True) if new is not old
+                    for n in new.removed_since(old)]
+            if len(self.parts) > 1:
+                gone = [n for n in gone if n not in self]
+            return sorted(gone)
+        return sorted(n for n in held if n not in self)
+
+    def holds_exactly(self, names: frozenset[str]) -> bool:
+        """Whether this view's names are exactly `names`; memoized per names object (shared refs)."""
+        found = self._exact.get(id(names))
+        if found is not None and found[0] is names:
+            return found[1]
+        result = len(self) == len(names) and all(n in self for n in names)
+        if len(self._exact) >= _MEMO_LIMIT:
+            self._exact.clear()
+        self._exact[id(names)] = (names, result)
+        return result
+
+    def sotw_body(self) -> bytes:
+        """Every resource as DiscoveryResponse.resources entries, sorted by name within each part."""
+        return b"".join(p.sotw_body() for p in self.parts)
+
+    def refs(self) -> frozenset[str]:
+        """Names this view's resources refer to in the dependent type."""
+        parts = [p.refs() for p in self.parts if p.refs()]
+        if len(parts) == 1:
+            return parts[0]
+        return frozenset().union(*parts)
+
+
+class ResourceSet(View):
+    """One group of resources of one type, serialized, indexed and versioned once, shared."""
+
+    __slots__ = ("_body", "_diffs", "_refs", "_removed", "by_name", "type_url")
+
+    def __init__(self, type_url: str, resources: Iterable[Resource]) -> None:
+        self.type_url = type_url
+        self.by_name: dict[str, Resource] = {r.name: r for r in resources}
+        self.parts = (self,)
+        self.total = sum(r.tag for r in self.by_name.values()) & _MASK
+        self.version = version_of_total(self.total)
+        self._subviews = {}
+        self._exact = {}
+        self._diffs: dict[str, Mapping[str, Resource]] = {}
+        self._removed: dict[str, list[str]] = {}
+        self._body: bytes | None = None
+        self._refs: frozenset[str] | None = None
+
+    def __getitem__(self, name: str) -> Resource:
+        return self.by_name[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.by_name.get(name, default)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.by_name
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.by_name)
+
+    def __len__(self) -> int:
+        return len(self.by_name)
+
+    def view(self, names: frozenset[str] | None) -> ResourceSet:
+        if names is None:
+            return self
+        found = self._subviews.get(id(names))
+        if found is not None and found[0] is names:
+            return cast(ResourceSet, found[1])  # a set's memo holds only sets
+        by_name = self.by_name
+        if len(names) >= len(by_name) and names.issuperset(by_name):
+            result = self
+        else:
+            result = ResourceSet(self.type_url, [by_name[n] for n in sorted(names) if n in by_name])
+        if len(self._subviews) >= _MEMO_LIMIT:
+            self._subviews.clear()
+        self._subviews[id(names)] = (names, result)
+        return result
+
+    def changed_since(self, old: ResourceSet) -> Mapping[str, Resource]:
+        """Resources new or changed since `old` (by content version); memoized per old version."""
+        found = self._diffs.get(old.version)
+        if found is None:
+            before = old.by_name
+            found = {n: r for n, r in self.by_name.items()
+                     if (o := before.get(n)) is not r and (o is None or o.version != r.version)}
+            if len(self._diffs) >= _MEMO_LIMIT:
+                self._diffs.clear()
+            self._diffs[old.version] = found
+        return found
+
+    def removed_since(self, old: ResourceSet) -> list[str]:
+        """Names `old` had and this set has not; memoized per old version."""
+        found = self._removed.get(old.version)
+        if found is None:
+            found = sorted(old.by_name.keys() - self.by_name.keys())
+            if len(self._removed) >= _MEMO_LIMIT:
+                self._removed.clear()
+            self._removed[old.version] = found
+        return found
+
+    def sotw_body(self) -> bytes:
+        if self._body is None:
+            by_name = self.by_name
+            self._body = b"".join(by_name[n].sotw_entry for n in sorted(by_name))
+        return self._body
+
+    def refs(self) -> frozenset[str]:
+        if self._refs is None:
+            self._refs = frozenset(n for r in self.by_name.values() for n in r.refs)
+        return self._refs
+
+
+EMPTY_SET = ResourceSet("", ())
