@@ -42,9 +42,10 @@ class Pilot:
         self.cache = SnapshotCache()
         self.status = StatusRegistry(XdsMetrics(self.registry))
         conversions = Conversions()  # per-object conversions reused from one build to the next
+        carry = Conversions()  # generated messages reused from one mesh version to the next
         self.pusher = Pusher(
             self.store, self.cache,
-            build_mesh=lambda objects: build_mesh(objects, settings.cluster_domain, conversions),
+            build_mesh=lambda objects: build_mesh(objects, settings.cluster_domain, conversions, carry),
             # The real generator hands shared parts over as shared objects (serialized once per mesh).
             generate=generate_parts if generator is generate else generator,
             metrics=PushMetrics(self.registry),

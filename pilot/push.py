@@ -96,26 +96,38 @@ class Pusher:
 
     def rebuild(self) -> None:
         """Build the mesh from the store now and publish every watched class, without yielding."""
-        for _ in self._rebuild():
+        started, revision, objects, known_kinds = self._prepare()
+        mesh, eds_only = self._build(objects, self.mesh, known_kinds)
+        for _ in self._publish_all(started, revision, mesh, eds_only):
             pass
 
     async def rebuild_yielding(self) -> None:
-        """`rebuild`, giving the event loop a turn every `slice` seconds of publishing."""
-        for _ in self._rebuild():
+        """`rebuild` without holding the event loop: the mesh is built in a worker thread (a pure
+        function of the store's objects), then publishing yields every `slice` seconds."""
+        started, revision, objects, known_kinds = self._prepare()
+        mesh, eds_only = await asyncio.to_thread(self._build, objects, self.mesh, known_kinds)
+        for _ in self._publish_all(started, revision, mesh, eds_only):
             await asyncio.sleep(0)
 
-    def _rebuild(self) -> Iterator[None]:
-        """The rebuild as steps: yields whenever a time slice of publishing is used up."""
+    def _prepare(self) -> tuple[float, int, list[Any], bool]:
         started = time.perf_counter()
-        revision = self.store.revision
         # A touch (kinds unknown) is an operator asking for a rebuild: never the fast path then.
         known_kinds = self.store.kinds_changed_since(self.built_revision) is not None
-        old, self.mesh = self.mesh, self.build_mesh(self.store.objects())
+        return started, self.store.revision, list(self.store.objects()), known_kinds
+
+    def _build(self, objects: list[Any], old: Any, known_kinds: bool) -> tuple[Any, bool]:
+        """The new mesh, and whether it differs from `old` in endpoints only. Pure: may run in a thread."""
+        mesh = self.build_mesh(objects)
+        eds_only = known_kinds and old is not None and self._eds_only(old, mesh)
+        return mesh, eds_only
+
+    def _publish_all(self, started: float, revision: int, mesh: Any, eds_only: bool) -> Iterator[None]:
+        """Publish every watched class from `mesh`; yields whenever a time slice is used up."""
+        old, self.mesh = self.mesh, mesh
         self._log_new_warnings(old)
         self.serializer.next_mesh()
         self.metrics.builds.inc()
         built = time.perf_counter()
-        eds_only = known_kinds and self._eds_only(old)
         watched = self.cache.watched()
         deadline = time.perf_counter() + self.slice
         for key in watched:
@@ -147,10 +159,10 @@ class Pusher:
         while self.built_revision < revision:
             await self._built.wait()
 
-    def _eds_only(self, old: Any) -> bool:
-        if old is None or self.endpoints_only is None or self.generate_endpoints is None:
+    def _eds_only(self, old: Any, new: Any) -> bool:
+        if self.endpoints_only is None or self.generate_endpoints is None:
             return False
-        return self.endpoints_only(old, self.mesh)
+        return self.endpoints_only(old, new)
 
     def publish_endpoints(self, key: ProxyClass) -> bool:
         """EDS fast path: the class's current snapshot with new endpoints; False if not applicable."""

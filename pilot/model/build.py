@@ -43,15 +43,19 @@ def precedence(obj: ApiObject) -> tuple[datetime, str, str]:
 
 
 def build_mesh(
-    objects: Iterable[ApiObject], cluster_domain: str = "cluster.local", conversions: Conversions | None = None
+    objects: Iterable[ApiObject], cluster_domain: str = "cluster.local", conversions: Conversions | None = None,
+    carry: Conversions | None = None,
 ) -> m.MeshSnapshot:
     """Index every object into a MeshSnapshot; see the module docstring for conflict rules.
 
     `conversions` carries per-object conversions over from the previous build (pilot keeps
-    one); the result is the same without it.
+    one), and unchanged services keep their identity; `carry` is handed to the generators
+    (`MeshSnapshot.carry`). The result is the same without either.
     """
     memo = Conversions() if conversions is None else conversions
     memo.next_build()
+    if carry is not None:
+        carry.next_build()  # what the generators carried for the previous mesh stays reusable
     by_kind: dict[type[ApiObject], list[ApiObject]] = {}
     for obj in objects:
         by_kind.setdefault(type(obj), []).append(obj)
@@ -75,6 +79,7 @@ def build_mesh(
         sidecars=_sidecars(scope_inputs.sidecars),
         scoping=scoping,
         warnings=tuple(warnings),
+        carry=carry,
     )
 
 
@@ -117,7 +122,7 @@ def _services(
                 )
                 continue
             owners[host] = se.ref
-            services[host] = m.Service(
+            services[host] = memo.same(("service", host), m.Service(
                 host=host,
                 namespace=se.metadata.namespace,
                 name=se.metadata.name,
@@ -128,7 +133,7 @@ def _services(
                 if se.spec.workload_selector
                 else None,
                 endpoints=endpoints,
-            )
+            ))
     return services
 
 

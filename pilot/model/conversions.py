@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 R = TypeVar("R")
 
 
-Key = tuple[Callable[..., Any], int, tuple[Hashable, ...]]
+Key = Hashable
 
 
 class Conversions:
@@ -49,3 +49,41 @@ class Conversions:
         self.misses += 1
         return value
 
+
+    def of_all(self, convert: Callable[..., R], objs: tuple[Any, ...], *args: Hashable) -> R:
+        """`convert(*objs, *args)`, reused while every one of `objs` is the very same instance."""
+        key = (convert, tuple(map(id, objs)), args)
+        found = self._current.get(key) or self._last.get(key)
+        if found is not None and all(a is b for a, b in zip(found[0], objs, strict=True)):
+            self._current[key] = found
+            self.hits += 1
+            return found[1]  # type: ignore[no-any-return]
+        value = convert(*objs, *args)
+        self._current[key] = (objs, value)  # keeps `objs` alive, so their ids stay theirs
+        self.misses += 1
+        return value
+
+    def by_value(self, convert: Callable[..., R], *args: Hashable) -> R:
+        """`convert(*args)` for hashable, immutable `args`, reused while they are equal."""
+        key = (convert, args)
+        found = self._current.get(key) or self._last.get(key)
+        if found is not None:
+            self._current[key] = found
+            self.hits += 1
+            return found[1]  # type: ignore[no-any-return]
+        value = convert(*args)
+        self._current[key] = (None, value)
+        self.misses += 1
+        return value
+
+    def same(self, key: Hashable, value: R) -> R:
+        """`value`, or the equal object the previous build recorded under `key`.
+
+        Unchanged results keep their identity from build to build, so what is carried by
+        identity further down the pipeline (generated messages, serialized resources) stays too.
+        """
+        found = self._current.get(key) or self._last.get(key)
+        if found is not None and found[1] == value:
+            value = found[1]
+        self._current[key] = (None, value)
+        return value

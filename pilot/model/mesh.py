@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 
 from pilot.api.service_entry import HTTP2_PROTOCOLS, HTTP_PROTOCOLS
+from pilot.model.conversions import Conversions
 from pilot.model.policy import NO_POLICY, TrafficPolicy, effective_policy
 from pilot.model.scoping import Scoping
 
@@ -322,6 +323,9 @@ class MeshSnapshot:
     # Results of pure functions of this snapshot, shared by every proxy class generated from it
     # (see pilot.translate.memo). Not an input: init=False, so `dataclasses.replace` starts empty.
     memo: dict[Hashable, Any] = field(default_factory=dict, init=False, compare=False, hash=False, repr=False)
+    # Generator results carried from one mesh version to the next, keyed by the identity of their
+    # frozen inputs (see pilot.translate.memo.carried). Not an input: output is the same without it.
+    carry: Conversions | None = field(default=None, compare=False, hash=False, repr=False)
 
     def workload(self, namespace: str, name: str) -> Workload | None:
         return self.workloads.get((namespace, name))

@@ -7,10 +7,11 @@ from typing import Any
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 
-from pilot.model.mesh import DNS_RESOLUTIONS, MeshSnapshot, Service, ServicePort
+from pilot.model.mesh import DNS_RESOLUTIONS, DestinationPolicy, MeshSnapshot, Service, ServicePort
 from pilot.model.policy import NO_POLICY, ConnectionPool, TrafficPolicy
 from pilot.translate import names
 from pilot.translate.common import ads_config_source, lb_endpoint
+from pilot.translate.memo import carried
 from pilot.translate.policy import apply_connection_limits, apply_traffic_policy, set_http_options
 from pilot.translate.scope import InboundPort, ProxyView
 
@@ -30,33 +31,40 @@ def discovery(service: Service) -> str:
     return "EDS"
 
 
-def uses_eds(mesh: MeshSnapshot, service: Service, port: int, subset: str) -> bool:
-    """Whether cluster (port, subset) of ``service`` waits for a ClusterLoadAssignment.
+def uses_eds(rule: DestinationPolicy | None, service: Service, port: int, subset: str) -> bool:
+    """Whether cluster (port, subset) of ``service`` (under DestinationRule ``rule``) waits for a
+    ClusterLoadAssignment.
 
     A PASSTHROUGH load balancer makes a cluster original-destination, which takes no EDS.
     """
     if discovery(service) != "EDS":
         return False
-    rule = mesh.destination_rules.get(service.host)
     lb = rule.policy_for(port, subset).load_balancer if rule is not None else None
     return lb is None or lb.simple != "PASSTHROUGH"
 
 
-def subsets_of(mesh: MeshSnapshot, host: str) -> list[str]:
+def subsets_of(rule: DestinationPolicy | None) -> list[str]:
     """ "" for the whole service, then each DestinationRule subset name in order."""
-    rule = mesh.destination_rules.get(host)
     return ["", *(rule.subsets if rule else ())]
 
 
 def outbound_clusters(mesh: MeshSnapshot) -> dict[str, Any]:
+    """Every outbound cluster; a service's are carried over from the last mesh version while
+    the service and its DestinationRule are unchanged (the same objects)."""
     out: dict[str, Any] = {}
     for service in mesh.services.values():
-        rule = mesh.destination_rules.get(service.host)
-        for port in service.ports:
-            for subset in subsets_of(mesh, service.host):
-                policy = rule.policy_for(port.number, subset) if rule else NO_POLICY
-                name = names.outbound_cluster(port.number, subset, service.host)
-                out[name] = _outbound_cluster(name, service, port, policy)
+        out.update(carried(mesh, service_clusters, (service, mesh.destination_rules.get(service.host))))
+    return out
+
+
+def service_clusters(service: Service, rule: DestinationPolicy | None) -> dict[str, Any]:
+    """The outbound clusters of one service: one per (port, subset). Pure."""
+    out: dict[str, Any] = {}
+    for port in service.ports:
+        for subset in subsets_of(rule):
+            policy = rule.policy_for(port.number, subset) if rule else NO_POLICY
+            name = names.outbound_cluster(port.number, subset, service.host)
+            out[name] = _outbound_cluster(name, service, port, policy)
     return out
 
 
@@ -87,7 +95,12 @@ def _dns_assignment(name: str, service: Service, port: ServicePort) -> Any:
 
 
 def inbound_clusters(view: ProxyView) -> dict[str, Any]:
-    return {names.inbound_cluster(p.port): _inbound_cluster(p) for p in view.inbound}
+    return inbound_clusters_for(view.inbound)
+
+
+def inbound_clusters_for(inbound: tuple[InboundPort, ...]) -> dict[str, Any]:
+    """One static cluster per inbound port, to the local app: a function of the ports alone."""
+    return {names.inbound_cluster(p.port): _inbound_cluster(p) for p in inbound}
 
 
 def _inbound_cluster(port: InboundPort) -> Any:

@@ -7,10 +7,11 @@ from typing import Any
 
 from envoy.config.endpoint.v3 import endpoint_pb2
 
-from pilot.model.mesh import Endpoint, MeshSnapshot, selects
+from pilot.model.mesh import DestinationPolicy, Endpoint, MeshSnapshot, Service, selects
 from pilot.translate import names
 from pilot.translate.clusters import discovery, subsets_of, uses_eds
 from pilot.translate.common import UNIX_PREFIX, lb_endpoint
+from pilot.translate.memo import carried
 
 
 def _routable(endpoint: Endpoint) -> bool:
@@ -25,20 +26,27 @@ def _routable(endpoint: Endpoint) -> bool:
 
 
 def load_assignments(mesh: MeshSnapshot) -> dict[str, Any]:
+    """Every ClusterLoadAssignment; a service's are carried over from the last mesh version while
+    the service (its endpoints included) and its DestinationRule are the same objects."""
     out: dict[str, Any] = {}
     for service in mesh.services.values():
-        if discovery(service) != "EDS":
-            continue
-        routable = [e for e in service.endpoints if _routable(e)]  # once per service, not per subset
-        rule = mesh.destination_rules.get(service.host)
-        for port in service.ports:
-            for subset in subsets_of(mesh, service.host):
-                labels = rule.subsets[subset].labels if rule and subset else {}
-                if not uses_eds(mesh, service, port.number, subset):
-                    continue  # PASSTHROUGH: an original-destination cluster
-                name = names.outbound_cluster(port.number, subset, service.host)
-                members = [e for e in routable if selects(labels, e.labels)]
-                out[name] = _assignment(name, [(e.address, e.ports[port.name], e.weight) for e in members])
+        if discovery(service) == "EDS":
+            out.update(carried(mesh, service_assignments, (service, mesh.destination_rules.get(service.host))))
+    return out
+
+
+def service_assignments(service: Service, rule: DestinationPolicy | None) -> dict[str, Any]:
+    """The ClusterLoadAssignments of one EDS service: one per (port, subset) cluster. Pure."""
+    out: dict[str, Any] = {}
+    routable = [e for e in service.endpoints if _routable(e)]  # once per service, not per subset
+    for port in service.ports:
+        for subset in subsets_of(rule):
+            if not uses_eds(rule, service, port.number, subset):
+                continue  # PASSTHROUGH: an original-destination cluster
+            labels = rule.subsets[subset].labels if rule and subset else {}
+            name = names.outbound_cluster(port.number, subset, service.host)
+            members = [e for e in routable if selects(labels, e.labels)]
+            out[name] = _assignment(name, [(e.address, e.ports[port.name], e.weight) for e in members])
     return out
 
 

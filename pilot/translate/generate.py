@@ -8,12 +8,12 @@ from typing import Any
 from pilot.model.mesh import MeshSnapshot
 from pilot.model.proxy import ProxyClass, ProxyKind
 from pilot.translate import names
-from pilot.translate.clusters import inbound_clusters, outbound_clusters
+from pilot.translate.clusters import inbound_clusters_for, outbound_clusters
 from pilot.translate.common import sorted_by_name
 from pilot.translate.endpoints import load_assignments
 from pilot.translate.gateway import gateway_resources
-from pilot.translate.listeners import sidecar_listeners
-from pilot.translate.memo import memoized
+from pilot.translate.listeners import sidecar_listeners_for
+from pilot.translate.memo import carried_value, memoized
 from pilot.translate.passthrough import PASSTHROUGH_CLUSTER, allow_any, passthrough_cluster, passthrough_vhost
 from pilot.translate.routes import outbound_route_config
 from pilot.translate.scope import ProxyView, proxy_view
@@ -95,10 +95,13 @@ def generate_parts(mesh: MeshSnapshot, proxy: ProxyClass) -> Parts:
         listeners, gateway_routes = gateway_resources(seen, view)
         routes = sorted_by_name(gateway_routes)
     else:
-        own_clusters.update(inbound_clusters(view))
-        if allow_any(view):
-            own_clusters[PASSTHROUGH_CLUSTER] = passthrough_cluster()
-        listeners = sidecar_listeners(view)
+        # What depends on the proxy alone is a function of a few values: carried by value, so
+        # classes with equal ones (and the next mesh version) share the messages.
+        own_clusters.update(carried_value(mesh, inbound_clusters_for, view.inbound))
+        passthrough = allow_any(view)
+        if passthrough:
+            own_clusters[PASSTHROUGH_CLUSTER] = carried_value(mesh, passthrough_cluster)
+        listeners = dict(carried_value(mesh, sidecar_listeners_for, view.bind_address, view.inbound, passthrough))
         listeners.update(outbound_l4_listeners(seen, view))
         # Only labels some route's sourceLabels mention can change the route config: key on those.
         keys = memoized(seen, "source-label-keys", lambda: _source_label_keys(seen))

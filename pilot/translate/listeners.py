@@ -42,28 +42,38 @@ def _hcm_filter(hcm: Any) -> Any:
 
 
 def outbound_listener(view: ProxyView) -> Any:
+    return _outbound_listener(view.bind_address, allow_any(view))
+
+
+def _outbound_listener(bind: str, passthrough: bool) -> Any:
     hcm = hcm_pb2.HttpConnectionManager(stat_prefix="outbound")
     hcm.rds.route_config_name = names.OUTBOUND_ROUTE
     hcm.rds.config_source.CopyFrom(ads_config_source())
     hcm.http_filters.extend(route_http_filters())  # CORS and fault, before the router
-    if allow_any(view):
+    if passthrough:
         hcm.http_filters.append(passthrough_filter())  # resolves the Host for PassthroughCluster
-    return _listener(view.bind_address, names.OUTBOUND_PORT, _hcm_filter(hcm))
+    return _listener(bind, names.OUTBOUND_PORT, _hcm_filter(hcm))
 
 
-def inbound_listener(view: ProxyView, port: InboundPort) -> Any:
+def inbound_listener(bind: str, port: InboundPort) -> Any:
     stat_prefix = f"inbound_{port.port}"
     if port.http:
         hcm = hcm_pb2.HttpConnectionManager(
             stat_prefix=stat_prefix, route_config=inbound_route_config(port.port)
         )
-        return _listener(view.bind_address, port.port, _hcm_filter(hcm))
+        return _listener(bind, port.port, _hcm_filter(hcm))
     tcp = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix, cluster=names.inbound_cluster(port.port))
     flt = lc.Filter(name=names.TCP_PROXY_FILTER)
     flt.typed_config.Pack(tcp)
-    return _listener(view.bind_address, port.port, flt)
+    return _listener(bind, port.port, flt)
 
 
 def sidecar_listeners(view: ProxyView) -> dict[str, Any]:
-    listeners = [outbound_listener(view), *(inbound_listener(view, p) for p in view.inbound)]
+    return sidecar_listeners_for(view.bind_address, view.inbound, allow_any(view))
+
+
+def sidecar_listeners_for(bind: str, inbound: tuple[InboundPort, ...], passthrough: bool) -> dict[str, Any]:
+    """The outbound HTTP listener and one per inbound port: a function of these values only, so
+    proxies with equal ones share the messages (see `pilot.translate.memo.carried_value`)."""
+    listeners = [_outbound_listener(bind, passthrough), *(inbound_listener(bind, p) for p in inbound)]
     return {lis.name: lis for lis in listeners}

@@ -10,7 +10,7 @@ object plus the key given here. Callers must treat results as read-only.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pilot.model.mesh import MeshSnapshot
 
@@ -24,3 +24,24 @@ def memoized(mesh: MeshSnapshot, key: Hashable, compute: Callable[[], T]) -> T:
     except KeyError:
         found = mesh.memo[key] = compute()
     return found
+
+
+def carried(mesh: MeshSnapshot, compute: Callable[..., T], objs: tuple[Any, ...], *args: Hashable) -> T:
+    """`compute(*objs, *args)`, reused from an earlier mesh version while `objs` are the same objects.
+
+    Why: a rebuild makes a new MeshSnapshot, but the model objects of unchanged config are the
+    very same frozen instances (see `pilot.model.conversions`), so what is generated from them
+    (a service's clusters, its endpoints) is handed over unchanged, as the same message objects,
+    which the snapshot layer then does not serialize again. `compute` must read only its
+    arguments; the key is exactly those (identities of `objs`, values of `args`).
+    """
+    if mesh.carry is None:
+        return compute(*objs, *args)
+    return mesh.carry.of_all(compute, objs, *args)
+
+
+def carried_value(mesh: MeshSnapshot, compute: Callable[..., T], *args: Hashable) -> T:
+    """`compute(*args)` for hashable immutable arguments, reused across mesh versions while equal."""
+    if mesh.carry is None:
+        return compute(*args)
+    return mesh.carry.by_value(compute, *args)
