@@ -1,12 +1,14 @@
 """ADS load benchmark: N simulated Envoys against a real pilot process, and a raw baseline.
 
     python -m benchmarks.ads_load --clients 100,1000,5000 --protocol both --json out.json
+    python -m benchmarks.ads_load --services 1000 --clients 2000 --classes per-workload --protocol sotw
 
 For every protocol and N: generate a mesh config directory, start `meshctl up` on free
-loopback ports, connect N clients from worker processes, measure connect time and the
-latency of route and endpoint changes (file write -> each client's ACK), with pilot's CPU
-seconds and peak RSS; then the same phases against a server that only replays the bytes
-pilot sent. Every process started is killed at the end, on error too.
+loopback ports, connect N clients (in a fixed number of config classes, or each posing as one
+of the mesh's workloads) from worker processes, measure connect time, pilot's idle CPU and
+memory once connected, and the latency of route and endpoint changes (file write -> each
+client's ACK), with pilot's CPU seconds and RSS; then the same phases against a server that
+only replays the bytes pilot sent. Every process started is killed at the end, on error too.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import click
 import psutil
 from rich.console import Console
 
+from benchmarks.meshgen import MAX_SERVICES
 from benchmarks.procs import ProcessGroup
-from benchmarks.report import Report, print_report
+from benchmarks.report import PER_WORKLOAD, Report, print_report
 from benchmarks.runner import Options, run_baseline, run_pilot
 
 
@@ -43,21 +46,31 @@ def machine_info(pin: bool = False) -> dict[str, object]:
 def run_benchmark(clients: list[int], protocols: list[str], workdir: Path, repeats: int = 3,
                   services: int = 50, workers: int = 0, baseline: bool = True,
                   pilot_env: dict[str, str] | None = None, profile_dir: Path | None = None,
-                  console: Console | None = None, pin: bool = False) -> Report:
-    """Run every (protocol, N) case; the result holds pilot and baseline runs in order."""
+                  console: Console | None = None, pin: bool = False, classes: int | str = 10,
+                  idle_seconds: float = 3.0, quiet_seconds: float = 2.0) -> Report:
+    """Run every (protocol, N) case; the result holds pilot and baseline runs in order.
+
+    `classes` is a fixed count of config classes or "per-workload" (each proxy poses as one of
+    the mesh's workloads). After connect the server is left alone `quiet_seconds`, then its
+    idle CPU and steady RSS are read over `idle_seconds` (tests shorten both).
+    """
     console = console or Console(stderr=True, width=max(160, Console(stderr=True).width))
     report = Report(machine_info(pin), {"clients": clients, "protocols": protocols, "repeats": repeats,
-                                     "services": services, "classes": 10, "pilot_env": pilot_env or {},
-                                     "pinned": pin})
+                                     "services": services, "classes": classes, "idle_seconds": idle_seconds,
+                                     "pilot_env": pilot_env or {}, "pinned": pin})
+    per_workload = classes == PER_WORKLOAD
     with ProcessGroup() as group:
         for protocol in protocols:
             for n in clients:
                 profile = profile_dir / f"pilot-{protocol}-{n}.prof" if profile_dir else None
                 opts = Options(clients=n, protocol=protocol, workdir=workdir, services=services,
-                               repeats=repeats, workers=workers, pilot_env=pilot_env or {}, profile=profile,
-                               pin=pin)
+                               classes=10 if per_workload else int(classes), per_workload=per_workload,
+                               repeats=repeats, workers=workers, idle_seconds=idle_seconds,
+                               quiet_seconds=quiet_seconds,
+                               pilot_env=pilot_env or {}, profile=profile, pin=pin)
                 started = time.monotonic()
-                console.print(f"[bold]{protocol} N={n}[/] ({opts.worker_count} client workers)")
+                console.print(f"[bold]{protocol} N={n}[/] ({opts.worker_count} client workers, "
+                              f"{opts.services} services, {opts.class_count} {opts.class_mode} classes)")
                 run, recording = run_pilot(group, opts, console.print)
                 report.runs.append(run)
                 if baseline and recording is not None:
@@ -79,11 +92,30 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _classes(text: str) -> int | str:
+    """`--classes`: a positive number, or "per-workload"."""
+    if text == PER_WORKLOAD:
+        return text
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"{text!r} is neither a number nor {PER_WORKLOAD!r}") from exc
+    if value <= 0:
+        raise click.BadParameter("the class count must be positive")
+    return value
+
+
 @click.command()
 @click.option("--clients", default="100,1000", show_default=True, help="Comma-separated client counts.")
 @click.option("--protocol", type=click.Choice(["sotw", "delta", "both"]), default="both", show_default=True)
 @click.option("--repeats", default=3, show_default=True, help="Changes of each kind per run.")
-@click.option("--services", default=50, show_default=True, help="Services in the generated mesh.")
+@click.option("--services", default=50, show_default=True, type=click.IntRange(1, MAX_SERVICES),
+              help="Services in the generated mesh.")
+@click.option("--classes", "classes_text", default="10", show_default=True,
+              help="Config classes: a number (proxies round-robin over that many namespace/label sets) or "
+                   f"{PER_WORKLOAD!r} (each proxy labelled as one of the mesh's 2 x services workloads).")
+@click.option("--idle-seconds", default=3.0, show_default=True, type=click.FloatRange(min=0.5),
+              help="Idle window after connect: server CPU over it (idle vCPU) and RSS samples (steady RSS).")
 @click.option("--workers", default=0, help="Client worker processes (0: 1, 2 or 4 by client count).")
 @click.option("--no-baseline", is_flag=True, help="Skip the raw fan-out baseline.")
 @click.option("--pin", is_flag=True,
@@ -95,10 +127,12 @@ def _ints(text: str) -> list[int]:
               help="Run pilot under cProfile and write one .prof per run here.")
 @click.option("--pilot-env", multiple=True,
               help="KEY=VALUE for pilot's environment, e.g. MESHCTL_PILOT_DEBOUNCE_MS=10.")
-def main(clients: str, protocol: str, repeats: int, services: int, workers: int, no_baseline: bool, pin: bool,
-         json_path: Path | None, workdir: Path | None, profile_dir: Path | None, pilot_env: tuple[str, ...]) -> None:
+def main(clients: str, protocol: str, repeats: int, services: int, classes_text: str, idle_seconds: float,
+         workers: int, no_baseline: bool, pin: bool, json_path: Path | None, workdir: Path | None,
+         profile_dir: Path | None, pilot_env: tuple[str, ...]) -> None:
     """Measure pilot's ADS fan-out: connect time, change latency, CPU and memory."""
     counts = _ints(clients)
+    classes = _classes(classes_text)
     protocols = ["sotw", "delta"] if protocol == "both" else [protocol]
     env = dict(item.split("=", 1) for item in pilot_env if "=" in item)
     if profile_dir:
@@ -107,7 +141,8 @@ def main(clients: str, protocol: str, repeats: int, services: int, workers: int,
         base = workdir or Path(tmp)
         base.mkdir(parents=True, exist_ok=True)
         report = run_benchmark(counts, protocols, base, repeats, services, workers, not no_baseline, env,
-                               profile_dir.resolve() if profile_dir else None, pin=pin)
+                               profile_dir.resolve() if profile_dir else None, pin=pin, classes=classes,
+                               idle_seconds=idle_seconds)
     print_report(report, Console(width=max(200, Console().width)))
     if json_path:
         report.write_json(json_path)

@@ -2,7 +2,8 @@
 
 Each service gets its own file holding a ServiceEntry (selecting workloads by label), a
 DestinationRule with subsets v1 and v2, a VirtualService splitting traffic 90/10 between
-them, and 2-4 WorkloadEntries per subset. Edits change the in-memory spec first, so the
+them, and 2-4 WorkloadEntries per subset; `workloads()` lists the (service, subset) groups a
+simulated proxy can pose as. Edits change the in-memory spec first, so the
 caller can arm its clients before `write_service` makes the edit visible; files are
 rewritten atomically (temp file, then rename) so pilot never reads half a file.
 """
@@ -22,6 +23,8 @@ NAMESPACE = "bench"
 PORT = 8080
 SUBSETS = ("v1", "v2")
 BASE_WEIGHTS = (90, 10)
+# Service addresses use 10.1/16 to 10.249/16 (200 services each), so this many stay unique.
+MAX_SERVICES = 249 * 200
 
 
 @dataclass
@@ -41,6 +44,29 @@ class ServiceSpec:
         return f"{self.name}.{NAMESPACE}.svc.cluster.local"
 
 
+@dataclass(frozen=True)
+class RouteEdit:
+    """What a route change set: the service's host and the weight of each subset, in order."""
+
+    host: str
+    subsets: tuple[str, ...]
+    weights: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One (service, subset) group of WorkloadEntries: a simulated proxy can pose as one of them."""
+
+    service: str
+    subset: str
+    address: str  # its first WorkloadEntry's address
+
+    @property
+    def labels(self) -> tuple[tuple[str, str], ...]:
+        """Exactly the WorkloadEntries' labels, so pilot matches the proxy to this workload."""
+        return (("app", self.service), ("version", self.subset))
+
+
 @dataclass
 class MeshConfig:
     """The generated directory; `route_change` and `endpoint_change` edit it in place."""
@@ -54,13 +80,18 @@ class MeshConfig:
         for svc in self.services:
             self._write(svc)
 
-    def route_change(self, service: int) -> tuple[int, int]:
+    def workloads(self) -> list[Workload]:
+        """Every (service, subset) workload, service by service: 2 per service."""
+        return [Workload(svc.name, subset, svc.endpoints[subset][0])
+                for svc in self.services for subset in SUBSETS]
+
+    def route_change(self, service: int) -> RouteEdit:
         """New weights for one VirtualService (unique per edit, never 90/10); not written yet."""
         self._edits += 1
         first = 21 + self._edits % 29  # 21..49: never equal to its complement nor to 90/10
         svc = self.services[service % len(self.services)]
         svc.weights = (first, 100 - first)
-        return svc.weights
+        return RouteEdit(svc.host, SUBSETS, svc.weights)
 
     def endpoint_change(self, service: int) -> str:
         """A new address for the first v1 workload of a service; not written yet."""
@@ -82,7 +113,13 @@ class MeshConfig:
 
 
 def generate(directory: Path, services: int = 50, seed: int = 7) -> MeshConfig:
-    """Write `services` services with 2 subsets of 2-4 endpoints each into `directory`."""
+    """Write `services` services with 2 subsets of 2-4 endpoints each into `directory`.
+
+    Service i's addresses are 10.(i // 200 + 1).(i % 200).(1-12): unique for every service up
+    to MAX_SERVICES and never in 10.250/16, where `endpoint_change` takes its new addresses.
+    """
+    if not 0 < services <= MAX_SERVICES:
+        raise ValueError(f"services must be 1..{MAX_SERVICES}, not {services}")
     rng = random.Random(seed)
     specs = []
     for i in range(services):

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -28,6 +29,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 _READY = re.compile(r"pilot: xDS on ([\d.]+:\d+), debug on http://([\d.]+:\d+)")
 SPAWN = multiprocessing.get_context("spawn")
+CLASS_PUBLISH_METRIC = "pilot_class_publish_cpu_seconds"
 
 
 class ProcessGroup:
@@ -169,6 +171,46 @@ class ResourceMeter:
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
             self._record(self.rss())
+
+
+def class_publish_cpu(debug: str, timeout: float = 10.0) -> tuple[float | None, int | None]:
+    """(sum, count) of pilot's `pilot_class_publish_cpu_seconds` Summary, or (None, None) if absent.
+
+    Read from the Prometheus text at http://<debug>/metrics; samples with labels are added up.
+    A pilot that does not export it yet (or an unreachable endpoint) must not fail the run.
+    """
+    try:
+        with urllib.request.urlopen(f"http://{debug}/metrics", timeout=timeout) as response:
+            text = response.read().decode("utf-8", errors="replace")
+    except (OSError, ValueError):
+        return None, None
+    return parse_class_publish(text)
+
+
+def parse_class_publish(text: str) -> tuple[float | None, int | None]:
+    """(sum, count) of `pilot_class_publish_cpu_seconds` in Prometheus text, or (None, None)."""
+    total = _metric_sum(text, f"{CLASS_PUBLISH_METRIC}_sum")
+    count = _metric_sum(text, f"{CLASS_PUBLISH_METRIC}_count")
+    if total is None or count is None:
+        return None, None
+    return total, int(count)
+
+
+def _metric_sum(text: str, name: str) -> float | None:
+    """Sum of every sample of `name` (any labels) in Prometheus text format; None if there is none."""
+    found: float | None = None
+    for line in text.splitlines():
+        if not line.startswith(name) or line[len(name):len(name) + 1] not in (" ", "{"):
+            continue
+        rest = line[len(name):]
+        if rest.startswith("{"):
+            rest = rest.partition("}")[2]
+        try:
+            value = float(rest.split()[0])
+        except (ValueError, IndexError):
+            continue
+        found = (found or 0.0) + value
+    return found
 
 
 def cpu_of(processes: list[Any]) -> float:

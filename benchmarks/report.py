@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,11 +14,14 @@ from rich.table import Table
 
 MB = 1024 * 1024
 KINDS = ("route", "endpoint")
+PER_WORKLOAD = "per-workload"
 # Targets at 1,000 proxies.
 TARGET_N = 1000
 TARGET_ROUTE_P99 = 1.0
 TARGET_ENDPOINT_P99 = 0.3
 TARGET_RSS_MB = 300.0
+# Mission scale: runs with at least this many services and one config class per workload.
+MISSION_SERVICES = 1000
 
 
 def percentile(values: Sequence[float], pct: float) -> float:
@@ -70,8 +73,18 @@ class Run:
     server: str
     protocol: str
     clients: int
+    services: int = 0
+    classes: int = 0  # config classes the clients actually fall into (baseline: 1, it replays one)
+    class_mode: str = "fixed"  # fixed | per-workload | replay
     phases: list[Phase] = field(default_factory=list)
     peak_rss_mb: float = 0.0
+    empty_rss_mb: float = math.nan  # mesh loaded, before any client connected
+    steady_rss_mb: float = math.nan  # all clients connected and ACKed, then idle
+    idle_cpu_s: float = math.nan  # server CPU seconds over `idle_seconds` of idleness after connect
+    idle_seconds: float = 0.0
+    # pilot_class_publish_cpu_seconds after connect; None when pilot does not export it.
+    class_publish_cpu_s: float | None = None
+    class_publishes: int | None = None
     samples: dict[str, list[float]] = field(default_factory=dict)  # kind -> pooled latencies
     error: str = ""
 
@@ -84,9 +97,120 @@ class Run:
     def cpu(self, name: str) -> float:
         return sum(p.server_cpu_s for p in self.phase(name))
 
+    def cpu_per_change(self, kind: str) -> float:
+        """Server CPU seconds of one change, averaged over the repeats that were measured."""
+        phases = self.phase(kind)
+        return self.cpu(kind) / len(phases) if phases else math.nan
+
+    @property
+    def connect(self) -> Latency:
+        found = self.phase("connect")
+        return found[0].latency if found else Latency.of([])
+
+    @property
+    def connected_all_s(self) -> float:
+        """Until the last client ACKed its full initial config; NaN if not every client did."""
+        found = self.phase("connect")
+        return found[0].latency.max if found and found[0].complete else math.nan
+
+    @property
+    def memory_delta_kb(self) -> float:
+        """What the connected clients cost the server: steady RSS minus empty RSS, in KB."""
+        return (self.steady_rss_mb - self.empty_rss_mb) * 1024
+
+    @property
+    def kb_per_stream(self) -> float:
+        """The delta per client; it includes the classes' snapshots (with few classes ~ per stream)."""
+        return self.memory_delta_kb / self.clients if self.clients else math.nan
+
+    @property
+    def kb_per_class(self) -> float:
+        """The same delta per config class: the streams' own cost is folded in."""
+        return self.memory_delta_kb / self.classes if self.classes and self.server == "pilot" else math.nan
+
+    @property
+    def idle_vcpu(self) -> float:
+        return self.idle_cpu_s / self.idle_seconds if self.idle_seconds > 0 else math.nan
+
+    @property
+    def class_cpu_ms(self) -> float | None:
+        """Pilot's CPU to generate and publish one class's snapshot; None if not exported."""
+        if self.class_publish_cpu_s is None or not self.class_publishes:
+            return None
+        return self.class_publish_cpu_s / self.class_publishes * 1000
+
+    @property
+    def mission_scale(self) -> bool:
+        return self.server == "pilot" and self.services >= MISSION_SERVICES and self.class_mode == PER_WORKLOAD
+
     @property
     def converged(self) -> bool:
         return not self.error and bool(self.phases) and all(p.complete for p in self.phases)
+
+    def summary(self) -> dict[str, Any]:
+        """Derived figures, as printed: latencies pooled over repeats, CPU per change, memory."""
+        return {
+            **{k: asdict(self.pooled(k)) for k in KINDS},
+            "connect": asdict(self.connect),
+            "connected_all_s": self.connected_all_s,
+            "cpu_per_route_change_s": self.cpu_per_change("route"),
+            "cpu_per_endpoint_change_s": self.cpu_per_change("endpoint"),
+            "cpu_per_new_class_ms": self.class_cpu_ms,
+            "kb_per_stream": self.kb_per_stream,
+            "kb_per_class": self.kb_per_class,
+            "idle_vcpu": self.idle_vcpu,
+            "streams_reopened": sum(p.reconnects for p in self.phases),
+        }
+
+
+@dataclass(frozen=True)
+class Target:
+    """One limit on one figure of a pilot run; `applies` picks the runs it is checked on."""
+
+    scope: str
+    name: str
+    op: str  # "<" or "<="
+    limit: float
+    unit: str
+    value: Callable[[Run], float | None]
+    applies: Callable[[Run], bool]
+
+    def check(self, run: Run) -> dict[str, Any]:
+        """The row for one run: met is None when the figure is not available (not exported)."""
+        value = self.value(run)
+        met: bool | None = None
+        if value is not None:
+            within = value < self.limit if self.op == "<" else value <= self.limit
+            met = bool(within and run.converged)
+        return {"protocol": run.protocol, "clients": run.clients, "services": run.services, "scope": self.scope,
+                "target": self.name, "value": value, "op": self.op, "limit": self.limit, "unit": self.unit,
+                "met": met}
+
+
+def _at_1000(run: Run) -> bool:
+    return run.clients == TARGET_N
+
+
+def _mission(run: Run) -> bool:
+    return run.mission_scale
+
+
+MISSION = "mission scale"
+TARGETS = (
+    Target(f"{TARGET_N} proxies", "route change p99", "<", TARGET_ROUTE_P99, "s",
+           lambda r: r.pooled("route").p99, _at_1000),
+    Target(f"{TARGET_N} proxies", "endpoint change p99", "<", TARGET_ENDPOINT_P99, "s",
+           lambda r: r.pooled("endpoint").p99, _at_1000),
+    Target(f"{TARGET_N} proxies", "pilot peak RSS", "<", TARGET_RSS_MB, "MB", lambda r: r.peak_rss_mb, _at_1000),
+    Target(MISSION, "steady RSS", "<=", 300.0, "MB", lambda r: r.steady_rss_mb, _mission),
+    Target(MISSION, "peak RSS", "<=", 500.0, "MB", lambda r: r.peak_rss_mb, _mission),
+    Target(MISSION, "route change p99", "<", 1.0, "s", lambda r: r.pooled("route").p99, _mission),
+    Target(MISSION, "endpoint change p99", "<", 0.3, "s", lambda r: r.pooled("endpoint").p99, _mission),
+    Target(MISSION, "all connected and ACKed", "<", 15.0, "s", lambda r: r.connected_all_s, _mission),
+    Target(MISSION, "pilot CPU per route change", "<", 0.5, "s", lambda r: r.cpu_per_change("route"), _mission),
+    Target(MISSION, "CPU per new class", "<=", 1.0, "ms", lambda r: r.class_cpu_ms, _mission),
+    Target(MISSION, "idle CPU", "<=", 0.05, "vCPU", lambda r: r.idle_vcpu, _mission),
+)
 
 
 @dataclass
@@ -101,35 +225,31 @@ class Report:
         return [(r, base.get((r.protocol, r.clients))) for r in self.runs if r.server == "pilot"]
 
     def targets(self) -> list[dict[str, Any]]:
-        rows = []
-        for run in self.runs:
-            if run.server != "pilot" or run.clients != TARGET_N:
-                continue
-            checks = [
-                ("route change p99", run.pooled("route").p99, TARGET_ROUTE_P99, "s"),
-                ("endpoint change p99", run.pooled("endpoint").p99, TARGET_ENDPOINT_P99, "s"),
-                ("pilot peak RSS", run.peak_rss_mb, TARGET_RSS_MB, "MB"),
-            ]
-            rows += [{"protocol": run.protocol, "clients": run.clients, "target": name, "value": value,
-                      "limit": limit, "unit": unit, "met": bool(value < limit and run.converged)}
-                     for name, value, limit, unit in checks]
-        return rows
+        return [t.check(run) for run in self.runs if run.server == "pilot" for t in TARGETS if t.applies(run)]
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         for run, raw in zip(self.runs, out["runs"], strict=True):
-            raw["summary"] = {k: asdict(run.pooled(k)) for k in KINDS}
+            raw["summary"] = run.summary()
             raw.pop("samples")
         out["targets"] = self.targets()
         out["ratios"] = [_ratios(p, b) for p, b in self.pairs() if b is not None]
-        return out
+        clean: dict[str, Any] = _nan_to_none(out)
+        return clean
 
     def write_json(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_json(), indent=2, default=_nan_safe) + "\n", encoding="utf-8")
+        path.write_text(json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
-def _nan_safe(value: object) -> object:
-    return str(value)
+def _nan_to_none(value: Any) -> Any:
+    """NaN (a figure not measured) as JSON null, so the file is strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_to_none(v) for v in value]
+    return value
 
 
 def _ratios(pilot: Run, base: Run) -> dict[str, Any]:
@@ -137,18 +257,14 @@ def _ratios(pilot: Run, base: Run) -> dict[str, Any]:
         return a / b if b > 0 and not math.isnan(a) and not math.isnan(b) else math.nan
 
     out: dict[str, Any] = {"protocol": pilot.protocol, "clients": pilot.clients}
-    out["connect"] = ratio(_connect(pilot).max, _connect(base).max)
+    out["connect"] = ratio(pilot.connect.max, base.connect.max)  # until all clients ACKed
+    out["connect_p99"] = ratio(pilot.connect.p99, base.connect.p99)
     for kind in KINDS:
         p, b = pilot.pooled(kind), base.pooled(kind)
         out[f"{kind}_p99"] = ratio(p.p99, b.p99)
         # Fan-out alone: the spread between the first and last ACK, without detection/debounce.
         out[f"{kind}_spread"] = ratio(p.max - p.min, b.max - b.min)
     return out
-
-
-def _connect(run: Run) -> Latency:
-    found = run.phase("connect")
-    return found[0].latency if found else Latency.of([])
 
 
 def _ms(value: float) -> str:
@@ -159,9 +275,15 @@ def _x(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.1f}x"
 
 
+def _num(value: float | None, digits: int = 0) -> str:
+    """A figure, or "-" when it was not measured (NaN) or not available (None)."""
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
 def print_report(report: Report, console: Console | None = None) -> None:
     console = console or Console()
     console.print(_results_table(report))
+    console.print(_footprint_table(report))
     pairs = [(p, b) for p, b in report.pairs() if b is not None]
     if pairs:
         console.print(_ratio_table(pairs))
@@ -174,16 +296,16 @@ def print_report(report: Report, console: Console | None = None) -> None:
 def _results_table(report: Report) -> Table:
     table = Table(title="ADS load (ms unless noted; first = earliest ACK, i.e. detection + build + first send; "
                         "reopened = streams that failed and were reconnected by their client)")
-    for col in ("proto", "N", "server", "connect p50/p99", "route p50/p99", "route first",
+    for col in ("proto", "N", "server", "connect p50/p99/all", "route p50/p99", "route first",
                 "endpoint p50/p99", "endpoint first", "server CPU s conn/route/ep", "client CPU s",
                 "peak RSS MB", "reopened", "ok"):
         table.add_column(col, justify="left" if col in ("proto", "server", "ok") else "right")
     for run in report.runs:
-        c = _connect(run)
+        c = run.connect
         route, endpoint = run.pooled("route"), run.pooled("endpoint")
         table.add_row(
             run.protocol, str(run.clients), run.server,
-            f"{_ms(c.p50)}/{_ms(c.p99)}",
+            f"{_ms(c.p50)}/{_ms(c.p99)}/{_ms(run.connected_all_s)}",
             f"{_ms(route.p50)}/{_ms(route.p99)}", _ms(route.min),
             f"{_ms(endpoint.p50)}/{_ms(endpoint.p99)}", _ms(endpoint.min),
             f"{run.cpu('connect'):.2f}/{run.cpu('route'):.2f}/{run.cpu('endpoint'):.2f}",
@@ -194,23 +316,44 @@ def _results_table(report: Report) -> Table:
     return table
 
 
+def _footprint_table(report: Report) -> Table:
+    table = Table(title="server cost (CPU per change averaged over repeats; memory per stream+class and per "
+                        "class = (steady - empty RSS) / N and / classes; idle = CPU s / idle window)")
+    for col in ("proto", "N", "server", "services", "classes", "CPU s/route chg", "CPU s/ep chg",
+                "CPU ms/new class", "empty RSS MB", "steady RSS MB", "peak RSS MB", "KB/stream+class",
+                "KB/class", "idle vCPU"):
+        table.add_column(col, justify="left" if col in ("proto", "server") else "right")
+    for run in report.runs:
+        table.add_row(
+            run.protocol, str(run.clients), run.server, str(run.services), f"{run.classes} {run.class_mode}",
+            _num(run.cpu_per_change("route"), 3), _num(run.cpu_per_change("endpoint"), 3),
+            _num(run.class_cpu_ms, 2), _num(run.empty_rss_mb), _num(run.steady_rss_mb), _num(run.peak_rss_mb),
+            _num(run.kb_per_stream, 1), _num(run.kb_per_class, 1), _num(run.idle_vcpu, 3),
+        )
+    return table
+
+
 def _ratio_table(pairs: list[tuple[Run, Run]]) -> Table:
     table = Table(title="pilot / baseline (raw grpc.aio fan-out of the same bytes)")
-    for col in ("proto", "N", "connect", "route p99", "route spread", "endpoint p99", "endpoint spread"):
+    for col in ("proto", "N", "connect p99", "connect all", "route p99", "route spread", "endpoint p99",
+                "endpoint spread"):
         table.add_column(col, justify="right")
     for pilot, base in pairs:
         r = _ratios(pilot, base)
-        table.add_row(pilot.protocol, str(pilot.clients), _x(r["connect"]), _x(r["route_p99"]),
-                      _x(r["route_spread"]), _x(r["endpoint_p99"]), _x(r["endpoint_spread"]))
+        table.add_row(pilot.protocol, str(pilot.clients), _x(r["connect_p99"]), _x(r["connect"]),
+                      _x(r["route_p99"]), _x(r["route_spread"]), _x(r["endpoint_p99"]), _x(r["endpoint_spread"]))
     return table
 
 
 def _targets_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title=f"targets at {TARGET_N} proxies")
-    for col in ("proto", "target", "value", "limit", "met"):
+    table = Table(title=f"targets ({TARGET_N} proxies: runs with N = {TARGET_N}; {MISSION}: runs with "
+                        f">= {MISSION_SERVICES} services and per-workload classes)")
+    for col in ("proto", "N", "scope", "target", "value", "limit", "met"):
         table.add_column(col)
     for row in rows:
-        value = f"{row['value']:.3f}" if row["unit"] == "s" else f"{row['value']:.0f}"
-        table.add_row(row["protocol"], row["target"], f"{value} {row['unit']}", f"< {row['limit']} {row['unit']}",
-                      "[green]yes[/]" if row["met"] else "[red]no[/]")
+        value = row["value"]
+        digits = 3 if row["unit"] in ("s", "vCPU") else 2 if row["unit"] == "ms" else 0
+        met = "-" if row["met"] is None else "[green]yes[/]" if row["met"] else "[red]no[/]"
+        table.add_row(row["protocol"], str(row["clients"]), row["scope"], row["target"],
+                      f"{_num(value, digits)} {row['unit']}", f"{row['op']} {row['limit']} {row['unit']}", met)
     return table

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,8 @@ import psutil
 
 from benchmarks import baseline, meshgen, worker
 from benchmarks.client import ClientResult, Expectation
-from benchmarks.procs import ProcessGroup, ResourceMeter, cpu_of, start_pilot
-from benchmarks.report import MB, Latency, Phase, Run
+from benchmarks.procs import ProcessGroup, ResourceMeter, class_publish_cpu, cpu_of, start_pilot
+from benchmarks.report import MB, PER_WORKLOAD, Latency, Phase, Run
 from benchmarks.worker import NodeSpec, WorkerHandle
 
 POLL = 0.05
@@ -34,27 +35,43 @@ class Options:
     protocol: str  # sotw | delta
     workdir: Path
     services: int = 50
-    classes: int = 10
+    classes: int = 10  # fixed class count, unless per_workload
+    per_workload: bool = False  # every proxy poses as one of the mesh's workloads
     repeats: int = 3
     workers: int = 0  # 0: chosen from the client count
     settle: float = 0.5  # pause between changes, seconds
+    idle_seconds: float = 3.0  # idle window after connect, for idle CPU and steady RSS
+    quiet_seconds: float = 2.0  # pause after connect before that window opens
     pilot_env: dict[str, str] = field(default_factory=dict)
     profile: Path | None = None
     pin: bool = False  # server on the first core, clients on the others (as Envoys would be elsewhere)
 
     @property
     def worker_count(self) -> int:
+        """1 worker up to 300 clients, 2 up to 2,000 (one per core on a 2-core box), then 4."""
         if self.workers:
             return self.workers
         return 1 if self.clients <= 300 else 2 if self.clients <= 2000 else 4
 
     @property
+    def class_count(self) -> int:
+        """Config classes the clients actually fall into (round-robin, so at most one per client)."""
+        available = 2 * self.services if self.per_workload else self.classes
+        return min(available, self.clients)
+
+    @property
+    def class_mode(self) -> str:
+        return PER_WORKLOAD if self.per_workload else "fixed"
+
+    @property
     def connect_timeout(self) -> float:
-        return 60 + self.clients * 0.06
+        """Generous: pilot builds every class's snapshot while clients connect (~45 s for 2,000)."""
+        return 60 + self.clients * 0.06 + self.class_count * 0.03
 
     @property
     def change_timeout(self) -> float:
-        return 30 + self.clients * 0.01
+        """A route change rebuilds every class (~50 s at 2,000 classes today); a timeout still reports."""
+        return 30 + self.clients * 0.01 + self.class_count * 0.05
 
 
 @dataclass
@@ -64,6 +81,7 @@ class Recording:
     initial: dict[str, list[bytes]]
     changes: dict[str, bytes]
     expectations: dict[str, Expectation]
+    nodes: list[NodeSpec]  # pilot's clients, so the baseline's send the same requests
 
 
 def nodes(count: int, classes: int) -> list[NodeSpec]:
@@ -75,6 +93,28 @@ def nodes(count: int, classes: int) -> list[NodeSpec]:
         labels = (("app", "loadgen"), ("tier", "ab"[k % 2]))
         out.append(NodeSpec(f"sidecar~10.99.{i // 250}.{i % 250}~loadgen-{i}.{ns}~{ns}.svc.cluster.local", ns, labels))
     return out
+
+
+def workload_nodes(count: int, workloads: Sequence[meshgen.Workload]) -> list[NodeSpec]:
+    """`count` proxies posing round-robin as the mesh's workloads: one config class per workload.
+
+    Namespace and labels are exactly those of the workload's WorkloadEntries, so pilot gives
+    each proxy that workload's inbound listener and cluster, as it would a real sidecar.
+    """
+    ns = meshgen.NAMESPACE
+    out = []
+    for i in range(count):
+        w = workloads[i % len(workloads)]
+        name = f"{w.service}-{w.subset}"
+        node_id = f"sidecar~{w.address}~{name}-{i // len(workloads)}.{ns}~{ns}.svc.cluster.local"
+        out.append(NodeSpec(node_id, ns, w.labels, workload=name))
+    return out
+
+
+def node_specs(opts: Options, mesh: meshgen.MeshConfig) -> list[NodeSpec]:
+    if opts.per_workload:
+        return workload_nodes(opts.clients, mesh.workloads())
+    return nodes(opts.clients, opts.classes)
 
 
 def pin(pid: int, server: bool) -> None:
@@ -145,9 +185,8 @@ class Session:
         return phase, t0
 
 
-def _connect(session: Session, target: str, delta: bool, record: bool) -> Phase:
+def _connect(session: Session, target: str, delta: bool, specs: list[NodeSpec], record: bool) -> Phase:
     opts = session.opts
-    specs = nodes(opts.clients, opts.classes)
     shares = [specs[i::len(session.handles)] for i in range(len(session.handles))]
 
     def trigger() -> float:
@@ -161,23 +200,29 @@ def _connect(session: Session, target: str, delta: bool, record: bool) -> Phase:
 
 
 def run_pilot(group: ProcessGroup, opts: Options, log: Callable[[str], None]) -> tuple[Run, Recording | None]:
-    run = Run("pilot", opts.protocol, opts.clients)
+    run = Run("pilot", opts.protocol, opts.clients, opts.services, opts.class_count, opts.class_mode)
     case_dir = opts.workdir / f"{opts.protocol}-{opts.clients}"
     mesh = meshgen.generate(case_dir / "config", services=opts.services)
+    specs = node_specs(opts, mesh)
     pilot = start_pilot(group, mesh.directory, case_dir / "pilot.log", profile=opts.profile, env_extra=opts.pilot_env)
     if opts.pin:
         pin(pilot.proc.pid, server=True)
-    log(f"pilot pid {pilot.proc.pid}: xDS {pilot.ads}, debug {pilot.debug}; {opts.clients} {opts.protocol} clients")
+    log(f"pilot pid {pilot.proc.pid}: xDS {pilot.ads}, debug {pilot.debug}; {opts.clients} {opts.protocol} clients "
+        f"in {opts.class_count} {opts.class_mode} classes")
     recording: Recording | None = None
     try:
         with ResourceMeter(pilot.proc.pid) as meter:
             session = Session(group, opts, meter)
-            run.phases.append(_connect(session, pilot.ads, opts.protocol == "delta", record=True))
+            run.empty_rss_mb = median_rss(meter) / MB
+            run.phases.append(_connect(session, pilot.ads, opts.protocol == "delta", specs, record=True))
             log(_line(run.phases[-1]))
             if run.phases[-1].complete:
+                _idle(session, run, log)
+                run.class_publish_cpu_s, run.class_publishes = class_publish_cpu(pilot.debug)
+                log(f"  CPU per new class: {_class_cpu(run)}")
                 expectations = _changes(session, run, log, lambda kind, i: _file_edit(mesh, kind, i))
                 initial, changes = session.handles[0].call("recorded")
-                recording = Recording(_by_type(initial), changes, expectations)
+                recording = Recording(_by_type(initial), changes, expectations, specs)
             session.call_all("close")
             run.peak_rss_mb = meter.peak_rss / MB
     except Exception as exc:
@@ -188,7 +233,7 @@ def run_pilot(group: ProcessGroup, opts: Options, log: Callable[[str], None]) ->
 
 
 def run_baseline(group: ProcessGroup, opts: Options, rec: Recording, log: Callable[[str], None]) -> Run:
-    run = Run("baseline", opts.protocol, opts.clients)
+    run = Run("baseline", opts.protocol, opts.clients, opts.services, 1, "replay")
     conn, proc = group.spawn(baseline.main, rec.initial, rec.changes)
     if opts.pin:
         pin(proc.pid, server=True)
@@ -199,9 +244,12 @@ def run_baseline(group: ProcessGroup, opts: Options, rec: Recording, log: Callab
         target = f"127.0.0.1:{conn.recv()}"
         with ResourceMeter(proc.pid) as meter:
             session = Session(group, opts, meter)
-            run.phases.append(_connect(session, target, opts.protocol == "delta", record=False))
+            run.empty_rss_mb = median_rss(meter) / MB
+            run.phases.append(_connect(session, target, opts.protocol == "delta", rec.nodes, record=False))
             log(_line(run.phases[-1]))
             if run.phases[-1].complete:
+                _idle(session, run, log)
+
                 def push(kind: str, i: int) -> tuple[Expectation, Callable[[], float]]:
                     return rec.expectations[kind], lambda: _push(server, kind)
 
@@ -214,6 +262,35 @@ def run_baseline(group: ProcessGroup, opts: Options, rec: Recording, log: Callab
     finally:
         group.stop(proc, grace=2)
     return run
+
+
+def median_rss(meter: ResourceMeter, samples: int = 5, interval: float = 0.2) -> float:
+    """Median of a few RSS readings, so one allocation burst or GC does not decide it."""
+    readings = []
+    for i in range(samples):
+        if i:
+            time.sleep(interval)
+        readings.append(meter.rss())
+    return float(statistics.median(readings))
+
+
+def _idle(session: Session, run: Run, log: Callable[[str], None]) -> None:
+    """After connect: a quiet pause, then the idle window (server CPU, and RSS sampled across it).
+
+    Nothing is sent to the server meanwhile and the workers are not polled, so what the server
+    spends is its own idle cost (timers, watchers, GC); its RSS then holds every stream and class.
+    """
+    opts = session.opts
+    time.sleep(opts.quiet_seconds)
+    started = session.meter.cpu()
+    samples = 5
+    run.steady_rss_mb = median_rss(session.meter, samples, opts.idle_seconds / samples) / MB
+    time.sleep(opts.idle_seconds / samples)
+    run.idle_cpu_s = session.meter.cpu() - started
+    run.idle_seconds = opts.idle_seconds
+    per_class = "" if math.isnan(run.kb_per_class) else f", {run.kb_per_class:.1f} KB per class"
+    log(f"  idle     RSS empty {run.empty_rss_mb:.0f} MB, steady {run.steady_rss_mb:.0f} MB "
+        f"({run.kb_per_stream:.1f} KB per stream+class{per_class}), idle {run.idle_vcpu:.3f} vCPU")
 
 
 Change = Callable[[str, int], tuple[Expectation, Callable[[], float]]]
@@ -244,9 +321,9 @@ def _latencies(session: Session, t0: float) -> list[float]:
 def _file_edit(mesh: meshgen.MeshConfig, kind: str, i: int) -> tuple[Expectation, Callable[[], float]]:
     service = i * 7 + (0 if kind == "route" else 3)  # spread edits over services
     if kind == "route":
-        expectation = Expectation("route", weights=mesh.route_change(service))
+        expectation = Expectation.route(mesh.route_change(service))
     else:
-        expectation = Expectation("endpoint", address=mesh.endpoint_change(service))
+        expectation = Expectation.endpoint(mesh.endpoint_change(service))
     return expectation, lambda: mesh.write_service(service)
 
 
@@ -271,3 +348,9 @@ def _line(phase: Phase) -> str:
     return (f"  {phase.name:8s} {phase.converged}/{phase.clients} converged, {ms}, "
             f"server CPU {phase.server_cpu_s:.2f}s, RSS {phase.server_peak_rss_mb:.0f} MB{retried}{status}")
 
+
+def _class_cpu(run: Run) -> str:
+    ms = run.class_cpu_ms
+    if ms is None:
+        return "- (pilot does not export pilot_class_publish_cpu_seconds)"
+    return f"{ms:.2f} ms ({run.class_publishes} publishes)"

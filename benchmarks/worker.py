@@ -36,6 +36,7 @@ class NodeSpec:
     node_id: str
     namespace: str
     labels: tuple[tuple[str, str], ...]
+    workload: str = "loadgen"  # metadata only: without a bind address it does not split classes
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Worker:
         count = max(1, math.ceil(len(nodes) / STREAMS_PER_CHANNEL))
         self.channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(count)]
         for i, spec in enumerate(nodes):
-            node = make_node(spec.node_id, namespace=spec.namespace, labels=dict(spec.labels), workload="loadgen")
+            node = make_node(spec.node_id, namespace=spec.namespace, labels=dict(spec.labels), workload=spec.workload)
             client = SimClient(node, delta, self.names, record=record_first and i == 0)
             self.clients.append(client)
             self.tasks.append(asyncio.create_task(client.run(self.channels[i % count])))

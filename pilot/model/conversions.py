@@ -87,3 +87,20 @@ class Conversions:
             value = found[1]
         self._current[key] = (None, value)
         return value
+
+    def keyed(self, tag: Hashable, objs: tuple[Any, ...], args: tuple[Hashable, ...], compute: Callable[[], R]) -> R:
+        """`compute()`, reused while every one of `objs` is the same instance and `args` are equal.
+
+        For results that read other objects through a container (a mesh): `objs` must then hold
+        every object `compute` reads, so the key is exactly its inputs.
+        """
+        key = (tag, tuple(map(id, objs)), args)
+        found = self._current.get(key) or self._last.get(key)
+        if found is not None and all(a is b for a, b in zip(found[0], objs, strict=True)):
+            self._current[key] = found
+            self.hits += 1
+            return found[1]  # type: ignore[no-any-return]
+        value = compute()
+        self._current[key] = (objs, value)
+        self.misses += 1
+        return value

@@ -45,3 +45,15 @@ def carried_value(mesh: MeshSnapshot, compute: Callable[..., T], *args: Hashable
     if mesh.carry is None:
         return compute(*args)
     return mesh.carry.by_value(compute, *args)
+
+
+def carried_by(
+    mesh: MeshSnapshot, tag: Hashable, objs: tuple[Any, ...], args: tuple[Hashable, ...], compute: Callable[[], T]
+) -> T:
+    """`compute()` reused across mesh versions while `objs` are the same objects and `args` equal.
+
+    For generators that read a few objects out of the mesh: `objs` must list every one of them.
+    """
+    if mesh.carry is None:
+        return compute()
+    return mesh.carry.keyed(tag, objs, args, compute)

@@ -9,12 +9,13 @@ collide is left out.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 
+from pilot.model.convert_routes import all_destinations
 from pilot.model.mesh import MeshSnapshot, RoutingRule, Service, ServicePort
 from pilot.translate import names
 from pilot.translate.http_routes import (
@@ -23,7 +24,7 @@ from pilot.translate.http_routes import (
     outbound_default_route,
     virtual_service_routes,
 )
-from pilot.translate.memo import memoized
+from pilot.translate.memo import carried_by, memoized
 from pilot.translate.policy import cluster_hash_policies
 from pilot.translate.route_source import RouteSource
 
@@ -90,12 +91,28 @@ def _routes(mesh: MeshSnapshot, service: Service, port: ServicePort, source: Rou
     """
     rule = mesh.virtual_services.get(service.host)
     label_keys, by_namespace = _sender_inputs(rule)
-    key = (
-        "vhost-routes", service.host, port.number, source.gateways,
-        source.namespace if by_namespace else None,
+    sender = (
+        source.gateways, source.namespace if by_namespace else None,
         tuple(sorted((k, v) for k, v in source.labels.items() if k in label_keys)),
     )
-    return memoized(mesh, key, lambda: _build_routes(mesh, service, port, source, rule))
+    key = ("vhost-routes", service.host, port.number, *sender)
+    return memoized(mesh, key, lambda: _carried_routes(mesh, service, port, source, rule, sender))
+
+
+def _carried_routes(
+    mesh: MeshSnapshot, service: Service, port: ServicePort, source: RouteSource, rule: RoutingRule | None,
+    sender: tuple[Hashable, ...],
+) -> list[Any]:
+    """The routes, carried over from the last mesh version while everything they read is unchanged:
+    the rule, the service, and the service and DestinationRule of every destination host
+    (cluster ports, consistent-hash policies). A VirtualService edit so rebuilds its own hosts only."""
+    hosts = sorted({d.host for d in all_destinations(rule)} | {service.host}) if rule else [service.host]
+    reads = (rule, service, *(x for h in hosts for x in (mesh.services.get(h), mesh.destination_rules.get(h))))
+    return carried_by(mesh, _ROUTES_TAG, reads, (port, *sender),
+                      lambda: _build_routes(mesh, service, port, source, rule))
+
+
+_ROUTES_TAG = "vhost-routes"
 
 
 def _sender_inputs(rule: RoutingRule | None) -> tuple[frozenset[str], bool]:

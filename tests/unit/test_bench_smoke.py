@@ -1,11 +1,13 @@
-"""Smoke test of the ADS load benchmark: 5 clients against a real pilot process, both protocols.
+"""Smoke tests of the ADS load benchmark against a real pilot process.
 
-Asserts only that every phase completed with every client converged, never timings.
+Assert only that every phase completed with every client converged and that the figures
+exist, never timings.
 """
 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,8 @@ from benchmarks.report import print_report
 @pytest.mark.timeout(60)
 def test_benchmark_converges_with_five_clients(tmp_path: Path) -> None:
     quiet = Console(file=io.StringIO(), width=160)
-    report = run_benchmark([5], ["sotw", "delta"], tmp_path, repeats=1, services=5, console=quiet)
+    report = run_benchmark([5], ["sotw", "delta"], tmp_path, repeats=1, services=5, console=quiet,
+                           idle_seconds=0.5, quiet_seconds=0.1)
     print_report(report, quiet)
     report.write_json(tmp_path / "result.json")
 
@@ -29,6 +32,68 @@ def test_benchmark_converges_with_five_clients(tmp_path: Path) -> None:
         assert [p.name for p in run.phases] == ["connect", "route", "endpoint"]
         assert all(p.converged == 5 for p in run.phases)
     assert (tmp_path / "result.json").stat().st_size > 0
+
+
+@pytest.mark.timeout(60)
+def test_benchmark_per_workload_classes(tmp_path: Path) -> None:
+    """8 proxies posing as the 8 workloads of a 4-service mesh: 8 classes, all new figures present."""
+    quiet = Console(file=io.StringIO(), width=200)
+    report = run_benchmark([8], ["sotw"], tmp_path, repeats=1, services=4, classes="per-workload",
+                           idle_seconds=0.5, quiet_seconds=0.1, console=quiet)
+    print_report(report, quiet)
+    report.write_json(tmp_path / "result.json")
+
+    pilot, base = report.runs
+    assert (pilot.server, base.server) == ("pilot", "baseline")
+    for run in report.runs:
+        assert run.converged, (run.server, run.error, [p.error for p in run.phases])
+        assert all(p.converged == 8 for p in run.phases)
+    assert (pilot.classes, pilot.class_mode) == (8, "per-workload")
+    saved = json.loads((tmp_path / "result.json").read_text())
+    summary = saved["runs"][0]["summary"]
+    for key in ("connected_all_s", "cpu_per_route_change_s", "cpu_per_endpoint_change_s", "kb_per_stream",
+                "kb_per_class", "idle_vcpu"):
+        assert isinstance(summary[key], float), key
+    assert "cpu_per_new_class_ms" in summary  # None if pilot does not export pilot_class_publish_cpu_seconds
+    for key in ("empty_rss_mb", "steady_rss_mb", "peak_rss_mb"):
+        assert saved["runs"][0][key] > 0, key
+    assert isinstance(summary["streams_reopened"], int)
+    assert {"connect_p99", "route_p99", "endpoint_p99"} <= saved["ratios"][0].keys()
+    assert report.targets() == []  # mission-scale targets need >= 1,000 services
+
+
+def test_class_publish_metric_read_from_prometheus_text() -> None:
+    from benchmarks.procs import parse_class_publish
+
+    text = ("# TYPE pilot_class_publish_cpu_seconds summary\n"
+            "pilot_class_publish_cpu_seconds_count 8.0\n"
+            "pilot_class_publish_cpu_seconds_sum 0.004\n"
+            "pilot_class_publish_cpu_seconds_created 1.7e+09\n")
+    assert parse_class_publish(text) == (0.004, 8)
+    assert parse_class_publish(text.replace("_count 8.0", '_count{shard="a"} 8.0')) == (0.004, 8)
+    assert parse_class_publish("pilot_push_seconds_sum 1.0\n") == (None, None)
+
+
+def test_mission_targets_only_for_per_workload_runs_of_1000_services() -> None:
+    from benchmarks.report import Latency, Phase, Report, Run
+
+    def run(services: int, mode: str, publishes: int | None) -> Run:
+        r = Run("pilot", "sotw", 2000, services, 2000, mode, peak_rss_mb=400, empty_rss_mb=100, steady_rss_mb=250,
+                idle_cpu_s=0.03, idle_seconds=3, class_publish_cpu_s=None if publishes is None else 1.0,
+                class_publishes=publishes)
+        r.phases = [Phase("connect", 2000, 2000, Latency.of([1.0, 12.0]), 5.0, 250, 1.0),
+                    Phase("route", 2000, 2000, Latency.of([0.5]), 0.4, 250, 1.0),
+                    Phase("endpoint", 2000, 2000, Latency.of([0.1]), 0.1, 250, 1.0)]
+        r.samples = {"route": [0.5, 0.9], "endpoint": [0.1, 0.2]}
+        return r
+
+    report = Report({}, {}, [run(1000, "per-workload", 2000), run(1000, "fixed", 2000), run(999, "per-workload", 1)])
+    rows = report.targets()
+    assert len(rows) == 8 and all(r["services"] == 1000 and r["scope"] == "mission scale" for r in rows)
+    assert {r["target"]: r["met"] for r in rows}["CPU per new class"] is True  # 0.5 ms
+    assert all(r["met"] for r in rows)
+    absent = Report({}, {}, [run(1000, "per-workload", None)]).targets()
+    assert {r["target"]: r["met"] for r in absent}["CPU per new class"] is None
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])

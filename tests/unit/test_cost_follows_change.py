@@ -1,0 +1,269 @@
+"""The delivery design pinned down without timing: cost follows what changed, shared means shared.
+
+A route change regenerates the routes of its own hosts only; an endpoint change touches no
+cluster, listener or route; classes share the same objects for what they have in common; a
+stream's memory does not grow with its ACKs; publishing many classes yields to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tracemalloc
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+from envoy.service.discovery.v3 import discovery_pb2
+from prometheus_client import CollectorRegistry
+
+from benchmarks import meshgen
+from pilot.config.files import FileSource
+from pilot.config.store import ConfigStore
+from pilot.model.build import build_mesh
+from pilot.model.conversions import Conversions
+from pilot.model.diff import endpoints_only
+from pilot.model.proxy import ProxyClass, ProxyIdentity, ProxyKind
+from pilot.push import Pusher, PushMetrics
+from pilot.translate import generate_endpoints, generate_parts, routes
+from pilot.xds.cache import SnapshotCache
+from pilot.xds.delta import DeltaSession
+from pilot.xds.resources import Resource, View
+from pilot.xds.session import Subscriptions
+from pilot.xds.snapshot import Snapshot
+from pilot.xds.sotw import SotwSession
+from pilot.xds.status import StatusRegistry, XdsMetrics
+from pilot.xds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from pilot.xds.wire import request_names_key
+
+SERVICES = 12
+
+
+def workload_class(i: int) -> ProxyClass:
+    """The class of a proxy of workload i: one per (service, version), as in the mission-scale benchmark."""
+    labels = (("app", f"svc-{i // 2:03d}"), ("version", f"v{i % 2 + 1}"))
+    return ProxyClass(ProxyKind.SIDECAR, meshgen.NAMESPACE, labels)
+
+
+class Mesh:
+    """A generated mesh on disk, its store, and a pusher over every workload's class."""
+
+    def __init__(self, directory: Path, classes: int = 2 * SERVICES, slice_seconds: float = 0.01) -> None:
+        self.config = meshgen.generate(directory, services=SERVICES)
+        self.store = ConfigStore()
+        self.files = FileSource(self.store, directory)
+        self.files.sync()
+        self.cache = SnapshotCache()
+        self.metrics = PushMetrics(CollectorRegistry())
+        conversions, carry = Conversions(), Conversions()
+        self.carry = carry
+        self.pusher = Pusher(
+            self.store, self.cache, lambda objs: build_mesh(objs, "cluster.local", conversions, carry),
+            generate_parts, self.metrics, endpoints_only=endpoints_only, generate_endpoints=generate_endpoints,
+            slice_seconds=slice_seconds)
+        self.classes = [workload_class(i) for i in range(classes)]
+        self._watching = ExitStack()
+        for key in self.classes:
+            self._watching.enter_context(self.cache.watch(key))
+
+    def snapshots(self) -> dict[ProxyClass, Snapshot]:
+        found = {k: self.cache.get(k) for k in self.classes}
+        assert all(s is not None for s in found.values())
+        return found  # type: ignore[return-value]
+
+    def edit(self, kind: str, service: int) -> None:
+        if kind == "route":
+            self.config.route_change(service)
+        else:
+            self.config.endpoint_change(service)
+        self.config.write_service(service)
+        self.files.sync()
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[Mesh]:
+    built = Mesh(tmp_path)
+    built.pusher.rebuild()
+    yield built
+    built._watching.close()
+
+
+@pytest.fixture
+def serialized(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """(type, name) of every message serialized from now on."""
+    calls: list[tuple[str, str]] = []
+    real = Resource.from_message.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[Resource], type_url: str, name: str, message: Any) -> Resource:
+        calls.append((type_url, name))
+        return real(cls, type_url, name, message)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(Resource, "from_message", classmethod(counting))
+    return calls
+
+
+def test_classes_share_what_they_have_in_common(mesh: Mesh) -> None:
+    snaps = list(mesh.snapshots().values())
+    first = snaps[0]
+    assert len(first.of(CLUSTER)) > 3 * SERVICES  # not vacuous: every service's clusters
+    for other in snaps[1:]:
+        assert other.of(CLUSTER).parts[0] is first.of(CLUSTER).parts[0]  # the outbound clusters
+        assert other.of(ENDPOINT) is first.of(ENDPOINT)
+        assert other.of(ROUTE) is first.of(ROUTE)
+        assert other.of(LISTENER) is not first.of(LISTENER)  # its own inbound listener
+    # ...and a class's own part holds only its own resources.
+    assert [n.split("|")[0] for n in first.of(CLUSTER).parts[1]] == ["inbound"]
+
+
+def test_a_route_change_regenerates_only_the_routes_of_its_hosts(
+        mesh: Mesh, monkeypatch: pytest.MonkeyPatch, serialized: list[tuple[str, str]]) -> None:
+    built: list[str] = []
+    real = routes._build_routes
+
+    def counting(mesh_: Any, service: Any, *args: Any) -> Any:
+        built.append(service.host)
+        return real(mesh_, service, *args)
+
+    monkeypatch.setattr(routes, "_build_routes", counting)
+    before = mesh.snapshots()
+    mesh.edit("route", 3)
+    mesh.pusher.rebuild()
+    after = mesh.snapshots()
+    assert built == [mesh.config.services[3].host]  # one virtual host's routes, once for every class
+    # One route configuration serialized (all classes share it); nothing else.
+    assert serialized == [(ROUTE, "outbound")]
+    for key, old in before.items():
+        new = after[key]
+        assert new.version(ROUTE) != old.version(ROUTE)
+        for type_url in (CLUSTER, ENDPOINT, LISTENER):
+            assert new.version(type_url) == old.version(type_url)
+            assert all(new.of(type_url)[n] is r for n, r in old.of(type_url).items())  # same bytes, same objects
+
+
+def test_an_endpoint_change_touches_no_cluster_listener_or_route(
+        mesh: Mesh, serialized: list[tuple[str, str]]) -> None:
+    before = mesh.snapshots()
+    mesh.edit("endpoint", 5)
+    mesh.pusher.rebuild()
+    after = mesh.snapshots()
+    host = mesh.config.services[5].host
+    # The service's assignments (whole service, v1, v2) are all that is serialized.
+    assert sorted(serialized) == sorted((ENDPOINT, f"outbound|{meshgen.PORT}|{s}|{host}") for s in ("", "v1", "v2"))
+    for key, old in before.items():
+        new = after[key]
+        for type_url in (CLUSTER, LISTENER, ROUTE):
+            assert new.of(type_url) is old.of(type_url)
+        assert new.version(ENDPOINT) != old.version(ENDPOINT)
+        changed = new.of(ENDPOINT).changes_from(old.of(ENDPOINT), old.version(ENDPOINT))
+        # v1 moved (and so did the whole service); v2 was regenerated with the same content.
+        assert sorted(changed) == sorted(f"outbound|{meshgen.PORT}|{s}|{host}" for s in ("", "v1"))
+
+
+def _registry() -> StatusRegistry:
+    return StatusRegistry(XdsMetrics(CollectorRegistry()))
+
+
+def _identity() -> ProxyIdentity:
+    return ProxyIdentity("p", "c", workload_class(0))
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_a_streams_memory_does_not_grow_with_its_acks(mesh: Mesh, delta: bool) -> None:
+    """Hundreds of pushes and ACKs, each repeating a subscription of every EDS name: the stream
+    keeps referring to shared objects (the view, the subscription), and allocates nothing it keeps."""
+    registry, subscriptions = _registry(), Subscriptions()
+    status = registry.open(_identity(), "delta" if delta else "sotw", "test")
+    session: Any = DeltaSession(status, registry, subscriptions) if delta else SotwSession(status, registry,
+                                                                                            subscriptions)
+    key = mesh.classes[0]
+    names = sorted(mesh.cache.get(key).of(ENDPOINT))  # type: ignore[union-attr]
+
+    def request(nonce: str = "", first: bool = False) -> tuple[Any, bytes]:
+        if delta:
+            msg: Any = discovery_pb2.DeltaDiscoveryRequest(
+                type_url=ENDPOINT, response_nonce=nonce, resource_names_subscribe=names if first else [])
+        else:
+            msg = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, response_nonce=nonce, resource_names=names,
+                                                 version_info="v" if nonce else "")
+        return msg, msg.SerializeToString()
+
+    def push_and_ack() -> None:
+        snap = mesh.cache.get(key)
+        assert snap is not None
+        for raw in session.responses(snap):
+            resp = (discovery_pb2.DeltaDiscoveryResponse if delta else discovery_pb2.DiscoveryResponse).FromString(raw)
+            assert resp.type_url == ENDPOINT
+            session.handle(*request(resp.nonce))
+
+    session.handle(*request(first=True))
+    push_and_ack()
+    for i in range(5):  # warm up: every memo that will exist, exists
+        mesh.edit("endpoint", i)
+        mesh.pusher.rebuild()
+        push_and_ack()
+    state = session.types[ENDPOINT]
+    tracemalloc.start()
+    try:
+        start = tracemalloc.take_snapshot()
+        for i in range(60):
+            mesh.edit("endpoint", i)
+            mesh.pusher.rebuild()
+            push_and_ack()
+            assert state.held is mesh.cache.get(key).of(ENDPOINT)  # type: ignore[union-attr]
+        end = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(state.held, View) and state.acked is state.held  # references, not copies
+    grown = sum(s.size_diff for s in end.compare_to(start, "filename")
+                if any(f.filename.endswith(("/xds/sotw.py", "/xds/delta.py", "/xds/session.py")) for f in s.traceback))
+    assert grown < 16 * 1024, grown  # a few small objects at most, not a copy of ~40 names per ACK
+
+
+def test_publishing_many_classes_yields_to_the_event_loop(tmp_path: Path) -> None:
+    """A probe task keeps running while 2,000 classes are published (yield after every slice)."""
+    built = Mesh(tmp_path, classes=2000, slice_seconds=0.0)
+    published: list[int] = []
+    probe_saw: list[int] = []
+    real_set = built.cache.set
+
+    def counting_set(key: ProxyClass, snap: Snapshot) -> None:
+        real_set(key, snap)
+        published.append(1)
+
+    built.cache.set = counting_set  # type: ignore[method-assign,assignment]
+
+    async def scenario() -> None:
+        done = asyncio.Event()
+
+        async def probe() -> None:
+            while not done.is_set():
+                probe_saw.append(len(published))
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(probe())
+        await built.pusher.rebuild_yielding()
+        done.set()
+        await task
+
+    asyncio.run(scenario())
+    built._watching.close()
+    assert len(published) == 2000
+    during = {n for n in probe_saw if 0 < n < 2000}
+    assert len(during) > 100  # the probe ran between publications, again and again
+
+
+def test_the_names_of_an_ack_are_compared_as_bytes() -> None:
+    names = [f"outbound|80||svc-{i}.example" for i in range(50)]
+    first = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=names)
+    first.node.id = "sidecar~1.2.3.4~a.ns~ns.svc.cluster.local"
+    ack = discovery_pb2.DiscoveryRequest(version_info="abc", type_url=ENDPOINT, resource_names=names,
+                                         response_nonce="n-1")
+    other = discovery_pb2.DiscoveryRequest(version_info="abc", type_url=ENDPOINT, resource_names=names[:-1],
+                                           response_nonce="n-1")
+    key = request_names_key(first.SerializeToString(), "")
+    assert key is not None and key == request_names_key(ack.SerializeToString(), "n-1")
+    assert key != request_names_key(other.SerializeToString(), "n-1")
+    nack = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=names, response_nonce="n-1")
+    nack.error_detail.message = "rejected"
+    assert request_names_key(nack.SerializeToString(), "n-1") is None  # read the ordinary way
