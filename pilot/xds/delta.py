@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pilot.xds import typeurls
-from pilot.xds.resources import EMPTY_SET, Resource
+from pilot.xds.resources import EMPTY_SET, Resource, View
 from pilot.xds.session import SessionBase, held_version_of
 from pilot.xds.snapshot import Snapshot
 from pilot.xds.wire import len_field, str_field
@@ -105,8 +105,10 @@ class DeltaSession(SessionBase[_DeltaType]):
         if view.version == state.seen:
             return None
         state.seen = view.version
+        held_before = state.held_version  # with the view, it determines the changes (and so the bytes)
         changed: Mapping[str, Resource] = view.changes_from(state.held, state.held_version)
-        if state.force_names:
+        forced = bool(state.force_names)
+        if forced:
             again = {n: r for n in state.force_names if (r := view.get(n)) is not None}
             changed = {**changed, **again}
             state.force_names.clear()
@@ -117,13 +119,15 @@ class DeltaSession(SessionBase[_DeltaType]):
             return None
         if type_url == typeurls.CLUSTER:
             self._rewarm(snapshot, state.held, changed)
+        shareable = bool(held_before) and not forced and not missing
         if view.gone_from(state.held):  # removals still to come: the proxy holds more than the view
             state.held = {**state.held, **changed}
             state.held_version = ""
+            shareable = False
         else:
             state.held, state.held_version = view, view.version
         state.reported_missing |= set(missing)
-        return self._send(type_url, snapshot, state, changed, missing)
+        return self._send(type_url, snapshot, state, changed, missing, (view, held_before) if shareable else None)
 
     def _rewarm(self, snapshot: Snapshot, held: Mapping[str, Resource], changed: Mapping[str, Resource]) -> None:
         """Envoy warms a changed cluster until its endpoints arrive again: resend them with EDS
@@ -154,13 +158,21 @@ class DeltaSession(SessionBase[_DeltaType]):
 
     def _send(
         self, type_url: str, snapshot: Snapshot, state: _DeltaType, changed: Mapping[str, Resource],
-        removed: list[str],
+        removed: list[str], shared: tuple[View, str] | None = None,
     ) -> bytes:
+        """Encode a response and record it. With `shared` (the view the proxy is brought to and
+        the version it held before), streams taking the same step share one bytes object."""
         # Usually known (the proxy holds exactly its view); summing every held version is O(n).
-        nonce = self._sent(type_url, state.held_version or held_version_of(state.held))
-        entries = b"".join(changed[n].delta_entry for n in sorted(changed))
-        removals = b"".join(len_field(6, name.encode()) for name in removed)
-        return (
-            str_field(1, snapshot.version(type_url)) + entries + str_field(4, type_url)
-            + str_field(5, nonce) + removals
-        )
+        version = state.held_version or held_version_of(state.held)
+        system_version = snapshot.version(type_url)
+
+        def build(nonce: str) -> bytes:
+            return b"".join([
+                str_field(1, system_version), *(changed[n].delta_entry for n in sorted(changed)),
+                str_field(4, type_url), str_field(5, nonce), *(len_field(6, name.encode()) for name in removed),
+            ])  # one join, one copy
+
+        view, before = shared if shared is not None else (None, "")
+        data, nonce = self._respond(view, ("delta", type_url, before, system_version), build)
+        self._sent(type_url, version, nonce)
+        return data

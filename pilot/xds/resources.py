@@ -20,7 +20,7 @@ construction and used from the event loop only.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, cast
@@ -103,6 +103,18 @@ class Resource:
         return cls(type_url, name, version, b"")
 
 
+@dataclass(eq=False)
+class SharedResponse:
+    """One encoded response and its nonce, sent as the same bytes object to many streams.
+
+    `streams` are the ids of the streams it went to: a stream never gets one nonce twice.
+    """
+
+    data: bytes
+    nonce: str
+    streams: set[int] = field(default_factory=set)
+
+
 class View(Mapping[str, Resource]):
     """The resources of one type that a class or subscription sees: disjoint shared parts.
 
@@ -111,7 +123,7 @@ class View(Mapping[str, Resource]):
     versions and shared by everyone holding them.
     """
 
-    __slots__ = ("_exact", "_subviews", "parts", "total", "version")
+    __slots__ = ("_exact", "_subviews", "parts", "responses", "total", "version")
     parts: tuple[ResourceSet, ...]
     total: int
     version: str
@@ -125,6 +137,9 @@ class View(Mapping[str, Resource]):
         self.version = version_of_total(self.total)
         self._subviews: dict[int, tuple[frozenset[str], View]] = {}
         self._exact: dict[int, tuple[frozenset[str], bool]] = {}
+        # Encoded responses bringing a proxy to this view, shared by every stream making the
+        # same step (see `pilot.xds.session.SessionBase._respond`).
+        self.responses: dict[Hashable, SharedResponse] = {}
 
     # -- Mapping ---------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Resource:
@@ -239,6 +254,7 @@ class ResourceSet(View):
         self.version = version_of_total(self.total)
         self._subviews = {}
         self._exact = {}
+        self.responses = {}
         self._diffs: dict[str, Mapping[str, Resource]] = {}
         self._removed: dict[str, list[str]] = {}
         self._body: bytes | None = None

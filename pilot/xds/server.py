@@ -94,22 +94,23 @@ class AdsServer:
             await self._server.stop(grace)
             self._server = None
 
-    # grpc.aio decides how to drive a handler by inspecting it, so both must be async generators.
-    async def _sotw(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        async for chunk in self._stream(requests, context, SotwSession):
-            yield chunk
+    # Coroutine handlers that write with `context.write`: an async-generator handler would leave
+    # each stream's last response (megabytes at mission scale) referenced by gRPC's own loop until
+    # the next one, so every idle stream would hold a copy. Here nothing keeps a written response.
+    async def _sotw(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        await self._stream(requests, context, SotwSession)
 
-    async def _delta(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        async for chunk in self._stream(requests, context, DeltaSession):
-            yield chunk
+    async def _delta(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        await self._stream(requests, context, DeltaSession)
 
     async def _stream(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, kind: type[SessionBase[Any]]
-    ) -> AsyncIterator[bytes]:
+    ) -> None:
         received: Received | None = await anext(aiter(requests), None)
         if received is None:
             return
         first, first_wire = received
+        del received
         try:
             identity = self.classify(first.node)
         except NodeError as exc:
@@ -125,14 +126,16 @@ class AdsServer:
         try:
             with self.cache.watch(identity.proxy_class, stream.wake.set):
                 session.handle(first, first_wire)
-                async for chunk in self._serve(identity, session, stream):
-                    yield chunk
+                del first, first_wire
+                await self._serve(identity, session, stream, context)
         finally:
             reader.cancel()
             self.status.close(stream_status)
             log.debug("stream %d of %s closed", stream_status.stream_id, identity.node_id)
 
-    async def _serve(self, identity: ProxyIdentity, session: Any, stream: _Stream) -> AsyncIterator[bytes]:
+    async def _serve(
+        self, identity: ProxyIdentity, session: Any, stream: _Stream, context: grpc.aio.ServicerContext,
+    ) -> None:
         """Answer whenever a request calls for it or the class gets a new snapshot, until the client leaves."""
         key = identity.proxy_class
         snapshot: Snapshot | None = None
@@ -147,8 +150,9 @@ class AdsServer:
                 snapshot, stream.dirty = latest, True
             if snapshot is not None and stream.dirty:
                 stream.dirty = False
-                for response in session.responses(snapshot):
-                    yield response
+                responses = session.responses(snapshot)
+                while responses:
+                    await context.write(responses.pop(0))  # once written, nothing here keeps it
                 continue  # requests may have been handled while the responses were written
             # No await between the checks above and clear(): nothing can slip in unseen.
             stream.wake.clear()
@@ -177,6 +181,7 @@ async def _read(requests: AsyncIterator[Any], session: Any, stream: _Stream) -> 
             if session.handle(request, wire):
                 stream.dirty = True
                 stream.wake.set()
+            del request, wire  # a request can be 100 KB of names: not kept while waiting for the next
     except grpc.aio.AioRpcError:
         pass
     except Exception as exc:

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 from pilot.xds import typeurls
-from pilot.xds.resources import Resource, View, version_of
+from pilot.xds.resources import Resource, ResourceSet, SharedResponse, View, version_of
 from pilot.xds.snapshot import Snapshot
 from pilot.xds.status import StatusRegistry, StreamStatus
 
 StateT = TypeVar("StateT")
 # Bytes of remembered request name lists; past it the table starts over (sharing lost, not correctness).
 WIRE_BYTES_LIMIT = 64 * 1024 * 1024
+# Shared responses kept per view (distinct steps to it: held versions, types).
+SHARED_RESPONSES = 32
 
 
 def held_version_of(held: Mapping[str, Resource]) -> str:
@@ -35,7 +37,8 @@ def ordered_types(type_urls: Iterable[str]) -> list[str]:
 
 
 class Subscriptions:
-    """One shared object per distinct subscription (set of resource names), across streams.
+    """What the streams of one server share: one object per distinct subscription (set of resource
+    names), the wire form of name lists, and the nonces of shared responses.
 
     Why: views and change sets are memoized per (type, subscription); with one object per
     distinct set, those lookups and a session's "did my subscription change" check are
@@ -51,6 +54,7 @@ class Subscriptions:
         # to the shared bytes object instead of its own copy of a few thousand names.
         self._wire: dict[bytes, tuple[bytes, frozenset[str] | None]] = {}
         self._wire_bytes = 0
+        self.nonces = Nonces()  # nonces of responses shared by streams: unique server-wide
 
     def intern(self, names: frozenset[str]) -> frozenset[str]:
         found = self._known.get(names)
@@ -120,12 +124,39 @@ class SessionBase(Generic[StateT]):
     def _removals(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         raise NotImplementedError
 
-    def _sent(self, type_url: str, version: str) -> str:
-        nonce = self.nonces.next()
+    def _respond(self, shared_on: View | None, key: Hashable, build: Callable[[str], bytes]) -> tuple[bytes, str]:
+        """The encoded response `build(nonce)` and its nonce, shared with other streams if possible.
+
+        Why: at mission scale thousands of streams take the same step at once (the same view from
+        the same held version); one bytes object for all of them, instead of a copy of up to a
+        megabyte each, keeps a push's memory and copying independent of the number of proxies.
+        `key` must determine the bytes given the view (`shared_on`). Shared nonces come from one
+        server-wide counter, so they are unique across responses; a stream that already got this
+        very response gets a private one with a fresh nonce of its own.
+        """
+        if not isinstance(shared_on, ResourceSet):
+            # Only single sets are shared by classes; a composite view is one class's own, and
+            # keeping its (megabyte) response with it would cost a copy per class, not save one.
+            nonce = self.nonces.next()
+            return build(nonce), nonce
+        entry = shared_on.responses.get(key)
+        if entry is None:
+            nonce = self.subscriptions.nonces.next()
+            entry = SharedResponse(build(nonce), nonce)
+            if len(shared_on.responses) >= SHARED_RESPONSES:
+                shared_on.responses.clear()
+            shared_on.responses[key] = entry
+        stream = self.status.stream_id
+        if stream in entry.streams:
+            nonce = self.nonces.next()
+            return build(nonce), nonce
+        entry.streams.add(stream)
+        return entry.data, entry.nonce
+
+    def _sent(self, type_url: str, version: str, nonce: str) -> None:
         self.pending[type_url] = nonce
         self._pending_version[type_url] = version
         self.registry.record_sent(self.status, type_url, version, nonce)
-        return nonce
 
     def _acknowledge(self, type_url: str, nonce: str, error: str | None) -> None:
         """Settle the pending response `nonce`: an ACK, or a NACK carrying Envoy's message."""

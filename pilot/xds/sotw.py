@@ -132,11 +132,12 @@ class SotwSession(SessionBase[_TypeState]):
         state.seen = view.version
         if type_url in typeurls.FULL_STATE_TYPES:
             return self._full_state(type_url, state, snapshot, view)
+        forced = bool(state.force_names)  # resources resent on purpose: this stream's own response
         if state.force_all:
             changed: Mapping[str, Resource] = view
         else:
             changed = view.changes_from(state.held, state.held_version)
-            if state.force_names:
+            if forced:
                 changed = {**changed, **{n: r for n in state.force_names if (r := view.get(n)) is not None}}
         state.force_all = False
         state.force_names.clear()
@@ -145,7 +146,7 @@ class SotwSession(SessionBase[_TypeState]):
         # Usually the proxy then holds exactly the view: share it. Otherwise it keeps resources
         # that left the snapshot (SotW EDS/RDS have no removals) until it unsubscribes.
         if not view.gone_from(state.held):
-            return self._send(type_url, state, view, changed, view.version)
+            return self._send(type_url, state, view, changed, view.version, shared_on=None if forced else view)
         return self._send(type_url, state, {**state.held, **changed}, changed)
 
     def _full_state(self, type_url: str, state: _TypeState, snapshot: Snapshot, view: View) -> bytes | None:
@@ -156,7 +157,7 @@ class SotwSession(SessionBase[_TypeState]):
         if not gone:
             if not state.force_all and state.held_version == view.version:
                 return None
-            return self._send(type_url, state, view, view, view.version)
+            return self._send(type_url, state, view, view, view.version, shared_on=view)
         target = {**{n: state.held[n] for n in gone}, **view}
         version = version_of(target)
         if not state.force_all and version == state.held_version:
@@ -185,16 +186,29 @@ class SotwSession(SessionBase[_TypeState]):
         current = snapshot.view(type_url, state.names)
         if state.held_version == current.version or not current.gone_from(state.held):
             return None
-        return self._send(type_url, state, current, current, current.version)
+        return self._send(type_url, state, current, current, current.version, shared_on=current)
 
     def _send(
         self, type_url: str, state: _TypeState, held: Mapping[str, Resource], body: Mapping[str, Resource],
-        version: str | None = None,
+        version: str | None = None, shared_on: View | None = None,
     ) -> bytes:
+        """Encode a response and record it. With `shared_on` (the view `held` becomes), streams
+        taking the same step share the bytes: given the view, they depend only on the type, the
+        version held before and whether the body is the whole view or its changes."""
         version = version or held_version_of(held)
-        nonce = self._sent(type_url, version)
+
+        def build(nonce: str) -> bytes:
+            # One join, one copy: `a + b + c` would copy a megabyte-sized body once per `+`.
+            head = [str_field(1, version)]
+            tail = [str_field(4, type_url), str_field(5, nonce)]
+            if isinstance(body, View):
+                return b"".join(head + [p.sotw_body() for p in body.parts] + tail)
+            return b"".join(head + [body[n].sotw_entry for n in sorted(body)] + tail)
+
+        key = (type_url, "whole" if body is shared_on else state.held_version)
+        data, nonce = self._respond(shared_on, key, build)
+        self._sent(type_url, version, nonce)
         state.held, state.held_version, state.last_nonce = held, version, nonce
         state.force_all = False
         state.force_names.clear()
-        entries = body.sotw_body() if isinstance(body, View) else b"".join(body[n].sotw_entry for n in sorted(body))
-        return str_field(1, version) + entries + str_field(4, type_url) + str_field(5, nonce)
+        return data

@@ -267,3 +267,42 @@ def test_the_names_of_an_ack_are_compared_as_bytes() -> None:
     nack = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=names, response_nonce="n-1")
     nack.error_detail.message = "rejected"
     assert request_names_key(nack.SerializeToString(), "n-1") is None  # read the ordinary way
+
+
+def test_streams_taking_the_same_step_share_one_response_object(mesh: Mesh) -> None:
+    """Proxies of different classes brought to the same shared view get the same bytes object (not
+    a copy each); every stream still sees a fresh nonce on each of its responses."""
+    registry, subscriptions = _registry(), Subscriptions()
+    sessions = []
+    for key in mesh.classes[:3]:
+        status = registry.open(ProxyIdentity(str(key), "c", key), "sotw", "test")
+        session = SotwSession(status, registry, subscriptions)
+        names = sorted(mesh.cache.get(key).of(ENDPOINT))  # type: ignore[union-attr]
+        request = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=names)
+        session.handle(request, request.SerializeToString())
+        sessions.append((key, session, names))
+
+    def push() -> list[bytes]:
+        out = []
+        for key, session, names in sessions:
+            (raw,) = session.responses(mesh.snapshots()[key])
+            out.append(raw)
+            nonce = discovery_pb2.DiscoveryResponse.FromString(raw).nonce
+            ack = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=names, response_nonce=nonce)
+            session.handle(ack, ack.SerializeToString())
+        return out
+
+    first = push()
+    assert first[0] is first[1] is first[2]  # the whole view: one encoding for everyone
+    mesh.edit("endpoint", 2)
+    mesh.pusher.rebuild()
+    change = push()
+    assert change[0] is change[1] is change[2] and change[0] is not first[0]
+    nonces = {discovery_pb2.DiscoveryResponse.FromString(r).nonce for r in (first[0], change[0])}
+    assert len(nonces) == 2
+    # A stream asking afresh for the same view gets its own response with a nonce it never had.
+    key, session, names = sessions[0]
+    again = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=names)
+    session.handle(again, again.SerializeToString())
+    (raw,) = session.responses(mesh.snapshots()[key])
+    assert raw is not change[0] and discovery_pb2.DiscoveryResponse.FromString(raw).nonce not in nonces
