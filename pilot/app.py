@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from pilot.config.files import FileSource
 from pilot.config.store import ConfigStore
 from pilot.debug import DebugApi
+from pilot.gcpolicy import release_free_memory
 from pilot.model.build import build_mesh
 from pilot.model.conversions import Conversions
 from pilot.model.diff import endpoints_only
@@ -54,6 +55,7 @@ class Pilot:
             endpoint_debounce=settings.endpoint_debounce_ms / 1000,
             endpoints_only=endpoints_only,
             generate_endpoints=generate_endpoints,
+            release_memory=release_free_memory,
         )
         self.ads = AdsServer(self.cache, self.status)
         self.files = (

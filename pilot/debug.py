@@ -7,7 +7,6 @@ Read-only views of live state: `/debug/syncz` (per-proxy xDS status), `/debug/co
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import sys
@@ -19,6 +18,7 @@ from google.protobuf import any_pb2, json_format
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from pilot import gcpolicy
 from pilot.push import Pusher
 from pilot.xds import typeurls
 from pilot.xds.status import StatusRegistry
@@ -130,12 +130,10 @@ def memory_report(top: int) -> str:
 
 
 def release_free_memory() -> str:
-    """Ask the C allocator to hand free memory back to the OS (glibc `malloc_trim`); a debug aid."""
+    """Return free heap pages to the OS now (see `pilot.gcpolicy.release_free_memory`); a debug aid."""
     before = _rss_mb()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError as exc:
-        return f"malloc_trim unavailable: {exc}\n"
+    if not gcpolicy.release_free_memory():
+        return "malloc_trim unavailable (not glibc)\n"
     return f"malloc_trim: RSS {before:.0f} MB -> {_rss_mb():.0f} MB\n"
 
 

@@ -68,7 +68,8 @@ class Pusher:
     def __init__(self, store: Any, cache: SnapshotCache, build_mesh: BuildMesh, generate: Generate,
                  metrics: PushMetrics, debounce: float = 0.1, debounce_max: float = 1.0,
                  endpoint_debounce: float = 0.01, endpoints_only: EndpointsOnly | None = None,
-                 generate_endpoints: GenerateEndpoints | None = None, slice_seconds: float = 0.01) -> None:
+                 generate_endpoints: GenerateEndpoints | None = None, slice_seconds: float = 0.01,
+                 release_memory: Callable[[], object] | None = None) -> None:
         """`endpoints_only(old_mesh, new_mesh)` and `generate_endpoints(mesh, proxy)` enable the EDS
         fast path: when only endpoints moved, classes get new EDS and keep their other types."""
         self.store = store
@@ -84,6 +85,10 @@ class Pusher:
         self.mesh: Any = None
         self.slice = slice_seconds  # longest stretch of publishing between two yields to the event loop
         self.serializer = Serializer()  # each message serialized once while it lives, each part once per mesh
+        # Called a second after a push settles, to give the memory it freed back to the OS.
+        self.release_memory = release_memory
+        self.release_delay = 1.0
+        self._release: asyncio.TimerHandle | None = None
         self.errors: dict[ProxyClass, str] = {}  # last generation error per class, for /debug
         self.ready = asyncio.Event()
         self.built_revision = -1  # the store revision the current mesh was built from
@@ -201,10 +206,21 @@ class Pusher:
         """Rebuild after every settled burst of changes, forever."""
         revision = self.store.revision
         await self.rebuild_yielding()
+        self._release_later()
         while True:
             revision = await self.store.wait_for_change(revision)
             revision = await self._settle(revision)
             await self.rebuild_yielding()
+            self._release_later()
+
+    def _release_later(self) -> None:
+        """Release freed memory once streams have written this push (coalesced: one pending call)."""
+        if self.release_memory is None:
+            return
+        if self._release is not None:
+            self._release.cancel()
+        release = self.release_memory
+        self._release = asyncio.get_running_loop().call_later(self.release_delay, release)
 
     async def _settle(self, revision: int) -> int:
         """Wait until no change came for the debounce time, or `debounce_max` passed.

@@ -112,3 +112,24 @@ def test_mesh_warnings_are_logged_once_when_they_appear(caplog: pytest.LogCaptur
     store.replace_source("f", _moved(dangling, "WorkloadEntry"))
     pusher.rebuild()  # the same warnings again: not logged again
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("mesh:")] == logged
+
+
+async def test_memory_is_released_once_after_a_burst_of_pushes() -> None:
+    store, cache = ConfigStore(), SnapshotCache()
+    released: list[int] = []
+    pusher = Pusher(store, cache, build_mesh, generate, PushMetrics(CollectorRegistry()), debounce=0.01,
+                    release_memory=lambda: released.append(store.revision))
+    pusher.release_delay = 0.2
+    objects = _objects()
+    store.replace_source("f", objects)
+    with cache.watch(KEY):
+        task = asyncio.create_task(pusher.run())
+        await asyncio.wait_for(pusher.ready.wait(), 5)
+        for kind in ("WorkloadEntry", "VirtualService"):  # two pushes in quick succession
+            revision = store.revision
+            store.replace_source("f", _moved(objects, kind))
+            await asyncio.wait_for(pusher.wait_built(revision + 1), 5)
+        assert released == []  # not during the burst
+        await asyncio.sleep(0.5)
+        task.cancel()
+    assert released == [store.revision]  # once, after the last push
