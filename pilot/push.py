@@ -98,6 +98,7 @@ class Pusher:
     def _on_demand(self, key: ProxyClass) -> None:
         if self.mesh is not None and self.cache.get(key) is None:
             self.publish(key, new_class=True)
+            self._release_later()  # a wave of new proxies is a load spike too
 
     def rebuild(self) -> None:
         """Build the mesh from the store now and publish every watched class, without yielding."""
@@ -219,8 +220,17 @@ class Pusher:
             return
         if self._release is not None:
             self._release.cancel()
-        release = self.release_memory
-        self._release = asyncio.get_running_loop().call_later(self.release_delay, release)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not serving (a synchronous caller): nothing to wait for
+            return
+        self._release = loop.call_later(self.release_delay, self._released)
+
+    def _released(self) -> None:
+        self._release = None
+        self.cache.forget_responses()
+        if self.release_memory is not None:
+            self.release_memory()
 
     async def _settle(self, revision: int) -> int:
         """Wait until no change came for the debounce time, or `debounce_max` passed.

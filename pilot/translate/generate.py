@@ -16,7 +16,7 @@ from pilot.translate.listeners import sidecar_listeners_for
 from pilot.translate.memo import carried_value, memoized
 from pilot.translate.passthrough import PASSTHROUGH_CLUSTER, allow_any, passthrough_cluster, passthrough_vhost
 from pilot.translate.routes import outbound_route_config
-from pilot.translate.scope import ProxyView, proxy_view
+from pilot.translate.scope import InboundPort, ProxyView, proxy_view
 from pilot.translate.tcp_routes import outbound_l4_listeners
 from pilot.translate.visibility import outbound_policy_vhosts, selected_rules, visible_mesh
 from pilot.xds import typeurls
@@ -90,30 +90,43 @@ def generate_parts(mesh: MeshSnapshot, proxy: ProxyClass) -> Parts:
     egress = None if proxy.kind == ProxyKind.ROUTER else view.egress
     seen = _seen(mesh, proxy, view)
     shared_clusters = memoized(seen, "clusters", lambda: sorted_by_name(outbound_clusters(seen)))
-    own_clusters: dict[str, Any] = {}
     if proxy.kind == ProxyKind.ROUTER:
-        listeners, gateway_routes = gateway_resources(seen, view)
-        routes = sorted_by_name(gateway_routes)
+        gateway_listeners, gateway_routes = gateway_resources(seen, view)
+        own_clusters: Mapping[str, Any] = {}
+        listeners: Mapping[str, Any] = sorted_by_name(gateway_listeners)
+        routes: Mapping[str, Any] = sorted_by_name(gateway_routes)
     else:
         # What depends on the proxy alone is a function of a few values: carried by value, so
-        # classes with equal ones (and the next mesh version) share the messages.
-        own_clusters.update(carried_value(mesh, inbound_clusters_for, view.inbound))
+        # classes with equal ones (and the next mesh version) share the very same parts.
         passthrough = allow_any(view)
-        if passthrough:
-            own_clusters[PASSTHROUGH_CLUSTER] = carried_value(mesh, passthrough_cluster)
-        listeners = dict(carried_value(mesh, sidecar_listeners_for, view.bind_address, view.inbound, passthrough))
-        listeners.update(outbound_l4_listeners(seen, view))
+        own_clusters = carried_value(mesh, _own_clusters, view.inbound, passthrough)
+        listeners = carried_value(mesh, _own_listeners, view.bind_address, view.inbound, passthrough)
+        l4 = outbound_l4_listeners(seen, view)
+        if l4:
+            listeners = sorted_by_name({**listeners, **l4})
         # Only labels some route's sourceLabels mention can change the route config: key on those.
         keys = memoized(seen, "source-label-keys", lambda: _source_label_keys(seen))
         labels = tuple(sorted((k, v) for k, v in view.labels.items() if k in keys))
-        key = ("routes", proxy.namespace, labels, egress, allow_any(view))
+        key = ("routes", proxy.namespace, labels, egress, passthrough)
         routes = memoized(seen, key, lambda: sorted_by_name(_outbound_routes(seen, view)))
     return {
-        typeurls.CLUSTER: (shared_clusters, sorted_by_name(own_clusters)),
+        typeurls.CLUSTER: (shared_clusters, own_clusters),
         typeurls.ENDPOINT: (generate_endpoints(mesh, proxy, view),),
-        typeurls.LISTENER: (sorted_by_name(listeners),),
+        typeurls.LISTENER: (listeners,),
         typeurls.ROUTE: (routes,),
     }
+
+
+def _own_clusters(inbound: tuple[InboundPort, ...], passthrough: bool) -> dict[str, Any]:
+    """A sidecar's own clusters: one per inbound port, and PassthroughCluster under ALLOW_ANY."""
+    own = inbound_clusters_for(inbound)
+    if passthrough:
+        own[PASSTHROUGH_CLUSTER] = passthrough_cluster()
+    return sorted_by_name(own)
+
+
+def _own_listeners(bind: str, inbound: tuple[InboundPort, ...], passthrough: bool) -> dict[str, Any]:
+    return sorted_by_name(sidecar_listeners_for(bind, inbound, passthrough))
 
 
 def generate(mesh: MeshSnapshot, proxy: ProxyClass) -> Resources:

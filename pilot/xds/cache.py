@@ -87,3 +87,17 @@ class SnapshotCache:
         for key in gone:
             del self._snapshots[key]
         return len(gone)
+
+    def forget_responses(self) -> int:
+        """Drop the encoded responses shared on the views of every snapshot; returns how many.
+
+        They only save work while a push fans out; kept afterwards, a class's own view would hold
+        a copy of its (possibly megabyte) response for as long as the snapshot lives.
+        """
+        dropped = 0
+        for snapshot in self._snapshots.values():
+            for view in snapshot.types.values():
+                for holder in (view, *view.parts):
+                    dropped += len(holder.responses)
+                    holder.responses.clear()
+        return dropped

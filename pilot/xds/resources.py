@@ -135,7 +135,9 @@ class View(Mapping[str, Resource]):
         self.parts = parts
         self.total = sum(p.total for p in parts) & _MASK
         self.version = version_of_total(self.total)
-        self._subviews: dict[int, tuple[frozenset[str], View]] = {}
+        # names id -> (names, the view, or None for this view itself: no reference cycle, so a
+        # view is freed as soon as nothing uses it, not at the next full garbage collection)
+        self._subviews: dict[int, tuple[frozenset[str], View | None]] = {}
         self._exact: dict[int, tuple[frozenset[str], bool]] = {}
         # Encoded responses bringing a proxy to this view, shared by every stream making the
         # same step (see `pilot.xds.session.SessionBase._respond`).
@@ -182,13 +184,14 @@ class View(Mapping[str, Resource]):
             return self
         found = self._subviews.get(id(names))
         if found is not None and found[0] is names:
-            return found[1]
+            return self if found[1] is None else found[1]
         picked = tuple(p.view(names) for p in self.parts)
-        result = self if all(a is b for a, b in zip(picked, self.parts, strict=True)) else View(picked)
+        whole = all(a is b for a, b in zip(picked, self.parts, strict=True))
         if len(self._subviews) >= _MEMO_LIMIT:
             self._subviews.clear()
+        result = None if whole else View(picked)
         self._subviews[id(names)] = (names, result)
-        return result
+        return self if result is None else result
 
     def changes_from(self, held: Mapping[str, Resource], held_version: str) -> Mapping[str, Resource]:
         """Resources of this view whose version differs from what a proxy holds.
@@ -249,7 +252,6 @@ class ResourceSet(View):
     def __init__(self, type_url: str, resources: Iterable[Resource]) -> None:
         self.type_url = type_url
         self.by_name: dict[str, Resource] = {r.name: r for r in resources}
-        self.parts = (self,)
         self.total = sum(r.tag for r in self.by_name.values()) & _MASK
         self.version = version_of_total(self.total)
         self._subviews = {}
@@ -259,6 +261,11 @@ class ResourceSet(View):
         self._removed: dict[str, list[str]] = {}
         self._body: bytes | None = None
         self._refs: frozenset[str] | None = None
+
+    @property
+    def parts(self) -> tuple[ResourceSet, ...]:  # type: ignore[override]
+        """A set is the one part of itself (computed: an attribute would be a reference cycle)."""
+        return (self,)
 
     def __getitem__(self, name: str) -> Resource:
         return self.by_name[name]
@@ -280,16 +287,15 @@ class ResourceSet(View):
             return self
         found = self._subviews.get(id(names))
         if found is not None and found[0] is names:
-            return cast(ResourceSet, found[1])  # a set's memo holds only sets
+            return self if found[1] is None else cast(ResourceSet, found[1])  # a set's memo holds only sets
         by_name = self.by_name
-        if len(names) >= len(by_name) and names.issuperset(by_name):
-            result = self
-        else:
+        result = None
+        if len(names) < len(by_name) or not names.issuperset(by_name):
             result = ResourceSet(self.type_url, [by_name[n] for n in sorted(names) if n in by_name])
         if len(self._subviews) >= _MEMO_LIMIT:
             self._subviews.clear()
         self._subviews[id(names)] = (names, result)
-        return result
+        return self if result is None else result
 
     def changed_since(self, old: ResourceSet) -> Mapping[str, Resource]:
         """Resources new or changed since `old` (by content version); memoized per old version."""

@@ -13,7 +13,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 from pilot.xds import typeurls
-from pilot.xds.resources import Resource, ResourceSet, SharedResponse, View, version_of
+from pilot.xds.resources import Resource, SharedResponse, View, version_of
 from pilot.xds.snapshot import Snapshot
 from pilot.xds.status import StatusRegistry, StreamStatus
 
@@ -134,9 +134,7 @@ class SessionBase(Generic[StateT]):
         server-wide counter, so they are unique across responses; a stream that already got this
         very response gets a private one with a fresh nonce of its own.
         """
-        if not isinstance(shared_on, ResourceSet):
-            # Only single sets are shared by classes; a composite view is one class's own, and
-            # keeping its (megabyte) response with it would cost a copy per class, not save one.
+        if shared_on is None:
             nonce = self.nonces.next()
             return build(nonce), nonce
         entry = shared_on.responses.get(key)

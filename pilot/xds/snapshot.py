@@ -105,7 +105,7 @@ class Snapshot:
                 types[type_url] = EMPTY_SET
                 continue
             sets = tuple(serializer.set_of(type_url, p) for p in found)
-            types[type_url] = sets[0] if len(sets) == 1 else View(sets)
+            types[type_url] = sets[0] if len(sets) == 1 else serializer.view_of(sets)
         return cls(types)
 
 
@@ -125,11 +125,22 @@ class Serializer:
     def __init__(self) -> None:
         self._resources = Conversions()
         self._sets: dict[int, tuple[Mapping[str, Any], ResourceSet]] = {}
+        self._views: dict[tuple[int, ...], View] = {}
 
     def next_mesh(self) -> None:
         """A new mesh version: parts are new objects now; serialized messages stay reusable."""
         self._sets = {}
+        self._views = {}
         self._resources.next_build()
+
+    def view_of(self, sets: tuple[ResourceSet, ...]) -> View:
+        """One composite view per combination of sets (per mesh version): classes whose parts are
+        all shared share the view too, and with it its encoded responses."""
+        key = tuple(map(id, sets))
+        found = self._views.get(key)
+        if found is None:  # the view holds its sets, and the sets stay in `_sets`: ids stay theirs
+            found = self._views[key] = View(sets)
+        return found
 
     def resource(self, type_url: str, name: str, message: Any) -> Resource:
         return self._resources.of(_serialize, message, type_url, name)

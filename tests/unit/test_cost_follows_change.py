@@ -111,9 +111,12 @@ def test_classes_share_what_they_have_in_common(mesh: Mesh) -> None:
         assert other.of(CLUSTER).parts[0] is first.of(CLUSTER).parts[0]  # the outbound clusters
         assert other.of(ENDPOINT) is first.of(ENDPOINT)
         assert other.of(ROUTE) is first.of(ROUTE)
-        assert other.of(LISTENER) is not first.of(LISTENER)  # its own inbound listener
+        # What is a class's own depends only on its inbound ports and bind address: equal here
+        # (one port, no bind address), so its listeners and whole cluster view are shared too.
+        assert other.of(LISTENER) is first.of(LISTENER) and other.of(CLUSTER) is first.of(CLUSTER)
     # ...and a class's own part holds only its own resources.
     assert [n.split("|")[0] for n in first.of(CLUSTER).parts[1]] == ["inbound"]
+    assert sorted(first.of(LISTENER)) == ["0.0.0.0_15001", f"0.0.0.0_{meshgen.PORT}"]
 
 
 def test_a_route_change_regenerates_only_the_routes_of_its_hosts(
