@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from envoy.service.discovery.v3 import discovery_pb2
+
 from pilot.xds import typeurls
 from pilot.xds.resources import EMPTY_SET, Resource, View
 from pilot.xds.session import SessionBase, held_version_of
@@ -44,6 +46,14 @@ class _DeltaType:
 
 class DeltaSession(SessionBase[_DeltaType]):
     protocol = "delta"
+
+    @staticmethod
+    def parse(raw: bytes) -> Any:
+        return discovery_pb2.DeltaDiscoveryRequest.FromString(raw)
+
+    def handle_wire(self, raw: bytes) -> bool:
+        """`handle` for a request as received (delta ACKs carry no names: nothing to save)."""
+        return self.handle(self.parse(raw), raw)
 
     def handle(self, request: Any, wire: bytes | None = None) -> bool:
         """Apply a request; True if it may call for a response (False for a plain ACK)."""

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf.message import DecodeError
 
 from pilot.model.proxy import NodeError, ProxyIdentity, identity_from_node
 from pilot.xds.cache import SnapshotCache
@@ -34,18 +34,6 @@ SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 
 def _identity(bytes_: bytes) -> bytes:
     return bytes_
-
-
-# Requests arrive as (message, the bytes it was parsed from): SotW sessions compare name lists as bytes.
-Received = tuple[Any, bytes]
-
-
-def _sotw_request(raw: bytes) -> Received:
-    return discovery_pb2.DiscoveryRequest.FromString(raw), raw
-
-
-def _delta_request(raw: bytes) -> Received:
-    return discovery_pb2.DeltaDiscoveryRequest.FromString(raw), raw
 
 
 class AdsServer:
@@ -66,9 +54,9 @@ class AdsServer:
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
             "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                self._sotw, _sotw_request, _identity),
+                self._sotw, _identity, _identity),
             "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                self._delta, _delta_request, _identity),
+                self._delta, _identity, _identity),
         })
 
     async def start(self, host: str, port: int) -> int:
@@ -106,11 +94,16 @@ class AdsServer:
     async def _stream(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, kind: type[SessionBase[Any]]
     ) -> None:
-        received: Received | None = await anext(aiter(requests), None)
-        if received is None:
+        # Requests arrive as bytes: sessions decode what they need (`handle_wire`).
+        first_wire: bytes | None = await anext(aiter(requests), None)
+        if first_wire is None:
             return
-        first, first_wire = received
-        del received
+        try:
+            first = kind.parse(first_wire)
+        except DecodeError as exc:
+            self.status.metrics.stream_errors.labels("bad_request").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot decode the first request: {exc}")
+            return
         try:
             identity = self.classify(first.node)
         except NodeError as exc:
@@ -177,11 +170,11 @@ async def _read(requests: AsyncIterator[Any], session: Any, stream: _Stream) -> 
     flow control then holds the proxy). A vanished client ends the stream quietly.
     """
     try:
-        async for request, wire in requests:
-            if session.handle(request, wire):
+        async for wire in requests:
+            if session.handle_wire(wire):
                 stream.dirty = True
                 stream.wake.set()
-            del request, wire  # a request can be 100 KB of names: not kept while waiting for the next
+            del wire  # a request can be 100 KB of names: not kept while waiting for the next
     except grpc.aio.AioRpcError:
         pass
     except Exception as exc:

@@ -106,6 +106,15 @@ class SessionBase(Generic[StateT]):
         # type_url -> the version carried by the response with that nonce
         self._pending_version: dict[str, str] = {}
 
+    @staticmethod
+    def parse(raw: bytes) -> Any:
+        """The request message of this protocol from its bytes."""
+        raise NotImplementedError
+
+    def handle_wire(self, raw: bytes) -> bool:
+        """`handle` for a request as received (the bytes gRPC read)."""
+        return self.handle(self.parse(raw), raw)
+
     def handle(self, request: Any, wire: bytes | None = None) -> bool:
         """Apply a request (`wire`: the bytes it was parsed from, if known); True if it may call for a response."""
         raise NotImplementedError

@@ -7,6 +7,8 @@ parsers merge concatenated encodings of one message, so the result is an ordinar
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 _LEN = 2  # wire type of length-delimited fields
 
 
@@ -45,23 +47,30 @@ def _after_len_field(data: bytes, pos: int) -> int:
         shift += 7
 
 
-def request_names_key(raw: bytes, nonce: str) -> bytes | None:
-    """The bytes of a serialized DiscoveryRequest from its resource names up to its nonce.
+def names_region(raw: bytes, type_fields: Mapping[bytes, str]) -> tuple[int, int, str] | None:
+    """Where a serialized DiscoveryRequest's resource names and type are: (start, end, type URL).
 
     Envoy (like every protobuf encoder) writes fields in number order: version_info (1), node
-    (2), resource_names (3), type_url (4), response_nonce (5), error_detail (6). The slice between
-    the node and the nonce therefore holds exactly the subscribed names and the type, so two
-    requests subscribe to the same names if these bytes are equal, whatever version or nonce
-    they carry. None when the layout is anything else (a NACK, another encoder): the caller then
-    reads the names the ordinary way.
+    (2), resource_names (3), type_url (4), response_nonce (5), error_detail (6). The region from
+    the first name to the end of the type field therefore holds exactly the subscribed names
+    and the type: two requests subscribe to the same names if these bytes are equal, whatever
+    version, nonce or error they carry. `type_fields` maps each known type's encoded field to
+    its URL; the last one in `raw` ends the region. None when no known type is found.
     """
     try:
-        pos = _after_len_field(raw, 1) if raw[:1] == b"\x0a" else 0
-        if raw[pos:pos + 1] == b"\x12":
-            pos = _after_len_field(raw, pos + 1)
+        start = _after_len_field(raw, 1) if raw[:1] == b"\x0a" else 0
+        if raw[start:start + 1] == b"\x12":
+            start = _after_len_field(raw, start + 1)
     except IndexError:
         return None
-    tail = str_field(5, nonce)
-    if not raw.endswith(tail) or pos > len(raw) - len(tail):
-        return None
-    return raw[pos:len(raw) - len(tail)]
+    for encoded, type_url in type_fields.items():
+        at = raw.rfind(encoded, start)
+        if at >= 0:
+            return start, at + len(encoded), type_url
+    return None
+
+
+def request_names_key(raw: bytes, type_fields: Mapping[bytes, str]) -> bytes | None:
+    """The bytes of `names_region` (see there), or None."""
+    found = names_region(raw, type_fields)
+    return None if found is None else raw[found[0]:found[1]]

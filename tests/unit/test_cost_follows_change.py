@@ -32,10 +32,11 @@ from pilot.xds.delta import DeltaSession
 from pilot.xds.resources import Resource, View
 from pilot.xds.session import Subscriptions
 from pilot.xds.snapshot import Snapshot
-from pilot.xds.sotw import SotwSession
+from pilot.xds.sotw import TYPE_FIELDS, SotwSession
 from pilot.xds.status import StatusRegistry, XdsMetrics
 from pilot.xds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from pilot.xds.wire import request_names_key
+from tests.conformance.builders import snapshot
 
 SERVICES = 12
 
@@ -197,9 +198,9 @@ def test_a_streams_memory_does_not_grow_with_its_acks(mesh: Mesh, delta: bool) -
         for raw in session.responses(snap):
             resp = (discovery_pb2.DeltaDiscoveryResponse if delta else discovery_pb2.DiscoveryResponse).FromString(raw)
             assert resp.type_url == ENDPOINT
-            session.handle(*request(resp.nonce))
+            session.handle_wire(request(resp.nonce)[1])
 
-    session.handle(*request(first=True))
+    session.handle_wire(request(first=True)[1])
     push_and_ack()
     for i in range(5):  # warm up: every memo that will exist, exists
         mesh.edit("endpoint", i)
@@ -264,12 +265,41 @@ def test_the_names_of_an_ack_are_compared_as_bytes() -> None:
                                          response_nonce="n-1")
     other = discovery_pb2.DiscoveryRequest(version_info="abc", type_url=ENDPOINT, resource_names=names[:-1],
                                            response_nonce="n-1")
-    key = request_names_key(first.SerializeToString(), "")
-    assert key is not None and key == request_names_key(ack.SerializeToString(), "n-1")
-    assert key != request_names_key(other.SerializeToString(), "n-1")
+    key = request_names_key(first.SerializeToString(), TYPE_FIELDS)
+    assert key is not None and key == request_names_key(ack.SerializeToString(), TYPE_FIELDS)
+    assert key != request_names_key(other.SerializeToString(), TYPE_FIELDS)
     nack = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=names, response_nonce="n-1")
     nack.error_detail.message = "rejected"
-    assert request_names_key(nack.SerializeToString(), "n-1") is None  # read the ordinary way
+    assert request_names_key(nack.SerializeToString(), TYPE_FIELDS) == key  # the same subscription
+
+
+def test_an_ack_repeating_its_names_is_applied_without_decoding_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = _registry()
+    session = SotwSession(registry.open(_identity(), "sotw", "test"), registry)
+    names = [f"c{i}" for i in range(1, 40)]
+    snap = snapshot({n: i + 1 for i, n in enumerate(names)})
+    session.handle_wire(discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=names).SerializeToString())
+    state = session.types[ENDPOINT]
+    subscription, key = state.names, state.requested_key
+    (raw,) = session.responses(snap)
+    nonce = discovery_pb2.DiscoveryResponse.FromString(raw).nonce
+    decoded: list[int] = []
+    real = SotwSession.parse
+
+    def counting(data: bytes) -> Any:
+        decoded.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(SotwSession, "parse", staticmethod(counting))
+    ack = discovery_pb2.DiscoveryRequest(version_info="v", type_url=ENDPOINT, resource_names=names,
+                                         response_nonce=nonce)
+    session.handle_wire(ack.SerializeToString())
+    assert decoded == [] and registry.streams()[0].of(ENDPOINT).acked_version  # ACKed, names never decoded
+    assert state.names is subscription and state.requested_key is key
+    # Other names (one fewer) are decoded the ordinary way, and the subscription follows them.
+    fewer = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=names[:-1], response_nonce=nonce)
+    session.handle_wire(fewer.SerializeToString())
+    assert len(decoded) == 1 and state.names == frozenset(names[:-1])
 
 
 def test_streams_taking_the_same_step_share_one_response_object(mesh: Mesh) -> None:
