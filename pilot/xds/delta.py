@@ -115,8 +115,10 @@ class DeltaSession(SessionBase[_DeltaType]):
         if view.version == state.seen:
             return None
         state.seen = view.version
-        held_before = state.held_version  # with the view, it determines the changes (and so the bytes)
-        changed: Mapping[str, Resource] = view.changes_from(state.held, state.held_version)
+        # With the view, what the proxy held decides the changes (and so the bytes): nothing (the
+        # whole view, encoded once per set), or a known version.
+        held_before = "whole" if not state.held else state.held_version
+        changed: Mapping[str, Resource] = view if not state.held else view.changes_from(state.held, state.held_version)
         forced = bool(state.force_names)
         if forced:
             again = {n: r for n in state.force_names if (r := view.get(n)) is not None}
@@ -143,7 +145,7 @@ class DeltaSession(SessionBase[_DeltaType]):
         """Envoy warms a changed cluster until its endpoints arrive again: resend them with EDS
         (next in push order), even if the proxy has them."""
         eds = self.types.get(typeurls.ENDPOINT)
-        if eds is None:
+        if eds is None or not held:
             return
         for cluster in changed:
             name = snapshot.eds_name(cluster)
@@ -177,8 +179,10 @@ class DeltaSession(SessionBase[_DeltaType]):
         system_version = snapshot.version(type_url)
 
         def build(nonce: str) -> bytes:
+            entries = [changed.delta_body()] if isinstance(changed, View) else [
+                changed[n].delta_entry for n in sorted(changed)]
             return b"".join([
-                str_field(1, system_version), *(changed[n].delta_entry for n in sorted(changed)),
+                str_field(1, system_version), *entries,
                 str_field(4, type_url), str_field(5, nonce), *(len_field(6, name.encode()) for name in removed),
             ])  # one join, one copy
 

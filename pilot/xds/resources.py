@@ -236,6 +236,10 @@ class View(Mapping[str, Resource]):
         """Every resource as DiscoveryResponse.resources entries, sorted by name within each part."""
         return b"".join(p.sotw_body() for p in self.parts)
 
+    def delta_body(self) -> bytes:
+        """Every resource as DeltaDiscoveryResponse.resources entries, sorted by name within each part."""
+        return b"".join(p.delta_body() for p in self.parts)
+
     def refs(self) -> frozenset[str]:
         """Names this view's resources refer to in the dependent type."""
         parts = [p.refs() for p in self.parts if p.refs()]
@@ -247,7 +251,7 @@ class View(Mapping[str, Resource]):
 class ResourceSet(View):
     """One group of resources of one type, serialized, indexed and versioned once, shared."""
 
-    __slots__ = ("_body", "_diffs", "_refs", "_removed", "by_name", "type_url")
+    __slots__ = ("_body", "_delta_body", "_diffs", "_refs", "_removed", "by_name", "type_url")
 
     def __init__(self, type_url: str, resources: Iterable[Resource]) -> None:
         self.type_url = type_url
@@ -260,6 +264,7 @@ class ResourceSet(View):
         self._diffs: dict[str, Mapping[str, Resource]] = {}
         self._removed: dict[str, list[str]] = {}
         self._body: bytes | None = None
+        self._delta_body: bytes | None = None
         self._refs: frozenset[str] | None = None
 
     @property
@@ -324,6 +329,12 @@ class ResourceSet(View):
             by_name = self.by_name
             self._body = b"".join(by_name[n].sotw_entry for n in sorted(by_name))
         return self._body
+
+    def delta_body(self) -> bytes:
+        if self._delta_body is None:
+            by_name = self.by_name
+            self._delta_body = b"".join(by_name[n].delta_entry for n in sorted(by_name))
+        return self._delta_body
 
     def refs(self) -> frozenset[str]:
         if self._refs is None:
