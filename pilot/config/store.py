@@ -34,6 +34,7 @@ class ConfigStore:
         self._changed = asyncio.Event()
         # (revision, kinds it changed), newest last; lets the pusher take the endpoint fast path.
         self._kind_log: collections.deque[tuple[int, frozenset[str]]] = collections.deque(maxlen=256)
+        self._sorted: tuple[int, list[tuple[str, ApiObject]]] | None = None  # (revision, (kind, object) by key)
 
     @property
     def revision(self) -> int:
@@ -45,8 +46,14 @@ class ConfigStore:
         return found[1] if found else None
 
     def objects(self, kind: str | None = None) -> list[ApiObject]:
-        """Effective objects sorted by key (optionally of one kind)."""
-        return [obj for key, (_, obj) in sorted(self._effective.items()) if kind is None or key[0] == kind]
+        """Effective objects sorted by key (optionally of one kind).
+
+        The sorted list is kept per revision: every push asks for all of it, and sorting ~9,000
+        objects (1,000 services) costs ~15 ms.
+        """
+        if self._sorted is None or self._sorted[0] != self._revision:
+            self._sorted = (self._revision, [(key[0], obj) for key, (_, obj) in sorted(self._effective.items())])
+        return [obj for k, obj in self._sorted[1] if kind is None or k == kind]
 
     def apply(self, obj: ApiObject, source_id: str = DEFAULT_SOURCE) -> bool:
         """Add or replace one object; True if the effective config changed."""
