@@ -166,12 +166,13 @@ def _without_duplicates(located: list[_Located], errors: list[DocumentError]) ->
     first: dict[tuple[str, str, str], tuple[str, int]] = {}
     kept: list[ApiObject] = []
     for file, index, obj in located:
-        if obj.key in first:
-            where = "{}[{}]".format(*first[obj.key])
-            kind, namespace, name = obj.key
+        key = obj.key
+        if key in first:
+            where = "{}[{}]".format(*first[key])
+            kind, namespace, name = key
             errors.append(DocumentError(file, index, kind, namespace, name, f"{obj.ref}: already defined at {where}"))
             continue
-        first[obj.key] = (file, index)
+        first[key] = (file, index)
         kept.append(obj)
     return LoadResult(tuple(kept), tuple(errors))
 
@@ -210,8 +211,8 @@ def _stat_unchanged(directory: Path, before: Fingerprint, now: Fingerprint) -> s
     """Relative names of files with the same (mtime, size, inode) as before, written long enough ago
     that a second write within the same timestamp tick is ruled out."""
     recent = time.time_ns() - _RACY_SECONDS * 1e9
-    same = set(before) & set(now)
-    return {str(Path(e[0]).relative_to(directory)) for e in same if e[1] < recent}
+    prefix = len(str(directory)) + 1  # fingerprint paths are `directory/relative`
+    return {e[0][prefix:] for e in set(before) & set(now) if e[1] < recent}
 
 
 class FileSource:
