@@ -85,7 +85,7 @@ class DeltaSession(SessionBase[_DeltaType]):
             state.seen = ""
         if unsubscribe:
             self._holding(type_url, held_version_of(state.held))  # an unsubscribe needs no response
-        return changed or state.seen == "" or (settled and not self.pending)
+        return changed or state.seen == "" or self._settled_with_removals(settled)
 
     def _resubscribe(self, state: _DeltaType, subscribe: list[str], unsubscribe: list[str]) -> None:
         names = set(state.names)
@@ -152,6 +152,10 @@ class DeltaSession(SessionBase[_DeltaType]):
             if cluster in held and name is not None and name in eds.held:
                 eds.force_names.add(name)
                 eds.seen = ""
+
+    def _removal_due(self, type_url: str, snapshot: Snapshot) -> bool:
+        state = self.types[type_url]
+        return bool(snapshot.view(type_url, state.subscription()).gone_from(state.held))
 
     def _removals(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         state = self.types[type_url]

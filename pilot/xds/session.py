@@ -105,6 +105,7 @@ class SessionBase(Generic[StateT]):
         self.pending: dict[str, str] = {}
         # type_url -> the version carried by the response with that nonce
         self._pending_version: dict[str, str] = {}
+        self.removals_waiting = False  # the last push skipped removals because responses were pending
 
     @staticmethod
     def parse(raw: bytes) -> Any:
@@ -123,9 +124,23 @@ class SessionBase(Generic[StateT]):
         """Encoded responses to send now: updates in push order, then removals once all settled."""
         order = ordered_types(self.types)
         out = [r for t in order if (r := self._updates(t, snapshot))]
-        if not self.pending:
+        if self.pending:
+            # Removals wait while anything is unacknowledged: remember whether any are due, so the
+            # ACK that settles the last response wakes the writer only then.
+            self.removals_waiting = any(self._removal_due(t, snapshot) for t in order)
+        else:
+            self.removals_waiting = False
             out += [r for t in order if (r := self._removals(t, snapshot))]
         return out
+
+    def _removal_due(self, type_url: str, snapshot: Snapshot) -> bool:
+        """Whether the proxy holds resources of the type that the snapshot no longer has."""
+        raise NotImplementedError
+
+    def _settled_with_removals(self, settled: bool) -> bool:
+        """Whether a request that settled the last pending response should wake the writer: only
+        if the removal phase was skipped for it (a plain ACK otherwise calls for nothing)."""
+        return settled and not self.pending and self.removals_waiting
 
     def _updates(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         raise NotImplementedError

@@ -140,7 +140,7 @@ class SotwSession(SessionBase[_TypeState]):
         if changed:
             self._holding(type_url, state.held_version)  # an unsubscribe needs no response
         # Once every response is settled, deferred removals may be due.
-        return state.force_all or changed or (settled and not self.pending)
+        return state.force_all or changed or self._settled_with_removals(settled)
 
     def _names(self, type_url: str, request: Any, key: bytes | None) -> tuple[bytes | None, frozenset[str] | None]:
         """The subscription a request names, as the shared object for that set (and its wire key)."""
@@ -227,6 +227,11 @@ class SotwSession(SessionBase[_TypeState]):
         if again:
             eds.force_names |= again
             eds.seen = ""
+
+    def _removal_due(self, type_url: str, snapshot: Snapshot) -> bool:
+        state = self.types[type_url]
+        return type_url in typeurls.FULL_STATE_TYPES and bool(
+            snapshot.view(type_url, state.names).gone_from(state.held))
 
     def _removals(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         state = self.types[type_url]

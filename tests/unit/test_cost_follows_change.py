@@ -339,3 +339,27 @@ def test_streams_taking_the_same_step_share_one_response_object(mesh: Mesh) -> N
     session.handle(again, again.SerializeToString())
     (raw,) = session.responses(mesh.snapshots()[key])
     assert raw is not change[0] and discovery_pb2.DiscoveryResponse.FromString(raw).nonce not in nonces
+
+
+def test_a_plain_ack_wakes_nobody_unless_removals_wait_for_it() -> None:
+    """The writer of a stream is woken by an ACK only when the removal phase was put off for it:
+    otherwise thousands of streams would each run a push's logic again for every ACK."""
+    registry = _registry()
+    session = SotwSession(registry.open(_identity(), "sotw", "test"), registry)
+
+    def ack(raw: bytes, names: list[str] | None = None) -> bool:
+        resp = discovery_pb2.DiscoveryResponse.FromString(raw)
+        return session.handle(discovery_pb2.DiscoveryRequest(
+            type_url=resp.type_url, response_nonce=resp.nonce, resource_names=names or []))
+
+    session.handle(discovery_pb2.DiscoveryRequest(type_url=CLUSTER))
+    session.handle(discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=["c1", "c2"]))
+    cds, eds = session.responses(snapshot({"c1": 1, "c2": 1}, routes={}))
+    assert ack(cds) is False and ack(eds, ["c1", "c2"]) is False  # plain ACKs: nothing to do
+    # c2 goes and c1's endpoints move: EDS goes out, the CDS removal waits for its ACK.
+    (eds,) = session.responses(snapshot({"c1": 2}, routes={}))
+    assert discovery_pb2.DiscoveryResponse.FromString(eds).type_url == ENDPOINT
+    assert ack(eds, ["c1", "c2"]) is True
+    (removal,) = session.responses(snapshot({"c1": 2}, routes={}))
+    assert [r.type_url for r in discovery_pb2.DiscoveryResponse.FromString(removal).resources] == [CLUSTER]
+    assert ack(removal) is False
