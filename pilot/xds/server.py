@@ -4,9 +4,14 @@ Concurrency: each stream is one handler coroutine on the event loop (the writer)
 reader task that applies each request to the session as it arrives; reading waits while a
 request is applied, which is the backpressure. The writer sleeps on one event that the reader
 (a request that calls for an answer; plain ACKs do not) and the cache (a new snapshot of its
-class) both set, lets the session decide what to send, and writes it. Snapshots are coalesced,
-never queued, so a slow proxy gets the newest config rather than a backlog. Responses are
-pre-encoded bytes.
+class) both set, lets the session decide what to send, and writes it with `context.write`.
+Snapshots are coalesced, never queued, so a slow proxy gets the newest config rather than a
+backlog. Requests reach the session as the bytes gRPC read (it decodes what it needs) and
+responses leave as pre-encoded bytes, often one object shared by every stream making the same
+step; no frame keeps a response or a request once it is handed over.
+
+Cost per stream: two small tasks and the session's state (references to shared views); at
+mission scale about 60-80 KB of pilot's RSS, mostly gRPC's own per-call buffers.
 """
 
 from __future__ import annotations
