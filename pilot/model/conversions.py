@@ -49,19 +49,9 @@ class Conversions:
         self.misses += 1
         return value
 
-
     def of_all(self, convert: Callable[..., R], objs: tuple[Any, ...], *args: Hashable) -> R:
         """`convert(*objs, *args)`, reused while every one of `objs` is the very same instance."""
-        key = (convert, tuple(map(id, objs)), args)
-        found = self._current.get(key) or self._last.get(key)
-        if found is not None and all(a is b for a, b in zip(found[0], objs, strict=True)):
-            self._current[key] = found
-            self.hits += 1
-            return found[1]  # type: ignore[no-any-return]
-        value = convert(*objs, *args)
-        self._current[key] = (objs, value)  # keeps `objs` alive, so their ids stay theirs
-        self.misses += 1
-        return value
+        return self.keyed(convert, objs, args, lambda: convert(*objs, *args))
 
     def by_value(self, convert: Callable[..., R], *args: Hashable) -> R:
         """`convert(*args)` for hashable, immutable `args`, reused while they are equal."""
@@ -101,6 +91,6 @@ class Conversions:
             self.hits += 1
             return found[1]  # type: ignore[no-any-return]
         value = compute()
-        self._current[key] = (objs, value)
+        self._current[key] = (objs, value)  # keeps `objs` alive, so their ids stay theirs
         self.misses += 1
         return value
