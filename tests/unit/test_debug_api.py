@@ -98,3 +98,12 @@ async def test_config_dump_syncz_and_metrics_for_a_connected_proxy(pilot: Pilot)
         assert "pilot_xds_connected_proxies 1.0" in metrics
         assert 'pilot_xds_acks_total{type="CDS"} 1.0' in metrics and 'pilot_xds_pushes_total{type="CDS"} 1.0' in metrics
     assert (await get(pilot, "/ready"))[0] == 200
+
+
+async def test_memz_says_where_memory_is_and_can_hand_free_memory_back(pilot: Pilot) -> None:
+    status, body = await get(pilot, "/debug/memz?top=5")
+    assert status == 200 and "by type" in body
+    rows = [line for line in body.splitlines()[1:] if line.strip()]
+    assert len(rows) == 5 and all("MiB" in r for r in rows)
+    status, body = await get(pilot, "/debug/memz?top=1&trim=1")
+    assert status == 200 and body.startswith("malloc_trim")
