@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from pilot.api import ApiObject
@@ -31,6 +32,8 @@ class LoadResult:
 
     objects: tuple[ApiObject, ...] = ()
     errors: tuple[DocumentError, ...] = field(default=())
+    # The same objects by store key, when the loader has them at hand (saves asking each again).
+    keyed: Mapping[tuple[str, str, str], ApiObject] | None = field(default=None, compare=False, repr=False)
 
     def __add__(self, other: LoadResult) -> LoadResult:
         return LoadResult(self.objects + other.objects, self.errors + other.errors)
