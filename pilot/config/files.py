@@ -45,19 +45,28 @@ _LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def yaml_files(directory: Path) -> list[Path]:
-    """Every ``*.yaml``/``*.yml`` under ``directory``, recursively, sorted; dotfiles skipped.
+    """Every ``*.yaml``/``*.yml`` under ``directory``, recursively, sorted; dotfiles skipped."""
+    return [Path(path) for _, path in yaml_paths(directory)]
 
-    os.walk rather than Path.rglob: this runs on every reload, and it is ~5x cheaper.
+
+def yaml_paths(directory: Path) -> list[tuple[str, str]]:
+    """(name relative to ``directory``, path) of every YAML file, in `yaml_files` order.
+
+    os.walk and plain strings rather than Path.rglob and Path objects: this runs on every reload
+    (1,000 files at mission scale), and it is several times cheaper.
     """
-    found: list[tuple[tuple[str, ...], Path]] = []
-    for root, dirs, files in os.walk(directory, followlinks=True):
+    top = str(directory)
+    found: list[tuple[tuple[str, ...], str, str]] = []
+    for root, dirs, files in os.walk(top, followlinks=True):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        rel = Path(root).relative_to(directory).parts
+        rel = os.path.relpath(root, top)
+        parts = () if rel == os.curdir else tuple(rel.split(os.sep))
         for name in files:
             path = os.path.join(root, name)
             if name.endswith(SUFFIXES) and not name.startswith(".") and os.path.isfile(path):
-                found.append(((*rel, name), Path(path)))
-    return [path for _, path in sorted(found, key=lambda item: item[0])]
+                found.append(((*parts, name), os.path.join(*parts, name), path))
+    found.sort(key=lambda item: item[0])
+    return [(name, path) for _, name, path in found]
 
 
 def load_dir(path: Path | str) -> LoadResult:
@@ -74,14 +83,15 @@ ParseCache = dict[str, tuple[bytes, list["_Located"], list[DocumentError]]]
 
 
 def load_dir_cached(
-    directory: Path, cache: ParseCache, unchanged: Collection[str] = ()
+    directory: Path, cache: ParseCache, unchanged: Collection[str] = (), paths: list[tuple[str, str]] | None = None,
 ) -> tuple[LoadResult, bool]:
     """`load_dir`, re-parsing only files whose bytes changed since they were put in `cache`.
 
     Returns the result and whether anything differs from what the cache held (a file was
     added, removed or rewritten with other bytes). `cache` is updated in place. Files named in
     `unchanged` (relative names the caller knows were not written since they were cached, by
-    their stat) are not even read: a change to one file of a thousand reads one file.
+    their stat) are not even read: a change to one file of a thousand reads one file. `paths` is
+    the directory's `yaml_paths` when the caller has listed it already.
     """
     if not directory.is_dir():
         return LoadResult(errors=(DocumentError(str(directory), 0, None, None, None, "not a directory"),)), True
@@ -89,11 +99,10 @@ def load_dir_cached(
     errors: list[DocumentError] = []
     names = []
     changed = False
-    for file in yaml_files(directory):
-        name = str(file.relative_to(directory))
+    for name, path in yaml_paths(directory) if paths is None else paths:
         names.append(name)
         cached = cache.get(name)
-        entry = cached if cached is not None and name in unchanged else _parse_file(file, name, cached)
+        entry = cached if cached is not None and name in unchanged else _parse_file(Path(path), name, cached)
         changed = changed or entry is not cache.get(name)
         cache[name] = entry
         located += entry[1]
@@ -190,7 +199,7 @@ def _same_inode(directory: Path, inode: int) -> bool:
         return False
 
 
-def fingerprint(directory: Path) -> tuple[Fingerprint, bool]:
+def fingerprint(directory: Path, paths: list[tuple[str, str]] | None = None) -> tuple[Fingerprint, bool]:
     """What changes when any YAML file is added, removed, rewritten or renamed over.
 
     The flag is True when some file changed so recently that a further write could land
@@ -198,12 +207,14 @@ def fingerprint(directory: Path) -> tuple[Fingerprint, bool]:
     """
     entries = []
     newest = 0
-    for file in yaml_files(directory) if directory.is_dir() else []:
+    if paths is None:
+        paths = yaml_paths(directory) if directory.is_dir() else []
+    for _, path in paths:
         try:
-            st = file.stat()
+            st = os.stat(path)
         except OSError:
             continue
-        entries.append((str(file), st.st_mtime_ns, st.st_size, st.st_ino))
+        entries.append((path, st.st_mtime_ns, st.st_size, st.st_ino))
         newest = max(newest, st.st_mtime_ns)
     racy = time.time_ns() - newest < _RACY_SECONDS * 1e9
     return tuple(entries), racy
@@ -301,7 +312,8 @@ class FileSource:
         After a change the files are read again on every pass while their mtimes are recent
         enough that a second write could hide in the same timestamp tick.
         """
-        seen, racy = fingerprint(self.directory)
+        paths = yaml_paths(self.directory) if self.directory.is_dir() else []
+        seen, racy = fingerprint(self.directory, paths)
         touched = seen != self._seen
         if not touched and self._trusted:
             return None
@@ -309,7 +321,7 @@ class FileSource:
         # changed are parsed again, so re-reading racy files costs a read and a hash; files whose
         # stat is the same as last pass and not recent enough to hide a second write are not read.
         unchanged = _stat_unchanged(self.directory, self._seen or (), seen)
-        loaded, changed = load_dir_cached(self.directory, self._cache, unchanged)
+        loaded, changed = load_dir_cached(self.directory, self._cache, unchanged, paths)
         self._seen, self._trusted = seen, not racy
         if not touched and not changed:
             return None
