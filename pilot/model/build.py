@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import TypeVar
 
 from pilot.api import (
@@ -113,28 +114,41 @@ def _services(
     owners: dict[str, str] = {}
     index = _WorkloadIndex(workloads.values())
     for se in entries:
-        ports = memo.of(_ports, se)
-        endpoints = _endpoints(se, ports, index, memo)
-        for host in se.spec.hosts:
+        selector = se.spec.workload_selector
+        # A service is a function of its ServiceEntry and the workloads its selector may pick:
+        # while all of them are the same objects, it is the same Service (no work, same identity).
+        candidates = tuple(index.candidates(se.metadata.namespace, selector.labels)) if selector else ()
+        by_host = memo.keyed("service-entry", (se, *candidates), (), partial(_entry_services, se, candidates, memo))
+        for host, service in by_host.items():
             if host in services:
                 warnings.append(
                     f"{se.ref}: host {host} is already defined by {owners[host]}; ignored for this host"
                 )
                 continue
             owners[host] = se.ref
-            services[host] = memo.same(("service", host), m.Service(
-                host=host,
-                namespace=se.metadata.namespace,
-                name=se.metadata.name,
-                ports=ports,
-                resolution=se.spec.resolution.value,
-                location=se.spec.location.value,
-                selector=m.frozen_map(se.spec.workload_selector.labels)
-                if se.spec.workload_selector
-                else None,
-                endpoints=endpoints,
-            ))
+            services[host] = service
     return services
+
+
+def _entry_services(
+    se: ServiceEntry, candidates: tuple[m.Workload, ...], memo: Conversions
+) -> dict[str, m.Service]:
+    """The Services of one ServiceEntry (one per host) given the workloads its selector may pick."""
+    ports = memo.of(_ports, se)
+    endpoints = _endpoints(se, ports, candidates, memo)
+    return {
+        host: memo.same(("service", host), m.Service(
+            host=host,
+            namespace=se.metadata.namespace,
+            name=se.metadata.name,
+            ports=ports,
+            resolution=se.spec.resolution.value,
+            location=se.spec.location.value,
+            selector=m.frozen_map(se.spec.workload_selector.labels) if se.spec.workload_selector else None,
+            endpoints=endpoints,
+        ))
+        for host in se.spec.hosts
+    }
 
 
 def _ports(se: ServiceEntry) -> tuple[m.ServicePort, ...]:
@@ -172,13 +186,12 @@ class _WorkloadIndex:
 
 
 def _endpoints(
-    se: ServiceEntry, ports: tuple[m.ServicePort, ...], index: _WorkloadIndex, memo: Conversions
+    se: ServiceEntry, ports: tuple[m.ServicePort, ...], candidates: tuple[m.Workload, ...], memo: Conversions
 ) -> tuple[m.Endpoint, ...]:
     found: list[m.Endpoint] = []
     selector = se.spec.workload_selector
     if selector is not None:
-        ns = se.metadata.namespace
-        for wl in index.candidates(ns, selector.labels):
+        for wl in candidates:
             if wl.address and m.selects(selector.labels, wl.labels):
                 found.append(memo.of(_workload_endpoint, wl, ports))
     found += memo.of(_inline_endpoints, se, ports)
