@@ -56,6 +56,7 @@ class Pilot:
             endpoints_only=endpoints_only,
             generate_endpoints=generate_endpoints,
             release_memory=release_free_memory,
+            carry=carry,
         )
         self.ads = AdsServer(self.cache, self.status)
         self.files = (

@@ -26,6 +26,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Summary
 
+from pilot.model.conversions import Conversions
 from pilot.model.proxy import ProxyClass
 from pilot.xds import typeurls
 from pilot.xds.cache import SnapshotCache
@@ -69,7 +70,7 @@ class Pusher:
                  metrics: PushMetrics, debounce: float = 0.1, debounce_max: float = 1.0,
                  endpoint_debounce: float = 0.01, endpoints_only: EndpointsOnly | None = None,
                  generate_endpoints: GenerateEndpoints | None = None, slice_seconds: float = 0.01,
-                 release_memory: Callable[[], object] | None = None) -> None:
+                 release_memory: Callable[[], object] | None = None, carry: Conversions | None = None) -> None:
         """`endpoints_only(old_mesh, new_mesh)` and `generate_endpoints(mesh, proxy)` enable the EDS
         fast path: when only endpoints moved, classes get new EDS and keep their other types."""
         self.store = store
@@ -86,6 +87,9 @@ class Pusher:
         self.slice = slice_seconds  # longest stretch of publishing between two yields to the event loop
         self.serializer = Serializer()  # each message serialized once while it lives, each part once per mesh
         # Called a second after a push settles, to give the memory it freed back to the OS.
+        # What generators carry across mesh versions (the one `build_mesh` hands them); a push ends
+        # its generation, so what no class asked for any more is let go.
+        self.carry = carry
         self.release_memory = release_memory
         self.release_delay = 1.0
         self._release: asyncio.TimerHandle | None = None
@@ -143,6 +147,9 @@ class Pusher:
                 yield
                 deadline = time.perf_counter() + self.slice
         self.cache.drop_unwatched()
+        self.serializer.advance(complete=not eds_only)
+        if self.carry is not None:
+            self.carry.advance(complete=not eds_only)
         done = time.perf_counter()
         self.metrics.push_seconds.observe(done - started)
         log.info("revision %d: mesh built in %.1f ms, %d classes %s in %.1f ms", revision, (built - started) * 1000,

@@ -51,12 +51,11 @@ def build_mesh(
 
     `conversions` carries per-object conversions over from the previous build (pilot keeps
     one), and unchanged services keep their identity; `carry` is handed to the generators
-    (`MeshSnapshot.carry`). The result is the same without either.
+    (`MeshSnapshot.carry`; its generations are the pusher's to end). The result is the same
+    without either.
     """
     memo = Conversions() if conversions is None else conversions
     memo.next_build()
-    if carry is not None:
-        carry.next_build()  # what the generators carried for the previous mesh stays reusable
     by_kind: dict[type[ApiObject], list[ApiObject]] = {}
     for obj in objects:
         by_kind.setdefault(type(obj), []).append(obj)

@@ -27,6 +27,7 @@ class Conversions:
         self._current: dict[Key, tuple[Any, Any]] = {}
         self.hits = 0
         self.misses = 0
+        self._complete_size = 0  # entries a complete generation used, last time
 
     def __len__(self) -> int:
         return len(self._current.keys() | self._last.keys())
@@ -35,6 +36,17 @@ class Conversions:
         """Start a build: what the previous build used stays available, anything older goes."""
         if self._current:
             self._last, self._current = self._current, {}
+
+    def advance(self, complete: bool) -> None:
+        """End a generation. `complete`: everything still needed was asked for since the last one
+        (a full push), so what was not can go. A partial one (the EDS fast path asks for endpoints
+        only) keeps everything, unless what it added has grown past twice a complete generation:
+        memory stays bounded under endless endpoint churn, at the price of a full rebuild then."""
+        if complete:
+            self._complete_size = len(self._current)
+            self.next_build()
+        elif len(self._current) > 2 * max(self._complete_size, 1024):
+            self.next_build()
 
     def of(self, convert: Callable[..., R], obj: Any, *args: Hashable) -> R:
         """`convert(obj, *args)`, or its result from an earlier call with this very `obj` and equal `args`."""

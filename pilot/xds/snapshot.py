@@ -131,7 +131,10 @@ class Serializer:
         """A new mesh version: parts are new objects now; serialized messages stay reusable."""
         self._sets = {}
         self._views = {}
-        self._resources.next_build()
+
+    def advance(self, complete: bool) -> None:
+        """A push is done: see `Conversions.advance` (a complete push lets go of what it did not use)."""
+        self._resources.advance(complete)
 
     def view_of(self, sets: tuple[ResourceSet, ...]) -> View:
         """One composite view per combination of sets (per mesh version): classes whose parts are

@@ -62,7 +62,7 @@ class Mesh:
         self.pusher = Pusher(
             self.store, self.cache, lambda objs: build_mesh(objs, "cluster.local", conversions, carry),
             generate_parts, self.metrics, endpoints_only=endpoints_only, generate_endpoints=generate_endpoints,
-            slice_seconds=slice_seconds)
+            slice_seconds=slice_seconds, carry=carry)
         self.classes = [workload_class(i) for i in range(classes)]
         self._watching = ExitStack()
         for key in self.classes:
@@ -143,6 +143,31 @@ def test_a_route_change_regenerates_only_the_routes_of_its_hosts(
         for type_url in (CLUSTER, ENDPOINT, LISTENER):
             assert new.version(type_url) == old.version(type_url)
             assert all(new.of(type_url)[n] is r for n, r in old.of(type_url).items())  # same bytes, same objects
+
+
+def test_endpoint_changes_keep_what_the_next_route_change_reuses(mesh: Mesh) -> None:
+    """The EDS fast path asks only for endpoints; that must not make the carried clusters and
+    routes look unused, or the next rule change would regenerate and serialize everything."""
+    for i in range(3):
+        mesh.edit("endpoint", i)
+        mesh.pusher.rebuild()
+    serialized: list[tuple[str, str]] = []
+    real = Resource.from_message.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[Resource], type_url: str, name: str, message: Any) -> Resource:
+        serialized.append((type_url, name))
+        return real(cls, type_url, name, message)  # type: ignore[no-any-return]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Resource, "from_message", classmethod(counting))
+        mesh.edit("route", 4)
+        mesh.pusher.rebuild()
+    # The route configuration, and the clusters of the three services whose endpoints moved (their
+    # Service objects changed, so their clusters are generated once more; same bytes, new objects).
+    moved = {mesh.config.services[i].host for i in range(3)}
+    assert (ROUTE, "outbound") in serialized
+    clusters = [n for t, n in serialized if t == CLUSTER]
+    assert len(serialized) == 1 + len(clusters) and {n.split("|")[3] for n in clusters} == moved
 
 
 def test_an_endpoint_change_touches_no_cluster_listener_or_route(
