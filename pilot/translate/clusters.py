@@ -13,7 +13,7 @@ from pilot.translate import names
 from pilot.translate.common import ads_config_source, lb_endpoint
 from pilot.translate.memo import carried
 from pilot.translate.policy import apply_connection_limits, apply_traffic_policy, set_http_options
-from pilot.translate.scope import InboundPort, ProxyView
+from pilot.translate.scope import InboundPort
 
 Cluster = cluster_pb2.Cluster
 
@@ -92,10 +92,6 @@ def _dns_assignment(name: str, service: Service, port: ServicePort) -> Any:
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
     cla.endpoints.add().lb_endpoints.extend(lb_endpoint(h, p, w) for h, p, w in sorted(targets))
     return cla
-
-
-def inbound_clusters(view: ProxyView) -> dict[str, Any]:
-    return inbound_clusters_for(view.inbound)
 
 
 def inbound_clusters_for(inbound: tuple[InboundPort, ...]) -> dict[str, Any]:

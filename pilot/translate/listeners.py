@@ -16,10 +16,10 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
 from pilot.translate import names
 from pilot.translate.common import address, ads_config_source
-from pilot.translate.passthrough import allow_any, passthrough_filter
+from pilot.translate.passthrough import passthrough_filter
 from pilot.translate.route_policies import route_http_filters
 from pilot.translate.routes import inbound_route_config
-from pilot.translate.scope import InboundPort, ProxyView
+from pilot.translate.scope import InboundPort
 
 
 def router_filter() -> Any:
@@ -39,10 +39,6 @@ def _hcm_filter(hcm: Any) -> Any:
     flt = lc.Filter(name=names.HCM_FILTER)
     flt.typed_config.Pack(hcm)
     return flt
-
-
-def outbound_listener(view: ProxyView) -> Any:
-    return _outbound_listener(view.bind_address, allow_any(view))
 
 
 def _outbound_listener(bind: str, passthrough: bool) -> Any:
@@ -66,10 +62,6 @@ def inbound_listener(bind: str, port: InboundPort) -> Any:
     flt = lc.Filter(name=names.TCP_PROXY_FILTER)
     flt.typed_config.Pack(tcp)
     return _listener(bind, port.port, flt)
-
-
-def sidecar_listeners(view: ProxyView) -> dict[str, Any]:
-    return sidecar_listeners_for(view.bind_address, view.inbound, allow_any(view))
 
 
 def sidecar_listeners_for(bind: str, inbound: tuple[InboundPort, ...], passthrough: bool) -> dict[str, Any]:

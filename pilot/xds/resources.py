@@ -55,8 +55,6 @@ def version_of(resources: Mapping[str, Resource]) -> str:
     return version_of_total(sum(r.tag for r in resources.values()))
 
 
-EMPTY_VERSION = version_of_total(0)
-
 
 @dataclass(frozen=True, eq=False)
 class Resource:

@@ -60,14 +60,6 @@ class Snapshot:
         found: Resource | None = self.of(typeurls.CLUSTER).get(cluster)
         return found.refs[0] if found is not None and found.refs else None
 
-    @property
-    def eds_refs(self) -> frozenset[str]:
-        return self.of(typeurls.CLUSTER).refs()
-
-    @property
-    def rds_refs(self) -> frozenset[str]:
-        return self.of(typeurls.LISTENER).refs()
-
     def consistency_errors(self) -> list[str]:
         """What would make Envoy wait forever or reject: references to names that do not exist.
 

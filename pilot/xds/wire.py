@@ -68,9 +68,3 @@ def names_region(raw: bytes, type_fields: Mapping[bytes, str]) -> tuple[int, int
         if at >= 0:
             return start, at + len(encoded), type_url
     return None
-
-
-def request_names_key(raw: bytes, type_fields: Mapping[bytes, str]) -> bytes | None:
-    """The bytes of `names_region` (see there), or None."""
-    found = names_region(raw, type_fields)
-    return None if found is None else raw[found[0]:found[1]]

@@ -35,7 +35,7 @@ from pilot.xds.snapshot import Snapshot
 from pilot.xds.sotw import TYPE_FIELDS, SotwSession
 from pilot.xds.status import StatusRegistry, XdsMetrics
 from pilot.xds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from pilot.xds.wire import request_names_key
+from pilot.xds.wire import names_region
 from tests.conformance.builders import snapshot
 
 SERVICES = 12
@@ -280,6 +280,11 @@ def test_publishing_many_classes_yields_to_the_event_loop(tmp_path: Path) -> Non
     assert len(published) == 2000
     during = {n for n in probe_saw if 0 < n < 2000}
     assert len(during) > 100  # the probe ran between publications, again and again
+
+
+def request_names_key(raw: bytes, type_fields: dict[bytes, str]) -> bytes | None:
+    found = names_region(raw, type_fields)
+    return None if found is None else raw[found[0]:found[1]]
 
 
 def test_the_names_of_an_ack_are_compared_as_bytes() -> None:
