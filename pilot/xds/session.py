@@ -1,8 +1,13 @@
 """What SotW and delta sessions share: nonces, ACK/NACK bookkeeping, the view of a type.
 
-A session is a pure state machine: `handle(request)` updates it and `responses(snapshot)`
-returns the encoded responses to send now, in push order, removals last. The ADS server
-owns all I/O; sessions never await anything, so they are tested without gRPC.
+A session is a pure state machine: `handle(request)` (or `handle_wire(bytes)`) updates it and
+`responses(snapshot)` returns the encoded responses to send now, in push order, removals last.
+The ADS server owns all I/O; sessions never await anything, so they are tested without gRPC.
+
+Cost: what streams have in common lives in `Subscriptions` (interned name sets, the wire form of
+name lists, the nonce source of shared responses) and on the shared views themselves (responses
+encoded once for every stream taking the same step), so a stream's own state stays a few small
+objects and references whatever the size of the mesh.
 """
 
 from __future__ import annotations
