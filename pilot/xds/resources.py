@@ -36,6 +36,14 @@ _RESOURCES_FIELD = 2
 _MEMO_LIMIT = 16
 
 
+def _remember(memo: dict[Any, Any], key: Any, value: Any) -> Any:
+    """Store `value` in a small memo and return it; a full memo starts over (bounded memory)."""
+    if len(memo) >= _MEMO_LIMIT:
+        memo.clear()
+    memo[key] = value
+    return value
+
+
 def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
@@ -181,15 +189,14 @@ class View(Mapping[str, Resource]):
         if names is None:
             return self
         found = self._subviews.get(id(names))
-        if found is not None and found[0] is names:
-            return self if found[1] is None else found[1]
+        if found is None or found[0] is not names:  # the entry keeps `names` alive: ids stay theirs
+            found = _remember(self._subviews, id(names), (names, self._narrowed(names)))
+        return self if found[1] is None else found[1]
+
+    def _narrowed(self, names: frozenset[str]) -> View | None:
+        """This view restricted to `names`; None when that is all of it."""
         picked = tuple(p.view(names) for p in self.parts)
-        whole = all(a is b for a, b in zip(picked, self.parts, strict=True))
-        if len(self._subviews) >= _MEMO_LIMIT:
-            self._subviews.clear()
-        result = None if whole else View(picked)
-        self._subviews[id(names)] = (names, result)
-        return self if result is None else result
+        return None if all(a is b for a, b in zip(picked, self.parts, strict=True)) else View(picked)
 
     def changes_from(self, held: Mapping[str, Resource], held_version: str) -> Mapping[str, Resource]:
         """Resources of this view whose version differs from what a proxy holds.
@@ -222,13 +229,10 @@ class View(Mapping[str, Resource]):
     def holds_exactly(self, names: frozenset[str]) -> bool:
         """Whether this view's names are exactly `names`; memoized per names object (shared refs)."""
         found = self._exact.get(id(names))
-        if found is not None and found[0] is names:
-            return found[1]
-        result = len(self) == len(names) and all(n in self for n in names)
-        if len(self._exact) >= _MEMO_LIMIT:
-            self._exact.clear()
-        self._exact[id(names)] = (names, result)
-        return result
+        if found is None or found[0] is not names:
+            exact = len(self) == len(names) and all(n in self for n in names)
+            found = _remember(self._exact, id(names), (names, exact))
+        return bool(found[1])
 
     def sotw_body(self) -> bytes:
         """Every resource as DiscoveryResponse.resources entries, sorted by name within each part."""
@@ -286,40 +290,29 @@ class ResourceSet(View):
         return len(self.by_name)
 
     def view(self, names: frozenset[str] | None) -> ResourceSet:
-        if names is None:
-            return self
-        found = self._subviews.get(id(names))
-        if found is not None and found[0] is names:
-            return self if found[1] is None else cast(ResourceSet, found[1])  # a set's memo holds only sets
+        return cast(ResourceSet, super().view(names))  # a set narrows to sets (`_narrowed`)
+
+    def _narrowed(self, names: frozenset[str]) -> ResourceSet | None:
         by_name = self.by_name
-        result = None
-        if len(names) < len(by_name) or not names.issuperset(by_name):
-            result = ResourceSet(self.type_url, [by_name[n] for n in sorted(names) if n in by_name])
-        if len(self._subviews) >= _MEMO_LIMIT:
-            self._subviews.clear()
-        self._subviews[id(names)] = (names, result)
-        return self if result is None else result
+        if len(names) >= len(by_name) and names.issuperset(by_name):
+            return None
+        return ResourceSet(self.type_url, [by_name[n] for n in sorted(names) if n in by_name])
 
     def changed_since(self, old: ResourceSet) -> Mapping[str, Resource]:
         """Resources new or changed since `old` (by content version); memoized per old version."""
         found = self._diffs.get(old.version)
         if found is None:
             before = old.by_name
-            found = {n: r for n, r in self.by_name.items()
-                     if (o := before.get(n)) is not r and (o is None or o.version != r.version)}
-            if len(self._diffs) >= _MEMO_LIMIT:
-                self._diffs.clear()
-            self._diffs[old.version] = found
+            found = _remember(self._diffs, old.version, {
+                n: r for n, r in self.by_name.items()
+                if (o := before.get(n)) is not r and (o is None or o.version != r.version)})
         return found
 
     def removed_since(self, old: ResourceSet) -> list[str]:
         """Names `old` had and this set has not; memoized per old version."""
         found = self._removed.get(old.version)
         if found is None:
-            found = sorted(old.by_name.keys() - self.by_name.keys())
-            if len(self._removed) >= _MEMO_LIMIT:
-                self._removed.clear()
-            self._removed[old.version] = found
+            found = _remember(self._removed, old.version, sorted(old.by_name.keys() - self.by_name.keys()))
         return found
 
     def sotw_body(self) -> bytes:
