@@ -86,10 +86,10 @@ class Pusher:
         self.mesh: Any = None
         self.slice = slice_seconds  # longest stretch of publishing between two yields to the event loop
         self.serializer = Serializer()  # each message serialized once while it lives, each part once per mesh
-        # Called a second after a push settles, to give the memory it freed back to the OS.
         # What generators carry across mesh versions (the one `build_mesh` hands them); a push ends
         # its generation, so what no class asked for any more is let go.
         self.carry = carry
+        # Called a second after a push settles, to give the memory it freed back to the OS.
         self.release_memory = release_memory
         self.release_delay = 1.0
         self._release: asyncio.TimerHandle | None = None
@@ -123,7 +123,7 @@ class Pusher:
         started = time.perf_counter()
         # A touch (kinds unknown) is an operator asking for a rebuild: never the fast path then.
         known_kinds = self.store.kinds_changed_since(self.built_revision) is not None
-        return started, self.store.revision, list(self.store.objects()), known_kinds
+        return started, self.store.revision, self.store.objects(), known_kinds
 
     def _build(self, objects: list[Any], old: Any, known_kinds: bool) -> tuple[Any, bool]:
         """The new mesh, and whether it differs from `old` in endpoints only. Pure: may run in a thread."""
@@ -222,9 +222,8 @@ class Pusher:
             self._release_later()
 
     def _release_later(self) -> None:
-        """Release freed memory once streams have written this push (coalesced: one pending call)."""
-        if self.release_memory is None:
-            return
+        """Once streams have written this push, drop the responses kept for sharing and release freed
+        memory (coalesced: one pending call)."""
         if self._release is not None:
             self._release.cancel()
         try:
