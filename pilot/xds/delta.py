@@ -51,10 +51,6 @@ class DeltaSession(SessionBase[_DeltaType]):
     def parse(raw: bytes) -> Any:
         return discovery_pb2.DeltaDiscoveryRequest.FromString(raw)
 
-    def handle_wire(self, raw: bytes) -> bool:
-        """`handle` for a request as received (delta ACKs carry no names: nothing to save)."""
-        return self.handle(self.parse(raw), raw)
-
     def handle(self, request: Any, wire: bytes | None = None) -> bool:
         """Apply a request; True if it may call for a response (False for a plain ACK)."""
         type_url: str = request.type_url
