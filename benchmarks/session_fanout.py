@@ -28,20 +28,22 @@ from benchmarks import meshgen
 from pilot.config import load_dir
 from pilot.model.build import build_mesh
 from pilot.model.proxy import ProxyClass, ProxyIdentity, ProxyKind
-from pilot.translate.generate import generate
+from pilot.translate.generate import generate_parts
 from pilot.xds import typeurls
 from pilot.xds.delta import DeltaSession
 from pilot.xds.session import SessionBase, Subscriptions
-from pilot.xds.snapshot import Snapshot
+from pilot.xds.snapshot import Serializer, Snapshot
 from pilot.xds.sotw import SotwSession
 from pilot.xds.status import StatusRegistry, XdsMetrics
 
 PROXY = ProxyClass(ProxyKind.SIDECAR, "team-0", (("app", "loadgen"),))
 
 
-def snapshot_of(directory: Path) -> Snapshot:
+def snapshot_of(directory: Path, serializer: Serializer) -> Snapshot:
+    """The class's snapshot as pilot publishes it: shared parts, serialized through one `Serializer`."""
     mesh = build_mesh(load_dir(directory).objects)
-    return Snapshot.from_resources(generate(mesh, PROXY))
+    serializer.next_mesh()
+    return Snapshot.from_parts(generate_parts(mesh, PROXY), serializer)
 
 
 def _names(snapshot: Snapshot, type_url: str) -> list[str]:
@@ -84,7 +86,8 @@ class Fleet:
         self.push(snapshot)
 
     def push(self, snapshot: Snapshot) -> int:
-        """Every session answers `snapshot` and handles the ACKs; returns the responses sent."""
+        """Every session answers `snapshot` and handles the ACKs as received bytes (as the server
+        does: `handle_wire`); returns the responses sent."""
         sent = 0
         for session in self.sessions:
             responses = session.responses(snapshot)
@@ -92,7 +95,7 @@ class Fleet:
             for type_url, nonce in _nonces(responses, self.delta):
                 ack = (_delta_request(snapshot, type_url, nonce) if self.delta
                        else _sotw_requests(snapshot, type_url, nonce))
-                session.handle(ack)
+                session.handle_wire(ack.SerializeToString())
         return sent
 
 
@@ -112,7 +115,7 @@ def _floor(delta: bool, streams: int, before: Snapshot, after: Snapshot) -> floa
         for _ in range(streams):
             b"".join(responses)
             for type_url, nonce in _nonces(responses, delta):
-                make(after, type_url, nonce)
+                make(after, type_url, nonce).SerializeToString()
 
     return _timed(run) / streams
 
@@ -137,15 +140,16 @@ def main(streams: int, rounds: int, services: int) -> None:
     """Microseconds of pilot session work per stream and push (lower is better)."""
     with tempfile.TemporaryDirectory() as tmp:
         config = meshgen.generate(Path(tmp), services=services)
-        before = snapshot_of(config.directory)
+        serializer = Serializer()
+        before = snapshot_of(config.directory, serializer)
         changes: dict[str, list[Snapshot]] = {"endpoint": [], "route": []}
         for i in range(rounds):
             config.endpoint_change(i * 7 + 3)
             config.write_service(i * 7 + 3)
-            changes["endpoint"].append(snapshot_of(config.directory))
+            changes["endpoint"].append(snapshot_of(config.directory, serializer))
             config.route_change(i * 7)
             config.write_service(i * 7)
-            changes["route"].append(snapshot_of(config.directory))
+            changes["route"].append(snapshot_of(config.directory, serializer))
     print(f"{streams} streams, {services} services: session logic in microseconds per stream and push "
           f"(median of {rounds}; the harness's own parsing and ACK building subtracted)")
     for protocol in ("sotw", "delta"):

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Summary
 
@@ -54,6 +54,9 @@ class PushMetrics:
             "pilot_eds_only_pushes", "classes updated by the EDS fast path (other types kept)", registry=registry)
         self.endpoint_fast_pushes = Counter(
             "pilot_endpoint_fast_pushes", "pushes of endpoint-only changes that skipped the full debounce",
+            registry=registry)
+        self.early_builds = Counter(
+            "pilot_early_builds", "pushes whose mesh was built while the debounce let changes settle",
             registry=registry)
         self.push_seconds = Histogram(
             "pilot_push_seconds", "time to build the mesh and publish every watched class", registry=registry)
@@ -111,13 +114,38 @@ class Pusher:
         for _ in self._publish_all(started, revision, mesh, eds_only):
             pass
 
-    async def rebuild_yielding(self) -> None:
+    async def rebuild_yielding(self, early: _EarlyBuild | None = None) -> None:
         """`rebuild` without holding the event loop: the mesh is built in a worker thread (a pure
-        function of the store's objects), then publishing yields every `slice` seconds."""
-        started, revision, objects, known_kinds = self._prepare()
-        mesh, eds_only = await asyncio.to_thread(self._build, objects, self.mesh, known_kinds)
-        for _ in self._publish_all(started, revision, mesh, eds_only):
+        function of the store's objects), then publishing yields every `slice` seconds.
+
+        `early` is a build started while the changes settled (`_build_early`): used when the
+        store has not moved since it started, otherwise waited for (builds never overlap, as
+        they share the conversion memos) and replaced."""
+        built: tuple[Any, bool] | None = None
+        if early is not None:
+            began = time.perf_counter()  # the push's latency runs from the end of the debounce
+            try:
+                result = await early.task
+            except Exception:  # the build below fails the same way, where it is reported
+                result = None
+            if result is not None and early.revision == self.store.revision:
+                self.metrics.early_builds.inc()
+                started, revision, built = began, early.revision, result
+        if built is None:
+            started, revision, objects, known_kinds = self._prepare()
+            built = await asyncio.to_thread(self._build, objects, self.mesh, known_kinds)
+        for _ in self._publish_all(started, revision, *built):
             await asyncio.sleep(0)
+
+    def _build_early(self) -> _EarlyBuild:
+        """Start building the mesh now, in a worker thread, while the debounce lets changes settle.
+
+        The debounce (100 ms by default) exists to batch bursts of edits, not to delay a lone one:
+        building during it takes the build (~100 ms at 1,000 services) off a change's latency.
+        It costs one wasted build when more changes arrive meanwhile (at most one per settle)."""
+        _, revision, objects, known_kinds = self._prepare()
+        task = asyncio.ensure_future(asyncio.to_thread(self._build, objects, self.mesh, known_kinds))
+        return _EarlyBuild(revision, task)
 
     def _prepare(self) -> tuple[float, int, list[Any], bool]:
         started = time.perf_counter()
@@ -217,8 +245,9 @@ class Pusher:
         self._release_later()
         while True:
             revision = await self.store.wait_for_change(revision)
+            early = self._build_early()
             revision = await self._settle(revision)
-            await self.rebuild_yielding()
+            await self.rebuild_yielding(early)
             self._release_later()
 
     def _release_later(self) -> None:
@@ -257,6 +286,13 @@ class Pusher:
                     self.metrics.endpoint_fast_pushes.inc()
                 break
         return revision
+
+
+class _EarlyBuild(NamedTuple):
+    """A mesh build started before the debounce ended: `task` gives (mesh, endpoints only)."""
+
+    revision: int
+    task: asyncio.Future[tuple[Any, bool]]
 
 
 def _as_parts(resources: ProxyResources | ProxyParts) -> ProxyParts:

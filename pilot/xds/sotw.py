@@ -82,13 +82,14 @@ class SotwSession(SessionBase[_TypeState]):
     def handle_wire(self, raw: bytes) -> bool:
         """`handle` for a request as received. An ACK repeating this stream's names (the usual
         request, and at mission scale 100 KB of EDS names) is recognised by comparing those bytes
-        with the ones the stream sent last (memcmp), and only the few other fields are decoded."""
+        with the ones the stream sent last (`bytes.startswith` at an offset: a memcmp without a copy;
+        comparing through a memoryview goes byte by byte, 100x slower), and only the few other fields are decoded."""
         region = names_region(raw, TYPE_FIELDS)
         if region is not None:
             start, end, type_url = region
             state = self.types.get(type_url)
             key = state.requested_key if state is not None else None
-            if key is not None and len(key) == end - start and memoryview(raw)[start:end] == key:
+            if key is not None and len(key) == end - start and raw.startswith(key, start):
                 rest = discovery_pb2.DiscoveryRequest.FromString(raw[:start] + raw[end:])
                 if not rest.resource_names and not rest.type_url:  # nothing outside the region adds names
                     rest.type_url = type_url

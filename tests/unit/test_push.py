@@ -133,3 +133,47 @@ async def test_memory_is_released_once_after_a_burst_of_pushes() -> None:
         await asyncio.sleep(0.5)
         task.cancel()
     assert released == [store.revision]  # once, after the last push
+
+
+async def test_the_mesh_is_built_while_a_change_settles_and_used_only_if_nothing_came_after() -> None:
+    """The early build takes the build off a lone change's latency; a change arriving during the
+    debounce makes it stale, and the push then carries that later change, not the early mesh."""
+    store, cache = ConfigStore(), SnapshotCache()
+    built_from: list[int] = []
+
+    def counting_build(objects: Any) -> Any:
+        built_from.append(len(objects))
+        return build_mesh(objects)
+
+    metrics = PushMetrics(CollectorRegistry())
+    pusher = Pusher(store, cache, counting_build, generate, metrics, debounce=0.3, endpoint_debounce=0.3)
+    objects = _objects()
+    store.replace_source("f", objects)
+    with cache.watch(KEY):
+        task = asyncio.create_task(pusher.run())
+        await asyncio.wait_for(pusher.ready.wait(), 5)
+        start = cache.get(KEY)
+        assert start is not None
+
+        # A lone change: built once, during the debounce, and that build is the one published.
+        revision = store.revision
+        builds = len(built_from)
+        store.replace_source("f", _moved(objects, "VirtualService"))
+        await asyncio.sleep(0.15)  # still settling: the build has already run
+        assert len(built_from) == builds + 1 and pusher.built_revision < revision + 1
+        await asyncio.wait_for(pusher.wait_built(revision + 1), 5)
+        assert len(built_from) == builds + 1 and metrics.early_builds._value.get() == 1
+        lone = cache.get(KEY)
+        assert lone is not None and lone.version(ROUTE) != start.version(ROUTE)
+
+        # A second change during the debounce: the early build is stale, the push has both changes.
+        revision = store.revision
+        store.replace_source("f", _moved(_moved(objects, "VirtualService"), "WorkloadEntry"))
+        await asyncio.sleep(0.1)
+        store.replace_source("f", objects)  # back to the start
+        await asyncio.wait_for(pusher.wait_built(revision + 2), 5)
+        task.cancel()
+    final = cache.get(KEY)
+    assert metrics.early_builds._value.get() == 1  # the stale early build was not used
+    assert final is not None and final.version(ROUTE) == start.version(ROUTE)
+    assert final.version(ENDPOINT) == start.version(ENDPOINT)
