@@ -7,7 +7,7 @@ reference is reported in ``MeshSnapshot.warnings``; nothing is dropped silently.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from typing import TypeVar
@@ -25,7 +25,7 @@ from pilot.api import (
 from pilot.api.service_entry import ServicePort as ApiServicePort
 from pilot.model import convert_routes
 from pilot.model import mesh as m
-from pilot.model.build_scoping import ScopeInputs, build_scoping, oldest_merged_rules
+from pilot.model.build_scoping import ScopeInputs, build_scoping, gateway_server_conflicts, oldest_merged_rules
 from pilot.model.conversions import Conversions
 from pilot.model.delegates import resolve_delegates
 from pilot.model.local_ports import local_port_warnings
@@ -33,6 +33,7 @@ from pilot.model.local_ports import local_port_warnings
 MESH_GATEWAY = "mesh"
 _LATEST = datetime.max.replace(tzinfo=UTC)
 T = TypeVar("T", bound=ApiObject)
+R = TypeVar("R")
 
 
 def precedence(obj: ApiObject) -> tuple[datetime, str, str]:
@@ -59,32 +60,91 @@ def build_mesh(
     by_kind: dict[type[ApiObject], list[ApiObject]] = {}
     for obj in objects:
         by_kind.setdefault(type(obj), []).append(obj)
-    entries, dest_rules = _of(by_kind, ServiceEntry), _of(by_kind, DestinationRule)
-    warnings: list[str] = []
-    virtual_services = resolve_delegates(_of(by_kind, VirtualService), warnings)
-    workloads = _workloads(_of(by_kind, WorkloadEntry), memo)
-    services = _services(entries, workloads, warnings, memo)
-    routing = _virtual_services(virtual_services, cluster_domain, warnings, memo)
-    scope_inputs = ScopeInputs(entries, dest_rules, virtual_services, _of(by_kind, Gateway), _of(by_kind, Sidecar))
-    scoping = build_scoping(scope_inputs, workloads, cluster_domain, warnings, memo)
-    rules = oldest_merged_rules(scoping)  # the base view, with same-namespace rules merged as Istio does
-    warnings += _dangling_references(routing, services, rules)
-    warnings += local_port_warnings(services)
+    # Each pass is a stage (`Conversions.stage`): skipped while its inputs are the same objects.
+    entries, dest_rules = _of(memo, by_kind, ServiceEntry), _of(memo, by_kind, DestinationRule)
+    gateways, sidecars = _of(memo, by_kind, Gateway), _of(memo, by_kind, Sidecar)
+    all_routes = _of(memo, by_kind, VirtualService)
+    virtual_services, delegate_warnings = memo.stage(
+        "delegates", all_routes, (), lambda _: _warned(partial(resolve_delegates, list(all_routes))))
+    workloads = _workloads_stage(memo, _of(memo, by_kind, WorkloadEntry))
+    services, service_warnings = _services_stage(memo, entries, workloads)
+    routing, routing_warnings = memo.stage(
+        "routing", tuple(virtual_services), (cluster_domain,),
+        lambda sub: _warned(lambda w: _virtual_services(virtual_services, cluster_domain, w, sub)))
+    scope_inputs = ScopeInputs(list(entries), list(dest_rules), virtual_services, list(gateways), list(sidecars))
+    scoping, scoping_warnings = memo.stage(
+        "scoping", (*entries, *dest_rules, *virtual_services, *gateways, *sidecars), (cluster_domain,),
+        lambda sub: _warned(lambda w: build_scoping(scope_inputs, cluster_domain, w, sub)))
+    # The base view, with same-namespace rules merged as Istio does.
+    rules = memo.stage("rules", (scoping,), (), lambda _: oldest_merged_rules(scoping))
+    warnings = [*delegate_warnings, *service_warnings, *routing_warnings, *scoping_warnings]
+    warnings += memo.stage("gateway-conflicts", (scoping, workloads), (),
+                           lambda _: gateway_server_conflicts(scoping.gateways, workloads))
+    warnings += memo.stage("dangling", (routing, services, rules), (),
+                           lambda _: _dangling_references(routing, services, rules))
+    warnings += memo.stage("local-ports", (services,), (), lambda _: local_port_warnings(services))
     return m.MeshSnapshot(
         cluster_domain=cluster_domain,
-        services=m.frozen_map(services),
-        workloads=m.frozen_map(workloads),
-        destination_rules=m.frozen_map(rules),
-        virtual_services=m.frozen_map(routing),
-        sidecars=_sidecars(scope_inputs.sidecars),
+        services=memo.stage("frozen-services", (services,), (), lambda _: m.frozen_map(services)),
+        workloads=memo.stage("frozen-workloads", (workloads,), (), lambda _: m.frozen_map(workloads)),
+        destination_rules=memo.stage("frozen-rules", (rules,), (), lambda _: m.frozen_map(rules)),
+        virtual_services=memo.stage("frozen-routing", (routing,), (), lambda _: m.frozen_map(routing)),
+        sidecars=memo.stage("sidecars", sidecars, (), lambda _: _sidecars(sidecars)),
         scoping=scoping,
         warnings=tuple(warnings),
         carry=carry,
     )
 
 
-def _of(by_kind: Mapping[type[ApiObject], list[ApiObject]], cls: type[T]) -> list[T]:
-    return sorted(by_kind.get(cls, ()), key=precedence)  # type: ignore[arg-type]
+def _warned(compute: Callable[[list[str]], R]) -> tuple[R, tuple[str, ...]]:
+    """`compute(warnings)` and the warnings it added, so a stage's result carries its warnings."""
+    warnings: list[str] = []
+    return compute(warnings), tuple(warnings)
+
+
+def _workloads_stage(memo: Conversions, entries: tuple[WorkloadEntry, ...]) -> dict[tuple[str, str], m.Workload]:
+    """The workloads by (namespace, name); when a few entries were replaced in place (an endpoint
+    change), the last result patched: O(entries) identity checks instead of a conversion pass."""
+    last = memo.stage_last("workloads")
+    if last is not None:
+        sub, before, value = last
+        if len(before) == len(entries):
+            changed = [i for i, (a, b) in enumerate(zip(before, entries, strict=True)) if a is not b]
+            if not changed:
+                return value  # type: ignore[no-any-return]
+            # Bounded: patching only adds conversions, so past twice the entries a full pass runs.
+            if len(changed) <= max(len(entries) // 8, 1) and len(sub) < 2 * len(entries) + 64 and all(
+                    _key(before[i]) == _key(entries[i]) for i in changed):
+                patched = dict(value)
+                for i in changed:
+                    patched[_key(entries[i])] = sub.of(_workload, entries[i])
+                memo.stage_store("workloads", sub, entries, (), patched)
+                return patched
+    return memo.stage("workloads", entries, (), lambda sub: _workloads(list(entries), sub))
+
+
+def _key(e: ApiObject) -> tuple[str, str]:
+    return (e.metadata.namespace, e.metadata.name)
+
+
+def _of(memo: Conversions, by_kind: Mapping[type[ApiObject], list[ApiObject]], cls: type[T]) -> tuple[T, ...]:
+    """The objects of one kind in precedence order: sorted again only when they changed, and when
+    a few were replaced by objects of equal precedence (an edit), the last order patched."""
+    found = tuple(by_kind.get(cls, ()))
+    tag = ("by-precedence", cls)
+    last = memo.stage_last(tag)
+    if last is not None and len(last[1]) == len(found):
+        sub, before, ordered = last
+        changed = [i for i, (a, b) in enumerate(zip(before, found, strict=True)) if a is not b]
+        if changed and len(changed) <= max(len(found) // 8, 1) and all(
+                precedence(before[i]) == precedence(found[i]) for i in changed):
+            position = {id(obj): n for n, obj in enumerate(ordered)}
+            patched = list(ordered)
+            for i in changed:
+                patched[position[id(before[i])]] = found[i]
+            memo.stage_store(tag, sub, found, (), tuple(patched))
+            return tuple(patched)
+    return memo.stage(tag, found, (), lambda _: tuple(sorted(found, key=precedence)))  # type: ignore[arg-type]
 
 
 def _workload(e: WorkloadEntry) -> m.Workload:
@@ -105,13 +165,57 @@ def _workloads(entries: list[WorkloadEntry], memo: Conversions) -> dict[tuple[st
     return {(e.metadata.namespace, e.metadata.name): memo.of(_workload, e) for e in entries}
 
 
+_Services = tuple[dict[str, m.Service], tuple[str, ...], "_WorkloadIndex"]
+
+
+def _services_stage(
+    memo: Conversions, entries: tuple[ServiceEntry, ...], workloads: dict[tuple[str, str], m.Workload]
+) -> tuple[dict[str, m.Service], tuple[str, ...]]:
+    """The services and their conflict warnings. When only a few workloads moved (an endpoint
+    change), the workload index is patched rather than rebuilt over every workload; each
+    ServiceEntry whose candidate workloads are the same objects keeps its services (`keyed`)."""
+    last = memo.stage_last("services")
+    if last is not None:
+        sub, before, (services, warnings, index) = last
+        old = before[-1]
+        if len(before) == len(entries) + 1 and all(a is b for a, b in zip(before, entries, strict=False)):
+            if old is workloads:
+                return services, warnings
+            moved = _moved(old, workloads)
+            if moved is not None and len(sub) < 2 * (len(entries) + len(workloads)) + 64:
+                index.replace(moved)
+                found: list[str] = []
+                services = _services(entries, index, found, sub)
+                memo.stage_store("services", sub, (*entries, workloads), (), (services, tuple(found), index))
+                return services, tuple(found)
+
+    def full(sub: Conversions) -> _Services:
+        index = _WorkloadIndex(workloads.values())
+        found: list[str] = []
+        return _services(entries, index, found, sub), tuple(found), index
+
+    services, warnings, _ = memo.stage("services", (*entries, workloads), (), full)
+    return services, warnings
+
+
+def _moved(
+    old: Mapping[tuple[str, str], m.Workload], new: Mapping[tuple[str, str], m.Workload]
+) -> list[tuple[m.Workload | None, m.Workload | None]] | None:
+    """(before, after) per workload that changed, appeared (None before) or went (None after);
+    None when that is more than an eighth of them (rebuilding is then as cheap)."""
+    moved: list[tuple[m.Workload | None, m.Workload | None]] = [
+        (old.get(k), wl) for k, wl in new.items() if old.get(k) is not wl]
+    added = sum(1 for before, _ in moved if before is None)
+    if len(old) + added != len(new):
+        moved += [(wl, None) for k, wl in old.items() if k not in new]
+    return moved if len(moved) <= max(len(new) // 8, 1) else None
+
+
 def _services(
-    entries: list[ServiceEntry], workloads: dict[tuple[str, str], m.Workload], warnings: list[str],
-    memo: Conversions,
+    entries: Sequence[ServiceEntry], index: _WorkloadIndex, warnings: list[str], memo: Conversions,
 ) -> dict[str, m.Service]:
     services: dict[str, m.Service] = {}
     owners: dict[str, str] = {}
-    index = _WorkloadIndex(workloads.values())
     for se in entries:
         selector = se.spec.workload_selector
         # A service is a function of its ServiceEntry and the workloads its selector may pick:
@@ -177,11 +281,32 @@ class _WorkloadIndex:
             for key, value in wl.labels.items():
                 self.by_label.setdefault((wl.namespace, key, value), []).append(wl)
 
+    def replace(self, moved: Iterable[tuple[m.Workload | None, m.Workload | None]]) -> None:
+        """Take out each `before` (by identity) and add each `after`: a few moved workloads cost
+        a few list scans instead of indexing every workload again."""
+        for before, after in moved:
+            if before is not None:
+                _drop(self.by_namespace[before.namespace], before)
+                for key, value in before.labels.items():
+                    _drop(self.by_label[(before.namespace, key, value)], before)
+            if after is not None:
+                self.by_namespace.setdefault(after.namespace, []).append(after)
+                for key, value in after.labels.items():
+                    self.by_label.setdefault((after.namespace, key, value), []).append(after)
+
     def candidates(self, namespace: str, labels: Mapping[str, str]) -> list[m.Workload]:
         """A superset of the workloads `labels` selects in `namespace` (the smallest such list)."""
         if not labels:
             return self.by_namespace.get(namespace, [])
         return min((self.by_label.get((namespace, k, v), []) for k, v in labels.items()), key=len)
+
+
+def _drop(items: list[m.Workload], wl: m.Workload) -> None:
+    """Remove `wl` itself (not an equal workload) from `items`."""
+    for i, item in enumerate(items):
+        if item is wl:
+            del items[i]
+            return
 
 
 def _endpoints(
@@ -212,7 +337,7 @@ def _inline_endpoint(ep: WorkloadEntrySpec, ports: tuple[m.ServicePort, ...]) ->
 
 
 def _virtual_services(
-    entries: list[VirtualService], cluster_domain: str, warnings: list[str], memo: Conversions
+    entries: Sequence[VirtualService], cluster_domain: str, warnings: list[str], memo: Conversions
 ) -> dict[str, m.RoutingRule]:
     found: dict[str, m.RoutingRule] = {}
     for vs in entries:

@@ -37,11 +37,15 @@ class ScopeInputs:
 
 def build_scoping(
     inputs: ScopeInputs,
-    workloads: Mapping[tuple[str, str], m.Workload],
     cluster_domain: str,
     warnings: list[str],
     memo: Conversions | None = None,
 ) -> Scoping:
+    """The exportTo-aware view of routing rules, DestinationRules, Gateways and Sidecars.
+
+    A function of the config alone, not of workloads (their Gateway port conflicts are
+    `gateway_server_conflicts`), so an endpoint change reuses it whole.
+    """
     memo = Conversions() if memo is None else memo
     gateways = tuple(gateway_config(g, warnings) for g in inputs.gateways)
     rules = tuple(
@@ -51,7 +55,6 @@ def build_scoping(
     )
     warnings += mesh_route_conflicts(rules)
     warnings += gateway_reference_problems(rules, gateways)
-    warnings += gateway_server_conflicts(gateways, workloads)
     return Scoping(
         root_namespace=ROOT_NAMESPACE,
         service_exports=_service_exports(inputs.service_entries),
@@ -171,6 +174,8 @@ def gateway_server_conflicts(
 ) -> list[str]:
     """For each declared workload that Gateways select: servers that cannot share its ports."""
     out: list[str] = []
+    if not any(g.selector for g in gateways):
+        return out  # nothing selects a workload: no walk over thousands of them
     seen: set[tuple[str, ...]] = set()
     for wl in workloads.values():
         selected = tuple(g for g in gateways if g.selector and g.selects(wl.labels))

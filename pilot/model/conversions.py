@@ -28,9 +28,12 @@ class Conversions:
         self.hits = 0
         self.misses = 0
         self._complete_size = 0  # entries a complete generation used, last time
+        # Build stages (`stage`): tag -> (its own memo, (inputs, args, result) of its last run)
+        self._stages: dict[Hashable, tuple[Conversions, tuple[tuple[Any, ...], tuple[Hashable, ...], Any] | None]] = {}
 
     def __len__(self) -> int:
-        return len(self._current.keys() | self._last.keys())
+        """Entries held, the stages' own memos included."""
+        return len(self._current.keys() | self._last.keys()) + sum(len(memo) for memo, _ in self._stages.values())
 
     def next_build(self) -> None:
         """Start a build: what the previous build used stays available, anything older goes."""
@@ -106,3 +109,39 @@ class Conversions:
         self._current[key] = (objs, value)  # keeps `objs` alive, so their ids stay theirs
         self.misses += 1
         return value
+
+    def stage(self, tag: Hashable, objs: tuple[Any, ...], args: tuple[Hashable, ...],
+              compute: Callable[[Conversions], R]) -> R:
+        """A whole pass of a build, `compute(memo)`, reused while its inputs (`objs`, by identity,
+        and `args`, by value) are those of its last run.
+
+        Why: per-object conversions make a rebuild cheap per object, yet every pass still walks
+        all of its ~thousands of inputs; a stage whose inputs did not change (the workloads on a
+        route change, the routing rules on an endpoint change) costs one identity comparison.
+        The stage keeps its own memo (`memo`), advanced only when the stage runs, so a skipped
+        stage loses none of the conversions its next run will reuse. One result per tag is kept.
+        """
+        memo, last = self._stages.get(tag) or (Conversions(), None)
+        if last is not None and last[1] == args and len(last[0]) == len(objs) and all(
+                a is b for a, b in zip(last[0], objs, strict=True)):
+            self.hits += 1
+            return last[2]  # type: ignore[no-any-return]
+        memo.next_build()
+        value = compute(memo)
+        self._stages[tag] = (memo, (objs, args, value))
+        self.misses += 1
+        return value
+
+    def stage_last(self, tag: Hashable) -> tuple[Conversions, tuple[Any, ...], Any] | None:
+        """The memo, inputs and result of a stage's last run, for stages that patch their last
+        result instead of recomputing it (see `stage_patched`)."""
+        found = self._stages.get(tag)
+        if found is None or found[1] is None:
+            return None
+        return found[0], found[1][0], found[1][2]
+
+    def stage_store(self, tag: Hashable, memo: Conversions, objs: tuple[Any, ...], args: tuple[Hashable, ...],
+                    value: Any) -> None:
+        """Record a stage's result computed by patching (`stage_last`)."""
+        self._stages[tag] = (memo, (objs, args, value))
+

@@ -40,6 +40,8 @@ def local_port_warnings(services: Mapping[str, m.Service]) -> list[str]:
 def _inbound_clashes(
     services: Mapping[str, m.Service], by_port: Mapping[int, list[tuple[m.Service, m.ServicePort]]]
 ) -> list[str]:
+    if not by_port:
+        return []  # no TCP port anywhere: nothing to clash with, and no walk over every endpoint
     # workload ("ns/name") -> the ports its sidecar serves inbound
     serves: dict[str, set[int]] = {}
     for service in services.values():

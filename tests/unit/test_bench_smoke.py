@@ -100,12 +100,14 @@ def test_mission_targets_only_for_per_workload_runs_of_1000_services() -> None:
 def test_session_fanout_fleet_ends_synced_after_each_change(tmp_path: Path, delta: bool) -> None:
     from benchmarks import meshgen
     from benchmarks.session_fanout import Fleet, snapshot_of
+    from pilot.xds.snapshot import Serializer
     from pilot.xds.status import SyncState
 
     config = meshgen.generate(tmp_path, services=3)
-    fleet = Fleet(3, delta, snapshot_of(config.directory))
+    serializer = Serializer()
+    fleet = Fleet(3, delta, snapshot_of(config.directory, serializer))
     config.endpoint_change(1)
     config.write_service(1)
-    assert fleet.push(snapshot_of(config.directory)) == 3  # one EDS response per stream
+    assert fleet.push(snapshot_of(config.directory, serializer)) == 3  # one EDS response per stream
     states = {ts.state() for st in fleet.registry.streams() for ts in st.types.values()}
     assert states == {SyncState.SYNCED}

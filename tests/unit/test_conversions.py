@@ -125,3 +125,52 @@ def test_generation_carried_across_mesh_versions_equals_a_fresh_generation(examp
         for key in classes:
             assert _serialized(generate(carried, key)) == _serialized(generate(fresh, key)), (edit, key)
     assert carry.hits > 0  # not vacuous: something was carried
+
+
+def test_staged_and_patched_builds_equal_fresh_builds_through_random_edits(tmp_path: Path) -> None:
+    """Build stages are skipped or patched (workloads, their index, precedence order) when few
+    inputs changed; through a random walk of edits every build equals a fresh one."""
+    import random
+
+    from benchmarks import meshgen
+
+    config = meshgen.generate(tmp_path, services=12)
+    objects = list(load_dir(config.directory).objects)
+    rng = random.Random(7)
+    memo = Conversions()
+    build_mesh(objects, conversions=memo)
+
+    def workloads(objs: list[ApiObject]) -> list[int]:
+        return [i for i, o in enumerate(objs) if o.kind == "WorkloadEntry"]
+
+    for step in range(60):
+        choice = rng.choice(["move", "relabel", "add", "remove", "reweigh", "two"])
+        objs = list(objects)
+        picked = rng.choice(workloads(objs))
+        wl = objs[picked]
+        if choice in ("move", "two"):
+            objs[picked] = _spec(wl, address=f"10.9.{step}.{rng.randrange(1, 250)}")
+        if choice in ("relabel", "two"):
+            other = objs[rng.choice(workloads(objs))]
+            objs[picked] = _spec(objs[picked], labels=dict(other.spec.labels))  # type: ignore[attr-defined]
+        if choice == "add":
+            meta = wl.metadata.model_copy(update={"name": f"extra-{step}"})
+            objs.append(wl.model_copy(update={"metadata": meta}))
+        if choice == "remove":
+            del objs[picked]
+        if choice == "reweigh":
+            objs = [e for o in objs if (e := _reweigh(o)) is not None] if step % 7 == 0 else objs
+        objects = objs
+        fresh = build_mesh(objects)
+        assert build_mesh(objects, conversions=memo) == fresh, (step, choice)
+    assert memo.hits > 0
+
+
+def test_an_endpoint_change_reuses_the_scoping_and_routing_stages() -> None:
+    memo = Conversions()
+    objects = list(load_dir(EXAMPLES[0]).objects)
+    before = build_mesh(objects, conversions=memo)
+    after = build_mesh([e for o in objects if (e := _move_workload(o)) is not None], conversions=memo)
+    assert after.workloads != before.workloads
+    assert after.scoping is before.scoping  # not rebuilt: it reads no workload
+    assert after.virtual_services is before.virtual_services
