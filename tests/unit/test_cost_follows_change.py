@@ -393,3 +393,45 @@ def test_a_plain_ack_wakes_nobody_unless_removals_wait_for_it() -> None:
     (removal,) = session.responses(snapshot({"c1": 2}, routes={}))
     assert [r.type_url for r in discovery_pb2.DiscoveryResponse.FromString(removal).resources] == [CLUSTER]
     assert ack(removal) is False
+
+
+def test_a_flood_of_new_proxy_identities_does_not_stall_a_push(tmp_path: Path) -> None:
+    """While a push to connected classes runs, new classes keep arriving (each published on
+    demand when its first stream watches). The push still finishes while the flood goes on,
+    and every newcomer ends up with the new mesh's config."""
+    built = Mesh(tmp_path, classes=300, slice_seconds=0.0)
+    built.pusher.rebuild()
+    order: list[str] = []
+    real_set = built.cache.set
+
+    def recording_set(key: ProxyClass, snap: Snapshot) -> None:
+        real_set(key, snap)
+        order.append("connected" if key in connected else "new")
+
+    connected = set(built.classes)
+    built.cache.set = recording_set  # type: ignore[method-assign,assignment]
+    newcomers = [ProxyClass(ProxyKind.SIDECAR, f"flood-{i}", (("app", "x"),)) for i in range(1500)]
+    built.edit("route", 3)
+
+    async def scenario() -> None:
+        async def flood() -> None:
+            for key in newcomers:
+                built._watching.enter_context(built.cache.watch(key))  # on-demand publication
+                await asyncio.sleep(0)
+
+        flooding = asyncio.create_task(flood())
+        await asyncio.sleep(0)
+        await built.pusher.rebuild_yielding()
+        push_done_at = len(order)
+        await flooding
+        assert order[push_done_at:].count("new") > 0  # the flood was still going when the push ended
+
+    asyncio.run(scenario())
+    built._watching.close()
+    assert order.count("connected") == 300
+    first_new, last_connected = order.index("new"), len(order) - 1 - order[::-1].index("connected")
+    assert first_new < last_connected  # interleaved, not one after the other
+    route_version = built.pusher.mesh  # the mesh every newcomer was generated from is the new one
+    fresh = Snapshot.from_parts(generate_parts(route_version, newcomers[-1]), built.pusher.serializer)
+    snap = built.cache.get(newcomers[-1])
+    assert snap is not None and snap.version(ROUTE) == fresh.version(ROUTE)
