@@ -1,14 +1,17 @@
-"""`meshctl proxy`: write the Envoy bootstrap for one workload, or run its Envoy until stopped.
+"""`meshctl proxy`: write the Envoy bootstrap for one workload, run its Envoy until stopped, or
+wait until proxies started in the background serve traffic.
 
 A workload is named `namespace/name`. Without `--address`, its address, labels and service
 account come from pilot's debug API, so a sidecar always matches the WorkloadEntry pilot serves.
 Concurrency: each command runs one `asyncio.run`; `run` owns one EnvoyProcess and stops it on
-SIGINT/SIGTERM (which cancel the main task) or reports Envoy's death with its log tail.
+SIGINT/SIGTERM (which cancel the main task) or reports Envoy's death with its log tail; `wait`
+polls each workload in its own task on one client session.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import Callable
@@ -18,8 +21,8 @@ from typing import Any, TypeVar
 import aiohttp
 import click
 
-from meshctl.envoy import LOG_LEVELS, EnvoyError, EnvoyProcess
-from pilot.bootstrap import BootstrapError, BootstrapSpec, parse_host_port, render, sidecar_bootstrap
+from meshctl.envoy import LOG_LEVELS, EnvoyError, EnvoyProcess, host_url
+from pilot.bootstrap import ADMIN_PORT, BootstrapError, BootstrapSpec, parse_host_port, render, sidecar_bootstrap
 from pilot.model.proxy import ProxyKind
 
 DEFAULT_PILOT = "127.0.0.1:15010"
@@ -103,6 +106,131 @@ async def _serve(spec_args: dict[str, Any], log_level: str, ready_timeout: float
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+@proxy.command()
+@click.argument("workloads", nargs=-1, required=True, metavar="NS/NAME...")
+@click.option("--debug", default=DEFAULT_DEBUG, show_default=True, help="Pilot debug API host:port.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Seconds to wait for all of them together.")
+def wait(workloads: tuple[str, ...], debug: str, timeout: float) -> None:
+    """Wait until each workload's proxy serves traffic, for scripts that start proxies in the background.
+
+    Ready means: Envoy's admin `/ready` says LIVE, pilot reports the proxy SYNCED on every xDS
+    type it asked for, and each app behind its inbound listeners accepts TCP connections. Exits 1
+    naming what is missing once `--timeout` passes, or at once on a NACK or an unknown workload.
+    """
+    names = [_split_workload(w) for w in workloads]
+    asyncio.run(_wait_all(names, debug, timeout))
+
+
+async def _wait_all(workloads: list[tuple[str, str]], debug: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    timeouts = aiohttp.ClientTimeout(total=2)
+    async with aiohttp.ClientSession(timeout=timeouts, trust_env=False) as session:
+        waits = [_wait_one(session, debug, ns, name, deadline, timeout) for ns, name in workloads]
+        for ns, name, address, apps in await asyncio.gather(*waits):
+            behind = f", app at {', '.join(apps)} accepts connections" if apps else ""
+            click.echo(f"{ns}/{name} ready: Envoy LIVE on {address}, SYNCED with pilot{behind}")
+
+
+async def _wait_one(
+    session: aiohttp.ClientSession, debug: str, ns: str, name: str, deadline: float, timeout: float
+) -> tuple[str, str, str, list[str]]:
+    """Poll until `ns/name` is ready (see `wait`); ClickException with the last reason if not in time.
+
+    Costs a few small HTTP requests per workload every 100 ms while waiting.
+    """
+    known = await fetch_workload(debug, ns, name, wait=max(0.0, deadline - time.monotonic()))
+    address = str(known["address"])
+    while True:
+        missing, apps = await readiness(session, debug, ns, name, address)
+        if missing is None:
+            return ns, name, address, apps
+        if time.monotonic() >= deadline:
+            raise click.ClickException(f"{ns}/{name} not ready after {timeout:g}s: {missing}")
+        await asyncio.sleep(0.1)
+
+
+async def readiness(
+    session: aiohttp.ClientSession, debug: str, ns: str, name: str, address: str
+) -> tuple[str | None, list[str]]:
+    """What the proxy of `ns/name` at `address` still misses to serve traffic (None: nothing), and
+    the `host:port` of the apps behind its inbound listeners.
+
+    Raises ClickException when waiting cannot help: the proxy NACKed its config.
+    """
+    admin = host_url(address, ADMIN_PORT)
+    try:
+        async with session.get(f"{admin}/ready") as resp:
+            state = (await resp.text()).strip()
+    except (aiohttp.ClientError, TimeoutError):
+        return f"no Envoy answers at {admin}; is `meshctl proxy run --workload {ns}/{name}` running?", []
+    if state != "LIVE":
+        return f"Envoy at {admin} is {state or 'not ready'}, not LIVE yet", []
+    try:
+        async with session.get(f"http://{debug}/debug/syncz") as resp:
+            rows = await resp.json(content_type=None) if resp.status == 200 else []
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return f"pilot's debug API at {debug} does not answer", []
+    behind = unsynced(rows, ns, name)
+    if behind:
+        return behind, []
+    try:
+        async with session.get(f"{admin}/clusters", params={"format": "json"}) as resp:
+            clusters = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return f"Envoy at {admin} did not list its clusters ({exc!r})", []
+    apps = []
+    for cluster, host, port in _inbound_endpoints(clusters):
+        if not await _accepts(host, port):
+            return f"nothing accepts connections at {host}:{port} (its app, behind {cluster}); is the app running?", []
+        apps.append(f"{host}:{port}")
+    return None, apps
+
+
+def unsynced(rows: Any, ns: str, name: str) -> str | None:
+    """Why pilot's `/debug/syncz` rows do not show `ns/name` in sync, or None if they do."""
+    mine = [r for r in rows if isinstance(r, dict) and r.get("namespace") == ns and r.get("workload") == name]
+    if not mine:
+        return "its proxy is not connected to pilot yet"
+    for row in mine:
+        types: dict[str, Any] = row.get("types") or {}
+        for type_name, status in types.items():
+            if status.get("state") == "NACKED":
+                raise click.ClickException(
+                    f"{ns}/{name}: the proxy rejected its {type_name} config: {status.get('nack')}"
+                )
+        pending = [f"{t} {s.get('state')}" for t, s in types.items() if s.get("state") != "SYNCED"]
+        pending += [f"{t} not asked for" for t in ("CDS", "LDS") if t not in types]
+        if pending:
+            return f"not in sync with pilot yet ({', '.join(pending)})"
+    return None
+
+
+def _inbound_endpoints(clusters: Any) -> list[tuple[str, str, int]]:
+    """`(cluster, host, port)` of every endpoint of the inbound clusters in Envoy's `/clusters` JSON."""
+    found = []
+    for cluster in clusters.get("cluster_statuses", []) if isinstance(clusters, dict) else []:
+        name = str(cluster.get("name", ""))
+        if not name.startswith("inbound|"):
+            continue
+        for host in cluster.get("host_statuses", []):
+            socket_address = host.get("address", {}).get("socket_address", {})
+            if "address" in socket_address and "port_value" in socket_address:
+                found.append((name, str(socket_address["address"]), int(socket_address["port_value"])))
+    return found
+
+
+async def _accepts(host: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 async def build_spec(

@@ -20,6 +20,7 @@ from pilot.gcpolicy import release_free_memory
 from pilot.model.build import build_mesh
 from pilot.model.conversions import Conversions
 from pilot.model.diff import endpoints_only
+from pilot.model.mesh import MeshSnapshot
 from pilot.push import Generate, Pusher, PushMetrics
 from pilot.settings import PilotSettings
 from pilot.tasks import TaskFailures, spawn
@@ -29,6 +30,12 @@ from pilot.xds.server import AdsServer
 from pilot.xds.status import StatusRegistry, XdsMetrics
 
 log = logging.getLogger(__name__)
+
+
+def _ended(mesh: MeshSnapshot, conversions: Conversions) -> MeshSnapshot:
+    """`mesh`, once `conversions` let go of what the build did not use (removed config's memory)."""
+    conversions.end_build()
+    return mesh
 
 
 class Pilot:
@@ -46,7 +53,8 @@ class Pilot:
         carry = Conversions()  # generated messages reused from one mesh version to the next
         self.pusher = Pusher(
             self.store, self.cache,
-            build_mesh=lambda objects: build_mesh(objects, settings.cluster_domain, conversions, carry),
+            build_mesh=lambda objects: _ended(build_mesh(objects, settings.cluster_domain, conversions, carry),
+                                              conversions),
             # The real generator hands shared parts over as shared objects (serialized once per mesh).
             generate=generate_parts if generator is generate else generator,
             metrics=PushMetrics(self.registry),
@@ -61,7 +69,8 @@ class Pilot:
         self.ads = AdsServer(self.cache, self.status)
         self.files = (
             FileSource(self.store, settings.config_dir, interval=settings.file_poll_ms / 1000,
-                       watch=settings.file_watch, rescan=settings.file_rescan_ms / 1000)
+                       watch=settings.file_watch, rescan=settings.file_rescan_ms / 1000,
+                       settle=settings.file_settle_ms / 1000, max_total_bytes=settings.file_max_total_mb * 2**20)
             if settings.config_dir else None
         )
         self._tasks: list[asyncio.Task[None]] = []

@@ -26,6 +26,9 @@ class PilotSettings(BaseSettings):
         "events", description="events: woken by file events (inotify...); poll: stat() every file_poll_ms")
     file_poll_ms: int = Field(25, ge=10, description="how often the file source looks for changed files when polling")
     file_rescan_ms: int = Field(1000, ge=10, description="safety sweep for changes file events missed")
+    file_settle_ms: int = Field(
+        700, ge=0, description="a file must stay unchanged this long before it may remove objects (or be rejected)")
+    file_max_total_mb: int = Field(64, ge=1, description="all config files together; files past it are not loaded")
     cluster_domain: str = "cluster.local"
     gc_young_threshold: int = Field(
         50_000, ge=0, description="allocations between young garbage collections (`meshctl up`); 0: Python's 700")

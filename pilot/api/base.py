@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
+from pilot.api.envoy_limits import MAX_DURATION_SECONDS
 from pilot.api.errors import FieldIssue
 
 
@@ -104,6 +105,8 @@ def parse_duration(value: object) -> timedelta:
         pos = match.end()
     if pos != len(value):
         raise rule_error(f"{value!r} is not a duration such as '10s' or '250ms'")
+    if total > MAX_DURATION_SECONDS:
+        raise rule_error(f"{value!r} is longer than Envoy's longest duration ({MAX_DURATION_SECONDS}s, ~292 years)")
     return timedelta(seconds=total)
 
 

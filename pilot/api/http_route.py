@@ -18,9 +18,16 @@ from enum import StrEnum
 from pydantic import Field
 
 from pilot.api.base import Duration, IstioModel, NonNegative, Percent, PortNumber, one_of
+from pilot.api.envoy_limits import (
+    MAX_QUERY_PARAMETER_NAME_BYTES,
+    header_name_problem,
+    header_value_problem,
+    line_break_problems,
+)
 from pilot.api.errors import FieldIssue
 from pilot.api.hosts import GatewayRef
 from pilot.api.route_common import (
+    EMPTY_PREFIX,
     Destination,
     HeaderStringMatch,
     LabelMap,
@@ -56,6 +63,8 @@ def header_name_problems(path: str, names: Iterator[str] | list[str]) -> Iterato
     for name in names:
         if not _HEADER_NAME.match(name):
             yield FieldIssue(path, f"{name!r} is not a valid HTTP header name")
+        elif why := header_name_problem(name):
+            yield FieldIssue(path, f"{name[:40]!r}...: {why}")
 
 
 class HTTPMatchRequest(IstioModel):
@@ -79,9 +88,13 @@ class HTTPMatchRequest(IstioModel):
             match = getattr(self, field)
             if match is not None and match.empty:
                 yield FieldIssue(f"{path}.{field}", "a string match must set exactly one of exact, prefix, regex")
+            if field != "uri" and match is not None and match.prefix == "":
+                yield FieldIssue(f"{path}.{field}.prefix", EMPTY_PREFIX)
         for key, match in self.query_params.items():
             if match.prefix is not None:
                 yield FieldIssue(f"{path}.queryParams.{key}", "prefix matching is not supported for query parameters")
+            if len(key.encode()) > MAX_QUERY_PARAMETER_NAME_BYTES:
+                yield FieldIssue(f"{path}.queryParams", f"a name may be at most {MAX_QUERY_PARAMETER_NAME_BYTES} bytes")
         yield from header_name_problems(f"{path}.headers", list(self.headers))
         yield from header_name_problems(f"{path}.withoutHeaders", list(self.without_headers))
 
@@ -98,6 +111,9 @@ class HeaderOperations(IstioModel):
             for name in names:
                 if name.startswith(":") and name.lower() not in HOST_HEADERS:
                     yield FieldIssue(f"{path}.{field}", f"pseudo-header {name!r} cannot be changed")
+        for name, value in [*self.set.items(), *self.add.items()]:
+            if why := header_value_problem(value):
+                yield FieldIssue(f"{path}.{'set' if name in self.set else 'add'}.{name}", why)
         for name in [*self.add, *self.remove]:
             if name.lower() in HOST_HEADERS:
                 yield FieldIssue(path, f"{name!r} can only be set (it rewrites the authority), not added or removed")
@@ -114,7 +130,7 @@ class Headers(IstioModel):
 
 class HTTPRouteDestination(IstioModel):
     destination: Destination
-    weight: Percent | None = None
+    weight: NonNegative | None = None  # relative to the route's other destinations (Istio 1.15)
     headers: Headers | None = None
 
 
@@ -133,6 +149,7 @@ class HTTPRedirect(IstioModel):
 
     def problems(self, path: str) -> Iterator[FieldIssue]:
         yield from one_of(self, path, ("port", "derive_port"), "a redirect", required=False)
+        yield from line_break_problems(path, self, ("uri", "authority", "scheme"))
         if self.redirect_code is not None and self.redirect_code not in REDIRECT_CODES:
             yield FieldIssue(f"{path}.redirectCode", f"{self.redirect_code} is not one of 301, 302, 303, 307, 308")
 
@@ -175,6 +192,7 @@ class RegexRewrite(IstioModel):
     def problems(self, path: str) -> Iterator[FieldIssue]:
         if why := regex_problem(self.match):
             yield FieldIssue(f"{path}.match", why)
+        yield from line_break_problems(path, self, ("rewrite",))
 
 
 class HTTPRewrite(IstioModel):
@@ -184,6 +202,7 @@ class HTTPRewrite(IstioModel):
 
     def problems(self, path: str) -> Iterator[FieldIssue]:
         yield from one_of(self, path, ("uri", "uri_regex_rewrite"), "a rewrite", required=False)
+        yield from line_break_problems(path, self, ("uri", "authority"))
 
 
 class HTTPRetry(IstioModel):
@@ -197,6 +216,9 @@ class HTTPRetry(IstioModel):
     backoff: Duration | None = None
 
     def problems(self, path: str) -> Iterator[FieldIssue]:
+        tuned = self.per_try_timeout is not None or self.retry_on or self.retry_remote_localities is not None
+        if self.attempts == 0 and tuned:  # Istio's webhook: a disabled policy cannot be tuned
+            yield FieldIssue(path, "retry policy configured when attempts are set to 0 (disabled)")
         yield from duration_problem(f"{path}.perTryTimeout", self.per_try_timeout)
         yield from duration_problem(f"{path}.backoff", self.backoff)
         for part in (p.strip() for p in (self.retry_on or "").split(",")):
@@ -266,6 +288,8 @@ class CorsPolicy(IstioModel):
         for i, origin in enumerate(self.allow_origins):
             if origin.empty:
                 yield FieldIssue(f"{path}.allowOrigins[{i}]", "must set exactly one of exact, prefix, regex")
+            elif origin.prefix == "":
+                yield FieldIssue(f"{path}.allowOrigins[{i}].prefix", EMPTY_PREFIX)
         for method in self.allow_methods:
             if method not in HTTP_METHODS:
                 yield FieldIssue(f"{path}.allowMethods", f"{method!r} is not an HTTP method")

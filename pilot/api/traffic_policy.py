@@ -16,6 +16,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, Field
 
 from pilot.api.base import Duration, FloatPercent, IstioModel, NonNegative, Percent, one_of, rule_error
+from pilot.api.envoy_limits import HEADER_NAME, MAX_RING_SIZE
 from pilot.api.errors import FieldIssue
 
 MAGLEV_TABLE_LIMIT = 5000011
@@ -74,8 +75,17 @@ class HTTPCookie(IstioModel):
             yield FieldIssue(f"{path}.name", "required for httpCookie")
 
 
+def _ring_size(value: int) -> int:
+    if value > MAX_RING_SIZE:
+        raise rule_error(f"must be at most {MAX_RING_SIZE} (Envoy's limit)")
+    return value
+
+
+RingSize = Annotated[NonNegative, AfterValidator(_ring_size)]
+
+
 class RingHash(IstioModel):
-    minimum_ring_size: NonNegative | None = None
+    minimum_ring_size: RingSize | None = None
 
 
 class MagLev(IstioModel):
@@ -98,10 +108,14 @@ class ConsistentHashLB(IstioModel):
     http_query_parameter_name: str | None = None
     ring_hash: RingHash | None = None
     maglev: MagLev | None = None
-    minimum_ring_size: NonNegative | None = None  # deprecated: ringHash.minimumRingSize
+    minimum_ring_size: RingSize | None = None  # deprecated: ringHash.minimumRingSize
 
     def problems(self, path: str) -> Iterator[FieldIssue]:
         yield from one_of(self, path, HASH_KEYS, "consistentHash", required=False)
+        if self.http_header_name is not None and not HEADER_NAME.match(self.http_header_name):
+            yield FieldIssue(f"{path}.httpHeaderName", f"{self.http_header_name!r} is not a valid HTTP header name")
+        if self.http_query_parameter_name is not None and not self.http_query_parameter_name:
+            yield FieldIssue(f"{path}.httpQueryParameterName", "must not be empty")
         yield from one_of(self, path, ("ring_hash", "maglev"), "consistentHash", required=False)
         if self.minimum_ring_size and (self.ring_hash or self.maglev):
             yield FieldIssue(
@@ -243,6 +257,11 @@ class ClientTLSSettings(IstioModel):
         originates = self.mode in (TLSMode.SIMPLE, TLSMode.MUTUAL)
         pinned = bool(self.ca_certificates or self.subject_alt_names)
         pinned |= self.mode == TLSMode.SIMPLE and bool(self.credential_name)
+        if originates and self.subject_alt_names and not self.insecure_skip_verify and not self.ca_certificates:
+            # Envoy refuses SAN checks without a trusted CA file ("SAN-based verification of peer
+            # certificates without trusted CA is insecure"); the system roots do not count there, and
+            # credentialName secrets are not served yet.
+            yield FieldIssue(f"{path}.subjectAltNames", "needs caCertificates (the CA that signs those names)")
         if originates and self.insecure_skip_verify and pinned:
             yield FieldIssue(
                 f"{path}.insecureSkipVerify", "cannot be true with caCertificates, credentialName or subjectAltNames"

@@ -22,6 +22,13 @@ class DocumentError:
     def __str__(self) -> str:
         return f"{self.file}[{self.index}]: {self.message}"
 
+    @property
+    def key(self) -> tuple[str, str, str] | None:
+        """The store key of the object the document claims to be, when it names one fully."""
+        if self.kind is None or self.namespace is None or self.name is None:
+            return None
+        return (self.kind, self.namespace, self.name)
+
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 

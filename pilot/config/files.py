@@ -20,16 +20,18 @@ import os
 import re
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from watchfiles._rust_notify import RustNotify
 
 from pilot.api import ApiError, ApiObject, parse_object
+from pilot.api.errors import object_ref
 from pilot.config.documents import DocumentError, LoadResult
-from pilot.config.store import ConfigStore
+from pilot.config.store import SERVING_PREVIOUS, ConfigStore
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,17 @@ SUFFIXES = (".yaml", ".yml")
 _DOC_START = re.compile(r"^---[ \t]*(?:#.*)?$", re.MULTILINE)
 # Files modified this recently may still change within the same mtime tick: look again.
 _RACY_SECONDS = 2.0
+# Kubernetes stores an object in one etcd request, limited to 1.5 MiB: the same limit per document.
+MAX_DOCUMENT_BYTES = 1_572_864
+# Entries in any one list of a document (routes, hosts, matches, ...).
+MAX_LIST_ITEMS = 10_000
+# A list of MAX_LIST_ITEMS entries takes at least two characters each ("- " or ", ").
+_SMALLEST_LONG_LIST = 2 * MAX_LIST_ITEMS
+# All YAML files of a directory together; `file_max_total_mb` in the settings.
+MAX_TOTAL_BYTES = 64 * 2**20
+# Seconds a file must stay unchanged before it may remove objects; `file_settle_ms` in the settings.
+# Longer than the half second a shell redirect or a slow generator may leave a file empty.
+DEFAULT_SETTLE = 0.7
 
 Fingerprint = tuple[tuple[str, int, int, int], ...]
 # libyaml's safe loader when present: the same documents, parsed about 8x faster.
@@ -50,23 +63,77 @@ def yaml_files(directory: Path) -> list[Path]:
 
 
 def yaml_paths(directory: Path) -> list[tuple[str, str]]:
-    """(name relative to ``directory``, path) of every YAML file, in `yaml_files` order.
+    """(name relative to ``directory``, path) of every YAML file, in `yaml_files` order."""
+    return walk_yaml(directory)[0]
 
-    os.walk and plain strings rather than Path.rglob and Path objects: this runs on every reload
-    (1,000 files at mission scale), and it is several times cheaper.
+
+def walk_yaml(directory: Path) -> tuple[list[tuple[str, str]], list[DocumentError]]:
+    """`yaml_paths`, and one error per directory not entered: a symlink loop, or a directory
+    reached a second time through another symlink.
+
+    Symlinked directories are followed, but each real directory (device, inode) is entered once:
+    a loop would otherwise be walked until the kernel's 40-level symlink limit, and every file
+    in it read again under a longer name. os.scandir and plain strings rather than Path.rglob:
+    this runs on every reload (1,000 files at mission scale); its DirEntry answers is_dir from
+    the directory read itself, so the walk costs one stat() per directory.
     """
     top = str(directory)
     found: list[tuple[tuple[str, ...], str, str]] = []
-    for root, dirs, files in os.walk(top, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        rel = os.path.relpath(root, top)
-        parts = () if rel == os.curdir else tuple(rel.split(os.sep))
-        for name in files:
-            path = os.path.join(root, name)
-            if name.endswith(SUFFIXES) and not name.startswith(".") and os.path.isfile(path):
-                found.append(((*parts, name), os.path.join(*parts, name), path))
+    problems: list[DocumentError] = []
+    try:
+        st = os.stat(top)
+    except OSError:
+        return [], []
+    entered: dict[tuple[int, int], str] = {(st.st_dev, st.st_ino): "."}
+    stack: list[tuple[str, tuple[str, ...], frozenset[tuple[int, int]]]] = [
+        (top, (), frozenset(entered))]
+    while stack:
+        path, parts, ancestors = stack.pop()
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            rel = (*parts, entry.name)
+            try:
+                is_dir = entry.is_dir()
+            except OSError as exc:  # ELOOP: a link to itself
+                problems.append(_walk_error(rel, f"not followed: {_one_line(exc)}"))
+                continue
+            if not is_dir:
+                if entry.name.endswith(SUFFIXES) and _is_file(entry):
+                    found.append((rel, os.path.join(*rel), entry.path))
+                continue
+            try:
+                dst = entry.stat()
+            except OSError:
+                continue
+            ident = (dst.st_dev, dst.st_ino)
+            if ident in ancestors:
+                problems.append(_walk_error(rel, f"symlink loop: it is {entered[ident]} again; not followed"))
+            elif ident in entered:
+                problems.append(_walk_error(rel, f"same directory as {entered[ident]}; not read twice"))
+            else:
+                entered[ident] = os.path.join(*rel)
+                subdirs.append((entry.path, rel, ancestors | {ident}))
+        stack.extend(reversed(subdirs))
     found.sort(key=lambda item: item[0])
-    return [(name, path) for _, name, path in found]
+    problems.sort()
+    return [(name, path) for _, name, path in found], problems
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
+def _walk_error(rel: tuple[str, ...], message: str) -> DocumentError:
+    return DocumentError(os.path.join(*rel), 0, None, None, None, message)
 
 
 def load_dir(path: Path | str) -> LoadResult:
@@ -78,12 +145,14 @@ def load_dir(path: Path | str) -> LoadResult:
     return load_dir_cached(Path(path), {})[0]
 
 
-# file name -> (content digest, its parsed objects, its errors)
-ParseCache = dict[str, tuple[bytes, list["_Located"], list[DocumentError]]]
+# file name -> (content digest, its parsed objects, its errors, whether its last line is complete)
+ParseEntry = tuple[bytes, list["_Located"], list[DocumentError], bool]
+ParseCache = dict[str, ParseEntry]
 
 
 def load_dir_cached(
     directory: Path, cache: ParseCache, unchanged: Collection[str] = (), paths: list[tuple[str, str]] | None = None,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
 ) -> tuple[LoadResult, bool]:
     """`load_dir`, re-parsing only files whose bytes changed since they were put in `cache`.
 
@@ -94,28 +163,66 @@ def load_dir_cached(
     the directory's `yaml_paths` when the caller has listed it already.
     """
     if not directory.is_dir():
-        return LoadResult(errors=(DocumentError(str(directory), 0, None, None, None, "not a directory"),)), True
-    located: list[_Located] = []
-    errors: list[DocumentError] = []
-    names = []
-    changed = False
-    for name, path in yaml_paths(directory) if paths is None else paths:
-        names.append(name)
+        return LoadResult(errors=(_not_a_directory(directory),)), True
+    problems: list[DocumentError] = []
+    if paths is None:
+        paths, problems = walk_yaml(directory)
+    changed = refresh_cache(cache, paths, unchanged, max_total_bytes)
+    entries = [(cache[name], ()) for name, _ in paths]
+    return merge(entries, problems), bool(changed)
+
+
+def _not_a_directory(directory: Path) -> DocumentError:
+    return DocumentError(str(directory), 0, None, None, None, "not a directory")
+
+
+def refresh_cache(
+    cache: ParseCache, paths: list[tuple[str, str]], unchanged: Collection[str] = (),
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+) -> set[str]:
+    """Bring `cache` up to date with the files in `paths`; the names whose entry changed.
+
+    A file that would take the directory's total past `max_total_bytes` (in file order) is not
+    read: its entry is an error, and it is looked at again on every call.
+    """
+    changed: set[str] = set()
+    total = 0
+    for name, path in paths:
         cached = cache.get(name)
-        entry = cached if cached is not None and name in unchanged else _parse_file(Path(path), name, cached)
-        changed = changed or entry is not cache.get(name)
-        cache[name] = entry
-        located += entry[1]
-        errors += entry[2]
-    for gone in set(cache) - set(names):
+        if cached is not None and name in unchanged and cached[0]:
+            entry = cached
+        else:
+            total += _size(path)
+            if total > max_total_bytes:
+                entry = _over_total(name, cached, max_total_bytes)
+            else:
+                entry = _parse_file(Path(path), name, cached)
+        if entry is not cached:
+            cache[name] = entry
+            changed.add(name)
+    listed = {name for name, _ in paths}
+    for gone in [name for name in cache if name not in listed]:
         del cache[gone]
-        changed = True
-    return _without_duplicates(located, errors), changed
+        changed.add(gone)
+    return changed
 
 
-def _parse_file(
-    file: Path, name: str, cached: tuple[bytes, list[_Located], list[DocumentError]] | None
-) -> tuple[bytes, list[_Located], list[DocumentError]]:
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _over_total(name: str, cached: ParseEntry | None, limit: int) -> ParseEntry:
+    message = (f"not loaded: the config files would exceed the total limit of {limit / 2**20:g} MiB "
+               "(setting file_max_total_mb)")
+    if cached is not None and not cached[0] and cached[2] and cached[2][0].message == message:
+        return cached
+    return b"", [], [DocumentError(name, 0, None, None, None, message)], True
+
+
+def _parse_file(file: Path, name: str, cached: ParseEntry | None) -> ParseEntry:
     try:
         data = file.read_bytes()
         digest = hashlib.blake2b(data, digest_size=16).digest()
@@ -123,11 +230,12 @@ def _parse_file(
             return cached
         text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        return b"", [], [DocumentError(name, 0, None, None, None, f"cannot read: {_one_line(exc)}")]
+        return b"", [], [DocumentError(name, 0, None, None, None, f"cannot read: {_one_line(exc)}")], True
     located: list[_Located] = []
     errors: list[DocumentError] = []
     _parse_text(text, name, located, errors)
-    return digest, located, errors
+    # A writer caught mid-write has most likely not finished its last line.
+    return digest, located, errors, not data or data.endswith(b"\n")
 
 
 def load_file(path: Path | str, *, display_name: str | None = None) -> LoadResult:
@@ -145,7 +253,7 @@ def load_text(text: str, file: str = "<text>") -> LoadResult:
     located: list[_Located] = []
     errors: list[DocumentError] = []
     _parse_text(text, file, located, errors)
-    return _without_duplicates(located, errors)
+    return merge([((b"", located, errors, True), ())])
 
 
 # (file, document index, object, its store key): the key is read once, at parse time; a reload
@@ -156,6 +264,15 @@ _Located = tuple[str, int, ApiObject, tuple[str, str, str]]
 def _parse_text(text: str, file: str, located: list[_Located], errors: list[DocumentError]) -> None:
     index = 0
     for chunk in _DOC_START.split(text):
+        if len(chunk) * 4 > MAX_DOCUMENT_BYTES and len(chunk.encode("utf-8")) > MAX_DOCUMENT_BYTES:
+            kind, namespace, name = identify(chunk)
+            size = len(chunk.encode("utf-8"))
+            ref = f"{object_ref(kind, namespace, name)}: " if kind or name else ""
+            errors.append(DocumentError(file, index, kind, namespace, name, (
+                f"{ref}document is {size / 2**20:.1f} MiB, over the 1.5 MiB limit of a Kubernetes object "
+                "(etcd's request size); split it into smaller objects")))
+            index += 1
+            continue
         try:
             docs = [d for d in yaml.load_all(chunk, Loader=_LOADER) if d is not None]
         except (yaml.YAMLError, RecursionError, ValueError) as exc:
@@ -165,6 +282,8 @@ def _parse_text(text: str, file: str, located: list[_Located], errors: list[Docu
             continue
         for doc in docs:
             try:
+                if len(chunk) > _SMALLEST_LONG_LIST:
+                    _check_counts(doc)
                 obj = parse_object(doc)
                 located.append((file, index, obj, obj.key))
             except ApiError as exc:
@@ -174,17 +293,105 @@ def _parse_text(text: str, file: str, located: list[_Located], errors: list[Docu
             index += 1
 
 
-def _without_duplicates(located: list[_Located], errors: list[DocumentError]) -> LoadResult:
+def identify(text: str) -> tuple[str | None, str | None, str | None]:
+    """(kind, namespace, name) of a YAML document without building it: its parser events are read
+    until ``kind`` and ``metadata`` are seen (they come first in practice), so a 20 MB document
+    costs microseconds here, not the seconds and gigabytes a full load would."""
+    kind: str | None = None
+    meta: dict[str, str] = {}
+    # Open collections: [is a mapping, its current key, a key comes next].
+    stack: list[list[Any]] = []
+    try:
+        for event in yaml.parse(text, Loader=_LOADER):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                is_map = isinstance(event, yaml.MappingStartEvent)
+                stack.append([is_map, None, is_map])
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                stack.pop()
+                if len(stack) == 1 and stack[0][1] == "metadata" and kind is not None:
+                    break
+                _value_done(stack)
+            elif isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)) and stack:
+                top = stack[-1]
+                if top[2]:
+                    top[1], top[2] = getattr(event, "value", None), False
+                    continue
+                value = getattr(event, "value", None)
+                if not isinstance(value, str):
+                    pass
+                elif len(stack) == 1 and top[1] == "kind":
+                    kind = value
+                    if "name" in meta:
+                        break
+                elif len(stack) == 2 and stack[0][1] == "metadata" and top[0] and top[1] in ("name", "namespace"):
+                    meta[top[1]] = value
+                _value_done(stack)
+    except yaml.YAMLError:
+        pass
+    name = meta.get("name")
+    return kind, (meta.get("namespace", "default") if name else None), name
+
+
+def _value_done(stack: list[list[Any]]) -> None:
+    if stack and stack[-1][0]:
+        stack[-1][2] = True
+
+
+def _check_counts(doc: object) -> None:
+    """Refuse a document holding a list longer than `MAX_LIST_ITEMS`, naming the field."""
+    stack: list[tuple[object, str]] = [(doc, "")]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, dict):
+            stack += [(v, f"{where}.{k}" if where else str(k)) for k, v in node.items()]
+        elif isinstance(node, list):
+            if len(node) > MAX_LIST_ITEMS:
+                kind, namespace, name = _identity(doc)
+                raise ApiError(f"{where}: {len(node):,} entries, over the limit of {MAX_LIST_ITEMS:,} per list",
+                               kind=kind, namespace=namespace, name=name)
+            stack += [(v, f"{where}[{i}]") for i, v in enumerate(node)]
+
+
+def _identity(doc: object) -> tuple[str | None, str | None, str | None]:
+    if not isinstance(doc, dict):
+        return None, None, None
+    meta = doc.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
+    kind, name, namespace = doc.get("kind"), meta.get("name"), meta.get("namespace", "default")
+    return (kind if isinstance(kind, str) else None, namespace if isinstance(namespace, str) else None,
+            name if isinstance(name, str) else None)
+
+
+# A part of the directory's content: a file's parse entry and objects carried over from an earlier
+# version of that file (kept while their removal waits, or while the file does not parse).
+Part = tuple[ParseEntry, Sequence[_Located]]
+
+
+def merge(parts: Iterable[Part], problems: Iterable[DocumentError] = ()) -> LoadResult:
+    """One LoadResult from per-file parts, in file order.
+
+    An object defined twice keeps its first definition and the second is reported; an object
+    carried over from an earlier version of a file yields, silently, to any current definition.
+    """
     first: dict[tuple[str, str, str], tuple[str, int]] = {}
     kept: dict[tuple[str, str, str], ApiObject] = {}
-    for file, index, obj, key in located:
-        if key in first:
-            where = "{}[{}]".format(*first[key])
-            kind, namespace, name = key
-            errors.append(DocumentError(file, index, kind, namespace, name, f"{obj.ref}: already defined at {where}"))
-            continue
-        first[key] = (file, index)
-        kept[key] = obj
+    errors: list[DocumentError] = []
+    carried: list[_Located] = []
+    for (_, located, file_errors, _), carry in parts:
+        errors += file_errors
+        carried += carry
+        for file, index, obj, key in located:
+            if key in first:
+                where = "{}[{}]".format(*first[key])
+                kind, namespace, name = key
+                message = f"{obj.ref}: already defined at {where}"
+                errors.append(DocumentError(file, index, kind, namespace, name, message))
+                continue
+            first[key] = (file, index)
+            kept[key] = obj
+    for _, _, obj, key in carried:
+        kept.setdefault(key, obj)
+    errors += problems
     return LoadResult(tuple(kept.values()), tuple(errors), keyed=kept)
 
 
@@ -228,8 +435,73 @@ def _stat_unchanged(directory: Path, before: Fingerprint, now: Fingerprint) -> s
     return {e[0][prefix:] for e in set(before) & set(now) if e[1] < recent}
 
 
+@dataclass(frozen=True)
+class _Held:
+    """What one file gives the store now: a parse of it, and objects of earlier versions still served
+    (``waiting``: until the file is stable; otherwise: until it parses)."""
+
+    entry: ParseEntry
+    carried: tuple[_Located, ...] = ()
+    waiting: bool = False
+
+    def objects(self) -> list[_Located]:
+        return [*self.entry[1], *self.carried]
+
+
+def _next_held(parse: ParseEntry | None, held: _Held | None, stable: bool) -> _Held | None:
+    """What a file gives the store after its latest parse (``held`` itself when nothing moves).
+
+    A clean parse (no errors, a complete last line) applies at once; objects it no longer defines
+    keep serving until the file is `stable`. A parse with errors or an unfinished last line (a
+    rejected document, or a file caught mid-write) and a vanished file wait, whole, until the
+    file is stable; then they apply, except that a file with a document that cannot even be
+    identified (invalid YAML, unreadable) keeps giving the objects it gave before until it parses.
+    """
+    old = held.objects() if held is not None else []
+    if parse is None:
+        return None if stable or not old else held
+    if held is not None and held.entry is parse and not (held.waiting and stable):
+        return held
+    new_keys = {loc[3] for loc in parse[1]}
+    dropped = tuple(loc for loc in old if loc[3] not in new_keys)
+    if not parse[2] and parse[3]:
+        return _Held(parse) if stable or not dropped else _Held(parse, dropped, waiting=True)
+    if not stable:
+        return held
+    unidentified = any(err.key is None for err in parse[2])
+    return _Held(parse, dropped if unidentified else ())
+
+
+def _waits(parse: ParseEntry | None, held: _Held | None) -> bool:
+    """Whether a file's latest parse is not fully applied yet."""
+    if held is None:
+        return parse is not None
+    return held.entry is not parse or held.waiting
+
+
+def _stat(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def _file_order(name: str) -> list[str]:
+    return name.split(os.sep)
+
+
 class FileSource:
-    """Keeps a ConfigStore source equal to the YAML files in one directory."""
+    """Keeps a ConfigStore source equal to the YAML files in one directory, never losing good config.
+
+    Per file, an edit that parses cleanly and removes nothing applies at once. A file that
+    vanished, shrank, emptied or holds a rejected document is applied only once its stat (or
+    its absence) has not changed for ``settle`` seconds, so a file caught mid-write or truncated
+    and rewritten removes nothing; a file with a document that cannot be identified (invalid
+    YAML, unreadable) keeps its earlier objects until it parses. Per object, the store keeps
+    the last good version of an object whose new version is rejected. The cost: one stat() per
+    waiting file per pass, and a wake-up when the first waiting file settles.
+    """
 
     def __init__(
         self,
@@ -240,6 +512,8 @@ class FileSource:
         interval: float = 0.1,
         watch: Literal["events", "poll"] = "events",
         rescan: float = 1.0,
+        settle: float = DEFAULT_SETTLE,
+        max_total_bytes: int = MAX_TOTAL_BYTES,
     ) -> None:
         self.store = store
         self.directory = Path(directory)
@@ -247,16 +521,27 @@ class FileSource:
         self.interval = interval  # seconds between sweeps when polling
         self.watch = watch
         self.rescan = rescan  # seconds between safety sweeps when file events wake reloads
+        self.settle = settle  # seconds a file must stay unchanged before it may remove objects
+        self.max_total_bytes = max_total_bytes
         self.failures = 0
         self.last_result = LoadResult()
         self._seen: Fingerprint | None = None
         self._trusted = False
-        self._cache: ParseCache = {}
+        self._cache: ParseCache = {}  # the latest parse of every file
+        self._held: dict[str, _Held] = {}  # what each file gives the store now
+        self._pending: dict[str, tuple[tuple[int, int, int] | None, float]] = {}  # name -> (stat, since)
+        self._problems: list[DocumentError] = []
+        self._loaded = False
 
     def sync(self) -> bool:
         """Load the directory now if it changed; True if the revision moved. For tests and startup."""
         scanned = self._scan()
         return scanned is not None and self._apply(*scanned)
+
+    @property
+    def waiting(self) -> list[str]:
+        """Files whose latest version waits to be applied until they are stable."""
+        return sorted(self._pending)
 
     async def run(self) -> None:
         """Keep the store in sync forever: file events when available, else polling."""
@@ -271,7 +556,8 @@ class FileSource:
             await asyncio.sleep(self.interval)
 
     async def _watch_events(self) -> None:
-        """Reload on every batch of file events and every `rescan` seconds without one.
+        """Reload on every batch of file events, every `rescan` seconds without one, and when the
+        first waiting file has been stable for `settle`.
 
         A reload right after the watch is armed covers writes made before it. The watch is
         re-armed when the directory itself is replaced (its inode changes), as a watch
@@ -282,7 +568,7 @@ class FileSource:
                 armed = self.directory.stat().st_ino
             except OSError:
                 await self._reload()
-                await asyncio.sleep(self.rescan)
+                await asyncio.sleep(min(self.rescan, self._until_settled()))
                 continue
             # watchfiles' documented Rust backend: arming is synchronous, unlike `awatch`.
             notify = await asyncio.to_thread(RustNotify, [str(self.directory)], False, False, 0, True, True)
@@ -290,11 +576,19 @@ class FileSource:
             try:
                 await self._reload()
                 while _same_inode(self.directory, armed):
+                    timeout = min(self.rescan, self._until_settled())
                     # Returns after events went quiet for 5 ms (at most 100 ms of them), or the timeout.
-                    await asyncio.to_thread(notify.watch, 100, 5, int(self.rescan * 1000), stop)
+                    await asyncio.to_thread(notify.watch, 100, 5, max(1, int(timeout * 1000)), stop)
                     await self._reload()
             finally:
                 stop.set()  # a cancelled wait leaves the thread in watch(); this ends it within 5 ms
+
+    def _until_settled(self) -> float:
+        """Seconds until the first waiting file has been stable for `settle` (inf if none waits)."""
+        if not self._pending:
+            return float("inf")
+        since = min(since for _, since in self._pending.values())
+        return max(0.005, since + self.settle - time.monotonic() + 0.005)
 
     async def _reload(self) -> None:
         """One `_scan` in a worker thread; a failure is logged and counted, the store keeps its config."""
@@ -307,34 +601,94 @@ class FileSource:
             log.exception("file source %s: reload failed (failure %d)", self.directory, self.failures)
 
     def _scan(self) -> tuple[LoadResult, bool] | None:
-        """(what the files hold, whether the files changed) or None if nothing to do.
+        """(what the store should hold, whether a file was written) or None if nothing to do.
 
         After a change the files are read again on every pass while their mtimes are recent
         enough that a second write could hide in the same timestamp tick.
         """
-        paths = yaml_paths(self.directory) if self.directory.is_dir() else []
+        if self.directory.is_dir():
+            paths, problems = walk_yaml(self.directory)
+        else:
+            paths, problems = [], [_not_a_directory(self.directory)]
         seen, racy = fingerprint(self.directory, paths)
         touched = seen != self._seen
-        if not touched and self._trusted:
+        if not touched and self._trusted and not self._pending:
             return None
         # The fingerprint was taken first: later writes show next pass. Only files whose bytes
         # changed are parsed again, so re-reading racy files costs a read and a hash; files whose
         # stat is the same as last pass and not recent enough to hide a second write are not read.
         unchanged = _stat_unchanged(self.directory, self._seen or (), seen)
-        loaded, changed = load_dir_cached(self.directory, self._cache, unchanged, paths)
+        changed = refresh_cache(self._cache, paths, unchanged, self.max_total_bytes)
         self._seen, self._trusted = seen, not racy
-        if not touched and not changed:
-            return None
-        return loaded, touched
+        moved, held_back = self._decide(changed | self._pending.keys())
+        if problems != self._problems:
+            self._problems, moved = problems, True
+        if moved:
+            held = sorted(self._held.items(), key=lambda item: _file_order(item[0]))
+            return merge(((h.entry, h.carried) for _, h in held), problems), touched and not held_back
+        if touched and not held_back and not changed:
+            return self.last_result, True  # rewritten with the same bytes: asks for a rebuild
+        return None
+
+    def _decide(self, names: Collection[str]) -> tuple[bool, bool]:
+        """Move each named file's contribution on as far as its stability allows.
+
+        Returns (some contribution changed, some file's latest version is held back). The very
+        first load takes every file as stable: there is no earlier config to lose.
+        """
+        now = time.monotonic()
+        moved = held_back = False
+        for name in names:
+            parse, held = self._cache.get(name), self._held.get(name)
+            if not _waits(parse, held):
+                self._pending.pop(name, None)
+                continue
+            stat = _stat(os.path.join(self.directory, name))
+            since = self._pending.get(name)
+            if since is None or since[0] != stat:
+                since = (stat, now)
+            following = _next_held(parse, held, not self._loaded or now - since[1] >= self.settle)
+            if following is not held:
+                moved = True
+                if following is None:
+                    del self._held[name]
+                else:
+                    self._held[name] = following
+            if _waits(parse, following):
+                self._pending[name] = since
+                held_back = True
+            else:
+                self._pending.pop(name, None)
+        self._loaded = True
+        return moved, held_back
 
     def _apply(self, loaded: LoadResult, touched: bool) -> bool:
-        if loaded.errors != self.last_result.errors:
-            for err in loaded.errors:
-                log.warning("file source %s: rejected %s", self.directory, err)
+        before = self.last_result
         self.last_result = loaded
-        if self.store.replace_source(self.source_id, loaded.keyed or loaded.objects, loaded.errors):
+        changed = self.store.replace_source(self.source_id, loaded.keyed or loaded.objects, loaded.errors)
+        self._report(before, loaded)
+        if changed:
             return True
         if touched:
             # A file was written without changing any object: the operator asked for a rebuild.
             self.store.touch()
         return touched
+
+    def _report(self, before: LoadResult, now: LoadResult) -> None:
+        """Log each new rejection once, saying what serves instead; warn when every object is gone."""
+        known = set(before.errors)
+        previous = self.store.serving_previous(self.source_id)
+        for err in now.errors:
+            if err in known:
+                continue
+            held = self._held.get(err.file)
+            if err.key is not None and previous.get(err.key) == err:
+                suffix = f"; {SERVING_PREVIOUS}"
+            elif err.key is None and held is not None and held.carried:
+                suffix = f"; the objects it defined before keep serving ({len(held.carried)})"
+            else:
+                suffix = ""
+            log.warning("file source %s: rejected %s%s", self.directory, err, suffix)
+        if before.objects and not now.objects:
+            log.warning("file source %s: every object it defined is removed (%d): no YAML file under it "
+                        "defines one any more", self.directory, len(before.objects))

@@ -7,6 +7,12 @@ object does not bump the revision, so re-reading unchanged files causes no push.
 
 Two sources may define the same key; the source with the smallest id wins, deterministically,
 and the loser is listed under ``shadowed`` on the debug page instead of vanishing.
+
+Bad input never costs good config: when a source reports a rejected document that names an
+object (kind, namespace, name) it held a valid version of, the store keeps serving that last
+good version and marks the rejection "serving the previous version" (Istio's validating webhook
+gives the same result on Kubernetes: an invalid update is refused, the stored object stays).
+The cost is a dictionary lookup per rejected document.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pilot.config.documents import DocumentError
 
 Key = tuple[str, str, str]  # (kind, namespace, name)
 DEFAULT_SOURCE = "api"
+SERVING_PREVIOUS = "serving the previous version"
 
 
 class ConfigStore:
@@ -29,6 +36,8 @@ class ConfigStore:
     def __init__(self) -> None:
         self._by_source: dict[str, dict[Key, ApiObject]] = {}
         self._errors: dict[str, tuple[DocumentError, ...]] = {}
+        # source -> keys served from their last good version, with the error that rejected the new one
+        self._previous: dict[str, dict[Key, DocumentError]] = {}
         self._effective: dict[Key, tuple[str, ApiObject]] = {}
         self._revision = 0
         self._changed = asyncio.Event()
@@ -74,17 +83,29 @@ class ConfigStore:
         """Make ``objects`` the whole content of a source (and ``errors`` its rejections).
 
         ``objects`` may come keyed already (key -> object). Objects the source no longer has
-        are deleted; True if the effective config changed.
+        are deleted, except those an error in ``errors`` names: their last good version keeps
+        serving (see `serving_previous`). True if the effective config changed.
         """
         new = dict(objects) if isinstance(objects, Mapping) else {obj.key: obj for obj in objects}
         old = self._by_source.get(source_id, {})
+        previous: dict[Key, DocumentError] = {}
+        for err in errors:
+            key = err.key
+            if key is not None and key not in new and key in old:
+                new[key] = old[key]
+                previous[key] = err
         self._by_source[source_id] = new
         self._errors[source_id] = tuple(errors)
+        self._previous[source_id] = previous
         # Only keys whose object is not the very same instance can change a winner: a reload of
         # 1,000 files with one edited settles a few keys, not all ~9,000 (this runs on the loop).
         changed = [key for key, obj in new.items() if old.get(key) is not obj]
         changed += [key for key in old if key not in new]
         return self._settle(changed)
+
+    def serving_previous(self, source_id: str) -> Mapping[Key, DocumentError]:
+        """Keys of a source whose new version was rejected, so their previous version serves."""
+        return self._previous.get(source_id, {})
 
     async def wait_for_change(self, after_revision: int) -> int:
         """Wait until the revision exceeds ``after_revision``; return the new revision."""
@@ -152,15 +173,13 @@ class ConfigStore:
                 "namespace": key[1],
                 "name": key[2],
                 "warnings": [str(w) for w in obj.warnings],
+                **self._previous_note(source_id, key),
                 "object": obj.to_dict(),
             }
             for key, (source_id, obj) in sorted(self._effective.items())
         ]
-        rejected = [
-            {"source": source_id, **err.to_dict()}
-            for source_id in sorted(self._errors)
-            for err in self._errors[source_id]
-        ]
+        rejected = [self._rejection(source_id, err) for source_id in sorted(self._errors)
+                    for err in self._errors[source_id]]
         shadowed = [
             {
                 "source": source_id,
@@ -174,3 +193,16 @@ class ConfigStore:
             if self._effective[k][0] != source_id
         ]
         return {"revision": self._revision, "objects": objects, "rejected": rejected, "shadowed": shadowed}
+
+    def _previous_note(self, source_id: str, key: Key) -> dict[str, object]:
+        err = self._previous.get(source_id, {}).get(key)
+        return {} if err is None else {"serving_previous_version": True, "rejected_update": str(err)}
+
+    def _rejection(self, source_id: str, err: DocumentError) -> dict[str, object]:
+        entry: dict[str, object] = {"source": source_id, **err.to_dict()}
+        key = err.key
+        kept = key is not None and self._previous.get(source_id, {}).get(key) == err
+        entry["serving_previous_version"] = kept
+        if kept:
+            entry["message"] = f"{err.message}; {SERVING_PREVIOUS}"
+        return entry

@@ -40,6 +40,16 @@ class Conversions:
         if self._current:
             self._last, self._current = self._current, {}
 
+    def end_build(self) -> None:
+        """End a build: what it did not use goes now, rather than at the next build.
+
+        `next_build` keeps the previous build's entries only so that this build can reuse them;
+        once it is done, those it left are objects no longer in the config. Dropping them at once
+        is what lets memory return to its baseline after a large config is removed (else they
+        stay until the next build, or, in a stage whose inputs do not change again, for good).
+        """
+        self._last = {}
+
     def advance(self, complete: bool) -> None:
         """End a generation. `complete`: everything still needed was asked for since the last one
         (a full push), so what was not can go. A partial one (the EDS fast path asks for endpoints
@@ -128,6 +138,7 @@ class Conversions:
             return last[2]  # type: ignore[no-any-return]
         memo.next_build()
         value = compute(memo)
+        memo.end_build()
         self._stages[tag] = (memo, (objs, args, value))
         self.misses += 1
         return value

@@ -77,6 +77,8 @@ def _outbound_cluster(name: str, service: Service, port: ServicePort, policy: Tr
         cluster.eds_cluster_config.service_name = name
     elif kind == "DNS":
         cluster.type = Cluster.STRICT_DNS if service.resolution == "DNS" else Cluster.LOGICAL_DNS
+        # Istio (IPv4 proxies, no dual stack): A records only; Envoy's AUTO would try AAAA first.
+        cluster.dns_lookup_family = Cluster.V4_ONLY
         cluster.load_assignment.CopyFrom(_dns_assignment(name, service, port))
     else:
         cluster.type = Cluster.ORIGINAL_DST

@@ -64,6 +64,9 @@ def gateway_resources(mesh: MeshSnapshot, view: ProxyView) -> tuple[Resources, R
 
 def _rds_filter(route_name: str, port: int) -> Any:
     hcm = hcm_pb2.HttpConnectionManager(stat_prefix=f"gateway_{port}", strip_any_host_port=True)
+    # Istio's gateways: the client's address goes into X-Forwarded-For, and as no address is
+    # internal, a client's x-envoy-* control headers are removed.
+    hcm.use_remote_address.value = True
     hcm.rds.route_config_name = route_name
     hcm.rds.config_source.CopyFrom(ads_config_source())
     return _hcm_filter(hcm)

@@ -16,7 +16,7 @@ from pilot.translate.listeners import sidecar_listeners_for
 from pilot.translate.memo import carried_value, memoized
 from pilot.translate.passthrough import PASSTHROUGH_CLUSTER, allow_any, passthrough_cluster, passthrough_vhost
 from pilot.translate.routes import outbound_route_config
-from pilot.translate.scope import InboundPort, ProxyView, proxy_view
+from pilot.translate.scope import InboundPort, ProxyView, proxy_view, scope_view
 from pilot.translate.tcp_routes import outbound_l4_listeners
 from pilot.translate.visibility import outbound_policy_vhosts, selected_rules, visible_mesh
 from pilot.xds import typeurls
@@ -72,7 +72,7 @@ def _seen(mesh: MeshSnapshot, proxy: ProxyClass, view: ProxyView) -> MeshSnapsho
 
 def generate_endpoints(mesh: MeshSnapshot, proxy: ProxyClass, view: ProxyView | None = None) -> dict[str, Any]:
     """Only the ClusterLoadAssignments of ``proxy``: exactly ``generate(...)[ENDPOINT]``, for the EDS fast path."""
-    seen = _seen(mesh, proxy, view or proxy_view(mesh, proxy))
+    seen = _seen(mesh, proxy, view or scope_view(mesh, proxy))  # `_seen` reads no inbound port
     return memoized(seen, "endpoints", lambda: sorted_by_name(load_assignments(seen)))
 
 

@@ -6,6 +6,7 @@ everything inside a route (headers, weighted clusters) is sorted.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -30,10 +31,21 @@ _REDIRECT_CODES = {
 __all__ = ["DEFAULT_RETRY_ON", "RouteSource", "string_matcher"]
 
 
+def set_timeout(action: Any, timeout: timedelta | None) -> None:
+    """A route's timeout as Istio sets it: the VirtualService's, else none (``0s``; Envoy's own
+    default would be 15s). A gRPC caller's ``grpc-timeout`` header may shorten it, never extend
+    it (``max_grpc_timeout`` = the timeout; 0 = no cap), as Istio does on sidecars."""
+    if timeout is not None:
+        action.timeout.FromTimedelta(timeout)
+    else:
+        action.timeout.FromSeconds(0)
+    action.max_grpc_timeout.CopyFrom(action.timeout)
+
+
 def default_route(cluster: str) -> Any:
-    """Everything to ``cluster``, with Istio's "no timeout" (Envoy's own default would be 15s)."""
+    """Everything to ``cluster``, with Istio's "no timeout"."""
     action = rc.RouteAction(cluster=cluster)
-    action.timeout.FromSeconds(0)
+    set_timeout(action, None)
     return rc.Route(name="default", match=rc.RouteMatch(prefix="/"), route=action)
 
 
@@ -170,7 +182,9 @@ def _route_action(mesh: m.MeshSnapshot, route: m.HttpRoute, port: int) -> Any:
         cluster = action.weighted_clusters.clusters.add(name=name)
         cluster.weight.value = weight
         _destination_headers(cluster, mesh, route, port)
-    _apply_policies(action, mesh, route, port)
+    # Istio: a lone destination whose DestinationRule hashes keeps retries on the hashed host.
+    hashed = len(route.destinations) == 1 and len(action.hash_policy) > 0
+    _apply_policies(action, mesh, route, port, hashed)
     return action
 
 
@@ -182,13 +196,10 @@ def _destination_headers(cluster: Any, mesh: m.MeshSnapshot, route: m.HttpRoute,
         cluster.host_rewrite_literal = dest.headers.authority
 
 
-def _apply_policies(action: Any, mesh: m.MeshSnapshot, route: m.HttpRoute, port: int) -> None:
+def _apply_policies(action: Any, mesh: m.MeshSnapshot, route: m.HttpRoute, port: int, hashed: bool) -> None:
     """Timeout (Istio: none unless set), retries, path rewrites and mirrors of a forwarding route."""
-    if route.timeout is not None:
-        action.timeout.FromTimedelta(route.timeout)
-    else:
-        action.timeout.FromSeconds(0)
-    policy = retry_policy(route.retries)
+    set_timeout(action, route.timeout)
+    policy = retry_policy(route.retries, consistent_hash=hashed)
     if policy is not None:
         action.retry_policy.CopyFrom(policy)
     if route.rewrite_uri is not None:

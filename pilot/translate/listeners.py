@@ -34,15 +34,51 @@ def _listener(bind: str, port: int, network_filter: Any) -> Any:
     return listener
 
 
+def _istio_hcm_defaults(hcm: Any) -> None:
+    """What Istio sets on every HTTP connection manager (``buildHTTPConnectionManager``) where
+    Envoy's own default differs: no stream idle timeout (Envoy's 5 min would cut quiet gRPC
+    streams and long polls), paths normalised (RFC 3986, Istio's ``DEFAULT`` normalisation:
+    ``/a/../b`` is routed and matched as ``/b``) with escaped slashes left as sent, and
+    WebSocket upgrades allowed."""
+    hcm.stream_idle_timeout.FromSeconds(0)
+    hcm.normalize_path.value = True
+    hcm.path_with_escaped_slashes_action = hcm_pb2.HttpConnectionManager.KEEP_UNCHANGED
+    if not hcm.upgrade_configs:
+        hcm.upgrade_configs.add(upgrade_type="websocket")
+
+
 def _hcm_filter(hcm: Any) -> Any:
+    _istio_hcm_defaults(hcm)
     hcm.http_filters.append(router_filter())
     flt = lc.Filter(name=names.HCM_FILTER)
     flt.typed_config.Pack(hcm)
     return flt
 
 
+# Who may steer the outbound listener with Envoy's request headers (x-envoy-upstream-rq-timeout-ms,
+# x-envoy-max-retries, x-envoy-retry-on, ...): the app beside the sidecar. A local-mesh app
+# reaches it over loopback; a Kubernetes-style proxy's outbound port only receives the pod's own
+# traffic (iptables), from private addresses. Everyone else's such headers are removed.
+LOOPBACK_RANGES = (("127.0.0.0", 8), ("::1", 128))
+PRIVATE_RANGES = (("10.0.0.0", 8), ("172.16.0.0", 12), ("192.168.0.0", 16), ("fc00::", 7))
+
+
+def _trust_the_app(hcm: Any, bind: str) -> None:
+    """Let the app override a route's timeout and retries per request, as Istio's concepts page
+    describes. Envoy removes those headers unless the request is internal, and with
+    ``use_remote_address`` unset a request without X-Forwarded-For never is, so (as Istio does
+    with PILOT_SIDECAR_USE_REMOTE_ADDRESS) the HCM uses the sender's address, listed explicitly
+    as internal: since Envoy 1.33 no address is internal unless configured. Cost: the upstream
+    request carries X-Forwarded-For (the sender) and ``x-envoy-internal: true``."""
+    hcm.use_remote_address.value = True
+    ranges = LOOPBACK_RANGES + (PRIVATE_RANGES if bind == names.WILDCARD_ADDRESS else ())
+    for prefix, length in ranges:
+        hcm.internal_address_config.cidr_ranges.add(address_prefix=prefix).prefix_len.value = length
+
+
 def _outbound_listener(bind: str, passthrough: bool) -> Any:
     hcm = hcm_pb2.HttpConnectionManager(stat_prefix="outbound")
+    _trust_the_app(hcm, bind)
     hcm.rds.route_config_name = names.OUTBOUND_ROUTE
     hcm.rds.config_source.CopyFrom(ads_config_source())
     hcm.http_filters.extend(route_http_filters())  # CORS and fault, before the router
@@ -55,7 +91,7 @@ def inbound_listener(bind: str, port: InboundPort) -> Any:
     stat_prefix = f"inbound_{port.port}"
     if port.http:
         hcm = hcm_pb2.HttpConnectionManager(
-            stat_prefix=stat_prefix, route_config=inbound_route_config(port.port)
+            stat_prefix=stat_prefix, route_config=inbound_route_config(port.port, port.grpc)
         )
         return _listener(bind, port.port, _hcm_filter(hcm))
     tcp = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix, cluster=names.inbound_cluster(port.port))

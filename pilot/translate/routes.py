@@ -26,6 +26,7 @@ from pilot.translate.http_routes import (
 )
 from pilot.translate.memo import carried_by, memoized
 from pilot.translate.policy import cluster_hash_policies
+from pilot.translate.retries import inbound_retry_policy
 from pilot.translate.route_source import RouteSource
 
 
@@ -135,10 +136,20 @@ def _build_routes(
     return [default]
 
 
-def inbound_route_config(port: int) -> Any:
-    """Inline route config of an inbound listener: everything to the local app's cluster."""
+def inbound_route_config(port: int, grpc: bool = False) -> Any:
+    """Inline route config of an inbound listener: everything to the local app's cluster.
+
+    As Istio's inbound route: no timeout, a gRPC caller's ``grpc-timeout`` header honoured
+    without a cap, and (except on gRPC ports, where it breaks streams) a request reset before
+    it reached the app is resent twice (Istio 1.24).
+    """
     name = names.inbound_route(port)
     route = default_route(names.inbound_cluster(port))
+    route.route.ClearField("max_grpc_timeout")
+    route.route.max_stream_duration.max_stream_duration.FromSeconds(0)
+    route.route.max_stream_duration.grpc_timeout_header_max.FromSeconds(0)
+    if not grpc:
+        route.route.retry_policy.CopyFrom(inbound_retry_policy())
     return route_pb2.RouteConfiguration(
         name=name, virtual_hosts=[rc.VirtualHost(name=name, domains=["*"], routes=[route])]
     )

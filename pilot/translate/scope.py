@@ -17,6 +17,8 @@ from pilot.model.proxy import ProxyClass
 from pilot.model.scoping import EgressScope
 from pilot.translate import names
 
+GRPC_PROTOCOLS = frozenset({"GRPC", "GRPC-WEB"})  # Istio's IsGRPC(): no inbound retries
+
 
 @dataclass(frozen=True, slots=True)
 class InboundPort:
@@ -27,6 +29,7 @@ class InboundPort:
     http2: bool
     app_address: str  # host or unix:// path the app listens on
     app_port: int
+    grpc: bool = False  # every service on the port speaks gRPC: no inbound retries (Istio's rule)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,24 @@ def proxy_view(mesh: MeshSnapshot, proxy: ProxyClass) -> ProxyView:
     )
 
 
+def scope_view(mesh: MeshSnapshot, proxy: ProxyClass) -> ProxyView:
+    """`proxy_view` without the inbound ports: what decides which part of the mesh a proxy sees
+    (labels, Sidecar, egress scope). The EDS fast path needs only this, for every class on every
+    endpoint change, and inbound ports cost a walk over the services selecting the proxy."""
+    workload = mesh.workload(proxy.namespace, proxy.workload) if proxy.workload else None
+    labels = workload.labels if workload is not None else proxy.label_map
+    sidecar = sidecar_for(mesh, proxy.namespace, labels)
+    return ProxyView(
+        bind_address=proxy.bind_address or names.WILDCARD_ADDRESS,
+        namespace=proxy.namespace,
+        labels=labels,
+        workload=workload,
+        inbound=(),
+        sidecar=sidecar,
+        egress=mesh.scoping.egress.get((sidecar.namespace, sidecar.name)) if sidecar else None,
+    )
+
+
 def sidecar_for(mesh: MeshSnapshot, namespace: str, labels: Mapping[str, str]) -> SidecarScope | None:
     """The Sidecar resource for a workload; the root namespace's default if its namespace has none."""
     found = mesh.sidecar_for(namespace, labels)
@@ -74,12 +95,12 @@ def _inbound_ports(
     bind: str,
     sidecar: SidecarScope | None,
 ) -> tuple[InboundPort, ...]:
-    protocols: dict[int, list[tuple[bool, bool]]] = {}
+    protocols: dict[int, list[tuple[bool, bool, bool]]] = {}
     services = mesh.services_selecting(namespace, labels)
     for service in services:
         for port in service.ports:
             number = endpoint_port(port, workload.ports if workload else None)
-            protocols.setdefault(number, []).append((port.is_http, port.is_http2))
+            protocols.setdefault(number, []).append((port.is_http, port.is_http2, port.protocol in GRPC_PROTOCOLS))
     if sidecar is not None and sidecar.ingress_ports:
         # Istio: an ingress section replaces the ports taken from services, and applies only
         # to a workload that some service selects.
@@ -91,21 +112,22 @@ def _inbound_ports(
         default_endpoint = sidecar.ingress_endpoints.get(number) if sidecar else None
         address, app_port = app_endpoint(default_endpoint, number, bind)
         # Several services on one port: HTTP only if all agree, since TCP proxying suits anything.
-        http = all(h for h, _ in kinds)
-        found.append(InboundPort(number, http, http and any(h2 for _, h2 in kinds), address, app_port))
+        http = all(h for h, _, _ in kinds)
+        http2 = http and any(h2 for _, h2, _ in kinds)
+        found.append(InboundPort(number, http, http2, address, app_port, http and all(g for _, _, g in kinds)))
     return tuple(found)
 
 
 def _listed_ports(
-    listed: Mapping[int, str], from_services: dict[int, list[tuple[bool, bool]]]
-) -> dict[int, list[tuple[bool, bool]]]:
+    listed: Mapping[int, str], from_services: dict[int, list[tuple[bool, bool, bool]]]
+) -> dict[int, list[tuple[bool, bool, bool]]]:
     """The Sidecar's ingress ports; a port without a protocol takes the services' for that port."""
-    out: dict[int, list[tuple[bool, bool]]] = {}
+    out: dict[int, list[tuple[bool, bool, bool]]] = {}
     for number, protocol in listed.items():
         if protocol:
-            out[number] = [(protocol in HTTP_PROTOCOLS, protocol in HTTP2_PROTOCOLS)]
+            out[number] = [(protocol in HTTP_PROTOCOLS, protocol in HTTP2_PROTOCOLS, protocol in GRPC_PROTOCOLS)]
         else:
-            out[number] = from_services.get(number, [(False, False)])
+            out[number] = from_services.get(number, [(False, False, False)])
     return out
 
 

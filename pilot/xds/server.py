@@ -180,7 +180,7 @@ async def _read(requests: AsyncIterator[Any], session: Any, stream: _Stream) -> 
                 stream.dirty = True
                 stream.wake.set()
             del wire  # a request can be 100 KB of names: not kept while waiting for the next
-    except grpc.aio.AioRpcError:
+    except (grpc.aio.AioRpcError, grpc.aio.BaseError):  # the client left, or pilot is stopping
         pass
     except Exception as exc:
         log.exception("handling an ADS request failed")

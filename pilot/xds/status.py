@@ -2,7 +2,10 @@
 
 Streams write their own `StreamStatus` (one writer each, on the event loop); the debug API
 reads them all. A NACK is never dropped: it is logged, counted in metrics, and kept here
-with Envoy's message until a later response for the same type is ACKed.
+with Envoy's message until a later response for the same type is ACKed, or until pilot's
+config for the proxy returns to the version the proxy holds (the rejected change was undone:
+nothing is sent, since the proxy already has it, and the proxy is in sync again). Either
+way `nacks` and `last_nack` keep the history.
 """
 
 from __future__ import annotations
@@ -36,11 +39,37 @@ class TypeStatus:
     sent_at: float = 0.0
     acked_version: str = ""
     acked_at: float = 0.0
-    nack_message: str = ""
+    nack_message: str = ""  # Envoy's message for the last response, while that NACK stands
     nack_version: str = ""
     nacks: int = 0
-    # What this proxy should have of the type now (its subscription of the latest snapshot).
-    current_version: str = ""
+    last_nack: str = ""  # Envoy's message of the latest NACK, kept after the NACK is cleared
+    # What this proxy should have of the type now (its subscription of the latest snapshot);
+    # read and written as `current_version`.
+    _current: str = ""
+
+    @property
+    def current_version(self) -> str:
+        return self._current
+
+    @current_version.setter
+    def current_version(self, version: str) -> None:
+        """Pilot's version for the proxy changed (sessions set it on every push).
+
+        A standing NACK clears when that version is again the one the proxy ACKed and still
+        holds, and the rejected response is the last one sent: the rejected change was undone.
+        Pilot sends nothing then (the proxy already has that config), so without this the NACK
+        would show forever although acked equals current. Cost: two string compares per push.
+        """
+        self._current = version
+        if (
+            self.nack_message
+            and self.acked_version
+            and version == self.acked_version
+            and self.sent_version == self.nack_version
+        ):
+            # The proxy holds what it ACKed, which is current again: in sync, as after an ACK.
+            self.nack_message = self.nack_version = ""
+            self.sent_version = self.acked_version
 
     def state(self) -> SyncState:
         if self.nack_message:
@@ -138,6 +167,7 @@ class StatusRegistry:
     def record_nack(self, status: StreamStatus, type_url: str, version: str, message: str) -> None:
         ts = status.of(type_url)
         ts.nack_message, ts.nack_version = message or "(no message)", version
+        ts.last_nack = ts.nack_message
         ts.nacks += 1
         self.metrics.of_type(self.metrics.nacks, type_url).inc()
         log.warning(
@@ -166,6 +196,7 @@ class StatusRegistry:
                     "nack": ts.nack_message,
                     "nack_version": ts.nack_version,
                     "nacks": ts.nacks,
+                    "last_nack": ts.last_nack,
                 }
             ident = st.identity
             rows.append({

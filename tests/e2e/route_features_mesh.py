@@ -22,9 +22,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from meshctl.devcerts import DevCa
-from meshctl.localmesh import LocalMesh, http_session
+from meshctl.localmesh import LocalMesh, free_port, http_session
 from pilot.settings import PilotSettings
-from tests.e2e.conftest import free_port, random_block
+from tests.e2e.conftest import random_block
 
 HOST = "web:8080"
 VERSIONS = ("v1", "v2")
@@ -135,6 +135,12 @@ class Routes:
     async def tags(self, paths: Iterable[str]) -> dict[str, str | None]:
         """path -> the route that tagged a GET of it."""
         return {path: (await self.call(path)).tag for path in paths}
+
+    async def control(self, version: str, **body: Any) -> dict[str, Any]:
+        """POST the web app of ``version``'s ``/_control`` (delay, failures, counter reset)."""
+        async with http_session() as session, session.post(self.apps[version] + "/_control", json=body) as resp:
+            reply: dict[str, Any] = await resp.json()
+            return reply
 
     async def served(self, version: str) -> int:
         """How many requests the app of ``version`` has answered (on port ``http``)."""

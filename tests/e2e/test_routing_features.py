@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import ssl
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
 
 from meshctl.localmesh import http_session
-from tests.e2e.route_features_mesh import HOST, Reply, Routes, running_mesh, tagged
+from tests.e2e.route_features_mesh import HOST, TO_V1, Reply, Routes, running_mesh, tagged
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
@@ -481,3 +482,56 @@ async def test_tls_route_passes_the_connection_through_by_sni(routes: Routes) ->
     with pytest.raises((OSError, asyncio.IncompleteReadError)) as refused:
         await tls_exchange(routes, "other.example.com", trusting)
     assert not isinstance(refused.value, TimeoutError)  # closed at once, not left hanging
+
+
+async def test_an_app_header_shortens_or_extends_the_route_timeout(routes: Routes) -> None:
+    """Istio's traffic-management concepts: an app may override the route's timeout per request
+    with ``x-envoy-upstream-rq-timeout-ms``; the sidecar's outbound listener honours it."""
+    await routes.route(
+        "  - match: [{uri: {prefix: /long}}]\n    timeout: 10s\n" + TO_V1 + "  - timeout: 0.3s\n" + TO_V1
+    )
+    await routes.control("v1", delay_ms=1000)
+    try:
+        assert (await routes.call("/long")).status == 200  # 1s of work within the route's 10s
+        assert (await routes.call("/long", x_envoy_upstream_rq_timeout_ms="200")).status == 504  # shortened
+        assert (await routes.call("/short")).status == 504  # 1s of work beyond the route's 0.3s
+        assert (await routes.call("/short", x_envoy_upstream_rq_timeout_ms="5000")).status == 200  # extended
+    finally:
+        await routes.control("v1", delay_ms=0)
+
+
+async def attempts(routes: Routes, **headers: str) -> tuple[int, int]:
+    """(status, requests the always-failing v1 app saw) for one call through frontend."""
+    await routes.control("v1", reset_counters=True)
+    status = (await routes.call("/", **headers)).status
+    return status, await routes.served("v1")
+
+
+async def test_an_app_header_sets_the_number_of_retries_and_503_is_not_retried_by_default(routes: Routes) -> None:
+    """``x-envoy-max-retries`` replaces the route's attempts per request; Istio's default policy
+    (no ``retries`` field) does not retry a 503 (Istio 1.24 on), an explicit ``retryOn`` does."""
+    await routes.route(
+        "  - match: [{uri: {prefix: /}, headers: {x-policy: {exact: explicit}}}]\n"
+        "    retries: {attempts: 2, retryOn: 5xx, backoff: 1ms}\n" + TO_V1 + "  - name: default-policy\n" + TO_V1
+    )
+    await routes.control("v1", fail_rate=1.0, fail_status=503)
+    try:
+        assert await attempts(routes) == (503, 1)  # the default policy leaves a 503 alone
+        assert await attempts(routes, x_policy="explicit") == (503, 3)  # 1 try + 2 retries
+        assert await attempts(routes, x_policy="explicit", x_envoy_max_retries="5") == (503, 6)
+        assert await attempts(routes, x_policy="explicit", x_envoy_max_retries="0") == (503, 1)
+        # The app can also say what to retry on; the header count applies to it.
+        assert await attempts(routes, x_envoy_retry_on="5xx", x_envoy_max_retries="3") == (503, 4)
+    finally:
+        await routes.control("v1", fail_rate=0.0, reset_counters=True)
+
+
+async def test_weights_are_relative_three_and_one_split_traffic_75_25(routes: Routes) -> None:
+    """Istio 1.15 on: weights need not add up to 100; Envoy sums them itself."""
+    await routes.route(
+        "  - route:\n"
+        "    - {destination: {host: web, subset: v1}, weight: 3}\n"
+        "    - {destination: {host: web, subset: v2}, weight: 1}\n"
+    )
+    seen = Counter([(await routes.call("/")).body["version"] for _ in range(400)])
+    assert set(seen) == {"v1", "v2"} and 250 <= seen["v1"] <= 350, seen  # 300 expected, sd 8.7

@@ -91,14 +91,16 @@ def test_weight_error_names_kind_object_path_and_reason() -> None:
             {
                 "route": [
                     {"destination": {"host": "reviews", "subset": "v1"}, "weight": 80},
-                    {"destination": {"host": "reviews", "subset": "v2"}, "weight": 120},
+                    {"destination": {"host": "reviews", "subset": "v2"}, "weight": -120},
                 ]
             }
         ],
     }
     with pytest.raises(InvalidObjectError) as info:
         parse_object(doc("VirtualService", spec, name="reviews"))
-    assert str(info.value) == "VirtualService default/reviews: spec.http[0].route[1].weight: must be between 0 and 100"
+    assert str(info.value) == (
+        "VirtualService default/reviews: spec.http[0].route[1].weight: must be between 0 and 2147483647"
+    )
     assert info.value.issues[0].path == "spec.http[0].route[1].weight"
 
 
@@ -196,13 +198,16 @@ def test_kubernetes_metadata_does_not_warn() -> None:
     assert obj.metadata.resource_version == "7"
 
 
-def test_weights_of_several_destinations_must_add_up_to_100() -> None:
-    route = [{"destination": {"host": "r", "subset": s}, "weight": 30} for s in ("a", "b")]
+def test_weights_of_several_destinations_are_relative_but_not_all_zero() -> None:
+    route = [{"destination": {"host": "r", "subset": s}, "weight": 0} for s in ("a", "b")]
     with pytest.raises(InvalidObjectError) as info:
         parse_object(doc("VirtualService", {"hosts": ["r"], "http": [{"route": route}]}))
     assert [(i.path, i.message) for i in info.value.issues] == [
-        ("spec.http[0].route", "weights of several destinations must add up to 100, not 60")
+        ("spec.http[0].route", "total destination weight = 0: several destinations need a weight above 0")
     ]
+    # Istio 1.15 on: 30 and 30 are an even split (no sum of 100 needed).
+    route = [{"destination": {"host": "r", "subset": s}, "weight": 30} for s in ("a", "b")]
+    assert parse_object(doc("VirtualService", {"hosts": ["r"], "http": [{"route": route}]})).warnings == ()
     # A lone destination may omit its weight.
     obj = parse_object(doc("VirtualService", {"hosts": ["r"], "http": [{"route": route[:1]}]}))
     assert isinstance(obj, VirtualService) and obj.warnings == ()

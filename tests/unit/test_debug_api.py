@@ -40,7 +40,7 @@ spec:
   http:
   - route:
     - destination: {host: ratings}
-      weight: 150
+      weight: -150
 """
 
 
@@ -64,7 +64,7 @@ async def test_configz_names_the_rejected_document_and_a_fix_is_picked_up(pilot:
     text = str(body["rejected"])
     assert "VirtualService default/broken" in text and "weight" in text and "bad.yaml" in text
     assert any("ratings" in str(o) for o in body["objects"])  # the valid documents stay live
-    (tmp_path / "bad.yaml").write_text(BAD.replace("weight: 150", "weight: 100"))
+    (tmp_path / "bad.yaml").write_text(BAD.replace("weight: -150", "weight: 100"))
     for _ in range(50):
         _, body = await get(pilot, "/debug/configz")
         if not body["rejected"] and "broken" in str(body["objects"]):  # not a half-written file's state

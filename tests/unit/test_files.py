@@ -91,7 +91,7 @@ async def _until(predicate: object, timeout: float = 1.5) -> None:
 async def test_watch_picks_up_add_change_fix_and_delete(tmp_path: Path, watch: Literal["events", "poll"]) -> None:
     store = ConfigStore()
     # With events, sweeps are a minute apart: only file events can make the deadlines.
-    source = FileSource(store, tmp_path, interval=0.05, watch=watch, rescan=60)
+    source = FileSource(store, tmp_path, interval=0.05, watch=watch, rescan=60, settle=0.2)
     task = asyncio.create_task(source.run())
     try:
         names = lambda: sorted(o.metadata.name for o in store.objects())  # noqa: E731
@@ -145,7 +145,7 @@ async def test_a_replaced_directory_is_watched_again(tmp_path: Path) -> None:
     config.mkdir()
     (config / "a.yaml").write_text(se("a"))
     store = ConfigStore()
-    source = FileSource(store, config, rescan=0.2)
+    source = FileSource(store, config, rescan=0.2, settle=0.2)
     source.sync()
     task = asyncio.create_task(source.run())
     try:

@@ -137,9 +137,24 @@ def vs(*http: dict[str, Any], **spec: Any) -> dict[str, Any]:
             "whole number of seconds",
         ),
         (
-            {"route": [{**DEST, "weight": 50}, {"destination": {"host": "r", "subset": "b"}, "weight": 40}]},
+            {"route": [DEST], "retries": {"attempts": 0, "perTryTimeout": "1s"}},
+            "spec.http[0].retries",
+            "attempts are set to 0 (disabled)",
+        ),
+        (
+            {"route": [{**DEST, "weight": 0}, {"destination": {"host": "r", "subset": "b"}}]},
             "spec.http[0].route",
-            "add up to 100, not 90",
+            "total destination weight = 0",
+        ),
+        (
+            {"route": [{**DEST, "weight": -1}, {"destination": {"host": "r", "subset": "b"}, "weight": 1}]},
+            "spec.http[0].route[0].weight",
+            "between 0 and 2147483647",
+        ),
+        (
+            {"route": [{**DEST, "weight": 2**31 - 1}, {**DEST, "weight": 2**31 - 1}, {**DEST, "weight": 2}]},
+            "spec.http[0].route",
+            "exceeds Envoy's limit 4294967295",
         ),
     ],
 )
@@ -202,13 +217,84 @@ def test_route_configs_raise_envoys_body_limit_only_for_bodies_over_4k(body: dic
     assert route.direct_response.body.inline_string.encode() + route.direct_response.body.inline_bytes == expected
 
 
-def test_istio_defaults_no_timeout_and_two_retries_on_503_and_connection_failures() -> None:
+def test_istio_defaults_no_timeout_and_two_retries_on_connection_failures_but_not_on_503() -> None:
     (route,) = routes({"route": [DEST]})
     action = route.route
     assert action.timeout.ToSeconds() == 0 and action.HasField("timeout")
-    assert action.retry_policy.retry_on == DEFAULT_RETRY_ON
-    assert action.retry_policy.num_retries.value == 2
-    assert list(action.retry_policy.retriable_status_codes) == [503]
+    assert action.max_grpc_timeout.ToSeconds() == 0 and action.HasField("max_grpc_timeout")
+    policy = action.retry_policy
+    assert policy.retry_on == DEFAULT_RETRY_ON
+    assert DEFAULT_RETRY_ON == "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+    assert policy.num_retries.value == 2
+    assert list(policy.retriable_status_codes) == []  # Istio 1.24: a 503 is not retried by default
+    assert [p.name for p in policy.retry_host_predicate] == ["envoy.retry_host_predicates.previous_hosts"]
+    assert policy.host_selection_retry_max_attempts == 5
+
+
+def test_a_grpc_timeout_header_may_shorten_the_route_timeout_but_not_exceed_it() -> None:
+    (route,) = routes({"route": [DEST], "timeout": "3s"})
+    assert route.route.timeout.ToSeconds() == route.route.max_grpc_timeout.ToSeconds() == 3
+
+
+def test_a_service_without_a_virtual_service_gets_the_same_default_policy() -> None:
+    mesh = build_mesh([parse_object(SE)])
+    (vhost,) = outbound_route_config(mesh, "default").virtual_hosts
+    (route,) = vhost.routes
+    assert route.route.retry_policy.retry_on == DEFAULT_RETRY_ON
+    assert list(route.route.retry_policy.retriable_status_codes) == []
+
+
+def test_a_lone_hashed_destination_retries_without_the_previous_hosts_predicate() -> None:
+    dr = {
+        "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+        "metadata": {"name": "r", "namespace": "default"},
+        "spec": {"host": "r", "trafficPolicy": {"loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}}},
+                 "subsets": [{"name": "b", "labels": {"v": "b"}}]},
+    }  # fmt: skip
+    http: list[dict[str, Any]] = [
+        {"name": "lone", "match": [{"uri": {"prefix": "/lone"}}], "route": [DEST]},
+        {"name": "explicit", "match": [{"uri": {"prefix": "/x"}}], "route": [DEST],
+         "retries": {"attempts": 3, "retryIgnorePreviousHosts": True}},
+        {"name": "split", "route": [{**DEST, "weight": 1}, {"destination": {"host": "r", "subset": "b"}, "weight": 1}]},
+    ]  # fmt: skip
+    mesh = build_mesh([parse_object(SE), parse_object(dr), parse_object(vs(*http))])
+    rule = mesh.virtual_services["r.default.svc.cluster.local"]
+    lone, explicit, split = virtual_service_routes(mesh, rule, 80)
+    assert lone.route.hash_policy and not lone.route.retry_policy.retry_host_predicate  # stays on the hashed host
+    assert lone.route.retry_policy.host_selection_retry_max_attempts == 5
+    assert len(explicit.route.retry_policy.retry_host_predicate) == 1  # asked for explicitly
+    assert len(split.route.retry_policy.retry_host_predicate) == 1  # Istio: only a lone destination counts
+
+
+def test_retry_ignore_previous_hosts_false_drops_only_the_predicate() -> None:
+    (route,) = routes({"route": [DEST], "retries": {"attempts": 1, "retryIgnorePreviousHosts": False}})
+    assert not route.route.retry_policy.retry_host_predicate
+    assert route.route.retry_policy.host_selection_retry_max_attempts == 5
+
+
+@pytest.mark.parametrize(
+    ("weights", "expected"),
+    [
+        ((3, 1), {"a": 3, "b": 1}),
+        ((1, 1), {"a": 1, "b": 1}),
+        ((0, 7), None),
+        ((2**31 - 1, 5), {"a": 2**31 - 1, "b": 5}),
+    ],
+)
+def test_weights_are_relative_and_envoy_gets_them_as_given(
+    weights: tuple[int, int], expected: dict[str, int] | None
+) -> None:
+    """Istio 1.15 on: 3 and 1 mean 75/25; Envoy sums the weights itself (no total_weight); a 0
+    weight leaves its destination out, and a route left with one destination names its cluster."""
+    route_spec = [{"destination": {"host": "r", "subset": s}, "weight": w} for s, w in zip("ab", weights, strict=True)]
+    (route,) = routes({"route": route_spec})
+    action = route.route
+    assert not action.weighted_clusters.HasField("total_weight")
+    got = {c.name.split("|")[2]: c.weight.value for c in action.weighted_clusters.clusters}
+    if expected is None:
+        assert not got and action.cluster == "outbound|80|b|r.default.svc.cluster.local"
+    else:
+        assert got == expected
 
 
 def test_attempts_zero_disables_retries_and_codes_in_retry_on_become_status_codes() -> None:

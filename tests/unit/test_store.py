@@ -74,7 +74,7 @@ def test_debug_dump_has_objects_warnings_and_rejections() -> None:
     assert entry["source"] == "files"
     assert entry["warnings"] == ["spec.bogus: unknown field, ignored"]
     assert entry["object"]["spec"]["address"] == "127.0.0.5"
-    assert dump["rejected"] == [{"source": "files", **error.to_dict()}]
+    assert dump["rejected"] == [{"source": "files", **error.to_dict(), "serving_previous_version": False}]
 
 
 async def test_wait_for_change_wakes_on_change_only() -> None:

@@ -94,6 +94,61 @@ def test_outbound_listener_uses_rds_and_router() -> None:
     assert hcm.http_filters[-1].typed_config.type_url.endswith("envoy.extensions.filters.http.router.v3.Router")
 
 
+def hcm_of(listener: Any) -> Any:
+    hcm = hcm_pb2.HttpConnectionManager()
+    assert listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    return hcm
+
+
+def test_the_outbound_listener_trusts_only_the_apps_beside_it_with_envoy_control_headers() -> None:
+    """Envoy keeps x-envoy-upstream-rq-timeout-ms / x-envoy-max-retries only from internal senders:
+    loopback for a local-mesh sidecar, also private ranges for a Kubernetes-style one (its outbound
+    port only gets the pod's own traffic)."""
+    mesh = build_mesh([])
+    local = hcm_of(generate(mesh, sidecar())[typeurls.LISTENER]["127.0.0.10_15001"])
+    k8s = hcm_of(generate(mesh, sidecar(bind=None, workload=None))[typeurls.LISTENER]["0.0.0.0_15001"])
+    for hcm in (local, k8s):
+        assert hcm.use_remote_address.value is True
+    def ranges(hcm: Any) -> list[tuple[str, int]]:
+        return [(r.address_prefix, r.prefix_len.value) for r in hcm.internal_address_config.cidr_ranges]
+
+    assert ranges(local) == [("127.0.0.0", 8), ("::1", 128)]
+    assert ranges(k8s) == [
+        ("127.0.0.0", 8), ("::1", 128), ("10.0.0.0", 8), ("172.16.0.0", 12), ("192.168.0.0", 16), ("fc00::", 7)
+    ]  # fmt: skip
+
+
+def test_every_http_connection_manager_gets_istios_settings() -> None:
+    wl = obj("WorkloadEntry", "me", {"address": "127.0.0.10", "labels": {"app": "reviews"}, "ports": {"http": 7000}})
+    mesh = build_mesh([service("reviews.default.svc.cluster.local", [(9080, "http")]), wl])
+    listeners = generate(mesh, sidecar())[typeurls.LISTENER]
+    inbound = hcm_of(listeners["127.0.0.10_7000"])
+    for hcm in (hcm_of(listeners["127.0.0.10_15001"]), inbound):
+        assert hcm.HasField("stream_idle_timeout") and hcm.stream_idle_timeout.ToSeconds() == 0  # Envoy: 5 min
+        assert hcm.normalize_path.value is True
+        assert hcm.path_with_escaped_slashes_action == hcm_pb2.HttpConnectionManager.KEEP_UNCHANGED
+        assert [u.upgrade_type for u in hcm.upgrade_configs] == ["websocket"]
+    assert not inbound.use_remote_address.value  # inbound: the caller's sidecar set X-Forwarded-For
+
+
+def test_inbound_routes_resend_requests_reset_before_the_app_saw_them_except_on_grpc_ports() -> None:
+    spec = {
+        "hosts": ["ratings.default.svc.cluster.local"], "resolution": "STATIC",
+        "ports": [{"number": 9090, "name": "grpc", "protocol": "GRPC"}, {"number": 9091, "name": "http"}],
+        "workloadSelector": {"labels": {"app": "ratings"}},
+    }  # fmt: skip
+    wl = obj("WorkloadEntry", "me", {"address": "127.0.0.10", "labels": {"app": "ratings"}})
+    listeners = generate(build_mesh([obj("ServiceEntry", "ratings", spec), wl]), sidecar())[typeurls.LISTENER]
+    routes = {port: hcm_of(listeners[f"127.0.0.10_{port}"]).route_config.virtual_hosts[0].routes[0].route
+              for port in (9090, 9091)}  # fmt: skip
+    assert not routes[9090].HasField("retry_policy")
+    policy = routes[9091].retry_policy
+    assert (policy.retry_on, policy.num_retries.value) == ("reset-before-request", 2)
+    for action in routes.values():
+        assert action.timeout.ToSeconds() == 0 and action.HasField("timeout")
+        assert action.max_stream_duration.HasField("grpc_timeout_header_max")  # grpc-timeout honoured, no cap
+
+
 def test_passthrough_is_for_local_mesh_sidecars_even_when_the_mesh_memo_is_shared() -> None:
     mesh = build_mesh([])
     local = generate(mesh, sidecar(workload=None))
@@ -132,3 +187,11 @@ def test_uri_matches_and_port_specific_routes() -> None:
     assert [r.route.cluster for r in on_9080] == ["outbound|9080||reviews.default.svc.cluster.local"] * 2
     on_80 = vhosts["reviews.default.svc.cluster.local:80"].routes
     assert [r.route.cluster for r in on_80] == ["outbound|80||reviews.default.svc.cluster.local"]
+
+
+def test_dns_clusters_ask_for_ipv4_addresses_only_as_istio_does_for_ipv4_proxies() -> None:
+    port = {"number": 443, "name": "tls", "protocol": "TLS"}
+    spec = {"hosts": ["api.example.com"], "resolution": "DNS", "ports": [port]}
+    clusters = generate(build_mesh([obj("ServiceEntry", "api", spec)]), sidecar())[typeurls.CLUSTER]
+    cluster = clusters["outbound|443||api.example.com"]
+    assert cluster.type == cluster.STRICT_DNS and cluster.dns_lookup_family == cluster.V4_ONLY

@@ -1,0 +1,132 @@
+"""Good config is never lost to bad input: real Envoy sidecars, a request loop through them.
+
+The canary mesh (frontend -> reviews v1/v2) first routes every request to v2. Then the route file
+is edited badly (a live VirtualService made invalid), truncated in place and rewritten half a
+second later, or a second file is caught mid-write and removed. Throughout, every request must
+succeed and keep landing on v2: falling back to the default route would send about half to v1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from meshctl.localmesh import http_session
+from tests.e2e.conftest import Canary
+
+pytestmark = pytest.mark.e2e
+HOST = {"Host": "reviews:9080"}
+
+
+@asynccontextmanager
+async def request_loop(canary: Canary) -> AsyncIterator[tuple[list[str], collections.Counter[str]]]:
+    """Requests through the frontend's sidecar until the block ends: (failures, versions answered)."""
+    failures: list[str] = []
+    versions: collections.Counter[str] = collections.Counter()
+    stop = asyncio.Event()
+
+    async def traffic() -> None:
+        async with http_session() as session:
+            while not stop.is_set():
+                try:
+                    async with session.get(canary.outbound + "/", headers=HOST) as resp:
+                        if resp.status != 200:
+                            failures.append(f"{resp.status}: {await resp.text()}")
+                        else:
+                            versions[(await resp.json())["version"]] += 1
+                except Exception as exc:
+                    failures.append(repr(exc))
+
+    task = asyncio.create_task(traffic())
+    try:
+        await asyncio.sleep(0.3)
+        yield failures, versions
+    finally:
+        await asyncio.sleep(0.3)
+        stop.set()
+        await task
+
+
+async def all_to_v2(canary: Canary) -> None:
+    before = canary.mesh.pilot.store.revision
+    canary.set_weights(0, 100)
+    await canary.mesh.wait_applied(before)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "not reached in time"
+        await asyncio.sleep(0.05)
+
+
+async def in_thread(*steps: tuple[float, Callable[[], object]]) -> None:
+    """Run file operations on their own thread, each after its delay, so pilot's loop cannot delay them."""
+    def run() -> None:
+        for delay, step in steps:
+            time.sleep(delay)
+            step()
+
+    done: Awaitable[None] = asyncio.to_thread(run)
+    await done
+
+
+async def test_a_live_virtual_service_edited_to_be_invalid_keeps_serving_its_last_good_version(
+        canary: Canary, caplog: pytest.LogCaptureFixture) -> None:
+    await all_to_v2(canary)
+    caplog.set_level(logging.WARNING, logger="pilot.config.files")
+    pilot = canary.mesh.pilot
+    route = canary.config_dir / "route.yaml"
+    invalid = canary.demo.route_yaml([0, 100]).replace("subset: v2}", "subset: v2, port: {number: 70000}}")
+    async with request_loop(canary) as (failures, versions):
+        route.write_text(invalid)
+        await until(lambda: bool(pilot.store.debug_dump()["rejected"]))
+        await asyncio.sleep(1.0)  # a push, had there been one, reaches Envoy within this
+    (rejected,) = pilot.store.debug_dump()["rejected"]
+    assert rejected["serving_previous_version"] is True
+    assert "VirtualService default/reviews" in rejected["message"]
+    assert "destination.port.number: must be between 1 and 65535" in rejected["message"]
+    assert rejected["message"].endswith("serving the previous version")
+    assert any("serving the previous version" in r.getMessage() for r in caplog.records)
+    assert failures == [], failures[:5]
+    assert versions["v2"] > 50 and versions["v1"] == 0, versions
+
+
+async def test_a_file_truncated_in_place_and_rewritten_half_a_second_later_loses_no_request(
+        canary: Canary) -> None:
+    await all_to_v2(canary)
+    route = canary.config_dir / "route.yaml"
+    content = route.read_text()
+    source = canary.mesh.pilot.files
+    assert source is not None and source.settle > 0.5
+    async with request_loop(canary) as (failures, versions):
+        await in_thread((0.0, lambda: route.write_text("")), (0.5, lambda: route.write_text(content)))
+        await asyncio.sleep(source.settle + 0.5)
+    assert failures == [], failures[:5]
+    assert versions["v2"] > 50 and versions["v1"] == 0, versions
+    assert source.waiting == []
+
+
+async def test_a_file_removed_mid_write_pushes_none_of_its_partial_content(canary: Canary) -> None:
+    """A second file that, once complete, would win over route.yaml (it comes first) and send all to v1."""
+    await all_to_v2(canary)
+    pilot = canary.mesh.pilot
+    path = canary.config_dir / "a-override.yaml"
+    full = canary.demo.route_yaml([100, 0])
+    cuts = [full.index("name: v2"), full.index("subset: v1") + 4, full.index("weight: 100") - 3]
+    steps = [(0.1, functools.partial(path.write_text, full[:cut])) for cut in cuts]
+    revision = pilot.store.revision
+    async with request_loop(canary) as (failures, versions):
+        await in_thread(*steps, (0.1, path.unlink))
+        await asyncio.sleep(pilot.files.settle + 0.5 if pilot.files else 1.0)
+    assert failures == [], failures[:5]
+    assert versions["v2"] > 50 and versions["v1"] == 0, versions
+    assert pilot.store.revision == revision, "no partial version of the file reached the store"
+    assert pilot.store.debug_dump()["rejected"] == []
