@@ -198,7 +198,7 @@ def _outlier_detection(run: Run) -> None:
     (line,) = run.lines(r"^((?:\d{3} )+)$")
     codes = line.group(1).split()
     assert len(codes) == 20 and set(codes) <= {"200", "500"}, codes
-    assert 1 <= codes.count("500") <= 3 and set(codes[-10:]) == {"200"}, codes
+    assert codes.count("500") == 3, codes  # reviews-2 is ejected at its third 500 in a row: none after
     assert "127.0.0.12:9082::health_flags::/failed_outlier_check" in run.stdout
 
 

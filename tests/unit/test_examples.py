@@ -3,7 +3,9 @@
 Examples are discovered, not listed, so a new one is checked the day it lands: its YAML loads
 without errors or unknown-field warnings, the mesh builds without warnings, and each workload the
 README starts (`meshctl proxy run [--gateway] --workload ns/name`) gets config that passes the
-snapshot consistency check, generated for the class that command would connect as.
+snapshot consistency check, generated for the class that command would connect as. The README
+waits for exactly those proxies before its first request and ends with the command that stops
+everything (`tests/e2e/test_example_readmes.py` runs the commands for real).
 """
 
 from __future__ import annotations
@@ -103,3 +105,19 @@ def test_example_builds_without_warnings_and_every_proxy_gets_consistent_config(
         resources = generate(mesh, proxy)
         assert Snapshot.from_resources(resources).consistency_errors() == [], wl.name
         assert resources[typeurls.LISTENER], f"{wl.name} got no listeners"
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_readme_waits_for_its_proxies_before_any_request_and_says_how_to_stop(example: str) -> None:
+    """Pasted verbatim, background proxies need a readiness wait and a way to stop them all
+    (the e2e test `test_example_readmes.py` runs the commands; this checks the shape, fast)."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", readme(example), re.MULTILINE | re.DOTALL)
+    lines = "".join(blocks).splitlines()
+    waits = [i for i, line in enumerate(lines) if line.startswith("meshctl proxy wait ")]
+    assert len(waits) == 1, "one `meshctl proxy wait` for all the workloads"
+    waited = sorted(tuple(w.split("/", 1)) for w in lines[waits[0]].split("#")[0].split()[3:])
+    assert waited == sorted((r.namespace, r.name) for r in proxy_runs(readme(example)))
+    last_run = max(i for i, line in enumerate(lines) if "meshctl proxy run" in line)
+    first_request = min((i for i, line in enumerate(lines) if re.search(r"\bcurl |socket\.", line)), default=None)
+    assert last_run < waits[0] and (first_request is None or waits[0] < first_request)
+    assert blocks[-1] == "kill $(jobs -p)\n", "the last block stops every background job"
