@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -35,8 +36,13 @@ def cli() -> None:
 @click.option("--log-level", default="info", show_default=True)
 def up(config_dir: Path, ads_addr: str, debug_addr: str, log_level: str) -> None:
     """Run the control plane on a directory of mesh config until Ctrl-C."""
+    from pilot.gcpolicy import use_system_malloc
+
+    if sys.argv[1:2] == ["up"]:  # this process is `meshctl up` (not a test invoking the command)
+        use_system_malloc(["-m", "meshctl.cli", *sys.argv[1:]], os.environ)  # memory returns after big configs
     from pilot.app import Pilot
     from pilot.gcpolicy import tune_gc
+    from pilot.listen import AddressInUseError
     from pilot.settings import PilotSettings
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -51,7 +57,11 @@ def up(config_dir: Path, ads_addr: str, debug_addr: str, log_level: str) -> None
             click.echo(f"pilot: xDS on {pilot.ads_address}, debug on http://{pilot.debug_address}", err=True)
             await _until_signal()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except AddressInUseError as exc:  # one line, not a traceback: another pilot (or demo) runs there
+        flag = "--ads" if exc.what == "xDS" else "--debug"
+        raise click.ClickException(f"{exc} (another pilot running? pick a free one with {flag})") from None
 
 
 @cli.command()
@@ -61,9 +71,17 @@ def up(config_dir: Path, ads_addr: str, debug_addr: str, log_level: str) -> None
 def demo(duration: float, ads_port: int, debug_port: int) -> None:
     """Run a local mesh with a live canary shift: frontend -> reviews v1/v2/v3, real Envoy sidecars."""
     from meshctl.demo import main as demo_main
+    from meshctl.envoy import EnvoyStartError
+    from pilot.listen import AddressInUseError
 
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
-    failed = demo_main(duration, ads_port, debug_port)
+    try:
+        failed = demo_main(duration, ads_port, debug_port)
+    except AddressInUseError as exc:  # one line, not a traceback: another demo or pilot runs there
+        flag = "--ads-port" if exc.what == "xDS" else "--debug-port"
+        raise click.ClickException(f"{exc} (another demo or pilot running? pick a free one with {flag})") from None
+    except EnvoyStartError as exc:  # a sidecar's address is taken (another demo), or Envoy failed
+        raise click.ClickException(str(exc)) from None
     if failed:
         raise SystemExit(1)
 

@@ -17,6 +17,7 @@ from pilot.config.files import FileSource
 from pilot.config.store import ConfigStore
 from pilot.debug import DebugApi
 from pilot.gcpolicy import release_free_memory
+from pilot.listen import check_free
 from pilot.model.build import build_mesh
 from pilot.model.conversions import Conversions
 from pilot.model.diff import endpoints_only
@@ -66,7 +67,9 @@ class Pilot:
             release_memory=release_free_memory,
             carry=carry,
         )
-        self.ads = AdsServer(self.cache, self.status)
+        self.ads = AdsServer(self.cache, self.status, send_timeout=settings.send_timeout_ms / 1000 or None,
+                             max_connection_age=settings.max_connection_age_ms / 1000 or None,
+                             release_memory=release_free_memory)
         self.files = (
             FileSource(self.store, settings.config_dir, interval=settings.file_poll_ms / 1000,
                        watch=settings.file_watch, rescan=settings.file_rescan_ms / 1000,
@@ -79,6 +82,17 @@ class Pilot:
         self.debug_port = 0
 
     async def start(self) -> None:
+        """Start everything; raises AddressInUseError at once, before loading config, if an address is taken."""
+        s = self.settings
+        check_free("xDS", s.ads_host, s.ads_port)
+        check_free("the debug API", s.debug_host, s.debug_port)
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()  # a half-started pilot leaves no listener or task behind
+            raise
+
+    async def _start(self) -> None:
         if self.files is not None:
             self.files.sync()  # on the loop: the store wakes asyncio waiters
             self._tasks.append(spawn("config-files", self.files.run, self.failures))
@@ -86,12 +100,8 @@ class Pilot:
         await self.pusher.ready.wait()
         s = self.settings
         self.ads_port = await self.ads.start(s.ads_host, s.ads_port)
-        self._web = web.AppRunner(DebugApi(self.status, self.pusher, self.store, self.registry).app(),
-                                  access_log=None)
-        await self._web.setup()
-        site = web.TCPSite(self._web, s.debug_host, s.debug_port)
-        await site.start()
-        self.debug_port = int(self._web.addresses[0][1])
+        debug = DebugApi(self.status, self.pusher, self.store, self.registry)
+        self._web, self.debug_port = await debug.serve(s.debug_host, s.debug_port)
         log.info("pilot serving xDS on %s:%d, debug on %s:%d", s.ads_host, self.ads_port, s.debug_host,
                  self.debug_port)
 

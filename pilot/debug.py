@@ -2,11 +2,13 @@
 
 Read-only views of live state: `/debug/syncz` (per-proxy xDS status), `/debug/configz`
 (accepted and rejected config), `/debug/workload/{ns}/{name}`, `/debug/config_dump`,
-`/metrics` (Prometheus) and `/ready`. Handlers only read; they run on pilot's event loop.
+`/metrics` (Prometheus) and `/ready`; `/debug/` lists them. A request missing a required
+parameter gets 400 naming it. Handlers only read; they run on pilot's event loop.
 """
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import sys
@@ -19,6 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pilot import gcpolicy
+from pilot.listen import AddressInUseError, check_free
 from pilot.push import Pusher
 from pilot.xds import typeurls
 from pilot.xds.status import StatusRegistry
@@ -31,16 +34,57 @@ class DebugApi:
         self.store = store
         self.registry = registry
 
+    def endpoints(self) -> list[tuple[str, Any, str]]:
+        """(path, handler, one line on what it shows): the routes, and the `/debug/` index."""
+        return [
+            ("/debug/syncz", self.syncz, "every connected proxy and its xDS state per type (SYNCED/STALE/NACKED)"),
+            ("/debug/configz", self.configz, "config objects in force, rejected documents and why, mesh warnings"),
+            ("/debug/config_dump?proxy=ID", self.config_dump, "the xDS resources pilot serves to one connected proxy"),
+            ("/debug/workload/NAMESPACE/NAME", self.workload, "one WorkloadEntry as the mesh sees it"),
+            ("/debug/memz?top=N&trim=1", self.memz, "where pilot's memory is; trim=1 hands free memory back first"),
+            ("/metrics", self.metrics, "Prometheus metrics"),
+            ("/ready", self.ready, "200 once the first mesh is built"),
+        ]
+
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_get("/debug/syncz", self.syncz)
-        app.router.add_get("/debug/configz", self.configz)
-        app.router.add_get("/debug/workload/{namespace}/{name}", self.workload)
-        app.router.add_get("/debug/config_dump", self.config_dump)
-        app.router.add_get("/debug/memz", self.memz)
-        app.router.add_get("/metrics", self.metrics)
-        app.router.add_get("/ready", self.ready)
+        for path, handler, _ in self.endpoints():
+            route = path.split("?")[0].replace("NAMESPACE", "{namespace}").replace("NAME", "{name}")
+            app.router.add_get(route, handler)
+        app.router.add_get("/debug", self.index)
+        app.router.add_get("/debug/", self.index)
+        app.router.add_get("/debug/{unknown:.*}", self.unknown)
         return app
+
+    async def serve(self, host: str, port: int) -> tuple[web.AppRunner, int]:
+        """Listen on host:port alone (0 = any free port); returns the runner and the bound port.
+
+        Raises AddressInUseError, leaving nothing running, when another process has the address.
+        """
+        what = "the debug API"
+        check_free(what, host, port)
+        runner = web.AppRunner(self.app(), access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port, reuse_port=False).start()
+        except OSError as exc:
+            await runner.cleanup()
+            if exc.errno == errno.EADDRINUSE:
+                raise AddressInUseError(what, host, port) from None
+            raise
+        return runner, int(runner.addresses[0][1])
+
+    async def index(self, request: web.Request) -> web.Response:
+        """What each debug endpoint shows, one line each."""
+        return web.Response(text=self._index_text())
+
+    async def unknown(self, request: web.Request) -> web.Response:
+        raise web.HTTPNotFound(text=f"no debug endpoint {request.path}; these exist:\n{self._index_text()}")
+
+    def _index_text(self) -> str:
+        rows = [(path, text) for path, _, text in self.endpoints()]
+        width = max(len(path) for path, _ in rows)
+        return "".join(f"{path:<{width}}  {text}\n" for path, text in rows)
 
     async def syncz(self, request: web.Request) -> web.Response:
         return web.json_response(self.status.syncz())
@@ -71,9 +115,12 @@ class DebugApi:
     async def config_dump(self, request: web.Request) -> web.Response:
         """The xDS resources pilot serves to one connected proxy (`?proxy=<node id>`)."""
         proxy = request.query.get("proxy", "")
+        if not proxy:
+            raise web.HTTPBadRequest(text="missing query parameter 'proxy': the node id of a connected proxy, "
+                                          f"as in /debug/config_dump?proxy=ID; {self._connected()}\n")
         streams = [s for s in self.status.streams() if s.identity.node_id == proxy]
         if not streams:
-            raise web.HTTPNotFound(text=f"proxy {proxy!r} is not connected\n")
+            raise web.HTTPNotFound(text=f"proxy {proxy!r} is not connected; {self._connected()}\n")
         snapshot = self.pusher.cache.get(streams[0].identity.proxy_class)
         if snapshot is None:
             raise web.HTTPNotFound(text=f"no config generated yet for {proxy!r}\n")
@@ -89,8 +136,11 @@ class DebugApi:
     async def memz(self, request: web.Request) -> web.Response:
         """Where pilot's memory is: the top allocation sites when started with PYTHONTRACEMALLOC=N,
         else live objects counted by type (a full gc walk: slow on a big heap, for debugging only)."""
+        top = request.query.get("top", "25")
+        if not top.isdigit():
+            raise web.HTTPBadRequest(text=f"query parameter 'top' must be a whole number, not {top!r}\n")
         trimmed = release_free_memory() if request.query.get("trim") else ""
-        return web.Response(text=trimmed + memory_report(int(request.query.get("top", "25"))))
+        return web.Response(text=trimmed + memory_report(int(top)))
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -99,6 +149,14 @@ class DebugApi:
         if not self.pusher.ready.is_set():
             raise web.HTTPServiceUnavailable(text="mesh not built yet\n")
         return web.Response(text="ready\n")
+
+    def _connected(self, most: int = 20) -> str:
+        """The node ids a request may name, for error messages (at most `most` of them)."""
+        ids = sorted({s.identity.node_id for s in self.status.streams()})
+        if not ids:
+            return "no proxy is connected"
+        more = f" and {len(ids) - most} more (see /debug/syncz)" if len(ids) > most else ""
+        return "connected: " + ", ".join(ids[:most]) + more
 
 
 def _json(type_url: str, value: bytes) -> dict[str, Any]:

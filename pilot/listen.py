@@ -31,8 +31,8 @@ def check_free(what: str, host: str, port: int) -> None:
 
     The probe sets SO_REUSEADDR as asyncio and gRPC do, so a port left in TIME_WAIT by a
     pilot that just stopped counts as free, and never SO_REUSEPORT, so a live listener with or
-    without it counts as taken. Other bind errors (no such address, permission) are raised
-    as the OSError they are.
+    without it counts as taken. Other bind errors (an address family the host lacks, no such
+    address, permission) are left to the real bind, which reports them itself.
     """
     if port == 0:
         return
@@ -45,4 +45,3 @@ def check_free(what: str, host: str, port: int) -> None:
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise AddressInUseError(what, host, port) from None
-                raise

@@ -29,6 +29,11 @@ class PilotSettings(BaseSettings):
     file_settle_ms: int = Field(
         700, ge=0, description="a file must stay unchanged this long before it may remove objects (or be rejected)")
     file_max_total_mb: int = Field(64, ge=1, description="all config files together; files past it are not loaded")
+    send_timeout_ms: int = Field(
+        30_000, ge=0, description="a proxy that does not take a response this long has its stream closed; 0: never")
+    max_connection_age_ms: int = Field(
+        1_800_000, ge=0,
+        description="gRPC closes each xDS connection gracefully at this age (as istiod: 30 min); 0: never")
     cluster_domain: str = "cluster.local"
     gc_young_threshold: int = Field(
         50_000, ge=0, description="allocations between young garbage collections (`meshctl up`); 0: Python's 700")

@@ -1,9 +1,10 @@
-"""Istio ``networking.istio.io`` API objects as validated pydantic models.
+"""Istio ``networking.istio.io`` and ``security.istio.io`` API objects as validated pydantic models.
 
 ``parse_object(doc)`` is the one entry point from decoded YAML; ``pilot.api.errors``
 documents what it raises. Models are frozen: sources produce them, nothing mutates them.
 """
 
+from pilot.api.authorization import AuthorizationPolicy
 from pilot.api.base import ApiObject, LabelSelector, ObjectMeta
 from pilot.api.destination_rule import DestinationRule, Subset, TrafficPolicy
 from pilot.api.errors import (
@@ -24,6 +25,7 @@ from pilot.api.service_entry import (
     WorkloadEntry,
     WorkloadEntrySpec,
 )
+from pilot.api.request_authentication import RequestAuthentication
 from pilot.api.sidecar import Sidecar
 from pilot.api.virtual_service import HTTPRoute, VirtualService
 
@@ -34,6 +36,7 @@ __all__ = [
     "VERSIONS",
     "ApiError",
     "ApiObject",
+    "AuthorizationPolicy",
     "DestinationRule",
     "FieldIssue",
     "Gateway",
@@ -43,6 +46,7 @@ __all__ = [
     "Location",
     "MalformedDocumentError",
     "ObjectMeta",
+    "RequestAuthentication",
     "Resolution",
     "ServiceEntry",
     "ServicePort",

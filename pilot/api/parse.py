@@ -11,6 +11,7 @@ from pilot.api.base import ApiObject, collect_issues
 from pilot.api.destination_rule import DestinationRule
 from pilot.api.errors import FieldIssue, InvalidObjectError, MalformedDocumentError, UnsupportedKindError
 from pilot.api.gateway import Gateway
+from pilot.api.security_kinds import SECURITY_GROUP, SECURITY_KINDS, SECURITY_VERSIONS
 from pilot.api.service_entry import ServiceEntry, WorkloadEntry
 from pilot.api.sidecar import Sidecar
 from pilot.api.virtual_service import VirtualService
@@ -59,8 +60,10 @@ def parse_object(doc: object) -> ApiObject:
     if not name:
         raise MalformedDocumentError("metadata.name is required", kind=kind, namespace=namespace)
     group, _, version = api_version.rpartition("/")
-    cls = KINDS.get(kind)
-    if cls is None or group != GROUP or version not in VERSIONS:
+    security = group == SECURITY_GROUP
+    cls, versions = (SECURITY_KINDS, SECURITY_VERSIONS) if security else (KINDS, VERSIONS)
+    cls = cls.get(kind)
+    if cls is None or group not in (GROUP, SECURITY_GROUP) or version not in versions:
         served = ", ".join(sorted(KINDS))
         raise UnsupportedKindError(
             f"{api_version} {kind} is not served (kinds {served} of {GROUP}/{'|'.join(VERSIONS)})",

@@ -23,7 +23,10 @@ from pilot.api import (
     WorkloadEntrySpec,
 )
 from pilot.api.service_entry import ServicePort as ApiServicePort
+from pilot.api.authorization import AuthorizationPolicy
+from pilot.api.request_authentication import RequestAuthentication
 from pilot.model import convert_routes
+from pilot.model.authz import build_security
 from pilot.model import mesh as m
 from pilot.model.build_scoping import ScopeInputs, build_scoping, gateway_server_conflicts, oldest_merged_rules
 from pilot.model.conversions import Conversions
@@ -46,14 +49,15 @@ def precedence(obj: ApiObject) -> tuple[datetime, str, str]:
 
 def build_mesh(
     objects: Iterable[ApiObject], cluster_domain: str = "cluster.local", conversions: Conversions | None = None,
-    carry: Conversions | None = None,
+    carry: Conversions | None = None, jwks: Mapping[str, str] | None = None,
 ) -> m.MeshSnapshot:
     """Index every object into a MeshSnapshot; see the module docstring for conflict rules.
 
     `conversions` carries per-object conversions over from the previous build (pilot keeps
     one), and unchanged services keep their identity; `carry` is handed to the generators
     (`MeshSnapshot.carry`; its generations are the pusher's to end). The result is the same
-    without either.
+    without either. `jwks` holds the key sets pilot fetched for RequestAuthentication rules
+    (jwksUri, or ``openid:<issuer>``: see `pilot.model.authz.jwks_sources`).
     """
     memo = Conversions() if conversions is None else conversions
     memo.next_build()
@@ -83,6 +87,10 @@ def build_mesh(
     warnings += memo.stage("dangling", (routing, services, rules), (),
                            lambda _: _dangling_references(routing, services, rules))
     warnings += memo.stage("local-ports", (services,), (), lambda _: local_port_warnings(services))
+    authz, authn = _of(memo, by_kind, AuthorizationPolicy), _of(memo, by_kind, RequestAuthentication)
+    fetched = tuple(sorted((jwks or {}).items()))
+    security = memo.stage("security", (*authz, *authn), (len(authz), fetched),
+                          lambda _: build_security(authz, authn, dict(fetched)))
     return m.MeshSnapshot(
         cluster_domain=cluster_domain,
         services=memo.stage("frozen-services", (services,), (), lambda _: m.frozen_map(services)),
@@ -91,6 +99,7 @@ def build_mesh(
         virtual_services=memo.stage("frozen-routing", (routing,), (), lambda _: m.frozen_map(routing)),
         sidecars=memo.stage("sidecars", sidecars, (), lambda _: _sidecars(sidecars)),
         scoping=scoping,
+        security=security,
         warnings=tuple(warnings),
         carry=carry,
     )

@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 
 from pilot.api.service_entry import HTTP2_PROTOCOLS, HTTP_PROTOCOLS
+from pilot.model.authz import Security
 from pilot.model.conversions import Conversions
 from pilot.model.policy import NO_POLICY, TrafficPolicy, effective_policy
 from pilot.model.scoping import Scoping
@@ -319,6 +320,7 @@ class MeshSnapshot:
     virtual_services: Mapping[str, RoutingRule] = field(default_factory=frozen_map)
     sidecars: tuple[SidecarScope, ...] = ()  # precedence order: with selector first, then oldest
     scoping: Scoping = field(default_factory=Scoping)  # exportTo, every VS/DR candidate, Gateways, Sidecar egress
+    security: Security = field(default_factory=Security)  # AuthorizationPolicy, RequestAuthentication
     warnings: tuple[str, ...] = ()
     # Results of pure functions of this snapshot, shared by every proxy class generated from it
     # (see pilot.translate.memo). Not an input: init=False, so `dataclasses.replace` starts empty.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pilot.model.authz import WorkloadSecurity, workload_security
 from pilot.model.mesh import MeshSnapshot
 from pilot.model.proxy import ProxyClass, ProxyKind
 from pilot.translate import names
@@ -100,7 +101,8 @@ def generate_parts(mesh: MeshSnapshot, proxy: ProxyClass) -> Parts:
         # classes with equal ones (and the next mesh version) share the very same parts.
         passthrough = allow_any(view)
         own_clusters = carried_value(mesh, _own_clusters, view.inbound, passthrough)
-        listeners = carried_value(mesh, _own_listeners, view.bind_address, view.inbound, passthrough)
+        security = _security(mesh, view)
+        listeners = carried_value(mesh, _own_listeners, view.bind_address, view.inbound, passthrough, security)
         l4 = outbound_l4_listeners(seen, view)
         if l4:
             listeners = sorted_by_name({**listeners, **l4})
@@ -125,8 +127,18 @@ def _own_clusters(inbound: tuple[InboundPort, ...], passthrough: bool) -> dict[s
     return sorted_by_name(own)
 
 
-def _own_listeners(bind: str, inbound: tuple[InboundPort, ...], passthrough: bool) -> dict[str, Any]:
-    return sorted_by_name(sidecar_listeners_for(bind, inbound, passthrough))
+def _own_listeners(
+    bind: str, inbound: tuple[InboundPort, ...], passthrough: bool, security: WorkloadSecurity
+) -> dict[str, Any]:
+    return sorted_by_name(sidecar_listeners_for(bind, inbound, passthrough, security))
+
+
+def _security(mesh: MeshSnapshot, view: ProxyView) -> WorkloadSecurity:
+    """The AuthorizationPolicies and RequestAuthentications of the proxy's workload, once per
+    (namespace, labels) and mesh version."""
+    labels = tuple(sorted(view.labels.items()))
+    return memoized(mesh, ("security", view.namespace, labels), lambda: workload_security(
+        mesh.security, mesh.scoping.root_namespace, view.namespace, view.labels))
 
 
 def generate(mesh: MeshSnapshot, proxy: ProxyClass) -> Resources:

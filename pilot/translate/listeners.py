@@ -14,9 +14,12 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
+from pilot.model.authz import NO_SECURITY, WorkloadSecurity
 from pilot.translate import names
 from pilot.translate.common import address, ads_config_source
+from pilot.translate.jwt import jwt_filter
 from pilot.translate.passthrough import passthrough_filter
+from pilot.translate.rbac import http_rbac_filters, network_rbac_filters
 from pilot.translate.route_policies import route_http_filters
 from pilot.translate.routes import inbound_route_config
 from pilot.translate.scope import InboundPort
@@ -28,9 +31,9 @@ def router_filter() -> Any:
     return flt
 
 
-def _listener(bind: str, port: int, network_filter: Any) -> Any:
+def _listener(bind: str, port: int, *network_filters: Any) -> Any:
     listener = listener_pb2.Listener(name=names.listener(bind, port), address=address(bind, port))
-    listener.filter_chains.append(lc.FilterChain(filters=[network_filter]))
+    listener.filter_chains.append(lc.FilterChain(filters=list(network_filters)))
     return listener
 
 
@@ -87,21 +90,27 @@ def _outbound_listener(bind: str, passthrough: bool) -> Any:
     return _listener(bind, names.OUTBOUND_PORT, _hcm_filter(hcm))
 
 
-def inbound_listener(bind: str, port: InboundPort) -> Any:
+def inbound_listener(bind: str, port: InboundPort, security: WorkloadSecurity = NO_SECURITY) -> Any:
+    """One inbound port. `security` (the workload's policies) adds, as Istio orders them, the JWT
+    filter and the RBAC filters before the router, or the RBAC network filters before tcp_proxy."""
     stat_prefix = f"inbound_{port.port}"
     if port.http:
         hcm = hcm_pb2.HttpConnectionManager(
             stat_prefix=stat_prefix, route_config=inbound_route_config(port.port, port.grpc)
         )
+        jwt = jwt_filter(security.jwt)
+        hcm.http_filters.extend([*([jwt] if jwt is not None else []), *http_rbac_filters(security)])
         return _listener(bind, port.port, _hcm_filter(hcm))
     tcp = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix, cluster=names.inbound_cluster(port.port))
     flt = lc.Filter(name=names.TCP_PROXY_FILTER)
     flt.typed_config.Pack(tcp)
-    return _listener(bind, port.port, flt)
+    return _listener(bind, port.port, *network_rbac_filters(security), flt)
 
 
-def sidecar_listeners_for(bind: str, inbound: tuple[InboundPort, ...], passthrough: bool) -> dict[str, Any]:
+def sidecar_listeners_for(
+    bind: str, inbound: tuple[InboundPort, ...], passthrough: bool, security: WorkloadSecurity = NO_SECURITY
+) -> dict[str, Any]:
     """The outbound HTTP listener and one per inbound port: a function of these values only, so
     proxies with equal ones share the messages (see `pilot.translate.memo.carried_value`)."""
-    listeners = [_outbound_listener(bind, passthrough), *(inbound_listener(bind, p) for p in inbound)]
+    listeners = [_outbound_listener(bind, passthrough), *(inbound_listener(bind, p, security) for p in inbound)]
     return {lis.name: lis for lis in listeners}

@@ -12,6 +12,17 @@ step; no frame keeps a response or a request once it is handed over.
 
 Cost per stream: two small tasks and the session's state (references to shared views); at
 mission scale about 60-80 KB of pilot's RSS, mostly gRPC's own per-call buffers.
+
+Slow and hostile clients: the writer awaits each `context.write`, so gRPC holds at most one
+response per stream that the proxy has not taken yet (gRPC copies it per call: up to the
+largest response, ~0.9 MB at mission scale). A write that does not finish within the send
+timeout closes the stream on pilot's side at once (status row, session, cache watch, reader)
+and sends DEADLINE_EXCEEDED behind the stuck response. grpc.aio cannot reset one call, so
+gRPC frees its copy when the connection ends: when the proxy reads again (it then gets the
+status and reconnects), when keepalive finds a dead peer (ping every 30 s, 10 s to answer),
+or at the latest when the connection reaches its maximum age (30 min by default, as istiod;
+then 10 s of grace). When calls end, free heap pages go back to the OS (`release_memory`,
+at most once a second), so RSS falls back after a burst of streams.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from pilot.listen import check_free
 from pilot.model.proxy import NodeError, ProxyIdentity, identity_from_node
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.delta import DeltaSession
@@ -35,6 +47,14 @@ from pilot.xds.status import StatusRegistry
 log = logging.getLogger(__name__)
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+KEEPALIVE_TIMEOUT_MS = 10_000  # istiod's keepaliveTimeout
+CONNECTION_AGE_GRACE_MS = 10_000  # istiod's MaxServerConnectionAgeGrace
+RELEASE_DELAY = 1.0  # seconds after the last call ended before free memory goes back to the OS
+CLOSE_SETTLE = 0.1  # seconds for gRPC to notice a closed connection (see `_abort_stuck`)
+
+
+class SendTimeoutError(Exception):
+    """The proxy did not take a response within the send timeout; its stream is closed."""
 
 
 def _identity(bytes_: bytes) -> bytes:
@@ -49,12 +69,23 @@ class AdsServer:
         cache: SnapshotCache,
         status: StatusRegistry,
         classify: Callable[[Any], ProxyIdentity] = identity_from_node,
+        *,
+        send_timeout: float | None = 30.0,
+        max_connection_age: float | None = 1800.0,
+        release_memory: Callable[[], object] | None = None,
     ) -> None:
+        """`send_timeout` (seconds, None: never) bounds how long one response may wait for the
+        proxy to take it; `max_connection_age` (None: unbounded) is when gRPC closes a connection
+        gracefully; `release_memory` hands free heap back to the OS after calls end."""
         self.cache = cache
         self.status = status
         self.classify = classify
+        self.send_timeout = send_timeout
+        self.max_connection_age = max_connection_age
+        self.release_memory = release_memory
         self.subscriptions = Subscriptions()  # shared by every stream's session
         self._server: grpc.aio.Server | None = None
+        self._release: asyncio.TimerHandle | None = None
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
@@ -65,27 +96,60 @@ class AdsServer:
         })
 
     async def start(self, host: str, port: int) -> int:
-        """Listen on host:port (0 = any free port); returns the bound port."""
-        self._server = grpc.aio.server(options=[
+        """Listen on host:port alone (0 = any free port); returns the bound port.
+
+        Raises AddressInUseError, leaving nothing running, when another process has the address.
+        """
+        check_free("xDS", host, port)  # before gRPC tries: it would log its own error first
+        options: list[tuple[str, int]] = [
+            # gRPC's default SO_REUSEPORT would let a second pilot share this port.
+            ("grpc.so_reuseport", 0),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.keepalive_permit_without_calls", 1),
             # A fleet reconnecting at once (pilot restart) opens thousands of streams together;
             # gRPC's default of 1,000 pending calls would refuse most of them.
             ("grpc.server.max_pending_requests", 100_000),
             ("grpc.server.max_pending_requests_hard_limit", 100_000),
-        ])
-        self._server.add_generic_rpc_handlers((self.handler(),))
-        bound = int(self._server.add_insecure_port(f"{host}:{port}"))
-        await self._server.start()
+        ]
+        if self.max_connection_age:
+            options += [("grpc.max_connection_age_ms", int(self.max_connection_age * 1000)),
+                        ("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_MS)]
+        server = grpc.aio.server(options=options)
+        server.add_generic_rpc_handlers((self.handler(),))
+        try:
+            bound = int(server.add_insecure_port(f"{host}:{port}"))
+        except RuntimeError:
+            await server.stop(None)
+            check_free("xDS", host, port)  # taken since the probe: say so
+            raise
+        self._server = server
+        await server.start()
         return bound
 
     async def stop(self, grace: float = 1.0) -> None:
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+
+    def _call_ended(self, context: object) -> None:
+        """A call ended and gRPC freed its buffers: release free memory once calls stop ending."""
+        if self.release_memory is None or self._server is None:  # not while stopping
+            return
+        if self._release is not None:
+            self._release.cancel()
+        self._release = asyncio.get_running_loop().call_later(RELEASE_DELAY, self._released)
+
+    def _released(self) -> None:
+        self._release = None
+        if self.release_memory is not None:
+            self.release_memory()
 
     # Coroutine handlers that write with `context.write`: an async-generator handler would leave
     # each stream's last response (megabytes at mission scale) referenced by gRPC's own loop until
@@ -115,6 +179,10 @@ class AdsServer:
             self.status.metrics.stream_errors.labels("bad_node").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot identify proxy: {exc}")
             return
+        # Headers now, not with the first response: a status sent after a stuck first response
+        # would otherwise repeat them, which gRPC refuses (the call could then never be ended).
+        context.add_done_callback(self._call_ended)
+        await context.send_initial_metadata(())
         stream_status = self.status.open(identity, kind.protocol, context.peer())
         session: Any = kind(stream_status, self.status, self.subscriptions)
         log.debug("%s stream %d opened by %s (%s)", kind.protocol, stream_status.stream_id,
@@ -126,10 +194,20 @@ class AdsServer:
                 session.handle(first, first_wire)
                 del first, first_wire
                 await self._serve(identity, session, stream, context)
+        except SendTimeoutError as exc:
+            timed_out = str(exc)  # not the exception: its traceback would keep the writer's frames
+        else:
+            timed_out = ""
         finally:
             reader.cancel()
             self.status.close(stream_status)
             log.debug("stream %d of %s closed", stream_status.stream_id, identity.node_id)
+        if timed_out:
+            del session, stream, reader  # pilot's part of the stream goes now, not with the call
+            self.status.metrics.stream_errors.labels("send_timeout").inc()
+            log.warning("closing %s stream %d of %s: %s", kind.protocol, stream_status.stream_id,
+                        identity.node_id, timed_out)
+            await _abort_stuck(context, timed_out)
 
     async def _serve(
         self, identity: ProxyIdentity, session: Any, stream: _Stream, context: grpc.aio.ServicerContext,
@@ -150,11 +228,39 @@ class AdsServer:
                 stream.dirty = False
                 responses = session.responses(snapshot)
                 while responses:
-                    await context.write(responses.pop(0))  # once written, nothing here keeps it
+                    await self._write(context, responses.pop(0))  # once written, nothing here keeps it
                 continue  # requests may have been handled while the responses were written
             # No await between the checks above and clear(): nothing can slip in unseen.
             stream.wake.clear()
             await stream.wake.wait()
+
+    async def _write(self, context: grpc.aio.ServicerContext, response: bytes) -> None:
+        """Hand one response to gRPC; SendTimeoutError if the proxy does not take it in time.
+
+        A timer per write (asyncio.timeout: no extra task): about 7 µs per write on the shared
+        2-core machine, 14 ms per route change at mission scale (2,000 writes).
+        """
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await context.write(response)
+        except TimeoutError:
+            raise SendTimeoutError(
+                f"it did not read a {len(response)}-byte response for {self.send_timeout:g} s (send timeout)"
+            ) from None
+
+
+async def _abort_stuck(context: grpc.aio.ServicerContext, reason: str) -> None:
+    """End a call whose last response is stuck: DEADLINE_EXCEEDED, queued behind that response.
+
+    The status waits in gRPC until the proxy reads the response (then it learns why and
+    reconnects) or the connection ends. If the connection ends first, the status cannot be
+    sent; gRPC ends such a call quietly once it has seen the client go, so wait for that.
+    """
+    try:
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"pilot closed the stream: {reason}")
+    except grpc.aio.InternalError:
+        await asyncio.sleep(CLOSE_SETTLE)  # let gRPC record the closed connection first
+        raise
 
 
 class _Stream:

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
+import aiohttp
+import psutil
 import pytest
 
-from meshctl.localmesh import http_session
-from tests.e2e.conftest import Canary
+from meshctl.democonfig import DemoMesh
+from meshctl.localmesh import free_port, http_session
+from tests.e2e.conftest import Canary, random_block
+from tests.e2e.test_cli_mesh import spawn, stop, wait_synced
 
 pytestmark = pytest.mark.e2e
 HOST = {"Host": "reviews:9080"}
@@ -130,3 +137,95 @@ async def test_a_file_removed_mid_write_pushes_none_of_its_partial_content(canar
     assert versions["v2"] > 50 and versions["v1"] == 0, versions
     assert pilot.store.revision == revision, "no partial version of the file reached the store"
     assert pilot.store.debug_dump()["rejected"] == []
+
+
+# ---- limits: a huge document is refused, and memory comes back after a large config ----
+
+def service_with_routes(i: int, routes: int) -> str:
+    """A ServiceEntry and a VirtualService of `routes` prefix routes for host big-<i>."""
+    head = f"""\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: big-{i}, namespace: default}}
+spec:
+  hosts: [big-{i}.default.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
+  workloadSelector: {{labels: {{app: reviews}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: big-{i}, namespace: default}}
+spec:
+  hosts: [big-{i}]
+  http:
+"""
+    to = f"    route: [{{destination: {{host: big-{i}, port: {{number: 9080}}}}}}]\n"
+    return head + "".join(f"  - match: [{{uri: {{prefix: /p{r}/}}}}]\n{to}" for r in range(routes))
+
+
+@pytest.mark.timeout(300)
+async def test_pilot_memory_returns_near_its_baseline_after_a_large_config_is_removed(tmp_path: Path) -> None:
+    """`meshctl up` as its own process, with a sidecar: RSS after a 12,000-route config is gone
+    (and a 15 MB VirtualService of 174,000 routes was refused) is back near what it was before."""
+    demo = DemoMesh(random_block(), {"v1": free_port(), "v2": free_port()})
+    (tmp_path / "mesh.yaml").write_text(demo.mesh_yaml())
+    (tmp_path / "route.yaml").write_text(demo.route_yaml([50, 50]))
+    ads, debug = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    pilot = await spawn("up", "--config-dir", str(tmp_path), "--ads", ads, "--debug", debug, "--log-level", "warning")
+    procs = [pilot]
+    try:
+        async with http_session() as session:
+            async def get(path: str) -> Any:
+                async with session.get(f"http://{debug}{path}") as resp:
+                    return await resp.json() if resp.content_type == "application/json" else await resp.text()
+
+            async def trimmed_rss() -> float:
+                await asyncio.sleep(2.0)  # past the pusher's own release after a push
+                await get("/debug/memz?trim=1&top=1")
+                return float(psutil.Process(pilot.pid).memory_info().rss) / 2**20
+
+            for _ in range(100):
+                with contextlib.suppress(aiohttp.ClientError):
+                    await get("/ready")
+                    break
+                await asyncio.sleep(0.1)
+            procs.append(await spawn("proxy", "run", "--workload", "default/frontend", "--pilot", ads,
+                                     "--debug", debug, "--log-level", "warning"))
+            await wait_synced(debug, 1)
+            baseline = await trimmed_rss()
+
+            files = [tmp_path / f"big-{i}.yaml" for i in range(6)]
+            for i, path in enumerate(files):
+                path.write_text(service_with_routes(i, 2_000))
+            huge = tmp_path / "huge.yaml"
+            huge.write_text(service_with_routes(99, 174_000))
+            assert huge.stat().st_size > 10 * 1_572_864
+            peak = 0.0
+            for _ in range(600):
+                peak = max(peak, psutil.Process(pilot.pid).memory_info().rss / 2**20)
+                body = await get("/debug/configz")
+                if sum(o["name"].startswith("big-") for o in body["objects"]) > 2 * len(files) and body["rejected"]:
+                    break
+                await asyncio.sleep(0.5)
+            (refused,) = [r for r in body["rejected"] if r["file"] == "huge.yaml"]
+            assert refused["kind"] == "VirtualService" and refused["name"] == "big-99"
+            assert "over the 1.5 MiB limit of a Kubernetes object" in refused["message"]
+            await wait_synced(debug, 1)
+            peak = max(peak, psutil.Process(pilot.pid).memory_info().rss / 2**20)
+
+            for path in [*files, huge]:
+                path.unlink()
+            for _ in range(600):
+                body = await get("/debug/configz")
+                if not any(o["name"].startswith("big-") for o in body["objects"]):
+                    break
+                await asyncio.sleep(0.5)
+            await wait_synced(debug, 1)
+            after = await trimmed_rss()
+        assert peak - baseline > 60, f"not a large config: {baseline:.0f} -> {peak:.0f} MB"
+        assert after - baseline < 0.2 * (peak - baseline), f"RSS {baseline:.0f} -> {peak:.0f} -> {after:.0f} MB"
+    finally:
+        for proc in reversed(procs):
+            await stop(proc)

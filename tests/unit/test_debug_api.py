@@ -107,3 +107,37 @@ async def test_memz_says_where_memory_is_and_can_hand_free_memory_back(pilot: Pi
     assert len(rows) == 5 and all("MiB" in r for r in rows)
     status, body = await get(pilot, "/debug/memz?top=1&trim=1")
     assert status == 200 and body.startswith("malloc_trim")
+
+
+async def test_debug_index_lists_every_endpoint_with_one_line_each(pilot: Pilot) -> None:
+    for path in ("/debug/", "/debug"):
+        status, text = await get(pilot, path)
+        lines = text.splitlines()
+        assert status == 200
+        for endpoint in ("/debug/syncz", "/debug/configz", "/debug/config_dump?proxy=ID",
+                         "/debug/workload/NAMESPACE/NAME", "/debug/memz", "/metrics", "/ready"):
+            assert sum(line.startswith(endpoint) for line in lines) == 1, (endpoint, text)
+        assert all(len(line.split()) > 2 for line in lines)  # each says what it shows
+    status, text = await get(pilot, "/debug/nothing-here")
+    assert status == 404 and "/debug/nothing-here" in text and "/debug/syncz" in text
+
+
+async def test_config_dump_without_proxy_is_a_400_naming_the_parameter_and_the_connected_proxies(
+    pilot: Pilot,
+) -> None:
+    status, text = await get(pilot, "/debug/config_dump")
+    assert status == 400 and "missing query parameter 'proxy'" in text and "no proxy is connected" in text
+    node = make_node("sidecar~127.0.3.9~client.default~default.svc.cluster.local", labels={"app": "client"})
+    async with AdsClient(pilot.ads_address, node) as client:
+        client.send(CLUSTER)
+        await client.recv()
+        for query in ("", "?proxy="):
+            status, text = await get(pilot, f"/debug/config_dump{query}")
+            assert status == 400 and "'proxy'" in text and node.id in text
+        status, text = await get(pilot, "/debug/config_dump?proxy=nobody")
+        assert status == 404 and "'nobody' is not connected" in text and node.id in text
+
+
+async def test_memz_with_a_bad_top_is_a_400_naming_it(pilot: Pilot) -> None:
+    status, text = await get(pilot, "/debug/memz?top=many")
+    assert status == 400 and "'top'" in text and "'many'" in text

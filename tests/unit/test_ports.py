@@ -1,0 +1,168 @@
+"""Pilot's listeners are exclusive: a second pilot (or demo) on a used address fails at once, in one line.
+
+Real processes (`python -m meshctl.cli up|demo`) and real sockets; the first pilot must keep serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from meshctl.localmesh import free_port
+from pilot.app import Pilot
+from pilot.listen import AddressInUseError
+from pilot.settings import PilotSettings
+from pilot.testing.ads_client import AdsClient, make_node, resource_names
+from pilot.xds.cache import SnapshotCache
+from pilot.xds.server import AdsServer
+from pilot.xds.status import StatusRegistry, XdsMetrics
+from pilot.xds.typeurls import CLUSTER
+from tests.unit.test_debug_api import GOOD
+
+MESHCTL = [sys.executable, "-m", "meshctl.cli"]
+
+
+async def run(*args: str, timeout: float = 60) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(*MESHCTL, *args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:  # it kept running (it shared the port): stop it, and fail
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"meshctl {' '.join(args)} did not exit") from None
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+@pytest.fixture
+async def first_pilot(tmp_path: Path) -> AsyncIterator[tuple[str, str, Path]]:
+    """A `meshctl up` process serving GOOD; yields its xDS and debug addresses and its config dir."""
+    (tmp_path / "mesh.yaml").write_text(GOOD)
+    ads, debug = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    proc = await asyncio.create_subprocess_exec(
+        *MESHCTL, "up", "--config-dir", str(tmp_path), "--ads", ads, "--debug", debug, "--log-level", "warning",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if await ready(debug):
+                break
+            await asyncio.sleep(0.05)
+        yield ads, debug, tmp_path
+        assert proc.returncode is None, "the first pilot died"
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await asyncio.wait_for(proc.wait(), 15)
+
+
+async def ready(debug: str) -> bool:
+    try:
+        async with aiohttp.ClientSession() as s, s.get(f"http://{debug}/ready") as r:
+            return r.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+async def serves_clusters(ads: str) -> bool:
+    """A new proxy connecting to `ads` gets the first pilot's clusters (not an empty config)."""
+    node = make_node("sidecar~127.0.3.9~client.default~default.svc.cluster.local", labels={"app": "client"})
+    async with AdsClient(ads, node) as client:
+        client.send(CLUSTER)
+        response = await asyncio.wait_for(client.recv(), 10)
+    return "outbound|9080||ratings.default.svc.cluster.local" in resource_names(response)
+
+
+def one_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+async def test_a_second_up_on_the_same_xds_port_fails_at_once_in_one_line(
+    first_pilot: tuple[str, str, Path],
+) -> None:
+    ads, debug, config = first_pilot
+    code, out = await run("up", "--config-dir", str(config), "--ads", ads, "--debug", f"127.0.0.1:{free_port()}")
+    line = one_line(out)
+    assert code != 0 and ads in line and "address already in use" in line and "xDS" in line
+    # Every new connection still reaches the first pilot, several times over.
+    for _ in range(6):
+        assert await serves_clusters(ads)
+    assert await ready(debug)
+
+
+async def test_a_second_up_on_the_same_debug_port_fails_in_one_line(first_pilot: tuple[str, str, Path]) -> None:
+    ads, debug, config = first_pilot
+    code, out = await run("up", "--config-dir", str(config), "--ads", f"127.0.0.1:{free_port()}", "--debug", debug)
+    line = one_line(out)
+    assert code != 0 and debug in line and "address already in use" in line and "debug" in line
+    assert "Traceback" not in out and "Event loop is closed" not in out
+    assert await ready(debug) and await serves_clusters(ads)
+
+
+async def test_demo_on_a_used_port_fails_in_one_line(first_pilot: tuple[str, str, Path]) -> None:
+    ads, debug, _ = first_pilot
+    ads_port, debug_port = ads.rsplit(":", 1)[1], debug.rsplit(":", 1)[1]
+    code, out = await run("demo", "--ads-port", ads_port, "--debug-port", str(free_port()), "--duration", "1")
+    line = one_line(out)
+    assert code != 0 and ads in line and "address already in use" in line
+    code, out = await run("demo", "--ads-port", str(free_port()), "--debug-port", debug_port, "--duration", "1")
+    line = one_line(out)
+    assert code != 0 and debug in line and "address already in use" in line
+    assert await ready(debug) and await serves_clusters(ads)
+
+
+async def test_the_xds_listener_is_exclusive_even_to_a_server_asking_to_share() -> None:
+    """gRPC servers share a port when both set SO_REUSEPORT (gRPC's default); pilot's does not."""
+    ads = AdsServer(SnapshotCache(), StatusRegistry(XdsMetrics(CollectorRegistry())))
+    port = await ads.start("127.0.0.1", 0)
+    other = grpc.aio.server()  # SO_REUSEPORT on, as the second pilot had before
+    try:
+        with pytest.raises(RuntimeError):
+            other.add_insecure_port(f"127.0.0.1:{port}")
+        with pytest.raises(AddressInUseError, match=f"127.0.0.1:{port}: address already in use"):
+            await AdsServer(ads.cache, ads.status).start("127.0.0.1", port)
+    finally:
+        await other.stop(None)
+        await ads.stop()
+
+
+async def test_pilot_start_on_a_taken_address_raises_before_loading_config(tmp_path: Path) -> None:
+    (tmp_path / "mesh.yaml").write_text(GOOD)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        pilot = Pilot(PilotSettings(ads_port=0, debug_port=taken, config_dir=tmp_path))
+        with pytest.raises(AddressInUseError) as caught:
+            await pilot.start()
+        assert caught.value.what == "the debug API" and caught.value.port == taken
+        assert pilot.store.revision == 0 and pilot.ads_port == 0  # nothing was loaded or bound
+    # Free again: the same settings start (nothing of the failed attempt holds an address).
+    async with Pilot(PilotSettings(ads_port=0, debug_port=taken, config_dir=tmp_path)) as p:
+        assert p.debug_port == taken
+
+
+async def test_demo_whose_sidecar_address_is_taken_fails_in_one_error_line() -> None:
+    """As when another demo runs: its frontend sidecar's admin address (127.0.10.10:15000) is taken."""
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            holder.bind(("127.0.10.10", 15000))
+            holder.listen()
+        except OSError as exc:  # a real demo holds it right now: the same situation
+            assert exc.errno == errno.EADDRINUSE
+        code, out = await run("demo", "--ads-port", "0", "--debug-port", "0", "--duration", "1")
+    errors = [line for line in out.splitlines() if line.startswith("Error:")]
+    assert code != 0 and len(errors) == 1 and "127.0.10.10:15000 is already in use" in errors[0], out
+    assert "Traceback" not in out and "Event loop is closed" not in out
