@@ -43,7 +43,8 @@ class ConfigStore:
         self._changed = asyncio.Event()
         # (revision, kinds it changed), newest last; lets the pusher take the endpoint fast path.
         self._kind_log: collections.deque[tuple[int, frozenset[str]]] = collections.deque(maxlen=256)
-        self._sorted: tuple[int, list[tuple[str, ApiObject]]] | None = None  # (revision, (kind, object) by key)
+        self._sorted: tuple[int, list[ApiObject]] | None = None  # (revision, objects by key)
+        self._sorted_keys: list[Key] | None = None  # every effective key, sorted; None once a key came or went
 
     @property
     def revision(self) -> int:
@@ -57,12 +58,19 @@ class ConfigStore:
     def objects(self, kind: str | None = None) -> list[ApiObject]:
         """Effective objects sorted by key (optionally of one kind).
 
-        The sorted list is kept per revision: every push asks for all of it, and sorting ~9,000
-        objects (1,000 services) costs ~15 ms.
+        The sorted list is kept per revision: every push asks for all of it. Sorting ~9,000 keys
+        (1,000 services) costs ~15-20 ms on the event loop, so the sorted keys are kept while no
+        key comes or goes: an edit, the usual change, then costs one lookup per key (~1 ms).
         """
         if self._sorted is None or self._sorted[0] != self._revision:
-            self._sorted = (self._revision, [(key[0], obj) for key, (_, obj) in sorted(self._effective.items())])
-        return [obj for k, obj in self._sorted[1] if kind is None or k == kind]
+            if self._sorted_keys is None:
+                self._sorted_keys = sorted(self._effective)
+            effective = self._effective
+            self._sorted = (self._revision, [effective[key][1] for key in self._sorted_keys])
+        if kind is None:
+            return list(self._sorted[1])
+        return [obj for key, obj in zip(self._sorted_keys or sorted(self._effective), self._sorted[1],
+                                        strict=True) if key[0] == kind]
 
     def apply(self, obj: ApiObject, source_id: str = DEFAULT_SOURCE) -> bool:
         """Add or replace one object; True if the effective config changed."""
@@ -121,7 +129,10 @@ class ConfigStore:
                 kinds.add(key[0])
                 if winner is None:
                     del self._effective[key]
+                    self._sorted_keys = None
                 else:
+                    if key not in self._effective:
+                        self._sorted_keys = None
                     self._effective[key] = winner
         if kinds:
             self._bump(frozenset(kinds))
