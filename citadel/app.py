@@ -92,9 +92,12 @@ class Citadel:
             await asyncio.to_thread(self.check_once)
             await asyncio.sleep(self.settings.check_interval.total_seconds())
 
-    async def start(self) -> None:
-        """Start the CSR server and the background checks."""
-        self.port = await self.server.start(self.settings.grpc_host, self.settings.grpc_port)
+    async def start(self, *, serve: bool = True) -> None:
+        """Start the CSR server (unless `serve` is False: a composition root such as `meshctl up`
+        then serves `citadel.server.make_handler(self.service)` on a gRPC server of its own) and
+        the background checks."""
+        if serve:
+            self.port = await self.server.start(self.settings.grpc_host, self.settings.grpc_port)
         self._task = asyncio.create_task(self._checks(), name="citadel-checks")
 
     async def stop(self) -> None:

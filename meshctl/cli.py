@@ -31,36 +31,61 @@ def cli() -> None:
 @cli.command()
 @click.option("--config-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Directory of Istio YAML (ServiceEntry, WorkloadEntry, DestinationRule, VirtualService...).")
-@click.option("--ads", "ads_addr", default="127.0.0.1:15010", show_default=True, help="xDS listen address.")
+@click.option("--ads", "ads_addr", default="127.0.0.1:15010", show_default=True,
+              help="Plaintext xDS listen address (unauthenticated: for tests and tools).")
+@click.option("--xds-tls", "tls_addr", default="127.0.0.1:15012", show_default=True,
+              help="Authenticated xDS (mutual TLS) and the CA's CSR service, on one TLS port.")
 @click.option("--debug", "debug_addr", default=DEFAULT_DEBUG, show_default=True, help="Debug HTTP address.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), envvar="MESHCTL_STATE_DIR",
+              help="CA, trust bundle and workload tokens [$XDG_STATE_HOME/meshctl or ~/.local/state/meshctl].")
+@click.option("--trust-domain", default="cluster.local", show_default=True, help="SPIFFE trust domain of the mesh.")
 @click.option("--log-level", default="info", show_default=True)
-def up(config_dir: Path, ads_addr: str, debug_addr: str, log_level: str) -> None:
-    """Run the control plane on a directory of mesh config until Ctrl-C."""
+def up(config_dir: Path, ads_addr: str, tls_addr: str, debug_addr: str, state_dir: Path | None, trust_domain: str,
+       log_level: str) -> None:
+    """Run the control plane (pilot and its CA, Citadel) on a directory of mesh config until Ctrl-C."""
     from pilot.gcpolicy import use_system_malloc
 
     if sys.argv[1:2] == ["up"]:  # this process is `meshctl up` (not a test invoking the command)
         use_system_malloc(["-m", "meshctl.cli", *sys.argv[1:]], os.environ)  # memory returns after big configs
+    from meshctl.security import MeshSecurity, default_state_dir, workload_accounts
     from pilot.app import Pilot
     from pilot.gcpolicy import tune_gc
     from pilot.listen import AddressInUseError
     from pilot.settings import PilotSettings
+    from pilot.tasks import spawn
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ads_host, ads_port = _split(ads_addr)
+    tls_host, tls_port = _split(tls_addr)
     debug_host, debug_port = _split(debug_addr)
-    settings = PilotSettings(ads_host=ads_host, ads_port=ads_port, debug_host=debug_host, debug_port=debug_port,
-                             config_dir=config_dir)
+    settings = PilotSettings(ads_host=ads_host, ads_port=ads_port, xds_tls_host=tls_host, xds_tls_port=tls_port,
+                             debug_host=debug_host, debug_port=debug_port, config_dir=config_dir)
+    state = state_dir or default_state_dir()
 
     async def run() -> None:
-        async with Pilot(settings) as pilot:
-            tune_gc(settings.gc_young_threshold)  # after start-up: what exists now lives as long as pilot
-            click.echo(f"pilot: xDS on {pilot.ads_address}, debug on http://{pilot.debug_address}", err=True)
-            await _until_signal()
+        pilot = Pilot(settings)
+        security = MeshSecurity(state, pilot.registry, trust_domain=trust_domain, host=tls_host)
+        pilot.secure = security.serving()  # composition: pilot serves Citadel's CSR service on its TLS port
+        await security.start()
+        try:
+            async with pilot:
+                tune_gc(settings.gc_young_threshold)  # after start-up: what exists now lives as long as pilot
+                security.sync_tokens(workload_accounts(pilot.pusher.mesh))  # before any sidecar asks
+                tokens = spawn("workload-tokens", lambda: security.keep_tokens(pilot), pilot.failures)
+                click.echo(f"pilot: xDS on {pilot.ads_address} (plaintext, unauthenticated), xDS and CA on "
+                           f"{pilot.xds_tls_address} (mutual TLS, trust domain {trust_domain}), debug on "
+                           f"http://{pilot.debug_address}, state in {state}", err=True)
+                try:
+                    await _until_signal()
+                finally:
+                    tokens.cancel()
+        finally:
+            await security.stop()
 
     try:
         asyncio.run(run())
     except AddressInUseError as exc:  # one line, not a traceback: another pilot (or demo) runs there
-        flag = "--ads" if exc.what == "xDS" else "--debug"
+        flag = {"xDS": "--ads", "authenticated xDS": "--xds-tls"}.get(exc.what, "--debug")
         raise click.ClickException(f"{exc} (another pilot running? pick a free one with {flag})") from None
 
 

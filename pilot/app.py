@@ -17,6 +17,7 @@ from pilot.config.files import FileSource
 from pilot.config.store import ConfigStore
 from pilot.debug import DebugApi
 from pilot.gcpolicy import release_free_memory
+from pilot.jwks import JwksFetcher
 from pilot.listen import check_free
 from pilot.model.build import build_mesh
 from pilot.model.conversions import Conversions
@@ -27,7 +28,7 @@ from pilot.settings import PilotSettings
 from pilot.tasks import TaskFailures, spawn
 from pilot.translate import generate, generate_endpoints, generate_parts
 from pilot.xds.cache import SnapshotCache
-from pilot.xds.server import AdsServer
+from pilot.xds.server import AdsServer, SecureServing
 from pilot.xds.status import StatusRegistry, XdsMetrics
 
 log = logging.getLogger(__name__)
@@ -42,19 +43,25 @@ def _ended(mesh: MeshSnapshot, conversions: Conversions) -> MeshSnapshot:
 class Pilot:
     """One pilot instance. `async with Pilot(settings) as pilot:` runs it."""
 
-    def __init__(self, settings: PilotSettings, generator: Generate = generate) -> None:
-        """`generator` is the translation stage; tests may wrap the real one (e.g. to make Envoy NACK)."""
+    def __init__(self, settings: PilotSettings, generator: Generate = generate,
+                 secure: SecureServing | None = None) -> None:
+        """`generator` is the translation stage; tests may wrap the real one (e.g. to make Envoy NACK).
+        `secure` (from the composition root, e.g. `meshctl up` with Citadel) adds authenticated xDS on
+        `settings.xds_tls_host:xds_tls_port`; without it only plaintext xDS is served."""
         self.settings = settings
+        self.secure = secure
         self.registry = CollectorRegistry()
         self.failures = TaskFailures(self.registry)
         self.store = ConfigStore()
         self.cache = SnapshotCache()
         self.status = StatusRegistry(XdsMetrics(self.registry))
         conversions = Conversions()  # per-object conversions reused from one build to the next
+        self.jwks = JwksFetcher(self.store, self.registry)  # RequestAuthentication jwksUri keys, inlined
         carry = Conversions()  # generated messages reused from one mesh version to the next
         self.pusher = Pusher(
             self.store, self.cache,
-            build_mesh=lambda objects: _ended(build_mesh(objects, settings.cluster_domain, conversions, carry),
+            build_mesh=lambda objects: _ended(build_mesh(objects, settings.cluster_domain, conversions, carry,
+                                                         jwks=self.jwks.current()),
                                               conversions),
             # The real generator hands shared parts over as shared objects (serialized once per mesh).
             generate=generate_parts if generator is generate else generator,
@@ -79,12 +86,15 @@ class Pilot:
         self._tasks: list[asyncio.Task[None]] = []
         self._web: web.AppRunner | None = None
         self.ads_port = 0
+        self.xds_tls_port = 0
         self.debug_port = 0
 
     async def start(self) -> None:
         """Start everything; raises AddressInUseError at once, before loading config, if an address is taken."""
         s = self.settings
         check_free("xDS", s.ads_host, s.ads_port)
+        if self.secure is not None:
+            check_free("authenticated xDS", s.xds_tls_host, s.xds_tls_port)
         check_free("the debug API", s.debug_host, s.debug_port)
         try:
             await self._start()
@@ -97,13 +107,24 @@ class Pilot:
             self.files.sync()  # on the loop: the store wakes asyncio waiters
             self._tasks.append(spawn("config-files", self.files.run, self.failures))
         self._tasks.append(spawn("pusher", self.pusher.run, self.failures))
+        self._tasks.append(spawn("jwks", self.jwks.run, self.failures))
         await self.pusher.ready.wait()
         s = self.settings
         self.ads_port = await self.ads.start(s.ads_host, s.ads_port)
+        if self.secure is not None:
+            self.xds_tls_port = await self.ads.start_secure(
+                s.xds_tls_host, s.xds_tls_port, context=self.secure.context, peer_identity=self.secure.peer_identity,
+                workload_account=self._workload_account, extra_handlers=self.secure.extra_handlers)
         debug = DebugApi(self.status, self.pusher, self.store, self.registry)
         self._web, self.debug_port = await debug.serve(s.debug_host, s.debug_port)
         log.info("pilot serving xDS on %s:%d, debug on %s:%d", s.ads_host, self.ads_port, s.debug_host,
                  self.debug_port)
+
+    def _workload_account(self, namespace: str, name: str) -> str | None:
+        """The service account a WorkloadEntry runs as ("default" when unset); None if there is none."""
+        mesh = self.pusher.mesh
+        found = mesh.workload(namespace, name) if mesh is not None else None
+        return None if found is None else (found.service_account or "default")
 
     async def stop(self) -> None:
         await self.ads.stop(grace=0.5)
@@ -125,6 +146,10 @@ class Pilot:
     @property
     def ads_address(self) -> str:
         return f"{self.settings.ads_host}:{self.ads_port}"
+
+    @property
+    def xds_tls_address(self) -> str:
+        return f"{self.settings.xds_tls_host}:{self.xds_tls_port}"
 
     @property
     def debug_address(self) -> str:

@@ -1,8 +1,16 @@
 """The Envoy bootstrap for a sidecar or gateway: who it is, where pilot is, its fixed listeners.
 
 Everything else (clusters, listeners, routes) arrives over ADS, so the bootstrap is small and
-the same for every proxy of a workload. `sidecar_bootstrap` is a pure function of its spec and
-builds protobuf messages, never text templates; `render` turns the result into YAML or JSON.
+the same for every proxy of a workload.
+
+With a workload agent (`sds_socket`), the bootstrap also holds Istio's `sds-grpc` cluster (the
+agent's SDS over a Unix socket), whose secrets `default` (the workload's key and certificate) and
+`ROOTCA` (the mesh roots) any TLS context may name; with `pilot_tls`, the xDS cluster itself
+uses them: mutual TLS to pilot's authenticated port, pilot's certificate checked for `pilot_san`.
+The names are Istio's and are repeated here, not imported (pilot imports no CA code).
+
+`sidecar_bootstrap` is a pure function of its spec and builds protobuf messages, never text
+templates; `render` turns the result into YAML or JSON.
 """
 
 from __future__ import annotations
@@ -33,7 +41,9 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.resource_monitors.downstream_connections.v3 import downstream_connections_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import any_pb2, duration_pb2, json_format, message, struct_pb2, wrappers_pb2
 
 from pilot.model.proxy import (
@@ -54,6 +64,13 @@ XDS_CLUSTER = "xds-grpc"
 ADMIN_CLUSTER = "envoy-admin"
 HEALTH_LISTENER = "health"
 STATS_LISTENER = "prometheus-stats"
+# The workload agent's SDS (Istio's names): the cluster, the workload's certificate, the mesh roots.
+SDS_CLUSTER = "sds-grpc"
+WORKLOAD_SECRET = "default"
+ROOT_SECRET = "ROOTCA"
+# The name pilot's serving certificate carries and sidecars check (istiod's in Istio).
+PILOT_SAN = "istiod.istio-system.svc"
+MAX_SOCKET_PATH = 107  # sockaddr_un.sun_path, with its NUL
 HEALTH_PATH = "/healthz/ready"
 STATS_PATH = "/stats/prometheus"
 
@@ -86,6 +103,11 @@ class BootstrapSpec:
     cluster_domain: str = "cluster.local"
     # How long Envoy waits for its first CDS/LDS before going LIVE without them.
     initial_fetch_timeout_s: float = 15.0
+    # The workload agent's SDS socket: adds the `sds-grpc` cluster (secrets `default`, `ROOTCA`).
+    sds_socket: str | None = None
+    # Mutual TLS to pilot (its authenticated port) with the agent's `default` and `ROOTCA`.
+    pilot_tls: bool = False
+    pilot_san: str = PILOT_SAN
 
     def __post_init__(self) -> None:
         for name in ("namespace", "workload"):
@@ -101,6 +123,13 @@ class BootstrapSpec:
             raise BootstrapError(f"pilot {self.pilot_host}:{self.pilot_port} is not a valid host:port")
         if self.initial_fetch_timeout_s < 0:
             raise BootstrapError("initial_fetch_timeout_s must not be negative")
+        if self.sds_socket is not None and not 0 < len(self.sds_socket.encode()) <= MAX_SOCKET_PATH:
+            raise BootstrapError(f"sds_socket {self.sds_socket!r} must be a Unix socket path of 1 to "
+                                 f"{MAX_SOCKET_PATH} bytes")
+        if self.pilot_tls and self.sds_socket is None:
+            raise BootstrapError("pilot_tls needs sds_socket: the client certificate comes from the workload agent")
+        if self.pilot_tls and not self.pilot_san:
+            raise BootstrapError("pilot_san must name pilot's certificate when pilot_tls is set")
         object.__setattr__(self, "kind", ProxyKind(self.kind))
         object.__setattr__(self, "labels", MappingProxyType({str(k): str(v) for k, v in self.labels.items()}))
 
@@ -133,7 +162,7 @@ def sidecar_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
         admin=bootstrap_pb2.Admin(address=_socket(spec.address, ADMIN_PORT)),
         dynamic_resources=_dynamic_resources(spec),
         static_resources=bootstrap_pb2.Bootstrap.StaticResources(
-            clusters=[_xds_cluster(spec), _admin_cluster(spec)],
+            clusters=[_xds_cluster(spec), _admin_cluster(spec), *_sds_clusters(spec)],
             listeners=[
                 _http_listener(spec, HEALTH_LISTENER, HEALTH_PORT, _health_route()),
                 _http_listener(spec, STATS_LISTENER, STATS_PORT, _stats_route()),
@@ -246,7 +275,65 @@ def _xds_cluster(spec: BootstrapSpec) -> cluster_pb2.Cluster:
             keepalive_interval=_u32(10),
         ),
     )
+    if spec.pilot_tls:
+        cluster.transport_socket.CopyFrom(base_pb2.TransportSocket(
+            name="envoy.transport_sockets.tls", typed_config=_any(_pilot_tls_context(spec))))
     return cluster
+
+
+def sds_secret(name: str) -> secret_pb2.SdsSecretConfig:
+    """A secret from the workload agent: gRPC SDS on the `sds-grpc` cluster, waiting for it without a timeout."""
+    source = config_source_pb2.ApiConfigSource(
+        api_type=config_source_pb2.ApiConfigSource.GRPC,
+        transport_api_version=config_source_pb2.V3,
+        set_node_on_first_message_only=True,
+        grpc_services=[grpc_service_pb2.GrpcService(
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=SDS_CLUSTER))],
+    )
+    return secret_pb2.SdsSecretConfig(name=name, sds_config=config_source_pb2.ConfigSource(
+        api_config_source=source, resource_api_version=config_source_pb2.V3, initial_fetch_timeout=_ms(0)))
+
+
+def _pilot_tls_context(spec: BootstrapSpec) -> tls_pb2.UpstreamTlsContext:
+    """Client side of mutual TLS to pilot: our `default`, pilot's certificate checked against `ROOTCA` + its SAN."""
+    san = common_pb2.SubjectAltNameMatcher(san_type=common_pb2.SubjectAltNameMatcher.DNS,
+                                           matcher=string_pb2.StringMatcher(exact=spec.pilot_san))
+    validation = tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+        default_validation_context=common_pb2.CertificateValidationContext(match_typed_subject_alt_names=[san]),
+        validation_context_sds_secret_config=sds_secret(ROOT_SECRET),
+    )
+    return tls_pb2.UpstreamTlsContext(
+        sni=spec.pilot_san,
+        common_tls_context=tls_pb2.CommonTlsContext(
+            alpn_protocols=["h2"],
+            tls_certificate_sds_secret_configs=[sds_secret(WORKLOAD_SECRET)],
+            combined_validation_context=validation,
+        ),
+    )
+
+
+def _sds_clusters(spec: BootstrapSpec) -> list[cluster_pb2.Cluster]:
+    """The agent's SDS over HTTP/2 on its Unix socket (none without an agent)."""
+    if spec.sds_socket is None:
+        return []
+    protocol = http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions(),
+        ),
+    )
+    endpoint = endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
+        address=address_pb2.Address(pipe=address_pb2.Pipe(path=spec.sds_socket))))
+    cluster = cluster_pb2.Cluster(
+        name=SDS_CLUSTER,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=_ms(1000),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=SDS_CLUSTER,
+            endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[endpoint])],
+        ),
+    )
+    cluster.typed_extension_protocol_options[_HTTP_PROTOCOL_OPTIONS].CopyFrom(_any(protocol))
+    return [cluster]
 
 
 def _admin_cluster(spec: BootstrapSpec) -> cluster_pb2.Cluster:

@@ -16,6 +16,10 @@ class PilotSettings(BaseSettings):
 
     ads_host: str = "127.0.0.1"
     ads_port: int = Field(15010, ge=0, le=65535, description="plaintext xDS (local mesh); 0 picks a free port")
+    xds_tls_host: str = "127.0.0.1"
+    xds_tls_port: int = Field(
+        15012, ge=0, le=65535,
+        description="authenticated xDS over mutual TLS (served only when given TLS credentials); 0 picks a free port")
     debug_host: str = "127.0.0.1"
     debug_port: int = Field(15014, ge=0, le=65535, description="HTTP monitoring and debug; 0 picks a free port")
     config_dir: Path | None = None

@@ -16,6 +16,7 @@ from pilot.api.errors import (
 )
 from pilot.api.gateway import Gateway
 from pilot.api.parse import GROUP, KINDS, VERSIONS, parse_object
+from pilot.api.request_authentication import RequestAuthentication
 from pilot.api.service_entry import (
     HTTP_PROTOCOLS,
     Location,
@@ -25,7 +26,6 @@ from pilot.api.service_entry import (
     WorkloadEntry,
     WorkloadEntrySpec,
 )
-from pilot.api.request_authentication import RequestAuthentication
 from pilot.api.sidecar import Sidecar
 from pilot.api.virtual_service import HTTPRoute, VirtualService
 

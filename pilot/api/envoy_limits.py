@@ -23,6 +23,8 @@ MAX_HEADER_BYTES = 16384
 MAX_QUERY_PARAMETER_NAME_BYTES = 1024
 # `config.cluster.v3.Cluster.RingHashLbConfig.minimum_ring_size`: `lte: 8388608`.
 MAX_RING_SIZE = 8388608
+# `google.protobuf.UInt32Value` fields such as `TcpKeepalive.keepalive_time` (seconds).
+MAX_UINT32 = 2**32 - 1
 # Envoy refuses any Duration whose milliseconds overflow an int64 ("Duration out-of-range"):
 # at most 9,223,372,036 seconds, about 292 years (measured with `envoy --mode validate`).
 MAX_DURATION_SECONDS = 9_223_372_036

@@ -61,8 +61,8 @@ def parse_object(doc: object) -> ApiObject:
         raise MalformedDocumentError("metadata.name is required", kind=kind, namespace=namespace)
     group, _, version = api_version.rpartition("/")
     security = group == SECURITY_GROUP
-    cls, versions = (SECURITY_KINDS, SECURITY_VERSIONS) if security else (KINDS, VERSIONS)
-    cls = cls.get(kind)
+    kinds, versions = (SECURITY_KINDS, SECURITY_VERSIONS) if security else (KINDS, VERSIONS)
+    cls = kinds.get(kind)
     if cls is None or group not in (GROUP, SECURITY_GROUP) or version not in versions:
         served = ", ".join(sorted(KINDS))
         raise UnsupportedKindError(

@@ -8,12 +8,15 @@ validation is Istio's, in Istio's words.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from collections.abc import Iterator
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import Field
 
 from pilot.api.base import ApiObject, Duration, IstioModel
@@ -25,7 +28,12 @@ _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi"})
 
 
 def jwks_problem(text: str) -> str | None:
-    """Why ``text`` is not a JSON Web Key Set (or a single key), or None."""
+    """Why ``text`` is not a JSON Web Key Set (or a single key) Envoy can use, or None.
+
+    Envoy refuses a JWT filter whose inline key set does not parse (the whole listener with
+    it), so each key is checked the way Envoy's JWT library reads it: a known ``kty``, the
+    members it needs, numbers and points that make a real public key, an ``alg`` of its family.
+    """
     try:
         doc: Any = json.loads(text)
     except ValueError as exc:
@@ -36,8 +44,52 @@ def jwks_problem(text: str) -> str | None:
     if not isinstance(keys, list) or not keys:
         return "jwks parse error: must have a non-empty `keys` list"
     for i, key in enumerate(keys):
-        if not isinstance(key, dict) or not isinstance(key.get("kty"), str):
-            return f"jwks parse error: key at index {i} has no `kty`"
+        found = _key_problem(key)
+        if found is not None:
+            return f"jwks parse error: key at index {i}: {found}"
+    return None
+
+
+_ALG_PREFIX = {"RSA": ("RS", "PS"), "EC": ("ES",), "oct": ("HS",), "OKP": ("EdDSA",)}
+_CURVES = {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1(), "P-521": ec.SECP521R1()}
+
+
+def _b64_int(key: dict[str, Any], member: str) -> int:
+    return int.from_bytes(_b64(key, member), "big")
+
+
+def _b64(key: dict[str, Any], member: str) -> bytes:
+    value = key.get(member)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"`{member}` is missing")
+    try:
+        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (ValueError, binascii.Error):
+        raise ValueError(f"`{member}` is not base64url") from None
+
+
+def _key_problem(key: object) -> str | None:
+    if not isinstance(key, dict) or not isinstance(key.get("kty"), str):
+        return "has no `kty`"
+    kty, alg = key["kty"], key.get("alg")
+    if kty not in _ALG_PREFIX:
+        return f"kty {kty!r} is not RSA, EC, oct or OKP"
+    if alg is not None and (not isinstance(alg, str) or not alg.startswith(_ALG_PREFIX[kty])):
+        return f"alg {alg!r} does not fit kty {kty}"
+    try:
+        if kty == "RSA":
+            rsa.RSAPublicNumbers(_b64_int(key, "e"), _b64_int(key, "n")).public_key()
+        elif kty == "EC":
+            curve = _CURVES.get(key.get("crv", ""))
+            if curve is None:
+                return f"crv {key.get('crv')!r} is not P-256, P-384 or P-521"
+            ec.EllipticCurvePublicNumbers(_b64_int(key, "x"), _b64_int(key, "y"), curve).public_key()
+        elif kty == "oct":
+            _b64(key, "k")
+        elif key.get("crv") != "Ed25519" or len(_b64(key, "x")) != 32:
+            return "an OKP key must be crv Ed25519 with a 32-byte `x`"
+    except ValueError as exc:
+        return str(exc) or "not a valid public key"
     return None
 
 

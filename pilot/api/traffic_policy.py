@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, Field
 
 from pilot.api.base import Duration, FloatPercent, IstioModel, NonNegative, Percent, one_of, rule_error
-from pilot.api.envoy_limits import HEADER_NAME, MAX_RING_SIZE
+from pilot.api.envoy_limits import HEADER_NAME, MAX_RING_SIZE, MAX_UINT32
 from pilot.api.errors import FieldIssue
 
 MAGLEV_TABLE_LIMIT = 5000011
@@ -165,10 +165,20 @@ class LoadBalancerSettings(IstioModel):
             yield FieldIssue(path, "warmup applies to ROUND_ROBIN and LEAST_REQUEST balancing only; ignored")
 
 
+def _uint32_seconds(value: timedelta) -> timedelta:
+    """Envoy's TcpKeepalive holds `time` and `interval` as 32-bit counts of seconds."""
+    if value.total_seconds() > MAX_UINT32:
+        raise rule_error(f"must be at most {MAX_UINT32}s (Envoy keeps it as 32-bit seconds)")
+    return value
+
+
+KeepaliveDuration = Annotated[MinDuration, AfterValidator(_uint32_seconds)]
+
+
 class TcpKeepalive(IstioModel):
     probes: NonNegative | None = None
-    time: MinDuration | None = None
-    interval: MinDuration | None = None
+    time: KeepaliveDuration | None = None
+    interval: KeepaliveDuration | None = None
 
 
 class TcpSettings(IstioModel):

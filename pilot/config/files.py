@@ -9,12 +9,18 @@ instead. Every reload, however woken, is the same `_scan`: a stat() fingerprint,
 files whose bytes changed are parsed again. Concurrency: `FileSource.run` is one task on the
 store's loop; reading and parsing happen in a worker thread, and only the final
 `replace_source` touches the store, on the loop thread.
+
+Bad input never costs good config (see `FileSource`): a file's edit applies at once only when it
+parses cleanly and removes nothing; otherwise it waits until the file has been stable for a
+settle time, and a file that does not parse removes nothing. Limits: 1.5 MiB per document
+(Kubernetes' object size), 10,000 entries per list, a total for all files.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -46,6 +52,8 @@ MAX_DOCUMENT_BYTES = 1_572_864
 MAX_LIST_ITEMS = 10_000
 # A list of MAX_LIST_ITEMS entries takes at least two characters each ("- " or ", ").
 _SMALLEST_LONG_LIST = 2 * MAX_LIST_ITEMS
+# Parser events `identify` reads at most (a few milliseconds).
+_IDENTIFY_EVENTS = 20_000
 # All YAML files of a directory together; `file_max_total_mb` in the settings.
 MAX_TOTAL_BYTES = 64 * 2**20
 # Seconds a file must stay unchanged before it may remove objects; `file_settle_ms` in the settings.
@@ -178,25 +186,26 @@ def _not_a_directory(directory: Path) -> DocumentError:
 
 def refresh_cache(
     cache: ParseCache, paths: list[tuple[str, str]], unchanged: Collection[str] = (),
-    max_total_bytes: int = MAX_TOTAL_BYTES,
+    max_total_bytes: int = MAX_TOTAL_BYTES, total: int | None = None,
 ) -> set[str]:
     """Bring `cache` up to date with the files in `paths`; the names whose entry changed.
 
-    A file that would take the directory's total past `max_total_bytes` (in file order) is not
-    read: its entry is an error, and it is looked at again on every call.
+    When the files' sizes (`total`, else a stat() of each) add up past `max_total_bytes`, the
+    files that cross it, in file order, are not read: their entry is an error, looked at again
+    on every call.
     """
+    if total is None:
+        total = sum(_size(path) for _, path in paths)
+    budget = 0 if total > max_total_bytes else None  # counted file by file only when over the limit
     changed: set[str] = set()
-    total = 0
     for name, path in paths:
         cached = cache.get(name)
-        if cached is not None and name in unchanged and cached[0]:
+        if budget is not None and (budget := budget + _size(path)) > max_total_bytes:
+            entry = _over_total(name, cached, max_total_bytes)
+        elif cached is not None and name in unchanged and cached[0]:
             entry = cached
         else:
-            total += _size(path)
-            if total > max_total_bytes:
-                entry = _over_total(name, cached, max_total_bytes)
-            else:
-                entry = _parse_file(Path(path), name, cached)
+            entry = _parse_file(Path(path), name, cached)
         if entry is not cached:
             cache[name] = entry
             changed.add(name)
@@ -264,9 +273,9 @@ _Located = tuple[str, int, ApiObject, tuple[str, str, str]]
 def _parse_text(text: str, file: str, located: list[_Located], errors: list[DocumentError]) -> None:
     index = 0
     for chunk in _DOC_START.split(text):
-        if len(chunk) * 4 > MAX_DOCUMENT_BYTES and len(chunk.encode("utf-8")) > MAX_DOCUMENT_BYTES:
+        # A character is at most 4 bytes: shorter chunks cannot be over the limit, and are not encoded.
+        if len(chunk) * 4 > MAX_DOCUMENT_BYTES and (size := len(chunk.encode("utf-8"))) > MAX_DOCUMENT_BYTES:
             kind, namespace, name = identify(chunk)
-            size = len(chunk.encode("utf-8"))
             ref = f"{object_ref(kind, namespace, name)}: " if kind or name else ""
             errors.append(DocumentError(file, index, kind, namespace, name, (
                 f"{ref}document is {size / 2**20:.1f} MiB, over the 1.5 MiB limit of a Kubernetes object "
@@ -296,13 +305,14 @@ def _parse_text(text: str, file: str, located: list[_Located], errors: list[Docu
 def identify(text: str) -> tuple[str | None, str | None, str | None]:
     """(kind, namespace, name) of a YAML document without building it: its parser events are read
     until ``kind`` and ``metadata`` are seen (they come first in practice), so a 20 MB document
-    costs microseconds here, not the seconds and gigabytes a full load would."""
+    costs microseconds here, not the seconds and gigabytes a full load would. At most
+    `_IDENTIFY_EVENTS` events are read: past them, what was not seen stays None."""
     kind: str | None = None
     meta: dict[str, str] = {}
     # Open collections: [is a mapping, its current key, a key comes next].
     stack: list[list[Any]] = []
     try:
-        for event in yaml.parse(text, Loader=_LOADER):
+        for event in itertools.islice(yaml.parse(text, Loader=_LOADER), _IDENTIFY_EVENTS):
             if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
                 is_map = isinstance(event, yaml.MappingStartEvent)
                 stack.append([is_map, None, is_map])
@@ -340,8 +350,13 @@ def _value_done(stack: list[list[Any]]) -> None:
 def _check_counts(doc: object) -> None:
     """Refuse a document holding a list longer than `MAX_LIST_ITEMS`, naming the field."""
     stack: list[tuple[object, str]] = [(doc, "")]
+    seen: set[int] = set()  # YAML aliases share a node: each is walked once
     while stack:
         node, where = stack.pop()
+        if isinstance(node, dict | list):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
         if isinstance(node, dict):
             stack += [(v, f"{where}.{k}" if where else str(k)) for k, v in node.items()]
         elif isinstance(node, list):
@@ -618,7 +633,8 @@ class FileSource:
         # changed are parsed again, so re-reading racy files costs a read and a hash; files whose
         # stat is the same as last pass and not recent enough to hide a second write are not read.
         unchanged = _stat_unchanged(self.directory, self._seen or (), seen)
-        changed = refresh_cache(self._cache, paths, unchanged, self.max_total_bytes)
+        total = sum(entry[2] for entry in seen)
+        changed = refresh_cache(self._cache, paths, unchanged, self.max_total_bytes, total)
         self._seen, self._trusted = seen, not racy
         moved, held_back = self._decide(changed | self._pending.keys())
         if problems != self._problems:
@@ -643,18 +659,22 @@ class FileSource:
             if not _waits(parse, held):
                 self._pending.pop(name, None)
                 continue
-            stat = _stat(os.path.join(self.directory, name))
-            since = self._pending.get(name)
-            if since is None or since[0] != stat:
-                since = (stat, now)
-            following = _next_held(parse, held, not self._loaded or now - since[1] >= self.settle)
+            following = _next_held(parse, held, not self._loaded)
+            since = None
+            if _waits(parse, following):  # only a file that must wait is looked at again
+                stat = _stat(os.path.join(self.directory, name))
+                since = self._pending.get(name)
+                if since is None or since[0] != stat:
+                    since = (stat, now)
+                if now - since[1] >= self.settle:
+                    following = _next_held(parse, held, True)
             if following is not held:
                 moved = True
                 if following is None:
                     del self._held[name]
                 else:
                     self._held[name] = following
-            if _waits(parse, following):
+            if since is not None and _waits(parse, following):
                 self._pending[name] = since
                 held_back = True
             else:

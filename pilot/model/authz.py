@@ -241,11 +241,15 @@ def _applies(selector: tuple[tuple[str, str], ...] | None, targeted: bool, label
     return selector is None or all(labels.get(k) == v for k, v in selector)
 
 
-def workload_security(security: Security, root_namespace: str, namespace: str, labels: Mapping[str, str]) -> WorkloadSecurity:
+def workload_security(
+    security: Security, root_namespace: str, namespace: str, labels: Mapping[str, str]
+) -> WorkloadSecurity:
     """Every policy that applies to a workload with ``labels`` in ``namespace`` (see the module docstring)."""
     namespaces = sorted({root_namespace, namespace})
-    policies = [p for ns in namespaces for p in security.authorization.get(ns, ()) if _applies(p.selector, p.targeted, labels)]
-    authns = [a for ns in namespaces for a in security.authentication.get(ns, ()) if _applies(a.selector, a.targeted, labels)]
+    policies = [p for ns in namespaces for p in security.authorization.get(ns, ())
+                if _applies(p.selector, p.targeted, labels)]
+    authns = [a for ns in namespaces for a in security.authentication.get(ns, ())
+              if _applies(a.selector, a.targeted, labels)]
     by_action: dict[str, list[AuthzPolicy]] = {a.value: [] for a in Action}
     for p in policies:
         by_action[p.action].append(p)

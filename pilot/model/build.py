@@ -22,16 +22,18 @@ from pilot.api import (
     WorkloadEntry,
     WorkloadEntrySpec,
 )
-from pilot.api.service_entry import ServicePort as ApiServicePort
 from pilot.api.authorization import AuthorizationPolicy
+from pilot.api.peer_authentication import PeerAuthentication
 from pilot.api.request_authentication import RequestAuthentication
+from pilot.api.service_entry import ServicePort as ApiServicePort
 from pilot.model import convert_routes
-from pilot.model.authz import build_security
 from pilot.model import mesh as m
+from pilot.model.authz import build_security
 from pilot.model.build_scoping import ScopeInputs, build_scoping, gateway_server_conflicts, oldest_merged_rules
 from pilot.model.conversions import Conversions
 from pilot.model.delegates import resolve_delegates
 from pilot.model.local_ports import local_port_warnings
+from pilot.model.mtls import peer_authn_stage
 
 MESH_GATEWAY = "mesh"
 _LATEST = datetime.max.replace(tzinfo=UTC)
@@ -49,7 +51,7 @@ def precedence(obj: ApiObject) -> tuple[datetime, str, str]:
 
 def build_mesh(
     objects: Iterable[ApiObject], cluster_domain: str = "cluster.local", conversions: Conversions | None = None,
-    carry: Conversions | None = None, jwks: Mapping[str, str] | None = None,
+    carry: Conversions | None = None, jwks: Mapping[str, str] | None = None, trust_domain: str = "cluster.local",
 ) -> m.MeshSnapshot:
     """Index every object into a MeshSnapshot; see the module docstring for conflict rules.
 
@@ -57,7 +59,8 @@ def build_mesh(
     one), and unchanged services keep their identity; `carry` is handed to the generators
     (`MeshSnapshot.carry`; its generations are the pusher's to end). The result is the same
     without either. `jwks` holds the key sets pilot fetched for RequestAuthentication rules
-    (jwksUri, or ``openid:<issuer>``: see `pilot.model.authz.jwks_sources`).
+    (jwksUri, or ``openid:<issuer>``: see `pilot.model.authz.jwks_sources`). `trust_domain` names
+    workload identities (``spiffe://<trust_domain>/ns/<ns>/sa/<sa>``) that clients verify.
     """
     memo = Conversions() if conversions is None else conversions
     memo.next_build()
@@ -91,8 +94,13 @@ def build_mesh(
     fetched = tuple(sorted((jwks or {}).items()))
     security = memo.stage("security", (*authz, *authn), (len(authz), fetched),
                           lambda _: build_security(authz, authn, dict(fetched)))
+    peers = _of(memo, by_kind, PeerAuthentication)
+    peer_authn = memo.stage("peer-authn", peers, (scoping.root_namespace,),
+                            lambda _: peer_authn_stage(peers, scoping.root_namespace))
     return m.MeshSnapshot(
         cluster_domain=cluster_domain,
+        trust_domain=trust_domain,
+        peer_authn=peer_authn,
         services=memo.stage("frozen-services", (services,), (), lambda _: m.frozen_map(services)),
         workloads=memo.stage("frozen-workloads", (workloads,), (), lambda _: m.frozen_map(workloads)),
         destination_rules=memo.stage("frozen-rules", (rules,), (), lambda _: m.frozen_map(rules)),
@@ -333,16 +341,18 @@ def _endpoints(
 
 def _workload_endpoint(wl: m.Workload, ports: tuple[m.ServicePort, ...]) -> m.Endpoint:
     port_map = {p.name: endpoint_port(p, wl.ports) for p in ports}
-    return m.Endpoint(wl.address, m.frozen_map(port_map), wl.labels, wl.weight, f"{wl.namespace}/{wl.name}")
+    return m.Endpoint(wl.address, m.frozen_map(port_map), wl.labels, wl.weight, f"{wl.namespace}/{wl.name}",
+                      namespace=wl.namespace, service_account=wl.service_account)
 
 
 def _inline_endpoints(se: ServiceEntry, ports: tuple[m.ServicePort, ...]) -> list[m.Endpoint]:
-    return [_inline_endpoint(ep, ports) for ep in se.spec.endpoints if ep.address]
+    return [_inline_endpoint(ep, ports, se.metadata.namespace) for ep in se.spec.endpoints if ep.address]
 
 
-def _inline_endpoint(ep: WorkloadEntrySpec, ports: tuple[m.ServicePort, ...]) -> m.Endpoint:
+def _inline_endpoint(ep: WorkloadEntrySpec, ports: tuple[m.ServicePort, ...], namespace: str) -> m.Endpoint:
     port_map = {p.name: endpoint_port(p, ep.ports) for p in ports}
-    return m.Endpoint(ep.address, m.frozen_map(port_map), m.frozen_map(ep.labels), ep.weight, None)
+    return m.Endpoint(ep.address, m.frozen_map(port_map), m.frozen_map(ep.labels), ep.weight, None,
+                      namespace=namespace, service_account=ep.service_account)
 
 
 def _virtual_services(

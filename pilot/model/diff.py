@@ -15,8 +15,8 @@ from pilot.model.mesh import DNS_RESOLUTIONS, MeshSnapshot, Service
 
 def endpoints_only(old: MeshSnapshot, new: MeshSnapshot) -> bool:
     """True if `new` differs from `old` only in endpoint addresses or weights."""
-    if (old.cluster_domain, old.sidecars, old.destination_rules, old.virtual_services, old.scoping) != (
-        new.cluster_domain, new.sidecars, new.destination_rules, new.virtual_services, new.scoping
+    if (old.cluster_domain, old.sidecars, old.destination_rules, old.virtual_services, old.scoping, old.security) != (
+        new.cluster_domain, new.sidecars, new.destination_rules, new.virtual_services, new.scoping, new.security
     ):
         return False
     if old.workloads.keys() != new.workloads.keys() or old.services.keys() != new.services.keys():

@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 from pilot.api.service_entry import HTTP2_PROTOCOLS, HTTP_PROTOCOLS
 from pilot.model.authz import Security
 from pilot.model.conversions import Conversions
+from pilot.model.mtls import PeerAuthn
 from pilot.model.policy import NO_POLICY, TrafficPolicy, effective_policy
 from pilot.model.scoping import Scoping
 
@@ -78,6 +79,8 @@ class Endpoint:
     labels: Labels = field(default_factory=frozen_map)
     weight: int = 1
     workload: str | None = None  # "namespace/name" of the WorkloadEntry; None for inline endpoints
+    namespace: str = ""  # of the WorkloadEntry, or of the ServiceEntry for inline endpoints
+    service_account: str = ""  # the instance's identity; with it, Istio assumes a sidecar (mtls.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +324,8 @@ class MeshSnapshot:
     sidecars: tuple[SidecarScope, ...] = ()  # precedence order: with selector first, then oldest
     scoping: Scoping = field(default_factory=Scoping)  # exportTo, every VS/DR candidate, Gateways, Sidecar egress
     security: Security = field(default_factory=Security)  # AuthorizationPolicy, RequestAuthentication
+    peer_authn: PeerAuthn = field(default_factory=PeerAuthn)  # PeerAuthentication (pilot.model.mtls)
+    trust_domain: str = "cluster.local"  # of workload identities: spiffe://<trust_domain>/ns/../sa/..
     warnings: tuple[str, ...] = ()
     # Results of pure functions of this snapshot, shared by every proxy class generated from it
     # (see pilot.translate.memo). Not an input: init=False, so `dataclasses.replace` starts empty.

@@ -21,6 +21,9 @@ META_SERVICE_ACCOUNT = "SERVICE_ACCOUNT"
 META_INSTANCE_IPS = "INSTANCE_IPS"
 # meshctl's own: the loopback address a local-mesh sidecar binds its listeners to.
 META_BIND_ADDRESS = "MESHCTL_BIND_ADDRESS"
+# meshctl's own: "true" when the bootstrap has the `sds-grpc` cluster to a workload agent, so TLS
+# contexts may name the agent's secrets (`default`, `ROOTCA`). Without it no mesh TLS is generated.
+META_WORKLOAD_CERTS = "MESHCTL_WORKLOAD_CERTS"
 
 # Labels that differ between replicas of one workload but never change its config.
 VOLATILE_LABELS = frozenset({"pod-template-hash", "controller-revision-hash", "pod-template-generation"})
@@ -44,6 +47,7 @@ class ProxyClass:
     labels: tuple[tuple[str, str], ...] = ()
     bind_address: str | None = None
     workload: str | None = None
+    mtls: bool = False  # the proxy has mesh certificates over SDS (META_WORKLOAD_CERTS)
 
     @property
     def label_map(self) -> dict[str, str]:
@@ -111,6 +115,7 @@ def identity_from_node(node: Any) -> ProxyIdentity:
         bind_address=str(bind) if bind else None,
         # The workload name only separates classes where config is per workload (local mesh).
         workload=workload if bind else None,
+        mtls=str(meta.get(META_WORKLOAD_CERTS, "")).lower() == "true",
     )
     return ProxyIdentity(
         node_id=node_id,

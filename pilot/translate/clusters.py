@@ -8,10 +8,12 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 
 from pilot.model.mesh import DNS_RESOLUTIONS, DestinationPolicy, MeshSnapshot, Service, ServicePort
+from pilot.model.mtls import ISTIO_TLS_MODE, endpoint_tls_mode, spiffe_uri
 from pilot.model.policy import NO_POLICY, ConnectionPool, TrafficPolicy
 from pilot.translate import names
 from pilot.translate.common import ads_config_source, lb_endpoint
 from pilot.translate.memo import carried
+from pilot.translate.mtls import apply_mesh_tls, sni
 from pilot.translate.policy import apply_connection_limits, apply_traffic_policy, set_http_options
 from pilot.translate.scope import InboundPort
 
@@ -48,24 +50,53 @@ def subsets_of(rule: DestinationPolicy | None) -> list[str]:
     return ["", *(rule.subsets if rule else ())]
 
 
-def outbound_clusters(mesh: MeshSnapshot) -> dict[str, Any]:
+def outbound_clusters(mesh: MeshSnapshot, mtls: bool = False) -> dict[str, Any]:
     """Every outbound cluster; a service's are carried over from the last mesh version while
-    the service and its DestinationRule are unchanged (the same objects)."""
+    the service and its DestinationRule are unchanged (the same objects). `mtls`: for a proxy
+    with mesh certificates (`pilot.translate.mtls`), checking servers against `trust_domain`."""
     out: dict[str, Any] = {}
+    domain = mesh.trust_domain if mtls else None
     for service in mesh.services.values():
-        out.update(carried(mesh, service_clusters, (service, mesh.destination_rules.get(service.host))))
+        out.update(carried(mesh, service_clusters, (service, mesh.destination_rules.get(service.host)), domain))
     return out
 
 
-def service_clusters(service: Service, rule: DestinationPolicy | None) -> dict[str, Any]:
-    """The outbound clusters of one service: one per (port, subset). Pure."""
+def service_clusters(
+    service: Service, rule: DestinationPolicy | None, trust_domain: str | None = None
+) -> dict[str, Any]:
+    """The outbound clusters of one service: one per (port, subset). Pure. With `trust_domain`
+    (the client has mesh certificates), ISTIO_MUTUAL and auto mTLS apply."""
     out: dict[str, Any] = {}
+    sans = service_identities(service, trust_domain) if trust_domain is not None else ()
     for port in service.ports:
         for subset in subsets_of(rule):
             policy = rule.policy_for(port.number, subset) if rule else NO_POLICY
             name = names.outbound_cluster(port.number, subset, service.host)
-            out[name] = _outbound_cluster(name, service, port, policy)
+            out[name] = cluster = _outbound_cluster(name, service, port, policy)
+            if trust_domain is not None:
+                _mesh_tls(cluster, service, port, subset, policy, sans)
     return out
+
+
+def service_identities(service: Service, trust_domain: str) -> tuple[str, ...]:
+    """The SPIFFE ids a client accepts from the service's instances: their service accounts."""
+    return tuple(sorted({spiffe_uri(trust_domain, e.namespace, e.service_account)
+                         for e in service.endpoints if e.service_account}))
+
+
+def _mesh_tls(
+    cluster: Any, service: Service, port: ServicePort, subset: str, policy: TrafficPolicy, sans: tuple[str, ...]
+) -> None:
+    """DestinationRule ISTIO_MUTUAL, or auto mTLS when the rule sets no TLS and some instance has a
+    sidecar (EDS marks which ones: `pilot.translate.endpoints`)."""
+    mode = policy.tls.mode if policy.tls is not None else None
+    auto = mode is None and discovery(service) == "EDS" and any(
+        endpoint_tls_mode(e.labels, e.service_account) == ISTIO_TLS_MODE for e in service.endpoints)
+    if mode == "ISTIO_MUTUAL" or auto:
+        pool = policy.connection_pool or ConnectionPool()
+        upgrade = pool.h2_upgrade_policy == "UPGRADE" and not pool.use_client_protocol
+        http2 = port.is_http and (port.is_http2 or upgrade)  # as `apply_traffic_policy` decides
+        apply_mesh_tls(cluster, mode, sni(port.number, subset, service.host), sans, http2)
 
 
 def _outbound_cluster(name: str, service: Service, port: ServicePort, policy: TrafficPolicy) -> Any:

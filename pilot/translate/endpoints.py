@@ -8,10 +8,12 @@ from typing import Any
 from envoy.config.endpoint.v3 import endpoint_pb2
 
 from pilot.model.mesh import DestinationPolicy, Endpoint, MeshSnapshot, Service, selects
+from pilot.model.mtls import DISABLE, ISTIO_TLS_MODE, PeerAuthn, endpoint_tls_mode, workload_mtls
 from pilot.translate import names
 from pilot.translate.clusters import discovery, subsets_of, uses_eds
 from pilot.translate.common import UNIX_PREFIX, lb_endpoint
 from pilot.translate.memo import carried
+from pilot.translate.mtls import tls_endpoint_metadata
 
 
 def _routable(endpoint: Endpoint) -> bool:
@@ -25,18 +27,26 @@ def _routable(endpoint: Endpoint) -> bool:
     return True
 
 
-def load_assignments(mesh: MeshSnapshot) -> dict[str, Any]:
+def load_assignments(mesh: MeshSnapshot, mtls: bool = False) -> dict[str, Any]:
     """Every ClusterLoadAssignment; a service's are carried over from the last mesh version while
-    the service (its endpoints included) and its DestinationRule are the same objects."""
+    the service (its endpoints included) and its DestinationRule are the same objects. `mtls`
+    (the client has mesh certificates): endpoints that accept Istio mutual TLS are marked."""
     out: dict[str, Any] = {}
+    peers = mesh.peer_authn if mtls else None
     for service in mesh.services.values():
         if discovery(service) == "EDS":
-            out.update(carried(mesh, service_assignments, (service, mesh.destination_rules.get(service.host))))
+            rule = mesh.destination_rules.get(service.host)
+            out.update(carried(mesh, service_assignments, (service, rule, peers)))
     return out
 
 
-def service_assignments(service: Service, rule: DestinationPolicy | None) -> dict[str, Any]:
-    """The ClusterLoadAssignments of one EDS service: one per (port, subset) cluster. Pure."""
+def service_assignments(
+    service: Service, rule: DestinationPolicy | None, peers: PeerAuthn | None = None
+) -> dict[str, Any]:
+    """The ClusterLoadAssignments of one EDS service: one per (port, subset) cluster. Pure.
+
+    With `peers`, an instance is marked for mutual TLS (auto mTLS) when it has a sidecar with a
+    mesh identity and its PeerAuthentication does not DISABLE mutual TLS on that port."""
     out: dict[str, Any] = {}
     routable = [e for e in service.endpoints if _routable(e)]  # once per service, not per subset
     for port in service.ports:
@@ -46,12 +56,32 @@ def service_assignments(service: Service, rule: DestinationPolicy | None) -> dic
             labels = rule.subsets[subset].labels if rule and subset else {}
             name = names.outbound_cluster(port.number, subset, service.host)
             members = [e for e in routable if selects(labels, e.labels)]
-            out[name] = _assignment(name, [(e.address, e.ports[port.name], e.weight) for e in members])
+            out[name] = _assignment(
+                name,
+                [
+                    (
+                        e.address,
+                        e.ports[port.name],
+                        e.weight,
+                        peers is not None and _accepts_mtls(peers, e, e.ports[port.name]),
+                    )
+                    for e in members
+                ],
+            )
     return out
 
 
-def _assignment(name: str, targets: list[tuple[str, int, int]]) -> Any:
+def _accepts_mtls(peers: PeerAuthn, endpoint: Endpoint, port: int) -> bool:
+    if endpoint_tls_mode(endpoint.labels, endpoint.service_account) != ISTIO_TLS_MODE:
+        return False
+    return workload_mtls(peers, endpoint.namespace, endpoint.labels).at(port) != DISABLE
+
+
+def _assignment(name: str, targets: list[tuple[str, int, int, bool]]) -> Any:
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
     if targets:
-        cla.endpoints.add().lb_endpoints.extend(lb_endpoint(h, p, w) for h, p, w in sorted(targets))
+        cla.endpoints.add().lb_endpoints.extend(
+            tls_endpoint_metadata(lb_endpoint(h, p, w)) if tls else lb_endpoint(h, p, w)
+            for h, p, w, tls in sorted(targets)
+        )
     return cla

@@ -7,6 +7,7 @@ from typing import Any
 
 from pilot.model.authz import WorkloadSecurity, workload_security
 from pilot.model.mesh import MeshSnapshot
+from pilot.model.mtls import WorkloadMtls, workload_mtls
 from pilot.model.proxy import ProxyClass, ProxyKind
 from pilot.translate import names
 from pilot.translate.clusters import inbound_clusters_for, outbound_clusters
@@ -74,6 +75,8 @@ def _seen(mesh: MeshSnapshot, proxy: ProxyClass, view: ProxyView) -> MeshSnapsho
 def generate_endpoints(mesh: MeshSnapshot, proxy: ProxyClass, view: ProxyView | None = None) -> dict[str, Any]:
     """Only the ClusterLoadAssignments of ``proxy``: exactly ``generate(...)[ENDPOINT]``, for the EDS fast path."""
     seen = _seen(mesh, proxy, view or scope_view(mesh, proxy))  # `_seen` reads no inbound port
+    if proxy.mtls:  # endpoints marked for auto mTLS: shared by the classes with mesh certificates
+        return memoized(seen, ("endpoints", "mtls"), lambda: sorted_by_name(load_assignments(seen, mtls=True)))
     return memoized(seen, "endpoints", lambda: sorted_by_name(load_assignments(seen)))
 
 
@@ -90,7 +93,8 @@ def generate_parts(mesh: MeshSnapshot, proxy: ProxyClass) -> Parts:
     view = proxy_view(mesh, proxy)
     egress = None if proxy.kind == ProxyKind.ROUTER else view.egress
     seen = _seen(mesh, proxy, view)
-    shared_clusters = memoized(seen, "clusters", lambda: sorted_by_name(outbound_clusters(seen)))
+    clusters_key = ("clusters", "mtls") if proxy.mtls else "clusters"
+    shared_clusters = memoized(seen, clusters_key, lambda: sorted_by_name(outbound_clusters(seen, proxy.mtls)))
     if proxy.kind == ProxyKind.ROUTER:
         gateway_listeners, gateway_routes = gateway_resources(seen, view)
         own_clusters: Mapping[str, Any] = {}
@@ -102,7 +106,8 @@ def generate_parts(mesh: MeshSnapshot, proxy: ProxyClass) -> Parts:
         passthrough = allow_any(view)
         own_clusters = carried_value(mesh, _own_clusters, view.inbound, passthrough)
         security = _security(mesh, view)
-        listeners = carried_value(mesh, _own_listeners, view.bind_address, view.inbound, passthrough, security)
+        peer = _peer_mtls(mesh, view) if proxy.mtls else None
+        listeners = carried_value(mesh, _own_listeners, view.bind_address, view.inbound, passthrough, security, peer)
         l4 = outbound_l4_listeners(seen, view)
         if l4:
             listeners = sorted_by_name({**listeners, **l4})
@@ -128,9 +133,17 @@ def _own_clusters(inbound: tuple[InboundPort, ...], passthrough: bool) -> dict[s
 
 
 def _own_listeners(
-    bind: str, inbound: tuple[InboundPort, ...], passthrough: bool, security: WorkloadSecurity
+    bind: str, inbound: tuple[InboundPort, ...], passthrough: bool, security: WorkloadSecurity,
+    peer: WorkloadMtls | None = None,
 ) -> dict[str, Any]:
-    return sorted_by_name(sidecar_listeners_for(bind, inbound, passthrough, security))
+    return sorted_by_name(sidecar_listeners_for(bind, inbound, passthrough, security, peer))
+
+
+def _peer_mtls(mesh: MeshSnapshot, view: ProxyView) -> WorkloadMtls:
+    """The workload's PeerAuthentication modes, once per (namespace, labels) and mesh version."""
+    labels = tuple(sorted(view.labels.items()))
+    return memoized(mesh, ("peer-mtls", view.namespace, labels),
+                    lambda: workload_mtls(mesh.peer_authn, view.namespace, view.labels))
 
 
 def _security(mesh: MeshSnapshot, view: ProxyView) -> WorkloadSecurity:

@@ -15,9 +15,11 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
 from pilot.model.authz import NO_SECURITY, WorkloadSecurity
+from pilot.model.mtls import WorkloadMtls
 from pilot.translate import names
 from pilot.translate.common import address, ads_config_source
 from pilot.translate.jwt import jwt_filter
+from pilot.translate.mtls import secure_inbound
 from pilot.translate.passthrough import passthrough_filter
 from pilot.translate.rbac import http_rbac_filters, network_rbac_filters
 from pilot.translate.route_policies import route_http_filters
@@ -108,9 +110,13 @@ def inbound_listener(bind: str, port: InboundPort, security: WorkloadSecurity = 
 
 
 def sidecar_listeners_for(
-    bind: str, inbound: tuple[InboundPort, ...], passthrough: bool, security: WorkloadSecurity = NO_SECURITY
+    bind: str, inbound: tuple[InboundPort, ...], passthrough: bool, security: WorkloadSecurity = NO_SECURITY,
+    peer: WorkloadMtls | None = None,
 ) -> dict[str, Any]:
     """The outbound HTTP listener and one per inbound port: a function of these values only, so
-    proxies with equal ones share the messages (see `pilot.translate.memo.carried_value`)."""
-    listeners = [_outbound_listener(bind, passthrough), *(inbound_listener(bind, p, security) for p in inbound)]
+    proxies with equal ones share the messages (see `pilot.translate.memo.carried_value`).
+    `peer`: the proxy has mesh certificates; inbound ports take its PeerAuthentication modes."""
+    listeners = [_outbound_listener(bind, passthrough), *(
+        inbound_listener(bind, p, security) if peer is None else
+        secure_inbound(inbound_listener(bind, p, security), p.http, peer.at(p.port)) for p in inbound)]
     return {lis.name: lis for lis in listeners}

@@ -187,11 +187,14 @@ def _request_principal(values: Sequence[str]) -> Any:
                 m_iss, m_sub = string_pb2.StringMatcher(prefix=value[:-1]), any_value
         else:
             m_iss, m_sub = string_pb2.StringMatcher(exact=iss), string_pb2.StringMatcher(exact=sub)
-        found.append(_p_and([
-            rbac_pb2.Principal(metadata=_metadata(JWT_FILTER, [JWT_PAYLOAD, claim], value_pb2.ValueMatcher(string_match=m)))
-            for claim, m in (("iss", m_iss), ("sub", m_sub))
-        ]))
+        found.append(_p_and([_claim_is(claim, m) for claim, m in (("iss", m_iss), ("sub", m_sub))]))
     return found[0] if len(found) == 1 else _p_or(found)
+
+
+def _claim_is(claim: str, m: Any) -> Any:
+    """The verified token's ``claim`` is a string matching ``m``."""
+    value = value_pb2.ValueMatcher(string_match=m)
+    return rbac_pb2.Principal(metadata=_metadata(JWT_FILTER, [JWT_PAYLOAD, claim], value))
 
 
 def _one_principal(key: str, value: str, tcp: bool, namespace: str) -> Any:

@@ -23,13 +23,24 @@ status and reconnects), when keepalive finds a dead peer (ping every 30 s, 10 s 
 or at the latest when the connection reaches its maximum age (30 min by default, as istiod;
 then 10 s of grace). When calls end, free heap pages go back to the OS (`release_memory`,
 at most once a second), so RSS falls back after a burst of streams.
+
+Two faces, one state: `start` serves plaintext ADS (15010, unauthenticated: any local process
+may claim any Node); `start_secure` adds the authenticated port (15012): a `TlsFront` terminates
+mutual TLS (client certificate verified if given) and relays to an internal gRPC server carrying
+ADS in authenticated mode plus the extra handlers the composition root passes (the CSR service).
+There a stream is refused unless its client certificate's identity holds what its Node claims
+(`pilot.xds.peers`): UNAUTHENTICATED without a certificate, PERMISSION_DENIED for another
+identity's Node; each refusal is logged and counted in `pilot_xds_stream_errors{reason}`.
+Both faces share the cache, the status registry and the subscriptions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+import ssl
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -39,10 +50,18 @@ from pilot.listen import check_free
 from pilot.model.proxy import NodeError, ProxyIdentity, identity_from_node
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.delta import DeltaSession
+from pilot.xds.peers import (
+    PeerIdentityHook,
+    PeerMismatchError,
+    PeerUnauthenticatedError,
+    WorkloadAccount,
+    check_peer,
+)
 from pilot.xds.session import SessionBase, Subscriptions
 from pilot.xds.snapshot import Snapshot
 from pilot.xds.sotw import SotwSession
 from pilot.xds.status import StatusRegistry
+from pilot.xds.tlsfront import TlsFront
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +70,15 @@ KEEPALIVE_TIMEOUT_MS = 10_000  # istiod's keepaliveTimeout
 CONNECTION_AGE_GRACE_MS = 10_000  # istiod's MaxServerConnectionAgeGrace
 RELEASE_DELAY = 1.0  # seconds after the last call ended before free memory goes back to the OS
 CLOSE_SETTLE = 0.1  # seconds for gRPC to notice a closed connection (see `_abort_stuck`)
+
+
+@dataclass(frozen=True)
+class SecureServing:
+    """What the composition root hands pilot to serve authenticated xDS (see `AdsServer.start_secure`)."""
+
+    context: Callable[[], ssl.SSLContext]
+    peer_identity: PeerIdentityHook
+    extra_handlers: Sequence[grpc.GenericRpcHandler] = ()
 
 
 class SendTimeoutError(Exception):
@@ -85,22 +113,26 @@ class AdsServer:
         self.release_memory = release_memory
         self.subscriptions = Subscriptions()  # shared by every stream's session
         self._server: grpc.aio.Server | None = None
+        self._secure: grpc.aio.Server | None = None
+        self._front: TlsFront | None = None
+        self._peer_identity: PeerIdentityHook | None = None
+        self._workload_account: WorkloadAccount | None = None
         self._release: asyncio.TimerHandle | None = None
 
-    def handler(self) -> grpc.GenericRpcHandler:
+    def handler(self, *, authenticated: bool = False) -> grpc.GenericRpcHandler:
+        """ADS; `authenticated` streams must hold the identity their Node claims (see `start_secure`)."""
+        async def sotw(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+            await self._stream(requests, context, SotwSession, authenticated)
+
+        async def delta(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+            await self._stream(requests, context, DeltaSession, authenticated)
+
         return grpc.method_handlers_generic_handler(SERVICE, {
-            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                self._sotw, _identity, _identity),
-            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
-                self._delta, _identity, _identity),
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(sotw, _identity, _identity),
+            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(delta, _identity, _identity),
         })
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen on host:port alone (0 = any free port); returns the bound port.
-
-        Raises AddressInUseError, leaving nothing running, when another process has the address.
-        """
-        check_free("xDS", host, port)  # before gRPC tries: it would log its own error first
+    def _options(self) -> list[tuple[str, int]]:
         options: list[tuple[str, int]] = [
             # gRPC's default SO_REUSEPORT would let a second pilot share this port.
             ("grpc.so_reuseport", 0),
@@ -118,7 +150,15 @@ class AdsServer:
         if self.max_connection_age:
             options += [("grpc.max_connection_age_ms", int(self.max_connection_age * 1000)),
                         ("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_MS)]
-        server = grpc.aio.server(options=options)
+        return options
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on host:port alone (0 = any free port); returns the bound port.
+
+        Raises AddressInUseError, leaving nothing running, when another process has the address.
+        """
+        check_free("xDS", host, port)  # before gRPC tries: it would log its own error first
+        server = grpc.aio.server(options=self._options())
         server.add_generic_rpc_handlers((self.handler(),))
         try:
             bound = int(server.add_insecure_port(f"{host}:{port}"))
@@ -130,10 +170,47 @@ class AdsServer:
         await server.start()
         return bound
 
+    async def start_secure(
+        self,
+        host: str,
+        port: int,
+        *,
+        context: Callable[[], ssl.SSLContext],
+        peer_identity: PeerIdentityHook,
+        workload_account: WorkloadAccount,
+        extra_handlers: Sequence[grpc.GenericRpcHandler] = (),
+    ) -> int:
+        """Serve authenticated ADS (and `extra_handlers`) over TLS on host:port; returns the bound port.
+
+        `context` gives the server's SSL context for each new connection (server certificate, the
+        roots client certificates must chain to, `CERT_OPTIONAL`); `peer_identity` maps a verified
+        client certificate to a `PeerIdentity`; `workload_account` names a local-mesh workload's
+        service account. Raises AddressInUseError, leaving nothing running, if the address is taken.
+        """
+        check_free("authenticated xDS", host, port)
+        self._peer_identity, self._workload_account = peer_identity, workload_account
+        server = grpc.aio.server(options=self._options())
+        server.add_generic_rpc_handlers((self.handler(authenticated=True), *extra_handlers))
+        internal = int(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        self._secure = server
+        self._front = TlsFront(context, "127.0.0.1", internal)
+        try:
+            return await self._front.start(host, port)
+        except OSError:
+            check_free("authenticated xDS", host, port)  # taken since the probe: say so
+            raise
+
     async def stop(self, grace: float = 1.0) -> None:
         if self._release is not None:
             self._release.cancel()
             self._release = None
+        if self._front is not None:
+            await self._front.stop()
+            self._front = None
+        if self._secure is not None:
+            await self._secure.stop(grace)
+            self._secure = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
@@ -151,17 +228,26 @@ class AdsServer:
         if self.release_memory is not None:
             self.release_memory()
 
+    def _authenticate(self, identity: ProxyIdentity, context: grpc.aio.ServicerContext) -> ProxyIdentity:
+        """`identity` checked against the stream's client certificate (see `pilot.xds.peers`)."""
+        peer = self._front.peer(context.peer()) if self._front is not None else None
+        if peer is None:
+            raise PeerUnauthenticatedError("the connection did not come through the TLS port")
+        if peer.certificate is None or self._peer_identity is None:
+            raise PeerUnauthenticatedError("xDS on this port requires a client certificate from the mesh CA "
+                                           "(mutual TLS); none was presented")
+        holder = self._peer_identity(peer.certificate)
+        account = None
+        if identity.workload and self._workload_account is not None:
+            account = self._workload_account(identity.namespace, identity.workload)
+        return check_peer(identity, holder, account)
+
     # Coroutine handlers that write with `context.write`: an async-generator handler would leave
     # each stream's last response (megabytes at mission scale) referenced by gRPC's own loop until
     # the next one, so every idle stream would hold a copy. Here nothing keeps a written response.
-    async def _sotw(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
-        await self._stream(requests, context, SotwSession)
-
-    async def _delta(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
-        await self._stream(requests, context, DeltaSession)
-
     async def _stream(
-        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, kind: type[SessionBase[Any]]
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, kind: type[SessionBase[Any]],
+        authenticated: bool = False,
     ) -> None:
         # Requests arrive as bytes: sessions decode what they need (`handle_wire`).
         first_wire: bytes | None = await anext(aiter(requests), None)
@@ -179,6 +265,20 @@ class AdsServer:
             self.status.metrics.stream_errors.labels("bad_node").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot identify proxy: {exc}")
             return
+        if authenticated:
+            try:
+                identity = self._authenticate(identity, context)
+            except PeerUnauthenticatedError as exc:
+                self.status.metrics.stream_errors.labels("unauthenticated").inc()
+                log.warning("refused %s stream of %s from %s: %s", kind.protocol, identity.node_id, context.peer(),
+                            exc)
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"xDS refused: {exc}")
+                return
+            except PeerMismatchError as exc:
+                self.status.metrics.stream_errors.labels("identity_mismatch").inc()
+                log.warning("refused %s stream from %s: %s", kind.protocol, context.peer(), exc)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"xDS refused: {exc}")
+                return
         # Headers now, not with the first response: a status sent after a stuck first response
         # would otherwise repeat them, which gRPC refuses (the call could then never be ended).
         context.add_done_callback(self._call_ended)

@@ -3,12 +3,13 @@
 Hypothesis writes random Istio documents (VirtualServices with matches, regexes, header edits,
 retries, timeouts, faults, mirrors, rewrites, redirects, CORS; DestinationRules with subsets and
 traffic policies), mostly valid and sometimes at the edges Istio's schema allows (long names,
-odd characters, large numbers). Pilot parses each one; those it accepts go through
-build_mesh -> generate for a sidecar, and the result is folded into one static bootstrap that
-`envoy --mode validate` must accept. Validate mode runs Envoy's own proto rules and compiles
-every regex, route and filter config as an ADS push would, so a failure here is a NACK a user
-would see. One example batches several services (one Envoy run each), and the example count is
-small: the whole test runs in well under a minute.
+odd characters, large numbers, and values Envoy refuses, which pilot must refuse too). Pilot parses
+each one; those it accepts go through build_mesh -> generate for a sidecar and for the ingress
+gateway, and each result is folded into one static bootstrap that `envoy --mode validate` must
+accept (a translation that raises fails the test too). Validate mode runs Envoy's own proto
+rules and compiles every regex, route and filter config as an ADS push would, so a failure here
+is a NACK a user would see. One example batches several services (one Envoy run per proxy), and
+the example count is small: the whole file runs in well under a minute.
 """
 
 from __future__ import annotations

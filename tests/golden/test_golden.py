@@ -44,6 +44,7 @@ def read_proxies(case: Path) -> dict[str, ProxyClass]:
             labels=tuple(sorted((spec.get("labels") or {}).items())),
             bind_address=spec.get("bindAddress"),
             workload=spec.get("workload"),
+            mtls=spec.get("mtls", False),
         )
         for name, spec in raw.items()
     }

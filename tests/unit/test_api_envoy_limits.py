@@ -195,3 +195,10 @@ def test_subject_alt_names_need_a_ca_envoy_can_load() -> None:
     got = issues(dr({"tls": {"mode": "SIMPLE", "subjectAltNames": ["a.example.com"]}}))
     assert "needs caCertificates" in got["spec.trafficPolicy.tls.subjectAltNames"]
     parse_object(dr({"tls": {"mode": "SIMPLE", "subjectAltNames": ["a.example.com"], "caCertificates": "/ca.pem"}}))
+
+
+def test_a_keepalive_over_envoys_32_bit_seconds_is_refused() -> None:
+    """Found by the property test: pilot's translation overflowed Envoy's UInt32 keepalive_time."""
+    got = issues(dr({"connectionPool": {"tcp": {"tcpKeepalive": {"time": "2562047h", "interval": "4294967295s"}}}}))
+    assert got == {"spec.trafficPolicy.connectionPool.tcp.tcpKeepalive.time":
+                   "must be at most 4294967295s (Envoy keeps it as 32-bit seconds)"}
