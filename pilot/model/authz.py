@@ -20,9 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TypeVar
 
 from pilot.api.authorization import Action, AuthorizationPolicy, Condition, Operation, Rule, Source
 from pilot.api.request_authentication import JWTRule, RequestAuthentication
+from pilot.model.conversions import Conversions
 
 # `when` keys about the request or the connection's destination: they go with the operations.
 PERMISSION_KEYS = ("destination.ip", "destination.port", "connection.sni")
@@ -117,8 +120,8 @@ NO_SECURITY = WorkloadSecurity()
 class Security:
     """Every security policy of the mesh, by namespace, in (namespace, name) order."""
 
-    authorization: Mapping[str, tuple[AuthzPolicy, ...]] = field(default_factory=dict)
-    authentication: Mapping[str, tuple[RequestAuthn, ...]] = field(default_factory=dict)
+    authorization: Mapping[str, tuple[AuthzPolicy, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    authentication: Mapping[str, tuple[RequestAuthn, ...]] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def _attr(key: str, values: tuple[str, ...], not_values: tuple[str, ...]) -> tuple[Attr, ...]:
@@ -220,19 +223,29 @@ def request_authn(obj: RequestAuthentication, fetched: Mapping[str, str]) -> Req
 
 
 def build_security(
-    policies: Iterable[AuthorizationPolicy], authns: Iterable[RequestAuthentication], fetched: Mapping[str, str]
+    policies: Iterable[AuthorizationPolicy], authns: Iterable[RequestAuthentication], fetched: Mapping[str, str],
+    memo: Conversions | None = None,
 ) -> Security:
-    """Every policy converted and grouped by namespace, each group in name order."""
+    """Every policy converted and grouped by namespace, each group in name order.
+
+    With `memo` (the build's), an unchanged policy keeps its converted form and identity, so an
+    edit converts one policy, not all of them."""
+    convert = memo.of if memo is not None else (lambda fn, obj: fn(obj))
     authz: dict[str, list[AuthzPolicy]] = {}
     for p in policies:
-        authz.setdefault(p.metadata.namespace, []).append(authz_policy(p))
+        authz.setdefault(p.metadata.namespace, []).append(convert(authz_policy, p))
     authn: dict[str, list[RequestAuthn]] = {}
     for a in authns:
         authn.setdefault(a.metadata.namespace, []).append(request_authn(a, fetched))
-    return Security(
-        authorization={ns: tuple(sorted(ps, key=lambda p: p.name)) for ns, ps in sorted(authz.items())},
-        authentication={ns: tuple(sorted(ps, key=lambda p: p.name)) for ns, ps in sorted(authn.items())},
-    )
+    return Security(authorization=_by_name(authz), authentication=_by_name(authn))
+
+
+N = TypeVar("N", AuthzPolicy, RequestAuthn)
+
+
+def _by_name(grouped: dict[str, list[N]]) -> Mapping[str, tuple[N, ...]]:
+    """Namespace -> its policies in name order, read-only, namespaces sorted."""
+    return MappingProxyType({ns: tuple(sorted(ps, key=lambda p: p.name)) for ns, ps in sorted(grouped.items())})
 
 
 def _applies(selector: tuple[tuple[str, str], ...] | None, targeted: bool, labels: Mapping[str, str]) -> bool:

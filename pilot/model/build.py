@@ -93,7 +93,7 @@ def build_mesh(
     authz, authn = _of(memo, by_kind, AuthorizationPolicy), _of(memo, by_kind, RequestAuthentication)
     fetched = tuple(sorted((jwks or {}).items()))
     security = memo.stage("security", (*authz, *authn), (len(authz), fetched),
-                          lambda _: build_security(authz, authn, dict(fetched)))
+                          lambda sub: build_security(authz, authn, dict(fetched), sub))
     peers = _of(memo, by_kind, PeerAuthentication)
     peer_authn = memo.stage("peer-authn", peers, (scoping.root_namespace,),
                             lambda _: peer_authn_stage(peers, scoping.root_namespace))

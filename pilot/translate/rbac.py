@@ -22,6 +22,7 @@ function of the policies alone; cost is linear in the attributes of the applicab
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Sequence
@@ -314,8 +315,13 @@ def _and_of(attrs: tuple[Attr, ...], build: Callable[[Attr], list[Any]], strict:
     return out
 
 
+@functools.lru_cache(maxsize=65536)
 def rule_policy(policy: AuthzPolicy, index: int, tcp: bool) -> Any | None:
-    """One rule as an Envoy policy; None when an ALLOW rule cannot be expressed on TCP."""
+    """One rule as an Envoy policy; None when an ALLOW rule cannot be expressed on TCP.
+
+    Cached on exactly its arguments (policies are frozen values): a workload's RBAC filters are
+    rebuilt whenever any of its policies changes, and recompiling its other ~thousands of rules
+    would make one edit cost as much as all of them. Callers copy the result, never change it."""
     rule = policy.rules[index]
     strict = policy.action == "ALLOW"
     out = rbac_pb2.Policy()
