@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
-_READY = re.compile(r"pilot: xDS on ([\d.]+:\d+), debug on http://([\d.]+:\d+)")
+_READY = re.compile(r"pilot: xDS on ([\d.]+:\d+).*?, debug on http://([\d.]+:\d+)")
 SPAWN = multiprocessing.get_context("spawn")
 CLASS_PUBLISH_METRIC = "pilot_class_publish_cpu_seconds"
 
@@ -104,7 +104,7 @@ def start_pilot(group: ProcessGroup, config_dir: Path, log: Path, timeout: float
     if profile is not None:
         args += ["-m", "cProfile", "-o", str(profile)]
     args += ["-m", "meshctl.cli", "up", "--config-dir", str(config_dir),
-             "--ads", "127.0.0.1:0", "--debug", "127.0.0.1:0", "--log-level", log_level]
+             "--ads", "127.0.0.1:0", "--debug", "127.0.0.1:0", "--log-level", log_level, "--plaintext-only"]
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
     proc = group.popen(args, log, env)
     deadline = time.monotonic() + timeout

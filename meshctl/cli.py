@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import click
@@ -18,6 +19,9 @@ from rich.console import Console
 from meshctl import __version__
 from meshctl.proxy_cmd import proxy
 from meshctl.status_view import nack_lines, status_table
+
+if TYPE_CHECKING:
+    from pilot.settings import PilotSettings
 
 DEFAULT_DEBUG = "127.0.0.1:15014"
 
@@ -39,20 +43,20 @@ def cli() -> None:
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), envvar="MESHCTL_STATE_DIR",
               help="CA, trust bundle and workload tokens [$XDG_STATE_HOME/meshctl or ~/.local/state/meshctl].")
 @click.option("--trust-domain", default="cluster.local", show_default=True, help="SPIFFE trust domain of the mesh.")
+@click.option("--plaintext-only", is_flag=True,
+              help="Serve only plaintext xDS: no CA, no authenticated port, no tokens (tests, tools, benchmarks).")
 @click.option("--log-level", default="info", show_default=True)
 def up(config_dir: Path, ads_addr: str, tls_addr: str, debug_addr: str, state_dir: Path | None, trust_domain: str,
-       log_level: str) -> None:
+       plaintext_only: bool, log_level: str) -> None:
     """Run the control plane (pilot and its CA, Citadel) on a directory of mesh config until Ctrl-C."""
     from pilot.gcpolicy import use_system_malloc
 
     if sys.argv[1:2] == ["up"]:  # this process is `meshctl up` (not a test invoking the command)
         use_system_malloc(["-m", "meshctl.cli", *sys.argv[1:]], os.environ)  # memory returns after big configs
-    from meshctl.security import MeshSecurity, default_state_dir, workload_accounts
-    from pilot.app import Pilot
-    from pilot.gcpolicy import tune_gc
+    from citadel.errors import CitadelError
+    from meshctl.security import default_state_dir
     from pilot.listen import AddressInUseError
     from pilot.settings import PilotSettings
-    from pilot.tasks import spawn
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ads_host, ads_port = _split(ads_addr)
@@ -62,38 +66,63 @@ def up(config_dir: Path, ads_addr: str, tls_addr: str, debug_addr: str, state_di
                              debug_host=debug_host, debug_port=debug_port, config_dir=config_dir)
     state = state_dir or default_state_dir()
 
-    async def run() -> None:
-        pilot = Pilot(settings)
-        security = MeshSecurity(state, pilot.registry, trust_domain=trust_domain, host=tls_host)
-        pilot.secure = security.serving()  # composition: pilot serves Citadel's CSR service on its TLS port
-        await security.start()
-        try:
-            async with pilot:
-                tune_gc(settings.gc_young_threshold)  # after start-up: what exists now lives as long as pilot
-                security.sync_tokens(workload_accounts(pilot.pusher.mesh))  # before any sidecar asks
-                tokens = spawn("workload-tokens", lambda: security.keep_tokens(pilot), pilot.failures)
-                click.echo(f"pilot: xDS on {pilot.ads_address} (plaintext, unauthenticated), xDS and CA on "
-                           f"{pilot.xds_tls_address} (mutual TLS, trust domain {trust_domain}), debug on "
-                           f"http://{pilot.debug_address}, state in {state}", err=True)
-                try:
-                    await _until_signal()
-                finally:
-                    tokens.cancel()
-        finally:
-            await security.stop()
-
     try:
-        asyncio.run(run())
+        asyncio.run(_up_plaintext(settings) if plaintext_only else _up(settings, state, trust_domain))
+    except CitadelError as exc:  # e.g. an unreadable CA directory: one line naming the file
+        raise click.ClickException(f"the mesh CA cannot start: {exc}") from None
+    except PermissionError as exc:  # the state directory (or a file in it) is not ours
+        raise click.ClickException(f"cannot use the state directory {state}: {exc}") from None
     except AddressInUseError as exc:  # one line, not a traceback: another pilot (or demo) runs there
         flag = {"xDS": "--ads", "authenticated xDS": "--xds-tls"}.get(exc.what, "--debug")
         raise click.ClickException(f"{exc} (another pilot running? pick a free one with {flag})") from None
 
 
+async def _up_plaintext(settings: PilotSettings) -> None:
+    """`meshctl up --plaintext-only`: pilot alone, plaintext xDS."""
+    from pilot.app import Pilot
+    from pilot.gcpolicy import tune_gc
+
+    async with Pilot(settings) as pilot:
+        tune_gc(settings.gc_young_threshold)  # after start-up: what exists now lives as long as pilot
+        click.echo(f"pilot: xDS on {pilot.ads_address} (plaintext, unauthenticated), debug on "
+                   f"http://{pilot.debug_address}", err=True)
+        await _until_signal()
+
+
+async def _up(settings: PilotSettings, state: Path, trust_domain: str) -> None:
+    """`meshctl up`: pilot with Citadel composed in (one TLS port for ADS and CSRs), and workload tokens."""
+    from meshctl.security import MeshSecurity, workload_accounts
+    from pilot.app import Pilot
+    from pilot.gcpolicy import tune_gc
+    from pilot.tasks import spawn
+
+    pilot = Pilot(settings)
+    security = MeshSecurity(state, pilot.registry, trust_domain=trust_domain, host=settings.xds_tls_host)
+    pilot.secure = security.serving()  # composition: pilot serves Citadel's CSR service on its TLS port
+    await security.start()
+    try:
+        async with pilot:
+            tune_gc(settings.gc_young_threshold)  # after start-up: what exists now lives as long as pilot
+            security.sync_tokens(workload_accounts(pilot.pusher.mesh))  # before any sidecar asks
+            tokens = spawn("workload-tokens", lambda: security.keep_tokens(pilot), pilot.failures)
+            click.echo(f"pilot: xDS on {pilot.ads_address} (plaintext, unauthenticated), xDS and CA on "
+                       f"{pilot.xds_tls_address} (mutual TLS, trust domain {trust_domain}), debug on "
+                       f"http://{pilot.debug_address}, state in {state}", err=True)
+            try:
+                await _until_signal()
+            finally:
+                tokens.cancel()
+    finally:
+        await security.stop()
+
+
 @cli.command()
 @click.option("--duration", type=float, default=30.0, show_default=True, help="Seconds to run, then stop.")
 @click.option("--ads-port", type=int, default=15010, show_default=True, help="Pilot xDS port (0: any free port).")
+@click.option("--xds-tls-port", "tls_port", type=int, default=15012, show_default=True,
+              help="Authenticated xDS and CA port, mutual TLS (0: any free port).")
 @click.option("--debug-port", type=int, default=15014, show_default=True, help="Pilot debug port (0: any free).")
-def demo(duration: float, ads_port: int, debug_port: int) -> None:
+def demo(duration: float, ads_port: int, tls_port: int, debug_port: int) -> None:
     """Run a local mesh with a live canary shift: frontend -> reviews v1/v2/v3, real Envoy sidecars."""
     from meshctl.demo import main as demo_main
     from meshctl.envoy import EnvoyStartError
@@ -101,9 +130,9 @@ def demo(duration: float, ads_port: int, debug_port: int) -> None:
 
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     try:
-        failed = demo_main(duration, ads_port, debug_port)
+        failed = demo_main(duration, ads_port, debug_port, tls_port)
     except AddressInUseError as exc:  # one line, not a traceback: another demo or pilot runs there
-        flag = "--ads-port" if exc.what == "xDS" else "--debug-port"
+        flag = {"xDS": "--ads-port", "authenticated xDS": "--xds-tls-port"}.get(exc.what, "--debug-port")
         raise click.ClickException(f"{exc} (another demo or pilot running? pick a free one with {flag})") from None
     except EnvoyStartError as exc:  # a sidecar's address is taken (another demo), or Envoy failed
         raise click.ClickException(str(exc)) from None

@@ -1,8 +1,10 @@
 """`meshctl demo`: a local mesh with a canary release you can watch shift live.
 
-Starts pilot, reviews v1/v2/v3 apps and a frontend app, each with a real Envoy sidecar; the
-frontend calls reviews through its sidecar. The route starts 80/20/0 and, halfway through,
-the demo rewrites the VirtualService file to 0/0/100, as a user would with their editor.
+Starts pilot with its CA (Citadel, a fresh one per run in the demo's temp dir), reviews v1/v2/v3
+apps and a frontend app, each with a real Envoy sidecar whose workload agent holds its SPIFFE
+identity and which gets its config over mutual TLS; the frontend calls reviews through its sidecar.
+The route starts 80/20/0 and, halfway through, the demo rewrites the VirtualService file to
+0/0/100, as a user would with their editor.
 Everything runs on one event loop and stops after `duration` seconds or on Ctrl-C.
 """
 
@@ -62,21 +64,24 @@ def render(tally: Tally, versions: Sequence[str], weights: Sequence[int], note: 
     return Group(table, f"failed requests: {failed}    {note}")
 
 
-async def run_demo(duration: float, ads_port: int, debug_port: int, console: Console) -> int:
+async def run_demo(duration: float, ads_port: int, debug_port: int, console: Console, tls_port: int = 15012) -> int:
     """Run the demo; returns the number of failed requests (0 is a healthy mesh)."""
     demo = DemoMesh("127.0.10", {v: free_port() for v in ("v1", "v2", "v3")})
-    with tempfile.TemporaryDirectory(prefix="meshctl-demo-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="meshctl-demo-") as tmp, \
+            tempfile.TemporaryDirectory(prefix="meshctl-demo-state-") as state:  # the CA: not in the config dir
         config = Path(tmp)
         (config / "mesh.yaml").write_text(demo.mesh_yaml())
         (config / "route.yaml").write_text(demo.route_yaml(START_WEIGHTS))
-        settings = PilotSettings(ads_port=ads_port, debug_port=debug_port, config_dir=config)
-        async with LocalMesh(settings) as mesh:
-            console.print(f"pilot: xDS {mesh.pilot.ads_address}, debug http://{mesh.pilot.debug_address}")
+        settings = PilotSettings(ads_port=ads_port, xds_tls_port=tls_port, debug_port=debug_port, config_dir=config)
+        async with LocalMesh(settings, state_dir=Path(state)) as mesh:
+            console.print(f"pilot: xDS {mesh.pilot.ads_address}, xDS and CA over mutual TLS "
+                          f"{mesh.pilot.xds_tls_address}, debug http://{mesh.pilot.debug_address}")
             for v in demo.versions:
                 await mesh.start_app("default", f"reviews-{v}", v)
             for name in ("frontend", *(f"reviews-{v}" for v in demo.versions)):
                 envoy = await mesh.start_sidecar("default", name)
-                console.print(f"sidecar {name:>10} on {envoy.spec.address} (admin {envoy.admin_url})")
+                identity = mesh.agents[f"default/{name}"].identity
+                console.print(f"sidecar {name:>10} on {envoy.spec.address} (admin {envoy.admin_url}) as {identity}")
             await mesh.wait_synced()
             upstream = Upstream(f"http://{demo.frontend}:15001", "reviews:9080")
             runner, url = await start_echo_app("frontend", upstream=upstream, call_always=True)
@@ -116,10 +121,10 @@ async def _one(session: object, url: str) -> str:
     return str(up["body"]["version"])
 
 
-def main(duration: float, ads_port: int, debug_port: int) -> int:
+def main(duration: float, ads_port: int, debug_port: int, tls_port: int = 15012) -> int:
     console = Console()
     try:
-        return asyncio.run(run_demo(duration, ads_port, debug_port, console))
+        return asyncio.run(run_demo(duration, ads_port, debug_port, console, tls_port))
     except KeyboardInterrupt:
         console.print("stopped")
         return 0

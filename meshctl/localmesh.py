@@ -3,21 +3,34 @@
 One process owns everything it starts and stops all of it (reverse order) on exit, so the
 demo, end-to-end tests and benchmarks never leave an Envoy behind. Everything runs on the
 caller's event loop; Envoys are child processes.
+
+With a `state_dir`, the mesh has identities (as `meshctl up` and `meshctl proxy run`): Citadel
+serves beside pilot on its authenticated port, each sidecar gets a workload agent (in this
+process; its key stays in memory) that obtains the certificate with the workload's token, and
+the Envoy gets its config over mutual TLS with the agent's `default`/`ROOTCA`. Without one,
+sidecars use plaintext xDS, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+from prometheus_client import CollectorRegistry
 
+from citadel.agent import AgentSettings, WorkloadAgent
 from meshctl.echoapp import Upstream, start_echo_app
 from meshctl.envoy import EnvoyProcess
+from meshctl.security import MeshSecurity, workload_accounts
 from pilot.app import Pilot
 from pilot.bootstrap import BootstrapSpec
 from pilot.model.proxy import ProxyKind
@@ -31,15 +44,32 @@ class LocalMeshError(RuntimeError):
 class LocalMesh:
     """Pilot plus sidecars and apps. `async with LocalMesh(settings) as mesh:`."""
 
-    def __init__(self, settings: PilotSettings, envoy_log_level: str = "warning", **pilot_args: Any) -> None:
+    def __init__(self, settings: PilotSettings, envoy_log_level: str = "warning", *, state_dir: Path | None = None,
+                 trust_domain: str = "cluster.local", **pilot_args: Any) -> None:
         self.settings = settings
         self.pilot = Pilot(settings, **pilot_args)
         self.envoy_log_level = envoy_log_level
         self.sidecars: dict[str, EnvoyProcess] = {}
+        self.agents: dict[str, WorkloadAgent] = {}
+        self.security: MeshSecurity | None = None
+        if state_dir is not None:
+            self.security = MeshSecurity(state_dir, self.pilot.registry, trust_domain=trust_domain,
+                                         host=settings.xds_tls_host)
+            self.pilot.secure = self.security.serving()
+        self._sockets: Path | None = None
         self._apps: list[Any] = []
 
     async def __aenter__(self) -> LocalMesh:
-        await self.pilot.start()
+        if self.security is not None:
+            await self.security.start()
+        try:
+            await self.pilot.start()
+        except BaseException:
+            if self.security is not None:
+                await self.security.stop()
+            raise
+        if self.security is not None:
+            self.security.sync_tokens(workload_accounts(self.pilot.pusher.mesh))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -48,10 +78,17 @@ class LocalMesh:
     async def stop(self) -> None:
         await asyncio.gather(*(s.stop() for s in self.sidecars.values()), return_exceptions=True)
         self.sidecars.clear()
+        await asyncio.gather(*(a.stop() for a in self.agents.values()), return_exceptions=True)
+        self.agents.clear()
         for runner in reversed(self._apps):
             await runner.cleanup()
         self._apps.clear()
         await self.pilot.stop()
+        if self.security is not None:
+            await self.security.stop()
+        if self._sockets is not None:
+            shutil.rmtree(self._sockets, ignore_errors=True)
+            self._sockets = None
 
     def workload(self, namespace: str, name: str) -> Any:
         found = self.pilot.pusher.mesh.workload(namespace, name)
@@ -69,8 +106,31 @@ class LocalMesh:
             cluster_domain=self.settings.cluster_domain,
         )
 
+    async def _secured(self, spec: BootstrapSpec) -> BootstrapSpec:
+        """With identities: start the workload's agent, wait for its certificate, point the spec at it."""
+        if self.security is None:
+            return spec
+        if self._sockets is None:  # short and private (0700): a socket path has 107 bytes
+            self._sockets = Path(tempfile.mkdtemp(prefix="meshctl-sds-"))
+        self.security.sync_tokens(workload_accounts(self.pilot.pusher.mesh))  # entries added since start
+        layout = self.security.layout
+        settings = AgentSettings(
+            namespace=spec.namespace, service_account=spec.service_account, trust_domain=self.security.trust_domain,
+            ca_address=self.pilot.xds_tls_address, ca_root_file=layout.trust_bundle,
+            token_file=layout.token_file(spec.namespace, spec.workload),
+            sds_socket=self._sockets / f"{spec.namespace}.{spec.workload}.sock")
+        agent = WorkloadAgent(settings, CollectorRegistry())
+        await agent.start()
+        self.agents[f"{spec.namespace}/{spec.workload}"] = agent
+        try:
+            await asyncio.wait_for(agent.ready.wait(), 30)
+        except TimeoutError:
+            raise LocalMeshError(f"the agent of {spec.namespace}/{spec.workload} got no certificate in 30s") from None
+        return dataclasses.replace(spec, pilot_port=self.pilot.xds_tls_port, pilot_host=self.settings.xds_tls_host,
+                                   sds_socket=str(settings.sds_socket), pilot_tls=True)
+
     async def start_sidecar(self, namespace: str, name: str) -> EnvoyProcess:
-        envoy = EnvoyProcess(self.spec(namespace, name), log_level=self.envoy_log_level)
+        envoy = EnvoyProcess(await self._secured(self.spec(namespace, name)), log_level=self.envoy_log_level)
         await envoy.start()
         self.sidecars[f"{namespace}/{name}"] = envoy
         return envoy
@@ -81,7 +141,8 @@ class LocalMesh:
         Its labels select Gateways; it binds each server port on the WorkloadEntry's address.
         Kept with the sidecars, so `wait_synced` and `stop` cover it.
         """
-        envoy = EnvoyProcess(self.spec(namespace, name, ProxyKind.ROUTER), log_level=self.envoy_log_level)
+        envoy = EnvoyProcess(await self._secured(self.spec(namespace, name, ProxyKind.ROUTER)),
+                             log_level=self.envoy_log_level)
         await envoy.start()
         self.sidecars[f"{namespace}/{name}"] = envoy
         return envoy

@@ -3,18 +3,29 @@ wait until proxies started in the background serve traffic.
 
 A workload is named `namespace/name`. Without `--address`, its address, labels and service
 account come from pilot's debug API, so a sidecar always matches the WorkloadEntry pilot serves.
-Concurrency: each command runs one `asyncio.run`; `run` owns one EnvoyProcess and stops it on
-SIGINT/SIGTERM (which cancel the main task) or reports Envoy's death with its log tail; `wait`
-polls each workload in its own task on one client session.
+
+`run` gives the workload its identity: it starts the workload agent in-process (`citadel.agent`:
+the key stays in this process's memory) with the token `meshctl up` wrote for the workload
+(`<state-dir>/tokens/<ns>/<name>.token`), waits for the first certificate, and bootstraps Envoy
+with the agent's SDS (`sds-grpc`: `default`, `ROOTCA`) and mutual TLS to pilot's authenticated
+port (15012), pilot's certificate checked for `istiod.istio-system.svc`. `--plaintext` keeps the
+old way (15010, no identity) for tests and tools.
+
+Concurrency: each command runs one `asyncio.run`; `run` owns one agent and one EnvoyProcess and
+stops them on SIGINT/SIGTERM (which cancel the main task) or reports Envoy's death with its log
+tail; `wait` polls each workload in its own task on one client session.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,7 +36,8 @@ from meshctl.envoy import LOG_LEVELS, EnvoyError, EnvoyProcess, host_url
 from pilot.bootstrap import ADMIN_PORT, BootstrapError, BootstrapSpec, parse_host_port, render, sidecar_bootstrap
 from pilot.model.proxy import ProxyKind
 
-DEFAULT_PILOT = "127.0.0.1:15010"
+DEFAULT_PILOT = "127.0.0.1:15010"  # plaintext xDS (unauthenticated)
+DEFAULT_PILOT_TLS = "127.0.0.1:15012"  # authenticated xDS and the CA, mutual TLS
 DEFAULT_DEBUG = "127.0.0.1:15014"
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -38,7 +50,8 @@ def _spec_options(func: F) -> F:
         click.option("--address", help="Workload loopback address; asked from pilot's debug API if omitted."),
         click.option("--label", "labels", multiple=True, metavar="K=V", help="Label; repeatable."),
         click.option("--service-account", help="Service account (default: pilot's, else 'default')."),
-        click.option("--pilot", default=DEFAULT_PILOT, show_default=True, help="Pilot xDS host:port."),
+        click.option("--pilot", help=f"Pilot xDS host:port [{DEFAULT_PILOT_TLS} over mutual TLS; "
+                     f"{DEFAULT_PILOT} with --plaintext or a bootstrap without --sds-socket]."),
         click.option("--debug", default=DEFAULT_DEBUG, show_default=True, help="Pilot debug API host:port."),
         click.option("--cluster-domain", default="cluster.local", show_default=True),
         click.option("--gateway", is_flag=True, help="Run as a gateway (node kind 'router')."),
@@ -64,9 +77,11 @@ def proxy() -> None:
 @_spec_options
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Default: stdout.")
 @click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
-def bootstrap(output: Path | None, fmt: str, **spec_args: Any) -> None:
+@click.option("--sds-socket", help="The workload agent's SDS socket (python -m citadel.agent): mutual TLS to "
+              "pilot's authenticated port. Without it: plaintext xDS.")
+def bootstrap(output: Path | None, fmt: str, sds_socket: str | None, **spec_args: Any) -> None:
     """Write the Envoy bootstrap for a workload."""
-    spec = asyncio.run(build_spec(**spec_args))
+    spec = asyncio.run(build_spec(**spec_args, sds_socket=sds_socket))
     text = render(sidecar_bootstrap(spec), "json" if fmt == "json" else "yaml")
     if output is None:
         click.echo(text, nl=False)
@@ -75,37 +90,99 @@ def bootstrap(output: Path | None, fmt: str, **spec_args: Any) -> None:
         click.echo(f"wrote {output} for {spec.node_id}", err=True)
 
 
+@dataclass(frozen=True)
+class AgentOptions:
+    """Where `run` finds the workload's credential and the mesh roots (what `meshctl up` wrote)."""
+
+    state_dir: Path
+    trust_domain: str
+    token_file: Path | None
+    ca_address: str | None
+
+
 @proxy.command()
 @_spec_options
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
 @click.option("--ready-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True)
-def run(log_level: str, ready_timeout: float, **spec_args: Any) -> None:
-    """Run Envoy for a workload until Ctrl-C or SIGTERM, then stop it cleanly."""
-    asyncio.run(_serve(spec_args, log_level, ready_timeout))
+@click.option("--plaintext", is_flag=True,
+              help="Plaintext xDS to pilot (15010; unauthenticated, for tests and tools): no agent, no certificate.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), envvar="MESHCTL_STATE_DIR",
+              help="`meshctl up`'s state: root-cert.pem and tokens/ [$XDG_STATE_HOME/meshctl or "
+                   "~/.local/state/meshctl].")
+@click.option("--trust-domain", default="cluster.local", show_default=True, help="SPIFFE trust domain of the mesh.")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="The workload's credential [STATE_DIR/tokens/NS/NAME.token].")
+@click.option("--ca-address", help="The CA's CSR service host:port [the --pilot address].")
+def run(log_level: str, ready_timeout: float, plaintext: bool, state_dir: Path | None, trust_domain: str,
+        token_file: Path | None, ca_address: str | None, **spec_args: Any) -> None:
+    """Run a workload's agent and Envoy until Ctrl-C or SIGTERM, then stop them cleanly."""
+    from meshctl.security import default_state_dir
+
+    agent = None if plaintext else AgentOptions(state_dir or default_state_dir(), trust_domain, token_file, ca_address)
+    asyncio.run(_serve(spec_args, log_level, ready_timeout, agent))
 
 
-async def _serve(spec_args: dict[str, Any], log_level: str, ready_timeout: float) -> None:
-    # Started together with `meshctl up` (an example's command block), pilot may not be up yet.
-    spec = await build_spec(**spec_args, wait_for_pilot=ready_timeout)
-    task = asyncio.current_task()
-    if task is None:
-        raise RuntimeError("_serve must run as a task")
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
-    try:
-        async with EnvoyProcess(spec, log_level=log_level, ready_timeout=ready_timeout) as envoy:
-            click.echo(f"{spec.node_id}: Envoy LIVE, admin {envoy.admin_url}, log {envoy.log_path}", err=True)
-            status = await envoy.wait()
-            tail = envoy.log_tail()
-        raise click.ClickException(f"Envoy exited unexpectedly with status {status}; log tail:\n{tail}")
-    except asyncio.CancelledError:
-        click.echo(f"{spec.node_id}: stopped", err=True)
-    except EnvoyError as exc:
-        raise click.ClickException(str(exc)) from exc
-    finally:
+async def _serve(spec_args: dict[str, Any], log_level: str, ready_timeout: float,
+                 agent: AgentOptions | None = None) -> None:
+    # The agent's SDS socket: a private (0700) directory with a short path (a socket path has 107 bytes).
+    with tempfile.TemporaryDirectory(prefix="meshctl-sds-") as sockets:
+        sds = f"{sockets}/sds.sock" if agent is not None else None
+        # Started together with `meshctl up` (an example's command block), pilot may not be up yet.
+        spec = await build_spec(**spec_args, sds_socket=sds, wait_for_pilot=ready_timeout)
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("_serve must run as a task")
+        loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if agent is not None:
+                    await _start_agent(stack, spec, agent, ready_timeout)
+                envoy = await stack.enter_async_context(
+                    EnvoyProcess(spec, log_level=log_level, ready_timeout=ready_timeout))
+                xds = "mutual TLS" if spec.pilot_tls else "plaintext"
+                click.echo(f"{spec.node_id}: Envoy LIVE, admin {envoy.admin_url}, log {envoy.log_path}, "
+                           f"xDS {xds} to {spec.pilot_host}:{spec.pilot_port}", err=True)
+                status = await envoy.wait()
+                tail = envoy.log_tail()
+            raise click.ClickException(f"Envoy exited unexpectedly with status {status}; log tail:\n{tail}")
+        except asyncio.CancelledError:
+            click.echo(f"{spec.node_id}: stopped", err=True)
+        except EnvoyError as exc:
+            raise click.ClickException(str(exc)) from exc
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
+async def _start_agent(stack: contextlib.AsyncExitStack, spec: BootstrapSpec, options: AgentOptions,
+                       ready_timeout: float) -> None:
+    """Start the workload agent in this process and wait for its first certificate (ClickException if none)."""
+    from prometheus_client import CollectorRegistry
+    from pydantic import ValidationError
+
+    from citadel.agent import AgentSettings, WorkloadAgent
+    from meshctl.security import StateLayout
+
+    logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    layout = StateLayout(options.state_dir)
+    token = options.token_file or layout.token_file(spec.namespace, spec.workload)
+    ca = options.ca_address or f"{spec.pilot_host}:{spec.pilot_port}"
+    try:
+        settings = AgentSettings(namespace=spec.namespace, service_account=spec.service_account,
+                                 trust_domain=options.trust_domain, ca_address=ca, ca_root_file=layout.trust_bundle,
+                                 token_file=token, sds_socket=Path(str(spec.sds_socket)))
+    except ValidationError as exc:
+        raise click.UsageError(str(exc)) from None
+    agent = await stack.enter_async_context(WorkloadAgent(settings, CollectorRegistry()))
+    try:
+        await asyncio.wait_for(agent.ready.wait(), ready_timeout or None)
+    except TimeoutError:
+        raise click.ClickException(
+            f"{spec.node_id}: no certificate for {agent.identity} from the CA at {ca} after {ready_timeout:g}s "
+            f"(token {token}, roots {layout.trust_bundle}); is `meshctl up` running with this --state-dir? "
+            "The agent's log above says why") from None
 
 
 @proxy.command()
@@ -239,15 +316,17 @@ async def build_spec(
     address: str | None,
     labels: tuple[str, ...],
     service_account: str | None,
-    pilot: str,
+    pilot: str | None,
     debug: str,
     cluster_domain: str,
     gateway: bool,
     initial_fetch_timeout: float,
+    sds_socket: str | None = None,
     wait_for_pilot: float = 0.0,
 ) -> BootstrapSpec:
     """The spec from the options, asking pilot for whatever `--address` did not say.
 
+    With `sds_socket` (a workload agent's), xDS goes over mutual TLS to pilot's authenticated port.
     `wait_for_pilot` seconds: keep trying while pilot's debug API does not answer yet.
     """
     namespace, name = _split_workload(workload)
@@ -256,7 +335,7 @@ async def build_spec(
     if address is None:
         known = await fetch_workload(debug, namespace, name, wait=wait_for_pilot)
     try:
-        pilot_host, pilot_port = parse_host_port(pilot)
+        pilot_host, pilot_port = parse_host_port(pilot or (DEFAULT_PILOT_TLS if sds_socket else DEFAULT_PILOT))
         return BootstrapSpec(
             namespace=namespace,
             workload=name,
@@ -268,6 +347,8 @@ async def build_spec(
             pilot_port=pilot_port,
             cluster_domain=cluster_domain,
             initial_fetch_timeout_s=initial_fetch_timeout,
+            sds_socket=sds_socket,
+            pilot_tls=sds_socket is not None,
         )
     except BootstrapError as exc:
         raise click.UsageError(str(exc)) from exc

@@ -49,7 +49,7 @@ from citadel.identity import SpiffeId
 from citadel.keys import certs_pem
 from citadel.server import make_handler
 from citadel.settings import CitadelSettings
-from pilot.xds.peers import PeerIdentity, PeerUnauthenticatedError
+from pilot.xds.peers import PeerIdentity, PeerIdentityHook, PeerUnauthenticatedError
 from pilot.xds.server import SecureServing
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def _locked(directory: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def peer_identity_for(trust_domain: str) -> Any:
+def peer_identity_for(trust_domain: str) -> PeerIdentityHook:
     """The hook pilot calls with a verified client certificate (DER): its SPIFFE identity in `trust_domain`."""
     def identify(der: bytes | None) -> PeerIdentity:
         if der is None:

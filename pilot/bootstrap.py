@@ -53,6 +53,7 @@ from pilot.model.proxy import (
     META_NAMESPACE,
     META_SERVICE_ACCOUNT,
     META_WORKLOAD,
+    META_WORKLOAD_CERTS,
     ProxyKind,
 )
 
@@ -218,6 +219,8 @@ def _node(spec: BootstrapSpec) -> base_pb2.Node:
             META_BIND_ADDRESS: spec.address,
         }
     )
+    if spec.sds_socket is not None:  # the agent serves `default`/`ROOTCA`: pilot may generate mesh TLS
+        metadata.update({META_WORKLOAD_CERTS: "true"})
     return base_pb2.Node(id=spec.node_id, cluster=spec.node_cluster, metadata=metadata)
 
 

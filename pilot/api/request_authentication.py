@@ -23,7 +23,8 @@ from pilot.api.base import ApiObject, Duration, IstioModel
 from pilot.api.errors import FieldIssue
 from pilot.api.security_common import PolicyTargetReference, WorkloadSelector, selection_problems
 
-_HEADER_NAME = re.compile(r"^[a-zA-Z0-9!#$%&'*+\-.^_`|~]+$")  # an HTTP token
+_HEADER_NAME = re.compile(r"^[a-zA-Z0-9!#$%&'*+\-.^_`|~]+$")  # an HTTP token (Envoy's rule)
+_STRICT_HEADER_NAME = re.compile(r"^[-_A-Za-z0-9]+$")  # Istio's rule for outputClaimToHeaders
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi"})
 
 
@@ -132,8 +133,8 @@ class ClaimToHeader(IstioModel):
     def problems(self, path: str) -> Iterator[FieldIssue]:
         if not self.claim or not self.header:
             yield FieldIssue(path, "outputClaimToHeaders header and claim value must be non-empty string")
-        elif not _HEADER_NAME.match(self.header):
-            yield FieldIssue(f"{path}.header", f"invalid header name {self.header!r}")
+        elif not _STRICT_HEADER_NAME.match(self.header):
+            yield FieldIssue(f"{path}.header", f"header name {self.header} is not a valid header name")
 
 
 class JWTRule(IstioModel):
@@ -167,7 +168,8 @@ class JWTRule(IstioModel):
             if not cookie:
                 yield FieldIssue(f"{path}.fromCookies[{i}]", "cookie name must be non-empty string")
         if self.output_payload_to_header and not _HEADER_NAME.match(self.output_payload_to_header):
-            yield FieldIssue(f"{path}.outputPayloadToHeader", f"invalid header name {self.output_payload_to_header!r}")
+            yield FieldIssue(f"{path}.outputPayloadToHeader",
+                             f"header name {self.output_payload_to_header} is not a valid header name")
 
     def advisories(self, path: str) -> Iterator[FieldIssue]:
         if not self.jwks or jwks_problem(self.jwks) is not None:

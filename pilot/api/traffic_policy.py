@@ -290,7 +290,8 @@ class ClientTLSSettings(IstioModel):
     def advisories(self, path: str) -> Iterator[FieldIssue]:
         if self.mode == TLSMode.ISTIO_MUTUAL:
             yield FieldIssue(
-                f"{path}.mode", "ISTIO_MUTUAL is not supported yet (needs the mesh CA); traffic stays plaintext"
+                f"{path}.mode", "ISTIO_MUTUAL needs mesh certificates: from a proxy without a workload agent, "
+                "traffic stays plaintext"
             )
             if any(getattr(self, f) for f in (*TLS_FILES, "credential_name", "sni")) or self.subject_alt_names:
                 yield FieldIssue(path, "certificate fields should be empty when mode is ISTIO_MUTUAL")

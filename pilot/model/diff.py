@@ -19,6 +19,8 @@ def endpoints_only(old: MeshSnapshot, new: MeshSnapshot) -> bool:
         new.cluster_domain, new.sidecars, new.destination_rules, new.virtual_services, new.scoping, new.security
     ):
         return False
+    if (old.peer_authn, old.trust_domain) != (new.peer_authn, new.trust_domain):  # mutual TLS: listeners, clusters
+        return False
     if old.workloads.keys() != new.workloads.keys() or old.services.keys() != new.services.keys():
         return False
     for key, was in old.workloads.items():

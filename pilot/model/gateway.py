@@ -24,7 +24,7 @@ TCP = "TCP"
 class ServerTls:
     """TLS a gateway terminates, with certificates read from files by Envoy."""
 
-    mode: str  # SIMPLE | MUTUAL | OPTIONAL_MUTUAL
+    mode: str  # SIMPLE | MUTUAL | OPTIONAL_MUTUAL | ISTIO_MUTUAL (files empty: the agent's certificates)
     server_certificate: str
     private_key: str
     ca_certificates: str | None = None
@@ -112,8 +112,6 @@ def _unsupported(server: Server) -> str | None:
     tls = server.tls
     if tls is None:
         return None
-    if tls.mode == ServerTLSMode.ISTIO_MUTUAL:
-        return "uses tls.mode ISTIO_MUTUAL (mesh certificates), not supported yet"
     if tls.terminates and not (tls.server_certificate and tls.private_key):
         return "uses credentialName (secrets), not supported yet"
     return None
@@ -133,7 +131,11 @@ def _server(ref: str, index: int, server: Server) -> GatewayServer | None:
     else:
         kind = HTTP if protocol in HTTP_SERVER_PROTOCOLS else TCP
     server_tls = None
-    if tls is not None and tls.terminates:
+    if tls is not None and tls.mode == ServerTLSMode.ISTIO_MUTUAL:
+        server_tls = ServerTls(mode=tls.mode.value, server_certificate="", private_key="",
+                               min_version=tls.min_protocol_version.value, max_version=tls.max_protocol_version.value,
+                               cipher_suites=tls.cipher_suites)
+    elif tls is not None and tls.terminates:
         if not (tls.server_certificate and tls.private_key):
             return None  # credentialName only
         server_tls = ServerTls(

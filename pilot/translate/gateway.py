@@ -31,7 +31,7 @@ from pilot.translate.gateway_routes import (
     https_route_name,
     source_for,
 )
-from pilot.translate.gateway_tls import TLS_INSPECTOR, transport_socket
+from pilot.translate.gateway_tls import TLS_INSPECTOR, mesh_tls_servers, transport_socket
 from pilot.translate.listeners import _hcm_filter
 from pilot.translate.scope import ProxyView
 from pilot.translate.tcp_routes import tcp_proxy_filter
@@ -44,7 +44,10 @@ def gateway_resources(mesh: MeshSnapshot, view: ProxyView) -> tuple[Resources, R
     selected = [g for g in mesh.scoping.gateways if g.selects(view.labels)]
     listeners: Resources = {}
     routes: Resources = {}
-    for port, servers, _conflicts in gw.servers_by_port(selected):
+    for port, all_servers, _conflicts in gw.servers_by_port(selected):
+        servers = mesh_tls_servers(all_servers, view.mtls)
+        if not servers:
+            continue
         bind = servers[0].bind or view.bind_address
         listener = listener_pb2.Listener(name=names.listener(bind, port), address=address(bind, port))
         kind = servers[0].protocol

@@ -9,7 +9,8 @@ the names are the contract (Istio's, too).
 - Inbound (`secure_inbound`): per port, the workload's PeerAuthentication mode. STRICT: one
   chain that requires a client certificate chained to the mesh roots; PERMISSIVE: a TLS
   inspector and two chains, mutual TLS for clients offering Istio's ALPN values and plaintext
-  for ``raw_buffer``; DISABLE: the plaintext chain alone. HTTP chains forward the caller's
+  for ``raw_buffer`` (TCP ports also pass other TLS through to the app); DISABLE: the plaintext
+  chain alone. HTTP chains forward the caller's
   identity in ``X-Forwarded-Client-Cert`` (APPEND_FORWARD with subject, URI and DNS, as Istio's
   sidecar inbound does).
 - Outbound (`apply_mesh_tls`): a DestinationRule ``ISTIO_MUTUAL`` sets the cluster's transport
@@ -151,6 +152,12 @@ def secure_inbound(plain: Any, http: bool, mode: str) -> Any:
     plain_chain = lc.FilterChain(filters=list(chain.filters))
     plain_chain.filter_chain_match.transport_protocol = "raw_buffer"
     listener.filter_chains.extend([tls_chain, plain_chain])
+    if not http:
+        # TLS that is not Istio's (the app terminates it): passed through to the app, as Istio does,
+        # under the same network filters (RBAC included). On HTTP ports such TLS matches no chain.
+        passthrough = lc.FilterChain(filters=list(chain.filters))
+        passthrough.filter_chain_match.transport_protocol = "tls"
+        listener.filter_chains.append(passthrough)
     return listener
 
 

@@ -41,6 +41,7 @@ class ProxyView:
     inbound: tuple[InboundPort, ...]
     sidecar: SidecarScope | None = None
     egress: EgressScope | None = None
+    mtls: bool = False  # the proxy has mesh certificates (`ProxyClass.mtls`)
 
 
 def proxy_view(mesh: MeshSnapshot, proxy: ProxyClass) -> ProxyView:
@@ -57,6 +58,7 @@ def proxy_view(mesh: MeshSnapshot, proxy: ProxyClass) -> ProxyView:
         inbound=_inbound_ports(mesh, proxy.namespace, labels, workload, bind, sidecar),
         sidecar=sidecar,
         egress=mesh.scoping.egress.get((sidecar.namespace, sidecar.name)) if sidecar else None,
+        mtls=proxy.mtls,
     )
 
 

@@ -1,8 +1,9 @@
 """Client TLS to upstreams (DestinationRule ``tls``): SIMPLE and MUTUAL with file paths.
 
-DISABLE sends plaintext. ISTIO_MUTUAL needs the mesh CA (Citadel) and is not built yet: the
-API layer warns and connections stay plaintext. Without ``caCertificates`` the server is
-checked against the system CA bundle, as Istio does; ``insecureSkipVerify`` checks nothing.
+DISABLE sends plaintext. ISTIO_MUTUAL uses the mesh certificates, for proxies that have them
+(`pilot.translate.mtls`, applied by `pilot.translate.clusters`); from others it stays plaintext.
+Without ``caCertificates`` the server is checked against the system CA bundle, as Istio does;
+``insecureSkipVerify`` checks nothing.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client may take to finish its TLS handshake
+CLOSE_TIMEOUT = 1.0  # seconds for a TLS close_notify exchange before the connection is just dropped
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,9 @@ class TlsFront:
         self._peers: dict[str, Peer] = {}
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
         self.handshake_failures = 0
+        self.relay_failures = 0
 
     async def start(self, host: str, port: int) -> int:
         """Listen on `host:port` (0: any free port); returns the bound port."""
@@ -66,6 +69,8 @@ class TlsFront:
         if self._server is not None:
             self._server.close()
             self._server = None
+        for writer in list(self._writers):  # at once: a graceful TLS close may wait for the peer
+            writer.transport.abort()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -79,16 +84,19 @@ class TlsFront:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
+        self._writers.add(writer)
         try:
             await self._relay(reader, writer)
         except asyncio.CancelledError:
             pass
+        except Exception:  # a bug, not the peer's doing: logged with context, the other connections go on
+            self.relay_failures += 1
+            log.exception("xDS/TLS: relaying a connection from %s failed", writer.get_extra_info("peername"))
         finally:
             if task is not None:
                 self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            self._writers.discard(writer)
+            await _close(writer)
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = _address(writer.get_extra_info("peername"))
@@ -105,6 +113,7 @@ class TlsFront:
         except OSError as exc:
             log.error("xDS/TLS: cannot reach the internal gRPC server %s:%d: %s", *self._backend, exc)
             return
+        self._writers.add(up_writer)
         local = up_writer.get_extra_info("sockname")
         key = f"ipv4:{local[0]}:{local[1]}"
         self._peers[key] = Peer(client, der)  # before the first byte: the handler may look it up at once
@@ -118,9 +127,18 @@ class TlsFront:
                 await asyncio.gather(*pumps, return_exceptions=True)
         finally:
             self._peers.pop(key, None)
-            up_writer.close()
-            with contextlib.suppress(Exception):
-                await up_writer.wait_closed()
+            self._writers.discard(up_writer)
+            await _close(up_writer)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close gracefully if the peer answers within CLOSE_TIMEOUT, else drop the connection."""
+    writer.close()
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT):
+            await writer.wait_closed()
+    except (TimeoutError, OSError, ssl.SSLError, asyncio.CancelledError):
+        writer.transport.abort()
 
 
 async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:

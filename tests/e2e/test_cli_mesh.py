@@ -59,7 +59,7 @@ async def test_up_proxy_run_and_proxy_status_as_processes(tmp_path: Path) -> Non
     (tmp_path / "mesh.yaml").write_text(demo.mesh_yaml())
     (tmp_path / "route.yaml").write_text(demo.route_yaml([50, 50]))
     ads, debug = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    procs = [await spawn("up", "--config-dir", str(tmp_path), "--ads", ads, "--debug", debug)]
+    procs = [await spawn("up", "--config-dir", str(tmp_path), "--ads", ads, "--debug", debug, "--plaintext-only")]
     apps = [await start_echo_app(f"reviews-{v}", v, port=p) for v, p in demo.app_ports.items()]
     try:
         for _ in range(100):  # pilot answers once its debug port is up
@@ -69,7 +69,7 @@ async def test_up_proxy_run_and_proxy_status_as_processes(tmp_path: Path) -> Non
             except AssertionError:
                 await asyncio.sleep(0.1)
         for name in ("frontend", "reviews-v1", "reviews-v2"):
-            procs.append(await spawn("proxy", "run", "--workload", f"default/{name}", "--pilot", ads,
+            procs.append(await spawn("proxy", "run", "--plaintext", "--workload", f"default/{name}", "--pilot", ads,
                                      "--debug", debug, "--log-level", "warning"))
         await wait_synced(debug, 3)
         table = await run("proxy-status", "--debug", debug)

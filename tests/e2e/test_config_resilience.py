@@ -173,7 +173,8 @@ async def test_pilot_memory_returns_near_its_baseline_after_a_large_config_is_re
     (tmp_path / "mesh.yaml").write_text(demo.mesh_yaml())
     (tmp_path / "route.yaml").write_text(demo.route_yaml([50, 50]))
     ads, debug = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    pilot = await spawn("up", "--config-dir", str(tmp_path), "--ads", ads, "--debug", debug, "--log-level", "warning")
+    pilot = await spawn("up", "--config-dir", str(tmp_path), "--ads", ads, "--debug", debug, "--log-level", "warning",
+                        "--plaintext-only")
     procs = [pilot]
     try:
         async with http_session() as session:
@@ -191,7 +192,7 @@ async def test_pilot_memory_returns_near_its_baseline_after_a_large_config_is_re
                     await get("/ready")
                     break
                 await asyncio.sleep(0.1)
-            procs.append(await spawn("proxy", "run", "--workload", "default/frontend", "--pilot", ads,
+            procs.append(await spawn("proxy", "run", "--plaintext", "--workload", "default/frontend", "--pilot", ads,
                                      "--debug", debug, "--log-level", "warning"))
             await wait_synced(debug, 1)
             baseline = await trimmed_rss()

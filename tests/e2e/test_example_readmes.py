@@ -10,7 +10,7 @@ assertions on what the commands printed; a new example fails here until it has a
 Cleanup does not trust the README: every process the script starts, however deep (Envoys
 included), inherits a marker in its environment; whatever is still running once the script ended
 is reported as a failure, and killed, as it is when the script fails or overruns its deadline.
-The examples use fixed addresses (127.0.0.x, pilot on 127.0.0.1:15010/15014), so the test first
+The examples use fixed addresses (127.0.0.x, pilot on 127.0.0.1:15010/15012/15014), so the test first
 checks that nothing else listens there. Each example takes a few seconds: Envoy start-up dominates.
 """
 
@@ -41,7 +41,7 @@ MARK = "MESHCTL_README_RUN"
 RUN_TIMEOUT = 100.0  # the script's deadline; `meshctl proxy wait` alone may take up to 60 s
 STOP_GRACE = 20.0  # after the script: how long its stop command may take to end everything
 BASH_BLOCK = re.compile(r"^```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
-PILOT_PORTS = (15010, 15014)
+PILOT_PORTS = (15010, 15012, 15014)
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def _sidecar_scoping(run: Run) -> None:
 
 
 def _tcp_routes(run: Run) -> None:
-    seen = run.counts(r"b'(v[12]):hi'")
+    seen = run.counts(r"b'(v[12]):hello'")
     assert sum(seen.values()) == 20 and seen.get("v1", 0) >= 8, seen  # every connection, about 16 to v1
 
 

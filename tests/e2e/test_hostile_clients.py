@@ -54,7 +54,7 @@ async def pilot(tmp_path: Path) -> AsyncIterator[PilotProcess]:
     env = {**os.environ, "MESHCTL_PILOT_SEND_TIMEOUT_MS": "1000", "MESHCTL_PILOT_MAX_CONNECTION_AGE_MS": "3000"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "meshctl.cli", "up", "--config-dir", str(tmp_path), "--ads", ads, "--debug", debug,
-        "--log-level", "error", env=env)
+        "--log-level", "error", "--plaintext-only", env=env)
     try:
         for _ in range(300):
             if (await get(debug, "/ready"))[0] == 200:

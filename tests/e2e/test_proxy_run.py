@@ -22,7 +22,7 @@ def _need_envoy() -> None:
 
 async def _start(address: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "meshctl.cli", "proxy", "run", "--workload", "e2e/details",
+        sys.executable, "-m", "meshctl.cli", "proxy", "run", "--plaintext", "--workload", "e2e/details",
         "--address", address, "--pilot", f"{address}:15010", "--initial-fetch-timeout", "0.2",
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

@@ -80,9 +80,9 @@ def test_credential_name_is_a_warning_and_the_server_is_skipped() -> None:
     mesh = build_mesh([gw])
     assert [s.port for s in mesh.scoping.gateways[0].servers] == [80]
     assert any("servers[0] uses credentialName" in w for w in mesh.warnings)
+    # ISTIO_MUTUAL is served, with the gateway's mesh certificates (tests/unit/test_peer_authentication.py).
     istio_mutual = build_mesh([gateway(server(443, "HTTPS", ["*"], mode="ISTIO_MUTUAL"))])
-    assert istio_mutual.scoping.gateways[0].servers == ()
-    assert any("ISTIO_MUTUAL (mesh certificates), not supported yet; skipped" in w for w in istio_mutual.warnings)
+    assert [s.tls.mode for s in istio_mutual.scoping.gateways[0].servers if s.tls] == ["ISTIO_MUTUAL"]
 
 
 def test_virtual_service_gateway_refs_and_export_to_are_validated() -> None:

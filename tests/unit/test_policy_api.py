@@ -157,7 +157,8 @@ def test_accepted_but_not_applied_fields_are_warnings() -> None:
         f"{P}.loadBalancer.consistentHash: no hash key set: requests are spread at random",
         f"{P}.outlierDetection.consecutiveErrors: deprecated and ignored; use consecutive5xxErrors or "
         "consecutiveGatewayErrors",
-        f"{P}.tls.mode: ISTIO_MUTUAL is not supported yet (needs the mesh CA); traffic stays plaintext",
+        f"{P}.tls.mode: ISTIO_MUTUAL needs mesh certificates: from a proxy without a workload agent, "
+        "traffic stays plaintext",
         f"{P}.tls: certificate fields should be empty when mode is ISTIO_MUTUAL",
     }
 

@@ -51,6 +51,7 @@ async def first_pilot(tmp_path: Path) -> AsyncIterator[tuple[str, str, Path]]:
     ads, debug = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     proc = await asyncio.create_subprocess_exec(
         *MESHCTL, "up", "--config-dir", str(tmp_path), "--ads", ads, "--debug", debug, "--log-level", "warning",
+        "--plaintext-only",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
         for _ in range(200):
@@ -92,7 +93,8 @@ async def test_a_second_up_on_the_same_xds_port_fails_at_once_in_one_line(
     first_pilot: tuple[str, str, Path],
 ) -> None:
     ads, debug, config = first_pilot
-    code, out = await run("up", "--config-dir", str(config), "--ads", ads, "--debug", f"127.0.0.1:{free_port()}")
+    code, out = await run("up", "--config-dir", str(config), "--ads", ads, "--debug", f"127.0.0.1:{free_port()}",
+                          "--plaintext-only")
     line = one_line(out)
     assert code != 0 and ads in line and "address already in use" in line and "xDS" in line
     # Every new connection still reaches the first pilot, several times over.
@@ -103,7 +105,8 @@ async def test_a_second_up_on_the_same_xds_port_fails_at_once_in_one_line(
 
 async def test_a_second_up_on_the_same_debug_port_fails_in_one_line(first_pilot: tuple[str, str, Path]) -> None:
     ads, debug, config = first_pilot
-    code, out = await run("up", "--config-dir", str(config), "--ads", f"127.0.0.1:{free_port()}", "--debug", debug)
+    code, out = await run("up", "--config-dir", str(config), "--ads", f"127.0.0.1:{free_port()}", "--debug", debug,
+                          "--plaintext-only")
     line = one_line(out)
     assert code != 0 and debug in line and "address already in use" in line and "debug" in line
     assert "Traceback" not in out and "Event loop is closed" not in out
@@ -113,10 +116,12 @@ async def test_a_second_up_on_the_same_debug_port_fails_in_one_line(first_pilot:
 async def test_demo_on_a_used_port_fails_in_one_line(first_pilot: tuple[str, str, Path]) -> None:
     ads, debug, _ = first_pilot
     ads_port, debug_port = ads.rsplit(":", 1)[1], debug.rsplit(":", 1)[1]
-    code, out = await run("demo", "--ads-port", ads_port, "--debug-port", str(free_port()), "--duration", "1")
+    code, out = await run("demo", "--ads-port", ads_port, "--debug-port", str(free_port()), "--duration", "1",
+                          "--xds-tls-port", "0")
     line = one_line(out)
     assert code != 0 and ads in line and "address already in use" in line
-    code, out = await run("demo", "--ads-port", str(free_port()), "--debug-port", debug_port, "--duration", "1")
+    code, out = await run("demo", "--ads-port", str(free_port()), "--debug-port", debug_port, "--duration", "1",
+                          "--xds-tls-port", "0")
     line = one_line(out)
     assert code != 0 and debug in line and "address already in use" in line
     assert await ready(debug) and await serves_clusters(ads)
@@ -162,7 +167,7 @@ async def test_demo_whose_sidecar_address_is_taken_fails_in_one_error_line() -> 
             holder.listen()
         except OSError as exc:  # a real demo holds it right now: the same situation
             assert exc.errno == errno.EADDRINUSE
-        code, out = await run("demo", "--ads-port", "0", "--debug-port", "0", "--duration", "1")
+        code, out = await run("demo", "--ads-port", "0", "--debug-port", "0", "--xds-tls-port", "0", "--duration", "1")
     errors = [line for line in out.splitlines() if line.startswith("Error:")]
     assert code != 0 and len(errors) == 1 and "127.0.10.10:15000 is already in use" in errors[0], out
     assert "Traceback" not in out and "Event loop is closed" not in out

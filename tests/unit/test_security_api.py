@@ -231,7 +231,9 @@ def test_request_authentication_every_field() -> None:
     ({"issuer": "i", "outputClaimToHeaders": [{"header": "x"}]}, "spec.jwtRules[0].outputClaimToHeaders[0]",
      "outputClaimToHeaders header and claim value must be non-empty string"),
     ({"issuer": "i", "outputClaimToHeaders": [{"header": "x y", "claim": "c"}]},
-     "spec.jwtRules[0].outputClaimToHeaders[0].header", "invalid header name"),
+     "spec.jwtRules[0].outputClaimToHeaders[0].header", "header name x y is not a valid header name"),
+    ({"issuer": "i", "outputPayloadToHeader": "x:y"}, "spec.jwtRules[0].outputPayloadToHeader",
+     "header name x:y is not a valid header name"),
     ({"issuer": "i", "timeout": "soon"}, "spec.jwtRules[0].timeout", "is not a duration"),
 ])
 def test_request_authentication_validation(rule_spec: dict[str, Any], path: str, message: str) -> None:

@@ -340,12 +340,14 @@ def test_jwks_uri_keys_come_from_the_fetched_map_and_fail_closed_until_fetched()
 
 
 def test_request_authentications_of_root_and_own_namespace_combine() -> None:
-    text = (policy("  jwtRules: [{issuer: root, jwks: '{\"keys\": [{\"kty\": \"oct\", \"k\": \"YQ\"}]}'}]", "r", "istio-system",
-                   "RequestAuthentication")
-            + policy("  selector: {matchLabels: {app: api}}\n  jwtRules: [{issuer: own, jwks: '{\"keys\": [{\"kty\": \"oct\", \"k\": \"YQ\"}]}'}]", "s",
-                     kind="RequestAuthentication")
-            + policy("  selector: {matchLabels: {app: web}}\n  jwtRules: [{issuer: web, jwks: '{\"keys\": [{\"kty\": \"oct\", \"k\": \"YQ\"}]}'}]", "w",
-                     kind="RequestAuthentication"))
+    keys = """'{"keys": [{"kty": "oct", "k": "YQ"}]}'"""
+
+    def authn(issuer: str, name: str, namespace: str = "shop", selector: str = "") -> str:
+        spec = (f"  selector: {{matchLabels: {{app: {selector}}}}}\n" if selector else "")
+        return policy(spec + f"  jwtRules: [{{issuer: {issuer}, jwks: {keys}}}]", name, namespace,
+                      "RequestAuthentication")
+
+    text = authn("root", "r", "istio-system") + authn("own", "s", selector="api") + authn("web", "w", selector="web")
     assert [r.issuer for r in security(text).jwt] == ["own", "root"]
 
 
