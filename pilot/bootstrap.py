@@ -46,6 +46,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import any_pb2, duration_pb2, json_format, message, struct_pb2, wrappers_pb2
 
+from pilot.api.route_common import ENVOY_RE2_MAX_PROGRAM_SIZE
 from pilot.model.proxy import (
     META_BIND_ADDRESS,
     META_INSTANCE_IPS,
@@ -170,7 +171,23 @@ def sidecar_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
             ],
         ),
         overload_manager=_overload_manager(),
+        layered_runtime=layered_runtime(),
     )
+
+
+def layered_runtime() -> bootstrap_pb2.LayeredRuntime:
+    """Envoy runtime values pilot's validation relies on, as one static layer (plus admin's).
+
+    `re2.max_program_size.error_level`: Envoy refuses a regex whose RE2 program is larger (100
+    by default); Istio's bootstrap raises it to 32768, so Istio users' regexes load here too, and
+    pilot's own check (`pilot.api.route_common.regex_problem`) applies the same number.
+    """
+    static = struct_pb2.Struct()
+    static.update({"re2.max_program_size.error_level": ENVOY_RE2_MAX_PROGRAM_SIZE})
+    return bootstrap_pb2.LayeredRuntime(layers=[
+        bootstrap_pb2.RuntimeLayer(name="meshctl", static_layer=static),
+        bootstrap_pb2.RuntimeLayer(name="admin", admin_layer=bootstrap_pb2.RuntimeLayer.AdminLayer()),
+    ])
 
 
 # Envoy's "global downstream connections" monitor, at the largest value (as Istio sets it): no

@@ -19,6 +19,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2 as hpo_pb2
 from google.protobuf import json_format
 
+from pilot.bootstrap import layered_runtime
 from pilot.config import load_file
 from pilot.model.build import build_mesh
 from pilot.translate import generate
@@ -41,6 +42,7 @@ def static_bootstrap(resources: dict[str, dict[str, Any]], sds: bool = False) ->
     bootstrap = bootstrap_pb2.Bootstrap()
     bootstrap.node.id = "sidecar~127.0.0.1~validate.default~cluster.local"
     bootstrap.node.cluster = "validate"
+    bootstrap.layered_runtime.CopyFrom(layered_runtime())  # what a sidecar's real bootstrap sets
     if sds:
         agent = bootstrap.static_resources.clusters.add(name=SDS_CLUSTER, type=cluster_pb2.Cluster.STATIC)
         agent.load_assignment.cluster_name = SDS_CLUSTER

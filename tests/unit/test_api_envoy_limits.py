@@ -57,11 +57,12 @@ def test_what_re2_supports_within_the_size_limit_is_accepted(regex: str) -> None
     assert regex_problem(regex) is None
 
 
-def test_program_size_limit_is_envoys_default() -> None:
-    assert ENVOY_RE2_MAX_PROGRAM_SIZE == 100
-    assert regex_problem("a{96}") is None  # program size 100
-    why = regex_problem("a{97}")  # program size 101
-    assert why is not None and "size 101" in why and "over 100" in why
+def test_program_size_limit_is_the_one_istios_bootstrap_sets() -> None:
+    assert ENVOY_RE2_MAX_PROGRAM_SIZE == 32768
+    assert regex_problem("a{97}") is None  # over Envoy's default of 100, within Istio's limit
+    assert regex_problem("\\pL{1000}" * 4 + "\\pL{680}") is None  # program size 32764
+    why = regex_problem("\\pL{1000}" * 4 + "\\pL{684}")  # program size 32792
+    assert why is not None and "size 32792" in why and "over 32768" in why
 
 
 def test_an_empty_or_overlong_regex_is_refused() -> None:
@@ -76,7 +77,7 @@ def test_an_empty_or_overlong_regex_is_refused() -> None:
         ({"match": [{"withoutHeaders": {"x-user": {"regex": "["}}}]},
          "spec.http[0].match[0].withoutHeaders.x-user.regex"),
         ({"match": [{"queryParams": {"q": {"regex": "a++"}}}]}, "spec.http[0].match[0].queryParams.q.regex"),
-        ({"match": [{"method": {"regex": "a{97}"}}]}, "spec.http[0].match[0].method.regex"),
+        ({"match": [{"method": {"regex": "\\pL{1000}" * 4 + "\\pL{684}"}}]}, "spec.http[0].match[0].method.regex"),
         ({"match": [{"authority": {"regex": "/a{1001}"}}]}, "spec.http[0].match[0].authority.regex"),
         ({"rewrite": {"uriRegexRewrite": {"match": "(?=x)", "rewrite": "/"}}},
          "spec.http[0].rewrite.uriRegexRewrite.match"),
