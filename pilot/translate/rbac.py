@@ -368,17 +368,25 @@ def _by_action(security: WorkloadSecurity) -> list[tuple[str, tuple[AuthzPolicy,
     return [(a, ps) for a, ps in (("AUDIT", security.audit), ("DENY", security.deny), ("ALLOW", security.allow)) if ps]
 
 
-def http_rbac_filters(security: WorkloadSecurity) -> list[Any]:
-    """The RBAC HTTP filters of one workload, to go after the JWT filter and before the router."""
-    filters = []
+def _rbac_configs(security: WorkloadSecurity, make: Callable[[], Any], tcp: bool) -> list[Any]:
+    """One RBAC filter config (HTTP or network: both keep `rules` and `shadow_rules`) per action."""
+    configs = []
     for action, policies in _by_action(security):
-        enforced, shadow = rbac_rules(policies, action, tcp=False)
-        config = http_rbac_pb2.RBAC()
+        enforced, shadow = rbac_rules(policies, action, tcp=tcp)
+        config = make()
         if enforced is not None:
             config.rules.CopyFrom(enforced)
         if shadow is not None:
             config.shadow_rules.CopyFrom(shadow)
             config.shadow_rules_stat_prefix = _SHADOW_PREFIX.get(action, "")
+        configs.append(config)
+    return configs
+
+
+def http_rbac_filters(security: WorkloadSecurity) -> list[Any]:
+    """The RBAC HTTP filters of one workload, to go after the JWT filter and before the router."""
+    filters = []
+    for config in _rbac_configs(security, http_rbac_pb2.RBAC, tcp=False):
         flt = hcm_pb2.HttpFilter(name=HTTP_RBAC_FILTER)
         flt.typed_config.Pack(config)
         filters.append(flt)
@@ -388,14 +396,7 @@ def http_rbac_filters(security: WorkloadSecurity) -> list[Any]:
 def network_rbac_filters(security: WorkloadSecurity) -> list[Any]:
     """The RBAC network filters of one workload's TCP ports, to go before ``tcp_proxy``."""
     filters = []
-    for action, policies in _by_action(security):
-        enforced, shadow = rbac_rules(policies, action, tcp=True)
-        config = net_rbac_pb2.RBAC(stat_prefix=TCP_STAT_PREFIX)
-        if enforced is not None:
-            config.rules.CopyFrom(enforced)
-        if shadow is not None:
-            config.shadow_rules.CopyFrom(shadow)
-            config.shadow_rules_stat_prefix = _SHADOW_PREFIX.get(action, "")
+    for config in _rbac_configs(security, lambda: net_rbac_pb2.RBAC(stat_prefix=TCP_STAT_PREFIX), tcp=True):
         flt = lc.Filter(name=NETWORK_RBAC_FILTER)
         flt.typed_config.Pack(config)
         filters.append(flt)
