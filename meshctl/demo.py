@@ -4,7 +4,9 @@ Starts pilot with its CA (Citadel, a fresh one per run in the demo's temp dir), 
 apps and a frontend app, each with a real Envoy sidecar whose workload agent holds its SPIFFE
 identity and which gets its config over mutual TLS; the frontend calls reviews through its sidecar.
 The route starts 80/20/0 and, halfway through, the demo rewrites the VirtualService file to
-0/0/100, as a user would with their editor.
+0/0/100, as a user would with their editor. A mesh-wide PeerAuthentication makes mutual TLS STRICT,
+and the live view shows the caller identity the reviews apps saw (the SPIFFE URI their sidecar put
+in `X-Forwarded-Client-Cert`).
 Everything runs on one event loop and stops after `duration` seconds or on Ctrl-C.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -38,6 +41,7 @@ class Tally:
     window: float = 3.0
     events: collections.deque[tuple[float, str]] = field(default_factory=collections.deque)
     total: collections.Counter[str] = field(default_factory=collections.Counter)
+    callers: collections.Counter[str] = field(default_factory=collections.Counter)  # SPIFFE URIs reviews saw
 
     def add(self, outcome: str, now: float) -> None:
         self.events.append((now, outcome))
@@ -61,7 +65,16 @@ def render(tally: Tally, versions: Sequence[str], weights: Sequence[int], note: 
         bar = "█" * round(share * 30)
         table.add_row(v, f"{w}%", str(recent[v]), f"{share:6.1%}", str(tally.total[v]), bar)
     failed = sum(c for k, c in tally.total.items() if k not in versions)
-    return Group(table, f"failed requests: {failed}    {note}")
+    return Group(table, f"failed requests: {failed}    {note}", mtls_line(tally))
+
+
+def mtls_line(tally: Tally) -> str:
+    """What mutual TLS looks like from the reviews side: the caller identities their sidecars saw."""
+    answered = sum(tally.callers.values())
+    if not answered:
+        return "mutual TLS STRICT: no answer yet"
+    seen = ", ".join(f"{uri or 'no client certificate'} ({n})" for uri, n in tally.callers.most_common())
+    return f"mutual TLS STRICT: reviews saw the caller as {seen}"
 
 
 async def run_demo(duration: float, ads_port: int, debug_port: int, console: Console, tls_port: int = 15012) -> int:
@@ -70,7 +83,7 @@ async def run_demo(duration: float, ads_port: int, debug_port: int, console: Con
     with tempfile.TemporaryDirectory(prefix="meshctl-demo-") as tmp, \
             tempfile.TemporaryDirectory(prefix="meshctl-demo-state-") as state:  # the CA: not in the config dir
         config = Path(tmp)
-        (config / "mesh.yaml").write_text(demo.mesh_yaml())
+        (config / "mesh.yaml").write_text(demo.mesh_yaml(strict_mtls=True))
         (config / "route.yaml").write_text(demo.route_yaml(START_WEIGHTS))
         settings = PilotSettings(ads_port=ads_port, xds_tls_port=tls_port, debug_port=debug_port, config_dir=config)
         async with LocalMesh(settings, state_dir=Path(state)) as mesh:
@@ -102,23 +115,39 @@ async def _drive(url: str, config: Path, demo: DemoMesh, duration: float, consol
                     weights = SHIFTED_WEIGHTS
                     (config / "route.yaml").write_text(demo.route_yaml(weights))
                     note = f"t={elapsed:.0f}s: edited route.yaml to {'/'.join(map(str, weights))}"
-                tally.add(await _one(session, url), time.monotonic())
+                outcome, caller = await _one(session, url)
+                tally.add(outcome, time.monotonic())
+                if caller is not None:
+                    tally.callers[caller] += 1
                 live.update(render(tally, demo.versions, weights, note))
     failed = sum(c for k, c in tally.total.items() if k not in demo.versions)
     console.print(f"\ndone: {sum(tally.total.values())} requests, {failed} failed")
+    console.print(mtls_line(tally))
     return failed
 
 
-async def _one(session: object, url: str) -> str:
+async def _one(session: object, url: str) -> tuple[str, str | None]:
+    """(the reviews version that answered, or what went wrong; the caller URI reviews saw)."""
     try:
         async with session.get(url + "/") as resp:  # type: ignore[attr-defined]
             body = await resp.json()
     except Exception as exc:
-        return f"error {type(exc).__name__}"
+        return f"error {type(exc).__name__}", None
     up = body.get("upstream", {})
     if up.get("status") != 200:
-        return f"status {up.get('status', up.get('error'))}"
-    return str(up["body"]["version"])
+        return f"status {up.get('status', up.get('error'))}", None
+    headers = {k.lower(): v for k, v in up["body"].get("headers", {}).items()}
+    return str(up["body"]["version"]), caller_uri(headers.get("x-forwarded-client-cert", ""))
+
+
+def caller_uri(xfcc: str) -> str:
+    """The `URI=` of the last element of an `X-Forwarded-Client-Cert` value (the hop that called
+    this sidecar; elements are appended), "" when there is none (a plaintext caller)."""
+    found = _XFCC_URI.findall(xfcc)
+    return str(found[-1]) if found else ""
+
+
+_XFCC_URI = re.compile(r'URI="?([^;,"]+)')
 
 
 def main(duration: float, ads_port: int, debug_port: int, tls_port: int = 15012) -> int:

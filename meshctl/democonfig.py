@@ -37,6 +37,16 @@ spec:
   ports: {{http: {port}}}
 """
 
+# Mesh-wide mutual TLS (the root namespace's policy without a selector), as the demo runs it:
+# every sidecar with a workload certificate then refuses plaintext on its inbound ports.
+STRICT_MTLS = """\
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+"""
+
 ROUTE_HEAD = """\
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -76,11 +86,12 @@ class DemoMesh:
     def address(self, version: str) -> str:
         return f"{self.block}.{11 + self.versions.index(version)}"
 
-    def mesh_yaml(self) -> str:
+    def mesh_yaml(self, strict_mtls: bool = False) -> str:
+        """The ServiceEntry and WorkloadEntries; with `strict_mtls`, a mesh-wide STRICT PeerAuthentication."""
         out = SERVICE.format(frontend=self.frontend)
         for v in self.versions:
             out += WORKLOAD.format(version=v, address=self.address(v), port=self.app_ports[v])
-        return out
+        return out + (STRICT_MTLS if strict_mtls else "")
 
     def route_yaml(self, weights: Sequence[int]) -> str:
         """DestinationRule subsets per version and a VirtualService splitting by `weights`."""
