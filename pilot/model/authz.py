@@ -4,9 +4,11 @@
 hashable values; `workload_security` picks, for one workload, every policy that applies the way
 Istio does: the root namespace's policies (mesh-wide without a selector, by selector in every
 namespace), then the workload namespace's (namespace-wide without a selector, else by selector).
-Policies that name ``targetRefs`` bind to gateways and waypoints, never to sidecars. Nothing
-overrides anything: every applicable policy counts (a DENY anywhere denies; ALLOW policies are
-OR'ed), and every applicable RequestAuthentication's JWT rules are accepted.
+Gateway (router) workloads are selected the same way, by their namespace and labels. Policies
+that name ``targetRefs`` bind to Kubernetes Gateway API gateways and waypoints, never to sidecars
+or local-mesh routers. Nothing overrides anything: every applicable policy counts (a DENY
+anywhere denies; ALLOW policies are OR'ed), and every applicable RequestAuthentication's JWT
+rules are accepted.
 
 A rule is kept as Istio's own model keeps it before generating RBAC: per ``from`` entry the
 list of source attributes (identity, addresses, request principals) plus the ``when``

@@ -13,8 +13,8 @@ its sidecar on an HTTP port and a TCP port), with one set of policies on ``api``
 - RequestAuthentication ``jwt``: two issuers, one with its keys inline, one by ``jwksUri``
   served by a small HTTP server in the test.
 
-Principals and namespaces need mutual TLS, which the local mesh does not have yet; they are
-covered by the unit and golden tests. JWTs are signed here with ``cryptography`` (RS256).
+Principals and namespaces need mutual TLS between the sidecars: `test_authorization_mtls.py`
+covers them. JWTs are signed here with ``cryptography`` (RS256).
 """
 
 from __future__ import annotations
