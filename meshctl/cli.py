@@ -99,6 +99,7 @@ async def _up(settings: PilotSettings, state: Path, trust_domain: str) -> None:
     pilot = Pilot(settings)
     security = MeshSecurity(state, pilot.registry, trust_domain=trust_domain, host=settings.xds_tls_host)
     pilot.secure = security.serving()  # composition: pilot serves Citadel's CSR service on its TLS port
+    pilot.credentials.root = security.layout.secrets  # Gateway credentialName secrets, checked for configz
     await security.start()
     try:
         async with pilot:

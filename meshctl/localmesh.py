@@ -20,7 +20,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +45,22 @@ class LocalMesh:
     """Pilot plus sidecars and apps. `async with LocalMesh(settings) as mesh:`."""
 
     def __init__(self, settings: PilotSettings, envoy_log_level: str = "warning", *, state_dir: Path | None = None,
-                 trust_domain: str = "cluster.local", **pilot_args: Any) -> None:
+                 trust_domain: str = "cluster.local", citadel_settings: Mapping[str, Any] | None = None,
+                 agent_settings: Mapping[str, Any] | None = None, **pilot_args: Any) -> None:
+        """`citadel_settings` and `agent_settings` (with `state_dir` only) override `CitadelSettings` and
+        every sidecar's `AgentSettings` fields, e.g. a short `workload_cert_ttl` for rotation tests."""
         self.settings = settings
         self.pilot = Pilot(settings, **pilot_args)
         self.envoy_log_level = envoy_log_level
         self.sidecars: dict[str, EnvoyProcess] = {}
         self.agents: dict[str, WorkloadAgent] = {}
         self.security: MeshSecurity | None = None
+        self._agent_settings = dict(agent_settings or {})
         if state_dir is not None:
             self.security = MeshSecurity(state_dir, self.pilot.registry, trust_domain=trust_domain,
-                                         host=settings.xds_tls_host)
+                                         host=settings.xds_tls_host, **(citadel_settings or {}))
             self.pilot.secure = self.security.serving()
+            self.pilot.credentials.root = self.security.layout.secrets  # Gateway credentialName secrets
         self._sockets: Path | None = None
         self._apps: list[Any] = []
 
@@ -118,7 +123,9 @@ class LocalMesh:
             namespace=spec.namespace, service_account=spec.service_account, trust_domain=self.security.trust_domain,
             ca_address=self.pilot.xds_tls_address, ca_root_file=layout.trust_bundle,
             token_file=layout.token_file(spec.namespace, spec.workload),
-            sds_socket=self._sockets / f"{spec.namespace}.{spec.workload}.sock")
+            sds_socket=self._sockets / f"{spec.namespace}.{spec.workload}.sock",
+            credential_dir=layout.secrets if spec.kind == ProxyKind.ROUTER else None,  # Gateway credentialName
+            **self._agent_settings)
         agent = WorkloadAgent(settings, CollectorRegistry())
         await agent.start()
         self.agents[f"{spec.namespace}/{spec.workload}"] = agent

@@ -8,7 +8,9 @@ account come from pilot's debug API, so a sidecar always matches the WorkloadEnt
 the key stays in this process's memory) with the token `meshctl up` wrote for the workload
 (`<state-dir>/tokens/<ns>/<name>.token`), waits for the first certificate, and bootstraps Envoy
 with the agent's SDS (`sds-grpc`: `default`, `ROOTCA`) and mutual TLS to pilot's authenticated
-port (15012), pilot's certificate checked for `istiod.istio-system.svc`. `--plaintext` keeps the
+port (15012), pilot's certificate checked for `istiod.istio-system.svc`. A gateway's agent also
+serves the Gateway `credentialName` certificates of its namespace from `<state-dir>/secrets/<ns>/`
+(SDS `kubernetes://<name>`, re-read on change). `--plaintext` keeps the
 old way (15010, no identity) for tests and tools.
 
 Concurrency: each command runs one `asyncio.run`; `run` owns one agent and one EnvoyProcess and
@@ -172,7 +174,8 @@ async def _start_agent(stack: contextlib.AsyncExitStack, spec: BootstrapSpec, op
     try:
         settings = AgentSettings(namespace=spec.namespace, service_account=spec.service_account,
                                  trust_domain=options.trust_domain, ca_address=ca, ca_root_file=layout.trust_bundle,
-                                 token_file=token, sds_socket=Path(str(spec.sds_socket)))
+                                 token_file=token, sds_socket=Path(str(spec.sds_socket)),
+                                 credential_dir=layout.secrets if spec.kind == ProxyKind.ROUTER else None)
     except ValidationError as exc:
         raise click.UsageError(str(exc)) from None
     agent = await stack.enter_async_context(WorkloadAgent(settings, CollectorRegistry()))

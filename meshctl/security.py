@@ -10,6 +10,7 @@ State directory (default `$XDG_STATE_HOME/meshctl`, i.e. `~/.local/state/meshctl
     ca/                     Citadel's CA directory (self-signed roots, token-signing key; see citadel.store)
     root-cert.pem           the current trust bundle (0644), what agents trust the CA's port with
     tokens/<ns>/<name>.token one credential per WorkloadEntry (0600, in 0700 directories)
+    secrets/<ns>/<name>/    Gateway credentialName secrets (tls.crt, tls.key, ca.crt), written by the user
 
 Tokens: `meshctl up` issues a token for every WorkloadEntry's namespace and service account
 (24 h, signed by the control plane; see `citadel.tokens`), re-issues it at half its lifetime or
@@ -39,6 +40,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 from cryptography import x509
 from prometheus_client import CollectorRegistry
 
@@ -83,6 +85,11 @@ class StateLayout:
     @property
     def tokens(self) -> Path:
         return self.root / "tokens"
+
+    @property
+    def secrets(self) -> Path:
+        """The local secret store: `<ns>/<name>/` per Gateway `credentialName` (citadel.agent.credentials)."""
+        return self.root / "secrets"
 
     def token_file(self, namespace: str, name: str) -> Path:
         """The credential of WorkloadEntry `namespace/name`."""
@@ -145,6 +152,7 @@ class MeshSecurity:
             self.citadel = Citadel(settings, registry)
         self._context: ssl.SSLContext | None = None
         self._issued: dict[tuple[str, str], _Issued] = {}
+        self.ca_stopped = False  # see stop_ca
         self.citadel.ca.on_change(self._export_bundle)
 
     # --- pilot's authenticated port ---------------------------------------------------------------
@@ -152,7 +160,7 @@ class MeshSecurity:
     def serving(self) -> SecureServing:
         """What pilot needs to serve authenticated xDS and the CSR service on one TLS port."""
         return SecureServing(context=self.ssl_context, peer_identity=peer_identity_for(self.trust_domain),
-                             extra_handlers=(make_handler(self.citadel.service),))
+                             extra_handlers=(_StoppableCA(make_handler(self.citadel.service), self),))
 
     def ssl_context(self) -> ssl.SSLContext:
         """The port's server context: the CA-issued server certificate, client certificates verified if given."""
@@ -186,6 +194,18 @@ class MeshSecurity:
     async def stop(self) -> None:
         """Stop Citadel's background checks."""
         await self.citadel.stop()
+
+    async def stop_ca(self) -> None:
+        """Take the CA down while pilot keeps serving xDS on the shared port (an outage drill for tests):
+        CreateCertificate answers UNAVAILABLE, as an unreachable CA does to an agent, and the background
+        checks (expiry, rotation) stop. `start_ca` brings it back."""
+        self.ca_stopped = True
+        await self.citadel.stop()
+
+    async def start_ca(self) -> None:
+        """Undo `stop_ca`: sign CSRs again and restart the background checks."""
+        await self.citadel.start(serve=False)
+        self.ca_stopped = False
 
     def _export_bundle(self, bundle: CABundle) -> None:
         write_file_atomic(self.layout.trust_bundle, certs_pem(bundle.roots).encode("ascii"), PUBLIC_MODE)
@@ -230,6 +250,25 @@ class MeshSecurity:
                 async with asyncio.timeout(TOKEN_CHECK):
                     changed = await pilot.store.wait_for_change(revision)
                     await pilot.pusher.wait_built(changed)
+
+
+class _StoppableCA:
+    """The CSR service's handler (a gRPC generic handler), answering UNAVAILABLE while `security.ca_stopped`
+    (see `MeshSecurity.stop_ca`). Cost: one attribute read per call."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, security: MeshSecurity) -> None:
+        self._inner = inner
+        self._security = security
+        self._down = grpc.unary_unary_rpc_method_handler(_ca_stopped)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        found = self._inner.service(handler_call_details)
+        return self._down if found is not None and self._security.ca_stopped else found
+
+
+async def _ca_stopped(_request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    await context.abort(grpc.StatusCode.UNAVAILABLE, "citadel: the CA is stopped")
+    return b""  # not reached: abort raises
 
 
 def workload_accounts(mesh: Any) -> dict[tuple[str, str], str]:

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from pilot.config.files import FileSource
 from pilot.config.store import ConfigStore
+from pilot.credentials import CredentialIndex, with_credential_warnings
 from pilot.debug import DebugApi
 from pilot.gcpolicy import release_free_memory
 from pilot.jwks import JwksFetcher
@@ -57,12 +58,14 @@ class Pilot:
         self.status = StatusRegistry(XdsMetrics(self.registry))
         conversions = Conversions()  # per-object conversions reused from one build to the next
         self.jwks = JwksFetcher(self.store, self.registry)  # RequestAuthentication jwksUri keys, inlined
+        # Gateway credentialName secrets that exist (the composition root sets `credentials.root`).
+        self.credentials = CredentialIndex(self.store)
         carry = Conversions()  # generated messages reused from one mesh version to the next
         self.pusher = Pusher(
             self.store, self.cache,
-            build_mesh=lambda objects: _ended(build_mesh(objects, settings.cluster_domain, conversions, carry,
-                                                         jwks=self.jwks.current()),
-                                              conversions),
+            build_mesh=lambda objects: with_credential_warnings(_ended(
+                build_mesh(objects, settings.cluster_domain, conversions, carry, jwks=self.jwks.current()),
+                conversions), self.credentials.current()),
             # The real generator hands shared parts over as shared objects (serialized once per mesh).
             generate=generate_parts if generator is generate else generator,
             metrics=PushMetrics(self.registry),
@@ -108,6 +111,7 @@ class Pilot:
             self._tasks.append(spawn("config-files", self.files.run, self.failures))
         self._tasks.append(spawn("pusher", self.pusher.run, self.failures))
         self._tasks.append(spawn("jwks", self.jwks.run, self.failures))
+        self._tasks.append(spawn("credentials", self.credentials.run, self.failures))
         await self.pusher.ready.wait()
         s = self.settings
         self.ads_port = await self.ads.start(s.ads_host, s.ads_port)

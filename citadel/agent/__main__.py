@@ -33,6 +33,8 @@ from citadel.keys import KeyAlgorithm
 @click.option("--ca-root-file", type=click.Path(dir_okay=False, path_type=Path), help="Mesh root(s), PEM.")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), help="Workload token (0600).")
 @click.option("--sds-socket", type=click.Path(dir_okay=False, path_type=Path), help="Unix socket for Envoy's SDS.")
+@click.option("--credential-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Gateways: secret store root; serves DIR/NAMESPACE/NAME/ as kubernetes://NAME.")
 @click.option("--key-algorithm", type=click.Choice([a.value for a in KeyAlgorithm]), help="[ecdsa-p256]")
 @click.option("--cert-ttl", type=click.FloatRange(min=0), help="Seconds to ask for; 0: the CA's default.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve /metrics on 127.0.0.1:PORT.")

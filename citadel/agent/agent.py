@@ -14,8 +14,12 @@ keeps reaching the CA across a root rotation (the CA's serving certificate moves
 after every agent has learned it). The channel is rebuilt when that set changes and after a
 failed call (a fresh channel reconnects at once instead of waiting out gRPC's reconnect backoff).
 
+A gateway's agent (`credential_dir` set) also serves the `credentialName` secrets of its own
+namespace from the local secret store (`citadel.agent.credentials`), polled for changes.
+
 Concurrency: one guarded background task (`_run`) is the only writer of the credential and the
-store; SDS streams read the store on the same event loop. Key generation runs in a worker thread
+store's workload secrets (`_watch_credentials` writes the gateway's ones); SDS streams read the
+store on the same event loop. Key generation runs in a worker thread
 (RSA-4096 takes about a second). Cost per renewal: one key, one CSR, one RPC (~1 ms of CPU for ECDSA).
 """
 
@@ -27,6 +31,7 @@ import logging
 import random
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 
 import grpc
@@ -41,6 +46,7 @@ from citadel.agent.credential import (
     renewal_delay,
     same_roots,
 )
+from citadel.agent.credentials import load_credentials, scan_fingerprint
 from citadel.agent.metrics import AgentMetrics
 from citadel.agent.sds import SDSServer
 from citadel.agent.secrets import SecretStore
@@ -99,6 +105,8 @@ class WorkloadAgent:
         self._client: CSRClient | None = None
         self._client_roots: frozenset[str] = frozenset()
         self._task: asyncio.Task[None] | None = None
+        self._credentials_task: asyncio.Task[None] | None = None
+        self._credential_errors: set[tuple[str, str]] = set()
 
     # --- one attempt ------------------------------------------------------------------------------
 
@@ -208,20 +216,68 @@ class WorkloadAgent:
                 serving, exc_info=exc if reason == "error" else None)
         return delay
 
+    # --- a gateway's credentialName secrets ------------------------------------------------------
+
+    @property
+    def credential_namespace_dir(self) -> Path | None:
+        """The one directory of secrets this agent may serve: its own namespace's (Istio's rule)."""
+        root = self.settings.credential_dir
+        return None if root is None else root / self.settings.namespace
+
+    def reload_credentials(self) -> bool:
+        """Re-read the namespace's secret directory and publish it; True if a served secret changed.
+
+        Each left-out secret is logged once per distinct reason (file and reason, never content)."""
+        directory = self.credential_namespace_dir
+        if directory is None:
+            return False
+        secrets, errors = load_credentials(directory)
+        seen = {(e.name, e.reason) for e in errors}
+        for name, reason in sorted(seen - self._credential_errors):
+            log.warning("citadel agent: %s: secret %r not served: %s", self.identity, name, reason)
+        self._credential_errors = seen
+        changed = self.store.publish_extra(secrets.values())
+        if changed:
+            log.info("citadel agent: %s: serving %d credential secret(s) from %s: %s", self.identity,
+                     len(secrets), directory, sorted(secrets))
+        return changed
+
+    async def _watch_credentials(self, directory: Path) -> None:
+        """Poll the directory's file metadata; re-read once a change has settled for one interval, so a
+        writer replacing `tls.crt` then `tls.key` is read as one change (a rename-into-place too)."""
+        seen = scan_fingerprint(directory)
+        pending = False
+        while True:
+            await asyncio.sleep(self.settings.credential_poll.total_seconds())
+            now = await asyncio.to_thread(scan_fingerprint, directory)
+            if now != seen:
+                seen, pending = now, True
+            elif pending:
+                pending = False
+                self.reload_credentials()
+
     # --- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Serve SDS (Envoy may connect at once; it waits for the first certificate) and start renewing."""
+        """Serve SDS (Envoy may connect at once; it waits for the first certificate) and start renewing;
+        with a credential directory, serve its secrets at once and watch it."""
+        directory = self.credential_namespace_dir
+        if directory is not None:
+            self.reload_credentials()
         await self.sds.start(self.settings.sds_socket)
         self._task = asyncio.create_task(self._run(), name=f"citadel-agent-{self.identity}")
+        if directory is not None:
+            self._credentials_task = asyncio.create_task(self._watch_credentials(directory),
+                                                         name=f"citadel-agent-credentials-{self.identity}")
 
     async def stop(self) -> None:
-        """Stop renewing, close the CA channel, stop SDS and remove its socket."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop renewing and watching, close the CA channel, stop SDS and remove its socket."""
+        for task in (self._task, self._credentials_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._credentials_task = None
         await self._close_client()
         await self.sds.stop()
 

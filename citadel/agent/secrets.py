@@ -5,7 +5,11 @@
 bytes, so an unchanged secret keeps its version and is never pushed again (a renewal changes
 `default`; `ROOTCA` changes only when the CA's trust bundle does).
 
-Concurrency: the agent's renewal task is the only writer (`publish`); SDS streams read
+A gateway's agent also serves its `credentialName` certificates (`publish_extra`, from
+`citadel.agent.credentials`), under Istio's ``kubernetes://`` names, beside the two above.
+
+Concurrency: the agent's renewal task (`publish`) and its credential poll task
+(`publish_extra`) are the only writers; SDS streams read
 `current` and await `changed`. Everything runs on one event loop; a publish wakes every waiting
 stream once. Cost of a publish: serializing two small messages and a SHA-256 over ~2 KB.
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -61,6 +65,8 @@ class SecretStore:
 
     def __init__(self) -> None:
         self._secrets: Mapping[str, ServedSecret] = MappingProxyType({})
+        self._workload: dict[str, ServedSecret] = {}
+        self._extra: dict[str, ServedSecret] = {}  # a gateway's credentialName secrets
         self.generation = 0
         self._changed = asyncio.Event()
 
@@ -72,7 +78,22 @@ class SecretStore:
     def publish(self, credential: WorkloadCredential) -> None:
         """Serve `credential` from now on and wake every stream (they compare versions)."""
         served = (_served(workload_secret(credential)), _served(root_secret(credential)))
-        self._secrets = MappingProxyType({s.name: s for s in served})
+        self._workload = {s.name: s for s in served}
+        self._bump()
+
+    def publish_extra(self, secrets: Iterable[secret_pb2.Secret]) -> bool:
+        """Serve exactly `secrets` besides the workload's (a gateway's certificates); False if none changed.
+
+        The workload's own names (`default`, `ROOTCA`) cannot be replaced this way."""
+        served = {s.name: _served(s) for s in secrets if s.name not in (WORKLOAD_SECRET, ROOT_SECRET)}
+        if {n: s.version for n, s in served.items()} == {n: s.version for n, s in self._extra.items()}:
+            return False
+        self._extra = served
+        self._bump()
+        return True
+
+    def _bump(self) -> None:
+        self._secrets = MappingProxyType({**self._extra, **self._workload})
         self.generation += 1
         event, self._changed = self._changed, asyncio.Event()
         event.set()

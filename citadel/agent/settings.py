@@ -35,6 +35,10 @@ class AgentSettings(BaseSettings):
     backoff_initial: timedelta = Field(timedelta(seconds=1), description="first retry delay after a failure")
     backoff_max: timedelta = Field(timedelta(seconds=60), description="retry delays double up to this")
     ca_timeout: timedelta = Field(timedelta(seconds=10), description="deadline of one CreateCertificate call")
+    credential_dir: Path | None = Field(
+        None, description="a gateway's secret store root: serves <dir>/<namespace>/<name>/ as kubernetes://<name>")
+    credential_poll: timedelta = Field(
+        timedelta(seconds=1), description="how often the credential directory is checked for changed files")
 
     @model_validator(mode="after")
     def _check(self) -> AgentSettings:
@@ -44,6 +48,8 @@ class AgentSettings(BaseSettings):
         if self.backoff_initial <= timedelta(0) or self.backoff_max < self.backoff_initial:
             raise ValueError(f"backoff_initial {self.backoff_initial} must be positive and at most "
                              f"backoff_max {self.backoff_max}")
+        if self.credential_poll <= timedelta(0):
+            raise ValueError(f"credential_poll {self.credential_poll} must be positive")
         if self.cert_ttl < timedelta(0):
             raise ValueError(f"cert_ttl {self.cert_ttl} must not be negative")
         return self

@@ -2,8 +2,9 @@
 
 Validation follows Istio's: at least one server, each with a port protocol and at least one
 ``[namespace/]dnsName`` host; HTTPS and TLS servers need ``tls``; certificate files are required
-for SIMPLE (and a CA bundle for MUTUAL) unless a ``credentialName`` is given; port names are
-unique across servers.
+for SIMPLE (and a CA bundle for MUTUAL) unless a ``credentialName`` is given (a Secret name,
+``kubernetes://`` prefix optional; served from the local secret store by the gateway's agent:
+see `citadel.agent.credentials`); port names are unique across servers.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class TLSProtocolVersion(StrEnum):
     TLSV1_3 = "TLSV1_3"
 
 
+# credentialName: a Kubernetes Secret name (DNS-1123 subdomain), optionally with Istio's `kubernetes://` prefix.
+CREDENTIAL_PREFIX = "kubernetes://"
+_SECRET_NAME = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _HASH = re.compile(r"[0-9A-Fa-f]{64}|[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){31}")
 
 
@@ -78,7 +82,15 @@ class ServerTLSSettings(IstioModel):
         return self.mode in (ServerTLSMode.SIMPLE, ServerTLSMode.MUTUAL, ServerTLSMode.OPTIONAL_MUTUAL)
 
     def problems(self, path: str) -> Iterator[FieldIssue]:
-        if not self.terminates or self.credential_name or self.credential_names:
+        credentials = [("credentialName", self.credential_name)] if self.credential_name else []
+        credentials += [(f"credentialNames[{i}]", n) for i, n in enumerate(self.credential_names)]
+        for field, name in credentials:
+            if not _SECRET_NAME.fullmatch(name.removeprefix(CREDENTIAL_PREFIX)):
+                yield FieldIssue(f"{path}.{field}", f"{name!r} is not a secret name ([kubernetes://]name: lower-case "
+                                                    "letters, digits, '-' and '.', at most 253 characters)")
+        if self.mode == ServerTLSMode.ISTIO_MUTUAL and credentials:
+            yield FieldIssue(f"{path}.credentialName", "ISTIO_MUTUAL TLS cannot have an associated credentialName")
+        if not self.terminates or credentials:
             return
         mode = self.mode.value
         if not self.server_certificate:
@@ -97,11 +109,9 @@ class ServerTLSSettings(IstioModel):
                                  f"{value!r} is not a base64 SHA-256 hash of a public key (44 characters)")
 
     def advisories(self, path: str) -> Iterator[FieldIssue]:
-        if self.terminates and (self.credential_name or self.credential_names):
-            yield FieldIssue(
-                f"{path}.credentialName",
-                "secrets are not supported yet; use serverCertificate/privateKey files (server skipped)",
-            )
+        if self.terminates and (self.credential_name or self.credential_names) and self.server_certificate:
+            yield FieldIssue(f"{path}.serverCertificate",
+                             "credentialName is given: the certificate files are ignored (Istio's precedence)")
         client_checks = {"caCrl": self.ca_crl, "verifyCertificateSpki": self.verify_certificate_spki,
                          "verifyCertificateHash": self.verify_certificate_hash}
         if self.mode not in (ServerTLSMode.MUTUAL, ServerTLSMode.OPTIONAL_MUTUAL):

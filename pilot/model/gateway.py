@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from pilot.api.gateway import HTTP_SERVER_PROTOCOLS, Gateway, Server, ServerTLSMode
+from pilot.api.gateway import HTTP_SERVER_PROTOCOLS, Gateway, Server, ServerTLSMode, ServerTLSSettings
 from pilot.model.hosts import host_intersection, namespace_allows, split_scoped_host
 
 HTTP = "HTTP"
@@ -22,7 +22,7 @@ TCP = "TCP"
 
 @dataclass(frozen=True, slots=True)
 class ServerTls:
-    """TLS a gateway terminates, with certificates read from files by Envoy."""
+    """TLS a gateway terminates: certificates from files (read by Envoy) or `credential_names` (SDS)."""
 
     mode: str  # SIMPLE | MUTUAL | OPTIONAL_MUTUAL | ISTIO_MUTUAL (files empty: the agent's certificates)
     server_certificate: str
@@ -35,6 +35,7 @@ class ServerTls:
     min_version: str = "TLS_AUTO"
     max_version: str = "TLS_AUTO"
     cipher_suites: tuple[str, ...] = ()
+    credential_names: tuple[str, ...] = ()  # secrets from the gateway's agent (SDS); files empty then
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +113,14 @@ def _unsupported(server: Server) -> str | None:
     tls = server.tls
     if tls is None:
         return None
-    if tls.terminates and not (tls.server_certificate and tls.private_key):
-        return "uses credentialName (secrets), not supported yet"
+    if tls.terminates and not (tls.server_certificate and tls.private_key) and not _credentials(tls):
+        return "has neither certificate files nor a credentialName"
     return None
+
+
+def _credentials(tls: ServerTLSSettings) -> tuple[str, ...]:
+    """credentialNames, else credentialName (Istio: the list wins), in order."""
+    return tls.credential_names or ((tls.credential_name,) if tls.credential_name else ())
 
 
 def _server(ref: str, index: int, server: Server) -> GatewayServer | None:
@@ -136,12 +142,14 @@ def _server(ref: str, index: int, server: Server) -> GatewayServer | None:
                                min_version=tls.min_protocol_version.value, max_version=tls.max_protocol_version.value,
                                cipher_suites=tls.cipher_suites)
     elif tls is not None and tls.terminates:
-        if not (tls.server_certificate and tls.private_key):
-            return None  # credentialName only
+        credentials = _credentials(tls)  # Istio: credentialName wins over certificate files
+        if not credentials and not (tls.server_certificate and tls.private_key):
+            return None
         server_tls = ServerTls(
             mode=tls.mode.value,
-            server_certificate=tls.server_certificate,
-            private_key=tls.private_key,
+            server_certificate="" if credentials else tls.server_certificate or "",
+            private_key="" if credentials else tls.private_key or "",
+            credential_names=credentials,
             ca_certificates=tls.ca_certificates,
             subject_alt_names=tls.subject_alt_names,
             ca_crl=tls.ca_crl,

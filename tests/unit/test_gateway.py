@@ -74,12 +74,13 @@ def test_gateway_host_syntax(host: str) -> None:
     assert found and found[0].startswith("spec.servers[0].hosts[0]: "), found
 
 
-def test_credential_name_is_a_warning_and_the_server_is_skipped() -> None:
+def test_credential_name_is_served_from_secrets() -> None:
     gw = gateway(server(443, "HTTPS", ["*"], mode="SIMPLE", credentialName="secret"), server(80, "HTTP", ["*"]))
-    assert [w.path for w in gw.warnings] == ["spec.servers[0].tls.credentialName"]
+    assert list(gw.warnings) == []
     mesh = build_mesh([gw])
-    assert [s.port for s in mesh.scoping.gateways[0].servers] == [80]
-    assert any("servers[0] uses credentialName" in w for w in mesh.warnings)
+    assert [s.port for s in mesh.scoping.gateways[0].servers] == [443, 80]
+    tls = mesh.scoping.gateways[0].servers[0].tls
+    assert tls is not None and tls.credential_names == ("secret",) and tls.server_certificate == ""
     # ISTIO_MUTUAL is served, with the gateway's mesh certificates (tests/unit/test_peer_authentication.py).
     istio_mutual = build_mesh([gateway(server(443, "HTTPS", ["*"], mode="ISTIO_MUTUAL"))])
     assert [s.tls.mode for s in istio_mutual.scoping.gateways[0].servers if s.tls] == ["ISTIO_MUTUAL"]
