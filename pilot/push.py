@@ -101,6 +101,9 @@ class Pusher:
         self.built_revision = -1  # the store revision the current mesh was built from
         self._built = asyncio.Event()
         cache.on_demand(self._on_demand)
+        # When proxies leave, their classes' snapshots go with the next release (a second later,
+        # coalesced), so a wave of disconnects gives its memory back without waiting for a push.
+        cache.on_idle(lambda _key: self._release_later())
 
     def _on_demand(self, key: ProxyClass) -> None:
         if self.mesh is not None and self.cache.get(key) is None:
@@ -263,6 +266,7 @@ class Pusher:
 
     def _released(self) -> None:
         self._release = None
+        self.cache.drop_unwatched()
         self.cache.forget_responses()
         if self.release_memory is not None:
             self.release_memory()

@@ -25,6 +25,7 @@ class SnapshotCache:
         self._snapshots: dict[ProxyClass, Snapshot] = {}
         self._watchers: Counter[ProxyClass] = Counter()
         self._demand_listeners: list[DemandListener] = []
+        self._idle_listeners: list[DemandListener] = []
         self._wakers: dict[ProxyClass, set[Callable[[], None]]] = {}
 
     def set(self, key: ProxyClass, snapshot: Snapshot) -> None:
@@ -58,6 +59,11 @@ class SnapshotCache:
         """Call `listener(key)` whenever a class gains its first watching stream."""
         self._demand_listeners.append(listener)
 
+    def on_idle(self, listener: DemandListener) -> None:
+        """Call `listener(key)` whenever a class loses its last watching stream (its snapshot
+        can then go: see `drop_unwatched`)."""
+        self._idle_listeners.append(listener)
+
     @contextlib.contextmanager
     def watch(self, key: ProxyClass, wake: Callable[[], None] | None = None) -> Iterator[None]:
         """Mark a class as in demand for the duration of a stream; `wake()` runs on each new snapshot.
@@ -76,6 +82,8 @@ class SnapshotCache:
             self._watchers[key] -= 1
             if self._watchers[key] <= 0:
                 del self._watchers[key]
+                for listener in self._idle_listeners:
+                    listener(key)
             if wake is not None:
                 self._wakers[key].discard(wake)
                 if not self._wakers[key]:

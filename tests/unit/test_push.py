@@ -177,3 +177,22 @@ async def test_the_mesh_is_built_while_a_change_settles_and_used_only_if_nothing
     assert metrics.early_builds._value.get() == 1  # the stale early build was not used
     assert final is not None and final.version(ROUTE) == start.version(ROUTE)
     assert final.version(ENDPOINT) == start.version(ENDPOINT)
+
+
+async def test_a_class_whose_proxies_all_left_is_forgotten_a_moment_later() -> None:
+    """Snapshots of classes nobody watches any more go with the next release (not at the next
+    push, which may never come), and freed memory is handed back."""
+    store, cache = ConfigStore(), SnapshotCache()
+    released: list[int] = []
+    pusher = Pusher(store, cache, build_mesh, generate, PushMetrics(CollectorRegistry()),
+                    release_memory=lambda: released.append(1))
+    pusher.release_delay = 0.1
+    store.replace_source("f", _objects())
+    pusher.rebuild()
+    other = ProxyClass(ProxyKind.SIDECAR, "default", (("app", "y"),))
+    with cache.watch(other):
+        with cache.watch(KEY):
+            assert cache.get(KEY) is not None  # published on demand
+        await asyncio.sleep(0.3)
+        assert cache.get(KEY) is None and released  # its last stream left: forgotten, memory released
+        assert cache.get(other) is not None  # still watched: kept
