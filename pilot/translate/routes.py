@@ -43,14 +43,30 @@ def outbound_route_config(mesh: MeshSnapshot, namespace: str, labels: Mapping[st
         for port in http_ports:
             vhosts.append((names.virtual_host(service.host, port.number), service, port))
     vhosts.sort(key=lambda v: v[0])
-    wanted = {name: _domains(mesh, svc, port, namespace) for name, svc, port in vhosts}
-    claimed = _claim(wanted)
+    # Domains depend on the set of services (claims resolve collisions) and the namespace, not on
+    # routing rules: a VirtualService edit reuses them, and every unchanged virtual host message.
+    claimed = carried_by(mesh, _CLAIMS_TAG, tuple(svc for _, svc, _ in vhosts), (namespace, mesh.cluster_domain),
+                         lambda: _claimed_domains(mesh, vhosts, namespace))
     config = route_pb2.RouteConfiguration(name=names.OUTBOUND_ROUTE)
     for name, service, port in vhosts:
-        config.virtual_hosts.append(
-            rc.VirtualHost(name=name, domains=sorted(claimed[name]), routes=_routes(mesh, service, port, source))
-        )
+        routes = _routes(mesh, service, port, source)
+        domains = claimed[name]
+        config.virtual_hosts.append(carried_by(
+            mesh, _VHOST_TAG, (routes,), (name, domains),
+            lambda: rc.VirtualHost(name=name, domains=domains, routes=routes)))  # noqa: B023 (called at once)
     return allow_large_direct_bodies(config)
+
+
+_CLAIMS_TAG = "vhost-domains"
+_VHOST_TAG = "vhost"
+
+
+def _claimed_domains(
+    mesh: MeshSnapshot, vhosts: list[tuple[str, Service, ServicePort]], namespace: str
+) -> dict[str, tuple[str, ...]]:
+    """Each virtual host's domains, sorted, after collisions are resolved (`_claim`)."""
+    claimed = _claim({name: _domains(mesh, svc, port, namespace) for name, svc, port in vhosts})
+    return {name: tuple(sorted(found)) for name, found in claimed.items()}
 
 
 def _domains(
