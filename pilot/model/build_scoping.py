@@ -155,16 +155,16 @@ def gateway_reference_problems(
                 for h in sorted(served):
                     first = merged.setdefault((ref, h), rule)
                     if first is not rule:
-                        out.append(_merge_note(ref_text, first, h, ref))
+                        out.append(_merge_note(ref_text, first, rule, h, ref))
     return out
 
 
-def _merge_note(ref_text: str, first: m.RoutingRule, host: str, gateway: str) -> str:
+def _merge_note(ref_text: str, first: m.RoutingRule, later: m.RoutingRule, host: str, gateway: str) -> str:
     note = (
         f"{ref_text}: routes for host {host} on Gateway {gateway} are merged after "
         f"VirtualService {first.namespace}/{first.name}"
     )
-    if any(not route.matches for route in first.http):
+    if later.http and any(not route.matches for route in first.http):  # only http routes can be shadowed
         note += " (whose catch-all route comes first, so these http routes never match)"
     return note
 

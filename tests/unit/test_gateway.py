@@ -271,3 +271,19 @@ def test_https_redirect_and_merged_virtual_services() -> None:
     assert vhost.require_tls == vhost.ALL
     assert [r.match.prefix for r in vhost.routes] == ["/api", "/"]  # oldest (then by name) first
     assert any("merged after VirtualService default/first" in w for w in build_mesh(objs).warnings)
+
+
+def test_a_merged_virtual_service_without_http_routes_is_not_said_to_be_shadowed() -> None:
+    """Only http routes can sit behind an earlier catch-all; a later rule of tcp routes only gets
+    the plain merge note."""
+    catch_all = route("shop.com", "web", ["edge/gw"])
+    tcp_only = obj("VirtualService", "tcp", {"hosts": ["shop.com"], "gateways": ["edge/gw"],
+                                             "tcp": [{"route": [{"destination": {"host": "api"}}]}]})
+    http_later = obj("VirtualService", "later", {"hosts": ["shop.com"], "gateways": ["edge/gw"],
+                                                 "http": [{"route": [{"destination": {"host": "api"}}]}]})
+    base = [gateway(server(80, "HTTP", ["*/shop.com"])), *SERVICES, catch_all]
+    warnings = build_mesh([*base, tcp_only]).warnings
+    notes = [w for w in warnings if "VirtualService default/tcp" in w and "merged after" in w]
+    assert notes and not any("never match" in w for w in notes)
+    shadowed = [w for w in build_mesh([*base, http_later]).warnings if "VirtualService default/later" in w]
+    assert any("never match" in w for w in shadowed)
