@@ -229,7 +229,7 @@ class SDSServer:
         os.chmod(path, 0o600)
         await server.start()
         self._server, self.path = server, path
-        log.info("citadel agent: serving SDS (default, ROOTCA) on unix:%s", path)
+        log.info("citadel agent: serving SDS (default, ROOTCA and any credentialName secrets) on unix:%s", path)
 
     async def stop(self, grace: float = 0.5) -> None:
         """Stop serving and remove the socket."""
