@@ -10,6 +10,9 @@ import pytest
 # which happens after this file in every test run. Errors still show.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
+# The session-scoped `kube_cluster` fixture (a real etcd + kube-apiserver + kube-controller-manager).
+pytest_plugins = ["tests.k8s.cluster"]
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(

