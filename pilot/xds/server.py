@@ -242,6 +242,40 @@ class AdsServer:
             account = self._workload_account(identity.namespace, identity.workload)
         return check_peer(identity, holder, account)
 
+    async def _open(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, kind: type[SessionBase[Any]],
+        authenticated: bool,
+    ) -> tuple[ProxyIdentity, Any, bytes] | None:
+        """The first request, decoded, and who sent it; None once the stream is refused (aborted,
+        counted, logged) or ended before its first request. Requests arrive as bytes: sessions
+        decode what they need (`handle_wire`)."""
+        first_wire: bytes | None = await anext(aiter(requests), None)
+        if first_wire is None:
+            return None
+        try:
+            first = kind.parse(first_wire)
+            identity = self.classify(first.node)
+            if authenticated:
+                identity = self._authenticate(identity, context)
+        except DecodeError as exc:
+            await self._refuse(context, "bad_request", grpc.StatusCode.INVALID_ARGUMENT,
+                               f"cannot decode the first request: {exc}")
+        except NodeError as exc:
+            await self._refuse(context, "bad_node", grpc.StatusCode.INVALID_ARGUMENT, f"cannot identify proxy: {exc}")
+        except PeerUnauthenticatedError as exc:
+            log.warning("refused %s stream from %s: %s", kind.protocol, context.peer(), exc)
+            await self._refuse(context, "unauthenticated", grpc.StatusCode.UNAUTHENTICATED, f"xDS refused: {exc}")
+        except PeerMismatchError as exc:
+            log.warning("refused %s stream from %s: %s", kind.protocol, context.peer(), exc)
+            await self._refuse(context, "identity_mismatch", grpc.StatusCode.PERMISSION_DENIED, f"xDS refused: {exc}")
+        else:
+            return identity, first, first_wire
+        return None
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, reason: str, code: grpc.StatusCode, detail: str) -> None:
+        self.status.metrics.stream_errors.labels(reason).inc()
+        await context.abort(code, detail)
+
     # Coroutine handlers that write with `context.write`: an async-generator handler would leave
     # each stream's last response (megabytes at mission scale) referenced by gRPC's own loop until
     # the next one, so every idle stream would hold a copy. Here nothing keeps a written response.
@@ -249,36 +283,10 @@ class AdsServer:
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, kind: type[SessionBase[Any]],
         authenticated: bool = False,
     ) -> None:
-        # Requests arrive as bytes: sessions decode what they need (`handle_wire`).
-        first_wire: bytes | None = await anext(aiter(requests), None)
-        if first_wire is None:
+        opened = await self._open(requests, context, kind, authenticated)
+        if opened is None:
             return
-        try:
-            first = kind.parse(first_wire)
-        except DecodeError as exc:
-            self.status.metrics.stream_errors.labels("bad_request").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot decode the first request: {exc}")
-            return
-        try:
-            identity = self.classify(first.node)
-        except NodeError as exc:
-            self.status.metrics.stream_errors.labels("bad_node").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot identify proxy: {exc}")
-            return
-        if authenticated:
-            try:
-                identity = self._authenticate(identity, context)
-            except PeerUnauthenticatedError as exc:
-                self.status.metrics.stream_errors.labels("unauthenticated").inc()
-                log.warning("refused %s stream of %s from %s: %s", kind.protocol, identity.node_id, context.peer(),
-                            exc)
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"xDS refused: {exc}")
-                return
-            except PeerMismatchError as exc:
-                self.status.metrics.stream_errors.labels("identity_mismatch").inc()
-                log.warning("refused %s stream from %s: %s", kind.protocol, context.peer(), exc)
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"xDS refused: {exc}")
-                return
+        identity, first, first_wire = opened
         # Headers now, not with the first response: a status sent after a stuck first response
         # would otherwise repeat them, which gRPC refuses (the call could then never be ended).
         context.add_done_callback(self._call_ended)
