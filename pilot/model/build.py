@@ -28,12 +28,12 @@ from pilot.api.request_authentication import RequestAuthentication
 from pilot.api.service_entry import ServicePort as ApiServicePort
 from pilot.model import convert_routes
 from pilot.model import mesh as m
-from pilot.model.authz import build_security
+from pilot.model.authz import Security, build_security
 from pilot.model.build_scoping import ScopeInputs, build_scoping, gateway_server_conflicts, oldest_merged_rules
 from pilot.model.conversions import Conversions
 from pilot.model.delegates import resolve_delegates
 from pilot.model.local_ports import local_port_warnings
-from pilot.model.mtls import peer_authn_stage
+from pilot.model.mtls import PeerAuthn, peer_authn_stage
 
 MESH_GATEWAY = "mesh"
 _LATEST = datetime.max.replace(tzinfo=UTC)
@@ -90,13 +90,7 @@ def build_mesh(
     warnings += memo.stage("dangling", (routing, services, rules), (),
                            lambda _: _dangling_references(routing, services, rules))
     warnings += memo.stage("local-ports", (services,), (), lambda _: local_port_warnings(services))
-    authz, authn = _of(memo, by_kind, AuthorizationPolicy), _of(memo, by_kind, RequestAuthentication)
-    fetched = tuple(sorted((jwks or {}).items()))
-    security = memo.stage("security", (*authz, *authn), (len(authz), fetched),
-                          lambda sub: build_security(authz, authn, dict(fetched), sub))
-    peers = _of(memo, by_kind, PeerAuthentication)
-    peer_authn = memo.stage("peer-authn", peers, (scoping.root_namespace,),
-                            lambda _: peer_authn_stage(peers, scoping.root_namespace))
+    security, peer_authn = _security(memo, by_kind, jwks, scoping.root_namespace)
     return m.MeshSnapshot(
         cluster_domain=cluster_domain,
         trust_domain=trust_domain,
@@ -111,6 +105,21 @@ def build_mesh(
         warnings=tuple(warnings),
         carry=carry,
     )
+
+
+def _security(
+    memo: Conversions, by_kind: Mapping[type[ApiObject], list[ApiObject]], jwks: Mapping[str, str] | None,
+    root_namespace: str,
+) -> tuple[Security, PeerAuthn]:
+    """The `security.istio.io` stages: authorization and JWT rules (with the fetched key sets), and
+    PeerAuthentication."""
+    authz, authn = _of(memo, by_kind, AuthorizationPolicy), _of(memo, by_kind, RequestAuthentication)
+    fetched = tuple(sorted((jwks or {}).items()))
+    security = memo.stage("security", (*authz, *authn), (len(authz), fetched),
+                          lambda sub: build_security(authz, authn, dict(fetched), sub))
+    peers = _of(memo, by_kind, PeerAuthentication)
+    peer_authn = memo.stage("peer-authn", peers, (root_namespace,), lambda _: peer_authn_stage(peers, root_namespace))
+    return security, peer_authn
 
 
 def _warned(compute: Callable[[list[str]], R]) -> tuple[R, tuple[str, ...]]:
