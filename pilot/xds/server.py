@@ -287,6 +287,7 @@ class AdsServer:
         if opened is None:
             return
         identity, first, first_wire = opened
+        del opened  # the first request can be 100 KB of names: only `first`/`first_wire` hold it, until handled
         # Headers now, not with the first response: a status sent after a stuck first response
         # would otherwise repeat them, which gRPC refuses (the call could then never be ended).
         context.add_done_callback(self._call_ended)
