@@ -19,7 +19,7 @@ from types import TracebackType
 
 from prometheus_client import CollectorRegistry, Counter
 
-from citadel.authn import Authenticator, LocalTokenAuthenticator
+from citadel.authn import Authenticator, KubernetesTokenReviewAuthenticator, LocalTokenAuthenticator, TokenReviewClient
 from citadel.authority import CertificateAuthority, utc_now
 from citadel.ca import WorkloadCertPolicy
 from citadel.metrics import CitadelMetrics
@@ -65,6 +65,14 @@ class Citadel:
         self.server = CSRServer(self.service, self.serving)
         self.port = 0
         self._task: asyncio.Task[None] | None = None
+
+    def use_token_review(self, client: TokenReviewClient) -> None:
+        """Also accept Kubernetes service-account tokens for `settings.token_audience`, reviewed by the
+        API server through `client` (after the local tokens; see `citadel.tokenreview`)."""
+        authenticator = KubernetesTokenReviewAuthenticator(client, self.settings.trust_domain,
+                                                           self.settings.token_audience)
+        self.authenticators.append(authenticator)
+        self.service.authenticators.append(authenticator)
 
     def issue_workload_token(self, path: Path, namespace: str, service_account: str,
                              ttl: timedelta = timedelta(hours=24)) -> str:

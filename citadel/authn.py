@@ -76,25 +76,45 @@ class LocalTokenAuthenticator:
         return Caller(identity, self.name)
 
 
-class TokenReviewClient(Protocol):
-    """The one Kubernetes call the TokenReview path needs (implemented with the Kubernetes issue)."""
+SERVICE_ACCOUNTS_GROUP = "system:serviceaccounts"
 
-    async def review(self, token: str, audiences: Sequence[str]) -> tuple[bool, str, Sequence[str]]:
-        """POST authentication.k8s.io/v1 TokenReview; returns (authenticated, username, audiences)."""
+
+@dataclass(frozen=True)
+class TokenReviewResult:
+    """What the API server said about a token (`status` of an authentication.k8s.io/v1 TokenReview).
+
+    `pod_name` is set for a pod-bound token (`user.extra["authentication.kubernetes.io/pod-name"]`);
+    it is only logged: like Istio's CA for sidecars, the identity does not require a bound pod.
+    """
+
+    authenticated: bool
+    username: str = ""
+    audiences: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    error: str = ""
+    pod_name: str | None = None
+
+
+class TokenReviewClient(Protocol):
+    """The one Kubernetes call the TokenReview path needs (`citadel.tokenreview` implements it)."""
+
+    async def review(self, token: str, audiences: Sequence[str]) -> TokenReviewResult:
+        """POST authentication.k8s.io/v1 TokenReview; AuthenticationError if the call itself fails."""
         ...
 
 
 class KubernetesTokenReviewAuthenticator:
     """Kubernetes: the workload's projected service-account token, checked by the API server.
 
-    Design (wired with the Kubernetes issue): the agent reads its projected token (audience
-    `istio-ca`, short expiry, bound to the pod) and sends it as the bearer token. This authenticator
-    POSTs a TokenReview with `spec.token` and `spec.audiences=[audience]`; it accepts only when
-    `status.authenticated` is true, `status.audiences` contains the audience and `status.user.username`
-    is `system:serviceaccount:<ns>:<sa>`, which becomes `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
-    Results may be cached by token hash until shortly before the token's expiry. The API server
-    being unreachable is an authentication failure (fail closed). Until a client is provided it
-    refuses every caller.
+    The agent reads its projected token (audience `istio-ca`, short expiry, bound to the pod) and
+    sends it as the bearer token. This authenticator has the API server review it with
+    `spec.audiences=[audience]` and accepts only when `status.error` is empty,
+    `status.authenticated` is true, `status.audiences` contains the audience, the user is in the
+    `system:serviceaccounts` group and `status.user.username` is `system:serviceaccount:<ns>:<sa>`,
+    which becomes `spiffe://<trust-domain>/ns/<ns>/sa/<sa>` (Istio's checks). The identity comes
+    from the review alone, never from the CSR. The API server being unreachable is an
+    authentication failure (fail closed); caching is the client's business
+    (`citadel.tokenreview.CachedTokenReview`). Without a client it refuses every caller.
     """
 
     name = "kubernetes-tokenreview"
@@ -110,14 +130,18 @@ class KubernetesTokenReviewAuthenticator:
             raise AuthenticationError("Kubernetes TokenReview is not configured")
         if credentials.bearer_token is None:
             raise AuthenticationError("no bearer token in the 'authorization' metadata")
-        ok, username, audiences = await self._client.review(credentials.bearer_token, [self._audience])
-        if not ok or self._audience not in audiences:
-            raise AuthenticationError(f"TokenReview rejected the token for audience {self._audience!r}")
-        parts = username.split(":")
+        result = await self._client.review(credentials.bearer_token, [self._audience])
+        if result.error or not result.authenticated or self._audience not in result.audiences:
+            why = result.error or f"not authenticated for audience {self._audience!r}"
+            raise AuthenticationError(f"TokenReview rejected the token: {why}")
+        if SERVICE_ACCOUNTS_GROUP not in result.groups:
+            raise AuthenticationError(f"TokenReview user {result.username!r} is not in group {SERVICE_ACCOUNTS_GROUP}")
+        parts = result.username.split(":")
         if len(parts) != 4 or parts[:2] != ["system", "serviceaccount"]:
-            raise AuthenticationError(f"TokenReview user {username!r} is not a service account")
+            raise AuthenticationError(f"TokenReview user {result.username!r} is not a service account")
+        via = self.name if result.pod_name is None else f"{self.name}, pod {result.pod_name}"  # for the log
         try:
-            return Caller(SpiffeId(self._trust_domain, parts[2], parts[3]), self.name)
+            return Caller(SpiffeId(self._trust_domain, parts[2], parts[3]), via)
         except ValueError as exc:
             raise AuthenticationError(f"TokenReview user is not a valid identity: {exc}") from None
 

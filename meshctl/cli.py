@@ -16,7 +16,10 @@ import aiohttp
 import click
 from rich.console import Console
 
+from injector.redirect_cmd import redirect
 from meshctl import __version__
+from meshctl.install import install, uninstall
+from meshctl.kube_inject import kube_inject
 from meshctl.proxy_cmd import proxy
 from meshctl.status_view import nack_lines, status_table
 
@@ -33,8 +36,9 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--config-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="Directory of Istio YAML (ServiceEntry, WorkloadEntry, DestinationRule, VirtualService...).")
+@click.option("--config-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Directory of Istio YAML (ServiceEntry, WorkloadEntry, DestinationRule, VirtualService...); "
+                   "optional with --kubeconfig or --in-cluster (both sources then serve together).")
 @click.option("--ads", "ads_addr", default="127.0.0.1:15010", show_default=True,
               help="Plaintext xDS listen address (unauthenticated: for tests and tools).")
 @click.option("--xds-tls", "tls_addr", default="127.0.0.1:15012", show_default=True,
@@ -45,9 +49,19 @@ def cli() -> None:
 @click.option("--trust-domain", default="cluster.local", show_default=True, help="SPIFFE trust domain of the mesh.")
 @click.option("--plaintext-only", is_flag=True,
               help="Serve only plaintext xDS: no CA, no authenticated port, no tokens (tests, tools, benchmarks).")
+@click.option("--kubeconfig", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A Kubernetes cluster's kubeconfig: the CA also accepts its pods' projected service-account "
+                   "tokens (audience istio-ca), reviewed by its API server (TokenReview), and pilot watches its "
+                   "kubectl-applied Istio config.")
+@click.option("--mesh-namespace", default="istio-system", show_default=True,
+              help="With a cluster: the control-plane namespace, holding the `istio` mesh ConfigMap.")
+@click.option("--in-cluster", is_flag=True,
+              help="Running in a Kubernetes pod: reach the API server with the pod's service account (in-cluster "
+                   "config) for what --kubeconfig does.")
 @click.option("--log-level", default="info", show_default=True)
-def up(config_dir: Path, ads_addr: str, tls_addr: str, debug_addr: str, state_dir: Path | None, trust_domain: str,
-       plaintext_only: bool, log_level: str) -> None:
+def up(config_dir: Path | None, ads_addr: str, tls_addr: str, debug_addr: str, state_dir: Path | None,
+       trust_domain: str, plaintext_only: bool, log_level: str, kubeconfig: Path | None = None,
+       in_cluster: bool = False, mesh_namespace: str = "istio-system") -> None:
     """Run the control plane (pilot and its CA, Citadel) on a directory of mesh config until Ctrl-C."""
     from pilot.gcpolicy import use_system_malloc
 
@@ -63,11 +77,15 @@ def up(config_dir: Path, ads_addr: str, tls_addr: str, debug_addr: str, state_di
     tls_host, tls_port = _split(tls_addr)
     debug_host, debug_port = _split(debug_addr)
     settings = PilotSettings(ads_host=ads_host, ads_port=ads_port, xds_tls_host=tls_host, xds_tls_port=tls_port,
-                             debug_host=debug_host, debug_port=debug_port, config_dir=config_dir)
+                             debug_host=debug_host, debug_port=debug_port, config_dir=config_dir,
+                             kubeconfig=kubeconfig, kube_in_cluster=in_cluster, kube_mesh_namespace=mesh_namespace)
+    if config_dir is None and kubeconfig is None and not in_cluster:
+        raise click.UsageError("give --config-dir, --kubeconfig or --in-cluster: where the mesh config comes from")
     state = state_dir or default_state_dir()
 
     try:
-        asyncio.run(_up_plaintext(settings) if plaintext_only else _up(settings, state, trust_domain))
+        asyncio.run(_up_plaintext(settings) if plaintext_only
+                    else _up(settings, state, trust_domain, kubeconfig, in_cluster))
     except CitadelError as exc:  # e.g. an unreadable CA directory: one line naming the file
         raise click.ClickException(f"the mesh CA cannot start: {exc}") from None
     except PermissionError as exc:  # the state directory (or a file in it) is not ours
@@ -89,7 +107,8 @@ async def _up_plaintext(settings: PilotSettings) -> None:
         await _until_signal()
 
 
-async def _up(settings: PilotSettings, state: Path, trust_domain: str) -> None:
+async def _up(settings: PilotSettings, state: Path, trust_domain: str, kubeconfig: Path | None = None,
+              in_cluster: bool = False) -> None:
     """`meshctl up`: pilot with Citadel composed in (one TLS port for ADS and CSRs), and workload tokens."""
     from meshctl.security import MeshSecurity, workload_accounts
     from pilot.app import Pilot
@@ -100,6 +119,12 @@ async def _up(settings: PilotSettings, state: Path, trust_domain: str) -> None:
     security = MeshSecurity(state, pilot.registry, trust_domain=trust_domain, host=settings.xds_tls_host)
     pilot.secure = security.serving()  # composition: pilot serves Citadel's CSR service on its TLS port
     pilot.credentials.root = security.layout.secrets  # Gateway credentialName secrets, checked for configz
+    reviews = None
+    if kubeconfig is not None or in_cluster:  # the CA also trusts the cluster's pods, by TokenReview
+        from citadel.tokenreview import CachedTokenReview, KubeTokenReviewClient
+
+        reviews = await KubeTokenReviewClient.open(None if in_cluster else kubeconfig)
+        security.citadel.use_token_review(CachedTokenReview(reviews))
     await security.start()
     try:
         async with pilot:
@@ -115,6 +140,8 @@ async def _up(settings: PilotSettings, state: Path, trust_domain: str) -> None:
                 tokens.cancel()
     finally:
         await security.stop()
+        if reviews is not None:
+            await reviews.close()
 
 
 @cli.command()
@@ -161,6 +188,10 @@ def proxy_status(debug_addr: str, as_json: bool) -> None:
 
 
 cli.add_command(proxy)
+cli.add_command(redirect)
+cli.add_command(kube_inject)
+cli.add_command(install)
+cli.add_command(uninstall)
 
 
 async def _get_json(url: str) -> list[dict[str, object]]:

@@ -11,7 +11,9 @@ with the agent's SDS (`sds-grpc`: `default`, `ROOTCA`) and mutual TLS to pilot's
 port (15012), pilot's certificate checked for `istiod.istio-system.svc`. A gateway's agent also
 serves the Gateway `credentialName` certificates of its namespace from `<state-dir>/secrets/<ns>/`
 (SDS `kubernetes://<name>`, re-read on change). `--plaintext` keeps the
-old way (15010, no identity) for tests and tools.
+old way (15010, no identity) for tests and tools. `run --kubernetes` is the injected sidecar of a
+pod: identity from the pod's environment and mounts instead of pilot's debug API and the state
+directory (`meshctl.proxy_kube`).
 
 Concurrency: each command runs one `asyncio.run`; `run` owns one agent and one EnvoyProcess and
 stops them on SIGINT/SIGTERM (which cancel the main task) or reports Envoy's death with its log
@@ -33,8 +35,10 @@ from typing import Any, TypeVar
 
 import aiohttp
 import click
+from click.core import ParameterSource
 
 from meshctl.envoy import LOG_LEVELS, EnvoyError, EnvoyProcess, host_url
+from meshctl.proxy_kube import kube_options, run_kubernetes
 from pilot.bootstrap import ADMIN_PORT, BootstrapError, BootstrapSpec, parse_host_port, render, sidecar_bootstrap
 from pilot.model.proxy import ProxyKind
 
@@ -48,7 +52,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _spec_options(func: F) -> F:
     """Options shared by `bootstrap` and `run`: who the proxy is and where pilot is."""
     options = [
-        click.option("--workload", required=True, metavar="NS/NAME", help="Workload as namespace/name."),
+        click.option("--workload", metavar="NS/NAME",
+                     help="Workload as namespace/name (required; with --kubernetes: the pod, from POD_NAMESPACE/"
+                          "POD_NAME)."),
         click.option("--address", help="Workload loopback address; asked from pilot's debug API if omitted."),
         click.option("--label", "labels", multiple=True, metavar="K=V", help="Label; repeatable."),
         click.option("--service-account", help="Service account (default: pilot's, else 'default')."),
@@ -83,6 +89,7 @@ def proxy() -> None:
               "pilot's authenticated port. Without it: plaintext xDS.")
 def bootstrap(output: Path | None, fmt: str, sds_socket: str | None, **spec_args: Any) -> None:
     """Write the Envoy bootstrap for a workload."""
+    _require_workload(spec_args)
     spec = asyncio.run(build_spec(**spec_args, sds_socket=sds_socket))
     text = render(sidecar_bootstrap(spec), "json" if fmt == "json" else "yaml")
     if output is None:
@@ -114,11 +121,27 @@ class AgentOptions:
 @click.option("--trust-domain", default="cluster.local", show_default=True, help="SPIFFE trust domain of the mesh.")
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
               help="The workload's credential [STATE_DIR/tokens/NS/NAME.token].")
-@click.option("--ca-address", help="The CA's CSR service host:port [the --pilot address].")
+@click.option("--ca-address", help="The CA's CSR service host:port [the --pilot address; Kubernetes: CA_ADDR].")
+@kube_options
 def run(log_level: str, ready_timeout: float, plaintext: bool, state_dir: Path | None, trust_domain: str,
-        token_file: Path | None, ca_address: str | None, **spec_args: Any) -> None:
-    """Run a workload's agent and Envoy until Ctrl-C or SIGTERM, then stop them cleanly."""
+        token_file: Path | None, ca_address: str | None, kubernetes: bool, ca_root_file: Path | None,
+        sds_socket_dir: Path | None, pod_info_dir: Path | None, envoy_dir: Path | None, **spec_args: Any) -> None:
+    """Run a workload's agent and Envoy until Ctrl-C or SIGTERM, then stop them cleanly.
+
+    With --kubernetes: the injected sidecar of a pod (see `meshctl.proxy_kube`).
+    """
     from meshctl.security import default_state_dir
+
+    if kubernetes:
+        ctx = click.get_current_context()
+        run_kubernetes({**ctx.params}, lambda name: ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE)
+        return
+    kube_only = {"--ca-root-file": ca_root_file, "--sds-socket-dir": sds_socket_dir, "--pod-info-dir": pod_info_dir,
+                 "--envoy-dir": envoy_dir}
+    if any(value is not None for value in kube_only.values()):
+        raise click.UsageError(f"{', '.join(k for k, v in kube_only.items() if v is not None)} apply only with "
+                               "--kubernetes")
+    _require_workload(spec_args)
 
     agent = None if plaintext else AgentOptions(state_dir or default_state_dir(), trust_domain, token_file, ca_address)
     asyncio.run(_serve(spec_args, log_level, ready_timeout, agent))
@@ -401,6 +424,11 @@ async def _fetch_workload_once(debug: str, namespace: str, name: str) -> dict[st
     if not isinstance(data, dict) or not data.get("address"):
         raise click.ClickException(f"pilot at {debug} has no address for workload {namespace}/{name}")
     return data
+
+
+def _require_workload(spec_args: dict[str, Any]) -> None:
+    if not spec_args.get("workload"):
+        raise click.UsageError("Missing option '--workload'.")
 
 
 def _split_workload(text: str) -> tuple[str, str]:

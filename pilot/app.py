@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -31,6 +32,12 @@ from pilot.translate import generate, generate_endpoints, generate_parts
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.server import AdsServer, SecureServing
 from pilot.xds.status import StatusRegistry, XdsMetrics
+
+if TYPE_CHECKING:  # the Kubernetes client is imported only by a pilot that uses it
+    from kubernetes_asyncio.client import ApiClient
+
+    from pilot.kube.registry_source import KubeRegistry
+    from pilot.kube.source import KubeSource
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +94,8 @@ class Pilot:
             if settings.config_dir else None
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self.kube: KubeSource | None = None  # mesh config from a cluster (settings.kubeconfig / kube_in_cluster)
+        self._kube_registry: tuple[KubeRegistry, ApiClient] | None = None
         self._web: web.AppRunner | None = None
         self.ads_port = 0
         self.xds_tls_port = 0
@@ -109,6 +118,15 @@ class Pilot:
         if self.files is not None:
             self.files.sync()  # on the loop: the store wakes asyncio waiters
             self._tasks.append(spawn("config-files", self.files.run, self.failures))
+        if self.settings.kubeconfig is not None or self.settings.kube_in_cluster:
+            await self._start_kube_source()
+        if self.kube is not None and self._kube_registry is None:  # the same cluster's Services and Pods
+            from pilot.kube.registry_source import KubeRegistry
+
+            self.use_kube_registry(KubeRegistry(self.store, domain=self.settings.cluster_domain,
+                                                namespaces=self.kube.namespaces), self.kube.api_client)
+        if self._kube_registry is not None:
+            await self._start_kube_registry(*self._kube_registry)
         self._tasks.append(spawn("pusher", self.pusher.run, self.failures))
         self._tasks.append(spawn("jwks", self.jwks.run, self.failures))
         self._tasks.append(spawn("credentials", self.credentials.run, self.failures))
@@ -123,6 +141,38 @@ class Pilot:
         self._web, self.debug_port = await debug.serve(s.debug_host, s.debug_port)
         log.info("pilot serving xDS on %s:%d, debug on %s:%d", s.ads_host, self.ads_port, s.debug_host,
                  self.debug_port)
+
+    def use_kube_registry(self, registry: KubeRegistry, api_client: ApiClient) -> None:
+        """Serve the Services and Pods of `api_client`'s cluster (`pilot.kube.registry_source`; the
+        registry writes `self.store`): its watches start with pilot, which waits for their first
+        lists before its first push, and connecting sidecars are matched to their Pods. Call before
+        `start`."""
+        self._kube_registry = (registry, api_client)
+        self.ads.classify = registry.classify
+
+    async def _start_kube_registry(self, registry: KubeRegistry, client: ApiClient) -> None:
+        """Run the registry's watches; the first push waits (up to `kube_sync_timeout_ms`) for their
+        first lists, so it holds the cluster's Services (Istio waits for its caches to sync too)."""
+        self._tasks.append(spawn("kube-registry", lambda: registry.run(client), self.failures))
+        timeout = self.settings.kube_sync_timeout_ms / 1000
+        try:
+            await asyncio.wait_for(registry.synced.wait(), timeout)
+        except TimeoutError:
+            log.warning("kubernetes service registry: not synced after %.0f s; serving what is known", timeout)
+
+    async def _start_kube_source(self) -> None:
+        """Mesh config from the cluster's API server (`pilot.kube.source`), beside any file source;
+        the first push waits (up to `kube_sync_timeout_ms`) for its first lists, as Istio waits for sync."""
+        from pilot.kube.secrets import SecretIndex
+        from pilot.kube.source import KubeSource
+
+        s = self.settings
+        self.kube = await KubeSource.connect(self.store, kubeconfig=s.kubeconfig, in_cluster=s.kube_in_cluster,
+                                             mesh_namespace=s.kube_mesh_namespace)
+        self._tasks.append(spawn("config-kubernetes", self.kube.run, self.failures))
+        self.credentials = SecretIndex(self.store, self.kube.api_client)  # Gateway credentialName secrets
+        if not await self.kube.wait_synced(s.kube_sync_timeout_ms / 1000):
+            log.warning("kubernetes source: not synced after %d ms; serving what is known", s.kube_sync_timeout_ms)
 
     def _workload_account(self, namespace: str, name: str) -> str | None:
         """The service account a WorkloadEntry runs as ("default" when unset); None if there is none."""
@@ -139,6 +189,9 @@ class Pilot:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self.kube is not None:
+            await self.kube.close()
+            self.kube = None
 
     async def __aenter__(self) -> Pilot:
         await self.start()

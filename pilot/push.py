@@ -34,8 +34,9 @@ from pilot.xds.snapshot import ProxyParts, ProxyResources, Serializer, Snapshot
 
 log = logging.getLogger(__name__)
 
-# Kinds whose changes only move endpoints (EDS), eligible for the short debounce.
-ENDPOINT_KINDS = frozenset({"WorkloadEntry"})
+# Kinds whose changes only move endpoints (EDS), eligible for the short debounce: WorkloadEntry,
+# and the ready endpoints of a Kubernetes Service (`pilot.kube.registry.ServiceEndpoints`).
+ENDPOINT_KINDS = frozenset({"WorkloadEntry", "ServiceEndpoints"})
 
 BuildMesh = Callable[[Iterable[Any]], Any]
 # Flat resources per type, or parts per type (`generate_parts`); both are accepted.
@@ -275,7 +276,7 @@ class Pusher:
         """Wait until no change came for the debounce time, or `debounce_max` passed.
 
         Endpoint fast path: while every change since the last build is to endpoints
-        (WorkloadEntry), the quiet time is `endpoint_debounce`, so a scale-up or a moved
+        (WorkloadEntry, ServiceEndpoints), the quiet time is `endpoint_debounce`, so a scale-up or a moved
         workload reaches proxies without waiting out the batching meant for rule edits.
         """
         deadline = time.monotonic() + self.debounce_max

@@ -39,5 +39,9 @@ class PilotSettings(BaseSettings):
         1_800_000, ge=0,
         description="gRPC closes each xDS connection gracefully at this age (as istiod: 30 min); 0: never")
     cluster_domain: str = "cluster.local"
+    kubeconfig: Path | None = Field(None, description="a cluster's kubeconfig: mesh config from its API server")
+    kube_in_cluster: bool = Field(False, description="the API server of the pod pilot runs in (its service account)")
+    kube_mesh_namespace: str = Field("istio-system", description="control-plane namespace: the `istio` mesh ConfigMap")
+    kube_sync_timeout_ms: int = Field(30_000, ge=0, description="the first push waits this long for the first lists")
     gc_young_threshold: int = Field(
         50_000, ge=0, description="allocations between young garbage collections (`meshctl up`); 0: Python's 700")

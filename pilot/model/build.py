@@ -26,6 +26,7 @@ from pilot.api.authorization import AuthorizationPolicy
 from pilot.api.peer_authentication import PeerAuthentication
 from pilot.api.request_authentication import RequestAuthentication
 from pilot.api.service_entry import ServicePort as ApiServicePort
+from pilot.kube.registry import KubeService, ServiceEndpoints
 from pilot.model import convert_routes
 from pilot.model import mesh as m
 from pilot.model.authz import Security, build_security
@@ -66,15 +67,17 @@ def build_mesh(
     memo.next_build()
     by_kind: dict[type[ApiObject], list[ApiObject]] = {}
     for obj in objects:
-        by_kind.setdefault(type(obj), []).append(obj)
+        # A Kubernetes Service (pilot.kube.registry) is a ServiceEntry under its own store kind.
+        by_kind.setdefault(ServiceEntry if type(obj) is KubeService else type(obj), []).append(obj)
     # Each pass is a stage (`Conversions.stage`): skipped while its inputs are the same objects.
     entries, dest_rules = _of(memo, by_kind, ServiceEntry), _of(memo, by_kind, DestinationRule)
+    served = _with_registry_endpoints(memo, entries, _of(memo, by_kind, ServiceEndpoints))
     gateways, sidecars = _of(memo, by_kind, Gateway), _of(memo, by_kind, Sidecar)
     all_routes = _of(memo, by_kind, VirtualService)
     virtual_services, delegate_warnings = memo.stage(
         "delegates", all_routes, (), lambda _: _warned(partial(resolve_delegates, list(all_routes))))
     workloads = _workloads_stage(memo, _of(memo, by_kind, WorkloadEntry))
-    services, service_warnings = _services_stage(memo, entries, workloads)
+    services, service_warnings = _services_stage(memo, served, workloads)
     routing, routing_warnings = memo.stage(
         "routing", tuple(virtual_services), (cluster_domain,),
         lambda sub: _warned(lambda w: _virtual_services(virtual_services, cluster_domain, w, sub)))
@@ -120,6 +123,51 @@ def _security(
     peers = _of(memo, by_kind, PeerAuthentication)
     peer_authn = memo.stage("peer-authn", peers, (root_namespace,), lambda _: peer_authn_stage(peers, root_namespace))
     return security, peer_authn
+
+
+def _with_registry_endpoints(
+    memo: Conversions, entries: tuple[ServiceEntry, ...], endpoints: tuple[ServiceEndpoints, ...]
+) -> tuple[ServiceEntry, ...]:
+    """`entries` with each Kubernetes Service's endpoints (its ServiceEndpoints) added inline.
+
+    Only the services stage sees the result: hosts, ports and exportTo (scoping, routes) come
+    from the Service alone, so an endpoint change leaves those stages' inputs the same objects.
+    A service keeps its merged object while it and its endpoints are the same instances; when a
+    few ServiceEndpoints were replaced (an endpoint change), the last result is patched at their
+    services' positions: O(endpoint objects) identity checks instead of a pass over every entry."""
+    if not endpoints:
+        return entries
+    last = memo.stage_last("registry-endpoints")
+    if last is not None:
+        sub, before, (merged, position) = last
+        count = len(entries)
+        if len(before) == count + len(endpoints) and all(a is b for a, b in zip(before, entries, strict=False)):
+            changed = [i for i, (a, b) in enumerate(zip(before[count:], endpoints, strict=True)) if a is not b]
+            if len(changed) <= max(len(endpoints) // 8, 1) and len(sub) < 2 * count + 64 and all(
+                    _key(before[count + i]) == _key(endpoints[i]) for i in changed):
+                patched = list(merged)
+                for i in changed:
+                    at = position.get(_key(endpoints[i]))
+                    if at is not None:
+                        patched[at] = sub.of_all(_merged, (entries[at], endpoints[i]))
+                result = (tuple(patched), position)
+                memo.stage_store("registry-endpoints", sub, (*entries, *endpoints), (), result)
+                return result[0]
+
+    def full(sub: Conversions) -> tuple[tuple[ServiceEntry, ...], dict[tuple[str, str], int]]:
+        by_service = {_key(e): e for e in endpoints}
+        position = {_key(se): i for i, se in enumerate(entries) if type(se) is KubeService and _key(se) in by_service}
+        merged = list(entries)
+        for key, i in position.items():
+            merged[i] = sub.of_all(_merged, (entries[i], by_service[key]))
+        return tuple(merged), position
+
+    return memo.stage("registry-endpoints", (*entries, *endpoints), (), full)[0]
+
+
+def _merged(se: ServiceEntry, endpoints: ServiceEndpoints) -> ServiceEntry:
+    spec = se.spec.model_copy(update={"endpoints": (*se.spec.endpoints, *endpoints.spec.endpoints)})
+    return se.model_copy(update={"spec": spec})
 
 
 def _warned(compute: Callable[[list[str]], R]) -> tuple[R, tuple[str, ...]]:
@@ -275,6 +323,7 @@ def _entry_services(
             location=se.spec.location.value,
             selector=m.frozen_map(se.spec.workload_selector.labels) if se.spec.workload_selector else None,
             endpoints=endpoints,
+            addresses=tuple(sorted(set(se.spec.addresses))),
         ))
         for host in se.spec.hosts
     }

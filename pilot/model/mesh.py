@@ -95,6 +95,9 @@ class Service:
     location: str = "MESH_EXTERNAL"
     selector: Labels | None = None
     endpoints: tuple[Endpoint, ...] = ()
+    # Virtual IPs the service is reached at (ServiceEntry `addresses`, a Kubernetes clusterIP):
+    # captured traffic is told apart by them (`pilot.translate.captured`).
+    addresses: tuple[str, ...] = ()
 
     def port(self, number: int) -> ServicePort | None:
         return next((p for p in self.ports if p.number == number), None)

@@ -6,10 +6,11 @@ key. It holds exactly the fields that generators read; nothing else may influenc
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from google.protobuf import json_format
 
@@ -24,6 +25,10 @@ META_BIND_ADDRESS = "MESHCTL_BIND_ADDRESS"
 # meshctl's own: "true" when the bootstrap has the `sds-grpc` cluster to a workload agent, so TLS
 # contexts may name the agent's secrets (`default`, `ROOTCA`). Without it no mesh TLS is generated.
 META_WORKLOAD_CERTS = "MESHCTL_WORKLOAD_CERTS"
+# Istio's: how the pod's traffic reaches the proxy. REDIRECT (iptables, what the injected init
+# container installs) selects the captured-traffic listener model; NONE (or unset) the explicit one.
+META_INTERCEPTION_MODE = "INTERCEPTION_MODE"
+INTERCEPTION_REDIRECT = "REDIRECT"
 
 # Labels that differ between replicas of one workload but never change its config.
 VOLATILE_LABELS = frozenset({"pod-template-hash", "controller-revision-hash", "pod-template-generation"})
@@ -48,6 +53,9 @@ class ProxyClass:
     bind_address: str | None = None
     workload: str | None = None
     mtls: bool = False  # the proxy has mesh certificates over SDS (META_WORKLOAD_CERTS)
+    # iptables captures the pod's traffic (INTERCEPTION_MODE REDIRECT): Istio's listener model
+    # (virtualOutbound/virtualInbound, per-port listeners and route configurations).
+    captured: bool = False
 
     @property
     def label_map(self) -> dict[str, str]:
@@ -59,6 +67,8 @@ class ProxyClass:
             parts.append(self.workload)
         if self.bind_address:
             parts.append(self.bind_address)
+        if self.captured:
+            parts.append("captured")
         return "/".join(parts)
 
 
@@ -116,6 +126,7 @@ def identity_from_node(node: Any) -> ProxyIdentity:
         # The workload name only separates classes where config is per workload (local mesh).
         workload=workload if bind else None,
         mtls=str(meta.get(META_WORKLOAD_CERTS, "")).lower() == "true",
+        captured=kind == ProxyKind.SIDECAR and not bind and _captured(node_id, meta),
     )
     return ProxyIdentity(
         node_id=node_id,
@@ -125,3 +136,60 @@ def identity_from_node(node: Any) -> ProxyIdentity:
         service_account=str(meta.get(META_SERVICE_ACCOUNT) or ""),
         metadata=meta,
     )
+
+
+def _captured(node_id: str, meta: Mapping[str, Any]) -> bool:
+    """INTERCEPTION_MODE: REDIRECT is captured, NONE or unset is not; TPROXY is not supported (its
+    listeners would need `transparent` and a mangle-table setup pilot does not generate)."""
+    mode = str(meta.get(META_INTERCEPTION_MODE) or "NONE")
+    if mode not in (INTERCEPTION_REDIRECT, "NONE"):
+        raise NodeError(f"node {node_id!r}: metadata.{META_INTERCEPTION_MODE} {mode!r} is not supported "
+                        f"(REDIRECT or NONE)")
+    return mode == INTERCEPTION_REDIRECT
+
+
+class PodView(Protocol):
+    """What matching a proxy to its Kubernetes Pod reads (`pilot.kube.registry.PodFacts` has it)."""
+
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def labels(self) -> Mapping[str, str]: ...
+    @property
+    def service_account(self) -> str: ...
+    @property
+    def ips(self) -> tuple[str, ...]: ...
+
+
+def pod_of_node(node_id: str) -> tuple[str, str] | None:
+    """(namespace, pod) named by an Istio proxy id ``<sidecar|router>~<ip>~<pod>.<namespace>~<domain>``."""
+    parts = node_id.split("~")
+    if len(parts) != 4 or parts[0] not in (ProxyKind.SIDECAR.value, ProxyKind.ROUTER.value):
+        return None
+    pod, _, namespace = parts[2].partition(".")
+    return (namespace, pod) if pod and namespace else None
+
+
+def with_pod(identity: ProxyIdentity, pod: PodView | None) -> ProxyIdentity:
+    """`identity` corrected by the Pod it runs in: on Kubernetes the Pod, not the Node's metadata,
+    says who the proxy is (Istio reads labels and service account from the Pod too).
+
+    The Pod's namespace, labels and service account replace what the metadata claimed; the IP
+    the node id (or INSTANCE_IPS) gives must be one of the Pod's, else the Node names a Pod it
+    is not (NodeError). A Pod with no IP yet (its status not reported) is taken as it is. With
+    no Pod (a proxy outside Kubernetes, or a Pod not seen yet) the metadata stands, as in Istio.
+    """
+    if pod is None:
+        return identity
+    node_id = identity.node_id
+    parts = node_id.split("~")
+    claimed = {parts[1]} if len(parts) == 4 and parts[1] else set()
+    claimed |= {ip.strip() for ip in str(identity.metadata.get(META_INSTANCE_IPS) or "").split(",") if ip.strip()}
+    if pod.ips and claimed and not claimed & set(pod.ips):
+        raise NodeError(f"node {node_id!r}: claims IP {', '.join(sorted(claimed))}, but Pod "
+                        f"{pod.namespace}/{pod.name} has {', '.join(pod.ips)}")
+    labels = tuple(sorted((k, v) for k, v in pod.labels.items() if k not in VOLATILE_LABELS))
+    proxy_class = dataclasses.replace(identity.proxy_class, namespace=pod.namespace, labels=labels)
+    return dataclasses.replace(identity, proxy_class=proxy_class, service_account=pod.service_account)

@@ -10,6 +10,7 @@ from pilot.model.mesh import MeshSnapshot
 from pilot.model.mtls import WorkloadMtls, workload_mtls
 from pilot.model.proxy import ProxyClass, ProxyKind
 from pilot.translate import names
+from pilot.translate.captured import captured_parts
 from pilot.translate.clusters import inbound_clusters_for, outbound_clusters
 from pilot.translate.common import sorted_by_name
 from pilot.translate.endpoints import load_assignments
@@ -87,8 +88,9 @@ def generate_parts(mesh: MeshSnapshot, proxy: ProxyClass) -> Parts:
     mapping object for every class that has it (memoized on the visible mesh), so it is
     serialized and versioned once per mesh version however many classes use it; the class's
     own part holds only what depends on the proxy itself (inbound clusters and listeners,
-    passthrough). Parts keep their positions per proxy kind, so two versions of a class's
-    config compare part by part.
+    passthrough). Parts keep their positions per proxy kind (and listener model: a captured
+    class's listeners are a shared outbound part and its own, `pilot.translate.captured`), so
+    two versions of a class's config compare part by part.
     """
     view = proxy_view(mesh, proxy)
     egress = None if proxy.kind == ProxyKind.ROUTER else view.egress
@@ -98,8 +100,12 @@ def generate_parts(mesh: MeshSnapshot, proxy: ProxyClass) -> Parts:
     if proxy.kind == ProxyKind.ROUTER:
         gateway_listeners, gateway_routes = gateway_resources(seen, view)
         own_clusters: Mapping[str, Any] = {}
-        listeners: Mapping[str, Any] = sorted_by_name(gateway_listeners)
+        listener_parts: tuple[Mapping[str, Any], ...] = (sorted_by_name(gateway_listeners),)
         routes: Mapping[str, Any] = sorted_by_name(gateway_routes)
+    elif proxy.captured:  # iptables capture: Istio's virtualOutbound/virtualInbound model
+        own_clusters, listener_parts, routes = captured_parts(
+            mesh, seen, view, _security(mesh, view), _peer_mtls(mesh, view) if proxy.mtls else None,
+            _route_labels(seen, view))
     else:
         # What depends on the proxy alone is a function of a few values: carried by value, so
         # classes with equal ones (and the next mesh version) share the very same parts.
@@ -111,17 +117,21 @@ def generate_parts(mesh: MeshSnapshot, proxy: ProxyClass) -> Parts:
         l4 = outbound_l4_listeners(seen, view)
         if l4:
             listeners = sorted_by_name({**listeners, **l4})
-        # Only labels some route's sourceLabels mention can change the route config: key on those.
-        keys = memoized(seen, "source-label-keys", lambda: _source_label_keys(seen))
-        labels = tuple(sorted((k, v) for k, v in view.labels.items() if k in keys))
-        key = ("routes", proxy.namespace, labels, egress, passthrough)
+        listener_parts = (listeners,)
+        key = ("routes", proxy.namespace, _route_labels(seen, view), egress, passthrough)
         routes = memoized(seen, key, lambda: sorted_by_name(_outbound_routes(seen, view)))
     return {
         typeurls.CLUSTER: (shared_clusters, own_clusters),
         typeurls.ENDPOINT: (generate_endpoints(mesh, proxy, view),),
-        typeurls.LISTENER: (listeners,),
+        typeurls.LISTENER: listener_parts,
         typeurls.ROUTE: (routes,),
     }
+
+
+def _route_labels(seen: MeshSnapshot, view: ProxyView) -> tuple[tuple[str, str], ...]:
+    """Only labels some route's sourceLabels mention can change route configs: they key them."""
+    keys = memoized(seen, "source-label-keys", lambda: _source_label_keys(seen))
+    return tuple(sorted((k, v) for k, v in view.labels.items() if k in keys))
 
 
 def _own_clusters(inbound: tuple[InboundPort, ...], passthrough: bool) -> dict[str, Any]:

@@ -7,12 +7,20 @@ habits and dashboards read the same.
 from __future__ import annotations
 
 OUTBOUND_PORT = 15001
+INBOUND_CAPTURE_PORT = 15006  # captured model: where iptables redirects inbound connections
 OUTBOUND_ROUTE = "outbound"
 WILDCARD_ADDRESS = "0.0.0.0"
 APP_ADDRESS = "127.0.0.1"
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 10
 # Ports the sidecar itself uses; a workload port among them would clash with the sidecar.
 RESERVED_PORTS = frozenset({15000, 15001, 15006, 15021, 15090})
+
+# Istio's names in the captured-traffic model (`pilot.translate.captured`).
+VIRTUAL_OUTBOUND = "virtualOutbound"
+VIRTUAL_INBOUND = "virtualInbound"
+BLACKHOLE_CLUSTER = "BlackHoleCluster"
+INBOUND_PASSTHROUGH_CLUSTER = "InboundPassthroughCluster"
+PASSTHROUGH_FILTER_CHAIN = "PassthroughFilterChain"
 
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
@@ -38,3 +46,8 @@ def listener(address: str, port: int) -> str:
 
 def virtual_host(host: str, port: int) -> str:
     return f"{host}:{port}"
+
+
+def port_route(port: int) -> str:
+    """Captured model: the route configuration of every HTTP service on ``port`` (Istio's "8080")."""
+    return str(port)

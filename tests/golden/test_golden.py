@@ -45,6 +45,7 @@ def read_proxies(case: Path) -> dict[str, ProxyClass]:
             bind_address=spec.get("bindAddress"),
             workload=spec.get("workload"),
             mtls=spec.get("mtls", False),
+            captured=spec.get("captured", False),
         )
         for name, spec in raw.items()
     }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
+import json
 import secrets
 import shutil
 import ssl
@@ -128,6 +129,8 @@ class KubeCluster:
     server: str = ""
     admin_token: str = ""
     _procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    _apiserver_args: list[str] = field(default_factory=list)
+    etcd_url: str = ""
 
     @property
     def ca_file(self) -> Path:
@@ -196,6 +199,7 @@ class KubeCluster:
 
         client_port, peer_port = free_port(), free_port()
         etcd_url, peer_url = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
+        self.etcd_url = etcd_url
         self._spawn("etcd", [
             "--name=test", f"--data-dir={self.workdir / 'etcd'}", "--log-level=warn", "--unsafe-no-fsync",
             f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
@@ -213,7 +217,7 @@ class KubeCluster:
             f"{kcm_token},system:kube-controller-manager,kcm\n")
         api_port = free_port()
         self.server = f"https://127.0.0.1:{api_port}"
-        self._spawn("kube-apiserver", [
+        self._apiserver_args = [
             f"--etcd-servers={etcd_url}", "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
             f"--secure-port={api_port}", f"--cert-dir={self.workdir / 'apiserver-certs'}",
             f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
@@ -222,7 +226,8 @@ class KubeCluster:
             f"--service-account-issuer={SA_ISSUER}", f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             "--endpoint-reconciler-type=none", "--allow-privileged=true", "--profiling=false",
-        ])
+        ]
+        self._spawn("kube-apiserver", self._apiserver_args)
         ctx = ssl.create_default_context(cafile=str(self.ca_file))
         self._wait("kube-apiserver", f"{self.server}/readyz", ctx, self.admin_token, deadline)
         _write_kubeconfig(self.kubeconfig, self.server, self.ca_file, "admin", self.admin_token)
@@ -244,6 +249,42 @@ class KubeCluster:
         insecure.check_hostname = False
         insecure.verify_mode = ssl.CERT_NONE
         self._wait("kube-controller-manager", f"https://127.0.0.1:{kcm_port}/healthz", insecure, None, deadline)
+
+    def restart_apiserver(self, down_s: float = 0.0) -> None:
+        """Stop kube-apiserver (SIGTERM, as a rolling restart does), keep it down `down_s` seconds,
+        start it again on the same address with the same flags and wait until it is ready.
+
+        etcd keeps every object, so clients that resume their watches must see no change lost.
+        """
+        procs = dict(self._procs)
+        old = procs["kube-apiserver"]
+        old.terminate()
+        try:
+            old.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            old.kill()
+            old.wait()
+        self._procs = [(name, proc) for name, proc in self._procs if proc is not old]
+        time.sleep(down_s)
+        self._spawn("kube-apiserver", self._apiserver_args)
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        self._wait("kube-apiserver", f"{self.server}/readyz", ctx, self.admin_token,
+                   time.monotonic() + START_TIMEOUT_S)
+
+    def compact_etcd(self) -> int:
+        """Compact etcd's history up to its current revision (as the API server does every 5
+        minutes): watches from older resourceVersions that reach etcd then get 410 Gone. Returns
+        the revision."""
+        def post(path: str, body: dict[str, object]) -> dict[str, object]:
+            req = urllib.request.Request(f"{self.etcd_url}{path}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                answer: dict[str, object] = json.loads(resp.read())
+                return answer
+        header = post("/v3/kv/range", {"key": "AA=="})["header"]
+        revision = int(header["revision"])  # type: ignore[index]
+        post("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+        return revision
 
     def _stop(self) -> None:
         """Stop in reverse start order: SIGTERM, then SIGKILL after 10 s."""
