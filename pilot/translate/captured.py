@@ -58,7 +58,7 @@ from pilot.translate import names
 from pilot.translate.captured_routes import http_ports, port_route_configs, registry_only, service_addresses
 from pilot.translate.clusters import inbound_clusters_for
 from pilot.translate.common import address, ads_config_source, sorted_by_name
-from pilot.translate.listeners import _hcm_filter, _trust_the_app, inbound_listener
+from pilot.translate.listeners import hcm_filter, inbound_listener, trust_the_app
 from pilot.translate.memo import carried_by, carried_value, memoized
 from pilot.translate.mtls import secure_inbound
 from pilot.translate.passthrough import PASSTHROUGH_CLUSTER
@@ -67,7 +67,7 @@ from pilot.translate.rbac import network_rbac_filters
 from pilot.translate.route_policies import route_http_filters
 from pilot.translate.route_source import RouteSource
 from pilot.translate.scope import InboundPort, ProxyView
-from pilot.translate.tcp_routes import TLS_INSPECTOR, TLS_PROTOCOLS, _tcp_chains, _tls_chains
+from pilot.translate.tcp_routes import TLS_INSPECTOR, TLS_PROTOCOLS, tcp_chains, tls_chains
 
 ORIGINAL_DST_FILTER = "envoy.filters.listener.original_dst"
 INBOUND_PASSTHROUGH_SOURCE = "127.0.0.6"  # Istio's: the redirect rules let it through over lo
@@ -252,7 +252,7 @@ def _l4_listener(
     mesh: MeshSnapshot, bind: str, port: int, members: L4Members, source: RouteSource, blocked: bool
 ) -> Any:
     tls = [x for x in members if x[1].protocol in TLS_PROTOCOLS]
-    chains = _tls_chains(mesh, tls, port, source) if tls else _tcp_chains(mesh, members[0][0], port, source)
+    chains = tls_chains(mesh, tls, port, source) if tls else tcp_chains(mesh, members[0][0], port, source)
     if all(ch.filter_chain_match.ByteSize() for ch in chains):  # nothing catches the rest
         chains.append(lc.FilterChain(name=names.PASSTHROUGH_FILTER_CHAIN, filters=[
             _tcp_filter(names.BLACKHOLE_CLUSTER if blocked else PASSTHROUGH_CLUSTER)]))
@@ -273,11 +273,11 @@ def _bindless(bind: str, port: int, chains: list[Any]) -> Any:
 def http_port_listener(port: int) -> Any:
     """An HTTP connection manager whose routes are the route configuration named ``port``."""
     hcm = hcm_pb2.HttpConnectionManager(stat_prefix=f"outbound_{names.listener(names.WILDCARD_ADDRESS, port)}")
-    _trust_the_app(hcm, names.WILDCARD_ADDRESS)
+    trust_the_app(hcm, names.WILDCARD_ADDRESS)
     hcm.rds.route_config_name = names.port_route(port)
     hcm.rds.config_source.CopyFrom(ads_config_source())
     hcm.http_filters.extend(route_http_filters())  # CORS and fault, before the router
-    chain = lc.FilterChain(name=names.listener(names.WILDCARD_ADDRESS, port), filters=[_hcm_filter(hcm)])
+    chain = lc.FilterChain(name=names.listener(names.WILDCARD_ADDRESS, port), filters=[hcm_filter(hcm)])
     return _bindless(names.WILDCARD_ADDRESS, port, [chain])
 
 

@@ -33,7 +33,7 @@ from pilot.translate.http_routes import allow_large_direct_bodies
 from pilot.translate.memo import carried_by, carried_value, memoized
 from pilot.translate.passthrough import passthrough_vhost
 from pilot.translate.route_source import RouteSource
-from pilot.translate.routes import _routes as vhost_routes
+from pilot.translate.routes import vhost_routes
 from pilot.translate.visibility import BLOCK_ALL
 
 Members = tuple[tuple[Service, ServicePort], ...]

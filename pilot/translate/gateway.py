@@ -40,7 +40,7 @@ from pilot.translate.gateway_routes import (
 )
 from pilot.translate.gateway_tls import TLS_INSPECTOR, mesh_tls_servers, transport_socket
 from pilot.translate.jwt import jwt_filter
-from pilot.translate.listeners import _hcm_filter
+from pilot.translate.listeners import hcm_filter
 from pilot.translate.rbac import http_rbac_filters, network_rbac_filters
 from pilot.translate.scope import ProxyView
 from pilot.translate.tcp_routes import tcp_proxy_filter
@@ -84,7 +84,7 @@ def _rds_filter(route_name: str, port: int, security: WorkloadSecurity) -> Any:
     hcm.use_remote_address.value = True
     hcm.rds.route_config_name = route_name
     hcm.rds.config_source.CopyFrom(ads_config_source())
-    return _hcm_filter(hcm)
+    return hcm_filter(hcm)
 
 
 def _tls_inspector() -> Any:

@@ -52,7 +52,7 @@ def _istio_hcm_defaults(hcm: Any) -> None:
         hcm.upgrade_configs.add(upgrade_type="websocket")
 
 
-def _hcm_filter(hcm: Any) -> Any:
+def hcm_filter(hcm: Any) -> Any:
     _istio_hcm_defaults(hcm)
     hcm.http_filters.append(router_filter())
     flt = lc.Filter(name=names.HCM_FILTER)
@@ -68,7 +68,7 @@ LOOPBACK_RANGES = (("127.0.0.0", 8), ("::1", 128))
 PRIVATE_RANGES = (("10.0.0.0", 8), ("172.16.0.0", 12), ("192.168.0.0", 16), ("fc00::", 7))
 
 
-def _trust_the_app(hcm: Any, bind: str) -> None:
+def trust_the_app(hcm: Any, bind: str) -> None:
     """Let the app override a route's timeout and retries per request, as Istio's concepts page
     describes. Envoy removes those headers unless the request is internal, and with
     ``use_remote_address`` unset a request without X-Forwarded-For never is, so (as Istio does
@@ -83,13 +83,13 @@ def _trust_the_app(hcm: Any, bind: str) -> None:
 
 def _outbound_listener(bind: str, passthrough: bool) -> Any:
     hcm = hcm_pb2.HttpConnectionManager(stat_prefix="outbound")
-    _trust_the_app(hcm, bind)
+    trust_the_app(hcm, bind)
     hcm.rds.route_config_name = names.OUTBOUND_ROUTE
     hcm.rds.config_source.CopyFrom(ads_config_source())
     hcm.http_filters.extend(route_http_filters())  # CORS and fault, before the router
     if passthrough:
         hcm.http_filters.append(passthrough_filter())  # resolves the Host for PassthroughCluster
-    return _listener(bind, names.OUTBOUND_PORT, _hcm_filter(hcm))
+    return _listener(bind, names.OUTBOUND_PORT, hcm_filter(hcm))
 
 
 def inbound_listener(bind: str, port: InboundPort, security: WorkloadSecurity = NO_SECURITY) -> Any:
@@ -102,7 +102,7 @@ def inbound_listener(bind: str, port: InboundPort, security: WorkloadSecurity = 
         )
         jwt = jwt_filter(security.jwt)
         hcm.http_filters.extend([*([jwt] if jwt is not None else []), *http_rbac_filters(security)])
-        return _listener(bind, port.port, _hcm_filter(hcm))
+        return _listener(bind, port.port, hcm_filter(hcm))
     tcp = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix, cluster=names.inbound_cluster(port.port))
     flt = lc.Filter(name=names.TCP_PROXY_FILTER)
     flt.typed_config.Pack(tcp)

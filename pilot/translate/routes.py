@@ -49,7 +49,7 @@ def outbound_route_config(mesh: MeshSnapshot, namespace: str, labels: Mapping[st
                          lambda: _claimed_domains(mesh, vhosts, namespace))
     config = route_pb2.RouteConfiguration(name=names.OUTBOUND_ROUTE)
     for name, service, port in vhosts:
-        routes = _routes(mesh, service, port, source)
+        routes = vhost_routes(mesh, service, port, source)
         domains = claimed[name]
         config.virtual_hosts.append(carried_by(
             mesh, _VHOST_TAG, (routes,), (name, domains),
@@ -100,7 +100,7 @@ def _claim(wanted: dict[str, tuple[list[str], list[str]]]) -> dict[str, set[str]
     return claimed
 
 
-def _routes(mesh: MeshSnapshot, service: Service, port: ServicePort, source: RouteSource) -> list[Any]:
+def vhost_routes(mesh: MeshSnapshot, service: Service, port: ServicePort, source: RouteSource) -> list[Any]:
     """A virtual host's routes, shared by every sender they would be identical for.
 
     They depend on the sender only through `sourceLabels` and `sourceNamespace` matches, so the

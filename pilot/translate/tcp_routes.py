@@ -52,7 +52,7 @@ def outbound_l4_listeners(mesh: m.MeshSnapshot, view: ProxyView) -> dict[str, An
         if number in taken:
             continue
         tls = [x for x in members if x[1].protocol in TLS_PROTOCOLS]
-        chains = _tls_chains(mesh, tls, number, source) if tls else _tcp_chains(mesh, members[0][0], number, source)
+        chains = tls_chains(mesh, tls, number, source) if tls else tcp_chains(mesh, members[0][0], number, source)
         if chains:
             listener = _listener(view.bind_address, number, chains, tls=bool(tls))
             out[listener.name] = listener
@@ -148,7 +148,7 @@ def _applicable(
                 yield route, match
 
 
-def _tcp_chains(mesh: m.MeshSnapshot, service: m.Service, port: int, source: RouteSource) -> list[Any]:
+def tcp_chains(mesh: m.MeshSnapshot, service: m.Service, port: int, source: RouteSource) -> list[Any]:
     chains: dict[ChainKey, Any] = {}
     rule = mesh.virtual_services.get(service.host)
     for route, match in _applicable(rule, rule.tcp, port, source) if rule else ():
@@ -161,7 +161,7 @@ def _tcp_chains(mesh: m.MeshSnapshot, service: m.Service, port: int, source: Rou
     return [chains[k] for k in sorted(chains)]
 
 
-def _tls_chains(mesh: m.MeshSnapshot, members: Members, port: int, source: RouteSource) -> list[Any]:
+def tls_chains(mesh: m.MeshSnapshot, members: Members, port: int, source: RouteSource) -> list[Any]:
     chains: dict[ChainKey, Any] = {}
     for service, _ in sorted(members, key=lambda x: x[0].host):
         rule = mesh.virtual_services.get(service.host)
