@@ -106,6 +106,9 @@ def start_pilot(group: ProcessGroup, config_dir: Path, log: Path, timeout: float
     args += ["-m", "meshctl.cli", "up", "--config-dir", str(config_dir),
              "--ads", "127.0.0.1:0", "--debug", "127.0.0.1:0", "--log-level", log_level, "--plaintext-only"]
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    if profile is not None:  # `up` would re-exec itself under glibc malloc and lose cProfile: set it here
+        env.setdefault("PYTHONMALLOC", "malloc")
+        env.setdefault("MALLOC_ARENA_MAX", "2")
     proc = group.popen(args, log, env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
