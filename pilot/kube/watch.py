@@ -155,19 +155,24 @@ class Watch:
         """List, then watch, until cancelled; every failure is logged, counted and retried."""
         attempt = 0
         while True:
+            listed = False
             try:
                 if self.resource_version is None:
                     await self._list()
-                    attempt = 0
+                    attempt, listed = 0, True
                 if await self._watch(self.resource_version or ""):
                     attempt = 0
                     continue
                 # The server ended a watch without a line (not even a bookmark): not a success to
                 # retry at once, or a misbehaving server or proxy would be asked in a tight loop.
             except GoneError as exc:
-                log.info("%r: %s; listing again", self, exc)
                 self.resource_version = None
-                continue
+                if not listed:  # the usual case: list again at once
+                    log.info("%r: %s; listing again", self, exc)
+                    continue
+                # Gone right after a list (a server whose watch cache is still catching up): back off.
+                self.errors += 1
+                log.warning("%r: %s right after a list (error %d)", self, exc, self.errors)
             except asyncio.CancelledError:
                 raise
             except WatchError as exc:

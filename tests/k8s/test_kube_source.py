@@ -9,20 +9,23 @@ import secrets
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import yaml
+from click.testing import CliRunner
 from google.protobuf.json_format import MessageToDict
 from kubernetes_asyncio.client import ApiClient
 
+from meshctl.cli import cli
 from meshctl.localmesh import free_port
 from pilot.config.files import load_text
 from pilot.config.store import ConfigStore
 from pilot.kube.client import client_from_kubeconfig
 from pilot.kube.meshconfig import MeshConfigError, NamespaceSelector, parse_mesh_config
-from pilot.kube.namespaces import selected
+from pilot.kube.namespaces import NamespaceFilter, selected
 from pilot.kube.secrets import SecretIndex
 from pilot.kube.source import SOURCE_ID, KubeSource
 from pilot.testing.ads_client import AdsClient, make_node
@@ -176,6 +179,33 @@ def test_mesh_config_fields_defaults_and_errors() -> None:
         parse_mesh_config("trustDomain: [")
 
 
+def test_namespace_filter_reports_only_membership_changes() -> None:
+    def ns(name: str, **labels: str) -> dict[str, Any]:
+        return {"metadata": {"name": name, "labels": labels}}
+
+    seen: list[tuple[list[str], list[str]]] = []
+    filt = NamespaceFilter()
+    filt.subscribe(lambda added, removed: seen.append((sorted(added), sorted(removed))))
+    filt.replace([ns("a", team="x"), ns("b")])
+    assert filt.allows("a") and filt.allows("b") and filt.allows("not-seen-yet")  # no selector: all
+    assert seen == []
+    filt.set_selectors([NamespaceSelector(match_labels={"team": "x"})])
+    assert seen == [([], ["b"])] and not filt.allows("not-seen-yet")
+    filt.upsert(ns("b", team="x"))
+    filt.upsert(ns("b", team="x", other="y"))  # still selected: no news
+    filt.delete(ns("a"))
+    assert seen[1:] == [(["b"], []), ([], ["a"])]
+    filt.set_selectors([])
+    assert seen[3:] == []  # no known namespace changes: b was in already
+    assert filt.allows("a")
+
+
+def test_meshctl_up_needs_a_config_source() -> None:
+    result = CliRunner().invoke(cli, ["up", "--plaintext-only"])
+    assert result.exit_code == 2
+    assert "give --config-dir, --kubeconfig or --in-cluster" in result.output
+
+
 # Against the API server.
 
 @pytest.mark.e2e
@@ -299,8 +329,14 @@ def _find(value: Any, key: str) -> list[Any]:
 @pytest.mark.e2e
 @pytest.mark.timeout(240)
 async def test_meshctl_up_with_a_kubeconfig_serves_a_kubectl_applied_route(
-        kube_cluster: KubeCluster, mesh_crds: None, namespaces: Namespaces) -> None:
+        kube_cluster: KubeCluster, mesh_crds: None, namespaces: Namespaces, tmp_path: Path) -> None:
     ns = namespaces.make("up")
+    # Files for mesh-external entries, beside the cluster's objects.
+    external = {"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+                "metadata": {"name": "external", "namespace": ns},
+                "spec": {"hosts": ["api.example.com"], "location": "MESH_EXTERNAL", "resolution": "DNS",
+                         "ports": [{"number": 443, "name": "tls", "protocol": "TLS"}]}}
+    (tmp_path / "external.yaml").write_text(yaml.safe_dump(external))
     host = f"reviews.{ns}.svc.cluster.local"
     service_entry = {"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
                      "metadata": {"name": "reviews", "namespace": ns},
@@ -311,7 +347,7 @@ async def test_meshctl_up_with_a_kubeconfig_serves_a_kubectl_applied_route(
     ads, debug = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "meshctl.cli", "up", "--plaintext-only", "--kubeconfig", str(kube_cluster.kubeconfig),
-        "--ads", ads, "--debug", debug, "--log-level", "warning",
+        "--config-dir", str(tmp_path), "--ads", ads, "--debug", debug, "--log-level", "warning",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:
         # Applied after pilot started: it must arrive through the watch.
@@ -329,6 +365,10 @@ async def test_meshctl_up_with_a_kubeconfig_serves_a_kubectl_applied_route(
             await asyncio.sleep(0.1)
         assert proc.returncode is None, (await proc.stderr.read()).decode() if proc.stderr else ""
         assert await in_configz(), "the VirtualService never reached /debug/configz"
+        sources = {(o["kind"], o["name"]): o["source"] for o in (await _configz(debug) or {})["objects"]
+                   if o["namespace"] == ns}
+        assert sources == {("ServiceEntry", "external"): f"file:{tmp_path}", ("ServiceEntry", "reviews"): SOURCE_ID,
+                           ("VirtualService", "reviews"): SOURCE_ID}
 
         node = make_node(f"sidecar~127.0.9.9~client.{ns}~{ns}.svc.cluster.local", namespace=ns,
                          labels={"app": "client"}, workload="client")

@@ -192,3 +192,23 @@ async def test_survives_an_api_server_restart_without_losing_or_repeating_change
         await until("a change after recovery", lambda: "d" in recorder.state)
     finally:
         await stop(task)
+
+
+@pytest.mark.e2e
+async def test_an_event_larger_than_many_network_reads_arrives_whole(
+        kube_cluster: KubeCluster, client: ApiClient, namespace: str) -> None:
+    recorder = Recorder()
+    watch = Watch(client, CONFIGMAPS, recorder, namespace=namespace, label_selector=LABEL, **FAST)
+    task = await running(watch)
+    try:
+        big = secrets.token_hex(450_000)  # 900 KB: near a ConfigMap's 1 MiB limit, read in many chunks
+        manifest = {"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": "big", "namespace": namespace, "labels": {"meshctl-test": "watch"}},
+                    "data": {"value": big, "after": "end"}}
+        await asyncio.to_thread(kube_cluster.kubectl, "create", "-f", "-", stdin=json.dumps(manifest))
+        await put_configmap(kube_cluster, namespace, "small", "1")
+        await until("both", lambda: {"big", "small"} <= recorder.state.keys())
+        assert recorder.data()["big"] == {"value": big, "after": "end"}
+        assert [(c[0], c[1]) for c in recorder.calls] == [("upsert", "big"), ("upsert", "small")]
+    finally:
+        await stop(task)
