@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -14,14 +13,17 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import click
-from rich.console import Console
 
 from injector.redirect_cmd import redirect
 from meshctl import __version__
+from meshctl.analyze import analyze
+from meshctl.completion_cmd import completion
 from meshctl.install import install, uninstall
 from meshctl.kube_inject import kube_inject
 from meshctl.proxy_cmd import proxy
-from meshctl.status_view import nack_lines, status_table
+from meshctl.proxy_config import proxy_config
+from meshctl.proxy_status_cmd import proxy_status
+from meshctl.version_cmd import version
 
 if TYPE_CHECKING:
     from pilot.settings import PilotSettings
@@ -35,7 +37,13 @@ def cli() -> None:
     """meshctl: a service-mesh control plane for Envoy that speaks the Istio API."""
 
 
-@cli.command()
+@cli.command(epilog="""
+\b
+Examples:
+  meshctl up --config-dir ./mesh                      # local mesh: pilot, CA, debug API on 127.0.0.1:15014
+  meshctl up --config-dir ./mesh --plaintext-only     # no CA: plaintext xDS only (tests, tools)
+  meshctl up --kubeconfig ~/.kube/config              # watch a cluster's Istio config as well
+""")
 @click.option("--config-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Directory of Istio YAML (ServiceEntry, WorkloadEntry, DestinationRule, VirtualService...); "
                    "optional with --kubeconfig or --in-cluster (both sources then serve together).")
@@ -58,10 +66,13 @@ def cli() -> None:
 @click.option("--in-cluster", is_flag=True,
               help="Running in a Kubernetes pod: reach the API server with the pod's service account (in-cluster "
                    "config) for what --kubeconfig does.")
+@click.option("--webhooks", "webhooks_addr",
+              help="With a cluster: HTTPS address of the injection and validation webhooks "
+                   "[0.0.0.0:15017 with --in-cluster, else 127.0.0.1:15017].")
 @click.option("--log-level", default="info", show_default=True)
 def up(config_dir: Path | None, ads_addr: str, tls_addr: str, debug_addr: str, state_dir: Path | None,
        trust_domain: str, plaintext_only: bool, log_level: str, kubeconfig: Path | None = None,
-       in_cluster: bool = False, mesh_namespace: str = "istio-system") -> None:
+       in_cluster: bool = False, mesh_namespace: str = "istio-system", webhooks_addr: str | None = None) -> None:
     """Run the control plane (pilot and its CA, Citadel) on a directory of mesh config until Ctrl-C."""
     from pilot.gcpolicy import use_system_malloc
 
@@ -82,16 +93,17 @@ def up(config_dir: Path | None, ads_addr: str, tls_addr: str, debug_addr: str, s
     if config_dir is None and kubeconfig is None and not in_cluster:
         raise click.UsageError("give --config-dir, --kubeconfig or --in-cluster: where the mesh config comes from")
     state = state_dir or default_state_dir()
+    webhooks = _split(webhooks_addr) if webhooks_addr else None
 
     try:
         asyncio.run(_up_plaintext(settings) if plaintext_only
-                    else _up(settings, state, trust_domain, kubeconfig, in_cluster))
+                    else _up(settings, state, trust_domain, kubeconfig, in_cluster, webhooks))
     except CitadelError as exc:  # e.g. an unreadable CA directory: one line naming the file
         raise click.ClickException(f"the mesh CA cannot start: {exc}") from None
     except PermissionError as exc:  # the state directory (or a file in it) is not ours
         raise click.ClickException(f"cannot use the state directory {state}: {exc}") from None
     except AddressInUseError as exc:  # one line, not a traceback: another pilot (or demo) runs there
-        flag = {"xDS": "--ads", "authenticated xDS": "--xds-tls"}.get(exc.what, "--debug")
+        flag = {"xDS": "--ads", "authenticated xDS": "--xds-tls", "webhooks": "--webhooks"}.get(exc.what, "--debug")
         raise click.ClickException(f"{exc} (another pilot running? pick a free one with {flag})") from None
 
 
@@ -108,7 +120,7 @@ async def _up_plaintext(settings: PilotSettings) -> None:
 
 
 async def _up(settings: PilotSettings, state: Path, trust_domain: str, kubeconfig: Path | None = None,
-              in_cluster: bool = False) -> None:
+              in_cluster: bool = False, webhooks: tuple[str, int] | None = None) -> None:
     """`meshctl up`: pilot with Citadel composed in (one TLS port for ADS and CSRs), and workload tokens."""
     from meshctl.security import MeshSecurity, workload_accounts
     from pilot.app import Pilot
@@ -116,18 +128,28 @@ async def _up(settings: PilotSettings, state: Path, trust_domain: str, kubeconfi
     from pilot.tasks import spawn
 
     pilot = Pilot(settings)
-    security = MeshSecurity(state, pilot.registry, trust_domain=trust_domain, host=settings.xds_tls_host)
+    replicas = kubeconfig is not None or in_cluster
+    security = MeshSecurity(state, pilot.registry, trust_domain=trust_domain, host=settings.xds_tls_host,
+                            **({"rotate_roots": False} if replicas else {}))  # replicas: the rotation leader rotates
+    if replicas:
+        from pilot.kube.leader import ROOT_ROTATION_LEASE, every
+
+        ca = security.citadel
+        pilot.lead(ROOT_ROTATION_LEASE, "ca-root-rotation", lambda: every(
+            ca.settings.check_interval.total_seconds(), lambda: ca.ca.rotation_tick(ca.rotation_policy),
+            "ca-root-rotation", pilot.failures))
     pilot.secure = security.serving()  # composition: pilot serves Citadel's CSR service on its TLS port
     pilot.credentials.root = security.layout.secrets  # Gateway credentialName secrets, checked for configz
-    reviews = None
-    if kubeconfig is not None or in_cluster:  # the CA also trusts the cluster's pods, by TokenReview
-        from citadel.tokenreview import CachedTokenReview, KubeTokenReviewClient
+    kube = None
+    if kubeconfig is not None or in_cluster:  # TokenReview for the CA, webhooks, caBundles, root ConfigMaps
+        from meshctl.kube_up import KubeControlPlane
 
-        reviews = await KubeTokenReviewClient.open(None if in_cluster else kubeconfig)
-        security.citadel.use_token_review(CachedTokenReview(reviews))
+        kube = await KubeControlPlane.open(security, settings, trust_domain=trust_domain, webhooks=webhooks)
     await security.start()
     try:
         async with pilot:
+            if kube is not None:
+                await kube.start(pilot)
             tune_gc(settings.gc_young_threshold)  # after start-up: what exists now lives as long as pilot
             security.sync_tokens(workload_accounts(pilot.pusher.mesh))  # before any sidecar asks
             tokens = spawn("workload-tokens", lambda: security.keep_tokens(pilot), pilot.failures)
@@ -139,12 +161,17 @@ async def _up(settings: PilotSettings, state: Path, trust_domain: str, kubeconfi
             finally:
                 tokens.cancel()
     finally:
+        if kube is not None:
+            await kube.close()
         await security.stop()
-        if reviews is not None:
-            await reviews.close()
 
 
-@cli.command()
+@cli.command(epilog="""
+\b
+Examples:
+  meshctl demo                         # 30 s of canary traffic on the default ports
+  meshctl demo --duration 120 --ads-port 0 --xds-tls-port 0 --debug-port 0
+""")
 @click.option("--duration", type=float, default=30.0, show_default=True, help="Seconds to run, then stop.")
 @click.option("--ads-port", type=int, default=15010, show_default=True, help="Pilot xDS port (0: any free port).")
 @click.option("--xds-tls-port", "tls_port", type=int, default=15012, show_default=True,
@@ -168,30 +195,16 @@ def demo(duration: float, ads_port: int, tls_port: int, debug_port: int) -> None
         raise SystemExit(1)
 
 
-@cli.command("proxy-status")
-@click.option("--debug", "debug_addr", default=DEFAULT_DEBUG, show_default=True, help="Pilot debug address.")
-@click.option("--json", "as_json", is_flag=True, help="Print pilot's raw /debug/syncz JSON.")
-def proxy_status(debug_addr: str, as_json: bool) -> None:
-    """Show every connected proxy and whether it is SYNCED, STALE or NACKED per xDS type."""
-    rows = asyncio.run(_get_json(f"http://{debug_addr}/debug/syncz"))
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    # Piped output must not be cut to 80 columns: scripts grep it.
-    console = Console() if sys.stdout.isatty() else Console(width=250)
-    if not rows:
-        console.print("no proxies connected")
-        return
-    console.print(status_table(rows))
-    for line in nack_lines(rows):
-        console.print(f"[bold red]NACK[/] {line}", highlight=False)
-
-
 cli.add_command(proxy)
 cli.add_command(redirect)
 cli.add_command(kube_inject)
 cli.add_command(install)
 cli.add_command(uninstall)
+cli.add_command(analyze)
+cli.add_command(proxy_status)
+cli.add_command(proxy_config)
+cli.add_command(version)
+cli.add_command(completion)
 
 
 async def _get_json(url: str) -> list[dict[str, object]]:

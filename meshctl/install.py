@@ -44,7 +44,7 @@ def _trust_domain(_ctx: click.Context, _param: click.Parameter, value: str) -> s
 
 _kubeconfig = click.option(
     "--kubeconfig", type=click.Path(dir_okay=False, path_type=Path), envvar="KUBECONFIG",
-    help="Cluster to install into [$KUBECONFIG, else ~/.kube/config].")
+    help="The cluster's kubeconfig [$KUBECONFIG, else ~/.kube/config].")
 _context = click.option("--context", help="Context in the kubeconfig [its current context].")
 _namespace_option = click.option("--namespace", "-n", default="istio-system", show_default=True,
                                  callback=_namespace, help="The control plane's namespace.")

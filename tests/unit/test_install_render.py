@@ -21,6 +21,7 @@ from meshctl.install import uninstall_order
 from meshctl.kubeapply import RESOURCES, object_path
 from meshctl.localmesh import free_port
 from meshctl.render import InstallOptions, control_plane, namespace, render, rules, to_yaml
+from pilot.kube.meshconfig import CONFIGMAP_KEY, CONFIGMAP_NAME, parse_mesh_config
 
 ROOT = Path(__file__).resolve().parents[2]
 ISTIOD_YAML = ROOT / "manifests" / "istiod.yaml"
@@ -71,6 +72,16 @@ def test_options_reach_every_object() -> None:
         assert hook["clientConfig"]["service"] == {"name": "istiod", "namespace": "mesh-a", "path": "/inject",
                                                    "port": 443}
         assert "caBundle" not in hook["clientConfig"]  # istiod patches it; re-install must not wipe it
+
+
+def test_pilot_reads_the_rendered_mesh_config() -> None:
+    kinds = _by_kind(render(CUSTOM))
+    config = kinds["ConfigMap"]
+    assert (config["metadata"]["name"], list(config["data"])) == (CONFIGMAP_NAME, [CONFIGMAP_KEY])
+    mesh = parse_mesh_config(config["data"][CONFIGMAP_KEY])
+    assert (mesh.trust_domain, mesh.root_namespace, mesh.discovery_selectors) == ("example.org", "mesh-a", ())
+    args = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--mesh-namespace=mesh-a" in args  # where pilot looks for that ConfigMap
 
 
 def test_control_plane_shape() -> None:
