@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Protocol
 
 from cryptography import x509
 
@@ -49,6 +50,13 @@ def expiry_warning(cert: x509.Certificate, what: str, now: datetime, fraction: f
     return None
 
 
+class RootStore(Protocol):
+    """Where a self-signed CA's roots persist: a directory (`SelfSignedStore`) or a Kubernetes Secret
+    (`citadel.kube_store.KubeRootStore`). `save` raises CAConfigError when the write is refused."""
+
+    def save(self, state: rotation.RootState) -> None: ...
+
+
 @dataclass(frozen=True)
 class Issued:
     """A signed workload certificate and the chain to return (leaf first, roots last)."""
@@ -62,7 +70,7 @@ class CertificateAuthority:
 
     def __init__(self, bundle: CABundle, policy: WorkloadCertPolicy, *, trust_domain: str,
                  metrics: CitadelMetrics | None = None, clock: Callable[[], datetime] = utc_now,
-                 store: SelfSignedStore | None = None, state: rotation.RootState | None = None,
+                 store: RootStore | None = None, state: rotation.RootState | None = None,
                  cacerts_dir: Path | None = None, warn_fraction: float = DEFAULT_WARN_FRACTION) -> None:
         self.bundle = bundle
         self.policy = policy
@@ -132,7 +140,31 @@ class CertificateAuthority:
 
     # --- self-signed root rotation ---------------------------------------------------------------
 
-    def _require_state(self) -> tuple[SelfSignedStore, rotation.RootState]:
+    def use_store(self, store: RootStore, state: rotation.RootState) -> None:
+        """Serve and rotate the roots `state` kept in `store` from now on (e.g. the cluster's shared
+        Secret instead of the state directory); replaces a plugged-in CA."""
+        self.store, self.state, self.cacerts_dir = store, state, None
+        self._publish(state.bundle)
+
+    def adopt(self, state: rotation.RootState) -> bool:
+        """Take roots another replica saved (not saved again); True if they differ from ours."""
+        current = self.state
+        if current is not None and _state_key(current) == _state_key(state):
+            return False
+        self.state = state
+        self._publish(state.bundle)
+        return True
+
+    def use_bundle(self, bundle: CABundle) -> bool:
+        """Sign with a plugged-in `bundle` given by the caller (e.g. Secret `cacerts`); True if it changed.
+        No rotation here: the operator rotates a plugged-in CA."""
+        self.store, self.state, self.cacerts_dir = None, None, None
+        if _bundle_key(bundle) == _bundle_key(self.bundle):
+            return False
+        self._publish(bundle)
+        return True
+
+    def _require_state(self) -> tuple[RootStore, rotation.RootState]:
         if self.store is None or self.state is None:
             raise CAConfigError("root rotation is managed by the operator for a plugged-in CA (replace cacerts)")
         return self.store, self.state
@@ -196,6 +228,10 @@ class CertificateAuthority:
             self.metrics.record_expiry(bundle)
         for callback in self._on_change:
             callback(bundle)
+
+
+def _state_key(state: rotation.RootState) -> tuple[str, ...]:
+    return (state.phase.value, state.active.id, *(r.id for r in state.trusted))
 
 
 def _bundle_key(bundle: CABundle) -> tuple[str, ...]:

@@ -11,6 +11,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from citadel.keys import KeyAlgorithm
 
 
+def istiod_dns_names(namespace: str, cluster_domain: str = "cluster.local") -> tuple[str, ...]:
+    """The DNS SANs of istiod's certificate in control-plane namespace `namespace`: the names sidecars
+    dial (`istiod.<ns>.svc`, the form an injected pod's discovery address uses, and its fully
+    qualified form), and `localhost` for tools on the same machine."""
+    return ("localhost", f"istiod.{namespace}.svc", f"istiod.{namespace}.svc.{cluster_domain}")
+
+
 class CitadelSettings(BaseSettings):
     """The CA and its CSR service. Environment variables MESHCTL_CITADEL_* override."""
 
@@ -36,7 +43,9 @@ class CitadelSettings(BaseSettings):
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(15012, ge=0, le=65535, description="CSR service over TLS; 0 picks a free port")
     server_dns_names: tuple[str, ...] = Field(
-        ("localhost", "istiod.istio-system.svc"), description="DNS SANs of the CSR server's certificate")
+        istiod_dns_names("istio-system"),
+        description="DNS SANs of the CSR server's certificate (`meshctl up` on a cluster: istiod_dns_names of "
+        "--mesh-namespace)")
 
     @model_validator(mode="after")
     def _one_ca_source(self) -> CitadelSettings:

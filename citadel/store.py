@@ -22,6 +22,7 @@ Only the loading thread touches these files; keys are never logged (errors name 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -137,27 +138,40 @@ class SelfSignedStore:
 
 def load_cacerts(cacerts_dir: Path, now: datetime) -> CABundle:
     """Load and check a plugged-in CA laid out as Istio's `cacerts` secret (see the module docstring)."""
-    def read(name: str, required: bool = True) -> bytes:
+    files: dict[str, bytes] = {}
+    for name in CACERTS_FILES:
         path = cacerts_dir / name
         try:
-            return path.read_bytes()
+            files[name] = path.read_bytes()
         except FileNotFoundError:
-            if required:
-                raise CAConfigError(f"{path}: missing (a plugged-in CA needs {', '.join(CACERTS_FILES[:3])})") from None
-            return b""
+            continue
         except OSError as exc:
             raise CAConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    return cacerts_bundle(files, str(cacerts_dir), now, separator="/")
 
-    signing = load_certs(read("ca-cert.pem"), str(cacerts_dir / "ca-cert.pem"))
+
+def cacerts_bundle(files: Mapping[str, bytes], source: str, now: datetime, *, separator: str = ":") -> CABundle:
+    """Check a plugged-in CA given as Istio's `cacerts` entries (file name -> content), from a
+    directory or a Secret's data; `source` + `separator` + entry name it in errors."""
+    def read(name: str, required: bool = True) -> bytes:
+        if name not in files and required:
+            raise CAConfigError(f"{source}{separator}{name}: missing (a plugged-in CA needs "
+                                f"{', '.join(CACERTS_FILES[:3])})")
+        return files.get(name, b"")
+
+    def where(name: str) -> str:
+        return f"{source}{separator}{name}"
+
+    signing = load_certs(read("ca-cert.pem"), where("ca-cert.pem"))
     if len(signing) != 1:
-        raise CAConfigError(f"{cacerts_dir / 'ca-cert.pem'}: must hold exactly one certificate, found {len(signing)}")
-    key = load_signing_key(read("ca-key.pem"), str(cacerts_dir / "ca-key.pem"))
-    roots = load_certs(read("root-cert.pem"), str(cacerts_dir / "root-cert.pem"))
-    chain = load_certs(read("cert-chain.pem", required=False), str(cacerts_dir / "cert-chain.pem"))
+        raise CAConfigError(f"{where('ca-cert.pem')}: must hold exactly one certificate, found {len(signing)}")
+    key = load_signing_key(read("ca-key.pem"), where("ca-key.pem"))
+    roots = load_certs(read("root-cert.pem"), where("root-cert.pem"))
+    chain = load_certs(read("cert-chain.pem", required=False), where("cert-chain.pem"))
     root_fps = {fingerprint(r) for r in roots}
     intermediates = [c for c in chain if fingerprint(c) not in root_fps]  # Istio's tooling may append the root
     if not intermediates and fingerprint(signing[0]) not in root_fps:
         intermediates = [signing[0]]
     bundle = CABundle(signing_key=key, signing_cert=signing[0], intermediates=tuple(intermediates), roots=tuple(roots))
-    check_ca_bundle(bundle, str(cacerts_dir), now)
+    check_ca_bundle(bundle, source, now)
     return bundle

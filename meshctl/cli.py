@@ -11,19 +11,21 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import aiohttp
 import click
 
 from injector.redirect_cmd import redirect
 from meshctl import __version__
 from meshctl.analyze import analyze
 from meshctl.completion_cmd import completion
+from meshctl.describe import describe_group
 from meshctl.install import install, uninstall
 from meshctl.kube_inject import kube_inject
 from meshctl.proxy_cmd import proxy
 from meshctl.proxy_config import proxy_config
 from meshctl.proxy_status_cmd import proxy_status
+from meshctl.simulate import experimental
 from meshctl.version_cmd import version
+from meshctl.wait_cmd import wait
 
 if TYPE_CHECKING:
     from pilot.settings import PilotSettings
@@ -70,9 +72,15 @@ Examples:
               help="With a cluster: HTTPS address of the injection and validation webhooks "
                    "[0.0.0.0:15017 with --in-cluster, else 127.0.0.1:15017].")
 @click.option("--log-level", default="info", show_default=True)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: one object per line (time, level, logger, message, change_id) for log pipelines.")
+@click.option("--otlp-endpoint", envvar="MESHCTL_PILOT_OTLP_ENDPOINT",
+              help="Send OpenTelemetry traces of config changes to this OTLP/HTTP URL "
+                   "(e.g. http://127.0.0.1:4318/v1/traces); default: no tracing.")
 def up(config_dir: Path | None, ads_addr: str, tls_addr: str, debug_addr: str, state_dir: Path | None,
        trust_domain: str, plaintext_only: bool, log_level: str, kubeconfig: Path | None = None,
-       in_cluster: bool = False, mesh_namespace: str = "istio-system", webhooks_addr: str | None = None) -> None:
+       in_cluster: bool = False, mesh_namespace: str = "istio-system", webhooks_addr: str | None = None,
+       log_format: str = "text", otlp_endpoint: str | None = None) -> None:
     """Run the control plane (pilot and its CA, Citadel) on a directory of mesh config until Ctrl-C."""
     from pilot.gcpolicy import use_system_malloc
 
@@ -81,15 +89,17 @@ def up(config_dir: Path | None, ads_addr: str, tls_addr: str, debug_addr: str, s
     from citadel.errors import CitadelError
     from meshctl.security import default_state_dir
     from pilot.listen import AddressInUseError
+    from pilot.logs import configure
     from pilot.settings import PilotSettings
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(log_level, "json" if log_format == "json" else "text")
     ads_host, ads_port = _split(ads_addr)
     tls_host, tls_port = _split(tls_addr)
     debug_host, debug_port = _split(debug_addr)
     settings = PilotSettings(ads_host=ads_host, ads_port=ads_port, xds_tls_host=tls_host, xds_tls_port=tls_port,
                              debug_host=debug_host, debug_port=debug_port, config_dir=config_dir,
-                             kubeconfig=kubeconfig, kube_in_cluster=in_cluster, kube_mesh_namespace=mesh_namespace)
+                             kubeconfig=kubeconfig, kube_in_cluster=in_cluster, kube_mesh_namespace=mesh_namespace,
+                             otlp_endpoint=otlp_endpoint)
     if config_dir is None and kubeconfig is None and not in_cluster:
         raise click.UsageError("give --config-dir, --kubeconfig or --in-cluster: where the mesh config comes from")
     state = state_dir or default_state_dir()
@@ -111,26 +121,31 @@ async def _up_plaintext(settings: PilotSettings) -> None:
     """`meshctl up --plaintext-only`: pilot alone, plaintext xDS."""
     from pilot.app import Pilot
     from pilot.gcpolicy import tune_gc
+    from pilot.logs import announce
 
     async with Pilot(settings) as pilot:
         tune_gc(settings.gc_young_threshold)  # after start-up: what exists now lives as long as pilot
-        click.echo(f"pilot: xDS on {pilot.ads_address} (plaintext, unauthenticated), debug on "
-                   f"http://{pilot.debug_address}", err=True)
+        announce(f"pilot: xDS on {pilot.ads_address} (plaintext, unauthenticated), debug on "
+                 f"http://{pilot.debug_address}")
         await _until_signal()
 
 
 async def _up(settings: PilotSettings, state: Path, trust_domain: str, kubeconfig: Path | None = None,
               in_cluster: bool = False, webhooks: tuple[str, int] | None = None) -> None:
     """`meshctl up`: pilot with Citadel composed in (one TLS port for ADS and CSRs), and workload tokens."""
+    from citadel.settings import istiod_dns_names
     from meshctl.security import MeshSecurity, workload_accounts
     from pilot.app import Pilot
     from pilot.gcpolicy import tune_gc
+    from pilot.logs import announce
     from pilot.tasks import spawn
 
     pilot = Pilot(settings)
     replicas = kubeconfig is not None or in_cluster
+    # On a cluster the rotation leader rotates, and the serving certificate names istiod in the mesh namespace.
+    cluster = {"rotate_roots": False, "server_dns_names": istiod_dns_names(settings.kube_mesh_namespace)}
     security = MeshSecurity(state, pilot.registry, trust_domain=trust_domain, host=settings.xds_tls_host,
-                            **({"rotate_roots": False} if replicas else {}))  # replicas: the rotation leader rotates
+                            **(cluster if replicas else {}))
     if replicas:
         from pilot.kube.leader import ROOT_ROTATION_LEASE, every
 
@@ -145,6 +160,7 @@ async def _up(settings: PilotSettings, state: Path, trust_domain: str, kubeconfi
         from meshctl.kube_up import KubeControlPlane
 
         kube = await KubeControlPlane.open(security, settings, trust_domain=trust_domain, webhooks=webhooks)
+        kube.lead(pilot)  # namespace duties (root ConfigMaps, caBundles) on the namespace-controller leader only
     await security.start()
     try:
         async with pilot:
@@ -153,9 +169,9 @@ async def _up(settings: PilotSettings, state: Path, trust_domain: str, kubeconfi
             tune_gc(settings.gc_young_threshold)  # after start-up: what exists now lives as long as pilot
             security.sync_tokens(workload_accounts(pilot.pusher.mesh))  # before any sidecar asks
             tokens = spawn("workload-tokens", lambda: security.keep_tokens(pilot), pilot.failures)
-            click.echo(f"pilot: xDS on {pilot.ads_address} (plaintext, unauthenticated), xDS and CA on "
-                       f"{pilot.xds_tls_address} (mutual TLS, trust domain {trust_domain}), debug on "
-                       f"http://{pilot.debug_address}, state in {state}", err=True)
+            announce(f"pilot: xDS on {pilot.ads_address} (plaintext, unauthenticated), xDS and CA on "
+                     f"{pilot.xds_tls_address} (mutual TLS, trust domain {trust_domain}), debug on "
+                     f"http://{pilot.debug_address}, state in {state}")
             try:
                 await _until_signal()
             finally:
@@ -201,20 +217,13 @@ cli.add_command(kube_inject)
 cli.add_command(install)
 cli.add_command(uninstall)
 cli.add_command(analyze)
+cli.add_command(describe_group)
 cli.add_command(proxy_status)
 cli.add_command(proxy_config)
 cli.add_command(version)
 cli.add_command(completion)
-
-
-async def _get_json(url: str) -> list[dict[str, object]]:
-    try:
-        async with aiohttp.ClientSession() as session, session.get(url) as resp:
-            resp.raise_for_status()
-            data: list[dict[str, object]] = await resp.json()
-            return data
-    except aiohttp.ClientError as exc:
-        raise click.ClickException(f"cannot reach pilot at {url}: {exc}") from exc
+cli.add_command(experimental)
+cli.add_command(wait)
 
 
 async def _until_signal() -> None:

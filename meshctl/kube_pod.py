@@ -13,7 +13,9 @@ captures: node id `sidecar~<pod ip>~<pod>.<ns>~<ns>.svc.<domain>`, admin on 127.
 only, the health (15021) and Prometheus (15090) listeners on all addresses (the kubelet and
 scrapers reach the pod IP), no local-mesh bind address. It reuses `pilot.bootstrap` for
 everything a local-mesh sidecar shares (ADS over mutual TLS, the agent's SDS cluster) and changes
-only those fields.
+only those fields. Pilot's certificate is verified for the discovery address's host, as Istio's
+agent verifies istiod: a DNS SAN (`istiod.<ns>.svc`, which `meshctl up` derives from
+`--mesh-namespace`), or an IP SAN when the address is an IP.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from typing import Any
 
 import yaml
 from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 
 from citadel.identity import SpiffeId
 from pilot.bootstrap import (
     HEALTH_LISTENER,
     STATS_LISTENER,
+    XDS_CLUSTER,
     BootstrapError,
     BootstrapSpec,
     parse_host_port,
@@ -190,6 +194,14 @@ def pod_from_env(environ: Mapping[str, str], labels_text: str | None = None,
     return pod
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _dns_label(name: str) -> str:
     """A pod name as a DNS label (names may be subdomains); only temp-dir names and messages use it."""
     return re.sub(r"[^a-z0-9-]", "-", name.lower()).strip("-")[:63] or "pod"
@@ -202,12 +214,28 @@ def base_spec(pod: PodProxy, sds_socket: str, initial_fetch_timeout_s: float = 1
         namespace=pod.namespace, workload=_dns_label(pod.pod_name), address="127.0.0.1", labels=pod.labels,
         service_account=pod.service_account, kind=ProxyKind.SIDECAR, pilot_host=host, pilot_port=port,
         cluster_domain=pod.cluster_domain, initial_fetch_timeout_s=initial_fetch_timeout_s,
-        sds_socket=sds_socket, pilot_tls=True)
+        sds_socket=sds_socket, pilot_tls=True, pilot_san=host)
+
+
+def _verify_pilot_ip(bootstrap: bootstrap_pb2.Bootstrap, ip: str) -> None:
+    """A discovery address given as an IP: pilot's certificate must carry it as an IP SAN (no SNI, which
+    cannot be an address). `meshctl up` puts its --xds-tls address in its certificate."""
+    xds = next(c for c in bootstrap.static_resources.clusters if c.name == XDS_CLUSTER)
+    context = tls_pb2.UpstreamTlsContext()
+    xds.transport_socket.typed_config.Unpack(context)
+    context.sni = ""
+    matchers = context.common_tls_context.combined_validation_context.default_validation_context
+    del matchers.match_typed_subject_alt_names[:]
+    matchers.match_typed_subject_alt_names.add(san_type=common_pb2.SubjectAltNameMatcher.IP_ADDRESS).matcher.exact = ip
+    xds.transport_socket.typed_config.Pack(context)
 
 
 def pod_bootstrap(pod: PodProxy, sds_socket: str, initial_fetch_timeout_s: float = 15.0) -> bootstrap_pb2.Bootstrap:
     """The Envoy bootstrap of the pod's sidecar (see the module docstring); pure and deterministic."""
-    bootstrap = sidecar_bootstrap(base_spec(pod, sds_socket, initial_fetch_timeout_s))
+    spec = base_spec(pod, sds_socket, initial_fetch_timeout_s)
+    bootstrap = sidecar_bootstrap(spec)
+    if _is_ip(spec.pilot_host):
+        _verify_pilot_ip(bootstrap, spec.pilot_host)
     node = bootstrap.node
     node.id = pod.node_id
     node.cluster = f"{pod.workload_name}.{pod.namespace}"

@@ -4,6 +4,9 @@
 
 - the CA accepts pods' projected service-account tokens (audience `istio-ca`), reviewed by the API
   server (`citadel.tokenreview`, cached);
+- the CA's roots come from the control-plane namespace's Secrets (`citadel.kube_store`: `cacerts` if
+  present, else `istio-ca-secret`, created by the first replica), so every replica signs under one
+  root and adopts the rotation leader's new roots;
 - the injection and validation webhooks serve HTTPS on 15017 (`injector.app.serve_webhooks`) with a
   certificate from the mesh CA, renewed on its own;
 - the Mutating/ValidatingWebhookConfigurations get the mesh root as `caBundle`
@@ -11,6 +14,10 @@
   configuration installed later, or re-applied without the bundle, is repaired);
 - `RootCertPublisher` keeps the `istio-ca-root-cert` ConfigMap (key `root-cert.pem`, Istio's names)
   in every namespace the mesh watches, which injected pods mount to trust the CA and pilot.
+
+The last two are namespace-wide writes that one replica does: they run only while this replica holds
+Lease `istio-namespace-controller-election` (Istio's name), through `Pilot.lead`; the others stay
+idle and take over on handover (a new leader starts with a fresh watch and a full reconcile).
 
 Concurrency: everything runs on the caller's event loop as guarded tasks (`pilot.tasks.spawn`);
 the CA's root-change callback may come from a worker thread (rotation runs in one), so it only
@@ -30,7 +37,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from citadel.errors import CAConfigError
 from citadel.keys import certs_pem
+from citadel.kube_store import KubeCA
 from citadel.tokenreview import CachedTokenReview, KubeTokenReviewClient
 from injector.app import WEBHOOK_PORT, ca_bundle, dns_names, serve_webhooks
 from injector.settings import InjectSettings
@@ -38,6 +47,7 @@ from meshctl.cabundle import patch_ca_bundles
 from meshctl.kubeapply import Applier, KubeApiError
 from meshctl.render import INJECTOR_NAME, InstallOptions
 from pilot.kube.client import make_client
+from pilot.kube.meshconfig import CONFIGMAP_KEY, CONFIGMAP_NAME, MeshConfig
 from pilot.kube.watch import Resource, Watch, backoff_delay
 from pilot.listen import AddressInUseError
 from pilot.tasks import spawn
@@ -57,6 +67,7 @@ MANAGED_LABEL = {"istio.io/config": "true"}  # Istio's label on the ConfigMaps i
 SYSTEM_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease", "local-path-storage"})
 BUNDLE_CHECK_S = 60.0  # caBundle re-check while every configuration is found
 BUNDLE_MISSING_CHECK_S = 5.0  # ... while one is not installed yet
+NAMESPACE_LEASE = "istio-namespace-controller-election"  # Istio's lock for its namespace controller
 NAMESPACES = Resource("", "v1", "namespaces", "Namespace", namespaced=False)
 CONFIGMAPS = Resource("", "v1", "configmaps", "ConfigMap")
 
@@ -95,6 +106,19 @@ def root_cert_configmap(namespace: str, name: str, pem: str,
     if meta.get("resourceVersion"):
         body["metadata"]["resourceVersion"] = meta["resourceVersion"]
     return body
+
+
+def trust_domain_conflict(mesh: MeshConfig, trust_domain: str, where: str) -> str | None:
+    """Why the mesh config's `trustDomain` (only when it sets one) cannot go with the CA's, else None.
+
+    The CA signs `spiffe://<--trust-domain>/...` while policies and peers written for the mesh
+    config's domain would expect the other: every mutual-TLS identity check would fail at run time.
+    `meshctl up` therefore refuses to start (Istio takes its CA's domain from the mesh config; here
+    the flag names it, so the two must agree)."""
+    if "trust_domain" not in mesh.model_fields_set or mesh.trust_domain == trust_domain:
+        return None
+    return (f"{where}: trustDomain {mesh.trust_domain!r} differs from --trust-domain {trust_domain!r} "
+            f"(workload certificates would carry spiffe://{trust_domain}/...); make them the same")
 
 
 class _Index:
@@ -223,10 +247,12 @@ class KubeControlPlane:
     """The Kubernetes duties of `meshctl up` (see the module docstring): `open`, `start(pilot)`, `close`."""
 
     def __init__(self, api: ApiClient, security: MeshSecurity, settings: PilotSettings, inject: InjectSettings,
-                 names: KubeUpSettings, webhooks: tuple[str, int]) -> None:
+                 names: KubeUpSettings, webhooks: tuple[str, int], kube_ca: KubeCA) -> None:
         self.api, self.security, self.settings, self.inject = api, security, settings, inject
-        self.names, self.webhooks_address = names, webhooks
-        self.publisher: RootCertPublisher | None = None
+        self.names, self.webhooks_address, self.kube_ca = names, webhooks, kube_ca
+        self.publisher: RootCertPublisher | None = None  # while this replica leads the namespace duties
+        self._closed = False
+        self._led = False  # `lead` registered the namespace duties with pilot
         self.webhooks_port = 0
         self._root_changed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -236,15 +262,51 @@ class KubeControlPlane:
     @classmethod
     async def open(cls, security: MeshSecurity, settings: PilotSettings, *, trust_domain: str,
                    webhooks: tuple[str, int] | None = None) -> KubeControlPlane:
-        """Connect to the cluster and make the CA trust its service-account tokens (before the CA starts)."""
+        """Connect to the cluster, load the CA's roots from its Secrets and make the CA trust its
+        service-account tokens (before the CA starts)."""
         api = await make_client(settings.kubeconfig, in_cluster=settings.kube_in_cluster)
-        security.citadel.use_token_review(CachedTokenReview(KubeTokenReviewClient(api)))
+        try:
+            citadel = security.citadel
+            kube_ca = await KubeCA.open(api, settings.kube_mesh_namespace, citadel.ca,
+                                        algorithm=citadel.settings.key_algorithm, root_ttl=citadel.settings.root_ttl)
+        except BaseException:
+            await api.close()
+            raise
+        citadel.use_token_review(CachedTokenReview(KubeTokenReviewClient(api)))
         inject = InjectSettings(trust_domain=trust_domain)  # sidecars must verify the CA's own trust domain
-        return cls(api, security, settings, inject, KubeUpSettings(),
-                   webhook_address(webhooks, settings.kube_in_cluster))
+        plane = cls(api, security, settings, inject, KubeUpSettings(),
+                    webhook_address(webhooks, settings.kube_in_cluster), kube_ca)
+        citadel.ca.on_change(plane._root_callback)
+        return plane
+
+    def lead(self, pilot: Pilot) -> None:
+        """Register the namespace duties (root ConfigMaps, caBundles) under `NAMESPACE_LEASE`; before `pilot.start`."""
+        pilot.lead(NAMESPACE_LEASE, "root-cert-configmaps", lambda: self._publish(pilot))
+        pilot.lead(NAMESPACE_LEASE, "webhook-ca-bundles", self._keep_ca_bundles)
+        self._led = True
+
+    async def _publish(self, pilot: Pilot) -> None:
+        """The root ConfigMap publisher, for one term of leadership (a fresh watch and full reconcile)."""
+        namespaces = pilot.kube.namespaces if pilot.kube is not None else None
+        publisher = RootCertPublisher(self.api, lambda: certs_pem(self.security.citadel.ca.trust_bundle()),
+                                      name=self.inject.root_cert_configmap,
+                                      allows=namespaces.allows if namespaces is not None else lambda _ns: True,
+                                      skip=SYSTEM_NAMESPACES | frozenset(self.inject.ignored_namespaces))
+        self.publisher = publisher
+        try:
+            await publisher.run()
+        finally:
+            if self.publisher is publisher:
+                self.publisher = None
 
     async def start(self, pilot: Pilot) -> None:
-        """Serve the webhooks, then keep the caBundles and root ConfigMaps current (guarded tasks)."""
+        """Serve the webhooks and follow the CA's Secret (guarded task); the namespace duties run
+        under their Lease if `lead` registered them, else here, unconditionally."""
+        if pilot.kube is not None:  # synced by now: the mesh config in force
+            where = f"ConfigMap {self.settings.kube_mesh_namespace}/{CONFIGMAP_NAME} key {CONFIGMAP_KEY}"
+            conflict = trust_domain_conflict(pilot.kube.mesh, self.inject.trust_domain, where)
+            if conflict is not None:
+                raise CAConfigError(conflict)
         ca = self.security.citadel.ca
         host, port = self.webhooks_address
         ips = ("127.0.0.1",) if host in ("0.0.0.0", "127.0.0.1") else ("127.0.0.1", host)  # the certificate's IP SANs
@@ -257,18 +319,16 @@ class KubeControlPlane:
             raise
         self.webhooks_port = server.port
         namespaces = pilot.kube.namespaces if pilot.kube is not None else None
-        self.publisher = RootCertPublisher(self.api, lambda: certs_pem(ca.trust_bundle()),
-                                           name=self.inject.root_cert_configmap,
-                                           allows=namespaces.allows if namespaces is not None else lambda _ns: True,
-                                           skip=SYSTEM_NAMESPACES | frozenset(self.inject.ignored_namespaces))
         if namespaces is not None:  # a discovery-selector change brings namespaces in
             namespaces.subscribe(self._selected)
-        ca.on_change(self._root_callback)
-        self._tasks = [spawn("root-cert-configmaps", self.publisher.run, pilot.failures),
-                       spawn("webhook-ca-bundles", self._keep_ca_bundles, pilot.failures)]
-        log.info("webhooks (injection, validation) on https://%s:%d; caBundle of %s and %s kept; ConfigMap %s "
-                 "published in the mesh's namespaces", host, server.port, self.names.injection_webhook_config_name,
-                 self.names.validator(self.settings.kube_mesh_namespace), self.inject.root_cert_configmap)
+        self._tasks = [spawn("ca-secret", self.kube_ca.run, pilot.failures)]
+        if not self._led:  # a single control plane that did not `lead` (an embedding, a test): always
+            self._tasks += [spawn("root-cert-configmaps", lambda: self._publish(pilot), pilot.failures),
+                            spawn("webhook-ca-bundles", self._keep_ca_bundles, pilot.failures)]
+        log.info("webhooks (injection, validation) on https://%s:%d; while leading %s: caBundle of %s and %s kept, "
+                 "ConfigMap %s published in the mesh's namespaces", host, server.port, NAMESPACE_LEASE,
+                 self.names.injection_webhook_config_name, self.names.validator(self.settings.kube_mesh_namespace),
+                 self.inject.root_cert_configmap)
 
     def _selected(self, added: frozenset[str], _removed: frozenset[str]) -> None:
         for namespace in added:
@@ -277,7 +337,7 @@ class KubeControlPlane:
 
     def _root_callback(self, _bundle: object) -> None:
         """The CA's change hook (possibly on a rotation worker thread): wake the loop, nothing more."""
-        if self._tasks:  # not after close
+        if not self._closed:
             with contextlib.suppress(RuntimeError):  # the loop is already closed
                 self._loop.call_soon_threadsafe(self._on_root_change)
 
@@ -314,6 +374,7 @@ class KubeControlPlane:
 
     async def close(self) -> None:
         """Stop the tasks and the webhooks, close the API client."""
+        self._closed = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

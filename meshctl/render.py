@@ -15,7 +15,6 @@ Pure: no I/O, no clock, no environment. A full render costs ~0.2 s (mostly the C
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -107,9 +106,11 @@ def rules(options: InstallOptions) -> list[Rule]:
              "patch the validator's caBundle at start (its own configuration only)",
              resource_names=(webhooks[1],)),
         Rule(("coordination.k8s.io",), ("leases",), ("create", "get", "update"),
-             "leader election (singleton duties: status writes, root rotation)", namespaced=True),
+             "leader election (singleton duties: status writes, root rotation, root ConfigMaps and caBundles)",
+             namespaced=True),
         Rule(("",), ("secrets",), ("create", "update"),
-             "CA: keep the mesh root key and certificate in the control plane's namespace", namespaced=True),
+             "CA: the first replica creates istio-ca-secret (root key and certificate), the rotation leader "
+             "updates it; every replica reads and watches it (cluster-wide rule above)", namespaced=True),
     ]
 
 
@@ -189,15 +190,14 @@ def control_plane_args(options: InstallOptions) -> list[str]:
 
 
 def control_plane_env(options: InstallOptions) -> list[Manifest]:
-    """The pod's identity (downward API), the injector's settings (`injector.settings`, MESHCTL_INJECT_*)
-    and the DNS names of istiod's TLS certificate (`citadel.settings`, MESHCTL_CITADEL_*): sidecars
-    dial `istiod.<namespace>.svc:15012` and check that name."""
+    """The pod's identity (downward API) and the injector's settings (`injector.settings`, MESHCTL_INJECT_*):
+    sidecars dial `istiod.<namespace>.svc:15012` and check that name, which `meshctl up` puts in its
+    certificate from `--mesh-namespace` (`citadel.settings.istiod_dns_names`)."""
     field = [(name, {"fieldRef": {"apiVersion": "v1", "fieldPath": path}})
              for name, path in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace"))]
     host = f"istiod.{options.namespace}.svc"
     address = f"{host}:{XDS_TLS_PORT}"
-    plain = [("MESHCTL_CITADEL_SERVER_DNS_NAMES", json.dumps([host, "localhost"])),
-             ("MESHCTL_INJECT_PROXY_IMAGE", options.proxy_image),
+    plain = [("MESHCTL_INJECT_PROXY_IMAGE", options.proxy_image),
              ("MESHCTL_INJECT_TRUST_DOMAIN", options.trust_domain),
              ("MESHCTL_INJECT_DISCOVERY_ADDRESS", address), ("MESHCTL_INJECT_CA_ADDRESS", address)]
     return [{"name": n, "valueFrom": v} for n, v in field] + [{"name": n, "value": v} for n, v in plain]

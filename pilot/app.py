@@ -8,6 +8,7 @@ the caller's event loop; background work is guarded (pilot.tasks).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -27,16 +28,19 @@ from pilot.model.build import build_mesh
 from pilot.model.conversions import Conversions
 from pilot.model.diff import endpoints_only
 from pilot.model.mesh import MeshSnapshot
-from pilot.push import Generate, Pusher, PushMetrics
+from pilot.push import ENDPOINT_KINDS, Generate, Pusher, PushMetrics
 from pilot.settings import PilotSettings
 from pilot.tasks import TaskFailures, spawn
+from pilot.tracing import ChangeTracker, ObservedStore, tracer_provider
 from pilot.translate import generate, generate_endpoints, generate_parts
 from pilot.xds.cache import SnapshotCache
+from pilot.xds.secrets import SecretServer
 from pilot.xds.server import AdsServer, SecureServing
 from pilot.xds.status import StatusRegistry, XdsMetrics
 
 if TYPE_CHECKING:  # the Kubernetes client is imported only by a pilot that uses it
     from kubernetes_asyncio.client import ApiClient
+    from opentelemetry.sdk.trace import SpanProcessor
 
     from pilot.kube.leader import LeaderElection
     from pilot.kube.registry_source import KubeRegistry
@@ -55,30 +59,36 @@ class Pilot:
     """One pilot instance. `async with Pilot(settings) as pilot:` runs it."""
 
     def __init__(self, settings: PilotSettings, generator: Generate = generate,
-                 secure: SecureServing | None = None) -> None:
+                 secure: SecureServing | None = None, *, span_processor: SpanProcessor | None = None) -> None:
         """`generator` is the translation stage; tests may wrap the real one (e.g. to make Envoy NACK).
         `secure` (from the composition root, e.g. `meshctl up` with Citadel) adds authenticated xDS on
-        `settings.xds_tls_host:xds_tls_port`; without it only plaintext xDS is served."""
+        `settings.xds_tls_host:xds_tls_port`; without it only plaintext xDS is served. `span_processor`
+        receives the traces of config changes too (tests: an in-memory exporter; see `pilot.tracing`)."""
         self.settings = settings
         self.secure = secure
         self.registry = CollectorRegistry()
         self.failures = TaskFailures(self.registry)
-        self.store = ConfigStore()
+        xds_metrics, push_metrics = XdsMetrics(self.registry), PushMetrics(self.registry)
+        # Each config change followed from ingest to the proxies: ids, traces, /debug/push_status.
+        self.changes = ChangeTracker(tracer_provider(settings.otlp_endpoint, span_processor),
+                                     xds_metrics=xds_metrics.istio)
+        self.store: ConfigStore = ObservedStore(self.changes, push_metrics.istio, ENDPOINT_KINDS)
         self.cache = SnapshotCache()
-        self.status = StatusRegistry(XdsMetrics(self.registry))
+        self.status = StatusRegistry(xds_metrics)
         conversions = Conversions()  # per-object conversions reused from one build to the next
         self.jwks = JwksFetcher(self.store, self.registry)  # RequestAuthentication jwksUri keys, inlined
         # Gateway credentialName secrets that exist (the composition root sets `credentials.root`).
         self.credentials = CredentialIndex(self.store)
+        self.secrets: SecretServer | None = None  # pilot serves them over ADS (Kubernetes with authenticated xDS)
         carry = Conversions()  # generated messages reused from one mesh version to the next
         self.pusher = Pusher(
             self.store, self.cache,
-            build_mesh=lambda objects: with_credential_warnings(_ended(
+            build_mesh=lambda objects: self._with_credentials(_ended(
                 build_mesh(objects, settings.cluster_domain, conversions, carry, jwks=self.jwks.current()),
-                conversions), self.credentials.current()),
+                conversions)),
             # The real generator hands shared parts over as shared objects (serialized once per mesh).
             generate=generate_parts if generator is generate else generator,
-            metrics=PushMetrics(self.registry),
+            metrics=push_metrics,
             debounce=settings.debounce_ms / 1000,
             debounce_max=settings.debounce_max_ms / 1000,
             endpoint_debounce=settings.endpoint_debounce_ms / 1000,
@@ -86,10 +96,12 @@ class Pilot:
             generate_endpoints=generate_endpoints,
             release_memory=release_free_memory,
             carry=carry,
+            changes=self.changes,
         )
         self.ads = AdsServer(self.cache, self.status, send_timeout=settings.send_timeout_ms / 1000 or None,
                              max_connection_age=settings.max_connection_age_ms / 1000 or None,
                              release_memory=release_free_memory)
+        self.ads.changes = self.changes
         self.files = (
             FileSource(self.store, settings.config_dir, interval=settings.file_poll_ms / 1000,
                        watch=settings.file_watch, rescan=settings.file_rescan_ms / 1000,
@@ -169,16 +181,24 @@ class Pilot:
     async def _start_kube_source(self) -> None:
         """Mesh config from the cluster's API server (`pilot.kube.source`), beside any file source;
         the first push waits (up to `kube_sync_timeout_ms`) for its first lists, as Istio waits for sync."""
-        from pilot.kube.secrets import SecretIndex
+        from pilot.kube.secrets import SecretIndex, SubjectAccessReviews
         from pilot.kube.source import KubeSource
 
         s = self.settings
         self.kube = await KubeSource.connect(self.store, kubeconfig=s.kubeconfig, in_cluster=s.kube_in_cluster,
                                              mesh_namespace=s.kube_mesh_namespace)
         self._tasks.append(spawn("config-kubernetes", self.kube.run, self.failures))
-        self.credentials = SecretIndex(self.store, self.kube.api_client)  # Gateway credentialName secrets
+        # Gateway credentialName secrets: warnings, and (with authenticated xDS) served to gateways over ADS.
+        self.secrets = None if self.secure is None else SecretServer(SubjectAccessReviews(self.kube.api_client))
+        self.ads.secrets = self.secrets
+        self.credentials = SecretIndex(self.store, self.kube.api_client, self.secrets)
         if not await self.kube.wait_synced(s.kube_sync_timeout_ms / 1000):
             log.warning("kubernetes source: not synced after %d ms; serving what is known", s.kube_sync_timeout_ms)
+
+    def _with_credentials(self, mesh: MeshSnapshot) -> MeshSnapshot:
+        """`mesh` with the missing-secret warnings, and told whether pilot serves gateway certificates."""
+        mesh = with_credential_warnings(mesh, self.credentials.current())
+        return dataclasses.replace(mesh, credentials_over_ads=True) if self.secrets is not None else mesh
 
     def lead(self, lease: str, name: str, duty: Callable[[], Awaitable[None]]) -> None:
         """Run `duty` (a guarded task) only while this replica holds `lease` in the control-plane
@@ -230,6 +250,9 @@ class Pilot:
         if self.kube is not None:
             await self.kube.close()
             self.kube = None
+        provider = self.changes.close()
+        if provider is not None:  # the last change's trace, flushed to the collector
+            await asyncio.to_thread(provider.shutdown)
 
     async def __aenter__(self) -> Pilot:
         await self.start()

@@ -1,9 +1,10 @@
 """Pilot's HTTP monitoring and debug API (aiohttp), port 15014 by Istio convention.
 
 Read-only views of live state: `/debug/syncz` (per-proxy xDS status and Envoy admin address),
-`/debug/version`, `/debug/configz`
+`/debug/adsz` (Istio's: subscriptions and versions per proxy), `/debug/push_status` (the last push,
+`pilot.tracing`), `/debug/version`, `/debug/configz`
 (accepted and rejected config), `/debug/workload/{ns}/{name}`, `/debug/config_dump`,
-`/metrics` (Prometheus) and `/ready`; `/debug/` lists them. A request missing a required
+`/metrics` (Prometheus, Istio's names: `pilot.metrics`) and `/ready`; `/debug/` lists them. A request missing a required
 parameter gets 400 naming it. Handlers only read; they run on pilot's event loop.
 """
 
@@ -20,12 +21,13 @@ from typing import Any
 
 from aiohttp import web
 from google.protobuf import any_pb2, json_format
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from pilot import gcpolicy
+from pilot import distribution, gcpolicy
 from pilot.bootstrap import ADMIN_PORT
 from pilot.listen import AddressInUseError, check_free
+from pilot.metrics import exposition
 from pilot.model.proxy import META_BIND_ADDRESS
 from pilot.push import Pusher
 from pilot.xds import typeurls
@@ -43,8 +45,13 @@ class DebugApi:
         """(path, handler, one line on what it shows): the routes, and the `/debug/` index."""
         return [
             ("/debug/syncz", self.syncz, "every connected proxy and its xDS state per type (SYNCED/STALE/NACKED)"),
+            ("/debug/adsz", self.adsz, "connected proxies (Istio's adsz): subscriptions and versions per type"),
+            ("/debug/push_status", self.push_status,
+             "the last push: change id, trigger, kinds, durations, classes, proxies, responses per type"),
             ("/debug/configz", self.configz, "config objects in force, rejected documents and why, mesh warnings"),
             ("/debug/config_dump?proxy=ID", self.config_dump, "the xDS resources pilot serves to one connected proxy"),
+            ("/debug/config_distribution?kind=K&namespace=NS&name=N", self.config_distribution,
+             "one config object's revision and which affected proxies ACKed it (meshctl wait)"),
             ("/debug/workload/NAMESPACE/NAME", self.workload, "one WorkloadEntry as the mesh sees it"),
             ("/debug/version", self.version, "pilot's version, Python and Envoy API versions (meshctl version)"),
             ("/debug/memz?top=N&trim=1", self.memz, "where pilot's memory is; trim=1 hands free memory back first"),
@@ -101,6 +108,32 @@ class DebugApi:
             row["admin"] = admins.get(row["proxy"])
         return web.json_response(rows)
 
+    async def adsz(self, request: web.Request) -> web.Response:
+        """Istio's `/debug/adsz` shape: `totalClients` and `clients`, each with its connection id, node,
+        address, connect time, metadata and, per type it subscribed to, the names, versions and nonce."""
+        clients = []
+        for st in sorted(self.status.streams(), key=lambda s: (s.identity.node_id, s.stream_id)):
+            watches = {}
+            for type_url, ts in sorted(st.types.items()):
+                watches[type_url] = {
+                    "type": typeurls.short_name(type_url),
+                    "resourceNames": _subscribed(st.session, type_url),
+                    "versionSent": ts.sent_version, "versionAcked": ts.acked_version, "nonceSent": ts.sent_nonce,
+                    "state": ts.state().value,
+                }
+            clients.append({
+                "connectionId": f"{st.identity.node_id}-{st.stream_id}", "node": st.identity.node_id,
+                "address": st.peer, "protocol": st.protocol, "connectedAt": st.connected_at,
+                "proxyClass": st.identity.proxy_class.describe(),
+                "metadata": {k: v for k, v in st.identity.metadata.items() if isinstance(v, str | int | float | bool)},
+                "watches": watches,
+            })
+        return web.json_response({"totalClients": len(clients), "clients": clients})
+
+    async def push_status(self, request: web.Request) -> web.Response:
+        """The last push (or the one under way): see `pilot.tracing.ChangeTracker.push_status`."""
+        return web.json_response(self.pusher.changes.push_status())
+
     async def version(self, request: web.Request) -> web.Response:
         return web.json_response({"component": "pilot", "version": _pilot_version(),
                                   "python": sys.version.split()[0], "xds_api": "v3"})
@@ -113,6 +146,16 @@ class DebugApi:
             "generate_errors": {k.describe(): v for k, v in sorted(self.pusher.errors.items())},
         }
         return web.json_response(body)
+
+    async def config_distribution(self, request: web.Request) -> web.Response:
+        """One object as pilot holds it (revision, generation, content hash, or why it was rejected)
+        and, per affected proxy, whether it ACKed config including it (see `pilot.distribution`)."""
+        missing = [p for p in ("kind", "name") if not request.query.get(p)]
+        if missing:
+            raise web.HTTPBadRequest(text=f"missing query parameter {missing[0]!r}: as in "
+                                          "/debug/config_distribution?kind=VirtualService&namespace=default&name=N\n")
+        key = (request.query["kind"], request.query.get("namespace") or "default", request.query["name"])
+        return web.json_response(distribution_report(self.store, self.pusher, self.status, key))
 
     async def workload(self, request: web.Request) -> web.Response:
         ns, name = request.match_info["namespace"], request.match_info["name"]
@@ -159,7 +202,7 @@ class DebugApi:
         return web.Response(text=trimmed + memory_report(int(top)))
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=exposition(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def ready(self, request: web.Request) -> web.Response:
         if not self.pusher.ready.is_set():
@@ -173,6 +216,36 @@ class DebugApi:
             return "no proxy is connected"
         more = f" and {len(ids) - most} more (see /debug/syncz)" if len(ids) > most else ""
         return "connected: " + ", ".join(ids[:most]) + more
+
+
+def distribution_report(store: Any, pusher: Pusher, status: StatusRegistry,
+                        key: tuple[str, str, str]) -> dict[str, Any]:
+    """`/debug/config_distribution` for one store key: `found`, `not found` or `rejected` (no
+    version of it serves), with the distribution of the version that serves."""
+    kind, namespace, name = key
+    body: dict[str, Any] = {"kind": kind, "namespace": namespace, "name": name}
+    rejected = store.rejection(key)
+    if rejected is not None:
+        body["rejected"] = rejected[0]
+    obj, arrival = store.get(*key), store.arrival(key)
+    if obj is None or arrival is None:
+        body["status"] = "rejected" if rejected is not None else "not found"
+        return body
+    meta = obj.metadata
+    body.update(status="found", revision=arrival[0], arrived_at=arrival[1], generation=meta.generation,
+                resource_version=meta.resource_version, content_hash=distribution.content_hash(obj))
+    body.update(distribution.distribution(arrival[0], arrival[1], pusher.built_revision, status.streams(),
+                                          status.departed, pusher.class_changes, pusher.errors))
+    return body
+
+
+def _subscribed(session: Any, type_url: str) -> list[str] | str:
+    """The names a stream subscribed to of a type, or "*" for a wildcard subscription."""
+    state = getattr(session, "types", {}).get(type_url)
+    names = getattr(state, "names", None)
+    if names is None or (getattr(state, "wildcard", False) and not names):
+        return "*"
+    return sorted(names)
 
 
 def _admin_address(metadata: Mapping[str, Any]) -> str | None:

@@ -26,8 +26,11 @@ from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Summary
 
+from pilot.logs import change_id
+from pilot.metrics import IstioPushMetrics, trigger_types
 from pilot.model.conversions import Conversions
 from pilot.model.proxy import ProxyClass
+from pilot.tracing import Change, ChangeTracker
 from pilot.xds import typeurls
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.snapshot import ProxyParts, ProxyResources, Serializer, Snapshot
@@ -65,6 +68,7 @@ class PushMetrics:
             "pilot_class_publish_cpu_seconds",
             "CPU time to generate, serialize and publish the first snapshot of a new class (no socket writes)",
             registry=registry)
+        self.istio = IstioPushMetrics(registry)  # Istio's names (pilot.metrics)
 
 
 class Pusher:
@@ -74,9 +78,12 @@ class Pusher:
                  metrics: PushMetrics, debounce: float = 0.1, debounce_max: float = 1.0,
                  endpoint_debounce: float = 0.01, endpoints_only: EndpointsOnly | None = None,
                  generate_endpoints: GenerateEndpoints | None = None, slice_seconds: float = 0.01,
-                 release_memory: Callable[[], object] | None = None, carry: Conversions | None = None) -> None:
+                 release_memory: Callable[[], object] | None = None, carry: Conversions | None = None,
+                 changes: ChangeTracker | None = None) -> None:
         """`endpoints_only(old_mesh, new_mesh)` and `generate_endpoints(mesh, proxy)` enable the EDS
-        fast path: when only endpoints moved, classes get new EDS and keep their other types."""
+        fast path: when only endpoints moved, classes get new EDS and keep their other types.
+        `changes` follows each config change (ids, traces, /debug/push_status; pilot.tracing)."""
+        self.changes = changes or ChangeTracker()
         self.store = store
         self.cache = cache
         self.build_mesh = build_mesh
@@ -100,6 +107,10 @@ class Pusher:
         self.errors: dict[ProxyClass, str] = {}  # last generation error per class, for /debug
         self.ready = asyncio.Event()
         self.built_revision = -1  # the store revision the current mesh was built from
+        self.mesh_revision = -1  # the store revision `self.mesh` was built from (set before publishing it)
+        # class -> (store revision of the mesh, time.monotonic_ns()) when its snapshot last changed
+        # content: what `pilot.distribution` needs to tell affected proxies from untouched ones.
+        self.class_changes: dict[ProxyClass, tuple[int, int]] = {}
         self._built = asyncio.Event()
         cache.on_demand(self._on_demand)
         # When proxies leave, their classes' snapshots go with the next release (a second later,
@@ -113,6 +124,7 @@ class Pusher:
 
     def rebuild(self) -> None:
         """Build the mesh from the store now and publish every watched class, without yielding."""
+        self._begin_change()
         started, revision, objects, known_kinds = self._prepare()
         mesh, eds_only = self._build(objects, self.mesh, known_kinds)
         for _ in self._publish_all(started, revision, mesh, eds_only):
@@ -126,6 +138,8 @@ class Pusher:
         store has not moved since it started, otherwise waited for (builds never overlap, as
         they share the conversion memos) and replaced."""
         built: tuple[Any, bool] | None = None
+        if self.changes.open is not None or self.changes.current is None:  # `run` began it after the debounce
+            self._begin_change()
         if early is not None:
             began = time.perf_counter()  # the push's latency runs from the end of the debounce
             try:
@@ -159,31 +173,62 @@ class Pusher:
 
     def _build(self, objects: list[Any], old: Any, known_kinds: bool) -> tuple[Any, bool]:
         """The new mesh, and whether it differs from `old` in endpoints only. Pure: may run in a thread."""
-        mesh = self.build_mesh(objects)
-        eds_only = known_kinds and old is not None and self._eds_only(old, mesh)
+        began = time.perf_counter()
+        with self.changes.span("build", attributes={"meshctl.objects": len(objects)}):
+            mesh = self.build_mesh(objects)
+            eds_only = known_kinds and old is not None and self._eds_only(old, mesh)
+        self.metrics.istio.init_time.observe(time.perf_counter() - began)
         return mesh, eds_only
+
+    def _begin_change(self) -> Change:
+        """The change this push carries (pilot.tracing): its id goes on every log line from here on."""
+        kinds = self.store.kinds_changed_since(self.built_revision)
+        triggers = trigger_types(kinds, ENDPOINT_KINDS) if self.mesh is not None else ["global"]
+        for trigger in triggers:
+            self.metrics.istio.triggers.inc(trigger)
+        change = self.changes.begin(kinds, triggers)
+        change_id.set(change.id)  # this task's log lines (and the build thread's) now name the change
+        return change
 
     def _publish_all(self, started: float, revision: int, mesh: Any, eds_only: bool) -> Iterator[None]:
         """Publish every watched class from `mesh`; yields whenever a time slice is used up."""
-        old, self.mesh = self.mesh, mesh
+        old, self.mesh, self.mesh_revision = self.mesh, mesh, revision
         self._log_new_warnings(old)
         self.serializer.next_mesh()
         self.metrics.builds.inc()
+        self._count_config(mesh)
         built = time.perf_counter()
         watched = self.cache.watched()
+        change = self.changes.current
+        if change is not None:
+            self.changes.publishing(change)
+        errors = len(self.errors)
         deadline = time.perf_counter() + self.slice
-        for key in watched:
-            if not (eds_only and self.publish_endpoints(key)):
-                self.publish(key)
-            if time.perf_counter() > deadline:
-                yield
-                deadline = time.perf_counter() + self.slice
+        with self.changes.span("generate", change, {"meshctl.classes": len(watched), "meshctl.eds_only": eds_only}) \
+                as span:
+            for key in watched:
+                if not (eds_only and self.publish_endpoints(key)):
+                    self.publish(key)
+                self.metrics.istio.queue_time.observe(time.perf_counter() - built)
+                if time.perf_counter() > deadline:
+                    yield
+                    deadline = time.perf_counter() + self.slice
+            if span is not None:
+                span.set_attribute("meshctl.errors", len(self.errors))
         self.cache.drop_unwatched()
+        for gone in [k for k in self.class_changes if self.cache.get(k) is None]:
+            del self.class_changes[gone]
         self.serializer.advance(complete=not eds_only)
         if self.carry is not None:
             self.carry.advance(complete=not eds_only)
         done = time.perf_counter()
         self.metrics.push_seconds.observe(done - started)
+        if change is not None:
+            self.changes.published(change, {
+                "revision": revision, "classes": len(watched), "eds_only": eds_only,
+                "generate_errors": len(self.errors), "new_generate_errors": max(0, len(self.errors) - errors),
+                "build_ms": round((built - started) * 1000, 3), "generate_ms": round((done - built) * 1000, 3),
+                "duration_ms": round((done - started) * 1000, 3), "pushed_at": time.time()})
         log.info("revision %d: mesh built in %.1f ms, %d classes %s in %.1f ms", revision, (built - started) * 1000,
                  len(watched), "given new endpoints (EDS only)" if eds_only else "generated and published",
                  (done - built) * 1000)
@@ -191,6 +236,11 @@ class Pusher:
         self._built.set()
         self._built = asyncio.Event()
         self.ready.set()
+
+    def _count_config(self, mesh: Any) -> None:
+        """Istio's `pilot_services` (services in the mesh) and `pilot_virt_services` (VirtualService objects)."""
+        self.metrics.istio.services.set(len(getattr(mesh, "services", ())))
+        self.metrics.istio.virt_services.set(len(self.store.objects("VirtualService")))
 
     def _log_new_warnings(self, old: Any) -> None:
         """Log each mesh warning once, when it first appears (all stay listed in /debug/configz)."""
@@ -216,7 +266,7 @@ class Pusher:
             return False  # no good snapshot of the current config to patch
         try:
             eds = self.generate_endpoints(self.mesh, key)
-            self.cache.set(key, previous.with_type(typeurls.ENDPOINT, self.serializer.set_of(typeurls.ENDPOINT, eds)))
+            self._set(key, previous.with_type(typeurls.ENDPOINT, self.serializer.set_of(typeurls.ENDPOINT, eds)))
         except Exception:
             log.exception("EDS fast path failed for %s; doing a full push", key.describe())
             return False
@@ -231,9 +281,10 @@ class Pusher:
         cpu = time.thread_time() if new_class else 0.0
         try:
             snapshot = Snapshot.from_parts(_as_parts(self.generate(self.mesh, key)), self.serializer)
-            self.cache.set(key, snapshot)
+            self._set(key, snapshot)
         except Exception as exc:
             self.metrics.generate_errors.inc()
+            self.metrics.istio.internal_errors.inc("snapshot")
             self.errors[key] = f"{type(exc).__name__}: {exc}"
             log.exception("config for %s not published; it keeps its last good config", key.describe())
             return False
@@ -242,6 +293,12 @@ class Pusher:
             self.metrics.class_cpu.observe(time.thread_time() - cpu)
         return True
 
+    def _set(self, key: ProxyClass, snapshot: Snapshot) -> None:
+        """Publish, noting when the class's content really changed (the cache keeps an identical one)."""
+        self.cache.set(key, snapshot)
+        if self.cache.get(key) is snapshot:
+            self.class_changes[key] = (self.mesh_revision, time.monotonic_ns())
+
     async def run(self) -> None:
         """Rebuild after every settled burst of changes, forever."""
         revision = self.store.revision
@@ -249,8 +306,11 @@ class Pusher:
         self._release_later()
         while True:
             revision = await self.store.wait_for_change(revision)
+            entered = time.perf_counter()
             early = self._build_early()
             revision = await self._settle(revision)
+            self.metrics.istio.debounce_time.observe(time.perf_counter() - entered)
+            self._begin_change()
             await self.rebuild_yielding(early)
             self._release_later()
 

@@ -56,3 +56,6 @@ class PilotSettings(BaseSettings):
     kube_status: bool = Field(True, description="the status leader writes status.conditions on mesh objects")
     status_qps: float = Field(100.0, gt=0, description="status writes per second (Istio's PILOT_STATUS_QPS)")
     status_burst: int = Field(500, ge=1, description="status writes at once (Istio's PILOT_STATUS_BURST)")
+    otlp_endpoint: str | None = Field(
+        None, description="OpenTelemetry traces of config changes to this OTLP/HTTP (protobuf) URL, e.g. "
+        "http://127.0.0.1:4318/v1/traces; unset: no tracing")

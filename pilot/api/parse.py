@@ -64,9 +64,13 @@ def parse_object(doc: object) -> ApiObject:
     kinds, versions = (SECURITY_KINDS, SECURITY_VERSIONS) if security else (KINDS, VERSIONS)
     cls = kinds.get(kind)
     if cls is None or group not in (GROUP, SECURITY_GROUP) or version not in versions:
-        served = ", ".join(sorted(KINDS))
+        # Name what the group the document claims does serve (both groups if it claims neither).
+        groups = [(SECURITY_KINDS, SECURITY_GROUP, SECURITY_VERSIONS)] if security else (
+            [(KINDS, GROUP, VERSIONS)] if group == GROUP else
+            [(KINDS, GROUP, VERSIONS), (SECURITY_KINDS, SECURITY_GROUP, SECURITY_VERSIONS)])
+        served = "; ".join(f"kinds {', '.join(sorted(k))} of {g}/{'|'.join(v)}" for k, g, v in groups)
         raise UnsupportedKindError(
-            f"{api_version} {kind} is not served (kinds {served} of {GROUP}/{'|'.join(VERSIONS)})",
+            f"{api_version} {kind} is not served ({served})",
             kind=kind,
             namespace=namespace,
             name=name,

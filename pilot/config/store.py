@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -45,6 +46,9 @@ class ConfigStore:
         self._kind_log: collections.deque[tuple[int, frozenset[str]]] = collections.deque(maxlen=256)
         self._sorted: tuple[int, list[ApiObject]] | None = None  # (revision, objects by key)
         self._sorted_keys: list[Key] | None = None  # every effective key, sorted; None once a key came or went
+        # key -> (revision, wall time) at which its current effective content arrived; one entry per
+        # object, written only when it changes (`/debug/config_distribution`, `meshctl wait`).
+        self._arrived: dict[Key, tuple[int, float]] = {}
 
     @property
     def revision(self) -> int:
@@ -129,14 +133,29 @@ class ConfigStore:
                 kinds.add(key[0])
                 if winner is None:
                     del self._effective[key]
+                    self._arrived.pop(key, None)
                     self._sorted_keys = None
                 else:
                     if key not in self._effective:
                         self._sorted_keys = None
                     self._effective[key] = winner
+                    self._arrived[key] = (self._revision + 1, time.time())  # the revision _bump makes
         if kinds:
             self._bump(frozenset(kinds))
         return bool(kinds)
+
+    def arrival(self, key: Key) -> tuple[int, float] | None:
+        """(store revision, wall time) at which the object's current content arrived; None if absent."""
+        return self._arrived.get(key)
+
+    def rejection(self, key: Key) -> tuple[str, bool] | None:
+        """Why a source's latest document for `key` was refused, and whether a previous version
+        still serves; None when no source reports an error naming it. Scans the errors (few)."""
+        for source_id in sorted(self._errors):
+            for err in self._errors[source_id]:
+                if err.key == key:
+                    return str(err), self._previous.get(source_id, {}).get(key) == err
+        return None
 
     def kinds_changed_since(self, revision: int) -> frozenset[str] | None:
         """Kinds of the objects changed after ``revision``; None if unknown (a touch, or too old)."""

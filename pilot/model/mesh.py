@@ -329,6 +329,9 @@ class MeshSnapshot:
     security: Security = field(default_factory=Security)  # AuthorizationPolicy, RequestAuthentication
     peer_authn: PeerAuthn = field(default_factory=PeerAuthn)  # PeerAuthentication (pilot.model.mtls)
     trust_domain: str = "cluster.local"  # of workload identities: spiffe://<trust_domain>/ns/../sa/..
+    # Gateway credentialName secrets come from pilot over ADS (Kubernetes: pilot.xds.secrets), not
+    # from the gateway's agent (the local secret store); set by the composition root.
+    credentials_over_ads: bool = False
     warnings: tuple[str, ...] = ()
     # Results of pure functions of this snapshot, shared by every proxy class generated from it
     # (see pilot.translate.memo). Not an input: init=False, so `dataclasses.replace` starts empty.

@@ -105,7 +105,7 @@ def _sni_chains(
             name = https_route_name(server)
             routes[name] = gateway_route_config(mesh, view, name, [server], port)
             chain = lc.FilterChain(filters=[_rds_filter(name, port, security)],
-                                   transport_socket=transport_socket(server.tls))
+                                   transport_socket=transport_socket(server.tls, over_ads=mesh.credentials_over_ads))
             chain.filter_chain_match.server_names.extend(sorted(server.sni_names))
             chains.append(chain)
             taken |= server.sni_names
@@ -160,7 +160,8 @@ def _tcp_chains(
         if proxy is not None:
             chain = lc.FilterChain(filters=[*network_rbac_filters(security), proxy])
             if server.tls is not None:
-                chain.transport_socket.CopyFrom(transport_socket(server.tls, alpn=()))
+                chain.transport_socket.CopyFrom(
+                    transport_socket(server.tls, alpn=(), over_ads=mesh.credentials_over_ads))
             return [chain]
     return []
 

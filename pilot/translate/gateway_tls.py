@@ -7,7 +7,10 @@ rotated certificate needs a config push, which any change of the Gateway trigger
 a file or a key: ``kubernetes://<name>`` (certificate and key) and, for MUTUAL and
 OPTIONAL_MUTUAL, ``kubernetes://<name>-cacert`` (client CA bundle and CRL), Istio's names. The
 agent serves them from the local secret store and pushes a rotated certificate itself; pilot
-never imports citadel, so these names are the contract (tested on both sides).
+never imports citadel, so these names are the contract (tested on both sides). On Kubernetes
+(`over_ads`, the mesh's `credentials_over_ads`), the same names are asked on the ADS stream
+instead, as Istio's gateways do: pilot serves them from the cluster's Secrets to authenticated
+routers (`pilot.xds.secrets`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tl
 from envoy.type.matcher.v3 import string_pb2
 
 from pilot.model.gateway import GatewayServer, ServerTls
+from pilot.translate.common import ads_config_source
 from pilot.translate.mtls import mesh_common_context, sds_config
 
 TLS_TRANSPORT_SOCKET = "envoy.transport_sockets.tls"
@@ -52,8 +56,11 @@ def credential_ca_secret(name: str) -> str:
     return credential_secret(name) + CA_SUFFIX
 
 
-def downstream_tls_context(tls: ServerTls, alpn: tuple[str, ...] = ("h2", "http/1.1")) -> Any:
-    """SIMPLE: serve the certificate; MUTUAL: also require a client certificate signed by the CA
+def downstream_tls_context(tls: ServerTls, alpn: tuple[str, ...] = ("h2", "http/1.1"),
+                           over_ads: bool = False) -> Any:
+    """`over_ads`: credentialName secrets come from pilot on the ADS stream, not the gateway's agent.
+
+    SIMPLE: serve the certificate; MUTUAL: also require a client certificate signed by the CA
     (and, when given, not revoked by the CRL and matching a pinned key or certificate hash);
     OPTIONAL_MUTUAL: verify a client certificate only when one is presented; ISTIO_MUTUAL: the
     gateway's own mesh certificate and roots from its workload agent (SDS), and a client
@@ -64,7 +71,7 @@ def downstream_tls_context(tls: ServerTls, alpn: tuple[str, ...] = ("h2", "http/
         context.require_client_certificate.value = True
         return context
     if tls.credential_names:
-        return _credential_context(tls, alpn)
+        return _credential_context(tls, alpn, over_ads)
     common = tls_pb2.CommonTlsContext(alpn_protocols=list(alpn))
     cert = common.tls_certificates.add()
     cert.certificate_chain.CopyFrom(base_pb2.DataSource(filename=tls.server_certificate))
@@ -81,19 +88,19 @@ def downstream_tls_context(tls: ServerTls, alpn: tuple[str, ...] = ("h2", "http/
     return context
 
 
-def _credential_sds_config() -> Any:
-    source = sds_config()
+def _credential_sds_config(over_ads: bool) -> Any:
+    source = ads_config_source() if over_ads else sds_config()
     source.initial_fetch_timeout.FromSeconds(CREDENTIAL_FETCH_TIMEOUT_S)
     return source
 
 
-def _credential_context(tls: ServerTls, alpn: tuple[str, ...]) -> Any:
+def _credential_context(tls: ServerTls, alpn: tuple[str, ...], over_ads: bool) -> Any:
     """Certificates (one per name: e.g. RSA and ECDSA) and, when clients are verified, the first
     name's CA bundle, all over SDS from the gateway's agent; SANs and pins stay in the static part."""
     common = tls_pb2.CommonTlsContext(alpn_protocols=list(alpn))
     for name in tls.credential_names:
         common.tls_certificate_sds_secret_configs.append(
-            secret_pb2.SdsSecretConfig(name=credential_secret(name), sds_config=_credential_sds_config()))
+            secret_pb2.SdsSecretConfig(name=credential_secret(name), sds_config=_credential_sds_config(over_ads)))
     _set_versions(common.tls_params, tls)
     context = tls_pb2.DownstreamTlsContext(common_tls_context=common)
     if tls.mode in ("MUTUAL", "OPTIONAL_MUTUAL"):
@@ -101,7 +108,7 @@ def _credential_context(tls: ServerTls, alpn: tuple[str, ...]) -> Any:
         combined.default_validation_context.SetInParent()
         _client_checks(combined.default_validation_context, tls)
         combined.validation_context_sds_secret_config.name = credential_ca_secret(tls.credential_names[0])
-        combined.validation_context_sds_secret_config.sds_config.CopyFrom(_credential_sds_config())
+        combined.validation_context_sds_secret_config.sds_config.CopyFrom(_credential_sds_config(over_ads))
         context.require_client_certificate.value = tls.mode == "MUTUAL"
     return context
 
@@ -133,7 +140,7 @@ def mesh_tls_servers(servers: list[GatewayServer], mtls: bool) -> list[GatewaySe
     return servers if mtls else [s for s in servers if not needs_agent(s)]
 
 
-def transport_socket(tls: ServerTls, alpn: tuple[str, ...] = ("h2", "http/1.1")) -> Any:
+def transport_socket(tls: ServerTls, alpn: tuple[str, ...] = ("h2", "http/1.1"), over_ads: bool = False) -> Any:
     socket = base_pb2.TransportSocket(name=TLS_TRANSPORT_SOCKET)
-    socket.typed_config.Pack(downstream_tls_context(tls, alpn))
+    socket.typed_config.Pack(downstream_tls_context(tls, alpn, over_ads))
     return socket

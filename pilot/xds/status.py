@@ -10,6 +10,7 @@ way `nacks` and `last_nack` keep the history.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from pilot.metrics import IstioXdsMetrics, xds_type
 from pilot.model.proxy import ProxyIdentity
 from pilot.xds import typeurls
 
@@ -46,6 +48,9 @@ class TypeStatus:
     # What this proxy should have of the type now (its subscription of the latest snapshot);
     # read and written as `current_version`.
     _current: str = ""
+    # time.monotonic_ns() when the session last set `current_version` from its class's snapshot:
+    # later than the snapshot's publication means the stream has taken that snapshot into account.
+    current_at: int = 0
 
     @property
     def current_version(self) -> str:
@@ -61,6 +66,7 @@ class TypeStatus:
         would show forever although acked equals current. Cost: two string compares per push.
         """
         self._current = version
+        self.current_at = time.monotonic_ns()
         if (
             self.nack_message
             and self.acked_version
@@ -91,9 +97,20 @@ class StreamStatus:
     peer: str
     connected_at: float = field(default_factory=time.time)
     types: dict[str, TypeStatus] = field(default_factory=dict)
+    closed_at: float = 0.0  # wall time the stream ended; 0 while connected
+
+    # Type URLs of the responses recorded as sent since the server last took them (`take_sent`):
+    # the server pairs them with the bytes it writes, for Istio's per-type metrics.
+    sent_log: list[str] = field(default_factory=list)
+    # The stream's session (set by the server): its per-type subscriptions, for `/debug/adsz`.
+    session: Any = field(default=None, repr=False)
 
     def of(self, type_url: str) -> TypeStatus:
         return self.types.setdefault(type_url, TypeStatus())
+
+    def take_sent(self) -> list[str]:
+        taken, self.sent_log = self.sent_log, []
+        return taken
 
 
 class XdsMetrics:
@@ -110,6 +127,7 @@ class XdsMetrics:
         self.stream_errors = Counter(
             "pilot_xds_stream_errors", "ADS streams ended by an error", ["reason"], registry=registry
         )
+        self.istio = IstioXdsMetrics(registry)  # Istio's names (pilot.metrics)
         # Labelled children by type URL: `labels()` takes a lock and builds a key, every stream every push.
         self._children: dict[tuple[int, str], Any] = {}
 
@@ -125,20 +143,28 @@ class XdsMetrics:
 class StatusRegistry:
     """All live streams, for the debug API and proxy-status."""
 
-    def __init__(self, metrics: XdsMetrics) -> None:
+    def __init__(self, metrics: XdsMetrics, departed: int = 256) -> None:
         self.metrics = metrics
         self._streams: dict[int, StreamStatus] = {}
         self._ids = itertools.count(1)
+        # The last `departed` streams that ended, newest last, so `/debug/config_distribution` can
+        # say a proxy disconnected before it ACKed a change (bounded: a churn of proxies costs nothing).
+        self.departed: collections.deque[StreamStatus] = collections.deque(maxlen=departed)
 
     def open(self, identity: ProxyIdentity, protocol: str, peer: str) -> StreamStatus:
         status = StreamStatus(next(self._ids), identity, protocol, peer)
         self._streams[status.stream_id] = status
         self.metrics.connected.inc()
+        self.metrics.istio.xds.labels(_proxy_version(identity)).inc()
         return status
 
     def close(self, status: StreamStatus) -> None:
         if self._streams.pop(status.stream_id, None) is not None:
             self.metrics.connected.dec()
+            self.metrics.istio.xds.labels(_proxy_version(status.identity)).dec()
+            status.session = None  # a departed stream keeps no session state
+            status.closed_at = time.time()
+            self.departed.append(status)
 
     def streams(self) -> list[StreamStatus]:
         return list(self._streams.values())
@@ -147,6 +173,8 @@ class StatusRegistry:
         ts = status.of(type_url)
         ts.sent_version, ts.sent_nonce, ts.sent_at = version, nonce, time.time()
         self.metrics.of_type(self.metrics.pushes, type_url).inc()
+        self.metrics.istio.pushes.inc(xds_type(typeurls.short_name(type_url)))
+        status.sent_log.append(type_url)
 
     def record_ack(self, status: StreamStatus, type_url: str, version: str) -> None:
         ts = status.of(type_url)
@@ -170,6 +198,7 @@ class StatusRegistry:
         ts.last_nack = ts.nack_message
         ts.nacks += 1
         self.metrics.of_type(self.metrics.nacks, type_url).inc()
+        self.metrics.istio.reject(typeurls.short_name(type_url), status.identity.node_id)
         log.warning(
             "NACK from %s for %s version %s: %s",
             status.identity.node_id, typeurls.short_name(type_url), version, message,
@@ -177,6 +206,7 @@ class StatusRegistry:
 
     def record_stale(self, type_url: str) -> None:
         self.metrics.of_type(self.metrics.stale_requests, type_url).inc()
+        self.metrics.istio.expired_nonce.inc(xds_type(typeurls.short_name(type_url)))
 
     def syncz(self) -> list[dict[str, Any]]:
         """JSON-ready status of every stream, sorted by proxy id."""
@@ -213,6 +243,11 @@ class StatusRegistry:
                 "types": types,
             })
         return rows
+
+
+def _proxy_version(identity: ProxyIdentity) -> str:
+    """Istio's `version` label of `pilot_xds`: the proxy's ISTIO_VERSION metadata (empty when unset)."""
+    return str(identity.metadata.get("ISTIO_VERSION", ""))
 
 
 def _order(type_url: str) -> int:

@@ -41,7 +41,9 @@ SECURITY = ("security.istio.io", ("v1", "v1beta1"),
 
 def _plural(kind: str) -> str:
     lower = kind.lower()
-    return lower[:-1] + "ies" if lower.endswith("y") else lower + "s"
+    if lower.endswith("y") and lower[-2:-1] not in ("a", "e", "i", "o", "u"):  # policy -> policies
+        return lower[:-1] + "ies"
+    return lower + "s"  # gateway -> gateways
 
 
 def minimal_crds() -> list[dict[str, Any]]:

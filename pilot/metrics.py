@@ -1,0 +1,202 @@
+"""Pilot's Prometheus metrics under Istio's names, labels and buckets, defined in one place.
+
+Why: operators already chart istiod (Istio's "Istio Control Plane Dashboard", alerts on
+`pilot_total_xds_rejects`, SLOs on `pilot_proxy_convergence_time`); the same names here make
+those work unchanged. Facts (names, types, labels, buckets) follow istio/istio
+`pilot/pkg/xds/monitoring.go`, `pkg/xds/monitoring.go`, `pilot/pkg/model/push_context.go`,
+`pkg/version/stats.go`; meshctl's own older metrics (`pilot_xds_pushes_total{type="CDS"}`,
+`pilot_push_seconds`, ...) stay beside them.
+
+Istio exports its counters ("sums") without the `_total` suffix (OpenTelemetry's Prometheus
+exporter, `WithoutCounterSuffixes`), e.g. `pilot_xds_pushes{type="cds"}`. prometheus_client always
+adds `_total` to a Counter, so sums are an `IstioSum` collector whose families are written as
+untyped by prometheus_client and given back their `counter` TYPE line by `exposition`.
+
+Concurrency: everything is updated on pilot's event loop (the pusher, the ADS streams, the
+sources) or, for histograms, from any thread (prometheus_client locks). Cost: a dictionary
+update per increment; label children are looked up once and kept by the callers that are hot.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from collections.abc import Iterable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram, ProcessCollector
+from prometheus_client import exposition as _exposition
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+# Istio's histogram buckets (seconds; bytes for the config size).
+PUSH_TIME_BUCKETS = (.01, .1, .5, 1, 3, 5, 10, 20, 30)
+SEND_TIME_BUCKETS = (.01, .1, 1, 3, 5, 10, 20, 30)
+CONVERGENCE_BUCKETS = (.1, .5, 1, 3, 5, 10, 20, 30)
+INIT_BUCKETS = (.01, .1, .5, 1, 3, 5)
+CONFIG_SIZE_BUCKETS = (1, 10_000, 1_000_000, 4_000_000, 10_000_000, 40_000_000)
+
+# Istio's `type` label of xDS metrics (`model.GetMetricType`): the lowercase short name.
+XDS_TYPES = {"CDS": "cds", "EDS": "eds", "LDS": "lds", "RDS": "rds", "SDS": "sds"}
+# Envoy reports rejected config with gRPC status INTERNAL; Istio labels rejects with the code's name.
+ENVOY_REJECT_CODE = "Internal"
+
+
+class IstioSum(Collector):
+    """A monotonically increasing sum with labels, exposed as Istio does (no `_total` suffix)."""
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str], registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.labels = name, documentation, tuple(labels)
+        self.values: dict[tuple[str, ...], float] = {}
+        if name not in SUM_NAMES:
+            raise ValueError(f"{name} is not one of Istio's sums (SUM_NAMES)")
+        registry.register(self)
+
+    def inc(self, *values: str, amount: float = 1.0) -> None:
+        """Add `amount` to the series with these label values (in `labels` order)."""
+        if len(values) != len(self.labels):
+            raise ValueError(f"{self.name}: label values {values} do not match labels {self.labels}")
+        self.values[values] = self.values.get(values, 0.0) + amount
+
+    def value(self, *values: str) -> float:
+        return self.values.get(values, 0.0)
+
+    def collect(self) -> Iterable[Metric]:
+        family = Metric(self.name, self.documentation, "unknown")
+        for values, total in sorted(self.values.items()):
+            family.add_sample(self.name, dict(zip(self.labels, values, strict=True)), total)
+        yield family
+
+
+# Istio's sums that pilot exports: the metrics `exposition` types `counter` without `_total`.
+SUM_NAMES = frozenset({
+    "pilot_xds_pushes", "pilot_total_xds_rejects", "pilot_total_xds_internal_errors", "pilot_xds_expired_nonce",
+    "pilot_xds_write_timeout", "pilot_push_triggers", "pilot_inbound_updates", "pilot_k8s_cfg_events",
+    "pilot_k8s_reg_events",
+})
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """Prometheus text format of `registry`, Istio's sums typed `counter` (see the module docstring)."""
+    text = _exposition.generate_latest(registry).decode()
+    return _UNTYPED.sub(lambda m: f"# TYPE {m[1]} counter" if m[1] in SUM_NAMES else m[0], text).encode()
+
+
+_UNTYPED = re.compile(r"^# TYPE (\S+) untyped$", re.MULTILINE)
+
+
+class IstioXdsMetrics:
+    """What the ADS server records (istio `pilot/pkg/xds/monitoring.go`, `pkg/xds/monitoring.go`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.xds = Gauge("pilot_xds", "Number of endpoints connected to this pilot using XDS.", ["version"],
+                         registry=registry)
+        self.pushes = IstioSum("pilot_xds_pushes", "Pilot build and send errors for lds, rds, cds and eds.",
+                               ["type"], registry)
+        self.push_time = Histogram("pilot_xds_push_time", "Total time in seconds Pilot takes to push lds, rds, cds "
+                                   "and eds.", ["type"], buckets=PUSH_TIME_BUCKETS, registry=registry)
+        self.send_time = Histogram("pilot_xds_send_time", "Total time in seconds Pilot takes to send generated "
+                                   "configuration.", buckets=SEND_TIME_BUCKETS, registry=registry)
+        self.config_size = Histogram("pilot_xds_config_size_bytes", "Distribution of configuration sizes pushed "
+                                     "to clients", ["type"], buckets=CONFIG_SIZE_BUCKETS, registry=registry)
+        self.convergence = Histogram("pilot_proxy_convergence_time", "Delay in seconds between config change and "
+                                     "a proxy receiving all required configuration.", buckets=CONVERGENCE_BUCKETS,
+                                     registry=registry)
+        self.total_rejects = IstioSum("pilot_total_xds_rejects", "Total number of XDS responses from pilot "
+                                      "rejected by proxy.", ["type"], registry)
+        self.rejects = {kind: Gauge(f"pilot_xds_{kind}_reject", f"Pilot rejected {kind.upper()} configs.",
+                                    ["node", "err"], registry=registry) for kind in ("cds", "eds", "lds", "rds")}
+        self.expired_nonce = IstioSum("pilot_xds_expired_nonce", "Total number of XDS requests with an expired "
+                                      "nonce.", ["type"], registry)
+        self.write_timeout = IstioSum("pilot_xds_write_timeout", "Pilot XDS response write timeouts.", [], registry)
+
+    def reject(self, short_name: str, node: str) -> None:
+        """A proxy NACKed a response of type `short_name` (CDS, ...): Istio's total and per-type gauge."""
+        kind = xds_type(short_name)
+        self.total_rejects.inc(kind)
+        gauge = self.rejects.get(kind)
+        if gauge is not None:
+            gauge.labels(node, ENVOY_REJECT_CODE).inc()
+
+
+class IstioPushMetrics:
+    """What the pusher and the config sources record (istio `pilot/pkg/xds/monitoring.go`,
+    `pilot/pkg/model/push_context.go`, the Kubernetes controllers, `pkg/version/stats.go`)."""
+
+    def __init__(self, registry: CollectorRegistry, version: str | None = None) -> None:
+        self.debounce_time = Histogram(
+            "pilot_debounce_time", "Delay in seconds between the first config enters debouncing and the merged "
+            "push request is pushed into the push queue (includes pushcontext_init_seconds).",
+            buckets=PUSH_TIME_BUCKETS, registry=registry)
+        self.init_time = Histogram("pilot_pushcontext_init_seconds", "Total time in seconds Pilot takes to init "
+                                   "pushContext.", buckets=INIT_BUCKETS, registry=registry)
+        self.queue_time = Histogram("pilot_proxy_queue_time", "Time in seconds, a proxy is in the push queue "
+                                    "before being dequeued.", buckets=CONVERGENCE_BUCKETS, registry=registry)
+        # A class whose snapshot could not be generated (or was inconsistent): type "snapshot", since
+        # meshctl generates a class's types together; it keeps its last good config.
+        self.internal_errors = IstioSum("pilot_total_xds_internal_errors", "Total number of internal XDS errors "
+                                        "in pilot.", ["type"], registry)
+        self.triggers = IstioSum("pilot_push_triggers", "Total number of times a push was triggered, labeled by "
+                                 "reason for the push.", ["type"], registry)
+        self.inbound = IstioSum("pilot_inbound_updates", "Total number of updates received by pilot.", ["type"],
+                                registry)
+        self.services = Gauge("pilot_services", "Total services known to pilot.", registry=registry)
+        self.virt_services = Gauge("pilot_virt_services", "Total virtual services known to pilot.",
+                                   registry=registry)
+        self.cfg_events = IstioSum("pilot_k8s_cfg_events", "Events from k8s config.", ["type", "event"], registry)
+        self.reg_events = IstioSum("pilot_k8s_reg_events", "Events from k8s registry.", ["type", "event"], registry)
+        # Istio counts these while building listeners and clusters; meshctl's model cannot produce them
+        # (one listener per port and one cluster per host from the merged config), so they stay 0.
+        for name, text in (
+            ("pilot_conflict_inbound_listener", "Number of conflicting inbound listeners."),
+            ("pilot_conflict_outbound_listener_tcp_over_current_tcp",
+             "Number of conflicting tcp listeners with current tcp listener."),
+            ("pilot_duplicate_envoy_clusters", "Duplicate envoy clusters caused by service entries with same "
+             "hostname"),
+        ):
+            Gauge(name, text, registry=registry).set(0)
+        Gauge("istio_build", "Istio component build info", ["tag", "component"],
+              registry=registry).labels(version or _version(), "pilot").set(1)
+        # The process's CPU, memory, open files and start time (process_*; Linux /proc): what the
+        # dashboard's Go-runtime panels show for istiod, for a Python process.
+        ProcessCollector(registry=registry)
+
+
+def _version() -> str:
+    """meshctl's installed version (the `tag` of `istio_build`)."""
+    try:
+        return importlib.metadata.version("meshctl")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that is not installed
+        return "unknown"
+
+
+def xds_type(short_name: str) -> str:
+    """Istio's `type` label for a type's short name: CDS -> cds; unknown types lowercased."""
+    return XDS_TYPES.get(short_name, short_name.lower())
+
+
+def trigger_types(kinds: frozenset[str] | None, endpoint_kinds: frozenset[str]) -> list[str]:
+    """Istio's push trigger reasons for a push caused by changes to `kinds` (None: unknown, a full push).
+
+    Endpoint-only kinds are `endpoint`; service definitions `service`; the rest `config`.
+    """
+    if kinds is None:
+        return ["global"]
+    found = set()
+    for kind in kinds:
+        if kind in endpoint_kinds:
+            found.add("endpoint")
+        elif kind in SERVICE_KINDS:
+            found.add("service")
+        else:
+            found.add("config")
+    return sorted(found)
+
+
+SERVICE_KINDS = frozenset({"ServiceEntry", "Service"})
+
+
+def parse_names(text: str) -> Iterator[str]:
+    """Metric family names in a Prometheus text exposition (from its `# TYPE` lines)."""
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            yield line.split()[2]

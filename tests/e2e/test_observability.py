@@ -1,0 +1,149 @@
+"""Pilot watching itself, as a user runs it: `meshctl up --otlp-endpoint ... --log-format json` with a
+real Envoy sidecar; a route edit arrives as one OpenTelemetry trace at a real OTLP/HTTP receiver
+(decoded with opentelemetry-proto), its change id on pilot's JSON log lines, and Istio's metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from meshctl.democonfig import DemoMesh
+from meshctl.localmesh import free_port
+from tests.e2e.conftest import random_block
+from tests.e2e.test_cli_mesh import MESHCTL, run, spawn, stop, wait_synced
+
+pytestmark = pytest.mark.e2e
+
+
+class OtlpReceiver:
+    """An OTLP/HTTP trace receiver on 127.0.0.1: every span of every export request, decoded."""
+
+    def __init__(self) -> None:
+        self.spans: list[Any] = []  # opentelemetry.proto.trace.v1.Span
+        self.content_types: set[str] = set()
+
+    async def export(self, request: web.Request) -> web.Response:
+        self.content_types.add(request.content_type)
+        message = ExportTraceServiceRequest.FromString(await request.read())
+        for resource_spans in message.resource_spans:
+            for scope_spans in resource_spans.scope_spans:
+                self.spans.extend(scope_spans.spans)
+        return web.Response(body=ExportTraceServiceResponse().SerializeToString(),
+                            content_type="application/x-protobuf")
+
+    def trace_of(self, change_id: str) -> list[Any]:
+        roots = [s for s in self.spans if s.name == "config change" and _attrs(s).get("meshctl.change_id") == change_id]
+        return [s for s in self.spans if roots and s.trace_id == roots[0].trace_id]
+
+
+def _attrs(span: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kv in span.attributes:
+        v = kv.value
+        kind = v.WhichOneof("value")
+        out[kv.key] = [getattr(x, x.WhichOneof("value")) for x in v.array_value.values] if kind == "array_value" \
+            else getattr(v, kind)
+    return out
+
+
+@contextlib.asynccontextmanager
+async def receiver() -> AsyncIterator[tuple[OtlpReceiver, str]]:
+    sink = OtlpReceiver()
+    app = web.Application()
+    app.router.add_post("/v1/traces", sink.export)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield sink, f"http://127.0.0.1:{port}/v1/traces"
+    finally:
+        await runner.cleanup()
+
+
+async def _get(debug: str, path: str) -> Any:
+    async with aiohttp.ClientSession() as s, s.get(f"http://{debug}{path}") as r:
+        return await r.json() if r.content_type == "application/json" else await r.text()
+
+
+async def _drain(stream: asyncio.StreamReader, into: list[str]) -> None:
+    while line := await stream.readline():
+        into.append(line.decode())
+
+
+@pytest.mark.timeout(300)
+async def test_a_route_edit_is_traced_logged_and_measured(tmp_path: Path) -> None:
+    demo = DemoMesh(random_block(), {"v1": free_port(), "v2": free_port()})
+    (tmp_path / "mesh.yaml").write_text(demo.mesh_yaml())
+    (tmp_path / "route.yaml").write_text(demo.route_yaml([50, 50]))
+    ads, debug = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    logs: list[str] = []
+    async with receiver() as (sink, endpoint):
+        # Log lines go to stderr (stdout has the banner for people).
+        up = await asyncio.create_subprocess_exec(
+            *MESHCTL, "up", "--config-dir", str(tmp_path), "--ads", ads, "--debug", debug, "--plaintext-only",
+            "--otlp-endpoint", endpoint, "--log-format", "json",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        assert up.stderr is not None
+        drain = asyncio.create_task(_drain(up.stderr, logs))
+        procs = [up]
+        try:
+            for _ in range(100):  # pilot answers once its debug port is up
+                try:
+                    await run("proxy-status", "--debug", debug, "--json")
+                    break
+                except AssertionError:
+                    await asyncio.sleep(0.1)
+            procs.append(await spawn("proxy", "run", "--plaintext", "--workload", "default/frontend", "--pilot", ads,
+                                     "--debug", debug, "--log-level", "warning"))
+            await wait_synced(debug, 1)
+            before = (await _get(debug, "/debug/push_status"))["change_id"]
+            (tmp_path / "route.yaml").write_text(demo.route_yaml([100, 0]))
+            status: dict[str, Any] = {}
+            for _ in range(200):
+                status = await _get(debug, "/debug/push_status")
+                if status["change_id"] != before and status["complete"] and sink.trace_of(status["change_id"]):
+                    break
+                await asyncio.sleep(0.1)
+            change = status["change_id"]
+            spans = sink.trace_of(change)
+            adsz = await _get(debug, "/debug/adsz")
+            metrics = await _get(debug, "/metrics")
+        finally:
+            codes = [await stop(p) for p in reversed(procs)]
+            await drain
+    assert codes == [0, 0], codes
+    # The trace: one per change, its stages under one root, what changed and who got it.
+    assert sink.content_types == {"application/x-protobuf"}
+    by_name = {s.name: s for s in spans}
+    assert sorted(by_name) == ["build", "config change", "generate", "ingest", "push"], sorted(by_name)
+    root = by_name["config change"]
+    assert all(s.parent_span_id == root.span_id for s in spans if s is not root)
+    assert _attrs(root)["meshctl.kinds"] == ["VirtualService"] and _attrs(root)["meshctl.trigger"] == ["config"]
+    assert _attrs(by_name["push"])["meshctl.proxies"] == 1
+    assert [e.name for e in by_name["push"].events] == ["first_write", "last_write"]
+    assert status["proxies"] == 1 and status["responses"].get("RDS", 0) >= 1
+    # The JSON log lines: every one an object, the push's lines carrying the change id.
+    assert all(line.startswith("{") for line in logs if line.strip()), [x for x in logs if not x.startswith("{")]
+    entries = [json.loads(line) for line in logs if line.strip()]
+    assert entries and all(set(e) >= {"time", "level", "logger", "message", "change_id"} for e in entries)
+    assert any(e["change_id"] == change and e["logger"] == "pilot.push" for e in entries)
+    # Istio's metrics, as the control-plane dashboard reads them.
+    assert adsz["totalClients"] == 1 and adsz["clients"][0]["node"].startswith("sidecar~")
+    assert re.search(r"^pilot_xds\{version=\"[^\"]*\"\} 1\.0$", metrics, re.MULTILINE), metrics
+    count = re.search(r"^pilot_proxy_convergence_time_count (\S+)$", metrics, re.MULTILINE)
+    assert count and float(count[1]) >= 1
+    assert re.search(r'^pilot_xds_pushes\{type="rds"\} [1-9]', metrics, re.MULTILINE)
