@@ -23,11 +23,11 @@ from citadel.authn import Authenticator, KubernetesTokenReviewAuthenticator, Loc
 from citadel.authority import CertificateAuthority, utc_now
 from citadel.ca import WorkloadCertPolicy
 from citadel.metrics import CitadelMetrics
-from citadel.rotation import RotationPolicy
+from citadel.rotation import RotationPolicy, initial_state
 from citadel.server import CSRServer, ServingCertificate, ips_for
 from citadel.service import CSRService
 from citadel.settings import CitadelSettings
-from citadel.store import SelfSignedStore
+from citadel.store import SelfSignedStore, new_root
 from citadel.tokens import TokenIssuer, TokenVerifier
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,11 @@ class Citadel:
             self.ca = CertificateAuthority.plugged(
                 settings.cacerts_dir, policy, trust_domain=settings.trust_domain, metrics=self.metrics, clock=clock,
                 warn_fraction=settings.expiry_warn_fraction)
+        elif settings.external_roots:  # e.g. `meshctl up --kubeconfig`: `citadel.kube_store` hands the roots over
+            placeholder = new_root(settings.key_algorithm, settings.trust_domain, clock(), settings.root_ttl)
+            self.ca = CertificateAuthority(
+                initial_state(placeholder, clock()).bundle, policy, trust_domain=settings.trust_domain,
+                metrics=self.metrics, clock=clock, warn_fraction=settings.expiry_warn_fraction)
         else:
             self.ca = CertificateAuthority.self_signed(
                 settings.ca_dir, policy, trust_domain=settings.trust_domain, algorithm=settings.key_algorithm,

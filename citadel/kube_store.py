@@ -31,13 +31,14 @@ import json
 import logging
 from collections.abc import Mapping
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from citadel.ca import describe
 from citadel.errors import CAConfigError
 from citadel.keys import KeyAlgorithm, cert_pem, certs_pem, fingerprint, load_certs, load_signing_key, private_key_pem
 from citadel.rotation import Phase, Root, RootState, initial_state
-from citadel.store import cacerts_bundle, new_root
+from citadel.store import SelfSignedStore, cacerts_bundle, new_root
 from pilot.kube.leader import KubeRequestError, api_request
 from pilot.kube.watch import Resource, Watch
 
@@ -250,8 +251,18 @@ class KubeCA:
 
     @classmethod
     async def open(cls, api: ApiClient, namespace: str, ca: CertificateAuthority, *,
-                   algorithm: KeyAlgorithm, root_ttl: timedelta) -> KubeCA:
-        """Load `cacerts` if present, else `istio-ca-secret` (created by the first replica), into `ca`."""
+                   algorithm: KeyAlgorithm, root_ttl: timedelta, fallback_dir: Path) -> KubeCA:
+        """Load `cacerts` if present, else `istio-ca-secret` (created by the first replica), into `ca`;
+        CAConfigError (naming the Secret) if the cluster cannot be read or refuses."""
+        try:
+            return await cls._open(api, namespace, ca, algorithm=algorithm, root_ttl=root_ttl,
+                                   fallback_dir=fallback_dir)
+        except KubeRequestError as exc:
+            raise CAConfigError(f"the CA's Secrets in namespace {namespace}: {exc}") from None
+
+    @classmethod
+    async def _open(cls, api: ApiClient, namespace: str, ca: CertificateAuthority, *,
+                    algorithm: KeyAlgorithm, root_ttl: timedelta, fallback_dir: Path) -> KubeCA:
         status, body = await api_request(api, "GET", f"{SECRETS.path(namespace)}/{CACERTS_SECRET}")
         if status == 200:
             where = secret_name(CACERTS_SECRET, namespace)
@@ -260,13 +271,17 @@ class KubeCA:
             log.info("citadel: plugged-in CA, signing with %s (from %s)", describe(bundle.signing_cert), where)
             return cls(api, namespace, ca, None, plugged=True)
         if status != 404:
-            raise KubeRequestError(f"GET Secret {namespace}/{CACERTS_SECRET}: {status}", status)
+            message = (body or {}).get("message", "") if isinstance(body, dict) else ""
+            raise CAConfigError(f"{secret_name(CACERTS_SECRET, namespace)}: GET answered {status} {message}")
         store = KubeRootStore(api, namespace, asyncio.get_running_loop())
         try:
             state, created = await store.load_or_create(algorithm, ca.trust_domain, root_ttl, ca.clock())
         except NamespaceMissingError as exc:  # a workstation against a cluster without the namespace
-            log.warning("citadel: %s: using the state directory's CA; replicas will NOT share a root until "
-                        "the namespace exists and this replica restarts", exc)
+            log.warning("citadel: %s: using the CA in %s; replicas will NOT share a root until the namespace "
+                        "exists and this replica restarts", exc, fallback_dir)
+            local = SelfSignedStore(fallback_dir)
+            state, _ = await asyncio.to_thread(local.load_or_create, algorithm, ca.trust_domain, ca.clock(), root_ttl)
+            ca.use_store(local, state)
             return cls(api, namespace, ca, None, plugged=False)
         ca.use_store(store, state)
         log.info("citadel: %s the mesh root %s (in %s)", "created" if created else "loaded",

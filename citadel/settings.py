@@ -28,6 +28,10 @@ class CitadelSettings(BaseSettings):
     cacerts_dir: Path | None = Field(
         None, description="plugged-in CA: ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem (Istio's cacerts); "
         "when set, no self-signed root is created")
+    external_roots: bool = Field(
+        False, description="the roots come from elsewhere (a cluster's Secrets, `citadel.kube_store`), handed "
+        "over by the composition root before the CA serves; until then it holds a throwaway in-memory root and "
+        "writes none to ca_dir")
     key_algorithm: KeyAlgorithm = Field(KeyAlgorithm.ECDSA_P256, description="key type of self-signed roots")
     root_ttl: timedelta = Field(timedelta(days=3650), description="lifetime of a self-signed root")
     workload_cert_ttl: timedelta = Field(timedelta(hours=24), description="TTL when a CSR asks for none")

@@ -143,7 +143,8 @@ async def _up(settings: PilotSettings, state: Path, trust_domain: str, kubeconfi
     pilot = Pilot(settings)
     replicas = kubeconfig is not None or in_cluster
     # On a cluster the rotation leader rotates, and the serving certificate names istiod in the mesh namespace.
-    cluster = {"rotate_roots": False, "server_dns_names": istiod_dns_names(settings.kube_mesh_namespace)}
+    cluster = {"rotate_roots": False, "server_dns_names": istiod_dns_names(settings.kube_mesh_namespace),
+               "external_roots": True}  # the roots: the control-plane namespace's Secrets (meshctl.kube_up)
     security = MeshSecurity(state, pilot.registry, trust_domain=trust_domain, host=settings.xds_tls_host,
                             **(cluster if replicas else {}))
     if replicas:

@@ -268,7 +268,8 @@ class KubeControlPlane:
         try:
             citadel = security.citadel
             kube_ca = await KubeCA.open(api, settings.kube_mesh_namespace, citadel.ca,
-                                        algorithm=citadel.settings.key_algorithm, root_ttl=citadel.settings.root_ttl)
+                                        algorithm=citadel.settings.key_algorithm, root_ttl=citadel.settings.root_ttl,
+                                        fallback_dir=citadel.settings.ca_dir)
         except BaseException:
             await api.close()
             raise

@@ -33,6 +33,7 @@ Examples:
   meshctl proxy-config routes frontend --name outbound -o json
   meshctl proxy-config endpoints frontend --direction outbound
   meshctl proxy-config secrets frontend
+  meshctl proxy-config bootstrap frontend -o json
   meshctl proxy-config log frontend --level debug
   meshctl proxy-config all --admin 127.0.0.1:15000 -o yaml   # e.g. a kubectl port-forward
 """

@@ -8,12 +8,14 @@ import asyncio
 import contextlib
 import json
 import re
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -22,8 +24,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from meshctl.democonfig import DemoMesh
 from meshctl.localmesh import free_port
+from pilot.app import Pilot
+from pilot.settings import PilotSettings
 from tests.e2e.conftest import random_block
 from tests.e2e.test_cli_mesh import MESHCTL, run, spawn, stop, wait_synced
+from tests.k8s.cluster import KubeCluster
+from tests.k8s.pilots import install_crds
 
 pytestmark = pytest.mark.e2e
 
@@ -147,3 +153,58 @@ async def test_a_route_edit_is_traced_logged_and_measured(tmp_path: Path) -> Non
     count = re.search(r"^pilot_proxy_convergence_time_count (\S+)$", metrics, re.MULTILINE)
     assert count and float(count[1]) >= 1
     assert re.search(r'^pilot_xds_pushes\{type="rds"\} [1-9]', metrics, re.MULTILINE)
+
+
+@pytest.mark.timeout(300)
+async def test_kubernetes_events_count_in_istios_metrics_and_push_status(kube_cluster: KubeCluster) -> None:
+    """A pilot watching a real API server: Istio's `pilot_k8s_cfg_events` / `pilot_k8s_reg_events`
+    count the watch events, and a VirtualService applied with kubectl is the last push's change."""
+    cluster, token = kube_cluster, secrets.token_hex(3)
+    mesh_ns, ns = f"istio-obs-{token}", f"obs-{token}"
+
+    def kubectl(*args: str, stdin: str | None = None) -> Any:
+        return asyncio.to_thread(cluster.kubectl, *args, stdin=stdin)
+
+    await asyncio.to_thread(install_crds, cluster)
+    try:
+        for name, labels in ((mesh_ns, {}), (ns, {"meshctl-obs": token})):
+            await kubectl("create", "-f", "-", stdin=json.dumps(
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}))
+        mesh = yaml.safe_dump({"discoverySelectors": [{"matchLabels": {"meshctl-obs": token}}]})
+        await kubectl("-n", mesh_ns, "create", "configmap", "istio", f"--from-literal=mesh={mesh}")
+        await kubectl("-n", ns, "create", "-f", "-", stdin=json.dumps(
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "reviews"},
+             "spec": {"selector": {"app": "reviews"}, "ports": [{"name": "http", "port": 9080}]}}))
+        settings = PilotSettings(ads_port=0, debug_port=0, debounce_ms=20, kubeconfig=cluster.kubeconfig,
+                                 kube_mesh_namespace=mesh_ns, leader_election=False, kube_status=False)
+        async with Pilot(settings) as pilot:
+            debug = pilot.debug_address
+            before = (await _get(debug, "/debug/push_status"))["change_id"]
+            await kubectl("-n", ns, "create", "-f", "-", stdin=json.dumps(
+                {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "reviews"},
+                 "spec": {"hosts": [f"reviews.{ns}.svc.cluster.local"],
+                          "http": [{"route": [{"destination": {"host": f"reviews.{ns}.svc.cluster.local"}}]}]}}))
+            status: dict[str, Any] = {}
+            for _ in range(150):
+                status = await _get(debug, "/debug/push_status")
+                if status["change_id"] != before and "VirtualService" in status["kinds"]:
+                    break
+                await asyncio.sleep(0.2)
+            metrics = await _get(debug, "/metrics")
+    finally:
+        for name in (ns, mesh_ns):
+            await kubectl("delete", "namespace", name, "--wait=false")
+    assert status["kinds"] == ["VirtualService"] and status["sources"] == ["kubernetes"], status
+    assert status["trigger"] == ["config"]
+
+    def sample(name: str, **labels: str) -> float:
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        series = f"{name}{{{want}}}" if want else name
+        found = re.search(rf"^{re.escape(series)} (\S+)$", metrics, re.MULTILINE)
+        return float(found[1]) if found else 0.0
+
+    assert "# TYPE pilot_k8s_cfg_events counter" in metrics
+    assert sample("pilot_k8s_cfg_events", event="add", type="VirtualService") == 1
+    assert sample("pilot_k8s_reg_events", event="add", type="Service") >= 1
+    assert sample("pilot_inbound_updates", type="config") >= 1
+    assert sample("pilot_virt_services") == 1

@@ -41,7 +41,7 @@ from citadel.ca import WorkloadCertPolicy
 from citadel.errors import CAConfigError
 from citadel.keys import KeyAlgorithm, fingerprint
 from citadel.kube_store import CA_SECRET, KubeCA, ca_secret, state_from_secret
-from citadel.store import new_root
+from citadel.store import SelfSignedStore, new_root
 from citadel.testing import PluggedCA, write_cacerts
 from meshctl.envoy import EnvoyProcess
 from meshctl.kube_pod import pod_bootstrap, pod_from_env
@@ -137,6 +137,8 @@ async def test_replicas_share_the_root_a_sidecar_fails_over_over_mtls_and_a_rota
         await until("the rotation Lease held by the first replica", has_leader)
         first_root = await secret_roots(kube_cluster, ns)
         assert len(first_root) == 1 and lead.roots() == first_root
+        assert lead.state_dir is not None and not (lead.state_dir / "ca" / "state.json").exists(), \
+            "on a cluster the state directory holds no root"
 
         token = tmp_path / "client.token"
         made = await asyncio.to_thread(kube_cluster.kubectl, "-n", ns, "create", "token", "client",
@@ -201,8 +203,9 @@ def _ca(tmp_path: Path, name: str) -> CertificateAuthority:
     return CertificateAuthority.self_signed(tmp_path / name, WorkloadCertPolicy(), trust_domain="cluster.local")
 
 
-async def _open(api: ApiClient, ns: str, ca: CertificateAuthority) -> KubeCA:
-    return await KubeCA.open(api, ns, ca, algorithm=KeyAlgorithm.ECDSA_P256, root_ttl=timedelta(hours=1))
+async def _open(api: ApiClient, ns: str, ca: CertificateAuthority, fallback: Path) -> KubeCA:
+    return await KubeCA.open(api, ns, ca, algorithm=KeyAlgorithm.ECDSA_P256, root_ttl=timedelta(hours=1),
+                             fallback_dir=fallback)
 
 
 def test_roots_survive_the_secret_round_trip_and_an_istio_secret_loads_as_stable() -> None:
@@ -230,7 +233,8 @@ async def test_racing_replicas_get_one_root_and_a_stale_rotation_write_is_refuse
     watcher: asyncio.Task[None] | None = None
     try:
         one, two = _ca(tmp_path, "one"), _ca(tmp_path, "two")
-        kube_one, kube_two = await asyncio.gather(_open(apis[0], namespace, one), _open(apis[1], namespace, two))
+        kube_one, kube_two = await asyncio.gather(_open(apis[0], namespace, one, tmp_path / "f1"),
+                                                  _open(apis[1], namespace, two, tmp_path / "f2"))
         assert one.bundle.roots == two.bundle.roots and len(one.bundle.roots) == 1
         assert await secret_roots(kube_cluster, namespace) == [fingerprint(one.bundle.roots[0])]
 
@@ -274,7 +278,7 @@ async def test_a_cacerts_secret_wins_and_its_changes_are_reloaded(
     watcher: asyncio.Task[None] | None = None
     try:
         ca = _ca(tmp_path, "ca")
-        kube_ca = await _open(api, namespace, ca)
+        kube_ca = await _open(api, namespace, ca, tmp_path / "fallback")
         assert kube_ca.plugged and ca.state is None
         assert ca.bundle.signing_cert == first.ca_cert and ca.trust_bundle() == (first.root,)
         assert await kubectl_json(kube_cluster, "-n", namespace, "get", "secret", CA_SECRET) is None
@@ -334,3 +338,17 @@ def test_a_pod_sidecar_verifies_pilot_as_its_discovery_address_host(discovery: s
     [san] = matchers.match_typed_subject_alt_names
     assert common_pb2.SubjectAltNameMatcher.SanType.Name(san.san_type) == san_type
     assert san.matcher.exact == discovery.rpartition(":")[0] and context.sni == sni
+
+
+async def test_without_the_control_plane_namespace_the_state_directory_ca_is_used(
+        kube_cluster: KubeCluster, tmp_path: Path) -> None:
+    api = await client_from_kubeconfig(kube_cluster.kubeconfig)
+    try:
+        ca = _ca(tmp_path, "ca")
+        kube_ca = await _open(api, f"absent-{secrets.token_hex(4)}", ca, tmp_path / "fallback")
+        assert not kube_ca.plugged and kube_ca.store is None
+        assert isinstance(ca.store, SelfSignedStore) and (tmp_path / "fallback" / "state.json").exists()
+        assert ca.state is not None and ca.trust_bundle() == (ca.state.active.cert,)
+        await kube_ca.run()  # nothing in the cluster to follow: returns at once
+    finally:
+        await api.close()
