@@ -29,7 +29,7 @@ import asyncio
 import base64
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -224,7 +224,7 @@ class KubeRootStore:
 class _SecretHandler:
     """A `WatchHandler` for one named Secret: `changed(obj)` on add/update, nothing on delete."""
 
-    def __init__(self, changed: Any) -> None:
+    def __init__(self, changed: Callable[[dict[str, Any]], None]) -> None:
         self._changed = changed
 
     def replace(self, objects: list[dict[str, Any]]) -> None:

@@ -68,7 +68,17 @@ def _option_flags(func: click.decorators.FC) -> click.decorators.FC:
     return func
 
 
-@click.command("redirect")
+@click.command("redirect", epilog="""
+\b
+Examples:
+  meshctl redirect                                  # the init container: capture all TCP (needs NET_ADMIN)
+  meshctl redirect --dry-run                        # the iptables-restore input, changing nothing
+  meshctl redirect --exclude-inbound-ports 15020,9090 --proxy-uid 1337 --dry-run
+
+\b
+Exit codes: 0 redirected (or printed); 1 iptables is missing or refused the rules (its message is
+printed); 2 bad usage, e.g. an annotation value that is no port list or CIDR.
+""")
 @_option_flags
 @click.option("--proxy-uid", type=click.IntRange(0), default=PROXY_UID, show_default=True,
               help="UID whose traffic is never captured.")

@@ -33,7 +33,17 @@ if TYPE_CHECKING:
 DEFAULT_DEBUG = "127.0.0.1:15014"
 
 
-@click.group()
+@click.group(epilog="""
+\b
+Examples:
+  meshctl up --config-dir ./mesh &                 # the control plane on a directory of Istio YAML
+  meshctl proxy-status                             # which proxies are in sync with it
+  meshctl analyze -f ./mesh                        # what is wrong in that config, offline
+  meshctl describe service reviews -o json         # what applies to a service, for scripts
+
+\b
+Every command's --help has its own examples; exit codes are in the README ("Exit codes").
+""")
 @click.version_option(__version__, prog_name="meshctl")
 def cli() -> None:
     """meshctl: a service-mesh control plane for Envoy that speaks the Istio API."""

@@ -24,6 +24,7 @@ from typing import Any
 import click
 
 from meshctl.kubeapply import Applier, KubeApiError, describe
+from meshctl.output import emit, output_option
 from meshctl.render import InstallOptions, Manifest, render, to_yaml
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -50,7 +51,17 @@ _namespace_option = click.option("--namespace", "-n", default="istio-system", sh
                                  callback=_namespace, help="The control plane's namespace.")
 
 
-@click.command()
+@click.command(epilog="""
+\b
+Examples:
+  meshctl install                                   # into the cluster of ~/.kube/config, namespace istio-system
+  meshctl install --replicas 2 --trust-domain example.org --context staging
+  meshctl install --dry-run > meshctl.yaml          # the manifests, to review or `kubectl apply -f`
+
+\b
+Exit codes: 0 installed (or printed); 1 the API server refused an object or the kubeconfig is unusable
+(the object and reason are printed); 2 bad usage (e.g. a namespace that is no DNS label).
+""")
 @_namespace_option
 @click.option("--image", default=InstallOptions.image, show_default=True, help="Control-plane image (istiod).")
 @click.option("--proxy-image", default=InstallOptions.proxy_image, show_default=True,
@@ -75,17 +86,39 @@ def install(namespace: str, image: str, proxy_image: str, trust_domain: str, rep
                "to inject its new pods", err=True)
 
 
-@click.command()
+@click.command(epilog="""
+\b
+Examples:
+  meshctl uninstall                                 # keeps the CRDs, your mesh objects and the namespace
+  meshctl uninstall --purge --context staging       # everything, mesh objects included
+  meshctl uninstall --purge --dry-run -o json       # what would be deleted, in order, for scripts
+
+\b
+Exit codes: 0 uninstalled (or listed); 1 the API server refused a deletion or the kubeconfig is unusable;
+2 bad usage.
+""")
 @_namespace_option
 @click.option("--purge", is_flag=True,
               help="Also delete the mesh CRDs (and with them every mesh object in the cluster) and the namespace.")
 @click.option("--dry-run", is_flag=True, help="Print what would be deleted; change nothing.")
 @_kubeconfig
 @_context
-def uninstall(namespace: str, purge: bool, dry_run: bool, kubeconfig: Path | None, context: str | None) -> None:
-    """Remove the control plane installed by `meshctl install` (CRDs and namespace only with --purge)."""
+@output_option(default="text", formats=("text", "json", "yaml"))
+def uninstall(namespace: str, purge: bool, dry_run: bool, kubeconfig: Path | None, context: str | None,
+              output: str = "text") -> None:
+    """Remove the control plane installed by `meshctl install` (CRDs and namespace only with --purge).
+
+    `-o json|yaml` applies to --dry-run: the objects it would delete, in order, as a list of
+    {kind, name, namespace}; a real uninstall prints one progress line per object.
+    """
     objects = uninstall_order(InstallOptions(namespace=namespace), purge=purge)
+    if output != "text" and not dry_run:
+        raise click.UsageError("-o json|yaml lists what --dry-run would delete; add --dry-run")
     if dry_run:
+        if output != "text":
+            emit([{"kind": o["kind"], "name": o["metadata"]["name"], "namespace": o["metadata"].get("namespace")}
+                  for o in objects], output)
+            return
         for obj in objects:
             click.echo(f"would delete {describe(obj)}")
         return

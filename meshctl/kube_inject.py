@@ -86,7 +86,17 @@ def render(docs: Iterator[Any]) -> str:
     return "---\n".join(yaml.safe_dump(doc, sort_keys=False, width=120) for doc in docs)
 
 
-@click.command("kube-inject")
+@click.command("kube-inject", epilog="""
+\b
+Examples:
+  meshctl kube-inject -f deployment.yaml | kubectl apply -f -
+  meshctl kube-inject -f app.yaml -o app-injected.yaml --trust-domain example.org
+  kubectl get deploy web -o yaml | meshctl kube-inject -f - --proxy-image registry.local/meshctl-proxy:dev
+
+\b
+Exit codes: 0 printed (documents without pods pass unchanged); 1 FILE unreadable, invalid YAML, or a
+pod that cannot be injected (the document and reason are printed); 2 bad usage.
+""")
 @click.option("-f", "--filename", required=True, metavar="FILE|-", help="Kubernetes YAML; '-' reads stdin.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Default: stdout.")
 @click.option("--proxy-image", help="Sidecar (and init container) image [MESHCTL_INJECT_PROXY_IMAGE or built-in].")

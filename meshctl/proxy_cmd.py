@@ -38,6 +38,7 @@ import click
 from click.core import ParameterSource
 
 from meshctl.envoy import LOG_LEVELS, EnvoyError, EnvoyProcess, host_url
+from meshctl.output import emit, output_option
 from meshctl.proxy_kube import kube_options, run_kubernetes
 from pilot.bootstrap import ADMIN_PORT, BootstrapError, BootstrapSpec, parse_host_port, render, sidecar_bootstrap
 from pilot.model.proxy import ProxyKind
@@ -76,12 +77,27 @@ def _spec_options(func: F) -> F:
     return func
 
 
-@click.group()
+@click.group(epilog="""
+\b
+Examples:
+  meshctl proxy run --workload default/frontend &          # its agent and Envoy, mutual TLS to pilot
+  meshctl proxy wait default/frontend default/reviews-v1   # until both serve traffic
+  meshctl proxy bootstrap --workload default/frontend -o frontend-envoy.yaml
+""")
 def proxy() -> None:
     """Bootstrap and run Envoy sidecars and gateways for the local mesh."""
 
 
-@proxy.command()
+@proxy.command(epilog="""
+\b
+Examples:
+  meshctl proxy bootstrap --workload default/frontend        # YAML on stdout; the rest asked from pilot
+  meshctl proxy bootstrap --workload default/web --address 127.0.0.11 --format json -o web.json
+  meshctl proxy bootstrap --workload default/web --sds-socket /tmp/web/sds.sock   # mutual TLS to 15012
+
+\b
+Exit codes: 0 written; 1 pilot unreachable or the workload unknown to it; 2 bad usage.
+""")
 @_spec_options
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Default: stdout.")
 @click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
@@ -109,7 +125,17 @@ class AgentOptions:
     ca_address: str | None
 
 
-@proxy.command()
+@proxy.command(epilog="""
+\b
+Examples:
+  meshctl proxy run --workload default/frontend        # after `meshctl up`: identity from its state dir
+  meshctl proxy run --workload default/web --plaintext --log-level debug   # no identity, 15010
+  meshctl proxy run --kubernetes                       # the injected sidecar of a pod
+
+\b
+Exit codes: 0 stopped by Ctrl-C or SIGTERM; 1 the agent got no certificate, Envoy did not start
+or died (its log tail is printed); 2 bad usage.
+""")
 @_spec_options
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
 @click.option("--ready-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True)
@@ -211,12 +237,22 @@ async def _start_agent(stack: contextlib.AsyncExitStack, spec: BootstrapSpec, op
             "The agent's log above says why") from None
 
 
-@proxy.command()
+@proxy.command(epilog="""
+\b
+Examples:
+  meshctl proxy wait default/frontend default/reviews-v1 --timeout 30
+  meshctl proxy wait default/web -o json | jq -r '.[].address'
+
+\b
+Exit codes: 0 every proxy ready; 1 one is not ready after --timeout (what it misses is printed),
+NACKed its config or is unknown to pilot, or pilot is unreachable; 2 bad usage.
+""")
 @click.argument("workloads", nargs=-1, required=True, metavar="NS/NAME...")
 @click.option("--debug", default=DEFAULT_DEBUG, show_default=True, help="Pilot debug API host:port.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
               help="Seconds to wait for all of them together.")
-def wait(workloads: tuple[str, ...], debug: str, timeout: float) -> None:
+@output_option(default="text", formats=("text", "json", "yaml"))
+def wait(workloads: tuple[str, ...], debug: str, timeout: float, output: str = "text") -> None:
     """Wait until each workload's proxy serves traffic, for scripts that start proxies in the background.
 
     Ready means: Envoy's admin `/ready` says LIVE, pilot reports the proxy SYNCED on every xDS
@@ -224,17 +260,25 @@ def wait(workloads: tuple[str, ...], debug: str, timeout: float) -> None:
     naming what is missing once `--timeout` passes, or at once on a NACK or an unknown workload.
     """
     names = [_split_workload(w) for w in workloads]
-    asyncio.run(_wait_all(names, debug, timeout))
+    ready = asyncio.run(_wait_all(names, debug, timeout))
+    if output != "text":  # a list of {workload, address, apps}: every one is ready, or we exited 1
+        emit([{"workload": f"{ns}/{name}", "address": address, "apps": apps} for ns, name, address, apps in ready],
+             output)
+        return
+    for ns, name, address, apps in ready:
+        behind = f", app at {', '.join(apps)} accepts connections" if apps else ""
+        click.echo(f"{ns}/{name} ready: Envoy LIVE on {address}, SYNCED with pilot{behind}")
 
 
-async def _wait_all(workloads: list[tuple[str, str]], debug: str, timeout: float) -> None:
+async def _wait_all(
+    workloads: list[tuple[str, str]], debug: str, timeout: float
+) -> list[tuple[str, str, str, list[str]]]:
+    """Every workload's (namespace, name, address, apps) once all are ready; ClickException if one is not."""
     deadline = time.monotonic() + timeout
     timeouts = aiohttp.ClientTimeout(total=2)
     async with aiohttp.ClientSession(timeout=timeouts, trust_env=False) as session:
-        waits = [_wait_one(session, debug, ns, name, deadline, timeout) for ns, name in workloads]
-        for ns, name, address, apps in await asyncio.gather(*waits):
-            behind = f", app at {', '.join(apps)} accepts connections" if apps else ""
-            click.echo(f"{ns}/{name} ready: Envoy LIVE on {address}, SYNCED with pilot{behind}")
+        return list(await asyncio.gather(*(_wait_one(session, debug, ns, name, deadline, timeout)
+                                           for ns, name in workloads)))
 
 
 async def _wait_one(

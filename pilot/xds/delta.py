@@ -148,6 +148,10 @@ class DeltaSession(SessionBase[_DeltaType]):
                 eds.force_names.add(name)
                 eds.seen = ""
 
+    def _eds_subscription(self) -> frozenset[str] | None:
+        eds = self.types.get(typeurls.ENDPOINT)
+        return None if eds is None else eds.subscription()
+
     def _removal_due(self, type_url: str, snapshot: Snapshot) -> bool:
         state = self.types[type_url]
         return bool(snapshot.view(type_url, state.subscription()).gone_from(state.held))

@@ -15,18 +15,30 @@ from __future__ import annotations
 import itertools
 import secrets
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from pilot.xds import typeurls
 from pilot.xds.resources import Resource, SharedResponse, View, version_of
 from pilot.xds.snapshot import Snapshot
 from pilot.xds.status import StatusRegistry, StreamStatus
 
-StateT = TypeVar("StateT")
+
+class _Held(Protocol):
+    """What every per-type state has: the resources the proxy was sent, and their version."""
+
+    held: Mapping[str, Resource]
+    held_version: str
+
+
+StateT = TypeVar("StateT", bound=_Held)
 # Bytes of remembered request name lists; past it the table starts over (sharing lost, not correctness).
 WIRE_BYTES_LIMIT = 64 * 1024 * 1024
 # Shared responses kept per view (distinct steps to it: held versions, types).
 SHARED_RESPONSES = 32
+
+
+# Types whose resources name clusters: sent only once the proxy holds those clusters warm.
+_WAIT_FOR_CLUSTERS = frozenset({typeurls.LISTENER, typeurls.ROUTE})
 
 
 def held_version_of(held: Mapping[str, Resource]) -> str:
@@ -111,6 +123,8 @@ class SessionBase(Generic[StateT]):
         # type_url -> the version carried by the response with that nonce
         self._pending_version: dict[str, str] = {}
         self.removals_waiting = False  # the last push skipped removals because responses were pending
+        # (CDS version, EDS subscription) last found warm: the check then costs one comparison.
+        self._warm_ok: tuple[str, frozenset[str] | None] | None = None
 
     @staticmethod
     def parse(raw: bytes) -> Any:
@@ -126,9 +140,16 @@ class SessionBase(Generic[StateT]):
         raise NotImplementedError
 
     def responses(self, snapshot: Snapshot) -> list[bytes]:
-        """Encoded responses to send now: updates in push order, then removals once all settled."""
+        """Encoded responses to send now: updates in push order, then removals once all settled.
+
+        Listeners and routes wait while the proxy warms clusters (`_warming`): a route to a new
+        cluster must not arrive before that cluster's endpoints, or Envoy answers 503 (no cluster)
+        until they do. Push order alone does not give this: the endpoints of a new cluster can
+        only be sent once the proxy has asked for them, after it took the CDS update.
+        """
         order = ordered_types(self.types)
-        out = [r for t in order if (r := self._updates(t, snapshot))]
+        out = [r for t in order if not (t in _WAIT_FOR_CLUSTERS and self._warming())
+               and (r := self._updates(t, snapshot))]
         if self.pending:
             # Removals wait while anything is unacknowledged: remember whether any are due, so the
             # ACK that settles the last response wakes the writer only then.
@@ -137,6 +158,36 @@ class SessionBase(Generic[StateT]):
             self.removals_waiting = False
             out += [r for t in order if (r := self._removals(t, snapshot))]
         return out
+
+    def _warming(self) -> bool:
+        """Whether the proxy was sent EDS clusters whose endpoints it has not asked for yet.
+
+        Envoy subscribes to a new cluster's ClusterLoadAssignment after it takes the CDS update,
+        and the EDS answer then goes out first (push order); until that request arrives, the new
+        clusters are warming. Cost: one comparison while the CDS version and the EDS subscription
+        are those last found warm; otherwise a subset test over the clusters' EDS names (shared
+        sets keep theirs), once per CDS change per stream.
+        """
+        cds = self.types.get(typeurls.CLUSTER)
+        if cds is None or not cds.held:
+            return False
+        subscribed = self._eds_subscription()
+        ok = self._warm_ok
+        version = cds.held_version
+        if ok is not None and version and ok[0] == version and ok[1] is subscribed:
+            return False
+        if subscribed is not None:
+            held = cds.held
+            needed = held.refs() if isinstance(held, View) else frozenset(n for r in held.values() for n in r.refs)
+            if not needed <= subscribed:
+                return True
+        self._warm_ok = (version, subscribed)
+        return False
+
+    def _eds_subscription(self) -> frozenset[str] | None:
+        """The ClusterLoadAssignment names the proxy asked for; None when it asked for all of them
+        or uses no EDS at all (a client that never asks is never held back: Envoy always asks)."""
+        raise NotImplementedError
 
     def _removal_due(self, type_url: str, snapshot: Snapshot) -> bool:
         """Whether the proxy holds resources of the type that the snapshot no longer has."""

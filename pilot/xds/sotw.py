@@ -229,6 +229,10 @@ class SotwSession(SessionBase[_TypeState]):
             eds.force_names |= again
             eds.seen = ""
 
+    def _eds_subscription(self) -> frozenset[str] | None:
+        eds = self.types.get(typeurls.ENDPOINT)
+        return None if eds is None else eds.names
+
     def _removal_due(self, type_url: str, snapshot: Snapshot) -> bool:
         state = self.types[type_url]
         return type_url in typeurls.FULL_STATE_TYPES and bool(

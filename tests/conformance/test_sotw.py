@@ -148,7 +148,7 @@ async def test_wildcard_lds_and_cds(ads: Harness) -> None:
         assert resource_names(await c.recv()) == ["l_r1", "l_r2"]
 
 
-async def test_push_order_is_cds_eds_lds_rds(ads: Harness) -> None:
+async def test_push_order_is_cds_eds_lds_rds_and_routes_wait_for_new_clusters_endpoints(ads: Harness) -> None:
     ads.publish(snapshot({"c1": 1}))
     async with ads.client() as c:
         c.send(ROUTE, ["r1"])
@@ -161,8 +161,16 @@ async def test_push_order_is_cds_eds_lds_rds(ads: Harness) -> None:
         await asyncio.sleep(0.1)
         # c1's endpoint moves, c3 is new, listener l_r2 is new, route r1 points at c3.
         ads.publish(snapshot({"c1": 2, "c3": 3}, routes={"r1": "c3", "r2": "c1"}))
-        order = [(await c.recv()).type_url for _ in range(4)]
-        assert order == [CLUSTER, ENDPOINT, LISTENER, ROUTE]
+        cds, eds = await c.recv(), await c.recv()
+        assert [cds.type_url, eds.type_url] == [CLUSTER, ENDPOINT]
+        c.ack(cds)
+        c.ack(eds)
+        # Listeners and routes wait until the proxy asked for the new cluster's endpoints (as Envoy
+        # does while c3 warms): a route to c3 before its endpoints would be a 503 (no cluster).
+        await c.expect_silence()
+        c.send(ENDPOINT, ["c1", "c3"], nonce=eds.nonce)
+        order = [(await c.recv()).type_url for _ in range(3)]
+        assert order == [ENDPOINT, LISTENER, ROUTE]
 
 
 async def test_removals_wait_until_updates_are_acknowledged(ads: Harness) -> None:

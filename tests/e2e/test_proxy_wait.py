@@ -5,6 +5,7 @@ missing."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -73,3 +74,8 @@ async def test_a_live_proxy_without_its_app_is_not_ready_until_the_app_listens(m
     assert code == 0, out
     assert f"default/web ready: Envoy LIVE on {mesh.workload('default', 'web').address}, SYNCED with pilot, " \
         f"app at 127.0.0.1:{port} accepts connections" in out
+
+    code, out = await wait(mesh, "default/web", "-o", "json")  # for scripts: the same facts as data
+    assert code == 0, out
+    assert json.loads(out) == [{"workload": "default/web", "address": mesh.workload("default", "web").address,
+                                "apps": [f"127.0.0.1:{port}"]}]

@@ -32,7 +32,7 @@ from meshctl.security import MeshSecurity
 from pilot.app import Pilot
 from pilot.settings import PilotSettings
 from tests.k8s.cluster import KubeCluster
-from tests.k8s.test_mesh_in_pods import SCOPE_LABEL, webhook_configs
+from tests.k8s.meshpods import SCOPE_LABEL, webhook_configs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

@@ -41,7 +41,7 @@ NO_OUTPUT = {
     "redirect": "--dry-run prints iptables-restore input, which has one format; else one status line",
     "completion": "prints a shell script",
     "kube-inject": "prints Kubernetes YAML manifests by nature (-o is the output file, as in istioctl)",
-    "install": "--dry-run prints the YAML manifests it would apply; else one status line on stderr",
+    "install": "--dry-run prints the YAML manifests it would apply; else one progress line per object",
 }
 # Commands whose data comes as json or yaml through another option than -o: which one, and why.
 FORMAT_OPTION = {
@@ -151,6 +151,30 @@ def test_help_exits_0_with_examples_for_this_command(path: tuple[str, ...]) -> N
         named.append(target)
     assert any(target[:len(path)] == path for target in named), \
         f"`{_id(path)} --help` has no example running `{_id(path)}`; its examples run {sorted(set(named))}"
+
+
+@pytest.mark.parametrize(("line", "why"), [
+    ("meshctl version --no-such-flag", "No such option"),
+    ("meshctl version -o xml", "is not one of"),
+    ("meshctl proxy-config clusters frontend extra", "beyond what"),
+    ("meshctl analyze -f", "requires an argument"),
+])
+def test_the_example_checker_catches_a_broken_example(line: str, why: str) -> None:
+    argv = _meshctl_argv(line)
+    assert argv is not None
+    path, command, args = _resolve(argv)
+    with pytest.raises((pytest.fail.Exception, AssertionError), match=why):
+        _check_parses(line, path, command, args)
+
+
+def test_example_lines_are_read_as_a_shell_would() -> None:
+    assert _meshctl_argv("source <(meshctl completion bash)   # this shell") == ["completion", "bash"]
+    assert _meshctl_argv("kubectl apply -f a.yaml && meshctl wait -k -f a.yaml | jq .") == \
+        ["wait", "-k", "-f", "a.yaml"]
+    assert _meshctl_argv("meshctl x simulate web http://w/ -H 'x-user: jason' # c") == \
+        ["x", "simulate", "web", "http://w/", "-H", "x-user: jason"]
+    assert _meshctl_argv("kubectl get pods") is None
+    assert _resolve(["proxy-config", "log", "web"])[0] == ("proxy-config", "log")
 
 
 def _output_choices(command: click.Command, flag: str) -> set[str]:
