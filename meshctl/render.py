@@ -99,6 +99,8 @@ def rules(options: InstallOptions) -> list[Rule]:
              "the istio-ca-root-cert ConfigMap (mesh root) published in every namespace"),
         Rule(("authentication.k8s.io",), ("tokenreviews",), ("create",),
              "CA: TokenReview of a workload's projected service-account token"),
+        Rule(("authorization.k8s.io",), ("subjectaccessreviews",), ("create",),
+             "gateway secrets over SDS: may this gateway's service account list secrets in its namespace"),
         Rule(("admissionregistration.k8s.io",), ("mutatingwebhookconfigurations",), ("get", "patch"),
              "patch the injector's caBundle at start (its own configuration only)",
              resource_names=(webhooks[0],)),
