@@ -78,7 +78,7 @@ Examples:
 @click.option("--in-cluster", is_flag=True,
               help="Running in a Kubernetes pod: reach the API server with the pod's service account (in-cluster "
                    "config) for what --kubeconfig does.")
-@click.option("--webhooks", "webhooks_addr",
+@click.option("--webhooks", "webhooks_addr", envvar="MESHCTL_WEBHOOKS",
               help="With a cluster: HTTPS address of the injection and validation webhooks "
                    "[0.0.0.0:15017 with --in-cluster, else 127.0.0.1:15017].")
 @click.option("--log-level", default="info", show_default=True)

@@ -9,6 +9,9 @@ import pytest
 # grpc-core logs every GOAWAY of a closed test stream at INFO; it reads this when grpc loads,
 # which happens after this file in every test run. Errors still show.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+# Tests run in parallel (pytest-xdist): a `meshctl up` on a cluster that names no webhook address
+# takes a free port instead of the fixed 15017 another worker's pilot may hold.
+os.environ.setdefault("MESHCTL_WEBHOOKS", "127.0.0.1:0")
 
 # The session-scoped `kube_cluster` fixture (a real etcd + kube-apiserver + kube-controller-manager).
 pytest_plugins = ["tests.k8s.cluster"]

@@ -242,6 +242,7 @@ CAN_I = [
     ("list", "endpointslices.discovery.k8s.io", "", True),
     ("watch", "pods", "", True),
     ("create", "tokenreviews.authentication.k8s.io", "", True),
+    ("create", "subjectaccessreviews.authorization.k8s.io", "", True),  # gateway secrets: may it list them?
     ("update", "leases.coordination.k8s.io", "@own", True),
     ("create", "secrets", "@own", True),
     ("delete", "pods", "", False),
@@ -253,7 +254,6 @@ CAN_I = [
     ("update", "leases.coordination.k8s.io", "kube-system", False),
     ("patch", "deployments.apps", "@own", False),
     ("list", "nodes", "", False),
-    ("create", "subjectaccessreviews.authorization.k8s.io", "", False),
     ("patch", "mutatingwebhookconfigurations.admissionregistration.k8s.io", "", False),  # only its own, by name
     ("escalate", "clusterroles.rbac.authorization.k8s.io", "", False),
 ]

@@ -297,12 +297,38 @@ def _proxy_status(world: Mesh, pods: Pods, stack: contextlib.ExitStack) -> None:
         assert done.returncode == 0, done.stdout + done.stderr
         for kind in ("CDS", "LDS", "RDS", "EDS"):
             assert f"{kind}: in sync" in done.stdout, done.stdout
+        if pod is pods.client:
+            _proxy_config(pods, pod, admin)
+    # The control plane answers `meshctl version` on a cluster too.
+    done = pods.meshctl("version", "--debug", world.debug, "-o", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["control_plane"]["version"], done.stdout
     # Without --admin: pilot reports no admin for a pod, so meshctl asks kubectl to port-forward,
     # which needs the pod's kubelet to serve the stream; this cluster's kubelet does not.
     done = pods.meshctl("proxy-status", pods.proxy(pods.client), "--debug", world.debug,
                         "--kubeconfig", str(world.cluster.kubeconfig))
     assert done.returncode == 3, done.stdout + done.stderr
     assert f"kubectl port-forward to pod {world.ns}/{pods.client.name}:15000:" in done.stderr, done.stderr
+
+
+def _proxy_config(pods: Pods, pod: RunningPod, admin: str) -> None:
+    """`meshctl proxy-config` on a pod's real Envoy (through the forward to its admin): the captured
+    listener model's listeners, the per-port route configuration, the subset clusters, the endpoints."""
+    proxy = pods.proxy(pod)
+    listeners = pods.meshctl("proxy-config", "listeners", proxy, "--admin", admin)
+    assert listeners.returncode == 0, listeners.stderr
+    assert "15001" in listeners.stdout and "15006" in listeners.stdout, listeners.stdout
+    routes = pods.meshctl("proxy-config", "routes", proxy, "--admin", admin, "-o", "json")
+    assert routes.returncode == 0, routes.stderr
+    assert '"name": "9080"' in routes.stdout.replace('":"', '": "'), routes.stdout[:2000]
+    clusters = pods.meshctl("proxy-config", "clusters", proxy, "--admin", admin)
+    assert clusters.returncode == 0, clusters.stderr
+    host = f"reviews.{pod.namespace}.svc.cluster.local"
+    assert host in clusters.stdout and "v1" in clusters.stdout and "v2" in clusters.stdout, clusters.stdout
+    endpoints = pods.meshctl("proxy-config", "endpoints", proxy, "--admin", admin, "-o", "json")
+    assert endpoints.returncode == 0, endpoints.stderr
+    for reviews in pods.reviews.values():
+        assert reviews.sandbox.ip in endpoints.stdout, (reviews.sandbox.ip, endpoints.stdout[:2000])
 
 
 # A byte pipe between a listener and a target, each `unix:PATH` or `tcp:HOST:PORT`.
