@@ -109,7 +109,7 @@ def up(config_dir: Path | None, ads_addr: str, tls_addr: str, debug_addr: str, s
     settings = PilotSettings(ads_host=ads_host, ads_port=ads_port, xds_tls_host=tls_host, xds_tls_port=tls_port,
                              debug_host=debug_host, debug_port=debug_port, config_dir=config_dir,
                              kubeconfig=kubeconfig, kube_in_cluster=in_cluster, kube_mesh_namespace=mesh_namespace,
-                             otlp_endpoint=otlp_endpoint)
+                             otlp_endpoint=otlp_endpoint, trust_domain=trust_domain)
     if config_dir is None and kubeconfig is None and not in_cluster:
         raise click.UsageError("give --config-dir, --kubeconfig or --in-cluster: where the mesh config comes from")
     state = state_dir or default_state_dir()

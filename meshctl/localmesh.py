@@ -49,6 +49,8 @@ class LocalMesh:
                  agent_settings: Mapping[str, Any] | None = None, **pilot_args: Any) -> None:
         """`citadel_settings` and `agent_settings` (with `state_dir` only) override `CitadelSettings` and
         every sidecar's `AgentSettings` fields, e.g. a short `workload_cert_ttl` for rotation tests."""
+        if trust_domain != settings.trust_domain:  # pilot expects the identities the CA gives
+            settings = settings.model_copy(update={"trust_domain": trust_domain})
         self.settings = settings
         self.pilot = Pilot(settings, **pilot_args)
         self.envoy_log_level = envoy_log_level

@@ -84,7 +84,8 @@ class Pilot:
         self.pusher = Pusher(
             self.store, self.cache,
             build_mesh=lambda objects: self._with_credentials(_ended(
-                build_mesh(objects, settings.cluster_domain, conversions, carry, jwks=self.jwks.current()),
+                build_mesh(objects, settings.cluster_domain, conversions, carry, jwks=self.jwks.current(),
+                           trust_domain=settings.trust_domain, root_namespace=self.root_namespace()),
                 conversions)),
             # The real generator hands shared parts over as shared objects (serialized once per mesh).
             generate=generate_parts if generator is generate else generator,
@@ -117,6 +118,13 @@ class Pilot:
         self.ads_port = 0
         self.xds_tls_port = 0
         self.debug_port = 0
+
+    def root_namespace(self) -> str:
+        """Istio's config root namespace: the cluster's mesh ConfigMap `rootNamespace` when pilot
+        watches a cluster, else the setting (istio-system)."""
+        if self.kube is not None:
+            return self.kube.mesh.root_namespace
+        return self.settings.root_namespace
 
     async def start(self) -> None:
         """Start everything; raises AddressInUseError at once, before loading config, if an address is taken."""

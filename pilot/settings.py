@@ -39,6 +39,11 @@ class PilotSettings(BaseSettings):
         1_800_000, ge=0,
         description="gRPC closes each xDS connection gracefully at this age (as istiod: 30 min); 0: never")
     cluster_domain: str = "cluster.local"
+    trust_domain: str = Field("cluster.local", description="SPIFFE trust domain of workload identities pilot's "
+                              "TLS contexts expect (`meshctl up --trust-domain`)")
+    root_namespace: str = Field("istio-system", description="config root namespace: its PeerAuthentication, "
+                                "AuthorizationPolicy and Sidecar apply mesh-wide (on a cluster the mesh "
+                                "ConfigMap's rootNamespace wins)")
     kubeconfig: Path | None = Field(None, description="a cluster's kubeconfig: mesh config from its API server")
     kube_in_cluster: bool = Field(False, description="the API server of the pod pilot runs in (its service account)")
     kube_mesh_namespace: str = Field("istio-system", description="control-plane namespace: the `istio` mesh ConfigMap")

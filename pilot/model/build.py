@@ -33,6 +33,7 @@ from pilot.model.authz import Security, build_security
 from pilot.model.build_scoping import ScopeInputs, build_scoping, gateway_server_conflicts, oldest_merged_rules
 from pilot.model.conversions import Conversions
 from pilot.model.delegates import resolve_delegates
+from pilot.model.hosts import ROOT_NAMESPACE
 from pilot.model.local_ports import local_port_warnings
 from pilot.model.mtls import PeerAuthn, peer_authn_stage
 
@@ -53,6 +54,7 @@ def precedence(obj: ApiObject) -> tuple[datetime, str, str]:
 def build_mesh(
     objects: Iterable[ApiObject], cluster_domain: str = "cluster.local", conversions: Conversions | None = None,
     carry: Conversions | None = None, jwks: Mapping[str, str] | None = None, trust_domain: str = "cluster.local",
+    root_namespace: str = ROOT_NAMESPACE,
 ) -> m.MeshSnapshot:
     """Index every object into a MeshSnapshot; see the module docstring for conflict rules.
 
@@ -61,7 +63,8 @@ def build_mesh(
     (`MeshSnapshot.carry`; its generations are the pusher's to end). The result is the same
     without either. `jwks` holds the key sets pilot fetched for RequestAuthentication rules
     (jwksUri, or ``openid:<issuer>``: see `pilot.model.authz.jwks_sources`). `trust_domain` names
-    workload identities (``spiffe://<trust_domain>/ns/<ns>/sa/<sa>``) that clients verify.
+    workload identities (``spiffe://<trust_domain>/ns/<ns>/sa/<sa>``) that clients verify;
+    `root_namespace` is Istio's config root namespace (its policies and Sidecar apply mesh-wide).
     """
     memo = Conversions() if conversions is None else conversions
     memo.next_build()
@@ -83,8 +86,8 @@ def build_mesh(
         lambda sub: _warned(lambda w: _virtual_services(virtual_services, cluster_domain, w, sub)))
     scope_inputs = ScopeInputs(list(entries), list(dest_rules), virtual_services, list(gateways), list(sidecars))
     scoping, scoping_warnings = memo.stage(
-        "scoping", (*entries, *dest_rules, *virtual_services, *gateways, *sidecars), (cluster_domain,),
-        lambda sub: _warned(lambda w: build_scoping(scope_inputs, cluster_domain, w, sub)))
+        "scoping", (*entries, *dest_rules, *virtual_services, *gateways, *sidecars), (cluster_domain, root_namespace),
+        lambda sub: _warned(lambda w: build_scoping(scope_inputs, cluster_domain, w, sub, root_namespace)))
     # The base view, with same-namespace rules merged as Istio does.
     rules = memo.stage("rules", (scoping,), (), lambda _: oldest_merged_rules(scoping))
     warnings = [*delegate_warnings, *service_warnings, *routing_warnings, *scoping_warnings]

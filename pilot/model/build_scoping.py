@@ -40,6 +40,7 @@ def build_scoping(
     cluster_domain: str,
     warnings: list[str],
     memo: Conversions | None = None,
+    root_namespace: str = ROOT_NAMESPACE,
 ) -> Scoping:
     """The exportTo-aware view of routing rules, DestinationRules, Gateways and Sidecars.
 
@@ -56,7 +57,7 @@ def build_scoping(
     warnings += mesh_route_conflicts(rules)
     warnings += gateway_reference_problems(rules, gateways)
     return Scoping(
-        root_namespace=ROOT_NAMESPACE,
+        root_namespace=root_namespace,
         service_exports=_service_exports(inputs.service_entries),
         routing_rules=rules,
         destination_rules=merged_destination_rules(inputs.destination_rules, cluster_domain, warnings, memo),

@@ -187,3 +187,30 @@ def test_node_metadata_says_whether_the_proxy_has_certificates() -> None:
     assert not identity_from_node(node).proxy_class.mtls
     node.metadata.fields["MESHCTL_WORKLOAD_CERTS"].string_value = "true"
     assert identity_from_node(node).proxy_class.mtls
+
+
+def test_the_root_namespace_is_pilots_setting_or_the_clusters_mesh_config() -> None:
+    """A mesh whose rootNamespace is `mesh-root` (MeshConfig; `PilotSettings.root_namespace`): a
+    policy there is mesh-wide, and one in istio-system is then an ordinary namespace's."""
+    root_strict = pa({"mtls": {"mode": "STRICT"}}, namespace="mesh-root", name="mesh")
+    mesh = build_mesh([root_strict], root_namespace="mesh-root")
+    assert workload_mtls(mesh.peer_authn, "shop", {"app": "a"}).mode == STRICT
+    istio_system = pa({"mtls": {"mode": "STRICT"}}, namespace="istio-system", name="mesh")
+    mesh = build_mesh([istio_system], root_namespace="mesh-root")
+    assert workload_mtls(mesh.peer_authn, "shop", {"app": "a"}).mode == PERMISSIVE
+    assert workload_mtls(mesh.peer_authn, "istio-system", {"app": "a"}).mode == STRICT
+
+
+def test_pilot_builds_with_its_trust_domain_and_root_namespace() -> None:
+    """`meshctl up --trust-domain` reaches the mesh pilot builds: the identities its TLS contexts
+    expect are the ones the CA gives (they were always cluster.local before)."""
+    from pilot.app import Pilot
+    from pilot.settings import PilotSettings
+
+    pilot = Pilot(PilotSettings(trust_domain="example.org", root_namespace="mesh-root", ads_port=0, debug_port=0))
+    pilot.store.apply(pa({"mtls": {"mode": "STRICT"}}, namespace="mesh-root", name="mesh"))
+    pilot.pusher.rebuild()
+    mesh = pilot.pusher.mesh
+    assert mesh.trust_domain == "example.org"
+    assert mesh.scoping.root_namespace == "mesh-root"
+    assert workload_mtls(mesh.peer_authn, "shop", {"app": "a"}).mode == STRICT
