@@ -303,8 +303,10 @@ async def test_traffic_continues_while_the_ca_is_stopped_and_renewals_resume(tmp
             h.leaf.serial_number != during[n].leaf.serial_number for n, h in now.items()), timeout=15)
         await asyncio.sleep(1)
         m.loop.stop()
+        await asyncio.sleep(0.5)  # the request in flight when the loop stopped is answered and counted
+        answered = m.loop.ok
         made = await handshakes(m)
-    assert made >= m.loop.ok, (made, m.loop.ok)
+    assert made >= answered, (made, answered)
     # While the CA was down every agent tried to renew and failed; the sidecars kept their certificates.
     assert all(count >= 1 for count in failures_while_down.values()), failures_while_down
     assert {n: h.leaf.serial_number for n, h in after_outage.items()} == \

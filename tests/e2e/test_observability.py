@@ -107,12 +107,15 @@ async def test_a_route_edit_is_traced_logged_and_measured(tmp_path: Path) -> Non
         drain = asyncio.create_task(_drain(up.stderr, logs))
         procs = [up]
         try:
-            for _ in range(100):  # pilot answers once its debug port is up
+            deadline = asyncio.get_running_loop().time() + 120
+            while True:  # pilot answers once its debug port is up
                 try:
                     await run("proxy-status", "--debug", debug, "--json")
                     break
                 except AssertionError:
-                    await asyncio.sleep(0.1)
+                    assert up.returncode is None, f"meshctl up exited {up.returncode}:\n{''.join(logs)[-3000:]}"
+                    assert asyncio.get_running_loop().time() < deadline, "".join(logs)[-3000:]
+                    await asyncio.sleep(0.2)
             procs.append(await spawn("proxy", "run", "--plaintext", "--workload", "default/frontend", "--pilot", ads,
                                      "--debug", debug, "--log-level", "warning"))
             await wait_synced(debug, 1)

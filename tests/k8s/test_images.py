@@ -245,8 +245,26 @@ def _readonly_root() -> list[str]:
 
 
 def _tmpfs_dirs(*paths: str) -> list[str]:
-    """emptyDirs: a world-writable tmpfs on each (existing) path."""
-    return [f"mount -t tmpfs -o mode=1777 tmpfs {shlex.quote(p)}" for p in paths]
+    """emptyDirs: a world-writable tmpfs on each (existing) path.
+
+    What the image would have in its own filesystem, this Python's environment and the checkout its
+    editable install points at, stays visible when it lives under such a path (a clone in /tmp):
+    bound aside under /run first, then bound back over the tmpfs.
+    """
+    steps: list[str] = []
+    for p in paths:
+        keep = sorted((t for t in _IMAGE_TREES if Path(p) in t.parents), key=lambda t: len(t.parts))
+        stashes = [f"/run/meshctl-keep-{i}-{abs(hash(str(t)))}" for i, t in enumerate(keep)]
+        for tree, stash in zip(keep, stashes, strict=True):
+            steps += [f"mkdir -p {stash}", f"mount --bind {shlex.quote(str(tree))} {stash}"]
+        steps.append(f"mount -t tmpfs -o mode=1777 tmpfs {shlex.quote(p)}")
+        for tree, stash in zip(keep, stashes, strict=True):
+            steps += [f"mkdir -p {shlex.quote(str(tree))}", f"mount --bind {stash} {shlex.quote(str(tree))}"]
+    return steps
+
+
+# The virtual environment and the checkout (an editable install): in an image, both are in its root.
+_IMAGE_TREES = (Path(sys.prefix).resolve(), Path(__file__).resolve().parents[2])
 
 
 def _bind_dir(source: Path, target: str) -> list[str]:

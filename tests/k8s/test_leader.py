@@ -233,7 +233,7 @@ async def test_only_the_status_leader_writes_reconciled_or_the_problem(
 
         async def all_written() -> bool:
             return all([await _reconciled(kube_cluster, ns, n) for n in ("good", "lost", "bad")])
-        await until("status on all three VirtualServices", all_written)
+        await until("status on all three VirtualServices", all_written, timeout=120)
         good = await _reconciled(kube_cluster, ns, "good")
         lost = await _reconciled(kube_cluster, ns, "lost")
         bad = await _reconciled(kube_cluster, ns, "bad")
