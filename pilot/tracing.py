@@ -54,7 +54,13 @@ def tracer_provider(otlp_endpoint: str | None, processor: SpanProcessor | None =
         return None
     provider = TracerProvider(resource=Resource.create({"service.name": SERVICE_NAME}))
     if otlp_endpoint:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError as exc:  # xds-protos ships an older copy of the same opentelemetry/proto files
+            raise RuntimeError(
+                f"the OTLP exporter cannot load ({exc}): xds-protos installed its own older "
+                "opentelemetry/proto modules over opentelemetry-proto's; fix with "
+                "`pip install --force-reinstall --no-deps opentelemetry-proto`") from None
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint),
                                                        schedule_delay_millis=500))
