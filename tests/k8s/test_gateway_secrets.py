@@ -251,7 +251,7 @@ async def test_gateway_serves_rotates_and_refuses_the_secret(edge: Edge) -> None
     await e.gateway(e.other_ns, "ingress", other, "ingress")
     await e.gateway(e.gw_ns, "norbac", norbac, "norbac")
     for address in (other, norbac):
-        assert f"{address}_{e.port}" in await listeners(address)
+        await until(f"the listener on {address}", lambda a=address: _has_listener(a, e.port), 60)  # type: ignore[misc]
         assert await handshake_fails(address, e.port, ctx), address
     log = e.pilot.text()
     assert f"asked for kubernetes://shop-cert: no such Secret in namespace {e.other_ns}" in log
@@ -279,3 +279,7 @@ async def test_gateway_serves_rotates_and_refuses_the_secret(edge: Edge) -> None
     # The Secret comes back: the running gateway serves it without a restart.
     await e.kubectl("apply", "-f", "-", stdin=tls_secret(e.gw_ns, "shop-cert", e.first))
     await until("the re-created Secret served", lambda: serves(e.first), 60)
+
+
+async def _has_listener(address: str, port: int) -> bool:
+    return f"{address}_{port}" in await listeners(address)
