@@ -128,6 +128,7 @@ class KubeCluster:
     workdir: Path
     server: str = ""
     admin_token: str = ""
+    _kcm_args: list[str] = field(default_factory=list)  # to start kube-controller-manager again
     _procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     _apiserver_args: list[str] = field(default_factory=list)
     etcd_url: str = ""
@@ -235,7 +236,7 @@ class KubeCluster:
         kcm_config = self.workdir / "kcm.kubeconfig"
         _write_kubeconfig(kcm_config, self.server, self.ca_file, "system:kube-controller-manager", kcm_token)
         kcm_port = free_port()
-        self._spawn("kube-controller-manager", [
+        self._kcm_args = [
             f"--kubeconfig={kcm_config}", f"--authentication-kubeconfig={kcm_config}",
             f"--authorization-kubeconfig={kcm_config}", "--bind-address=127.0.0.1", f"--secure-port={kcm_port}",
             f"--cert-dir={self.workdir / 'kcm-certs'}", "--leader-elect=false",
@@ -243,7 +244,8 @@ class KubeCluster:
             f"--root-ca-file={pki / 'ca.crt'}", f"--service-cluster-ip-range={SERVICE_CIDR}",
             f"--cluster-signing-cert-file={pki / 'ca.crt'}", f"--cluster-signing-key-file={pki / 'ca.key'}",
             "--profiling=false",
-        ])
+        ]
+        self._spawn("kube-controller-manager", self._kcm_args)
         # Its serving certificate is self-signed; /healthz is on its always-allowed paths.
         insecure = ssl.create_default_context()
         insecure.check_hostname = False
@@ -270,6 +272,12 @@ class KubeCluster:
         ctx = ssl.create_default_context(cafile=str(self.ca_file))
         self._wait("kube-apiserver", f"{self.server}/readyz", ctx, self.admin_token,
                    time.monotonic() + START_TIMEOUT_S)
+        # kube-controller-manager may exit while the API server is away (seen in CI); the session's
+        # later tests need it (default ServiceAccounts, EndpointSlices): start it again if it did.
+        kcm = dict(self._procs).get("kube-controller-manager")
+        if kcm is not None and kcm.poll() is not None:
+            self._procs = [(name, proc) for name, proc in self._procs if proc is not kcm]
+            self._spawn("kube-controller-manager", self._kcm_args)
 
     def compact_etcd(self) -> int:
         """Compact etcd's history up to its current revision (as the API server does every 5
