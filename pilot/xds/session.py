@@ -148,8 +148,15 @@ class SessionBase(Generic[StateT]):
         only be sent once the proxy has asked for them, after it took the CDS update.
         """
         order = ordered_types(self.types)
-        out = [r for t in order if not (t in _WAIT_FOR_CLUSTERS and self._warming())
-               and (r := self._updates(t, snapshot))]
+        out: list[bytes] = []
+        held_back = False  # decided after clusters and endpoints, which come first in push order
+        for t in order:
+            if t in _WAIT_FOR_CLUSTERS and (held_back or self._warming()):
+                held_back = True
+            elif r := self._updates(t, snapshot):
+                out.append(r)
+        if held_back:  # their removals wait too: a SotW removal resends the whole listener set
+            order = [t for t in order if t not in _WAIT_FOR_CLUSTERS]
         if self.pending:
             # Removals wait while anything is unacknowledged: remember whether any are due, so the
             # ACK that settles the last response wakes the writer only then.
