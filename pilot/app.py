@@ -26,7 +26,7 @@ from pilot.jwks import JwksFetcher
 from pilot.listen import check_free
 from pilot.model.build import build_mesh
 from pilot.model.conversions import Conversions
-from pilot.model.diff import endpoints_only
+from pilot.model.diff import endpoints_only, http_routes_only
 from pilot.model.mesh import MeshSnapshot
 from pilot.push import ENDPOINT_KINDS, Generate, Pusher, PushMetrics
 from pilot.settings import PilotSettings
@@ -95,6 +95,8 @@ class Pilot:
             endpoint_debounce=settings.endpoint_debounce_ms / 1000,
             endpoints_only=endpoints_only,
             generate_endpoints=generate_endpoints,
+            # The route fast path relies on how the real generator shares route parts.
+            routes_only=http_routes_only if generator is generate else None,
             release_memory=release_free_memory,
             carry=carry,
             changes=self.changes,

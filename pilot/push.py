@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Summary
 from pilot.logs import change_id
 from pilot.metrics import IstioPushMetrics, trigger_types
 from pilot.model.conversions import Conversions
-from pilot.model.proxy import ProxyClass
+from pilot.model.proxy import ProxyClass, ProxyKind
 from pilot.tracing import Change, ChangeTracker
 from pilot.xds import typeurls
 from pilot.xds.cache import SnapshotCache
@@ -46,6 +46,9 @@ BuildMesh = Callable[[Iterable[Any]], Any]
 Generate = Callable[[Any, ProxyClass], ProxyResources | ProxyParts]
 GenerateEndpoints = Callable[[Any, ProxyClass], Mapping[str, Any]]
 EndpointsOnly = Callable[[Any, Any], bool]
+# The two fast paths (`Pusher._build`): "" is a full push.
+EDS_ONLY, ROUTES_ONLY = "eds", "routes"
+_DONE = {EDS_ONLY: "given new endpoints (EDS only)", ROUTES_ONLY: "given new routes (routes only)"}
 
 
 class PushMetrics:
@@ -56,6 +59,10 @@ class PushMetrics:
             registry=registry)
         self.eds_only_pushes = Counter(
             "pilot_eds_only_pushes", "classes updated by the EDS fast path (other types kept)", registry=registry)
+        self.route_only_pushes = Counter(
+            "pilot_route_only_pushes",
+            "classes given the route configurations of a class generated in the same push (other types kept)",
+            registry=registry)
         self.endpoint_fast_pushes = Counter(
             "pilot_endpoint_fast_pushes", "pushes of endpoint-only changes that skipped the full debounce",
             registry=registry)
@@ -79,9 +86,10 @@ class Pusher:
                  endpoint_debounce: float = 0.01, endpoints_only: EndpointsOnly | None = None,
                  generate_endpoints: GenerateEndpoints | None = None, slice_seconds: float = 0.01,
                  release_memory: Callable[[], object] | None = None, carry: Conversions | None = None,
-                 changes: ChangeTracker | None = None) -> None:
+                 changes: ChangeTracker | None = None, routes_only: EndpointsOnly | None = None) -> None:
         """`endpoints_only(old_mesh, new_mesh)` and `generate_endpoints(mesh, proxy)` enable the EDS
         fast path: when only endpoints moved, classes get new EDS and keep their other types.
+        `routes_only(old_mesh, new_mesh)` enables the route fast path (`publish_routes`).
         `changes` follows each config change (ids, traces, /debug/push_status; pilot.tracing)."""
         self.changes = changes or ChangeTracker()
         self.store = store
@@ -94,6 +102,10 @@ class Pusher:
         self.endpoint_debounce = endpoint_debounce
         self.endpoints_only = endpoints_only
         self.generate_endpoints = generate_endpoints
+        self.routes_only = routes_only
+        # Route fast path: class -> the route part (generator output) of its last full generation,
+        # for plain sidecars only; classes that shared one object share the next one too.
+        self.route_parts: dict[ProxyClass, Mapping[str, Any]] = {}
         self.mesh: Any = None
         self.slice = slice_seconds  # longest stretch of publishing between two yields to the event loop
         self.serializer = Serializer()  # each message serialized once while it lives, each part once per mesh
@@ -126,8 +138,8 @@ class Pusher:
         """Build the mesh from the store now and publish every watched class, without yielding."""
         self._begin_change()
         started, revision, objects, known_kinds = self._prepare()
-        mesh, eds_only = self._build(objects, self.mesh, known_kinds)
-        for _ in self._publish_all(started, revision, mesh, eds_only):
+        mesh, fast = self._build(objects, self.mesh, known_kinds)
+        for _ in self._publish_all(started, revision, mesh, fast):
             pass
 
     async def rebuild_yielding(self, early: _EarlyBuild | None = None) -> None:
@@ -137,7 +149,7 @@ class Pusher:
         `early` is a build started while the changes settled (`_build_early`): used when the
         store has not moved since it started, otherwise waited for (builds never overlap, as
         they share the conversion memos) and replaced."""
-        built: tuple[Any, bool] | None = None
+        built: tuple[Any, str] | None = None
         if self.changes.open is not None or self.changes.current is None:  # `run` began it after the debounce
             self._begin_change()
         if early is not None:
@@ -171,14 +183,20 @@ class Pusher:
         known_kinds = self.store.kinds_changed_since(self.built_revision) is not None
         return started, self.store.revision, self.store.objects(), known_kinds
 
-    def _build(self, objects: list[Any], old: Any, known_kinds: bool) -> tuple[Any, bool]:
-        """The new mesh, and whether it differs from `old` in endpoints only. Pure: may run in a thread."""
+    def _build(self, objects: list[Any], old: Any, known_kinds: bool) -> tuple[Any, str]:
+        """The new mesh, and which fast path its difference from `old` allows (`EDS_ONLY`,
+        `ROUTES_ONLY`, or "" for a full push). Pure: may run in a thread."""
         began = time.perf_counter()
         with self.changes.span("build", attributes={"meshctl.objects": len(objects)}):
             mesh = self.build_mesh(objects)
-            eds_only = known_kinds and old is not None and self._eds_only(old, mesh)
+            fast = ""
+            if known_kinds and old is not None:
+                if self._eds_only(old, mesh):
+                    fast = EDS_ONLY
+                elif self.routes_only is not None and self.routes_only(old, mesh):
+                    fast = ROUTES_ONLY
         self.metrics.istio.init_time.observe(time.perf_counter() - began)
-        return mesh, eds_only
+        return mesh, fast
 
     def _begin_change(self) -> Change:
         """The change this push carries (pilot.tracing): its id goes on every log line from here on."""
@@ -190,8 +208,12 @@ class Pusher:
         change_id.set(change.id)  # this task's log lines (and the build thread's) now name the change
         return change
 
-    def _publish_all(self, started: float, revision: int, mesh: Any, eds_only: bool) -> Iterator[None]:
+    def _publish_all(self, started: float, revision: int, mesh: Any, fast: str) -> Iterator[None]:
         """Publish every watched class from `mesh`; yields whenever a time slice is used up."""
+        eds_only = fast == EDS_ONLY
+        # Route fast path: old route part -> (it, the new part, its ResourceSet), filled by the
+        # first class of each group, which is generated in full.
+        regrouped: dict[int, tuple[Mapping[str, Any], Mapping[str, Any], Any]] = {}
         old, self.mesh, self.mesh_revision = self.mesh, mesh, revision
         self._log_new_warnings(old)
         self.serializer.next_mesh()
@@ -204,10 +226,14 @@ class Pusher:
             self.changes.publishing(change)
         errors = len(self.errors)
         deadline = time.perf_counter() + self.slice
-        with self.changes.span("generate", change, {"meshctl.classes": len(watched), "meshctl.eds_only": eds_only}) \
-                as span:
+        with self.changes.span("generate", change, {"meshctl.classes": len(watched), "meshctl.eds_only": eds_only,
+                                                     "meshctl.routes_only": fast == ROUTES_ONLY}) as span:
             for key in watched:
-                if not (eds_only and self.publish_endpoints(key)):
+                if eds_only and self.publish_endpoints(key):
+                    pass
+                elif fast == ROUTES_ONLY:
+                    self._publish_routes(key, regrouped)
+                else:
                     self.publish(key)
                 self.metrics.istio.queue_time.observe(time.perf_counter() - built)
                 if time.perf_counter() > deadline:
@@ -218,19 +244,22 @@ class Pusher:
         self.cache.drop_unwatched()
         for gone in [k for k in self.class_changes if self.cache.get(k) is None]:
             del self.class_changes[gone]
-        self.serializer.advance(complete=not eds_only)
+        for gone in [k for k in self.route_parts if self.cache.get(k) is None]:
+            del self.route_parts[gone]
+        # A fast path leaves most classes' other types untouched: keep their conversions too.
+        self.serializer.advance(complete=not fast)
         if self.carry is not None:
-            self.carry.advance(complete=not eds_only)
+            self.carry.advance(complete=not fast)
         done = time.perf_counter()
         self.metrics.push_seconds.observe(done - started)
         if change is not None:
             self.changes.published(change, {
-                "revision": revision, "classes": len(watched), "eds_only": eds_only,
+                "revision": revision, "classes": len(watched), "eds_only": eds_only, "routes_only": fast == ROUTES_ONLY,
                 "generate_errors": len(self.errors), "new_generate_errors": max(0, len(self.errors) - errors),
                 "build_ms": round((built - started) * 1000, 3), "generate_ms": round((done - built) * 1000, 3),
                 "duration_ms": round((done - started) * 1000, 3), "pushed_at": time.time()})
         log.info("revision %d: mesh built in %.1f ms, %d classes %s in %.1f ms", revision, (built - started) * 1000,
-                 len(watched), "given new endpoints (EDS only)" if eds_only else "generated and published",
+                 len(watched), _DONE.get(fast, "generated and published"),
                  (done - built) * 1000)
         self.built_revision = revision
         self._built.set()
@@ -273,6 +302,38 @@ class Pusher:
         self.metrics.eds_only_pushes.inc()
         return True
 
+    def _publish_routes(self, key: ProxyClass,
+                        regrouped: dict[int, tuple[Mapping[str, Any], Mapping[str, Any], Any]]) -> None:
+        """Route fast path (an edit of HTTP routes only, `routes_only`): a plain sidecar gets the new
+        route configurations of the first class of its group and keeps its other types.
+
+        Why it is exact: a class's route part is memoized on (what its namespace sees, the labels
+        routes select on, its egress and outbound policy), so classes holding one route part object
+        had equal inputs to it; such an edit changes neither those inputs' grouping nor any other
+        type of a plain sidecar (`pilot.model.diff.http_routes_only`). The first class of each
+        group is generated in full, so its output is the generators' own; the others cost a lookup
+        and a snapshot with one type replaced, instead of a generation each (2,000 classes at
+        mission scale: ~20 ms instead of ~0.5 s of CPU per route change).
+        """
+        previous = self.cache.get(key)
+        old = self.route_parts.get(key)
+        found = regrouped.get(id(old)) if old is not None else None
+        if previous is None or key in self.errors or found is None or found[0] is not old:
+            if self.publish(key) and old is not None and (new := self.route_parts.get(key)) is not None:
+                published = self.cache.get(key)
+                if published is not None:
+                    regrouped[id(old)] = (old, new, published.of(typeurls.ROUTE))
+            return
+        _, part, routes = found
+        try:
+            self._set(key, previous.with_type(typeurls.ROUTE, routes))
+        except Exception:  # an inconsistent result: generate this class in full instead
+            log.exception("route fast path failed for %s; generating it in full", key.describe())
+            self.publish(key)
+            return
+        self.route_parts[key] = part
+        self.metrics.route_only_pushes.inc()
+
     def publish(self, key: ProxyClass, new_class: bool = False) -> bool:
         """Generate and publish one class; on failure keep its last good snapshot.
 
@@ -280,15 +341,22 @@ class Pusher:
         """
         cpu = time.thread_time() if new_class else 0.0
         try:
-            snapshot = Snapshot.from_parts(_as_parts(self.generate(self.mesh, key)), self.serializer)
+            parts = _as_parts(self.generate(self.mesh, key))
+            snapshot = Snapshot.from_parts(parts, self.serializer)
             self._set(key, snapshot)
         except Exception as exc:
             self.metrics.generate_errors.inc()
             self.metrics.istio.internal_errors.inc("snapshot")
             self.errors[key] = f"{type(exc).__name__}: {exc}"
+            self.route_parts.pop(key, None)
             log.exception("config for %s not published; it keeps its last good config", key.describe())
             return False
         self.errors.pop(key, None)
+        routes = parts.get(typeurls.ROUTE, ())
+        if self.routes_only is not None and key.kind == ProxyKind.SIDECAR and not key.captured and len(routes) == 1:
+            self.route_parts[key] = routes[0]
+        else:
+            self.route_parts.pop(key, None)
         if new_class:
             self.metrics.class_cpu.observe(time.thread_time() - cpu)
         return True
@@ -357,7 +425,7 @@ class _EarlyBuild(NamedTuple):
     """A mesh build started before the debounce ended: `task` gives (mesh, endpoints only)."""
 
     revision: int
-    task: asyncio.Future[tuple[Any, bool]]
+    task: asyncio.Future[tuple[Any, str]]
 
 
 def _as_parts(resources: ProxyResources | ProxyParts) -> ProxyParts:

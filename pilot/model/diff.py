@@ -4,13 +4,21 @@
 (addresses and weights of WorkloadEntries and inline endpoints): every input of clusters,
 listeners and routes is unchanged, so proxies need new ClusterLoadAssignments and nothing else.
 It errs on the side of False: any doubt means a full push.
+
+`http_routes_only(old, new)` is True when the meshes differ at most in VirtualServices whose
+old and new versions carry HTTP routes only, without `sourceLabels`, and share no host with a
+rule that has TCP or TLS routes: for a sidecar that is not captured, such an edit changes its
+outbound route configuration and nothing else (clusters, endpoints and listeners do not read
+HTTP routes; which label keys pick route configurations is unchanged), which is what the
+pusher's route fast path relies on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from pilot.model.mesh import DNS_RESOLUTIONS, MeshSnapshot, Service
+from pilot.model.mesh import DNS_RESOLUTIONS, MeshSnapshot, RoutingRule, Service
+from pilot.model.scoping import Exported
 
 
 def endpoints_only(old: MeshSnapshot, new: MeshSnapshot) -> bool:
@@ -37,3 +45,47 @@ def _same_but_endpoints(old: Service, new: Service) -> bool:
         return old.endpoints == new.endpoints
     # Having endpoints at all decides a cluster's discovery type (EDS or original destination).
     return bool(old.endpoints) == bool(new.endpoints)
+
+
+def http_routes_only(old: MeshSnapshot, new: MeshSnapshot) -> bool:
+    """True if `new` differs from `old` only in HTTP-only VirtualServices (see the module docstring).
+
+    Cost: identity comparisons for everything the build carried over unchanged, plus one pass
+    over the VirtualServices (about a millisecond at 1,000 of them).
+    """
+    if old.scoping.routing_rules == new.scoping.routing_rules:
+        return False  # nothing routing-related changed: not this kind of change
+    if (old.cluster_domain, old.trust_domain, old.credentials_over_ads) != (
+            new.cluster_domain, new.trust_domain, new.credentials_over_ads):
+        return False
+    if not all(a is b or a == b for a, b in (
+            (old.services, new.services), (old.workloads, new.workloads),
+            (old.destination_rules, new.destination_rules), (old.sidecars, new.sidecars),
+            (old.security, new.security), (old.peer_authn, new.peer_authn))):
+        return False
+    if dataclasses.replace(old.scoping, routing_rules=()) != dataclasses.replace(new.scoping, routing_rules=()):
+        return False
+    before = _rules_by_name(old.scoping.routing_rules)
+    after = _rules_by_name(new.scoping.routing_rules)
+    changed = [r for key in before.keys() | after.keys()
+               if (a := before.get(key)) is not (b := after.get(key)) and a != b for r in (a, b) if r is not None]
+    hosts: set[str] = set()
+    for exported in changed:
+        rule = exported.value
+        if rule.tcp or rule.tls or _has_source_labels(rule):
+            return False
+        hosts.update(rule.hosts)
+    if any("*" in h for h in hosts):
+        return False
+    # A rule with TCP or TLS routes sharing a host with a changed one could gain or lose that host.
+    return not any((e.value.tcp or e.value.tls) and (hosts.intersection(e.value.hosts)
+                                                     or any("*" in h for h in e.value.hosts))
+                   for e in (*old.scoping.routing_rules, *new.scoping.routing_rules))
+
+
+def _rules_by_name(rules: tuple[Exported[RoutingRule], ...]) -> dict[tuple[str, str], Exported[RoutingRule]]:
+    return {(e.value.namespace, e.value.name): e for e in rules}
+
+
+def _has_source_labels(rule: RoutingRule) -> bool:
+    return any(match.source_labels for route in rule.http for match in route.matches)

@@ -1,0 +1,213 @@
+"""The route fast path: an edit of HTTP routes only regenerates one class per group of classes
+sharing a route configuration; the others take its routes and keep every other type. The result
+must be exactly what a full generation of every class gives."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from pilot.config.files import load_text
+from pilot.config.store import ConfigStore
+from pilot.model.build import build_mesh
+from pilot.model.diff import endpoints_only, http_routes_only
+from pilot.model.proxy import ProxyClass, ProxyKind
+from pilot.push import Pusher, PushMetrics
+from pilot.translate import generate, generate_endpoints, generate_parts
+from pilot.xds.cache import SnapshotCache
+from pilot.xds.snapshot import Snapshot
+from pilot.xds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
+
+SERVICE = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  hosts: [{name}.{ns}.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 8080, name: {proto}, protocol: {proto_upper}}}]
+  workloadSelector: {{labels: {{app: {name}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: {name}-v1, namespace: {ns}}}
+spec: {{address: {address}, labels: {{app: {name}, version: v1}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  host: {name}.{ns}.svc.cluster.local
+  subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]
+"""
+
+HTTP_RULE = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  hosts: [{hosts}]
+  exportTo: [{export}]
+  http:
+  - {match}route:
+    - destination: {{host: {name}.{ns}.svc.cluster.local, subset: v1}}
+      weight: {weight}
+    - destination: {{host: {name}.{ns}.svc.cluster.local, subset: v2}}
+      weight: {rest}
+"""
+
+TCP_RULE = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: data}
+spec:
+  hosts: [db.data.svc.cluster.local]
+  tcp:
+  - route:
+    - destination: {host: db.data.svc.cluster.local, subset: v1}
+"""
+
+SIDECAR = """\
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: narrow}
+spec:
+  egress: [{hosts: ["./*", "shop/web.shop.svc.cluster.local"]}]
+"""
+
+# Plain sidecars in three namespaces (one narrowed by a Sidecar), with and without mesh
+# certificates, a captured sidecar and a gateway: the last two always get a full generation.
+CLASSES = [
+    ProxyClass(ProxyKind.SIDECAR, "shop", (("app", "web"), ("version", "v1"))),
+    ProxyClass(ProxyKind.SIDECAR, "shop", (("app", "cart"), ("version", "v1"))),
+    ProxyClass(ProxyKind.SIDECAR, "shop", (("app", "cart"), ("version", "v1")), mtls=True),
+    ProxyClass(ProxyKind.SIDECAR, "data", (("app", "db"), ("version", "v1"))),
+    ProxyClass(ProxyKind.SIDECAR, "narrow", (("app", "n"),)),
+    ProxyClass(ProxyKind.SIDECAR, "other", (("app", "x"), ("tier", "a"))),
+    ProxyClass(ProxyKind.SIDECAR, "other", (("app", "y"), ("tier", "b")), captured=True),
+    ProxyClass(ProxyKind.ROUTER, "shop", (("istio", "ingressgateway"),)),
+]
+
+
+def mesh_text(web_weight: int = 90, *, export: str = '"*"', hosts: str = "web.shop.svc.cluster.local",
+              source_labels: bool = False, tcp: bool = True, cart_rule: bool = True) -> str:
+    docs = [SERVICE.format(name=n, ns=ns, address=f"10.0.0.{i + 1}", proto=p, proto_upper=p.upper())
+            for i, (n, ns, p) in enumerate([("web", "shop", "http"), ("cart", "shop", "http"),
+                                             ("db", "data", "tcp"), ("n", "narrow", "http")])]
+    match = "match: [{sourceLabels: {tier: a}}]\n    " if source_labels else ""
+    docs.append(HTTP_RULE.format(name="web", ns="shop", hosts=hosts, export=export, match=match,
+                                 weight=web_weight, rest=100 - web_weight))
+    if cart_rule:
+        docs.append(HTTP_RULE.format(name="cart", ns="shop", hosts="cart.shop.svc.cluster.local", export='"*"',
+                                     match="", weight=50, rest=50))
+    if tcp:
+        docs.append(TCP_RULE)
+    docs.append(SIDECAR)
+    return "---\n".join(docs)
+
+
+def objects(**kw: Any) -> list[Any]:
+    loaded = load_text(mesh_text(**kw))
+    assert not loaded.errors, loaded.errors
+    return list(loaded.objects)
+
+
+class Pipeline:
+    def __init__(self, *, fast: bool) -> None:
+        self.store, self.cache, self.metrics = ConfigStore(), SnapshotCache(), PushMetrics(CollectorRegistry())
+        self.generated: list[ProxyClass] = []
+
+        def counting(mesh: Any, proxy: ProxyClass) -> Any:
+            self.generated.append(proxy)
+            return generate_parts(mesh, proxy)
+
+        self.pusher = Pusher(self.store, self.cache, build_mesh, counting, self.metrics,
+                             endpoints_only=endpoints_only, generate_endpoints=generate_endpoints,
+                             routes_only=http_routes_only if fast else None)
+        self._watching = ExitStack()
+        for key in CLASSES:
+            self._watching.enter_context(self.cache.watch(key))
+
+    def push(self, objs: list[Any]) -> dict[ProxyClass, Snapshot]:
+        self.generated.clear()
+        self.store.replace_source("f", objs)
+        self.pusher.rebuild()
+        found = {k: self.cache.get(k) for k in CLASSES}
+        assert all(s is not None for s in found.values())
+        return found  # type: ignore[return-value]
+
+
+@pytest.fixture
+def fast() -> Iterator[Pipeline]:
+    pipeline = Pipeline(fast=True)
+    pipeline.push(objects())
+    yield pipeline
+    pipeline._watching.close()
+
+
+def full_generation(objs: list[Any]) -> dict[ProxyClass, dict[str, str]]:
+    mesh = build_mesh(objs)
+    return {k: Snapshot.from_resources(generate(mesh, k)).versions() for k in CLASSES}
+
+
+@pytest.mark.parametrize("edit", [
+    {"web_weight": 70},  # the benchmark's change: weights
+    {"export": '"."'},  # the rule hidden from other namespaces
+    {"hosts": "web.shop.svc.cluster.local, cart.shop.svc.cluster.local"},  # a host taken over
+    {"cart_rule": False},  # a rule removed
+])
+def test_a_route_edit_takes_the_fast_path_and_equals_a_full_generation(fast: Pipeline, edit: dict[str, Any]) -> None:
+    before = {k: fast.cache.get(k) for k in CLASSES}
+    after = fast.push(objects(**edit))
+    assert {k: s.versions() for k, s in after.items()} == full_generation(objects(**edit))
+    # Captured and router classes always, plus one plain sidecar per shared route configuration.
+    plain = [k for k in CLASSES if k.kind == ProxyKind.SIDECAR and not k.captured]
+    groups = {id(fast.pusher.route_parts[k]) for k in plain}
+    assert len(fast.generated) == 2 + len(groups) < len(CLASSES)
+    assert fast.metrics.route_only_pushes._value.get() == len(plain) - len(groups)
+    for key in plain:
+        if key not in fast.generated:  # took its group's routes: every other type is the same object
+            for type_url in (CLUSTER, ENDPOINT, LISTENER):
+                assert after[key].of(type_url) is before[key].of(type_url)  # type: ignore[union-attr]
+    shop = [k for k in plain if k.namespace == "shop"]
+    assert len({id(after[k].of(ROUTE)) for k in shop}) == 1  # one route configuration, shared
+
+
+@pytest.mark.parametrize(("edit", "why"), [
+    ({"source_labels": True}, "sourceLabels decide which classes share routes"),
+    ({"tcp": False}, "a rule with TCP routes changes listeners"),
+])
+def test_other_rule_edits_take_the_full_path(fast: Pipeline, edit: dict[str, Any], why: str) -> None:
+    after = fast.push(objects(**edit))
+    assert len(fast.generated) == len(CLASSES), why
+    assert fast.metrics.route_only_pushes._value.get() == 0
+    assert {k: s.versions() for k, s in after.items()} == full_generation(objects(**edit))
+
+
+def test_a_sequence_of_edits_matches_a_pipeline_without_the_fast_path() -> None:
+    """Fast and full pipelines fed the same edits (route, endpoint, source labels, route again)
+    publish identical content every time."""
+    fast, full = Pipeline(fast=True), Pipeline(fast=False)
+    edits = [{}, {"web_weight": 60}, {"web_weight": 60, "export": '"."'}, {"web_weight": 60, "source_labels": True},
+             {"web_weight": 40, "source_labels": True}, {"web_weight": 40}, {"web_weight": 10, "cart_rule": False}]
+    for edit in edits:
+        a, b = fast.push(objects(**edit)), full.push(objects(**edit))
+        assert {k: s.versions() for k, s in a.items()} == {k: s.versions() for k, s in b.items()}, edit
+    assert fast.metrics.route_only_pushes._value.get() > 0
+    assert full.metrics.route_only_pushes._value.get() == 0
+
+
+def test_which_changes_are_http_routes_only() -> None:
+    old = build_mesh(objects())
+    assert http_routes_only(old, build_mesh(objects(web_weight=10)))
+    assert not http_routes_only(old, build_mesh(objects()))  # nothing changed
+    assert not http_routes_only(old, build_mesh(objects(source_labels=True)))
+    assert not http_routes_only(old, build_mesh(objects(tcp=False)))
+    assert not http_routes_only(old, build_mesh(objects(hosts="db.data.svc.cluster.local")))  # a TCP rule's host
+    moved = [o for o in objects() if o.key != ("WorkloadEntry", "shop", "web-v1")]
+    assert not http_routes_only(old, build_mesh(moved))
