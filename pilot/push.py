@@ -106,6 +106,8 @@ class Pusher:
         # Route fast path: class -> the route part (generator output) of its last full generation,
         # for plain sidecars only; classes that shared one object share the next one too.
         self.route_parts: dict[ProxyClass, Mapping[str, Any]] = {}
+        # EDS fast path, the same way: class -> the endpoint part of its last generation.
+        self.eds_parts: dict[ProxyClass, Mapping[str, Any]] = {}
         self.mesh: Any = None
         self.slice = slice_seconds  # longest stretch of publishing between two yields to the event loop
         self.serializer = Serializer()  # each message serialized once while it lives, each part once per mesh
@@ -211,8 +213,8 @@ class Pusher:
     def _publish_all(self, started: float, revision: int, mesh: Any, fast: str) -> Iterator[None]:
         """Publish every watched class from `mesh`; yields whenever a time slice is used up."""
         eds_only = fast == EDS_ONLY
-        # Route fast path: old route part -> (it, the new part, its ResourceSet), filled by the
-        # first class of each group, which is generated in full.
+        # Fast paths: old route (or endpoint) part -> (it, the new part, its ResourceSet), filled
+        # by the first class of each group, which is generated in full (routes) or for EDS.
         regrouped: dict[int, tuple[Mapping[str, Any], Mapping[str, Any], Any]] = {}
         old, self.mesh, self.mesh_revision = self.mesh, mesh, revision
         self._log_new_warnings(old)
@@ -229,7 +231,7 @@ class Pusher:
         with self.changes.span("generate", change, {"meshctl.classes": len(watched), "meshctl.eds_only": eds_only,
                                                      "meshctl.routes_only": fast == ROUTES_ONLY}) as span:
             for key in watched:
-                if eds_only and self.publish_endpoints(key):
+                if eds_only and self.publish_endpoints(key, regrouped):
                     pass
                 elif fast == ROUTES_ONLY:
                     self._publish_routes(key, regrouped)
@@ -244,8 +246,9 @@ class Pusher:
         self.cache.drop_unwatched()
         for gone in [k for k in self.class_changes if self.cache.get(k) is None]:
             del self.class_changes[gone]
-        for gone in [k for k in self.route_parts if self.cache.get(k) is None]:
-            del self.route_parts[gone]
+        for parts in (self.route_parts, self.eds_parts):
+            for gone in [k for k in parts if self.cache.get(k) is None]:
+                del parts[gone]
         # A fast path leaves most classes' other types untouched: keep their conversions too.
         self.serializer.advance(complete=not fast)
         if self.carry is not None:
@@ -288,17 +291,37 @@ class Pusher:
             return False
         return self.endpoints_only(old, new)
 
-    def publish_endpoints(self, key: ProxyClass) -> bool:
-        """EDS fast path: the class's current snapshot with new endpoints; False if not applicable."""
+    def publish_endpoints(
+        self, key: ProxyClass, regrouped: dict[int, tuple[Mapping[str, Any], Mapping[str, Any], Any]] | None = None,
+    ) -> bool:
+        """EDS fast path: the class's current snapshot with new endpoints; False if not applicable.
+
+        With `regrouped` (one push's groups) and the real generator (`routes_only` set), a class
+        whose last endpoint part is the one another class already replaced in this push takes that
+        class's new part: endpoint parts are memoized on what a namespace sees and the mesh
+        certificates, which an endpoint move does not regroup (see `_publish_routes`). The first
+        class of each group runs `generate_endpoints`; the others cost a lookup.
+        """
         previous = self.cache.get(key)
         if previous is None or key in self.errors or self.generate_endpoints is None:
             return False  # no good snapshot of the current config to patch
+        grouped = regrouped is not None and self.routes_only is not None
+        old = self.eds_parts.get(key) if grouped else None
+        found = regrouped.get(id(old)) if regrouped is not None and old is not None else None
         try:
-            eds = self.generate_endpoints(self.mesh, key)
-            self._set(key, previous.with_type(typeurls.ENDPOINT, self.serializer.set_of(typeurls.ENDPOINT, eds)))
+            if found is not None and found[0] is old:
+                _, eds, made = found
+            else:
+                eds = self.generate_endpoints(self.mesh, key)
+                made = self.serializer.set_of(typeurls.ENDPOINT, eds)
+                if regrouped is not None and old is not None:
+                    regrouped[id(old)] = (old, eds, made)
+            self._set(key, previous.with_type(typeurls.ENDPOINT, made))
         except Exception:
             log.exception("EDS fast path failed for %s; doing a full push", key.describe())
             return False
+        if grouped:
+            self.eds_parts[key] = eds
         self.metrics.eds_only_pushes.inc()
         return True
 
@@ -349,14 +372,19 @@ class Pusher:
             self.metrics.istio.internal_errors.inc("snapshot")
             self.errors[key] = f"{type(exc).__name__}: {exc}"
             self.route_parts.pop(key, None)
+            self.eds_parts.pop(key, None)
             log.exception("config for %s not published; it keeps its last good config", key.describe())
             return False
         self.errors.pop(key, None)
-        routes = parts.get(typeurls.ROUTE, ())
+        routes, endpoints = parts.get(typeurls.ROUTE, ()), parts.get(typeurls.ENDPOINT, ())
         if self.routes_only is not None and key.kind == ProxyKind.SIDECAR and not key.captured and len(routes) == 1:
             self.route_parts[key] = routes[0]
         else:
             self.route_parts.pop(key, None)
+        if self.routes_only is not None and len(endpoints) == 1:
+            self.eds_parts[key] = endpoints[0]
+        else:
+            self.eds_parts.pop(key, None)
         if new_class:
             self.metrics.class_cpu.observe(time.thread_time() - cpu)
         return True

@@ -1,6 +1,7 @@
 """The route fast path: an edit of HTTP routes only regenerates one class per group of classes
-sharing a route configuration; the others take its routes and keep every other type. The result
-must be exactly what a full generation of every class gives."""
+sharing a route configuration; the others take its routes and keep every other type. The EDS
+fast path groups the same way by endpoint part. The result must be exactly what a full
+generation of every class gives."""
 
 from __future__ import annotations
 
@@ -95,8 +96,8 @@ CLASSES = [
 
 
 def mesh_text(web_weight: int = 90, *, export: str = '"*"', hosts: str = "web.shop.svc.cluster.local",
-              source_labels: bool = False, tcp: bool = True, cart_rule: bool = True) -> str:
-    docs = [SERVICE.format(name=n, ns=ns, address=f"10.0.0.{i + 1}", proto=p, proto_upper=p.upper())
+              source_labels: bool = False, tcp: bool = True, cart_rule: bool = True, moved: int = 0) -> str:
+    docs = [SERVICE.format(name=n, ns=ns, address=f"10.0.{moved}.{i + 1}", proto=p, proto_upper=p.upper())
             for i, (n, ns, p) in enumerate([("web", "shop", "http"), ("cart", "shop", "http"),
                                              ("db", "data", "tcp"), ("n", "narrow", "http")])]
     match = "match: [{sourceLabels: {tier: a}}]\n    " if source_labels else ""
@@ -121,13 +122,18 @@ class Pipeline:
     def __init__(self, *, fast: bool) -> None:
         self.store, self.cache, self.metrics = ConfigStore(), SnapshotCache(), PushMetrics(CollectorRegistry())
         self.generated: list[ProxyClass] = []
+        self.endpoints_generated: list[ProxyClass] = []
 
         def counting(mesh: Any, proxy: ProxyClass) -> Any:
             self.generated.append(proxy)
             return generate_parts(mesh, proxy)
 
+        def counting_endpoints(mesh: Any, proxy: ProxyClass) -> Any:
+            self.endpoints_generated.append(proxy)
+            return generate_endpoints(mesh, proxy)
+
         self.pusher = Pusher(self.store, self.cache, build_mesh, counting, self.metrics,
-                             endpoints_only=endpoints_only, generate_endpoints=generate_endpoints,
+                             endpoints_only=endpoints_only, generate_endpoints=counting_endpoints,
                              routes_only=http_routes_only if fast else None)
         self._watching = ExitStack()
         for key in CLASSES:
@@ -135,6 +141,7 @@ class Pipeline:
 
     def push(self, objs: list[Any]) -> dict[ProxyClass, Snapshot]:
         self.generated.clear()
+        self.endpoints_generated.clear()
         self.store.replace_source("f", objs)
         self.pusher.rebuild()
         found = {k: self.cache.get(k) for k in CLASSES}
@@ -193,8 +200,9 @@ def test_a_sequence_of_edits_matches_a_pipeline_without_the_fast_path() -> None:
     """Fast and full pipelines fed the same edits (route, endpoint, source labels, route again)
     publish identical content every time."""
     fast, full = Pipeline(fast=True), Pipeline(fast=False)
-    edits = [{}, {"web_weight": 60}, {"web_weight": 60, "export": '"."'}, {"web_weight": 60, "source_labels": True},
-             {"web_weight": 40, "source_labels": True}, {"web_weight": 40}, {"web_weight": 10, "cart_rule": False}]
+    edits = [{}, {"web_weight": 60}, {"web_weight": 60, "export": '"."'}, {"web_weight": 60, "moved": 1},
+             {"web_weight": 60, "source_labels": True, "moved": 1}, {"web_weight": 40, "source_labels": True},
+             {"web_weight": 40}, {"web_weight": 40, "moved": 3}, {"web_weight": 10, "cart_rule": False}]
     for edit in edits:
         a, b = fast.push(objects(**edit)), full.push(objects(**edit))
         assert {k: s.versions() for k, s in a.items()} == {k: s.versions() for k, s in b.items()}, edit
@@ -211,3 +219,19 @@ def test_which_changes_are_http_routes_only() -> None:
     assert not http_routes_only(old, build_mesh(objects(hosts="db.data.svc.cluster.local")))  # a TCP rule's host
     moved = [o for o in objects() if o.key != ("WorkloadEntry", "shop", "web-v1")]
     assert not http_routes_only(old, build_mesh(moved))
+
+
+def test_an_endpoint_move_generates_endpoints_once_per_group_and_equals_a_full_generation(fast: Pipeline) -> None:
+    before = {k: fast.cache.get(k) for k in CLASSES}
+    after = fast.push(objects(moved=1))
+    assert fast.metrics.eds_only_pushes._value.get() == len(CLASSES) and not fast.generated
+    assert {k: s.versions() for k, s in after.items()} == full_generation(objects(moved=1))
+    groups = {id(fast.pusher.eds_parts[k]) for k in CLASSES}
+    assert len(fast.endpoints_generated) == len(groups) < len(CLASSES)
+    for key in CLASSES:
+        assert after[key].of(ENDPOINT) is not before[key].of(ENDPOINT)  # type: ignore[union-attr]
+        assert after[key].of(CLUSTER) is before[key].of(CLUSTER)  # type: ignore[union-attr]
+    # A route edit, then a move again: groups recorded by either path stay exact.
+    fast.push(objects(web_weight=20, moved=1))
+    after = fast.push(objects(web_weight=20, moved=2))
+    assert {k: s.versions() for k, s in after.items()} == full_generation(objects(web_weight=20, moved=2))
