@@ -32,7 +32,7 @@ from pilot.push import ENDPOINT_KINDS, Generate, Pusher, PushMetrics
 from pilot.settings import PilotSettings
 from pilot.tasks import TaskFailures, spawn
 from pilot.tracing import ChangeTracker, ObservedStore, tracer_provider
-from pilot.translate import generate, generate_endpoints, generate_parts
+from pilot.translate import generate, generate_endpoints, generate_parts, generate_routes
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.secrets import SecretServer
 from pilot.xds.server import AdsServer, SecureServing
@@ -97,6 +97,7 @@ class Pilot:
             generate_endpoints=generate_endpoints,
             # The route fast path relies on how the real generator shares route parts.
             routes_only=http_routes_only if generator is generate else None,
+            generate_routes=generate_routes if generator is generate else None,
             release_memory=release_free_memory,
             carry=carry,
             changes=self.changes,

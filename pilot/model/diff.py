@@ -33,9 +33,11 @@ def endpoints_only(old: MeshSnapshot, new: MeshSnapshot) -> bool:
         return False
     for key, was in old.workloads.items():
         now = new.workloads[key]
-        if (was.labels, was.ports, was.service_account) != (now.labels, now.ports, now.service_account):
+        if was is not now and (was.labels, was.ports, was.service_account) != (
+                now.labels, now.ports, now.service_account):
             return False
-    return all(_same_but_endpoints(s, new.services[h]) for h, s in old.services.items())
+    # Services the build carried over unchanged are the same objects: only the others are compared.
+    return all(s is (n := new.services[h]) or _same_but_endpoints(s, n) for h, s in old.services.items())
 
 
 def _same_but_endpoints(old: Service, new: Service) -> bool:

@@ -18,7 +18,7 @@ from pilot.model.build import build_mesh
 from pilot.model.diff import endpoints_only, http_routes_only
 from pilot.model.proxy import ProxyClass, ProxyKind
 from pilot.push import Pusher, PushMetrics
-from pilot.translate import generate, generate_endpoints, generate_parts
+from pilot.translate import generate, generate_endpoints, generate_parts, generate_routes
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.snapshot import Snapshot
 from pilot.xds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
@@ -119,10 +119,11 @@ def objects(**kw: Any) -> list[Any]:
 
 
 class Pipeline:
-    def __init__(self, *, fast: bool) -> None:
+    def __init__(self, *, fast: bool, routes_alone: bool = True) -> None:
         self.store, self.cache, self.metrics = ConfigStore(), SnapshotCache(), PushMetrics(CollectorRegistry())
         self.generated: list[ProxyClass] = []
         self.endpoints_generated: list[ProxyClass] = []
+        self.routes_generated: list[ProxyClass] = []
 
         def counting(mesh: Any, proxy: ProxyClass) -> Any:
             self.generated.append(proxy)
@@ -132,7 +133,12 @@ class Pipeline:
             self.endpoints_generated.append(proxy)
             return generate_endpoints(mesh, proxy)
 
+        def counting_routes(mesh: Any, proxy: ProxyClass) -> Any:
+            self.routes_generated.append(proxy)
+            return generate_routes(mesh, proxy)
+
         self.pusher = Pusher(self.store, self.cache, build_mesh, counting, self.metrics,
+                             generate_routes=counting_routes if fast and routes_alone else None,
                              endpoints_only=endpoints_only, generate_endpoints=counting_endpoints,
                              routes_only=http_routes_only if fast else None)
         self._watching = ExitStack()
@@ -142,6 +148,7 @@ class Pipeline:
     def push(self, objs: list[Any]) -> dict[ProxyClass, Snapshot]:
         self.generated.clear()
         self.endpoints_generated.clear()
+        self.routes_generated.clear()
         self.store.replace_source("f", objs)
         self.pusher.rebuild()
         found = {k: self.cache.get(k) for k in CLASSES}
@@ -149,9 +156,11 @@ class Pipeline:
         return found  # type: ignore[return-value]
 
 
-@pytest.fixture
-def fast() -> Iterator[Pipeline]:
-    pipeline = Pipeline(fast=True)
+@pytest.fixture(params=[True, False], ids=["generate_routes", "full-generation"])
+def fast(request: pytest.FixtureRequest) -> Iterator[Pipeline]:
+    """A pipeline with the fast paths, whose first class per group gets its routes from
+    `generate_routes` or (without it) from a full generation."""
+    pipeline = Pipeline(fast=True, routes_alone=request.param)
     pipeline.push(objects())
     yield pipeline
     pipeline._watching.close()
@@ -172,11 +181,16 @@ def test_a_route_edit_takes_the_fast_path_and_equals_a_full_generation(fast: Pip
     before = {k: fast.cache.get(k) for k in CLASSES}
     after = fast.push(objects(**edit))
     assert {k: s.versions() for k, s in after.items()} == full_generation(objects(**edit))
-    # Captured and router classes always, plus one plain sidecar per shared route configuration.
+    # Captured and router classes always in full; one plain sidecar per shared route configuration
+    # gets its routes alone (`generate_routes`) or, without it, a full generation.
     plain = [k for k in CLASSES if k.kind == ProxyKind.SIDECAR and not k.captured]
     groups = {id(fast.pusher.route_parts[k]) for k in plain}
-    assert len(fast.generated) == 2 + len(groups) < len(CLASSES)
-    assert fast.metrics.route_only_pushes._value.get() == len(plain) - len(groups)
+    if fast.pusher.generate_routes is not None:
+        assert len(fast.generated) == 2 and len(fast.routes_generated) == len(groups) < len(plain)
+        assert fast.metrics.route_only_pushes._value.get() == len(plain)
+    else:
+        assert len(fast.generated) == 2 + len(groups) < len(CLASSES)
+        assert fast.metrics.route_only_pushes._value.get() == len(plain) - len(groups)
     for key in plain:
         if key not in fast.generated:  # took its group's routes: every other type is the same object
             for type_url in (CLUSTER, ENDPOINT, LISTENER):
@@ -200,6 +214,7 @@ def test_a_sequence_of_edits_matches_a_pipeline_without_the_fast_path() -> None:
     """Fast and full pipelines fed the same edits (route, endpoint, source labels, route again)
     publish identical content every time."""
     fast, full = Pipeline(fast=True), Pipeline(fast=False)
+    assert fast.pusher.generate_routes is not None
     edits = [{}, {"web_weight": 60}, {"web_weight": 60, "export": '"."'}, {"web_weight": 60, "moved": 1},
              {"web_weight": 60, "source_labels": True, "moved": 1}, {"web_weight": 40, "source_labels": True},
              {"web_weight": 40}, {"web_weight": 40, "moved": 3}, {"web_weight": 10, "cart_rule": False}]
@@ -235,3 +250,13 @@ def test_an_endpoint_move_generates_endpoints_once_per_group_and_equals_a_full_g
     fast.push(objects(web_weight=20, moved=1))
     after = fast.push(objects(web_weight=20, moved=2))
     assert {k: s.versions() for k, s in after.items()} == full_generation(objects(web_weight=20, moved=2))
+
+
+def test_generate_routes_is_the_route_part_of_generate_parts() -> None:
+    mesh = build_mesh(objects())
+    for key in CLASSES:
+        if key.kind == ProxyKind.SIDECAR and not key.captured:
+            assert generate_routes(mesh, key) is generate_parts(mesh, key)[ROUTE][0]
+        else:
+            with pytest.raises(ValueError, match="only plain sidecars"):
+                generate_routes(mesh, key)
