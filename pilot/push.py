@@ -14,6 +14,12 @@ class (see `pilot.translate.generate.generate_parts`), and the `Serializer` seri
 part once per mesh version and each message once while it lives. A class's publication then
 costs its own few resources plus references; its CPU time (no socket writes) is recorded in
 `pilot_class_publish_cpu_seconds`.
+
+Fast paths: when the new mesh differs only in endpoints (`endpoints_only`) or only in HTTP-only
+VirtualServices (`routes_only`), no class is generated in full. Each keeps its snapshot with one
+type replaced, and classes that shared a part at their last generation share its next version:
+one `generate_endpoints` / `generate_routes` per group, a lookup for the rest (see
+`_publish_routes`). At mission scale that is 2,000 classes in ~30 ms instead of ~0.5 s.
 """
 
 from __future__ import annotations
