@@ -218,6 +218,8 @@ class View(Mapping[str, Resource]):
 
     def gone_from(self, held: Mapping[str, Resource]) -> list[str]:
         """Names a proxy holds that this view no longer has, sorted."""
+        if held is self:  # the usual case after a push: the proxy holds exactly this view
+            return []
         if isinstance(held, View) and len(held.parts) == len(self.parts):
             gone = [n for new, old in zip(self.parts, held.parts, strict=True) if new is not old
                     for n in new.removed_since(old)]
