@@ -112,6 +112,7 @@ class Pusher:
         self.generate_endpoints = generate_endpoints
         self.routes_only = routes_only
         self.generate_routes = generate_routes
+        self._fast_for = generate  # the generator the fast paths were given for (see `_grouping`)
         # Route fast path: class -> the route part (generator output) of its last full generation,
         # for plain sidecars only; classes that shared one object share the next one too.
         self.route_parts: dict[ProxyClass, Mapping[str, Any]] = {}
@@ -204,7 +205,7 @@ class Pusher:
             if known_kinds and old is not None:
                 if self._eds_only(old, mesh):
                     fast = EDS_ONLY
-                elif self.routes_only is not None and self.routes_only(old, mesh):
+                elif self._grouping() and self.routes_only is not None and self.routes_only(old, mesh):
                     fast = ROUTES_ONLY
         self.metrics.istio.init_time.observe(time.perf_counter() - began)
         return mesh, fast
@@ -314,7 +315,7 @@ class Pusher:
         previous = self.cache.get(key)
         if previous is None or key in self.errors or self.generate_endpoints is None:
             return False  # no good snapshot of the current config to patch
-        grouped = regrouped is not None and self.routes_only is not None
+        grouped = regrouped is not None and self._grouping()
         old = self.eds_parts.get(key) if grouped else None
         found = regrouped.get(id(old)) if regrouped is not None and old is not None else None
         try:
@@ -372,6 +373,12 @@ class Pusher:
         self.route_parts[key] = part
         self.metrics.route_only_pushes.inc()
 
+    def _grouping(self) -> bool:
+        """Whether the fast paths may share parts between classes: only with the generator they were
+        given for (`routes_only` set means the real one), not after `generate` was replaced (tests
+        inject faulty generators that way)."""
+        return self.routes_only is not None and self.generate is self._fast_for
+
     def publish(self, key: ProxyClass, new_class: bool = False) -> bool:
         """Generate and publish one class; on failure keep its last good snapshot.
 
@@ -392,11 +399,12 @@ class Pusher:
             return False
         self.errors.pop(key, None)
         routes, endpoints = parts.get(typeurls.ROUTE, ()), parts.get(typeurls.ENDPOINT, ())
-        if self.routes_only is not None and key.kind == ProxyKind.SIDECAR and not key.captured and len(routes) == 1:
+        grouping = self._grouping()
+        if grouping and key.kind == ProxyKind.SIDECAR and not key.captured and len(routes) == 1:
             self.route_parts[key] = routes[0]
         else:
             self.route_parts.pop(key, None)
-        if self.routes_only is not None and len(endpoints) == 1:
+        if grouping and len(endpoints) == 1:
             self.eds_parts[key] = endpoints[0]
         else:
             self.eds_parts.pop(key, None)
