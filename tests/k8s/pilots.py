@@ -56,6 +56,13 @@ async def kubectl_json(cluster: KubeCluster, *args: str) -> Any:
     return json.loads(done.stdout)
 
 
+async def no_namespace_terminating(cluster: KubeCluster) -> bool:
+    """Whether every namespace deleted earlier is gone. Tests delete theirs without waiting; the
+    Services in them leave the mesh while that runs, which changes config versions mid-test."""
+    found = await kubectl_json(cluster, "get", "namespaces")
+    return found is not None and all(n["status"].get("phase") != "Terminating" for n in found["items"])
+
+
 async def lease_holder(cluster: KubeCluster, namespace: str, name: str) -> str:
     """The Lease's holderIdentity ("" when free or absent)."""
     lease = await kubectl_json(cluster, "-n", namespace, "get", "lease", name)

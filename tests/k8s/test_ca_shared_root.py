@@ -52,7 +52,16 @@ from pilot.kube.client import client_from_kubeconfig
 from pilot.kube.leader import ROOT_ROTATION_LEASE
 from pilot.kube.meshconfig import parse_mesh_config
 from tests.k8s.cluster import KubeCluster
-from tests.k8s.pilots import FAST_LEASE, UpProcess, get_json, install_crds, kubectl_json, lease_holder, until
+from tests.k8s.pilots import (
+    FAST_LEASE,
+    UpProcess,
+    get_json,
+    install_crds,
+    kubectl_json,
+    lease_holder,
+    no_namespace_terminating,
+    until,
+)
 from tests.k8s.test_replicas import with_second_pilot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -121,6 +130,9 @@ async def _row(debug: str, node_id: str) -> dict[str, Any] | None:
 async def test_replicas_share_the_root_a_sidecar_fails_over_over_mtls_and_a_rotation_reaches_both(
         kube_cluster: KubeCluster, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ns = namespace
+    # Earlier tests delete their namespaces without waiting; their Services leaving mid-test would
+    # change every replica's mesh between the two version readings compared below.
+    await until("namespaces of earlier tests gone", lambda: no_namespace_terminating(kube_cluster), 120)
     await asyncio.to_thread(kube_cluster.kubectl, "-n", ns, "create", "serviceaccount", "client")
     service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "reviews", "namespace": ns},
                "spec": {"selector": {"app": "reviews"}, "ports": [{"name": "http", "port": 9080}]}}

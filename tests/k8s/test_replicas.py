@@ -19,7 +19,7 @@ import meshctl.envoy
 from meshctl.envoy import EnvoyProcess
 from pilot.bootstrap import XDS_CLUSTER, BootstrapSpec, sidecar_bootstrap
 from tests.k8s.cluster import KubeCluster
-from tests.k8s.pilots import UpProcess, get_json, install_crds, until
+from tests.k8s.pilots import UpProcess, get_json, install_crds, no_namespace_terminating, until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -67,6 +67,8 @@ def _synced(row: dict[str, Any] | None) -> bool:
 async def test_a_proxy_whose_pilot_dies_reconnects_to_the_other_replica_and_stays_synced(
         kube_cluster: KubeCluster, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ns = namespace
+    # The versions compared below are of the whole mesh: wait out earlier tests' namespace deletions.
+    await until("namespaces of earlier tests gone", lambda: no_namespace_terminating(kube_cluster), 120)
     service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "reviews", "namespace": ns},
                "spec": {"selector": {"app": "reviews"}, "ports": [{"name": "http", "port": 9080}]}}
     await asyncio.to_thread(kube_cluster.kubectl, "apply", "-f", "-", stdin=json.dumps(service))
