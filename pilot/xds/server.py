@@ -83,7 +83,6 @@ SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 KEEPALIVE_TIMEOUT_MS = 10_000  # istiod's keepaliveTimeout
 CONNECTION_AGE_GRACE_MS = 10_000  # istiod's MaxServerConnectionAgeGrace
 RELEASE_DELAY = 1.0  # seconds after the last call ended before free memory goes back to the OS
-FORGET_DELAY = 2.0  # seconds after a response was encoded for sharing before shared responses are dropped
 CLOSE_SETTLE = 0.1  # seconds for gRPC to notice a closed connection (see `_abort_stuck`)
 
 
@@ -133,11 +132,6 @@ class AdsServer:
         self._peer_identity: PeerIdentityHook | None = None
         self._workload_account: WorkloadAccount | None = None
         self._release: asyncio.TimerHandle | None = None
-        self._forget: asyncio.TimerHandle | None = None
-        # Responses encoded for sharing live on the snapshots' views; drop them once streams have
-        # taken them. The pusher also drops them after each push, but streams keep encoding after
-        # it (a wave of new proxies asks for endpoints and routes only after their clusters).
-        self.subscriptions.on_shared = self._responses_shared
         self.secrets: SecretServer | None = None  # gateway certificates over ADS (see the module docstring)
         self.changes: ChangeTracker | None = None  # config changes followed to the proxies (pilot.tracing)
         self._type_metrics: dict[str, tuple[Any, Any]] = {}  # Istio type label -> (push time, config size)
@@ -228,9 +222,6 @@ class AdsServer:
         if self._release is not None:
             self._release.cancel()
             self._release = None
-        if self._forget is not None:
-            self._forget.cancel()
-            self._forget = None
         if self._front is not None:
             await self._front.stop()
             self._front = None
@@ -248,26 +239,6 @@ class AdsServer:
         if self._release is not None:
             self._release.cancel()
         self._release = asyncio.get_running_loop().call_later(RELEASE_DELAY, self._released)
-
-    def _responses_shared(self) -> None:
-        """A response was encoded for sharing: drop shared responses `FORGET_DELAY` from now
-        (one timer, armed by the first such response after the last drop).
-
-        Why: with a class per workload nearly every response is its class's own, a megabyte at
-        mission scale; kept on the view, 2,000 classes would hold gigabytes between pushes.
-        Dropping while a fan-out is still going costs one more encoding per class, not correctness.
-        """
-        if self._forget is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # not serving (sessions driven directly)
-                return
-            self._forget = loop.call_later(FORGET_DELAY, self._forget_shared)
-
-    def _forget_shared(self) -> None:
-        self._forget = None
-        if self.cache.forget_responses() and self.release_memory is not None:
-            self.release_memory()  # the pages those responses held
 
     def _released(self) -> None:
         self._release = None

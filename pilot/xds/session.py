@@ -72,9 +72,6 @@ class Subscriptions:
         self._wire: dict[bytes, tuple[bytes, frozenset[str] | None]] = {}
         self._wire_bytes = 0
         self.nonces = Nonces()  # nonces of responses shared by streams: unique server-wide
-        # Called when a response is encoded for sharing: the server drops them once pushes settle
-        # (`pilot.xds.server.AdsServer`), or each class's view would keep its megabyte response.
-        self.on_shared: Callable[[], None] | None = None
 
     def intern(self, names: frozenset[str]) -> frozenset[str]:
         found = self._known.get(names)
@@ -234,8 +231,6 @@ class SessionBase(Generic[StateT]):
             if len(shared_on.responses) >= SHARED_RESPONSES:
                 shared_on.responses.clear()
             shared_on.responses[key] = entry
-            if self.subscriptions.on_shared is not None:
-                self.subscriptions.on_shared()
         stream = self.status.stream_id
         if stream in entry.streams:
             nonce = self.nonces.next()

@@ -435,28 +435,3 @@ def test_a_flood_of_new_proxy_identities_does_not_stall_a_push(tmp_path: Path) -
     fresh = Snapshot.from_parts(generate_parts(route_version, newcomers[-1]), built.pusher.serializer)
     snap = built.cache.get(newcomers[-1])
     assert snap is not None and snap.version(ROUTE) == fresh.version(ROUTE)
-
-
-async def test_responses_encoded_for_sharing_are_dropped_soon_after(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A class's encoded responses (a megabyte each at mission scale) do not outlive the push that
-    made them: the server drops them `FORGET_DELAY` after the first one was encoded."""
-    from pilot.xds import server as server_module
-    from pilot.xds.server import AdsServer
-
-    monkeypatch.setattr(server_module, "FORGET_DELAY", 0.05)
-    cache, registry = SnapshotCache(), _registry()
-    ads = AdsServer(cache, registry)
-    key = workload_class(0)
-    snap = snapshot({f"c{i}": i + 1 for i in range(5)})
-    cache.set(key, snap)
-    session = SotwSession(registry.open(_identity(), "sotw", "test"), registry, ads.subscriptions)
-    session.handle(discovery_pb2.DiscoveryRequest(type_url=CLUSTER))
-    assert session.responses(snap)
-
-    def shared() -> int:
-        return sum(len(holder.responses) for view in snap.types.values() for holder in (view, *view.parts))
-
-    assert shared() > 0
-    await asyncio.sleep(0.3)
-    assert shared() == 0
-    await ads.stop()
