@@ -28,7 +28,7 @@ from pilot.model.build import build_mesh
 from pilot.model.conversions import Conversions
 from pilot.model.diff import endpoints_only, http_routes_only
 from pilot.model.mesh import MeshSnapshot
-from pilot.push import ENDPOINT_KINDS, Generate, Pusher, PushMetrics
+from pilot.push import ENDPOINT_KINDS, Generate, Pusher, PushMetrics, RoutesFastPath
 from pilot.settings import PilotSettings
 from pilot.tasks import TaskFailures, spawn
 from pilot.tracing import ChangeTracker, ObservedStore, tracer_provider
@@ -75,33 +75,11 @@ class Pilot:
         self.store: ConfigStore = ObservedStore(self.changes, push_metrics.istio, ENDPOINT_KINDS)
         self.cache = SnapshotCache()
         self.status = StatusRegistry(xds_metrics)
-        conversions = Conversions()  # per-object conversions reused from one build to the next
         self.jwks = JwksFetcher(self.store, self.registry)  # RequestAuthentication jwksUri keys, inlined
         # Gateway credentialName secrets that exist (the composition root sets `credentials.root`).
         self.credentials = CredentialIndex(self.store)
         self.secrets: SecretServer | None = None  # pilot serves them over ADS (Kubernetes with authenticated xDS)
-        carry = Conversions()  # generated messages reused from one mesh version to the next
-        self.pusher = Pusher(
-            self.store, self.cache,
-            build_mesh=lambda objects: self._with_credentials(_ended(
-                build_mesh(objects, settings.cluster_domain, conversions, carry, jwks=self.jwks.current(),
-                           trust_domain=settings.trust_domain, root_namespace=self.root_namespace()),
-                conversions)),
-            # The real generator hands shared parts over as shared objects (serialized once per mesh).
-            generate=generate_parts if generator is generate else generator,
-            metrics=push_metrics,
-            debounce=settings.debounce_ms / 1000,
-            debounce_max=settings.debounce_max_ms / 1000,
-            endpoint_debounce=settings.endpoint_debounce_ms / 1000,
-            endpoints_only=endpoints_only,
-            generate_endpoints=generate_endpoints,
-            # The route fast path relies on how the real generator shares route parts.
-            routes_only=http_routes_only if generator is generate else None,
-            generate_routes=generate_routes if generator is generate else None,
-            release_memory=release_free_memory,
-            carry=carry,
-            changes=self.changes,
-        )
+        self.pusher = self._pusher(generator, push_metrics)
         self.ads = AdsServer(self.cache, self.status, send_timeout=settings.send_timeout_ms / 1000 or None,
                              max_connection_age=settings.max_connection_age_ms / 1000 or None,
                              release_memory=release_free_memory)
@@ -121,6 +99,33 @@ class Pilot:
         self.ads_port = 0
         self.xds_tls_port = 0
         self.debug_port = 0
+
+    def _pusher(self, generator: Generate, metrics: PushMetrics) -> Pusher:
+        """The pusher over this pilot's store and cache, with the fast paths when `generator` is the
+        real one (they rely on how it shares parts between classes)."""
+        settings = self.settings
+        conversions = Conversions()  # per-object conversions reused from one build to the next
+        carry = Conversions()  # generated messages reused from one mesh version to the next
+        real = generator is generate
+        return Pusher(
+            self.store, self.cache,
+            build_mesh=lambda objects: self._with_credentials(_ended(
+                build_mesh(objects, settings.cluster_domain, conversions, carry, jwks=self.jwks.current(),
+                           trust_domain=settings.trust_domain, root_namespace=self.root_namespace()),
+                conversions)),
+            # The real generator hands shared parts over as shared objects (serialized once per mesh).
+            generate=generate_parts if real else generator,
+            metrics=metrics,
+            debounce=settings.debounce_ms / 1000,
+            debounce_max=settings.debounce_max_ms / 1000,
+            endpoint_debounce=settings.endpoint_debounce_ms / 1000,
+            endpoints_only=endpoints_only,
+            generate_endpoints=generate_endpoints,
+            routes=RoutesFastPath(http_routes_only, generate_routes) if real else None,
+            release_memory=release_free_memory,
+            carry=carry,
+            changes=self.changes,
+        )
 
     def root_namespace(self) -> str:
         """Istio's config root namespace: the cluster's mesh ConfigMap `rootNamespace` when pilot

@@ -17,7 +17,7 @@ from pilot.config.store import ConfigStore
 from pilot.model.build import build_mesh
 from pilot.model.diff import endpoints_only, http_routes_only
 from pilot.model.proxy import ProxyClass, ProxyKind
-from pilot.push import Pusher, PushMetrics
+from pilot.push import Pusher, PushMetrics, RoutesFastPath
 from pilot.translate import generate, generate_endpoints, generate_parts, generate_routes
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.snapshot import Snapshot
@@ -119,7 +119,7 @@ def objects(**kw: Any) -> list[Any]:
 
 
 class Pipeline:
-    def __init__(self, *, fast: bool, routes_alone: bool = True) -> None:
+    def __init__(self, *, fast: bool) -> None:
         self.store, self.cache, self.metrics = ConfigStore(), SnapshotCache(), PushMetrics(CollectorRegistry())
         self.generated: list[ProxyClass] = []
         self.endpoints_generated: list[ProxyClass] = []
@@ -138,9 +138,8 @@ class Pipeline:
             return generate_routes(mesh, proxy)
 
         self.pusher = Pusher(self.store, self.cache, build_mesh, counting, self.metrics,
-                             generate_routes=counting_routes if fast and routes_alone else None,
                              endpoints_only=endpoints_only, generate_endpoints=counting_endpoints,
-                             routes_only=http_routes_only if fast else None)
+                             routes=RoutesFastPath(http_routes_only, counting_routes) if fast else None)
         self._watching = ExitStack()
         for key in CLASSES:
             self._watching.enter_context(self.cache.watch(key))
@@ -156,11 +155,10 @@ class Pipeline:
         return found  # type: ignore[return-value]
 
 
-@pytest.fixture(params=[True, False], ids=["generate_routes", "full-generation"])
-def fast(request: pytest.FixtureRequest) -> Iterator[Pipeline]:
-    """A pipeline with the fast paths, whose first class per group gets its routes from
-    `generate_routes` or (without it) from a full generation."""
-    pipeline = Pipeline(fast=True, routes_alone=request.param)
+@pytest.fixture
+def fast() -> Iterator[Pipeline]:
+    """A pipeline with the fast paths, after its first full push."""
+    pipeline = Pipeline(fast=True)
     pipeline.push(objects())
     yield pipeline
     pipeline._watching.close()
@@ -182,15 +180,11 @@ def test_a_route_edit_takes_the_fast_path_and_equals_a_full_generation(fast: Pip
     after = fast.push(objects(**edit))
     assert {k: s.versions() for k, s in after.items()} == full_generation(objects(**edit))
     # Captured and router classes always in full; one plain sidecar per shared route configuration
-    # gets its routes alone (`generate_routes`) or, without it, a full generation.
+    # gets its routes alone (`generate_routes`).
     plain = [k for k in CLASSES if k.kind == ProxyKind.SIDECAR and not k.captured]
     groups = {id(fast.pusher.route_parts[k]) for k in plain}
-    if fast.pusher.generate_routes is not None:
-        assert len(fast.generated) == 2 and len(fast.routes_generated) == len(groups) < len(plain)
-        assert fast.metrics.route_only_pushes._value.get() == len(plain)
-    else:
-        assert len(fast.generated) == 2 + len(groups) < len(CLASSES)
-        assert fast.metrics.route_only_pushes._value.get() == len(plain) - len(groups)
+    assert len(fast.generated) == 2 and len(fast.routes_generated) == len(groups) < len(plain)
+    assert fast.metrics.route_only_pushes._value.get() == len(plain)
     for key in plain:
         if key not in fast.generated:  # took its group's routes: every other type is the same object
             for type_url in (CLUSTER, ENDPOINT, LISTENER):
@@ -214,7 +208,7 @@ def test_a_sequence_of_edits_matches_a_pipeline_without_the_fast_path() -> None:
     """Fast and full pipelines fed the same edits (route, endpoint, source labels, route again)
     publish identical content every time."""
     fast, full = Pipeline(fast=True), Pipeline(fast=False)
-    assert fast.pusher.generate_routes is not None
+    assert fast.pusher.routes is not None
     edits = [{}, {"web_weight": 60}, {"web_weight": 60, "export": '"."'}, {"web_weight": 60, "moved": 1},
              {"web_weight": 60, "source_labels": True, "moved": 1}, {"web_weight": 40, "source_labels": True},
              {"web_weight": 40}, {"web_weight": 40, "moved": 3}, {"web_weight": 10, "cart_rule": False}]
