@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import partial
+from types import MappingProxyType
 from typing import TypeVar
 
 from pilot.api import (
@@ -41,6 +42,9 @@ MESH_GATEWAY = "mesh"
 _LATEST = datetime.max.replace(tzinfo=UTC)
 T = TypeVar("T", bound=ApiObject)
 R = TypeVar("R")
+K = TypeVar("K", str, tuple[str, str])
+V = TypeVar("V")
+_ABSENT = object()
 
 
 def precedence(obj: ApiObject) -> tuple[datetime, str, str]:
@@ -80,7 +84,7 @@ def build_mesh(
     virtual_services, delegate_warnings = memo.stage(
         "delegates", all_routes, (), lambda _: _warned(partial(resolve_delegates, list(all_routes))))
     workloads = _workloads_stage(memo, _of(memo, by_kind, WorkloadEntry))
-    services, service_warnings = _services_stage(memo, served, workloads)
+    services, service_warnings, shape = _services_stage(memo, served, workloads)
     routing, routing_warnings = memo.stage(
         "routing", tuple(virtual_services), (cluster_domain,),
         lambda sub: _warned(lambda w: _virtual_services(virtual_services, cluster_domain, w, sub)))
@@ -93,7 +97,8 @@ def build_mesh(
     warnings = [*delegate_warnings, *service_warnings, *routing_warnings, *scoping_warnings]
     warnings += memo.stage("gateway-conflicts", (scoping, workloads), (),
                            lambda _: gateway_server_conflicts(scoping.gateways, workloads))
-    warnings += memo.stage("dangling", (routing, services, rules), (),
+    # Keyed on the services' shape: an endpoint change moves no host, port or subset.
+    warnings += memo.stage("dangling", (routing, shape, rules), (),
                            lambda _: _dangling_references(routing, services, rules))
     warnings += memo.stage("local-ports", (services,), (), lambda _: local_port_warnings(services))
     security, peer_authn = _security(memo, by_kind, jwks, scoping.root_namespace)
@@ -101,8 +106,8 @@ def build_mesh(
         cluster_domain=cluster_domain,
         trust_domain=trust_domain,
         peer_authn=peer_authn,
-        services=memo.stage("frozen-services", (services,), (), lambda _: m.frozen_map(services)),
-        workloads=memo.stage("frozen-workloads", (workloads,), (), lambda _: m.frozen_map(workloads)),
+        services=_frozen(memo, "frozen-services", services),
+        workloads=_frozen(memo, "frozen-workloads", workloads),
         destination_rules=memo.stage("frozen-rules", (rules,), (), lambda _: m.frozen_map(rules)),
         virtual_services=memo.stage("frozen-routing", (routing,), (), lambda _: m.frozen_map(routing)),
         sidecars=memo.stage("sidecars", sidecars, (), lambda _: _sidecars(sidecars)),
@@ -171,6 +176,27 @@ def _with_registry_endpoints(
 def _merged(se: ServiceEntry, endpoints: ServiceEndpoints) -> ServiceEntry:
     spec = se.spec.model_copy(update={"endpoints": (*se.spec.endpoints, *endpoints.spec.endpoints)})
     return se.model_copy(update={"spec": spec})
+
+
+def _frozen(memo: Conversions, tag: str, items: dict[K, V]) -> Mapping[K, V]:
+    """`m.frozen_map(items)` as a stage; when `items` holds the same keys as last time and a few
+    values were replaced (an endpoint change), the last sorted map is copied with those values
+    replaced: an identity check per entry instead of sorting ~6,000 workloads again."""
+    last = memo.stage_last(tag)
+    if last is not None:
+        sub, (before,), frozen = last
+        if before is items:
+            return frozen  # type: ignore[no-any-return]
+        if len(before) == len(items):
+            changed = [key for key, value in items.items() if before.get(key, _ABSENT) is not value]
+            if len(changed) <= max(len(items) // 8, 1) and all(key in before for key in changed):
+                patched = dict(frozen)  # in key order already
+                for key in changed:
+                    patched[key] = items[key]
+                result: Mapping[K, V] = MappingProxyType(patched)
+                memo.stage_store(tag, sub, (items,), (), result)
+                return result
+    return memo.stage(tag, (items,), (), lambda _: m.frozen_map(items))
 
 
 def _warned(compute: Callable[[list[str]], R]) -> tuple[R, tuple[str, ...]]:
@@ -242,37 +268,50 @@ def _workloads(entries: list[WorkloadEntry], memo: Conversions) -> dict[tuple[st
     return {(e.metadata.namespace, e.metadata.name): memo.of(_workload, e) for e in entries}
 
 
-_Services = tuple[dict[str, m.Service], tuple[str, ...], "_WorkloadIndex"]
+# The services stage's result: the services, their conflict warnings, their shape (see
+# `_services_stage`), the workload index, and what patching needs (`_Owners`).
+_Services = tuple[dict[str, m.Service], tuple[str, ...], object, "_WorkloadIndex", "_Owners"]
 
 
 def _services_stage(
     memo: Conversions, entries: tuple[ServiceEntry, ...], workloads: dict[tuple[str, str], m.Workload]
-) -> tuple[dict[str, m.Service], tuple[str, ...]]:
-    """The services and their conflict warnings. When only a few workloads moved (an endpoint
-    change), the workload index is patched rather than rebuilt over every workload; each
-    ServiceEntry whose candidate workloads are the same objects keeps its services (`keyed`)."""
+) -> tuple[dict[str, m.Service], tuple[str, ...], object]:
+    """The services, their conflict warnings, and their shape: a token that stays the same object
+    while every service keeps its host, ports and owner (only endpoints moved), so stages that read
+    no endpoint (dangling references) can key on it instead of on the services.
+
+    When only a few workloads moved (an endpoint change), the workload index is patched and only
+    the ServiceEntries whose selector picks a moved workload (before or after the move) are looked
+    at again: a WorkloadEntry edit at 1,000 services costs a few entries, not a pass over all of
+    them. Their hosts, and so which entry owns each host, cannot change (the entries are the same).
+    """
     last = memo.stage_last("services")
     if last is not None:
-        sub, before, (services, warnings, index) = last
+        sub, before, (services, warnings, shape, index, owners) = last
         old = before[-1]
         if len(before) == len(entries) + 1 and all(a is b for a, b in zip(before, entries, strict=False)):
             if old is workloads:
-                return services, warnings
+                return services, warnings, shape
             moved = _moved(old, workloads)
             if moved is not None and len(sub) < 2 * (len(entries) + len(workloads)) + 64:
                 index.replace(moved)
-                found: list[str] = []
-                services = _services(entries, index, found, sub)
-                memo.stage_store("services", sub, (*entries, workloads), (), (services, tuple(found), index))
-                return services, tuple(found)
+                patched = dict(services)
+                for i in owners.selecting(entries, moved):
+                    for host, service in _entry_services_memo(entries[i], index, sub).items():
+                        if owners.hosts.get(host) == i:
+                            patched[host] = service
+                memo.stage_store("services", sub, (*entries, workloads), (),
+                                 (patched, warnings, shape, index, owners))
+                return patched, warnings, shape
 
     def full(sub: Conversions) -> _Services:
         index = _WorkloadIndex(workloads.values())
         found: list[str] = []
-        return _services(entries, index, found, sub), tuple(found), index
+        owners = _Owners(entries)
+        return _services(entries, index, found, sub, owners), tuple(found), object(), index, owners
 
-    services, warnings, _ = memo.stage("services", (*entries, workloads), (), full)
-    return services, warnings
+    services, warnings, shape, _, _ = memo.stage("services", (*entries, workloads), (), full)
+    return services, warnings, shape
 
 
 def _moved(
@@ -289,25 +328,62 @@ def _moved(
 
 
 def _services(
-    entries: Sequence[ServiceEntry], index: _WorkloadIndex, warnings: list[str], memo: Conversions,
+    entries: Sequence[ServiceEntry], index: _WorkloadIndex, warnings: list[str], memo: Conversions, owners: _Owners,
 ) -> dict[str, m.Service]:
     services: dict[str, m.Service] = {}
-    owners: dict[str, str] = {}
-    for se in entries:
-        selector = se.spec.workload_selector
-        # A service is a function of its ServiceEntry and the workloads its selector may pick:
-        # while all of them are the same objects, it is the same Service (no work, same identity).
-        candidates = tuple(index.candidates(se.metadata.namespace, selector.labels)) if selector else ()
-        by_host = memo.keyed("service-entry", (se, *candidates), (), partial(_entry_services, se, candidates, memo))
-        for host, service in by_host.items():
+    for i, se in enumerate(entries):
+        for host, service in _entry_services_memo(se, index, memo).items():
             if host in services:
                 warnings.append(
-                    f"{se.ref}: host {host} is already defined by {owners[host]}; ignored for this host"
+                    f"{se.ref}: host {host} is already defined by {entries[owners.hosts[host]].ref}; "
+                    "ignored for this host"
                 )
                 continue
-            owners[host] = se.ref
+            owners.hosts[host] = i
             services[host] = service
     return services
+
+
+def _entry_services_memo(se: ServiceEntry, index: _WorkloadIndex, memo: Conversions) -> dict[str, m.Service]:
+    """A ServiceEntry's services: a function of the entry and the workloads its selector may pick,
+    so while all of them are the same objects they are the same Services (no work, same identity)."""
+    selector = se.spec.workload_selector
+    candidates = tuple(index.candidates(se.metadata.namespace, selector.labels)) if selector else ()
+    return memo.keyed("service-entry", (se, *candidates), (), partial(_entry_services, se, candidates, memo))
+
+
+class _Owners:
+    """Which entry owns each host (the first to define it), and the entries with a workload selector
+    indexed like workloads, so a moved workload finds the entries that may select it."""
+
+    def __init__(self, entries: Sequence[ServiceEntry]) -> None:
+        self.hosts: dict[str, int] = {}  # host -> position of the entry that defines it
+        self.by_label: dict[tuple[str, str, str], list[int]] = {}  # (namespace, key, value) -> entries
+        self.any_labels: dict[str, list[int]] = {}  # namespace -> entries whose selector is empty
+        for i, se in enumerate(entries):
+            selector = se.spec.workload_selector
+            if selector is None:
+                continue
+            if not selector.labels:
+                self.any_labels.setdefault(se.metadata.namespace, []).append(i)
+            for key, value in selector.labels.items():
+                self.by_label.setdefault((se.metadata.namespace, key, value), []).append(i)
+
+    def selecting(self, entries: Sequence[ServiceEntry],
+                  moved: Iterable[tuple[m.Workload | None, m.Workload | None]]) -> list[int]:
+        """Positions of the entries whose selector picks any of the workloads, before or after."""
+        found: set[int] = set()
+        for pair in moved:
+            for wl in pair:
+                if wl is None:
+                    continue
+                found.update(self.any_labels.get(wl.namespace, ()))
+                for key, value in wl.labels.items():
+                    for i in self.by_label.get((wl.namespace, key, value), ()):
+                        selector = entries[i].spec.workload_selector
+                        if selector is not None and m.selects(selector.labels, wl.labels):
+                            found.add(i)
+        return sorted(found)
 
 
 def _entry_services(

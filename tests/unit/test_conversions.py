@@ -174,3 +174,89 @@ def test_an_endpoint_change_reuses_the_scoping_and_routing_stages() -> None:
     assert after.workloads != before.workloads
     assert after.scoping is before.scoping  # not rebuilt: it reads no workload
     assert after.virtual_services is before.virtual_services
+
+
+def _overlapping_mesh(workloads: list[tuple[str, str, dict[str, str], str]]) -> list[ApiObject]:
+    """ServiceEntries whose selectors overlap, share hosts, span namespaces or are empty, over
+    `workloads` (namespace, name, labels, address)."""
+    from pilot.config.files import load_text
+
+    entries = [
+        ("a", "web", ["web.a", "shared.example"], {"app": "web"}),
+        ("a", "web-v1", ["web-v1.a", "shared.example"], {"app": "web", "version": "v1"}),  # loses shared.example
+        ("a", "everything", ["all.a"], {}),
+        ("b", "web", ["web.b"], {"app": "web"}),
+        ("b", "v2", ["v2.b"], {"version": "v2"}),
+    ]
+    docs = []
+    for ns, name, hosts, selector in entries:
+        docs.append(f"""apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  hosts: {hosts}
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  workloadSelector: {{labels: {selector}}}
+""")
+    for ns, name, labels, address in workloads:
+        docs.append(f"""apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: {name}, namespace: {ns}}}
+spec: {{address: {address}, labels: {labels}}}
+""")
+    loaded = load_text("---\n".join(docs))
+    assert not loaded.errors, loaded.errors
+    return list(loaded.objects)
+
+
+def test_patched_services_equal_fresh_builds_with_overlapping_selectors_and_shared_hosts() -> None:
+    """The services stage looks again only at the entries selecting a moved workload; with selectors
+    that overlap, an empty selector, a host two entries define and two namespaces, every build
+    through a random walk of workload edits equals a fresh one."""
+    import random
+
+    rng = random.Random(11)
+    label_choices = [{"app": "web"}, {"app": "web", "version": "v1"}, {"app": "api", "version": "v2"},
+                     {"version": "v2"}, {"app": "web", "version": "v2"}, {}]
+    workloads = [(rng.choice("ab"), f"w{i}", dict(rng.choice(label_choices)), f"10.0.0.{i + 1}") for i in range(40)]
+    memo = Conversions()
+    objects = _overlapping_mesh(workloads)
+    assert build_mesh(objects, conversions=memo) == build_mesh(objects)
+    for step in range(80):
+        ns, name, _, _ = rng.choice(workloads)
+        wl = next(o for o in objects if o.key == ("WorkloadEntry", ns, name))
+        choice = rng.choice(["move", "relabel", "unaddress"])
+        if choice == "move":
+            edited = _spec(wl, address=f"10.1.{step}.{rng.randrange(1, 250)}")
+        elif choice == "relabel":
+            edited = _spec(wl, labels=dict(rng.choice(label_choices)))
+        else:
+            edited = _spec(wl, address="")
+        objects = [edited if o is wl else o for o in objects]
+        fresh = build_mesh(objects)
+        assert build_mesh(objects, conversions=memo) == fresh, (step, choice)
+    assert any("shared.example" in w for w in fresh.warnings)  # the host conflict was there throughout
+
+
+def test_an_endpoint_move_looks_again_only_at_the_entries_selecting_it(tmp_path: Path) -> None:
+    """Cost follows change in the build: moving one workload of a 200-service mesh converts the one
+    ServiceEntry that selects it, not all 200 (counted in the services stage's own memo)."""
+    from benchmarks import meshgen
+
+    config = meshgen.generate(tmp_path, services=200)
+    objects = list(load_dir(config.directory).objects)
+    memo = Conversions()
+    before = build_mesh(objects, conversions=memo)
+    stage_memo = memo._stages["services"][0]
+    looked = stage_memo.hits + stage_memo.misses
+    first = next(i for i, o in enumerate(objects) if o.kind == "WorkloadEntry")
+    objects[first] = _spec(objects[first], address="10.250.0.1")
+    after = build_mesh(objects, conversions=memo)
+
+    assert memo._stages["services"][0] is stage_memo  # patched, not rebuilt
+    assert stage_memo.hits + stage_memo.misses - looked <= 20  # one entry and its few endpoints, not 200 entries
+    changed = [h for h in after.services if after.services[h] is not before.services[h]]
+    assert len(changed) == 1 and any(e.address == "10.250.0.1" for e in after.services[changed[0]].endpoints)
+    assert after == build_mesh(objects)
