@@ -244,7 +244,8 @@ class ObservedStore(ConfigStore):
     `pilot_k8s_cfg_events{type,event}` (the Kubernetes config source), `pilot_k8s_reg_events{type,event}`
     (the Kubernetes service registry) and `pilot_inbound_updates{type}` (every source).
 
-    Cost: `replace_source` compares the source's objects by identity once more (as the store does)."""
+    Cost: a counter increment per object written; `replace_source` reports the objects the store's
+    own comparison found (`ConfigStore._written`)."""
 
     def __init__(self, changes: ChangeTracker, metrics: IstioPushMetrics, endpoint_kinds: frozenset[str]) -> None:
         super().__init__()
@@ -265,14 +266,8 @@ class ObservedStore(ConfigStore):
             self._observe(source_id, [(kind, "delete")], changed)
         return changed
 
-    def replace_source(self, source_id: str, objects: Any, errors: Any = ()) -> bool:
-        old = dict(self._by_source.get(source_id, {}))
-        changed = super().replace_source(source_id, objects, errors)
-        new = self._by_source.get(source_id, {})
-        events = [(key[0], "update" if key in old else "add") for key, obj in new.items() if old.get(key) is not obj]
-        events += [(key[0], "delete") for key in old if key not in new]
-        self._observe(source_id, events, changed)
-        return changed
+    def _written(self, source_id: str, events: list[tuple[str, str]], changed: bool) -> None:
+        self._observe(source_id, events, changed)  # `replace_source`: the store's own comparison
 
     def _observe(self, source: str, events: list[tuple[str, str]], changed: bool) -> None:
         counter = {KUBE_CONFIG_SOURCE: self.istio.cfg_events, KUBE_REGISTRY_SOURCE: self.istio.reg_events}.get(source)

@@ -29,7 +29,7 @@ import time
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from watchfiles._rust_notify import RustNotify
@@ -388,26 +388,64 @@ def merge(parts: Iterable[Part], problems: Iterable[DocumentError] = ()) -> Load
     An object defined twice keeps its first definition and the second is reported; an object
     carried over from an earlier version of a file yields, silently, to any current definition.
     """
-    first: dict[tuple[str, str, str], tuple[str, int]] = {}
-    kept: dict[tuple[str, str, str], ApiObject] = {}
-    errors: list[DocumentError] = []
-    carried: list[_Located] = []
-    for (_, located, file_errors, _), carry in parts:
-        errors += file_errors
-        carried += carry
-        for file, index, obj, key in located:
-            if key in first:
-                where = "{}[{}]".format(*first[key])
-                kind, namespace, name = key
-                message = f"{obj.ref}: already defined at {where}"
-                errors.append(DocumentError(file, index, kind, namespace, name, message))
-                continue
-            first[key] = (file, index)
-            kept[key] = obj
-    for _, _, obj, key in carried:
-        kept.setdefault(key, obj)
-    errors += problems
-    return LoadResult(tuple(kept.values()), tuple(errors), keyed=kept)
+    return _Merged.of(parts, problems).result
+
+
+@dataclass(frozen=True)
+class _Merged:
+    """A merge's result, and what lets the next one patch it instead of merging every file again."""
+
+    result: LoadResult
+    contested: frozenset[tuple[str, str, str]]  # keys defined more than once, or carried
+
+    @staticmethod
+    def of(parts: Iterable[Part], problems: Iterable[DocumentError] = ()) -> _Merged:
+        first: dict[tuple[str, str, str], tuple[str, int]] = {}
+        kept: dict[tuple[str, str, str], ApiObject] = {}
+        errors: list[DocumentError] = []
+        carried: list[_Located] = []
+        contested: set[tuple[str, str, str]] = set()
+        for (_, located, file_errors, _), carry in parts:
+            errors += file_errors
+            carried += carry
+            for file, index, obj, key in located:
+                if key in first:
+                    where = "{}[{}]".format(*first[key])
+                    kind, namespace, name = key
+                    message = f"{obj.ref}: already defined at {where}"
+                    errors.append(DocumentError(file, index, kind, namespace, name, message))
+                    contested.add(key)
+                    continue
+                first[key] = (file, index)
+                kept[key] = obj
+        for _, _, obj, key in carried:
+            kept.setdefault(key, obj)
+            contested.add(key)
+        errors += problems
+        return _Merged(LoadResult(tuple(kept.values()), tuple(errors), keyed=kept), frozenset(contested))
+
+    def patched(self, edits: Iterable[tuple[_Held, _Held]]) -> tuple[_Merged, list[tuple[str, str, str]]] | None:
+        """This merge after files were rewritten in place, and the keys whose object changed; None
+        unless every edit is a clean parse (no errors, nothing carried) defining the same keys, in
+        the same order, as before, none of them defined elsewhere: then no error can appear or go,
+        and each key keeps its place. The usual edit (an object's spec) then costs its own objects,
+        not a merge of every file."""
+        kept = dict(self.result.keyed or {})
+        changed: list[tuple[str, str, str]] = []
+        for before, after in edits:
+            if before.carried or after.carried or before.entry[2] or after.entry[2]:
+                return None
+            if len(before.entry[1]) != len(after.entry[1]):
+                return None
+            for old, new in zip(before.entry[1], after.entry[1], strict=True):
+                key = new[3]
+                if old[3] != key or key in self.contested or kept.get(key) is not old[2]:
+                    return None
+                if new[2] is not old[2]:
+                    kept[key] = new[2]
+                    changed.append(key)
+        result = LoadResult(tuple(kept.values()), self.result.errors, keyed=kept)
+        return _Merged(result, self.contested), changed
 
 
 def _one_line(exc: BaseException) -> str:
@@ -506,6 +544,15 @@ def _file_order(name: str) -> list[str]:
     return name.split(os.sep)
 
 
+class _Scanned(NamedTuple):
+    """One scan's outcome (`FileSource._scan`)."""
+
+    loaded: LoadResult  # what the store should hold
+    touched: bool  # a file was written (a rewrite with the same objects asks for a rebuild)
+    changed: list[tuple[str, str, str]] | None = None  # with `base`: the only keys that differ from it
+    base: LoadResult | None = None  # the result this one was patched from
+
+
 class FileSource:
     """Keeps a ConfigStore source equal to the YAML files in one directory, never losing good config.
 
@@ -547,11 +594,13 @@ class FileSource:
         self._pending: dict[str, tuple[tuple[int, int, int] | None, float]] = {}  # name -> (stat, since)
         self._problems: list[DocumentError] = []
         self._loaded = False
+        self._merged: _Merged | None = None  # the last merge of every file's contribution
+        self._stored: LoadResult | None = None  # what the store was last given (None: unknown)
 
     def sync(self) -> bool:
         """Load the directory now if it changed; True if the revision moved. For tests and startup."""
         scanned = self._scan()
-        return scanned is not None and self._apply(*scanned)
+        return scanned is not None and self._apply(scanned)
 
     @property
     def waiting(self) -> list[str]:
@@ -610,13 +659,13 @@ class FileSource:
         try:
             scanned = await asyncio.to_thread(self._scan)
             if scanned is not None:
-                self._apply(*scanned)
+                self._apply(scanned)
         except Exception:
             self.failures += 1
             log.exception("file source %s: reload failed (failure %d)", self.directory, self.failures)
 
-    def _scan(self) -> tuple[LoadResult, bool] | None:
-        """(what the store should hold, whether a file was written) or None if nothing to do.
+    def _scan(self) -> _Scanned | None:
+        """What the store should hold (and whether a file was written), or None if nothing to do.
 
         After a change the files are read again on every pass while their mtimes are recent
         enough that a second write could hide in the same timestamp tick.
@@ -636,24 +685,33 @@ class FileSource:
         total = sum(entry[2] for entry in seen)
         changed = refresh_cache(self._cache, paths, unchanged, self.max_total_bytes, total)
         self._seen, self._trusted = seen, not racy
-        moved, held_back = self._decide(changed | self._pending.keys())
+        moves, held_back = self._decide(changed | self._pending.keys())
         if problems != self._problems:
-            self._problems, moved = problems, True
-        if moved:
+            self._problems, self._merged = problems, None
+        elif not moves:
+            if touched and not held_back and not changed:
+                return _Scanned(self.last_result, True)  # rewritten with the same bytes: asks for a rebuild
+            return None
+        base, found = self._merged, None
+        edits = [(before, after) for before, after in moves if before is not None and after is not None]
+        if base is not None and len(edits) == len(moves):
+            found = base.patched(edits)
+        if found is not None:
+            self._merged, keys = found
+        else:
             held = sorted(self._held.items(), key=lambda item: _file_order(item[0]))
-            return merge(((h.entry, h.carried) for _, h in held), problems), touched and not held_back
-        if touched and not held_back and not changed:
-            return self.last_result, True  # rewritten with the same bytes: asks for a rebuild
-        return None
+            self._merged, keys, base = _Merged.of(((h.entry, h.carried) for _, h in held), problems), None, None
+        return _Scanned(self._merged.result, touched and not held_back, keys, base.result if base else None)
 
-    def _decide(self, names: Collection[str]) -> tuple[bool, bool]:
+    def _decide(self, names: Collection[str]) -> tuple[list[tuple[_Held | None, _Held | None]], bool]:
         """Move each named file's contribution on as far as its stability allows.
 
-        Returns (some contribution changed, some file's latest version is held back). The very
-        first load takes every file as stable: there is no earlier config to lose.
+        Returns ((before, after) per file whose contribution changed, some file's latest version is
+        held back). The very first load takes every file as stable: there is no earlier config to lose.
         """
         now = time.monotonic()
-        moved = held_back = False
+        moves: list[tuple[_Held | None, _Held | None]] = []
+        held_back = False
         for name in names:
             parse, held = self._cache.get(name), self._held.get(name)
             if not _waits(parse, held):
@@ -669,7 +727,7 @@ class FileSource:
                 if now - since[1] >= self.settle:
                     following = _next_held(parse, held, True)
             if following is not held:
-                moved = True
+                moves.append((held, following))
                 if following is None:
                     del self._held[name]
                 else:
@@ -680,12 +738,18 @@ class FileSource:
             else:
                 self._pending.pop(name, None)
         self._loaded = True
-        return moved, held_back
+        return moves, held_back
 
-    def _apply(self, loaded: LoadResult, touched: bool) -> bool:
+    def _apply(self, scanned: _Scanned) -> bool:
+        loaded, touched = scanned.loaded, scanned.touched
         before = self.last_result
         self.last_result = loaded
-        changed = self.store.replace_source(self.source_id, loaded.keyed or loaded.objects, loaded.errors)
+        # The keys a patched merge changed are all the store needs to compare, when the store holds
+        # exactly what that merge started from.
+        keys = scanned.changed if scanned.base is not None and scanned.base is self._stored else None
+        self._stored = None
+        changed = self.store.replace_source(self.source_id, loaded.keyed or loaded.objects, loaded.errors, keys)
+        self._stored = loaded
         self._report(before, loaded)
         if changed:
             return True

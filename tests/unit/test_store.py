@@ -49,6 +49,37 @@ def test_replace_source_adds_changes_and_removes() -> None:
     assert [o.metadata.name for o in store.objects()] == ["b"]
 
 
+def test_objects_follow_edits_additions_and_removals_in_key_order() -> None:
+    """The sorted list is kept while no key comes or goes and edited in place: every read equals
+    the effective objects in key order."""
+    store = ConfigStore()
+    objs = {name: we(name) for name in "dbca"}
+    store.replace_source("files", list(objs.values()))
+    assert [o.metadata.name for o in store.objects()] == ["a", "b", "c", "d"]
+    edited = we("c", "127.0.0.7")
+    store.replace_source("files", {**{o.key: o for o in objs.values()}, edited.key: edited}, changed=[edited.key])
+    assert store.objects()[2] is edited
+    store.apply(we("bb"), source_id="api")
+    store.apply(we("a", "127.0.0.8"), source_id="api")  # "api" < "files": it wins key a
+    assert [(o.metadata.name, o.spec.address) for o in store.objects()] == [  # type: ignore[attr-defined]
+        ("a", "127.0.0.8"), ("b", "127.0.0.5"), ("bb", "127.0.0.5"), ("c", "127.0.0.7"), ("d", "127.0.0.5")]
+    store.delete("WorkloadEntry", "default", "a", source_id="api")
+    store.delete("WorkloadEntry", "default", "bb", source_id="api")
+    assert [o.spec.address for o in store.objects()] == ["127.0.0.5", "127.0.0.5", "127.0.0.7", "127.0.0.5"]  # type: ignore[attr-defined]
+    assert store.objects("WorkloadEntry")[2] is edited
+
+
+def test_a_source_naming_its_changed_keys_is_compared_on_those_only() -> None:
+    store = ConfigStore()
+    a, b = we("a"), we("b")
+    store.replace_source("files", [a, b])
+    rev = store.revision
+    b2 = we("b", "127.0.0.9")
+    assert store.replace_source("files", {a.key: a, b.key: b2}, changed=[b.key]) is True
+    assert store.revision == rev + 1 and store.get(*b.key) is b2
+    assert store.replace_source("files", {a.key: a, b.key: b2}, changed=[]) is False
+
+
 def test_conflicting_sources_resolve_deterministically_and_show_on_debug_page() -> None:
     store = ConfigStore()
     store.replace_source("b-source", [we("a", "127.0.0.2")])
