@@ -97,7 +97,9 @@ class DeltaSession(SessionBase[_DeltaType]):
             dropped.discard("*")
         if state.reported_missing and added:
             state.reported_missing -= added
-        state.names = self.subscriptions.intern((state.names | added) - dropped)
+        # The usual case, a subscription growing, builds one set, not two.
+        grown = state.names | added if state.names else frozenset(added)
+        state.names = self.subscriptions.intern(grown - dropped if dropped else grown)
         if dropped and not dropped.isdisjoint(state.held.keys()):
             held = state.held
             state.held = {n: r for n, r in held.items() if n not in dropped}

@@ -185,8 +185,10 @@ class SessionBase(Generic[StateT]):
             return False
         if subscribed is not None:
             held = cds.held
-            needed = held.refs() if isinstance(held, View) else frozenset(n for r in held.values() for n in r.refs)
-            if not needed <= subscribed:
+            if isinstance(held, View):
+                if not held.refs_within(subscribed):
+                    return True
+            elif not frozenset(n for r in held.values() for n in r.refs) <= subscribed:
                 return True
         self._warm_ok = (version, subscribed)
         return False

@@ -106,7 +106,10 @@ class StreamStatus:
     session: Any = field(default=None, repr=False)
 
     def of(self, type_url: str) -> TypeStatus:
-        return self.types.setdefault(type_url, TypeStatus())
+        found = self.types.get(type_url)  # not setdefault: that would build a TypeStatus every call
+        if found is None:
+            found = self.types[type_url] = TypeStatus()
+        return found
 
     def take_sent(self) -> list[str]:
         taken, self.sent_log = self.sent_log, []
