@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from typing import Any, Protocol
 
 from google.protobuf import json_format
@@ -56,6 +57,20 @@ class ProxyClass:
     # iptables captures the pod's traffic (INTERCEPTION_MODE REDIRECT): Istio's listener model
     # (virtualOutbound/virtualInbound, per-port listeners and route configurations).
     captured: bool = False
+
+    @cached_property
+    def _hash(self) -> int:
+        return hash((self.kind, self.namespace, self.labels, self.bind_address, self.workload, self.mtls,
+                     self.captured))
+
+    def __hash__(self) -> int:
+        """The fields' hash, computed once: a class keys the snapshot cache, looked up by every
+        stream on every push (the dataclass's own hash would hash the labels again each time)."""
+        return self._hash
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the cached hash: string hashes differ from one process to the next."""
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
 
     @property
     def label_map(self) -> dict[str, str]:

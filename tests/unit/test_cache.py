@@ -67,3 +67,16 @@ def test_a_message_shared_by_two_classes_is_serialized_once() -> None:
     assert a.of(CLUSTER).resources["c1"] is b.of(CLUSTER).resources["c1"]  # reused
     assert a.of(ENDPOINT).resources["c1"] is not b.of(ENDPOINT).resources["c1"]  # distinct objects
     assert a.versions() == b.versions()
+
+
+def test_a_proxy_class_hashes_by_its_fields_once_and_pickles_without_the_cached_hash() -> None:
+    import pickle
+
+    from pilot.model.proxy import ProxyClass, ProxyKind
+
+    a = ProxyClass(ProxyKind.SIDECAR, "ns", (("app", "x"),), "127.0.0.9", "w")
+    b = ProxyClass(ProxyKind.SIDECAR, "ns", (("app", "x"),), "127.0.0.9", "w")
+    other = ProxyClass(ProxyKind.SIDECAR, "ns", (("app", "y"),), "127.0.0.9", "w")
+    assert a == b and hash(a) == hash(b) and {a: 1}[b] == 1
+    assert other != a and other not in {a}
+    assert "_hash" not in pickle.loads(pickle.dumps(a)).__dict__  # another process hashes strings otherwise
