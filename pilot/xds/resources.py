@@ -251,17 +251,11 @@ class View(Mapping[str, Resource]):
             return parts[0]
         return frozenset().union(*parts)
 
-    def refs_within(self, names: frozenset[str]) -> bool:
-        """Whether every name this view refers to is in `names` (`refs() <= names`), answered per
-        part and memoized there per names object: streams sharing parts and an interned
-        subscription ask once between them, not once each over ~3,000 names."""
-        return all(p.refs_within(names) for p in self.parts)
-
 
 class ResourceSet(View):
     """One group of resources of one type, serialized, indexed and versioned once, shared."""
 
-    __slots__ = ("_body", "_delta_body", "_diffs", "_refs", "_removed", "_within", "by_name", "type_url")
+    __slots__ = ("_body", "_delta_body", "_diffs", "_refs", "_removed", "by_name", "type_url")
 
     def __init__(self, type_url: str, resources: Iterable[Resource]) -> None:
         self.type_url = type_url
@@ -276,7 +270,6 @@ class ResourceSet(View):
         self._body: bytes | None = None
         self._delta_body: bytes | None = None
         self._refs: frozenset[str] | None = None
-        self._within: dict[int, tuple[frozenset[str], bool]] = {}  # names id -> (names, refs <= names)
 
     @property
     def parts(self) -> tuple[ResourceSet, ...]:  # type: ignore[override]
@@ -340,12 +333,6 @@ class ResourceSet(View):
         if self._refs is None:
             self._refs = frozenset(n for r in self.by_name.values() for n in r.refs)
         return self._refs
-
-    def refs_within(self, names: frozenset[str]) -> bool:
-        found = self._within.get(id(names))
-        if found is None or found[0] is not names:  # the entry keeps `names` alive: ids stay theirs
-            found = _remember(self._within, id(names), (names, self.refs() <= names))
-        return found[1]
 
 
 EMPTY_SET = ResourceSet("", ())

@@ -185,10 +185,8 @@ class SessionBase(Generic[StateT]):
             return False
         if subscribed is not None:
             held = cds.held
-            if isinstance(held, View):
-                if not held.refs_within(subscribed):
-                    return True
-            elif not frozenset(n for r in held.values() for n in r.refs) <= subscribed:
+            needed = held.refs() if isinstance(held, View) else frozenset(n for r in held.values() for n in r.refs)
+            if not needed <= subscribed:
                 return True
         self._warm_ok = (version, subscribed)
         return False
