@@ -6,7 +6,10 @@ sweep every ``rescan`` seconds catches what events miss (network file systems, a
 replaced under the watch, writes between the first load and the watch being armed). Where
 events cannot be had, or with ``watch="poll"``, the sweep runs every ``interval`` seconds
 instead. Every reload, however woken, is the same `_scan`: a stat() fingerprint, then only
-files whose bytes changed are parsed again. Concurrency: `FileSource.run` is one task on the
+files whose bytes changed are parsed again. A file rewritten with the same objects in the same
+order (the usual edit) patches the last merge and names its keys to the store, which then compares
+only those (`_Merged.patched`); anything else merges every file again. At 1,000 files a one-file
+edit costs ~10 ms from event to store, most of it the stat() sweep. Concurrency: `FileSource.run` is one task on the
 store's loop; reading and parsing happen in a worker thread, and only the final
 `replace_source` touches the store, on the loop thread.
 
