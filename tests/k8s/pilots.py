@@ -30,7 +30,6 @@ FAST_LEASE = {"MESHCTL_PILOT_LEASE_DURATION_MS": "8000", "MESHCTL_PILOT_LEASE_RE
 def install_crds(cluster: KubeCluster) -> None:
     """Every mesh kind served, with the status subresource (CRDs another test installed are kept)."""
     for crd in minimal_crds():
-        crd["spec"]["versions"] = [{**v, "subresources": {"status": {}}} for v in crd["spec"]["versions"]]
         if cluster.kubectl("get", "crd", crd["metadata"]["name"], check=False).returncode != 0:
             cluster.kubectl("create", "-f", "-", stdin=json.dumps(crd))
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",

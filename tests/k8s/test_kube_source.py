@@ -47,7 +47,8 @@ def _plural(kind: str) -> str:
 
 
 def minimal_crds() -> list[dict[str, Any]]:
-    """A CRD per mesh kind that accepts any spec (validation is pilot's job here), v1 stored."""
+    """A CRD per mesh kind that accepts any spec (validation is pilot's job here), v1 stored, with
+    the status subresource."""
     out = []
     for group, versions, kinds in (NETWORKING, SECURITY):
         for kind in kinds:
@@ -60,8 +61,10 @@ def minimal_crds() -> list[dict[str, Any]]:
                 "spec": {"group": group, "scope": "Namespaced",
                          "names": {"plural": _plural(kind), "singular": kind.lower(), "kind": kind,
                                    "listKind": f"{kind}List"},
-                         "versions": [{"name": v, "served": True, "storage": v == "v1", "schema": schema}
-                                      for v in versions]},
+                         # With the status subresource, as Istio's CRDs: whichever test installs the
+                         # CRDs first, pilot's status writes (PATCH .../status) find it.
+                         "versions": [{"name": v, "served": True, "storage": v == "v1", "schema": schema,
+                                       "subresources": {"status": {}}} for v in versions]},
             })
     return out
 
