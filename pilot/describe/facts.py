@@ -28,7 +28,7 @@ from pilot.describe.model import (
 )
 from pilot.describe.routing import service_rules
 from pilot.describe.security import inbound_mtls, policies, policy_warnings, sidecar
-from pilot.model.build import endpoint_port
+from pilot.model.build_services import endpoint_port
 from pilot.model.mesh import Service
 from pilot.model.mtls import DISABLE, STRICT, WorkloadMtls, workload_mtls
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pilot.api.service_entry import HTTP2_PROTOCOLS, HTTP_PROTOCOLS
-from pilot.model.build import endpoint_port
+from pilot.model.build_services import endpoint_port
 from pilot.model.mesh import MeshSnapshot, SidecarScope, Workload
 from pilot.model.proxy import ProxyClass
 from pilot.model.scoping import EgressScope
