@@ -8,7 +8,7 @@ events cannot be had, or with ``watch="poll"``, the sweep runs every ``interval`
 instead. Every reload, however woken, is the same `_scan`: a stat() fingerprint, then only
 files whose bytes changed are parsed again. A file rewritten with the same objects in the same
 order (the usual edit) patches the last merge and names its keys to the store, which then compares
-only those (`_Merged.patched`); anything else merges every file again. At 1,000 files a one-file
+only those (`Merged.patched`); anything else merges every file again. At 1,000 files a one-file
 edit costs ~10 ms from event to store, most of it the stat() sweep. Concurrency: `FileSource.run` is one task on the
 store's loop; reading and parsing happen in a worker thread, and only the final
 `replace_source` touches the store, on the loop thread.
@@ -29,7 +29,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -37,9 +37,10 @@ from typing import Any, Literal, NamedTuple
 import yaml
 from watchfiles._rust_notify import RustNotify
 
-from pilot.api import ApiError, ApiObject, parse_object
+from pilot.api import ApiError, parse_object
 from pilot.api.errors import object_ref
 from pilot.config.documents import DocumentError, LoadResult
+from pilot.config.merge import Located, Merged, ParseEntry, merge
 from pilot.config.store import SERVING_PREVIOUS, ConfigStore
 
 log = logging.getLogger(__name__)
@@ -156,9 +157,7 @@ def load_dir(path: Path | str) -> LoadResult:
     return load_dir_cached(Path(path), {})[0]
 
 
-# file name -> (content digest, its parsed objects, its errors, whether its last line is complete)
-ParseEntry = tuple[bytes, list["_Located"], list[DocumentError], bool]
-ParseCache = dict[str, ParseEntry]
+ParseCache = dict[str, ParseEntry]  # file name -> its latest parse
 
 
 def load_dir_cached(
@@ -243,7 +242,7 @@ def _parse_file(file: Path, name: str, cached: ParseEntry | None) -> ParseEntry:
         text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         return b"", [], [DocumentError(name, 0, None, None, None, f"cannot read: {_one_line(exc)}")], True
-    located: list[_Located] = []
+    located: list[Located] = []
     errors: list[DocumentError] = []
     _parse_text(text, name, located, errors)
     # A writer caught mid-write has most likely not finished its last line.
@@ -262,7 +261,7 @@ def load_file(path: Path | str, *, display_name: str | None = None) -> LoadResul
 
 def load_text(text: str, file: str = "<text>") -> LoadResult:
     """Parse multi-document YAML text; a syntax error costs only the document it is in."""
-    located: list[_Located] = []
+    located: list[Located] = []
     errors: list[DocumentError] = []
     _parse_text(text, file, located, errors)
     return merge([((b"", located, errors, True), ())])
@@ -270,10 +269,9 @@ def load_text(text: str, file: str = "<text>") -> LoadResult:
 
 # (file, document index, object, its store key): the key is read once, at parse time; a reload
 # of a thousand unchanged files then handles ~9,000 keys without asking each object again.
-_Located = tuple[str, int, ApiObject, tuple[str, str, str]]
 
 
-def _parse_text(text: str, file: str, located: list[_Located], errors: list[DocumentError]) -> None:
+def _parse_text(text: str, file: str, located: list[Located], errors: list[DocumentError]) -> None:
     index = 0
     for chunk in _DOC_START.split(text):
         # A character is at most 4 bytes: shorter chunks cannot be over the limit, and are not encoded.
@@ -380,77 +378,6 @@ def _identity(doc: object) -> tuple[str | None, str | None, str | None]:
             name if isinstance(name, str) else None)
 
 
-# A part of the directory's content: a file's parse entry and objects carried over from an earlier
-# version of that file (kept while their removal waits, or while the file does not parse).
-Part = tuple[ParseEntry, Sequence[_Located]]
-
-
-def merge(parts: Iterable[Part], problems: Iterable[DocumentError] = ()) -> LoadResult:
-    """One LoadResult from per-file parts, in file order.
-
-    An object defined twice keeps its first definition and the second is reported; an object
-    carried over from an earlier version of a file yields, silently, to any current definition.
-    """
-    return _Merged.of(parts, problems).result
-
-
-@dataclass(frozen=True)
-class _Merged:
-    """A merge's result, and what lets the next one patch it instead of merging every file again."""
-
-    result: LoadResult
-    contested: frozenset[tuple[str, str, str]]  # keys defined more than once, or carried
-
-    @staticmethod
-    def of(parts: Iterable[Part], problems: Iterable[DocumentError] = ()) -> _Merged:
-        first: dict[tuple[str, str, str], tuple[str, int]] = {}
-        kept: dict[tuple[str, str, str], ApiObject] = {}
-        errors: list[DocumentError] = []
-        carried: list[_Located] = []
-        contested: set[tuple[str, str, str]] = set()
-        for (_, located, file_errors, _), carry in parts:
-            errors += file_errors
-            carried += carry
-            for file, index, obj, key in located:
-                if key in first:
-                    where = "{}[{}]".format(*first[key])
-                    kind, namespace, name = key
-                    message = f"{obj.ref}: already defined at {where}"
-                    errors.append(DocumentError(file, index, kind, namespace, name, message))
-                    contested.add(key)
-                    continue
-                first[key] = (file, index)
-                kept[key] = obj
-        for _, _, obj, key in carried:
-            kept.setdefault(key, obj)
-            contested.add(key)
-        errors += problems
-        return _Merged(LoadResult(tuple(kept.values()), tuple(errors), keyed=kept), frozenset(contested))
-
-    def patched(self, edits: Iterable[tuple[_Held, _Held]]) -> tuple[_Merged, list[tuple[str, str, str]]] | None:
-        """This merge after files were rewritten in place, and the keys whose object changed; None
-        unless every edit is a clean parse (no errors, nothing carried) defining the same keys, in
-        the same order, as before, none of them defined elsewhere: then no error can appear or go,
-        and each key keeps its place. The usual edit (an object's spec) then costs its own objects,
-        not a merge of every file."""
-        kept = dict(self.result.keyed or {})
-        changed: list[tuple[str, str, str]] = []
-        for before, after in edits:
-            if before.carried or after.carried or before.entry[2] or after.entry[2]:
-                return None
-            if len(before.entry[1]) != len(after.entry[1]):
-                return None
-            for old, new in zip(before.entry[1], after.entry[1], strict=True):
-                key = new[3]
-                if old[3] != key or key in self.contested or kept.get(key) is not old[2]:
-                    return None
-                if new[2] is not old[2]:
-                    kept[key] = new[2]
-                    changed.append(key)
-        result = LoadResult(tuple(kept.values()), self.result.errors, keyed=kept)
-        return _Merged(result, self.contested), changed
-
-
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
@@ -497,10 +424,10 @@ class _Held:
     (``waiting``: until the file is stable; otherwise: until it parses)."""
 
     entry: ParseEntry
-    carried: tuple[_Located, ...] = ()
+    carried: tuple[Located, ...] = ()
     waiting: bool = False
 
-    def objects(self) -> list[_Located]:
+    def objects(self) -> list[Located]:
         return [*self.entry[1], *self.carried]
 
 
@@ -597,7 +524,7 @@ class FileSource:
         self._pending: dict[str, tuple[tuple[int, int, int] | None, float]] = {}  # name -> (stat, since)
         self._problems: list[DocumentError] = []
         self._loaded = False
-        self._merged: _Merged | None = None  # the last merge of every file's contribution
+        self._merged: Merged | None = None  # the last merge of every file's contribution
         self._stored: LoadResult | None = None  # what the store was last given (None: unknown)
 
     def sync(self) -> bool:
@@ -696,14 +623,15 @@ class FileSource:
                 return _Scanned(self.last_result, True)  # rewritten with the same bytes: asks for a rebuild
             return None
         base, found = self._merged, None
-        edits = [(before, after) for before, after in moves if before is not None and after is not None]
+        edits = [((before.entry, before.carried), (after.entry, after.carried))
+                 for before, after in moves if before is not None and after is not None]
         if base is not None and len(edits) == len(moves):
             found = base.patched(edits)
         if found is not None:
             self._merged, keys = found
         else:
             held = sorted(self._held.items(), key=lambda item: _file_order(item[0]))
-            self._merged, keys, base = _Merged.of(((h.entry, h.carried) for _, h in held), problems), None, None
+            self._merged, keys, base = Merged.of(((h.entry, h.carried) for _, h in held), problems), None, None
         return _Scanned(self._merged.result, touched and not held_back, keys, base.result if base else None)
 
     def _decide(self, names: Collection[str]) -> tuple[list[tuple[_Held | None, _Held | None]], bool]:
