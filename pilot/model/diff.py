@@ -69,8 +69,11 @@ def http_routes_only(old: MeshSnapshot, new: MeshSnapshot) -> bool:
         return False
     before = _rules_by_name(old.scoping.routing_rules)
     after = _rules_by_name(new.scoping.routing_rules)
-    changed = [r for key in before.keys() | after.keys()
-               if (a := before.get(key)) is not (b := after.get(key)) and a != b for r in (a, b) if r is not None]
+    changed: list[Exported[RoutingRule]] = []  # both versions of every rule that changed, came or went
+    for key in before.keys() | after.keys():
+        a, b = before.get(key), after.get(key)
+        if a is not b and a != b:
+            changed += [r for r in (a, b) if r is not None]
     hosts: set[str] = set()
     for exported in changed:
         rule = exported.value
