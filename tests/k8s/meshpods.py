@@ -324,8 +324,34 @@ class Containers:
         uid = int(context.get("runAsUser", 0))
         gid = int(context.get("runAsGroup", uid))
         argv = shlex.join(self._argv(container))
+        if uid:  # this interpreter and the checkout (its editable install) are the image's
+            steps += expose_to_others(Path(sys.executable), REPO)
         steps.append(f"exec setpriv --reuid={uid} --regid={gid} --clear-groups -- {argv}" if uid else f"exec {argv}")
         return ["unshare", "--mount", "--", "sh", "-c", "\n".join(steps)]
+
+
+def expose_to_others(*paths: Path) -> list[str]:
+    """Shell steps (in a private mount namespace) making `paths` reachable for another user, as an
+    image's /usr/local and application tree are.
+
+    A checkout or interpreter may sit under a directory others cannot enter (`mktemp -d` is 0700,
+    so is /root): a world-readable tmpfs goes over the first such directory, holding bind mounts of
+    just the trees needed, at their own paths. Paths every user can reach need nothing.
+    """
+    keep: dict[Path, set[str]] = {}
+    for path in paths:
+        real = Path(os.path.realpath(path))
+        closed = next((p for p in reversed(real.parents) if p != Path("/") and not os.stat(p).st_mode & 0o001), None)
+        if closed is not None:
+            keep.setdefault(closed, set()).add(real.relative_to(closed).parts[0])
+    steps: list[str] = []
+    for closed, children in sorted(keep.items()):
+        stashes = [(f"/run/meshctl-exposed-{len(steps)}-{i}", shlex.quote(str(closed / child)))
+                   for i, child in enumerate(sorted(children))]
+        steps += [f"mkdir -p {stash} && mount --bind {tree} {stash}" for stash, tree in stashes]
+        steps.append(f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(str(closed))}")
+        steps += [f"mkdir -p {tree} && mount --bind {stash} {tree}" for stash, tree in stashes]
+    return steps
 
 
 def _existing(path: str) -> str:

@@ -60,6 +60,7 @@ from meshctl.proxy_kube import (
 )
 from meshctl.render import PROXY_UID, InstallOptions, control_plane_args, control_plane_env
 from tests.k8s.cluster import KubeCluster
+from tests.k8s.meshpods import expose_to_others
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "manifests" / "docker"
@@ -218,25 +219,6 @@ def _ready(url: str) -> int:
         return 0
 
 
-def _expose_interpreter() -> list[str]:
-    """Shell steps making this Python reachable for UID 1337 (as an image's /usr/local is).
-
-    A developer's interpreter may live under a private home (`/root/.pyenv`, /root is 0700): the
-    mount namespace gets a world-readable tmpfs over that home holding a bind mount of just the
-    interpreter's tree.
-    """
-    real = Path(os.path.realpath(sys.executable))
-    closed = next((p for p in reversed(real.parents) if p != Path("/") and not os.stat(p).st_mode & 0o001), None)
-    if closed is None:
-        return []
-    keep = real.relative_to(closed).parts[0]
-    stash = f"/run/meshctl-interpreter-{keep.strip('.')}"
-    return [f"mkdir -p {stash}", f"mount --bind {shlex.quote(str(closed / keep))} {stash}",
-            f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(str(closed))}",
-            f"mkdir -p {shlex.quote(str(closed / keep))}",
-            f"mount --bind {stash} {shlex.quote(str(closed / keep))}"]
-
-
 def _readonly_root() -> list[str]:
     """A private mount namespace whose root is read-only (the container's readOnlyRootFilesystem),
     with a fresh /run (where /var/run/secrets lives)."""
@@ -274,7 +256,7 @@ def _bind_dir(source: Path, target: str) -> list[str]:
 
 def _as_container(steps: list[str], argv: list[str]) -> str:
     """The mount steps, then `argv` as UID/GID 1337 with no supplementary groups."""
-    return "\n".join([*steps, *_expose_interpreter(),
+    return "\n".join([*steps, *expose_to_others(Path(sys.executable)),
                       f"exec setpriv --reuid={PROXY_UID} --regid={PROXY_UID} --clear-groups -- {shlex.join(argv)}"])
 
 
