@@ -334,23 +334,23 @@ def expose_to_others(*paths: Path) -> list[str]:
     """Shell steps (in a private mount namespace) making `paths` reachable for another user, as an
     image's /usr/local and application tree are.
 
-    A checkout or interpreter may sit under a directory others cannot enter (`mktemp -d` is 0700,
-    so is /root): a world-readable tmpfs goes over the first such directory, holding bind mounts of
-    just the trees needed, at their own paths. Paths every user can reach need nothing.
+    A checkout or interpreter may sit in or under a directory others cannot enter (`mktemp -d` is
+    0700, so is /root): the first such directory on each path gets a throwaway overlay whose top
+    layer is world-readable, so its contents show through to every user (nothing on the host
+    changes). Paths every user can reach need nothing.
     """
-    keep: dict[Path, set[str]] = {}
+    closed: set[Path] = set()
     for path in paths:
         real = Path(os.path.realpath(path))
-        closed = next((p for p in reversed(real.parents) if p != Path("/") and not os.stat(p).st_mode & 0o001), None)
-        if closed is not None:
-            keep.setdefault(closed, set()).add(real.relative_to(closed).parts[0])
+        found = next((p for p in (*reversed(real.parents), real) if p != Path("/") and not os.stat(p).st_mode & 0o001),
+                     None)
+        if found is not None:
+            closed.add(found)
     steps: list[str] = []
-    for closed, children in sorted(keep.items()):
-        stashes = [(f"/run/meshctl-exposed-{len(steps)}-{i}", shlex.quote(str(closed / child)))
-                   for i, child in enumerate(sorted(children))]
-        steps += [f"mkdir -p {stash} && mount --bind {tree} {stash}" for stash, tree in stashes]
-        steps.append(f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(str(closed))}")
-        steps += [f"mkdir -p {tree} && mount --bind {stash} {tree}" for stash, tree in stashes]
+    for i, directory in enumerate(sorted(closed)):
+        layer, target = f"/run/meshctl-exposed-{i}", shlex.quote(str(directory))
+        steps += [f"mkdir -p {layer} && mount -t tmpfs -o mode=0755 tmpfs {layer} && mkdir -m 0755 {layer}/u {layer}/w",
+                  f"mount -t overlay overlay -o lowerdir={target},upperdir={layer}/u,workdir={layer}/w {target}"]
     return steps
 
 
