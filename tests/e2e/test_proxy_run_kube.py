@@ -39,6 +39,7 @@ from injector.settings import InjectSettings
 from meshctl.localmesh import free_port
 from meshctl.proxy_kube import DEFAULT_ENVOY_DIR, DEFAULT_POD_INFO, DEFAULT_ROOT_CERT, DEFAULT_SOCKET_DIR, DEFAULT_TOKEN
 from tests.k8s.cluster import KubeCluster
+from tests.k8s.pods import as_user
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -72,10 +73,9 @@ class Pod:
               in_pod: bool = True, user: int | None = None) -> subprocess.Popen[bytes]:
         log = logs / f"{name}.log"
         prefix = ["ip", "netns", "exec", self.netns] if in_pod else []
-        if user is not None:
-            prefix += ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--"]
+        command = args if user is None else as_user(args, user)
         with log.open("wb") as out:
-            proc = subprocess.Popen([*prefix, *args], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen([*prefix, *command], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=env, cwd=REPO)
         self.procs.append((name, proc, log))
         return proc

@@ -42,10 +42,9 @@ import yaml
 from meshctl.localmesh import free_port
 from meshctl.render import InstallOptions, injector_webhook, validator_webhook
 from tests.k8s.cluster import KubeCluster
-from tests.k8s.pods import Kubelet, Pod, PodNetwork
+from tests.k8s.pods import REPO, Kubelet, Pod, PodNetwork, expose_to_others
 from tests.k8s.test_webhooks import install_crds
 
-REPO = Path(__file__).resolve().parents[2]
 PORT = 9080
 APP_UID = 1000
 SCOPE_LABEL = "meshctl-test-mesh"
@@ -328,30 +327,6 @@ class Containers:
             steps += expose_to_others(Path(sys.executable), REPO)
         steps.append(f"exec setpriv --reuid={uid} --regid={gid} --clear-groups -- {argv}" if uid else f"exec {argv}")
         return ["unshare", "--mount", "--", "sh", "-c", "\n".join(steps)]
-
-
-def expose_to_others(*paths: Path) -> list[str]:
-    """Shell steps (in a private mount namespace) making `paths` reachable for another user, as an
-    image's /usr/local and application tree are.
-
-    A checkout or interpreter may sit in or under a directory others cannot enter (`mktemp -d` is
-    0700, so is /root): the first such directory on each path gets a throwaway overlay whose top
-    layer is world-readable, so its contents show through to every user (nothing on the host
-    changes). Paths every user can reach need nothing.
-    """
-    closed: set[Path] = set()
-    for path in paths:
-        real = Path(os.path.realpath(path))
-        found = next((p for p in (*reversed(real.parents), real) if p != Path("/") and not os.stat(p).st_mode & 0o001),
-                     None)
-        if found is not None:
-            closed.add(found)
-    steps: list[str] = []
-    for i, directory in enumerate(sorted(closed)):
-        layer, target = f"/run/meshctl-exposed-{i}", shlex.quote(str(directory))
-        steps += [f"mkdir -p {layer} && mount -t tmpfs -o mode=0755 tmpfs {layer} && mkdir -m 0755 {layer}/u {layer}/w",
-                  f"mount -t overlay overlay -o lowerdir={target},upperdir={layer}/u,workdir={layer}/w {target}"]
-    return steps
 
 
 def _existing(path: str) -> str:

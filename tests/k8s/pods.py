@@ -39,9 +39,11 @@ import os
 import random
 import re
 import secrets
+import shlex
 import signal
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -157,6 +159,47 @@ def _free_subnet() -> ipaddress.IPv4Network:
     raise RuntimeError(f"no free /24 in {POD_RANGE} on this host")
 
 
+def expose_to_others(*paths: Path) -> list[str]:
+    """Shell steps (in a private mount namespace) making `paths` reachable for another user, as an
+    image's /usr/local and application tree are.
+
+    A checkout or interpreter may sit in or under a directory others cannot enter (`mktemp -d` is
+    0700, so is /root): the first such directory on each path gets a throwaway overlay whose top
+    layer is world-readable, so its contents show through to every user (nothing on the host
+    changes). Paths every user can reach need nothing.
+    """
+    closed: set[Path] = set()
+    for path in paths:
+        real = Path(os.path.realpath(path))
+        found = next((p for p in (*reversed(real.parents), real) if p != Path("/") and not os.stat(p).st_mode & 0o001),
+                     None)
+        if found is not None:
+            closed.add(found)
+    steps: list[str] = []
+    for i, directory in enumerate(sorted(closed)):
+        layer, target = f"/run/meshctl-exposed-{i}", shlex.quote(str(directory))
+        steps += [f"mkdir -p {layer} && mount -t tmpfs -o mode=0755 tmpfs {layer} && mkdir -m 0755 {layer}/u {layer}/w",
+                  f"mount -t overlay overlay -o lowerdir={target},upperdir={layer}/u,workdir={layer}/w {target}"]
+    return steps
+
+
+# The checkout (the tests run its code in pods, from an editable install).
+REPO = Path(__file__).resolve().parents[2]
+
+
+def as_user(argv: Sequence[str], user: int, group: int | None = None) -> list[str]:
+    """`argv` run as `user` (and `group`, default the same) without a passwd entry, as a container's
+    user. When this checkout or interpreter sits where that user could not reach them, the process
+    gets a mount namespace of its own exposing them (`expose_to_others`); otherwise nothing is added."""
+    gid = user if group is None else group
+    command = ["setpriv", f"--reuid={user}", f"--regid={gid}", "--clear-groups", "--", *argv]
+    exposed = expose_to_others(Path(sys.executable), REPO)
+    if not exposed:
+        return command
+    script = "\n".join(["set -e", "mount --make-rprivate /", *exposed, f"exec {shlex.join(command)}"])
+    return ["unshare", "--mount", "--", "sh", "-c", script]
+
+
 @dataclass
 class Pod:
     """A pod sandbox: a network namespace with one address on the test bridge."""
@@ -170,10 +213,7 @@ class Pod:
     def argv(self, argv: Sequence[str], user: int | None = None, group: int | None = None) -> list[str]:
         """`argv` prefixed to run inside the pod, as `user` (and `group`, default the same) if given."""
         prefix = ["ip", "netns", "exec", self.netns]
-        if user is not None:
-            gid = user if group is None else group
-            prefix += ["setpriv", f"--reuid={user}", f"--regid={gid}", "--clear-groups", "--"]
-        return [*prefix, *argv]
+        return [*prefix, *(argv if user is None else as_user(argv, user, group))]
 
     def run(self, argv: Sequence[str], user: int | None = None, group: int | None = None, *, check: bool = True,
             timeout: float = CMD_TIMEOUT_S, stdin: str | None = None,

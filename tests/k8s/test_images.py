@@ -60,7 +60,7 @@ from meshctl.proxy_kube import (
 )
 from meshctl.render import PROXY_UID, InstallOptions, control_plane_args, control_plane_env
 from tests.k8s.cluster import KubeCluster
-from tests.k8s.meshpods import expose_to_others
+from tests.k8s.pods import expose_to_others
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "manifests" / "docker"
@@ -256,7 +256,7 @@ def _bind_dir(source: Path, target: str) -> list[str]:
 
 def _as_container(steps: list[str], argv: list[str]) -> str:
     """The mount steps, then `argv` as UID/GID 1337 with no supplementary groups."""
-    return "\n".join([*steps, *expose_to_others(Path(sys.executable)),
+    return "\n".join([*steps, *expose_to_others(Path(sys.executable), *_IMAGE_TREES),
                       f"exec setpriv --reuid={PROXY_UID} --regid={PROXY_UID} --clear-groups -- {shlex.join(argv)}"])
 
 
