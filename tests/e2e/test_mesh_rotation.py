@@ -106,6 +106,7 @@ class Loop:
     ok: int = 0
     failures: list[str] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _done: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
         async with http_session() as session:
@@ -122,9 +123,15 @@ class Loop:
                 except Exception as exc:  # a reset or timeout is a failed request too
                     self.failures.append(repr(exc))
                 await asyncio.sleep(0.02)
+        self._done.set()
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def finish(self) -> None:
+        """Stop, and wait until the request in flight has been answered and counted."""
+        self._stop.set()
+        await asyncio.wait_for(self._done.wait(), 30)
 
 
 @dataclass
@@ -199,8 +206,7 @@ async def test_workload_certificates_rotate_under_traffic_without_a_failed_reque
 
         await m.until("two renewals each", rotated_twice, timeout=40)
         await asyncio.sleep(1)  # requests after the last swap, too
-        m.loop.stop()
-        await asyncio.sleep(0.5)  # the request in flight when the loop stopped is answered and counted
+        await m.loop.finish()
         answered = m.loop.ok
         renewals = {name: total(m.mesh.agents[f"default/{name}"].metrics.renewals) for name in SIDECARS}
         made = await handshakes(m)
@@ -271,7 +277,7 @@ async def test_root_rotation_completes_with_traffic_flowing(tmp_path: Path) -> N
         (files / "tester.pem").write_text("".join(chain))
         (files / "tester.key").write_bytes(private_key_pem(key))
         out, served = await openssl_chain(m.demo.address("v1"), m.demo.app_ports["v1"], files)
-        m.loop.stop()
+        await m.loop.finish()
         made = await handshakes(m)
     assert made >= m.loop.ok, (made, m.loop.ok)
     assert "Verify return code: 0 (ok)" in out, out
@@ -302,8 +308,7 @@ async def test_traffic_continues_while_the_ca_is_stopped_and_renewals_resume(tmp
         resumed = await m.until("renewed after the CA returned", lambda now: all(
             h.leaf.serial_number != during[n].leaf.serial_number for n, h in now.items()), timeout=15)
         await asyncio.sleep(1)
-        m.loop.stop()
-        await asyncio.sleep(0.5)  # the request in flight when the loop stopped is answered and counted
+        await m.loop.finish()
         answered = m.loop.ok
         made = await handshakes(m)
     assert made >= answered, (made, answered)
