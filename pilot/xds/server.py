@@ -21,8 +21,10 @@ and sends DEADLINE_EXCEEDED behind the stuck response. grpc.aio cannot reset one
 gRPC frees its copy when the connection ends: when the proxy reads again (it then gets the
 status and reconnects), when keepalive finds a dead peer (ping every 30 s, 10 s to answer),
 or at the latest when the connection reaches its maximum age (30 min by default, as istiod;
-then 10 s of grace). When calls end, free heap pages go back to the OS (`release_memory`,
-at most once a second), so RSS falls back after a burst of streams.
+then 10 s of grace). Once calls stop ending and responses stop being written for a second,
+free heap pages go back to the OS (`release_memory`), so RSS falls back after a burst of
+streams or a large push: releasing while a fan-out still writes would leave its buffers, freed
+afterwards, in the heap.
 
 Two faces, one state: `start` serves plaintext ADS (15010, unauthenticated: any local process
 may claim any Node); `start_secure` adds the authenticated port (15012): a `TlsFront` terminates
@@ -82,7 +84,7 @@ log = logging.getLogger(__name__)
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 KEEPALIVE_TIMEOUT_MS = 10_000  # istiod's keepaliveTimeout
 CONNECTION_AGE_GRACE_MS = 10_000  # istiod's MaxServerConnectionAgeGrace
-RELEASE_DELAY = 1.0  # seconds after the last call ended before free memory goes back to the OS
+RELEASE_DELAY = 1.0  # seconds without a call ending or a response written before free memory goes back
 CLOSE_SETTLE = 0.1  # seconds for gRPC to notice a closed connection (see `_abort_stuck`)
 
 
@@ -132,6 +134,9 @@ class AdsServer:
         self._peer_identity: PeerIdentityHook | None = None
         self._workload_account: WorkloadAccount | None = None
         self._release: asyncio.TimerHandle | None = None
+        # Calls ended plus responses written: the release waits until it stops moving (`_released`).
+        self._activity = 0
+        self._activity_seen = 0
         self.secrets: SecretServer | None = None  # gateway certificates over ADS (see the module docstring)
         self.changes: ChangeTracker | None = None  # config changes followed to the proxies (pilot.tracing)
         self._type_metrics: dict[str, tuple[Any, Any]] = {}  # Istio type label -> (push time, config size)
@@ -233,17 +238,31 @@ class AdsServer:
             self._server = None
 
     def _call_ended(self, context: object) -> None:
-        """A call ended and gRPC freed its buffers: release free memory once calls stop ending."""
-        if self.release_memory is None or self._server is None:  # not while stopping
-            return
-        if self._release is not None:
-            self._release.cancel()
-        self._release = asyncio.get_running_loop().call_later(RELEASE_DELAY, self._released)
+        """A call ended and gRPC freed its buffers: release free memory once things settle."""
+        self._active(1)
+
+    def _active(self, events: int) -> None:
+        """Calls ended or responses written: arm the release, unless it is armed (one timer, not one per write)."""
+        self._activity += events
+        if self._release is None and self.release_memory is not None and self._server is not None:
+            self._release = asyncio.get_running_loop().call_later(RELEASE_DELAY, self._released)
 
     def _released(self) -> None:
+        """Release free memory if nothing ended or was written for `RELEASE_DELAY`; else look again then.
+
+        Why: the buffers of a push are freed as its last writes complete, which at mission scale is
+        seconds after the push began; releasing at a fixed delay after the first write would leave
+        them in the heap (measured: 317 MB steady after 2,000 streams connected, 280 MB once
+        released after the writes). Cost: one timer per second while streams are written to.
+        """
         self._release = None
-        if self.release_memory is not None:
-            self.release_memory()
+        if self.release_memory is None or self._server is None:
+            return
+        if self._activity != self._activity_seen:
+            self._activity_seen = self._activity
+            self._release = asyncio.get_running_loop().call_later(RELEASE_DELAY, self._released)
+            return
+        self.release_memory()
 
     def _authenticate(self, identity: ProxyIdentity, context: grpc.aio.ServicerContext) -> ProxyIdentity:
         """`identity` checked against the stream's client certificate (see `pilot.xds.peers`)."""
@@ -386,6 +405,8 @@ class AdsServer:
                 responses = session.responses(snapshot)
                 sent = session.status.take_sent()  # the type of each response, in order
                 types = [typeurls.short_name(t) for t in sent] if len(sent) == len(responses) else []
+                if responses:
+                    self._active(len(responses))
                 for i in range(len(responses)):
                     await self._write(context, responses.pop(0), types[i] if types else "")  # not kept once written
                 if self.changes is not None and types:
