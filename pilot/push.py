@@ -25,6 +25,7 @@ one `generate_endpoints` / `generate_routes` per group, a lookup for the rest (s
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -198,6 +199,33 @@ class Pusher:
         _, revision, objects, known_kinds = self._prepare()
         task = asyncio.ensure_future(asyncio.to_thread(self._build, objects, self.mesh, known_kinds))
         return _EarlyBuild(revision, task)
+
+    def _prepare_routes(self, early: _EarlyBuild, _done: object = None) -> None:
+        """While the debounce lets a route edit settle: the early mesh's route part for the first
+        group of classes, generated and serialized now, so the push finds it ready.
+
+        Why: the first response of a route change waits for that part (~25 ms for a 1,000-host
+        route configuration) after the debounce; made during the debounce, it is off the change's
+        latency. Only the first group, to keep the loop free (the others follow while publishing,
+        as before). Exact: generation is memoized on the mesh, so the push, given this very mesh
+        (the early build is used only when nothing came after it), gets the same part object.
+        Wasted (one generation) when another change arrives before the debounce ends.
+        """
+        task = early.task
+        if task.cancelled() or task.exception() is not None or early.revision != self.store.revision:
+            return
+        mesh, fast = task.result()
+        if fast != ROUTES_ONLY or self.routes is None or not self._grouping():
+            return
+        for key in self.cache.watched():
+            if key in self.route_parts and key not in self.errors:
+                try:
+                    part = self.routes.generate(mesh, key)
+                    for name, message in part.items():
+                        self.serializer.resource(typeurls.ROUTE, name, message)
+                except Exception:  # the push generates it again and reports what failed
+                    log.debug("preparing routes for %s failed", key.describe(), exc_info=True)
+                return
 
     def _prepare(self) -> tuple[float, int, list[Any], bool]:
         started = time.perf_counter()
@@ -426,6 +454,7 @@ class Pusher:
             revision = await self.store.wait_for_change(revision)
             entered = time.perf_counter()
             early = self._build_early()
+            early.task.add_done_callback(functools.partial(self._prepare_routes, early))
             revision = await self._settle(revision)
             self.metrics.istio.debounce_time.observe(time.perf_counter() - entered)
             self._begin_change()

@@ -12,9 +12,10 @@ from prometheus_client import CollectorRegistry
 from pilot.config.files import load_dir
 from pilot.config.store import ConfigStore
 from pilot.model.build import build_mesh
+from pilot.model.diff import http_routes_only
 from pilot.model.proxy import ProxyClass, ProxyKind
-from pilot.push import Pusher, PushMetrics
-from pilot.translate import generate
+from pilot.push import Pusher, PushMetrics, RoutesFastPath
+from pilot.translate import generate, generate_parts, generate_routes
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.typeurls import ENDPOINT, ROUTE
 
@@ -196,3 +197,38 @@ async def test_a_class_whose_proxies_all_left_is_forgotten_a_moment_later() -> N
         await asyncio.sleep(0.3)
         assert cache.get(KEY) is None and released  # its last stream left: forgotten, memory released
         assert cache.get(other) is not None  # still watched: kept
+
+
+async def test_a_route_edit_has_its_first_route_part_made_while_it_settles() -> None:
+    """The route fast path's first group gets its new route part during the debounce (from the
+    early mesh), and the push publishes that very part: it is off the change's latency."""
+    store, cache = ConfigStore(), SnapshotCache()
+    made: list[tuple[int, Any]] = []  # (pusher.built_revision when made, the part)
+
+    def recording_routes(mesh: Any, proxy: ProxyClass) -> Any:
+        part = generate_routes(mesh, proxy)
+        made.append((pusher.built_revision, part))
+        return part
+
+    metrics = PushMetrics(CollectorRegistry())
+    pusher = Pusher(store, cache, build_mesh, generate_parts, metrics, debounce=0.3,
+                    routes=RoutesFastPath(http_routes_only, recording_routes))
+    objects = _objects()
+    store.replace_source("f", objects)
+    with cache.watch(KEY):
+        task = asyncio.create_task(pusher.run())
+        await asyncio.wait_for(pusher.ready.wait(), 5)
+        before = cache.get(KEY)
+        assert before is not None and KEY in pusher.route_parts
+
+        revision = store.revision
+        store.replace_source("f", _moved(objects, "VirtualService"))
+        await asyncio.sleep(0.2)  # still settling
+        assert pusher.built_revision == revision and len(made) == 1  # made before the push
+        await asyncio.wait_for(pusher.wait_built(revision + 1), 5)
+        task.cancel()
+    after = cache.get(KEY)
+    assert after is not None and after.version(ROUTE) != before.version(ROUTE)
+    assert metrics.route_only_pushes._value.get() == 1
+    assert pusher.route_parts[KEY] is made[0][1]  # the push published the part made while settling
+    assert all(part is made[0][1] for _, part in made)  # asked again while publishing: the same part
