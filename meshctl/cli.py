@@ -134,7 +134,7 @@ async def _up_plaintext(settings: PilotSettings) -> None:
     from pilot.logs import announce
 
     async with Pilot(settings) as pilot:
-        tune_gc(settings.gc_young_threshold, settings.gc_full_every)  # start-up objects live as long as pilot
+        tune_gc(settings.gc_young_threshold)  # after start-up: what exists now lives as long as pilot
         announce(f"pilot: xDS on {pilot.ads_address} (plaintext, unauthenticated), debug on "
                  f"http://{pilot.debug_address}")
         await _until_signal()
@@ -177,7 +177,7 @@ async def _up(settings: PilotSettings, state: Path, trust_domain: str, kubeconfi
         async with pilot:
             if kube is not None:
                 await kube.start(pilot)
-            tune_gc(settings.gc_young_threshold, settings.gc_full_every)  # start-up objects live as long as pilot
+            tune_gc(settings.gc_young_threshold)  # after start-up: what exists now lives as long as pilot
             security.sync_tokens(workload_accounts(pilot.pusher.mesh))  # before any sidecar asks
             tokens = spawn("workload-tokens", lambda: security.keep_tokens(pilot), pilot.failures)
             announce(f"pilot: xDS on {pilot.ads_address} (plaintext, unauthenticated), xDS and CA on "

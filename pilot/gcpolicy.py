@@ -18,15 +18,8 @@ import sys
 from collections.abc import Mapping, Sequence
 
 
-def tune_gc(young_threshold: int, full_every: int = 0) -> tuple[int, int, int]:
+def tune_gc(young_threshold: int) -> tuple[int, int, int]:
     """Freeze the objects alive now and raise the young threshold; returns the previous thresholds.
-
-    `full_every` (0: Python's 10) is how many middle-generation collections come between two full
-    ones. Why raise it: while 2,000 proxies connect, pilot's long-lived heap doubles, and each
-    full collection walks all of it: measured, seven of them (50 to 270 ms each, 1.2 s in all,
-    with the event loop stopped) during one mission-scale connect; with 100 there were none.
-    Full collections still come, rarer, and the ADS server runs one at the quiet moment after a
-    wave of ended streams, whose cyclic garbage only a full collection finds.
 
     `young_threshold` 0 keeps Python's thresholds (the freeze still happens). Process-wide,
     so only a process entry point (`meshctl up`) calls it, never a library or a test.
@@ -34,7 +27,8 @@ def tune_gc(young_threshold: int, full_every: int = 0) -> tuple[int, int, int]:
     previous = gc.get_threshold()
     gc.collect()
     gc.freeze()
-    gc.set_threshold(young_threshold or previous[0], previous[1], full_every or previous[2])
+    if young_threshold:
+        gc.set_threshold(young_threshold, previous[1], previous[2])
     return previous
 
 

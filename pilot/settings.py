@@ -50,9 +50,6 @@ class PilotSettings(BaseSettings):
     kube_sync_timeout_ms: int = Field(30_000, ge=0, description="the first push waits this long for the first lists")
     gc_young_threshold: int = Field(
         50_000, ge=0, description="allocations between young garbage collections (`meshctl up`); 0: Python's 700")
-    gc_full_every: int = Field(
-        100, ge=0, description="middle-generation garbage collections between two full ones (`meshctl up`); "
-        "0: Python's 10")
     leader_election: bool = Field(
         True, description="with a cluster: singleton duties (status writes, CA root rotation) run only on the replica "
         "holding their Lease; off: this pilot runs them (a single replica)")

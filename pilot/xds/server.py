@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import ssl
 import time
@@ -86,10 +85,6 @@ SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 KEEPALIVE_TIMEOUT_MS = 10_000  # istiod's keepaliveTimeout
 CONNECTION_AGE_GRACE_MS = 10_000  # istiod's MaxServerConnectionAgeGrace
 RELEASE_DELAY = 1.0  # seconds without a call ending or a response written before free memory goes back
-# Calls ended since the last full garbage collection that make the next quiet moment run one: an
-# ended stream leaves a few dozen objects in reference cycles (gRPC call, task, session), which
-# only a full collection finds, and `pilot.gcpolicy` makes Python's own full collections rare.
-CHURN_COLLECT = 500
 CLOSE_SETTLE = 0.1  # seconds for gRPC to notice a closed connection (see `_abort_stuck`)
 
 
@@ -142,7 +137,6 @@ class AdsServer:
         # Calls ended plus responses written: the release waits until it stops moving (`_released`).
         self._activity = 0
         self._activity_seen = 0
-        self._ended_uncollected = 0  # calls ended since the last full collection (`CHURN_COLLECT`)
         self.secrets: SecretServer | None = None  # gateway certificates over ADS (see the module docstring)
         self.changes: ChangeTracker | None = None  # config changes followed to the proxies (pilot.tracing)
         self._type_metrics: dict[str, tuple[Any, Any]] = {}  # Istio type label -> (push time, config size)
@@ -245,7 +239,6 @@ class AdsServer:
 
     def _call_ended(self, context: object) -> None:
         """A call ended and gRPC freed its buffers: release free memory once things settle."""
-        self._ended_uncollected += 1
         self._active(1)
 
     def _active(self, events: int) -> None:
@@ -269,9 +262,6 @@ class AdsServer:
             self._activity_seen = self._activity
             self._release = asyncio.get_running_loop().call_later(RELEASE_DELAY, self._released)
             return
-        if self._ended_uncollected >= CHURN_COLLECT:
-            self._ended_uncollected = 0
-            gc.collect()  # the cycles ended streams left, at a moment nothing waits for the loop
         self.release_memory()
 
     def _authenticate(self, identity: ProxyIdentity, context: grpc.aio.ServicerContext) -> ProxyIdentity:

@@ -40,17 +40,7 @@ def test_zero_keeps_pythons_thresholds() -> None:
     assert gc.get_threshold() == before
 
 
-@pytest.mark.usefixtures("restore_gc")
-def test_full_collections_can_be_made_rarer() -> None:
-    before = gc.get_threshold()
-    tune_gc(50_000, 100)
-    assert gc.get_threshold() == (50_000, before[1], 100)
-
-
 def test_the_threshold_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     assert PilotSettings().gc_young_threshold == 50_000
-    assert PilotSettings().gc_full_every == 100
     monkeypatch.setenv("MESHCTL_PILOT_GC_YOUNG_THRESHOLD", "0")
-    monkeypatch.setenv("MESHCTL_PILOT_GC_FULL_EVERY", "0")
     assert PilotSettings().gc_young_threshold == 0
-    assert PilotSettings().gc_full_every == 0
