@@ -50,4 +50,3 @@ async def test_memory_is_released_once_the_writes_have_stopped(monkeypatch: pyte
             assert released[0] >= last_write + 0.2
     finally:
         await server.stop(0)
-
