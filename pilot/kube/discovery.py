@@ -9,6 +9,7 @@ version of it (a few small JSON documents).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -18,21 +19,46 @@ from kubernetes_asyncio.client import ApiClient
 
 from pilot.kube.watch import Resource, WatchError
 
+# As client-go (kubectl): a 429 or 5xx answer carrying Retry-After is tried again after that many
+# seconds (capped), up to this many times. The API server answers so while a new CRD's storage
+# initializes ("storage is (re)initializing") and when API Priority and Fairness sheds load.
+RETRIES = 10
+MAX_RETRY_AFTER = 10.0
 
-async def get_json(api_client: ApiClient, path: str, timeout: float = 30.0) -> dict[str, Any] | None:
-    """GET `path` as JSON through `api_client`; None on 404, `WatchError` on any other failure."""
-    resp: aiohttp.ClientResponse = await api_client.call_api(
-        path, "GET", header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
-        _preload_content=False, _request_timeout=aiohttp.ClientTimeout(total=timeout))
-    async with resp:
-        if resp.status == 404:
-            return None
-        body = await resp.read()
-        if resp.status != 200:
+
+async def get_json(api_client: ApiClient, path: str, timeout: float = 30.0,
+                   retries: int = RETRIES) -> dict[str, Any] | None:
+    """GET `path` as JSON through `api_client`; None on 404, `WatchError` on any other failure
+    (after `retries` waits where the server asked to be tried again: see `RETRIES`)."""
+    for attempt in range(retries + 1):
+        resp: aiohttp.ClientResponse = await api_client.call_api(
+            path, "GET", header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
+            _preload_content=False, _request_timeout=aiohttp.ClientTimeout(total=timeout))
+        async with resp:
+            if resp.status == 404:
+                return None
+            body = await resp.read()
+            wait = retry_after(resp.status, resp.headers.get("Retry-After"))
+        if resp.status == 200:
+            break
+        if wait is None or attempt == retries:
             raise WatchError(f"GET {path} answered {resp.status}: {body[:300].decode(errors='replace')}",
                              resp.status)
+        await asyncio.sleep(wait)
     found = json.loads(body)
     return found if isinstance(found, dict) else None
+
+
+def retry_after(status: int, header: str | None) -> float | None:
+    """Seconds to wait before trying again, if the answer asks for it (429 or 5xx with Retry-After
+    in seconds); None if it is final."""
+    if (status != 429 and status < 500) or header is None:
+        return None
+    try:
+        seconds = float(header.strip())
+    except ValueError:
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 async def served_kinds(api_client: ApiClient, group: str, kinds: Collection[str],

@@ -1,0 +1,109 @@
+"""GETs against the API server are tried again when it asks for it (429 / 5xx with Retry-After).
+
+The API server answers 429 "storage is (re)initializing" for a moment after a CRD is installed;
+`meshctl analyze --k8s` and `describe --k8s` failed on it (seen in CI). A small HTTP server here
+answers as the API server does, since the real one cannot be made to on demand.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import yaml
+from aiohttp import web
+
+from meshctl.localmesh import free_port
+from pilot.kube import discovery
+from pilot.kube.client import make_client
+from pilot.kube.discovery import get_json, retry_after
+from pilot.kube.watch import WatchError
+
+STATUS_429 = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "storage is (re)initializing",
+              "reason": "TooManyRequests", "details": {"retryAfterSeconds": 1}, "code": 429}
+
+
+class ApiServer:
+    """Answers GET /apis/x with the queued (status, Retry-After) answers, then 200."""
+
+    def __init__(self) -> None:
+        self.answers: list[tuple[int, str | None]] = []
+        self.seen: list[float] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.seen.append(time.monotonic())
+        if self.answers:
+            status, after = self.answers.pop(0)
+            headers = {"Retry-After": after} if after is not None else {}
+            return web.json_response({**STATUS_429, "code": status}, status=status, headers=headers)
+        return web.json_response({"kind": "APIGroup", "name": "x"})
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[tuple[ApiServer, Path]]:
+    api = ApiServer()
+    app = web.Application()
+    app.router.add_get("/apis/x", api.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    try:
+        yield api, kubeconfig
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_429_with_retry_after_is_tried_again_after_that_long(server: tuple[ApiServer, Path]) -> None:
+    api, kubeconfig = server
+    api.answers = [(429, "1")]
+    client = await make_client(kubeconfig)
+    try:
+        found = await get_json(client, "/apis/x")
+    finally:
+        await client.close()
+    assert found == {"kind": "APIGroup", "name": "x"}
+    assert len(api.seen) == 2 and api.seen[1] - api.seen[0] >= 0.9
+
+
+async def test_an_answer_without_retry_after_is_final(server: tuple[ApiServer, Path]) -> None:
+    api, kubeconfig = server
+    api.answers = [(500, None)]
+    client = await make_client(kubeconfig)
+    try:
+        with pytest.raises(WatchError) as failed:
+            await get_json(client, "/apis/x")
+    finally:
+        await client.close()
+    assert failed.value.status == 500 and len(api.seen) == 1
+    assert json.loads(str(failed.value).split(": ", 1)[1])["code"] == 500  # the server's words, not ours
+
+
+async def test_the_retries_are_bounded(server: tuple[ApiServer, Path]) -> None:
+    api, kubeconfig = server
+    api.answers = [(503, "0")] * 5
+    client = await make_client(kubeconfig)
+    try:
+        with pytest.raises(WatchError) as failed:
+            await get_json(client, "/apis/x", retries=3)
+    finally:
+        await client.close()
+    assert failed.value.status == 503 and len(api.seen) == 4  # the first try and three more
+
+
+def test_only_429_and_5xx_with_seconds_are_retried_and_waits_are_capped() -> None:
+    assert retry_after(429, "2") == 2.0
+    assert retry_after(503, " 1 ") == 1.0
+    assert retry_after(429, "3600") == discovery.MAX_RETRY_AFTER
+    assert retry_after(429, None) is None
+    assert retry_after(429, "Wed, 21 Oct 2026 07:28:00 GMT") is None  # an HTTP date: not waited for
+    assert retry_after(404, "1") is None and retry_after(403, "1") is None
