@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from pilot.kube.discovery import RETRIES, retry_after
+
 if TYPE_CHECKING:
     from kubernetes_asyncio.client import ApiClient
 
@@ -82,16 +84,24 @@ class Applier:
 
     async def request(self, method: str, path: str, *, body: object = None, query: Iterable[tuple[str, str]] = (),
                       content_type: str = "application/json") -> tuple[int, dict[str, Any]]:
-        """One call: (HTTP status, decoded JSON body or {}); KubeApiError only when there is no answer."""
-        try:
-            resp: aiohttp.ClientResponse = await self.api.call_api(
-                path, method, query_params=list(query), body=body, auth_settings=["BearerToken"],
-                header_params={"Accept": "application/json", "Content-Type": content_type},
-                _preload_content=False, _request_timeout=aiohttp.ClientTimeout(total=30))
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise KubeApiError(f"{method} {path}: cannot reach the API server: {exc}") from exc
-        async with resp:
-            text = await resp.text()
+        """One call: (HTTP status, decoded JSON body or {}); KubeApiError only when there is no answer.
+
+        An answer asking to be tried again (429 or 5xx with Retry-After: a new CRD's storage still
+        initializing) is, as kubectl does (`pilot.kube.discovery.retry_after`)."""
+        for attempt in range(RETRIES + 1):
+            try:
+                resp: aiohttp.ClientResponse = await self.api.call_api(
+                    path, method, query_params=list(query), body=body, auth_settings=["BearerToken"],
+                    header_params={"Accept": "application/json", "Content-Type": content_type},
+                    _preload_content=False, _request_timeout=aiohttp.ClientTimeout(total=30))
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                raise KubeApiError(f"{method} {path}: cannot reach the API server: {exc}") from exc
+            async with resp:
+                text = await resp.text()
+                wait = retry_after(resp.status, resp.headers.get("Retry-After"))
+            if wait is None or attempt == RETRIES:
+                break
+            await asyncio.sleep(wait)
         try:
             data = json.loads(text) if text else {}
         except ValueError:

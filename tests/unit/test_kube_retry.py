@@ -16,6 +16,7 @@ import pytest
 import yaml
 from aiohttp import web
 
+from meshctl.kubeapply import Applier
 from meshctl.localmesh import free_port
 from pilot.kube import discovery
 from pilot.kube.client import make_client
@@ -98,6 +99,17 @@ async def test_the_retries_are_bounded(server: tuple[ApiServer, Path]) -> None:
     finally:
         await client.close()
     assert failed.value.status == 503 and len(api.seen) == 4  # the first try and three more
+
+
+async def test_install_requests_are_tried_again_too(server: tuple[ApiServer, Path]) -> None:
+    api, kubeconfig = server
+    api.answers = [(429, "0"), (503, "0")]
+    client = await make_client(kubeconfig)
+    try:
+        status, body = await Applier(client).request("GET", "/apis/x")
+    finally:
+        await client.close()
+    assert (status, body["kind"], len(api.seen)) == (200, "APIGroup", 3)
 
 
 def test_only_429_and_5xx_with_seconds_are_retried_and_waits_are_capped() -> None:
