@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from pilot.kube.discovery import RETRIES, retry_after
+from pilot.kube.retry import RETRIES, retry_after
 
 if TYPE_CHECKING:
     from kubernetes_asyncio.client import ApiClient
@@ -87,7 +87,7 @@ class Applier:
         """One call: (HTTP status, decoded JSON body or {}); KubeApiError only when there is no answer.
 
         An answer asking to be tried again (429 or 5xx with Retry-After: a new CRD's storage still
-        initializing) is, as kubectl does (`pilot.kube.discovery.retry_after`)."""
+        initializing) is, as kubectl does (`pilot.kube.retry`)."""
         for attempt in range(RETRIES + 1):
             try:
                 resp: aiohttp.ClientResponse = await self.api.call_api(

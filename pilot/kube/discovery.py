@@ -17,13 +17,8 @@ from typing import Any
 import aiohttp
 from kubernetes_asyncio.client import ApiClient
 
+from pilot.kube.retry import RETRIES, retry_after
 from pilot.kube.watch import Resource, WatchError
-
-# As client-go (kubectl): a 429 or 5xx answer carrying Retry-After is tried again after that many
-# seconds (capped), up to this many times. The API server answers so while a new CRD's storage
-# initializes ("storage is (re)initializing") and when API Priority and Fairness sheds load.
-RETRIES = 10
-MAX_RETRY_AFTER = 10.0
 
 
 async def get_json(api_client: ApiClient, path: str, timeout: float = 30.0,
@@ -47,18 +42,6 @@ async def get_json(api_client: ApiClient, path: str, timeout: float = 30.0,
         await asyncio.sleep(wait)
     found = json.loads(body)
     return found if isinstance(found, dict) else None
-
-
-def retry_after(status: int, header: str | None) -> float | None:
-    """Seconds to wait before trying again, if the answer asks for it (429 or 5xx with Retry-After
-    in seconds); None if it is final."""
-    if (status != 429 and status < 500) or header is None:
-        return None
-    try:
-        seconds = float(header.strip())
-    except ValueError:
-        return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 async def served_kinds(api_client: ApiClient, group: str, kinds: Collection[str],

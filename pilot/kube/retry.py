@@ -1,0 +1,25 @@
+"""When to try a Kubernetes API request again: the rule client-go (kubectl) follows.
+
+Kept apart from the modules that import `kubernetes_asyncio` (its client package loads every
+model class, ~36 MB): `meshctl`'s install path uses this rule without paying for that.
+"""
+
+from __future__ import annotations
+
+# As client-go (kubectl): a 429 or 5xx answer carrying Retry-After is tried again after that many
+# seconds (capped), up to this many times. The API server answers so while a new CRD's storage
+# initializes ("storage is (re)initializing") and when API Priority and Fairness sheds load.
+RETRIES = 10
+MAX_RETRY_AFTER = 10.0
+
+
+def retry_after(status: int, header: str | None) -> float | None:
+    """Seconds to wait before trying again, if the answer asks for it (429 or 5xx with Retry-After
+    in seconds); None if it is final."""
+    if (status != 429 and status < 500) or header is None:
+        return None
+    try:
+        seconds = float(header.strip())
+    except ValueError:
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
