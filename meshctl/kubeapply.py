@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from pilot.kube.retry import RETRIES, retry_after
+from pilot.kube.retry import retrying
 
 if TYPE_CHECKING:
     from kubernetes_asyncio.client import ApiClient
@@ -88,7 +88,7 @@ class Applier:
 
         An answer asking to be tried again (429 or 5xx with Retry-After: a new CRD's storage still
         initializing) is, as kubectl does (`pilot.kube.retry`)."""
-        for attempt in range(RETRIES + 1):
+        async def send() -> tuple[int, str | None, str]:
             try:
                 resp: aiohttp.ClientResponse = await self.api.call_api(
                     path, method, query_params=list(query), body=body, auth_settings=["BearerToken"],
@@ -97,16 +97,14 @@ class Applier:
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 raise KubeApiError(f"{method} {path}: cannot reach the API server: {exc}") from exc
             async with resp:
-                text = await resp.text()
-                wait = retry_after(resp.status, resp.headers.get("Retry-After"))
-            if wait is None or attempt == RETRIES:
-                break
-            await asyncio.sleep(wait)
+                return resp.status, resp.headers.get("Retry-After"), await resp.text()
+
+        status, text = await retrying(send)
         try:
             data = json.loads(text) if text else {}
         except ValueError:
             data = {"message": text[:500]}
-        return resp.status, data if isinstance(data, dict) else {}
+        return status, data if isinstance(data, dict) else {}
 
     async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Create or update `obj` to match (server-side apply); returns the object as stored."""

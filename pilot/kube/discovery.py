@@ -9,7 +9,6 @@ version of it (a few small JSON documents).
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import aiohttp
 from kubernetes_asyncio.client import ApiClient
 
-from pilot.kube.retry import RETRIES, retry_after
+from pilot.kube.retry import RETRIES, retrying
 from pilot.kube.watch import Resource, WatchError
 
 
@@ -25,21 +24,18 @@ async def get_json(api_client: ApiClient, path: str, timeout: float = 30.0,
                    retries: int = RETRIES) -> dict[str, Any] | None:
     """GET `path` as JSON through `api_client`; None on 404, `WatchError` on any other failure
     (after `retries` waits where the server asked to be tried again: see `RETRIES`)."""
-    for attempt in range(retries + 1):
+    async def send() -> tuple[int, str | None, bytes]:
         resp: aiohttp.ClientResponse = await api_client.call_api(
             path, "GET", header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
             _preload_content=False, _request_timeout=aiohttp.ClientTimeout(total=timeout))
         async with resp:
-            if resp.status == 404:
-                return None
-            body = await resp.read()
-            wait = retry_after(resp.status, resp.headers.get("Retry-After"))
-        if resp.status == 200:
-            break
-        if wait is None or attempt == retries:
-            raise WatchError(f"GET {path} answered {resp.status}: {body[:300].decode(errors='replace')}",
-                             resp.status)
-        await asyncio.sleep(wait)
+            return resp.status, resp.headers.get("Retry-After"), await resp.read()
+
+    status, body = await retrying(send, retries)
+    if status == 404:
+        return None
+    if status != 200:
+        raise WatchError(f"GET {path} answered {status}: {body[:300].decode(errors='replace')}", status)
     found = json.loads(body)
     return found if isinstance(found, dict) else None
 

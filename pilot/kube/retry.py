@@ -6,6 +6,12 @@ model class, ~36 MB): `meshctl`'s install path uses this rule without paying for
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
 # As client-go (kubectl): a 429 or 5xx answer carrying Retry-After is tried again after that many
 # seconds (capped), up to this many times. The API server answers so while a new CRD's storage
 # initializes ("storage is (re)initializing") and when API Priority and Fairness sheds load.
@@ -23,3 +29,16 @@ def retry_after(status: int, header: str | None) -> float | None:
     except ValueError:
         return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+async def retrying(send: Callable[[], Awaitable[tuple[int, str | None, T]]], retries: int = RETRIES) -> tuple[int, T]:
+    """`send()` -> (status, Retry-After header, what was read), sent again while the answer asks for
+    it (`retry_after`), at most `retries` more times; the last answer's (status, what was read)."""
+    for _ in range(retries):
+        status, header, read = await send()
+        wait = retry_after(status, header)
+        if wait is None:
+            return status, read
+        await asyncio.sleep(wait)
+    status, _, read = await send()
+    return status, read
