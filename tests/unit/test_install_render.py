@@ -22,6 +22,7 @@ from meshctl.kubeapply import RESOURCES, object_path
 from meshctl.localmesh import free_port
 from meshctl.render import InstallOptions, control_plane, namespace, render, rules, to_yaml
 from pilot.kube.meshconfig import CONFIGMAP_KEY, CONFIGMAP_NAME, parse_mesh_config
+from tests.unit.kubeconfigs import token_kubeconfig
 
 ROOT = Path(__file__).resolve().parents[2]
 ISTIOD_YAML = ROOT / "manifests" / "istiod.yaml"
@@ -144,12 +145,7 @@ def test_bad_options_exit_2_naming_the_option(args: list[str], message: str) -> 
 
 
 def test_unreachable_cluster_is_one_line_and_exit_1(tmp_path: Path) -> None:
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{free_port()}"}}],
-        "users": [{"name": "u", "user": {"token": "t"}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    kubeconfig = token_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{free_port()}")
     for command in (["install"], ["uninstall"]):
         result = CliRunner().invoke(cli, [*command, "--kubeconfig", str(kubeconfig)])
         assert result.exit_code == 1, result.output

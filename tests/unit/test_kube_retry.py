@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import yaml
 from aiohttp import web
 
 from meshctl.kubeapply import Applier
@@ -25,6 +24,7 @@ from pilot.kube.client import make_client
 from pilot.kube.discovery import get_json
 from pilot.kube.retry import retry_after
 from pilot.kube.watch import WatchError
+from tests.unit.kubeconfigs import token_kubeconfig
 
 STATUS_429 = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "storage is (re)initializing",
               "reason": "TooManyRequests", "details": {"retryAfterSeconds": 1}, "code": 429}
@@ -55,12 +55,7 @@ async def server(tmp_path: Path) -> AsyncIterator[tuple[ApiServer, Path]]:
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
-        "users": [{"name": "u", "user": {"token": "t"}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    kubeconfig = token_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{port}")
     try:
         yield api, kubeconfig
     finally:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,19 @@ def test_store_reports_the_kinds_changed_since_a_revision() -> None:
     assert store.kinds_changed_since(base) is None  # a touch says nothing about kinds
 
 
+@contextlib.asynccontextmanager
+async def running(pusher: Pusher, objects: list[Any]) -> AsyncIterator[None]:
+    """`pusher` running on `objects` (one store source) with KEY watched, after its first push."""
+    pusher.store.replace_source("f", objects)
+    with pusher.cache.watch(KEY):
+        task = asyncio.create_task(pusher.run())
+        try:
+            await asyncio.wait_for(pusher.ready.wait(), 5)
+            yield
+        finally:
+            task.cancel()
+
+
 @pytest.mark.parametrize(
     ("kind", "fast", "changed_type"), [("WorkloadEntry", 1, ENDPOINT), ("VirtualService", 0, ROUTE)]
 )
@@ -63,16 +78,12 @@ async def test_endpoint_only_changes_take_the_fast_path(kind: str, fast: int, ch
     metrics = PushMetrics(registry)
     pusher = Pusher(store, cache, build_mesh, generate, metrics, debounce=0.2, endpoint_debounce=0.01)
     objects = _objects()
-    store.replace_source("f", objects)
-    with cache.watch(KEY):
-        task = asyncio.create_task(pusher.run())
-        await asyncio.wait_for(pusher.ready.wait(), 5)
+    async with running(pusher, objects):
         before = cache.get(KEY)
         assert before is not None
         revision = store.revision
         store.replace_source("f", _moved(objects, kind))
         await asyncio.wait_for(pusher.wait_built(revision + 1), 5)
-        task.cancel()
     after = cache.get(KEY)
     assert after is not None and after.version(changed_type) != before.version(changed_type)
     assert metrics.endpoint_fast_pushes._value.get() == fast
@@ -122,17 +133,13 @@ async def test_memory_is_released_once_after_a_burst_of_pushes() -> None:
                     release_memory=lambda: released.append(store.revision))
     pusher.release_delay = 0.2
     objects = _objects()
-    store.replace_source("f", objects)
-    with cache.watch(KEY):
-        task = asyncio.create_task(pusher.run())
-        await asyncio.wait_for(pusher.ready.wait(), 5)
+    async with running(pusher, objects):
         for kind in ("WorkloadEntry", "VirtualService"):  # two pushes in quick succession
             revision = store.revision
             store.replace_source("f", _moved(objects, kind))
             await asyncio.wait_for(pusher.wait_built(revision + 1), 5)
         assert released == []  # not during the burst
         await asyncio.sleep(0.5)
-        task.cancel()
     assert released == [store.revision]  # once, after the last push
 
 
@@ -149,10 +156,7 @@ async def test_the_mesh_is_built_while_a_change_settles_and_used_only_if_nothing
     metrics = PushMetrics(CollectorRegistry())
     pusher = Pusher(store, cache, counting_build, generate, metrics, debounce=0.3, endpoint_debounce=0.3)
     objects = _objects()
-    store.replace_source("f", objects)
-    with cache.watch(KEY):
-        task = asyncio.create_task(pusher.run())
-        await asyncio.wait_for(pusher.ready.wait(), 5)
+    async with running(pusher, objects):
         start = cache.get(KEY)
         assert start is not None
 
@@ -173,7 +177,6 @@ async def test_the_mesh_is_built_while_a_change_settles_and_used_only_if_nothing
         await asyncio.sleep(0.1)
         store.replace_source("f", objects)  # back to the start
         await asyncio.wait_for(pusher.wait_built(revision + 2), 5)
-        task.cancel()
     final = cache.get(KEY)
     assert metrics.early_builds._value.get() == 1  # the stale early build was not used
     assert final is not None and final.version(ROUTE) == start.version(ROUTE)
@@ -214,10 +217,7 @@ async def test_a_route_edit_has_its_first_route_part_made_while_it_settles() -> 
     pusher = Pusher(store, cache, build_mesh, generate_parts, metrics, debounce=0.3,
                     routes=RoutesFastPath(http_routes_only, recording_routes))
     objects = _objects()
-    store.replace_source("f", objects)
-    with cache.watch(KEY):
-        task = asyncio.create_task(pusher.run())
-        await asyncio.wait_for(pusher.ready.wait(), 5)
+    async with running(pusher, objects):
         before = cache.get(KEY)
         assert before is not None and KEY in pusher.route_parts
 
@@ -226,7 +226,6 @@ async def test_a_route_edit_has_its_first_route_part_made_while_it_settles() -> 
         await asyncio.sleep(0.2)  # still settling
         assert pusher.built_revision == revision and len(made) == 1  # made before the push
         await asyncio.wait_for(pusher.wait_built(revision + 1), 5)
-        task.cancel()
     after = cache.get(KEY)
     assert after is not None and after.version(ROUTE) != before.version(ROUTE)
     assert metrics.route_only_pushes._value.get() == 1
