@@ -248,13 +248,9 @@ class AdsServer:
             self._release = asyncio.get_running_loop().call_later(RELEASE_DELAY, self._released)
 
     def _released(self) -> None:
-        """Release free memory if nothing ended or was written for `RELEASE_DELAY`; else look again then.
-
-        Why: the buffers of a push are freed as its last writes complete, which at mission scale is
-        seconds after the push began; releasing at a fixed delay after the first write would leave
-        them in the heap (measured: 317 MB steady after 2,000 streams connected, 280 MB once
-        released after the writes). Cost: one timer per second while streams are written to.
-        """
+        """Release free memory once nothing ended or was written for `RELEASE_DELAY` (a push frees
+        its buffers as its last writes complete: 317 MB steady after 2,000 streams connected, 280 MB
+        released after them). Cost: one timer per second while streams are written to."""
         self._release = None
         if self.release_memory is None or self._server is None:
             return
