@@ -130,10 +130,9 @@ def up(config_dir: Path | None, ads_addr: str, tls_addr: str, debug_addr: str, s
 async def _up_plaintext(settings: PilotSettings) -> None:
     """`meshctl up --plaintext-only`: pilot alone, plaintext xDS."""
     from pilot.app import Pilot
-    from pilot.gcpolicy import raise_young_threshold, tune_gc
+    from pilot.gcpolicy import tune_gc
     from pilot.logs import announce
 
-    raise_young_threshold(settings.gc_young_threshold)  # before the config loads
     async with Pilot(settings) as pilot:
         tune_gc(settings.gc_young_threshold)  # after start-up: what exists now lives as long as pilot
         announce(f"pilot: xDS on {pilot.ads_address} (plaintext, unauthenticated), debug on "
@@ -147,11 +146,10 @@ async def _up(settings: PilotSettings, state: Path, trust_domain: str, kubeconfi
     from citadel.settings import istiod_dns_names
     from meshctl.security import MeshSecurity, workload_accounts
     from pilot.app import Pilot
-    from pilot.gcpolicy import raise_young_threshold, tune_gc
+    from pilot.gcpolicy import tune_gc
     from pilot.logs import announce
     from pilot.tasks import spawn
 
-    raise_young_threshold(settings.gc_young_threshold)  # before the config loads
     pilot = Pilot(settings)
     replicas = kubeconfig is not None or in_cluster
     # On a cluster the rotation leader rotates, and the serving certificate names istiod in the mesh namespace.

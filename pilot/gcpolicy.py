@@ -18,20 +18,6 @@ import sys
 from collections.abc import Mapping, Sequence
 
 
-def raise_young_threshold(young_threshold: int) -> tuple[int, int, int]:
-    """Raise the young threshold now (0: keep Python's); returns the previous thresholds.
-
-    Why before start-up too: loading a 1,000-service config under Python's threshold of 700 runs
-    seven full collections, each walking the growing heap (measured, four paired runs: `meshctl
-    up` ready after 5.1-6.5 s, 4.5-5.4 s with the threshold raised first). Process-wide, like
-    `tune_gc`.
-    """
-    previous = gc.get_threshold()
-    if young_threshold:
-        gc.set_threshold(young_threshold, previous[1], previous[2])
-    return previous
-
-
 def tune_gc(young_threshold: int) -> tuple[int, int, int]:
     """Freeze the objects alive now and raise the young threshold; returns the previous thresholds.
 

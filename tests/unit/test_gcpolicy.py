@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pilot.gcpolicy import raise_young_threshold, tune_gc
+from pilot.gcpolicy import tune_gc
 from pilot.settings import PilotSettings
 
 
@@ -45,13 +45,3 @@ def test_the_threshold_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MESHCTL_PILOT_GC_YOUNG_THRESHOLD", "0")
     assert PilotSettings().gc_young_threshold == 0
 
-
-@pytest.mark.usefixtures("restore_gc")
-def test_the_young_threshold_can_be_raised_before_start_up_without_freezing() -> None:
-    gc.unfreeze()
-    before = gc.get_threshold()
-    assert raise_young_threshold(50_000) == before
-    assert gc.get_threshold() == (50_000, before[1], before[2])
-    assert gc.get_freeze_count() == 0  # nothing frozen yet: start-up objects are not made
-    assert raise_young_threshold(0) == (50_000, before[1], before[2])
-    assert gc.get_threshold() == (50_000, before[1], before[2])  # 0 leaves it as it is
