@@ -165,8 +165,12 @@ async def test_outlier_detection_ejects_the_failing_endpoint(policy_mesh: Policy
         for _ in range(20):
             statuses[(await call(session, policy_mesh, "outlier"))[0]] += 1
         after = [await call(session, policy_mesh, "outlier") for _ in range(30)]
-    # b failed exactly consecutive5xxErrors times, then was ejected; a answers everything since.
-    assert statuses == {500: 3, 200: 17}, statuses
+    # b failed consecutive5xxErrors (3) times, then was ejected; a answers everything since. Envoy
+    # counts the failures on the worker but ejects on the main thread, which posts the new host set
+    # back: a request picked in between can still reach b (seen once under CI load: 4 failures).
+    # The translated threshold itself is read from the config Envoy holds.
+    assert 3 <= statuses[500] <= 5 and statuses[200] == 20 - statuses[500], statuses
+    assert await outlier_threshold(policy_mesh.sidecar, "outlier") == 3
     assert {(s, b) for s, b, _ in after} == {(200, "a")}
     cluster = f"outbound|{PORT}||outlier.default.svc.cluster.local"
     stats = await policy_mesh.sidecar.stats(f"^cluster\\.{cluster.replace('|', '.')}\\.outlier_detection")
@@ -174,6 +178,14 @@ async def test_outlier_detection_ejects_the_failing_endpoint(policy_mesh: Policy
     assert stats[f"cluster.{cluster}.outlier_detection.ejections_enforced_consecutive_5xx"] >= 1, stats
     ejected = await ejected_hosts(policy_mesh.sidecar, cluster)
     assert ejected == {f"{policy_mesh.addresses['b']}:{policy_mesh.ports['b']}"}
+
+
+async def outlier_threshold(envoy: EnvoyProcess, service: str) -> int:
+    """The ``consecutive_5xx`` of ``service``'s outbound cluster in the config Envoy holds."""
+    dump = await envoy.config_dump("dynamic_active_clusters")
+    name = f"outbound|{PORT}||{service}.default.svc.cluster.local"
+    cluster = next(c["cluster"] for c in dump["configs"] if c["cluster"]["name"] == name)
+    return int(cluster["outlier_detection"]["consecutive_5xx"])
 
 
 async def ejected_hosts(envoy: EnvoyProcess, cluster: str) -> set[str]:
