@@ -143,13 +143,17 @@ def main(streams: int, rounds: int, services: int) -> None:
         serializer = Serializer()
         before = snapshot_of(config.directory, serializer)
         changes: dict[str, list[Snapshot]] = {"endpoint": [], "route": []}
+        last = before
         for i in range(rounds):
+            # As pilot's fast paths publish them: the class's last snapshot with the one type replaced.
             config.endpoint_change(i * 7 + 3)
             config.write_service(i * 7 + 3)
-            changes["endpoint"].append(snapshot_of(config.directory, serializer))
+            last = last.with_type(typeurls.ENDPOINT, snapshot_of(config.directory, serializer).of(typeurls.ENDPOINT))
+            changes["endpoint"].append(last)
             config.route_change(i * 7)
             config.write_service(i * 7)
-            changes["route"].append(snapshot_of(config.directory, serializer))
+            last = last.with_type(typeurls.ROUTE, snapshot_of(config.directory, serializer).of(typeurls.ROUTE))
+            changes["route"].append(last)
     print(f"{streams} streams, {services} services: session logic in microseconds per stream and push "
           f"(median of {rounds}; the harness's own parsing and ACK building subtracted)")
     for protocol in ("sotw", "delta"):

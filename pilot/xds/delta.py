@@ -35,6 +35,10 @@ class _DeltaType:
     held: Mapping[str, Resource] = EMPTY_SET  # what the proxy holds; replaced, never changed in place
     reported_missing: set[str] = field(default_factory=set)
     seen: str = ""  # the view version this state was last reconciled with
+    # The snapshot's whole view of the type and the subscription's view of it, as last reconciled:
+    # a push replacing another type (the fast paths) finds the same object here and skips the type.
+    seen_whole: View | None = None
+    seen_view: View = EMPTY_SET
     held_version: str = ""  # the version of exactly what `held` holds, when known ("" otherwise)
     acked: Mapping[str, Resource] = EMPTY_SET  # what the proxy had at its last ACK
     acked_version: str = ""
@@ -107,7 +111,11 @@ class DeltaSession(SessionBase[_DeltaType]):
 
     def _updates(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         state = self.types[type_url]
-        view = snapshot.view(type_url, state.subscription())
+        whole = snapshot.of(type_url)
+        if whole is state.seen_whole and state.seen:
+            return None  # the very view last reconciled, and nothing asked since: O(1)
+        view = whole.view(state.subscription())
+        state.seen_whole, state.seen_view = whole, view
         self._set_current(type_url, view.version)
         if view.version == state.seen:
             return None
@@ -154,13 +162,19 @@ class DeltaSession(SessionBase[_DeltaType]):
         eds = self.types.get(typeurls.ENDPOINT)
         return None if eds is None else eds.subscription()
 
+    @staticmethod
+    def _view(state: _DeltaType, type_url: str, snapshot: Snapshot) -> View:
+        """The subscription's view of the snapshot: the one `_updates` reconciled, if it is current."""
+        whole = snapshot.of(type_url)
+        return state.seen_view if whole is state.seen_whole and state.seen else whole.view(state.subscription())
+
     def _removal_due(self, type_url: str, snapshot: Snapshot) -> bool:
         state = self.types[type_url]
-        return bool(snapshot.view(type_url, state.subscription()).gone_from(state.held))
+        return bool(self._view(state, type_url, snapshot).gone_from(state.held))
 
     def _removals(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         state = self.types[type_url]
-        view = snapshot.view(type_url, state.subscription())
+        view = self._view(state, type_url, snapshot)
         gone = view.gone_from(state.held)
         if not gone:
             return None

@@ -40,6 +40,10 @@ class _TypeState:
     acked_version: str = ""
     last_nonce: str = ""
     seen: str = ""  # the view version this state was last reconciled with
+    # The snapshot's whole view of the type and the subscription's view of it, as last reconciled:
+    # a push replacing another type (the fast paths) finds the same object here and skips the type.
+    seen_whole: View | None = None
+    seen_view: View = EMPTY_SET
     force_all: bool = True  # a new request: answer even if nothing changed
     force_names: set[str] = field(default_factory=set)  # newly subscribed names
     requested_key: bytes | None = None  # the wire bytes of the last request's names (interned)
@@ -175,7 +179,11 @@ class SotwSession(SessionBase[_TypeState]):
 
     def _updates(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         state = self.types[type_url]
-        view = snapshot.view(type_url, state.names)
+        whole = snapshot.of(type_url)
+        if whole is state.seen_whole and state.seen and not state.force_all:
+            return None  # the very view last reconciled, and nothing asked since: O(1)
+        view = whole.view(state.names)
+        state.seen_whole, state.seen_view = whole, view
         self._set_current(type_url, view.version)
         if not state.force_all and view.version == state.seen:
             return None
@@ -229,20 +237,27 @@ class SotwSession(SessionBase[_TypeState]):
             eds.force_names |= again
             eds.seen = ""
 
+    @staticmethod
+    def _view(state: _TypeState, type_url: str, snapshot: Snapshot) -> View:
+        """The subscription's view of the snapshot: the one `_updates` reconciled, if it is current."""
+        whole = snapshot.of(type_url)
+        return state.seen_view if whole is state.seen_whole and state.seen else whole.view(state.names)
+
     def _eds_subscription(self) -> frozenset[str] | None:
         eds = self.types.get(typeurls.ENDPOINT)
         return None if eds is None else eds.names
 
     def _removal_due(self, type_url: str, snapshot: Snapshot) -> bool:
         state = self.types[type_url]
-        return type_url in typeurls.FULL_STATE_TYPES and bool(
-            snapshot.view(type_url, state.names).gone_from(state.held))
+        if type_url not in typeurls.FULL_STATE_TYPES:
+            return False
+        return bool(self._view(state, type_url, snapshot).gone_from(state.held))
 
     def _removals(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         state = self.types[type_url]
         if type_url not in typeurls.FULL_STATE_TYPES:
             return None  # EDS/RDS: resources leave when the proxy unsubscribes
-        current = snapshot.view(type_url, state.names)
+        current = self._view(state, type_url, snapshot)
         if state.held_version == current.version or not current.gone_from(state.held):
             return None
         return self._send(type_url, state, current, current, current.version, shared_on=current)
