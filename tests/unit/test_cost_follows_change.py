@@ -189,6 +189,56 @@ def test_an_endpoint_change_touches_no_cluster_listener_or_route(
         assert sorted(changed) == sorted(f"outbound|{meshgen.PORT}|{s}|{host}" for s in ("", "v1"))
 
 
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_an_endpoint_change_costs_a_stream_nothing_for_its_other_types(
+        mesh: Mesh, delta: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream in sync with every type gets only EDS after an endpoint change, and never even asks
+    the unchanged clusters, listeners and routes for its view of them: the fast path published
+    the same objects, and the session sees it by identity (2,000 streams x 3 types per push)."""
+    registry = _registry()
+    key = mesh.classes[0]
+    status = registry.open(ProxyIdentity("p", "c", key), "delta" if delta else "sotw", "test")
+    session: Any = DeltaSession(status, registry) if delta else SotwSession(status, registry)
+    snap = mesh.cache.get(key)
+    assert snap is not None
+
+    def names(type_url: str) -> list[str]:
+        return [] if type_url in (CLUSTER, LISTENER) else sorted(snap.of(type_url))
+
+    def request(type_url: str, nonce: str = "") -> Any:
+        if delta:
+            return discovery_pb2.DeltaDiscoveryRequest(
+                type_url=type_url, response_nonce=nonce, resource_names_subscribe=[] if nonce else names(type_url))
+        return discovery_pb2.DiscoveryRequest(type_url=type_url, response_nonce=nonce, resource_names=names(type_url))
+
+    def push_and_ack(current: Snapshot) -> list[str]:
+        sent = []
+        for raw in session.responses(current):
+            kind = discovery_pb2.DeltaDiscoveryResponse if delta else discovery_pb2.DiscoveryResponse
+            resp = kind.FromString(raw)
+            sent.append(resp.type_url)
+            session.handle_wire(request(resp.type_url, resp.nonce).SerializeToString())
+        return sent
+
+    for type_url in (CLUSTER, ENDPOINT, LISTENER, ROUTE):
+        session.handle_wire(request(type_url).SerializeToString())
+        assert push_and_ack(snap) == [type_url]
+    asked: list[str] = []
+    real = View.view
+
+    def counting(self: View, names: frozenset[str] | None) -> View:
+        asked.append(next(t for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE) if after.of(t) is self))
+        return real(self, names)
+
+    mesh.edit("endpoint", 3)
+    mesh.pusher.rebuild()
+    after = mesh.cache.get(key)
+    assert after is not None and after is not snap
+    monkeypatch.setattr(View, "view", counting)
+    assert push_and_ack(after) == [ENDPOINT]
+    assert asked == [ENDPOINT]
+
+
 def _registry() -> StatusRegistry:
     return StatusRegistry(XdsMetrics(CollectorRegistry()))
 
