@@ -113,6 +113,7 @@ class DeltaSession(SessionBase[_DeltaType]):
         state = self.types[type_url]
         whole = snapshot.of(type_url)
         if whole is state.seen_whole and state.seen:
+            self._still_current(type_url)
             return None  # the very view last reconciled, and nothing asked since: O(1)
         view = whole.view(state.subscription())
         state.seen_whole, state.seen_view = whole, view

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -259,6 +260,11 @@ class SessionBase(Generic[StateT]):
 
     def _set_current(self, type_url: str, version: str) -> None:
         self.status.of(type_url).current_version = version
+
+    def _still_current(self, type_url: str) -> None:
+        """The type's view is the very one last reconciled: its version stands, but the stream has
+        taken this snapshot into account now (what `meshctl wait` reads, `pilot.distribution`)."""
+        self.status.of(type_url).current_at = time.monotonic_ns()
 
     @staticmethod
     def _error_text(request: object) -> str | None:

@@ -181,6 +181,7 @@ class SotwSession(SessionBase[_TypeState]):
         state = self.types[type_url]
         whole = snapshot.of(type_url)
         if whole is state.seen_whole and state.seen and not state.force_all:
+            self._still_current(type_url)
             return None  # the very view last reconciled, and nothing asked since: O(1)
         view = whole.view(state.names)
         state.seen_whole, state.seen_view = whole, view
