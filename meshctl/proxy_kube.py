@@ -169,8 +169,11 @@ async def run_pod_proxy(pod: PodProxy, probers: Mapping[str, AppProbe], files: P
                 f"{pod.node_id}: no certificate for {agent.identity} from the CA at {pod.ca_address} after "
                 f"{cert_timeout:g}s (token {files.token_file}, roots {files.ca_root_file}); the agent's log above "
                 "says why") from None
-        envoy = await stack.enter_async_context(PodEnvoy(
-            pod, str(files.sds_socket), initial_fetch_timeout_s, log_level=log_level, ready_timeout=ready_timeout))
+        # Named before it starts: the status port asks Envoy itself from the moment the process runs,
+        # not only once `start` has seen it LIVE (15021 would answer ready while 15020 said "not running").
+        envoy = PodEnvoy(pod, str(files.sds_socket), initial_fetch_timeout_s, log_level=log_level,
+                         ready_timeout=ready_timeout)
+        await stack.enter_async_context(envoy)
         click.echo(f"{pod.node_id}: Envoy LIVE, identity {agent.identity}, xDS mutual TLS to {pod.discovery_address}, "
                    f"status port {status.port}, log {envoy.log_path}", err=True)
         code = await envoy.wait()
