@@ -163,19 +163,13 @@ class DeltaSession(SessionBase[_DeltaType]):
         eds = self.types.get(typeurls.ENDPOINT)
         return None if eds is None else eds.subscription()
 
-    @staticmethod
-    def _view(state: _DeltaType, type_url: str, snapshot: Snapshot) -> View:
-        """The subscription's view of the snapshot: the one `_updates` reconciled, if it is current."""
-        whole = snapshot.of(type_url)
-        return state.seen_view if whole is state.seen_whole and state.seen else whole.view(state.subscription())
-
     def _removal_due(self, type_url: str, snapshot: Snapshot) -> bool:
         state = self.types[type_url]
-        return bool(self._view(state, type_url, snapshot).gone_from(state.held))
+        return bool(self._view(state, type_url, snapshot, state.subscription()).gone_from(state.held))
 
     def _removals(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         state = self.types[type_url]
-        view = self._view(state, type_url, snapshot)
+        view = self._view(state, type_url, snapshot, state.subscription())
         gone = view.gone_from(state.held)
         if not gone:
             return None

@@ -29,6 +29,9 @@ class _Held(Protocol):
 
     held: Mapping[str, Resource]
     held_version: str
+    seen: str  # the view version last reconciled ("": reconcile again)
+    seen_whole: View | None  # the snapshot's whole view of the type, as last reconciled
+    seen_view: View  # the subscription's view of it
 
 
 StateT = TypeVar("StateT", bound=_Held)
@@ -260,6 +263,12 @@ class SessionBase(Generic[StateT]):
 
     def _set_current(self, type_url: str, version: str) -> None:
         self.status.of(type_url).current_version = version
+
+    @staticmethod
+    def _view(state: StateT, type_url: str, snapshot: Snapshot, names: frozenset[str] | None) -> View:
+        """The view of `names` (None: wildcard) in the snapshot: the one `_updates` reconciled, if current."""
+        whole = snapshot.of(type_url)
+        return state.seen_view if whole is state.seen_whole and state.seen else whole.view(names)
 
     def _still_current(self, type_url: str) -> None:
         """The type's view is the very one last reconciled: its version stands, but the stream has

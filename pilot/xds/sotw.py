@@ -238,12 +238,6 @@ class SotwSession(SessionBase[_TypeState]):
             eds.force_names |= again
             eds.seen = ""
 
-    @staticmethod
-    def _view(state: _TypeState, type_url: str, snapshot: Snapshot) -> View:
-        """The subscription's view of the snapshot: the one `_updates` reconciled, if it is current."""
-        whole = snapshot.of(type_url)
-        return state.seen_view if whole is state.seen_whole and state.seen else whole.view(state.names)
-
     def _eds_subscription(self) -> frozenset[str] | None:
         eds = self.types.get(typeurls.ENDPOINT)
         return None if eds is None else eds.names
@@ -252,13 +246,13 @@ class SotwSession(SessionBase[_TypeState]):
         state = self.types[type_url]
         if type_url not in typeurls.FULL_STATE_TYPES:
             return False
-        return bool(self._view(state, type_url, snapshot).gone_from(state.held))
+        return bool(self._view(state, type_url, snapshot, state.names).gone_from(state.held))
 
     def _removals(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         state = self.types[type_url]
         if type_url not in typeurls.FULL_STATE_TYPES:
             return None  # EDS/RDS: resources leave when the proxy unsubscribes
-        current = self._view(state, type_url, snapshot)
+        current = self._view(state, type_url, snapshot, state.names)
         if state.held_version == current.version or not current.gone_from(state.held):
             return None
         return self._send(type_url, state, current, current, current.version, shared_on=current)
