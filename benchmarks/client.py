@@ -48,6 +48,10 @@ RETRY_BASE = 0.5
 RETRY_MAX = 30.0
 # The type that, once received, tells which names of the dependent type to request.
 DEPENDENT = {CLUSTER: ENDPOINT, LISTENER: ROUTE}
+# Responses of at most this many EDS/RDS resources are decoded per client, not looked up.
+FEW = 16
+# How far from the first needle of an expectation the others are looked for first (bytes).
+NEAR = 2048
 
 
 def _raw(data: bytes) -> bytes:
@@ -94,7 +98,15 @@ class Expectation:
                      for subset, weight in zip(self.subsets, self.weights, strict=True))
 
     def matches(self, raw: bytes) -> bool:
-        return all(needle in raw for needle in self.needles)
+        """Whether every needle occurs in `raw`. The others are looked for near the first one
+        first (a route's weighted clusters are adjacent), so a 0.6 MB response is scanned about
+        once, not once per needle; only if they are not there is the whole response searched."""
+        first, *rest = self.needles
+        at = raw.find(first)
+        if at < 0:
+            return False
+        near = raw[max(0, at - NEAR):at + NEAR]
+        return all(needle in near or needle in raw for needle in rest)
 
 
 def weighted_cluster(name: str, weight: int) -> bytes:
@@ -154,7 +166,12 @@ class NameCache:
 
         The key is the response re-serialized without those two fields (C speed); a 64-bit hash
         with the length and type stands for the bytes, so a worker does not keep megabytes of keys.
+        A response of a few EDS or RDS resources (every change) is read directly instead: the
+        key alone would cost a re-serialization and a hash of up to 0.6 MB (one route configuration
+        of 1,000 virtual hosts), about 0.4 ms per client, while taking a few names costs microseconds.
         """
+        if resp.type_url not in DEPENDENT and len(resp.resources) <= FEW:
+            return self._decode_response(resp, delta)
         resp.ClearField("nonce")
         resp.ClearField("system_version_info" if delta else "version_info")
         block = resp.SerializeToString()
@@ -181,6 +198,8 @@ class NameCache:
 
     def _decode_response(self, resp: Any, delta: bool) -> Decoded:
         type_url: str = resp.type_url
+        if type_url not in DEPENDENT and delta:  # names only: a resource's bytes are not copied out
+            return Decoded(frozenset(sys.intern(r.name) for r in resp.resources), {}, self.subscription(set()))
         if delta:
             pairs = [(sys.intern(r.name), r.resource.value) for r in resp.resources]
         else:
