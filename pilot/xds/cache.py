@@ -9,10 +9,12 @@ a class the moment its first proxy connects.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 
 from pilot.model.proxy import ProxyClass
+from pilot.xds.resources import View
 from pilot.xds.snapshot import InconsistentSnapshotError, Snapshot
 
 DemandListener = Callable[[ProxyClass], None]
@@ -27,6 +29,9 @@ class SnapshotCache:
         self._demand_listeners: list[DemandListener] = []
         self._idle_listeners: list[DemandListener] = []
         self._wakers: dict[ProxyClass, set[Callable[[], None]]] = {}
+        # Views on which streams keep shared encoded responses (the ADS server's sessions add them,
+        # `pilot.xds.session.Subscriptions`), so forgetting those costs O(such views), not O(classes).
+        self.sharing: weakref.WeakSet[View] = weakref.WeakSet()
 
     def set(self, key: ProxyClass, snapshot: Snapshot) -> None:
         """Publish a snapshot after checking it; wakes every stream of that class.
@@ -97,15 +102,16 @@ class SnapshotCache:
         return len(gone)
 
     def forget_responses(self) -> int:
-        """Drop the encoded responses shared on the views of every snapshot; returns how many.
+        """Drop the encoded responses shared on views (see `sharing`); returns how many.
 
         They only save work while a push fans out; kept afterwards, a class's own view would hold
-        a copy of its (possibly megabyte) response for as long as the snapshot lives.
+        a copy of its (possibly megabyte) response for as long as the snapshot lives. Only the
+        views streams registered are visited: walking every class's snapshot took 7-37 ms of the
+        event loop per push at mission scale (2,000 classes).
         """
         dropped = 0
-        for snapshot in self._snapshots.values():
-            for view in snapshot.types.values():
-                for holder in (view, *view.parts):
-                    dropped += len(holder.responses)
-                    holder.responses.clear()
+        for view in list(self.sharing):
+            dropped += len(view.responses)
+            view.responses.clear()
+        self.sharing.clear()
         return dropped

@@ -129,7 +129,7 @@ class View(Mapping[str, Resource]):
     versions and shared by everyone holding them.
     """
 
-    __slots__ = ("_exact", "_subviews", "parts", "responses", "total", "version")
+    __slots__ = ("__weakref__", "_exact", "_subviews", "parts", "responses", "total", "version")
     parts: tuple[ResourceSet, ...]
     total: int
     version: str

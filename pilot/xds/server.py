@@ -127,7 +127,7 @@ class AdsServer:
         self.send_timeout = send_timeout
         self.max_connection_age = max_connection_age
         self.release_memory = release_memory
-        self.subscriptions = Subscriptions()  # shared by every stream's session
+        self.subscriptions = Subscriptions(sharing=cache.sharing)  # shared by every stream's session
         self._server: grpc.aio.Server | None = None
         self._secure: grpc.aio.Server | None = None
         self._front: TlsFront | None = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
+import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -67,8 +68,12 @@ class Subscriptions:
     past `limit` distinct sets the table starts over (sharing is lost, never correctness).
     """
 
-    def __init__(self, limit: int = 4096) -> None:
+    def __init__(self, limit: int = 4096, sharing: weakref.WeakSet[View] | None = None) -> None:
         self.limit = limit
+        # Views holding encoded responses shared by streams (`SessionBase._respond`): what
+        # `SnapshotCache.forget_responses` clears, without walking every class's snapshot. Weak:
+        # a view no snapshot uses any more leaves by itself, with its responses.
+        self.sharing: weakref.WeakSet[View] = weakref.WeakSet() if sharing is None else sharing
         self._known: dict[frozenset[str], frozenset[str]] = {}
         # The wire bytes of a SotW request's names (and type) -> (those bytes, the subscription):
         # a stream recognises an unchanged subscription by comparing bytes, and keeps a reference
@@ -234,6 +239,7 @@ class SessionBase(Generic[StateT]):
             entry = SharedResponse(build(nonce), nonce)
             if len(shared_on.responses) >= SHARED_RESPONSES:
                 shared_on.responses.clear()
+            self.subscriptions.sharing.add(shared_on)
             shared_on.responses[key] = entry
         stream = self.status.stream_id
         if stream in entry.streams:

@@ -425,6 +425,27 @@ def test_streams_taking_the_same_step_share_one_response_object(mesh: Mesh) -> N
     assert raw is not change[0] and discovery_pb2.DiscoveryResponse.FromString(raw).nonce not in nonces
 
 
+def test_shared_responses_are_forgotten_where_streams_left_them(mesh: Mesh) -> None:
+    """After a push the encoded responses kept for sharing are dropped from exactly the views
+    streams put them on (the cache is told which), so no class's snapshot keeps a copy."""
+    registry, subscriptions = _registry(), Subscriptions(sharing=mesh.cache.sharing)
+    for key in mesh.classes[:3]:
+        status = registry.open(ProxyIdentity(str(key), "c", key), "delta", "test")
+        session = DeltaSession(status, registry, subscriptions)
+        for type_url in (CLUSTER, LISTENER):
+            session.handle(discovery_pb2.DeltaDiscoveryRequest(type_url=type_url))
+        assert len(session.responses(mesh.snapshots()[key])) == 2
+    holders = set(mesh.cache.sharing)
+    assert holders and all(view.responses for view in holders)
+    # Every view holding a response is one of the snapshots' views (or a part of one).
+    in_snapshots = {id(v) for s in mesh.snapshots().values() for t in s.types.values() for v in (t, *t.parts)}
+    assert {id(v) for v in holders} <= in_snapshots
+    kept = sum(len(view.responses) for view in holders)
+    assert mesh.cache.forget_responses() == kept
+    assert not any(view.responses for view in holders) and not mesh.cache.sharing
+    assert mesh.cache.forget_responses() == 0
+
+
 def test_a_plain_ack_wakes_nobody_unless_removals_wait_for_it() -> None:
     """The writer of a stream is woken by an ACK only when the removal phase was put off for it:
     otherwise thousands of streams would each run a push's logic again for every ACK."""
