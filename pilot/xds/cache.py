@@ -39,11 +39,11 @@ class SnapshotCache:
         Raises InconsistentSnapshotError and keeps the previous snapshot if the new one
         refers to resources it does not contain.
         """
-        errors = snapshot.consistency_errors()
+        previous = self._snapshots.get(key)
+        errors = snapshot.consistency_errors(previous)  # what `previous` shares passed already
         if errors:
             raise InconsistentSnapshotError(key, errors)
-        previous = self._snapshots.get(key)
-        if previous is not None and previous.versions() == snapshot.versions():
+        if previous is not None and previous.same_content(snapshot):
             return  # identical content: no push
         self._snapshots[key] = snapshot
         for wake in self._wakers.get(key, ()):

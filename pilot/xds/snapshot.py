@@ -55,20 +55,34 @@ class Snapshot:
         """type_url -> version; equal for snapshots with identical content."""
         return {t: v.version for t, v in self.types.items()}
 
+    def same_content(self, other: Snapshot) -> bool:
+        """Whether both hold the same resources (`versions()` equal), comparing versions only of
+        types whose views are not the same object."""
+        mine, theirs = self.types, other.types
+        if mine.keys() != theirs.keys():
+            return False
+        return all(view is theirs[t] or view.version == theirs[t].version for t, view in mine.items())
+
     def eds_name(self, cluster: str) -> str | None:
         """The ClusterLoadAssignment an EDS cluster of this snapshot waits for (a changed cluster warms on it)."""
         found: Resource | None = self.of(typeurls.CLUSTER).get(cluster)
         return found.refs[0] if found is not None and found.refs else None
 
-    def consistency_errors(self) -> list[str]:
+    def consistency_errors(self, checked: Snapshot | None = None) -> list[str]:
         """What would make Envoy wait forever or reject: references to names that do not exist.
 
         Every EDS name a cluster refers to needs a ClusterLoadAssignment, every RDS name a
         listener refers to needs a RouteConfiguration, and there is nothing unreferenced.
+        `checked`: a snapshot that passed this check; a pair of types whose views are the very
+        ones it has is consistent again (a fast path replaces one type of 2,000 snapshots).
         """
         errors: list[str] = []
+        mine, before = self.types, (checked.types if checked is not None else None)
         for kind, source, target in _REFERENCES:
-            refs, have = self.of(source).refs(), self.of(target)
+            uses, have = mine.get(source, EMPTY_SET), mine.get(target, EMPTY_SET)
+            if before is not None and before.get(source, EMPTY_SET) is uses and before.get(target, EMPTY_SET) is have:
+                continue
+            refs = uses.refs()
             if have.holds_exactly(refs):
                 continue
             names = set(have)
