@@ -129,7 +129,7 @@ class View(Mapping[str, Resource]):
     versions and shared by everyone holding them.
     """
 
-    __slots__ = ("__weakref__", "_exact", "_subviews", "parts", "responses", "total", "version")
+    __slots__ = ("__weakref__", "_exact", "_size", "_subviews", "parts", "responses", "total", "version")
     parts: tuple[ResourceSet, ...]
     total: int
     version: str
@@ -139,6 +139,7 @@ class View(Mapping[str, Resource]):
 
     def __init__(self, parts: tuple[ResourceSet, ...]) -> None:
         self.parts = parts
+        self._size = sum(len(p.by_name) for p in parts)  # immutable: `len` and truth tests read this
         self.total = sum(p.total for p in parts) & _MASK
         self.version = version_of_total(self.total)
         # names id -> (names, the view, or None for this view itself: no reference cycle, so a
@@ -172,7 +173,7 @@ class View(Mapping[str, Resource]):
             yield from part.by_name
 
     def __len__(self) -> int:
-        return sum(len(part.by_name) for part in self.parts)
+        return self._size
 
     @property
     def resources(self) -> Mapping[str, Resource]:
@@ -299,6 +300,18 @@ class ResourceSet(View):
         if len(names) >= len(by_name) and names.issuperset(by_name):
             return None
         return ResourceSet(self.type_url, [by_name[n] for n in sorted(names) if n in by_name])
+
+    def changes_from(self, held: Mapping[str, Resource], held_version: str) -> Mapping[str, Resource]:
+        """`View.changes_from`; from an earlier set, the memoized change set itself (read-only, shared)."""
+        if type(held) is ResourceSet:
+            return {} if held_version == self.version else self.changed_since(held)
+        return super().changes_from(held, held_version)
+
+    def gone_from(self, held: Mapping[str, Resource]) -> list[str]:
+        """`View.gone_from`; from an earlier set, the memoized list itself (read-only, shared)."""
+        if type(held) is ResourceSet:
+            return [] if held is self else self.removed_since(held)
+        return super().gone_from(held)
 
     def changed_since(self, old: ResourceSet) -> Mapping[str, Resource]:
         """Resources new or changed since `old` (by content version); memoized per old version."""

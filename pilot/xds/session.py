@@ -132,6 +132,8 @@ class SessionBase(Generic[StateT]):
         # type_url -> the version carried by the response with that nonce
         self._pending_version: dict[str, str] = {}
         self.removals_waiting = False  # the last push skipped removals because responses were pending
+        self._order: list[str] | None = None  # the types in push order (types are only ever added)
+        self._now = 0  # monotonic ns at the start of the current `responses` call
         # (CDS version, EDS subscription) last found warm: the check then costs one comparison.
         self._warm_ok: tuple[str, frozenset[str] | None] | None = None
 
@@ -156,13 +158,21 @@ class SessionBase(Generic[StateT]):
         until they do. Push order alone does not give this: the endpoints of a new cluster can
         only be sent once the proxy has asked for them, after it took the CDS update.
         """
-        order = ordered_types(self.types)
+        order = self._order
+        if order is None or len(order) != len(self.types):
+            order = self._order = ordered_types(self.types)
+        self._now = time.monotonic_ns()  # when this stream took the snapshot into account (`_still_current`)
         out: list[bytes] = []
         held_back = False  # decided after clusters and endpoints, which come first in push order
+        warming: bool | None = None  # asked once per call, when the first listener or route type comes up
         for t in order:
-            if t in _WAIT_FOR_CLUSTERS and (held_back or self._warming()):
-                held_back = True
-            elif r := self._updates(t, snapshot):
+            if t in _WAIT_FOR_CLUSTERS:
+                if warming is None:
+                    warming = self._warming()
+                if warming or held_back:
+                    held_back = True
+                    continue
+            if r := self._updates(t, snapshot):
                 out.append(r)
         if held_back:  # their removals wait too: a SotW removal resends the whole listener set
             order = [t for t in order if t not in _WAIT_FOR_CLUSTERS]
@@ -279,7 +289,7 @@ class SessionBase(Generic[StateT]):
     def _still_current(self, type_url: str) -> None:
         """The type's view is the very one last reconciled: its version stands, but the stream has
         taken this snapshot into account now (what `meshctl wait` reads, `pilot.distribution`)."""
-        self.status.of(type_url).current_at = time.monotonic_ns()
+        self.status.of(type_url).current_at = self._now
 
     @staticmethod
     def _error_text(request: object) -> str | None:
