@@ -6,17 +6,17 @@ The ADS load benchmark measures the whole system on shared cores, where a few mi
 are noise; this isolates what pilot's own code costs per stream and push. N sessions
 (SotW or delta) subscribe like Envoy to the benchmark mesh's snapshot for one class and ACK
 it; then, for each of an endpoint and a route change, every session computes its responses
-and handles its ACK. Printed: microseconds per stream for each protocol and change, and, as
-the baseline measured in the same run, the cost of just concatenating the same response
-bytes per stream (the least any server must do).
+and handles its ACK. Printed per stream, for each protocol and change: microseconds in
+`responses` and in ACK handling, timed apart from the harness's own ACK building, and Python
+function calls, counted (a figure that does not move with the machine's load).
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,51 +85,54 @@ class Fleet:
             self.sessions.append(session)
         self.push(snapshot)
 
-    def push(self, snapshot: Snapshot) -> int:
-        """Every session answers `snapshot` and handles the ACKs as received bytes (as the server
-        does: `handle_wire`); returns the responses sent."""
-        sent = 0
-        for session in self.sessions:
-            responses = session.responses(snapshot)
-            sent += len(responses)
-            for type_url, nonce in _nonces(responses, self.delta):
-                ack = (_delta_request(snapshot, type_url, nonce) if self.delta
-                       else _sotw_requests(snapshot, type_url, nonce))
-                session.handle_wire(ack.SerializeToString())
-        return sent
+    def push(self, snapshot: Snapshot) -> tuple[float, float, int]:
+        """Every session answers `snapshot`, then handles its ACKs as received bytes (as the server
+        does: `handle_wire`). Returns the seconds spent in `responses` and in handling the ACKs (the
+        ACK bytes are built in between, untimed) and the number of responses."""
+        started = time.perf_counter()
+        answers = [session.responses(snapshot) for session in self.sessions]
+        answered = time.perf_counter()
+        make = _delta_request if self.delta else _sotw_requests
+        acks = [[make(snapshot, type_url, nonce).SerializeToString() for type_url, nonce in _nonces(r, self.delta)]
+                for r in answers]
+        handling = time.perf_counter()
+        for session, wires in zip(self.sessions, acks, strict=True):
+            for wire in wires:
+                session.handle_wire(wire)
+        return answered - started, time.perf_counter() - handling, sum(len(r) for r in answers)
+
+    def calls(self, snapshot: Snapshot) -> float:
+        """Python function calls per stream for one push and its ACKs, harness included (counted,
+        not timed: the same on any machine, unlike microseconds on shared cores)."""
+        count = 0
+
+        def profile(frame: Any, event: str, arg: Any) -> None:
+            nonlocal count
+            if event == "call":
+                count += 1
+
+        sys.setprofile(profile)
+        try:
+            self.push(snapshot)
+        finally:
+            sys.setprofile(None)
+        return count / len(self.sessions)
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
-def _floor(delta: bool, streams: int, before: Snapshot, after: Snapshot) -> float:
-    """Seconds per stream to join one stream's response bytes, parse them and build the ACKs:
-    the harness's own share of `Fleet.push`, with no session logic."""
-    responses = Fleet(1, delta, before).sessions[0].responses(after)
-    make = _delta_request if delta else _sotw_requests
-
-    def run() -> None:
-        for _ in range(streams):
-            b"".join(responses)
-            for type_url, nonce in _nonces(responses, delta):
-                make(after, type_url, nonce).SerializeToString()
-
-    return _timed(run) / streams
-
-
-def measure(delta: bool, streams: int, before: Snapshot, changes: dict[str, list[Snapshot]]) -> dict[str, float]:
-    """Median microseconds of session logic per stream and push, per change kind."""
+def measure(delta: bool, streams: int, before: Snapshot, changes: dict[str, list[Snapshot]]) -> dict[str, str]:
+    """Per change kind: median microseconds per stream in `responses` and in ACK handling (the
+    harness's own ACK building is outside both), and Python calls per stream in the last round."""
     fleet = Fleet(streams, delta, before)
-    per: dict[str, list[float]] = {kind: [] for kind in changes}
-    for i in range(len(changes["endpoint"])):
+    answer: dict[str, list[float]] = {kind: [] for kind in changes}
+    ack: dict[str, list[float]] = {kind: [] for kind in changes}
+    for i in range(len(changes["endpoint"]) - 1):
         for kind, snapshots in changes.items():
-            snapshot = snapshots[i]
-            per[kind].append(_timed(lambda: fleet.push(snapshot)) / streams)  # noqa: B023 (called at once)
-    return {kind: (statistics.median(values) - _floor(delta, streams, before, changes[kind][-1])) * 1e6
-            for kind, values in per.items()}
+            took, acked, _ = fleet.push(snapshots[i])
+            answer[kind].append(took / streams)
+            ack[kind].append(acked / streams)
+    calls = {kind: fleet.calls(snapshots[-1]) for kind, snapshots in changes.items()}
+    return {kind: f"{statistics.median(answer[kind]) * 1e6:6.1f} + {statistics.median(ack[kind]) * 1e6:5.1f} us, "
+                  f"{calls[kind]:5.1f} calls" for kind in changes}
 
 
 @click.command()
@@ -154,11 +157,11 @@ def main(streams: int, rounds: int, services: int) -> None:
             config.write_service(i * 7)
             last = last.with_type(typeurls.ROUTE, snapshot_of(config.directory, serializer).of(typeurls.ROUTE))
             changes["route"].append(last)
-    print(f"{streams} streams, {services} services: session logic in microseconds per stream and push "
-          f"(median of {rounds}; the harness's own parsing and ACK building subtracted)")
+    print(f"{streams} streams, {services} services, per stream and push: microseconds in responses + in ACK "
+          f"handling (median of {rounds - 1} rounds), and Python calls in the last round (counted)")
     for protocol in ("sotw", "delta"):
         result = measure(protocol == "delta", streams, before, changes)
-        print("  " + protocol.ljust(6) + "  ".join(f"{kind} {us:6.1f} us" for kind, us in result.items()))
+        print("  " + protocol.ljust(6) + "  ".join(f"{kind} {text}" for kind, text in result.items()))
 
 
 if __name__ == "__main__":
