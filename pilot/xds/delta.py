@@ -165,8 +165,6 @@ class DeltaSession(SessionBase[_DeltaType]):
 
     def _removal_due(self, type_url: str, snapshot: Snapshot) -> bool:
         state = self.types[type_url]
-        if state.held is state.seen_view and state.seen and snapshot.types.get(type_url) is state.seen_whole:
-            return False  # the proxy holds exactly the view last reconciled with this very snapshot type
         return bool(self._view(state, type_url, snapshot, state.subscription()).gone_from(state.held))
 
     def _removals(self, type_url: str, snapshot: Snapshot) -> bytes | None:

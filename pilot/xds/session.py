@@ -51,6 +51,12 @@ def held_version_of(held: Mapping[str, Resource]) -> str:
     return held.version if isinstance(held, View) else version_of(held)
 
 
+def _holds_reconciled(state: _Held, whole: View | None) -> bool:
+    """Whether the proxy holds exactly the view last reconciled from this very snapshot type: then
+    nothing of it can be due for removal (the usual case, checked before the protocol's `_removal_due`)."""
+    return state.held is state.seen_view and bool(state.seen) and whole is state.seen_whole
+
+
 def ordered_types(type_urls: Iterable[str]) -> list[str]:
     """Types in push order (CDS, EDS, LDS, RDS, SDS), unknown ones last, by name."""
     present = set(type_urls)
@@ -179,7 +185,9 @@ class SessionBase(Generic[StateT]):
         if self.pending:
             # Removals wait while anything is unacknowledged: remember whether any are due, so the
             # ACK that settles the last response wakes the writer only then.
-            self.removals_waiting = any(self._removal_due(t, snapshot) for t in order)
+            types = self.types
+            self.removals_waiting = any(self._removal_due(t, snapshot) for t in order
+                                        if not _holds_reconciled(types[t], snapshot.types.get(t)))
         else:
             self.removals_waiting = False
             out += [r for t in order if (r := self._removals(t, snapshot))]
