@@ -26,6 +26,8 @@ from typing import Any
 
 import psutil
 
+from pilot.gcpolicy import allocator_environment, find_jemalloc
+
 REPO = Path(__file__).resolve().parent.parent
 _READY = re.compile(r"pilot: xDS on ([\d.]+:\d+).*?, debug on http://([\d.]+:\d+)")
 SPAWN = multiprocessing.get_context("spawn")
@@ -106,9 +108,8 @@ def start_pilot(group: ProcessGroup, config_dir: Path, log: Path, timeout: float
     args += ["-m", "meshctl.cli", "up", "--config-dir", str(config_dir),
              "--ads", "127.0.0.1:0", "--debug", "127.0.0.1:0", "--log-level", log_level, "--plaintext-only"]
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
-    if profile is not None:  # `up` would re-exec itself under glibc malloc and lose cProfile: set it here
-        env.setdefault("PYTHONMALLOC", "malloc")
-        env.setdefault("MALLOC_ARENA_MAX", "2")
+    if profile is not None:  # `up` would re-exec itself under its allocator and lose cProfile: set it here
+        env = allocator_environment(env, find_jemalloc()) or env
     proc = group.popen(args, log, env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -92,10 +92,11 @@ def up(config_dir: Path | None, ads_addr: str, tls_addr: str, debug_addr: str, s
        in_cluster: bool = False, mesh_namespace: str = "istio-system", webhooks_addr: str | None = None,
        log_format: str = "text", otlp_endpoint: str | None = None) -> None:
     """Run the control plane (pilot and its CA, Citadel) on a directory of mesh config until Ctrl-C."""
-    from pilot.gcpolicy import use_system_malloc
+    from pilot.gcpolicy import choose_allocator, forget_preload
 
     if sys.argv[1:2] == ["up"]:  # this process is `meshctl up` (not a test invoking the command)
-        use_system_malloc(["-m", "meshctl.cli", *sys.argv[1:]], os.environ)  # memory returns after big configs
+        choose_allocator(["-m", "meshctl.cli", *sys.argv[1:]], os.environ)  # fast, and memory returns
+        forget_preload(os.environ)
     from citadel.errors import CitadelError
     from meshctl.security import default_state_dir
     from pilot.listen import AddressInUseError

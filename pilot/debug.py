@@ -199,7 +199,8 @@ class DebugApi:
         if not top.isdigit():
             raise web.HTTPBadRequest(text=f"query parameter 'top' must be a whole number, not {top!r}\n")
         trimmed = release_free_memory() if request.query.get("trim") else ""
-        return web.Response(text=trimmed + memory_report(int(top)))
+        allocator = f"allocator: {gcpolicy.allocator_in_use(os.environ)}\n"
+        return web.Response(text=allocator + trimmed + memory_report(int(top)))
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=exposition(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -295,8 +296,9 @@ def release_free_memory() -> str:
     """Return free heap pages to the OS now (see `pilot.gcpolicy.release_free_memory`); a debug aid."""
     before = _rss_mb()
     if not gcpolicy.release_free_memory():
-        return "malloc_trim unavailable (not glibc)\n"
-    return f"malloc_trim: RSS {before:.0f} MB -> {_rss_mb():.0f} MB\n"
+        return "no release: neither jemalloc nor glibc is the allocator\n"
+    how = "jemalloc purge" if gcpolicy.allocator_in_use(os.environ) == "jemalloc" else "malloc_trim"
+    return f"{how}: RSS {before:.0f} MB -> {_rss_mb():.0f} MB\n"
 
 
 def _rss_mb() -> float:

@@ -1,4 +1,4 @@
-"""Garbage-collector tuning for the pilot process.
+"""Garbage-collector tuning and the memory allocator of the pilot process.
 
 Why: with 1,000 streams pilot holds a few hundred thousand long-lived objects, and CPython's
 default young-generation threshold (700 allocations) runs a collection every few
@@ -7,15 +7,19 @@ to every rebuild plus 50-120 ms full collections in the middle of a fan-out. A h
 threshold makes young collections rare (garbage here is freed by reference counting; the
 collector only finds cycles), and freezing what exists at start-up (imported modules,
 protobuf descriptors) takes it out of every later full collection.
+
+`meshctl up` also picks the allocator before it starts anything (`choose_allocator`): jemalloc
+where it is installed, else glibc malloc; `allocator_environment` says why.
 """
 
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import gc
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 
 
 def tune_gc(young_threshold: int) -> tuple[int, int, int]:
@@ -32,14 +36,31 @@ def tune_gc(young_threshold: int) -> tuple[int, int, int]:
     return previous
 
 
-def release_free_memory() -> bool:
-    """Hand heap pages freed since the last call back to the OS (glibc `malloc_trim`).
+# jemalloc's settings unless MALLOC_CONF is set: a background thread returns pages that stayed
+# free for about 10 s straight to the OS (no "muzzy" stage), and pilot purges at once a second
+# after pushes stop (`release_free_memory`). A shorter decay (1 s, tried) handed back pages in the
+# middle of a push that its next writes then faulted back in: SotW route p99 went to 1.5-1.7x
+# the replay baseline's at mission scale, against 1.1-1.3x under glibc.
+JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:10000,muzzy_decay_ms:0"
+# jemalloc's "all arenas" index for mallctl("arena.<i>.purge").
+_ALL_ARENAS = 4096
 
-    Why: after a push, megabytes of responses and request buffers are freed, but glibc keeps the
-    pages in its arenas, so RSS stays at the peak of the last load spike. Trimming a second after
-    a push returns them (measured: about 50 MB of 140 MB per 1,000 streams). Takes a few
-    milliseconds; False where glibc is not the allocator.
+
+def release_free_memory() -> bool:
+    """Hand heap pages freed since the last call back to the OS now: jemalloc's purge of every
+    arena where jemalloc is the allocator, else glibc's `malloc_trim`.
+
+    Why: after a push, megabytes of responses and request buffers are freed, but the allocator
+    keeps the pages, so RSS stays at the peak of the last load spike. Releasing a second after a
+    push returns them (measured under glibc: about 50 MB of 140 MB per 1,000 streams; jemalloc's
+    background thread would do it within its decay time anyway). Takes a few milliseconds; False
+    where neither allocator is there.
     """
+    process = ctypes.CDLL(None)
+    mallctl = getattr(process, "mallctl", None)
+    if mallctl is not None:
+        mallctl(f"arena.{_ALL_ARENAS}.purge".encode(), None, None, None, 0)
+        return True
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -48,23 +69,63 @@ def release_free_memory() -> bool:
     return True
 
 
-def use_system_malloc(argv: Sequence[str], environ: Mapping[str, str]) -> None:
-    """Re-execute this process (same pid) as ``python <argv>`` under glibc malloc, unless
-    ``PYTHONMALLOC`` is set already (set it, e.g. to ``pymalloc``, to keep Python's allocator).
+def allocator_environment(environ: Mapping[str, str], jemalloc: str | None) -> dict[str, str] | None:
+    """The environment to re-execute `meshctl up` in, or None to run as it is.
 
-    Why: Python's small-object allocator returns a 1 MiB arena to the OS only once every object
-    in it is gone, and the few long-lived objects created while a large config was loaded pin
-    hundreds of them: measured with 30,000 routes loaded then removed, pilot kept 100 of the
-    326 MB it grew by. Under glibc malloc, `release_free_memory` hands back free pages one by
-    one: it kept 12 MB, peaked lower (291 vs 404 MB) and loaded no slower. Only a process entry
-    point (`meshctl up`) calls this, before it starts anything.
+    None when ``PYTHONMALLOC`` is set (the operator chose; ``pymalloc`` keeps Python's own
+    allocator). Otherwise Python allocates every object with the C allocator
+    (``PYTHONMALLOC=malloc``), which is jemalloc when its library `jemalloc` names is there and
+    ``MESHCTL_MALLOC`` is not ``glibc`` and nothing else is preloaded (``LD_PRELOAD`` gains it,
+    ``MALLOC_CONF`` defaults to `JEMALLOC_CONF`), else glibc malloc with ``MALLOC_ARENA_MAX=2``.
+    ``MESHCTL_MALLOC`` tells the re-executed process (and `/debug/memz`) which one it got.
 
+    Why not Python's allocator: it returns a 1 MiB arena to the OS only once every object in it is
+    gone, and the few long-lived objects made while a large config was loaded pin many of them: with
+    12,000 routes loaded then removed, pilot kept 45% of the 170 MB it grew by (the limit its test
+    sets is 20%). Why jemalloc before glibc: both give that memory back (jemalloc kept 4%, glibc
+    13%), and glibc's malloc is slower for Python's many small objects: in-process, a stream's push
+    step took about 20% less time under jemalloc (at mission scale, where gRPC's writes dominate,
+    the two were within run-to-run noise; see the README's Settings). Why two arenas for glibc:
     glibc gives every thread that allocates its own arena (gRPC's threads, the build thread), and
-    small objects spread over them cost steady memory: at mission scale (2,000 streams) pilot held
-    323 MB with the default and 291 MB with two arenas, so ``MALLOC_ARENA_MAX`` is 2 unless set.
+    small objects spread over them cost steady memory: at mission scale pilot held 323 MB with the
+    default and 291 MB with two.
     """
     if "PYTHONMALLOC" in environ:
-        return
-    os.execve(sys.executable, [sys.executable, *argv],
-              {**environ, "PYTHONMALLOC": "malloc", "MALLOC_ARENA_MAX": environ.get("MALLOC_ARENA_MAX", "2")})
+        return None
+    env = {**environ, "PYTHONMALLOC": "malloc"}
+    if jemalloc and environ.get("MESHCTL_MALLOC", "jemalloc") != "glibc" and not environ.get("LD_PRELOAD"):
+        env.update(LD_PRELOAD=jemalloc, MALLOC_CONF=environ.get("MALLOC_CONF", JEMALLOC_CONF),
+                   MESHCTL_MALLOC="jemalloc")
+    else:
+        env.update(MALLOC_ARENA_MAX=environ.get("MALLOC_ARENA_MAX", "2"), MESHCTL_MALLOC="glibc")
+    return env
 
+
+def find_jemalloc() -> str | None:
+    """jemalloc's shared library as the dynamic linker finds it (e.g. Debian's ``libjemalloc2``)."""
+    return ctypes.util.find_library("jemalloc")
+
+
+def choose_allocator(argv: Sequence[str], environ: Mapping[str, str]) -> None:
+    """Re-execute this process (same pid) as ``python <argv>`` under the allocator
+    `allocator_environment` picks, unless it says to run as it is. Only a process entry point
+    (`meshctl up`) calls this, before it starts anything."""
+    env = allocator_environment(environ, find_jemalloc())
+    if env is not None:
+        os.execve(sys.executable, [sys.executable, *argv], env)
+
+
+def forget_preload(environ: MutableMapping[str, str]) -> None:
+    """Drop the ``LD_PRELOAD`` `allocator_environment` added from `environ` (``os.environ``) once
+    the process runs under it, so programs pilot starts (Envoy has its own allocator) do not
+    inherit jemalloc."""
+    if environ.get("MESHCTL_MALLOC") == "jemalloc" and environ.get("LD_PRELOAD"):
+        del environ["LD_PRELOAD"]
+
+
+def allocator_in_use(environ: Mapping[str, str]) -> str:
+    """Which allocator this process runs under: ``jemalloc`` (its ``mallctl`` is in the process),
+    ``glibc`` (``PYTHONMALLOC=malloc`` without it) or ``pymalloc`` (Python's own, on top of glibc)."""
+    if getattr(ctypes.CDLL(None), "mallctl", None) is not None:
+        return "jemalloc"
+    return "glibc" if environ.get("PYTHONMALLOC") == "malloc" else "pymalloc"

@@ -1,13 +1,25 @@
-"""The pilot process's GC tuning: thresholds raised, start-up objects frozen, 0 keeps the default."""
+"""The pilot process's GC tuning (thresholds raised, start-up objects frozen, 0 keeps the default)
+and its allocator (jemalloc where installed, else glibc; the operator's choice kept)."""
 
 from __future__ import annotations
 
 import gc
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from pilot.gcpolicy import tune_gc
+from pilot.gcpolicy import (
+    JEMALLOC_CONF,
+    allocator_environment,
+    find_jemalloc,
+    forget_preload,
+    tune_gc,
+)
 from pilot.settings import PilotSettings
 
 
@@ -45,3 +57,62 @@ def test_the_threshold_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MESHCTL_PILOT_GC_YOUNG_THRESHOLD", "0")
     assert PilotSettings().gc_young_threshold == 0
 
+
+
+# ---- the allocator `meshctl up` runs under ----
+
+JEMALLOC = "libjemalloc.so.2"
+
+
+def test_jemalloc_is_preloaded_with_its_release_settings_where_it_is_installed() -> None:
+    env = allocator_environment({"PATH": "/bin"}, JEMALLOC)
+    assert env == {"PATH": "/bin", "PYTHONMALLOC": "malloc", "LD_PRELOAD": JEMALLOC, "MALLOC_CONF": JEMALLOC_CONF,
+                   "MESHCTL_MALLOC": "jemalloc"}
+    assert "background_thread:true" in JEMALLOC_CONF and "muzzy_decay_ms:0" in JEMALLOC_CONF
+
+
+def test_glibc_with_two_arenas_without_jemalloc_or_when_asked_or_when_something_else_is_preloaded() -> None:
+    glibc = {"PYTHONMALLOC": "malloc", "MALLOC_ARENA_MAX": "2", "MESHCTL_MALLOC": "glibc"}
+    assert allocator_environment({}, None) == glibc
+    assert allocator_environment({"MESHCTL_MALLOC": "glibc"}, JEMALLOC) == glibc
+    assert allocator_environment({"LD_PRELOAD": "libfoo.so"}, JEMALLOC) == {"LD_PRELOAD": "libfoo.so", **glibc}
+    assert allocator_environment({"MALLOC_ARENA_MAX": "8"}, None) == {**glibc, "MALLOC_ARENA_MAX": "8"}
+
+
+def test_the_operators_choices_are_kept() -> None:
+    assert allocator_environment({"PYTHONMALLOC": "pymalloc"}, JEMALLOC) is None  # runs as it is
+    conf = {"MALLOC_CONF": "narenas:2"}
+    assert allocator_environment(conf, JEMALLOC)["MALLOC_CONF"] == "narenas:2"  # type: ignore[index]
+
+
+def test_the_preload_is_not_passed_on_to_programs_pilot_starts() -> None:
+    environ = {"MESHCTL_MALLOC": "jemalloc", "LD_PRELOAD": JEMALLOC, "PYTHONMALLOC": "malloc"}
+    forget_preload(environ)
+    assert "LD_PRELOAD" not in environ
+    theirs = {"MESHCTL_MALLOC": "glibc", "LD_PRELOAD": "libfoo.so"}
+    forget_preload(theirs)
+    assert theirs["LD_PRELOAD"] == "libfoo.so"
+
+
+@pytest.mark.parametrize("asked", ["jemalloc", "glibc"])
+def test_a_process_re_executes_itself_under_the_allocator_it_chose(asked: str) -> None:
+    """Real processes: the re-executed interpreter maps jemalloc (or not), releases memory through
+    it, and its own environment no longer preloads it. CI installs Debian's libjemalloc2."""
+    if asked == "jemalloc":
+        assert find_jemalloc(), "jemalloc is not installed: apt-get install libjemalloc2 (CI does)"
+    code = (
+        "import os, sys, json\n"
+        "from pilot.gcpolicy import allocator_in_use, choose_allocator, forget_preload, release_free_memory\n"
+        "choose_allocator(['-c', sys.argv[-1], 'x'], os.environ)\n"  # returns only once re-executed
+        "forget_preload(os.environ)\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print(json.dumps({'in_use': allocator_in_use(os.environ), 'mapped': 'jemalloc' in maps,\n"
+        "                  'released': release_free_memory(), 'preload': os.environ.get('LD_PRELOAD', '')}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONMALLOC", "LD_PRELOAD", "MALLOC_CONF")}
+    env.update(MESHCTL_MALLOC=asked, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    out = subprocess.run([sys.executable, "-c", code, code], check=False, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert seen == {"in_use": asked, "mapped": asked == "jemalloc", "released": True, "preload": ""}
