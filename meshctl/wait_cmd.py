@@ -1,4 +1,5 @@
-"""`meshctl wait --for=applied -f FILE`: return once every affected proxy ACKed the objects in FILE.
+"""`meshctl wait --for=applied -f FILE`: return once every affected proxy ACKed the objects in FILE
+(`--for=delete`: their removal).
 
 For each object of the files, meshctl polls pilot's `/debug/config_distribution` (every 0.2 s, one
 GET per object) until pilot holds exactly that content (the same content hash as the file's; with
@@ -7,6 +8,10 @@ proxy whose config the change touched ACKed it. It stops early on a failure that
 mend: pilot rejected the object, a proxy NACKed it (Envoy's message is printed), or pilot could not
 generate a proxy's config. Proxies that disconnected before ACKing are listed, not waited for: they
 get the new config when they reconnect.
+
+`--for=delete` waits for the objects' removal the same way: pilot no longer holds them (the store
+remembers the revision of each removal) and every proxy whose config the removal changed ACKed it.
+An object pilot holds no record of is done at once.
 
 Exit codes: 0 applied; 1 rejected by pilot, NACKed by a proxy, or not generated; 2 bad usage or a
 file pilot would reject; 3 pilot (or, with -k, the cluster) unreachable; 4 timed out, listing the
@@ -19,7 +24,7 @@ import asyncio
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +48,7 @@ Examples:
   meshctl wait --for=applied -f reviews-vs.yaml          # after editing the file in pilot's config dir
   kubectl apply -f reviews-vs.yaml && meshctl wait --for=applied -k -f reviews-vs.yaml --timeout 1m
   meshctl wait --for=applied -f a.yaml -f b.yaml -o json | jq '.objects[].proxies'
+  kubectl delete -f reviews-vs.yaml && meshctl wait --for=delete -f reviews-vs.yaml
 
 \b
 Exit codes: 0 applied to every affected proxy; 1 pilot rejected an object, a proxy NACKed it or
@@ -68,6 +74,7 @@ class Wanted:
     name: str
     content_hash: str = ""  # local files: pilot's hash of the object must equal this
     generation: int | None = None  # -k: pilot's object must carry this metadata.generation (or newer)
+    deleted: bool = False  # --for=delete: pilot must no longer hold it, and proxies must have ACKed that
 
     @property
     def label(self) -> str:
@@ -93,6 +100,12 @@ def judge(wanted: Wanted, report: Mapping[str, Any]) -> Outcome:
     """Pure: what pilot's `/debug/config_distribution` answer means for `wanted`."""
     status = report.get("status")
     rejected = str(report.get("rejected") or "")
+    if wanted.deleted:
+        if status == "found":
+            return Outcome(wanted, "pending", f"pilot still holds it (revision {report.get('revision')})", report)
+        if status != "deleted":  # not held, and no removal on record: nothing any proxy could still hold
+            return Outcome(wanted, "applied", "pilot does not hold it (it keeps no record of a removal)", report)
+        return _proxies_outcome(wanted, report)
     if status == "rejected":
         return Outcome(wanted, "failed", f"pilot rejected it: {rejected}", report)
     if status != "found":
@@ -104,6 +117,11 @@ def judge(wanted: Wanted, report: Mapping[str, Any]) -> Outcome:
         held = (f"generation {report.get('generation')}" if wanted.generation is not None
                 else f"content {report.get('content_hash')}")
         return Outcome(wanted, "pending", f"pilot still holds an older version ({held})", report)
+    return _proxies_outcome(wanted, report)
+
+
+def _proxies_outcome(wanted: Wanted, report: Mapping[str, Any]) -> Outcome:
+    """Applied once no affected proxy is pending; failed if one NACKed or was not generated."""
     proxies = report.get("proxies", [])
     failed = [p for p in proxies if p["state"] in ("NACKED", "NOT_GENERATED")]
     if failed:
@@ -138,8 +156,9 @@ def wanted_from_files(files: Sequence[Path]) -> list[tuple[Wanted, ApiObject]]:
 
 
 @click.command("wait", epilog=EXAMPLES)
-@click.option("--for", "condition", type=click.Choice(["applied"]), default="applied", show_default=True,
-              help="applied: pilot holds the objects and every proxy they affect ACKed them.")
+@click.option("--for", "condition", type=click.Choice(["applied", "delete"]), default="applied", show_default=True,
+              help="applied: pilot holds the objects and every proxy they affect ACKed them. delete: pilot "
+                   "no longer holds them and every proxy their removal affects ACKed that.")
 @click.option("-f", "--filename", "files", multiple=True, required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path), help="YAML file of the objects (repeat).")
 @click.option("-k", "--k8s", "kube", is_flag=True,
@@ -153,7 +172,8 @@ def wanted_from_files(files: Sequence[Path]) -> list[tuple[Wanted, ApiObject]]:
               help="text for people; json or yaml: each object's state and pilot's per-proxy report.")
 def wait(condition: str, files: tuple[Path, ...], kube: bool, kubeconfig: Path | None, kube_context: str | None,
          debug_addr: str, timeout: str, output: str) -> None:
-    """Wait until the objects in the files are applied: every proxy whose config they change ACKed it.
+    """Wait until the objects in the files are applied (or, --for=delete, removed): every proxy whose
+    config they change ACKed it.
 
     Reports which proxies did not and why (NACKed with Envoy's message, pending, disconnected).
     """
@@ -162,7 +182,9 @@ def wait(condition: str, files: tuple[Path, ...], kube: bool, kubeconfig: Path |
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--timeout") from None
     found = wanted_from_files(files)
-    if kube:
+    if condition == "delete":
+        found = [(replace(w, content_hash="", deleted=True), obj) for w, obj in found]
+    elif kube:
         found = asyncio.run(_cluster_generations(found, kubeconfig or Path.home() / ".kube" / "config", kube_context))
     outcomes, timed_out = asyncio.run(_wait([w for w, _ in found], debug_addr, seconds))
     code = _exit_code(outcomes, timed_out)
@@ -231,9 +253,12 @@ def _print(outcomes: Sequence[Outcome], code: int) -> None:
     for o in outcomes:
         report = o.report
         gone = [p for p in report.get("proxies", []) if p["state"] == "DISCONNECTED"]
-        if o.state == "applied":
+        if o.state == "applied" and o.wanted.deleted and report.get("status") != "deleted":
+            out.print(f"[green]deleted[/] {o.wanted.label}: {o.reason}", highlight=False)
+        elif o.state == "applied":
             acked = sum(1 for p in report.get("proxies", []) if p["state"] == "ACKED")
-            out.print(f"[green]applied[/] {o.wanted.label} (revision {report.get('revision')}): ACKed by {acked} "
+            word = "deleted" if o.wanted.deleted else "applied"
+            out.print(f"[green]{word}[/] {o.wanted.label} (revision {report.get('revision')}): ACKed by {acked} "
                       f"affected proxies; {report.get('unaffected', 0)} not affected", highlight=False)
         else:
             style = "bold red" if o.state == "failed" else "yellow"

@@ -221,8 +221,9 @@ class DebugApi:
 
 def distribution_report(store: Any, pusher: Pusher, status: StatusRegistry,
                         key: tuple[str, str, str]) -> dict[str, Any]:
-    """`/debug/config_distribution` for one store key: `found`, `not found` or `rejected` (no
-    version of it serves), with the distribution of the version that serves."""
+    """`/debug/config_distribution` for one store key: `found`, `not found`, `rejected` (no
+    version of it serves) or `deleted` (removed at `revision`), with the distribution of the
+    version that serves, or of the removal."""
     kind, namespace, name = key
     body: dict[str, Any] = {"kind": kind, "namespace": namespace, "name": name}
     rejected = store.rejection(key)
@@ -230,7 +231,14 @@ def distribution_report(store: Any, pusher: Pusher, status: StatusRegistry,
         body["rejected"] = rejected[0]
     obj, arrival = store.get(*key), store.arrival(key)
     if obj is None or arrival is None:
-        body["status"] = "rejected" if rejected is not None else "not found"
+        removed = store.removal(key) if obj is None else None
+        if removed is None:
+            body["status"] = "rejected" if rejected is not None else "not found"
+            return body
+        # Gone: where its removal stands, as for an arrival (the proxies it affected ACKed it).
+        body.update(status="deleted", revision=removed[0], removed_at=removed[1])
+        body.update(distribution.distribution(removed[0], removed[1], pusher.built_revision, status.streams(),
+                                              status.departed, pusher.class_changes, pusher.errors))
         return body
     meta = obj.metadata
     body.update(status="found", revision=arrival[0], arrived_at=arrival[1], generation=meta.generation,

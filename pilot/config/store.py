@@ -29,6 +29,8 @@ from pilot.config.documents import DocumentError
 Key = tuple[str, str, str]  # (kind, namespace, name)
 DEFAULT_SOURCE = "api"
 SERVING_PREVIOUS = "serving the previous version"
+# How many removals the store remembers (about 100 bytes each) for `meshctl wait --for=delete`.
+REMOVALS_KEPT = 10_000
 
 
 class ConfigStore:
@@ -52,6 +54,9 @@ class ConfigStore:
         # key -> (revision, wall time) at which its current effective content arrived; one entry per
         # object, written only when it changes (`/debug/config_distribution`, `meshctl wait`).
         self._arrived: dict[Key, tuple[int, float]] = {}
+        # key -> (revision, wall time) at which it was removed, for `meshctl wait --for=delete`; the
+        # newest REMOVALS_KEPT only (a dict keeps insertion order), dropped when the key comes back.
+        self._removed: dict[Key, tuple[int, float]] = {}
 
     @property
     def revision(self) -> int:
@@ -152,6 +157,10 @@ class ConfigStore:
                 if winner is None:
                     del self._effective[key]
                     self._arrived.pop(key, None)
+                    self._removed.pop(key, None)  # re-inserted: newest last
+                    self._removed[key] = (self._revision + 1, time.time())
+                    if len(self._removed) > REMOVALS_KEPT:
+                        del self._removed[next(iter(self._removed))]
                     self._sorted_keys = self._ordered = None
                 else:
                     if key not in self._effective:
@@ -160,6 +169,7 @@ class ConfigStore:
                         self._ordered[self._position[key]] = winner[1]
                     self._effective[key] = winner
                     self._arrived[key] = (self._revision + 1, time.time())  # the revision _bump makes
+                    self._removed.pop(key, None)
         if kinds:
             self._bump(frozenset(kinds))
         return bool(kinds)
@@ -167,6 +177,11 @@ class ConfigStore:
     def arrival(self, key: Key) -> tuple[int, float] | None:
         """(store revision, wall time) at which the object's current content arrived; None if absent."""
         return self._arrived.get(key)
+
+    def removal(self, key: Key) -> tuple[int, float] | None:
+        """(store revision, wall time) at which an object that is gone was removed; None if it is
+        present, never was, or its removal is older than the newest `REMOVALS_KEPT`."""
+        return self._removed.get(key)
 
     def rejection(self, key: Key) -> tuple[str, bool] | None:
         """Why a source's latest document for `key` was refused, and whether a previous version

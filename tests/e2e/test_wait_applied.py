@@ -1,7 +1,8 @@
 """`meshctl wait --for=applied` against a local mesh with real Envoy sidecars: it returns 0 only once
 every affected sidecar holds the change (checked in each Envoy's own config dump), exits 1 naming
 the proxy and Envoy's message when a sidecar NACKs it, and 4 listing the proxy still pending when a
-sidecar cannot ACK (its Envoy stopped with SIGSTOP) before the timeout."""
+sidecar cannot ACK (its Envoy stopped with SIGSTOP) before the timeout. `--for=delete` returns 0
+only once every affected sidecar's Envoy dropped a removed VirtualService."""
 
 from __future__ import annotations
 
@@ -89,6 +90,30 @@ async def test_wait_times_out_listing_the_proxy_that_cannot_ack(canary: Canary) 
     # Resumed, it ACKs, and the same wait now succeeds.
     again = await meshctl_wait(canary, "--timeout", "60s")
     assert again.exit_code == 0, again.output
+
+
+async def test_wait_for_delete_returns_once_every_sidecar_dropped_the_removed_rule(canary: Canary,
+                                                                                 tmp_path_factory: Any) -> None:
+    kept = tmp_path_factory.mktemp("removed") / "route.yaml"  # the user's copy of what they removed
+    route = canary.config_dir / "route.yaml"
+    kept.write_text(route.read_text())
+    argv = ["wait", "--for=delete", "-f", str(kept), "--debug", canary.mesh.pilot.debug_address, "--timeout", "60s"]
+    held = await asyncio.to_thread(CliRunner().invoke, cli, [*argv[:-2], "--timeout", "300ms"])
+    assert held.exit_code == 4 and "pilot still holds it" in held.output, held.output
+    route.unlink()
+    result = await asyncio.to_thread(CliRunner().invoke, cli, [*argv, "-o", "json"])
+    assert result.exit_code == 0, result.output
+    objects = json.loads(result.output)["objects"]
+    assert "VirtualService" in {o["kind"] for o in objects}
+    assert {o["pilot"]["status"] for o in objects} == {"deleted"}, objects
+    rows = affected(result)
+    assert {r["workload"] for r in rows} >= {"frontend"} and {r["state"] for r in rows} == {"ACKED"}, rows
+    # The moment wait returns, no affected sidecar's Envoy splits reviews by weight any more.
+    for row in rows:
+        envoy = canary.mesh.sidecars[f'{row["namespace"]}/{row["workload"]}']
+        assert reviews_weights(await envoy.config_dump()) == {}, row["proxy"]
+    text = await asyncio.to_thread(CliRunner().invoke, cli, argv)
+    assert text.exit_code == 0 and "deleted VirtualService default/reviews" in text.output, text.output
 
 
 def test_wait_without_pilot_is_unreachable_and_bad_usage_is_2(tmp_path: Any) -> None:

@@ -215,3 +215,54 @@ def test_an_object_pilot_rejected_outright_is_reported_as_rejected(mesh: Mesh) -
     report = mesh.report()
     assert (report["status"], report["rejected"]) == ("rejected", str(err))
     assert judge(Wanted(*POLICY_KEY, content_hash="x"), report).state == "failed"
+
+
+# ---- --for=delete: the store remembers removals, and a removal is distributed like an arrival ----
+
+def test_store_records_when_an_object_was_removed_until_it_comes_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ConfigStore()
+    key = ("VirtualService", "default", "reviews")
+    store.apply(vs((80, 20)))
+    assert store.removal(key) is None  # present
+    store.delete(*key)
+    removed = store.removal(key)
+    assert removed is not None and removed[0] == store.revision
+    store.apply(vs((50, 50)))
+    assert store.removal(key) is None  # back again
+    monkeypatch.setattr("pilot.config.store.REMOVALS_KEPT", 2)
+    names = ("a", "b", "c")
+    for name in names:
+        store.apply(vs((80, 20), name=name))
+    for name in names:
+        store.delete("VirtualService", "default", name)
+    assert [store.removal(("VirtualService", "default", n)) is not None for n in names] == [False, True, True]
+
+
+def test_a_removal_is_applied_once_every_proxy_it_affected_acked_it(mesh: Mesh) -> None:
+    mesh.apply_policy()
+    mesh.pusher.rebuild()
+    mesh.send(mesh.reviews)
+    mesh.ack(mesh.reviews)
+    mesh.store.replace_source("rules", [])  # the policy file is gone
+    report = mesh.report()
+    assert report["status"] == "deleted" and report["revision"] == mesh.store.revision
+    want = Wanted(*POLICY_KEY, deleted=True)
+    assert judge(want, report).state == "pending"
+    mesh.pusher.rebuild()
+    assert mesh.states() == {"reviews-v1.default": ("PENDING", "the new config is not sent yet")}
+    mesh.send(mesh.reviews)
+    mesh.ack(mesh.reviews)
+    assert mesh.states() == {"reviews-v1.default": ("ACKED", "")}
+    assert judge(want, mesh.report()).state == "applied"
+
+
+def test_wait_for_delete_judges_pilots_answer() -> None:
+    want = Wanted("VirtualService", "default", "reviews", deleted=True)
+    held = judge(want, {"status": "found", "revision": 7})
+    assert (held.state, held.reason) == ("pending", "pilot still holds it (revision 7)")
+    assert judge(want, {"status": "not found"}).state == "applied"  # no record: nothing to wait for
+    deleted = {"status": "deleted", "revision": 9, "proxies": [{"proxy": "a", "state": "PENDING", "reason": "x"}]}
+    assert judge(want, deleted).state == "pending"
+    assert judge(want, {**deleted, "proxies": [{"proxy": "a", "state": "ACKED", "reason": ""}]}).state == "applied"
+    nacked = judge(want, {**deleted, "proxies": [{"proxy": "a", "state": "NACKED", "reason": "RDS rejected: y"}]})
+    assert (nacked.state, nacked.reason) == ("failed", "a: RDS rejected: y")
