@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import random
 import shutil
 import socket
 import tempfile
@@ -202,11 +203,39 @@ def _summary(rows: list[dict[str, Any]]) -> str:
     return "; ".join(f'{r["proxy"]}: ' + ",".join(f'{k}={v["state"]}' for k, v in r["types"].items()) for r in rows)
 
 
+# Ports `free_port` picks from start here (above 15000-15099, the ports Istio's proxies use).
+FREE_PORTS_FROM = 20_000
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for apps and pilot in local meshes and tests)."""
+    """A TCP port free on 127.0.0.1 right now (for apps and pilot in local meshes and tests).
+
+    Picked at random below the kernel's ephemeral range (``ip_local_port_range``), which the
+    kernel draws the local port of every outgoing connection from. A port from ``bind(0)`` lies in
+    that range, so a connection made between this call and the caller's own bind could take it
+    (seen: an app's listener failing with "address already in use" while Envoys and pilots of
+    other tests connected). Falls back to ``bind(0)`` where the range starts too low to leave room.
+    """
+    low = _ephemeral_low()
+    for _ in range(64 if low - FREE_PORTS_FROM > 1_000 else 0):
+        port = random.randrange(FREE_PORTS_FROM, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_low(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> int:
+    """The first port of the kernel's ephemeral range (Linux), or 0 where it cannot be read."""
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 @contextlib.asynccontextmanager

@@ -17,7 +17,7 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from meshctl.localmesh import free_port
+from meshctl.localmesh import FREE_PORTS_FROM, _ephemeral_low, free_port
 from pilot.app import Pilot
 from pilot.listen import AddressInUseError
 from pilot.settings import PilotSettings
@@ -171,3 +171,20 @@ async def test_demo_whose_sidecar_address_is_taken_fails_in_one_error_line() -> 
     errors = [line for line in out.splitlines() if line.startswith("Error:")]
     assert code != 0 and len(errors) == 1 and "127.0.10.10:15000 is already in use" in errors[0], out
     assert "Traceback" not in out and "Event loop is closed" not in out
+
+
+def test_free_ports_lie_below_the_range_outgoing_connections_take_theirs_from(tmp_path: Path) -> None:
+    """An outgoing connection's local port comes from the ephemeral range; `free_port` stays out of it."""
+    low = _ephemeral_low()
+    assert low > FREE_PORTS_FROM + 1_000, low  # Linux's default starts at 32768
+    ports = {free_port() for _ in range(20)}
+    assert all(FREE_PORTS_FROM <= p < low for p in ports), ports
+    # A real outgoing connection's local port.
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()) as client:
+        assert client.getsockname()[1] >= low
+    with socket.socket() as s:  # what it returns can be bound
+        s.bind(("127.0.0.1", free_port()))
+    odd = tmp_path / "range"
+    odd.write_text("1024\t65535\n")
+    assert _ephemeral_low(odd) == 1024
+    assert _ephemeral_low(tmp_path / "missing") == 0
