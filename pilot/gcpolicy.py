@@ -8,8 +8,8 @@ threshold makes young collections rare (garbage here is freed by reference count
 collector only finds cycles), and freezing what exists at start-up (imported modules,
 protobuf descriptors) takes it out of every later full collection.
 
-`meshctl up` also picks the allocator before it starts anything (`choose_allocator`): jemalloc
-where it is installed, else glibc malloc; `allocator_environment` says why.
+`meshctl up` also picks the allocator before it starts anything (`choose_allocator`): glibc
+malloc, or jemalloc on request; `allocator_environment` says why.
 """
 
 from __future__ import annotations
@@ -74,26 +74,25 @@ def allocator_environment(environ: Mapping[str, str], jemalloc: str | None) -> d
 
     None when ``PYTHONMALLOC`` is set (the operator chose; ``pymalloc`` keeps Python's own
     allocator). Otherwise Python allocates every object with the C allocator
-    (``PYTHONMALLOC=malloc``), which is jemalloc when its library `jemalloc` names is there and
-    ``MESHCTL_MALLOC`` is not ``glibc`` and nothing else is preloaded (``LD_PRELOAD`` gains it,
-    ``MALLOC_CONF`` defaults to `JEMALLOC_CONF`), else glibc malloc with ``MALLOC_ARENA_MAX=2``.
-    ``MESHCTL_MALLOC`` tells the re-executed process (and `/debug/memz`) which one it got.
+    (``PYTHONMALLOC=malloc``): glibc malloc with ``MALLOC_ARENA_MAX=2``, or, when
+    ``MESHCTL_MALLOC=jemalloc`` asks for it, jemalloc where its library `jemalloc` names is there
+    and nothing else is preloaded (``LD_PRELOAD`` gains it, ``MALLOC_CONF`` defaults to
+    `JEMALLOC_CONF`). ``MESHCTL_MALLOC`` tells the re-executed process which one it got.
 
     Why not Python's allocator: it returns a 1 MiB arena to the OS only once every object in it is
-    gone, and the few long-lived objects made while a large config was loaded pin many of them: with
-    12,000 routes loaded then removed, pilot kept 45% of the 170 MB it grew by (the limit its test
-    sets is 20%). Why jemalloc before glibc: both give that memory back (jemalloc kept 4%, glibc
-    13%), and glibc's malloc is slower for Python's many small objects: in-process, a stream's push
-    step took about 20% less time under jemalloc (at mission scale, where gRPC's writes dominate,
-    the two were within run-to-run noise; see the README's Settings). Why two arenas for glibc:
-    glibc gives every thread that allocates its own arena (gRPC's threads, the build thread), and
-    small objects spread over them cost steady memory: at mission scale pilot held 323 MB with the
-    default and 291 MB with two.
+    gone, and the few long-lived objects made while a large config was loaded pin many of them:
+    with 12,000 routes loaded then removed, pilot kept 45% of the 170 MB it grew by (the limit its
+    test sets is 20%). glibc kept 13%, jemalloc 4%. Why glibc by default: jemalloc was no faster at
+    mission scale, where gRPC's writes dominate (in-process, a stream's push step took about 20%
+    less time under it), and it held 5-8 MB more steady RSS in the small-mesh benchmark; see the
+    README's Settings. Why two arenas for glibc: glibc gives every thread that allocates its own
+    arena (gRPC's threads, the build thread), and small objects spread over them cost steady
+    memory: at mission scale pilot held 323 MB with the default and 291 MB with two.
     """
     if "PYTHONMALLOC" in environ:
         return None
     env = {**environ, "PYTHONMALLOC": "malloc"}
-    if jemalloc and environ.get("MESHCTL_MALLOC", "jemalloc") != "glibc" and not environ.get("LD_PRELOAD"):
+    if jemalloc and environ.get("MESHCTL_MALLOC") == "jemalloc" and not environ.get("LD_PRELOAD"):
         env.update(LD_PRELOAD=jemalloc, MALLOC_CONF=environ.get("MALLOC_CONF", JEMALLOC_CONF),
                    MESHCTL_MALLOC="jemalloc")
     else:

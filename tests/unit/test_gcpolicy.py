@@ -1,5 +1,5 @@
 """The pilot process's GC tuning (thresholds raised, start-up objects frozen, 0 keeps the default)
-and its allocator (jemalloc where installed, else glibc; the operator's choice kept)."""
+and its allocator (glibc, or jemalloc on request; the operator's choice kept)."""
 
 from __future__ import annotations
 
@@ -64,24 +64,26 @@ def test_the_threshold_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 JEMALLOC = "libjemalloc.so.2"
 
 
-def test_jemalloc_is_preloaded_with_its_release_settings_where_it_is_installed() -> None:
-    env = allocator_environment({"PATH": "/bin"}, JEMALLOC)
+def test_jemalloc_is_preloaded_with_its_release_settings_when_asked_for_and_installed() -> None:
+    env = allocator_environment({"PATH": "/bin", "MESHCTL_MALLOC": "jemalloc"}, JEMALLOC)
     assert env == {"PATH": "/bin", "PYTHONMALLOC": "malloc", "LD_PRELOAD": JEMALLOC, "MALLOC_CONF": JEMALLOC_CONF,
                    "MESHCTL_MALLOC": "jemalloc"}
     assert "background_thread:true" in JEMALLOC_CONF and "muzzy_decay_ms:0" in JEMALLOC_CONF
 
 
-def test_glibc_with_two_arenas_without_jemalloc_or_when_asked_or_when_something_else_is_preloaded() -> None:
+def test_glibc_with_two_arenas_by_default_and_without_jemalloc_or_with_another_preload() -> None:
     glibc = {"PYTHONMALLOC": "malloc", "MALLOC_ARENA_MAX": "2", "MESHCTL_MALLOC": "glibc"}
-    assert allocator_environment({}, None) == glibc
+    assert allocator_environment({}, JEMALLOC) == glibc  # installed, not asked for
+    assert allocator_environment({"MESHCTL_MALLOC": "jemalloc"}, None) == glibc  # asked for, not installed
     assert allocator_environment({"MESHCTL_MALLOC": "glibc"}, JEMALLOC) == glibc
-    assert allocator_environment({"LD_PRELOAD": "libfoo.so"}, JEMALLOC) == {"LD_PRELOAD": "libfoo.so", **glibc}
+    preload = {"LD_PRELOAD": "libfoo.so", "MESHCTL_MALLOC": "jemalloc"}
+    assert allocator_environment(preload, JEMALLOC) == {"LD_PRELOAD": "libfoo.so", **glibc}
     assert allocator_environment({"MALLOC_ARENA_MAX": "8"}, None) == {**glibc, "MALLOC_ARENA_MAX": "8"}
 
 
 def test_the_operators_choices_are_kept() -> None:
     assert allocator_environment({"PYTHONMALLOC": "pymalloc"}, JEMALLOC) is None  # runs as it is
-    conf = {"MALLOC_CONF": "narenas:2"}
+    conf = {"MALLOC_CONF": "narenas:2", "MESHCTL_MALLOC": "jemalloc"}
     assert allocator_environment(conf, JEMALLOC)["MALLOC_CONF"] == "narenas:2"  # type: ignore[index]
 
 
