@@ -87,6 +87,12 @@ class DeltaSession(SessionBase[_DeltaType]):
             self._holding(type_url, held_version_of(state.held))  # an unsubscribe needs no response
         return changed or state.seen == "" or self._settled_with_removals(settled)
 
+    def _clears_nack(self, type_url: str, version: str) -> bool:
+        """A delta response carries only changes: its ACK shows the proxy took a resource it NACKed
+        only once what it holds is its whole current view. Otherwise (it ACKed, say, a removal sent
+        after the NACK) the NACK stands, as the rejected resource is still missing."""
+        return version == self.status.of(type_url).current_version
+
     def _resubscribe(self, state: _DeltaType, subscribe: list[str], unsubscribe: list[str]) -> None:
         """Apply (un)subscriptions, subscribe first, as set operations: an Envoy subscribing to its
         ~3,000 EDS names at once costs two set builds, not a Python step per name (measured: ~1 ms

@@ -276,9 +276,14 @@ class SessionBase(Generic[StateT]):
         version = self._pending_version.pop(type_url, "")
         self.pending.pop(type_url, None)
         if error is None:
-            self.registry.record_ack(self.status, type_url, version)
+            self.registry.record_ack(self.status, type_url, version, self._clears_nack(type_url, version))
         else:
             self.registry.record_nack(self.status, type_url, version, error)
+
+    def _clears_nack(self, type_url: str, version: str) -> bool:
+        """Whether an ACK of `version` ends a standing NACK of the type: always for full-state
+        responses (SotW); the delta session says when."""
+        return True
 
     def _holding(self, type_url: str, version: str) -> None:
         """After a request that left nothing pending for the type: the proxy holds `version`."""

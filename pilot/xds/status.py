@@ -179,10 +179,13 @@ class StatusRegistry:
         self.metrics.istio.pushes.inc(xds_type(typeurls.short_name(type_url)))
         status.sent_log.append(type_url)
 
-    def record_ack(self, status: StreamStatus, type_url: str, version: str) -> None:
+    def record_ack(self, status: StreamStatus, type_url: str, version: str, clears_nack: bool = True) -> None:
+        """`clears_nack` False: the ACK does not show the proxy took what it NACKed (a delta ACK of
+        a later response that left the rejected resource out), so a standing NACK stays."""
         ts = status.of(type_url)
         ts.acked_version, ts.acked_at = version, time.time()
-        ts.nack_message = ts.nack_version = ""
+        if clears_nack:
+            ts.nack_message = ts.nack_version = ""
         self.metrics.of_type(self.metrics.acks, type_url).inc()
 
     def record_holding(self, status: StreamStatus, type_url: str, version: str) -> None:

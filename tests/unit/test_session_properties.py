@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
@@ -54,6 +54,10 @@ def _decode(raw: bytes, delta: bool) -> object:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(step, max_size=30), st.booleans())
+# Found in CI: a delta NACK of r1, then an ACK of r2's removal, cleared the NACK; the proxy was then
+# reported STALE (it still lacked r1, which pilot does not resend) instead of NACKED.
+@example([("snap", 2), ("req", ROUTE, ["r2"], "none", False), ("snap", 0),
+          ("req", ROUTE, ["r1"], "last", False), ("req", ROUTE, [], "last", True)], True)
 def test_any_request_sequence_is_handled(steps: list[tuple[object, ...]], delta: bool) -> None:
     reg = _registry()
     status = reg.open(_identity(), "delta" if delta else "sotw", "test")
