@@ -230,20 +230,20 @@ def distribution_report(store: Any, pusher: Pusher, status: StatusRegistry,
     if rejected is not None:
         body["rejected"] = rejected[0]
     obj, arrival = store.get(*key), store.arrival(key)
-    if obj is None or arrival is None:
+    if obj is not None and arrival is not None:
+        meta = obj.metadata
+        body.update(status="found", revision=arrival[0], arrived_at=arrival[1], generation=meta.generation,
+                    resource_version=meta.resource_version, content_hash=distribution.content_hash(obj))
+        change = arrival
+    else:
         removed = store.removal(key) if obj is None else None
         if removed is None:
             body["status"] = "rejected" if rejected is not None else "not found"
             return body
-        # Gone: where its removal stands, as for an arrival (the proxies it affected ACKed it).
+        # Gone: its removal is distributed as an arrival is (the proxies it affected ACK it).
         body.update(status="deleted", revision=removed[0], removed_at=removed[1])
-        body.update(distribution.distribution(removed[0], removed[1], pusher.built_revision, status.streams(),
-                                              status.departed, pusher.class_changes, pusher.errors))
-        return body
-    meta = obj.metadata
-    body.update(status="found", revision=arrival[0], arrived_at=arrival[1], generation=meta.generation,
-                resource_version=meta.resource_version, content_hash=distribution.content_hash(obj))
-    body.update(distribution.distribution(arrival[0], arrival[1], pusher.built_revision, status.streams(),
+        change = removed
+    body.update(distribution.distribution(change[0], change[1], pusher.built_revision, status.streams(),
                                           status.departed, pusher.class_changes, pusher.errors))
     return body
 
