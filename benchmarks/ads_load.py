@@ -47,7 +47,8 @@ def run_benchmark(clients: list[int], protocols: list[str], workdir: Path, repea
                   services: int = 50, workers: int = 0, baseline: bool = True,
                   pilot_env: dict[str, str] | None = None, profile_dir: Path | None = None,
                   console: Console | None = None, pin: bool = False, classes: int | str = 10,
-                  idle_seconds: float = 3.0, quiet_seconds: float = 2.0) -> Report:
+                  idle_seconds: float = 3.0, quiet_seconds: float = 2.0,
+                  sample_dir: Path | None = None) -> Report:
     """Run every (protocol, N) case; the result holds pilot and baseline runs in order.
 
     `classes` is a fixed count of config classes or "per-workload" (each proxy poses as one of
@@ -67,7 +68,7 @@ def run_benchmark(clients: list[int], protocols: list[str], workdir: Path, repea
                                classes=10 if per_workload else int(classes), per_workload=per_workload,
                                repeats=repeats, workers=workers, idle_seconds=idle_seconds,
                                quiet_seconds=quiet_seconds,
-                               pilot_env=pilot_env or {}, profile=profile, pin=pin)
+                               pilot_env=pilot_env or {}, profile=profile, pin=pin, sample_dir=sample_dir)
                 started = time.monotonic()
                 console.print(f"[bold]{protocol} N={n}[/] ({opts.worker_count} client workers, "
                               f"{opts.services} services, {opts.class_count} {opts.class_mode} classes)")
@@ -125,11 +126,13 @@ def _classes(text: str) -> int | str:
               help="Keep configs and pilot logs here (default: a temp dir, removed).")
 @click.option("--profile-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Run pilot under cProfile and write one .prof per run here.")
+@click.option("--sample-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Sample the server (pilot and baseline) with py-spy during each change; raw stacks here.")
 @click.option("--pilot-env", multiple=True,
               help="KEY=VALUE for pilot's environment, e.g. MESHCTL_PILOT_DEBOUNCE_MS=10.")
 def main(clients: str, protocol: str, repeats: int, services: int, classes_text: str, idle_seconds: float,
          workers: int, no_baseline: bool, pin: bool, json_path: Path | None, workdir: Path | None,
-         profile_dir: Path | None, pilot_env: tuple[str, ...]) -> None:
+         profile_dir: Path | None, sample_dir: Path | None, pilot_env: tuple[str, ...]) -> None:
     """Measure pilot's ADS fan-out: connect time, change latency, CPU and memory."""
     counts = _ints(clients)
     classes = _classes(classes_text)
@@ -137,12 +140,14 @@ def main(clients: str, protocol: str, repeats: int, services: int, classes_text:
     env = dict(item.split("=", 1) for item in pilot_env if "=" in item)
     if profile_dir:
         profile_dir.mkdir(parents=True, exist_ok=True)
+    if sample_dir:
+        sample_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ads-load-") as tmp:
         base = workdir or Path(tmp)
         base.mkdir(parents=True, exist_ok=True)
         report = run_benchmark(counts, protocols, base, repeats, services, workers, not no_baseline, env,
                                profile_dir.resolve() if profile_dir else None, pin=pin, classes=classes,
-                               idle_seconds=idle_seconds)
+                               idle_seconds=idle_seconds, sample_dir=sample_dir.resolve() if sample_dir else None)
     print_report(report, Console(width=max(200, Console().width)))
     if json_path:
         report.write_json(json_path)

@@ -9,11 +9,16 @@ owned by the caller's ProcessGroup, which kills them whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import shutil
+import signal
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +50,7 @@ class Options:
     pilot_env: dict[str, str] = field(default_factory=dict)
     profile: Path | None = None
     pin: bool = False  # server on the first core, clients on the others (as Envoys would be elsewhere)
+    sample_dir: Path | None = None  # py-spy the server during each change, one raw file per change
 
     @property
     def worker_count(self) -> int:
@@ -134,9 +140,11 @@ def pin(pid: int, server: bool) -> None:
 class Session:
     """Client workers connected to one server, with that server's resource meter."""
 
-    def __init__(self, group: ProcessGroup, opts: Options, meter: ResourceMeter) -> None:
+    def __init__(self, group: ProcessGroup, opts: Options, meter: ResourceMeter, server: str = "pilot") -> None:
         self.opts = opts
         self.meter = meter
+        self.server = server
+        self.changes = 0
         self.handles: list[WorkerHandle] = []
         for _ in range(opts.worker_count):
             conn, proc = group.spawn(worker.main)
@@ -170,13 +178,34 @@ class Session:
     def results(self) -> list[ClientResult]:
         return [r for rs in self.call_all("results", timeout=60) for r in rs]
 
+    @contextlib.contextmanager
+    def _sampled(self, phase: str) -> Iterator[None]:
+        """py-spy the server while a change phase runs (`sample_dir`), to read where its CPU goes."""
+        if self.opts.sample_dir is None or phase == "connect":
+            yield
+            return
+        self.changes += 1
+        out = self.opts.sample_dir / f"{self.server}-{self.opts.protocol}-{self.changes:02d}-{phase}.txt"
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        spy = subprocess.Popen([py_spy, "record", "--pid", str(self.meter.proc.pid), "--rate", "250",
+                                "--format", "raw", "--nonblocking", "--output", str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)  # let it attach before the change starts
+        try:
+            yield
+        finally:
+            spy.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                spy.wait(10)
+
     def measure(self, name: str, key: str, timeout: float, trigger: Callable[[], float]) -> tuple[Phase, float]:
         """Mark, trigger (returns the trigger time), wait for every client, build the Phase."""
         self.meter.mark()
         client_cpu = self.client_cpu()
         reconnects = self.reconnects()
-        t0 = trigger()
-        done, error = self.wait(key, timeout)
+        with self._sampled(name):
+            t0 = trigger()
+            done, error = self.wait(key, timeout)
         cpu, peak = self.meter.phase()
         stamps = [getattr(r, f"{key}_at") for r in self.results()]
         latency = Latency.of([t - t0 for t in stamps if t is not None])
@@ -243,7 +272,7 @@ def run_baseline(group: ProcessGroup, opts: Options, rec: Recording, log: Callab
         server = WorkerHandle(conn, proc)
         target = f"127.0.0.1:{conn.recv()}"
         with ResourceMeter(proc.pid) as meter:
-            session = Session(group, opts, meter)
+            session = Session(group, opts, meter, server="baseline")
             run.empty_rss_mb = median_rss(meter) / MB
             run.phases.append(_connect(session, target, opts.protocol == "delta", rec.nodes, record=False))
             log(_line(run.phases[-1]))
