@@ -103,6 +103,19 @@ class Conversions:
         self._current[key] = (None, value)
         return value
 
+    def previous(self, key: Hashable) -> Any:
+        """What `record` last kept under `key` in this or the previous generation (None if nothing),
+        for results patched from their last version instead of computed again. Reading it keeps it."""
+        found = self._current.get(key) or self._last.get(key)
+        if found is None:
+            return None
+        self._current[key] = found
+        return found[1]
+
+    def record(self, key: Hashable, value: Any) -> None:
+        """Keep `value` under `key` for `previous`; it goes when a generation no longer asks for it."""
+        self._current[key] = (None, value)
+
     def keyed(self, tag: Hashable, objs: tuple[Any, ...], args: tuple[Hashable, ...], compute: Callable[[], R]) -> R:
         """`compute()`, reused while every one of `objs` is the same instance and `args` are equal.
 

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from pilot.config.files import load_text
 from pilot.config.store import ConfigStore
 from pilot.model.build import build_mesh
+from pilot.model.conversions import Conversions
 from pilot.model.diff import endpoints_only, http_routes_only
 from pilot.model.proxy import ProxyClass, ProxyKind
 from pilot.push import Pusher, PushMetrics, RoutesFastPath
@@ -119,8 +120,16 @@ def objects(**kw: Any) -> list[Any]:
 
 
 class Pipeline:
+    """Store, pusher and cache. With the fast paths it also carries conversions and generated parts
+    from one mesh version to the next, as pilot does (`pilot.app`), so what is patched from a last
+    version is compared with a pipeline that computes everything afresh."""
+
     def __init__(self, *, fast: bool) -> None:
         self.store, self.cache, self.metrics = ConfigStore(), SnapshotCache(), PushMetrics(CollectorRegistry())
+        conversions, carry = (Conversions(), Conversions()) if fast else (None, None)
+
+        def build(objs: Any) -> Any:
+            return build_mesh(objs, conversions=conversions, carry=carry)
         self.generated: list[ProxyClass] = []
         self.endpoints_generated: list[ProxyClass] = []
         self.routes_generated: list[ProxyClass] = []
@@ -137,9 +146,10 @@ class Pipeline:
             self.routes_generated.append(proxy)
             return generate_routes(mesh, proxy)
 
-        self.pusher = Pusher(self.store, self.cache, build_mesh, counting, self.metrics,
+        self.pusher = Pusher(self.store, self.cache, build, counting, self.metrics,
                              endpoints_only=endpoints_only, generate_endpoints=counting_endpoints,
-                             routes=RoutesFastPath(http_routes_only, counting_routes) if fast else None)
+                             routes=RoutesFastPath(http_routes_only, counting_routes) if fast else None,
+                             carry=carry)
         self._watching = ExitStack()
         for key in CLASSES:
             self._watching.enter_context(self.cache.watch(key))
