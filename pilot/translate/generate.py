@@ -15,7 +15,7 @@ from pilot.translate import names
 from pilot.translate.captured import captured_parts
 from pilot.translate.clusters import inbound_clusters_for, outbound_clusters
 from pilot.translate.common import sorted_by_name
-from pilot.translate.endpoints import load_assignments
+from pilot.translate.endpoints import load_assignments, patched_assignments
 from pilot.translate.gateway import gateway_resources
 from pilot.translate.listeners import sidecar_listeners_for
 from pilot.translate.memo import carried_value, memoized
@@ -121,8 +121,27 @@ def generate_endpoints(mesh: MeshSnapshot, proxy: ProxyClass, view: ProxyView | 
     """Only the ClusterLoadAssignments of ``proxy``: exactly ``generate(...)[ENDPOINT]``, for the EDS fast path."""
     seen = _seen(mesh, proxy, view or scope_view(mesh, proxy))  # `_seen` reads no inbound port
     if proxy.mtls:  # endpoints marked for auto mTLS: shared by the classes with mesh certificates
-        return memoized(seen, ("endpoints", "mtls"), lambda: sorted_by_name(load_assignments(seen, mtls=True)))
-    return memoized(seen, "endpoints", lambda: sorted_by_name(load_assignments(seen)))
+        return memoized(seen, ("endpoints", "mtls"), lambda: _endpoints(seen, True))
+    return memoized(seen, "endpoints", lambda: _endpoints(seen, False))
+
+
+def _endpoints(seen: MeshSnapshot, mtls: bool) -> dict[str, Any]:
+    """`sorted_by_name(load_assignments(seen, mtls))`, patched from the last mesh version's part
+    when the DestinationRules and PeerAuthentications seen are the very same objects (an endpoint
+    move: see `_visible`), so an endpoint change costs what moved (`patched_assignments`)."""
+    carry = seen.carry
+    peers = seen.peer_authn if mtls else None
+    if carry is None:
+        return sorted_by_name(load_assignments(seen, mtls=mtls))
+    key = ("endpoint-part", mtls, id(seen.destination_rules))
+    last = carry.previous(key)  # the entry holds the rules: the id stays theirs while it lives
+    part: dict[str, Any] | None = None
+    if last is not None and last[0] is seen.destination_rules and last[1] is peers:
+        part = patched_assignments(seen, last[2], last[3], peers)
+    if part is None:
+        part = sorted_by_name(load_assignments(seen, mtls=mtls))
+    carry.record(key, (seen.destination_rules, peers, seen.services, part))
+    return part
 
 
 def generate_parts(mesh: MeshSnapshot, proxy: ProxyClass) -> Parts:

@@ -9,7 +9,7 @@ object plus the key given here. Callers must treat results as read-only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, TypeVar
 
 from pilot.model.mesh import MeshSnapshot
@@ -57,3 +57,26 @@ def carried_by(
     if mesh.carry is None:
         return compute()
     return mesh.carry.keyed(tag, objs, args, compute)
+
+
+class Patched(dict[str, Any]):
+    """A generated part made from an earlier version of itself, `patched_from`, by replacing the
+    messages of `replaced_names` (same names, same order). Equal to generating it afresh; the
+    snapshot layer uses the lineage to serialize it in O(replaced) (`pilot.xds.snapshot.Serializer`).
+
+    The base is kept while this part lives (one mesh version); a patched base forgets its own
+    base then, so versions never form a chain that would keep every earlier one alive.
+    """
+
+    __slots__ = ("patched_from", "replaced_names")
+
+    def __init__(self, base: Mapping[str, Any], replacements: Mapping[str, Any]) -> None:
+        super().__init__(base)
+        missing = [n for n in replacements if n not in base]
+        if missing:
+            raise KeyError(f"not in the base part: {missing[:3]}")
+        self.update(replacements)
+        if isinstance(base, Patched):
+            base.patched_from = None  # serialized already: its own lineage is no longer needed
+        self.patched_from: Mapping[str, Any] | None = base
+        self.replaced_names = tuple(replacements)

@@ -258,10 +258,14 @@ class ResourceSet(View):
 
     __slots__ = ("_body", "_delta_body", "_diffs", "_refs", "_removed", "by_name", "type_url")
 
-    def __init__(self, type_url: str, resources: Iterable[Resource]) -> None:
+    def __init__(self, type_url: str, resources: Iterable[Resource], *,
+                 _indexed: tuple[dict[str, Resource], int] | None = None) -> None:
         self.type_url = type_url
-        self.by_name: dict[str, Resource] = {r.name: r for r in resources}
-        self.total = sum(r.tag for r in self.by_name.values()) & _MASK
+        if _indexed is None:
+            self.by_name: dict[str, Resource] = {r.name: r for r in resources}
+            self.total = sum(r.tag for r in self.by_name.values()) & _MASK
+        else:
+            self.by_name, self.total = _indexed
         self.version = version_of_total(self.total)
         self._subviews = {}
         self._exact = {}
@@ -312,6 +316,19 @@ class ResourceSet(View):
         if type(held) is ResourceSet:
             return [] if held is self else self.removed_since(held)
         return super().gone_from(held)
+
+    def replaced(self, changed: Mapping[str, Resource]) -> ResourceSet:
+        """This set with the named resources replaced (every name must be in it): names and their
+        order stay, and the version follows from the replaced resources' tags alone.
+
+        Why: one endpoint move changes a few of ~3,000 ClusterLoadAssignments; indexing and
+        summing all of them again costs ~5 ms at mission scale, this O(changed)."""
+        by_name = dict(self.by_name)
+        total = self.total
+        for name, resource in changed.items():
+            total += resource.tag - by_name[name].tag  # KeyError: not a replacement
+            by_name[name] = resource
+        return ResourceSet(self.type_url, (), _indexed=(by_name, total & _MASK))
 
     def changed_since(self, old: ResourceSet) -> Mapping[str, Resource]:
         """Resources new or changed since `old` (by content version); memoized per old version."""

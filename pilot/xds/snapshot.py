@@ -131,16 +131,19 @@ class Serializer:
     def __init__(self) -> None:
         self._resources = Conversions()
         self._sets: dict[int, tuple[Mapping[str, Any], ResourceSet]] = {}
+        self._last_sets: dict[int, tuple[Mapping[str, Any], ResourceSet]] = {}  # the last mesh's, during a push
         self._views: dict[tuple[int, ...], View] = {}
 
     def next_mesh(self) -> None:
-        """A new mesh version: parts are new objects now; serialized messages stay reusable."""
-        self._sets = {}
+        """A new mesh version: parts are new objects now; serialized messages stay reusable, and so
+        do the last version's sets until the push ends (a patched part is serialized from its base's)."""
+        self._last_sets, self._sets = self._sets, {}
         self._views = {}
 
     def advance(self, complete: bool) -> None:
         """A push is done: see `Conversions.advance` (a complete push lets go of what it did not use)."""
         self._resources.advance(complete)
+        self._last_sets = {}
 
     def view_of(self, sets: tuple[ResourceSet, ...]) -> View:
         """One composite view per combination of sets (per mesh version): classes whose parts are
@@ -155,12 +158,27 @@ class Serializer:
         return self._resources.of(_serialize, message, type_url, name)
 
     def set_of(self, type_url: str, part: Mapping[str, Any]) -> ResourceSet:
+        """The ResourceSet of a part, once per part object. A part patched from an earlier one (a
+        `pilot.translate.memo.Patched`: its base with a few names replaced) whose base was
+        serialized in this push or the last is made from the base's set in O(replaced names)."""
         found = self._sets.get(id(part))
         if found is not None and found[0] is part:
             return found[1]
-        made = ResourceSet(type_url, [self.resource(type_url, n, m) for n, m in part.items()])
+        made = self._patched(type_url, part)
+        if made is None:
+            made = ResourceSet(type_url, [self.resource(type_url, n, m) for n, m in part.items()])
         self._sets[id(part)] = (part, made)  # keeps `part` alive, so its id stays its own
         return made
+
+    def _patched(self, type_url: str, part: Mapping[str, Any]) -> ResourceSet | None:
+        base = getattr(part, "patched_from", None)
+        if base is None:
+            return None
+        found = self._sets.get(id(base)) or self._last_sets.get(id(base))
+        if found is None or found[0] is not base:
+            return None
+        names: tuple[str, ...] = part.replaced_names  # type: ignore[attr-defined]
+        return found[1].replaced({n: self.resource(type_url, n, part[n]) for n in names})
 
 
 class InconsistentSnapshotError(ValueError):

@@ -1,18 +1,28 @@
-"""The visible mesh of a namespace is patched from the last mesh version's when only services'
-endpoints moved (`pilot.translate.generate._visible`): the result must equal narrowing afresh."""
+"""What an endpoint move patches from the last mesh version instead of computing again: the
+visible mesh of a namespace (`pilot.translate.generate._visible`), the endpoint part
+(`pilot.translate.endpoints.patched_assignments`) and its ResourceSet (`Serializer.set_of`).
+Each must equal what computing afresh gives."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import pytest
 
 from pilot.config.store import ConfigStore
 from pilot.model.build import build_mesh
 from pilot.model.conversions import Conversions
 from pilot.model.mesh import MeshSnapshot
 from pilot.model.proxy import ProxyClass, ProxyKind
-from pilot.translate.generate import _seen
+from pilot.translate.common import sorted_by_name
+from pilot.translate.endpoints import load_assignments
+from pilot.translate.generate import _seen, generate_endpoints
+from pilot.translate.memo import Patched
 from pilot.translate.scope import proxy_view
 from pilot.translate.visibility import visible_mesh
+from pilot.xds.resources import ResourceSet
+from pilot.xds.snapshot import Serializer
+from pilot.xds.typeurls import ENDPOINT
 from tests.unit.test_route_fast_path import CLASSES, objects
 
 
@@ -69,3 +79,36 @@ def test_without_a_carry_the_visible_mesh_is_narrowed_every_time() -> None:
     for key in CLASSES:
         seen, fresh = seen_and_fresh(mesh, key)
         assert seen == fresh
+
+
+def test_an_endpoint_move_patches_the_endpoint_part_and_its_resource_set() -> None:
+    builds = Builds()
+    first = builds.mesh()
+    before = {k: generate_endpoints(first, k) for k in CLASSES}
+    serializer = Serializer()
+    before_sets = {k: serializer.set_of(ENDPOINT, p) for k, p in before.items()}
+    serializer.next_mesh()
+    moved = builds.mesh(moved=1)
+    for key in CLASSES:
+        part = generate_endpoints(moved, key)
+        view = proxy_view(moved, key)
+        fresh_seen = visible_mesh(moved, key.namespace, None if key.kind == ProxyKind.ROUTER else view.egress,
+                                  view.labels)
+        fresh = sorted_by_name(load_assignments(fresh_seen, mtls=key.mtls))
+        assert isinstance(part, Patched) and part.patched_from is before[key], key
+        assert list(part) == list(fresh) and part == fresh, key  # same names, order and messages
+        assert "outbound|8080|v1|web.shop.svc.cluster.local" in part.replaced_names or key.namespace == "narrow"
+        patched_set = serializer.set_of(ENDPOINT, part)
+        afresh = ResourceSet(ENDPOINT, [Serializer().resource(ENDPOINT, n, m) for n, m in fresh.items()])
+        assert patched_set is not before_sets[key]
+        assert patched_set.version == afresh.version and patched_set.sotw_body() == afresh.sotw_body()
+        assert list(patched_set) == list(afresh)
+
+
+def test_a_patched_part_never_keeps_more_than_its_own_base() -> None:
+    base = {"a": 1, "b": 2}
+    one = Patched(base, {"a": 3})
+    two = Patched(one, {"b": 4})
+    assert two == {"a": 3, "b": 4} and two.patched_from is one and one.patched_from is None
+    with pytest.raises(KeyError):
+        Patched(base, {"c": 5})  # a replacement, never an addition
