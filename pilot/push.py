@@ -129,6 +129,7 @@ class Pusher:
         self.route_parts: dict[ProxyClass, Mapping[str, Any]] = {}
         # EDS fast path, the same way: class -> the endpoint part of its last generation.
         self.eds_parts: dict[ProxyClass, Mapping[str, Any]] = {}
+        self._fast_published = 0  # classes a fast path served in the push under way
         self.mesh: Any = None
         self.slice = slice_seconds  # longest stretch of publishing between two yields to the event loop
         self.serializer = Serializer()  # each message serialized once while it lives, each part once per mesh
@@ -287,6 +288,10 @@ class Pusher:
                     deadline = time.perf_counter() + self.slice
             if span is not None:
                 span.set_attribute("meshctl.errors", len(self.errors))
+        if self._fast_published:
+            fast_counter = self.metrics.eds_only_pushes if eds_only else self.metrics.route_only_pushes
+            fast_counter.inc(self._fast_published)
+            self._fast_published = 0
         self.cache.drop_unwatched()
         for gone in [k for k in self.class_changes if self.cache.get(k) is None]:
             del self.class_changes[gone]
@@ -357,7 +362,7 @@ class Pusher:
             return False
         if grouped:
             self.eds_parts[key] = eds
-        self.metrics.eds_only_pushes.inc()
+        self._fast_published += 1  # counted once per push (`_publish_all`): a metric update per class costs ~3 µs
         return True
 
     def _publish_routes(self, key: ProxyClass, regrouped: _Groups) -> None:
@@ -385,7 +390,7 @@ class Pusher:
             self.publish(key)
             return
         self.route_parts[key] = part
-        self.metrics.route_only_pushes.inc()
+        self._fast_published += 1
 
     def _next_part(self, regrouped: _Groups | None, old: Mapping[str, Any] | None, type_url: str,
                    make: Callable[[], Mapping[str, Any]]) -> tuple[Mapping[str, Any], Any]:
