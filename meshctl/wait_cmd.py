@@ -34,7 +34,7 @@ from meshctl.inspect_http import get_json, http_base
 from meshctl.output import OK, PROBLEM, UNREACHABLE, UnreachableError, console, emit
 from meshctl.proxy_target import debug_option
 from pilot.api import ApiObject
-from pilot.config.files import load_file
+from pilot.config.yaml_dir import load_file
 from pilot.distribution import content_hash
 
 TIMED_OUT = 4

@@ -25,7 +25,8 @@ from pilot.analysis import messages as msg
 from pilot.analysis.inputs import AnalysisInput, Key, WorkloadFacts
 from pilot.api import ApiObject, parse_object
 from pilot.api.errors import ApiError, InvalidObjectError, UnsupportedKindError
-from pilot.config.files import MAX_DOCUMENT_BYTES, yaml_files
+from pilot.config.yaml_dir import yaml_files
+from pilot.config.yaml_text import MAX_DOCUMENT_BYTES
 from pilot.credentials import CA_FILES, CERT_FILES
 from pilot.kube.registry import RegistryError, kube_service
 

@@ -15,371 +15,48 @@ store's loop; reading and parsing happen in a worker thread, and only the final
 
 Bad input never costs good config (see `FileSource`): a file's edit applies at once only when it
 parses cleanly and removes nothing; otherwise it waits until the file has been stable for a
-settle time, and a file that does not parse removes nothing. Limits: 1.5 MiB per document
-(Kubernetes' object size), 10,000 entries per list, a total for all files.
+settle time, and a file that does not parse removes nothing. Reading a directory and parsing
+its files is `pilot.config.yaml_dir` and `pilot.config.yaml_text` (limits: 1.5 MiB per document,
+Kubernetes' object size; 10,000 entries per list; a total for all files); this module decides
+when to read and what the store gets.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import itertools
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
-import yaml
 from watchfiles._rust_notify import RustNotify
 
-from pilot.api import ApiError, parse_object
-from pilot.api.errors import object_ref
 from pilot.config.documents import DocumentError, LoadResult
-from pilot.config.merge import Located, Merged, ParseEntry, merge
+from pilot.config.merge import Located, Merged, ParseEntry
 from pilot.config.store import SERVING_PREVIOUS, ConfigStore
+from pilot.config.yaml_dir import (
+    MAX_TOTAL_BYTES,
+    ParseCache,
+    not_a_directory,
+    refresh_cache,
+    walk_yaml,
+    yaml_paths,
+)
+from pilot.config.yaml_text import one_line
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = (".yaml", ".yml")
-# A line that starts a new YAML document: "---", optionally followed by a comment.
-_DOC_START = re.compile(r"^---[ \t]*(?:#.*)?$", re.MULTILINE)
 # Files modified this recently may still change within the same mtime tick: look again.
 _RACY_SECONDS = 2.0
-# Kubernetes stores an object in one etcd request, limited to 1.5 MiB: the same limit per document.
-MAX_DOCUMENT_BYTES = 1_572_864
-# Entries in any one list of a document (routes, hosts, matches, ...).
-MAX_LIST_ITEMS = 10_000
-# A list of MAX_LIST_ITEMS entries takes at least two characters each ("- " or ", ").
-_SMALLEST_LONG_LIST = 2 * MAX_LIST_ITEMS
-# Parser events `identify` reads at most (a few milliseconds).
-_IDENTIFY_EVENTS = 20_000
-# All YAML files of a directory together; `file_max_total_mb` in the settings.
-MAX_TOTAL_BYTES = 64 * 2**20
 # Seconds a file must stay unchanged before it may remove objects; `file_settle_ms` in the settings.
 # Longer than the half second a shell redirect or a slow generator may leave a file empty.
 DEFAULT_SETTLE = 0.7
 
 Fingerprint = tuple[tuple[str, int, int, int], ...]
-# libyaml's safe loader when present: the same documents, parsed about 8x faster.
-_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def yaml_files(directory: Path) -> list[Path]:
-    """Every ``*.yaml``/``*.yml`` under ``directory``, recursively, sorted; dotfiles skipped."""
-    return [Path(path) for _, path in yaml_paths(directory)]
-
-
-def yaml_paths(directory: Path) -> list[tuple[str, str]]:
-    """(name relative to ``directory``, path) of every YAML file, in `yaml_files` order."""
-    return walk_yaml(directory)[0]
-
-
-def walk_yaml(directory: Path) -> tuple[list[tuple[str, str]], list[DocumentError]]:
-    """`yaml_paths`, and one error per directory not entered: a symlink loop, or a directory
-    reached a second time through another symlink.
-
-    Symlinked directories are followed, but each real directory (device, inode) is entered once:
-    a loop would otherwise be walked until the kernel's 40-level symlink limit, and every file
-    in it read again under a longer name. os.scandir and plain strings rather than Path.rglob:
-    this runs on every reload (1,000 files at mission scale); its DirEntry answers is_dir from
-    the directory read itself, so the walk costs one stat() per directory.
-    """
-    top = str(directory)
-    found: list[tuple[tuple[str, ...], str, str]] = []
-    problems: list[DocumentError] = []
-    try:
-        st = os.stat(top)
-    except OSError:
-        return [], []
-    entered: dict[tuple[int, int], str] = {(st.st_dev, st.st_ino): "."}
-    stack: list[tuple[str, tuple[str, ...], frozenset[tuple[int, int]]]] = [
-        (top, (), frozenset(entered))]
-    while stack:
-        path, parts, ancestors = stack.pop()
-        try:
-            entries = sorted(os.scandir(path), key=lambda e: e.name)
-        except OSError:
-            continue
-        subdirs = []
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            rel = (*parts, entry.name)
-            try:
-                is_dir = entry.is_dir()
-            except OSError as exc:  # ELOOP: a link to itself
-                problems.append(_walk_error(rel, f"not followed: {_one_line(exc)}"))
-                continue
-            if not is_dir:
-                if entry.name.endswith(SUFFIXES) and _is_file(entry):
-                    found.append((rel, os.path.join(*rel), entry.path))
-                continue
-            try:
-                dst = entry.stat()
-            except OSError:
-                continue
-            ident = (dst.st_dev, dst.st_ino)
-            if ident in ancestors:
-                problems.append(_walk_error(rel, f"symlink loop: it is {entered[ident]} again; not followed"))
-            elif ident in entered:
-                problems.append(_walk_error(rel, f"same directory as {entered[ident]}; not read twice"))
-            else:
-                entered[ident] = os.path.join(*rel)
-                subdirs.append((entry.path, rel, ancestors | {ident}))
-        stack.extend(reversed(subdirs))
-    found.sort(key=lambda item: item[0])
-    problems.sort()
-    return [(name, path) for _, name, path in found], problems
-
-
-def _is_file(entry: os.DirEntry[str]) -> bool:
-    try:
-        return entry.is_file()
-    except OSError:
-        return False
-
-
-def _walk_error(rel: tuple[str, ...], message: str) -> DocumentError:
-    return DocumentError(os.path.join(*rel), 0, None, None, None, message)
-
-
-def load_dir(path: Path | str) -> LoadResult:
-    """Parse every YAML file under ``path``; valid objects are kept, bad documents reported.
-
-    An object defined twice (same kind, namespace and name) keeps its first definition in
-    file order; the later one is reported as an error.
-    """
-    return load_dir_cached(Path(path), {})[0]
-
-
-ParseCache = dict[str, ParseEntry]  # file name -> its latest parse
-
-
-def load_dir_cached(
-    directory: Path, cache: ParseCache, unchanged: Collection[str] = (), paths: list[tuple[str, str]] | None = None,
-    max_total_bytes: int = MAX_TOTAL_BYTES,
-) -> tuple[LoadResult, bool]:
-    """`load_dir`, re-parsing only files whose bytes changed since they were put in `cache`.
-
-    Returns the result and whether anything differs from what the cache held (a file was
-    added, removed or rewritten with other bytes). `cache` is updated in place. Files named in
-    `unchanged` (relative names the caller knows were not written since they were cached, by
-    their stat) are not even read: a change to one file of a thousand reads one file. `paths` is
-    the directory's `yaml_paths` when the caller has listed it already.
-    """
-    if not directory.is_dir():
-        return LoadResult(errors=(_not_a_directory(directory),)), True
-    problems: list[DocumentError] = []
-    if paths is None:
-        paths, problems = walk_yaml(directory)
-    changed = refresh_cache(cache, paths, unchanged, max_total_bytes)
-    entries = [(cache[name], ()) for name, _ in paths]
-    return merge(entries, problems), bool(changed)
-
-
-def _not_a_directory(directory: Path) -> DocumentError:
-    return DocumentError(str(directory), 0, None, None, None, "not a directory")
-
-
-def refresh_cache(
-    cache: ParseCache, paths: list[tuple[str, str]], unchanged: Collection[str] = (),
-    max_total_bytes: int = MAX_TOTAL_BYTES, total: int | None = None,
-) -> set[str]:
-    """Bring `cache` up to date with the files in `paths`; the names whose entry changed.
-
-    When the files' sizes (`total`, else a stat() of each) add up past `max_total_bytes`, the
-    files that cross it, in file order, are not read: their entry is an error, looked at again
-    on every call.
-    """
-    if total is None:
-        total = sum(_size(path) for _, path in paths)
-    budget = 0 if total > max_total_bytes else None  # counted file by file only when over the limit
-    changed: set[str] = set()
-    for name, path in paths:
-        cached = cache.get(name)
-        if budget is not None and (budget := budget + _size(path)) > max_total_bytes:
-            entry = _over_total(name, cached, max_total_bytes)
-        elif cached is not None and name in unchanged and cached[0]:
-            entry = cached
-        else:
-            entry = _parse_file(Path(path), name, cached)
-        if entry is not cached:
-            cache[name] = entry
-            changed.add(name)
-    listed = {name for name, _ in paths}
-    for gone in [name for name in cache if name not in listed]:
-        del cache[gone]
-        changed.add(gone)
-    return changed
-
-
-def _size(path: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
-
-
-def _over_total(name: str, cached: ParseEntry | None, limit: int) -> ParseEntry:
-    message = (f"not loaded: the config files would exceed the total limit of {limit / 2**20:g} MiB "
-               "(setting file_max_total_mb)")
-    if cached is not None and not cached[0] and cached[2] and cached[2][0].message == message:
-        return cached
-    return b"", [], [DocumentError(name, 0, None, None, None, message)], True
-
-
-def _parse_file(file: Path, name: str, cached: ParseEntry | None) -> ParseEntry:
-    try:
-        data = file.read_bytes()
-        digest = hashlib.blake2b(data, digest_size=16).digest()
-        if cached is not None and cached[0] == digest:
-            return cached
-        text = data.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        return b"", [], [DocumentError(name, 0, None, None, None, f"cannot read: {_one_line(exc)}")], True
-    located: list[Located] = []
-    errors: list[DocumentError] = []
-    _parse_text(text, name, located, errors)
-    # A writer caught mid-write has most likely not finished its last line.
-    return digest, located, errors, not data or data.endswith(b"\n")
-
-
-def load_file(path: Path | str, *, display_name: str | None = None) -> LoadResult:
-    """Parse one (multi-document) YAML file."""
-    name = display_name or str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        return LoadResult(errors=(DocumentError(name, 0, None, None, None, f"cannot read: {_one_line(exc)}"),))
-    return load_text(text, name)
-
-
-def load_text(text: str, file: str = "<text>") -> LoadResult:
-    """Parse multi-document YAML text; a syntax error costs only the document it is in."""
-    located: list[Located] = []
-    errors: list[DocumentError] = []
-    _parse_text(text, file, located, errors)
-    return merge([((b"", located, errors, True), ())])
-
-
-# (file, document index, object, its store key): the key is read once, at parse time; a reload
-# of a thousand unchanged files then handles ~9,000 keys without asking each object again.
-
-
-def _parse_text(text: str, file: str, located: list[Located], errors: list[DocumentError]) -> None:
-    index = 0
-    for chunk in _DOC_START.split(text):
-        # A character is at most 4 bytes: shorter chunks cannot be over the limit, and are not encoded.
-        if len(chunk) * 4 > MAX_DOCUMENT_BYTES and (size := len(chunk.encode("utf-8"))) > MAX_DOCUMENT_BYTES:
-            kind, namespace, name = identify(chunk)
-            ref = f"{object_ref(kind, namespace, name)}: " if kind or name else ""
-            errors.append(DocumentError(file, index, kind, namespace, name, (
-                f"{ref}document is {size / 2**20:.1f} MiB, over the 1.5 MiB limit of a Kubernetes object "
-                "(etcd's request size); split it into smaller objects")))
-            index += 1
-            continue
-        try:
-            docs = [d for d in yaml.load_all(chunk, Loader=_LOADER) if d is not None]
-        except (yaml.YAMLError, RecursionError, ValueError) as exc:
-            if chunk.strip():
-                errors.append(DocumentError(file, index, None, None, None, f"invalid YAML: {_one_line(exc)}"))
-                index += 1
-            continue
-        for doc in docs:
-            try:
-                if len(chunk) > _SMALLEST_LONG_LIST:
-                    _check_counts(doc)
-                obj = parse_object(doc)
-                located.append((file, index, obj, obj.key))
-            except ApiError as exc:
-                errors.append(DocumentError(file, index, exc.kind, exc.namespace, exc.name, str(exc)))
-            except RecursionError:
-                errors.append(DocumentError(file, index, None, None, None, "document is nested too deeply"))
-            index += 1
-
-
-def identify(text: str) -> tuple[str | None, str | None, str | None]:
-    """(kind, namespace, name) of a YAML document without building it: its parser events are read
-    until ``kind`` and ``metadata`` are seen (they come first in practice), so a 20 MB document
-    costs microseconds here, not the seconds and gigabytes a full load would. At most
-    `_IDENTIFY_EVENTS` events are read: past them, what was not seen stays None."""
-    kind: str | None = None
-    meta: dict[str, str] = {}
-    # Open collections: [is a mapping, its current key, a key comes next].
-    stack: list[list[Any]] = []
-    try:
-        for event in itertools.islice(yaml.parse(text, Loader=_LOADER), _IDENTIFY_EVENTS):
-            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-                is_map = isinstance(event, yaml.MappingStartEvent)
-                stack.append([is_map, None, is_map])
-            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-                stack.pop()
-                if len(stack) == 1 and stack[0][1] == "metadata" and kind is not None:
-                    break
-                _value_done(stack)
-            elif isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)) and stack:
-                top = stack[-1]
-                if top[2]:
-                    top[1], top[2] = getattr(event, "value", None), False
-                    continue
-                value = getattr(event, "value", None)
-                if not isinstance(value, str):
-                    pass
-                elif len(stack) == 1 and top[1] == "kind":
-                    kind = value
-                    if "name" in meta:
-                        break
-                elif len(stack) == 2 and stack[0][1] == "metadata" and top[0] and top[1] in ("name", "namespace"):
-                    meta[top[1]] = value
-                _value_done(stack)
-    except yaml.YAMLError:
-        pass
-    name = meta.get("name")
-    return kind, (meta.get("namespace", "default") if name else None), name
-
-
-def _value_done(stack: list[list[Any]]) -> None:
-    if stack and stack[-1][0]:
-        stack[-1][2] = True
-
-
-def _check_counts(doc: object) -> None:
-    """Refuse a document holding a list longer than `MAX_LIST_ITEMS`, naming the field."""
-    stack: list[tuple[object, str]] = [(doc, "")]
-    seen: set[int] = set()  # YAML aliases share a node: each is walked once
-    while stack:
-        node, where = stack.pop()
-        if isinstance(node, dict | list):
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-        if isinstance(node, dict):
-            stack += [(v, f"{where}.{k}" if where else str(k)) for k, v in node.items()]
-        elif isinstance(node, list):
-            if len(node) > MAX_LIST_ITEMS:
-                kind, namespace, name = _identity(doc)
-                raise ApiError(f"{where}: {len(node):,} entries, over the limit of {MAX_LIST_ITEMS:,} per list",
-                               kind=kind, namespace=namespace, name=name)
-            stack += [(v, f"{where}[{i}]") for i, v in enumerate(node)]
-
-
-def _identity(doc: object) -> tuple[str | None, str | None, str | None]:
-    if not isinstance(doc, dict):
-        return None, None, None
-    meta = doc.get("metadata")
-    meta = meta if isinstance(meta, dict) else {}
-    kind, name, namespace = doc.get("kind"), meta.get("name"), meta.get("namespace", "default")
-    return (kind if isinstance(kind, str) else None, namespace if isinstance(namespace, str) else None,
-            name if isinstance(name, str) else None)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 def _same_inode(directory: Path, inode: int) -> bool:
@@ -544,7 +221,7 @@ class FileSource:
                 await self._watch_events()
             except Exception as exc:
                 log.warning("file source %s: file events unavailable (%s); polling every %.0f ms",
-                            self.directory, _one_line(exc), self.interval * 1000)
+                            self.directory, one_line(exc), self.interval * 1000)
         while True:
             await self._reload()
             await asyncio.sleep(self.interval)
@@ -603,7 +280,7 @@ class FileSource:
         if self.directory.is_dir():
             paths, problems = walk_yaml(self.directory)
         else:
-            paths, problems = [], [_not_a_directory(self.directory)]
+            paths, problems = [], [not_a_directory(self.directory)]
         seen, racy = fingerprint(self.directory, paths)
         touched = seen != self._seen
         if not touched and self._trusted and not self._pending:

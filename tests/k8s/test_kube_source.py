@@ -21,8 +21,8 @@ from kubernetes_asyncio.client import ApiClient
 
 from meshctl.cli import cli
 from meshctl.localmesh import free_port
-from pilot.config.files import load_text
 from pilot.config.store import ConfigStore
+from pilot.config.yaml_text import load_text
 from pilot.kube.client import client_from_kubeconfig
 from pilot.kube.meshconfig import MeshConfigError, NamespaceSelector, parse_mesh_config
 from pilot.kube.namespaces import NamespaceFilter, selected

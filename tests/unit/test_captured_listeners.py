@@ -17,7 +17,8 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import struct_pb2
 
 from pilot.api.base import ApiObject
-from pilot.config.files import load_file, load_text
+from pilot.config.yaml_dir import load_file
+from pilot.config.yaml_text import load_text
 from pilot.model.build import build_mesh
 from pilot.model.conversions import Conversions
 from pilot.model.mesh import MeshSnapshot

@@ -16,7 +16,7 @@ import pytest
 
 from pilot.api import ApiObject, parse_object
 from pilot.config import ConfigStore, DocumentError, FileSource, load_dir
-from pilot.config.files import MAX_DOCUMENT_BYTES, identify
+from pilot.config.yaml_text import MAX_DOCUMENT_BYTES, identify
 
 SE = """\
 apiVersion: networking.istio.io/v1

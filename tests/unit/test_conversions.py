@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from pilot.api import ApiObject
-from pilot.config.files import load_dir
+from pilot.config.yaml_dir import load_dir
 from pilot.model.build import build_mesh
 from pilot.model.conversions import Conversions
 
@@ -179,7 +179,7 @@ def test_an_endpoint_change_reuses_the_scoping_and_routing_stages() -> None:
 def _overlapping_mesh(workloads: list[tuple[str, str, dict[str, str], str]]) -> list[ApiObject]:
     """ServiceEntries whose selectors overlap, share hosts, span namespaces or are empty, over
     `workloads` (namespace, name, labels, address)."""
-    from pilot.config.files import load_text
+    from pilot.config.yaml_text import load_text
 
     entries = [
         ("a", "web", ["web.a", "shared.example"], {"app": "web"}),

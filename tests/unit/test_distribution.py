@@ -12,8 +12,9 @@ from prometheus_client import CollectorRegistry
 from meshctl.wait_cmd import Wanted, judge, parse_duration, wanted_from_files
 from pilot.api import parse_object
 from pilot.config.documents import DocumentError
-from pilot.config.files import load_dir, load_text
 from pilot.config.store import ConfigStore
+from pilot.config.yaml_dir import load_dir
+from pilot.config.yaml_text import load_text
 from pilot.debug import distribution_report
 from pilot.distribution import content_hash
 from pilot.model.build import build_mesh

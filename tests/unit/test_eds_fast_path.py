@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pilot.config.files import load_dir, load_text
 from pilot.config.store import ConfigStore
+from pilot.config.yaml_dir import load_dir
+from pilot.config.yaml_text import load_text
 from pilot.model.build import build_mesh
 from pilot.model.diff import endpoints_only
 from pilot.model.proxy import ProxyClass, ProxyKind

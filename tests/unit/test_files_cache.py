@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from pilot.config import files
-from pilot.config.files import FileSource, ParseCache, load_dir_cached
+from pilot.config import yaml_dir
+from pilot.config.files import FileSource
 from pilot.config.store import ConfigStore
+from pilot.config.yaml_dir import ParseCache, load_dir_cached
 
 SE = """\
 apiVersion: networking.istio.io/v1
@@ -54,13 +55,13 @@ def test_a_change_to_one_file_of_many_reads_that_file_only(tmp_path: Path, monke
     source = FileSource(store, tmp_path)
     source.sync()
     read: list[str] = []
-    real = files._parse_file
+    real = yaml_dir._parse_file
 
     def counting(file: Path, name: str, cached: Any) -> Any:
         read.append(name)
         return real(file, name, cached)
 
-    monkeypatch.setattr(files, "_parse_file", counting)
+    monkeypatch.setattr(yaml_dir, "_parse_file", counting)
     (tmp_path / "s07.yaml").write_text(SE.format(name="renamed"))
     source.sync()
     assert read == ["s07.yaml"]
@@ -81,7 +82,7 @@ def test_edits_in_place_patch_the_merge_and_every_reload_equals_a_fresh_load(
     source hands the store equals a fresh load of the directory."""
     import random
 
-    from pilot.config.files import load_dir
+    from pilot.config.yaml_dir import load_dir
 
     rng = random.Random(5)
     contents = {f"f{i}.yaml": [f"s{i}a", f"s{i}b"] for i in range(8)}

@@ -21,7 +21,7 @@ from injector.patch import pod_patch
 from injector.settings import InjectSettings
 from injector.validate import review_object
 from meshctl.cli import cli
-from pilot.config.files import load_text
+from pilot.config.yaml_text import load_text
 
 SETTINGS = InjectSettings(proxy_image="meshctl/proxy:test")
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pilot.config.files import load_dir
 from pilot.config.store import ConfigStore
+from pilot.config.yaml_dir import load_dir
 from pilot.model.build import build_mesh
 from pilot.model.diff import http_routes_only
 from pilot.model.proxy import ProxyClass, ProxyKind

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pilot.config.files import load_text
+from pilot.config.yaml_text import load_text
 from pilot.model.build import build_mesh
 from pilot.model.proxy import ProxyClass, ProxyKind
 from pilot.translate.scope import proxy_view

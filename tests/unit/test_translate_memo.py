@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pilot.config.files import load_dir
+from pilot.config.yaml_dir import load_dir
 from pilot.model.build import build_mesh
 from pilot.model.proxy import ProxyClass, ProxyKind
 from pilot.translate import generate
@@ -55,7 +55,7 @@ spec:
 
 
 def test_namespaces_that_see_the_same_services_differ_by_their_outbound_policy() -> None:
-    from pilot.config.files import load_text
+    from pilot.config.yaml_text import load_text
 
     mesh = build_mesh(load_text(SIDECARS).objects)
     loose = generate(mesh, ProxyClass(ProxyKind.SIDECAR, "loose"))
@@ -89,7 +89,7 @@ spec:
 
 
 def test_shared_route_memo_keeps_sender_specific_routes_apart() -> None:
-    from pilot.config.files import load_text
+    from pilot.config.yaml_text import load_text
 
     mesh = build_mesh(load_text(SENDERS).objects)  # one mesh object: every class below shares its memo
 
