@@ -24,11 +24,12 @@ from pilot.debug import DebugApi
 from pilot.gcpolicy import release_free_memory
 from pilot.jwks import JwksFetcher
 from pilot.listen import check_free
+from pilot.metrics import PushMetrics
 from pilot.model.build import build_mesh
 from pilot.model.conversions import Conversions
 from pilot.model.diff import endpoints_only, http_routes_only
 from pilot.model.mesh import MeshSnapshot
-from pilot.push import ENDPOINT_KINDS, Generate, Pusher, PushMetrics, RoutesFastPath
+from pilot.push import ENDPOINT_KINDS, Generate, Pusher, RoutesFastPath
 from pilot.settings import PilotSettings
 from pilot.tasks import TaskFailures, spawn
 from pilot.tracing import ChangeTracker, ObservedStore, tracer_provider

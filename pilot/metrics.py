@@ -23,7 +23,7 @@ import importlib.metadata
 import re
 from collections.abc import Iterable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, Summary
 from prometheus_client import exposition as _exposition
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -200,3 +200,32 @@ def parse_names(text: str) -> Iterator[str]:
     for line in text.splitlines():
         if line.startswith("# TYPE "):
             yield line.split()[2]
+
+
+class PushMetrics:
+    """The pusher's own metrics (`pilot.push.Pusher`), Istio's push metrics under `istio`."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.builds = Counter("pilot_mesh_builds", "mesh snapshots built", registry=registry)
+        self.generate_errors = Counter(
+            "pilot_generate_errors", "snapshots not published: generator failed or was inconsistent",
+            registry=registry)
+        self.eds_only_pushes = Counter(
+            "pilot_eds_only_pushes", "classes updated by the EDS fast path (other types kept)", registry=registry)
+        self.route_only_pushes = Counter(
+            "pilot_route_only_pushes",
+            "classes given the route configurations of a class generated in the same push (other types kept)",
+            registry=registry)
+        self.endpoint_fast_pushes = Counter(
+            "pilot_endpoint_fast_pushes", "pushes of endpoint-only changes that skipped the full debounce",
+            registry=registry)
+        self.early_builds = Counter(
+            "pilot_early_builds", "pushes whose mesh was built while the debounce let changes settle",
+            registry=registry)
+        self.push_seconds = Histogram(
+            "pilot_push_seconds", "time to build the mesh and publish every watched class", registry=registry)
+        self.class_cpu = Summary(
+            "pilot_class_publish_cpu_seconds",
+            "CPU time to generate, serialize and publish the first snapshot of a new class (no socket writes)",
+            registry=registry)
+        self.istio = IstioPushMetrics(registry)  # Istio's names (pilot.metrics)

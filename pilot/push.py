@@ -31,10 +31,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Summary
-
 from pilot.logs import change_id
-from pilot.metrics import IstioPushMetrics, trigger_types
+from pilot.metrics import PushMetrics, trigger_types
 from pilot.model.conversions import Conversions
 from pilot.model.proxy import ProxyClass, ProxyKind
 from pilot.tracing import Change, ChangeTracker
@@ -68,33 +66,6 @@ _Groups = dict[int, tuple[Mapping[str, Any], Mapping[str, Any], Any]]
 # The two fast paths (`Pusher._build`): "" is a full push.
 EDS_ONLY, ROUTES_ONLY = "eds", "routes"
 _DONE = {EDS_ONLY: "given new endpoints (EDS only)", ROUTES_ONLY: "given new routes (routes only)"}
-
-
-class PushMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.builds = Counter("pilot_mesh_builds", "mesh snapshots built", registry=registry)
-        self.generate_errors = Counter(
-            "pilot_generate_errors", "snapshots not published: generator failed or was inconsistent",
-            registry=registry)
-        self.eds_only_pushes = Counter(
-            "pilot_eds_only_pushes", "classes updated by the EDS fast path (other types kept)", registry=registry)
-        self.route_only_pushes = Counter(
-            "pilot_route_only_pushes",
-            "classes given the route configurations of a class generated in the same push (other types kept)",
-            registry=registry)
-        self.endpoint_fast_pushes = Counter(
-            "pilot_endpoint_fast_pushes", "pushes of endpoint-only changes that skipped the full debounce",
-            registry=registry)
-        self.early_builds = Counter(
-            "pilot_early_builds", "pushes whose mesh was built while the debounce let changes settle",
-            registry=registry)
-        self.push_seconds = Histogram(
-            "pilot_push_seconds", "time to build the mesh and publish every watched class", registry=registry)
-        self.class_cpu = Summary(
-            "pilot_class_publish_cpu_seconds",
-            "CPU time to generate, serialize and publish the first snapshot of a new class (no socket writes)",
-            registry=registry)
-        self.istio = IstioPushMetrics(registry)  # Istio's names (pilot.metrics)
 
 
 class Pusher:

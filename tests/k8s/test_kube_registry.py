@@ -29,10 +29,11 @@ from pilot.app import Pilot
 from pilot.config.store import ConfigStore
 from pilot.kube.client import client_from_kubeconfig
 from pilot.kube.registry_source import KubeRegistry
+from pilot.metrics import PushMetrics
 from pilot.model.build import build_mesh
 from pilot.model.diff import endpoints_only
 from pilot.model.proxy import ProxyClass, ProxyKind
-from pilot.push import Pusher, PushMetrics
+from pilot.push import Pusher
 from pilot.settings import PilotSettings
 from pilot.testing.ads_client import AdsClient, decode, make_node
 from pilot.translate import generate, generate_endpoints

@@ -22,11 +22,12 @@ from prometheus_client import CollectorRegistry
 from benchmarks import meshgen
 from pilot.config.files import FileSource
 from pilot.config.store import ConfigStore
+from pilot.metrics import PushMetrics
 from pilot.model.build import build_mesh
 from pilot.model.conversions import Conversions
 from pilot.model.diff import endpoints_only
 from pilot.model.proxy import ProxyClass, ProxyIdentity, ProxyKind
-from pilot.push import Pusher, PushMetrics
+from pilot.push import Pusher
 from pilot.translate import generate_endpoints, generate_parts, routes
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.delta import DeltaSession

@@ -17,9 +17,10 @@ from pilot.config.yaml_dir import load_dir
 from pilot.config.yaml_text import load_text
 from pilot.debug import distribution_report
 from pilot.distribution import content_hash
+from pilot.metrics import PushMetrics
 from pilot.model.build import build_mesh
 from pilot.model.proxy import ProxyClass, ProxyIdentity, ProxyKind
-from pilot.push import Pusher, PushMetrics
+from pilot.push import Pusher
 from pilot.translate import generate
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.status import StatusRegistry, StreamStatus, XdsMetrics

@@ -12,10 +12,11 @@ from prometheus_client import CollectorRegistry
 from pilot.config.store import ConfigStore
 from pilot.config.yaml_dir import load_dir
 from pilot.config.yaml_text import load_text
+from pilot.metrics import PushMetrics
 from pilot.model.build import build_mesh
 from pilot.model.diff import endpoints_only
 from pilot.model.proxy import ProxyClass, ProxyKind
-from pilot.push import Pusher, PushMetrics
+from pilot.push import Pusher
 from pilot.translate import generate, generate_endpoints
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.snapshot import Snapshot

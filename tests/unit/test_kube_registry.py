@@ -36,12 +36,13 @@ from pilot.kube.registry import (
     service_endpoints,
 )
 from pilot.kube.registry_source import KubeRegistry
+from pilot.metrics import PushMetrics
 from pilot.model.build import build_mesh
 from pilot.model.conversions import Conversions
 from pilot.model.diff import endpoints_only
 from pilot.model.mesh import MeshSnapshot
 from pilot.model.proxy import NodeError, ProxyClass, ProxyKind, pod_of_node
-from pilot.push import ENDPOINT_KINDS, Pusher, PushMetrics
+from pilot.push import ENDPOINT_KINDS, Pusher
 from pilot.translate import generate, generate_endpoints
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE

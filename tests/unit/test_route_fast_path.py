@@ -14,11 +14,12 @@ from prometheus_client import CollectorRegistry
 
 from pilot.config.store import ConfigStore
 from pilot.config.yaml_text import load_text
+from pilot.metrics import PushMetrics
 from pilot.model.build import build_mesh
 from pilot.model.conversions import Conversions
 from pilot.model.diff import endpoints_only, http_routes_only
 from pilot.model.proxy import ProxyClass, ProxyKind
-from pilot.push import Pusher, PushMetrics, RoutesFastPath
+from pilot.push import Pusher, RoutesFastPath
 from pilot.translate import generate, generate_endpoints, generate_parts, generate_routes
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.snapshot import Snapshot
