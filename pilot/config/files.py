@@ -6,10 +6,13 @@ sweep every ``rescan`` seconds catches what events miss (network file systems, a
 replaced under the watch, writes between the first load and the watch being armed). Where
 events cannot be had, or with ``watch="poll"``, the sweep runs every ``interval`` seconds
 instead. Every reload, however woken, is the same `_scan`: a stat() fingerprint, then only
-files whose bytes changed are parsed again. A file rewritten with the same objects in the same
+files whose bytes changed are parsed again; when the events name only files it already lists,
+the last listing is reused and only those are stat()ed (no walk). A file rewritten with the same objects in the same
 order (the usual edit) patches the last merge and names its keys to the store, which then compares
 only those (`Merged.patched`); anything else merges every file again. At 1,000 files a one-file
-edit costs ~10 ms from event to store, most of it the stat() sweep. Concurrency: `FileSource.run` is one task on the
+edit cost ~10 ms from event to store, most of it the walk and stat() sweep; named by an event it
+costs reading that file (~5 ms, a few recently written files are read again to rule out a second
+write in the same mtime tick). Concurrency: `FileSource.run` is one task on the
 store's loop; reading and parsing happen in a worker thread, and only the final
 `replace_source` touches the store, on the loop thread.
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Collection
@@ -40,6 +44,7 @@ from pilot.config.merge import Located, Merged, ParseEntry
 from pilot.config.store import SERVING_PREVIOUS, ConfigStore
 from pilot.config.yaml_dir import (
     MAX_TOTAL_BYTES,
+    SUFFIXES,
     ParseCache,
     not_a_directory,
     refresh_cache,
@@ -57,6 +62,13 @@ _RACY_SECONDS = 2.0
 DEFAULT_SETTLE = 0.7
 
 Fingerprint = tuple[tuple[str, int, int, int], ...]
+
+
+def _event_paths(events: object) -> frozenset[str] | None:
+    """The paths a batch of `watchfiles` events names; None when it is not a batch (a timeout)."""
+    if not isinstance(events, set):
+        return None
+    return frozenset(path for _, path in events)
 
 
 def _same_inode(directory: Path, inode: int) -> bool:
@@ -195,6 +207,8 @@ class FileSource:
         self.failures = 0
         self.last_result = LoadResult()
         self._seen: Fingerprint | None = None
+        # The last walk: paths, its problems, and each file's position in `_seen` by absolute path.
+        self._listing: tuple[list[tuple[str, str]], list[DocumentError], dict[str, int]] | None = None
         self._trusted = False
         self._cache: ParseCache = {}  # the latest parse of every file
         self._held: dict[str, _Held] = {}  # what each file gives the store now
@@ -249,8 +263,8 @@ class FileSource:
                 while _same_inode(self.directory, armed):
                     timeout = min(self.rescan, self._until_settled())
                     # Returns after events went quiet for 5 ms (at most 100 ms of them), or the timeout.
-                    await asyncio.to_thread(notify.watch, 100, 5, max(1, int(timeout * 1000)), stop)
-                    await self._reload()
+                    events = await asyncio.to_thread(notify.watch, 100, 5, max(1, int(timeout * 1000)), stop)
+                    await self._reload(_event_paths(events))
             finally:
                 stop.set()  # a cancelled wait leaves the thread in watch(); this ends it within 5 ms
 
@@ -261,27 +275,35 @@ class FileSource:
         since = min(since for _, since in self._pending.values())
         return max(0.005, since + self.settle - time.monotonic() + 0.005)
 
-    async def _reload(self) -> None:
-        """One `_scan` in a worker thread; a failure is logged and counted, the store keeps its config."""
+    async def _reload(self, hint: frozenset[str] | None = None) -> None:
+        """One `_scan` in a worker thread; a failure is logged and counted, the store keeps its config.
+        `hint`: the paths file events named (None: look at everything)."""
         try:
-            scanned = await asyncio.to_thread(self._scan)
+            scanned = await asyncio.to_thread(self._scan, hint)
             if scanned is not None:
                 self._apply(scanned)
         except Exception:
             self.failures += 1
             log.exception("file source %s: reload failed (failure %d)", self.directory, self.failures)
 
-    def _scan(self) -> _Scanned | None:
+    def _scan(self, hint: frozenset[str] | None = None) -> _Scanned | None:
         """What the store should hold (and whether a file was written), or None if nothing to do.
 
         After a change the files are read again on every pass while their mtimes are recent
-        enough that a second write could hide in the same timestamp tick.
+        enough that a second write could hide in the same timestamp tick. With `hint` (the paths
+        file events named) and only known YAML files among them, the last listing is reused and
+        only those files are stat()ed (`_hinted`); anything else walks the directory.
         """
-        if self.directory.is_dir():
-            paths, problems = walk_yaml(self.directory)
+        known = self._hinted(hint) if hint is not None else None
+        if known is not None:
+            paths, problems, seen, racy = known
         else:
-            paths, problems = [], [not_a_directory(self.directory)]
-        seen, racy = fingerprint(self.directory, paths)
+            if self.directory.is_dir():
+                paths, problems = walk_yaml(self.directory)
+            else:
+                paths, problems = [], [not_a_directory(self.directory)]
+            seen, racy = fingerprint(self.directory, paths)
+            self._listing = (paths, problems, {os.path.abspath(e[0]): i for i, e in enumerate(seen)})
         touched = seen != self._seen
         if not touched and self._trusted and not self._pending:
             return None
@@ -310,6 +332,38 @@ class FileSource:
             held = sorted(self._held.items(), key=lambda item: _file_order(item[0]))
             self._merged, keys, base = Merged.of(((h.entry, h.carried) for _, h in held), problems), None, None
         return _Scanned(self._merged.result, touched and not held_back, keys, base.result if base else None)
+
+    def _hinted(self, hint: frozenset[str]) -> tuple[list[tuple[str, str]], list[DocumentError], Fingerprint,
+                                                       bool] | None:
+        """The last listing with the hinted files stat()ed again, or None when only a walk can tell
+        (a new or vanished YAML file, a directory, a path under one it knows, no listing yet).
+
+        Why: at 1,000 files the walk and a stat() of every file are most of an edit's ~10 ms from
+        event to store; the edit itself names the one file. Paths that are not YAML files and no
+        longer exist (an editor's or `sed -i`'s temporary file, renamed over the real one) are
+        ignored, unless the listing has files under them (a directory moved away). Events can be
+        lost or coalesced: the periodic sweep (`rescan`) still walks everything.
+        """
+        if self._listing is None or self._seen is None:
+            return None
+        paths, problems, index = self._listing
+        entries = list(self._seen)
+        for raw in hint:
+            path = os.path.abspath(raw)
+            position = index.get(path)
+            if position is None:
+                if path.endswith(SUFFIXES) or os.path.lexists(path) or any(p.startswith(path + os.sep) for p in index):
+                    return None
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None  # removed, or replaced by something unreadable: walk
+            if not stat.S_ISREG(st.st_mode):
+                return None  # replaced by a directory: walk
+            entries[position] = (entries[position][0], st.st_mtime_ns, st.st_size, st.st_ino)
+        newest = max((e[1] for e in entries), default=0)
+        return paths, problems, tuple(entries), time.time_ns() - newest < _RACY_SECONDS * 1e9
 
     def _decide(self, names: Collection[str]) -> tuple[list[tuple[_Held | None, _Held | None]], bool]:
         """Move each named file's contribution on as far as its stability allows.

@@ -179,3 +179,51 @@ async def test_without_file_events_the_source_polls(tmp_path: Path, monkeypatch:
     finally:
         task.cancel()
     assert "file events unavailable (inotify watch limit reached); polling every 20 ms" in caplog.text
+
+
+async def test_an_edit_named_by_file_events_is_read_without_walking_the_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Events name the edited file: the source reuses its last listing and stat()s that file only.
+    A new file, a removed one and a directory moved away need the walk, and get it."""
+    config = tmp_path / "config"
+    (config / "sub").mkdir(parents=True)
+    for i in range(20):
+        (config / f"s{i:02d}.yaml").write_text(se(f"s{i:02d}", host=f"s{i}.example.com"))
+    (config / "sub" / "deep.yaml").write_text(se("deep", host="deep.example.com"))
+    walks: list[Path] = []
+    real_walk = files.walk_yaml
+
+    def counting(directory: Path) -> Any:
+        walks.append(directory)
+        return real_walk(directory)
+
+    monkeypatch.setattr(files, "walk_yaml", counting)
+    store = ConfigStore()
+    source = FileSource(store, config, rescan=60)  # no periodic sweep in this test: events only
+
+    def ports() -> dict[str, int]:
+        return {o.metadata.name: o.spec.ports[0].number for o in store.objects()}
+
+    task = asyncio.create_task(source.run())
+    try:
+        await _until(lambda: len(store.objects()) == 21)
+        await asyncio.sleep(0.2)
+        walked = len(walks)
+        temporary = config / "s03.yaml.tmp"  # written beside, then renamed over (an atomic edit)
+        temporary.write_text(se("s03", host="s3.example.com", port=8080))
+        temporary.rename(config / "s03.yaml")
+        await _until(lambda: ports()["s03"] == 8080)
+        (config / "s07.yaml").write_text(se("s07", host="s7.example.com", port=9090))  # in place
+        await _until(lambda: ports()["s07"] == 9090)
+        assert len(walks) == walked, "an edit of known files walked the directory"
+        (config / "new.yaml").write_text(se("new", host="new.example.com"))
+        await _until(lambda: "new" in ports())
+        (config / "s11.yaml").unlink()
+        await _until(lambda: "s11" not in ports(), timeout=3)  # a removal waits for the settle time
+        (config / "sub").rename(tmp_path / "elsewhere")  # a directory moved away: its file goes
+        await _until(lambda: "deep" not in ports(), timeout=3)
+        assert len(walks) > walked
+    finally:
+        task.cancel()
+    assert source.failures == 0
+    assert ports()["s03"] == 8080 and len(store.objects()) == 20
