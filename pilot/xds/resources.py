@@ -129,7 +129,7 @@ class View(Mapping[str, Resource]):
     versions and shared by everyone holding them.
     """
 
-    __slots__ = ("__weakref__", "_exact", "_size", "_subviews", "parts", "responses", "total", "version")
+    __slots__ = ("__weakref__", "_exact", "_refs", "_size", "_subviews", "parts", "responses", "total", "version")
     parts: tuple[ResourceSet, ...]
     total: int
     version: str
@@ -149,6 +149,7 @@ class View(Mapping[str, Resource]):
         # Encoded responses bringing a proxy to this view, shared by every stream making the
         # same step (see `pilot.xds.session.SessionBase._respond`).
         self.responses: dict[Hashable, SharedResponse] = {}
+        self._refs: frozenset[str] | None = None
 
     # -- Mapping ---------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Resource:
@@ -246,17 +247,18 @@ class View(Mapping[str, Resource]):
         return b"".join(p.delta_body() for p in self.parts)
 
     def refs(self) -> frozenset[str]:
-        """Names this view's resources refer to in the dependent type."""
-        parts = [p.refs() for p in self.parts if p.refs()]
-        if len(parts) == 1:
-            return parts[0]
-        return frozenset().union(*parts)
+        """Names this view's resources refer to in the dependent type; computed once (views are
+        immutable), as every fast-path publish checks them for each of 2,000 classes."""
+        if self._refs is None:
+            parts = [r for p in self.parts if (r := p.refs())]
+            self._refs = parts[0] if len(parts) == 1 else frozenset().union(*parts)
+        return self._refs
 
 
 class ResourceSet(View):
     """One group of resources of one type, serialized, indexed and versioned once, shared."""
 
-    __slots__ = ("_body", "_delta_body", "_diffs", "_refs", "_removed", "by_name", "type_url")
+    __slots__ = ("_body", "_delta_body", "_diffs", "_removed", "by_name", "type_url")
 
     def __init__(self, type_url: str, resources: Iterable[Resource], *,
                  _indexed: tuple[dict[str, Resource], int] | None = None) -> None:
