@@ -350,11 +350,17 @@ class MeshSnapshot:
         """Services whose workloadSelector picks a workload with ``labels`` in ``namespace``, in host order.
 
         Asked once per proxy class, so it looks only at candidates: services indexed under one
-        label of their selector (built once per snapshot), never every service of the mesh.
+        label of their selector (built once per services mapping: a routing change, which keeps the
+        mapping, reuses the last mesh version's), never every service of the mesh.
         """
         index = self.memo.get(_SELECTOR_INDEX)
         if index is None:
-            index = self.memo[_SELECTOR_INDEX] = _selector_index(self.services.values())
+            services = self.services
+            if self.carry is None:
+                index = _selector_index(services.values())
+            else:  # the same services mapping as the last mesh version (a routing change): same index
+                index = self.carry.keyed(_SELECTOR_INDEX, (services,), (), lambda: _selector_index(services.values()))
+            self.memo[_SELECTOR_INDEX] = index
         found = [*index.get((namespace, "", ""), ())]
         for key, value in labels.items():
             found += index.get((namespace, key, value), ())
