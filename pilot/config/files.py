@@ -207,8 +207,9 @@ class FileSource:
         self.failures = 0
         self.last_result = LoadResult()
         self._seen: Fingerprint | None = None
-        # The last walk: paths, its problems, and each file's position in `_seen` by absolute path.
-        self._listing: tuple[list[tuple[str, str]], list[DocumentError], dict[str, int]] | None = None
+        # The last walk: paths, its problems, and each file's position in `_seen` by absolute path
+        # (built when a hint first needs it: the periodic sweep of an unchanged directory builds none).
+        self._listing: tuple[list[tuple[str, str]], list[DocumentError], dict[str, int] | None] | None = None
         self._trusted = False
         self._cache: ParseCache = {}  # the latest parse of every file
         self._held: dict[str, _Held] = {}  # what each file gives the store now
@@ -303,7 +304,11 @@ class FileSource:
             else:
                 paths, problems = [], [not_a_directory(self.directory)]
             seen, racy = fingerprint(self.directory, paths)
-            self._listing = (paths, problems, {os.path.abspath(e[0]): i for i, e in enumerate(seen)})
+            if (self._listing is None or self._listing[0] != paths
+                    or [e[0] for e in seen] != [e[0] for e in self._seen or ()]):
+                self._listing = (paths, problems, None)  # positions indexed when a hint first needs them
+            else:
+                self._listing = (paths, problems, self._listing[2])
         touched = seen != self._seen
         if not touched and self._trusted and not self._pending:
             return None
@@ -347,6 +352,9 @@ class FileSource:
         if self._listing is None or self._seen is None:
             return None
         paths, problems, index = self._listing
+        if index is None:
+            index = {os.path.abspath(e[0]): i for i, e in enumerate(self._seen)}
+            self._listing = (paths, problems, index)
         entries = list(self._seen)
         for raw in hint:
             path = os.path.abspath(raw)

@@ -112,3 +112,20 @@ def test_session_fanout_fleet_ends_synced_after_each_change(tmp_path: Path, delt
     assert sent == 3 and answered > 0 and acked > 0  # one EDS response per stream, each ACKed
     states = {ts.state() for st in fleet.registry.streams() for ts in st.types.values()}
     assert states == {SyncState.SYNCED}
+
+
+@pytest.mark.timeout(90)
+def test_sample_dir_samples_the_server_during_each_change(tmp_path: Path) -> None:
+    """`--sample-dir`: py-spy attaches to pilot and to the baseline for every change phase (not
+    connect) and leaves one raw stack file per change, named for the server, protocol and change."""
+    quiet = Console(file=io.StringIO(), width=160)
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    report = run_benchmark([3], ["delta"], tmp_path, repeats=1, services=3, console=quiet,
+                           idle_seconds=0.5, quiet_seconds=0.1, sample_dir=samples)
+    assert all(r.converged for r in report.runs)
+    names = sorted(p.name for p in samples.iterdir())
+    assert names == ["baseline-delta-01-route.txt", "baseline-delta-02-endpoint.txt",
+                     "pilot-delta-01-route.txt", "pilot-delta-02-endpoint.txt"], names
+    pilot_stacks = "".join((samples / n).read_text() for n in names if n.startswith("pilot"))
+    assert "pilot/" in pilot_stacks  # stacks of pilot's own code, "frame;frame;... count" lines
