@@ -27,7 +27,7 @@ from rich.console import Console
 from benchmarks.meshgen import MAX_SERVICES
 from benchmarks.procs import ProcessGroup
 from benchmarks.report import PER_WORKLOAD, Report, print_report
-from benchmarks.runner import Options, run_baseline, run_pilot
+from benchmarks.runner import Options, py_spy, run_baseline, run_pilot
 
 
 def machine_info(pin: bool = False) -> dict[str, object]:
@@ -141,6 +141,8 @@ def main(clients: str, protocol: str, repeats: int, services: int, classes_text:
     if profile_dir:
         profile_dir.mkdir(parents=True, exist_ok=True)
     if sample_dir:
+        if py_spy() is None:
+            raise click.UsageError("--sample-dir needs py-spy (pip install py-spy; it is in meshctl[test])")
         sample_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ads-load-") as tmp:
         base = workdir or Path(tmp)

@@ -186,8 +186,10 @@ class Session:
             return
         self.changes += 1
         out = self.opts.sample_dir / f"{self.server}-{self.opts.protocol}-{self.changes:02d}-{phase}.txt"
-        py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-        spy = subprocess.Popen([py_spy, "record", "--pid", str(self.meter.proc.pid), "--rate", "250",
+        found = py_spy()
+        if found is None:
+            raise FileNotFoundError("--sample-dir needs py-spy: pip install py-spy (it is in meshctl[test])")
+        spy = subprocess.Popen([found, "record", "--pid", str(self.meter.proc.pid), "--rate", "250",
                                 "--format", "raw", "--nonblocking", "--output", str(out)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.3)  # let it attach before the change starts
@@ -291,6 +293,12 @@ def run_baseline(group: ProcessGroup, opts: Options, rec: Recording, log: Callab
     finally:
         group.stop(proc, grace=2)
     return run
+
+
+def py_spy() -> str | None:
+    """py-spy's executable: on PATH, or beside this Python (a venv run without activating it)."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
 
 
 def median_rss(meter: ResourceMeter, samples: int = 5, interval: float = 0.2) -> float:

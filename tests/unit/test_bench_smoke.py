@@ -123,7 +123,7 @@ def test_sample_dir_samples_the_server_during_each_change(tmp_path: Path) -> Non
     samples.mkdir()
     report = run_benchmark([3], ["delta"], tmp_path, repeats=1, services=3, console=quiet,
                            idle_seconds=0.5, quiet_seconds=0.1, sample_dir=samples)
-    assert all(r.converged for r in report.runs)
+    assert all(r.converged for r in report.runs), [(r.server, r.error) for r in report.runs]
     names = sorted(p.name for p in samples.iterdir())
     assert names == ["baseline-delta-01-route.txt", "baseline-delta-02-endpoint.txt",
                      "pilot-delta-01-route.txt", "pilot-delta-02-endpoint.txt"], names
