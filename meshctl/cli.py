@@ -13,27 +13,32 @@ from typing import TYPE_CHECKING
 
 import click
 
-from injector.redirect_cmd import redirect
 from meshctl import __version__
-from meshctl.analyze import analyze
-from meshctl.completion_cmd import completion
-from meshctl.describe import describe_group
-from meshctl.install import install, uninstall
-from meshctl.kube_inject import kube_inject
-from meshctl.proxy_cmd import proxy
-from meshctl.proxy_config import proxy_config
-from meshctl.proxy_status_cmd import proxy_status
-from meshctl.simulate import experimental
-from meshctl.version_cmd import version
-from meshctl.wait_cmd import wait
+from meshctl.lazy_group import LazyGroup
 
 if TYPE_CHECKING:
     from pilot.settings import PilotSettings
 
 DEFAULT_DEBUG = "127.0.0.1:15014"
+# Subcommands living in their own modules, imported when named (see `meshctl.lazy_group`).
+SUBCOMMANDS = {
+    "proxy": "meshctl.proxy_cmd:proxy",
+    "redirect": "injector.redirect_cmd:redirect",
+    "kube-inject": "meshctl.kube_inject:kube_inject",
+    "install": "meshctl.install:install",
+    "uninstall": "meshctl.install:uninstall",
+    "analyze": "meshctl.analyze:analyze",
+    "describe": "meshctl.describe:describe_group",
+    "proxy-status": "meshctl.proxy_status_cmd:proxy_status",
+    "proxy-config": "meshctl.proxy_config:proxy_config",
+    "version": "meshctl.version_cmd:version",
+    "completion": "meshctl.completion_cmd:completion",
+    "x": "meshctl.simulate:experimental",
+    "wait": "meshctl.wait_cmd:wait",
+}
 
 
-@click.group(epilog="""
+@click.group(cls=LazyGroup, lazy=SUBCOMMANDS, epilog="""
 \b
 Examples:
   meshctl up --config-dir ./mesh &                 # the control plane on a directory of Istio YAML
@@ -221,21 +226,6 @@ def demo(duration: float, ads_port: int, tls_port: int, debug_port: int) -> None
         raise click.ClickException(str(exc)) from None
     if failed:
         raise SystemExit(1)
-
-
-cli.add_command(proxy)
-cli.add_command(redirect)
-cli.add_command(kube_inject)
-cli.add_command(install)
-cli.add_command(uninstall)
-cli.add_command(analyze)
-cli.add_command(describe_group)
-cli.add_command(proxy_status)
-cli.add_command(proxy_config)
-cli.add_command(version)
-cli.add_command(completion)
-cli.add_command(experimental)
-cli.add_command(wait)
 
 
 async def _until_signal() -> None:

@@ -46,7 +46,6 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import any_pb2, duration_pb2, json_format, message, struct_pb2, wrappers_pb2
 
-from pilot.api.route_common import ENVOY_RE2_MAX_PROGRAM_SIZE
 from pilot.model.proxy import (
     META_BIND_ADDRESS,
     META_INSTANCE_IPS,
@@ -57,6 +56,7 @@ from pilot.model.proxy import (
     META_WORKLOAD_CERTS,
     ProxyKind,
 )
+from pilot.runtime_limits import ENVOY_RE2_MAX_PROGRAM_SIZE
 
 ADMIN_PORT = 15000
 HEALTH_PORT = 15021

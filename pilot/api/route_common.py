@@ -18,16 +18,12 @@ from pydantic import AfterValidator, Field
 from pilot.api.base import FloatPercent, Host, IstioModel, NonNegative, one_of, rule_error
 from pilot.api.common import PortSelector
 from pilot.api.errors import FieldIssue
+from pilot.runtime_limits import ENVOY_RE2_MAX_PROGRAM_SIZE
 
 FULL_WEIGHT = 100
 MIN_DURATION = timedelta(milliseconds=1)
 # Istio's webhook refuses a regex of more bytes than this (it stands in for RE2's program size there).
 MAX_REGEX_LENGTH = 1024
-# Envoy refuses a regex whose compiled RE2 program is larger than the runtime value
-# `re2.max_program_size.error_level` (100 by default, source/common/common/regex.cc). Istio's
-# bootstrap raises it to 32768, and so does meshctl's (`pilot.bootstrap.layered_runtime`): every
-# sidecar and gateway applies this number.
-ENVOY_RE2_MAX_PROGRAM_SIZE = 32768
 
 
 def _re2_options() -> Any:

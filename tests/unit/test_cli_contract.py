@@ -49,11 +49,18 @@ FORMAT_OPTION = {
 }
 
 
+def _sub(group: click.Group, name: str) -> click.Command | None:
+    """A group's subcommand as click finds it (a lazy group imports it now)."""
+    return group.get_command(click.Context(group), name)
+
+
 def _walk(command: click.Command, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
     yield path, command
     if isinstance(command, click.Group):
-        for name in sorted(command.commands):
-            yield from _walk(command.commands[name], (*path, name))
+        for name in command.list_commands(click.Context(command)):
+            sub = _sub(command, name)
+            assert sub is not None, f"meshctl {' '.join((*path, name))} is listed but cannot be loaded"
+            yield from _walk(sub, (*path, name))
 
 
 COMMANDS = dict(_walk(cli))
@@ -110,10 +117,9 @@ def _resolve(argv: list[str]) -> tuple[tuple[str, ...], click.Command, list[str]
     command: click.Command = cli
     path: tuple[str, ...] = ()
     rest = list(argv)
-    while isinstance(command, click.Group) and rest and rest[0] in command.commands:
-        path = (*path, rest[0])
-        command = command.commands[rest.pop(0)]
-        assert isinstance(command, click.Command)
+    while isinstance(command, click.Group) and rest and (sub := _sub(command, rest[0])) is not None:
+        path = (*path, rest.pop(0))
+        command = sub
     return path, command, rest
 
 

@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import pty
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -356,3 +357,36 @@ def test_pod_of_reads_the_pod_from_a_node_id_and_names_bad_ones() -> None:
     assert kubectl_args("shop", "web-1", Path("/k"), "ctx") == [
         "port-forward", "--namespace", "shop", "pod/web-1", ":15000", "--address", "127.0.0.1",
         "--kubeconfig", "/k", "--context", "ctx"]
+
+
+LIGHT_PROBE = """
+import sys
+import click
+from meshctl.cli import cli
+loaded_at_start = sorted(m for m in sys.modules if m.startswith(("meshctl.", "pilot.", "injector.")))
+proxy = cli.get_command(click.Context(cli), "proxy")
+run = proxy.get_command(click.Context(proxy), "run")
+print(loaded_at_start)
+print(run.name, "pilot.api" in sys.modules, "meshctl.analyze" in sys.modules, "aiohttp" in sys.modules)
+"""
+
+
+def test_a_subcommand_imports_only_what_it_needs() -> None:
+    """`meshctl proxy run` (one per sidecar) loads neither the API models nor the other commands:
+    importing the CLI loads no subcommand, naming `proxy` loads the proxy's modules alone."""
+    out = subprocess.run([sys.executable, "-c", LIGHT_PROBE], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout.splitlines()
+    assert out[0] == "['meshctl.cli', 'meshctl.lazy_group']"
+    assert out[1] == "run False False True"  # aiohttp: the proxy talks to Envoy's admin API with it
+
+
+def test_every_listed_subcommand_loads_under_its_own_name() -> None:
+    ctx = click.Context(cli)
+    names = cli.list_commands(ctx)
+    assert {"proxy", "proxy-status", "proxy-config", "describe", "analyze", "x", "wait"} <= set(names)
+    for name in names:
+        command = cli.get_command(ctx, name)
+        assert command is not None and command.name == name
+    assert cli.get_command(ctx, "no-such-command") is None
+    result = CliRunner().invoke(cli, ["no-such-command"])
+    assert result.exit_code == 2 and "No such command 'no-such-command'" in result.output
