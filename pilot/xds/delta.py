@@ -9,7 +9,8 @@ pair ACK/NACK with responses; subscription changes apply whatever the nonce.
 Cost: a subscription is one interned frozenset shared by every stream with the same names;
 what a stream holds is the shared view it was last brought to (never copied: held and acked
 are references), and the changes between views are computed once per pair of versions, so a
-push costs a stream O(changes). Only a proxy holding something no view has (a reconnect with
+push costs a stream O(changes). A first subscription of a type that another stream sent as the
+same bytes is taken without decoding them (`handle_wire`). Only a proxy holding something no view has (a reconnect with
 initial versions, a NACK, removals still pending) is diffed name by name.
 """
 
@@ -25,7 +26,7 @@ from pilot.xds import typeurls
 from pilot.xds.resources import EMPTY_SET, Resource, View
 from pilot.xds.session import SessionBase, held_version_of
 from pilot.xds.snapshot import Snapshot
-from pilot.xds.wire import len_field, str_field
+from pilot.xds.wire import len_field, str_field, subscribe_tail
 
 
 @dataclass
@@ -48,12 +49,40 @@ class _DeltaType:
         return None if self.wildcard else self.names
 
 
+# The fields of a request that names itself, its type and what it subscribes to, and nothing else.
+_SUBSCRIBE_ONLY = frozenset({"node", "type_url", "resource_names_subscribe"})
+
+
 class DeltaSession(SessionBase[_DeltaType]):
     protocol = "delta"
 
     @staticmethod
     def parse(raw: bytes) -> Any:
         return discovery_pb2.DeltaDiscoveryRequest.FromString(raw)
+
+    def handle_wire(self, raw: bytes) -> bool:
+        """`handle` for a request as received. A stream's first request of a type that only
+        subscribes (Envoy's EDS subscription on connect: ~3,000 names, 150 KB at mission scale) is
+        recognised by its bytes when another stream sent the same ones: the shared subscription is
+        taken without decoding a name (decoding, listing and building the set cost ~0.7 ms a stream,
+        1.5 s of a 2,000-proxy connect)."""
+        tail = subscribe_tail(raw)
+        if tail is None or tail[1] in self.types:
+            return self.handle(self.parse(raw), raw)
+        start, type_url = tail
+        names = self.subscriptions.by_tail(raw, start) if start < len(raw) else None
+        if names is not None:
+            state = self.types[type_url] = _DeltaType(wildcard=False)
+            state.held, state.acked = {}, {}
+            state.names = names
+            return True
+        request = self.parse(raw)
+        result = self.handle(request, raw)
+        made = self.types.get(type_url)
+        if (made is not None and not made.wildcard and made.names and request.type_url == type_url
+                and {f.name for f, _ in request.ListFields()} <= _SUBSCRIBE_ONLY):
+            self.subscriptions.remember_tail(raw, start, made.names)
+        return result
 
     def handle(self, request: Any, wire: bytes | None = None) -> bool:
         """Apply a request; True if it may call for a response (False for a plain ACK)."""

@@ -86,6 +86,11 @@ class Subscriptions:
         # to the shared bytes object instead of its own copy of a few thousand names.
         self._wire: dict[bytes, tuple[bytes, frozenset[str] | None]] = {}
         self._wire_bytes = 0
+        # The wire bytes of a delta request's subscribe-only tail (see `pilot.xds.wire.subscribe_tail`)
+        # by a cheap fingerprint (length, first and last bytes) -> (those bytes, the subscription):
+        # a stream's first subscription of a type is recognised with one memcmp, without hashing
+        # or decoding a few thousand names.
+        self._tails: dict[tuple[int, bytes, bytes], list[tuple[bytes, frozenset[str]]]] = {}
         self.nonces = Nonces()  # nonces of responses shared by streams: unique server-wide
 
     def intern(self, names: frozenset[str]) -> frozenset[str]:
@@ -101,10 +106,32 @@ class Subscriptions:
         """The shared key bytes and subscription seen before for these request bytes, if any."""
         return self._wire.get(key)
 
-    def remember_wire(self, key: bytes, names: frozenset[str] | None) -> tuple[bytes, frozenset[str] | None]:
-        if len(self._wire) >= self.limit or self._wire_bytes > WIRE_BYTES_LIMIT:
+    @staticmethod
+    def _fingerprint(raw: bytes, start: int) -> tuple[int, bytes, bytes]:
+        return len(raw) - start, raw[start:start + 64], raw[-64:]
+
+    def by_tail(self, raw: bytes, start: int) -> frozenset[str] | None:
+        """The subscription remembered for `raw[start:]`, compared in place (no copy, no hash of it)."""
+        size = len(raw) - start
+        for key, names in self._tails.get(self._fingerprint(raw, start), ()):
+            if len(key) == size and raw.startswith(key, start):
+                return names
+        return None
+
+    def remember_tail(self, raw: bytes, start: int, names: frozenset[str]) -> None:
+        """Remember that a delta request ending in `raw[start:]` subscribes to exactly `names`."""
+        self._make_room()
+        self._wire_bytes += len(raw) - start
+        self._tails.setdefault(self._fingerprint(raw, start), []).append((raw[start:], names))
+
+    def _make_room(self) -> None:
+        if len(self._wire) + len(self._tails) >= self.limit or self._wire_bytes > WIRE_BYTES_LIMIT:
             self._wire.clear()
+            self._tails.clear()
             self._wire_bytes = 0
+
+    def remember_wire(self, key: bytes, names: frozenset[str] | None) -> tuple[bytes, frozenset[str] | None]:
+        self._make_room()
         self._wire_bytes += len(key)
         found = self._wire[key] = (key, names)
         return found

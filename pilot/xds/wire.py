@@ -68,3 +68,26 @@ def names_region(raw: bytes, type_fields: Mapping[bytes, str]) -> tuple[int, int
         if at >= 0:
             return start, at + len(encoded), type_url
     return None
+
+
+def subscribe_tail(raw: bytes) -> tuple[int, str] | None:
+    """Where a serialized DeltaDiscoveryRequest's fields after its type begin, and the type URL.
+
+    Encoders write fields in number order: node (1), type_url (2), resource_names_subscribe (3),
+    then unsubscribe (4), initial versions (5), nonce (6), error (7). Everything from the returned
+    offset on is what the request asks besides naming itself and its type; two requests whose
+    tails are equal bytes ask the same. None without a type field right after the node.
+    """
+    try:
+        pos = _after_len_field(raw, 1) if raw[:1] == b"\x0a" else 0
+        if raw[pos:pos + 1] != b"\x12":
+            return None
+        end = _after_len_field(raw, pos + 1)
+    except IndexError:
+        return None
+    if end > len(raw):
+        return None
+    start = pos + 1
+    while raw[start] & 0x80:  # the length varint
+        start += 1
+    return end, raw[start + 1:end].decode("utf-8", "replace")

@@ -387,6 +387,76 @@ def test_an_ack_repeating_its_names_is_applied_without_decoding_them(monkeypatch
     assert len(decoded) == 1 and state.names == frozenset(names[:-1])
 
 
+def _delta_subscribe(names: list[str], node_id: str = "", **fields: Any) -> bytes:
+    request = discovery_pb2.DeltaDiscoveryRequest(type_url=ENDPOINT, resource_names_subscribe=names, **fields)
+    if node_id:
+        request.node.id = node_id
+    return bytes(request.SerializeToString())
+
+
+def test_a_delta_subscription_another_stream_sent_is_taken_without_decoding_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Envoy's first EDS request on a delta stream names every cluster; the second stream sending
+    the same bytes (with its own node) gets the first one's subscription object, decodes nothing,
+    and is answered exactly as a stream that decoded the request."""
+    registry, subscriptions = _registry(), Subscriptions()
+    names = [f"outbound|80||svc-{i}.example" for i in range(1, 60)]
+    snap = snapshot({n: i + 1 for i, n in enumerate(names)})
+
+    def session(node: str, shared: Subscriptions) -> DeltaSession:
+        return DeltaSession(registry.open(ProxyIdentity(node, "c", ProxyClass(ProxyKind.SIDECAR, "ns")), "delta", "t"),
+                            registry, shared)
+
+    first = session("a", subscriptions)
+    assert first.handle_wire(_delta_subscribe(names, "a"))
+    decoded: list[int] = []
+    real = DeltaSession.parse
+
+    def counting(data: bytes) -> Any:
+        decoded.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(DeltaSession, "parse", staticmethod(counting))
+    second = session("b", subscriptions)
+    assert second.handle_wire(_delta_subscribe(list(names), "b"))  # a node of its own: not part of the tail
+    assert decoded == [] and second.types[ENDPOINT].names is first.types[ENDPOINT].names
+    third = session("c", Subscriptions())  # nothing remembered: decodes
+    assert third.handle_wire(_delta_subscribe(names))
+    assert len(decoded) == 1
+
+    def answer(s: DeltaSession) -> list[tuple[str, list[tuple[str, str]]]]:
+        out = []
+        for raw in s.responses(snap):
+            response = discovery_pb2.DeltaDiscoveryResponse.FromString(raw)
+            out.append((response.type_url, sorted((r.name, r.version) for r in response.resources)))
+        return out
+
+    assert answer(second) == answer(third) == answer(first) != []
+
+
+@pytest.mark.parametrize("extra", [
+    {"resource_names_unsubscribe": ["gone"]},
+    {"response_nonce": "n-1"},
+    {"initial_resource_versions": {"outbound|80||svc-1.example": "v1"}},
+])
+def test_a_delta_request_asking_more_than_a_subscription_is_decoded_every_time(
+        extra: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    registry, subscriptions = _registry(), Subscriptions()
+    names = [f"outbound|80||svc-{i}.example" for i in range(1, 20)]
+    tail_at = len(discovery_pb2.DeltaDiscoveryRequest(type_url=ENDPOINT).SerializeToString())  # no node
+    raw = _delta_subscribe(names, **extra)
+    for node in ("a", "b"):
+        DeltaSession(registry.open(ProxyIdentity(node, "c", ProxyClass(ProxyKind.SIDECAR, "ns")), "delta", "t"),
+                     registry, subscriptions).handle_wire(raw)
+    assert subscriptions.by_tail(raw, tail_at) is None
+    # The plain subscription is remembered; one name changed, same length and place, is not taken for it.
+    plain = _delta_subscribe(names)
+    DeltaSession(registry.open(ProxyIdentity("c", "c", ProxyClass(ProxyKind.SIDECAR, "ns")), "delta", "t"),
+                 registry, subscriptions).handle_wire(plain)
+    assert subscriptions.by_tail(plain, tail_at) == frozenset(names)
+    changed = _delta_subscribe([*names[:-1], names[-1][:-1] + "X"])
+    assert len(changed) == len(plain) and subscriptions.by_tail(changed, tail_at) is None
+
+
 def test_streams_taking_the_same_step_share_one_response_object(mesh: Mesh) -> None:
     """Proxies of different classes brought to the same shared view get the same bytes object (not
     a copy each); every stream still sees a fresh nonce on each of its responses."""
