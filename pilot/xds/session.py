@@ -38,6 +38,9 @@ class _Held(Protocol):
 StateT = TypeVar("StateT", bound=_Held)
 # Bytes of remembered request name lists; past it the table starts over (sharing lost, not correctness).
 WIRE_BYTES_LIMIT = 64 * 1024 * 1024
+# Answers kept by `Subscriptions.covers`; each holds two shared sets alive (up to ~0.1 MB each at
+# mission scale), so few: a mesh version has one pair per namespace's view and subscription.
+COVERED_LIMIT = 64
 # Shared responses kept per view (distinct steps to it: held versions, types).
 SHARED_RESPONSES = 32
 
@@ -91,6 +94,7 @@ class Subscriptions:
         # a stream's first subscription of a type is recognised with one memcmp, without hashing
         # or decoding a few thousand names.
         self._tails: dict[tuple[int, bytes, bytes], list[tuple[bytes, frozenset[str]]]] = {}
+        self._covered: dict[tuple[frozenset[str], frozenset[str]], bool] = {}  # see `covers`
         self.nonces = Nonces()  # nonces of responses shared by streams: unique server-wide
 
     def intern(self, names: frozenset[str]) -> frozenset[str]:
@@ -101,6 +105,22 @@ class Subscriptions:
             self._known.clear()
         self._known[names] = names
         return names
+
+    def covers(self, subscribed: frozenset[str], needed: frozenset[str]) -> bool:
+        """Whether `needed <= subscribed`, answered once per pair of (shared) sets.
+
+        Why: on connect every stream asks whether its clusters' EDS names are subscribed (~3,000
+        of each at mission scale, ~0.1 ms), and streams of one namespace ask about the same two
+        objects: the views' memoized references and the interned subscription. Frozensets cache
+        their hashes, so a repeated question costs one dictionary lookup.
+        """
+        key = (subscribed, needed)
+        found = self._covered.get(key)
+        if found is None:
+            if len(self._covered) >= COVERED_LIMIT:
+                self._covered.clear()
+            found = self._covered[key] = needed <= subscribed
+        return found
 
     def by_wire(self, key: bytes) -> tuple[bytes, frozenset[str] | None] | None:
         """The shared key bytes and subscription seen before for these request bytes, if any."""
@@ -227,7 +247,7 @@ class SessionBase(Generic[StateT]):
         and the EDS answer then goes out first (push order); until that request arrives, the new
         clusters are warming. Cost: one comparison while the CDS version and the EDS subscription
         are those last found warm; otherwise a subset test over the clusters' EDS names (shared
-        sets keep theirs), once per CDS change per stream.
+        sets keep theirs), answered once per pair of shared sets (`Subscriptions.covers`).
         """
         cds = self.types.get(typeurls.CLUSTER)
         if cds is None or not cds.held:
@@ -239,8 +259,10 @@ class SessionBase(Generic[StateT]):
             return False
         if subscribed is not None:
             held = cds.held
-            needed = held.refs() if isinstance(held, View) else frozenset(n for r in held.values() for n in r.refs)
-            if not needed <= subscribed:
+            if isinstance(held, View):  # shared references: the answer is shared too
+                if not self.subscriptions.covers(subscribed, held.refs()):
+                    return True
+            elif not frozenset(n for r in held.values() for n in r.refs) <= subscribed:
                 return True
         self._warm_ok = (version, subscribed)
         return False

@@ -581,3 +581,24 @@ def test_a_flood_of_new_proxy_identities_does_not_stall_a_push(tmp_path: Path) -
     fresh = Snapshot.from_parts(generate_parts(route_version, newcomers[-1]), built.pusher.serializer)
     snap = built.cache.get(newcomers[-1])
     assert snap is not None and snap.version(ROUTE) == fresh.version(ROUTE)
+
+
+class _CountingSet(frozenset[str]):
+    compared = 0
+
+    def __le__(self, other: object) -> bool:
+        type(self).compared += 1
+        return super().__le__(other)  # type: ignore[operator]
+
+
+def test_whether_clusters_are_warm_is_answered_once_per_pair_of_shared_sets() -> None:
+    """Every stream of a namespace asks whether its clusters' EDS names are subscribed (thousands
+    of names at mission scale); with the same two shared sets, the subset test runs once."""
+    subscriptions = Subscriptions()
+    needed = _CountingSet({"a", "b"})
+    subscribed = subscriptions.intern(frozenset({"a", "b", "c"}))
+    assert all(subscriptions.covers(subscribed, needed) for _ in range(100))
+    assert _CountingSet.compared == 1
+    partial = subscriptions.intern(frozenset({"a"}))
+    assert not subscriptions.covers(partial, needed) and not subscriptions.covers(partial, needed)
+    assert _CountingSet.compared == 2
