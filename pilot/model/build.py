@@ -93,11 +93,14 @@ def build_mesh(
         lambda sub: _warned(lambda w: build_scoping(scope_inputs, cluster_domain, w, sub, root_namespace)))
     # The base view, with same-namespace rules merged as Istio does.
     rules = memo.stage("rules", (scoping,), (), lambda _: oldest_merged_rules(scoping))
+    # Scoping is rebuilt by any routing edit; equal rules keep the last build's object, so what is
+    # keyed by it (the per-rule checks below, the frozen map) is reused.
+    rules = memo.same("merged-rules", rules)
     warnings = [*delegate_warnings, *service_warnings, *routing_warnings, *scoping_warnings]
     warnings += memo.stage("gateway-conflicts", (scoping, workloads), (),
                            lambda _: gateway_server_conflicts(scoping.gateways, workloads))
     warnings += memo.stage("dangling", (routing, shape, rules), (),  # shape: hosts and ports
-                           lambda _: _dangling_references(routing, services, rules))
+                           lambda sub: _dangling_references(routing, services, rules, shape, sub))
     warnings += memo.stage("local-ports", (services,), (), lambda _: local_port_warnings(services))
     security, peer_authn = _security(memo, by_kind, jwks, scoping.root_namespace)
     return m.MeshSnapshot(
@@ -282,26 +285,42 @@ def _virtual_services(
 
 
 def _dangling_references(
-    routing: dict[str, m.RoutingRule], services: dict[str, m.Service], rules: dict[str, m.DestinationPolicy]
+    routing: dict[str, m.RoutingRule], services: dict[str, m.Service], rules: dict[str, m.DestinationPolicy],
+    shape: object, memo: Conversions,
 ) -> list[str]:
-    """Destinations naming hosts, subsets or ports that do not exist (Envoy would answer 503)."""
+    """Destinations naming hosts, subsets or ports that do not exist (Envoy would answer 503).
+
+    Each rule's findings are kept while the rule, the services' hosts and ports (`shape`) and the
+    DestinationRules are the same objects: a VirtualService edit checks that rule alone, not the
+    mesh's 1,000 (~55 ms of a route change's build at mission scale).
+    """
     out: list[str] = []
     seen: set[str] = set()
     for rule in routing.values():
-        ref = f"VirtualService {rule.namespace}/{rule.name}"
-        for d in convert_routes.all_destinations(rule):
-            svc = services.get(d.host)
-            if svc is None:
-                msg = f"{ref}: destination {d.host}: no ServiceEntry defines this host"
-            elif d.subset and d.subset not in (rules[d.host].subsets if d.host in rules else {}):
-                msg = f"{ref}: destination {d.host}: subset {d.subset!r} is not defined by a DestinationRule"
-            elif d.port is not None and svc.port(d.port) is None:
-                msg = f"{ref}: destination {d.host}: port {d.port} is not a port of the service"
-            else:
-                continue
+        for msg in memo.keyed("dangling", (rule, shape, rules), (), partial(_dangling_in, rule, services, rules)):
             if msg not in seen:
                 seen.add(msg)
                 out.append(msg)
+    return out
+
+
+def _dangling_in(
+    rule: m.RoutingRule, services: dict[str, m.Service], rules: dict[str, m.DestinationPolicy]
+) -> list[str]:
+    """One rule's destinations naming hosts, subsets or ports that do not exist, in its order."""
+    out: list[str] = []
+    ref = f"VirtualService {rule.namespace}/{rule.name}"
+    for d in convert_routes.all_destinations(rule):
+        svc = services.get(d.host)
+        if svc is None:
+            msg = f"{ref}: destination {d.host}: no ServiceEntry defines this host"
+        elif d.subset and d.subset not in (rules[d.host].subsets if d.host in rules else {}):
+            msg = f"{ref}: destination {d.host}: subset {d.subset!r} is not defined by a DestinationRule"
+        elif d.port is not None and svc.port(d.port) is None:
+            msg = f"{ref}: destination {d.host}: port {d.port} is not a port of the service"
+        else:
+            continue
+        out.append(msg)
     return out
 
 

@@ -351,3 +351,36 @@ def test_missing_delegate_and_dangling_l4_and_mirror_destinations_are_warned_abo
         "VirtualService default/r: destination r.default.svc.cluster.local: "
         "subset 'v9' is not defined by a DestinationRule",
     )
+
+
+def test_an_edit_checks_the_destinations_of_the_edited_virtual_service_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dangling destinations are checked per VirtualService and kept while the services and
+    DestinationRules stay: an edit re-checks its own rule, not every rule of the mesh."""
+    from pilot.model import build
+    from pilot.model.conversions import Conversions
+
+    checked: list[str] = []
+    real = build._dangling_in
+
+    def counting(rule: m.RoutingRule, *args: Any) -> list[str]:
+        checked.append(rule.name)
+        return real(rule, *args)
+
+    monkeypatch.setattr(build, "_dangling_in", counting)
+
+    def named(name: str, *http: dict[str, Any]) -> Any:
+        doc = vs(*http)
+        doc["metadata"]["name"], doc["spec"]["hosts"] = name, [f"{name}.example"]
+        return parse_object(doc)
+
+    entry, others = parse_object(SE), [named(f"r{i}", {"route": [DEST]}) for i in range(5)]
+    memo = Conversions()
+    first = build_mesh([entry, *others, named("edited", {"route": [DEST]})], conversions=memo)
+    assert sorted(checked) == sorted([*(f"r{i}" for i in range(5)), "edited"]) and not first.warnings
+    checked.clear()
+    again = build_mesh([entry, *others, named("edited", {"route": [DEST], "mirror": {"host": "ghost"}})],
+                       conversions=memo)
+    assert checked == ["edited"]
+    assert again.warnings == (
+        "VirtualService default/edited: destination ghost.default.svc.cluster.local: no ServiceEntry defines this host",
+    )
