@@ -127,7 +127,7 @@ def _classes(text: str) -> int | str:
 @click.option("--profile-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Run pilot under cProfile and write one .prof per run here.")
 @click.option("--sample-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Sample the server (pilot and baseline) with py-spy during each change; raw stacks here.")
+              help="py-spy the server (pilot, baseline) while clients connect and in each change; stacks here.")
 @click.option("--pilot-env", multiple=True,
               help="KEY=VALUE for pilot's environment, e.g. MESHCTL_PILOT_DEBOUNCE_MS=10.")
 def main(clients: str, protocol: str, repeats: int, services: int, classes_text: str, idle_seconds: float,

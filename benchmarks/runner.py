@@ -180,8 +180,8 @@ class Session:
 
     @contextlib.contextmanager
     def _sampled(self, phase: str) -> Iterator[None]:
-        """py-spy the server while a change phase runs (`sample_dir`), to read where its CPU goes."""
-        if self.opts.sample_dir is None or phase == "connect":
+        """py-spy the server while a phase runs (`sample_dir`: connect and each change), to read where its CPU goes."""
+        if self.opts.sample_dir is None:
             yield
             return
         self.changes += 1

@@ -116,8 +116,8 @@ def test_session_fanout_fleet_ends_synced_after_each_change(tmp_path: Path, delt
 
 @pytest.mark.timeout(90)
 def test_sample_dir_samples_the_server_during_each_change(tmp_path: Path) -> None:
-    """`--sample-dir`: py-spy attaches to pilot and to the baseline for every change phase (not
-    connect) and leaves one raw stack file per change, named for the server, protocol and change."""
+    """`--sample-dir`: py-spy attaches to pilot and to the baseline while the clients connect and for
+    every change, and leaves one raw stack file per phase, named for the server, protocol and phase."""
     quiet = Console(file=io.StringIO(), width=160)
     samples = tmp_path / "samples"
     samples.mkdir()
@@ -125,7 +125,7 @@ def test_sample_dir_samples_the_server_during_each_change(tmp_path: Path) -> Non
                            idle_seconds=0.5, quiet_seconds=0.1, sample_dir=samples)
     assert all(r.converged for r in report.runs), [(r.server, r.error) for r in report.runs]
     names = sorted(p.name for p in samples.iterdir())
-    assert names == ["baseline-delta-01-route.txt", "baseline-delta-02-endpoint.txt",
-                     "pilot-delta-01-route.txt", "pilot-delta-02-endpoint.txt"], names
+    assert names == ["baseline-delta-01-connect.txt", "baseline-delta-02-route.txt", "baseline-delta-03-endpoint.txt",
+                     "pilot-delta-01-connect.txt", "pilot-delta-02-route.txt", "pilot-delta-03-endpoint.txt"], names
     pilot_stacks = "".join((samples / n).read_text() for n in names if n.startswith("pilot"))
     assert "pilot/" in pilot_stacks  # stacks of pilot's own code, "frame;frame;... count" lines
