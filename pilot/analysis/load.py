@@ -1,8 +1,9 @@
 """Turning YAML files, cluster listings or pilot's /debug/configz into an `AnalysisInput`.
 
 Mesh documents go through `pilot.api.parse_object`, the parser pilot's file and Kubernetes
-sources use, and files are split into documents the way `pilot.config.files` splits them
-(``---`` lines, libyaml when present), so what analyze accepts is what pilot accepts. A document
+sources use, and files are split into documents by pilot's own splitter
+(`pilot.config.yaml_text.documents`: ``---`` lines, libyaml when present, the same size limit and
+numbering), so what analyze accepts is what pilot accepts. A document
 that does not parse becomes a message (IST0106 per bad field, MSH0001 for YAML that is not an
 object), never an exception. Kubernetes kinds the analyzers need (Service, Pod, Namespace, Secret,
 and the pod templates of Deployments, StatefulSets, DaemonSets, ReplicaSets and Jobs) are read
@@ -13,25 +14,20 @@ Cost: one YAML parse and one validation per document; nothing is kept but the pa
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from pilot.analysis import messages as msg
 from pilot.analysis.inputs import AnalysisInput, Key, WorkloadFacts
 from pilot.api import ApiObject, parse_object
 from pilot.api.errors import ApiError, InvalidObjectError, UnsupportedKindError
 from pilot.config.yaml_dir import yaml_files
-from pilot.config.yaml_text import MAX_DOCUMENT_BYTES
+from pilot.config.yaml_text import documents
 from pilot.credentials import CA_FILES, CERT_FILES
 from pilot.kube.registry import RegistryError, kube_service
 
-_DOC_START = re.compile(r"^---[ \t]*(?:#.*)?$", re.MULTILINE)  # as pilot.config.files splits documents
-_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 TEMPLATE_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"})
 SIDECAR_CONTAINER = "istio-proxy"
 INJECT_KEY = "sidecar.istio.io/inject"  # a pod's label (or, older, annotation) opting in or out
@@ -189,26 +185,17 @@ def workload_facts(kind: str, namespace: str, name: str, meta: Mapping[str, Any]
 
 def add_text(collector: Collector, text: str, file: str) -> None:
     """Every document of one YAML file; a document that is not YAML costs only itself."""
-    index = 0
-    for chunk in _DOC_START.split(text):
-        if len(chunk.encode("utf-8")) > MAX_DOCUMENT_BYTES:
+    for found in documents(text):
+        where = f"{file}[{found.index}]"
+        if found.too_large:
             collector.problems.append(msg.Message(msg.INVALID_DOCUMENT, "", "", "", "", (
-                "document is over the 1.5 MiB limit of a Kubernetes object"), "split it into smaller objects",
-                f"{file}[{index}]"))
-            index += 1
-            continue
-        try:
-            docs = [d for d in yaml.load_all(chunk, Loader=_LOADER) if d is not None]
-        except (yaml.YAMLError, RecursionError, ValueError) as exc:
-            if chunk.strip():
-                collector.problems.append(msg.Message(msg.INVALID_DOCUMENT, "", "", "", "",
-                                                      f"invalid YAML: {' '.join(str(exc).split())}",
-                                                      "fix the YAML syntax at the line shown", f"{file}[{index}]"))
-                index += 1
-            continue
-        for doc in docs:
-            collector.add(doc, f"{file}[{index}]")
-            index += 1
+                "document is over the 1.5 MiB limit of a Kubernetes object"), "split it into smaller objects", where))
+        elif found.invalid:
+            problem = f"invalid YAML: {found.invalid}"
+            collector.problems.append(msg.Message(msg.INVALID_DOCUMENT, "", "", "", "", problem,
+                                                  "fix the YAML syntax at the line shown", where))
+        else:
+            collector.add(found.value, where)
 
 
 def add_paths(collector: Collector, paths: Iterable[str], stdin_text: str | None = None) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -44,36 +46,64 @@ def load_text(text: str, file: str = "<text>") -> LoadResult:
 # of a thousand unchanged files then handles ~9,000 keys without asking each object again.
 
 
-def parse_text(text: str, file: str, located: list[Located], errors: list[DocumentError]) -> None:
+@dataclass(frozen=True)
+class YamlDocument:
+    """One document of a multi-document YAML text, decoded, or why it could not be.
+
+    `index` counts documents from 0 in the text; an over-size or invalid part counts as one.
+    """
+
+    index: int
+    chunk: str  # the text of the `---`-separated part it came from
+    value: Any = None  # the decoded document, when there is no problem
+    too_large: int = 0  # the part's size in bytes, when over MAX_DOCUMENT_BYTES (not decoded)
+    invalid: str = ""  # the YAML error on one line, when the part is not YAML
+
+
+def documents(text: str) -> Iterator[YamlDocument]:
+    """The documents of a YAML text: the one splitter behind pilot's file source and `meshctl analyze`,
+    so both count documents, limit their size and report broken YAML alike. A part over the size
+    limit is not decoded; a part that is not YAML is one problem and the next part is read."""
     index = 0
     for chunk in _DOC_START.split(text):
         # A character is at most 4 bytes: shorter chunks cannot be over the limit, and are not encoded.
         if len(chunk) * 4 > MAX_DOCUMENT_BYTES and (size := len(chunk.encode("utf-8"))) > MAX_DOCUMENT_BYTES:
-            kind, namespace, name = identify(chunk)
-            ref = f"{object_ref(kind, namespace, name)}: " if kind or name else ""
-            errors.append(DocumentError(file, index, kind, namespace, name, (
-                f"{ref}document is {size / 2**20:.1f} MiB, over the 1.5 MiB limit of a Kubernetes object "
-                "(etcd's request size); split it into smaller objects")))
+            yield YamlDocument(index, chunk, too_large=size)
             index += 1
             continue
         try:
             docs = [d for d in yaml.load_all(chunk, Loader=_LOADER) if d is not None]
         except (yaml.YAMLError, RecursionError, ValueError) as exc:
             if chunk.strip():
-                errors.append(DocumentError(file, index, None, None, None, f"invalid YAML: {one_line(exc)}"))
+                yield YamlDocument(index, chunk, invalid=one_line(exc))
                 index += 1
             continue
         for doc in docs:
+            yield YamlDocument(index, chunk, doc)
+            index += 1
+
+
+def parse_text(text: str, file: str, located: list[Located], errors: list[DocumentError]) -> None:
+    for found in documents(text):
+        index = found.index
+        if found.too_large:
+            kind, namespace, name = identify(found.chunk)
+            ref = f"{object_ref(kind, namespace, name)}: " if kind or name else ""
+            errors.append(DocumentError(file, index, kind, namespace, name, (
+                f"{ref}document is {found.too_large / 2**20:.1f} MiB, over the 1.5 MiB limit of a Kubernetes "
+                "object (etcd's request size); split it into smaller objects")))
+        elif found.invalid:
+            errors.append(DocumentError(file, index, None, None, None, f"invalid YAML: {found.invalid}"))
+        else:
             try:
-                if len(chunk) > _SMALLEST_LONG_LIST:
-                    _check_counts(doc)
-                obj = parse_object(doc)
+                if len(found.chunk) > _SMALLEST_LONG_LIST:
+                    _check_counts(found.value)
+                obj = parse_object(found.value)
                 located.append((file, index, obj, obj.key))
             except ApiError as exc:
                 errors.append(DocumentError(file, index, exc.kind, exc.namespace, exc.name, str(exc)))
             except RecursionError:
                 errors.append(DocumentError(file, index, None, None, None, "document is nested too deeply"))
-            index += 1
 
 
 def identify(text: str) -> tuple[str | None, str | None, str | None]:

@@ -259,3 +259,22 @@ def test_arbitrary_text_is_reported_not_raised(text: str) -> None:
     collector = Collector()
     add_text(collector, text, "t.yaml")
     analyze(collector.result())
+
+
+def test_analyze_numbers_and_rejects_documents_as_pilot_does() -> None:
+    """One splitter serves both: an invalid part and an over-size part are each one document, at
+    the same index in pilot's file source errors and in analyze's MSH0001 messages."""
+    from pilot.config.yaml_text import MAX_DOCUMENT_BYTES, load_text
+
+    good = ("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: s, namespace: default}\n"
+            "spec: {hosts: [s.example], ports: [{number: 80, name: http, protocol: HTTP}], resolution: DNS}\n")
+    large = "kind: ServiceEntry\nmetadata: {name: big}\nspec: {hosts: [" + "a" * MAX_DOCUMENT_BYTES + "]}\n"
+    text = "\n---\n".join([good, "a: [unclosed", large, good.replace("name: s,", "name: t,")])
+    pilot = load_text(text, "m.yaml")
+    assert sorted((e.index, e.message.split(":")[0]) for e in pilot.errors) == [
+        (1, "invalid YAML"), (2, "ServiceEntry default/big")]
+    assert sorted(o.metadata.name for o in pilot.objects) == ["s", "t"]
+    collector = Collector()
+    add_text(collector, text, "m.yaml")
+    problems = sorted((m.origin, m.type.code) for m in collector.problems)
+    assert problems == [("m.yaml[1]", "MSH0001"), ("m.yaml[2]", "MSH0001")]
