@@ -198,9 +198,9 @@ class DebugApi:
         top = request.query.get("top", "25")
         if not top.isdigit():
             raise web.HTTPBadRequest(text=f"query parameter 'top' must be a whole number, not {top!r}\n")
-        trimmed = release_free_memory() if request.query.get("trim") else ""
-        allocator = f"allocator: {gcpolicy.allocator_in_use(os.environ)}\n"
-        return web.Response(text=allocator + trimmed + memory_report(int(top)))
+        allocator = gcpolicy.allocator_in_use(os.environ)
+        trimmed = release_free_memory(allocator) if request.query.get("trim") else ""
+        return web.Response(text=f"allocator: {allocator}\n" + trimmed + memory_report(int(top)))
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=exposition(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -300,12 +300,13 @@ def memory_report(top: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def release_free_memory() -> str:
-    """Return free heap pages to the OS now (see `pilot.gcpolicy.release_free_memory`); a debug aid."""
+def release_free_memory(allocator: str) -> str:
+    """Return free heap pages to the OS now (see `pilot.gcpolicy.release_free_memory`); a debug aid.
+    `allocator` is `gcpolicy.allocator_in_use`'s answer, which names the release in the report."""
     before = _rss_mb()
     if not gcpolicy.release_free_memory():
         return "no release: neither jemalloc nor glibc is the allocator\n"
-    how = "jemalloc purge" if gcpolicy.allocator_in_use(os.environ) == "jemalloc" else "malloc_trim"
+    how = "jemalloc purge" if allocator == "jemalloc" else "malloc_trim"
     return f"{how}: RSS {before:.0f} MB -> {_rss_mb():.0f} MB\n"
 
 

@@ -260,14 +260,21 @@ class ResourceSet(View):
 
     __slots__ = ("_body", "_delta_body", "_diffs", "_removed", "by_name", "type_url")
 
-    def __init__(self, type_url: str, resources: Iterable[Resource], *,
-                 _indexed: tuple[dict[str, Resource], int] | None = None) -> None:
+    def __init__(self, type_url: str, resources: Iterable[Resource]) -> None:
+        by_name = {r.name: r for r in resources}
+        self._init(type_url, by_name, sum(r.tag for r in by_name.values()) & _MASK)
+
+    @classmethod
+    def _indexed(cls, type_url: str, by_name: dict[str, Resource], total: int) -> ResourceSet:
+        """A set from its index and tag total, already known (`replaced`): nothing is walked."""
+        made = cls.__new__(cls)
+        made._init(type_url, by_name, total)
+        return made
+
+    def _init(self, type_url: str, by_name: dict[str, Resource], total: int) -> None:
         self.type_url = type_url
-        if _indexed is None:
-            self.by_name: dict[str, Resource] = {r.name: r for r in resources}
-            self.total = sum(r.tag for r in self.by_name.values()) & _MASK
-        else:
-            self.by_name, self.total = _indexed
+        self.by_name = by_name
+        self.total = total
         self.version = version_of_total(self.total)
         self._subviews = {}
         self._exact = {}
@@ -330,7 +337,7 @@ class ResourceSet(View):
         for name, resource in changed.items():
             total += resource.tag - by_name[name].tag  # KeyError: not a replacement
             by_name[name] = resource
-        return ResourceSet(self.type_url, (), _indexed=(by_name, total & _MASK))
+        return ResourceSet._indexed(self.type_url, by_name, total & _MASK)
 
     def changed_since(self, old: ResourceSet) -> Mapping[str, Resource]:
         """Resources new or changed since `old` (by content version); memoized per old version."""
