@@ -358,6 +358,19 @@ def test_the_names_of_an_ack_are_compared_as_bytes() -> None:
     assert request_names_key(nack.SerializeToString(), TYPE_FIELDS) == key  # the same subscription
 
 
+def _count_parses(monkeypatch: pytest.MonkeyPatch, session_type: type[SotwSession] | type[DeltaSession]) -> list[int]:
+    """The sizes of the requests `session_type` decodes from now on (its `parse`), in order."""
+    decoded: list[int] = []
+    real = session_type.parse
+
+    def counting(data: bytes) -> Any:
+        decoded.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(session_type, "parse", staticmethod(counting))
+    return decoded
+
+
 def test_an_ack_repeating_its_names_is_applied_without_decoding_them(monkeypatch: pytest.MonkeyPatch) -> None:
     registry = _registry()
     session = SotwSession(registry.open(_identity(), "sotw", "test"), registry)
@@ -368,14 +381,7 @@ def test_an_ack_repeating_its_names_is_applied_without_decoding_them(monkeypatch
     subscription, key = state.names, state.requested_key
     (raw,) = session.responses(snap)
     nonce = discovery_pb2.DiscoveryResponse.FromString(raw).nonce
-    decoded: list[int] = []
-    real = SotwSession.parse
-
-    def counting(data: bytes) -> Any:
-        decoded.append(len(data))
-        return real(data)
-
-    monkeypatch.setattr(SotwSession, "parse", staticmethod(counting))
+    decoded = _count_parses(monkeypatch, SotwSession)
     ack = discovery_pb2.DiscoveryRequest(version_info="v", type_url=ENDPOINT, resource_names=names,
                                          response_nonce=nonce)
     session.handle_wire(ack.SerializeToString())
@@ -408,14 +414,7 @@ def test_a_delta_subscription_another_stream_sent_is_taken_without_decoding_it(m
 
     first = session("a", subscriptions)
     assert first.handle_wire(_delta_subscribe(names, "a"))
-    decoded: list[int] = []
-    real = DeltaSession.parse
-
-    def counting(data: bytes) -> Any:
-        decoded.append(len(data))
-        return real(data)
-
-    monkeypatch.setattr(DeltaSession, "parse", staticmethod(counting))
+    decoded = _count_parses(monkeypatch, DeltaSession)
     second = session("b", subscriptions)
     assert second.handle_wire(_delta_subscribe(list(names), "b"))  # a node of its own: not part of the tail
     assert decoded == [] and second.types[ENDPOINT].names is first.types[ENDPOINT].names
