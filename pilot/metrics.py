@@ -23,7 +23,7 @@ import importlib.metadata
 import re
 from collections.abc import Iterable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, Summary
+from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, ProcessCollector, Summary
 from prometheus_client import exposition as _exposition
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -159,6 +159,9 @@ class IstioPushMetrics:
         # The process's CPU, memory, open files and start time (process_*; Linux /proc): what the
         # dashboard's Go-runtime panels show for istiod, for a Python process.
         ProcessCollector(registry=registry)
+        # Python's garbage collections by generation (python_gc_*): a full collection over a
+        # mission-scale heap takes tens to hundreds of milliseconds, so a slow push is read here first.
+        GCCollector(registry=registry)
 
 
 def _version() -> str:

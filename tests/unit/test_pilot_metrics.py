@@ -190,6 +190,7 @@ async def test_every_pilot_metric_of_istios_dashboard_is_exported_after_a_push(p
     assert value(text, "pilot_services") == 2 and value(text, "pilot_virt_services") == 1
     assert value(text, "pilot_xds_pushes_total", type="CDS") == 2  # meshctl's older name stays
     assert value(text, "process_resident_memory_bytes") > 0
+    assert value(text, "python_gc_collections_total", generation="0") > 0  # garbage collections, per generation
     for _ in range(100):  # the server notices the closed stream
         _, text = await get(pilot, "/metrics")
         if not value(text, "pilot_xds", version=""):
