@@ -218,3 +218,37 @@ def test_snapshot_is_frozen() -> None:
 def test_cluster_domain_is_used_for_short_names() -> None:
     vs = obj("VirtualService", "r", {"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews"}}]}]})
     assert list(build_mesh([vs], cluster_domain="corp.local").virtual_services) == ["reviews.default.svc.corp.local"]
+
+
+def test_a_routing_edit_keeps_the_merged_destination_rules_and_their_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scoping reruns on any VirtualService edit; the DestinationRule merge, which reads no routing
+    rule, is kept (and so is its warning) while the DestinationRules are the same objects."""
+    from pilot.model import build_scoping
+    from pilot.model.conversions import Conversions
+
+    merges: list[int] = []
+    real = build_scoping.merged_destination_rules
+
+    def counting(rules: Any, *args: Any) -> Any:
+        merges.append(len(rules))
+        return real(rules, *args)
+
+    monkeypatch.setattr(build_scoping, "merged_destination_rules", counting)
+    first = obj("DestinationRule", "a", {"host": "reviews", "subsets": [{"name": "v1", "labels": {"version": "v1"}}]})
+    second = obj("DestinationRule", "b", {"host": REVIEWS})
+
+    def route(weight: int) -> ApiObject:
+        return obj("VirtualService", "r", {"hosts": ["reviews"], "http": [{"route": [
+            {"destination": {"host": "reviews", "subset": "v1"}, "weight": weight},
+            {"destination": {"host": "reviews"}, "weight": 100 - weight}]}]})
+
+    memo = Conversions()
+    merged = "DestinationRule default/b: merged into DestinationRule default/a"
+    before = build_mesh([SE, first, second, route(10)], conversions=memo)
+    after = build_mesh([SE, first, second, route(20)], conversions=memo)
+    assert merges == [2]  # the edit did not merge again
+    assert any(w.startswith(merged) for w in before.warnings) and any(w.startswith(merged) for w in after.warnings)
+    assert after.destination_rules[REVIEWS] is before.destination_rules[REVIEWS]
+    edited = obj("DestinationRule", "b", {"host": REVIEWS, "subsets": [{"name": "v2", "labels": {"version": "v2"}}]})
+    again = build_mesh([SE, first, edited, route(20)], conversions=memo)
+    assert merges == [2, 2] and list(again.destination_rules[REVIEWS].subsets) == ["v1", "v2"]
