@@ -10,8 +10,9 @@ Cost: a subscription is one interned frozenset shared by every stream with the s
 what a stream holds is the shared view it was last brought to (never copied: held and acked
 are references), and the changes between views are computed once per pair of versions, so a
 push costs a stream O(changes). A first subscription of a type that another stream sent as the
-same bytes is taken without decoding them (`handle_wire`). Only a proxy holding something no view has (a reconnect with
-initial versions, a NACK, removals still pending) is diffed name by name.
+same bytes is taken without decoding them (`handle_wire`). Only a proxy holding something no
+view has (a reconnect with initial versions, a NACK, removals still pending) is diffed name by
+name.
 """
 
 from __future__ import annotations
@@ -71,10 +72,8 @@ class DeltaSession(SessionBase[_DeltaType]):
             return self.handle(self.parse(raw), raw)
         start, type_url = tail
         names = self.subscriptions.by_tail(raw, start) if start < len(raw) else None
-        if names is not None:
-            state = self.types[type_url] = _DeltaType(wildcard=False)
-            state.held, state.acked = {}, {}
-            state.names = names
+        if names is not None:  # what `handle` makes of that request, its names already interned
+            self._new_state(type_url, False, {}).names = names
             return True
         request = self.parse(raw)
         result = self.handle(request, raw)
@@ -92,9 +91,7 @@ class DeltaSession(SessionBase[_DeltaType]):
         state = self.types.get(type_url)
         if state is None:
             wildcard = type_url in typeurls.WILDCARD_TYPES and (not subscribe or "*" in subscribe)
-            state = self.types[type_url] = _DeltaType(wildcard=wildcard)
-            initial = request.initial_resource_versions
-            state.held = state.acked = {n: Resource.held(type_url, n, v) for n, v in initial.items()}
+            state = self._new_state(type_url, wildcard, request.initial_resource_versions)
         settled = False
         if request.response_nonce:
             if request.response_nonce == self.pending.get(type_url):
@@ -115,6 +112,12 @@ class DeltaSession(SessionBase[_DeltaType]):
         if unsubscribe:
             self._holding(type_url, held_version_of(state.held))  # an unsubscribe needs no response
         return changed or state.seen == "" or self._settled_with_removals(settled)
+
+    def _new_state(self, type_url: str, wildcard: bool, initial: Mapping[str, str]) -> _DeltaType:
+        """A type's state at its first request: what the proxy says it holds (`initial` versions)."""
+        state = self.types[type_url] = _DeltaType(wildcard=wildcard)
+        state.held = state.acked = {n: Resource.held(type_url, n, v) for n, v in initial.items()}
+        return state
 
     def _clears_nack(self, type_url: str, version: str) -> bool:
         """A delta response carries only changes: its ACK shows the proxy took a resource it NACKed

@@ -35,16 +35,21 @@ def str_field(field_number: int, text: str) -> bytes:
     return len_field(field_number, text.encode()) if text else b""
 
 
-def _after_len_field(data: bytes, pos: int) -> int:
-    """Where a length-delimited field ends, given the position just after its tag."""
+def _len_field_bounds(data: bytes, pos: int) -> tuple[int, int]:
+    """Where a length-delimited field's payload starts and ends, given the position just after its tag."""
     length, shift = 0, 0
     while True:
         byte = data[pos]
         pos += 1
         length |= (byte & 0x7F) << shift
         if byte < 0x80:
-            return pos + length
+            return pos, pos + length
         shift += 7
+
+
+def _after_len_field(data: bytes, pos: int) -> int:
+    """Where a length-delimited field ends, given the position just after its tag."""
+    return _len_field_bounds(data, pos)[1]
 
 
 def names_region(raw: bytes, type_fields: Mapping[bytes, str]) -> tuple[int, int, str] | None:
@@ -82,12 +87,9 @@ def subscribe_tail(raw: bytes) -> tuple[int, str] | None:
         pos = _after_len_field(raw, 1) if raw[:1] == b"\x0a" else 0
         if raw[pos:pos + 1] != b"\x12":
             return None
-        end = _after_len_field(raw, pos + 1)
+        start, end = _len_field_bounds(raw, pos + 1)
     except IndexError:
         return None
     if end > len(raw):
         return None
-    start = pos + 1
-    while raw[start] & 0x80:  # the length varint
-        start += 1
-    return end, raw[start + 1:end].decode("utf-8", "replace")
+    return end, raw[start:end].decode("utf-8", "replace")
