@@ -129,3 +129,18 @@ def test_sample_dir_samples_the_server_during_each_change(tmp_path: Path) -> Non
                      "pilot-delta-01-connect.txt", "pilot-delta-02-route.txt", "pilot-delta-03-endpoint.txt"], names
     pilot_stacks = "".join((samples / n).read_text() for n in names if n.startswith("pilot"))
     assert "pilot/" in pilot_stacks  # stacks of pilot's own code, "frame;frame;... count" lines
+
+
+@pytest.mark.timeout(60)
+def test_write_floor_delivers_every_byte_both_ways_and_reports_the_cpu() -> None:
+    """`benchmarks.write_floor`: every stream's reader gets each round's bytes over gRPC and over
+    plain TCP; the report gives both rows and their CPU ratio."""
+    import asyncio
+
+    from benchmarks.write_floor import grpc_floor, report, tcp_floor
+
+    floors = [asyncio.run(grpc_floor(7, 3000, 2)), tcp_floor(7, 3000, 2)]
+    assert [(f.transport, f.received) for f in floors] == [("grpc.aio", 7 * 3000 * 2), ("plain TCP", 7 * 3000 * 2)]
+    assert all(f.cpu > 0 and f.wall > 0 for f in floors)
+    text = report(floors, 2)
+    assert text.count(" yes") == 2 and "grpc.aio / plain TCP CPU:" in text
