@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 from pilot.model.authz import WorkloadSecurity, workload_security
-from pilot.model.mesh import MeshSnapshot, Service
+from pilot.model.mesh import MeshSnapshot, Service, frozen_map
 from pilot.model.mtls import WorkloadMtls, workload_mtls
 from pilot.model.proxy import ProxyClass, ProxyKind
 from pilot.translate import names
@@ -20,10 +20,16 @@ from pilot.translate.gateway import gateway_resources
 from pilot.translate.listeners import sidecar_listeners_for
 from pilot.translate.memo import carried_value, memoized
 from pilot.translate.passthrough import PASSTHROUGH_CLUSTER, allow_any, passthrough_cluster, passthrough_vhost
-from pilot.translate.routes import outbound_route_config
+from pilot.translate.routes import carried_outbound_config
 from pilot.translate.scope import InboundPort, ProxyView, proxy_view, scope_view
 from pilot.translate.tcp_routes import outbound_l4_listeners
-from pilot.translate.visibility import outbound_policy_vhosts, selected_rules, visible_mesh
+from pilot.translate.visibility import (
+    narrowed_routes,
+    outbound_policy_vhosts,
+    routing_rules_alone_differ,
+    selected_rules,
+    visible_mesh,
+)
 from pilot.xds import typeurls
 
 Resources = dict[str, dict[str, Any]]  # type URL -> resource name -> xds-protos message
@@ -56,12 +62,12 @@ def _source_label_keys(seen: MeshSnapshot) -> frozenset[str]:
     )
 
 
-def _outbound_routes(seen: MeshSnapshot, view: ProxyView) -> dict[str, Any]:
-    """The sidecar's outbound route config: depends on its namespace, labels and egress scope."""
-    outbound = outbound_route_config(seen, view.namespace, view.labels)
-    outbound.virtual_hosts.extend(outbound_policy_vhosts(view.egress))
-    if allow_any(view):
-        outbound.virtual_hosts.append(passthrough_vhost())
+def _outbound_routes(seen: MeshSnapshot, view: ProxyView, key: Hashable) -> dict[str, Any]:
+    """The sidecar's outbound route config: depends on its namespace, labels and egress scope,
+    which `key` (the route part's memo key) determines; patched from the last mesh version's when
+    only routing rules changed (`carried_outbound_config`)."""
+    tail = [*outbound_policy_vhosts(view.egress), *([passthrough_vhost()] if allow_any(view) else [])]
+    outbound = carried_outbound_config(seen, ("outbound-config", key), view.namespace, view.labels, tail)
     return {names.OUTBOUND_ROUTE: outbound}
 
 
@@ -83,7 +89,10 @@ def _visible(mesh: MeshSnapshot, key: tuple[Any, ...], labels: Mapping[str, str]
     DestinationRules only through `scoping`, which the build hands over as the same object while
     they are unchanged. So with the same scoping and the same hosts in the same namespaces, the
     narrowed mesh is the last one with this mesh's service objects: O(visible services) of
-    dictionary work. The result equals `visible_mesh(...)` (tests compare both).
+    dictionary work. A routing edit (the same services mapping, the scoping different in its
+    routing rules alone, no egress host list) keeps the narrowed services and DestinationRules and
+    matches the rules to hosts again (~2 ms at 1,000 rules, instead of ~10-16 ms). The result
+    equals `visible_mesh(...)` (tests compare both).
     """
     namespace, egress, _ = key[1:]
     carry = mesh.carry
@@ -92,12 +101,18 @@ def _visible(mesh: MeshSnapshot, key: tuple[Any, ...], labels: Mapping[str, str]
     last = carry.previous(("visible-mesh", *key))
     if last is not None:
         old_services, old_scoping, old = last
+        patched = None
         if old_scoping is mesh.scoping and _same_placement(old_services, mesh.services):
             services = mesh.services
             patched = dataclasses.replace(mesh, services=MappingProxyType({h: services[h] for h in old.services}),
                                           virtual_services=old.virtual_services,
                                           destination_rules=old.destination_rules)
-            carry.record(("visible-mesh", *key), (services, mesh.scoping, patched))
+        elif (old_services is mesh.services and (egress is None or egress.hosts is None)
+              and routing_rules_alone_differ(old_scoping, mesh.scoping)):
+            patched = dataclasses.replace(mesh, services=old.services, destination_rules=old.destination_rules,
+                                          virtual_services=frozen_map(narrowed_routes(mesh, namespace, old.services)))
+        if patched is not None:
+            carry.record(("visible-mesh", *key), (mesh.services, mesh.scoping, patched))
             return patched
     narrowed = visible_mesh(mesh, namespace, egress, labels)
     carry.record(("visible-mesh", *key), (mesh.services, mesh.scoping, narrowed))
@@ -201,7 +216,7 @@ def generate_routes(mesh: MeshSnapshot, proxy: ProxyClass) -> Mapping[str, Any]:
 def _sidecar_routes(seen: MeshSnapshot, proxy: ProxyClass, view: ProxyView, passthrough: bool) -> Mapping[str, Any]:
     """A plain sidecar's route part, shared by the classes with equal inputs (memoized on `seen`)."""
     key = ("routes", proxy.namespace, _route_labels(seen, view), view.egress, passthrough)
-    return memoized(seen, key, lambda: sorted_by_name(_outbound_routes(seen, view)))
+    return memoized(seen, key, lambda: sorted_by_name(_outbound_routes(seen, view, key)))
 
 
 def _route_labels(seen: MeshSnapshot, view: ProxyView) -> tuple[tuple[str, str], ...]:

@@ -6,6 +6,7 @@ everything inside a route (headers, weighted clusters) is sorted.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -241,10 +242,15 @@ def allow_large_direct_bodies(config: Any) -> Any:
     Envoy refuses a whole RouteConfiguration holding a body over 4 KB unless
     `max_direct_response_body_size_bytes` says more; Istio validates bodies up to 1 MB.
     """
-    sizes = (
-        len(r.direct_response.body.inline_string.encode()) + len(r.direct_response.body.inline_bytes)
-        for vhost in config.virtual_hosts for r in vhost.routes if r.HasField("direct_response")
-    )
-    if max(sizes, default=0) > ENVOY_DIRECT_BODY_LIMIT:
+    if needs_large_direct_bodies(config.virtual_hosts):
         config.max_direct_response_body_size_bytes.value = MAX_DIRECT_RESPONSE_BODY
     return config
+
+
+def needs_large_direct_bodies(vhosts: Iterable[Any]) -> bool:
+    """Whether a route of these virtual hosts answers with a body over Envoy's default limit."""
+    sizes = (
+        len(r.direct_response.body.inline_string.encode()) + len(r.direct_response.body.inline_bytes)
+        for vhost in vhosts for r in vhost.routes if r.HasField("direct_response")
+    )
+    return max(sizes, default=0) > ENVOY_DIRECT_BODY_LIMIT

@@ -9,18 +9,22 @@ collide is left out.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 
+from pilot.api.http_route import MAX_DIRECT_RESPONSE_BODY
 from pilot.model.convert_routes import all_destinations
 from pilot.model.mesh import MeshSnapshot, RoutingRule, Service, ServicePort
 from pilot.translate import names
 from pilot.translate.http_routes import (
     allow_large_direct_bodies,
     default_route,
+    needs_large_direct_bodies,
     outbound_default_route,
     virtual_service_routes,
 )
@@ -36,6 +40,14 @@ def outbound_route_config(mesh: MeshSnapshot, namespace: str, labels: Mapping[st
     ``labels`` are the sidecar's own: VirtualService matches with ``sourceLabels`` apply only
     when they fit, which makes the route config specific to the proxy class.
     """
+    return _outbound(mesh, namespace, labels)[0]
+
+
+def _outbound(
+    mesh: MeshSnapshot, namespace: str, labels: Mapping[str, str] | None
+) -> tuple[Any, Mapping[str, tuple[str, ...]], dict[str, list[int]]]:
+    """The route configuration, the domains claimed per virtual host, and each service host's
+    virtual hosts (their positions, in port order)."""
     source = RouteSource(namespace, labels or {})
     vhosts: list[tuple[str, Service, ServicePort]] = []
     for service in mesh.services.values():
@@ -48,13 +60,103 @@ def outbound_route_config(mesh: MeshSnapshot, namespace: str, labels: Mapping[st
     claimed = carried_by(mesh, _CLAIMS_TAG, tuple(svc for _, svc, _ in vhosts), (namespace, mesh.cluster_domain),
                          lambda: _claimed_domains(mesh, vhosts, namespace))
     config = route_pb2.RouteConfiguration(name=names.OUTBOUND_ROUTE)
-    for name, service, port in vhosts:
-        routes = vhost_routes(mesh, service, port, source)
-        domains = claimed[name]
-        config.virtual_hosts.append(carried_by(
-            mesh, _VHOST_TAG, (routes,), (name, domains),
-            lambda: rc.VirtualHost(name=name, domains=domains, routes=routes)))  # noqa: B023 (called at once)
-    return allow_large_direct_bodies(config)
+    positions: dict[str, list[int]] = {}
+    for index, (name, service, port) in enumerate(vhosts):
+        positions.setdefault(service.host, []).append(index)
+        config.virtual_hosts.append(_vhost(mesh, name, service, port, source, claimed[name]))
+    return allow_large_direct_bodies(config), claimed, positions
+
+
+def _vhost(mesh: MeshSnapshot, name: str, service: Service, port: ServicePort, source: RouteSource,
+           domains: tuple[str, ...]) -> Any:
+    routes = vhost_routes(mesh, service, port, source)
+    return carried_by(mesh, _VHOST_TAG, (routes,), (name, domains),
+                      lambda: rc.VirtualHost(name=name, domains=domains, routes=routes))
+
+
+@dataclass(frozen=True, eq=False)
+class OutboundBasis:
+    """An outbound route configuration and what it was made from, to patch its next version.
+
+    `services`, `destination_rules` and `virtual_services` are the narrowed mesh's mappings the
+    configuration was generated from; `positions` says where each service host's virtual hosts
+    are (in port order) in `config.virtual_hosts`.
+    """
+
+    services: Mapping[str, Service]
+    destination_rules: Mapping[str, Any]
+    virtual_services: Mapping[str, RoutingRule]
+    cluster_domain: str
+    claimed: Mapping[str, tuple[str, ...]]
+    positions: Mapping[str, list[int]]
+    config: Any
+
+
+def carried_outbound_config(
+    mesh: MeshSnapshot, key: Hashable, namespace: str, labels: Mapping[str, str] | None, tail: list[Any]
+) -> Any:
+    """`outbound_route_config(mesh, namespace, labels)` followed by the virtual hosts `tail`,
+    patched from the one recorded under `key` for the last mesh version when only routing rules
+    differ there. `key` must determine `tail` and what of `namespace` and `labels` routes read.
+
+    Why: a VirtualService edit changes the virtual hosts of its own hosts, yet generating the
+    configuration walks every service of the mesh: ~30 ms at 1,000 services, once per distinct
+    route configuration (per namespace with sidecars, at least) and route change. Patched, it
+    costs a copy of the configuration (~1.3 ms for 1,000 virtual hosts), a pass comparing the
+    routing rule of each host by identity, and the changed virtual hosts. Equal to generating
+    it afresh (tests compare both).
+    """
+    carry = mesh.carry
+    basis: OutboundBasis | None = carry.previous(key) if carry is not None else None
+    if basis is not None and carry is not None:
+        patched = _patched(mesh, basis, namespace, labels)
+        if patched is not None:
+            carry.record(key, dataclasses.replace(basis, virtual_services=mesh.virtual_services, config=patched))
+            return patched
+    config, claimed, positions = _outbound(mesh, namespace, labels)
+    config.virtual_hosts.extend(tail)
+    if carry is not None:
+        carry.record(key, OutboundBasis(mesh.services, mesh.destination_rules, mesh.virtual_services,
+                                        mesh.cluster_domain, claimed, positions, config))
+    return config
+
+
+def _patched(mesh: MeshSnapshot, basis: OutboundBasis, namespace: str, labels: Mapping[str, str] | None) -> Any:
+    """`basis.config` with the virtual hosts of every host whose routing rule is another object
+    made again; None unless the services and DestinationRules are the very same objects."""
+    if (mesh.cluster_domain != basis.cluster_domain or not _same_objects(basis.services, mesh.services)
+            or not _same_objects(basis.destination_rules, mesh.destination_rules)):
+        return None
+    before, after = basis.virtual_services, mesh.virtual_services
+    changed = [h for h in mesh.services if before.get(h) is not after.get(h)] if before is not after else []
+    if not changed:
+        return basis.config
+    source = RouteSource(namespace, labels or {})
+    config = route_pb2.RouteConfiguration()
+    config.CopyFrom(basis.config)
+    made = []
+    for host in changed:
+        service = mesh.services[host]
+        for index, port in zip(basis.positions.get(host, ()), service.http_ports, strict=True):
+            name = names.virtual_host(host, port.number)
+            made.append(_vhost(mesh, name, service, port, source, basis.claimed[name]))
+            config.virtual_hosts[index].CopyFrom(made[-1])
+    if config.HasField("max_direct_response_body_size_bytes"):
+        config.ClearField("max_direct_response_body_size_bytes")  # the large body may be gone: look again
+        return allow_large_direct_bodies(config)
+    if needs_large_direct_bodies(made):
+        config.max_direct_response_body_size_bytes.value = MAX_DIRECT_RESPONSE_BODY
+    return config
+
+
+def _same_objects(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Same keys, each with the very same object."""
+    if old is new:
+        return True
+    return len(old) == len(new) and all(new.get(k, _MISSING) is v for k, v in old.items())
+
+
+_MISSING = object()
 
 
 _CLAIMS_TAG = "vhost-domains"

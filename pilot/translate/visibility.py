@@ -24,7 +24,7 @@ from pilot.model.mesh import (
     selects,
 )
 from pilot.model.policy import NO_POLICY
-from pilot.model.scoping import REGISTRY_ONLY, EgressScope, Exported
+from pilot.model.scoping import REGISTRY_ONLY, EgressScope, Exported, Scoping
 from pilot.translate.memo import memoized
 
 Rules = list[Exported[RoutingRule]]
@@ -57,11 +57,32 @@ def visible_mesh(
     return dataclasses.replace(
         mesh,
         services=frozen_map(services),
-        virtual_services=frozen_map(routes_by_host([r.value for r in rules], services)),
+        virtual_services=frozen_map(narrowed_routes(mesh, namespace, services, rules)),
         destination_rules=frozen_map(
             {h: p for h, s in services.items() if (p := destination_rule_for(mesh, namespace, s, labels)) is not None}
         ),
     )
+
+
+def narrowed_routes(
+    mesh: MeshSnapshot, namespace: str, services: Mapping[str, Service], rules: Rules | None = None
+) -> dict[str, RoutingRule]:
+    """`visible_mesh`'s ``virtual_services``: the rules a proxy in ``namespace`` sees (``rules``,
+    else every rule exported there), under their hosts and the narrowed ``services`` they match."""
+    seen = visible_rules(mesh, namespace) if rules is None else rules
+    return routes_by_host([r.value for r in seen], services)
+
+
+_SCOPING_BESIDES_RULES = tuple(f.name for f in dataclasses.fields(Scoping)
+                               if f.name not in ("routing_rules", "rules_by_host", "wildcard_rules"))
+
+
+def routing_rules_alone_differ(old: Scoping, new: Scoping) -> bool:
+    """Whether two scopings are equal but for their routing rules (VirtualServices): then what a
+    namespace sees of services and DestinationRules is the same (`rules_by_host` and
+    `wildcard_rules` are indexes of `destination_rules`). Identity first: a routing edit keeps
+    the other fields' objects."""
+    return all((a := getattr(old, f)) is (b := getattr(new, f)) or a == b for f in _SCOPING_BESIDES_RULES)
 
 
 def _egress_admits(hosts: Iterable[tuple[str, str]], namespace: str, host: str) -> bool:

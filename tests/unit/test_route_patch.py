@@ -1,0 +1,146 @@
+"""What a routing edit patches from the last mesh version instead of computing again: the visible
+mesh of a namespace (`pilot.translate.generate._visible`) and the outbound route configuration
+(`pilot.translate.routes.carried_outbound_config`). Each must equal what computing afresh gives,
+byte for byte, and the patch must rebuild the virtual hosts of the edited hosts alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from pilot.config.store import ConfigStore
+from pilot.config.yaml_text import load_text
+from pilot.model.build import build_mesh
+from pilot.model.conversions import Conversions
+from pilot.model.mesh import MeshSnapshot
+from pilot.model.proxy import ProxyClass, ProxyKind
+from pilot.translate import routes
+from pilot.translate.generate import generate_parts
+from pilot.xds.typeurls import ROUTE
+from tests.unit.test_route_fast_path import CLASSES, mesh_text
+from tests.unit.test_visible_patch import seen_and_fresh
+
+# Plain, uncaptured sidecars: the classes with an outbound route configuration of their own.
+PLAIN = [k for k in CLASSES if k.kind == ProxyKind.SIDECAR and not k.captured]
+WEB = "web.shop.svc.cluster.local"
+BIG_BODY = "x" * 5000  # over Envoy's 4 KB default for direct-response bodies
+
+DIRECT = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: cart, namespace: shop}}
+spec:
+  hosts: [cart.shop.svc.cluster.local]
+  http:
+  - directResponse: {{status: 503, body: {{string: "{body}"}}}}
+"""
+
+
+class Builds:
+    """Successive meshes built as pilot builds them (conversions and generated parts carried)."""
+
+    def __init__(self) -> None:
+        self.conversions, self.carry = Conversions(), Conversions()
+        self.store = ConfigStore()  # keeps unchanged objects as the same instances
+
+    def mesh(self, text: str) -> MeshSnapshot:
+        self.carry.advance(complete=True)
+        loaded = load_text(text)
+        assert not loaded.errors, loaded.errors
+        self.store.replace_source("f", list(loaded.objects))
+        return build_mesh(self.store.objects(), conversions=self.conversions, carry=self.carry)
+
+
+def route_bytes(mesh: MeshSnapshot, key: ProxyClass) -> dict[str, bytes]:
+    (part,) = generate_parts(mesh, key)[ROUTE]
+    return {name: m.SerializeToString(deterministic=True) for name, m in part.items()}
+
+
+def fresh_route_bytes(text: str, key: ProxyClass) -> dict[str, bytes]:
+    """The same config built and generated with nothing carried from an earlier version."""
+    return route_bytes(build_mesh(list(load_text(text).objects)), key)
+
+
+def test_a_routing_edit_keeps_the_visible_services_and_rules_and_equals_a_fresh_narrowing() -> None:
+    builds = Builds()
+    first = builds.mesh(mesh_text())
+    before = {k: seen_and_fresh(first, k)[0] for k in CLASSES}
+    edited = builds.mesh(mesh_text(web_weight=70))
+    assert edited.services is first.services and edited.scoping is not first.scoping  # what lets it apply
+    for key in CLASSES:
+        seen, fresh = seen_and_fresh(edited, key)
+        assert seen == fresh, key
+        assert seen.virtual_services[WEB] is not before[key].virtual_services[WEB], key
+        if key.namespace != "narrow":  # a Sidecar's egress host list narrows afresh
+            assert seen.services is before[key].services, key
+            assert seen.destination_rules is before[key].destination_rules, key
+
+
+@pytest.mark.parametrize("edit", [
+    {"web_weight": 70},
+    {"web_weight": 70, "export": '"."'},  # the rule leaves every namespace but its own
+    {"cart_rule": False},  # a rule removed: its host falls back to the default route
+])
+def test_a_routing_edit_patches_each_route_configuration_in_its_hosts_alone(
+    edit: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    builds = Builds()
+    first = builds.mesh(mesh_text())
+    old = {key: route_bytes(first, key) for key in PLAIN}
+    asked: list[str] = []
+    real = routes.vhost_routes
+
+    def counting(mesh: MeshSnapshot, service: Any, *args: Any) -> Any:
+        asked.append(service.host)
+        return real(mesh, service, *args)
+
+    fresh = {key: fresh_route_bytes(mesh_text(**edit), key) for key in PLAIN}
+    monkeypatch.setattr(routes, "vhost_routes", counting)
+    edited = builds.mesh(mesh_text(**edit))
+    patched = {key: route_bytes(edited, key) for key in PLAIN}
+    monkeypatch.undo()
+    assert patched == fresh
+    changed = WEB if "web_weight" in edit else "cart.shop.svc.cluster.local"
+    # Only the edited host's virtual host was made again, once per route configuration that
+    # changed; a full generation would have asked for web, cart and n in each of them.
+    assert set(asked) == {changed}, asked
+    assert sum(patched[k] != old[k] for k in PLAIN) > 0
+    assert len(asked) <= len({(k.namespace, k.labels) for k in PLAIN})  # at most once per configuration
+
+
+def test_a_large_direct_body_raises_the_limit_and_leaving_lowers_it_again() -> None:
+    """Envoy refuses a body over 4 KB unless the route configuration allows it: the patched
+    configuration sets the limit when an edit brings such a body and clears it when it goes."""
+    base = mesh_text(cart_rule=False)
+    builds = Builds()
+    builds.mesh(base + "---\n" + DIRECT.format(body="short"))
+    key = PLAIN[0]
+    for body in (BIG_BODY, "short again", BIG_BODY):
+        text = base + "---\n" + DIRECT.format(body=body)
+        mesh = builds.mesh(text)
+        (part,) = generate_parts(mesh, key)[ROUTE]
+        assert part["outbound"].HasField("max_direct_response_body_size_bytes") == (body == BIG_BODY)
+        assert route_bytes(mesh, key) == fresh_route_bytes(text, key), body
+
+
+def test_an_edit_leaving_routing_alone_keeps_the_very_route_configuration() -> None:
+    """A rebuild where no service, DestinationRule or routing rule a configuration reads changed
+    (here a Sidecar for another namespace) hands back the last configuration object, so its
+    serialized bytes are reused as they are."""
+    builds = Builds()
+    first = builds.mesh(mesh_text())
+    before = {k: generate_parts(first, k)[ROUTE][0]["outbound"] for k in PLAIN}
+    again = builds.mesh(mesh_text() + "---\n" + OTHER_SIDECAR)
+    assert again.scoping is not first.scoping
+    for key in PLAIN:
+        assert generate_parts(again, key)[ROUTE][0]["outbound"] is before[key], key
+
+
+OTHER_SIDECAR = """\
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: elsewhere}
+spec:
+  egress: [{hosts: ["./*"]}]
+"""
