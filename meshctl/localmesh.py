@@ -14,6 +14,7 @@ sidecars use plaintext xDS, as before.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import random
@@ -205,6 +206,8 @@ def _summary(rows: list[dict[str, Any]]) -> str:
 
 # Ports `free_port` picks from start here (above 15000-15099, the ports Istio's proxies use).
 FREE_PORTS_FROM = 20_000
+# The last ports `free_port` returned in this process (not yet bound, perhaps): never returned twice.
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=1024)
 
 
 def free_port() -> int:
@@ -215,15 +218,20 @@ def free_port() -> int:
     that range, so a connection made between this call and the caller's own bind could take it
     (seen: an app's listener failing with "address already in use" while Envoys and pilots of
     other tests connected). Falls back to ``bind(0)`` where the range starts too low to leave room.
+    A port handed out recently is not handed out again: callers pick several ports before binding
+    any (an app's, then pilot's), and two draws could otherwise name the same one (seen once in CI).
     """
     low = _ephemeral_low()
     for _ in range(64 if low - FREE_PORTS_FROM > 1_000 else 0):
         port = random.randrange(FREE_PORTS_FROM, low)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _HANDED_OUT.append(port)
             return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

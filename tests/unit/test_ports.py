@@ -188,3 +188,14 @@ def test_free_ports_lie_below_the_range_outgoing_connections_take_theirs_from(tm
     odd.write_text("1024\t65535\n")
     assert _ephemeral_low(odd) == 1024
     assert _ephemeral_low(tmp_path / "missing") == 0
+
+
+def test_a_port_handed_out_is_not_handed_out_again_before_it_is_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Callers pick an app's port and then pilot's before binding either: two draws of the same
+    free port would make one of them fail with "address already in use" (seen once in CI)."""
+    from meshctl import localmesh
+
+    draws = iter([FREE_PORTS_FROM + 7, FREE_PORTS_FROM + 7, FREE_PORTS_FROM + 8])
+    monkeypatch.setattr(localmesh.random, "randrange", lambda *_: next(draws))
+    monkeypatch.setattr(localmesh, "_HANDED_OUT", localmesh.collections.deque(maxlen=4))
+    assert [free_port(), free_port()] == [FREE_PORTS_FROM + 7, FREE_PORTS_FROM + 8]
