@@ -61,7 +61,9 @@ def test_an_endpoint_move_patches_the_last_visible_mesh_and_equals_a_fresh_one()
         assert seen.virtual_services is before[key].virtual_services, key
 
 
-def test_a_routing_or_service_change_narrows_afresh() -> None:
+def test_a_routing_change_matches_the_rules_to_hosts_again() -> None:
+    """Not the endpoint patch: new routing rules are matched to hosts again (the routing patch,
+    `tests/unit/test_route_patch.py`, keeps the services and DestinationRules)."""
     builds = Builds()
     first = builds.mesh()
     before = {k: seen_and_fresh(first, k)[0] for k in CLASSES}
