@@ -48,30 +48,33 @@ def run_benchmark(clients: list[int], protocols: list[str], workdir: Path, repea
                   pilot_env: dict[str, str] | None = None, profile_dir: Path | None = None,
                   console: Console | None = None, pin: bool = False, classes: int | str = 10,
                   idle_seconds: float = 3.0, quiet_seconds: float = 2.0,
-                  sample_dir: Path | None = None) -> Report:
+                  sample_dir: Path | None = None, namespaces: int = 1) -> Report:
     """Run every (protocol, N) case; the result holds pilot and baseline runs in order.
 
     `classes` is a fixed count of config classes or "per-workload" (each proxy poses as one of
     the mesh's workloads). After connect the server is left alone `quiet_seconds`, then its
-    idle CPU and steady RSS are read over `idle_seconds` (tests shorten both).
+    idle CPU and steady RSS are read over `idle_seconds` (tests shorten both). `namespaces`: the
+    services (and, per workload, the proxies) spread over that many namespaces.
     """
     console = console or Console(stderr=True, width=max(160, Console(stderr=True).width))
     report = Report(machine_info(pin), {"clients": clients, "protocols": protocols, "repeats": repeats,
-                                     "services": services, "classes": classes, "idle_seconds": idle_seconds,
+                                     "services": services, "namespaces": namespaces, "classes": classes,
+                                     "idle_seconds": idle_seconds,
                                      "pilot_env": pilot_env or {}, "pinned": pin})
     per_workload = classes == PER_WORKLOAD
     with ProcessGroup() as group:
         for protocol in protocols:
             for n in clients:
                 profile = profile_dir / f"pilot-{protocol}-{n}.prof" if profile_dir else None
-                opts = Options(clients=n, protocol=protocol, workdir=workdir, services=services,
+                opts = Options(clients=n, protocol=protocol, workdir=workdir, services=services, namespaces=namespaces,
                                classes=10 if per_workload else int(classes), per_workload=per_workload,
                                repeats=repeats, workers=workers, idle_seconds=idle_seconds,
                                quiet_seconds=quiet_seconds,
                                pilot_env=pilot_env or {}, profile=profile, pin=pin, sample_dir=sample_dir)
                 started = time.monotonic()
                 console.print(f"[bold]{protocol} N={n}[/] ({opts.worker_count} client workers, "
-                              f"{opts.services} services, {opts.class_count} {opts.class_mode} classes)")
+                              f"{opts.services} services in {opts.namespaces} namespace(s), "
+                              f"{opts.class_count} {opts.class_mode} classes)")
                 run, recording = run_pilot(group, opts, console.print)
                 report.runs.append(run)
                 if baseline and recording is not None:
@@ -112,6 +115,9 @@ def _classes(text: str) -> int | str:
 @click.option("--repeats", default=3, show_default=True, help="Changes of each kind per run.")
 @click.option("--services", default=50, show_default=True, type=click.IntRange(1, MAX_SERVICES),
               help="Services in the generated mesh.")
+@click.option("--namespaces", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Namespaces the services spread over (bench-0, bench-1, ...); per-workload proxies "
+                   "follow their workload's.")
 @click.option("--classes", "classes_text", default="10", show_default=True,
               help="Config classes: a number (proxies round-robin over that many namespace/label sets) or "
                    f"{PER_WORKLOAD!r} (each proxy labelled as one of the mesh's 2 x services workloads).")
@@ -130,10 +136,12 @@ def _classes(text: str) -> int | str:
               help="py-spy the server (pilot, baseline) while clients connect and in each change; stacks here.")
 @click.option("--pilot-env", multiple=True,
               help="KEY=VALUE for pilot's environment, e.g. MESHCTL_PILOT_DEBOUNCE_MS=10.")
-def main(clients: str, protocol: str, repeats: int, services: int, classes_text: str, idle_seconds: float,
-         workers: int, no_baseline: bool, pin: bool, json_path: Path | None, workdir: Path | None,
+def main(clients: str, protocol: str, repeats: int, services: int, namespaces: int, classes_text: str,
+         idle_seconds: float, workers: int, no_baseline: bool, pin: bool, json_path: Path | None, workdir: Path | None,
          profile_dir: Path | None, sample_dir: Path | None, pilot_env: tuple[str, ...]) -> None:
     """Measure pilot's ADS fan-out: connect time, change latency, CPU and memory."""
+    if namespaces > services:
+        raise click.BadParameter(f"at most one namespace per service ({services})", param_hint="--namespaces")
     counts = _ints(clients)
     classes = _classes(classes_text)
     protocols = ["sotw", "delta"] if protocol == "both" else [protocol]
@@ -149,7 +157,8 @@ def main(clients: str, protocol: str, repeats: int, services: int, classes_text:
         base.mkdir(parents=True, exist_ok=True)
         report = run_benchmark(counts, protocols, base, repeats, services, workers, not no_baseline, env,
                                profile_dir.resolve() if profile_dir else None, pin=pin, classes=classes,
-                               idle_seconds=idle_seconds, sample_dir=sample_dir.resolve() if sample_dir else None)
+                               idle_seconds=idle_seconds, sample_dir=sample_dir.resolve() if sample_dir else None,
+                               namespaces=namespaces)
     print_report(report, Console(width=max(200, Console().width)))
     if json_path:
         report.write_json(json_path)

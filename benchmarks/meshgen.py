@@ -34,6 +34,7 @@ class ServiceSpec:
     index: int
     endpoints: dict[str, list[str]]  # subset -> workload addresses
     weights: tuple[int, int] = BASE_WEIGHTS
+    namespace: str = NAMESPACE
 
     @property
     def name(self) -> str:
@@ -41,7 +42,7 @@ class ServiceSpec:
 
     @property
     def host(self) -> str:
-        return f"{self.name}.{NAMESPACE}.svc.cluster.local"
+        return f"{self.name}.{self.namespace}.svc.cluster.local"
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Workload:
     service: str
     subset: str
     address: str  # its first WorkloadEntry's address
+    namespace: str = NAMESPACE
 
     @property
     def labels(self) -> tuple[tuple[str, str], ...]:
@@ -82,7 +84,7 @@ class MeshConfig:
 
     def workloads(self) -> list[Workload]:
         """Every (service, subset) workload, service by service: 2 per service."""
-        return [Workload(svc.name, subset, svc.endpoints[subset][0])
+        return [Workload(svc.name, subset, svc.endpoints[subset][0], svc.namespace)
                 for svc in self.services for subset in SUBSETS]
 
     def route_change(self, service: int) -> RouteEdit:
@@ -112,39 +114,46 @@ class MeshConfig:
         os.replace(tmp, path)
 
 
-def generate(directory: Path, services: int = 50, seed: int = 7) -> MeshConfig:
+def generate(directory: Path, services: int = 50, seed: int = 7, namespaces: int = 1) -> MeshConfig:
     """Write `services` services with 2 subsets of 2-4 endpoints each into `directory`.
 
     Service i's addresses are 10.(i // 200 + 1).(i % 200).(1-12): unique for every service up
     to MAX_SERVICES and never in 10.250/16, where `endpoint_change` takes its new addresses.
+    With one namespace every service is in `bench`; with N, service i is in `bench-<i % N>`,
+    so each namespace's sidecars get an outbound route configuration of their own (the short
+    host names of their namespace's services), as in a mesh of many teams.
     """
     if not 0 < services <= MAX_SERVICES:
         raise ValueError(f"services must be 1..{MAX_SERVICES}, not {services}")
+    if not 0 < namespaces <= services:
+        raise ValueError(f"namespaces must be 1..{services} (the service count), not {namespaces}")
     rng = random.Random(seed)
     specs = []
     for i in range(services):
         eps = {s: [f"10.{i // 200 + 1}.{i % 200}.{j * 8 + k + 1}" for k in range(rng.randint(2, 4))]
                for j, s in enumerate(SUBSETS)}
-        specs.append(ServiceSpec(index=i, endpoints=eps))
+        namespace = NAMESPACE if namespaces == 1 else f"{NAMESPACE}-{i % namespaces}"
+        specs.append(ServiceSpec(index=i, endpoints=eps, namespace=namespace))
     mesh = MeshConfig(directory, specs)
     mesh.write_all()
     return mesh
 
 
 def service_documents(svc: ServiceSpec) -> list[dict[str, Any]]:
+    ns = svc.namespace
     docs: list[dict[str, Any]] = [
-        _obj("ServiceEntry", svc.name, {
+        _obj("ServiceEntry", svc.name, ns, {
             "hosts": [svc.host],
             "location": "MESH_INTERNAL",
             "resolution": "STATIC",
             "ports": [{"number": PORT, "name": "http", "protocol": "HTTP"}],
             "workloadSelector": {"labels": {"app": svc.name}},
         }),
-        _obj("DestinationRule", svc.name, {
+        _obj("DestinationRule", svc.name, ns, {
             "host": svc.host,
             "subsets": [{"name": s, "labels": {"version": s}} for s in SUBSETS],
         }),
-        _obj("VirtualService", svc.name, {
+        _obj("VirtualService", svc.name, ns, {
             "hosts": [svc.host],
             "http": [{"route": [
                 {"destination": {"host": svc.host, "subset": s}, "weight": w}
@@ -154,7 +163,7 @@ def service_documents(svc: ServiceSpec) -> list[dict[str, Any]]:
     ]
     for subset, addresses in svc.endpoints.items():
         for k, address in enumerate(addresses):
-            docs.append(_obj("WorkloadEntry", f"{svc.name}-{subset}-{k}", {
+            docs.append(_obj("WorkloadEntry", f"{svc.name}-{subset}-{k}", ns, {
                 "address": address,
                 "labels": {"app": svc.name, "version": subset},
                 "ports": {"http": PORT},
@@ -163,10 +172,10 @@ def service_documents(svc: ServiceSpec) -> list[dict[str, Any]]:
     return docs
 
 
-def _obj(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+def _obj(kind: str, name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "networking.istio.io/v1",
         "kind": kind,
-        "metadata": {"name": name, "namespace": NAMESPACE},
+        "metadata": {"name": name, "namespace": namespace},
         "spec": spec,
     }

@@ -40,6 +40,7 @@ class Options:
     protocol: str  # sotw | delta
     workdir: Path
     services: int = 50
+    namespaces: int = 1  # the services spread over this many namespaces (meshgen.generate)
     classes: int = 10  # fixed class count, unless per_workload
     per_workload: bool = False  # every proxy poses as one of the mesh's workloads
     repeats: int = 3
@@ -107,10 +108,10 @@ def workload_nodes(count: int, workloads: Sequence[meshgen.Workload]) -> list[No
     Namespace and labels are exactly those of the workload's WorkloadEntries, so pilot gives
     each proxy that workload's inbound listener and cluster, as it would a real sidecar.
     """
-    ns = meshgen.NAMESPACE
     out = []
     for i in range(count):
         w = workloads[i % len(workloads)]
+        ns = w.namespace
         name = f"{w.service}-{w.subset}"
         node_id = f"sidecar~{w.address}~{name}-{i // len(workloads)}.{ns}~{ns}.svc.cluster.local"
         out.append(NodeSpec(node_id, ns, w.labels, workload=name))
@@ -233,7 +234,7 @@ def _connect(session: Session, target: str, delta: bool, specs: list[NodeSpec], 
 def run_pilot(group: ProcessGroup, opts: Options, log: Callable[[str], None]) -> tuple[Run, Recording | None]:
     run = Run("pilot", opts.protocol, opts.clients, opts.services, opts.class_count, opts.class_mode)
     case_dir = opts.workdir / f"{opts.protocol}-{opts.clients}"
-    mesh = meshgen.generate(case_dir / "config", services=opts.services)
+    mesh = meshgen.generate(case_dir / "config", services=opts.services, namespaces=opts.namespaces)
     specs = node_specs(opts, mesh)
     pilot = start_pilot(group, mesh.directory, case_dir / "pilot.log", profile=opts.profile, env_extra=opts.pilot_env)
     if opts.pin:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from rich.console import Console
 
 from benchmarks.ads_load import run_benchmark
@@ -144,3 +145,29 @@ def test_write_floor_delivers_every_byte_both_ways_and_reports_the_cpu() -> None
     assert all(f.cpu > 0 and f.wall > 0 for f in floors)
     text = report(floors, 2)
     assert text.count(" yes") == 2 and "grpc.aio / plain TCP CPU:" in text
+
+
+@pytest.mark.timeout(60)
+def test_benchmark_spreads_services_and_their_proxies_over_namespaces(tmp_path: Path) -> None:
+    """`--namespaces 2`: services alternate between bench-0 and bench-1, each proxy poses as a
+    workload in its workload's namespace, and pilot serves them all to convergence."""
+    from benchmarks import meshgen
+    from benchmarks.runner import workload_nodes
+
+    config = meshgen.generate(tmp_path / "mesh", services=4, namespaces=2)
+    assert [s.host for s in config.services] == [
+        "svc-000.bench-0.svc.cluster.local", "svc-001.bench-1.svc.cluster.local",
+        "svc-002.bench-0.svc.cluster.local", "svc-003.bench-1.svc.cluster.local"]
+    documents = yaml.safe_load_all((tmp_path / "mesh" / "svc-001.yaml").read_text())
+    assert {d["metadata"]["namespace"] for d in documents} == {"bench-1"}
+    assert [(n.namespace, n.workload) for n in workload_nodes(3, config.workloads())] == [
+        ("bench-0", "svc-000-v1"), ("bench-0", "svc-000-v2"), ("bench-1", "svc-001-v1")]
+    with pytest.raises(ValueError, match="namespaces"):
+        meshgen.generate(tmp_path / "bad", services=2, namespaces=3)
+
+    quiet = Console(file=io.StringIO(), width=200)
+    report = run_benchmark([8], ["delta"], tmp_path / "run", repeats=1, services=4, namespaces=2,
+                           classes="per-workload", idle_seconds=0.5, quiet_seconds=0.1, console=quiet, baseline=False)
+    (run,) = report.runs
+    assert run.converged and all(p.converged == 8 for p in run.phases), (run.error, [p.error for p in run.phases])
+    assert report.settings["namespaces"] == 2
