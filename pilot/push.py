@@ -66,6 +66,7 @@ _Groups = dict[int, tuple[Mapping[str, Any], Mapping[str, Any], Any]]
 # The two fast paths (`Pusher._build`): "" is a full push.
 EDS_ONLY, ROUTES_ONLY = "eds", "routes"
 _DONE = {EDS_ONLY: "given new endpoints (EDS only)", ROUTES_ONLY: "given new routes (routes only)"}
+_REPLACED = {EDS_ONLY: typeurls.ENDPOINT, ROUTES_ONLY: typeurls.ROUTE}  # the type each fast path replaces
 
 
 class Pusher:
@@ -270,7 +271,7 @@ class Pusher:
             for gone in [k for k in parts if self.cache.get(k) is None]:
                 del parts[gone]
         # A fast path leaves most classes' other types untouched: keep their conversions too.
-        self.serializer.advance(complete=not fast)
+        self.serializer.advance(complete=not fast, replaced=_REPLACED.get(fast))
         if self.carry is not None:
             self.carry.advance(complete=not fast)
         done = time.perf_counter()

@@ -61,6 +61,13 @@ class Conversions:
         elif len(self._current) > 2 * max(self._complete_size, 1024):
             self.next_build()
 
+    def forget(self, drop: Callable[[Key, Any], bool]) -> None:
+        """Drop from both generations the entries `drop(key, result)` picks: results the caller
+        knows no longer serve (a partial `advance` keeps everything else)."""
+        for generation in (self._current, self._last):
+            for key in [k for k, (_, value) in generation.items() if drop(k, value)]:
+                del generation[key]
+
     def of(self, convert: Callable[..., R], obj: Any, *args: Hashable) -> R:
         """`convert(obj, *args)`, or its result from an earlier call with this very `obj` and equal `args`."""
         key = (convert, id(obj), args)

@@ -281,3 +281,25 @@ def test_a_replaced_generator_turns_the_fast_paths_off(fast: Pipeline) -> None:
     assert sorted(calls, key=str) == sorted(CLASSES, key=str)
     assert fast.metrics.route_only_pushes._value.get() == 0 and not fast.routes_generated
     assert {k: s.versions() for k, s in after.items()} == full_generation(objects(web_weight=30))
+
+
+def test_fast_path_pushes_keep_no_serialized_routes_or_endpoints_they_replaced(fast: Pipeline) -> None:
+    """A fast-path push keeps every other conversion, but the resources of the type it replaced
+    that no published set holds go: route changes one after another would otherwise keep every
+    old route configuration (0.57 MB each at mission scale) until the next full push."""
+    serializer = fast.pusher.serializer
+
+    def held(type_url: str) -> int:
+        memo = serializer._resources
+        return sum(1 for key in (memo._current.keys() | memo._last.keys()) if key[2][0] == type_url)
+
+    fast.push(objects(web_weight=70))
+    routes, endpoints = held(ROUTE), held(ENDPOINT)
+    for weight in (60, 50, 40, 30):
+        fast.push(objects(web_weight=weight))
+        assert fast.metrics.route_only_pushes._value.get() > 0
+        assert held(ROUTE) == routes, weight
+    for moved in (1, 2, 3):
+        fast.push(objects(web_weight=30, moved=moved))
+        assert held(ENDPOINT) == endpoints, moved
+    assert held(ROUTE) == routes
