@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from pilot.model.conversions import Conversions
 from pilot.xds import typeurls
@@ -129,7 +129,9 @@ class Serializer:
     """
 
     def __init__(self) -> None:
-        self._resources = Conversions()
+        # type_url -> its serialized messages: one memo per type, so that a fast-path push's
+        # clean-up (`advance(replaced=...)`) walks only the replaced type's entries.
+        self._resources: dict[str, Conversions] = {}
         self._sets: dict[int, tuple[Mapping[str, Any], ResourceSet]] = {}
         self._last_sets: dict[int, tuple[Mapping[str, Any], ResourceSet]] = {}  # the last mesh's, during a push
         self._views: dict[tuple[int, ...], View] = {}
@@ -147,16 +149,23 @@ class Serializer:
         endpoints). Its serialized resources that no set made in this push holds are dropped now:
         a partial push keeps every other conversion, and without this each route change would keep
         its old route configurations (0.57 MB each, one per namespace at 1,000 services) until the
-        next full push. Costs one pass over the kept conversions (~1 ms per 10,000).
+        next full push. Costs one pass over that type's serialized resources (a few thousand
+        route configurations at mission scale), not over every type's.
         """
         if not complete and replaced is not None:
-            kept = {id(r) for _, made in self._sets.values() if made.type_url == replaced
-                    for r in made.by_name.values()}
-            # Keys are (convert, id(message), (type_url, name)): see `resource`.
-            self._resources.forget(lambda key, value: cast(tuple[Any, int, tuple[str, str]], key)[2][0] == replaced
-                                   and id(value) not in kept)
-        self._resources.advance(complete)
+            memo = self._resources.get(replaced)
+            if memo is not None:
+                kept = {id(r) for _, made in self._sets.values() if made.type_url == replaced
+                        for r in made.by_name.values()}
+                memo.forget(lambda _key, value: id(value) not in kept)
+        for memo in self._resources.values():
+            memo.advance(complete)
         self._last_sets = {}
+
+    def held(self, type_url: str) -> int:
+        """How many serialized resources of a type are kept for reuse (tests and debugging)."""
+        memo = self._resources.get(type_url)
+        return len(memo) if memo is not None else 0
 
     def view_of(self, sets: tuple[ResourceSet, ...]) -> View:
         """One composite view per combination of sets (per mesh version): classes whose parts are
@@ -168,7 +177,10 @@ class Serializer:
         return found
 
     def resource(self, type_url: str, name: str, message: Any) -> Resource:
-        return self._resources.of(_serialize, message, type_url, name)
+        memo = self._resources.get(type_url)
+        if memo is None:
+            memo = self._resources[type_url] = Conversions()
+        return memo.of(_serialize, message, type_url, name)
 
     def set_of(self, type_url: str, part: Mapping[str, Any]) -> ResourceSet:
         """The ResourceSet of a part, once per part object. A part patched from an earlier one (a

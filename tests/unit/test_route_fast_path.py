@@ -290,8 +290,7 @@ def test_fast_path_pushes_keep_no_serialized_routes_or_endpoints_they_replaced(f
     serializer = fast.pusher.serializer
 
     def held(type_url: str) -> int:
-        memo = serializer._resources
-        return sum(1 for key in (memo._current.keys() | memo._last.keys()) if key[2][0] == type_url)
+        return serializer.held(type_url)
 
     fast.push(objects(web_weight=70))
     routes, endpoints = held(ROUTE), held(ENDPOINT)
