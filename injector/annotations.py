@@ -75,6 +75,6 @@ def status_port(pod: Mapping[str, Any], default: int) -> int:
     value = notes.get(STATUS_PORT)
     if value is None:
         return default
-    if not value.isdigit() or not 0 < int(value) < 65536:
+    if not (value.isascii() and value.isdigit()) or not 0 < int(value) < 65536:
         raise InjectionError(f"{pod_ref(pod)}: annotation {STATUS_PORT}: {value!r} is not a port (1-65535)")
     return int(value)

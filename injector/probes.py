@@ -29,7 +29,7 @@ def _resolved_port(port: object, named: dict[str, int]) -> int | None:
     if isinstance(port, int):
         return port
     if isinstance(port, str):
-        return int(port) if port.isdigit() else named.get(port)
+        return int(port) if port.isascii() and port.isdigit() else named.get(port)
     return None
 
 

@@ -97,7 +97,7 @@ def _items(value: str) -> list[str]:
 def _ports(annotation: str, value: str) -> tuple[int, ...]:
     ports: set[int] = set()
     for item in _items(value):
-        if not item.isdigit() or not 1 <= int(item) <= 65535:
+        if not (item.isascii() and item.isdigit()) or not 1 <= int(item) <= 65535:
             raise RedirectConfigError(annotation, value, f"has {item!r}, not a port number in 1..65535")
         ports.add(int(item))
     return tuple(sorted(ports))

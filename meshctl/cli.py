@@ -239,7 +239,7 @@ async def _until_signal() -> None:
 
 def _split(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not (port.isascii() and port.isdigit()):
         raise click.BadParameter(f"{addr!r} is not host:port")
     return host, int(port)
 

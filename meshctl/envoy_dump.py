@@ -174,7 +174,7 @@ def listener_rows(dump: Mapping[str, Any], port: int | None = None, name: str | 
         if "default_filter_chain" in lst:
             rows.append((str(lst.get("name", "")), str(address.get("address", "-")), lport, "default",
                          _chain_destination(lst["default_filter_chain"])))
-    return sorted(rows, key=lambda r: (int(r[2]) if r[2].isdigit() else 0, r))
+    return sorted(rows, key=lambda r: (int(r[2]) if r[2].isascii() and r[2].isdigit() else 0, r))
 
 
 def _chain_match(match: Mapping[str, Any]) -> str:

@@ -152,7 +152,7 @@ def parse_host_port(text: str, default_port: int | None = None) -> tuple[str, in
     if not sep:
         host, port = text, "" if default_port is None else str(default_port)
     host = host.removeprefix("[").removesuffix("]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise BootstrapError(f"{text!r} is not host:port")
     return host, int(port)
 

@@ -196,7 +196,7 @@ class DebugApi:
         """Where pilot's memory is: the top allocation sites when started with PYTHONTRACEMALLOC=N,
         else live objects counted by type (a full gc walk: slow on a big heap, for debugging only)."""
         top = request.query.get("top", "25")
-        if not top.isdigit():
+        if not (top.isascii() and top.isdigit()):
             raise web.HTTPBadRequest(text=f"query parameter 'top' must be a whole number, not {top!r}\n")
         allocator = gcpolicy.allocator_in_use(os.environ)
         trimmed = release_free_memory(allocator) if request.query.get("trim") else ""

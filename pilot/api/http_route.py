@@ -224,7 +224,7 @@ class HTTPRetry(IstioModel):
         for part in (p.strip() for p in (self.retry_on or "").split(",")):
             if not part or part in RETRY_ON_CONDITIONS:
                 continue
-            if not part.isdigit() or not 100 <= int(part) <= 599:
+            if not (part.isascii() and part.isdigit()) or not 100 <= int(part) <= 599:
                 yield FieldIssue(f"{path}.retryOn", f"{part!r} is not a retry condition or an HTTP status code")
 
 

@@ -86,6 +86,6 @@ def ip_problems(values: Sequence[str]) -> str | None:
 def port_problems(values: Sequence[str]) -> str | None:
     """Ports are strings in Istio's schema; each must be a number in [0, 65535]."""
     for value in values:
-        if not value.isdigit() or int(value) > 65535:
+        if not (value.isascii() and value.isdigit()) or int(value) > 65535:
             return f"bad port ({value})"
     return None

@@ -192,7 +192,7 @@ def cluster_hash_policies(mesh: MeshSnapshot, clusters: Iterable[str]) -> list[A
     """
     for name in clusters:
         direction, port, subset, host = [*name.split("|"), "", "", ""][:4]
-        if direction == "outbound" and port.isdigit():
+        if direction == "outbound" and port.isascii() and port.isdigit():
             found = route_hash_policies(mesh, host, subset, int(port))
             if found:
                 return found

@@ -35,7 +35,7 @@ def parse_retry_on(text: str) -> tuple[str, tuple[int, ...]]:
     conditions: list[str] = []
     codes: list[int] = []
     for part in (p.strip() for p in text.split(",")):
-        if part.isdigit():
+        if part.isascii() and part.isdigit():
             codes.append(int(part))
         elif part:
             conditions.append(part)

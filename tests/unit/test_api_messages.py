@@ -86,3 +86,13 @@ def test_our_own_rule_errors_pass_through_unchanged() -> None:
     got = issues(doc("VirtualService", {"hosts": ["r"], "http": [{"route": [{"destination": {"host": "r"}}],
                                                                   "timeout": 3}]}))
     assert got == {"spec.http[0].timeout": "must be a duration string such as '10s' or '250ms'"}
+
+
+@pytest.mark.parametrize("code", ["\u00b2", "\u0665\u0660\u0663"])
+def test_a_retry_status_code_of_non_ascii_digits_is_an_error_not_a_crash(code: str) -> None:
+    """`str.isdigit()` holds for superscripts (which `int()` refuses) and for other scripts' digits
+    (which `int()` reads): neither is a status code Envoy accepts."""
+    spec = {"hosts": ["r"], "http": [{"route": [{"destination": {"host": "r"}}],
+                                      "retries": {"attempts": 2, "retryOn": f"5xx,{code}"}}]}
+    assert issues(doc("VirtualService", spec)) == {
+        "spec.http[0].retries.retryOn": f"{code!r} is not a retry condition or an HTTP status code"}

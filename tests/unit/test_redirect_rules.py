@@ -114,6 +114,9 @@ def test_custom_proxy_identity_and_ports() -> None:
     ("includeInboundPorts", "0", "has '0', not a port number in 1..65535"),
     ("excludeOutboundPorts", "65536", "has '65536', not a port number in 1..65535"),
     ("includeOutboundPorts", "-1", "has '-1', not a port number in 1..65535"),
+    # str.isdigit() takes these, int() does not (or reads them as Arabic-Indic digits): not ports
+    ("includeInboundPorts", "\u00b2", "has '\u00b2', not a port number in 1..65535"),
+    ("excludeInboundPorts", "\u0668\u0660", "not a port number in 1..65535"),
     ("excludeOutboundIPRanges", "*", "cannot be '*'"),
     ("excludeOutboundIPRanges", "10.0.0.1", "has '10.0.0.1', not a CIDR"),
     ("includeOutboundIPRanges", "10.0.0.0/33", "has '10.0.0.0/33', not a CIDR"),

@@ -117,6 +117,7 @@ def test_unknown_versions_are_not_served() -> None:  # PeerAuthentication is: te
      "trust domain must not contain '/', found in NotTrustDomains"),
     (rule(to=[{"operation": {"ports": ["70000"]}}]), "spec.rules[0].to[0].operation.ports", "bad port (70000)"),
     (rule(to=[{"operation": {"notPorts": ["http"]}}]), "spec.rules[0].to[0].operation.notPorts", "bad port (http)"),
+    (rule(to=[{"operation": {"ports": ["\u00b2"]}}]), "spec.rules[0].to[0].operation.ports", "bad port (\u00b2)"),
     (rule(to=[{"operation": {"ports": [8080]}}]), "spec.rules[0].to[0].operation.ports[0]",
      "must be a string, not the number 8080"),
     (rule(to=[{"operation": {"methods": [""]}}]), "spec.rules[0].to[0].operation.methods",
