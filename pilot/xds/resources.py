@@ -26,11 +26,13 @@ from functools import cached_property
 from typing import Any, cast
 
 from pilot.xds.references import references_of
-from pilot.xds.wire import len_field, str_field
+from pilot.xds.wire import len_field, str_field, varint
 
 _MASK = (1 << 128) - 1
-# DiscoveryResponse.resources and DeltaDiscoveryResponse.resources are both field 2.
+# DiscoveryResponse.resources and DeltaDiscoveryResponse.resources are both field 2, as are
+# Any.value and Resource.resource: the same length-delimited tag.
 _RESOURCES_FIELD = 2
+_RESOURCES_TAG = _VALUE_TAG = _RESOURCES_FIELD << 3 | 2
 # Memo entries kept per set (subscription views, change sets): a set lives for one mesh version,
 # and streams of a class hold one of very few earlier versions.
 _MEMO_LIMIT = 16
@@ -82,21 +84,28 @@ class Resource:
     def __post_init__(self) -> None:
         object.__setattr__(self, "tag", tag_of(self.name, self.version))
 
-    @cached_property
+    @property
     def any_bytes(self) -> bytes:
-        """The resource as a serialized google.protobuf.Any."""
+        """The resource as a serialized google.protobuf.Any (made on each call: not kept)."""
         return str_field(1, self.type_url) + len_field(2, self.value)
 
     @cached_property
     def sotw_entry(self) -> bytes:
-        """This resource as one element of DiscoveryResponse.resources."""
-        return len_field(_RESOURCES_FIELD, self.any_bytes)
+        """This resource as one element of DiscoveryResponse.resources.
+
+        Made in one join from `value`, keeping no separate copy of the `Any` in between: at
+        mission scale with 20 namespaces that copy was 0.57 MB per route configuration."""
+        head = str_field(1, self.type_url) + varint(_VALUE_TAG) + varint(len(self.value))
+        return b"".join((varint(_RESOURCES_TAG), varint(len(head) + len(self.value)), head, self.value))
 
     @cached_property
     def delta_entry(self) -> bytes:
         """This resource as one element of DeltaDiscoveryResponse.resources (a Resource message)."""
-        body = str_field(1, self.version) + len_field(2, self.any_bytes) + str_field(3, self.name)
-        return len_field(_RESOURCES_FIELD, body)
+        head = str_field(1, self.type_url) + varint(_VALUE_TAG) + varint(len(self.value))
+        any_size = len(head) + len(self.value)
+        version, name = str_field(1, self.version), str_field(3, self.name)
+        body = (version, varint(_VALUE_TAG), varint(any_size), head, self.value, name)
+        return b"".join((varint(_RESOURCES_TAG), varint(sum(map(len, body))), *body))
 
     @classmethod
     def from_message(cls, type_url: str, name: str, message: Any) -> Resource:
