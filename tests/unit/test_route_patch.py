@@ -16,6 +16,7 @@ from pilot.model.conversions import Conversions
 from pilot.model.mesh import MeshSnapshot
 from pilot.model.proxy import ProxyClass, ProxyKind
 from pilot.translate import routes
+from pilot.translate.encoded import Encoded, as_message
 from pilot.translate.generate import generate_parts
 from pilot.xds.typeurls import ROUTE
 from tests.unit.test_route_fast_path import CLASSES, mesh_text
@@ -109,6 +110,36 @@ def test_a_routing_edit_patches_each_route_configuration_in_its_hosts_alone(
     assert len(asked) <= len({(k.namespace, k.labels) for k in PLAIN})  # at most once per configuration
 
 
+def test_with_a_carry_configurations_are_bytes_made_of_virtual_hosts_encoded_once(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pilot keeps an outbound configuration as its encoding (`Encoded`), not as a message (~2.1 MB
+    per namespace at 1,000 services), equal byte for byte to the message generated afresh. It is
+    joined from its virtual hosts' encodings, and a virtual host identical in several namespaces'
+    configurations is encoded once."""
+    encoded: list[str] = []
+    real = routes._entry
+
+    def counting(vhost: Any) -> Any:
+        encoded.append(vhost.name)
+        return real(vhost)
+
+    monkeypatch.setattr(routes, "_entry", counting)
+    mesh = Builds().mesh(mesh_text())
+    parts = {key: generate_parts(mesh, key)[ROUTE][0]["outbound"] for key in PLAIN}
+    monkeypatch.undo()
+    assert all(isinstance(p, Encoded) for p in parts.values())
+    assert {k: route_bytes(mesh, k) for k in PLAIN} == {k: fresh_route_bytes(mesh_text(), k) for k in PLAIN}
+    configs = {id(p): as_message(p) for p in parts.values()}
+    assert len(configs) >= 3  # several namespaces: something to share
+    for name in {v.name for c in configs.values() for v in c.virtual_hosts if ".svc." in v.name}:
+        distinct = {v.SerializeToString(deterministic=True) for c in configs.values() for v in c.virtual_hosts
+                    if v.name == name}
+        assert encoded.count(name) == len(distinct), name
+    assert sum(encoded.count(n) for n in set(encoded) if ".svc." in n) < sum(
+        len([v for v in c.virtual_hosts if ".svc." in v.name]) for c in configs.values())
+
+
 def test_a_large_direct_body_raises_the_limit_and_leaving_lowers_it_again() -> None:
     """Envoy refuses a body over 4 KB unless the route configuration allows it: the patched
     configuration sets the limit when an edit brings such a body and clears it when it goes."""
@@ -120,7 +151,7 @@ def test_a_large_direct_body_raises_the_limit_and_leaving_lowers_it_again() -> N
         text = base + "---\n" + DIRECT.format(body=body)
         mesh = builds.mesh(text)
         (part,) = generate_parts(mesh, key)[ROUTE]
-        assert part["outbound"].HasField("max_direct_response_body_size_bytes") == (body == BIG_BODY)
+        assert as_message(part["outbound"]).HasField("max_direct_response_body_size_bytes") == (body == BIG_BODY)
         assert route_bytes(mesh, key) == fresh_route_bytes(text, key), body
 
 
