@@ -175,3 +175,88 @@ metadata: {name: default, namespace: elsewhere}
 spec:
   egress: [{hosts: ["./*"]}]
 """
+
+
+TRICKY = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: shop, namespace: shop}
+spec:
+  hosts: [web.shop.svc.cluster.local, cart.shop.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP}, {number: 8080, name: http-alt, protocol: HTTP}]
+  endpoints: [{address: 10.1.0.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: data}
+spec:
+  hosts: [db.data.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  endpoints: [{address: 10.1.0.2}]
+---
+# Full names that collide with short forms: a bare "web" and a dotted "cart.shop".
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: external, namespace: other}
+spec:
+  hosts: [web, cart.shop]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  ports: [{number: 80, name: http, protocol: HTTP}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: by-namespace, namespace: data}
+spec:
+  hosts: [db.data.svc.cluster.local]
+  http:
+  - match: [{sourceNamespace: shop}]
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+    route: [{destination: {host: db.data.svc.cluster.local}}]
+  - route: [{destination: {host: db.data.svc.cluster.local}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: by-label, namespace: shop}
+spec:
+  hosts: [cart.shop.svc.cluster.local]
+  http:
+  - match: [{sourceLabels: {tier: a}}]
+    route: [{destination: {host: cart.shop.svc.cluster.local, port: {number: 8080}}}]
+  - route: [{destination: {host: cart.shop.svc.cluster.local, port: {number: WEIGHT}}}]
+"""
+
+TRICKY_CLASSES = [ProxyClass(ProxyKind.SIDECAR, ns, labels) for ns in ("shop", "data", "other", "empty")
+                  for labels in ((("app", "x"),), (("app", "x"), ("tier", "a")))]
+
+
+@pytest.mark.parametrize("edit", ["routing", "services"])
+def test_namespaces_share_a_skeleton_yet_each_gets_exactly_its_own_configuration(edit: str) -> None:
+    """The carried configurations of several namespaces (built from one shared skeleton plus each
+    namespace's own virtual hosts and sender-selecting rules) equal fresh generations byte for
+    byte: bare short names only in their own namespace and never over a full name, a dotted full
+    name winning over a short form, sourceNamespace and sourceLabels rules per sender. So do
+    they after a routing edit (patched) and after a service change (built again)."""
+    builds = Builds()
+    first = TRICKY.replace("WEIGHT", "80")
+    mesh = builds.mesh(first)
+    for key in TRICKY_CLASSES:
+        assert route_bytes(mesh, key) == fresh_route_bytes(first, key), key
+    by_namespace = {k.namespace: as_message(generate_parts(mesh, k)[ROUTE][0]["outbound"]) for k in TRICKY_CLASSES}
+    domains = {ns: {v.name: set(v.domains) for v in c.virtual_hosts} for ns, c in by_namespace.items()}
+    shop_web = "web.shop.svc.cluster.local"
+    assert "db" in domains["data"]["db.data.svc.cluster.local:80"]  # a bare short name in its own namespace
+    assert "db" not in domains["shop"]["db.data.svc.cluster.local:80"]  # and nowhere else
+    assert "web:8080" in domains["shop"][f"{shop_web}:8080"]
+    assert not {"web", "web:80"} & domains["shop"][f"{shop_web}:80"]  # the full name "web" keeps them
+    assert {"web", "web:80"} <= domains["shop"]["web:80"]
+    assert not {"cart.shop", "cart.shop:80"} & domains["other"]["cart.shop.svc.cluster.local:80"]
+    second = (TRICKY.replace("WEIGHT", "8080") if edit == "routing"
+              else TRICKY.replace("10.1.0.2", "10.1.0.3").replace("WEIGHT", "80"))
+    mesh = builds.mesh(second)
+    for key in TRICKY_CLASSES:
+        assert route_bytes(mesh, key) == fresh_route_bytes(second, key), (edit, key)
