@@ -13,6 +13,7 @@ import dataclasses
 from collections import ChainMap
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -102,6 +103,7 @@ def _carried_entry(mesh: MeshSnapshot, vhost: Any) -> _Entry:
     return carried_by(mesh, _ENTRY_TAG, (vhost,), (), lambda: _entry(vhost))
 
 
+_DATA, _LARGE = itemgetter(0), itemgetter(1)
 _NAME_FIELD = str_field(1, names.OUTBOUND_ROUTE)
 _LARGE_BODIES_FIELD = route_pb2.RouteConfiguration(
     max_direct_response_body_size_bytes={"value": MAX_DIRECT_RESPONSE_BODY}).SerializeToString(deterministic=True)
@@ -110,8 +112,8 @@ _LARGE_BODIES_FIELD = route_pb2.RouteConfiguration(
 def _encode(entries: Sequence[_Entry], tail: Sequence[_Entry]) -> Encoded:
     """The configuration's deterministic encoding: its name (field 1), the virtual hosts (2), and
     the direct-response body limit (11) when a body needs it, in field order as protobuf writes."""
-    large = any(big for _, big in entries) or any(big for _, big in tail)
-    pieces = [_NAME_FIELD, *(data for data, _ in entries), *(data for data, _ in tail)]
+    large = any(map(_LARGE, entries)) or any(map(_LARGE, tail))
+    pieces = [_NAME_FIELD, *map(_DATA, entries), *map(_DATA, tail)]
     if large:
         pieces.append(_LARGE_BODIES_FIELD)
     return Encoded(route_pb2.RouteConfiguration, b"".join(pieces))

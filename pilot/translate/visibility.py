@@ -73,6 +73,24 @@ def narrowed_routes(
     return routes_by_host([r.value for r in seen], services)
 
 
+def shared_narrowed_routes(
+    mesh: MeshSnapshot, namespace: str, services: Mapping[str, Service]
+) -> Mapping[str, RoutingRule]:
+    """`narrowed_routes` as a frozen mapping, one object for every namespace that sees the same
+    rules over the same `services` mapping (memoized on the mesh).
+
+    Why: after a routing edit each namespace's visible mesh is patched from the last one (see
+    `pilot.translate.generate._visible`); with 20 namespaces exporting to each other, matching
+    ~1,000 rules to ~1,000 hosts again in each is ~2 ms apiece for twenty equal results. Equal
+    results as one object also let the namespaces be recognised as one view in O(1).
+    """
+    rules = visible_rules(mesh, namespace)
+    key = ("narrowed-routes", tuple(map(id, rules)), id(services))  # the rules live as long as the mesh
+    found: tuple[Mapping[str, Service], Mapping[str, RoutingRule]] = memoized(
+        mesh, key, lambda: (services, frozen_map(routes_by_host([r.value for r in rules], services))))
+    return found[1]
+
+
 _SCOPING_BESIDES_RULES = tuple(f.name for f in dataclasses.fields(Scoping)
                                if f.name not in ("routing_rules", "rules_by_host", "wildcard_rules"))
 

@@ -17,7 +17,8 @@ from pilot.model.mesh import MeshSnapshot
 from pilot.model.proxy import ProxyClass, ProxyKind
 from pilot.translate import routes
 from pilot.translate.encoded import Encoded, as_message
-from pilot.translate.generate import generate_parts
+from pilot.translate.generate import _seen, generate_parts
+from pilot.translate.scope import proxy_view
 from pilot.xds.typeurls import ROUTE
 from tests.unit.test_route_fast_path import CLASSES, mesh_text
 from tests.unit.test_visible_patch import seen_and_fresh
@@ -260,3 +261,33 @@ def test_namespaces_share_a_skeleton_yet_each_gets_exactly_its_own_configuration
     mesh = builds.mesh(second)
     for key in TRICKY_CLASSES:
         assert route_bytes(mesh, key) == fresh_route_bytes(second, key), (edit, key)
+
+
+def test_after_a_routing_edit_namespaces_seeing_the_same_rules_share_one_patched_view(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each namespace's visible mesh is patched from its last one; namespaces that saw one shared
+    view match the rules to hosts once between them, and still share one view afterwards."""
+    from pilot.translate import visibility
+
+    builds = Builds()
+    first = builds.mesh(mesh_text())
+    alike = [k for k in PLAIN if k.namespace in ("shop", "data", "other")]
+    assert len({k.namespace for k in alike}) == 3
+    assert len({id(seen_and_fresh(first, k)[0]) for k in alike}) == 1  # one view to start with
+    matched: list[int] = []
+    real = visibility.routes_by_host
+
+    def counting(rules: Any, services: Any) -> Any:
+        matched.append(len(services))
+        return real(rules, services)
+
+    monkeypatch.setattr(visibility, "routes_by_host", counting)
+    edited = builds.mesh(mesh_text(web_weight=70))
+    views = {k: _seen(edited, k, proxy_view(edited, k)) for k in alike}
+    monkeypatch.undo()
+    assert len(matched) == 1, matched
+    assert len({id(s) for s in views.values()}) == 1
+    for key, view in views.items():
+        seen, fresh = seen_and_fresh(edited, key)
+        assert seen is view and seen == fresh, key
