@@ -231,8 +231,8 @@ class DeltaSession(SessionBase[_DeltaType]):
         system_version = snapshot.version(type_url)
 
         def build(nonce: str) -> bytes:
-            entries = [changed.delta_body()] if isinstance(changed, View) else [
-                changed[n].delta_entry for n in sorted(changed)]
+            entries = changed.delta_pieces() if isinstance(changed, View) else [
+                piece for n in sorted(changed) for piece in changed[n].delta_pieces()]
             return b"".join([
                 str_field(1, system_version), *entries,
                 str_field(4, type_url), str_field(5, nonce), *(len_field(6, name.encode()) for name in removed),

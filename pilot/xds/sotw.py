@@ -271,8 +271,8 @@ class SotwSession(SessionBase[_TypeState]):
             head = [str_field(1, version)]
             tail = [str_field(4, type_url), str_field(5, nonce)]
             if isinstance(body, View):
-                return b"".join(head + [p.sotw_body() for p in body.parts] + tail)
-            return b"".join(head + [body[n].sotw_entry for n in sorted(body)] + tail)
+                return b"".join(head + body.sotw_pieces() + tail)
+            return b"".join(head + [piece for n in sorted(body) for piece in body[n].sotw_pieces()] + tail)
 
         key = (type_url, "whole" if body is shared_on else state.held_version)
         data, nonce = self._respond(shared_on, key, build)
