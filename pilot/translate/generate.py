@@ -15,6 +15,7 @@ from pilot.translate import names
 from pilot.translate.captured import captured_parts
 from pilot.translate.clusters import inbound_clusters_for, outbound_clusters
 from pilot.translate.common import sorted_by_name
+from pilot.translate.encoded import as_message
 from pilot.translate.endpoints import load_assignments, patched_assignments
 from pilot.translate.gateway import gateway_resources
 from pilot.translate.listeners import sidecar_listeners_for
@@ -113,8 +114,7 @@ def _visible(mesh: MeshSnapshot, key: tuple[Any, ...], labels: Mapping[str, str]
         old_services, old_scoping, old = last
         patched = None
         if old_scoping is mesh.scoping and _same_placement(old_services, mesh.services):
-            services = mesh.services
-            patched = dataclasses.replace(mesh, services=MappingProxyType({h: services[h] for h in old.services}),
+            patched = dataclasses.replace(mesh, services=_placed(mesh, old.services),
                                           virtual_services=old.virtual_services,
                                           destination_rules=old.destination_rules)
         elif (old_services is mesh.services and (egress is None or egress.hosts is None)
@@ -130,6 +130,17 @@ def _visible(mesh: MeshSnapshot, key: tuple[Any, ...], labels: Mapping[str, str]
     narrowed = _shared(mesh, visible_mesh(mesh, namespace, egress, labels))
     carry.record(("visible-mesh", *key), (mesh.services, mesh.scoping, narrowed))
     return narrowed
+
+
+def _placed(mesh: MeshSnapshot, narrowed: Mapping[str, Service]) -> Mapping[str, Service]:
+    """`narrowed`'s hosts with this mesh's service objects: one mapping per narrowed mapping and
+    mesh, so namespaces that shared a view before an endpoint move share it after (memoized on
+    the mesh, which keeps `narrowed` alive while its id is a key)."""
+    services = mesh.services
+    found: tuple[Mapping[str, Service], Mapping[str, Service]] = memoized(
+        mesh, ("placed-services", id(narrowed)),
+        lambda: (narrowed, MappingProxyType({h: services[h] for h in narrowed})))
+    return found[1]
 
 
 def _same_placement(old: Mapping[str, Service], new: Mapping[str, Service]) -> bool:
@@ -273,9 +284,11 @@ def generate(mesh: MeshSnapshot, proxy: ProxyClass) -> Resources:
 
     Both kinds see the mesh narrowed to what their namespace may reach (exportTo, and for
     sidecars their Sidecar's egress hosts); routers get the listeners of their Gateways.
-    The same resources as `generate_parts`, merged into one mapping per type.
+    The same resources as `generate_parts`, merged into one mapping per type, every one a message
+    (a part handed over as its encoding, `Encoded`, is parsed: this flat form is for tools, tests
+    and custom generators, which read fields; pilot's pushes use `generate_parts`).
     """
     return {
-        type_url: sorted_by_name({name: msg for part in parts for name, msg in part.items()})
+        type_url: sorted_by_name({name: as_message(msg) for part in parts for name, msg in part.items()})
         for type_url, parts in generate_parts(mesh, proxy).items()
     }

@@ -291,3 +291,17 @@ def test_after_a_routing_edit_namespaces_seeing_the_same_rules_share_one_patched
     for key, view in views.items():
         seen, fresh = seen_and_fresh(edited, key)
         assert seen is view and seen == fresh, key
+
+
+def test_the_flat_generate_hands_over_messages_even_with_a_carry() -> None:
+    """`generate` (tools, tests, custom generators wrapping it in pilot) reads fields: it parses a
+    configuration that `generate_parts` hands over as its encoding."""
+    from envoy.config.route.v3 import route_pb2
+
+    from pilot.translate.generate import generate
+
+    mesh = Builds().mesh(mesh_text())
+    for key in PLAIN:
+        config = generate(mesh, key)[ROUTE]["outbound"]
+        assert isinstance(config, route_pb2.RouteConfiguration), key
+        assert config.SerializeToString(deterministic=True) == route_bytes(mesh, key)["outbound"]

@@ -59,6 +59,15 @@ def test_an_endpoint_move_patches_the_last_visible_mesh_and_equals_a_fresh_one()
         # Patched, not narrowed again: the rules are the last version's very objects.
         assert seen.destination_rules is before[key].destination_rules, key
         assert seen.virtual_services is before[key].virtual_services, key
+    # Namespaces that shared one view share one after the move (patched once between them).
+    alike = [k for k in CLASSES if k.kind == ProxyKind.SIDECAR and k.namespace in ("shop", "data", "other")]
+    assert len({id(before[k]) for k in alike}) == 1
+    assert len({id(seen_and_fresh(moved, k)[0]) for k in alike}) == 1
+    # ... and made one services mapping between them: each view's three mappings had their
+    # identities taken once (`generate._shared`), not once per namespace.
+    views = {id(seen_and_fresh(moved, k)[0]) for k in CLASSES}
+    taken = [k for k in moved.memo if isinstance(k, tuple) and k and k[0] == "identities"]
+    assert len(taken) <= 3 * len(views), (len(taken), len(views))
 
 
 def test_a_routing_change_matches_the_rules_to_hosts_again() -> None:
