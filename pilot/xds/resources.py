@@ -20,7 +20,7 @@ construction and used from the event loop only.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -383,25 +383,26 @@ class ResourceSet(View):
         """The set as DiscoveryResponse.resources elements, in name order, as pieces to join into a
         response. A set of more than `_JOINED_FROM` resources keeps them joined (one join, not one
         per response); a smaller one hands over its resources' pieces, keeping no copy of them."""
-        if self._body is not None:
-            return [self._body]
-        by_name = self.by_name
-        pieces = [piece for n in sorted(by_name) for piece in by_name[n].sotw_pieces()]
-        if len(by_name) < _JOINED_FROM:
-            return pieces
-        self._body = b"".join(pieces)
-        return [self._body]
+        pieces, self._body = self._pieces(self._body, Resource.sotw_pieces)
+        return pieces
 
     def delta_pieces(self) -> list[bytes]:
         """As `sotw_pieces`, for DeltaDiscoveryResponse.resources."""
-        if self._delta_body is not None:
-            return [self._delta_body]
+        pieces, self._delta_body = self._pieces(self._delta_body, Resource.delta_pieces)
+        return pieces
+
+    def _pieces(
+        self, joined: bytes | None, pieces_of: Callable[[Resource], tuple[bytes, ...]]
+    ) -> tuple[list[bytes], bytes | None]:
+        """(the pieces, what to keep joined) given what was kept joined before."""
+        if joined is not None:
+            return [joined], joined
         by_name = self.by_name
-        pieces = [piece for n in sorted(by_name) for piece in by_name[n].delta_pieces()]
+        pieces = [piece for n in sorted(by_name) for piece in pieces_of(by_name[n])]
         if len(by_name) < _JOINED_FROM:
-            return pieces
-        self._delta_body = b"".join(pieces)
-        return [self._delta_body]
+            return pieces, None
+        joined = b"".join(pieces)
+        return [joined], joined
 
     def refs(self) -> frozenset[str]:
         if self._refs is None:
