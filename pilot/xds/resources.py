@@ -25,13 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from pilot.xds.references import references_of
-from pilot.xds.wire import len_field, str_field, varint
+from pilot.xds.wire import len_header, str_field
 
 _MASK = (1 << 128) - 1
-# DiscoveryResponse.resources and DeltaDiscoveryResponse.resources are both field 2, as are
-# Any.value and Resource.resource: the same length-delimited tag.
-_RESOURCES_FIELD = 2
-_RESOURCES_TAG = _VALUE_TAG = _RESOURCES_FIELD << 3 | 2
+# DiscoveryResponse.resources and DeltaDiscoveryResponse.resources are both field 2, and so are
+# Any.value and the delta Resource's `resource` (the Any).
+_RESOURCES_FIELD = _ANY_VALUE_FIELD = _RESOURCE_ANY_FIELD = 2
 # Memo entries kept per set (subscription views, change sets): a set lives for one mesh version,
 # and streams of a class hold one of very few earlier versions.
 _MEMO_LIMIT = 16
@@ -91,7 +90,11 @@ class Resource:
     @property
     def any_bytes(self) -> bytes:
         """The resource as a serialized google.protobuf.Any (made on each call: not kept)."""
-        return str_field(1, self.type_url) + len_field(2, self.value)
+        return self._any_head() + self.value
+
+    def _any_head(self) -> bytes:
+        """The `Any` up to its value: the type URL field and the value field's tag and length."""
+        return str_field(1, self.type_url) + len_header(_ANY_VALUE_FIELD, len(self.value))
 
     def sotw_pieces(self) -> tuple[bytes, bytes]:
         """This resource as one element of DiscoveryResponse.resources, in two pieces to be joined
@@ -99,8 +102,8 @@ class Resource:
 
         Nothing is kept: a joined copy per resource would double the bytes held (at mission scale
         with 20 namespaces, 0.57 MB per route configuration), and a response is one join anyway."""
-        head = str_field(1, self.type_url) + varint(_VALUE_TAG) + varint(len(self.value))
-        return varint(_RESOURCES_TAG) + varint(len(head) + len(self.value)) + head, self.value
+        head = self._any_head()
+        return len_header(_RESOURCES_FIELD, len(head) + len(self.value)) + head, self.value
 
     @property
     def sotw_entry(self) -> bytes:
@@ -109,12 +112,11 @@ class Resource:
     def delta_pieces(self) -> tuple[bytes, bytes, bytes]:
         """This resource as one element of DeltaDiscoveryResponse.resources (a Resource message):
         header, `value`, and the name field after it; nothing kept (see `sotw_pieces`)."""
-        head = str_field(1, self.type_url) + varint(_VALUE_TAG) + varint(len(self.value))
-        any_size = len(head) + len(self.value)
+        head = self._any_head()
         version, name = str_field(1, self.version), str_field(3, self.name)
-        size = len(version) + len(varint(_VALUE_TAG)) + len(varint(any_size)) + any_size + len(name)
-        return (varint(_RESOURCES_TAG) + varint(size) + version + varint(_VALUE_TAG) + varint(any_size) + head,
-                self.value, name)
+        wrapped = len_header(_RESOURCE_ANY_FIELD, len(head) + len(self.value)) + head
+        size = len(version) + len(wrapped) + len(self.value) + len(name)
+        return len_header(_RESOURCES_FIELD, size) + version + wrapped, self.value, name
 
     @property
     def delta_entry(self) -> bytes:

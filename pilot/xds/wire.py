@@ -25,9 +25,15 @@ def varint(value: int) -> bytes:
             return bytes(out)
 
 
+def len_header(field_number: int, size: int) -> bytes:
+    """The tag and length of a length-delimited field of `size` bytes: what precedes its payload
+    (for payloads joined from pieces, whose bytes are not copied to be framed)."""
+    return varint(field_number << 3 | _LEN) + varint(size)
+
+
 def len_field(field_number: int, payload: bytes) -> bytes:
     """One length-delimited field (string, bytes or sub-message) with its tag."""
-    return varint(field_number << 3 | _LEN) + varint(len(payload)) + payload
+    return len_header(field_number, len(payload)) + payload
 
 
 def str_field(field_number: int, text: str) -> bytes:
