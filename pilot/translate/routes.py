@@ -44,41 +44,26 @@ def outbound_route_config(mesh: MeshSnapshot, namespace: str, labels: Mapping[st
     ``labels`` are the sidecar's own: VirtualService matches with ``sourceLabels`` apply only
     when they fit, which makes the route config specific to the proxy class.
     """
-    return _outbound(mesh, namespace, labels)[0]
+    return _outbound(mesh, namespace, labels)
 
 
-def _outbound(
-    mesh: MeshSnapshot, namespace: str, labels: Mapping[str, str] | None
-) -> tuple[Any, Mapping[str, tuple[str, ...]], dict[str, list[int]]]:
-    """The route configuration (as a message), the domains claimed per virtual host, and each
-    service host's virtual hosts (their positions, in port order)."""
-    vhosts, claimed, positions = _outbound_vhosts(mesh, namespace, labels)
-    config = route_pb2.RouteConfiguration(name=names.OUTBOUND_ROUTE, virtual_hosts=vhosts)
-    return allow_large_direct_bodies(config), claimed, positions
-
-
-def _outbound_vhosts(
-    mesh: MeshSnapshot, namespace: str, labels: Mapping[str, str] | None
-) -> tuple[list[Any], Mapping[str, tuple[str, ...]], dict[str, list[int]]]:
-    """The virtual host messages in name order, their claimed domains, and each service host's
-    positions among them."""
+def _outbound(mesh: MeshSnapshot, namespace: str, labels: Mapping[str, str] | None, tail: Sequence[Any] = ()) -> Any:
+    """The route configuration as a message: the virtual hosts in name order, then `tail`."""
     source = RouteSource(namespace, labels or {})
-    vhosts: list[tuple[str, Service, ServicePort]] = []
-    for service in mesh.services.values():
-        http_ports = service.http_ports
-        for port in http_ports:
-            vhosts.append((names.virtual_host(service.host, port.number), service, port))
-    vhosts.sort(key=lambda v: v[0])
+    vhosts = _sorted_vhosts(mesh)
     # Domains depend on the set of services (claims resolve collisions) and the namespace, not on
     # routing rules: a VirtualService edit reuses them, and every unchanged virtual host message.
     claimed = carried_by(mesh, _CLAIMS_TAG, tuple(svc for _, svc, _ in vhosts), (namespace, mesh.cluster_domain),
                          lambda: _claimed_domains(mesh, vhosts, namespace))
-    positions: dict[str, list[int]] = {}
-    made = []
-    for index, (name, service, port) in enumerate(vhosts):
-        positions.setdefault(service.host, []).append(index)
-        made.append(_vhost(mesh, name, service, port, source, claimed[name]))
-    return made, claimed, positions
+    made = [_vhost(mesh, name, service, port, source, claimed[name]) for name, service, port in vhosts]
+    config = route_pb2.RouteConfiguration(name=names.OUTBOUND_ROUTE, virtual_hosts=[*made, *tail])
+    return allow_large_direct_bodies(config)
+
+
+def _sorted_vhosts(mesh: MeshSnapshot) -> list[tuple[str, Service, ServicePort]]:
+    """(virtual host name, service, port) for every HTTP port of every service, by name."""
+    return sorted(((names.virtual_host(s.host, p.number), s, p) for s in mesh.services.values()
+                   for p in s.http_ports), key=lambda v: v[0])
 
 
 def _vhost(mesh: MeshSnapshot, name: str, service: Service, port: ServicePort, source: RouteSource,
@@ -158,9 +143,7 @@ def carried_outbound_config(
     """
     carry = mesh.carry
     if carry is None:
-        config, _, _ = _outbound(mesh, namespace, labels)
-        config.virtual_hosts.extend(tail)
-        return allow_large_direct_bodies(config)
+        return _outbound(mesh, namespace, labels, tail)
     basis: OutboundBasis | None = carry.previous(key)
     if basis is not None:
         patched = _patched(mesh, basis, namespace, labels)
@@ -205,8 +188,7 @@ def _skeleton(mesh: MeshSnapshot) -> _Skeleton:
 
 
 def _make_skeleton(mesh: MeshSnapshot) -> _Skeleton:
-    vhosts = sorted(((names.virtual_host(s.host, p.number), s, p) for s in mesh.services.values()
-                     for p in s.http_ports), key=lambda v: v[0])
+    vhosts = _sorted_vhosts(mesh)
     services = tuple(svc for _, svc, _ in vhosts)
     # No namespace: the domains every namespace shares (claims resolve collisions among them).
     claimed = carried_by(mesh, _CLAIMS_TAG, services, ("", mesh.cluster_domain),
@@ -235,14 +217,21 @@ def _make_skeleton(mesh: MeshSnapshot) -> _Skeleton:
 def _bare_short_names(mesh: MeshSnapshot, service: Service, port: ServicePort) -> tuple[str, tuple[str, ...]] | None:
     """(namespace, the bare short names a virtual host wants for sidecars of that namespace),
     for Kubernetes-style hosts (see `_domains`)."""
-    suffix = f".svc.{mesh.cluster_domain}"
-    if not service.host.endswith(suffix):
+    found = _kube_name(mesh, service.host)
+    if found is None:
         return None
-    name, _, ns = service.host[: -len(suffix)].partition(".")
-    if not name or not ns or "." in ns:
-        return None
+    name, ns = found
     bare = (name,) if port == service.http_ports[0] else ()
     return ns, (f"{name}:{port.number}", *bare)
+
+
+def _kube_name(mesh: MeshSnapshot, host: str) -> tuple[str, str] | None:
+    """(name, namespace) of a ``<name>.<namespace>.svc.<cluster domain>`` host, else None."""
+    suffix = f".svc.{mesh.cluster_domain}"
+    if not host.endswith(suffix):
+        return None
+    name, _, ns = host[: -len(suffix)].partition(".")
+    return (name, ns) if name and ns and "." not in ns else None
 
 
 def _namespace_entries(
@@ -318,11 +307,10 @@ def _domains(
     """(full-name domains, short-form domains) wanted by one virtual host."""
     full = [service.host]
     short: list[str] = []
-    suffix = f".svc.{mesh.cluster_domain}"
-    if service.host.endswith(suffix):
-        name, _, ns = service.host[: -len(suffix)].partition(".")
-        if name and ns and "." not in ns:
-            short = [f"{name}.{ns}", f"{name}.{ns}.svc"] + ([name] if ns == namespace else [])
+    found = _kube_name(mesh, service.host)
+    if found is not None:
+        name, ns = found
+        short = [f"{name}.{ns}", f"{name}.{ns}.svc"] + ([name] if ns == namespace else [])
     bare = port == service.http_ports[0]  # http_ports are sorted by number
 
     def with_port(hosts: list[str]) -> list[str]:
