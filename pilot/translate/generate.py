@@ -19,7 +19,7 @@ from pilot.translate.encoded import as_message
 from pilot.translate.endpoints import load_assignments, patched_assignments
 from pilot.translate.gateway import gateway_resources
 from pilot.translate.listeners import sidecar_listeners_for
-from pilot.translate.memo import carried_value, memoized
+from pilot.translate.memo import carried_value, memoized, memoized_for
 from pilot.translate.passthrough import PASSTHROUGH_CLUSTER, allow_any, passthrough_cluster, passthrough_vhost
 from pilot.translate.routes import carried_outbound_config
 from pilot.translate.scope import InboundPort, ProxyView, proxy_view, scope_view
@@ -57,9 +57,7 @@ def _shared(mesh: MeshSnapshot, narrowed: MeshSnapshot) -> MeshSnapshot:
 
 def _identities(mesh: MeshSnapshot, mapping: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
     """(key, id(value)) of every entry, memoized on the mesh per mapping object (kept alive there)."""
-    found: tuple[Mapping[str, Any], tuple[tuple[str, int], ...]] = memoized(
-        mesh, ("identities", id(mapping)), lambda: (mapping, tuple((k, id(v)) for k, v in mapping.items())))
-    return found[1]
+    return memoized_for(mesh, "identities", mapping, lambda: tuple((k, id(v)) for k, v in mapping.items()))
 
 
 def _source_label_keys(seen: MeshSnapshot) -> frozenset[str]:
@@ -137,10 +135,8 @@ def _placed(mesh: MeshSnapshot, narrowed: Mapping[str, Service]) -> Mapping[str,
     mesh, so namespaces that shared a view before an endpoint move share it after (memoized on
     the mesh, which keeps `narrowed` alive while its id is a key)."""
     services = mesh.services
-    found: tuple[Mapping[str, Service], Mapping[str, Service]] = memoized(
-        mesh, ("placed-services", id(narrowed)),
-        lambda: (narrowed, MappingProxyType({h: services[h] for h in narrowed})))
-    return found[1]
+    return memoized_for(mesh, "placed-services", narrowed,
+                        lambda: MappingProxyType({h: services[h] for h in narrowed}))
 
 
 def _same_placement(old: Mapping[str, Service], new: Mapping[str, Service]) -> bool:

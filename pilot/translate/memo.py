@@ -26,6 +26,13 @@ def memoized(mesh: MeshSnapshot, key: Hashable, compute: Callable[[], T]) -> T:
     return found
 
 
+def memoized_for(mesh: MeshSnapshot, tag: Hashable, obj: Any, compute: Callable[[], T]) -> T:
+    """`compute()`, once per (mesh, tag, the very object `obj`), for results derived from an object
+    that is not hashable by value (a mapping). The entry keeps `obj` alive, so its id stays its own."""
+    found: tuple[Any, T] = memoized(mesh, (tag, id(obj)), lambda: (obj, compute()))
+    return found[1]
+
+
 def carried(mesh: MeshSnapshot, compute: Callable[..., T], objs: tuple[Any, ...], *args: Hashable) -> T:
     """`compute(*objs, *args)`, reused from an earlier mesh version while `objs` are the same objects.
 

@@ -25,7 +25,7 @@ from pilot.model.mesh import (
 )
 from pilot.model.policy import NO_POLICY
 from pilot.model.scoping import REGISTRY_ONLY, EgressScope, Exported, Scoping
-from pilot.translate.memo import memoized
+from pilot.translate.memo import memoized, memoized_for
 
 Rules = list[Exported[RoutingRule]]
 BLOCK_ALL = "block_all"
@@ -85,10 +85,8 @@ def shared_narrowed_routes(
     results as one object also let the namespaces be recognised as one view in O(1).
     """
     rules = visible_rules(mesh, namespace)
-    key = ("narrowed-routes", tuple(map(id, rules)), id(services))  # the rules live as long as the mesh
-    found: tuple[Mapping[str, Service], Mapping[str, RoutingRule]] = memoized(
-        mesh, key, lambda: (services, frozen_map(routes_by_host([r.value for r in rules], services))))
-    return found[1]
+    tag = ("narrowed-routes", tuple(map(id, rules)))  # the rules live as long as the mesh
+    return memoized_for(mesh, tag, services, lambda: frozen_map(routes_by_host([r.value for r in rules], services)))
 
 
 _SCOPING_BESIDES_RULES = tuple(f.name for f in dataclasses.fields(Scoping)
