@@ -28,6 +28,8 @@ from prometheus_client import CollectorRegistry
 from pilot.app import Pilot
 from pilot.config.store import ConfigStore
 from pilot.kube.client import client_from_kubeconfig
+from pilot.kube.meshconfig import NamespaceSelector
+from pilot.kube.namespaces import NamespaceFilter
 from pilot.kube.registry_source import KubeRegistry
 from pilot.metrics import PushMetrics
 from pilot.model.build import build_mesh
@@ -112,12 +114,21 @@ def node_agent(kube_cluster: KubeCluster) -> Iterator[Kubelet]:
 
 
 class Pipeline:
-    """The store, the registry's watches and the pusher, as pilot wires them; one sidecar class watched."""
+    """The store, the registry's watches and the pusher, as pilot wires them; one sidecar class watched.
+
+    The registry takes the Services of the sidecar's namespace only (a discovery selector on
+    `kubernetes.io/metadata.name`, as a user would write it): earlier tests' namespaces are still
+    being deleted in the background (`--wait=false`), and their Services leaving would otherwise
+    change this mesh's clusters and routes in the middle of a test.
+    """
 
     def __init__(self, client: ApiClient, proxy: ProxyClass) -> None:
         self.store, self.cache = ConfigStore(), SnapshotCache()
         self.metrics = PushMetrics(CollectorRegistry())
-        self.registry = KubeRegistry(self.store, watch_options=FAST)
+        name_label = "kubernetes.io/metadata.name"
+        only = NamespaceFilter([NamespaceSelector(match_labels={name_label: proxy.namespace})])
+        only.upsert({"metadata": {"name": proxy.namespace, "labels": {name_label: proxy.namespace}}})
+        self.registry = KubeRegistry(self.store, namespaces=only, watch_options=FAST)
         self.pusher = Pusher(self.store, self.cache, build_mesh, generate, self.metrics, debounce=0.05,
                              endpoints_only=endpoints_only, generate_endpoints=generate_endpoints)
         self.client, self.proxy = client, proxy

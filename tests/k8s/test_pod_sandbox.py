@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -26,6 +27,8 @@ import yaml
 
 from tests.k8s.cluster import KubeCluster
 from tests.k8s.pods import STATE_DIR, Kubelet, Pod, PodNetwork
+
+COUNTERS = re.compile(r" \[\d+:\d+\]$")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -53,8 +56,10 @@ class Pair:
                        user=user).stdout.strip()
 
     def nat_table(self) -> str:
+        """Pod A's nat rules as iptables-save prints them, without comments and packet counters
+        (a chain policy's `[packets:bytes]` moves whenever a packet passes, e.g. a neighbour probe)."""
         saved = self.a.run(["iptables-save", "-t", "nat"], env=self.env).stdout
-        return "\n".join(line for line in saved.splitlines() if not line.startswith("#"))
+        return "\n".join(COUNTERS.sub("", line) for line in saved.splitlines() if not line.startswith("#"))
 
 
 def _serve(pod: Pod, user: int, *specs: str) -> None:
