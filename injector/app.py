@@ -22,6 +22,7 @@ from kubernetes_asyncio.client import ApiClient, CoreV1Api
 from citadel.authority import CertificateAuthority
 from citadel.keys import certs_pem
 from citadel.server import ServingCertificate
+from injector.metrics import WebhookMetrics
 from injector.settings import InjectSettings
 from injector.tls import RotatingTLS
 from injector.webhook import NamespaceLabels, Webhooks, assume_enrolled
@@ -70,13 +71,15 @@ def namespace_lookup(api: ApiClient, ttl_s: float = NAMESPACE_CACHE_S) -> Namesp
 async def serve_webhooks(ca: CertificateAuthority, settings: InjectSettings, *, host: str = "0.0.0.0",
                          port: int = WEBHOOK_PORT, namespace_labels: NamespaceLabels = assume_enrolled,
                          names: tuple[str, ...] = DNS_NAMES,
-                         ips: tuple[str, ...] = ("127.0.0.1",)) -> AsyncIterator[WebhookServer]:
+                         ips: tuple[str, ...] = ("127.0.0.1",),
+                         metrics: WebhookMetrics | None = None) -> AsyncIterator[WebhookServer]:
     """The control plane's webhooks, serving until the block ends: how `meshctl up` wires them.
 
     `namespace_labels` defaults to trusting the webhook configuration's namespaceSelector (Istio's
     model, no RBAC needed); `namespace_lookup(api)` re-checks the labels with the API server.
+    `metrics`: where reviews are counted (pilot's registry, so `/metrics` shows them).
     """
-    server = WebhookServer(Webhooks(settings, namespace_labels), serving_certificate(ca, ips, names))
+    server = WebhookServer(Webhooks(settings, namespace_labels, metrics), serving_certificate(ca, ips, names))
     await server.start(host, port)
     try:
         yield server

@@ -37,6 +37,9 @@ class Verdict:
     allowed: bool
     message: str = ""
     warnings: tuple[str, ...] = field(default=())
+    # For `galley_validation_*` (`injector.metrics`): "" a mesh object admitted, else Istio's
+    # failure reason; None for what is not reviewed at all (subresources, other groups).
+    failure: str | None = None
 
 
 def _with_namespace(obj: Mapping[str, Any], namespace: str | None) -> dict[str, Any]:
@@ -51,18 +54,20 @@ def _with_namespace(obj: Mapping[str, Any], namespace: str | None) -> dict[str, 
 
 def review_object(request: Mapping[str, Any]) -> Verdict:
     """The verdict for one AdmissionReview `request` (see the module docstring)."""
-    if request.get("operation") not in ("CREATE", "UPDATE") or request.get("subResource"):
-        return Verdict(True)
     group = str((request.get("kind") or {}).get("group", ""))
+    if request.get("subResource") or group not in MESH_GROUPS:
+        return Verdict(True)
+    if request.get("operation") not in ("CREATE", "UPDATE"):
+        return Verdict(True, failure="unsupported_operation")
     obj = request.get("object")
-    if group not in MESH_GROUPS or not isinstance(obj, Mapping):
+    if not isinstance(obj, Mapping):
         return Verdict(True)
     doc = _with_namespace(obj, request.get("namespace"))
     try:
         parsed = parse_object(doc)
     except UnsupportedKindError as exc:
-        return Verdict(True, warnings=(f"{exc}; not validated by meshctl",))
+        return Verdict(True, warnings=(f"{exc}; not validated by meshctl",), failure="")
     except ApiError as exc:
-        return Verdict(False, str(exc))
+        return Verdict(False, str(exc), failure="invalid_resource")
     ref = object_ref(*parsed.key)
-    return Verdict(True, warnings=tuple(f"{ref}: {w}" for w in parsed.warnings[:MAX_WARNINGS]))
+    return Verdict(True, warnings=tuple(f"{ref}: {w}" for w in parsed.warnings[:MAX_WARNINGS]), failure="")

@@ -6,6 +6,8 @@ injected gets `allowed: true` and no patch; a pod whose annotations cannot be ho
 bad port list) is refused with a message naming the pod, the annotation and why.
 `POST /validate` (validating, for the mesh kinds): `injector.validate.review_object`.
 `GET /ready`: 200 once the server answers (the control plane's readiness probe can use it).
+Both reviews are counted under Istio's metric names (`injector.metrics`), in pilot's registry
+when the control plane passes it.
 
 Concurrency: handlers run on the aiohttp event loop; the only await besides reading the body is
 the namespace lookup (`NamespaceLabels`), so a slow API server delays one review, never others.
@@ -18,12 +20,15 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from injector.inject import ENROLLED, InjectionError, decide, inject
+from injector.metrics import WebhookMetrics
 from injector.patch import encode_patch, pod_patch
 from injector.settings import InjectSettings
 from injector.validate import review_object
@@ -79,9 +84,12 @@ def review_response(uid: str, allowed: bool, *, message: str = "", code: int = 4
 class Webhooks:
     """The handlers, with the settings and the namespace lookup they need."""
 
-    def __init__(self, settings: InjectSettings, namespace_labels: NamespaceLabels = assume_enrolled) -> None:
+    def __init__(self, settings: InjectSettings, namespace_labels: NamespaceLabels = assume_enrolled,
+                 metrics: WebhookMetrics | None = None) -> None:
+        """`metrics`: where reviews are counted (a registry of their own when not given)."""
         self.settings = settings
         self.namespace_labels = namespace_labels
+        self.metrics = metrics or WebhookMetrics(CollectorRegistry())
 
     async def review_pod(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """The response for one pod admission request."""
@@ -100,12 +108,16 @@ class Webhooks:
             labels = await self.namespace_labels(namespace)
         except Exception as exc:  # the API server may be briefly unreachable: refuse, it retries
             log.warning("injector: cannot read the labels of namespace %s: %r", namespace, exc)
+            self.metrics.injection_failure.inc()
             return review_response(uid, False, code=500, message=f"injector: cannot read namespace {namespace}: {exc}")
         decision = decide(before, self.settings, labels)
+        if not decision.inject:
+            self.metrics.injection_skip.inc()
         try:
             after = inject(before, self.settings, labels)
         except InjectionError as exc:
             log.info("injector: refused: %s", exc)
+            self.metrics.injection_failure.inc()
             return review_response(uid, False, message=str(exc))
         ops = pod_patch(before, after)
         log.info("injector: %s/%s: %s (%s)", namespace, _pod_name(pod),
@@ -114,19 +126,30 @@ class Webhooks:
 
     async def handle_inject(self, request: web.Request) -> web.Response:
         """`POST /inject`."""
+        metrics, began = self.metrics, time.perf_counter()
+        metrics.injection_requests.inc()
         try:
-            review = parse_review(await request.read())
-        except ReviewError as exc:
-            raise web.HTTPBadRequest(text=str(exc)) from None
-        return web.json_response(await self.review_pod(review))
+            try:
+                review = parse_review(await request.read())
+            except ReviewError as exc:
+                metrics.injection_failure.inc()
+                raise web.HTTPBadRequest(text=str(exc)) from None
+            response = web.json_response(await self.review_pod(review))
+            metrics.injection_success.inc()
+            return response
+        finally:
+            metrics.injection_time.observe(time.perf_counter() - began)
 
     async def handle_validate(self, request: web.Request) -> web.Response:
         """`POST /validate`."""
         try:
             review = parse_review(await request.read())
         except ReviewError as exc:
+            self.metrics.validation_http_error.inc("400")
             raise web.HTTPBadRequest(text=str(exc)) from None
         verdict = review_object(review)
+        if verdict.failure is not None:
+            self.metrics.validated(review, verdict.failure)
         if not verdict.allowed:
             log.info("validation: refused: %s", verdict.message)
         return web.json_response(review_response(str(review["uid"]), verdict.allowed, message=verdict.message,

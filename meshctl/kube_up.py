@@ -42,6 +42,7 @@ from citadel.keys import certs_pem
 from citadel.kube_store import KubeCA
 from citadel.tokenreview import CachedTokenReview, KubeTokenReviewClient
 from injector.app import WEBHOOK_PORT, ca_bundle, dns_names, serve_webhooks
+from injector.metrics import WebhookMetrics
 from injector.settings import InjectSettings
 from meshctl.cabundle import patch_ca_bundles
 from meshctl.kubeapply import Applier, KubeApiError
@@ -313,7 +314,8 @@ class KubeControlPlane:
         ips = ("127.0.0.1",) if host in ("0.0.0.0", "127.0.0.1") else ("127.0.0.1", host)  # the certificate's IP SANs
         try:
             server = await self._stack.enter_async_context(serve_webhooks(
-                ca, self.inject, host=host, port=port, names=dns_names(self.settings.kube_mesh_namespace), ips=ips))
+                ca, self.inject, host=host, port=port, names=dns_names(self.settings.kube_mesh_namespace), ips=ips,
+                metrics=WebhookMetrics(pilot.registry)))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise AddressInUseError("webhooks", host, port) from None

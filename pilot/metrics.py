@@ -62,7 +62,8 @@ class IstioSum(Collector):
 
     def collect(self) -> Iterable[Metric]:
         family = Metric(self.name, self.documentation, "unknown")
-        for values, total in sorted(self.values.items()):
+        # A sum without labels is one series, shown from the start (0), as a prometheus_client Counter.
+        for values, total in sorted(self.values.items() if self.labels or self.values else [((), 0.0)]):
             family.add_sample(self.name, dict(zip(self.labels, values, strict=True)), total)
         yield family
 
@@ -72,6 +73,10 @@ SUM_NAMES = frozenset({
     "pilot_xds_pushes", "pilot_total_xds_rejects", "pilot_total_xds_internal_errors", "pilot_xds_expired_nonce",
     "pilot_xds_write_timeout", "pilot_push_triggers", "pilot_inbound_updates", "pilot_k8s_cfg_events",
     "pilot_k8s_reg_events",
+    # The admission webhooks' (`injector.metrics`).
+    "sidecar_injection_requests_total", "sidecar_injection_success_total", "sidecar_injection_failure_total",
+    "sidecar_injection_skip_total", "galley_validation_passed", "galley_validation_failed",
+    "galley_validation_http_error",
 })
 
 

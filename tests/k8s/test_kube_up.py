@@ -33,6 +33,7 @@ from pilot.app import Pilot
 from pilot.settings import PilotSettings
 from tests.k8s.cluster import KubeCluster
 from tests.k8s.meshpods import SCOPE_LABEL, webhook_configs
+from tests.k8s.pilots import metric
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -98,6 +99,22 @@ async def test_root_configmaps_and_ca_bundles_follow_the_root(kube_cluster: Kube
                 async with aiohttp.ClientSession() as session, session.get(
                         f"https://127.0.0.1:{port}/ready", ssl=context) as resp:
                     assert resp.status == 200
+
+                # Their reviews are counted in pilot's registry, under Istio's names on pilot's /metrics.
+                review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+                    "uid": "u-1", "operation": "CREATE", "namespace": inside, "dryRun": False,
+                    "kind": {"group": "networking.istio.io", "version": "v1", "kind": "VirtualService"},
+                    "resource": {"group": "networking.istio.io", "version": "v1", "resource": "virtualservices"},
+                    "object": {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                               "metadata": {"name": "bad"}, "spec": {"hosts": []}}}}
+                async with aiohttp.ClientSession() as session, session.post(
+                        f"https://127.0.0.1:{port}/validate", json=review, ssl=context) as resp:
+                    assert (await resp.json())["response"]["allowed"] is False
+                debug = f"127.0.0.1:{pilot.debug_port}"
+                assert await metric(debug, "galley_validation_failed", {
+                    "group": "networking.istio.io", "version": "v1", "resource": "virtualservices",
+                    "reason": "invalid_resource"}) == 1.0
+                assert await metric(debug, "sidecar_injection_requests_total") == 0.0
 
                 # The root: in both caBundles and the selected namespace's ConfigMap only.
                 for config in configs:

@@ -16,11 +16,14 @@ import aiohttp
 import jsonpatch
 import pytest
 from cryptography import x509
+from prometheus_client import CollectorRegistry
 
 from citadel.authority import CertificateAuthority
 from citadel.ca import WorkloadCertPolicy
 from injector.app import WebhookServer, ca_bundle, serve_webhooks
+from injector.metrics import WebhookMetrics
 from injector.settings import InjectSettings
+from pilot.metrics import exposition
 
 SETTINGS = InjectSettings(proxy_image="meshctl/proxy:test")
 NAMESPACES = {"enrolled": {"istio-injection": "enabled"}, "plain": {}}
@@ -154,3 +157,46 @@ async def test_certificate_is_from_the_mesh_ca_and_follows_a_root_rotation(ca: C
     second = await peer_certificate(ca, server.port, None)
     assert second.serial_number != first.serial_number
     assert second.issuer == ca.bundle.signing_cert.subject != old_root.subject
+
+
+async def test_reviews_are_counted_under_istios_metric_names(ca: CertificateAuthority) -> None:
+    """Injection and validation counters as istiod exports them (names, labels, no `_total` added),
+    read from the registry's Prometheus text, after real HTTPS reviews of each outcome."""
+    registry = CollectorRegistry()
+    metrics = WebhookMetrics(registry)
+
+    def validation(obj: dict[str, Any], operation: str = "CREATE", dry_run: bool = False) -> dict[str, Any]:
+        return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+            "uid": "v-2", "kind": {"group": "networking.istio.io", "version": "v1", "kind": obj["kind"]},
+            "resource": {"group": "networking.istio.io", "version": "v1", "resource": "virtualservices"},
+            "operation": operation, "namespace": "shop", "object": obj, "dryRun": dry_run}}
+
+    good = {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "reviews"},
+            "spec": {"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews"}}]}]}}
+    bad = {**good, "spec": {"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews"},
+                                                                      "weight": -1}]}]}}
+    async with serve_webhooks(ca, SETTINGS, host="127.0.0.1", port=0, namespace_labels=labels_of,
+                              metrics=metrics) as srv:
+        for body in (pod_review("enrolled"), pod_review("plain"),
+                     pod_review("enrolled", annotations={"sidecar.istio.io/interceptionMode": "TPROXY"}),
+                     {"kind": "Pod"}):
+            await post(ca, srv.port, "/inject", body)
+        for body in (validation(good), validation(good, "UPDATE"), validation(bad), validation(bad, dry_run=True),
+                     validation(good, "DELETE"), {"kind": "AdmissionReview"}):
+            await post(ca, srv.port, "/validate", body)
+
+    lines = set(exposition(registry).decode().splitlines())
+    resource = 'group="networking.istio.io",resource="virtualservices",version="v1"'
+    assert {
+        "# TYPE sidecar_injection_requests_total counter", "sidecar_injection_requests_total 4.0",
+        "sidecar_injection_skip_total 1.0",  # the pod of a namespace not enrolled
+        "sidecar_injection_failure_total 2.0",  # the TPROXY annotation, the body that is no review
+        "sidecar_injection_success_total 3.0",  # every review answered, as Istio counts it
+        'sidecar_injection_time_seconds_bucket{le="0.1"} 4.0',
+        "# TYPE galley_validation_passed counter", f"galley_validation_passed{{{resource}}} 2.0",
+        'galley_validation_failed{group="networking.istio.io",reason="invalid_resource",resource="virtualservices",'
+        'version="v1"} 1.0',  # not the dry run
+        'galley_validation_failed{group="networking.istio.io",reason="unsupported_operation",'
+        'resource="virtualservices",version="v1"} 1.0',
+        'galley_validation_http_error{status="400"} 1.0',
+    } <= lines
