@@ -180,10 +180,11 @@ class Pilot:
     def use_kube_registry(self, registry: KubeRegistry, api_client: ApiClient) -> None:
         """Serve the Services and Pods of `api_client`'s cluster (`pilot.kube.registry_source`; the
         registry writes `self.store`): its watches start with pilot, which waits for their first
-        lists before its first push, and connecting sidecars are matched to their Pods. Call before
-        `start`."""
+        lists before its first push, and connecting sidecars are matched to their Pods (and follow
+        their Pod's labels while connected). Call before `start`."""
         self._kube_registry = (registry, api_client)
         self.ads.classify = registry.classify
+        registry.pod_listeners.append(self.ads.pod_changed)  # a relabelled Pod moves its proxies' class
 
     async def _start_kube_registry(self, registry: KubeRegistry, client: ApiClient) -> None:
         """Run the registry's watches; the first push waits (up to `kube_sync_timeout_ms`) for their

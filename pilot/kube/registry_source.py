@@ -93,6 +93,9 @@ class KubeRegistry:
         # Which slices stand for a Pod: ("pod", namespace, name) by targetRef, ("ip", namespace, ip) otherwise.
         self._readers: dict[tuple[str, str, str], set[Key]] = {}
         self._objects: dict[tuple[str, str, str], ApiObject] = {}  # what this source holds in the store
+        # Called with (namespace, name) when a known Pod's labels change: its proxies' class moves
+        # (`pilot.xds.server.AdsServer.pod_changed`).
+        self.pod_listeners: list[Callable[[str, str], None]] = []
         self._listed: set[str] = set()
         self.services = _Handler(self, "services", self._replace_services, self._upsert_service, self._delete_service)
         self.endpoint_slices = _Handler(self, "slices", self._replace_slices, self._upsert_slice, self._delete_slice)
@@ -200,9 +203,15 @@ class KubeRegistry:
     # -- pods -------------------------------------------------------------------------------------
 
     def _replace_pods(self, objects: list[dict[str, Any]]) -> None:
+        before = self._pods
         self._pods, self._pods_by_ip = {}, {}
         for obj in objects:
             self._upsert_pod(obj)
+        relabelled = [k for k, facts in self._pods.items()
+                      if (old := before.get(k)) is not None and old.labels != facts.labels]
+        for namespace, name in relabelled:  # a re-list after a watch gap: labels changed meanwhile
+            for listener in self.pod_listeners:
+                listener(namespace, name)
 
     def _upsert_pod(self, obj: dict[str, Any]) -> set[Key]:
         facts = pod_facts(obj)
@@ -213,6 +222,9 @@ class KubeRegistry:
         self._pods[_key(obj)] = facts
         for ip in facts.ips:
             self._pods_by_ip.setdefault((facts.namespace, ip), set()).add(facts.name)
+        if old is not None and old.labels != facts.labels:
+            for listener in self.pod_listeners:
+                listener(facts.namespace, facts.name)
         return touched | self._readers_of(facts)
 
     def _delete_pod(self, obj: dict[str, Any]) -> set[Key]:

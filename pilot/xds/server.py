@@ -35,6 +35,10 @@ There a stream is refused unless its client certificate's identity holds what it
 identity's Node; each refusal is logged and counted in `pilot_xds_stream_errors{reason}`.
 Both faces share the cache, the status registry and the subscriptions.
 
+A proxy's class can change while it is connected: when the Kubernetes registry sees its Pod's
+labels change (`pod_changed`), the stream classifies its Node again (a copy of the Node is kept for
+proxies whose id names a Pod) and moves its cache watch to the new class, new before old.
+
 Gateway certificates (`secrets`, a `pilot.xds.secrets.SecretServer`, Kubernetes only): an
 authenticated router's stream gets its namespace's Secrets as the SDS type of its snapshot,
 composed per stream from the class's cached snapshot and the namespace's shared set, never
@@ -58,7 +62,7 @@ from google.protobuf.message import DecodeError
 
 from pilot.listen import check_free
 from pilot.metrics import xds_type
-from pilot.model.proxy import NodeError, ProxyIdentity, ProxyKind, identity_from_node
+from pilot.model.proxy import NodeError, ProxyClass, ProxyIdentity, ProxyKind, identity_from_node, pod_of_node
 from pilot.xds import typeurls
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.delta import DeltaSession
@@ -137,6 +141,16 @@ class AdsServer:
         self.secrets: SecretServer | None = None  # gateway certificates over ADS (see the module docstring)
         self.changes: ChangeTracker | None = None  # config changes followed to the proxies (pilot.tracing)
         self._type_metrics: dict[str, tuple[Any, Any]] = {}  # Istio type label -> (push time, config size)
+        # Open streams by the Pod their node id names (namespace, name): `pod_changed` wakes them.
+        self._by_pod: dict[tuple[str, str], set[_Stream]] = {}
+
+    def pod_changed(self, namespace: str, name: str) -> None:
+        """A Pod's labels changed (`pilot.kube.registry_source`): its proxies' streams classify their
+        Node again and move to the class it gives now, without reconnecting (Istio updates a proxy's
+        labels from its Pod likewise). Cost: a dictionary lookup; the streams do the rest."""
+        for stream in self._by_pod.get((namespace, name), ()):
+            stream.reclassify = True
+            stream.wake.set()
 
     def handler(self, *, authenticated: bool = False) -> grpc.GenericRpcHandler:
         """ADS; `authenticated` streams must hold the identity their Node claims (see `start_secure`)."""
@@ -331,17 +345,28 @@ class AdsServer:
         stream = _Stream()
         grant = await self._secret_grant(identity, authenticated)
         reader = asyncio.create_task(_read(requests, session, stream))
+        pod = pod_of_node(identity.node_id)
+        if pod is not None:  # kept to classify the Node again when its Pod changes (`pod_changed`)
+            stream.node = type(first.node)()
+            stream.node.CopyFrom(first.node)
+            self._by_pod.setdefault(pod, set()).add(stream)
         try:
-            with self.cache.watch(identity.proxy_class, stream.wake.set), \
+            with _ClassWatch(self.cache, identity.proxy_class, stream.wake.set) as watch, \
                     self._secrets_watch(grant, stream.wake.set):
                 session.handle(first, first_wire)
                 del first, first_wire
-                await self._serve(identity, session, stream, context, grant)
+                await self._serve(identity, session, stream, context, grant, watch, authenticated)
         except SendTimeoutError as exc:
             timed_out = str(exc)  # not the exception: its traceback would keep the writer's frames
         else:
             timed_out = ""
         finally:
+            if pod is not None:
+                streams = self._by_pod.get(pod)
+                if streams is not None:
+                    streams.discard(stream)
+                    if not streams:
+                        del self._by_pod[pod]
             reader.cancel()
             self.status.close(stream_status)
             if grant is not None and self.secrets is not None:
@@ -376,10 +401,9 @@ class AdsServer:
 
     async def _serve(
         self, identity: ProxyIdentity, session: Any, stream: _Stream, context: grpc.aio.ServicerContext,
-        grant: SecretGrant | None = None,
+        grant: SecretGrant | None, watch: _ClassWatch, authenticated: bool,
     ) -> None:
         """Answer whenever a request calls for it or the class gets a new snapshot, until the client leaves."""
-        key = identity.proxy_class
         snapshot: Snapshot | None = None
         made_of: tuple[Snapshot | None, Any] | None = None
         stream.dirty = True  # the first request is handled already
@@ -388,7 +412,10 @@ class AdsServer:
                 raise stream.error
             if stream.closed:
                 return
-            latest, secrets = parts = self._parts(self.cache.get(key), grant)
+            if stream.reclassify:
+                stream.reclassify = False
+                identity = self._reclassified(identity, session, stream, context, watch, authenticated)
+            latest, secrets = parts = self._parts(self.cache.get(watch.key), grant)
             if made_of is None or latest is not made_of[0] or secrets is not made_of[1]:
                 # Composed per stream, never cached: the keys stay in the SecretServer's sets.
                 snapshot = latest if latest is None or secrets is None else latest.with_type(typeurls.SECRET, secrets)
@@ -412,6 +439,29 @@ class AdsServer:
             # No await between the checks above and clear(): nothing can slip in unseen.
             stream.wake.clear()
             await stream.wake.wait()
+
+    def _reclassified(self, identity: ProxyIdentity, session: Any, stream: _Stream, context: grpc.aio.ServicerContext,
+                      watch: _ClassWatch, authenticated: bool) -> ProxyIdentity:
+        """The stream's identity after its Pod changed: its Node classified again (the Pod's labels
+        now), checked against its certificate on the authenticated port. A new class is watched
+        before the old one is let go, so its snapshot is ready for the next step; the session then
+        brings the proxy from what it holds to that snapshot as for any config change. If the Node
+        no longer passes (it cannot: a Pod's IPs and service account do not change), the stream
+        keeps its class and says why in the log."""
+        try:
+            found = self.classify(stream.node)
+            if authenticated:
+                found = self._authenticate(found, context)
+        except (NodeError, PeerUnauthenticatedError, PeerMismatchError) as exc:
+            log.warning("stream %d of %s keeps its class %s: %s", session.status.stream_id, identity.node_id,
+                        identity.proxy_class.describe(), exc)
+            return identity
+        if found.proxy_class != identity.proxy_class:
+            log.info("stream %d of %s: its Pod changed, class %s -> %s", session.status.stream_id, identity.node_id,
+                     identity.proxy_class.describe(), found.proxy_class.describe())
+            watch.switch(found.proxy_class)
+        session.status.identity = found
+        return found
 
     def _audit_secrets(self, identity: ProxyIdentity, session: Any, grant: SecretGrant) -> None:
         """Log the SDS names the router subscribed to and may not (or cannot) have."""
@@ -474,6 +524,38 @@ class _Stream:
         self.dirty = False  # a handled request may call for a response
         self.closed = False  # the proxy ended the stream
         self.error: BaseException | None = None
+        self.reclassify = False  # its Pod changed: classify the Node again (`AdsServer.pod_changed`)
+        self.node: Any = None  # the Node of a proxy in a Pod (a copy: the first request is not kept)
+
+
+class _ClassWatch:
+    """The cache watch of a stream's class, which can move to another class (`switch`)."""
+
+    def __init__(self, cache: SnapshotCache, key: ProxyClass, wake: Callable[[], None]) -> None:
+        self.cache, self.key, self.wake = cache, key, wake
+        self._held: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> _ClassWatch:
+        self._held = self._watch(self.key)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
+
+    def switch(self, key: ProxyClass) -> None:
+        """Watch `key` instead: the new class first (it is published on demand), then the old one goes."""
+        if key == self.key:
+            return
+        held = self._watch(key)
+        self.__exit__()
+        self.key, self._held = key, held
+
+    def _watch(self, key: ProxyClass) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.cache.watch(key, self.wake))
+        return stack
 
 
 async def _read(requests: AsyncIterator[Any], session: Any, stream: _Stream) -> None:

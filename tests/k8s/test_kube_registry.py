@@ -270,3 +270,43 @@ async def test_pilot_serves_a_sidecar_as_its_pod_and_refuses_a_node_with_another
                 await ads.recv(timeout=10)
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert f"Pod {ns}/ratings-0 has {ip}" in str(refused.value.details())
+
+
+async def test_a_relabelled_pod_moves_its_connected_sidecar_to_its_new_class(
+    kube_cluster: KubeCluster, namespace: str, node_agent: Kubelet,
+) -> None:
+    """`kubectl label pod` on a running pod: its sidecar's stream (not reconnected) is classified
+    again from the Pod and gets the config of its new labels, here the inbound cluster of a Service
+    that selects the new label, as Istio updates a proxy's labels from its Pod."""
+    ns, ip = namespace, f"10.244.{secrets.randbelow(250) + 1}.8"
+    await until("the default ServiceAccount", lambda: kube_cluster.kubectl(
+        "-n", ns, "get", "serviceaccount", "default", check=False).returncode == 0)
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ratings-0", "namespace": ns, "labels": {
+        "app": "ratings"}}, "spec": {"containers": [{"name": "app", "image": "example.invalid/ratings:1"}]}}
+    services = [{"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
+                 "spec": {"selector": selector, "ports": [{"name": "http", "port": port, "targetPort": target}]}}
+                for name, selector, port, target in (("ratings", {"app": "ratings"}, 80, 8080),
+                                                     ("ratings-v2", {"app": "ratings", "version": "v2"}, 81, 9080))]
+    await kubectl(kube_cluster, "apply", "-f", "-", stdin=yaml.safe_dump_all([pod, *services]))
+    await asyncio.to_thread(node_agent.bind, ns, "ratings-0")
+    await asyncio.to_thread(node_agent.report, ns, "ratings-0", ip)
+    async with Pilot(PilotSettings(ads_port=0, debug_port=0, debounce_ms=20, kubeconfig=kube_cluster.kubeconfig,
+                                   kube_mesh_namespace=ns)) as pilot:
+        node = make_node(f"sidecar~{ip}~ratings-0.{ns}~{ns}.svc.cluster.local", namespace=ns)
+        async with AdsClient(pilot.ads_address, node) as ads:
+            ads.send(CLUSTER)
+
+            async def inbound() -> set[str]:
+                response = await ads.recv(timeout=30)
+                ads.ack(response)
+                return {c.name for c in map(decode, response.resources) if c.name.startswith("inbound|")}
+
+            assert await inbound() == {"inbound|8080||"}
+            (row,) = [r for r in pilot.status.syncz() if r["proxy"] == node.id]
+            await kubectl(kube_cluster, "-n", ns, "label", "pod", "ratings-0", "version=v2")
+            assert await inbound() == {"inbound|8080||", "inbound|9080||"}  # on the same stream
+            (after,) = [r for r in pilot.status.syncz() if r["proxy"] == node.id]
+            assert after["labels"] == {"app": "ratings", "version": "v2"}
+            assert (after["peer"], after["connected_since"]) == (row["peer"], row["connected_since"])
+            await kubectl(kube_cluster, "-n", ns, "label", "pod", "ratings-0", "version-")
+            assert await inbound() == {"inbound|8080||"}

@@ -24,7 +24,8 @@ from tests.conformance.builders import snapshot
 
 
 async def test_memory_is_released_once_the_writes_have_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ads_server, "RELEASE_DELAY", 0.2)
+    # 0.5 s: a loaded CI machine can stall the loop for a few hundred ms between two pushes.
+    monkeypatch.setattr(ads_server, "RELEASE_DELAY", 0.5)
     released: list[float] = []
     cache = SnapshotCache()
     server = AdsServer(cache, StatusRegistry(XdsMetrics(CollectorRegistry())),
@@ -37,7 +38,7 @@ async def test_memory_is_released_once_the_writes_have_stopped(monkeypatch: pyte
         async with AdsClient(f"127.0.0.1:{port}", node) as client:
             client.send(CLUSTER)
             client.ack(await client.recv())
-            # 1.2 s of pushes, 50 ms apart: six release delays' worth of writing.
+            # 1.2 s of pushes, 50 ms apart: over two release delays' worth of writing.
             last_write = 0.0
             for version in range(2, 26):
                 cache.set(key, snapshot({"c1": 1}, timeouts={"c1": version}))
@@ -45,8 +46,8 @@ async def test_memory_is_released_once_the_writes_have_stopped(monkeypatch: pyte
                 last_write = time.monotonic()
                 await asyncio.sleep(0.05)
             assert released == []  # never while responses were being written
-            await asyncio.sleep(0.7)
+            await asyncio.sleep(1.5)
             assert len(released) == 1, released  # once, after the last write
-            assert released[0] >= last_write + 0.2
+            assert released[0] >= last_write + 0.5
     finally:
         await server.stop(0)
