@@ -184,6 +184,7 @@ class Pilot:
         their Pod's labels while connected). Call before `start`."""
         self._kube_registry = (registry, api_client)
         self.ads.classify = registry.classify
+        self.ads.follows_pods = True
         registry.pod_listeners.append(self.ads.pod_changed)  # a relabelled Pod moves its proxies' class
 
     async def _start_kube_registry(self, registry: KubeRegistry, client: ApiClient) -> None:

@@ -142,6 +142,9 @@ class AdsServer:
         self.changes: ChangeTracker | None = None  # config changes followed to the proxies (pilot.tracing)
         self._type_metrics: dict[str, tuple[Any, Any]] = {}  # Istio type label -> (push time, config size)
         # Open streams by the Pod their node id names (namespace, name): `pod_changed` wakes them.
+        # Only when `classify` reads Pods (`follows_pods`, set with the Kubernetes registry): a local
+        # mesh keeps no copy of each Node.
+        self.follows_pods = False
         self._by_pod: dict[tuple[str, str], set[_Stream]] = {}
 
     def pod_changed(self, namespace: str, name: str) -> None:
@@ -345,7 +348,7 @@ class AdsServer:
         stream = _Stream()
         grant = await self._secret_grant(identity, authenticated)
         reader = asyncio.create_task(_read(requests, session, stream))
-        pod = pod_of_node(identity.node_id)
+        pod = pod_of_node(identity.node_id) if self.follows_pods else None
         if pod is not None:  # kept to classify the Node again when its Pod changes (`pod_changed`)
             stream.node = type(first.node)()
             stream.node.CopyFrom(first.node)
