@@ -207,11 +207,8 @@ class KubeRegistry:
         self._pods, self._pods_by_ip = {}, {}
         for obj in objects:
             self._upsert_pod(obj)
-        relabelled = [k for k, facts in self._pods.items()
-                      if (old := before.get(k)) is not None and old.labels != facts.labels]
-        for namespace, name in relabelled:  # a re-list after a watch gap: labels changed meanwhile
-            for listener in self.pod_listeners:
-                listener(namespace, name)
+        for facts in self._pods.values():  # a re-list after a watch gap: labels changed meanwhile
+            self._relabelled(before.get((facts.namespace, facts.name)), facts)
 
     def _upsert_pod(self, obj: dict[str, Any]) -> set[Key]:
         facts = pod_facts(obj)
@@ -222,10 +219,14 @@ class KubeRegistry:
         self._pods[_key(obj)] = facts
         for ip in facts.ips:
             self._pods_by_ip.setdefault((facts.namespace, ip), set()).add(facts.name)
+        self._relabelled(old, facts)
+        return touched | self._readers_of(facts)
+
+    def _relabelled(self, old: PodFacts | None, facts: PodFacts) -> None:
+        """Tell `pod_listeners` when a known Pod's labels changed."""
         if old is not None and old.labels != facts.labels:
             for listener in self.pod_listeners:
                 listener(facts.namespace, facts.name)
-        return touched | self._readers_of(facts)
 
     def _delete_pod(self, obj: dict[str, Any]) -> set[Key]:
         old = self._pods.pop(_key(obj), None)

@@ -12,6 +12,7 @@ import contextlib
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 from pilot.model.proxy import ProxyClass
 from pilot.xds.resources import View
@@ -115,3 +116,35 @@ class SnapshotCache:
             view.responses.clear()
         self.sharing.clear()
         return dropped
+
+
+class ClassWatch:
+    """A stream's `SnapshotCache.watch` that can move to another class (`move`), for a proxy whose
+    class changes while it is connected (its Pod relabelled). Enter it as the watch itself."""
+
+    def __init__(self, cache: SnapshotCache, key: ProxyClass, wake: Callable[[], None]) -> None:
+        self.cache, self.key, self.wake = cache, key, wake
+        self._held: AbstractContextManager[None] | None = None
+
+    def __enter__(self) -> ClassWatch:
+        self._held = self._watch(self.key)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._held is not None:
+            self._held.__exit__(None, None, None)
+            self._held = None
+
+    def move(self, key: ProxyClass) -> None:
+        """Watch `key` instead: the new class first (so it is published on demand and never left
+        without a watcher in between), then the old one goes."""
+        if key == self.key:
+            return
+        held = self._watch(key)
+        self.__exit__()
+        self.key, self._held = key, held
+
+    def _watch(self, key: ProxyClass) -> AbstractContextManager[None]:
+        watching = self.cache.watch(key, self.wake)
+        watching.__enter__()
+        return watching

@@ -62,9 +62,9 @@ from google.protobuf.message import DecodeError
 
 from pilot.listen import check_free
 from pilot.metrics import xds_type
-from pilot.model.proxy import NodeError, ProxyClass, ProxyIdentity, ProxyKind, identity_from_node, pod_of_node
+from pilot.model.proxy import NodeError, ProxyIdentity, ProxyKind, identity_from_node, pod_of_node
 from pilot.xds import typeurls
-from pilot.xds.cache import SnapshotCache
+from pilot.xds.cache import ClassWatch, SnapshotCache
 from pilot.xds.delta import DeltaSession
 from pilot.xds.peers import (
     PeerIdentityHook,
@@ -354,7 +354,7 @@ class AdsServer:
             stream.node.CopyFrom(first.node)
             self._by_pod.setdefault(pod, set()).add(stream)
         try:
-            with _ClassWatch(self.cache, identity.proxy_class, stream.wake.set) as watch, \
+            with ClassWatch(self.cache, identity.proxy_class, stream.wake.set) as watch, \
                     self._secrets_watch(grant, stream.wake.set):
                 session.handle(first, first_wire)
                 del first, first_wire
@@ -365,11 +365,10 @@ class AdsServer:
             timed_out = ""
         finally:
             if pod is not None:
-                streams = self._by_pod.get(pod)
-                if streams is not None:
-                    streams.discard(stream)
-                    if not streams:
-                        del self._by_pod[pod]
+                following = self._by_pod[pod]
+                following.discard(stream)
+                if not following:
+                    del self._by_pod[pod]
             reader.cancel()
             self.status.close(stream_status)
             if grant is not None and self.secrets is not None:
@@ -404,7 +403,7 @@ class AdsServer:
 
     async def _serve(
         self, identity: ProxyIdentity, session: Any, stream: _Stream, context: grpc.aio.ServicerContext,
-        grant: SecretGrant | None, watch: _ClassWatch, authenticated: bool,
+        grant: SecretGrant | None, watch: ClassWatch, authenticated: bool,
     ) -> None:
         """Answer whenever a request calls for it or the class gets a new snapshot, until the client leaves."""
         snapshot: Snapshot | None = None
@@ -444,7 +443,7 @@ class AdsServer:
             await stream.wake.wait()
 
     def _reclassified(self, identity: ProxyIdentity, session: Any, stream: _Stream, context: grpc.aio.ServicerContext,
-                      watch: _ClassWatch, authenticated: bool) -> ProxyIdentity:
+                      watch: ClassWatch, authenticated: bool) -> ProxyIdentity:
         """The stream's identity after its Pod changed: its Node classified again (the Pod's labels
         now), checked against its certificate on the authenticated port. A new class is watched
         before the old one is let go, so its snapshot is ready for the next step; the session then
@@ -462,7 +461,7 @@ class AdsServer:
         if found.proxy_class != identity.proxy_class:
             log.info("stream %d of %s: its Pod changed, class %s -> %s", session.status.stream_id, identity.node_id,
                      identity.proxy_class.describe(), found.proxy_class.describe())
-            watch.switch(found.proxy_class)
+            watch.move(found.proxy_class)
         session.status.identity = found
         return found
 
@@ -529,36 +528,6 @@ class _Stream:
         self.error: BaseException | None = None
         self.reclassify = False  # its Pod changed: classify the Node again (`AdsServer.pod_changed`)
         self.node: Any = None  # the Node of a proxy in a Pod (a copy: the first request is not kept)
-
-
-class _ClassWatch:
-    """The cache watch of a stream's class, which can move to another class (`switch`)."""
-
-    def __init__(self, cache: SnapshotCache, key: ProxyClass, wake: Callable[[], None]) -> None:
-        self.cache, self.key, self.wake = cache, key, wake
-        self._held: contextlib.ExitStack | None = None
-
-    def __enter__(self) -> _ClassWatch:
-        self._held = self._watch(self.key)
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        if self._held is not None:
-            self._held.close()
-            self._held = None
-
-    def switch(self, key: ProxyClass) -> None:
-        """Watch `key` instead: the new class first (it is published on demand), then the old one goes."""
-        if key == self.key:
-            return
-        held = self._watch(key)
-        self.__exit__()
-        self.key, self._held = key, held
-
-    def _watch(self, key: ProxyClass) -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
-        stack.enter_context(self.cache.watch(key, self.wake))
-        return stack
 
 
 async def _read(requests: AsyncIterator[Any], session: Any, stream: _Stream) -> None:
