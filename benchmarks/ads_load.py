@@ -25,9 +25,10 @@ import psutil
 from rich.console import Console
 
 from benchmarks.meshgen import MAX_SERVICES
+from benchmarks.paired import run_pair
 from benchmarks.procs import ProcessGroup
 from benchmarks.report import PER_WORKLOAD, Report, print_report
-from benchmarks.runner import Options, py_spy, run_baseline, run_pilot
+from benchmarks.runner import Options, py_spy
 
 
 def machine_info(pin: bool = False) -> dict[str, object]:
@@ -75,13 +76,7 @@ def run_benchmark(clients: list[int], protocols: list[str], workdir: Path, repea
                 console.print(f"[bold]{protocol} N={n}[/] ({opts.worker_count} client workers, "
                               f"{opts.services} services in {opts.namespaces} namespace(s), "
                               f"{opts.class_count} {opts.class_mode} classes)")
-                run, recording = run_pilot(group, opts, console.print)
-                report.runs.append(run)
-                if baseline and recording is not None:
-                    console.print("  baseline (replayed bytes, no pilot logic):")
-                    report.runs.append(run_baseline(group, opts, recording, console.print))
-                elif run.error:
-                    console.print(f"  [red]{run.error}[/]")
+                report.runs.extend(run_pair(group, opts, console.print, with_baseline=baseline))
                 console.print(f"  [dim]{time.monotonic() - started:.0f}s[/]")
     return report
 
@@ -112,7 +107,9 @@ def _classes(text: str) -> int | str:
 @click.command()
 @click.option("--clients", default="100,1000", show_default=True, help="Comma-separated client counts.")
 @click.option("--protocol", type=click.Choice(["sotw", "delta", "both"]), default="both", show_default=True)
-@click.option("--repeats", default=3, show_default=True, help="Changes of each kind per run.")
+@click.option("--repeats", default=3, show_default=True,
+              help="Rounds per run: each connects the fleet and makes one change of each kind; "
+                   "pilot and baseline alternate.")
 @click.option("--services", default=50, show_default=True, type=click.IntRange(1, MAX_SERVICES),
               help="Services in the generated mesh.")
 @click.option("--namespaces", default=1, show_default=True, type=click.IntRange(min=1),

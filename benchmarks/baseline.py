@@ -68,6 +68,8 @@ async def serve(conn: Connection, replay: Replay) -> None:
     server = grpc.aio.server(options=[
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.server.max_pending_requests", 100_000),
+        ("grpc.server.max_pending_requests_hard_limit", 100_000),
     ])
     server.add_generic_rpc_handlers((replay.handler(),))
     port = server.add_insecure_port("127.0.0.1:0")

@@ -104,14 +104,20 @@ class Run:
 
     @property
     def connect(self) -> Latency:
+        """Connect latencies, pooled over the rounds that connected a fleet (`benchmarks.paired`)."""
+        if "connect" in self.samples:
+            return self.pooled("connect")
         found = self.phase("connect")
         return found[0].latency if found else Latency.of([])
 
     @property
     def connected_all_s(self) -> float:
-        """Until the last client ACKed its full initial config; NaN if not every client did."""
+        """Until the last client ACKed its full initial config, in the slowest connect; NaN if a
+        connect did not complete."""
         found = self.phase("connect")
-        return found[0].latency.max if found and found[0].complete else math.nan
+        if not found or not all(p.complete for p in found):
+            return math.nan
+        return max(p.latency.max for p in found)
 
     @property
     def memory_delta_kb(self) -> float:
@@ -257,7 +263,7 @@ def _ratios(pilot: Run, base: Run) -> dict[str, Any]:
         return a / b if b > 0 and not math.isnan(a) and not math.isnan(b) else math.nan
 
     out: dict[str, Any] = {"protocol": pilot.protocol, "clients": pilot.clients}
-    out["connect"] = ratio(pilot.connect.max, base.connect.max)  # until all clients ACKed
+    out["connect"] = ratio(pilot.connected_all_s, base.connected_all_s)  # until all clients ACKed
     out["connect_p99"] = ratio(pilot.connect.p99, base.connect.p99)
     for kind in KINDS:
         p, b = pilot.pooled(kind), base.pooled(kind)
@@ -272,7 +278,7 @@ def _ms(value: float) -> str:
 
 
 def _x(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.1f}x"
+    return "-" if math.isnan(value) else f"{value:.2f}x"
 
 
 def _num(value: float | None, digits: int = 0) -> str:

@@ -41,7 +41,7 @@ class NodeSpec:
 
 @dataclass(frozen=True)
 class Command:
-    name: str  # connect | status | arm | results | recorded | close
+    name: str  # connect | status | arm | results | recorded | disconnect | close
     args: tuple[Any, ...] = ()
 
 
@@ -117,6 +117,8 @@ async def serve(conn: Connection) -> None:
                 await worker.close()
                 conn.send(reply)
                 return
+            if cmd.name == "disconnect":  # the clients leave; the worker stays for the next fleet
+                await worker.close()
             conn.send(reply)
             await asyncio.sleep(0)
     finally:
@@ -135,7 +137,7 @@ def _dispatch(worker: Worker, cmd: Command) -> Any:
         return worker.results()
     if cmd.name == "recorded":
         return worker.recorded()
-    if cmd.name == "close":
+    if cmd.name in ("close", "disconnect"):
         return True
     raise ValueError(f"unknown command {cmd.name!r}")
 

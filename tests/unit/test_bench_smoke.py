@@ -63,6 +63,27 @@ def test_benchmark_per_workload_classes(tmp_path: Path) -> None:
     assert report.targets() == []  # mission-scale targets need >= 1,000 services
 
 
+@pytest.mark.timeout(90)
+def test_rounds_alternate_pilot_and_baseline(tmp_path: Path) -> None:
+    """Two rounds: pilot's fleet connects and takes a route and an endpoint change, then the
+    baseline's, then both again; connect latencies pool over the rounds and "all connected" is the
+    slowest round's."""
+    out = io.StringIO()
+    report = run_benchmark([4], ["sotw"], tmp_path, repeats=2, services=4, console=Console(file=out, width=200),
+                           idle_seconds=0.5, quiet_seconds=0.1)
+    log = out.getvalue()
+
+    turns = [line.strip().rstrip(":") for line in log.splitlines() if line.strip().startswith("round ")]
+    assert turns[:4] == ["round 1, pilot", "round 1, baseline (replayed bytes, no pilot logic)",
+                         "round 2, pilot", "round 2, baseline"], log
+    for run in report.runs:
+        assert run.converged, (run.server, run.error, [p.error for p in run.phases])
+        assert [p.name for p in run.phases] == ["connect", "route", "endpoint"] * 2
+        assert len(run.samples["connect"]) == 8 and len(run.samples["route"]) == 8
+        assert run.connected_all_s == max(p.latency.max for p in run.phase("connect"))
+        assert run.connect.p99 == max(run.samples["connect"])
+
+
 def test_class_publish_metric_read_from_prometheus_text() -> None:
     from benchmarks.procs import parse_class_publish
 
