@@ -13,20 +13,26 @@ adds `_total` to a Counter, so sums are an `IstioSum` collector whose families a
 untyped by prometheus_client and given back their `counter` TYPE line by `exposition`.
 
 Concurrency: everything is updated on pilot's event loop (the pusher, the ADS streams, the
-sources) or, for histograms, from any thread (prometheus_client locks). Cost: a dictionary
+sources) or, for prometheus_client's histograms, from any thread (they lock). What every ADS write
+or ACK updates is a lock-free `LoopHistogram` / `LoopCounter`, only ever touched on the loop. Cost: a dictionary
 update per increment; label children are looked up once and kept by the callers that are hot.
 """
 
 from __future__ import annotations
 
+import bisect
 import importlib.metadata
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, ProcessCollector, Summary
 from prometheus_client import exposition as _exposition
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+_go_float = cast(Callable[[float], str], floatToGoString)  # a bucket's `le`, as prometheus_client writes it
 
 # Istio's histogram buckets (seconds; bytes for the config size).
 PUSH_TIME_BUCKETS = (.01, .1, .5, 1, 3, 5, 10, 20, 30)
@@ -68,6 +74,97 @@ class IstioSum(Collector):
         yield family
 
 
+class LoopHistogram(Collector):
+    """A histogram updated from pilot's event loop only: no lock, one bisect and two additions per
+    observation, exposed exactly as a prometheus_client `Histogram` (buckets, `_count`, `_sum`).
+
+    Why: every ADS write observes three histograms (~2,000 writes per change at mission scale).
+    prometheus_client's `Histogram` takes a lock for its sum and another for the bucket, after a
+    Python loop over the bounds: with the counters beside them, 4-8% of pilot's samples in a change.
+    Never observe from another thread (nothing serializes the additions).
+    """
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float],
+                 registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.label_names = name, documentation, tuple(labels)
+        self.bounds = tuple(float(b) for b in buckets)
+        self._series: dict[tuple[str, ...], LoopHistogram.Series] = {}
+        self._unlabeled = self.Series(len(self.bounds), self.bounds) if not self.label_names else None
+        registry.register(self)
+
+    class Series:
+        """One label set's counts per bucket (not cumulative; the last is +Inf) and sum."""
+
+        __slots__ = ("bounds", "counts", "sum")
+
+        def __init__(self, size: int, bounds: tuple[float, ...]) -> None:
+            self.bounds = bounds
+            self.counts = [0] * (size + 1)
+            self.sum = 0.0
+
+        def observe(self, amount: float) -> None:
+            self.counts[bisect.bisect_left(self.bounds, amount)] += 1  # `le`: a bound holds what equals it
+            self.sum += amount
+
+    def labels(self, *values: str) -> LoopHistogram.Series:
+        if len(values) != len(self.label_names):
+            raise ValueError(f"{self.name}: label values {values} do not match labels {self.label_names}")
+        found = self._series.get(values)
+        if found is None:
+            found = self._series[values] = self.Series(len(self.bounds), self.bounds)
+        return found
+
+    def observe(self, amount: float) -> None:
+        """For a histogram without labels."""
+        if self._unlabeled is None:
+            raise ValueError(f"{self.name} has labels {self.label_names}: observe through labels()")
+        self._unlabeled.observe(amount)
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.label_names)
+        series = [((), self._unlabeled)] if self._unlabeled is not None else sorted(self._series.items())
+        for values, one in series:
+            running, buckets = 0, []
+            for bound, count in zip((*self.bounds, float("inf")), one.counts, strict=True):
+                running += count
+                buckets.append((_go_float(bound), float(running)))
+            family.add_metric(list(values), buckets, one.sum)
+        yield family
+
+
+class LoopCounter(Collector):
+    """A labelled counter updated from pilot's event loop only (see `LoopHistogram`), exposed as a
+    prometheus_client `Counter` (`<name>_total`)."""
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str], registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.label_names = name, documentation, tuple(labels)
+        self._series: dict[tuple[str, ...], LoopCounter.Series] = {}
+        registry.register(self)
+
+    class Series:
+        __slots__ = ("value",)
+
+        def __init__(self) -> None:
+            self.value = 0.0
+
+        def inc(self, amount: float = 1.0) -> None:
+            self.value += amount
+
+    def labels(self, *values: str) -> LoopCounter.Series:
+        if len(values) != len(self.label_names):
+            raise ValueError(f"{self.name}: label values {values} do not match labels {self.label_names}")
+        found = self._series.get(values)
+        if found is None:
+            found = self._series[values] = self.Series()
+        return found
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.label_names)
+        for values, one in sorted(self._series.items()):
+            family.add_metric(list(values), one.value)
+        yield family
+
+
 # Istio's sums that pilot exports: the metrics `exposition` types `counter` without `_total`.
 SUM_NAMES = frozenset({
     "pilot_xds_pushes", "pilot_total_xds_rejects", "pilot_total_xds_internal_errors", "pilot_xds_expired_nonce",
@@ -97,12 +194,13 @@ class IstioXdsMetrics:
                          registry=registry)
         self.pushes = IstioSum("pilot_xds_pushes", "Pilot build and send errors for lds, rds, cds and eds.",
                                ["type"], registry)
-        self.push_time = Histogram("pilot_xds_push_time", "Total time in seconds Pilot takes to push lds, rds, cds "
-                                   "and eds.", ["type"], buckets=PUSH_TIME_BUCKETS, registry=registry)
-        self.send_time = Histogram("pilot_xds_send_time", "Total time in seconds Pilot takes to send generated "
-                                   "configuration.", buckets=SEND_TIME_BUCKETS, registry=registry)
-        self.config_size = Histogram("pilot_xds_config_size_bytes", "Distribution of configuration sizes pushed "
-                                     "to clients", ["type"], buckets=CONFIG_SIZE_BUCKETS, registry=registry)
+        # Observed by every ADS write, on the event loop: lock-free (`LoopHistogram`).
+        self.push_time = LoopHistogram("pilot_xds_push_time", "Total time in seconds Pilot takes to push lds, rds, "
+                                       "cds and eds.", ["type"], PUSH_TIME_BUCKETS, registry)
+        self.send_time = LoopHistogram("pilot_xds_send_time", "Total time in seconds Pilot takes to send generated "
+                                       "configuration.", [], SEND_TIME_BUCKETS, registry)
+        self.config_size = LoopHistogram("pilot_xds_config_size_bytes", "Distribution of configuration sizes "
+                                         "pushed to clients", ["type"], CONFIG_SIZE_BUCKETS, registry)
         self.convergence = Histogram("pilot_proxy_convergence_time", "Delay in seconds between config change and "
                                      "a proxy receiving all required configuration.", buckets=CONVERGENCE_BUCKETS,
                                      registry=registry)

@@ -20,7 +20,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from pilot.metrics import IstioXdsMetrics, xds_type
+from pilot.metrics import IstioXdsMetrics, LoopCounter, xds_type
 from pilot.model.proxy import ProxyIdentity
 from pilot.xds import typeurls
 
@@ -120,9 +120,10 @@ class XdsMetrics:
     """Prometheus metrics of the ADS server, registered on the component's own registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.pushes = Counter("pilot_xds_pushes", "xDS responses sent", ["type"], registry=registry)
+        # Updated per response and per ACK, on the event loop: lock-free (`pilot.metrics.LoopCounter`).
+        self.pushes = LoopCounter("pilot_xds_pushes", "xDS responses sent", ["type"], registry)
         self.nacks = Counter("pilot_xds_nacks", "xDS responses rejected by proxies", ["type"], registry=registry)
-        self.acks = Counter("pilot_xds_acks", "xDS responses acknowledged by proxies", ["type"], registry=registry)
+        self.acks = LoopCounter("pilot_xds_acks", "xDS responses acknowledged by proxies", ["type"], registry)
         self.stale_requests = Counter(
             "pilot_xds_stale_nonce_requests", "requests ignored for carrying a stale nonce", ["type"], registry=registry
         )
@@ -134,7 +135,7 @@ class XdsMetrics:
         # Labelled children by type URL: `labels()` takes a lock and builds a key, every stream every push.
         self._children: dict[tuple[int, str], Any] = {}
 
-    def of_type(self, counter: Counter, type_url: str) -> Any:
+    def of_type(self, counter: Counter | LoopCounter, type_url: str) -> Any:
         """`counter` labelled with the short name of `type_url`, looked up once per type."""
         key = (id(counter), type_url)
         child = self._children.get(key)

@@ -283,3 +283,37 @@ def test_push_trigger_types_follow_istio() -> None:
     assert trigger_types(None, ENDPOINT_KINDS) == ["global"]
     assert trigger_types(frozenset({"WorkloadEntry"}), ENDPOINT_KINDS) == ["endpoint"]
     assert trigger_types(frozenset({"VirtualService", "ServiceEntry"}), ENDPOINT_KINDS) == ["config", "service"]
+
+
+def test_loop_histogram_and_counter_expose_what_prometheus_client_would() -> None:
+    """The lock-free collectors that ADS writes update print the same samples as prometheus_client's
+    own Histogram and Counter given the same observations (bucket edges included: `le` holds equality)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from pilot.metrics import CONFIG_SIZE_BUCKETS, SEND_TIME_BUCKETS, LoopCounter, LoopHistogram
+
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    th = Histogram("size", "doc", ["type"], buckets=CONFIG_SIZE_BUCKETS, registry=theirs)
+    oh = LoopHistogram("size", "doc", ["type"], CONFIG_SIZE_BUCKETS, ours)
+    tu = Histogram("took", "doc", buckets=SEND_TIME_BUCKETS, registry=theirs)
+    ou = LoopHistogram("took", "doc", [], SEND_TIME_BUCKETS, ours)
+    tc = Counter("sent", "doc", ["type"], registry=theirs)
+    oc = LoopCounter("sent", "doc", ["type"], ours)
+    for kind, size in [("cds", 1), ("cds", 10_000), ("cds", 10_001), ("eds", 0), ("eds", 50_000_000), ("rds", 999)]:
+        th.labels(kind).observe(size)
+        oh.labels(kind).observe(size)
+        tc.labels(kind).inc()
+        oc.labels(kind).inc()
+    for took in (0.01, 0.5, 31.0):
+        tu.observe(took)
+        ou.observe(took)
+
+    def samples(registry: CollectorRegistry) -> list[str]:
+        return sorted(line for line in generate_latest(registry).decode().splitlines()
+                      if line and not line.startswith("#") and "_created" not in line)
+
+    assert samples(ours) == samples(theirs)
+    assert 'size_bucket{le="10000.0",type="cds"} 2.0' in samples(ours)
+    empty = CollectorRegistry()
+    LoopHistogram("took", "doc", [], SEND_TIME_BUCKETS, empty)
+    assert 'took_count 0.0' in samples(empty)  # a histogram without labels shows from the start
