@@ -11,7 +11,9 @@ busy server; the idle one costs nothing measurable (pilot idles at ~0.02 vCPU).
 What a run reports (`benchmarks.report.Run`): connect and change latencies pooled over the rounds
 (p50, p99), "all connected" as the slowest round's, CPU per change averaged over the rounds. Pilot's
 first round records the bytes the baseline replays (its initial config and its first change of each
-kind); idle CPU, steady RSS and CPU per new class are read in each server's first round. A reconnect
+kind); idle CPU, steady RSS and CPU per new class are read in each server's first round, and every
+later round pauses as long after its connect as the first round's idle window begins with (the
+server hands memory back about a second after its last write). A reconnect
 in a later round is a fleet reconnecting after config changes: pilot regenerates the classes it let
 go when the previous fleet left.
 """
@@ -86,6 +88,8 @@ def _turn(side: _Side, opts: Options, round_: int, log: Log, record: bool = Fals
         if side.debug:
             run.class_publish_cpu_s, run.class_publishes = class_publish_cpu(side.debug)
             log(f"  CPU per new class: {_class_cpu(run)}")
+    else:  # the same quiet pause the first round's idle window begins with: changes meet a settled server
+        time.sleep(opts.quiet_seconds)
     expectations: dict[str, Expectation] = {}
     for kind in KINDS:
         time.sleep(opts.settle)

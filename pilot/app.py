@@ -85,6 +85,7 @@ class Pilot:
                              max_connection_age=settings.max_connection_age_ms / 1000 or None,
                              release_memory=release_free_memory)
         self.ads.changes = self.changes
+        self.pusher.activity = lambda: self.ads.activity  # its release waits for the writes to settle
         self.files = (
             FileSource(self.store, settings.config_dir, interval=settings.file_poll_ms / 1000,
                        watch=settings.file_watch, rescan=settings.file_rescan_ms / 1000,

@@ -110,6 +110,10 @@ class Pusher:
         # Called a second after a push settles, to give the memory it freed back to the OS.
         self.release_memory = release_memory
         self.release_delay = 1.0
+        # Responses handed to streams so far (`AdsServer.activity`; set by the composition root): the
+        # release waits until it stops moving, so it never lands in the middle of a fan-out's writes.
+        self.activity: Callable[[], int] | None = None
+        self._activity_seen = 0
         self._release: asyncio.TimerHandle | None = None
         self.errors: dict[ProxyClass, str] = {}  # last generation error per class, for /debug
         self.ready = asyncio.Event()
@@ -449,7 +453,21 @@ class Pusher:
         self._release = loop.call_later(self.release_delay, self._released)
 
     def _released(self) -> None:
+        """Drop unwatched classes and shared responses, hand free memory back; deferred by another
+        `release_delay` while streams still take responses (`activity` moved).
+
+        Why: publishing ends long before its writes do at mission scale (2,000 streams write a route
+        change for about a second after the last class is published). A release then would trim
+        pages the rest of the fan-out faults straight back in, and forgetting the shared responses
+        would make the streams still due encode their own copies. Cost: one timer a second while
+        streams write."""
         self._release = None
+        if self.activity is not None:
+            now = self.activity()
+            if now != self._activity_seen:
+                self._activity_seen = now
+                self._release = asyncio.get_running_loop().call_later(self.release_delay, self._released)
+                return
         self.cache.drop_unwatched()
         self.cache.forget_responses()
         if self.release_memory is not None:

@@ -253,6 +253,11 @@ class AdsServer:
         if self._send_watch is not None:
             self._send_watch.close()
 
+    @property
+    def activity(self) -> int:
+        """Calls ended plus responses handed to gRPC so far: what memory releases wait to see settle."""
+        return self._activity
+
     def _call_ended(self, context: object) -> None:
         """A call ended and gRPC freed its buffers: release free memory once things settle."""
         self._active(1)

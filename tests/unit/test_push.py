@@ -144,6 +144,29 @@ async def test_memory_is_released_once_after_a_burst_of_pushes() -> None:
     assert released == [store.revision]  # once, after the last push
 
 
+async def test_memory_is_not_released_while_streams_still_take_responses() -> None:
+    """The release after a push waits until the ADS server's activity (responses handed over, calls
+    ended) stops moving: publishing ends long before a large fan-out's writes do."""
+    store, cache = ConfigStore(), SnapshotCache()
+    released: list[int] = []
+    pusher = Pusher(store, cache, build_mesh, generate, PushMetrics(CollectorRegistry()), debounce=0.01,
+                    release_memory=lambda: released.append(store.revision))
+    pusher.release_delay = 0.1
+    written = [0]
+    pusher.activity = lambda: written[0]
+    objects = _objects()
+    async with running(pusher, objects):
+        revision = store.revision
+        store.replace_source("f", _moved(objects, "VirtualService"))
+        await asyncio.wait_for(pusher.wait_built(revision + 1), 5)
+        for _ in range(8):  # streams keep writing for 0.4 s after the push was published
+            written[0] += 1
+            await asyncio.sleep(0.05)
+        assert released == []
+        await asyncio.sleep(0.4)
+    assert released == [store.revision]  # once the writes stopped
+
+
 async def test_the_mesh_is_built_while_a_change_settles_and_used_only_if_nothing_came_after() -> None:
     """The early build takes the build off a lone change's latency; a change arriving during the
     debounce makes it stale, and the push then carries that later change, not the early mesh."""
