@@ -27,7 +27,7 @@ import psutil
 
 from benchmarks import baseline, meshgen, worker
 from benchmarks.client import ClientResult, Expectation
-from benchmarks.procs import ProcessGroup, ResourceMeter, class_publish_cpu, cpu_of, start_pilot
+from benchmarks.procs import ProcessGroup, ResourceMeter, cpu_of
 from benchmarks.report import MB, PER_WORKLOAD, Latency, Phase, Run
 from benchmarks.worker import NodeSpec, WorkerHandle
 
@@ -229,39 +229,6 @@ def _connect(session: Session, target: str, delta: bool, specs: list[NodeSpec], 
 
     phase, _ = session.measure("connect", "ready", opts.connect_timeout, trigger)
     return phase
-
-
-def run_pilot(group: ProcessGroup, opts: Options, log: Callable[[str], None]) -> tuple[Run, Recording | None]:
-    run = Run("pilot", opts.protocol, opts.clients, opts.services, opts.class_count, opts.class_mode)
-    case_dir = opts.workdir / f"{opts.protocol}-{opts.clients}"
-    mesh = meshgen.generate(case_dir / "config", services=opts.services, namespaces=opts.namespaces)
-    specs = node_specs(opts, mesh)
-    pilot = start_pilot(group, mesh.directory, case_dir / "pilot.log", profile=opts.profile, env_extra=opts.pilot_env)
-    if opts.pin:
-        pin(pilot.proc.pid, server=True)
-    log(f"pilot pid {pilot.proc.pid}: xDS {pilot.ads}, debug {pilot.debug}; {opts.clients} {opts.protocol} clients "
-        f"in {opts.class_count} {opts.class_mode} classes")
-    recording: Recording | None = None
-    try:
-        with ResourceMeter(pilot.proc.pid) as meter:
-            session = Session(group, opts, meter)
-            run.empty_rss_mb = median_rss(meter) / MB
-            run.phases.append(_connect(session, pilot.ads, opts.protocol == "delta", specs, record=True))
-            log(_line(run.phases[-1]))
-            if run.phases[-1].complete:
-                _idle(session, run, log)
-                run.class_publish_cpu_s, run.class_publishes = class_publish_cpu(pilot.debug)
-                log(f"  CPU per new class: {_class_cpu(run)}")
-                expectations = _changes(session, run, log, lambda kind, i: _file_edit(mesh, kind, i))
-                initial, changes = session.handles[0].call("recorded")
-                recording = Recording(_by_type(initial), changes, expectations, specs)
-            session.call_all("close")
-            run.peak_rss_mb = meter.peak_rss / MB
-    except Exception as exc:
-        run.error = f"{type(exc).__name__}: {exc}"
-    finally:
-        group.stop(pilot.proc)
-    return run, recording
 
 
 def run_baseline(group: ProcessGroup, opts: Options, rec: Recording, log: Callable[[str], None]) -> Run:
