@@ -36,6 +36,7 @@ from benchmarks.runner import (
     Session,
     _by_type,
     _class_cpu,
+    _connect,
     _file_edit,
     _idle,
     _latencies,
@@ -67,19 +68,9 @@ def _turn(side: _Side, opts: Options, round_: int, log: Log, record: bool = Fals
     kind, disconnect. Returns what its recording client captured when `record`; raises on a phase
     that did not complete (the run's error)."""
     session, run = side.session, side.run
-    delta = opts.protocol == "delta"
-    shares = [side.specs[i::len(session.handles)] for i in range(len(session.handles))]
-
-    def connect() -> float:
-        t0 = time.monotonic()
-        for i, (handle, share) in enumerate(zip(session.handles, shares, strict=True)):
-            handle.call("connect", side.target, delta, share, record and i == 0)
-        return t0
-
-    phase, t0 = session.measure("connect", "ready", opts.connect_timeout, connect)
+    phase = _connect(session, side.target, opts.protocol == "delta", side.specs, record,
+                     run.samples.setdefault("connect", []))
     run.phases.append(phase)
-    run.samples.setdefault("connect", []).extend(
-        r.ready_at - t0 for r in session.results() if r.ready_at is not None)
     log(_line(phase))
     if not phase.complete:
         raise RuntimeError(f"connect did not complete in round {round_ + 1}: {phase.error}")

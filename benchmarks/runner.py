@@ -217,7 +217,10 @@ class Session:
         return phase, t0
 
 
-def _connect(session: Session, target: str, delta: bool, specs: list[NodeSpec], record: bool) -> Phase:
+def _connect(session: Session, target: str, delta: bool, specs: list[NodeSpec], record: bool,
+             samples: list[float] | None = None) -> Phase:
+    """Connect the fleet and wait until every client ACKed its initial config; each client's
+    latency is added to `samples` when given (pooled over rounds, `benchmarks.paired`)."""
     opts = session.opts
     shares = [specs[i::len(session.handles)] for i in range(len(session.handles))]
 
@@ -227,7 +230,9 @@ def _connect(session: Session, target: str, delta: bool, specs: list[NodeSpec], 
             handle.call("connect", target, delta, share, record and i == 0)
         return t0
 
-    phase, _ = session.measure("connect", "ready", opts.connect_timeout, trigger)
+    phase, t0 = session.measure("connect", "ready", opts.connect_timeout, trigger)
+    if samples is not None:
+        samples.extend(r.ready_at - t0 for r in session.results() if r.ready_at is not None)
     return phase
 
 

@@ -13,9 +13,10 @@ adds `_total` to a Counter, so sums are an `IstioSum` collector whose families a
 untyped by prometheus_client and given back their `counter` TYPE line by `exposition`.
 
 Concurrency: everything is updated on pilot's event loop (the pusher, the ADS streams, the
-sources) or, for prometheus_client's histograms, from any thread (they lock). What every ADS write
-or ACK updates is a lock-free `LoopHistogram` / `LoopCounter`, only ever touched on the loop. Cost: a dictionary
-update per increment; label children are looked up once and kept by the callers that are hot.
+sources) or, for prometheus_client's histograms, from any thread (they lock). What every ADS
+write or ACK updates is a lock-free `LoopHistogram` / `LoopCounter`, only ever touched on the
+loop. Cost: a dictionary update per increment; label children are looked up once and kept by
+the callers that are hot.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import bisect
 import importlib.metadata
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import cast
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, ProcessCollector, Summary
 from prometheus_client import exposition as _exposition
@@ -74,7 +75,28 @@ class IstioSum(Collector):
         yield family
 
 
-class LoopHistogram(Collector):
+class _LoopSeries(Collector):
+    """What `LoopHistogram` and `LoopCounter` share: one series object per label values, made on
+    first use by `_new` and kept, so hot callers look a child up once and update it directly."""
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str], registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.label_names = name, documentation, tuple(labels)
+        self._series: dict[tuple[str, ...], Any] = {}
+        registry.register(self)
+
+    def _new(self) -> Any:
+        raise NotImplementedError
+
+    def labels(self, *values: str) -> Any:
+        if len(values) != len(self.label_names):
+            raise ValueError(f"{self.name}: label values {values} do not match labels {self.label_names}")
+        found = self._series.get(values)
+        if found is None:
+            found = self._series[values] = self._new()
+        return found
+
+
+class LoopHistogram(_LoopSeries):
     """A histogram updated from pilot's event loop only: no lock, one bisect and two additions per
     observation, exposed exactly as a prometheus_client `Histogram` (buckets, `_count`, `_sum`).
 
@@ -86,44 +108,37 @@ class LoopHistogram(Collector):
 
     def __init__(self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float],
                  registry: CollectorRegistry) -> None:
-        self.name, self.documentation, self.label_names = name, documentation, tuple(labels)
         self.bounds = tuple(float(b) for b in buckets)
-        self._series: dict[tuple[str, ...], LoopHistogram.Series] = {}
-        self._unlabeled = self.Series(len(self.bounds), self.bounds) if not self.label_names else None
-        registry.register(self)
+        super().__init__(name, documentation, labels, registry)
+        # Without labels: the one series, made now (it shows from the start, as prometheus_client's).
+        self._only: LoopHistogram.Series | None = None if self.label_names else self.labels()
 
     class Series:
         """One label set's counts per bucket (not cumulative; the last is +Inf) and sum."""
 
         __slots__ = ("bounds", "counts", "sum")
 
-        def __init__(self, size: int, bounds: tuple[float, ...]) -> None:
+        def __init__(self, bounds: tuple[float, ...]) -> None:
             self.bounds = bounds
-            self.counts = [0] * (size + 1)
+            self.counts = [0] * (len(bounds) + 1)
             self.sum = 0.0
 
         def observe(self, amount: float) -> None:
             self.counts[bisect.bisect_left(self.bounds, amount)] += 1  # `le`: a bound holds what equals it
             self.sum += amount
 
-    def labels(self, *values: str) -> LoopHistogram.Series:
-        if len(values) != len(self.label_names):
-            raise ValueError(f"{self.name}: label values {values} do not match labels {self.label_names}")
-        found = self._series.get(values)
-        if found is None:
-            found = self._series[values] = self.Series(len(self.bounds), self.bounds)
-        return found
+    def _new(self) -> LoopHistogram.Series:
+        return self.Series(self.bounds)
 
     def observe(self, amount: float) -> None:
         """For a histogram without labels."""
-        if self._unlabeled is None:
+        if self._only is None:
             raise ValueError(f"{self.name} has labels {self.label_names}: observe through labels()")
-        self._unlabeled.observe(amount)
+        self._only.observe(amount)
 
     def collect(self) -> Iterable[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.label_names)
-        series = [((), self._unlabeled)] if self._unlabeled is not None else sorted(self._series.items())
-        for values, one in series:
+        for values, one in sorted(self._series.items()):
             running, buckets = 0, []
             for bound, count in zip((*self.bounds, float("inf")), one.counts, strict=True):
                 running += count
@@ -132,14 +147,9 @@ class LoopHistogram(Collector):
         yield family
 
 
-class LoopCounter(Collector):
+class LoopCounter(_LoopSeries):
     """A labelled counter updated from pilot's event loop only (see `LoopHistogram`), exposed as a
     prometheus_client `Counter` (`<name>_total`)."""
-
-    def __init__(self, name: str, documentation: str, labels: Sequence[str], registry: CollectorRegistry) -> None:
-        self.name, self.documentation, self.label_names = name, documentation, tuple(labels)
-        self._series: dict[tuple[str, ...], LoopCounter.Series] = {}
-        registry.register(self)
 
     class Series:
         __slots__ = ("value",)
@@ -150,13 +160,8 @@ class LoopCounter(Collector):
         def inc(self, amount: float = 1.0) -> None:
             self.value += amount
 
-    def labels(self, *values: str) -> LoopCounter.Series:
-        if len(values) != len(self.label_names):
-            raise ValueError(f"{self.name}: label values {values} do not match labels {self.label_names}")
-        found = self._series.get(values)
-        if found is None:
-            found = self._series[values] = self.Series()
-        return found
+    def _new(self) -> LoopCounter.Series:
+        return self.Series()
 
     def collect(self) -> Iterable[Metric]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.label_names)
