@@ -17,7 +17,7 @@ from pilot.model.mesh import MeshSnapshot
 from pilot.model.proxy import ProxyClass, ProxyKind
 from pilot.translate import routes
 from pilot.translate.encoded import Encoded, as_message
-from pilot.translate.generate import _seen, generate_parts
+from pilot.translate.generate import _seen, generate_endpoints, generate_parts
 from pilot.translate.scope import proxy_view
 from pilot.xds.typeurls import ROUTE
 from tests.unit.test_route_fast_path import CLASSES, mesh_text
@@ -46,8 +46,10 @@ class Builds:
         self.conversions, self.carry = Conversions(), Conversions()
         self.store = ConfigStore()  # keeps unchanged objects as the same instances
 
-    def mesh(self, text: str) -> MeshSnapshot:
-        self.carry.advance(complete=True)
+    def mesh(self, text: str, *, after_partial: bool = False) -> MeshSnapshot:
+        """The next mesh version; `after_partial`: the last one was only partly generated (as by a
+        fast-path push), so the carry keeps what that generation did not ask for."""
+        self.carry.advance(complete=not after_partial)
         loaded = load_text(text)
         assert not loaded.errors, loaded.errors
         self.store.replace_source("f", list(loaded.objects))
@@ -109,6 +111,60 @@ def test_a_routing_edit_patches_each_route_configuration_in_its_hosts_alone(
     assert set(asked) == {changed}, asked
     assert sum(patched[k] != old[k] for k in PLAIN) > 0
     assert len(asked) <= len({(k.namespace, k.labels) for k in PLAIN})  # at most once per configuration
+
+
+@pytest.mark.parametrize("moved", [1, 2])  # endpoints moved once, twice, before the routing edit
+def test_a_routing_edit_after_endpoint_moves_still_patches_in_its_hosts_alone(
+    moved: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint move makes new Service objects (here every service's endpoint moves), which no
+    virtual host reads: the routing edit that follows still patches the last configuration, so
+    only the edited host is made again, and the bytes equal a fresh generation. Before, the first
+    routing edit after any endpoint change generated whole configurations again."""
+    builds = Builds()
+    first = builds.mesh(mesh_text())
+    for key in PLAIN:
+        route_bytes(first, key)
+    for step in range(1, moved + 1):
+        endpoints = builds.mesh(mesh_text(moved=step), after_partial=step > 1)
+        assert endpoints.services[WEB] is not first.services[WEB]  # what the patch must look past
+        for key in PLAIN:  # as pilot's endpoint fast path: new endpoints, routes left as they are
+            generate_endpoints(endpoints, key)
+    asked: list[str] = []
+    skeletons: list[object] = []
+    real_routes, real_skeleton = routes.vhost_routes, routes._make_skeleton
+
+    def counting(mesh: MeshSnapshot, service: Any, *args: Any) -> Any:
+        asked.append(service.host)
+        return real_routes(mesh, service, *args)
+
+    def skeleton(mesh: MeshSnapshot) -> Any:
+        skeletons.append(mesh)
+        return real_skeleton(mesh)
+
+    text = mesh_text(moved=moved, web_weight=70)
+    fresh = {key: fresh_route_bytes(text, key) for key in PLAIN}
+    monkeypatch.setattr(routes, "vhost_routes", counting)
+    monkeypatch.setattr(routes, "_make_skeleton", skeleton)
+    edited = builds.mesh(text, after_partial=True)
+    patched = {key: route_bytes(edited, key) for key in PLAIN}
+    monkeypatch.undo()
+    assert patched == fresh
+    assert not skeletons
+    assert set(asked) == {WEB}, asked
+
+
+def test_a_port_change_is_not_patched_over() -> None:
+    """A service whose ports changed (what virtual hosts do read) is not an endpoint move: the
+    configuration is made again, and equals a fresh generation."""
+    builds = Builds()
+    first = builds.mesh(mesh_text())
+    for key in PLAIN:
+        route_bytes(first, key)
+    text = mesh_text(web_weight=70).replace("number: 8080, name: http,", "number: 9090, name: http,", 1)
+    assert text != mesh_text(web_weight=70)
+    edited = builds.mesh(text)
+    assert {key: route_bytes(edited, key) for key in PLAIN} == {key: fresh_route_bytes(text, key) for key in PLAIN}
 
 
 def test_with_a_carry_configurations_are_bytes_made_of_virtual_hosts_encoded_once(
