@@ -21,7 +21,7 @@ from pilot.config.files import FileSource
 from pilot.config.store import ConfigStore
 from pilot.credentials import CredentialIndex, with_credential_warnings
 from pilot.debug import DebugApi
-from pilot.gcpolicy import release_free_memory
+from pilot.gcpolicy import release_when_quiet
 from pilot.jwks import JwksFetcher
 from pilot.listen import check_free
 from pilot.metrics import PushMetrics
@@ -83,7 +83,7 @@ class Pilot:
         self.pusher = self._pusher(generator, push_metrics)
         self.ads = AdsServer(self.cache, self.status, send_timeout=settings.send_timeout_ms / 1000 or None,
                              max_connection_age=settings.max_connection_age_ms / 1000 or None,
-                             release_memory=release_free_memory)
+                             release_memory=release_when_quiet)
         self.ads.changes = self.changes
         self.pusher.activity = lambda: self.ads.activity  # its release waits for the writes to settle
         self.files = (
@@ -124,7 +124,7 @@ class Pilot:
             endpoints_only=endpoints_only,
             generate_endpoints=generate_endpoints,
             routes=RoutesFastPath(http_routes_only, generate_routes) if real else None,
-            release_memory=release_free_memory,
+            release_memory=release_when_quiet,
             carry=carry,
             changes=self.changes,
         )

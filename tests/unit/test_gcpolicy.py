@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,9 @@ import pytest
 
 from pilot.gcpolicy import (
     JEMALLOC_CONF,
+    QUIET_MINIMUM,
     allocator_environment,
+    collect_when_quiet,
     find_jemalloc,
     forget_preload,
     tune_gc,
@@ -57,6 +60,57 @@ def test_the_threshold_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MESHCTL_PILOT_GC_YOUNG_THRESHOLD", "0")
     assert PilotSettings().gc_young_threshold == 0
 
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+@pytest.fixture
+def no_automatic_gc() -> Iterator[None]:
+    """The automatic collector off, so allocation counts are what the test made them."""
+    was, thresholds = gc.isenabled(), gc.get_threshold()
+    gc.collect()
+    gc.disable()
+    yield
+    gc.set_threshold(*thresholds)
+    if was:
+        gc.enable()
+
+
+@pytest.mark.usefixtures("no_automatic_gc")
+def test_a_quiet_moment_collects_the_cycles_left_by_a_burst_and_then_nothing_until_the_next() -> None:
+    cycle = _Cycle()
+    gone = weakref.ref(cycle)
+    del cycle
+    kept = [[] for _ in range(QUIET_MINIMUM)]  # a burst of allocations (tracked lists)
+    assert gc.get_count()[0] >= QUIET_MINIMUM and gone() is not None
+    assert collect_when_quiet() == 1
+    assert gone() is None  # reference counting alone never frees a cycle
+    assert gc.get_count()[:2] == (0, 0)  # the next push starts the collector's counts from zero
+    assert collect_when_quiet() is None  # the second quiet moment right after: nothing to do
+    del kept
+
+
+@pytest.mark.usefixtures("no_automatic_gc")
+def test_a_quiet_moment_collects_everything_when_the_collector_would_have_done_so_next() -> None:
+    gc.set_threshold(700, 10, 3)  # a full collection after every third middle one
+    done = []
+    kept = []
+    for _ in range(6):
+        kept.append([[] for _ in range(QUIET_MINIMUM)])
+        done.append(collect_when_quiet())
+    assert done == [1, 1, 2, 1, 1, 2]
+
+
+def test_pilot_collects_and_releases_when_its_streams_go_quiet() -> None:
+    from pilot.app import Pilot
+    from pilot.gcpolicy import release_when_quiet
+
+    pilot = Pilot(PilotSettings())
+    assert pilot.ads.release_memory is release_when_quiet
+    assert pilot.pusher.release_memory is release_when_quiet
 
 
 # ---- the allocator `meshctl up` runs under ----
