@@ -212,8 +212,8 @@ async def test_a_class_whose_proxies_all_left_is_forgotten_a_moment_later() -> N
     push, which may never come), and freed memory is handed back."""
     store, cache = ConfigStore(), SnapshotCache()
     released: list[int] = []
-    pusher = Pusher(store, cache, build_mesh, generate, PushMetrics(CollectorRegistry()),
-                    release_memory=lambda: released.append(1))
+    pusher = Pusher(store, cache, build_mesh, generate_parts, PushMetrics(CollectorRegistry()),
+                    release_memory=lambda: released.append(1), routes=RoutesFastPath(http_routes_only, generate_routes))
     pusher.release_delay = 0.1
     store.replace_source("f", _objects())
     pusher.rebuild()
@@ -221,9 +221,15 @@ async def test_a_class_whose_proxies_all_left_is_forgotten_a_moment_later() -> N
     with cache.watch(other):
         with cache.watch(KEY):
             assert cache.get(KEY) is not None  # published on demand
+            assert KEY in pusher.route_parts and KEY in pusher.class_changes
         await asyncio.sleep(0.3)
         assert cache.get(KEY) is None and released  # its last stream left: forgotten, memory released
-        assert cache.get(other) is not None  # still watched: kept
+        # What the pusher kept for it goes too: a returning proxy's class is keyed by its own object.
+        assert KEY not in pusher.route_parts and KEY not in pusher.eds_parts and KEY not in pusher.class_changes
+        assert cache.get(other) is not None and other in pusher.class_changes  # still watched: kept
+        again = ProxyClass(KEY.kind, KEY.namespace, KEY.labels)
+        with cache.watch(again):
+            assert next(k for k in pusher.route_parts if k == KEY) is again
 
 
 async def test_a_route_edit_has_its_first_route_part_made_while_it_settles() -> None:
