@@ -83,9 +83,8 @@ class Pilot:
         self.pusher = self._pusher(generator, push_metrics)
         self.ads = AdsServer(self.cache, self.status, send_timeout=settings.send_timeout_ms / 1000 or None,
                              max_connection_age=settings.max_connection_age_ms / 1000 or None,
-                             release_memory=release_when_quiet)
+                             quiet=self.pusher.quiet)  # the release waits for the writes to settle too
         self.ads.changes = self.changes
-        self.pusher.activity = lambda: self.ads.activity  # its release waits for the writes to settle
         self.files = (
             FileSource(self.store, settings.config_dir, interval=settings.file_poll_ms / 1000,
                        watch=settings.file_watch, rescan=settings.file_rescan_ms / 1000,
@@ -185,7 +184,7 @@ class Pilot:
         their Pod's labels while connected). Call before `start`."""
         self._kube_registry = (registry, api_client)
         self.ads.classify = registry.classify
-        self.ads.follows_pods = True
+        self.ads.pods.enabled = True
         registry.pod_listeners.append(self.ads.pod_changed)  # a relabelled Pod moves its proxies' class
 
     async def _start_kube_registry(self, registry: KubeRegistry, client: ApiClient) -> None:
@@ -266,6 +265,7 @@ class Pilot:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.pusher.quiet.close()  # no release once stopped (ending calls still report)
         self._tasks.clear()
         if self.kube is not None:
             await self.kube.close()

@@ -35,6 +35,7 @@ from pilot.logs import change_id
 from pilot.metrics import PushMetrics, trigger_types
 from pilot.model.conversions import Conversions
 from pilot.model.proxy import ProxyClass, ProxyKind
+from pilot.quiet import WhenQuiet
 from pilot.tracing import Change, ChangeTracker
 from pilot.xds import typeurls
 from pilot.xds.cache import SnapshotCache
@@ -77,12 +78,15 @@ class Pusher:
                  endpoint_debounce: float = 0.01, endpoints_only: EndpointsOnly | None = None,
                  generate_endpoints: GenerateEndpoints | None = None, slice_seconds: float = 0.01,
                  release_memory: Callable[[], object] | None = None, carry: Conversions | None = None,
-                 changes: ChangeTracker | None = None, routes: RoutesFastPath | None = None) -> None:
+                 changes: ChangeTracker | None = None, routes: RoutesFastPath | None = None,
+                 quiet: WhenQuiet | None = None) -> None:
         """`endpoints_only(old_mesh, new_mesh)` and `generate_endpoints(mesh, proxy)` enable the EDS
         fast path: when only endpoints moved, classes get new EDS and keep their other types.
         `routes` enables the route fast path (`_publish_routes`); both fast paths then share parts
         between classes, for as long as `generate` is the generator given here.
-        `changes` follows each config change (ids, traces, /debug/push_status; pilot.tracing)."""
+        `changes` follows each config change (ids, traces, /debug/push_status; pilot.tracing).
+        `quiet` (shared with the ADS server, which reports its writes there) runs the release once
+        pushes and writes have settled; without one the pusher keeps its own."""
         self.changes = changes or ChangeTracker()
         self.store = store
         self.cache = cache
@@ -109,12 +113,10 @@ class Pusher:
         self.carry = carry
         # Called a second after a push settles, to give the memory it freed back to the OS.
         self.release_memory = release_memory
-        self.release_delay = 1.0
-        # Responses handed to streams so far (`AdsServer.activity`; set by the composition root): the
-        # release waits until it stops moving, so it never lands in the middle of a fan-out's writes.
-        self.activity: Callable[[], int] | None = None
-        self._activity_seen = 0
-        self._release: asyncio.TimerHandle | None = None
+        # Pushes, new classes and leaving proxies are reported here (as the ADS server reports its
+        # writes), and the release runs once they have all settled (`pilot.quiet`).
+        self.quiet = quiet or WhenQuiet()
+        self.quiet.on_quiet(self._released)
         self.errors: dict[ProxyClass, str] = {}  # last generation error per class, for /debug
         self.ready = asyncio.Event()
         self.built_revision = -1  # the store revision the current mesh was built from
@@ -126,12 +128,12 @@ class Pusher:
         cache.on_demand(self._on_demand)
         # When proxies leave, their classes' snapshots go with the next release (a second later,
         # coalesced), so a wave of disconnects gives its memory back without waiting for a push.
-        cache.on_idle(lambda _key: self._release_later())
+        cache.on_idle(lambda _key: self.quiet.touch())
 
     def _on_demand(self, key: ProxyClass) -> None:
         if self.mesh is not None and self.cache.get(key) is None:
             self.publish(key, new_class=True)
-            self._release_later()  # a wave of new proxies is a load spike too
+            self.quiet.touch()  # a wave of new proxies is a load spike too
 
     def rebuild(self) -> None:
         """Build the mesh from the store now and publish every watched class, without yielding."""
@@ -425,7 +427,7 @@ class Pusher:
         """Rebuild after every settled burst of changes, forever."""
         revision = self.store.revision
         await self.rebuild_yielding()
-        self._release_later()
+        self.quiet.touch()
         while True:
             revision = await self.store.wait_for_change(revision)
             entered = time.perf_counter()
@@ -435,35 +437,15 @@ class Pusher:
             self.metrics.istio.debounce_time.observe(time.perf_counter() - entered)
             self._begin_change()
             await self.rebuild_yielding(early)
-            self._release_later()
-
-    def _release_later(self) -> None:
-        """Once streams have written this push, drop the responses kept for sharing and release freed
-        memory (coalesced: one pending call)."""
-        if self._release is not None:
-            self._release.cancel()
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not serving (a synchronous caller): nothing to wait for
-            return
-        self._release = loop.call_later(self.release_delay, self._released)
+            self.quiet.touch()
 
     def _released(self) -> None:
-        """Drop unwatched classes and shared responses, hand free memory back; deferred by another
-        `release_delay` while streams still take responses (`activity` moved).
+        """Once pushes and their writes have settled (`quiet`): drop unwatched classes and the
+        responses kept for sharing, then hand free memory back (`release_memory`).
 
-        Why: publishing ends long before its writes do at mission scale (2,000 streams write a route
-        change for about a second after the last class is published). A release then would trim
-        pages the rest of the fan-out faults straight back in, and forgetting the shared responses
-        would make the streams still due encode their own copies. Cost: one timer a second while
-        streams write."""
-        self._release = None
-        if self.activity is not None:
-            now = self.activity()
-            if now != self._activity_seen:
-                self._activity_seen = now
-                self._release = asyncio.get_running_loop().call_later(self.release_delay, self._released)
-                return
+        Why only then: publishing ends long before its writes do at mission scale (2,000 streams
+        write a route change for about a second after the last class is published); forgetting the
+        shared responses earlier would make the streams still due encode their own copies."""
         self.cache.drop_unwatched()
         self._forget_gone()
         self.cache.forget_responses()

@@ -21,10 +21,10 @@ and sends DEADLINE_EXCEEDED behind the stuck response. grpc.aio cannot reset one
 gRPC frees its copy when the connection ends: when the proxy reads again (it then gets the
 status and reconnects), when keepalive finds a dead peer (ping every 30 s, 10 s to answer),
 or at the latest when the connection reaches its maximum age (30 min by default, as istiod;
-then 10 s of grace). Once calls stop ending and responses stop being written for a second,
-free heap pages go back to the OS (`release_memory`), so RSS falls back after a burst of
-streams or a large push: releasing while a fan-out still writes would leave its buffers, freed
-afterwards, in the heap.
+then 10 s of grace). Every response written and every call ended is reported to `quiet` (a
+`pilot.quiet.WhenQuiet` shared with the pusher), so pilot's release (garbage collected, free heap
+pages back to the OS) waits until streams have stopped taking responses: releasing while a fan-out
+still writes would leave its buffers, freed afterwards, in the heap.
 
 Two faces, one state: `start` serves plaintext ADS (15010, unauthenticated: any local process
 may claim any Node); `start_secure` adds the authenticated port (15012): a `TlsFront` terminates
@@ -62,7 +62,8 @@ from google.protobuf.message import DecodeError
 
 from pilot.listen import check_free
 from pilot.metrics import xds_type
-from pilot.model.proxy import NodeError, ProxyIdentity, ProxyKind, identity_from_node, pod_of_node
+from pilot.model.proxy import NodeError, ProxyIdentity, ProxyKind, identity_from_node
+from pilot.quiet import WhenQuiet
 from pilot.xds import typeurls
 from pilot.xds.cache import ClassWatch, SnapshotCache
 from pilot.xds.delta import DeltaSession
@@ -79,6 +80,7 @@ from pilot.xds.session import SessionBase, Subscriptions
 from pilot.xds.snapshot import Snapshot
 from pilot.xds.sotw import SotwSession
 from pilot.xds.status import StatusRegistry
+from pilot.xds.streams import PodStreams, StreamSignals, read_requests
 from pilot.xds.tlsfront import TlsFront
 
 if TYPE_CHECKING:
@@ -89,7 +91,6 @@ log = logging.getLogger(__name__)
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 KEEPALIVE_TIMEOUT_MS = 10_000  # istiod's keepaliveTimeout
 CONNECTION_AGE_GRACE_MS = 10_000  # istiod's MaxServerConnectionAgeGrace
-RELEASE_DELAY = 1.0  # seconds without a call ending or a response written before free memory goes back
 
 
 @dataclass(frozen=True)
@@ -116,44 +117,35 @@ class AdsServer:
         *,
         send_timeout: float | None = 30.0,
         max_connection_age: float | None = 1800.0,
-        release_memory: Callable[[], object] | None = None,
+        quiet: WhenQuiet | None = None,
     ) -> None:
         """`send_timeout` (seconds, None: never) bounds how long one response may wait for the
         proxy to take it; `max_connection_age` (None: unbounded) is when gRPC closes a connection
-        gracefully; `release_memory` hands free heap back to the OS after calls end."""
+        gracefully; `quiet` is told of every response written and every call ended."""
         self.cache = cache
         self.status = status
         self.classify = classify
         self.send_timeout = send_timeout
         self._send_watch = SendWatch(send_timeout) if send_timeout else None
         self.max_connection_age = max_connection_age
-        self.release_memory = release_memory
+        self.quiet = quiet
         self.subscriptions = Subscriptions(sharing=cache.sharing)  # shared by every stream's session
         self._server: grpc.aio.Server | None = None
         self._secure: grpc.aio.Server | None = None
         self._front: TlsFront | None = None
         self._peer_identity: PeerIdentityHook | None = None
         self._workload_account: WorkloadAccount | None = None
-        self._release: asyncio.TimerHandle | None = None
-        # Calls ended plus responses written: the release waits until it stops moving (`_released`).
-        self._activity = 0
-        self._activity_seen = 0
         self.secrets: SecretServer | None = None  # gateway certificates over ADS (see the module docstring)
         self.changes: ChangeTracker | None = None  # config changes followed to the proxies (pilot.tracing)
         self._type_metrics: dict[str, tuple[Any, Any]] = {}  # Istio type label -> (push time, config size)
-        # Open streams by the Pod their node id names (namespace, name): `pod_changed` wakes them.
-        # Only when `classify` reads Pods (`follows_pods`, set with the Kubernetes registry): a local
-        # mesh keeps no copy of each Node.
-        self.follows_pods = False
-        self._by_pod: dict[tuple[str, str], set[_Stream]] = {}
+        # Open streams by the Pod their node id names; enabled with the Kubernetes registry.
+        self.pods = PodStreams()
 
     def pod_changed(self, namespace: str, name: str) -> None:
         """A Pod's labels changed (`pilot.kube.registry_source`): its proxies' streams classify their
         Node again and move to the class it gives now, without reconnecting (Istio updates a proxy's
-        labels from its Pod likewise). Cost: a dictionary lookup; the streams do the rest."""
-        for stream in self._by_pod.get((namespace, name), ()):
-            stream.reclassify = True
-            stream.wake.set()
+        labels from its Pod likewise)."""
+        self.pods.changed(namespace, name)
 
     def handler(self, *, authenticated: bool = False) -> grpc.GenericRpcHandler:
         """ADS; `authenticated` streams must hold the identity their Node claims (see `start_secure`)."""
@@ -238,9 +230,6 @@ class AdsServer:
             raise
 
     async def stop(self, grace: float = 1.0) -> None:
-        if self._release is not None:
-            self._release.cancel()
-            self._release = None
         if self._front is not None:
             await self._front.stop()
             self._front = None
@@ -253,33 +242,10 @@ class AdsServer:
         if self._send_watch is not None:
             self._send_watch.close()
 
-    @property
-    def activity(self) -> int:
-        """Calls ended plus responses handed to gRPC so far: what memory releases wait to see settle."""
-        return self._activity
-
     def _call_ended(self, context: object) -> None:
-        """A call ended and gRPC freed its buffers: release free memory once things settle."""
-        self._active(1)
-
-    def _active(self, events: int) -> None:
-        """Calls ended or responses written: arm the release, unless it is armed (one timer, not one per write)."""
-        self._activity += events
-        if self._release is None and self.release_memory is not None and self._server is not None:
-            self._release = asyncio.get_running_loop().call_later(RELEASE_DELAY, self._released)
-
-    def _released(self) -> None:
-        """Release free memory once nothing ended or was written for `RELEASE_DELAY` (a push frees
-        its buffers as its last writes complete: 317 MB steady after 2,000 streams connected, 280 MB
-        released after them). Cost: one timer per second while streams are written to."""
-        self._release = None
-        if self.release_memory is None or self._server is None:
-            return
-        if self._activity != self._activity_seen:
-            self._activity_seen = self._activity
-            self._release = asyncio.get_running_loop().call_later(RELEASE_DELAY, self._released)
-            return
-        self.release_memory()
+        """A call ended and gRPC freed its buffers: one more thing the release waits to settle."""
+        if self.quiet is not None:
+            self.quiet.touch()
 
     def _authenticate(self, identity: ProxyIdentity, context: grpc.aio.ServicerContext) -> ProxyIdentity:
         """`identity` checked against the stream's client certificate (see `pilot.xds.peers`)."""
@@ -350,14 +316,10 @@ class AdsServer:
         stream_status.session = session  # its subscriptions, for /debug/adsz
         log.debug("%s stream %d opened by %s (%s)", kind.protocol, stream_status.stream_id,
                   identity.node_id, identity.proxy_class.describe())
-        stream = _Stream()
+        stream = StreamSignals()
         grant = await self._secret_grant(identity, authenticated)
-        reader = asyncio.create_task(_read(requests, session, stream))
-        pod = pod_of_node(identity.node_id) if self.follows_pods else None
-        if pod is not None:  # kept to classify the Node again when its Pod changes (`pod_changed`)
-            stream.node = type(first.node)()
-            stream.node.CopyFrom(first.node)
-            self._by_pod.setdefault(pod, set()).add(stream)
+        reader = asyncio.create_task(read_requests(requests, session, stream))
+        pod = self.pods.follow(identity.node_id, first.node, stream)  # to classify again (`pod_changed`)
         try:
             with ClassWatch(self.cache, identity.proxy_class, stream.wake.set) as watch, \
                     self._secrets_watch(grant, stream.wake.set):
@@ -369,11 +331,7 @@ class AdsServer:
         else:
             timed_out = ""
         finally:
-            if pod is not None:
-                following = self._by_pod[pod]
-                following.discard(stream)
-                if not following:
-                    del self._by_pod[pod]
+            self.pods.leave(pod, stream)
             reader.cancel()
             self.status.close(stream_status)
             if grant is not None and self.secrets is not None:
@@ -407,7 +365,7 @@ class AdsServer:
         return latest, (self.secrets.view(grant) if grant is not None and self.secrets is not None else None)
 
     async def _serve(
-        self, identity: ProxyIdentity, session: Any, stream: _Stream, context: grpc.aio.ServicerContext,
+        self, identity: ProxyIdentity, session: Any, stream: StreamSignals, context: grpc.aio.ServicerContext,
         grant: SecretGrant | None, watch: ClassWatch, authenticated: bool,
     ) -> None:
         """Answer whenever a request calls for it or the class gets a new snapshot, until the client leaves."""
@@ -436,8 +394,8 @@ class AdsServer:
                 made = time.perf_counter() - began  # Istio's push time counts making a response too
                 sent = session.status.take_sent()  # the type of each response, in order
                 types = [typeurls.short_name(t) for t in sent] if len(sent) == len(responses) else []
-                if responses:
-                    self._active(len(responses))
+                if responses and self.quiet is not None:
+                    self.quiet.touch(len(responses))
                 for i in range(len(responses)):  # not kept once written
                     await self._write(context, responses.pop(0), types[i] if types else "", made if i == 0 else 0.0)
                 if self.changes is not None and types:
@@ -447,8 +405,8 @@ class AdsServer:
             stream.wake.clear()
             await stream.wake.wait()
 
-    def _reclassified(self, identity: ProxyIdentity, session: Any, stream: _Stream, context: grpc.aio.ServicerContext,
-                      watch: ClassWatch, authenticated: bool) -> ProxyIdentity:
+    def _reclassified(self, identity: ProxyIdentity, session: Any, stream: StreamSignals,
+                      context: grpc.aio.ServicerContext, watch: ClassWatch, authenticated: bool) -> ProxyIdentity:
         """The stream's identity after its Pod changed: its Node classified again (the Pod's labels
         now), checked against its certificate on the authenticated port. A new class is watched
         before the old one is let go, so its snapshot is ready for the next step; the session then
@@ -522,36 +480,3 @@ class AdsServer:
             by_type[0].observe(made + took)
             by_type[1].observe(len(response))
 
-
-class _Stream:
-    """What the reader tells the writer of one stream; both run on the event loop."""
-
-    def __init__(self) -> None:
-        self.wake = asyncio.Event()  # set by the reader (a request calls for an answer) and the cache
-        self.dirty = False  # a handled request may call for a response
-        self.closed = False  # the proxy ended the stream
-        self.error: BaseException | None = None
-        self.reclassify = False  # its Pod changed: classify the Node again (`AdsServer.pod_changed`)
-        self.node: Any = None  # the Node of a proxy in a Pod (a copy: the first request is not kept)
-
-
-async def _read(requests: AsyncIterator[Any], session: Any, stream: _Stream) -> None:
-    """Apply each request to the session as it arrives; wake the writer only when it must answer.
-
-    Sessions are synchronous state machines, so the reader can apply requests itself: a plain
-    ACK costs no task switch, and not reading while one is applied is the backpressure (gRPC
-    flow control then holds the proxy). A vanished client ends the stream quietly.
-    """
-    try:
-        async for wire in requests:
-            if session.handle_wire(wire):
-                stream.dirty = True
-                stream.wake.set()
-            del wire  # a request can be 100 KB of names: not kept while waiting for the next
-    except (grpc.aio.AioRpcError, grpc.aio.BaseError):  # the client left, or pilot is stopping
-        pass
-    except Exception as exc:
-        log.exception("handling an ADS request failed")
-        stream.error = exc
-    stream.closed = True
-    stream.wake.set()

@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
 from prometheus_client import CollectorRegistry
 
 from pilot.model.proxy import identity_from_node
+from pilot.quiet import WhenQuiet
 from pilot.testing.ads_client import AdsClient, make_node
-from pilot.xds import server as ads_server
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.server import AdsServer
 from pilot.xds.status import StatusRegistry, XdsMetrics
@@ -23,13 +22,13 @@ from pilot.xds.typeurls import CLUSTER
 from tests.conformance.builders import snapshot
 
 
-async def test_memory_is_released_once_the_writes_have_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_memory_is_released_once_the_writes_have_stopped() -> None:
     # 0.5 s: a loaded CI machine can stall the loop for a few hundred ms between two pushes.
-    monkeypatch.setattr(ads_server, "RELEASE_DELAY", 0.5)
+    quiet = WhenQuiet(delay=0.5)
     released: list[float] = []
+    quiet.on_quiet(lambda: released.append(time.monotonic()))
     cache = SnapshotCache()
-    server = AdsServer(cache, StatusRegistry(XdsMetrics(CollectorRegistry())),
-                       release_memory=lambda: released.append(time.monotonic()))
+    server = AdsServer(cache, StatusRegistry(XdsMetrics(CollectorRegistry())), quiet=quiet)
     port = await server.start("127.0.0.1", 0)
     node = make_node("sidecar~127.0.0.2~app.default~default.svc.cluster.local", labels={"app": "a"})
     key = identity_from_node(node).proxy_class

@@ -18,6 +18,7 @@ from pilot.model.build import build_mesh
 from pilot.model.diff import http_routes_only
 from pilot.model.proxy import ProxyClass, ProxyKind
 from pilot.push import Pusher, RoutesFastPath
+from pilot.quiet import WhenQuiet
 from pilot.translate import generate, generate_parts, generate_routes
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.typeurls import ENDPOINT, ROUTE
@@ -132,7 +133,7 @@ async def test_memory_is_released_once_after_a_burst_of_pushes() -> None:
     released: list[int] = []
     pusher = Pusher(store, cache, build_mesh, generate, PushMetrics(CollectorRegistry()), debounce=0.01,
                     release_memory=lambda: released.append(store.revision))
-    pusher.release_delay = 0.2
+    pusher.quiet.delay = 0.2
     objects = _objects()
     async with running(pusher, objects):
         for kind in ("WorkloadEntry", "VirtualService"):  # two pushes in quick succession
@@ -145,22 +146,21 @@ async def test_memory_is_released_once_after_a_burst_of_pushes() -> None:
 
 
 async def test_memory_is_not_released_while_streams_still_take_responses() -> None:
-    """The release after a push waits until the ADS server's activity (responses handed over, calls
-    ended) stops moving: publishing ends long before a large fan-out's writes do."""
+    """The release after a push waits until the ADS server, sharing the pusher's `quiet`, stops
+    reporting responses handed over and calls ended: publishing ends long before a large fan-out's
+    writes do."""
     store, cache = ConfigStore(), SnapshotCache()
     released: list[int] = []
+    quiet = WhenQuiet(delay=0.1)
     pusher = Pusher(store, cache, build_mesh, generate, PushMetrics(CollectorRegistry()), debounce=0.01,
-                    release_memory=lambda: released.append(store.revision))
-    pusher.release_delay = 0.1
-    written = [0]
-    pusher.activity = lambda: written[0]
+                    release_memory=lambda: released.append(store.revision), quiet=quiet)
     objects = _objects()
     async with running(pusher, objects):
         revision = store.revision
         store.replace_source("f", _moved(objects, "VirtualService"))
         await asyncio.wait_for(pusher.wait_built(revision + 1), 5)
         for _ in range(8):  # streams keep writing for 0.4 s after the push was published
-            written[0] += 1
+            quiet.touch(250)  # what the ADS server reports per batch of writes
             await asyncio.sleep(0.05)
         assert released == []
         await asyncio.sleep(0.4)
@@ -214,7 +214,7 @@ async def test_a_class_whose_proxies_all_left_is_forgotten_a_moment_later() -> N
     released: list[int] = []
     pusher = Pusher(store, cache, build_mesh, generate_parts, PushMetrics(CollectorRegistry()),
                     release_memory=lambda: released.append(1), routes=RoutesFastPath(http_routes_only, generate_routes))
-    pusher.release_delay = 0.1
+    pusher.quiet.delay = 0.1
     store.replace_source("f", _objects())
     pusher.rebuild()
     other = ProxyClass(ProxyKind.SIDECAR, "default", (("app", "y"),))
