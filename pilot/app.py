@@ -34,6 +34,7 @@ from pilot.settings import PilotSettings
 from pilot.tasks import TaskFailures, spawn
 from pilot.tracing import ChangeTracker, ObservedStore, tracer_provider
 from pilot.translate import generate, generate_endpoints, generate_parts, generate_routes
+from pilot.translate.prepare import prepare_shared
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.secrets import SecretServer
 from pilot.xds.server import AdsServer, SecureServing
@@ -123,6 +124,7 @@ class Pilot:
             endpoints_only=endpoints_only,
             generate_endpoints=generate_endpoints,
             routes=RoutesFastPath(http_routes_only, generate_routes) if real else None,
+            prepare=prepare_shared if real else None,  # a full push's shared parts, off the event loop
             release_memory=release_when_quiet,
             carry=carry,
             changes=self.changes,
