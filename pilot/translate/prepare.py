@@ -8,6 +8,12 @@ connect waited on it, and so did every full push, once per view). Generating one
 right after the mesh is built, in the same worker thread, leaves the event loop the cheap part:
 each class's own listeners and clusters, and lookups.
 
+Threads: only the build thread touches the new mesh's memos until the push publishes it. The
+carry across mesh versions (`MeshSnapshot.carry`) is shared with the event loop, where a proxy
+connecting meanwhile is generated from the current mesh. Each entry is one dictionary operation
+under the GIL, and a patched result is exact from either mesh version's record. So an interleaving
+costs work done twice at most, never a wrong part.
+
 Cost: one generation per distinct (kind, namespace, mesh certificates, capture) among the connected
 classes, which publishing would do anyway, moments later; with none connected yet (pilot starting),
 one sidecar of the mesh's first workload, so the first proxies find the mesh-wide parts ready.
