@@ -89,7 +89,7 @@ class Pusher:
         `quiet` (shared with the ADS server, which reports its writes there) runs the release once
         pushes and writes have settled; without one the pusher keeps its own. `prepare(mesh, classes)`
         generates, with the mesh and in the same thread, the parts the watched classes share
-        (`pilot.translate.generate.prepare_shared`), so a full push's first class of each view does
+        (`pilot.translate.prepare.prepare_shared`), so a full push's first class of each view does
         not hold the event loop for its shared parts (~0.5 s at 1,000 services)."""
         self.changes = changes or ChangeTracker()
         self.store = store
@@ -178,7 +178,8 @@ class Pusher:
 
         The debounce (100 ms by default) exists to batch bursts of edits, not to delay a lone one:
         building during it takes the build (~100 ms at 1,000 services) off a change's latency.
-        It costs one wasted build when more changes arrive meanwhile (at most one per settle)."""
+        It costs one wasted build (with its preparation, `prepare`) when more changes arrive
+        meanwhile (at most one per settle)."""
         _, revision, objects, known_kinds = self._prepare()
         task = asyncio.ensure_future(asyncio.to_thread(self._build, objects, self.mesh, known_kinds,
                                                        self.cache.watched()))
@@ -283,8 +284,7 @@ class Pusher:
                 span.set_attribute("meshctl.errors", len(self.errors))
         if fast_published:  # once per push: a metric update per class costs ~3 µs
             (self.metrics.eds_only_pushes if eds_only else self.metrics.route_only_pushes).inc(fast_published)
-        self.cache.drop_unwatched()
-        self._forget_gone()
+        self._drop_unwatched()
         # A fast path leaves most classes' other types untouched: keep their conversions too.
         self.serializer.advance(complete=not fast, replaced=_REPLACED.get(fast))
         if self.carry is not None:
@@ -459,24 +459,21 @@ class Pusher:
         Why only then: publishing ends long before its writes do at mission scale (2,000 streams
         write a route change for about a second after the last class is published); forgetting the
         shared responses earlier would make the streams still due encode their own copies."""
-        self.cache.drop_unwatched()
-        self._forget_gone()
+        self._drop_unwatched()
         self.cache.forget_responses()
         if self.release_memory is not None:
             self.release_memory()
 
-    def _forget_gone(self) -> None:
-        """Forget what is kept per class (route and endpoint parts, when its content changed) for
-        the classes the cache dropped, as soon as it drops them, not at the next push.
+    def _drop_unwatched(self) -> None:
+        """Drop the snapshots of classes no proxy watches, and with each what the pusher keeps for it
+        (route and endpoint parts, when its content changed), at once rather than at the next push.
 
-        Why: a class whose proxies come back would otherwise be found under the old, equal key
-        object: every lookup with the new proxies' key then compares the two field by field
-        (~10 ms per push for 2,000 classes, measured as `__eq__` in py-spy after a reconnect),
-        and the parts of classes that never return would stay until a push. Cost: one pass over
-        the classes kept per table."""
-        for table in (self.class_changes, self.route_parts, self.eds_parts):
-            for gone in [k for k in table if self.cache.get(k) is None]:
-                del table[gone]
+        Why with it: a class whose proxies come back would otherwise be found under the old, equal
+        key object, and every lookup with the new proxies' key would compare the two field by field
+        (~10 ms per push for 2,000 classes, `__eq__` in py-spy after a reconnect). Cost: O(dropped)."""
+        for key in self.cache.drop_unwatched():
+            for table in (self.class_changes, self.route_parts, self.eds_parts):
+                table.pop(key, None)
 
     async def _settle(self, revision: int) -> int:
         """Wait until no change came for the debounce time, or `debounce_max` passed.

@@ -95,12 +95,13 @@ class SnapshotCache:
                 if not self._wakers[key]:
                     del self._wakers[key]
 
-    def drop_unwatched(self) -> int:
-        """Forget snapshots of classes no stream watches any more; returns how many."""
+    def drop_unwatched(self) -> list[ProxyClass]:
+        """Forget snapshots of classes no stream watches any more; returns those classes (what
+        callers keep per class can go with them)."""
         gone = [k for k in self._snapshots if self._watchers[k] <= 0]
         for key in gone:
             del self._snapshots[key]
-        return len(gone)
+        return gone
 
     def forget_responses(self) -> int:
         """Drop the encoded responses shared on views (see `sharing`); returns how many.
