@@ -44,6 +44,7 @@ from benchmarks.runner import (
     _push,
     median_rss,
     node_specs,
+    pilot_debounce,
     pin,
 )
 from benchmarks.worker import NodeSpec, WorkerHandle
@@ -103,7 +104,8 @@ def _turn(side: _Side, opts: Options, round_: int, log: Log, record: bool = Fals
 
 def run_pair(group: ProcessGroup, opts: Options, log: Log, with_baseline: bool = True) -> list[Run]:
     """Pilot and (with `with_baseline`) the replay baseline in `opts.repeats` alternating rounds."""
-    pilot_run = Run("pilot", opts.protocol, opts.clients, opts.services, opts.class_count, opts.class_mode)
+    pilot_run = Run("pilot", opts.protocol, opts.clients, opts.services, opts.class_count, opts.class_mode,
+                    debounce_s=pilot_debounce(opts.pilot_env))
     base_run = Run("baseline", opts.protocol, opts.clients, opts.services, 1, "replay")
     case_dir = opts.workdir / f"{opts.protocol}-{opts.clients}"
     mesh = meshgen.generate(case_dir / "config", services=opts.services, namespaces=opts.namespaces)

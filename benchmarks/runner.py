@@ -30,6 +30,7 @@ from benchmarks.client import ClientResult, Expectation
 from benchmarks.procs import ProcessGroup, ResourceMeter, cpu_of
 from benchmarks.report import MB, PER_WORKLOAD, Latency, Phase, Run
 from benchmarks.worker import NodeSpec, WorkerHandle
+from pilot.settings import PilotSettings
 
 POLL = 0.05
 
@@ -266,6 +267,19 @@ def run_baseline(group: ProcessGroup, opts: Options, rec: Recording, log: Callab
     finally:
         group.stop(proc, grace=2)
     return run
+
+
+def pilot_debounce(env: dict[str, str]) -> dict[str, float]:
+    """Seconds pilot waits on purpose before pushing each kind of change the benchmark makes, as
+    configured (`env` overrides the defaults): a route edit takes the debounce, a WorkloadEntry
+    edit the endpoint debounce (`pilot.settings.PilotSettings`)."""
+    fields = PilotSettings.model_fields
+
+    def ms(name: str) -> float:
+        value = env.get(f"MESHCTL_PILOT_{name.upper()}", fields[name].default)
+        return int(value) / 1000
+
+    return {"route": ms("debounce_ms"), "endpoint": ms("endpoint_debounce_ms")}
 
 
 def py_spy() -> str | None:

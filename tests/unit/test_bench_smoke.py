@@ -59,7 +59,7 @@ def test_benchmark_per_workload_classes(tmp_path: Path) -> None:
     for key in ("empty_rss_mb", "steady_rss_mb", "peak_rss_mb"):
         assert saved["runs"][0][key] > 0, key
     assert isinstance(summary["streams_reopened"], int)
-    assert {"connect_p99", "route_p99", "endpoint_p99"} <= saved["ratios"][0].keys()
+    assert {"connect_p99", "route_p99", "endpoint_p99", "route_p99_past_debounce"} <= saved["ratios"][0].keys()
     assert report.targets() == []  # mission-scale targets need >= 1,000 services
 
 
@@ -116,6 +116,24 @@ def test_mission_targets_only_for_per_workload_runs_of_1000_services() -> None:
     assert all(r["met"] for r in rows)
     absent = Report({}, {}, [run(1000, "per-workload", None)]).targets()
     assert {r["target"]: r["met"] for r in absent}["CPU per new class"] is None
+
+
+def test_ratios_past_the_debounce_take_pilots_configured_wait_off_its_own_latencies() -> None:
+    """Pilot waits its debounce on purpose before acting on a change; the baseline replays at once.
+    The ratio past the debounce takes exactly that wait off pilot's p99 (and nothing off the
+    baseline's), and the debounce comes from pilot's settings, overridden by `--pilot-env`."""
+    from benchmarks.report import Run, _ratios
+    from benchmarks.runner import pilot_debounce
+
+    assert pilot_debounce({}) == {"route": 0.1, "endpoint": 0.01}
+    assert pilot_debounce({"MESHCTL_PILOT_DEBOUNCE_MS": "250"}) == {"route": 0.25, "endpoint": 0.01}
+    pilot = Run("pilot", "sotw", 100, debounce_s=pilot_debounce({}))
+    base = Run("baseline", "sotw", 100)
+    for run, route, endpoint in ((pilot, 1.3, 0.51), (base, 1.0, 0.5)):
+        run.samples = {"route": [route] * 100, "endpoint": [endpoint] * 100}
+    ratios = _ratios(pilot, base)
+    assert ratios["route_p99"] == pytest.approx(1.3) and ratios["route_p99_past_debounce"] == pytest.approx(1.2)
+    assert ratios["endpoint_p99"] == pytest.approx(1.02) and ratios["endpoint_p99_past_debounce"] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
