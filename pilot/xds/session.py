@@ -94,7 +94,7 @@ class Subscriptions:
         # a stream's first subscription of a type is recognised with one memcmp, without hashing
         # or decoding a few thousand names.
         self._tails: dict[tuple[int, bytes, bytes], list[tuple[bytes, frozenset[str]]]] = {}
-        self._covered: dict[tuple[frozenset[str], frozenset[str]], bool] = {}  # see `covers`
+        self._covered: dict[tuple[int, int], tuple[frozenset[str], frozenset[str], bool]] = {}  # see `covers`
         self.nonces = Nonces()  # nonces of responses shared by streams: unique server-wide
 
     def intern(self, names: frozenset[str]) -> frozenset[str]:
@@ -107,20 +107,23 @@ class Subscriptions:
         return names
 
     def covers(self, subscribed: frozenset[str], needed: frozenset[str]) -> bool:
-        """Whether `needed <= subscribed`, answered once per pair of (shared) sets.
+        """Whether `needed <= subscribed`, answered once per pair of (shared) set objects.
 
         Why: on connect every stream asks whether its clusters' EDS names are subscribed (~3,000
         of each at mission scale, ~0.1 ms), and streams of one namespace ask about the same two
-        objects: the views' memoized references and the interned subscription. Frozensets cache
-        their hashes, so a repeated question costs one dictionary lookup.
+        objects: the views' memoized references and the interned subscription. The memo is keyed
+        by identity (each entry keeps its two sets alive, so their ids stay theirs): keyed by value,
+        a set equal to a remembered one but not the same object (a fleet reconnecting to classes
+        generated again) was compared element by element on every lookup, ~3,000 names per
+        stream. A repeated question costs one dictionary lookup and two identity checks.
         """
-        key = (subscribed, needed)
+        key = (id(subscribed), id(needed))
         found = self._covered.get(key)
-        if found is None:
+        if found is None or found[0] is not subscribed or found[1] is not needed:
             if len(self._covered) >= COVERED_LIMIT:
                 self._covered.clear()
-            found = self._covered[key] = needed <= subscribed
-        return found
+            found = self._covered[key] = (subscribed, needed, needed <= subscribed)
+        return found[2]
 
     def by_wire(self, key: bytes) -> tuple[bytes, frozenset[str] | None] | None:
         """The shared key bytes and subscription seen before for these request bytes, if any."""

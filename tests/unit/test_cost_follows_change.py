@@ -601,3 +601,29 @@ def test_whether_clusters_are_warm_is_answered_once_per_pair_of_shared_sets() ->
     partial = subscriptions.intern(frozenset({"a"}))
     assert not subscriptions.covers(partial, needed) and not subscriptions.covers(partial, needed)
     assert _CountingSet.compared == 2
+
+
+class _EqualityCountingSet(frozenset[str]):
+    """A frozenset that counts how often it is compared for equality (a value-keyed memo does)."""
+
+    equalities = 0
+
+    def __eq__(self, other: object) -> bool:
+        type(self).equalities += 1
+        return super().__eq__(other)
+
+    __hash__ = frozenset.__hash__
+
+
+def test_an_equal_set_that_is_another_object_is_never_compared_name_by_name() -> None:
+    """A fleet reconnecting to classes generated again brings clusters' EDS names equal to the
+    remembered ones but not the same objects; each stream asking must not compare ~3,000 names."""
+    subscriptions = Subscriptions()
+    subscribed = subscriptions.intern(frozenset({"a", "b", "c"}))
+    first, again = _EqualityCountingSet({"a", "b"}), _EqualityCountingSet({"a", "b"})
+    assert subscriptions.covers(subscribed, first)
+    assert all(subscriptions.covers(subscribed, again) for _ in range(100))
+    assert subscriptions.covers(subscribed, first)  # the first is still answered right
+    wider = _EqualityCountingSet({"a", "b", "z"})
+    assert not subscriptions.covers(subscribed, wider)
+    assert _EqualityCountingSet.equalities == 0
