@@ -30,6 +30,9 @@ class SnapshotCache:
         self._demand_listeners: list[DemandListener] = []
         self._idle_listeners: list[DemandListener] = []
         self._wakers: dict[ProxyClass, set[Callable[[], None]]] = {}
+        # Each class as the one object every table keys it by (`canonical`), while it has a
+        # snapshot or a watcher.
+        self._canonical: dict[ProxyClass, ProxyClass] = {}
         # Views on which streams keep shared encoded responses (the ADS server's sessions add them,
         # `pilot.xds.session.Subscriptions`), so forgetting those costs O(such views), not O(classes).
         self.sharing: weakref.WeakSet[View] = weakref.WeakSet()
@@ -46,12 +49,27 @@ class SnapshotCache:
             raise InconsistentSnapshotError(key, errors)
         if previous is not None and previous.same_content(snapshot):
             return  # identical content: no push
+        if previous is None:
+            key = self._canonical.setdefault(key, key)
         self._snapshots[key] = snapshot
         for wake in self._wakers.get(key, ()):
             wake()
 
     def get(self, key: ProxyClass) -> Snapshot | None:
         return self._snapshots.get(key)
+
+    def canonical(self, key: ProxyClass) -> ProxyClass:
+        """The object this cache keys `key`'s class by (`key` itself if the class has neither a
+        snapshot nor a watcher here; `watch` makes it the one).
+
+        Why: a dictionary lookup with an equal key that is another object runs the dataclass's
+        `__eq__` (a Python call comparing seven fields) after the hash matches; with the stored
+        object it stops at the identity check. Each stream classifies its Node into a new object,
+        and a proxy reconnecting before its class was let go would otherwise pay that on every
+        push, here and in the pusher's tables (13-22 py-spy samples of a pilot-only route change
+        after a fleet reconnected). Streams look up by the canonical object (`ClassWatch`).
+        """
+        return self._canonical.get(key, key)
 
     def keys(self) -> list[ProxyClass]:
         """Classes that have a snapshot."""
@@ -76,6 +94,7 @@ class SnapshotCache:
 
         A callback is cheaper than a waiting task per stream when a push wakes thousands of them.
         """
+        key = self._canonical.setdefault(key, key)
         if wake is not None:
             self._wakers.setdefault(key, set()).add(wake)
         self._watchers[key] += 1
@@ -88,6 +107,8 @@ class SnapshotCache:
             self._watchers[key] -= 1
             if self._watchers[key] <= 0:
                 del self._watchers[key]
+                if key not in self._snapshots:
+                    self._canonical.pop(key, None)
                 for listener in self._idle_listeners:
                     listener(key)
             if wake is not None:
@@ -101,6 +122,7 @@ class SnapshotCache:
         gone = [k for k in self._snapshots if self._watchers[k] <= 0]
         for key in gone:
             del self._snapshots[key]
+            self._canonical.pop(key, None)
         return gone
 
     def forget_responses(self) -> int:
@@ -124,7 +146,7 @@ class ClassWatch:
     class changes while it is connected (its Pod relabelled). Enter it as the watch itself."""
 
     def __init__(self, cache: SnapshotCache, key: ProxyClass, wake: Callable[[], None]) -> None:
-        self.cache, self.key, self.wake = cache, key, wake
+        self.cache, self.key, self.wake = cache, cache.canonical(key), wake
         self._held: AbstractContextManager[None] | None = None
 
     def __enter__(self) -> ClassWatch:
@@ -141,6 +163,7 @@ class ClassWatch:
         without a watcher in between), then the old one goes."""
         if key == self.key:
             return
+        key = self.cache.canonical(key)
         held = self._watch(key)
         self.__exit__()
         self.key, self._held = key, held

@@ -80,3 +80,30 @@ def test_a_proxy_class_hashes_by_its_fields_once_and_pickles_without_the_cached_
     assert a == b and hash(a) == hash(b) and {a: 1}[b] == 1
     assert other != a and other not in {a}
     assert "_hash" not in pickle.loads(pickle.dumps(a)).__dict__  # another process hashes strings otherwise
+
+
+def test_a_reconnecting_proxy_looks_its_class_up_by_the_object_the_cache_keys_it_by() -> None:
+    """Each stream classifies its Node into a new ProxyClass. A proxy back before its class was let
+    go watches the class under the cache's own object (lookups stop at the identity check, no
+    field-by-field `__eq__`); once the class is dropped, the next newcomer's object becomes it."""
+    from pilot.xds.cache import ClassWatch
+
+    def fresh() -> ProxyClass:
+        return ProxyClass(ProxyKind.SIDECAR, "default", (("app", "a"),))
+
+    cache = SnapshotCache()
+    first = fresh()
+    demanded: list[ProxyClass] = []
+    cache.on_demand(demanded.append)
+    with ClassWatch(cache, first, lambda: None) as watch:
+        assert watch.key is first and demanded[-1] is first
+        cache.set(demanded[-1], snapshot({"c1": 1}))
+    back = fresh()
+    with ClassWatch(cache, back, lambda: None) as watch:  # the snapshot is still there
+        assert watch.key is first and watch.key is not back
+        assert demanded[-1] is first and cache.watched()[0] is first
+    assert cache.drop_unwatched() == [first]
+    later = fresh()
+    with ClassWatch(cache, later, lambda: None) as watch:
+        assert watch.key is later and demanded[-1] is later
+    assert cache.canonical(fresh()) is not later  # no snapshot, no watcher: nothing kept for it
