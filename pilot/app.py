@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from pilot.config.files import FileSource
 from pilot.config.store import ConfigStore
 from pilot.credentials import CredentialIndex, with_credential_warnings
+from pilot.debounce import ENDPOINT_KINDS
 from pilot.debug import DebugApi
 from pilot.gcpolicy import release_when_quiet
 from pilot.jwks import JwksFetcher
@@ -29,7 +30,7 @@ from pilot.model.build import build_mesh
 from pilot.model.conversions import Conversions
 from pilot.model.diff import endpoints_only, http_routes_only
 from pilot.model.mesh import MeshSnapshot
-from pilot.push import ENDPOINT_KINDS, Generate, Pusher, RoutesFastPath
+from pilot.push import Generate, Pusher, RoutesFastPath
 from pilot.settings import PilotSettings
 from pilot.tasks import TaskFailures, spawn
 from pilot.tracing import ChangeTracker, ObservedStore, tracer_provider

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
+from pilot.debounce import ENDPOINT_KINDS, settle
 from pilot.logs import change_id
 from pilot.metrics import PushMetrics, trigger_types
 from pilot.model.conversions import Conversions
@@ -42,10 +43,6 @@ from pilot.xds.cache import SnapshotCache
 from pilot.xds.snapshot import ProxyParts, ProxyResources, Serializer, Snapshot
 
 log = logging.getLogger(__name__)
-
-# Kinds whose changes only move endpoints (EDS), eligible for the short debounce: WorkloadEntry,
-# and the ready endpoints of a Kubernetes Service (`pilot.kube.registry.ServiceEndpoints`).
-ENDPOINT_KINDS = frozenset({"WorkloadEntry", "ServiceEndpoints"})
 
 BuildMesh = Callable[[Iterable[Any]], Any]
 # Flat resources per type, or parts per type (`generate_parts`); both are accepted.
@@ -476,23 +473,12 @@ class Pusher:
                 table.pop(key, None)
 
     async def _settle(self, revision: int) -> int:
-        """Wait until no change came for the debounce time, or `debounce_max` passed.
-
-        Endpoint fast path: while every change since the last build is to endpoints
-        (WorkloadEntry, ServiceEndpoints), the quiet time is `endpoint_debounce`, so a scale-up or a moved
-        workload reaches proxies without waiting out the batching meant for rule edits.
-        """
-        deadline = time.monotonic() + self.debounce_max
-        while (left := deadline - time.monotonic()) > 0:
-            kinds = self.store.kinds_changed_since(self.built_revision)
-            fast = kinds is not None and kinds <= ENDPOINT_KINDS
-            try:
-                revision = await asyncio.wait_for(
-                    self.store.wait_for_change(revision), min(self.endpoint_debounce if fast else self.debounce, left))
-            except TimeoutError:
-                if fast:
-                    self.metrics.endpoint_fast_pushes.inc()
-                break
+        """Wait for changes to settle (`pilot.debounce.settle`); counts endpoint-only pushes that
+        took the short quiet time."""
+        revision, fast = await settle(self.store, self.built_revision, revision, quiet=self.debounce,
+                                      endpoint_quiet=self.endpoint_debounce, longest=self.debounce_max)
+        if fast:
+            self.metrics.endpoint_fast_pushes.inc()
         return revision
 
 

@@ -8,7 +8,7 @@ user's ServiceEntry of the same name. Its ready endpoints (EndpointSlice endpoin
 their Pods: labels, service account, sidecar or not) are a second object, `ServiceEndpoints`
 ``("ServiceEndpoints", namespace, name)``, which `build_mesh` adds to the service as inline
 endpoints. Two kinds rather than one because they change at different rates: a scale-up or a
-rollout touches only ServiceEndpoints, a kind listed in `pilot.push.ENDPOINT_KINDS`, so it takes
+rollout touches only ServiceEndpoints, a kind listed in `pilot.debounce.ENDPOINT_KINDS`, so it takes
 the short endpoint debounce and (the mesh differing in endpoints only) the EDS fast path, while
 the Service object, and so every listener, cluster and route built from it, stays the same
 instance. Feeding `m.Service` directly was the alternative; it would bypass what `build_mesh`

@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry
 
 from pilot.api.parse import parse_object
 from pilot.app import Pilot
+from pilot.debounce import ENDPOINT_KINDS
 from pilot.metrics import IstioPushMetrics, exposition, trigger_types
-from pilot.push import ENDPOINT_KINDS
 from pilot.settings import PilotSettings
 from pilot.testing.ads_client import AdsClient, make_node, resource_names
 from pilot.tracing import ChangeTracker, ObservedStore
