@@ -276,6 +276,11 @@ def _ratios(pilot: Run, base: Run) -> dict[str, Any]:
         out[f"{kind}_p99_past_debounce"] = ratio(p.p99 - pilot.debounce_s.get(kind, 0.0), b.p99)
         # Fan-out alone: the spread between the first and last ACK, without detection/debounce.
         out[f"{kind}_spread"] = ratio(p.max - p.min, b.max - b.min)
+    # Round k of pilot against round k of the baseline, which ran right after it (`benchmarks.paired`):
+    # the pooled figures above follow the worst round, these show whether one round decided them.
+    out["per_round_p99"] = {
+        name: [ratio(a.latency.p99, c.latency.p99) for a, c in zip(pilot.phase(name), base.phase(name), strict=False)]
+        for name in ("connect", *KINDS)}
     return out
 
 
@@ -299,6 +304,10 @@ def print_report(report: Report, console: Console | None = None) -> None:
     pairs = [(p, b) for p, b in report.pairs() if b is not None]
     if pairs:
         console.print(_ratio_table(pairs))
+        for pilot, base in pairs:
+            rounds = _ratios(pilot, base)["per_round_p99"]
+            console.print(f"{pilot.protocol} {pilot.clients}: p99 ratio per round (pilot round k / baseline round k): "
+                          + "; ".join(f"{name} " + " ".join(_x(v) for v in values) for name, values in rounds.items()))
     targets = report.targets()
     if targets:
         console.print(_targets_table(targets))

@@ -60,6 +60,10 @@ def test_benchmark_per_workload_classes(tmp_path: Path) -> None:
         assert saved["runs"][0][key] > 0, key
     assert isinstance(summary["streams_reopened"], int)
     assert {"connect_p99", "route_p99", "endpoint_p99", "route_p99_past_debounce"} <= saved["ratios"][0].keys()
+    per_round = saved["ratios"][0]["per_round_p99"]  # one round each: pilot's round 1 over the baseline's
+    assert {k: len(v) for k, v in per_round.items()} == {"connect": 1, "route": 1, "endpoint": 1}
+    (pilot_route,), (base_route,) = pilot.phase("route"), base.phase("route")
+    assert per_round["route"][0] == pytest.approx(pilot_route.latency.p99 / base_route.latency.p99)
     assert report.targets() == []  # mission-scale targets need >= 1,000 services
 
 
@@ -133,6 +137,7 @@ def test_ratios_past_the_debounce_take_pilots_configured_wait_off_its_own_latenc
         run.samples = {"route": [route] * 100, "endpoint": [endpoint] * 100}
     ratios = _ratios(pilot, base)
     assert ratios["route_p99"] == pytest.approx(1.3) and ratios["route_p99_past_debounce"] == pytest.approx(1.2)
+    assert ratios["per_round_p99"] == {"connect": [], "route": [], "endpoint": []}  # no phases recorded here
     assert ratios["endpoint_p99"] == pytest.approx(1.02) and ratios["endpoint_p99_past_debounce"] == pytest.approx(1.0)
 
 
