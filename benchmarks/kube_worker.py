@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
-import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-import grpc
-
-from benchmarks.client import SimClient
-from benchmarks.worker import CHANNEL_OPTIONS, STREAMS_PER_CHANNEL, Command, NodeSpec, Worker, _dispatch
+from benchmarks.worker import NodeSpec, Worker, serve
 from pilot.model.proxy import INTERCEPTION_REDIRECT, META_INTERCEPTION_MODE
 from pilot.testing.ads_client import make_node
 
@@ -34,41 +29,14 @@ def captured_node(spec: NodeSpec) -> Any:
 class CapturedWorker(Worker):
     """`Worker` whose clients send `captured_node`s."""
 
-    def connect(self, target: str, delta: bool, nodes: list[NodeSpec], record_first: bool) -> int:
-        count = max(1, math.ceil(len(nodes) / STREAMS_PER_CHANNEL))
-        self.channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(count)]
-        for i, spec in enumerate(nodes):
-            client = SimClient(captured_node(spec), delta, self.names, record=record_first and i == 0)
-            self.clients.append(client)
-            self.tasks.append(asyncio.create_task(client.run(self.channels[i % count])))
-        return len(self.clients)
-
-
-async def serve(conn: Connection) -> None:
-    """`benchmarks.worker.serve` with a `CapturedWorker`: one command at a time, replies on the pipe."""
-    worker = CapturedWorker()
-    try:
-        while True:
-            try:
-                cmd: Command = await asyncio.to_thread(conn.recv)
-            except EOFError:
-                return
-            try:
-                reply = _dispatch(worker, cmd)
-            except Exception:
-                reply = RuntimeError(traceback.format_exc())
-            if cmd.name == "close":
-                await worker.close()
-                conn.send(reply)
-                return
-            conn.send(reply)
-            await asyncio.sleep(0)
-    finally:
-        await worker.close()
+    @staticmethod
+    def node(spec: NodeSpec) -> Any:
+        return captured_node(spec)
 
 
 def main(conn: Connection) -> None:
-    """Process entry point (multiprocessing, spawn start method)."""
+    """Process entry point (multiprocessing, spawn start method): `benchmarks.worker.serve` with a
+    `CapturedWorker`."""
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(conn))
+        asyncio.run(serve(conn, CapturedWorker()))
     conn.close()

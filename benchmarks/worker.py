@@ -56,11 +56,15 @@ class Worker:
         count = max(1, math.ceil(len(nodes) / STREAMS_PER_CHANNEL))
         self.channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(count)]
         for i, spec in enumerate(nodes):
-            node = make_node(spec.node_id, namespace=spec.namespace, labels=dict(spec.labels), workload=spec.workload)
-            client = SimClient(node, delta, self.names, record=record_first and i == 0)
+            client = SimClient(self.node(spec), delta, self.names, record=record_first and i == 0)
             self.clients.append(client)
             self.tasks.append(asyncio.create_task(client.run(self.channels[i % count])))
         return len(self.clients)
+
+    @staticmethod
+    def node(spec: NodeSpec) -> Any:
+        """The Node a client for `spec` sends (subclasses pose as other kinds of proxy)."""
+        return make_node(spec.node_id, namespace=spec.namespace, labels=dict(spec.labels), workload=spec.workload)
 
     def status(self) -> dict[str, Any]:
         results = [c.result for c in self.clients]
@@ -101,8 +105,9 @@ class Worker:
         self.clients, self.tasks, self.channels = [], [], []
 
 
-async def serve(conn: Connection) -> None:
-    worker = Worker()
+async def serve(conn: Connection, worker: Worker | None = None) -> None:
+    """Run `worker` (a plain `Worker` by default): one command at a time, each reply on the pipe."""
+    worker = Worker() if worker is None else worker
     try:
         while True:
             try:

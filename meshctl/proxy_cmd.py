@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,9 +36,10 @@ import aiohttp
 import click
 from click.core import ParameterSource
 
-from meshctl.envoy import LOG_LEVELS, EnvoyError, EnvoyProcess, host_url
+from meshctl.envoy import LOG_LEVELS, EnvoyProcess, host_url
 from meshctl.output import emit, output_option
 from meshctl.proxy_kube import kube_options, run_kubernetes
+from meshctl.proxy_run import until_stopped
 from pilot.bootstrap import ADMIN_PORT, BootstrapError, BootstrapSpec, parse_host_port, render, sidecar_bootstrap
 from pilot.model.proxy import ProxyKind
 
@@ -180,13 +180,7 @@ async def _serve(spec_args: dict[str, Any], log_level: str, ready_timeout: float
         sds = f"{sockets}/sds.sock" if agent is not None else None
         # Started together with `meshctl up` (an example's command block), pilot may not be up yet.
         spec = await build_spec(**spec_args, sds_socket=sds, wait_for_pilot=ready_timeout)
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("_serve must run as a task")
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
+        with until_stopped(spec.node_id):
             async with contextlib.AsyncExitStack() as stack:
                 if agent is not None:
                     await _start_agent(stack, spec, agent, ready_timeout)
@@ -198,13 +192,6 @@ async def _serve(spec_args: dict[str, Any], log_level: str, ready_timeout: float
                 status = await envoy.wait()
                 tail = envoy.log_tail()
             raise click.ClickException(f"Envoy exited unexpectedly with status {status}; log tail:\n{tail}")
-        except asyncio.CancelledError:
-            click.echo(f"{spec.node_id}: stopped", err=True)
-        except EnvoyError as exc:
-            raise click.ClickException(str(exc)) from exc
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
 
 
 async def _start_agent(stack: contextlib.AsyncExitStack, spec: BootstrapSpec, options: AgentOptions,

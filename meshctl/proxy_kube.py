@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import click
 from meshctl.app_probes import PROBERS_ENV, AppProbe, ProbeConfigError, StatusServer, parse_app_probers
 from meshctl.envoy import EnvoyError, EnvoyProcess
 from meshctl.kube_pod import PodEnvError, PodProxy, base_spec, pod_bootstrap, pod_from_env
+from meshctl.proxy_run import until_stopped
 from pilot.bootstrap import render
 
 DEFAULT_TOKEN = Path("/var/run/secrets/tokens/istio-token")
@@ -220,22 +220,9 @@ def run_kubernetes(params: Mapping[str, Any], explicit: Callable[[str], bool]) -
 
 async def _serve(pod: PodProxy, probers: Mapping[str, AppProbe], files: PodFiles, params: Mapping[str, Any],
                  explicit: Callable[[str], bool]) -> None:
-    task = asyncio.current_task()
-    if task is None:
-        raise RuntimeError("_serve must run as a task")
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
-    try:
+    with until_stopped(pod.node_id):
         ready_timeout = float(params.get("ready_timeout") or 60.0)
         await run_pod_proxy(pod, probers, files, log_level=str(params.get("log_level") or "info"),
                             ready_timeout=ready_timeout,
                             cert_timeout=ready_timeout if explicit("ready_timeout") else 0.0,
                             initial_fetch_timeout_s=float(params.get("initial_fetch_timeout") or 15.0))
-    except asyncio.CancelledError:
-        click.echo(f"{pod.node_id}: stopped", err=True)
-    except EnvoyError as exc:
-        raise click.ClickException(str(exc)) from exc
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
