@@ -22,9 +22,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -148,6 +149,26 @@ class KubeCluster:
         if check and proc.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
         return proc
+
+    def ensure_crds(self, crds: Iterable[dict[str, Any]]) -> None:
+        """Create the CRDs this cluster does not serve yet (ones another test installed are kept) and
+        wait until every one of them is Established."""
+        names = []
+        for crd in crds:
+            names.append(name := crd["metadata"]["name"])
+            if self.kubectl("get", "crd", name, check=False).returncode != 0:
+                self.kubectl("create", "-f", "-", stdin=json.dumps(crd))
+        self.kubectl("wait", "--for=condition=Established", "--timeout=60s", *(f"crd/{n}" for n in names))
+
+    @contextlib.contextmanager
+    def scratch_namespace(self, prefix: str) -> Iterator[str]:
+        """A new namespace `<prefix>-<random>` for one test, deleted (without waiting) afterwards."""
+        ns = f"{prefix}-{secrets.token_hex(4)}"
+        self.kubectl("create", "namespace", ns)
+        try:
+            yield ns
+        finally:
+            self.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
     @classmethod
     @contextlib.contextmanager

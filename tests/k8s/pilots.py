@@ -29,11 +29,7 @@ FAST_LEASE = {"MESHCTL_PILOT_LEASE_DURATION_MS": "8000", "MESHCTL_PILOT_LEASE_RE
 
 def install_crds(cluster: KubeCluster) -> None:
     """Every mesh kind served, with the status subresource (CRDs another test installed are kept)."""
-    for crd in minimal_crds():
-        if cluster.kubectl("get", "crd", crd["metadata"]["name"], check=False).returncode != 0:
-            cluster.kubectl("create", "-f", "-", stdin=json.dumps(crd))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                    *(f"crd/{c['metadata']['name']}" for c in minimal_crds()))
+    cluster.ensure_crds(minimal_crds())
 
 
 async def until(what: str, check: Callable[[], Awaitable[bool]], timeout: float = 60.0) -> None:

@@ -4,7 +4,6 @@ Secrets analyzed together, reported for one namespace, and a local file overridi
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,24 +23,13 @@ CRDS = Path(__file__).parents[2] / "manifests" / "crds.yaml"
 @pytest.fixture(scope="module")
 def crds(kube_cluster: KubeCluster) -> None:
     """The mesh CRDs from manifests/crds.yaml; ones another test installed already are kept."""
-    names = []
-    for crd in yaml.safe_load_all(CRDS.read_text()):
-        if not crd:
-            continue
-        names.append(name := crd["metadata"]["name"])
-        if kube_cluster.kubectl("get", "crd", name, check=False).returncode != 0:
-            kube_cluster.kubectl("create", "-f", "-", stdin=json.dumps(crd))
-    kube_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *(f"crd/{n}" for n in names))
+    kube_cluster.ensure_crds(crd for crd in yaml.safe_load_all(CRDS.read_text()) if crd)
 
 
 @pytest.fixture
 def namespace(kube_cluster: KubeCluster, crds: None) -> Iterator[str]:
-    ns = f"analyze-{secrets.token_hex(4)}"
-    kube_cluster.kubectl("create", "namespace", ns)
-    try:
+    with kube_cluster.scratch_namespace("analyze") as ns:
         yield ns
-    finally:
-        kube_cluster.kubectl("delete", "namespace", ns, "--wait=false")
 
 
 def objects(ns: str) -> list[dict[str, Any]]:
