@@ -22,19 +22,25 @@ import multiprocessing
 import resource
 import selectors
 import socket
+import ssl
+import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import click
 import grpc
 
 from benchmarks.worker import CHANNEL_OPTIONS, STREAMS_PER_CHANNEL
+from meshctl.devcerts import DevCa
+from pilot.xds.tlsfront import TlsFront
 
 SERVICE = "meshctl.bench.WriteFloor"
 OPEN_TIMEOUT = 120.0  # seconds for the reader to open every stream
 ROUTE_CONFIG_BYTES = 568_068  # the mission-scale outbound route configuration (benchmarks/README.md)
+TLS_HOST = "pilot.write-floor.test"  # the name in the TLS front's certificate
 
 
 @dataclass(frozen=True)
@@ -66,12 +72,18 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-def _grpc_reader(port: int, streams: int, conn: Connection) -> None:
-    """Open `streams` calls and count every byte they bring, until the server ends them."""
+def _grpc_reader(port: int, streams: int, conn: Connection, ca_pem: bytes | None = None) -> None:
+    """Open `streams` calls and count every byte they bring, until the server ends them. With
+    `ca_pem`, over TLS to a server certificate for `TLS_HOST` issued by that CA."""
+
+    def channel() -> grpc.aio.Channel:
+        if ca_pem is None:
+            return grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(ca_pem),
+                                       options=[*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", TLS_HOST)])
 
     async def run() -> int:
-        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
-                    for _ in range(-(-streams // STREAMS_PER_CHANNEL))]
+        channels = [channel() for _ in range(-(-streams // STREAMS_PER_CHANNEL))]
         calls = [c.unary_stream(f"/{SERVICE}/Take", request_serializer=_identity, response_deserializer=_identity)
                  for c in channels]
 
@@ -108,8 +120,11 @@ def _tcp_reader(port: int, streams: int, conn: Connection) -> None:
     conn.send(total)
 
 
-async def grpc_floor(streams: int, size: int, rounds: int) -> Floor:
-    """Rounds of one `size`-byte message to each of `streams` gRPC streams, all written at once."""
+async def grpc_floor(streams: int, size: int, rounds: int, tls_front: bool = False) -> Floor:
+    """Rounds of one `size`-byte message to each of `streams` gRPC streams, all written at once.
+
+    `tls_front`: the streams come over TLS through pilot's `TlsFront` (the 15012 port's relay, on
+    the same event loop as the server, as in pilot), not straight to the gRPC port."""
     message = b"\x0a" + bytes(size - 1)
     go: list[asyncio.Event] = [asyncio.Event() for _ in range(rounds)]
     done: list[asyncio.Future[None]] = []
@@ -134,8 +149,13 @@ async def grpc_floor(streams: int, size: int, rounds: int) -> Floor:
         "Take": grpc.unary_stream_rpc_method_handler(take, _identity, _identity)}),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    front, ca_pem = None, None
+    if tls_front:
+        context, ca_pem = _server_tls()
+        front = TlsFront(lambda: context, "127.0.0.1", port)
+        port = await front.start("127.0.0.1", 0)
     parent, child = multiprocessing.get_context("spawn").Pipe()
-    reader = multiprocessing.get_context("spawn").Process(target=_grpc_reader, args=(port, streams, child))
+    reader = multiprocessing.get_context("spawn").Process(target=_grpc_reader, args=(port, streams, child, ca_pem))
     reader.start()
     try:
         await asyncio.wait_for(opened.wait(), OPEN_TIMEOUT)
@@ -149,10 +169,28 @@ async def grpc_floor(streams: int, size: int, rounds: int) -> Floor:
         elapsed = time.perf_counter() - wall
         received = await asyncio.get_running_loop().run_in_executor(None, parent.recv)
     finally:
+        if front is not None:
+            await front.stop()
         await server.stop(None)
         reader.join(30)
-    return Floor("grpc.aio", streams, size, (u1 - user) / rounds, (s1 - system) / rounds,
-                 elapsed / rounds, received)
+    return Floor("TLS front" if tls_front else "grpc.aio", streams, size, (u1 - user) / rounds,
+                 (s1 - system) / rounds, elapsed / rounds, received)
+
+
+def _server_tls() -> tuple[ssl.SSLContext, bytes]:
+    """A server context for `TLS_HOST` from a fresh CA (as pilot's 15012 has: TLS 1.2+, client
+    certificates requested but optional), and that CA's certificate for the reader."""
+    ca = DevCa.create("write_floor CA")
+    with tempfile.TemporaryDirectory() as d:
+        issued = ca.issue(Path(d), "server", [TLS_HOST])
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(["h2"])
+        context.load_cert_chain(issued.cert, issued.key)
+        ca_pem = ca.write_ca(Path(d) / "ca.pem").read_bytes()
+    context.load_verify_locations(cadata=ca_pem.decode())
+    context.verify_mode = ssl.CERT_OPTIONAL
+    return context, ca_pem
 
 
 def tcp_floor(streams: int, size: int, rounds: int) -> Floor:
@@ -188,8 +226,10 @@ def report(floors: list[Floor], rounds: int) -> str:
         lines.append(f"{f.transport:<10} {f.streams:>7} {f.size:>9} {f.cpu:>11.3f} {f.user:>6.3f} "
                      f"{f.system:>6.3f} {f.per_message_us():>10.0f} {f.streams * f.size / 1e9:>8.2f} "
                      f"{'yes' if ok else 'NO':>11}")
-    if len(floors) == 2 and floors[1].cpu > 0:
-        lines.append(f"grpc.aio / plain TCP CPU: {floors[0].cpu / floors[1].cpu:.1f}x")
+    by = {f.transport: f for f in floors}
+    for over, under in (("grpc.aio", "plain TCP"), ("TLS front", "grpc.aio")):
+        if over in by and under in by and by[under].cpu > 0:
+            lines.append(f"{over} / {under} CPU: {by[over].cpu / by[under].cpu:.1f}x")
     return "\n".join(lines)
 
 
@@ -200,9 +240,14 @@ def report(floors: list[Floor], rounds: int) -> str:
               help="Streams (proxies) written to in each round.")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Route changes: rounds of one message per stream.")
-def main(size: int, streams: int, rounds: int) -> None:
-    """Server CPU per round of one message to every stream: grpc.aio, then plain TCP."""
-    floors = [asyncio.run(grpc_floor(streams, size, rounds)), tcp_floor(streams, size, rounds)]
+@click.option("--tls-front/--no-tls-front", default=True, show_default=True,
+              help="Also through pilot's TLS front (the 15012 relay), after the plain gRPC round.")
+def main(size: int, streams: int, rounds: int, tls_front: bool) -> None:
+    """Server CPU per round of one message to every stream: grpc.aio, through the TLS front, then plain TCP."""
+    floors = [asyncio.run(grpc_floor(streams, size, rounds))]
+    if tls_front:
+        floors.append(asyncio.run(grpc_floor(streams, size, rounds, tls_front=True)))
+    floors.append(tcp_floor(streams, size, rounds))
     click.echo(report(floors, rounds))
 
 

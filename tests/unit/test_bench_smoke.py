@@ -177,18 +177,21 @@ def test_sample_dir_samples_the_server_during_each_change(tmp_path: Path) -> Non
 
 
 @pytest.mark.timeout(60)
-def test_write_floor_delivers_every_byte_both_ways_and_reports_the_cpu() -> None:
-    """`benchmarks.write_floor`: every stream's reader gets each round's bytes over gRPC and over
-    plain TCP; the report gives both rows and their CPU ratio."""
+def test_write_floor_delivers_every_byte_three_ways_and_reports_the_cpu() -> None:
+    """`benchmarks.write_floor`: every stream's reader gets each round's bytes over gRPC, over TLS
+    through pilot's TLS front (the 15012 relay) and over plain TCP; the report gives the three rows
+    and the two CPU ratios."""
     import asyncio
 
     from benchmarks.write_floor import grpc_floor, report, tcp_floor
 
-    floors = [asyncio.run(grpc_floor(7, 3000, 2)), tcp_floor(7, 3000, 2)]
-    assert [(f.transport, f.received) for f in floors] == [("grpc.aio", 7 * 3000 * 2), ("plain TCP", 7 * 3000 * 2)]
+    floors = [asyncio.run(grpc_floor(7, 3000, 2)), asyncio.run(grpc_floor(7, 3000, 2, tls_front=True)),
+              tcp_floor(7, 3000, 2)]
+    assert [(f.transport, f.received) for f in floors] == [
+        ("grpc.aio", 7 * 3000 * 2), ("TLS front", 7 * 3000 * 2), ("plain TCP", 7 * 3000 * 2)]
     assert all(f.cpu > 0 and f.wall > 0 for f in floors)
     text = report(floors, 2)
-    assert text.count(" yes") == 2 and "grpc.aio / plain TCP CPU:" in text
+    assert text.count(" yes") == 3 and "grpc.aio / plain TCP CPU:" in text and "TLS front / grpc.aio CPU:" in text
 
 
 @pytest.mark.timeout(60)
