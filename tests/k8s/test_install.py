@@ -68,12 +68,8 @@ def install_crds(cluster: KubeCluster) -> None:
 
 @pytest.fixture
 def namespace(kube_cluster: KubeCluster) -> Iterator[str]:
-    ns = f"inst-{secrets.token_hex(4)}"
-    kube_cluster.kubectl("create", "namespace", ns)
-    try:
+    with kube_cluster.scratch_namespace("inst") as ns:
         yield ns
-    finally:
-        kube_cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
 def test_crds_install_and_become_established(kube_cluster: KubeCluster) -> None:
