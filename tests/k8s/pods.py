@@ -166,7 +166,10 @@ def expose_to_others(*paths: Path) -> list[str]:
     A checkout or interpreter may sit in or under a directory others cannot enter (`mktemp -d` is
     0700, so is /root): the first such directory on each path gets a throwaway overlay whose top
     layer is world-readable, so its contents show through to every user (nothing on the host
-    changes). Paths every user can reach need nothing.
+    changes). Paths every user can reach need nothing. Whether a directory is closed is looked at
+    again when the steps run: a mount step before them may have replaced it (a tmpfs over /tmp
+    recreates a clone's 0700 parent as 0755), and an overlay there would hide what was bound below
+    it (the checkout itself).
     """
     closed: set[Path] = set()
     for path in paths:
@@ -178,8 +181,10 @@ def expose_to_others(*paths: Path) -> list[str]:
     steps: list[str] = []
     for i, directory in enumerate(sorted(closed)):
         layer, target = f"/run/meshctl-exposed-{i}", shlex.quote(str(directory))
-        steps += [f"mkdir -p {layer} && mount -t tmpfs -o mode=0755 tmpfs {layer} && mkdir -m 0755 {layer}/u {layer}/w",
-                  f"mount -t overlay overlay -o lowerdir={target},upperdir={layer}/u,workdir={layer}/w {target}"]
+        steps += [f"if [ $(( 0$(stat -c %a {target}) & 1 )) -eq 0 ]; then",  # still closed to others
+                  f"mkdir -p {layer} && mount -t tmpfs -o mode=0755 tmpfs {layer} && mkdir -m 0755 {layer}/u {layer}/w",
+                  f"mount -t overlay overlay -o lowerdir={target},upperdir={layer}/u,workdir={layer}/w {target}",
+                  "fi"]
     return steps
 
 
