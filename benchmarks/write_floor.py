@@ -6,13 +6,14 @@ A route change at mission scale sends every proxy the one outbound route configu
 (0.57 MB, 1,000 virtual hosts): 2,000 proxies are 1.14 GB however the server is built. This
 measures the floor under pilot's "CPU per route change": the server CPU (user + system, from
 `getrusage`) of handing those bytes to the kernel, once through `grpc.aio` (the stack pilot is
-built on: one message per stream, pre-encoded, written with `context.write` as pilot does) and
-once as plain TCP `sendall` on one socket per stream (what the bytes cost below any RPC layer).
-A reader process (spawned, with the benchmark's client channels: 250 streams each, one TCP
-connection per channel) takes every byte without parsing it and shares the 2 cores with the
-server, as the ADS load benchmark's clients do.
+built on: one message per stream, pre-encoded, written with `context.write` as pilot does), once
+the same way but reached over TLS through pilot's `TlsFront` (the relay in front of the
+authenticated port 15012, which sidecars on Kubernetes use), and once as plain TCP `sendall` on one
+socket per stream (what the bytes cost below any RPC layer). A reader process (spawned, with the
+benchmark's client channels: 250 streams each, one TCP connection per channel) takes every byte
+without parsing it and shares the 2 cores with the server, as the ADS load benchmark's clients do.
 
-Cost: the run itself writes rounds x streams x bytes twice (about 7 GB at the defaults).
+Cost: the run itself writes rounds x streams x bytes three times (about 10 GB at the defaults).
 """
 
 from __future__ import annotations
