@@ -17,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import os
 import random
 import shutil
 import socket
@@ -208,6 +209,8 @@ def _summary(rows: list[dict[str, Any]]) -> str:
 FREE_PORTS_FROM = 20_000
 # The last ports `free_port` returned in this process (not yet bound, perhaps): never returned twice.
 _HANDED_OUT: collections.deque[int] = collections.deque(maxlen=1024)
+# How long a port `free_port` returned stays claimed for its caller against other processes' calls.
+CLAIM_SECONDS = 600.0
 
 
 def free_port() -> int:
@@ -220,6 +223,10 @@ def free_port() -> int:
     other tests connected). Falls back to ``bind(0)`` where the range starts too low to leave room.
     A port handed out recently is not handed out again: callers pick several ports before binding
     any (an app's, then pilot's), and two draws could otherwise name the same one (seen once in CI).
+    That holds across processes too (parallel test workers, two demos starting at once): each port
+    returned is claimed for `CLAIM_SECONDS` by a marker file created exclusively in a per-user
+    directory (`_claims_dir`); where that directory cannot be written, only this process's memory
+    of its own draws applies. Cost: a stat or an exclusive create per draw.
     """
     low = _ephemeral_low()
     for _ in range(64 if low - FREE_PORTS_FROM > 1_000 else 0):
@@ -231,11 +238,47 @@ def free_port() -> int:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            _HANDED_OUT.append(port)
-            return port
+        if not _claim(port):
+            continue
+        _HANDED_OUT.append(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _claims_dir() -> Path:
+    """Where `free_port` leaves its claims: one directory per user under the temp directory."""
+    return Path(tempfile.gettempdir()) / f"meshctl-ports-{os.getuid()}"
+
+
+def _claim(port: int) -> bool:
+    """Claim `port` across processes: False while another call (of any process) claimed it less
+    than `CLAIM_SECONDS` ago. An older claim is taken over by renaming it away first, which only
+    one of several racing processes can do; True also when claims cannot be written at all."""
+    directory = _claims_dir()
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+    except OSError:
+        return True
+    marker = directory / str(port)
+    for _ in range(2):
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            return True
+        except FileExistsError:
+            pass
+        except OSError:
+            return True
+        try:
+            if time.time() - marker.stat().st_mtime < CLAIM_SECONDS:
+                return False
+            stale = directory / f"{port}.{os.getpid()}.stale"
+            os.rename(marker, stale)  # only one racer gets to rename the old claim
+            stale.unlink()
+        except OSError:  # gone meanwhile, or another process took it over first
+            return False
+    return False
 
 
 def _ephemeral_low(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> int:

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
+import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -190,12 +193,45 @@ def test_free_ports_lie_below_the_range_outgoing_connections_take_theirs_from(tm
     assert _ephemeral_low(tmp_path / "missing") == 0
 
 
-def test_a_port_handed_out_is_not_handed_out_again_before_it_is_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_port_handed_out_is_not_handed_out_again_before_it_is_bound(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Callers pick an app's port and then pilot's before binding either: two draws of the same
     free port would make one of them fail with "address already in use" (seen once in CI)."""
     from meshctl import localmesh
 
+    monkeypatch.setattr(localmesh, "_claims_dir", lambda: tmp_path)
     draws = iter([FREE_PORTS_FROM + 7, FREE_PORTS_FROM + 7, FREE_PORTS_FROM + 8])
     monkeypatch.setattr(localmesh.random, "randrange", lambda *_: next(draws))
     monkeypatch.setattr(localmesh, "_HANDED_OUT", localmesh.collections.deque(maxlen=4))
     assert [free_port(), free_port()] == [FREE_PORTS_FROM + 7, FREE_PORTS_FROM + 8]
+
+
+def test_processes_drawing_at_once_never_get_the_same_port(tmp_path: Path) -> None:
+    """Parallel test workers (or two demos) pick ports at the same time and bind them later: three
+    real processes drawing 300 ports each get 900 different ones. Drawn at random from ~12,000
+    ports with nothing shared between processes, about 30 would coincide."""
+    draw = "from meshctl.localmesh import free_port; print(*(free_port() for _ in range(300)))"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the claims live under the temp directory
+    procs = [subprocess.Popen([sys.executable, "-c", draw], stdout=subprocess.PIPE, text=True, env=env)
+             for _ in range(3)]
+    drawn = [int(p) for proc in procs for p in proc.communicate(timeout=120)[0].split()]
+    assert all(proc.returncode == 0 for proc in procs)
+    assert len(drawn) == 900 and len(set(drawn)) == 900, sorted(p for p in set(drawn) if drawn.count(p) > 1)
+
+
+def test_a_claim_older_than_its_time_is_taken_over_and_a_fresh_one_is_not(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A port claimed by a process long gone is usable again; one claimed just now is not."""
+    from meshctl import localmesh
+
+    monkeypatch.setattr(localmesh, "_claims_dir", lambda: tmp_path)
+    old, fresh = FREE_PORTS_FROM + 11, FREE_PORTS_FROM + 12
+    (tmp_path / str(old)).touch()
+    (tmp_path / str(fresh)).touch()
+    long_ago = time.time() - localmesh.CLAIM_SECONDS - 60
+    os.utime(tmp_path / str(old), (long_ago, long_ago))
+    assert localmesh._claim(old) is True
+    assert time.time() - (tmp_path / str(old)).stat().st_mtime < 60  # claimed anew, now
+    assert localmesh._claim(fresh) is False
+    assert localmesh._claim(old) is False  # and now it is this claim that holds
+    assert sorted(p.name for p in tmp_path.iterdir()) == [str(old), str(fresh)]  # nothing left behind
