@@ -41,6 +41,7 @@ import aiohttp
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from pilot.kube.retry import RETRIES, retrying
 from pilot.tasks import TaskFailures, spawn
 
 log = logging.getLogger(__name__)
@@ -62,24 +63,36 @@ class KubeRequestError(Exception):
 
 
 async def api_request(api_client: ApiClient, method: str, path: str, body: Mapping[str, Any] | None = None, *,
-                      content_type: str = "application/json", timeout: float = 10.0) -> tuple[int, Any]:
+                      content_type: str = "application/json", timeout: float = 10.0,
+                      retries: int = RETRIES) -> tuple[int, Any]:
     """One JSON request through `api_client` (its credentials); (status, decoded body). Never raises
-    for an HTTP status: callers decide what 404 or 409 mean; `KubeRequestError` for no answer."""
+    for an HTTP status: callers decide what 404 or 409 mean; `KubeRequestError` for no answer.
+
+    An answer asking to be tried again (429, or 5xx with Retry-After: API Priority and Fairness
+    shedding load, storage initializing) is sent again after the time it names, capped, at most
+    `retries` more times, as client-go does (`pilot.kube.retry`); the last answer is returned. The
+    writes that go through here carry a resourceVersion (or create), so one that did apply before
+    an error answer comes back as 409, never as a second write. Callers bound the total with their
+    own timeouts (the leader's renewals: `asyncio.timeout`)."""
     headers = {"Accept": "application/json", "Content-Type": content_type}
-    try:
-        resp: aiohttp.ClientResponse = await api_client.call_api(
-            path, method, header_params=headers, body=dict(body) if body is not None else None,
-            auth_settings=["BearerToken"], _preload_content=False,
-            _request_timeout=aiohttp.ClientTimeout(total=timeout))
-        async with resp:
-            raw = await resp.read()
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise KubeRequestError(f"{method} {path}: no answer from the API server: {exc!r}") from exc
-    try:
-        decoded = json.loads(raw) if raw else None
-    except ValueError:
-        decoded = raw[:300].decode(errors="replace")
-    return resp.status, decoded
+
+    async def send() -> tuple[int, str | None, Any]:
+        try:
+            resp: aiohttp.ClientResponse = await api_client.call_api(
+                path, method, header_params=headers, body=dict(body) if body is not None else None,
+                auth_settings=["BearerToken"], _preload_content=False,
+                _request_timeout=aiohttp.ClientTimeout(total=timeout))
+            async with resp:
+                raw = await resp.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise KubeRequestError(f"{method} {path}: no answer from the API server: {exc!r}") from exc
+        try:
+            decoded = json.loads(raw) if raw else None
+        except ValueError:
+            decoded = raw[:300].decode(errors="replace")
+        return resp.status, resp.headers.get("Retry-After"), decoded
+
+    return await retrying(send, retries)
 
 
 @dataclass(frozen=True)

@@ -31,14 +31,16 @@ STATUS_429 = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "messag
 
 
 class ApiServer:
-    """Answers GET /apis/x with the queued (status, Retry-After) answers, then 200."""
+    """Answers /apis/x (any method) with the queued (status, Retry-After) answers, then 200."""
 
     def __init__(self) -> None:
         self.answers: list[tuple[int, str | None]] = []
         self.seen: list[float] = []
+        self.methods: list[str] = []
 
     async def handle(self, request: web.Request) -> web.Response:
         self.seen.append(time.monotonic())
+        self.methods.append(request.method)
         if self.answers:
             status, after = self.answers.pop(0)
             headers = {"Retry-After": after} if after is not None else {}
@@ -50,7 +52,7 @@ class ApiServer:
 async def server(tmp_path: Path) -> AsyncIterator[tuple[ApiServer, Path]]:
     api = ApiServer()
     app = web.Application()
-    app.router.add_get("/apis/x", api.handle)
+    app.router.add_route("*", "/apis/x", api.handle)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
@@ -108,6 +110,27 @@ async def test_install_requests_are_tried_again_too(server: tuple[ApiServer, Pat
     finally:
         await client.close()
     assert (status, body["kind"], len(api.seen)) == (200, "APIGroup", 3)
+
+
+async def test_leader_election_status_and_ca_store_requests_wait_as_asked_too(server: tuple[ApiServer, Path]) -> None:
+    """`pilot.kube.leader.api_request` carries the Lease reads and writes, the status writer's GET
+    and PATCH and the CA store's Secret requests: a 429 with Retry-After is sent again after that
+    long (it used to come back to them as a failure at once), and a 409 is final."""
+    from pilot.kube.leader import api_request
+
+    api, kubeconfig = server
+    api.answers = [(429, "1"), (503, "0")]
+    client = await make_client(kubeconfig)
+    try:
+        status, body = await api_request(client, "PATCH", "/apis/x", {"status": {}},
+                                         content_type="application/merge-patch+json")
+        assert (status, body["kind"], api.methods) == (200, "APIGroup", ["PATCH"] * 3)
+        assert api.seen[1] - api.seen[0] >= 0.9
+        api.answers, api.seen, api.methods = [(409, "1")], [], []
+        status, body = await api_request(client, "GET", "/apis/x")
+        assert (status, body["code"], len(api.seen)) == (409, 409, 1)
+    finally:
+        await client.close()
 
 
 def test_only_429_and_5xx_with_seconds_are_retried_and_waits_are_capped() -> None:
