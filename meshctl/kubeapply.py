@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from pilot.kube.retry import retrying
+from pilot.kube.retry import call_api
 
 if TYPE_CHECKING:
     from kubernetes_asyncio.client import ApiClient
@@ -88,18 +88,11 @@ class Applier:
 
         An answer asking to be tried again (429 or 5xx with Retry-After: a new CRD's storage still
         initializing) is, as kubectl does (`pilot.kube.retry`)."""
-        async def send() -> tuple[int, str | None, str]:
-            try:
-                resp: aiohttp.ClientResponse = await self.api.call_api(
-                    path, method, query_params=list(query), body=body, auth_settings=["BearerToken"],
-                    header_params={"Accept": "application/json", "Content-Type": content_type},
-                    _preload_content=False, _request_timeout=aiohttp.ClientTimeout(total=30))
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                raise KubeApiError(f"{method} {path}: cannot reach the API server: {exc}") from exc
-            async with resp:
-                return resp.status, resp.headers.get("Retry-After"), await resp.text()
-
-        status, text = await retrying(send)
+        try:
+            status, raw = await call_api(self.api, method, path, body=body, query=query, content_type=content_type)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise KubeApiError(f"{method} {path}: cannot reach the API server: {exc}") from exc
+        text = raw.decode(errors="replace")
         try:
             data = json.loads(text) if text else {}
         except ValueError:

@@ -13,10 +13,9 @@ import json
 from collections.abc import Collection, Mapping
 from typing import Any
 
-import aiohttp
 from kubernetes_asyncio.client import ApiClient
 
-from pilot.kube.retry import RETRIES, retrying
+from pilot.kube.retry import RETRIES, call_api
 from pilot.kube.watch import Resource, WatchError
 
 
@@ -24,14 +23,7 @@ async def get_json(api_client: ApiClient, path: str, timeout: float = 30.0,
                    retries: int = RETRIES) -> dict[str, Any] | None:
     """GET `path` as JSON through `api_client`; None on 404, `WatchError` on any other failure
     (after `retries` waits where the server asked to be tried again: see `RETRIES`)."""
-    async def send() -> tuple[int, str | None, bytes]:
-        resp: aiohttp.ClientResponse = await api_client.call_api(
-            path, "GET", header_params={"Accept": "application/json"}, auth_settings=["BearerToken"],
-            _preload_content=False, _request_timeout=aiohttp.ClientTimeout(total=timeout))
-        async with resp:
-            return resp.status, resp.headers.get("Retry-After"), await resp.read()
-
-    status, body = await retrying(send, retries)
+    status, body = await call_api(api_client, "GET", path, timeout=timeout, retries=retries)
     if status == 404:
         return None
     if status != 200:

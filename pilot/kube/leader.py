@@ -41,7 +41,7 @@ import aiohttp
 from kubernetes_asyncio.client import ApiClient
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from pilot.kube.retry import RETRIES, retrying
+from pilot.kube.retry import RETRIES, call_api
 from pilot.tasks import TaskFailures, spawn
 
 log = logging.getLogger(__name__)
@@ -74,25 +74,16 @@ async def api_request(api_client: ApiClient, method: str, path: str, body: Mappi
     writes that go through here carry a resourceVersion (or create), so one that did apply before
     an error answer comes back as 409, never as a second write. Callers bound the total with their
     own timeouts (the leader's renewals: `asyncio.timeout`)."""
-    headers = {"Accept": "application/json", "Content-Type": content_type}
-
-    async def send() -> tuple[int, str | None, Any]:
-        try:
-            resp: aiohttp.ClientResponse = await api_client.call_api(
-                path, method, header_params=headers, body=dict(body) if body is not None else None,
-                auth_settings=["BearerToken"], _preload_content=False,
-                _request_timeout=aiohttp.ClientTimeout(total=timeout))
-            async with resp:
-                raw = await resp.read()
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise KubeRequestError(f"{method} {path}: no answer from the API server: {exc!r}") from exc
-        try:
-            decoded = json.loads(raw) if raw else None
-        except ValueError:
-            decoded = raw[:300].decode(errors="replace")
-        return resp.status, resp.headers.get("Retry-After"), decoded
-
-    return await retrying(send, retries)
+    try:
+        status, raw = await call_api(api_client, method, path, body=dict(body) if body is not None else None,
+                                     content_type=content_type, timeout=timeout, retries=retries)
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise KubeRequestError(f"{method} {path}: no answer from the API server: {exc!r}") from exc
+    try:
+        decoded = json.loads(raw) if raw else None
+    except ValueError:
+        decoded = raw[:300].decode(errors="replace")
+    return status, decoded
 
 
 @dataclass(frozen=True)

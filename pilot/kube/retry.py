@@ -7,8 +7,10 @@ model class, ~36 MB): `meshctl`'s install path uses this rule without paying for
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+import aiohttp
 
 T = TypeVar("T")
 
@@ -42,3 +44,24 @@ async def retrying(send: Callable[[], Awaitable[tuple[int, str | None, T]]], ret
         await asyncio.sleep(wait)
     status, _, read = await send()
     return status, read
+
+
+async def call_api(api_client: Any, method: str, path: str, *, body: object = None,
+                   query: Iterable[tuple[str, str]] = (), content_type: str = "application/json",
+                   timeout: float = 30.0, retries: int = RETRIES) -> tuple[int, bytes]:
+    """One JSON request to the API server through `api_client` (a `kubernetes_asyncio` ApiClient:
+    its address and credentials), sent again while the answer asks for it (`retrying`); the last
+    answer's (status, body). No answer at all (`aiohttp.ClientError`, `OSError`, `TimeoutError`)
+    propagates: each caller names it in its own error. The one place discovery, the leader
+    election, the status writer, the CA store and `meshctl install` send requests from."""
+    headers = {"Accept": "application/json", "Content-Type": content_type}
+
+    async def send() -> tuple[int, str | None, bytes]:
+        resp: aiohttp.ClientResponse = await api_client.call_api(
+            path, method, query_params=list(query), header_params=headers, body=body,
+            auth_settings=["BearerToken"], _preload_content=False,
+            _request_timeout=aiohttp.ClientTimeout(total=timeout))
+        async with resp:
+            return resp.status, resp.headers.get("Retry-After"), await resp.read()
+
+    return await retrying(send, retries)
