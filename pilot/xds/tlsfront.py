@@ -20,7 +20,7 @@ renewed server certificate or a changed trust bundle applies to new handshakes a
 Cost: every byte crosses the event loop once more than on a plaintext port (one read and one
 write of up to 256 KiB per chunk, plus the TLS record work that gRPC would otherwise do in C).
 `benchmarks.write_floor` measures it: one mission-scale route change (2,000 x 0.57 MB) costs the
-server about 1.9 s of CPU through this front against 0.7 s on plain gRPC; encrypting is about a
+server about 2 s of CPU through this front against 0.7 s on plain gRPC; encrypting is about a
 third of the difference, the extra loopback hop and the relay's Python the rest.
 """
 
@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 # What one relay step moves, and how much a side's reader buffers before it stops reading (asyncio
 # pauses at twice the limit): the TLS layer reads 256 KiB from the socket at a time, and with
 # asyncio's default 64 KiB limit every such read paused and resumed the transport. Measured with
-# `benchmarks.write_floor` (2,000 streams x 0.57 MB): 2.9 s of CPU per round with the defaults, 1.9 s
-# with these. Cost: up to 256 KiB buffered per direction and connection, not 128 KiB.
+# `benchmarks.write_floor` (2,000 streams x 0.57 MB): 2.9-3.0 s of CPU per round with the defaults,
+# 1.9-2.0 s with these. Cost: up to 256 KiB buffered per direction and connection, not 128 KiB.
 CHUNK = 256 * 1024
 READ_LIMIT = 128 * 1024
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client may take to finish its TLS handshake
