@@ -2,7 +2,9 @@
 
 Every process is registered with a `ProcessGroup` as soon as it exists and the group kills
 whatever is still alive on exit, error or not. `ResourceMeter` samples one process's RSS
-every ~50 ms on a daemon thread and reads its CPU seconds (user + system) per phase.
+every ~50 ms on a daemon thread and reads its CPU seconds (user + system) per phase, with the
+system part and the minor page faults apart: where a server's extra CPU goes (the kernel copying
+bytes into sockets, pages touched for the first time, or its own code) shows there first.
 """
 
 from __future__ import annotations
@@ -124,6 +126,28 @@ def start_pilot(group: ProcessGroup, config_dir: Path, log: Path, timeout: float
     raise RuntimeError(f"pilot did not start (exit code {proc.poll()}); log tail:\n{tail}")
 
 
+@dataclass(frozen=True)
+class CpuSplit:
+    """A process's CPU seconds in user and system mode and its minor page faults (so far, or over a phase)."""
+
+    user: float = 0.0
+    system: float = 0.0
+    minor_faults: int = 0
+
+    def __sub__(self, other: CpuSplit) -> CpuSplit:
+        return CpuSplit(self.user - other.user, self.system - other.system, self.minor_faults - other.minor_faults)
+
+
+def minor_faults(pid: int) -> int:
+    """Minor page faults of a process so far (field 10 of /proc/<pid>/stat); 0 where unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return 0
+    return int(fields[7])  # after the command: state, ppid, pgrp, session, tty, tpgid, flags, minflt
+
+
 class ResourceMeter:
     """Peak RSS (sampled every `interval` s) and CPU seconds of one process, per phase."""
 
@@ -133,6 +157,7 @@ class ResourceMeter:
         self.peak_rss = 0
         self.phase_peak = 0
         self._cpu_mark = self.cpu()
+        self._split_mark = self.split()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name=f"rss-{pid}", daemon=True)
 
@@ -152,6 +177,14 @@ class ResourceMeter:
             return 0.0
         return float(t.user + t.system)
 
+    def split(self) -> CpuSplit:
+        """User and system CPU seconds and minor page faults so far."""
+        try:
+            t = self.proc.cpu_times()
+        except psutil.Error:
+            return CpuSplit()
+        return CpuSplit(float(t.user), float(t.system), minor_faults(self.proc.pid))
+
     def rss(self) -> int:
         try:
             return int(self.proc.memory_info().rss)
@@ -161,12 +194,17 @@ class ResourceMeter:
     def mark(self) -> None:
         """Start a phase: CPU and phase peak are counted from now."""
         self._cpu_mark = self.cpu()
+        self._split_mark = self.split()
         self.phase_peak = self.rss()
 
     def phase(self) -> tuple[float, int]:
         """(CPU seconds, peak RSS bytes) since the last mark."""
         self._record(self.rss())
         return self.cpu() - self._cpu_mark, self.phase_peak
+
+    def phase_split(self) -> CpuSplit:
+        """User and system CPU seconds and minor page faults since the last mark."""
+        return self.split() - self._split_mark
 
     def _record(self, rss: int) -> None:
         self.peak_rss = max(self.peak_rss, rss)

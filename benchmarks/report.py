@@ -60,6 +60,8 @@ class Phase:
     client_cpu_s: float
     reconnects: int = 0  # streams that failed and were reopened by their client during the phase
     error: str = ""
+    server_system_s: float = 0.0  # the part of server_cpu_s spent in the kernel (socket copies, page faults)
+    server_minor_faults: int = 0  # pages the server touched for the first time during the phase
 
     @property
     def complete(self) -> bool:

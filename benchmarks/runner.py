@@ -211,10 +211,11 @@ class Session:
             t0 = trigger()
             done, error = self.wait(key, timeout)
         cpu, peak = self.meter.phase()
+        split = self.meter.phase_split()
         stamps = [getattr(r, f"{key}_at") for r in self.results()]
         latency = Latency.of([t - t0 for t in stamps if t is not None])
         phase = Phase(name, self.opts.clients, done, latency, cpu, peak / MB, self.client_cpu() - client_cpu,
-                      self.reconnects() - reconnects, error)
+                      self.reconnects() - reconnects, error, split.system, split.minor_faults)
         return phase, t0
 
 
@@ -370,7 +371,8 @@ def _line(phase: Phase) -> str:
     status = "" if phase.complete else f" [{phase.error}]"
     retried = f", {phase.reconnects} streams reopened" if phase.reconnects else ""
     return (f"  {phase.name:8s} {phase.converged}/{phase.clients} converged, {ms}, "
-            f"server CPU {phase.server_cpu_s:.2f}s, RSS {phase.server_peak_rss_mb:.0f} MB{retried}{status}")
+            f"server CPU {phase.server_cpu_s:.2f}s ({phase.server_system_s:.2f}s system, "
+            f"{phase.server_minor_faults:,} minor faults), RSS {phase.server_peak_rss_mb:.0f} MB{retried}{status}")
 
 
 def _class_cpu(run: Run) -> str:
