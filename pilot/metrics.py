@@ -206,9 +206,10 @@ class IstioXdsMetrics:
                                        "configuration.", [], SEND_TIME_BUCKETS, registry)
         self.config_size = LoopHistogram("pilot_xds_config_size_bytes", "Distribution of configuration sizes "
                                          "pushed to clients", ["type"], CONFIG_SIZE_BUCKETS, registry)
-        self.convergence = Histogram("pilot_proxy_convergence_time", "Delay in seconds between config change and "
-                                     "a proxy receiving all required configuration.", buckets=CONVERGENCE_BUCKETS,
-                                     registry=registry)
+        # Observed once per proxy and change by its stream's writer, on the event loop: lock-free too.
+        self.convergence = LoopHistogram("pilot_proxy_convergence_time", "Delay in seconds between config change "
+                                         "and a proxy receiving all required configuration.", [],
+                                         CONVERGENCE_BUCKETS, registry)
         self.total_rejects = IstioSum("pilot_total_xds_rejects", "Total number of XDS responses from pilot "
                                       "rejected by proxy.", ["type"], registry)
         self.rejects = {kind: Gauge(f"pilot_xds_{kind}_reject", f"Pilot rejected {kind.upper()} configs.",
@@ -281,8 +282,10 @@ def _version() -> str:
 
 
 def xds_type(short_name: str) -> str:
-    """Istio's `type` label for a type's short name: CDS -> cds; unknown types lowercased."""
-    return XDS_TYPES.get(short_name, short_name.lower())
+    """Istio's `type` label for a type's short name: CDS -> cds; unknown types lowercased (only
+    then: this runs for every response written)."""
+    found = XDS_TYPES.get(short_name)
+    return found if found is not None else short_name.lower()
 
 
 def trigger_types(kinds: frozenset[str] | None, endpoint_kinds: frozenset[str]) -> list[str]:

@@ -24,5 +24,9 @@ SHORT_NAMES: Final = {CLUSTER: "CDS", ENDPOINT: "EDS", LISTENER: "LDS", ROUTE: "
 
 
 def short_name(type_url: str) -> str:
-    """The familiar three-letter name of a type (CDS, EDS, ...) or the URL's last part."""
-    return SHORT_NAMES.get(type_url, type_url.rsplit(".", 1)[-1])
+    """The familiar three-letter name of a type (CDS, EDS, ...) or the URL's last part.
+
+    Called a few times per response written (metrics, push tracking): a known type costs one
+    lookup, without splitting the URL for a default that is not used."""
+    found = SHORT_NAMES.get(type_url)
+    return found if found is not None else type_url.rsplit(".", 1)[-1]
