@@ -13,21 +13,24 @@ client's verified leaf certificate; handlers map `context.peer()` back to it wit
 The internal port accepts anyone local, but a connection that did not come through the front has
 no recorded peer, so handlers that need one refuse it (ADS answers UNAUTHENTICATED).
 
-Concurrency: everything runs on the caller's event loop; each connection is two relay coroutines
-(one per direction) that await `drain`, so a slow reader on either side holds the other back
-(gRPC flow control then does the rest). The SSL context is asked for per connection, so a
-renewed server certificate or a changed trust bundle applies to new handshakes at once.
-Cost: every byte crosses the event loop once more than on a plaintext port (one read and one
-write of up to 256 KiB per chunk, plus the TLS record work that gRPC would otherwise do in C).
+Concurrency: everything runs on the caller's event loop, and after the handshake nothing but
+callbacks: each connection is a pair of asyncio protocols, each writing what it receives straight
+into the other side's transport (no tasks, no stream buffers). Backpressure is the transports':
+when one side's write buffer passes `HIGH_WATER`, the other side stops reading until it drains
+(gRPC flow control then does the rest). The SSL context is asked for per connection, so a renewed
+server certificate or a changed trust bundle applies to new handshakes at once.
+Cost: every byte crosses the event loop once more than on a plaintext port (one read and one write
+per chunk of up to 256 KiB, plus the TLS record work that gRPC would otherwise do in C).
 `benchmarks.write_floor` measures it: one mission-scale route change (2,000 x 0.57 MB) costs the
-server about 2 s of CPU through this front against 0.7 s on plain gRPC; encrypting is about a
-third of the difference, the extra loopback hop and the relay's Python the rest.
+server about 2 s of CPU through this front against 0.7 s on plain gRPC; encrypting is about a third
+of the difference, the extra loopback hop and the relay's Python the rest. (With a coroutine per
+direction reading asyncio streams, as before session 21, the relay's part was larger: see the
+README's "How it fits together".)
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import Callable
@@ -35,13 +38,11 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-# What one relay step moves, and how much a side's reader buffers before it stops reading (asyncio
-# pauses at twice the limit): the TLS layer reads 256 KiB from the socket at a time, and with
-# asyncio's default 64 KiB limit every such read paused and resumed the transport. Measured with
-# `benchmarks.write_floor` (2,000 streams x 0.57 MB): 2.9-3.0 s of CPU per round with the defaults,
-# 1.9-2.0 s with these. Cost: up to 256 KiB buffered per direction and connection, not 128 KiB.
-CHUNK = 256 * 1024
-READ_LIMIT = 128 * 1024
+# How much a side's transport may buffer before the other side stops reading. asyncio's TLS layer
+# reads up to 256 KiB from the socket at a time and hands it over as one chunk; with 64 KiB (the
+# default) almost every chunk paused and resumed the other side. Cost: up to this much buffered per
+# direction and connection, and what a paused reader had already taken.
+HIGH_WATER = 256 * 1024
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client may take to finish its TLS handshake
 CLOSE_TIMEOUT = 1.0  # seconds for a TLS close_notify exchange before the connection is just dropped
 
@@ -62,15 +63,15 @@ class TlsFront:
         self._backend = (backend_host, backend_port)
         self._peers: dict[str, Peer] = {}
         self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # handshakes and backend connects under way
+        self._relays: set[_Relay] = set()
         self.handshake_failures = 0
         self.relay_failures = 0
 
     async def start(self, host: str, port: int) -> int:
         """Listen on `host:port` (0: any free port); returns the bound port."""
-        self._server = await asyncio.start_server(self._accept, host, port, reuse_address=True,
-                                                   limit=READ_LIMIT)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Relay(self).client, host, port, reuse_address=True)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
@@ -78,8 +79,8 @@ class TlsFront:
         if self._server is not None:
             self._server.close()
             self._server = None
-        for writer in list(self._writers):  # at once: a graceful TLS close may wait for the peer
-            writer.transport.abort()
+        for relay in list(self._relays):  # at once: a graceful TLS close may wait for the peer
+            relay.abort()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -89,73 +90,165 @@ class TlsFront:
         """The client behind an internal connection, by gRPC's `context.peer()`; None if not relayed."""
         return self._peers.get(grpc_peer)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        self._writers.add(writer)
+    def _accepted(self, relay: _Relay, raw: asyncio.BaseTransport) -> None:
+        """A TCP connection came in: run its handshake and connect it to the backend (a task)."""
+        self._relays.add(relay)
+        task = asyncio.get_running_loop().create_task(self._open(relay, raw))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _open(self, relay: _Relay, raw: asyncio.BaseTransport) -> None:
+        client = _address(raw.get_extra_info("peername"))
+        loop = asyncio.get_running_loop()
+        if relay.closed or raw.is_closing():  # the client left before its handshake began
+            relay.close()
+            return
         try:
-            await self._relay(reader, writer)
+            try:
+                tls = await loop.start_tls(raw, relay.client, self._context(), server_side=True,  # type: ignore[arg-type]
+                                           ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+                                           ssl_shutdown_timeout=CLOSE_TIMEOUT)
+            except (ssl.SSLError, OSError, TimeoutError) as exc:
+                self.handshake_failures += 1
+                log.info("xDS/TLS: handshake with %s failed: %s", client, exc)
+                raw.abort()  # type: ignore[attr-defined]
+                relay.close()
+                return
+            if tls is None or relay.closed:  # the client left during the handshake
+                relay.close()
+                return
+            relay.client.attach(tls)
+            ssl_object = tls.get_extra_info("ssl_object")
+            relay.peer = Peer(client, ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None)
+            try:
+                await loop.create_connection(lambda: relay.backend, *self._backend)
+            except OSError as exc:
+                log.error("xDS/TLS: cannot reach the internal gRPC server %s:%d: %s", *self._backend, exc)
+                relay.close()
         except asyncio.CancelledError:
-            pass
+            relay.abort()
+            raise
         except Exception:  # a bug, not the peer's doing: logged with context, the other connections go on
             self.relay_failures += 1
-            log.exception("xDS/TLS: relaying a connection from %s failed", writer.get_extra_info("peername"))
-        finally:
-            if task is not None:
-                self._tasks.discard(task)
-            self._writers.discard(writer)
-            await _close(writer)
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        client = _address(writer.get_extra_info("peername"))
-        try:
-            await writer.start_tls(self._context(), ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
-        except (ssl.SSLError, OSError, TimeoutError) as exc:
-            self.handshake_failures += 1
-            log.info("xDS/TLS: handshake with %s failed: %s", client, exc)
-            return
-        ssl_object = writer.get_extra_info("ssl_object")
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self._backend, limit=READ_LIMIT)
-        except OSError as exc:
-            log.error("xDS/TLS: cannot reach the internal gRPC server %s:%d: %s", *self._backend, exc)
-            return
-        self._writers.add(up_writer)
-        local = up_writer.get_extra_info("sockname")
-        key = f"ipv4:{local[0]}:{local[1]}"
-        self._peers[key] = Peer(client, der)  # before the first byte: the handler may look it up at once
-        try:
-            pumps = [asyncio.create_task(_pump(reader, up_writer)), asyncio.create_task(_pump(up_reader, writer))]
-            try:
-                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for pump in pumps:
-                    pump.cancel()
-                await asyncio.gather(*pumps, return_exceptions=True)
-        finally:
-            self._peers.pop(key, None)
-            self._writers.discard(up_writer)
-            await _close(up_writer)
+            log.exception("xDS/TLS: relaying a connection from %s failed", client)
+            relay.abort()
 
 
-async def _close(writer: asyncio.StreamWriter) -> None:
-    """Close gracefully if the peer answers within CLOSE_TIMEOUT, else drop the connection."""
-    writer.close()
-    try:
-        async with asyncio.timeout(CLOSE_TIMEOUT):
-            await writer.wait_closed()
-    except (TimeoutError, OSError, ssl.SSLError, asyncio.CancelledError):
-        writer.transport.abort()
+class _Side(asyncio.Protocol):
+    """One end of a relayed connection: what it receives is written to the other end's transport."""
 
+    def __init__(self, relay: _Relay) -> None:
+        self.relay = relay
+        self.transport: asyncio.Transport | None = None
+        self.other: _Side = self
+        self.early: list[bytes] = []  # received before the other end could take it, in order
+        self.early_bytes = 0
 
-async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-    """Copy until EOF or an error on either side; `drain` is the backpressure."""
-    with contextlib.suppress(OSError, ssl.SSLError, asyncio.IncompleteReadError):
-        while data := await source.read(CHUNK):
+    def attach(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.other.transport
+        if sink is not None and not self.early:
             sink.write(data)
-            await sink.drain()
+            return
+        self.early.append(data)  # the backend is not connected yet
+        self.early_bytes += len(data)
+        if self.early_bytes > HIGH_WATER and self.transport is not None:
+            self.transport.pause_reading()
+
+    def flush_early(self) -> None:
+        """Hand over what arrived before the other end was there (it is now)."""
+        sink = self.other.transport
+        if sink is None or not self.early:
+            return
+        for data in self.early:
+            sink.write(data)
+        self.early.clear()
+        if self.early_bytes > HIGH_WATER and self.transport is not None:
+            self.transport.resume_reading()
+        self.early_bytes = 0
+
+    def eof_received(self) -> bool:
+        self.relay.close()  # HTTP/2 does not half-close a connection: one end leaving ends the relay
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.relay.close()
+
+    def pause_writing(self) -> None:
+        source = self.other.transport
+        if source is not None:
+            source.pause_reading()
+
+    def resume_writing(self) -> None:
+        source = self.other.transport
+        if source is not None and not source.is_reading():
+            source.resume_reading()
+
+
+class _Client(_Side):
+    """The TLS end: its TCP connection is what the front accepted."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # The raw TCP transport, until the handshake replaces it with the TLS one (`attach`). Not
+        # read until then: the ClientHello is the TLS layer's to read (`start_tls` resumes reading).
+        transport.pause_reading()  # type: ignore[attr-defined]
+        self.relay.front._accepted(self.relay, transport)
+
+
+class _Backend(_Side):
+    """The plaintext end, to the internal gRPC server."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        relay = self.relay
+        if relay.closed:
+            transport.close()
+            return
+        self.attach(transport)  # type: ignore[arg-type]
+        local = transport.get_extra_info("sockname")
+        relay.key = f"ipv4:{local[0]}:{local[1]}"
+        if relay.peer is not None:  # before the first byte: the handler may look it up at once
+            relay.front._peers[relay.key] = relay.peer
+        self.other.flush_early()
+
+
+class _Relay:
+    """One relayed connection: its two ends, who the client is, and closing both together."""
+
+    def __init__(self, front: TlsFront) -> None:
+        self.front = front
+        self.client: _Side = _Client(self)
+        self.backend: _Side = _Backend(self)
+        self.client.other, self.backend.other = self.backend, self.client
+        self.peer: Peer | None = None
+        self.key = ""
+        self.closed = False
+
+    def close(self) -> None:
+        """End both sides, each after writing what it still buffers (a TLS end also sends close_notify)."""
+        self._end(abort=False)
+
+    def abort(self) -> None:
+        """End both sides at once, dropping what they buffer."""
+        self._end(abort=True)
+
+    def _end(self, abort: bool) -> None:
+        first = not self.closed
+        self.closed = True
+        for side in (self.client, self.backend):
+            transport = side.transport
+            if transport is not None and (abort or not transport.is_closing()):
+                if abort:
+                    transport.abort()
+                else:
+                    transport.close()
+        if first:
+            self.front._relays.discard(self)
+            if self.key:
+                self.front._peers.pop(self.key, None)
 
 
 def _address(peername: object) -> str:
