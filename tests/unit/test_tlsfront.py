@@ -103,12 +103,20 @@ async def _until(condition: Callable[[], object], timeout: float = 5.0) -> None:
     raise AssertionError("condition not reached in time")
 
 
+async def _client(port: int, context: ssl.SSLContext, backend: Backend,
+                  first: bytes = b"hello") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TLS client of the front that sent `first` and whose connection the backend has seen."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname=HOST)
+    writer.write(first)
+    await _until(lambda: backend.peers_at_first_byte)
+    return reader, writer
+
+
 @pytest.mark.timeout(30)
 async def test_bytes_cross_in_order_both_ways_and_the_peer_is_known_before_the_first(tmp_path: Path) -> None:
     async with relay(tmp_path) as (front, backend, tls, port):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls.client, server_hostname=HOST)
         up = bytes(range(256)) * 40_000  # 10 MB toward the backend, written at once
-        writer.write(up)
+        reader, writer = await _client(port, tls.client, backend, up)
         await _until(lambda: backend.received and len(backend.received[0]) == len(up))
         assert bytes(backend.received[0]) == up
         # The client's verified certificate was recorded before the backend read a byte.
@@ -127,9 +135,7 @@ async def test_bytes_cross_in_order_both_ways_and_the_peer_is_known_before_the_f
 @pytest.mark.timeout(30)
 async def test_a_client_without_a_certificate_is_relayed_with_none(tmp_path: Path) -> None:
     async with relay(tmp_path) as (_, backend, tls, port):
-        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls.anonymous, server_hostname=HOST)
-        writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-        await _until(lambda: backend.peers_at_first_byte)
+        _, writer = await _client(port, tls.anonymous, backend, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         peer = backend.peers_at_first_byte[0]
         assert peer is not None and peer.certificate is None
         writer.close()
@@ -138,9 +144,7 @@ async def test_a_client_without_a_certificate_is_relayed_with_none(tmp_path: Pat
 @pytest.mark.timeout(30)
 async def test_a_client_that_does_not_read_holds_the_backend_back(tmp_path: Path) -> None:
     async with relay(tmp_path) as (_, backend, tls, port):
-        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls.client, server_hostname=HOST)
-        writer.write(b"hello")
-        await _until(lambda: backend.writers)
+        _, writer = await _client(port, tls.client, backend)
         sink = backend.writers[0]
         chunk = bytes(1024 * 1024)
         written = 0
@@ -160,9 +164,7 @@ async def test_a_client_that_does_not_read_holds_the_backend_back(tmp_path: Path
 @pytest.mark.timeout(30)
 async def test_the_backend_closing_ends_the_client_connection(tmp_path: Path) -> None:
     async with relay(tmp_path) as (_, backend, tls, port):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls.client, server_hostname=HOST)
-        writer.write(b"hello")
-        await _until(lambda: backend.writers)
+        reader, writer = await _client(port, tls.client, backend)
         backend.writers[0].write(b"bye")
         backend.writers[0].close()
         assert await asyncio.wait_for(reader.read(), 5) == b"bye"  # then EOF
