@@ -134,6 +134,11 @@ class CpuSplit:
     system: float = 0.0
     minor_faults: int = 0
 
+    @property
+    def cpu(self) -> float:
+        """User plus system seconds."""
+        return self.user + self.system
+
     def __sub__(self, other: CpuSplit) -> CpuSplit:
         return CpuSplit(self.user - other.user, self.system - other.system, self.minor_faults - other.minor_faults)
 
@@ -156,8 +161,7 @@ class ResourceMeter:
         self.interval = interval
         self.peak_rss = 0
         self.phase_peak = 0
-        self._cpu_mark = self.cpu()
-        self._split_mark = self.split()
+        self._mark = self.split()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name=f"rss-{pid}", daemon=True)
 
@@ -171,11 +175,8 @@ class ResourceMeter:
         self._thread.join(2)
 
     def cpu(self) -> float:
-        try:
-            t = self.proc.cpu_times()
-        except psutil.Error:
-            return 0.0
-        return float(t.user + t.system)
+        return self.split().cpu
+
 
     def split(self) -> CpuSplit:
         """User and system CPU seconds and minor page faults so far."""
@@ -193,18 +194,18 @@ class ResourceMeter:
 
     def mark(self) -> None:
         """Start a phase: CPU and phase peak are counted from now."""
-        self._cpu_mark = self.cpu()
-        self._split_mark = self.split()
+        self._mark = self.split()
         self.phase_peak = self.rss()
 
     def phase(self) -> tuple[float, int]:
         """(CPU seconds, peak RSS bytes) since the last mark."""
-        self._record(self.rss())
-        return self.cpu() - self._cpu_mark, self.phase_peak
+        cpu, peak = self.phase_split()
+        return cpu.cpu, peak
 
-    def phase_split(self) -> CpuSplit:
-        """User and system CPU seconds and minor page faults since the last mark."""
-        return self.split() - self._split_mark
+    def phase_split(self) -> tuple[CpuSplit, int]:
+        """(user and system CPU seconds and minor page faults, peak RSS bytes) since the last mark."""
+        self._record(self.rss())
+        return self.split() - self._mark, self.phase_peak
 
     def _record(self, rss: int) -> None:
         self.peak_rss = max(self.peak_rss, rss)

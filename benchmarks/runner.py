@@ -210,11 +210,10 @@ class Session:
         with self._sampled(name):
             t0 = trigger()
             done, error = self.wait(key, timeout)
-        cpu, peak = self.meter.phase()
-        split = self.meter.phase_split()
+        split, peak = self.meter.phase_split()
         stamps = [getattr(r, f"{key}_at") for r in self.results()]
         latency = Latency.of([t - t0 for t in stamps if t is not None])
-        phase = Phase(name, self.opts.clients, done, latency, cpu, peak / MB, self.client_cpu() - client_cpu,
+        phase = Phase(name, self.opts.clients, done, latency, split.cpu, peak / MB, self.client_cpu() - client_cpu,
                       self.reconnects() - reconnects, error, split.system, split.minor_faults)
         return phase, t0
 

@@ -204,14 +204,13 @@ class _Backend(_Side):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         relay = self.relay
-        if relay.closed:
+        if relay.closed or relay.peer is None:  # the client left meanwhile (its peer is set before connecting)
             transport.close()
             return
         self.attach(transport)  # type: ignore[arg-type]
         local = transport.get_extra_info("sockname")
         relay.key = f"ipv4:{local[0]}:{local[1]}"
-        if relay.peer is not None:  # before the first byte: the handler may look it up at once
-            relay.front._peers[relay.key] = relay.peer
+        relay.front._peers[relay.key] = relay.peer  # before the first byte: the handler may look it up at once
         self.other.flush_early()
 
 
