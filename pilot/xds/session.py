@@ -20,7 +20,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
 from pilot.xds import typeurls
-from pilot.xds.resources import Resource, SharedResponse, View, version_of
+from pilot.xds.resources import EMPTY_SET, Resource, SharedResponse, View, version_of
 from pilot.xds.snapshot import Snapshot
 from pilot.xds.status import StatusRegistry, StreamStatus
 
@@ -217,16 +217,26 @@ class SessionBase(Generic[StateT]):
         order = self._order
         if order is None or len(order) != len(self.types):
             order = self._order = ordered_types(self.types)
-        self._now = time.monotonic_ns()  # when this stream took the snapshot into account (`_still_current`)
+        now = self._now = time.monotonic_ns()  # when this stream took the snapshot into account (`_still_current`)
         out: list[bytes] = []
         held_back = False  # decided after clusters and endpoints, which come first in push order
         warming: bool | None = None  # asked once per call, when the first listener or route type comes up
+        types, wholes, statuses = self.types, snapshot.types, self.status.types
         for t in order:
             if t in _WAIT_FOR_CLUSTERS:
                 if warming is None:
                     warming = self._warming()
                 if warming or held_back:
                     held_back = True
+                    continue
+            # `_updates`'s own first step, inlined: a fast path replaces one type of the snapshot,
+            # so most types are the very view last reconciled, and a push costs each stream a few
+            # Python calls per type it did not change instead of four (2,000 streams per push).
+            state = types[t]
+            if state.seen and wholes.get(t, EMPTY_SET) is state.seen_whole:
+                found = statuses.get(t)
+                if found is not None:
+                    found.current_at = now
                     continue
             if r := self._updates(t, snapshot):
                 out.append(r)
@@ -235,9 +245,11 @@ class SessionBase(Generic[StateT]):
         if self.pending:
             # Removals wait while anything is unacknowledged: remember whether any are due, so the
             # ACK that settles the last response wakes the writer only then.
-            types = self.types
-            self.removals_waiting = any(self._removal_due(t, snapshot) for t in order
-                                        if not _holds_reconciled(types[t], snapshot.types.get(t)))
+            self.removals_waiting = False
+            for t in order:
+                if not _holds_reconciled(types[t], wholes.get(t)) and self._removal_due(t, snapshot):
+                    self.removals_waiting = True
+                    break
         else:
             self.removals_waiting = False
             out += [r for t in order if (r := self._removals(t, snapshot))]

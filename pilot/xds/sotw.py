@@ -124,7 +124,8 @@ class SotwSession(SessionBase[_TypeState]):
             self.types[type_url] = _TypeState(names=names, requested_key=key)
             return True
         if not nonce:
-            state.force_all = True  # the proxy asks afresh
+            state.force_all = True  # the proxy asks afresh: reconcile again, whatever was seen
+            state.seen = ""
         elif nonce != state.last_nonce:
             self.registry.record_stale(type_url)
             return False
