@@ -46,16 +46,38 @@ def snapshot_of(directory: Path, serializer: Serializer) -> Snapshot:
     return Snapshot.from_parts(generate_parts(mesh, PROXY), serializer)
 
 
+def mesh_changes(services: int, rounds: int) -> tuple[Snapshot, dict[str, list[Snapshot]]]:
+    """The benchmark mesh's snapshot for one class, and `rounds` endpoint and route changes to it,
+    alternating, each as pilot's fast paths publish it: the class's last snapshot with the one type
+    replaced (so the other types stay the very views, as in pilot)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = meshgen.generate(Path(tmp), services=services)
+        serializer = Serializer()
+        before = snapshot_of(config.directory, serializer)
+        changes: dict[str, list[Snapshot]] = {"endpoint": [], "route": []}
+        last = before
+        for i in range(rounds):
+            config.endpoint_change(i * 7 + 3)
+            config.write_service(i * 7 + 3)
+            last = last.with_type(typeurls.ENDPOINT, snapshot_of(config.directory, serializer).of(typeurls.ENDPOINT))
+            changes["endpoint"].append(last)
+            config.route_change(i * 7)
+            config.write_service(i * 7)
+            last = last.with_type(typeurls.ROUTE, snapshot_of(config.directory, serializer).of(typeurls.ROUTE))
+            changes["route"].append(last)
+    return before, changes
+
+
 def _names(snapshot: Snapshot, type_url: str) -> list[str]:
     return sorted(snapshot.of(type_url))
 
 
-def _sotw_requests(snapshot: Snapshot, type_url: str, nonce: str = "") -> Any:
+def sotw_request(snapshot: Snapshot, type_url: str, nonce: str = "") -> Any:
     names = [] if type_url in typeurls.WILDCARD_TYPES else _names(snapshot, type_url)
     return discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=names, response_nonce=nonce)
 
 
-def _delta_request(snapshot: Snapshot, type_url: str, nonce: str = "") -> Any:
+def delta_request(snapshot: Snapshot, type_url: str, nonce: str = "") -> Any:
     if nonce:
         return discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, response_nonce=nonce)
     names = [] if type_url in typeurls.WILDCARD_TYPES else _names(snapshot, type_url)
@@ -80,7 +102,7 @@ class Fleet:
             identity = ProxyIdentity(f"sidecar~10.0.0.{i}~w{i}.team-0~team-0.svc.cluster.local", "bench", PROXY)
             session = kind(self.registry.open(identity, kind.protocol, "bench"), self.registry, shared)
             for type_url in typeurls.PUSH_ORDER[:4]:
-                make = _delta_request if delta else _sotw_requests
+                make = delta_request if delta else sotw_request
                 session.handle(make(snapshot, type_url))
             self.sessions.append(session)
         self.push(snapshot)
@@ -92,7 +114,7 @@ class Fleet:
         started = time.perf_counter()
         answers = [session.responses(snapshot) for session in self.sessions]
         answered = time.perf_counter()
-        make = _delta_request if self.delta else _sotw_requests
+        make = delta_request if self.delta else sotw_request
         acks = [[make(snapshot, type_url, nonce).SerializeToString() for type_url, nonce in _nonces(r, self.delta)]
                 for r in answers]
         handling = time.perf_counter()
@@ -141,22 +163,7 @@ def measure(delta: bool, streams: int, before: Snapshot, changes: dict[str, list
 @click.option("--services", default=50, show_default=True)
 def main(streams: int, rounds: int, services: int) -> None:
     """Microseconds of pilot session work per stream and push (lower is better)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        config = meshgen.generate(Path(tmp), services=services)
-        serializer = Serializer()
-        before = snapshot_of(config.directory, serializer)
-        changes: dict[str, list[Snapshot]] = {"endpoint": [], "route": []}
-        last = before
-        for i in range(rounds):
-            # As pilot's fast paths publish them: the class's last snapshot with the one type replaced.
-            config.endpoint_change(i * 7 + 3)
-            config.write_service(i * 7 + 3)
-            last = last.with_type(typeurls.ENDPOINT, snapshot_of(config.directory, serializer).of(typeurls.ENDPOINT))
-            changes["endpoint"].append(last)
-            config.route_change(i * 7)
-            config.write_service(i * 7)
-            last = last.with_type(typeurls.ROUTE, snapshot_of(config.directory, serializer).of(typeurls.ROUTE))
-            changes["route"].append(last)
+    before, changes = mesh_changes(services, rounds)
     print(f"{streams} streams, {services} services, per stream and push: microseconds in responses + in ACK "
           f"handling (median of {rounds - 1} rounds), and Python calls in the last round (counted)")
     for protocol in ("sotw", "delta"):

@@ -372,7 +372,12 @@ class AdsServer:
         snapshot: Snapshot | None = None
         made_of: tuple[Snapshot | None, Any] | None = None
         stream.dirty = True  # the first request is handled already
+        wake = stream.wake
         while True:
+            # Cleared before looking, so whatever happens from here on (a request, a snapshot, the
+            # client leaving, even while the responses below are written) sets it again and is seen
+            # on the next pass; a pass that was woken by nothing new costs no lookup at all.
+            wake.clear()
             if stream.error is not None:
                 raise stream.error
             if stream.closed:
@@ -380,7 +385,8 @@ class AdsServer:
             if stream.reclassify:
                 stream.reclassify = False
                 identity = self._reclassified(identity, session, stream, context, watch, authenticated)
-            latest, secrets = parts = self._parts(self.cache.get(watch.key), grant)
+            latest = self.cache.get(watch.key)
+            latest, secrets = parts = (latest, None) if grant is None else self._parts(latest, grant)
             if made_of is None or latest is not made_of[0] or secrets is not made_of[1]:
                 # Composed per stream, never cached: the keys stay in the SecretServer's sets.
                 snapshot = latest if latest is None or secrets is None else latest.with_type(typeurls.SECRET, secrets)
@@ -400,10 +406,8 @@ class AdsServer:
                     await self._write(context, responses.pop(0), types[i] if types else "", made if i == 0 else 0.0)
                 if self.changes is not None and types:
                     self.changes.written(session.status.stream_id, session.status.connected_at, types)
-                continue  # requests may have been handled while the responses were written
-            # No await between the checks above and clear(): nothing can slip in unseen.
-            stream.wake.clear()
-            await stream.wake.wait()
+            if not wake.is_set():  # else: something came while the responses were written
+                await wake.wait()
 
     def _reclassified(self, identity: ProxyIdentity, session: Any, stream: StreamSignals,
                       context: grpc.aio.ServicerContext, watch: ClassWatch, authenticated: bool) -> ProxyIdentity:

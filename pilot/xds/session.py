@@ -54,12 +54,6 @@ def held_version_of(held: Mapping[str, Resource]) -> str:
     return held.version if isinstance(held, View) else version_of(held)
 
 
-def _holds_reconciled(state: _Held, whole: View | None) -> bool:
-    """Whether the proxy holds exactly the view last reconciled from this very snapshot type: then
-    nothing of it can be due for removal (the usual case, checked before the protocol's `_removal_due`)."""
-    return state.held is state.seen_view and bool(state.seen) and whole is state.seen_whole
-
-
 def ordered_types(type_urls: Iterable[str]) -> list[str]:
     """Types in push order (CDS, EDS, LDS, RDS, SDS), unknown ones last, by name."""
     present = set(type_urls)
@@ -247,7 +241,12 @@ class SessionBase(Generic[StateT]):
             # ACK that settles the last response wakes the writer only then.
             self.removals_waiting = False
             for t in order:
-                if not _holds_reconciled(types[t], wholes.get(t)) and self._removal_due(t, snapshot):
+                state = types[t]
+                # The proxy holds exactly the view last reconciled from this very type (the usual
+                # case): nothing of it can be due for removal, without asking the protocol.
+                if state.held is state.seen_view and state.seen and wholes.get(t) is state.seen_whole:
+                    continue
+                if self._removal_due(t, snapshot):
                     self.removals_waiting = True
                     break
         else:
@@ -340,7 +339,9 @@ class SessionBase(Generic[StateT]):
         version = self._pending_version.pop(type_url, "")
         self.pending.pop(type_url, None)
         if error is None:
-            self.registry.record_ack(self.status, type_url, version, self._clears_nack(type_url, version))
+            standing = self.status.types.get(type_url)  # a NACK to clear? (rare: asked only then)
+            clears = standing is None or not standing.nack_message or self._clears_nack(type_url, version)
+            self.registry.record_ack(self.status, type_url, version, clears)
         else:
             self.registry.record_nack(self.status, type_url, version, error)
 

@@ -61,7 +61,11 @@ class Snapshot:
         mine, theirs = self.types, other.types
         if mine.keys() != theirs.keys():
             return False
-        return all(view is theirs[t] or view.version == theirs[t].version for t, view in mine.items())
+        for t, view in mine.items():  # a loop, not all() over a generator: called per class and push
+            other_view = theirs[t]
+            if view is not other_view and view.version != other_view.version:
+                return False
+        return True
 
     def eds_name(self, cluster: str) -> str | None:
         """The ClusterLoadAssignment an EDS cluster of this snapshot waits for (a changed cluster warms on it)."""

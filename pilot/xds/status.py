@@ -154,6 +154,8 @@ class StatusRegistry:
         # The last `departed` streams that ended, newest last, so `/debug/config_distribution` can
         # say a proxy disconnected before it ACKed a change (bounded: a churn of proxies costs nothing).
         self.departed: collections.deque[StreamStatus] = collections.deque(maxlen=departed)
+        # type URL -> (its `pilot_xds_pushes` child, its label in Istio's `pilot_xds_pushes`)
+        self._sent_counters: dict[str, tuple[Any, str]] = {}
 
     def open(self, identity: ProxyIdentity, protocol: str, peer: str) -> StreamStatus:
         status = StreamStatus(next(self._ids), identity, protocol, peer)
@@ -174,16 +176,21 @@ class StatusRegistry:
         return list(self._streams.values())
 
     def record_sent(self, status: StreamStatus, type_url: str, version: str, nonce: str) -> None:
-        ts = status.of(type_url)
+        """Called for every response: its counters are looked up once per type (`_sent_counters`)."""
+        ts = status.types.get(type_url) or status.of(type_url)
         ts.sent_version, ts.sent_nonce, ts.sent_at = version, nonce, time.time()
-        self.metrics.of_type(self.metrics.pushes, type_url).inc()
-        self.metrics.istio.pushes.inc(xds_type(typeurls.short_name(type_url)))
+        counters = self._sent_counters.get(type_url)
+        if counters is None:
+            counters = self._sent_counters[type_url] = (
+                self.metrics.of_type(self.metrics.pushes, type_url), xds_type(typeurls.short_name(type_url)))
+        counters[0].inc()
+        self.metrics.istio.pushes.inc(counters[1])
         status.sent_log.append(type_url)
 
     def record_ack(self, status: StreamStatus, type_url: str, version: str, clears_nack: bool = True) -> None:
         """`clears_nack` False: the ACK does not show the proxy took what it NACKed (a delta ACK of
         a later response that left the rejected resource out), so a standing NACK stays."""
-        ts = status.of(type_url)
+        ts = status.types.get(type_url) or status.of(type_url)
         ts.acked_version, ts.acked_at = version, time.time()
         if clears_nack:
             ts.nack_message = ts.nack_version = ""

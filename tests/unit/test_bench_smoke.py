@@ -165,6 +165,28 @@ def test_session_fanout_fleet_ends_synced_after_each_change(tmp_path: Path, delt
     assert states == {SyncState.SYNCED}
 
 
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_stream_fanout_takes_every_stream_through_pilots_handler_and_the_floor(delta: bool) -> None:
+    """`benchmarks.stream_fanout`: each stream connects, takes every change through the handler pilot
+    registers with gRPC and ACKs it (synced on every type at the end); the floor writes exactly the
+    bytes pilot wrote, with fewer Python calls per stream."""
+    import asyncio
+
+    from benchmarks.session_fanout import mesh_changes
+    from benchmarks.stream_fanout import run_fleet
+    from pilot.xds.status import SyncState
+
+    before, changes = mesh_changes(3, 2)
+    pilot, registry = asyncio.run(run_fleet(5, delta, before, changes))
+    assert pilot.received == 5 * (4 + 2 * 2)  # CDS, EDS, LDS, RDS, then one response per change
+    states = [ts.state() for st in registry.departed for ts in st.types.values()]
+    assert len(registry.departed) == 5 and set(states) == {SyncState.SYNCED} and len(states) == 5 * 4
+    assert sorted(pilot.micros) == ["endpoint", "route"] and all(m > 0 for ms in pilot.micros.values() for m in ms)
+    floor, _ = asyncio.run(run_fleet(5, delta, before, changes, {"connect": pilot.sent["endpoint"], **pilot.sent}))
+    assert floor.received == pilot.received and floor.sent == pilot.sent
+    assert all(0 < floor.calls[k] < pilot.calls[k] for k in ("endpoint", "route")), (floor.calls, pilot.calls)
+
+
 @pytest.mark.timeout(90)
 def test_sample_dir_samples_the_server_during_each_change(tmp_path: Path) -> None:
     """`--sample-dir`: py-spy attaches to pilot and to the baseline while the clients connect and for
