@@ -161,8 +161,9 @@ class DeltaSession(SessionBase[_DeltaType]):
         state.seen = view.version
         # With the view, what the proxy held decides the changes (and so the bytes): nothing (the
         # whole view, encoded once per set), or a known version.
-        held_before = "whole" if not state.held else state.held_version
-        changed: Mapping[str, Resource] = view if not state.held else view.changes_from(state.held, state.held_version)
+        holds_nothing = not state.held  # a Python `__len__` for a view: asked once
+        held_before = "whole" if holds_nothing else state.held_version
+        changed: Mapping[str, Resource] = view if holds_nothing else view.changes_from(state.held, state.held_version)
         forced = bool(state.force_names)
         if forced:
             again = {n: r for n in state.force_names if (r := view.get(n)) is not None}

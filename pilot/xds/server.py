@@ -398,8 +398,8 @@ class AdsServer:
                 began = time.perf_counter()
                 responses = session.responses(snapshot)
                 made = time.perf_counter() - began  # Istio's push time counts making a response too
-                sent = session.status.take_sent()  # the type of each response, in order
-                types = [typeurls.short_name(t) for t in sent] if len(sent) == len(responses) else []
+                sent = session.status.take_sent()  # the type (CDS, ...) of each response, in order
+                types = sent if len(sent) == len(responses) else []
                 if responses and self.quiet is not None:
                     self.quiet.touch(len(responses))
                 for i in range(len(responses)):  # not kept once written

@@ -99,8 +99,8 @@ class StreamStatus:
     types: dict[str, TypeStatus] = field(default_factory=dict)
     closed_at: float = 0.0  # wall time the stream ended; 0 while connected
 
-    # Type URLs of the responses recorded as sent since the server last took them (`take_sent`):
-    # the server pairs them with the bytes it writes, for Istio's per-type metrics.
+    # The types (short names: CDS, ...) of the responses recorded as sent since the server last took
+    # them (`take_sent`): the server pairs them with the bytes it writes, for Istio's per-type metrics.
     sent_log: list[str] = field(default_factory=list)
     # The stream's session (set by the server): its per-type subscriptions, for `/debug/adsz`.
     session: Any = field(default=None, repr=False)
@@ -154,8 +154,8 @@ class StatusRegistry:
         # The last `departed` streams that ended, newest last, so `/debug/config_distribution` can
         # say a proxy disconnected before it ACKed a change (bounded: a churn of proxies costs nothing).
         self.departed: collections.deque[StreamStatus] = collections.deque(maxlen=departed)
-        # type URL -> (its `pilot_xds_pushes` child, its label in Istio's `pilot_xds_pushes`)
-        self._sent_counters: dict[str, tuple[Any, str]] = {}
+        # type URL -> (its `pilot_xds_pushes` child, its label in Istio's `pilot_xds_pushes`, short name)
+        self._sent_counters: dict[str, tuple[Any, str, str]] = {}
 
     def open(self, identity: ProxyIdentity, protocol: str, peer: str) -> StreamStatus:
         status = StreamStatus(next(self._ids), identity, protocol, peer)
@@ -181,11 +181,12 @@ class StatusRegistry:
         ts.sent_version, ts.sent_nonce, ts.sent_at = version, nonce, time.time()
         counters = self._sent_counters.get(type_url)
         if counters is None:
+            short = typeurls.short_name(type_url)
             counters = self._sent_counters[type_url] = (
-                self.metrics.of_type(self.metrics.pushes, type_url), xds_type(typeurls.short_name(type_url)))
+                self.metrics.of_type(self.metrics.pushes, type_url), xds_type(short), short)
         counters[0].inc()
         self.metrics.istio.pushes.inc(counters[1])
-        status.sent_log.append(type_url)
+        status.sent_log.append(counters[2])
 
     def record_ack(self, status: StreamStatus, type_url: str, version: str, clears_nack: bool = True) -> None:
         """`clears_nack` False: the ACK does not show the proxy took what it NACKed (a delta ACK of
