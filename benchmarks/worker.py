@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import math
 import time
 import traceback
@@ -79,19 +78,8 @@ class Worker:
         }
 
     def arm(self, expectation: Expectation) -> None:
-        """Before each change: every client now waits for `expectation`, and what the worker holds is
-        frozen out of the garbage collector's reach.
-
-        Why freeze: the connected fleet's decoded config (a per-workload class each: thousands of
-        distinct responses, cached by `NameCache`) is alive until the fleet leaves, yet every full
-        collection during a change walked all of it again, the more the more distinct classes the
-        server gives: the simulated Envoys spent 40-90 % more CPU on the second round's endpoint change
-        than on the first, more against pilot than against the one-class replay. Envoy has no such
-        cost. `close` unfreezes, so a fleet that left is collected as before.
-        """
         for client in self.clients:
             client.arm(expectation)
-        gc.freeze()
 
     def results(self) -> list[ClientResult]:
         return [c.result for c in self.clients]
@@ -115,8 +103,6 @@ class Worker:
         for channel in self.channels:
             await channel.close(grace=None)
         self.clients, self.tasks, self.channels = [], [], []
-        gc.unfreeze()  # what `arm` froze: the fleet that left is garbage now
-        gc.collect()
 
 
 async def serve(conn: Connection, worker: Worker | None = None) -> None:
