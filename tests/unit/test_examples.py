@@ -121,3 +121,22 @@ def test_readme_waits_for_its_proxies_before_any_request_and_says_how_to_stop(ex
     first_request = min((i for i, line in enumerate(lines) if re.search(r"\bcurl |socket\.", line)), default=None)
     assert last_run < waits[0] and (first_request is None or waits[0] < first_request)
     assert blocks[-1] == "kill $(jobs -p)\n", "the last block stops every background job"
+
+
+# A five-digit number standing alone (not part of an address, a version or a longer word).
+_PORTISH = re.compile(r"(?<![\w.:/-])(\d{5})(?![\w.])")
+
+
+def test_example_ports_stay_out_of_the_range_tests_draw_ports_from() -> None:
+    """An example's fixed app ports must not be ones `free_port` may hand to a test running beside
+    it (CI runs the example READMEs next to other end-to-end tests): a port drawn there first made
+    the example's app fail to bind ("address already in use") and a fifth of its connections fail."""
+    from meshctl.localmesh import FREE_PORTS_FROM
+
+    ephemeral_low = 32_768  # Linux's default start of ip_local_port_range, where `free_port` stops
+    found = {(str(p.relative_to(EXAMPLES_DIR)), int(m.group(1)))
+             for p in EXAMPLES_DIR.rglob("*") if p.is_file() and p.suffix in (".md", ".yaml", ".py")
+             for m in _PORTISH.finditer(p.read_text(encoding="utf-8"))}
+    inside = sorted((path, port) for path, port in found if FREE_PORTS_FROM <= port < ephemeral_low)
+    assert inside == [], inside
+    assert ("tcp-routes/mesh.yaml", 16432) in found  # the pattern does find the examples' ports
