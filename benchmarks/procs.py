@@ -177,7 +177,6 @@ class ResourceMeter:
     def cpu(self) -> float:
         return self.split().cpu
 
-
     def split(self) -> CpuSplit:
         """User and system CPU seconds and minor page faults so far."""
         try:

@@ -149,10 +149,7 @@ class DeltaSession(SessionBase[_DeltaType]):
 
     def _updates(self, type_url: str, snapshot: Snapshot) -> bytes | None:
         state = self.types[type_url]
-        whole = snapshot.of(type_url)
-        if whole is state.seen_whole and state.seen:
-            self._still_current(type_url)
-            return None  # the very view last reconciled, and nothing asked since: O(1)
+        whole = snapshot.of(type_url)  # not the view last reconciled: `responses` skipped those
         view = whole.view(state.subscription())
         state.seen_whole, state.seen_view = whole, view
         self._set_current(type_url, view.version)

@@ -383,8 +383,7 @@ class AdsServer:
             if stream.reclassify:
                 stream.reclassify = False
                 identity = self._reclassified(identity, session, stream, context, watch, authenticated)
-            latest = self.cache.get(watch.key)
-            latest, secrets = parts = (latest, None) if grant is None else self._parts(latest, grant)
+            latest, secrets = parts = self._parts(self.cache.get(watch.key), grant)
             if made_of is None or latest is not made_of[0] or secrets is not made_of[1]:
                 # Composed per stream, never cached: the keys stay in the SecretServer's sets.
                 snapshot = latest if latest is None or secrets is None else latest.with_type(typeurls.SECRET, secrets)
