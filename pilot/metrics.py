@@ -238,8 +238,9 @@ class IstioPushMetrics:
             buckets=PUSH_TIME_BUCKETS, registry=registry)
         self.init_time = Histogram("pilot_pushcontext_init_seconds", "Total time in seconds Pilot takes to init "
                                    "pushContext.", buckets=INIT_BUCKETS, registry=registry)
-        self.queue_time = Histogram("pilot_proxy_queue_time", "Time in seconds, a proxy is in the push queue "
-                                    "before being dequeued.", buckets=CONVERGENCE_BUCKETS, registry=registry)
+        # Observed once per class and push by the pusher, on the event loop: lock-free (`LoopHistogram`).
+        self.queue_time = LoopHistogram("pilot_proxy_queue_time", "Time in seconds, a proxy is in the push queue "
+                                        "before being dequeued.", [], CONVERGENCE_BUCKETS, registry)
         # A class whose snapshot could not be generated (or was inconsistent): type "snapshot", since
         # meshctl generates a class's types together; it keeps its last good config.
         self.internal_errors = IstioSum("pilot_total_xds_internal_errors", "Total number of internal XDS errors "

@@ -263,18 +263,23 @@ class Pusher:
             self.changes.publishing(change)
         errors = len(self.errors)
         fast_published = 0  # classes a fast path served
+        # Endpoint parts are shared only with the generator the fast paths were given for (asked
+        # once per push, not per class).
+        eds_groups = regrouped if eds_only and self._grouping() else None
+        queue_time = self.metrics.istio.queue_time
         deadline = time.perf_counter() + self.slice
         with self.changes.span("generate", change, {"meshctl.classes": len(watched), "meshctl.eds_only": eds_only,
                                                      "meshctl.routes_only": fast == ROUTES_ONLY}) as span:
             for key in watched:
                 if fast == ROUTES_ONLY:
                     fast_published += self._publish_routes(key, regrouped)
-                elif eds_only and self.publish_endpoints(key, regrouped):
+                elif eds_only and self._publish_endpoints(key, eds_groups):
                     fast_published += 1
                 else:
                     self.publish(key)
-                self.metrics.istio.queue_time.observe(time.perf_counter() - built)
-                if time.perf_counter() > deadline:
+                now = time.perf_counter()
+                queue_time.observe(now - built)
+                if now > deadline:
                     yield
                     deadline = time.perf_counter() + self.slice
             if span is not None:
@@ -324,27 +329,27 @@ class Pusher:
             return False
         return self.endpoints_only(old, new)
 
-    def publish_endpoints(self, key: ProxyClass, regrouped: _Groups | None = None) -> bool:
+    def _publish_endpoints(self, key: ProxyClass, groups: _Groups | None) -> bool:
         """EDS fast path: the class's current snapshot with new endpoints; False if not applicable.
 
-        With `regrouped` (one push's groups), classes share their new endpoint part as they shared
-        the last one (see `_publish_routes`: endpoint parts are memoized on what a namespace sees
-        and the mesh certificates, which an endpoint move does not regroup). The first class of
-        each group runs `generate_endpoints`; the others cost a lookup.
+        With `groups` (one push's groups, None when parts may not be shared: see `_grouping`),
+        classes share their new endpoint part as they shared the last one (see `_publish_routes`:
+        endpoint parts are memoized on what a namespace sees and the mesh certificates, which an
+        endpoint move does not regroup). The first class of each group runs `generate_endpoints`;
+        the others cost a lookup.
         """
         previous = self.cache.get(key)
         generate = self.generate_endpoints
-        if previous is None or key in self.errors or generate is None:
+        if previous is None or generate is None or (self.errors and key in self.errors):
             return False  # no good snapshot of the current config to patch
-        grouped = regrouped is not None and self._grouping()
-        old = self.eds_parts.get(key) if grouped else None
+        old = self.eds_parts.get(key) if groups is not None else None
         try:
-            eds, made = self._next_part(regrouped, old, typeurls.ENDPOINT, lambda: generate(self.mesh, key))
+            eds, made = self._next_part(groups, old, typeurls.ENDPOINT, lambda: generate(self.mesh, key))
             self._set(key, previous.with_type(typeurls.ENDPOINT, made))
         except Exception:
             log.exception("EDS fast path failed for %s; doing a full push", key.describe())
             return False
-        if grouped:
+        if groups is not None:
             self.eds_parts[key] = eds
         return True
 
@@ -361,7 +366,7 @@ class Pusher:
         generation each (2,000 classes at mission scale: ~30 ms instead of ~0.5 s of CPU).
         """
         previous, old = self.cache.get(key), self.route_parts.get(key)
-        if previous is None or old is None or key in self.errors or self.routes is None:
+        if previous is None or old is None or self.routes is None or (self.errors and key in self.errors):
             self.publish(key)  # captured sidecars, gateways, classes without a good snapshot
             return False
         generate = self.routes.generate
@@ -429,8 +434,7 @@ class Pusher:
 
     def _set(self, key: ProxyClass, snapshot: Snapshot) -> None:
         """Publish, noting when the class's content really changed (the cache keeps an identical one)."""
-        self.cache.set(key, snapshot)
-        if self.cache.get(key) is snapshot:
+        if self.cache.set(key, snapshot):
             self.class_changes[key] = (self.mesh_revision, time.monotonic_ns())
 
     async def run(self) -> None:

@@ -37,8 +37,9 @@ class SnapshotCache:
         # `pilot.xds.session.Subscriptions`), so forgetting those costs O(such views), not O(classes).
         self.sharing: weakref.WeakSet[View] = weakref.WeakSet()
 
-    def set(self, key: ProxyClass, snapshot: Snapshot) -> None:
-        """Publish a snapshot after checking it; wakes every stream of that class.
+    def set(self, key: ProxyClass, snapshot: Snapshot) -> bool:
+        """Publish a snapshot after checking it; wakes every stream of that class. Returns whether
+        it was published: False when the class holds the same content already (no push).
 
         Raises InconsistentSnapshotError and keeps the previous snapshot if the new one
         refers to resources it does not contain.
@@ -48,12 +49,13 @@ class SnapshotCache:
         if errors:
             raise InconsistentSnapshotError(key, errors)
         if previous is not None and previous.same_content(snapshot):
-            return  # identical content: no push
+            return False  # identical content: no push
         if previous is None:
             key = self._canonical.setdefault(key, key)
         self._snapshots[key] = snapshot
         for wake in self._wakers.get(key, ()):
             wake()
+        return True
 
     def get(self, key: ProxyClass) -> Snapshot | None:
         return self._snapshots.get(key)

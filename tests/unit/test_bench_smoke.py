@@ -187,6 +187,22 @@ def test_stream_fanout_takes_every_stream_through_pilots_handler_and_the_floor(d
     assert all(0 < floor.calls[k] < pilot.calls[k] for k in ("endpoint", "route")), (floor.calls, pilot.calls)
 
 
+def test_publish_fanout_takes_each_change_through_its_fast_path_to_every_class() -> None:
+    """`benchmarks.publish_fanout`: one class per workload (2 per service), each change published by
+    pilot's own pusher through its fast path (routes, then EDS), waking every class once."""
+    import asyncio
+
+    from benchmarks.publish_fanout import run
+
+    result = asyncio.run(run(services=4, rounds=2))
+    assert result.classes == 8
+    assert result.fast == {"route": "routes", "endpoint": "eds"}
+    assert result.woken == {"route": 8, "endpoint": 8}
+    assert sorted(result.micros) == sorted(result.build_ms) == ["endpoint", "route"]
+    assert all(m > 0 for ms in result.micros.values() for m in ms)
+    assert all(calls > 0 for calls in result.calls.values()), result.calls
+
+
 @pytest.mark.timeout(90)
 def test_sample_dir_samples_the_server_during_each_change(tmp_path: Path) -> None:
     """`--sample-dir`: py-spy attaches to pilot and to the baseline while the clients connect and for
