@@ -303,11 +303,11 @@ def print_report(report: Report, console: Console | None = None) -> None:
     console = console or Console()
     console.print(_results_table(report))
     console.print(_footprint_table(report))
-    pairs = [(p, b) for p, b in report.pairs() if b is not None]
+    pairs = [(p, _ratios(p, b)) for p, b in report.pairs() if b is not None]
     if pairs:
         console.print(_ratio_table(pairs))
-        for pilot, base in pairs:
-            rounds = _ratios(pilot, base)["per_round_p99"]
+        for pilot, ratios in pairs:
+            rounds = ratios["per_round_p99"]
             console.print(f"{pilot.protocol} {pilot.clients}: p99 ratio per round (pilot round k / baseline round k): "
                           + "; ".join(f"{name} " + " ".join(_x(v) for v in values) for name, values in rounds.items()))
     targets = report.targets()
@@ -356,13 +356,13 @@ def _footprint_table(report: Report) -> Table:
     return table
 
 
-def _ratio_table(pairs: list[tuple[Run, Run]]) -> Table:
+def _ratio_table(pairs: list[tuple[Run, dict[str, Any]]]) -> Table:
+    """One row per pilot run: its ratios to the baseline of the same run (`_ratios`)."""
     table = Table(title="pilot / baseline (raw grpc.aio fan-out of the same bytes)")
     for col in ("proto", "N", "connect p99", "connect all", "route p99", "route p99 past debounce",
                 "route spread", "endpoint p99", "endpoint p99 past debounce", "endpoint spread"):
         table.add_column(col, justify="right")
-    for pilot, base in pairs:
-        r = _ratios(pilot, base)
+    for pilot, r in pairs:
         table.add_row(pilot.protocol, str(pilot.clients), _x(r["connect_p99"]), _x(r["connect"]),
                       _x(r["route_p99"]), _x(r["route_p99_past_debounce"]), _x(r["route_spread"]),
                       _x(r["endpoint_p99"]), _x(r["endpoint_p99_past_debounce"]), _x(r["endpoint_spread"]))
