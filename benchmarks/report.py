@@ -283,6 +283,12 @@ def _ratios(pilot: Run, base: Run) -> dict[str, Any]:
     out["per_round_p99"] = {
         name: [ratio(a.latency.p99, c.latency.p99) for a, c in zip(pilot.phase(name), base.phase(name), strict=False)]
         for name in ("connect", *KINDS)}
+    # The simulated Envoys' CPU in the same rounds, pilot's over the baseline's: they run the same
+    # code on the same bytes against both servers, so a round far from 1.0x is the machine (or the
+    # clients) moving under that round, not pilot's own cost; read a round's p99 ratio with it.
+    out["per_round_client_cpu"] = {
+        name: [ratio(a.client_cpu_s, c.client_cpu_s) for a, c in zip(pilot.phase(name), base.phase(name), strict=False)]
+        for name in KINDS}
     return out
 
 
@@ -307,9 +313,11 @@ def print_report(report: Report, console: Console | None = None) -> None:
     if pairs:
         console.print(_ratio_table(pairs))
         for pilot, ratios in pairs:
-            rounds = ratios["per_round_p99"]
+            rounds, clients = ratios["per_round_p99"], ratios["per_round_client_cpu"]
             console.print(f"{pilot.protocol} {pilot.clients}: p99 ratio per round (pilot round k / baseline round k): "
-                          + "; ".join(f"{name} " + " ".join(_x(v) for v in values) for name, values in rounds.items()))
+                          + "; ".join(f"{name} " + " ".join(_x(v) for v in values) for name, values in rounds.items())
+                          + " | the clients' CPU, same ratio: "
+                          + "; ".join(f"{name} " + " ".join(_x(v) for v in values) for name, values in clients.items()))
     targets = report.targets()
     if targets:
         console.print(_targets_table(targets))

@@ -70,6 +70,11 @@ def test_benchmark_per_workload_classes(tmp_path: Path) -> None:
     assert {k: len(v) for k, v in per_round.items()} == {"connect": 1, "route": 1, "endpoint": 1}
     (pilot_route,), (base_route,) = pilot.phase("route"), base.phase("route")
     assert per_round["route"][0] == pytest.approx(pilot_route.latency.p99 / base_route.latency.p99)
+    clients = saved["ratios"][0]["per_round_client_cpu"]  # the simulated Envoys' CPU in the same rounds
+    if base_route.client_cpu_s > 0:  # a few clients may use less CPU than the clock's tick: no ratio (None)
+        assert clients["route"] == [pytest.approx(pilot_route.client_cpu_s / base_route.client_cpu_s)]
+    else:
+        assert clients["route"] == [None]
     assert report.targets() == []  # mission-scale targets need >= 1,000 services
 
 
@@ -145,6 +150,7 @@ def test_ratios_past_the_debounce_take_pilots_configured_wait_off_its_own_latenc
     assert ratios["route_p99"] == pytest.approx(1.3) and ratios["route_p99_past_debounce"] == pytest.approx(1.2)
     assert ratios["endpoint_p99"] == pytest.approx(1.02) and ratios["endpoint_p99_past_debounce"] == pytest.approx(1.0)
     assert ratios["per_round_p99"] == {"connect": [], "route": [], "endpoint": []}  # no phases recorded here
+    assert ratios["per_round_client_cpu"] == {"route": [], "endpoint": []}
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
