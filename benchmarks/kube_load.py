@@ -58,6 +58,7 @@ from benchmarks.report import (
     _footprint_table,
     _nan_to_none,
     _ratio_table,
+    _ratios,
     _results_table,
 )
 from benchmarks.runner import (
@@ -492,7 +493,7 @@ def print_kube_report(report: KubeReport, console: Console | None = None) -> Non
     if report.report.runs:
         console.print(_results_table(report.report))
         console.print(_footprint_table(report.report))
-    pairs = [(p, b) for p, b in report.report.pairs() if b is not None]
+    pairs = [(p, _ratios(p, b)) for p, b in report.report.pairs() if b is not None]
     if pairs:
         console.print(_ratio_table(pairs))
     console.print(f"[dim]{report.report.machine['note']}[/]")
