@@ -152,11 +152,18 @@ class KubeCluster:
 
     def ensure_crds(self, crds: Iterable[dict[str, Any]]) -> None:
         """Create the CRDs this cluster does not serve yet (ones another test installed are kept) and
-        wait until every one of them is Established."""
+        wait until every one of them is Established.
+
+        A CRD that another test's clean-up is deleting (`--wait=false`) still answers `get` until
+        it is gone: it counts as absent, so this waits for the deletion and creates it again
+        (otherwise the wait below fails with NotFound once it is gone)."""
         names = []
         for crd in crds:
             names.append(name := crd["metadata"]["name"])
-            if self.kubectl("get", "crd", name, check=False).returncode != 0:
+            found = self.kubectl("get", "crd", name, "-o", "jsonpath={.metadata.deletionTimestamp}", check=False)
+            if found.returncode == 0 and found.stdout.strip():
+                self.kubectl("wait", "--for=delete", "--timeout=60s", f"crd/{name}", check=False)
+            if found.returncode != 0 or found.stdout.strip():
                 self.kubectl("create", "-f", "-", stdin=json.dumps(crd))
         self.kubectl("wait", "--for=condition=Established", "--timeout=60s", *(f"crd/{n}" for n in names))
 

@@ -72,12 +72,7 @@ def minimal_crds() -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def mesh_crds(kube_cluster: KubeCluster) -> None:
     """Every mesh kind served. CRDs another test installed (manifests/, with full schemas) are kept."""
-    for crd in minimal_crds():
-        name = crd["metadata"]["name"]
-        if kube_cluster.kubectl("get", "crd", name, check=False).returncode != 0:
-            kube_cluster.kubectl("create", "-f", "-", stdin=json.dumps(crd))
-    kube_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                         *(f"crd/{c['metadata']['name']}" for c in minimal_crds()))
+    kube_cluster.ensure_crds(minimal_crds())
 
 
 async def until(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
