@@ -284,8 +284,10 @@ def _ratios(pilot: Run, base: Run) -> dict[str, Any]:
         name: [ratio(a.latency.p99, c.latency.p99) for a, c in zip(pilot.phase(name), base.phase(name), strict=False)]
         for name in ("connect", *KINDS)}
     # The simulated Envoys' CPU in the same rounds, pilot's over the baseline's: they run the same
-    # code on the same bytes against both servers, so a round far from 1.0x is the machine (or the
-    # clients) moving under that round, not pilot's own cost; read a round's p99 ratio with it.
+    # code on the same bytes against both servers. A round far above 1.0x had the clients doing more
+    # for the same bytes: the machine moving under it, or the server's writes arriving more spread
+    # out (a client woken for each response pays the wake-up each time, one woken for a burst once),
+    # which a slower server causes itself. A hint to read a round's p99 ratio with, not a verdict.
     out["per_round_client_cpu"] = {
         name: [ratio(a.client_cpu_s, c.client_cpu_s) for a, c in zip(pilot.phase(name), base.phase(name), strict=False)]
         for name in KINDS}
