@@ -25,6 +25,7 @@ from pilot.debug import DebugApi
 from pilot.gcpolicy import release_when_quiet
 from pilot.jwks import JwksFetcher
 from pilot.listen import check_free
+from pilot.loopwatch import LoopWatch
 from pilot.metrics import PushMetrics
 from pilot.model.build import build_mesh
 from pilot.model.conversions import Conversions
@@ -94,6 +95,9 @@ class Pilot:
             if settings.config_dir else None
         )
         self._tasks: list[asyncio.Task[None]] = []
+        # A stall of the one loop everything is served from is logged with what held it (`pilot.loopwatch`).
+        self.loop_watch = (LoopWatch(self.registry, threshold=settings.loop_stall_ms / 1000)
+                           if settings.loop_stall_ms else None)
         self.kube: KubeSource | None = None  # mesh config from a cluster (settings.kubeconfig / kube_in_cluster)
         self._kube_registry: tuple[KubeRegistry, ApiClient] | None = None
         self._duties: dict[str, dict[str, Callable[[], Awaitable[None]]]] = {}  # lease -> name -> duty
@@ -152,6 +156,8 @@ class Pilot:
             raise
 
     async def _start(self) -> None:
+        if self.loop_watch is not None:
+            self.loop_watch.start()
         if self.files is not None:
             self.files.sync()  # on the loop: the store wakes asyncio waiters
             self._tasks.append(spawn("config-files", self.files.run, self.failures))
@@ -276,6 +282,8 @@ class Pilot:
         provider = self.changes.close()
         if provider is not None:  # the last change's trace, flushed to the collector
             await asyncio.to_thread(provider.shutdown)
+        if self.loop_watch is not None:
+            self.loop_watch.stop()
 
     async def __aenter__(self) -> Pilot:
         await self.start()

@@ -48,6 +48,9 @@ class PilotSettings(BaseSettings):
     kube_in_cluster: bool = Field(False, description="the API server of the pod pilot runs in (its service account)")
     kube_mesh_namespace: str = Field("istio-system", description="control-plane namespace: the `istio` mesh ConfigMap")
     kube_sync_timeout_ms: int = Field(30_000, ge=0, description="the first push waits this long for the first lists")
+    loop_stall_ms: int = Field(
+        1000, ge=0, description="an event-loop stall this long is logged with the stack holding it and counted "
+        "(`pilot.loopwatch`); 0: not watched")
     gc_young_threshold: int = Field(
         50_000, ge=0, description="allocations between young garbage collections (`meshctl up`); 0: Python's 700")
     leader_election: bool = Field(
