@@ -20,6 +20,7 @@ in the last round: the same on any machine).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import tempfile
 import time
@@ -55,7 +56,7 @@ class Result:
 async def run(services: int, rounds: int) -> Result:
     """Publish `rounds` route and endpoint changes to one class per workload; the last round counted."""
     result = Result()
-    with tempfile.TemporaryDirectory(prefix="publish-fanout-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="publish-fanout-") as tmp, contextlib.ExitStack() as watching:
         config = meshgen.generate(Path(tmp), services=services)
         pilot = Pilot(PilotSettings())
         store, pusher = pilot.store, pilot.pusher
@@ -66,9 +67,8 @@ async def run(services: int, rounds: int) -> Result:
         def wake() -> None:
             woken[0] += 1
 
-        watches = [ClassWatch(pilot.cache, key, wake) for key in keys]
-        for watch in watches:
-            watch.__enter__()
+        for key in keys:  # one watching stream per class, as a connected fleet's
+            watching.enter_context(ClassWatch(pilot.cache, key, wake))
         result.classes = len(keys)
         pusher.rebuild()  # every class generated in full, as when the fleet has connected
         for i in range(rounds):
@@ -78,8 +78,6 @@ async def run(services: int, rounds: int) -> Result:
                 config.write_service(service)
                 store.replace_source(SOURCE, load_dir(config.directory).objects)
                 _measure(pusher, kind, counted=i == rounds - 1, result=result, woken=woken)
-        for watch in watches:
-            watch.__exit__(None, None, None)
     return result
 
 

@@ -55,6 +55,11 @@ class LoopWatch:
         self._thread = threading.Thread(target=self._watch, name="pilot-loop-watch", daemon=True)
         self._thread.start()
 
+    @property
+    def watching(self) -> bool:
+        """Whether the watching thread runs (between `start` and `stop`)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         """Stop beating and end the thread (it wakes within `interval`)."""
         if self._timer is not None:

@@ -242,7 +242,7 @@ class SessionBase(Generic[StateT]):
                 state = types[t]
                 # The proxy holds exactly the view last reconciled from this very type (the usual
                 # case): nothing of it can be due for removal, without asking the protocol.
-                if state.held is state.seen_view and state.seen and wholes.get(t) is state.seen_whole:
+                if state.held is state.seen_view and state.seen and wholes.get(t, EMPTY_SET) is state.seen_whole:
                     continue
                 if self._removal_due(t, snapshot):
                     self.removals_waiting = True
