@@ -170,6 +170,13 @@ class DeltaSession(SessionBase[_DeltaType]):
         if not state.wildcard and len(view) < len(state.names):  # some subscribed names do not exist
             missing = sorted(n for n in state.names - set(view) - state.held.keys() - state.reported_missing)
         if not changed and not missing:
+            if not state.held_version and type_url not in self.pending and not view.gone_from(state.held):
+                # It holds exactly the view without being sent it: a proxy back (pilot restarted, or
+                # failed over to another replica) whose initial_resource_versions are all current.
+                # Nothing is sent, and the proxy is in sync with the view, not waiting for it.
+                state.held = state.acked = view
+                state.held_version = state.acked_version = view.version
+                self._holding(type_url, view.version)
             return None
         if type_url == typeurls.CLUSTER:
             self._rewarm(snapshot, state.held, changed)

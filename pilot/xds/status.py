@@ -80,7 +80,7 @@ class TypeStatus:
     def state(self) -> SyncState:
         if self.nack_message:
             return SyncState.NACKED
-        if not self.sent_nonce:
+        if not self.sent_nonce and not self.sent_version:  # (a version alone: held since it connected)
             return SyncState.NOT_SENT
         if self.acked_version == self.sent_version == self.current_version:
             return SyncState.SYNCED
@@ -201,7 +201,8 @@ class StatusRegistry:
         """The proxy, settled and not NACKing, now holds exactly `version` without a response.
 
         That happens when it unsubscribes from resources (a cluster went away, so its endpoints
-        did): nothing needs sending, and what it holds is its last ACKed set minus those.
+        did): nothing needs sending, and what it holds is its last ACKed set minus those; and when
+        a delta proxy comes back holding exactly the current resources (its initial versions).
         """
         ts = status.of(type_url)
         if not ts.nack_message and ts.acked_version == ts.sent_version:

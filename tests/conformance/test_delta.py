@@ -110,6 +110,27 @@ async def test_initial_resource_versions_on_reconnect(ads: Harness) -> None:
         assert list((await c.recv()).removed_resources) == ["c3"]
 
 
+async def test_a_proxy_back_holding_exactly_the_current_resources_gets_nothing_and_is_synced(
+    ads: Harness,
+) -> None:
+    """As after a pilot restart or a failover with unchanged config: nothing is resent, and
+    `proxy-status` shows the proxy in sync, not waiting for a first response."""
+    ads.publish(snapshot({"c1": 1, "c2": 1}))
+    async with ads.client(delta=True) as c:
+        c.send_delta(CLUSTER)
+        held = {res.name: res.version for res in (await c.recv()).resources}
+    async with ads.client(delta=True) as c:
+        c.send_delta(CLUSTER, initial_versions=held)
+        await c.expect_silence()
+        assert ads.status_of("CDS")["state"] == "SYNCED"
+        ads.publish(snapshot({"c1": 1, "c2": 1}, timeouts={"c2": 5}))
+        r = await c.recv()
+        assert names(r) == ["c2"]
+        c.send_delta(CLUSTER, nonce=r.nonce)
+        await asyncio.sleep(0.1)
+        assert ads.status_of("CDS")["state"] == "SYNCED"
+
+
 async def test_nack_is_recorded_and_nothing_resent(ads: Harness) -> None:
     ads.publish(snapshot({"c1": 1}))
     async with ads.client(delta=True) as c:
