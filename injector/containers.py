@@ -68,8 +68,11 @@ def proxy_env(pod: Mapping[str, Any], settings: InjectSettings, workload: str, s
     """The sidecar's environment: who the pod is (downward API), where the control plane is, mesh metadata."""
     spec = pod.get("spec") or {}
     apps = [str(c.get("name")) for c in spec.get("containers") or () if c.get("name") != PROXY_CONTAINER]
-    proxy_config = {"discoveryAddress": settings.discovery_address, "interceptionMode": "REDIRECT",
-                    "statusPort": status_port}
+    metadata = ann.proxy_metadata(pod)
+    proxy_config: dict[str, Any] = {"discoveryAddress": settings.discovery_address, "interceptionMode": "REDIRECT",
+                                    "statusPort": status_port}
+    if metadata:
+        proxy_config["proxyMetadata"] = metadata
     env = [
         _env("CA_ADDR", settings.ca_address),
         _field_env("POD_NAME", "metadata.name"),
@@ -88,6 +91,8 @@ def proxy_env(pod: Mapping[str, Any], settings: InjectSettings, workload: str, s
     ]
     if probers:
         env.append(_env("ISTIO_KUBE_APP_PROBERS", json.dumps(probers, sort_keys=True, separators=(",", ":"))))
+    if metadata:  # as Istio: each proxyMetadata entry is a variable of the sidecar; it wins over ours
+        env = [e for e in env if e["name"] not in metadata] + [_env(k, v) for k, v in metadata.items()]
     return env
 
 

@@ -3,7 +3,8 @@
 The injected `istio-proxy` container (Istio's names, so Istio's injection templates and ours
 agree) learns its identity from the environment the downward API fills in: POD_NAME,
 POD_NAMESPACE, INSTANCE_IP, SERVICE_ACCOUNT; TRUST_DOMAIN; CA_ADDR; PROXY_CONFIG (ProxyConfig
-as JSON or YAML: `discoveryAddress`, `statusPort`); every `ISTIO_META_<KEY>` becomes node
+as JSON or YAML: `discoveryAddress`, `statusPort`, `proxyMetadata`); ISTIO_DELTA_XDS (delta or
+state-of-the-world ADS; also read from `proxyMetadata`, as Istio's agent does); every `ISTIO_META_<KEY>` becomes node
 metadata `<KEY>` (a string; `ISTIO_METAJSON_<KEY>` a JSON value), e.g. INTERCEPTION_MODE=REDIRECT,
 WORKLOAD_NAME, CLUSTER_ID, POD_PORTS; the labels come from the downward-API file
 `/etc/istio/pod/labels` (`key="value"` lines). Flags override each of these.
@@ -79,6 +80,7 @@ class PodProxy:
     trust_domain: str = "cluster.local"
     cluster_domain: str = "cluster.local"
     status_port: int = DEFAULT_STATUS_PORT
+    delta_xds: bool = True  # Istio's ISTIO_DELTA_XDS (default true since 1.22)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))
@@ -120,6 +122,30 @@ def _proxy_config(environ: Mapping[str, str]) -> dict[str, Any]:
     return loaded
 
 
+# Go's strconv.ParseBool, which Istio's agent reads its boolean variables with.
+_GO_BOOLS = {**dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
+             **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False)}
+
+
+def delta_xds(environ: Mapping[str, str], config: Mapping[str, Any]) -> bool:
+    """ISTIO_DELTA_XDS from the container's environment, else from ProxyConfig's `proxyMetadata`
+    (which Istio's injector also turns into environment variables), else true."""
+    text = environ.get("ISTIO_DELTA_XDS")
+    where = "ISTIO_DELTA_XDS"
+    if text is None:
+        metadata = config.get("proxyMetadata") or {}
+        if not isinstance(metadata, dict):
+            raise PodEnvError("PROXY_CONFIG: proxyMetadata must be a map of strings")
+        found = metadata.get("ISTIO_DELTA_XDS")
+        text, where = (None if found is None else str(found)), "PROXY_CONFIG: proxyMetadata.ISTIO_DELTA_XDS"
+    if text is None:
+        return True
+    value = _GO_BOOLS.get(text.strip())
+    if value is None:
+        raise PodEnvError(f"{where} {text!r} is not a boolean (true or false)")
+    return value
+
+
 def node_metadata(environ: Mapping[str, str]) -> dict[str, Any]:
     """`ISTIO_META_<KEY>` -> `<KEY>` (string), `ISTIO_METAJSON_<KEY>` -> `<KEY>` (JSON value)."""
     meta: dict[str, Any] = {}
@@ -149,7 +175,8 @@ def pod_from_env(environ: Mapping[str, str], labels_text: str | None = None,
                  overrides: Mapping[str, str | None] | None = None) -> PodProxy:
     """The sidecar described by a container's environment and labels file; `overrides` (flags:
     pod_name, namespace, pod_ip, service_account, discovery_address, ca_address, trust_domain,
-    cluster_domain) win over the environment. PodEnvError names what is missing or malformed."""
+    cluster_domain, delta_xds "true"/"false") win over the environment. PodEnvError names what is
+    missing or malformed."""
     over = overrides or {}
     config = _proxy_config(environ)
     meta = node_metadata(environ)
@@ -181,6 +208,7 @@ def pod_from_env(environ: Mapping[str, str], labels_text: str | None = None,
         trust_domain=over.get("trust_domain") or environ.get("TRUST_DOMAIN", "").strip() or "cluster.local",
         cluster_domain=over.get("cluster_domain") or "cluster.local",
         status_port=status_port,
+        delta_xds=delta_xds(environ, config) if over.get("delta_xds") is None else over["delta_xds"] == "true",
     )
     try:
         SpiffeId(pod.trust_domain, pod.namespace, pod.service_account)
@@ -214,7 +242,7 @@ def base_spec(pod: PodProxy, sds_socket: str, initial_fetch_timeout_s: float = 1
         namespace=pod.namespace, workload=_dns_label(pod.pod_name), address="127.0.0.1", labels=pod.labels,
         service_account=pod.service_account, kind=ProxyKind.SIDECAR, pilot_host=host, pilot_port=port,
         cluster_domain=pod.cluster_domain, initial_fetch_timeout_s=initial_fetch_timeout_s,
-        sds_socket=sds_socket, pilot_tls=True, pilot_san=host)
+        sds_socket=sds_socket, pilot_tls=True, pilot_san=host, delta_xds=pod.delta_xds)
 
 
 def _verify_pilot_ip(bootstrap: bootstrap_pb2.Bootstrap, ip: str) -> None:

@@ -49,14 +49,16 @@ class LocalMesh:
 
     def __init__(self, settings: PilotSettings, envoy_log_level: str = "warning", *, state_dir: Path | None = None,
                  trust_domain: str = "cluster.local", citadel_settings: Mapping[str, Any] | None = None,
-                 agent_settings: Mapping[str, Any] | None = None, **pilot_args: Any) -> None:
+                 agent_settings: Mapping[str, Any] | None = None, delta_xds: bool = True, **pilot_args: Any) -> None:
         """`citadel_settings` and `agent_settings` (with `state_dir` only) override `CitadelSettings` and
-        every sidecar's `AgentSettings` fields, e.g. a short `workload_cert_ttl` for rotation tests."""
+        every sidecar's `AgentSettings` fields, e.g. a short `workload_cert_ttl` for rotation tests.
+        `delta_xds` False: the sidecars speak state-of-the-world ADS (Istio's `ISTIO_DELTA_XDS=false`)."""
         if trust_domain != settings.trust_domain:  # pilot expects the identities the CA gives
             settings = settings.model_copy(update={"trust_domain": trust_domain})
         self.settings = settings
         self.pilot = Pilot(settings, **pilot_args)
         self.envoy_log_level = envoy_log_level
+        self.delta_xds = delta_xds
         self.sidecars: dict[str, EnvoyProcess] = {}
         self.agents: dict[str, WorkloadAgent] = {}
         self.security: MeshSecurity | None = None
@@ -113,7 +115,7 @@ class LocalMesh:
             namespace=namespace, workload=name, address=wl.address, labels=dict(wl.labels),
             service_account=wl.service_account or "default", kind=kind,
             pilot_host=self.settings.ads_host, pilot_port=self.pilot.ads_port,
-            cluster_domain=self.settings.cluster_domain,
+            cluster_domain=self.settings.cluster_domain, delta_xds=self.delta_xds,
         )
 
     async def _secured(self, spec: BootstrapSpec) -> BootstrapSpec:

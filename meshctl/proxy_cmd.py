@@ -64,6 +64,9 @@ def _spec_options(func: F) -> F:
         click.option("--debug", default=DEFAULT_DEBUG, show_default=True, help="Pilot debug API host:port."),
         click.option("--cluster-domain", default="cluster.local", show_default=True),
         click.option("--gateway", is_flag=True, help="Run as a gateway (node kind 'router')."),
+        click.option("--delta-xds/--sotw-xds", "delta_xds", default=True, show_default=True, envvar="ISTIO_DELTA_XDS",
+                     help="The ADS variant Envoy speaks: incremental (delta, Istio's default since 1.22) or state "
+                          "of the world [$ISTIO_DELTA_XDS: true/false]."),
         click.option(
             "--initial-fetch-timeout",
             type=click.FloatRange(min=0),
@@ -380,6 +383,7 @@ async def build_spec(
     initial_fetch_timeout: float,
     sds_socket: str | None = None,
     wait_for_pilot: float = 0.0,
+    delta_xds: bool = True,
 ) -> BootstrapSpec:
     """The spec from the options, asking pilot for whatever `--address` did not say.
 
@@ -406,6 +410,7 @@ async def build_spec(
             initial_fetch_timeout_s=initial_fetch_timeout,
             sds_socket=sds_socket,
             pilot_tls=sds_socket is not None,
+            delta_xds=delta_xds,
         )
     except BootstrapError as exc:
         raise click.UsageError(str(exc)) from exc

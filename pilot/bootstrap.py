@@ -110,6 +110,9 @@ class BootstrapSpec:
     # Mutual TLS to pilot (its authenticated port) with the agent's `default` and `ROOTCA`.
     pilot_tls: bool = False
     pilot_san: str = PILOT_SAN
+    # The ADS variant the proxy speaks: incremental (delta), Istio's default since 1.22, or state
+    # of the world (Istio's `ISTIO_DELTA_XDS=false`). See `_dynamic_resources`.
+    delta_xds: bool = True
 
     def __post_init__(self) -> None:
         for name in ("namespace", "workload"):
@@ -242,7 +245,13 @@ def _node(spec: BootstrapSpec) -> base_pb2.Node:
 
 
 def _dynamic_resources(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap.DynamicResources:
-    """ADS over one gRPC stream; a short backoff so a restarted pilot is found again quickly."""
+    """ADS over one gRPC stream; a short backoff so a restarted pilot is found again quickly.
+
+    Delta by default, as Istio since 1.22: a change sends each proxy only the resources that
+    changed, and its ACKs name nothing. In state of the world an Envoy's EDS ACK repeats every
+    ClusterLoadAssignment name it watches: 148 KB per proxy at 1,000 services, read back from
+    every proxy after each endpoint change (`benchmarks/README.md`).
+    """
     grpc = grpc_service_pb2.GrpcService(
         envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(
             cluster_name=XDS_CLUSTER,
@@ -254,8 +263,9 @@ def _dynamic_resources(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap.DynamicRe
             ),
         ),
     )
-    ads = config_source_pb2.ApiConfigSource(
-        api_type=config_source_pb2.ApiConfigSource.GRPC,
+    source = config_source_pb2.ApiConfigSource
+    ads = source(
+        api_type=source.DELTA_GRPC if spec.delta_xds else source.GRPC,
         transport_api_version=config_source_pb2.V3,
         grpc_services=[grpc],
         set_node_on_first_message_only=True,

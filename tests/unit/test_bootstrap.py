@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import subprocess
@@ -71,10 +72,10 @@ def test_router_kind_in_node_id() -> None:
     assert identity_from_node(node).proxy_class.kind is ProxyKind.ROUTER
 
 
-def test_ads_is_v3_grpc_to_the_xds_cluster_with_fast_backoff() -> None:
+def test_ads_is_v3_delta_grpc_to_the_xds_cluster_with_fast_backoff() -> None:
     dynamic = sidecar_bootstrap(_spec()).dynamic_resources
     ads = dynamic.ads_config
-    assert ads.api_type == ads.GRPC
+    assert ads.api_type == ads.DELTA_GRPC  # Istio's default since 1.22
     assert ads.transport_api_version == config_source_pb2.V3
     assert ads.set_node_on_first_message_only
     (grpc,) = ads.grpc_services
@@ -84,6 +85,14 @@ def test_ads_is_v3_grpc_to_the_xds_cluster_with_fast_backoff() -> None:
     for source in (dynamic.cds_config, dynamic.lds_config):
         assert source.HasField("ads")
         assert source.resource_api_version == config_source_pb2.V3
+
+
+def test_state_of_the_world_ads_when_asked_and_nothing_else_changes() -> None:
+    spec = _spec()
+    delta, sotw = sidecar_bootstrap(spec), sidecar_bootstrap(dataclasses.replace(spec, delta_xds=False))
+    assert sotw.dynamic_resources.ads_config.api_type == sotw.dynamic_resources.ads_config.GRPC
+    sotw.dynamic_resources.ads_config.api_type = delta.dynamic_resources.ads_config.api_type
+    assert sotw == delta
 
 
 def test_xds_cluster_speaks_http2_with_keepalive() -> None:

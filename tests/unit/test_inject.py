@@ -149,12 +149,31 @@ def test_capture_annotations_become_redirect_flags() -> None:
     ({"traffic.sidecar.istio.io/excludeInboundPorts": "80,http"}, ["Pod shop/web", "excludeInboundPorts", "'http'"]),
     ({"traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/33"}, ["includeOutboundIPRanges", "CIDR"]),
     ({"status.sidecar.istio.io/port": "99999"}, ["status.sidecar.istio.io/port", "not a port"]),
+    ({"proxy.istio.io/config": "[1]"}, ["Pod shop/web", "proxy.istio.io/config", "must be a ProxyConfig object"]),
+    ({"proxy.istio.io/config": "proxyMetadata: {ISTIO_DELTA_XDS: false}"},
+     ["proxy.istio.io/config", "proxyMetadata.ISTIO_DELTA_XDS", 'quote it: ISTIO_DELTA_XDS: "false"']),
+    ({"proxy.istio.io/config": "proxyMetadata: [a]"}, ["proxyMetadata must be a map"]),
+    ({"proxy.istio.io/config": "{"}, ["proxy.istio.io/config", "not YAML or JSON"]),
 ])
 def test_bad_annotations_refuse_the_pod_naming_the_annotation(annotations: dict[str, str], words: list[str]) -> None:
     with pytest.raises(InjectionError) as err:
         inject(make_pod(annotations=annotations), SETTINGS, ENROLLED)
     for word in words:
         assert word in str(err.value)
+
+
+def test_proxy_metadata_of_the_proxy_config_annotation_becomes_the_sidecars_environment() -> None:
+    config = 'proxyMetadata:\n  ISTIO_DELTA_XDS: "false"\n  CA_ADDR: ca.example:15012\nconcurrency: 2\n'
+    out = inject(make_pod(annotations={"proxy.istio.io/config": config}), SETTINGS, ENROLLED)
+    variables = container(out, PROXY_CONTAINER)["env"]
+    names = [e["name"] for e in variables]
+    assert len(names) == len(set(names))  # proxyMetadata replaces a variable of the same name
+    assert env(out)["ISTIO_DELTA_XDS"] == "false"
+    assert env(out)["CA_ADDR"] == "ca.example:15012"
+    assert json.loads(env(out)["PROXY_CONFIG"])["proxyMetadata"] == {"ISTIO_DELTA_XDS": "false",
+                                                                     "CA_ADDR": "ca.example:15012"}
+    plain = inject(make_pod(), SETTINGS, ENROLLED)
+    assert "ISTIO_DELTA_XDS" not in env(plain) and "proxyMetadata" not in json.loads(env(plain)["PROXY_CONFIG"])
 
 
 def test_a_volume_name_the_sidecar_needs_is_refused() -> None:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from envoy.config.core.v3 import config_source_pb2
 from google.protobuf import json_format
 
 from meshctl.cli import cli
@@ -58,6 +59,11 @@ def test_flags_override_the_environment_and_defaults_fill_the_rest() -> None:
     ({"POD_NAME": "p", "POD_NAMESPACE": "ns", "INSTANCE_IP": "10.0.0.1", "ISTIO_METAJSON_LABELS": "{"},
      "ISTIO_METAJSON_LABELS: not JSON"),
     ({"POD_NAME": "p", "POD_NAMESPACE": "Bad_NS", "INSTANCE_IP": "10.0.0.1"}, "namespace 'Bad_NS' is not a valid"),
+    ({"POD_NAME": "p", "POD_NAMESPACE": "ns", "INSTANCE_IP": "10.0.0.1", "ISTIO_DELTA_XDS": "no"},
+     "ISTIO_DELTA_XDS 'no' is not a boolean"),
+    ({"POD_NAME": "p", "POD_NAMESPACE": "ns", "INSTANCE_IP": "10.0.0.1",
+      "PROXY_CONFIG": '{"proxyMetadata": {"ISTIO_DELTA_XDS": "maybe"}}'},
+     "proxyMetadata.ISTIO_DELTA_XDS 'maybe' is not a boolean"),
 ])
 def test_bad_environment_names_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(PodEnvError, match=message):
@@ -100,6 +106,21 @@ def test_bootstrap_is_deterministic_and_ipv6_binds_all_v6() -> None:
     assert first == json_format.MessageToJson(pod_bootstrap(pod, "/s"), sort_keys=True)
     listeners = json.loads(first)["staticResources"]["listeners"]
     assert {lst["address"]["socketAddress"]["address"] for lst in listeners} == {"::"}
+
+
+def _ads_type(env: dict[str, str], overrides: dict[str, str | None] | None = None) -> str:
+    bootstrap = pod_bootstrap(pod_from_env(env, LABELS, overrides), "/s")
+    return str(config_source_pb2.ApiConfigSource.ApiType.Name(bootstrap.dynamic_resources.ads_config.api_type))
+
+
+def test_delta_ads_unless_istio_delta_xds_says_false_in_the_environment_or_proxy_metadata() -> None:
+    assert _ads_type(ENV) == "DELTA_GRPC"  # Istio's default since 1.22
+    assert _ads_type({**ENV, "ISTIO_DELTA_XDS": "false"}) == "GRPC"
+    assert _ads_type({**ENV, "ISTIO_DELTA_XDS": "0"}) == "GRPC"
+    in_config = {**ENV, "PROXY_CONFIG": json.dumps({"proxyMetadata": {"ISTIO_DELTA_XDS": "false"}})}
+    assert _ads_type(in_config) == "GRPC"
+    assert _ads_type({**in_config, "ISTIO_DELTA_XDS": "true"}) == "DELTA_GRPC"  # the variable wins
+    assert _ads_type({**ENV, "ISTIO_DELTA_XDS": "false"}, {"delta_xds": "true"}) == "DELTA_GRPC"  # then the flag
 
 
 @pytest.mark.parametrize(("args", "env", "message"), [

@@ -78,6 +78,20 @@ def test_bootstrap_with_address_needs_no_pilot() -> None:
     assert "pilot.mesh" in result.stdout
 
 
+@pytest.mark.parametrize(("flags", "env", "api_type"), [
+    ([], {}, "DELTA_GRPC"),
+    (["--sotw-xds"], {}, "GRPC"),
+    ([], {"ISTIO_DELTA_XDS": "false"}, "GRPC"),
+    (["--delta-xds"], {"ISTIO_DELTA_XDS": "false"}, "DELTA_GRPC"),
+])
+def test_bootstrap_speaks_delta_ads_unless_told_otherwise(flags: list[str], env: dict[str, str],
+                                                          api_type: str) -> None:
+    args = ["proxy", "bootstrap", "--workload", "shop/cart", "--address", _address(), *flags]
+    result = CliRunner().invoke(cli, args, env={"ISTIO_DELTA_XDS": None, **env})
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(result.stdout)["dynamic_resources"]["ads_config"]["api_type"] == api_type
+
+
 def test_bootstrap_asks_pilot_and_cli_labels_win(debug_addr: str, tmp_path: Path) -> None:
     out = tmp_path / "envoy.json"
     args = ["proxy", "bootstrap", "--workload", "bookinfo/reviews-v2", "--debug", debug_addr,
