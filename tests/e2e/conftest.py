@@ -63,13 +63,14 @@ class Canary:
 
 
 @pytest.fixture
-async def canary(tmp_path: Path) -> AsyncIterator[Canary]:
-    """frontend -> reviews v1 (80) / v2 (20), every workload with a real Envoy sidecar."""
+async def canary(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Canary]:
+    """frontend -> reviews v1 (80) / v2 (20), every workload with a real Envoy sidecar. Its sidecars
+    speak delta ADS, or state of the world when parametrized indirectly with "sotw"."""
     demo = DemoMesh(random_block(), {"v1": free_port(), "v2": free_port()})
     (tmp_path / "mesh.yaml").write_text(demo.mesh_yaml())
     (tmp_path / "route.yaml").write_text(demo.route_yaml([80, 20]))
     settings = PilotSettings(ads_port=free_port(), debug_port=0, config_dir=tmp_path, debounce_ms=50)
-    async with LocalMesh(settings) as mesh:
+    async with LocalMesh(settings, delta_xds=getattr(request, "param", "delta") == "delta") as mesh:
         for v in demo.versions:
             await mesh.start_app("default", f"reviews-{v}", v)
         for name in ("frontend", *(f"reviews-{v}" for v in demo.versions)):

@@ -17,7 +17,9 @@ from pilot.translate import generate
 from pilot.xds.typeurls import CLUSTER, LISTENER, ROUTE
 from tests.e2e.conftest import Canary
 
-pytestmark = pytest.mark.e2e
+# Every test here runs with sidecars on both ADS variants: delta (the default, as Istio since 1.22)
+# and state of the world (`ISTIO_DELTA_XDS=false`).
+pytestmark = [pytest.mark.e2e, pytest.mark.parametrize("canary", ["delta", "sotw"], indirect=True)]
 
 
 async def versions_seen(url: str, n: int, host: str = "reviews:9080") -> collections.Counter[str]:
@@ -34,6 +36,7 @@ async def test_sidecars_warm_ack_every_type_and_route_weighted_http(canary: Cana
     rows = canary.mesh.pilot.status.syncz()
     assert len(rows) == 3
     for row in rows:
+        assert row["protocol"] == ("delta" if canary.mesh.delta_xds else "sotw")
         for t in ("CDS", "LDS"):
             assert row["types"][t]["state"] == "SYNCED"
     frontend = next(r for r in rows if r["workload"] == "frontend")
