@@ -76,29 +76,35 @@ def until(what: str, check: Callable[[], bool], timeout: float = 90.0, tail: Cal
         time.sleep(0.3)
 
 
+SIDECAR_PROXY_CONFIG = "proxy.istio.io/config"
+
+
 def manifests(ns: str) -> list[dict[str, Any]]:
     """What the user applies: two versions of reviews behind one Service, and a client."""
-    def deployment(name: str, labels: dict[str, str], account: str, container: dict[str, Any]) -> dict[str, Any]:
+    def deployment(name: str, labels: dict[str, str], account: str, container: dict[str, Any],
+                   annotations: dict[str, str] | None = None) -> dict[str, Any]:
         return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": ns},
                 "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
-                    "metadata": {"labels": labels},
+                    "metadata": {"labels": labels, "annotations": annotations or {}},
                     "spec": {"serviceAccountName": account, "terminationGracePeriodSeconds": 5,
                              "containers": [{**container, "securityContext": {"runAsUser": APP_UID,
                                                                               "runAsGroup": APP_UID}}]}}}}
 
-    def reviews(version: str) -> dict[str, Any]:
+    def reviews(version: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
         return deployment(f"reviews-{version}", {"app": "reviews", "version": version}, "reviews", {
             "name": "reviews", "image": "example.invalid/reviews:1",
             "command": ["python", "-c", APP, version, str(PORT)],
             "ports": [{"name": "http", "containerPort": PORT}],
-            "readinessProbe": {"httpGet": {"path": "/ready", "port": PORT}, "periodSeconds": 2}})
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": PORT}, "periodSeconds": 2}}, annotations)
 
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "reviews", "namespace": ns}},
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "sleep", "namespace": ns}},
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "reviews", "namespace": ns},
          "spec": {"selector": {"app": "reviews"}, "ports": [{"name": "http", "port": PORT, "targetPort": PORT}]}},
-        reviews("v1"), reviews("v2"),
+        # v2's sidecar speaks state-of-the-world xDS, as Istio users ask with this annotation; the
+        # others delta, the default: one mesh, both protocols.
+        reviews("v1"), reviews("v2", {SIDECAR_PROXY_CONFIG: 'proxyMetadata:\n  ISTIO_DELTA_XDS: "false"\n'}),
         deployment("sleep", {"app": "sleep"}, "sleep", {"name": "sleep", "image": "example.invalid/curl:1",
                                                         "command": ["sleep", "infinity"]}),
     ]

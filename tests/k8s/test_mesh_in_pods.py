@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import urllib.request
 from collections import Counter
 
 import pytest
@@ -101,6 +102,11 @@ def test_canary_in_injected_pods(kube_cluster: KubeCluster) -> None:
             return all(row.split().count("SYNCED") == 4 for row in rows)
 
         until("every sidecar SYNCED in proxy-status", all_synced, tail=world.proxy_status)
+        # The pod annotated with proxyMetadata ISTIO_DELTA_XDS "false" speaks state of the world.
+        with urllib.request.urlopen(f"http://{world.debug}/debug/syncz", timeout=10) as resp:
+            protocols = {row["proxy"].split("~")[2].split(".")[0]: row["protocol"] for row in json.load(resp)}
+        assert {name.rsplit("-", 2)[0]: proto for name, proto in protocols.items()} == {
+            "reviews-v1": "delta", "reviews-v2": "sotw", "sleep": "delta"}, protocols
 
         # Scaling reviews-v2 to 0: its endpoint leaves the client's EDS.
         v2 = next(p for p in pods if p.name.startswith("reviews-v2-"))
