@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
 
 from aiohttp import web
@@ -72,14 +72,17 @@ async def serve_webhooks(ca: CertificateAuthority, settings: InjectSettings, *, 
                          port: int = WEBHOOK_PORT, namespace_labels: NamespaceLabels = assume_enrolled,
                          names: tuple[str, ...] = DNS_NAMES,
                          ips: tuple[str, ...] = ("127.0.0.1",),
-                         metrics: WebhookMetrics | None = None) -> AsyncIterator[WebhookServer]:
+                         metrics: WebhookMetrics | None = None,
+                         mesh_metadata: Callable[[], Mapping[str, str]] = dict) -> AsyncIterator[WebhookServer]:
     """The control plane's webhooks, serving until the block ends: how `meshctl up` wires them.
 
     `namespace_labels` defaults to trusting the webhook configuration's namespaceSelector (Istio's
     model, no RBAC needed); `namespace_lookup(api)` re-checks the labels with the API server.
     `metrics`: where reviews are counted (pilot's registry, so `/metrics` shows them).
+    `mesh_metadata()`: the mesh config's `defaultConfig.proxyMetadata` now (`Webhooks`).
     """
-    server = WebhookServer(Webhooks(settings, namespace_labels, metrics), serving_certificate(ca, ips, names))
+    server = WebhookServer(Webhooks(settings, namespace_labels, metrics, mesh_metadata),
+                           serving_certificate(ca, ips, names))
     await server.start(host, port)
     try:
         yield server

@@ -64,11 +64,13 @@ def _pod_ports(pod: Mapping[str, Any]) -> str:
 
 
 def proxy_env(pod: Mapping[str, Any], settings: InjectSettings, workload: str, status_port: int,
-              probers: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The sidecar's environment: who the pod is (downward API), where the control plane is, mesh metadata."""
+              probers: Mapping[str, Any], mesh_metadata: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """The sidecar's environment: who the pod is (downward API), where the control plane is, mesh
+    metadata, and `proxyMetadata`: the mesh config's `defaultConfig` (`mesh_metadata`), overridden
+    per key by the pod's `proxy.istio.io/config` annotation, as Istio merges them."""
     spec = pod.get("spec") or {}
     apps = [str(c.get("name")) for c in spec.get("containers") or () if c.get("name") != PROXY_CONTAINER]
-    metadata = ann.proxy_metadata(pod)
+    metadata = {**(mesh_metadata or {}), **ann.proxy_metadata(pod)}
     proxy_config: dict[str, Any] = {"discoveryAddress": settings.discovery_address, "interceptionMode": "REDIRECT",
                                     "statusPort": status_port}
     if metadata:

@@ -128,11 +128,12 @@ def _add_metadata(out: dict[str, Any], settings: InjectSettings, workload: str, 
 
 
 def inject(pod: dict[str, Any], settings: InjectSettings, namespace_labels: Mapping[str, str], *,
-           workload: str | None = None) -> dict[str, Any]:
+           workload: str | None = None, mesh_metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
     """`pod` with a sidecar when `decide` says so, else an equal copy; InjectionError for a bad annotation.
 
     `workload` names the controller when the caller knows it (kube-inject of a Deployment);
-    otherwise it comes from the pod's owner references (`workload_name`).
+    otherwise it comes from the pod's owner references (`workload_name`). `mesh_metadata`: the
+    mesh config's `defaultConfig.proxyMetadata` (see `injector.containers.proxy_env`).
     """
     out = copy.deepcopy(pod)
     if not decide(pod, settings, namespace_labels).inject:
@@ -152,7 +153,7 @@ def inject(pod: dict[str, Any], settings: InjectSettings, namespace_labels: Mapp
         probers = rewrite_probes(containers, port, lambda p: ann.captures_inbound(options, p))
     name = workload or workload_name(pod)
     apps = [str(c.get("name")) for c in containers]
-    env = proxy_env(pod, settings, name, port, probers)
+    env = proxy_env(pod, settings, name, port, probers, mesh_metadata)
     spec["initContainers"] = [init_container(pod, settings, options, port), *(spec.get("initContainers") or [])]
     containers.append(proxy_container(pod, settings, env))
     spec["volumes"] = [*(spec.get("volumes") or []), *volumes(settings)]

@@ -85,11 +85,15 @@ class Webhooks:
     """The handlers, with the settings and the namespace lookup they need."""
 
     def __init__(self, settings: InjectSettings, namespace_labels: NamespaceLabels = assume_enrolled,
-                 metrics: WebhookMetrics | None = None) -> None:
-        """`metrics`: where reviews are counted (a registry of their own when not given)."""
+                 metrics: WebhookMetrics | None = None,
+                 mesh_metadata: Callable[[], Mapping[str, str]] = dict) -> None:
+        """`metrics`: where reviews are counted (a registry of their own when not given).
+        `mesh_metadata()`: the mesh config's `defaultConfig.proxyMetadata` now (asked per pod, so a
+        ConfigMap edit applies to the next pod, as in Istio)."""
         self.settings = settings
         self.namespace_labels = namespace_labels
         self.metrics = metrics or WebhookMetrics(CollectorRegistry())
+        self.mesh_metadata = mesh_metadata
 
     async def review_pod(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """The response for one pod admission request."""
@@ -114,7 +118,7 @@ class Webhooks:
         if not decision.inject:
             self.metrics.injection_skip.inc()
         try:
-            after = inject(before, self.settings, labels)
+            after = inject(before, self.settings, labels, mesh_metadata=self.mesh_metadata())
         except InjectionError as exc:
             log.info("injector: refused: %s", exc)
             self.metrics.injection_failure.inc()

@@ -11,7 +11,7 @@ Settings come from `InjectSettings` (MESHCTL_INJECT_* environment variables) and
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import yaml
 
 from injector.inject import ENROLLED, InjectionError, inject
 from injector.settings import InjectSettings
+from pilot.kube.meshconfig import MeshConfigError, parse_mesh_config
 
 # kind -> path of the pod template inside the object.
 TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -40,7 +41,8 @@ def _template(obj: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] | No
     return node if isinstance(node, dict) else None
 
 
-def inject_template(obj: dict[str, Any], path: tuple[str, ...], settings: InjectSettings) -> dict[str, Any]:
+def inject_template(obj: dict[str, Any], path: tuple[str, ...], settings: InjectSettings,
+                    mesh_metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
     """A workload with its pod template injected (the template becomes a Pod for `inject` and back)."""
     template = _template(obj, path)
     if template is None:
@@ -49,7 +51,8 @@ def inject_template(obj: dict[str, Any], path: tuple[str, ...], settings: Inject
     template_meta = template.get("metadata") or {}
     pod_meta = {"namespace": meta.get("namespace") or "default", **template_meta}
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": pod_meta, "spec": template.get("spec") or {}}
-    injected = inject(pod, settings, ENROLLED, workload=str(meta.get("name") or "unknown"))
+    injected = inject(pod, settings, ENROLLED, workload=str(meta.get("name") or "unknown"),
+                      mesh_metadata=mesh_metadata)
     new_meta = {k: v for k, v in injected["metadata"].items() if k != "namespace" or k in template_meta}
     out = dict(obj)
     node = out
@@ -60,25 +63,41 @@ def inject_template(obj: dict[str, Any], path: tuple[str, ...], settings: Inject
     return out
 
 
-def inject_object(obj: Any, settings: InjectSettings) -> Any:
-    """One decoded document, injected if it is (or holds) a pod; anything else unchanged."""
+def inject_object(obj: Any, settings: InjectSettings, mesh_metadata: Mapping[str, str] | None = None) -> Any:
+    """One decoded document, injected if it is (or holds) a pod; anything else unchanged.
+    `mesh_metadata`: the mesh config's `defaultConfig.proxyMetadata`."""
     if not isinstance(obj, dict):
         return obj
     kind = obj.get("kind")
     if kind == "Pod":
-        return inject(obj, settings, ENROLLED)
+        return inject(obj, settings, ENROLLED, mesh_metadata=mesh_metadata)
     if kind == "List" and isinstance(obj.get("items"), list):
-        return {**obj, "items": [inject_object(item, settings) for item in obj["items"]]}
+        return {**obj, "items": [inject_object(item, settings, mesh_metadata) for item in obj["items"]]}
     if kind in TEMPLATES:
-        return inject_template(obj, TEMPLATES[kind], settings)
+        return inject_template(obj, TEMPLATES[kind], settings, mesh_metadata)
     return obj
 
 
-def inject_documents(text: str, settings: InjectSettings) -> Iterator[Any]:
+def inject_documents(text: str, settings: InjectSettings,
+                     mesh_metadata: Mapping[str, str] | None = None) -> Iterator[Any]:
     """Every document of a YAML stream, injected where it holds a pod (empty documents dropped)."""
     for doc in yaml.safe_load_all(text):
         if doc is not None:
-            yield inject_object(doc, settings)
+            yield inject_object(doc, settings, mesh_metadata)
+
+
+def _mesh_metadata(path: Path | None) -> Mapping[str, str]:
+    """`defaultConfig.proxyMetadata` of a mesh config file; ClickException naming the file and field."""
+    if path is None:
+        return {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return parse_mesh_config(text, where=str(path)).default_config.proxy_metadata
+    except MeshConfigError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def render(docs: Iterator[Any]) -> str:
@@ -102,8 +121,11 @@ pod that cannot be injected (the document and reason are printed); 2 bad usage.
 @click.option("--proxy-image", help="Sidecar (and init container) image [MESHCTL_INJECT_PROXY_IMAGE or built-in].")
 @click.option("--trust-domain", help="SPIFFE trust domain of the mesh [cluster.local].")
 @click.option("--discovery-address", help="Pilot's xDS address as pods see it [istiod.istio-system.svc:15012].")
+@click.option("--mesh-config-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Mesh config YAML (the `istio` ConfigMap's `mesh` key): its defaultConfig.proxyMetadata "
+                   "goes into every sidecar's environment, as the webhook does with the cluster's.")
 def kube_inject(filename: str, output: Path | None, proxy_image: str | None, trust_domain: str | None,
-                discovery_address: str | None) -> None:
+                discovery_address: str | None, mesh_config_file: Path | None = None) -> None:
     """Inject sidecars into the pods and pod templates of FILE, as the webhook would."""
     overrides = {k: v for k, v in (("proxy_image", proxy_image), ("trust_domain", trust_domain),
                                    ("discovery_address", discovery_address)) if v is not None}
@@ -113,7 +135,7 @@ def kube_inject(filename: str, output: Path | None, proxy_image: str | None, tru
     except OSError as exc:
         raise click.ClickException(f"cannot read {filename}: {exc.strerror or exc}") from None
     try:
-        rendered = render(inject_documents(text, settings))
+        rendered = render(inject_documents(text, settings, _mesh_metadata(mesh_config_file)))
     except yaml.YAMLError as exc:
         raise click.ClickException(f"{filename}: invalid YAML: {' '.join(str(exc).split())}") from None
     except InjectionError as exc:

@@ -87,6 +87,11 @@ class KubeUpSettings(BaseSettings):
         return self.validation_webhook_config_name or InstallOptions(namespace=mesh_namespace).validator_name
 
 
+def _mesh_metadata(pilot: Pilot) -> Mapping[str, str]:
+    """The mesh config's `defaultConfig.proxyMetadata` in force (none without a cluster source)."""
+    return pilot.kube.mesh.default_config.proxy_metadata if pilot.kube is not None else {}
+
+
 def webhook_address(given: tuple[str, int] | None, in_cluster: bool) -> tuple[str, int]:
     """Where the webhooks listen: as given, else every address in a pod (the API server comes
     through the istiod Service) and loopback from a workstation."""
@@ -315,7 +320,7 @@ class KubeControlPlane:
         try:
             server = await self._stack.enter_async_context(serve_webhooks(
                 ca, self.inject, host=host, port=port, names=dns_names(self.settings.kube_mesh_namespace), ips=ips,
-                metrics=WebhookMetrics(pilot.registry)))
+                metrics=WebhookMetrics(pilot.registry), mesh_metadata=lambda: _mesh_metadata(pilot)))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise AddressInUseError("webhooks", host, port) from None

@@ -67,6 +67,22 @@ class NamespaceSelector(_Model):
                 and all(req.matches(labels) for req in self.match_expressions))
 
 
+class ProxyDefaults(_Model):
+    """`defaultConfig`: the ProxyConfig every sidecar starts from. Only `proxyMetadata` is read (the
+    injector sets each entry as a variable of the sidecar, e.g. `ISTIO_DELTA_XDS: "false"` mesh-wide;
+    a pod's `proxy.istio.io/config` annotation overrides it per key). Values are strings, as in Istio."""
+
+    proxy_metadata: dict[str, pydantic.StrictStr] = Field(default_factory=dict)
+
+    @pydantic.field_validator("proxy_metadata")
+    @classmethod
+    def _names_are_variables(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [name for name in value if not name or "=" in name]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not an environment variable name")
+        return value
+
+
 class MeshConfig(_Model):
     """The MeshConfig fields pilot reads, with Istio's defaults."""
 
@@ -74,6 +90,7 @@ class MeshConfig(_Model):
     root_namespace: str = DEFAULT_NAMESPACE
     # None (or empty): every namespace is part of the mesh.
     discovery_selectors: tuple[NamespaceSelector, ...] = ()
+    default_config: ProxyDefaults = Field(default_factory=ProxyDefaults)
 
 
 class MeshConfigError(ValueError):

@@ -77,6 +77,8 @@ def until(what: str, check: Callable[[], bool], timeout: float = 90.0, tail: Cal
 
 
 SIDECAR_PROXY_CONFIG = "proxy.istio.io/config"
+# Set for every sidecar by the mesh config's defaultConfig.proxyMetadata (`started_mesh`).
+MESH_WIDE_VARIABLE = "MESHCTL_TEST_MESH_WIDE"
 
 
 def manifests(ns: str) -> list[dict[str, Any]]:
@@ -533,7 +535,8 @@ def started_mesh(cluster: KubeCluster, stack: contextlib.ExitStack) -> tuple[Mes
                          (plain_ns, {SCOPE_LABEL: token}), (other_ns, {})):
         cluster.kubectl("create", "-f", "-", stdin=json.dumps(
             {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}))
-    mesh = yaml.safe_dump({"discoverySelectors": [{"matchLabels": {SCOPE_LABEL: token}}]})
+    mesh = yaml.safe_dump({"discoverySelectors": [{"matchLabels": {SCOPE_LABEL: token}}],
+                           "defaultConfig": {"proxyMetadata": {MESH_WIDE_VARIABLE: "applied"}}})
     cluster.kubectl("-n", mesh_ns, "create", "configmap", "istio", f"--from-literal=mesh={mesh}")
     for name in (ns, plain_ns):
         until(f"ServiceAccount {name}/default", lambda n=name: cluster.kubectl(  # type: ignore[misc]

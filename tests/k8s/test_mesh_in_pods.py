@@ -42,7 +42,7 @@ from collections import Counter
 import pytest
 
 from tests.k8s.cluster import KubeCluster
-from tests.k8s.meshpods import PORT, canary, manifests, run_pods, started_mesh, until
+from tests.k8s.meshpods import MESH_WIDE_VARIABLE, PORT, canary, manifests, run_pods, started_mesh, until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -65,6 +65,19 @@ def test_canary_in_injected_pods(kube_cluster: KubeCluster) -> None:
         assert [c["name"] for c in created["spec"]["containers"]] == ["app"]
         assert "initContainers" not in created["spec"]
         run_pods(world)
+
+        # The sidecars' environment: the mesh config's defaultConfig.proxyMetadata for every pod,
+        # and the annotation's entries for reviews-v2's (merged per key, as Istio does).
+        listed = json.loads(cluster.kubectl("-n", ns, "get", "pods", "-o", "json").stdout)["items"]
+        environments = {p["metadata"]["name"].rsplit("-", 2)[0]: {
+            e["name"]: e.get("value") for c in p["spec"]["containers"] if c["name"] == "istio-proxy"
+            for e in c["env"]} for p in listed}
+        assert sorted(environments) == ["reviews-v1", "reviews-v2", "sleep"], sorted(environments)
+        assert all(e[MESH_WIDE_VARIABLE] == "applied" for e in environments.values()), environments
+        assert environments["reviews-v2"]["ISTIO_DELTA_XDS"] == "false"
+        assert "ISTIO_DELTA_XDS" not in environments["reviews-v1"]
+        assert json.loads(environments["reviews-v2"]["PROXY_CONFIG"])["proxyMetadata"] == {
+            MESH_WIDE_VARIABLE: "applied", "ISTIO_DELTA_XDS": "false"}
 
         # Captured plain HTTP crosses both sidecars over mutual TLS and reaches both versions.
         until("both reviews endpoints in the client's EDS", lambda: len(world.client_endpoints().get(

@@ -329,6 +329,25 @@ def test_kube_inject_errors_name_the_file_and_the_reason(tmp_path: Path) -> None
     assert result.exit_code == 1 and "cannot read" in result.output
 
 
+def test_kube_inject_takes_proxy_metadata_from_a_mesh_config_file_and_the_annotation_wins(tmp_path: Path) -> None:
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text('defaultConfig:\n  proxyMetadata:\n    ISTIO_DELTA_XDS: "false"\n    MESH_WIDE: "yes"\n')
+    pods = [make_pod(), make_pod(annotations={"proxy.istio.io/config": 'proxyMetadata: {ISTIO_DELTA_XDS: "true"}'})]
+    result = CliRunner().invoke(cli, ["kube-inject", "-f", "-", "--mesh-config-file", str(mesh)],
+                                input=yaml.safe_dump_all(pods))
+    assert result.exit_code == 0, result.output
+    plain, annotated = list(yaml.safe_load_all(result.stdout))
+    assert (env(plain)["ISTIO_DELTA_XDS"], env(plain)["MESH_WIDE"]) == ("false", "yes")
+    assert (env(annotated)["ISTIO_DELTA_XDS"], env(annotated)["MESH_WIDE"]) == ("true", "yes")
+    assert json.loads(env(annotated)["PROXY_CONFIG"])["proxyMetadata"] == {"ISTIO_DELTA_XDS": "true",
+                                                                           "MESH_WIDE": "yes"}
+    mesh.write_text("defaultConfig:\n  proxyMetadata:\n    ISTIO_DELTA_XDS: false\n")
+    result = CliRunner().invoke(cli, ["kube-inject", "-f", "-", "--mesh-config-file", str(mesh)],
+                                input=yaml.safe_dump(make_pod()))
+    assert result.exit_code == 1
+    assert f"{mesh}: defaultConfig.proxyMetadata.ISTIO_DELTA_XDS: Input should be a valid string" in result.output
+
+
 # ---- never crash -------------------------------------------------------------------------------
 
 ANNOTATION_KEYS = [f"traffic.sidecar.istio.io/{k}" for k in (
