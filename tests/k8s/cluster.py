@@ -121,6 +121,18 @@ def _write_kubeconfig(path: Path, server: str, ca: Path, user: str, token: str) 
     path.chmod(0o600)
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM a process that still runs, SIGKILL it if it has not exited after `timeout` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _insecure_context() -> ssl.SSLContext:
     """kube-controller-manager's serving certificate is self-signed; /healthz is on its
     always-allowed paths, so only liveness is read through this."""
@@ -296,12 +308,7 @@ class KubeCluster:
         """
         procs = dict(self._procs)
         old = procs["kube-apiserver"]
-        old.terminate()
-        try:
-            old.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            old.kill()
-            old.wait()
+        stop_process(old, 30)
         self._procs = [(name, proc) for name, proc in self._procs if proc is not old]
         time.sleep(down_s)
         self._spawn("kube-apiserver", self._apiserver_args)
@@ -320,13 +327,7 @@ class KubeCluster:
         until /healthz answers."""
         kcm = dict(self._procs).get("kube-controller-manager")
         if kcm is not None:
-            if kcm.poll() is None:
-                kcm.terminate()
-                try:
-                    kcm.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    kcm.kill()
-                    kcm.wait()
+            stop_process(kcm, 10)
             self._procs = [(name, proc) for name, proc in self._procs if proc is not kcm]
         self._spawn("kube-controller-manager", self._kcm_args)
         self._wait("kube-controller-manager", f"https://127.0.0.1:{self._kcm_port}/healthz", _insecure_context(),
@@ -350,13 +351,7 @@ class KubeCluster:
     def _stop(self) -> None:
         """Stop in reverse start order: SIGTERM, then SIGKILL after 10 s."""
         for _name, proc in reversed(self._procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc, 10)
         self._procs.clear()
 
 
