@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,6 +38,8 @@ import click
 from click.core import ParameterSource
 
 from meshctl.envoy import LOG_LEVELS, EnvoyProcess, host_url
+from meshctl.kube_pod import PodEnvError
+from meshctl.kube_pod import delta_xds as env_delta_xds
 from meshctl.output import emit, output_option
 from meshctl.proxy_kube import kube_options, run_kubernetes
 from meshctl.proxy_run import until_stopped
@@ -64,9 +67,9 @@ def _spec_options(func: F) -> F:
         click.option("--debug", default=DEFAULT_DEBUG, show_default=True, help="Pilot debug API host:port."),
         click.option("--cluster-domain", default="cluster.local", show_default=True),
         click.option("--gateway", is_flag=True, help="Run as a gateway (node kind 'router')."),
-        click.option("--delta-xds/--sotw-xds", "delta_xds", default=True, show_default=True, envvar="ISTIO_DELTA_XDS",
+        click.option("--delta-xds/--sotw-xds", "delta_xds", default=None,
                      help="The ADS variant Envoy speaks: incremental (delta, Istio's default since 1.22) or state "
-                          "of the world [$ISTIO_DELTA_XDS: true/false]."),
+                          "of the world [$ISTIO_DELTA_XDS, true/false as Go reads booleans; else delta]."),
         click.option(
             "--initial-fetch-timeout",
             type=click.FloatRange(min=0),
@@ -383,7 +386,7 @@ async def build_spec(
     initial_fetch_timeout: float,
     sds_socket: str | None = None,
     wait_for_pilot: float = 0.0,
-    delta_xds: bool = True,
+    delta_xds: bool | None = None,
 ) -> BootstrapSpec:
     """The spec from the options, asking pilot for whatever `--address` did not say.
 
@@ -410,9 +413,9 @@ async def build_spec(
             initial_fetch_timeout_s=initial_fetch_timeout,
             sds_socket=sds_socket,
             pilot_tls=sds_socket is not None,
-            delta_xds=delta_xds,
+            delta_xds=env_delta_xds(os.environ, {}) if delta_xds is None else delta_xds,
         )
-    except BootstrapError as exc:
+    except (BootstrapError, PodEnvError) as exc:
         raise click.UsageError(str(exc)) from exc
 
 

@@ -195,7 +195,7 @@ def run_kubernetes(params: Mapping[str, Any], explicit: Callable[[str], bool]) -
         "ca_address": params.get("ca_address"),
         "trust_domain": params.get("trust_domain") if explicit("trust_domain") else None,
         "cluster_domain": params.get("cluster_domain") if explicit("cluster_domain") else None,
-        "delta_xds": ("true" if params.get("delta_xds") else "false") if explicit("delta_xds") else None,
+        "delta_xds": None if params.get("delta_xds") is None else str(bool(params["delta_xds"])).lower(),
     }
     envoy_dir: Path | None = params.get("envoy_dir")
     if envoy_dir is None and DEFAULT_ENVOY_DIR.is_dir():

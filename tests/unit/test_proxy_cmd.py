@@ -92,6 +92,13 @@ def test_bootstrap_speaks_delta_ads_unless_told_otherwise(flags: list[str], env:
     assert yaml.safe_load(result.stdout)["dynamic_resources"]["ads_config"]["api_type"] == api_type
 
 
+def test_a_value_of_istio_delta_xds_go_would_not_read_is_a_usage_error_naming_it() -> None:
+    args = ["proxy", "bootstrap", "--workload", "shop/cart", "--address", _address()]
+    result = CliRunner().invoke(cli, args, env={"ISTIO_DELTA_XDS": "yes"})
+    assert result.exit_code == 2
+    assert "ISTIO_DELTA_XDS 'yes' is not a boolean" in result.output
+
+
 def test_bootstrap_asks_pilot_and_cli_labels_win(debug_addr: str, tmp_path: Path) -> None:
     out = tmp_path / "envoy.json"
     args = ["proxy", "bootstrap", "--workload", "bookinfo/reviews-v2", "--debug", debug_addr,
