@@ -261,5 +261,10 @@ async def test_a_client_without_a_mesh_certificate_is_refused(setup: Setup) -> N
     with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
         await get(reader, writer)  # TLS 1.3: Envoy's refusal of the missing client certificate arrives here
     writer.close()
-    stats = await setup.envoy.stats("fail_verify_no_cert")
+    # Envoy counts the refusal on its worker thread; the admin may answer before it is counted.
+    for _ in range(50):
+        stats = await setup.envoy.stats("fail_verify_no_cert")
+        if any(k.startswith("listener.") and v >= 1 for k, v in stats.items()):
+            break
+        await asyncio.sleep(0.1)
     assert any(k.startswith("listener.") and v >= 1 for k, v in stats.items()), stats
