@@ -8,12 +8,13 @@ measures the floor under pilot's "CPU per route change": the server CPU (user + 
 `getrusage`) of handing those bytes to the kernel, once through `grpc.aio` (the stack pilot is
 built on: one message per stream, pre-encoded, written with `context.write` as pilot does), once
 the same way but reached over TLS through pilot's `TlsFront` (the relay in front of the
-authenticated port 15012, which sidecars on Kubernetes use), and once as plain TCP `sendall` on one
-socket per stream (what the bytes cost below any RPC layer). A reader process (spawned, with the
+authenticated port 15012, which sidecars on Kubernetes use), once over gRPC's own TLS on the gRPC
+port (what TLS costs a server with no relay: grpcio encrypting in C), and once as plain TCP
+`sendall` on one socket per stream (what the bytes cost below any RPC layer). A reader process (spawned, with the
 benchmark's client channels: 250 streams each, one TCP connection per channel) takes every byte
 without parsing it and shares the 2 cores with the server, as the ADS load benchmark's clients do.
 
-Cost: the run itself writes rounds x streams x bytes three times (about 10 GB at the defaults).
+Cost: the run itself writes rounds x streams x bytes four times (about 14 GB at the defaults).
 """
 
 from __future__ import annotations
@@ -121,11 +122,13 @@ def _tcp_reader(port: int, streams: int, conn: Connection) -> None:
     conn.send(total)
 
 
-async def grpc_floor(streams: int, size: int, rounds: int, tls_front: bool = False) -> Floor:
+async def grpc_floor(streams: int, size: int, rounds: int, tls_front: bool = False, grpc_tls: bool = False) -> Floor:
     """Rounds of one `size`-byte message to each of `streams` gRPC streams, all written at once.
 
     `tls_front`: the streams come over TLS through pilot's `TlsFront` (the 15012 port's relay, on
-    the same event loop as the server, as in pilot), not straight to the gRPC port."""
+    the same event loop as the server, as in pilot), not straight to the gRPC port. `grpc_tls`:
+    they come over TLS terminated by gRPC itself (`ssl_server_credentials`, no client certificate
+    asked for: grpcio cannot ask for one and accept its absence, which is why pilot has the front)."""
     message = b"\x0a" + bytes(size - 1)
     go: list[asyncio.Event] = [asyncio.Event() for _ in range(rounds)]
     done: list[asyncio.Future[None]] = []
@@ -148,9 +151,13 @@ async def grpc_floor(streams: int, size: int, rounds: int, tls_front: bool = Fal
         ("grpc.server.max_pending_requests", 100_000), ("grpc.server.max_pending_requests_hard_limit", 100_000)])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
         "Take": grpc.unary_stream_rpc_method_handler(take, _identity, _identity)}),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
     front, ca_pem = None, None
+    if grpc_tls:
+        key, chain, ca_pem = _server_pem()
+        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, chain)]))
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
     if tls_front:
         context, ca_pem = _server_tls()
         front = TlsFront(lambda: context, "127.0.0.1", port)
@@ -174,8 +181,17 @@ async def grpc_floor(streams: int, size: int, rounds: int, tls_front: bool = Fal
             await front.stop()
         await server.stop(None)
         reader.join(30)
-    return Floor("TLS front" if tls_front else "grpc.aio", streams, size, (u1 - user) / rounds,
+    transport = "TLS front" if tls_front else "grpc TLS" if grpc_tls else "grpc.aio"
+    return Floor(transport, streams, size, (u1 - user) / rounds,
                  (s1 - system) / rounds, elapsed / rounds, received)
+
+
+def _server_pem() -> tuple[bytes, bytes, bytes]:
+    """A private key and certificate for `TLS_HOST` from a fresh CA (PEM), and that CA's certificate."""
+    ca = DevCa.create("write_floor CA")
+    with tempfile.TemporaryDirectory() as d:
+        issued = ca.issue(Path(d), "server", [TLS_HOST])
+        return issued.key.read_bytes(), issued.cert.read_bytes(), ca.write_ca(Path(d) / "ca.pem").read_bytes()
 
 
 def _server_tls() -> tuple[ssl.SSLContext, bytes]:
@@ -228,7 +244,8 @@ def report(floors: list[Floor], rounds: int) -> str:
                      f"{f.system:>6.3f} {f.per_message_us():>10.0f} {f.streams * f.size / 1e9:>8.2f} "
                      f"{'yes' if ok else 'NO':>11}")
     by = {f.transport: f for f in floors}
-    for over, under in (("grpc.aio", "plain TCP"), ("TLS front", "grpc.aio")):
+    for over, under in (("grpc.aio", "plain TCP"), ("grpc TLS", "grpc.aio"), ("TLS front", "grpc.aio"),
+                        ("TLS front", "grpc TLS")):
         if over in by and under in by and by[under].cpu > 0:
             lines.append(f"{over} / {under} CPU: {by[over].cpu / by[under].cpu:.1f}x")
     return "\n".join(lines)
@@ -241,12 +258,13 @@ def report(floors: list[Floor], rounds: int) -> str:
               help="Streams (proxies) written to in each round.")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Route changes: rounds of one message per stream.")
-@click.option("--tls-front/--no-tls-front", default=True, show_default=True,
-              help="Also through pilot's TLS front (the 15012 relay), after the plain gRPC round.")
-def main(size: int, streams: int, rounds: int, tls_front: bool) -> None:
-    """Server CPU per round of one message to every stream: grpc.aio, through the TLS front, then plain TCP."""
+@click.option("--tls/--no-tls", default=True, show_default=True,
+              help="Also over TLS: gRPC's own, then through pilot's TLS front (the 15012 relay).")
+def main(size: int, streams: int, rounds: int, tls: bool) -> None:
+    """Server CPU per round of one message to every stream: grpc.aio, gRPC's TLS, the TLS front, plain TCP."""
     floors = [asyncio.run(grpc_floor(streams, size, rounds))]
-    if tls_front:
+    if tls:
+        floors.append(asyncio.run(grpc_floor(streams, size, rounds, grpc_tls=True)))
         floors.append(asyncio.run(grpc_floor(streams, size, rounds, tls_front=True)))
     floors.append(tcp_floor(streams, size, rounds))
     click.echo(report(floors, rounds))

@@ -22,10 +22,10 @@ server certificate or a changed trust bundle applies to new handshakes at once.
 Cost: every byte crosses the event loop once more than on a plaintext port (one read and one write
 per chunk of up to 256 KiB, plus the TLS record work that gRPC would otherwise do in C).
 `benchmarks.write_floor` measures it: one mission-scale route change (2,000 x 0.57 MB) costs the
-server about 2 s of CPU through this front against 0.7 s on plain gRPC; encrypting is about a third
-of the difference, the extra loopback hop and the relay's Python the rest. (With a coroutine per
-direction reading asyncio streams, as before session 21, the relay's part was larger: see the
-README's "How it fits together".)
+server about 1.8 s of CPU through this front, 0.7 s on plain gRPC, and 1.4-1.7 s over gRPC's own
+TLS (no hop, encrypting in C): TLS is most of the difference, the hop and the relay's Python
+0.1-0.4 s. (With a coroutine per direction reading asyncio streams, as before session 21, the
+relay's part was larger: see the README's "How it fits together".)
 """
 
 from __future__ import annotations

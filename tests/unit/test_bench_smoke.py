@@ -227,21 +227,24 @@ def test_sample_dir_samples_the_server_during_each_change(tmp_path: Path) -> Non
 
 
 @pytest.mark.timeout(60)
-def test_write_floor_delivers_every_byte_three_ways_and_reports_the_cpu() -> None:
-    """`benchmarks.write_floor`: every stream's reader gets each round's bytes over gRPC, over TLS
-    through pilot's TLS front (the 15012 relay) and over plain TCP; the report gives the three rows
-    and the two CPU ratios."""
+def test_write_floor_delivers_every_byte_four_ways_and_reports_the_cpu() -> None:
+    """`benchmarks.write_floor`: every stream's reader gets each round's bytes over gRPC, over
+    gRPC's own TLS, over TLS through pilot's TLS front (the 15012 relay) and over plain TCP; the
+    report gives the four rows and the CPU ratios."""
     import asyncio
 
     from benchmarks.write_floor import grpc_floor, report, tcp_floor
 
-    floors = [asyncio.run(grpc_floor(7, 3000, 2)), asyncio.run(grpc_floor(7, 3000, 2, tls_front=True)),
-              tcp_floor(7, 3000, 2)]
+    floors = [asyncio.run(grpc_floor(7, 3000, 2)), asyncio.run(grpc_floor(7, 3000, 2, grpc_tls=True)),
+              asyncio.run(grpc_floor(7, 3000, 2, tls_front=True)), tcp_floor(7, 3000, 2)]
     assert [(f.transport, f.received) for f in floors] == [
-        ("grpc.aio", 7 * 3000 * 2), ("TLS front", 7 * 3000 * 2), ("plain TCP", 7 * 3000 * 2)]
+        ("grpc.aio", 7 * 3000 * 2), ("grpc TLS", 7 * 3000 * 2), ("TLS front", 7 * 3000 * 2),
+        ("plain TCP", 7 * 3000 * 2)]
     assert all(f.cpu > 0 and f.wall > 0 for f in floors)
     text = report(floors, 2)
-    assert text.count(" yes") == 3 and "grpc.aio / plain TCP CPU:" in text and "TLS front / grpc.aio CPU:" in text
+    assert text.count(" yes") == 4
+    for ratio in ("grpc.aio / plain TCP", "grpc TLS / grpc.aio", "TLS front / grpc.aio", "TLS front / grpc TLS"):
+        assert f"{ratio} CPU:" in text
 
 
 @pytest.mark.timeout(60)
