@@ -133,6 +133,13 @@ async def test_wait_follows_a_kubectl_applied_route_to_the_clients_ack(
             xds.send(LISTENER)
             client = Client(xds)
             try:
+                # The client holds its routes before the edit: a proxy that has not subscribed to
+                # them yet is not one the route waits for (it gets the edit with its first routes).
+                for _ in range(600):
+                    if client.routes:
+                        break
+                    await asyncio.sleep(0.05)
+                assert client.routes, "the client never got its route configuration"
                 files = tmp_path / "kubectl"
                 files.mkdir()  # outside pilot's --config-dir: the cluster is its only source
                 first = route_file(files / "vs.yaml", ns, "x-first")
