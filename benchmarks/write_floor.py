@@ -122,13 +122,19 @@ def _tcp_reader(port: int, streams: int, conn: Connection) -> None:
     conn.send(total)
 
 
-async def grpc_floor(streams: int, size: int, rounds: int, tls_front: bool = False, grpc_tls: bool = False) -> Floor:
+# `grpc_floor`'s `tls` -> the transport's name in the report.
+TRANSPORTS = {"": "grpc.aio", "grpc": "grpc TLS", "front": "TLS front"}
+
+
+async def grpc_floor(streams: int, size: int, rounds: int, tls: str = "") -> Floor:
     """Rounds of one `size`-byte message to each of `streams` gRPC streams, all written at once.
 
-    `tls_front`: the streams come over TLS through pilot's `TlsFront` (the 15012 port's relay, on
-    the same event loop as the server, as in pilot), not straight to the gRPC port. `grpc_tls`:
-    they come over TLS terminated by gRPC itself (`ssl_server_credentials`, no client certificate
-    asked for: grpcio cannot ask for one and accept its absence, which is why pilot has the front)."""
+    `tls` "front": the streams come over TLS through pilot's `TlsFront` (the 15012 port's relay, on
+    the same event loop as the server, as in pilot), not straight to the gRPC port; "grpc": over
+    TLS terminated by gRPC itself (`ssl_server_credentials`, no client certificate asked for:
+    grpcio cannot ask for one and accept its absence, which is why pilot has the front); "": plaintext."""
+    if tls not in TRANSPORTS:
+        raise ValueError(f"tls must be one of {sorted(TRANSPORTS)}, not {tls!r}")
     message = b"\x0a" + bytes(size - 1)
     go: list[asyncio.Event] = [asyncio.Event() for _ in range(rounds)]
     done: list[asyncio.Future[None]] = []
@@ -152,13 +158,13 @@ async def grpc_floor(streams: int, size: int, rounds: int, tls_front: bool = Fal
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
         "Take": grpc.unary_stream_rpc_method_handler(take, _identity, _identity)}),))
     front, ca_pem = None, None
-    if grpc_tls:
+    if tls == "grpc":
         key, chain, ca_pem = _server_pem()
         port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, chain)]))
     else:
         port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    if tls_front:
+    if tls == "front":
         context, ca_pem = _server_tls()
         front = TlsFront(lambda: context, "127.0.0.1", port)
         port = await front.start("127.0.0.1", 0)
@@ -181,8 +187,7 @@ async def grpc_floor(streams: int, size: int, rounds: int, tls_front: bool = Fal
             await front.stop()
         await server.stop(None)
         reader.join(30)
-    transport = "TLS front" if tls_front else "grpc TLS" if grpc_tls else "grpc.aio"
-    return Floor(transport, streams, size, (u1 - user) / rounds,
+    return Floor(TRANSPORTS[tls], streams, size, (u1 - user) / rounds,
                  (s1 - system) / rounds, elapsed / rounds, received)
 
 
@@ -197,14 +202,14 @@ def _server_pem() -> tuple[bytes, bytes, bytes]:
 def _server_tls() -> tuple[ssl.SSLContext, bytes]:
     """A server context for `TLS_HOST` from a fresh CA (as pilot's 15012 has: TLS 1.2+, client
     certificates requested but optional), and that CA's certificate for the reader."""
-    ca = DevCa.create("write_floor CA")
-    with tempfile.TemporaryDirectory() as d:
-        issued = ca.issue(Path(d), "server", [TLS_HOST])
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.set_alpn_protocols(["h2"])
-        context.load_cert_chain(issued.cert, issued.key)
-        ca_pem = ca.write_ca(Path(d) / "ca.pem").read_bytes()
+    key, chain, ca_pem = _server_pem()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    with tempfile.TemporaryDirectory() as d:  # `load_cert_chain` reads files
+        (Path(d) / "key.pem").write_bytes(key)
+        (Path(d) / "cert.pem").write_bytes(chain)
+        context.load_cert_chain(Path(d) / "cert.pem", Path(d) / "key.pem")
     context.load_verify_locations(cadata=ca_pem.decode())
     context.verify_mode = ssl.CERT_OPTIONAL
     return context, ca_pem
@@ -264,8 +269,7 @@ def main(size: int, streams: int, rounds: int, tls: bool) -> None:
     """Server CPU per round of one message to every stream: grpc.aio, gRPC's TLS, the TLS front, plain TCP."""
     floors = [asyncio.run(grpc_floor(streams, size, rounds))]
     if tls:
-        floors.append(asyncio.run(grpc_floor(streams, size, rounds, grpc_tls=True)))
-        floors.append(asyncio.run(grpc_floor(streams, size, rounds, tls_front=True)))
+        floors += [asyncio.run(grpc_floor(streams, size, rounds, tls)) for tls in ("grpc", "front")]
     floors.append(tcp_floor(streams, size, rounds))
     click.echo(report(floors, rounds))
 

@@ -235,8 +235,7 @@ def test_write_floor_delivers_every_byte_four_ways_and_reports_the_cpu() -> None
 
     from benchmarks.write_floor import grpc_floor, report, tcp_floor
 
-    floors = [asyncio.run(grpc_floor(7, 3000, 2)), asyncio.run(grpc_floor(7, 3000, 2, grpc_tls=True)),
-              asyncio.run(grpc_floor(7, 3000, 2, tls_front=True)), tcp_floor(7, 3000, 2)]
+    floors = [*(asyncio.run(grpc_floor(7, 3000, 2, tls)) for tls in ("", "grpc", "front")), tcp_floor(7, 3000, 2)]
     assert [(f.transport, f.received) for f in floors] == [
         ("grpc.aio", 7 * 3000 * 2), ("grpc TLS", 7 * 3000 * 2), ("TLS front", 7 * 3000 * 2),
         ("plain TCP", 7 * 3000 * 2)]
