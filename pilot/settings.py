@@ -35,6 +35,9 @@ class PilotSettings(BaseSettings):
     file_max_total_mb: int = Field(64, ge=1, description="all config files together; files past it are not loaded")
     send_timeout_ms: int = Field(
         30_000, ge=0, description="a proxy that does not take a response this long has its stream closed; 0: never")
+    write_budget_mb: int = Field(
+        64, ge=0, description="large xDS responses (64 KB or more) gRPC may hold for proxies at once; past it a "
+        "stream waits its turn, for 2 s at most (`pilot.xds.writebudget`); 0: unbounded")
     max_connection_age_ms: int = Field(
         1_800_000, ge=0,
         description="gRPC closes each xDS connection gracefully at this age (as istiod: 30 min); 0: never")

@@ -82,6 +82,7 @@ from pilot.xds.sotw import SotwSession
 from pilot.xds.status import StatusRegistry
 from pilot.xds.streams import PodStreams, StreamSignals, read_requests
 from pilot.xds.tlsfront import TlsFront
+from pilot.xds.writebudget import DEFAULT_LIMIT, WriteBudget
 
 if TYPE_CHECKING:
     from pilot.tracing import ChangeTracker
@@ -114,10 +115,13 @@ class AdsServer:
         send_timeout: float | None = 30.0,
         max_connection_age: float | None = 1800.0,
         quiet: WhenQuiet | None = None,
+        write_budget: int | None = DEFAULT_LIMIT,
     ) -> None:
         """`send_timeout` (seconds, None: never) bounds how long one response may wait for the
         proxy to take it; `max_connection_age` (None: unbounded) is when gRPC closes a connection
-        gracefully; `quiet` is told of every response written and every call ended."""
+        gracefully; `quiet` is told of every response written and every call ended;
+        `write_budget` (bytes, None: unbounded) bounds the large responses gRPC holds for proxies
+        at once (`pilot.xds.writebudget`)."""
         self.cache = cache
         self.status = status
         self.classify = classify
@@ -125,6 +129,8 @@ class AdsServer:
         self._send_watch = SendWatch(send_timeout) if send_timeout else None
         self.max_connection_age = max_connection_age
         self.quiet = quiet
+        self.write_budget = WriteBudget(write_budget) if write_budget else None
+        status.metrics.write_budget = self.write_budget
         self.subscriptions = Subscriptions(sharing=cache.sharing)  # shared by every stream's session
         self._server: grpc.aio.Server | None = None
         self._secure: grpc.aio.Server | None = None
@@ -444,32 +450,43 @@ class AdsServer:
         Istio's send time is the write alone; its push time per type is making the response and
         writing it (a stream's step makes all its responses at once, so the first one carries it).
 
+        A large response first waits for its share of the server's `WriteBudget` (bytes gRPC may
+        hold for proxies at once); the send timeout and the send time start once it has it.
+
         The timeout is one server-wide `SendWatch`, not a timer per write (a timer object, a heap
         push and a cancellation each: about 7 µs per write on the shared 2-core machine, 14 ms per
         route change at mission scale). Istio's send time, push time and config size histograms
         add three observations (~2 µs each on that machine).
         """
         istio = self.status.metrics.istio
+        budget = self.write_budget
+        taken = budget.take_now(len(response)) if budget is not None else 0
+        if taken is None and budget is not None:  # its turn comes when others' large writes end
+            taken = await budget.take(len(response))
         began = time.perf_counter()
         watch = self._send_watch
-        if watch is None:
-            await context.write(response)
-        else:
-            task: Any = asyncio.current_task()
-            watch.begin(task)
-            try:
+        try:
+            if watch is None:
                 await context.write(response)
-            except asyncio.CancelledError:
-                if not watch.expired(task):
-                    raise
-                istio.write_timeout.inc()
-                if type_name:
-                    istio.pushes.inc(f"{xds_type(type_name)}_senderr")
-                raise SendTimeoutError(
-                    f"it did not read a {len(response)}-byte response for {self.send_timeout:g} s (send timeout)"
-                ) from None
-            finally:
-                watch.end(task)
+            else:
+                task: Any = asyncio.current_task()
+                watch.begin(task)
+                try:
+                    await context.write(response)
+                except asyncio.CancelledError:
+                    if not watch.expired(task):
+                        raise
+                    istio.write_timeout.inc()
+                    if type_name:
+                        istio.pushes.inc(f"{xds_type(type_name)}_senderr")
+                    raise SendTimeoutError(
+                        f"it did not read a {len(response)}-byte response for {self.send_timeout:g} s (send timeout)"
+                    ) from None
+                finally:
+                    watch.end(task)
+        finally:
+            if taken and budget is not None:
+                budget.give_back(taken)
         took = time.perf_counter() - began
         istio.send_time.observe(took)
         if type_name:

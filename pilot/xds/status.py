@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from pilot.metrics import IstioXdsMetrics, LoopCounter, xds_type
 from pilot.model.proxy import ProxyIdentity
 from pilot.xds import typeurls
+from pilot.xds.writebudget import WriteBudget, WriteBudgetMetrics
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ class XdsMetrics:
             "pilot_xds_stream_errors", "ADS streams ended by an error", ["reason"], registry=registry
         )
         self.istio = IstioXdsMetrics(registry)  # Istio's names (pilot.metrics)
+        self.write_budget: WriteBudget | None = None  # the ADS server's, when it has one
+        WriteBudgetMetrics(lambda: self.write_budget, registry)
         # Labelled children by type URL: `labels()` takes a lock and builds a key, every stream every push.
         self._children: dict[tuple[int, str], Any] = {}
 

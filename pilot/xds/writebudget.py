@@ -1,0 +1,138 @@
+"""How many bytes of large responses may wait in gRPC for their proxies at once.
+
+Why: gRPC copies every response a stream writes and keeps the copy until the proxy has taken it,
+and a stream's writer waits for that. At mission scale a push hands 2,000 streams up to a megabyte
+each (a route configuration of 0.57 MB, a SotW endpoint set of 0.47 MB, a first cluster set of
+0.9 MB), far faster than simulated or real Envoys on the same cores read them: the copies piled up
+to 160-400 MB above pilot's steady RSS (connects peaking at 440-590 MB, SotW endpoint changes at
+600-680 MB), and every megabyte was a fresh page fault. Istio bounds the same thing by counting
+pushes (`PILOT_PUSH_THROTTLE`: 25 at once on two cores, 100 on 32); pilot counts bytes, since a
+push here is one response per stream and responses range from a few hundred bytes to a megabyte.
+
+What it costs: a response under `small` (an endpoint change, an ACK-driven resend of a few
+resources) passes without being counted. A large one is counted while gRPC holds it; when the
+budget is spent, its stream waits its turn (first come, first served), which the proxies do not
+notice while the budget holds more than they can read at once. A stream waiting for the budget
+is not writing, so its send timeout has not started.
+
+Stuck proxies: a proxy that stops reading holds its share until its send timeout closes the
+stream. So that a few dozen of them (a hostile client opening many streams on the plaintext port)
+cannot hold up everyone else's pushes for that long, a stream that has waited `patience` seconds
+writes anyway, over budget, and is counted as such (`overdrawn`). Memory is then bounded as
+without a budget; nothing is ever refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+DEFAULT_LIMIT = 64 * 1024 * 1024
+DEFAULT_SMALL = 64 * 1024
+DEFAULT_PATIENCE = 2.0
+
+
+@dataclass
+class _Waiter:
+    size: int
+    future: asyncio.Future[None]
+
+
+@dataclass
+class WriteBudget:
+    """Bytes of large responses handed to gRPC and not yet taken (see the module docstring).
+
+    `limit` bytes at once (one response larger than it still goes alone); responses under `small`
+    bytes are not counted; a stream waits at most `patience` seconds for its turn.
+    """
+
+    limit: int = DEFAULT_LIMIT
+    small: int = DEFAULT_SMALL
+    patience: float = DEFAULT_PATIENCE
+    in_flight: int = 0  # bytes counted now
+    waits: int = 0  # writes that had to wait for their turn, ever
+    overdrawn: int = 0  # writes that went over budget after waiting `patience`, ever
+    _waiting: collections.deque[_Waiter] = field(default_factory=collections.deque)
+
+    def take_now(self, size: int) -> int | None:
+        """The bytes to give back after the write (0: not counted), or None if the stream must
+        wait (`take`). The usual case, a plain call: no coroutine, no future."""
+        if size < self.small:
+            return 0
+        if not self._waiting and (not self.in_flight or self.in_flight + size <= self.limit):
+            self.in_flight += size
+            return size
+        return None
+
+    async def take(self, size: int) -> int:
+        """Wait for `size` bytes of the budget (after everyone waiting before); the bytes to give
+        back. Past `patience`, they are taken over budget."""
+        taken = self.take_now(size)
+        if taken is not None:
+            return taken
+        waiter = _Waiter(size, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiter)
+        self.waits += 1
+        try:
+            await asyncio.wait_for(waiter.future, self.patience)
+        except TimeoutError:
+            if not waiter.future.done() or waiter.future.cancelled():  # its turn did not come
+                self.overdrawn += 1
+                self.in_flight += size
+            self._grant()  # it may have been at the head of the queue
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled():  # granted, then cancelled
+                self.give_back(size)
+            else:
+                waiter.future.cancel()
+                self._grant()
+            raise
+        return size
+
+    def give_back(self, taken: int) -> None:
+        """The write that took `taken` bytes ended (written, failed or timed out)."""
+        if taken:
+            self.in_flight -= taken
+            self._grant()
+
+    def _grant(self) -> None:
+        """Let waiting streams go, in order, while the budget has room."""
+        waiting = self._waiting
+        while waiting:
+            head = waiting[0]
+            if head.future.done():  # gave up (cancelled, or past its patience)
+                waiting.popleft()
+                continue
+            if self.in_flight and self.in_flight + head.size > self.limit:
+                return
+            waiting.popleft()
+            self.in_flight += head.size
+            head.future.set_result(None)
+
+
+class WriteBudgetMetrics(Collector):
+    """The budget of the ADS server as metrics, read when scraped (nothing is updated per write):
+    `pilot_xds_write_budget_bytes` (counted now), `pilot_xds_write_budget_waits_total` and
+    `pilot_xds_write_budget_overdrawn_total`. `budget()` gives the server's budget (None: none)."""
+
+    def __init__(self, budget: Callable[[], WriteBudget | None], registry: CollectorRegistry) -> None:
+        self.budget = budget
+        registry.register(self)
+
+    def collect(self) -> Iterable[Metric]:
+        budget = self.budget()
+        if budget is None:
+            return
+        yield GaugeMetricFamily("pilot_xds_write_budget_bytes",
+                                "bytes of large xDS responses gRPC holds for proxies now", value=budget.in_flight)
+        yield CounterMetricFamily("pilot_xds_write_budget_waits",
+                                  "large xDS responses that waited for the write budget", value=budget.waits)
+        yield CounterMetricFamily("pilot_xds_write_budget_overdrawn",
+                                  "large xDS responses written over budget after waiting its patience",
+                                  value=budget.overdrawn)

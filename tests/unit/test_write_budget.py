@@ -1,0 +1,150 @@
+"""The write budget: how many bytes of large responses gRPC may hold for proxies at once, taken in
+turn, given back, and never a reason for a stuck proxy to hold up everyone else's pushes for long.
+The last tests run it in pilot's ADS server over real gRPC, with proxies that stop reading."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from envoy.service.discovery.v3 import discovery_pb2
+
+from benchmarks import meshgen
+from pilot.app import Pilot
+from pilot.settings import PilotSettings
+from pilot.testing.ads_client import AdsClient, make_node, resource_names
+from pilot.xds.typeurls import CLUSTER
+from pilot.xds.writebudget import WriteBudget
+
+METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+# A client that opens no flow-control window beyond 16 KB while its application does not read.
+SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384),
+                ("grpc.max_receive_message_length", 64 << 20)]
+
+
+def test_small_responses_pass_uncounted_and_large_ones_are_counted_until_given_back() -> None:
+    budget = WriteBudget(limit=1000, small=100)
+    assert budget.take_now(99) == 0 and budget.in_flight == 0
+    assert budget.take_now(600) == 600 and budget.take_now(400) == 400
+    assert budget.in_flight == 1000
+    assert budget.take_now(100) is None  # spent: this one must wait
+    assert budget.take_now(50) == 0  # a small one never waits
+    budget.give_back(600)
+    assert budget.in_flight == 400
+    assert budget.take_now(600) == 600
+
+
+def test_a_response_larger_than_the_budget_goes_alone() -> None:
+    budget = WriteBudget(limit=1000, small=100)
+    assert budget.take_now(5000) == 5000
+    assert budget.take_now(200) is None
+    budget.give_back(5000)
+    assert budget.take_now(200) == 200
+
+
+async def test_waiting_writes_go_in_the_order_they_came_as_room_is_given_back() -> None:
+    budget = WriteBudget(limit=1000, small=100, patience=30)
+    assert budget.take_now(1000) == 1000
+    order: list[str] = []
+
+    async def write(name: str, size: int) -> None:
+        await budget.take(size)
+        order.append(name)
+
+    waiting = [asyncio.create_task(write(n, s)) for n, s in (("a", 700), ("b", 200), ("c", 300))]
+    await asyncio.sleep(0.01)
+    assert order == [] and budget.waits == 3
+    # "b" would fit in 300 bytes but came after "a": no overtaking, or a large write could starve.
+    budget.give_back(300)
+    await asyncio.sleep(0.01)
+    assert order == []
+    budget.give_back(700)  # 1000 free: a (700) and b (200) fit, c (300) does not
+    await asyncio.sleep(0.01)
+    assert order == ["a", "b"] and budget.in_flight == 900
+    budget.give_back(700)
+    await asyncio.gather(*waiting)
+    assert order == ["a", "b", "c"] and budget.in_flight == 500 and budget.overdrawn == 0
+
+
+async def test_a_write_that_waited_its_patience_goes_over_budget_and_is_counted() -> None:
+    budget = WriteBudget(limit=1000, small=100, patience=0.05)
+    budget.take_now(1000)  # held by a proxy that stopped reading
+    assert await asyncio.wait_for(budget.take(400), 5) == 400
+    assert budget.overdrawn == 1 and budget.in_flight == 1400
+    budget.give_back(400)
+    budget.give_back(1000)
+    assert budget.in_flight == 0
+    assert budget.take_now(1000) == 1000  # nothing left behind in the queue
+
+
+async def test_a_cancelled_waiter_leaves_the_queue_and_keeps_no_bytes() -> None:
+    budget = WriteBudget(limit=1000, small=100, patience=30)
+    budget.take_now(1000)
+    gone = asyncio.create_task(budget.take(800))
+    after = asyncio.create_task(budget.take(300))
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    budget.give_back(1000)
+    assert await asyncio.wait_for(after, 5) == 300
+    assert budget.in_flight == 300
+
+
+@pytest.fixture
+async def pilot(tmp_path: Path) -> AsyncIterator[Pilot]:
+    meshgen.generate(tmp_path, services=200)  # CDS responses of ~250 KB: past the client's window
+    # A 1 MB budget: four stuck CDS responses spend it.
+    settings = PilotSettings(ads_port=0, debug_port=0, config_dir=tmp_path, write_budget_mb=1)
+    async with Pilot(settings) as p:
+        yield p
+
+
+def node(name: str) -> Any:
+    return make_node(f"sidecar~127.0.9.1~{name}.{meshgen.NAMESPACE}~bench.svc.cluster.local",
+                     namespace=meshgen.NAMESPACE, labels={"app": "svc-000", "version": "v1"})
+
+
+def metric(pilot: Pilot, name: str) -> float:
+    return pilot.registry.get_sample_value(name) or 0.0
+
+
+async def test_proxies_that_stop_reading_hold_up_others_only_for_the_budgets_patience(pilot: Pilot) -> None:
+    channels = [grpc.aio.insecure_channel(pilot.ads_address, options=SMALL_WINDOW) for _ in range(6)]
+    try:
+        calls = []
+        for i, channel in enumerate(channels):  # six proxies ask for clusters and never read
+            call = channel.stream_stream(METHOD, request_serializer=bytes, response_deserializer=bytes)()
+            await call.write(discovery_pb2.DiscoveryRequest(node=node(f"stuck-{i}"), type_url=CLUSTER)
+                             .SerializeToString())
+            calls.append(call)
+        for _ in range(100):
+            if metric(pilot, "pilot_xds_write_budget_waits_total") >= 2:
+                break
+            await asyncio.sleep(0.05)
+        # Four of them spent the budget; the others wait their turn instead of piling up copies.
+        assert metric(pilot, "pilot_xds_write_budget_waits_total") >= 2
+        assert metric(pilot, "pilot_xds_write_budget_bytes") <= 1024 * 1024
+        # A proxy that reads is served anyway, once the waits before it ran out of patience (2 s).
+        async with AdsClient(pilot.ads_address, node("fine")) as fine:
+            fine.send(CLUSTER)
+            response = await asyncio.wait_for(fine.recv(), 15)
+            assert "outbound|8080||svc-199.bench.svc.cluster.local" in resource_names(response)
+        assert metric(pilot, "pilot_xds_write_budget_overdrawn_total") >= 2
+        # The stuck ones still get their clusters when they read again.
+        for call in calls:
+            first = discovery_pb2.DiscoveryResponse.FromString(await asyncio.wait_for(call.read(), 15))
+            assert first.type_url == CLUSTER and len(first.resources) >= 600
+            call.cancel()
+        for _ in range(100):  # every write ended: nothing is left counted
+            if metric(pilot, "pilot_xds_write_budget_bytes") == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert metric(pilot, "pilot_xds_write_budget_bytes") == 0
+    finally:
+        for channel in channels:
+            await channel.close()
