@@ -15,7 +15,10 @@ mission scale about 60-80 KB of pilot's RSS, mostly gRPC's own per-call buffers.
 
 Slow and hostile clients: the writer awaits each `context.write`, so gRPC holds at most one
 response per stream that the proxy has not taken yet (gRPC copies it per call: up to the
-largest response, ~0.9 MB at mission scale). A write that does not finish within the send
+largest response, ~0.9 MB at mission scale), and a server-wide `WriteBudget` bounds how many bytes
+of connecting proxies' large first responses gRPC holds together (a stream waits its turn, and
+after 2 s writes over budget, so stuck proxies cannot hold up the others for longer; pushes to
+connected proxies never wait for it). A write that does not finish within the send
 timeout closes the stream on pilot's side at once (status row, session, cache watch, reader)
 and sends DEADLINE_EXCEEDED behind the stuck response. grpc.aio cannot reset one call, so
 gRPC frees its copy when the connection ends: when the proxy reads again (it then gets the
@@ -377,6 +380,7 @@ class AdsServer:
         made_of: tuple[Snapshot | None, Any] | None = None
         stream.dirty = True  # the first request is handled already
         wake = stream.wake
+        first_sent: set[str] = set()  # types whose first response this stream has written (`_write`)
         while True:
             # Cleared before looking, so whatever happens from here on (a request, a snapshot, the
             # client leaving, even while the responses below are written) sets it again and is seen
@@ -406,7 +410,11 @@ class AdsServer:
                 if responses and self.quiet is not None:
                     self.quiet.touch(len(responses))
                 for i in range(len(responses)):  # not kept once written
-                    await self._write(context, responses.pop(0), types[i] if types else "", made if i == 0 else 0.0)
+                    kind = types[i] if types else ""
+                    first = bool(kind) and kind not in first_sent
+                    if first:
+                        first_sent.add(kind)
+                    await self._write(context, responses.pop(0), kind, made if i == 0 else 0.0, first)
                 if self.changes is not None and types:
                     self.changes.written(session.status.stream_id, session.status.connected_at, types)
             if not wake.is_set():  # else: something came while the responses were written
@@ -443,15 +451,17 @@ class AdsServer:
             self.secrets.audit(session.status.stream_id, identity.node_id, grant, names)
 
     async def _write(self, context: grpc.aio.ServicerContext, response: bytes, type_name: str = "",
-                     made: float = 0.0) -> None:
+                     made: float = 0.0, first: bool = False) -> None:
         """Hand one response (of type `type_name`: CDS, ...) to gRPC; SendTimeoutError if the proxy
-        does not take it in time. `made`: seconds this stream spent making the response (its step).
+        does not take it in time. `made`: seconds this stream spent making the response (its step);
+        `first`: the stream's first response of the type (a connecting proxy's config).
 
         Istio's send time is the write alone; its push time per type is making the response and
         writing it (a stream's step makes all its responses at once, so the first one carries it).
 
-        A large response first waits for its share of the server's `WriteBudget` (bytes gRPC may
-        hold for proxies at once); the send timeout and the send time start once it has it.
+        A connecting proxy's large first responses wait for their share of the server's
+        `WriteBudget` (bytes of them gRPC may hold at once); the send timeout and the send time
+        start once they have it. Pushes to connected proxies never wait for it.
 
         The timeout is one server-wide `SendWatch`, not a timer per write (a timer object, a heap
         push and a cancellation each: about 7 µs per write on the shared 2-core machine, 14 ms per
@@ -459,7 +469,7 @@ class AdsServer:
         add three observations (~2 µs each on that machine).
         """
         istio = self.status.metrics.istio
-        budget = self.write_budget
+        budget = self.write_budget if first else None
         taken = budget.take_now(len(response)) if budget is not None else 0
         if taken is None and budget is not None:  # its turn comes when others' large writes end
             taken = await budget.take(len(response))
