@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,13 +96,19 @@ async def test_a_cancelled_waiter_leaves_the_queue_and_keeps_no_bytes() -> None:
     assert budget.in_flight == 300
 
 
+@dataclass
+class Served:
+    pilot: Pilot
+    mesh: meshgen.MeshConfig
+
+
 @pytest.fixture
-async def pilot(tmp_path: Path) -> AsyncIterator[Pilot]:
-    meshgen.generate(tmp_path, services=200)  # CDS responses of ~250 KB: past the client's window
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    mesh = meshgen.generate(tmp_path, services=200)  # CDS responses of ~250 KB: past the client's window
     # A 1 MB budget: four stuck CDS responses spend it.
     settings = PilotSettings(ads_port=0, debug_port=0, config_dir=tmp_path, write_budget_mb=1)
     async with Pilot(settings) as p:
-        yield p
+        yield Served(p, mesh)
 
 
 def node(name: str) -> Any:
@@ -113,23 +120,29 @@ def metric(pilot: Pilot, name: str) -> float:
     return pilot.registry.get_sample_value(name) or 0.0
 
 
-async def test_proxies_that_stop_reading_hold_up_others_only_for_the_budgets_patience(pilot: Pilot) -> None:
+async def open_stuck(pilot: Pilot, channels: list[grpc.aio.Channel]) -> list[Any]:
+    """A stream per channel that asks for clusters and never reads; returns once two wait for the budget."""
+    calls = []
+    for i, channel in enumerate(channels):
+        call = channel.stream_stream(METHOD, request_serializer=bytes, response_deserializer=bytes)()
+        await call.write(discovery_pb2.DiscoveryRequest(node=node(f"stuck-{i}"), type_url=CLUSTER).SerializeToString())
+        calls.append(call)
+    for _ in range(100):
+        if metric(pilot, "pilot_xds_write_budget_waits_total") >= 2:
+            break
+        await asyncio.sleep(0.05)
+    return calls
+
+
+async def test_proxies_that_stop_reading_hold_up_others_only_for_the_budgets_patience(served: Served) -> None:
+    pilot = served.pilot
     channels = [grpc.aio.insecure_channel(pilot.ads_address, options=SMALL_WINDOW) for _ in range(6)]
     try:
-        calls = []
-        for i, channel in enumerate(channels):  # six proxies ask for clusters and never read
-            call = channel.stream_stream(METHOD, request_serializer=bytes, response_deserializer=bytes)()
-            await call.write(discovery_pb2.DiscoveryRequest(node=node(f"stuck-{i}"), type_url=CLUSTER)
-                             .SerializeToString())
-            calls.append(call)
-        for _ in range(100):
-            if metric(pilot, "pilot_xds_write_budget_waits_total") >= 2:
-                break
-            await asyncio.sleep(0.05)
+        calls = await open_stuck(pilot, channels)
         # Four of them spent the budget; the others wait their turn instead of piling up copies.
         assert metric(pilot, "pilot_xds_write_budget_waits_total") >= 2
         assert metric(pilot, "pilot_xds_write_budget_bytes") <= 1024 * 1024
-        # A proxy that reads is served anyway, once the waits before it ran out of patience (2 s).
+        # A connecting proxy that reads is served anyway, once the waits before it ran out of patience (2 s).
         async with AdsClient(pilot.ads_address, node("fine")) as fine:
             fine.send(CLUSTER)
             response = await asyncio.wait_for(fine.recv(), 15)
@@ -145,6 +158,32 @@ async def test_proxies_that_stop_reading_hold_up_others_only_for_the_budgets_pat
                 break
             await asyncio.sleep(0.05)
         assert metric(pilot, "pilot_xds_write_budget_bytes") == 0
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+async def test_a_push_to_a_connected_proxy_never_waits_for_the_budget(served: Served) -> None:
+    pilot = served.pilot
+    channels = [grpc.aio.insecure_channel(pilot.ads_address, options=SMALL_WINDOW) for _ in range(6)]
+    try:
+        async with AdsClient(pilot.ads_address, node("connected")) as connected:
+            connected.send(CLUSTER)
+            first = await asyncio.wait_for(connected.recv(), 15)
+            connected.ack(first)
+            calls = await open_stuck(pilot, channels)  # the budget is spent, and two connecting proxies wait
+            waits = metric(pilot, "pilot_xds_write_budget_waits_total")
+            assert waits >= 2
+            # A new service: every proxy's clusters change, a ~250 KB push to the connected proxy.
+            new = meshgen.ServiceSpec(index=200, endpoints={"v1": ["10.2.0.1"], "v2": ["10.2.0.2"]})
+            served.mesh.services.append(new)
+            served.mesh.write_service(200)
+            pushed = await asyncio.wait_for(connected.recv(), 15)
+            assert "outbound|8080||svc-200.bench.svc.cluster.local" in resource_names(pushed)
+            assert len(pushed.SerializeToString()) >= 200_000
+            assert metric(pilot, "pilot_xds_write_budget_waits_total") == waits  # it went without waiting
+            for call in calls:
+                call.cancel()
     finally:
         for channel in channels:
             await channel.close()
