@@ -1,25 +1,31 @@
-"""How many bytes of large responses may wait in gRPC for their proxies at once.
+"""How many bytes of connecting proxies' large first responses gRPC may hold at once.
 
-Why: gRPC copies every response a stream writes and keeps the copy until the proxy has taken it,
-and a stream's writer waits for that. At mission scale a push hands 2,000 streams up to a megabyte
-each (a route configuration of 0.57 MB, a SotW endpoint set of 0.47 MB, a first cluster set of
-0.9 MB), far faster than simulated or real Envoys on the same cores read them: the copies piled up
-to 160-400 MB above pilot's steady RSS (connects peaking at 440-590 MB, SotW endpoint changes at
-600-680 MB), and every megabyte was a fresh page fault. Istio bounds the same thing by counting
-pushes (`PILOT_PUSH_THROTTLE`: 25 at once on two cores, 100 on 32); pilot counts bytes, since a
-push here is one response per stream and responses range from a few hundred bytes to a megabyte.
+Why: gRPC copies every response a stream writes and keeps the copy until the proxy has taken it
+(a stream's writer waits for that, so each stream has at most one). A proxy's first config is its
+largest (at mission scale a 0.9 MB cluster set, 0.47 MB of endpoints, a 0.57 MB route
+configuration), and a fleet connecting at once (pilot restarted, a node pool scaled up) asks for
+all of it together, faster than the proxies read it when they share the cores: with the simulated
+Envoys on one core and pilot on the other (`ads_load --pin`), 2,000 delta proxies connecting
+peaked at 582-673 MB with 190,000-300,000 page faults in pilot (six connects), against 461-515 MB
+and 90,000-165,000 faults with a 64 MB budget (six connects; session 26). When the proxies keep
+up (the unpinned mission run) the budget changes nothing measurable: peaks 364-419 MB and route
+p99 1.0-1.2 s either way (two runs of two rounds each).
 
-What it costs: a response under `small` (an endpoint change, an ACK-driven resend of a few
-resources) passes without being counted. A large one is counted while gRPC holds it; when the
-budget is spent, its stream waits its turn (first come, first served), which the proxies do not
-notice while the budget holds more than they can read at once. A stream waiting for the budget
-is not writing, so its send timeout has not started.
+Only a stream's first response of each type waits for it: pushes to proxies already connected
+never do, so a flood of new proxies cannot hold up what connected ones are sent (Istio bounds
+concurrent pushes instead, `PILOT_PUSH_THROTTLE`: 25 on two cores; pilot counts bytes, since
+responses range from a few hundred bytes to a megabyte).
+
+What it costs: a response under `small` passes without being counted. A large first response is
+counted while gRPC holds it; when the budget is spent, its stream waits its turn (first come,
+first served). A stream waiting for the budget is not writing, so its send timeout has not
+started.
 
 Stuck proxies: a proxy that stops reading holds its share until its send timeout closes the
 stream. So that a few dozen of them (a hostile client opening many streams on the plaintext port)
-cannot hold up everyone else's pushes for that long, a stream that has waited `patience` seconds
-writes anyway, over budget, and is counted as such (`overdrawn`). Memory is then bounded as
-without a budget; nothing is ever refused.
+cannot hold up every other connecting proxy for that long, a stream that has waited `patience`
+seconds writes anyway, over budget, and is counted as such (`overdrawn`). Memory is then bounded
+as without a budget; nothing is ever refused.
 """
 
 from __future__ import annotations
