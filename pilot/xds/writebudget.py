@@ -6,8 +6,8 @@ largest (at mission scale a 0.9 MB cluster set, 0.47 MB of endpoints, a 0.57 MB 
 configuration), and a fleet connecting at once (pilot restarted, a node pool scaled up) asks for
 all of it together, faster than the proxies read it when they share the cores: with the simulated
 Envoys on one core and pilot on the other (`ads_load --pin`), 2,000 delta proxies connecting
-peaked at 582-673 MB with 190,000-300,000 page faults in pilot (six connects), against 461-515 MB
-and 90,000-165,000 faults with a 64 MB budget (six connects; session 26). When the proxies keep
+peaked at 562-673 MB in six runs (190,000-304,000 page faults in pilot where recorded), against
+461-515 MB with a 64 MB budget in seven (90,000-165,000 faults; session 26). When the proxies keep
 up (the unpinned mission run) the budget changes nothing measurable: peaks 364-419 MB and route
 p99 1.0-1.2 s either way (two runs of two rounds each).
 
