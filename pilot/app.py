@@ -92,7 +92,8 @@ class Pilot:
         self.files = (
             FileSource(self.store, settings.config_dir, interval=settings.file_poll_ms / 1000,
                        watch=settings.file_watch, rescan=settings.file_rescan_ms / 1000,
-                       settle=settings.file_settle_ms / 1000, max_total_bytes=settings.file_max_total_mb * 2**20)
+                       settle=settings.file_settle_ms / 1000, max_total_bytes=settings.file_max_total_mb * 2**20,
+                       busy=self.pusher.quiet.busy)  # its safety sweep waits while pushes are written
             if settings.config_dir else None
         )
         self._tasks: list[asyncio.Task[None]] = []

@@ -48,6 +48,11 @@ class WhenQuiet:
         self._seen = self._events
         self._timer = loop.call_later(self.delay, self._fire)
 
+    def busy(self) -> bool:
+        """Whether a burst is in progress: something was reported and the actions have not run
+        since (what background chores, such as the file source's safety sweep, wait out)."""
+        return self._timer is not None
+
     def close(self) -> None:
         """Cancel the pending run; later touches arm nothing (the server is stopping)."""
         self._closed = True

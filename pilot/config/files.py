@@ -32,7 +32,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 
 # Files modified this recently may still change within the same mtime tick: look again.
 _RACY_SECONDS = 2.0
+# Longest a safety sweep waits for pilot to stop pushing (`FileSource._sweep_waits`).
+SWEEP_DEFERRAL = 10.0
 # Seconds a file must stay unchanged before it may remove objects; `file_settle_ms` in the settings.
 # Longer than the half second a shell redirect or a slow generator may leave a file empty.
 DEFAULT_SETTLE = 0.7
@@ -195,6 +197,7 @@ class FileSource:
         rescan: float = 1.0,
         settle: float = DEFAULT_SETTLE,
         max_total_bytes: int = MAX_TOTAL_BYTES,
+        busy: Callable[[], bool] | None = None,
     ) -> None:
         self.store = store
         self.directory = Path(directory)
@@ -204,6 +207,10 @@ class FileSource:
         self.rescan = rescan  # seconds between safety sweeps when file events wake reloads
         self.settle = settle  # seconds a file must stay unchanged before it may remove objects
         self.max_total_bytes = max_total_bytes
+        # Whether pilot is pushing (`pilot.quiet.WhenQuiet.busy`): the safety sweep then waits, at
+        # most `SWEEP_DEFERRAL` seconds (see `_sweep_waits`).
+        self.busy = busy
+        self._swept = time.monotonic()  # when the last sweep (a reload not woken by events) ran
         self.failures = 0
         self.last_result = LoadResult()
         self._seen: Fingerprint | None = None
@@ -265,9 +272,31 @@ class FileSource:
                     timeout = min(self.rescan, self._until_settled())
                     # Returns after events went quiet for 5 ms (at most 100 ms of them), or the timeout.
                     events = await asyncio.to_thread(notify.watch, 100, 5, max(1, int(timeout * 1000)), stop)
-                    await self._reload(_event_paths(events))
+                    hint = _event_paths(events)
+                    if hint is None and self._sweep_waits():
+                        continue
+                    await self._reload(hint)
             finally:
                 stop.set()  # a cancelled wait leaves the thread in watch(); this ends it within 5 ms
+
+    def _sweep_waits(self) -> bool:
+        """Whether the safety sweep due now waits for pilot to finish pushing.
+
+        Why: at 1,000 files a sweep (walk, stat() every file, read the recently written ones again)
+        takes 30-40 ms of CPU in a worker thread, holding the GIL for much of it, and the sweep after
+        an edit fell inside the fan-out of that very edit (2,000 streams write a route change for
+        about a second): 4-5% of pilot's CPU per mission-scale route change (py-spy, session 25's
+        samples). It only catches what events missed, so it may wait; file events and a waiting
+        file's settle time never do. Bounded: a sweep waits `SWEEP_DEFERRAL` seconds at most, so
+        pushes that never stop (endpoint churn) cannot keep a missed edit out for longer.
+        """
+        if self.busy is None or self._pending or not self.busy():
+            self._swept = time.monotonic()
+            return False
+        if time.monotonic() - self._swept >= SWEEP_DEFERRAL:
+            self._swept = time.monotonic()
+            return False
+        return True
 
     def _until_settled(self) -> float:
         """Seconds until the first waiting file has been stable for `settle` (inf if none waits)."""

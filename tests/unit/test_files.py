@@ -227,3 +227,42 @@ async def test_an_edit_named_by_file_events_is_read_without_walking_the_director
         task.cancel()
     assert source.failures == 0
     assert ports()["s03"] == 8080 and len(store.objects()) == 20
+
+
+async def test_the_safety_sweep_waits_while_pilot_pushes_but_file_events_do_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep (a walk of the directory) only catches what events missed: while `busy` says pilot
+    is writing a push it waits, at most `SWEEP_DEFERRAL`; an edit named by an event is read at once."""
+    (tmp_path / "a.yaml").write_text(se("a"))
+    walks: list[float] = []
+    real_walk = files.walk_yaml
+
+    def counting(directory: Path) -> Any:
+        walks.append(0.0)
+        return real_walk(directory)
+
+    monkeypatch.setattr(files, "walk_yaml", counting)
+    pushing = [True]
+    store = ConfigStore()
+    source = FileSource(store, tmp_path, rescan=0.05, settle=0.05, busy=lambda: pushing[0])
+    task = asyncio.create_task(source.run())
+    names = lambda: sorted(o.metadata.name for o in store.objects())  # noqa: E731
+    try:
+        await _until(lambda: names() == ["a"])  # the first reload, when the watch is armed, walks
+        await asyncio.sleep(0.3)  # the files settle; no sweep may run from here while pushing
+        before = len(walks)
+        (tmp_path / "b.yaml").write_text(se("b", host="b.example.com"))  # a new file: events name it
+        await _until(lambda: names() == ["a", "b"])
+        after_event = len(walks)  # a new file needs a walk: the event reload made it
+        await asyncio.sleep(0.5)  # ten sweep periods while pushing
+        assert len(walks) == after_event and after_event <= before + 1
+        pushing[0] = False  # quiet again: the sweeps resume
+        await _until(lambda: len(walks) > after_event)
+        # Pushes that never stop hold the sweep back for SWEEP_DEFERRAL at most.
+        pushing[0] = True
+        monkeypatch.setattr(files, "SWEEP_DEFERRAL", 0.2)
+        resumed = len(walks)
+        await _until(lambda: len(walks) >= resumed + 2)
+    finally:
+        task.cancel()
+    assert source.failures == 0

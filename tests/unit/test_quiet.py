@@ -14,13 +14,15 @@ async def test_a_burst_of_touches_runs_the_actions_once_after_the_last() -> None
     quiet.on_quiet(lambda: ran.append("trim"))
     loop = asyncio.get_running_loop()
     began = loop.time()
+    assert not quiet.busy()
     while loop.time() - began < 0.35:  # touches every 20 ms: over three delays' worth
         quiet.touch()
         await asyncio.sleep(0.02)
-        assert ran == []
+        assert ran == [] and quiet.busy()
     last = loop.time()
     await asyncio.sleep(0.4)
     assert ran == ["release", "trim"]  # once, in the order added
+    assert not quiet.busy()  # settled: what waits for quiet may run
     quiet.touch()
     await asyncio.sleep(0.3)
     assert ran == ["release", "trim"] * 2  # the next burst runs them again
