@@ -36,8 +36,8 @@ class PilotSettings(BaseSettings):
     send_timeout_ms: int = Field(
         30_000, ge=0, description="a proxy that does not take a response this long has its stream closed; 0: never")
     write_budget_mb: int = Field(
-        64, ge=0, description="large xDS responses (64 KB or more) gRPC may hold for proxies at once; past it a "
-        "stream waits its turn, for 2 s at most (`pilot.xds.writebudget`); 0: unbounded")
+        64, ge=0, description="connecting proxies' large first xDS responses (64 KB or more) gRPC may hold at "
+        "once; past it a stream waits its turn, for 2 s at most (`pilot.xds.writebudget`); 0: unbounded")
     max_connection_age_ms: int = Field(
         1_800_000, ge=0,
         description="gRPC closes each xDS connection gracefully at this age (as istiod: 30 min); 0: never")

@@ -123,8 +123,8 @@ class AdsServer:
         """`send_timeout` (seconds, None: never) bounds how long one response may wait for the
         proxy to take it; `max_connection_age` (None: unbounded) is when gRPC closes a connection
         gracefully; `quiet` is told of every response written and every call ended;
-        `write_budget` (bytes, None: unbounded) bounds the large responses gRPC holds for proxies
-        at once (`pilot.xds.writebudget`)."""
+        `write_budget` (bytes, None: unbounded) bounds the connecting proxies' large first
+        responses gRPC holds at once (`pilot.xds.writebudget`)."""
         self.cache = cache
         self.status = status
         self.classify = classify
