@@ -10,7 +10,9 @@ Cost: a subscription is one interned frozenset shared by every stream with the s
 what a stream holds is the shared view it was last brought to (never copied: held and acked
 are references), and the changes between views are computed once per pair of versions, so a
 push costs a stream O(changes). A first subscription of a type that another stream sent as the
-same bytes is taken without decoding them (`handle_wire`). Only a proxy holding something no
+same bytes is taken without decoding them (`handle_wire`), and so is a plain ACK (type and nonce
+alone, what Envoy sends for every response: 2,000 per change at mission scale), which costs about
+2.5 µs instead of 4.3 µs decoded (`timeit`, session 26). Only a proxy holding something no
 view has (a reconnect with initial versions, a NACK, removals still pending) is diffed name by
 name.
 """
@@ -27,7 +29,7 @@ from pilot.xds import typeurls
 from pilot.xds.resources import EMPTY_SET, Resource, View
 from pilot.xds.session import SessionBase, held_version_of
 from pilot.xds.snapshot import Snapshot
-from pilot.xds.wire import len_field, str_field, subscribe_tail
+from pilot.xds.wire import ack_nonce, len_field, str_field, subscribe_tail
 
 
 @dataclass
@@ -62,12 +64,17 @@ class DeltaSession(SessionBase[_DeltaType]):
         return discovery_pb2.DeltaDiscoveryRequest.FromString(raw)
 
     def handle_wire(self, raw: bytes) -> bool:
-        """`handle` for a request as received. A stream's first request of a type that only
+        """`handle` for a request as received. A plain ACK of a known type (`ack_nonce`) is settled
+        from its bytes. A stream's first request of a type that only
         subscribes (Envoy's EDS subscription on connect: ~3,000 names, 150 KB at mission scale) is
         recognised by its bytes when another stream sent the same ones: the shared subscription is
         taken without decoding a name (decoding, listing and building the set cost ~0.7 ms a stream,
         1.5 s of a 2,000-proxy connect)."""
         tail = subscribe_tail(raw)
+        if tail is not None and (known := self.types.get(tail[1])) is not None:
+            nonce = ack_nonce(raw, tail[0])
+            if nonce is not None:  # a plain ACK: settled without decoding the request
+                return self._settle(tail[1], known, nonce, None) or known.seen == ""
         if tail is None or tail[1] in self.types:
             return self.handle(self.parse(raw), raw)
         start, type_url = tail
@@ -92,18 +99,8 @@ class DeltaSession(SessionBase[_DeltaType]):
         if state is None:
             wildcard = type_url in typeurls.WILDCARD_TYPES and (not subscribe or "*" in subscribe)
             state = self._new_state(type_url, wildcard, request.initial_resource_versions)
-        settled = False
-        if request.response_nonce:
-            if request.response_nonce == self.pending.get(type_url):
-                error = self._error_text(request)
-                self._acknowledge(type_url, request.response_nonce, error)
-                settled = True
-                if error is None:
-                    state.acked, state.acked_version = state.held, state.held_version
-                else:  # the proxy kept its last ACKed resources; `seen` stays, so no resend loop
-                    state.held, state.held_version = state.acked, state.acked_version
-            else:
-                self.registry.record_stale(type_url)
+        wakes = bool(request.response_nonce) and self._settle(
+            type_url, state, request.response_nonce, self._error_text(request))
         if subscribe or unsubscribe:
             self._resubscribe(state, subscribe, unsubscribe)
         changed = bool(subscribe or unsubscribe or request.initial_resource_versions)
@@ -111,7 +108,21 @@ class DeltaSession(SessionBase[_DeltaType]):
             state.seen = ""
         if unsubscribe:
             self._holding(type_url, held_version_of(state.held))  # an unsubscribe needs no response
-        return changed or state.seen == "" or self._settled_with_removals(settled)
+        return changed or state.seen == "" or wakes
+
+    def _settle(self, type_url: str, state: _DeltaType, nonce: str, error: str | None) -> bool:
+        """Apply the ACK (`error` None) or NACK of the response `nonce` names; a stale nonce is only
+        counted. True if it settled the last pending response while removals wait (the writer then
+        has something to send)."""
+        if nonce != self.pending.get(type_url):
+            self.registry.record_stale(type_url)
+            return False
+        self._acknowledge(type_url, nonce, error)
+        if error is None:
+            state.acked, state.acked_version = state.held, state.held_version
+        else:  # the proxy kept its last ACKed resources; `seen` stays, so no resend loop
+            state.held, state.held_version = state.acked, state.acked_version
+        return self._settled_with_removals(True)
 
     def _new_state(self, type_url: str, wildcard: bool, initial: Mapping[str, str]) -> _DeltaType:
         """A type's state at its first request: what the proxy says it holds (`initial` versions)."""

@@ -99,3 +99,17 @@ def subscribe_tail(raw: bytes) -> tuple[int, str] | None:
     if end > len(raw):
         return None
     return end, raw[start:end].decode("utf-8", "replace")
+
+
+def ack_nonce(raw: bytes, start: int) -> str | None:
+    """The nonce of a serialized DeltaDiscoveryRequest whose fields from `start` (what
+    `subscribe_tail` returns) on are a response_nonce (6) and nothing else: a plain ACK, which
+    names its type and the response it acknowledges, subscribes to nothing and carries no error.
+    None for anything else, an empty nonce or one that is not UTF-8 (the parser's to refuse)."""
+    if raw[start:start + 1] != b"\x32":
+        return None
+    try:
+        begin, end = _len_field_bounds(raw, start + 1)
+        return raw[begin:end].decode() or None if end == len(raw) else None
+    except (IndexError, UnicodeDecodeError):
+        return None
