@@ -290,13 +290,11 @@ class FileSource:
         file's settle time never do. Bounded: a sweep waits `SWEEP_DEFERRAL` seconds at most, so
         pushes that never stop (endpoint churn) cannot keep a missed edit out for longer.
         """
-        if self.busy is None or self._pending or not self.busy():
-            self._swept = time.monotonic()
-            return False
-        if time.monotonic() - self._swept >= SWEEP_DEFERRAL:
-            self._swept = time.monotonic()
-            return False
-        return True
+        now = time.monotonic()
+        if self.busy is not None and not self._pending and self.busy() and now - self._swept < SWEEP_DEFERRAL:
+            return True
+        self._swept = now
+        return False
 
     def _until_settled(self) -> float:
         """Seconds until the first waiting file has been stable for `settle` (inf if none waits)."""

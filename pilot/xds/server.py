@@ -15,12 +15,11 @@ mission scale about 60-80 KB of pilot's RSS, mostly gRPC's own per-call buffers.
 
 Slow and hostile clients: the writer awaits each `context.write`, so gRPC holds at most one
 response per stream that the proxy has not taken yet (gRPC copies it per call: up to the
-largest response, ~0.9 MB at mission scale), and a server-wide `WriteBudget` bounds how many bytes
-of connecting proxies' large first responses gRPC holds together (a stream waits its turn, and
-after 2 s writes over budget, so stuck proxies cannot hold up the others for longer; pushes to
-connected proxies never wait for it). A write that does not finish within the send
-timeout closes the stream on pilot's side at once (status row, session, cache watch, reader)
-and sends DEADLINE_EXCEEDED behind the stuck response. grpc.aio cannot reset one call, so
+largest response, ~0.9 MB at mission scale); connecting proxies' large first responses share a
+`WriteBudget` (`pilot.xds.writebudget`: pushes to connected proxies never wait for it). A write
+that does not finish within the send timeout closes the stream on pilot's side at once (status
+row, session, cache watch, reader) and sends DEADLINE_EXCEEDED behind the stuck response.
+grpc.aio cannot reset one call, so
 gRPC frees its copy when the connection ends: when the proxy reads again (it then gets the
 status and reconnects), when keepalive finds a dead peer (ping every 30 s, 10 s to answer),
 or at the latest when the connection reaches its maximum age (30 min by default, as istiod;
@@ -123,8 +122,7 @@ class AdsServer:
         """`send_timeout` (seconds, None: never) bounds how long one response may wait for the
         proxy to take it; `max_connection_age` (None: unbounded) is when gRPC closes a connection
         gracefully; `quiet` is told of every response written and every call ended;
-        `write_budget` (bytes, None: unbounded) bounds the connecting proxies' large first
-        responses gRPC holds at once (`pilot.xds.writebudget`)."""
+        `write_budget`: bytes of first responses gRPC may hold at once (None: unbounded)."""
         self.cache = cache
         self.status = status
         self.classify = classify
@@ -412,8 +410,7 @@ class AdsServer:
                 for i in range(len(responses)):  # not kept once written
                     kind = types[i] if types else ""
                     first = bool(kind) and kind not in first_sent
-                    if first:
-                        first_sent.add(kind)
+                    first_sent.add(kind)
                     await self._write(context, responses.pop(0), kind, made if i == 0 else 0.0, first)
                 if self.changes is not None and types:
                     self.changes.written(session.status.stream_id, session.status.connected_at, types)
@@ -454,14 +451,11 @@ class AdsServer:
                      made: float = 0.0, first: bool = False) -> None:
         """Hand one response (of type `type_name`: CDS, ...) to gRPC; SendTimeoutError if the proxy
         does not take it in time. `made`: seconds this stream spent making the response (its step);
-        `first`: the stream's first response of the type (a connecting proxy's config).
+        `first`: the stream's first response of the type (a connecting proxy's config), which
+        waits for its share of the `WriteBudget` before the send timeout starts.
 
         Istio's send time is the write alone; its push time per type is making the response and
         writing it (a stream's step makes all its responses at once, so the first one carries it).
-
-        A connecting proxy's large first responses wait for their share of the server's
-        `WriteBudget` (bytes of them gRPC may hold at once); the send timeout and the send time
-        start once they have it. Pushes to connected proxies never wait for it.
 
         The timeout is one server-wide `SendWatch`, not a timer per write (a timer object, a heap
         push and a cancellation each: about 7 µs per write on the shared 2-core machine, 14 ms per
@@ -469,33 +463,28 @@ class AdsServer:
         add three observations (~2 µs each on that machine).
         """
         istio = self.status.metrics.istio
-        budget = self.write_budget if first else None
-        taken = budget.take_now(len(response)) if budget is not None else 0
-        if taken is None and budget is not None:  # its turn comes when others' large writes end
-            taken = await budget.take(len(response))
+        budget = self.write_budget if first else None  # a few writes per stream: not the hot path
+        taken = await budget.take(len(response)) if budget is not None else 0
         began = time.perf_counter()
         watch = self._send_watch
+        task: Any = asyncio.current_task() if watch is not None else None
+        if watch is not None:
+            watch.begin(task)
         try:
-            if watch is None:
-                await context.write(response)
-            else:
-                task: Any = asyncio.current_task()
-                watch.begin(task)
-                try:
-                    await context.write(response)
-                except asyncio.CancelledError:
-                    if not watch.expired(task):
-                        raise
-                    istio.write_timeout.inc()
-                    if type_name:
-                        istio.pushes.inc(f"{xds_type(type_name)}_senderr")
-                    raise SendTimeoutError(
-                        f"it did not read a {len(response)}-byte response for {self.send_timeout:g} s (send timeout)"
-                    ) from None
-                finally:
-                    watch.end(task)
+            await context.write(response)
+        except asyncio.CancelledError:
+            if watch is None or not watch.expired(task):
+                raise
+            istio.write_timeout.inc()
+            if type_name:
+                istio.pushes.inc(f"{xds_type(type_name)}_senderr")
+            raise SendTimeoutError(
+                f"it did not read a {len(response)}-byte response for {self.send_timeout:g} s (send timeout)"
+            ) from None
         finally:
-            if taken and budget is not None:
+            if watch is not None:
+                watch.end(task)
+            if budget is not None:
                 budget.give_back(taken)
         took = time.perf_counter() - began
         istio.send_time.observe(took)

@@ -110,6 +110,8 @@ def ack_nonce(raw: bytes, start: int) -> str | None:
         return None
     try:
         begin, end = _len_field_bounds(raw, start + 1)
-        return raw[begin:end].decode() or None if end == len(raw) else None
+        if end != len(raw):
+            return None
+        return raw[begin:end].decode() or None
     except (IndexError, UnicodeDecodeError):
         return None

@@ -68,7 +68,7 @@ class WriteBudget:
 
     def take_now(self, size: int) -> int | None:
         """The bytes to give back after the write (0: not counted), or None if the stream must
-        wait (`take`). The usual case, a plain call: no coroutine, no future."""
+        wait (`take`)."""
         if size < self.small:
             return 0
         if not self._waiting and (not self.in_flight or self.in_flight + size <= self.limit):
@@ -88,7 +88,7 @@ class WriteBudget:
         try:
             await asyncio.wait_for(waiter.future, self.patience)
         except TimeoutError:
-            if not waiter.future.done() or waiter.future.cancelled():  # its turn did not come
+            if waiter.future.cancelled():  # its turn did not come (else it came as time ran out)
                 self.overdrawn += 1
                 self.in_flight += size
             self._grant()  # it may have been at the head of the queue
