@@ -38,6 +38,9 @@ class PilotSettings(BaseSettings):
     write_budget_mb: int = Field(
         64, ge=0, description="connecting proxies' large first xDS responses (64 KB or more) gRPC may hold at "
         "once; past it a stream waits its turn, for 2 s at most (`pilot.xds.writebudget`); 0: unbounded")
+    ack_hold_ms: int = Field(
+        1000, ge=0, description="while pilot writes a push, a stream's next request after a plain ACK is read "
+        "once the writes end, this long at most (`pilot.xds.writewave`); 0: never held")
     max_connection_age_ms: int = Field(
         1_800_000, ge=0,
         description="gRPC closes each xDS connection gracefully at this age (as istiod: 30 min); 0: never")

@@ -27,6 +27,13 @@ from pilot.xds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
 DiscoveryRequest = discovery_pb2.DiscoveryRequest
 DeltaDiscoveryRequest = discovery_pb2.DeltaDiscoveryRequest
 
+# The SotW ADS method, for raw calls that write request bytes and may stop reading.
+SOTW_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+# Channel options of a client that opens no flow-control window beyond 16 KB while its application
+# does not read: a proxy that stops reading, for tests of what pilot does about it.
+SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384),
+                ("grpc.max_receive_message_length", 64 << 20)]
+
 
 def make_node(
     node_id: str,

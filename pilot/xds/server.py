@@ -85,6 +85,7 @@ from pilot.xds.status import StatusRegistry
 from pilot.xds.streams import PodStreams, StreamSignals, read_requests
 from pilot.xds.tlsfront import TlsFront
 from pilot.xds.writebudget import DEFAULT_LIMIT, WriteBudget
+from pilot.xds.writewave import DEFAULT_PATIENCE, WriteWave
 
 if TYPE_CHECKING:
     from pilot.tracing import ChangeTracker
@@ -118,11 +119,14 @@ class AdsServer:
         max_connection_age: float | None = 1800.0,
         quiet: WhenQuiet | None = None,
         write_budget: int | None = DEFAULT_LIMIT,
+        ack_hold: float | None = DEFAULT_PATIENCE,
     ) -> None:
         """`send_timeout` (seconds, None: never) bounds how long one response may wait for the
         proxy to take it; `max_connection_age` (None: unbounded) is when gRPC closes a connection
         gracefully; `quiet` is told of every response written and every call ended;
-        `write_budget`: bytes of first responses gRPC may hold at once (None: unbounded)."""
+        `write_budget`: bytes of first responses gRPC may hold at once (None: unbounded);
+        `ack_hold`: seconds a wave of writes may keep readers from reading on after a plain ACK
+        (`pilot.xds.writewave`; None: never)."""
         self.cache = cache
         self.status = status
         self.classify = classify
@@ -132,6 +136,8 @@ class AdsServer:
         self.quiet = quiet
         self.write_budget = WriteBudget(write_budget) if write_budget else None
         status.metrics.write_budget = self.write_budget
+        self.write_wave = WriteWave(ack_hold) if ack_hold else None
+        status.metrics.write_wave = self.write_wave
         self.subscriptions = Subscriptions(sharing=cache.sharing)  # shared by every stream's session
         self._server: grpc.aio.Server | None = None
         self._secure: grpc.aio.Server | None = None
@@ -246,6 +252,8 @@ class AdsServer:
             self._server = None
         if self._send_watch is not None:
             self._send_watch.close()
+        if self.write_wave is not None:
+            self.write_wave.close()
 
     def _call_ended(self, context: object) -> None:
         """A call ended and gRPC freed its buffers: one more thing the release waits to settle."""
@@ -323,7 +331,7 @@ class AdsServer:
                   identity.node_id, identity.proxy_class.describe())
         stream = StreamSignals()
         grant = await self._secret_grant(identity, authenticated)
-        reader = asyncio.create_task(read_requests(requests, session, stream))
+        reader = asyncio.create_task(read_requests(requests, session, stream, self.write_wave))
         pod = self.pods.follow(identity.node_id, first.node, stream)  # to classify again (`pod_changed`)
         try:
             with ClassWatch(self.cache, identity.proxy_class, stream.wake.set) as watch, \
@@ -466,10 +474,12 @@ class AdsServer:
         budget = self.write_budget if first else None  # a few writes per stream: not the hot path
         taken = await budget.take(len(response)) if budget is not None else 0
         began = time.perf_counter()
-        watch = self._send_watch
+        watch, wave = self._send_watch, self.write_wave
         task: Any = asyncio.current_task() if watch is not None else None
         if watch is not None:
             watch.begin(task)
+        if wave is not None:
+            wave.begin()
         try:
             await context.write(response)
         except asyncio.CancelledError:
@@ -482,6 +492,8 @@ class AdsServer:
                 f"it did not read a {len(response)}-byte response for {self.send_timeout:g} s (send timeout)"
             ) from None
         finally:
+            if wave is not None:
+                wave.end()
             if watch is not None:
                 watch.end(task)
             if budget is not None:

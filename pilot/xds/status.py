@@ -24,6 +24,7 @@ from pilot.metrics import IstioXdsMetrics, LoopCounter, xds_type
 from pilot.model.proxy import ProxyIdentity
 from pilot.xds import typeurls
 from pilot.xds.writebudget import WriteBudget, WriteBudgetMetrics
+from pilot.xds.writewave import WriteWave, WriteWaveMetrics
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,8 @@ class XdsMetrics:
         self.istio = IstioXdsMetrics(registry)  # Istio's names (pilot.metrics)
         self.write_budget: WriteBudget | None = None  # the ADS server's, when it has one
         WriteBudgetMetrics(lambda: self.write_budget, registry)
+        self.write_wave: WriteWave | None = None  # the ADS server's, when ACKs wait for its writes
+        WriteWaveMetrics(lambda: self.write_wave, registry)
         # Labelled children by type URL: `labels()` takes a lock and builds a key, every stream every push.
         self._children: dict[tuple[int, str], Any] = {}
 

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from pilot.model.proxy import pod_of_node
+from pilot.xds.writewave import WriteWave
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +32,25 @@ class StreamSignals:
         self.node: Any = None  # the Node of a proxy in a Pod (a copy: the first request is not kept)
 
 
-async def read_requests(requests: AsyncIterator[Any], session: Any, stream: StreamSignals) -> None:
+async def read_requests(requests: AsyncIterator[Any], session: Any, stream: StreamSignals,
+                        wave: WriteWave | None = None) -> None:
     """Apply each request to the session as it arrives; wake the writer only when it must answer.
 
     Sessions are synchronous state machines, so the reader can apply requests itself: a plain
     ACK costs no task switch, and not reading while one is applied is the backpressure (gRPC
-    flow control then holds the proxy). A vanished client ends the stream quietly.
+    flow control then holds the proxy). After a request that needs no answer, the next is read
+    once pilot's writes in flight end (`wave`, see `pilot.xds.writewave`: the ACKs of a push
+    wait for its fan-out). A vanished client ends the stream quietly.
     """
     try:
         async for wire in requests:
-            if session.handle_wire(wire):
+            answer = session.handle_wire(wire)
+            del wire  # a request can be 100 KB of names: not kept while waiting for the next
+            if answer:
                 stream.dirty = True
                 stream.wake.set()
-            del wire  # a request can be 100 KB of names: not kept while waiting for the next
+            elif wave is not None and wave.holding:
+                await wave.hold()
     except (grpc.aio.AioRpcError, grpc.aio.BaseError):  # the client left, or pilot is stopping
         pass
     except Exception as exc:

@@ -15,13 +15,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 from benchmarks import meshgen
 from pilot.app import Pilot
 from pilot.settings import PilotSettings
-from pilot.testing.ads_client import AdsClient, make_node, resource_names
+from pilot.testing.ads_client import SMALL_WINDOW, SOTW_METHOD, AdsClient, make_node, resource_names
 from pilot.xds.typeurls import CLUSTER
-
-METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
-# A client that opens no flow-control window beyond 16 KB while its application does not read.
-SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384),
-                ("grpc.max_receive_message_length", 64 << 20)]
 
 
 @pytest.fixture
@@ -44,7 +39,7 @@ def send_timeouts(pilot: Pilot) -> float:
 
 async def test_a_proxy_that_stops_reading_is_closed_and_told_why(pilot: Pilot) -> None:
     async with grpc.aio.insecure_channel(pilot.ads_address, options=SMALL_WINDOW) as channel:
-        call = channel.stream_stream(METHOD, request_serializer=bytes, response_deserializer=bytes)()
+        call = channel.stream_stream(SOTW_METHOD, request_serializer=bytes, response_deserializer=bytes)()
         await call.write(discovery_pb2.DiscoveryRequest(node=node("slow"), type_url=CLUSTER).SerializeToString())
         for _ in range(200):  # it reads nothing: after 1 s pilot closes the stream on its side
             if send_timeouts(pilot) == 1:
@@ -68,7 +63,7 @@ async def test_a_proxy_that_stops_reading_is_closed_and_told_why(pilot: Pilot) -
 
 async def test_a_proxy_that_reads_slowly_but_within_the_timeout_keeps_its_stream(pilot: Pilot) -> None:
     async with grpc.aio.insecure_channel(pilot.ads_address, options=SMALL_WINDOW) as channel:
-        call = channel.stream_stream(METHOD, request_serializer=bytes, response_deserializer=bytes)()
+        call = channel.stream_stream(SOTW_METHOD, request_serializer=bytes, response_deserializer=bytes)()
         await call.write(discovery_pb2.DiscoveryRequest(node=node("steady"), type_url=CLUSTER).SerializeToString())
         await asyncio.sleep(0.1)  # slower than pilot, yet well within its 1 s
         response = discovery_pb2.DiscoveryResponse.FromString(await asyncio.wait_for(call.read(), 10))

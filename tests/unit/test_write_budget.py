@@ -17,14 +17,9 @@ from envoy.service.discovery.v3 import discovery_pb2
 from benchmarks import meshgen
 from pilot.app import Pilot
 from pilot.settings import PilotSettings
-from pilot.testing.ads_client import AdsClient, make_node, resource_names
+from pilot.testing.ads_client import SMALL_WINDOW, SOTW_METHOD, AdsClient, make_node, resource_names
 from pilot.xds.typeurls import CLUSTER
 from pilot.xds.writebudget import WriteBudget
-
-METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
-# A client that opens no flow-control window beyond 16 KB while its application does not read.
-SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384),
-                ("grpc.max_receive_message_length", 64 << 20)]
 
 
 def test_small_responses_pass_uncounted_and_large_ones_are_counted_until_given_back() -> None:
@@ -124,7 +119,7 @@ async def open_stuck(pilot: Pilot, channels: list[grpc.aio.Channel]) -> list[Any
     """A stream per channel that asks for clusters and never reads; returns once two wait for the budget."""
     calls = []
     for i, channel in enumerate(channels):
-        call = channel.stream_stream(METHOD, request_serializer=bytes, response_deserializer=bytes)()
+        call = channel.stream_stream(SOTW_METHOD, request_serializer=bytes, response_deserializer=bytes)()
         await call.write(discovery_pb2.DiscoveryRequest(node=node(f"stuck-{i}"), type_url=CLUSTER).SerializeToString())
         calls.append(call)
     for _ in range(100):
