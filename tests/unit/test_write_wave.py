@@ -118,7 +118,7 @@ async def test_after_an_ack_a_proxys_next_request_waits_for_the_writes_in_flight
             listeners = await asyncio.wait_for(reads.recv(), 15)  # ... or the wave outlasted its patience
             assert listeners.type_url == LISTENER and resource_names(listeners)
             if wave.patience < 5:
-                assert wave.in_flight == 1  # the stuck proxy still has not read
+                assert wave.in_flight >= 1  # the stuck proxy still has not read (its write is in flight)
                 assert metric(pilot, "pilot_xds_write_waves_outlasted_total") >= 1
             stuck.cancel()
     finally:
