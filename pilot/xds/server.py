@@ -331,7 +331,9 @@ class AdsServer:
                   identity.node_id, identity.proxy_class.describe())
         stream = StreamSignals()
         grant = await self._secret_grant(identity, authenticated)
-        reader = asyncio.create_task(read_requests(requests, session, stream, self.write_wave))
+        # Delta streams only: held SotW ACKs cost pilot ~25% more CPU per route change at 1,000 proxies.
+        held = self.write_wave if kind.protocol == "delta" else None
+        reader = asyncio.create_task(read_requests(requests, session, stream, held))
         pod = self.pods.follow(identity.node_id, first.node, stream)  # to classify again (`pod_changed`)
         try:
             with ClassWatch(self.cache, identity.proxy_class, stream.wake.set) as watch, \

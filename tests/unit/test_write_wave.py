@@ -90,17 +90,22 @@ async def served(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterato
 
 
 async def test_after_an_ack_a_proxys_next_request_waits_for_the_writes_in_flight(served: Pilot) -> None:
-    """A proxy that does not read keeps pilot's write to it in flight. Another proxy's request that
-    follows its ACK is read when that write ends, or once the wave has lasted the hold's patience."""
+    """A proxy that does not read keeps pilot's write to it in flight. A delta proxy's request that
+    follows its ACK is read when that write ends, or once the wave has lasted the hold's patience;
+    a SotW proxy's is read at once (SotW streams are not held)."""
     pilot = served
     wave = pilot.ads.write_wave
     assert wave is not None
     channel = grpc.aio.insecure_channel(pilot.ads_address, options=SMALL_WINDOW)
     try:
-        async with AdsClient(pilot.ads_address, node("reads")) as reads:
-            reads.send(CLUSTER)
+        async with AdsClient(pilot.ads_address, node("reads"), delta=True) as reads, \
+                AdsClient(pilot.ads_address, node("sotw")) as sotw:
+            reads.send_delta(CLUSTER)
             clusters = await asyncio.wait_for(reads.recv(), 15)
             reads.ack(clusters)
+            sotw.send(CLUSTER)
+            sotw_clusters = await asyncio.wait_for(sotw.recv(), 15)
+            sotw.ack(sotw_clusters)
             stuck = channel.stream_stream(SOTW_METHOD, request_serializer=bytes, response_deserializer=bytes)()
             await stuck.write(discovery_pb2.DiscoveryRequest(node=node("stuck"), type_url=CLUSTER).SerializeToString())
             for _ in range(200):
@@ -109,10 +114,13 @@ async def test_after_an_ack_a_proxys_next_request_waits_for_the_writes_in_flight
                 await asyncio.sleep(0.02)
             assert wave.in_flight == 1  # its CDS response waits for it to read
             reads.ack(clusters)  # a plain ACK again (Envoy repeats one on reconnects too) ...
-            reads.send(LISTENER)  # ... then a request that needs an answer
+            reads.send_delta(LISTENER)  # ... then a request that needs an answer
             if wave.patience > 5:
+                sotw.ack(sotw_clusters)  # the same from a SotW proxy: answered while the write is in flight
+                sotw.send(LISTENER)
+                assert (await asyncio.wait_for(sotw.recv(), 15)).type_url == LISTENER
                 await reads.expect_silence(1.0)  # not read while the write is in flight
-                assert metric(pilot, "pilot_xds_ack_holds_total") >= 1
+                assert wave.in_flight >= 1 and metric(pilot, "pilot_xds_ack_holds_total") >= 1
                 first = discovery_pb2.DiscoveryResponse.FromString(await asyncio.wait_for(stuck.read(), 15))
                 assert first.type_url == CLUSTER  # the write ended ...
             listeners = await asyncio.wait_for(reads.recv(), 15)  # ... or the wave outlasted its patience
