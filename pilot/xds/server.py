@@ -19,11 +19,10 @@ largest response, ~0.9 MB at mission scale); connecting proxies' large first res
 `WriteBudget` (`pilot.xds.writebudget`: pushes to connected proxies never wait for it). A write
 that does not finish within the send timeout closes the stream on pilot's side at once (status
 row, session, cache watch, reader) and sends DEADLINE_EXCEEDED behind the stuck response.
-grpc.aio cannot reset one call, so
-gRPC frees its copy when the connection ends: when the proxy reads again (it then gets the
-status and reconnects), when keepalive finds a dead peer (ping every 30 s, 10 s to answer),
-or at the latest when the connection reaches its maximum age (30 min by default, as istiod;
-then 10 s of grace). Every response written and every call ended is reported to `quiet` (a
+grpc.aio cannot reset one call, so gRPC frees its copy when the connection ends: when the proxy
+reads again (it then gets the status and reconnects), when keepalive finds a dead peer (ping
+every 30 s, 10 s to answer), or at the latest when the connection reaches its maximum age (30
+min by default, as istiod; then 10 s of grace). Every response written and every call ended is reported to `quiet` (a
 `pilot.quiet.WhenQuiet` shared with the pusher), so pilot's release (garbage collected, free heap
 pages back to the OS) waits until streams have stopped taking responses: releasing while a fan-out
 still writes would leave its buffers, freed afterwards, in the heap.
@@ -146,7 +145,6 @@ class AdsServer:
         self._workload_account: WorkloadAccount | None = None
         self.secrets: SecretServer | None = None  # gateway certificates over ADS (see the module docstring)
         self.changes: ChangeTracker | None = None  # config changes followed to the proxies (pilot.tracing)
-        self._type_metrics: dict[str, tuple[Any, Any]] = {}  # Istio type label -> (push time, config size)
         # Open streams by the Pod their node id names; enabled with the Kubernetes registry.
         self.pods = PodStreams()
 
@@ -464,13 +462,9 @@ class AdsServer:
         `first`: the stream's first response of the type (a connecting proxy's config), which
         waits for its share of the `WriteBudget` before the send timeout starts.
 
-        Istio's send time is the write alone; its push time per type is making the response and
-        writing it (a stream's step makes all its responses at once, so the first one carries it).
-
         The timeout is one server-wide `SendWatch`, not a timer per write (a timer object, a heap
         push and a cancellation each: about 7 µs per write on the shared 2-core machine, 14 ms per
-        route change at mission scale). Istio's send time, push time and config size histograms
-        add three observations (~2 µs each on that machine).
+        route change at mission scale). Istio's histograms: `XdsMetrics.written`.
         """
         istio = self.status.metrics.istio
         budget = self.write_budget if first else None  # a few writes per stream: not the hot path
@@ -500,14 +494,5 @@ class AdsServer:
                 watch.end(task)
             if budget is not None:
                 budget.give_back(taken)
-        took = time.perf_counter() - began
-        istio.send_time.observe(took)
-        if type_name:
-            by_type = self._type_metrics.get(type_name)
-            if by_type is None:
-                label = xds_type(type_name)
-                by_type = (istio.push_time.labels(label), istio.config_size.labels(label))
-                self._type_metrics[type_name] = by_type
-            by_type[0].observe(made + took)
-            by_type[1].observe(len(response))
+        self.status.metrics.written(type_name, time.perf_counter() - began, made, len(response))
 
