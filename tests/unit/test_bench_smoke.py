@@ -133,6 +133,42 @@ def test_mission_targets_only_for_per_workload_runs_of_1000_services() -> None:
     assert {r["target"]: r["met"] for r in absent}["CPU per new class"] is None
 
 
+def test_mission_targets_show_the_replay_the_machine_floor_and_the_replay_factor() -> None:
+    """Next to each mission-scale figure, the baseline's figure in the same run; next to a change's
+    p99, the least the machine allows (the baseline's and the clients' CPU for the change over
+    the cores); and a row per change for the 1.2x rule (pilot's pooled p99 over the replay's)."""
+    from benchmarks.report import Latency, Phase, Report, Run
+
+    def run(server: str, route_cpu: float, route: list[float], endpoint: list[float]) -> Run:
+        r = Run(server, "delta", 2000, 1000, 2000 if server == "pilot" else 1,
+                "per-workload" if server == "pilot" else "replay", peak_rss_mb=400, empty_rss_mb=100,
+                steady_rss_mb=250, idle_cpu_s=0.03, idle_seconds=3)
+        r.phases = [Phase("connect", 2000, 2000, Latency.of([1.0, 12.0]), 5.0, 250, 9.0),
+                    Phase("route", 2000, 2000, Latency.of(route), route_cpu, 250, 1.4),
+                    Phase("route", 2000, 2000, Latency.of(route), route_cpu + 0.2, 250, 1.2),
+                    Phase("endpoint", 2000, 2000, Latency.of(endpoint), 0.3, 250, 0.5)]
+        r.samples = {"route": route, "endpoint": endpoint}
+        return r
+
+    pilot = run("pilot", 0.8, [0.5, 1.3], [0.2, 0.5])
+    base = run("baseline", 0.6, [0.5, 1.0], [0.2, 0.4])
+    rows = {r["target"]: r for r in Report({"cpus": 2}, {}, [pilot, base]).targets()}
+    route = rows["route change p99"]
+    assert route["value"] == pytest.approx(1.3) and route["replay"] == pytest.approx(1.0)
+    assert route["floor"] == pytest.approx((0.6 + 1.4 + 0.8 + 1.2) / 2 / 2)  # the baseline's two rounds
+    assert rows["endpoint change p99"]["floor"] == pytest.approx((0.3 + 0.5) / 2)
+    assert rows["pilot CPU per route change"]["replay"] == pytest.approx(0.7)
+    assert rows["peak RSS"]["floor"] is None
+    assert rows["route change p99 / the replay's"]["value"] == pytest.approx(1.3)
+    assert rows["route change p99 / the replay's"]["met"] is False  # over 1.2x
+    assert rows["endpoint change p99 / the replay's"]["value"] == pytest.approx(1.25)
+    base.samples["endpoint"] = [0.2, 0.45]
+    rows = {r["target"]: r for r in Report({"cpus": 2}, {}, [pilot, base]).targets()}
+    assert rows["endpoint change p99 / the replay's"]["met"] is True  # 1.11x
+    alone = {r["target"] for r in Report({"cpus": 2}, {}, [pilot]).targets()}
+    assert "route change p99" in alone and "route change p99 / the replay's" not in alone
+
+
 def test_ratios_past_the_debounce_take_pilots_configured_wait_off_its_own_latencies() -> None:
     """Pilot waits its debounce on purpose before acting on a change; the baseline replays at once.
     The ratio past the debounce takes exactly that wait off pilot's p99 (and nothing off the
