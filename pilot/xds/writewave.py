@@ -21,8 +21,8 @@ ACK (a NACK, a new subscription) may wait for the rest of a wave, `patience` at 
 Measured at mission scale (`benchmarks.ads_load`, 2,000 delta proxies, alternating runs with
 `ACK_HOLD_MS=0`): pilot's CPU per route change 0.78 s against 0.85 s over seven runs each, p99s
 2-8% lower, endpoint changes and SotW within their noise (README Benchmarks, session 27). Cost:
-two integer updates per write (SotW's too: a delta reader waits for every write), one timer per
-wave, and per held reader one `asyncio.Event` wait; nothing while no write is in flight.
+two integer updates per write (SotW's too: a delta reader waits for every write), at most one
+timer firing per `patience` (`WriteWave`), and per held reader one `asyncio.Event` wait.
 """
 
 from __future__ import annotations
@@ -38,7 +38,15 @@ DEFAULT_PATIENCE = 1.0  # seconds a wave of writes may hold readers
 
 
 class WriteWave:
-    """Writes in flight server-wide (`begin`/`end` around each), and readers held until they end."""
+    """Writes in flight server-wide (`begin`/`end` around each), and readers held until they end.
+
+    The patience is kept by one timer that outlives waves: it is armed when a wave begins and
+    none is pending, and when it fires it releases the wave in flight if that wave is old enough,
+    else re-arms itself for the wave's own deadline (or stops when no wave is in flight). Why:
+    when a push's writes do not overlap (each completes before the next begins: a fast proxy,
+    a small response), every write is a wave of its own, and a timer made and cancelled per
+    wave was a `TimerHandle`, a heap push and a cancellation per write.
+    """
 
     def __init__(self, patience: float = DEFAULT_PATIENCE) -> None:
         self.patience = patience
@@ -46,6 +54,7 @@ class WriteWave:
         self.holds = 0  # readers held back so far
         self.released = 0  # waves that outlasted `patience`
         self._open: asyncio.Event | None = None  # set: readers read; made on the loop, lazily
+        self._began = 0.0  # loop time the wave in flight began
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -61,16 +70,17 @@ class WriteWave:
             if self._open is None:
                 self._open = asyncio.Event()
             self._open.clear()
-            self._timer = asyncio.get_running_loop().call_later(self.patience, self._outlasted)
+            loop = asyncio.get_running_loop()
+            self._began = loop.time()
+            if self._timer is None:
+                self._timer = loop.call_at(self._began + self.patience, self._outlasted)
 
     def end(self) -> None:
-        """A write completed, failed or was cancelled. The last of a wave opens the gate."""
+        """A write completed, failed or was cancelled. The last of a wave opens the gate (the timer
+        stays armed for the next wave; it stops by itself when it finds none)."""
         self.in_flight -= 1
         if self.in_flight == 0 and self._open is not None:
             self._open.set()
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
 
     async def hold(self) -> None:
         """Wait until the writes in flight end, or the wave has lasted `patience`."""
@@ -90,9 +100,15 @@ class WriteWave:
 
     def _outlasted(self) -> None:
         self._timer = None
+        if self._open is None or self._open.is_set():
+            return  # no wave holds anyone: the next wave arms the timer again
+        loop = asyncio.get_running_loop()
+        deadline = self._began + self.patience
+        if loop.time() < deadline:  # a later wave than the one this timer was armed for
+            self._timer = loop.call_at(deadline, self._outlasted)
+            return
         self.released += 1
-        if self._open is not None:
-            self._open.set()  # until the writes drain: the next wave closes it again
+        self._open.set()  # until the writes drain: the next wave closes it again
 
 
 class WriteWaveMetrics(Collector):

@@ -58,6 +58,22 @@ async def test_a_wave_that_outlasts_its_patience_holds_no_one_until_its_writes_d
     wave.close()
 
 
+async def test_a_later_wave_gets_its_own_patience_from_the_one_timer() -> None:
+    """The timer armed for an earlier wave does not release a later one early: it re-arms itself
+    for the later wave's deadline (one timer for all waves, not one per wave)."""
+    wave = WriteWave(patience=1.0)
+    wave.begin()
+    wave.end()  # a short wave; its timer stays armed for t = 1.0
+    await asyncio.sleep(0.5)
+    wave.begin()  # a new wave at t = 0.5: its deadline is t = 1.5
+    await asyncio.sleep(0.7)  # t = 1.2: the first deadline has passed
+    assert wave.holding and wave.released == 0
+    await asyncio.wait_for(wave.hold(), 5)  # released at its own deadline, the write still in flight
+    assert wave.released == 1 and wave.in_flight == 1
+    wave.end()
+    wave.close()
+
+
 async def test_a_closed_wave_never_holds() -> None:
     wave = WriteWave(patience=30)
     wave.begin()
