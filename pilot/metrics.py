@@ -48,6 +48,19 @@ XDS_TYPES = {"CDS": "cds", "EDS": "eds", "LDS": "lds", "RDS": "rds", "SDS": "sds
 ENVOY_REJECT_CODE = "Internal"
 
 
+class ScrapeTime(Collector):
+    """Families made when scraped from what some object counts anyway (`families()`; empty while
+    there is no such object), so nothing is updated per event: the ADS server's write budget
+    and write wave (`pilot.xds.status.XdsMetrics`)."""
+
+    def __init__(self, families: Callable[[], Iterable[Metric]], registry: CollectorRegistry) -> None:
+        self.families = families
+        registry.register(self)
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families()
+
+
 class IstioSum(Collector):
     """A monotonically increasing sum with labels, exposed as Istio does (no `_total` suffix)."""
 

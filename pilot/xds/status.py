@@ -14,17 +14,19 @@ import collections
 import itertools
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.metrics_core import Metric
 
-from pilot.metrics import IstioXdsMetrics, LoopCounter, xds_type
+from pilot.metrics import IstioXdsMetrics, LoopCounter, ScrapeTime, xds_type
 from pilot.model.proxy import ProxyIdentity
 from pilot.xds import typeurls
-from pilot.xds.writebudget import WriteBudget, WriteBudgetMetrics
-from pilot.xds.writewave import WriteWave, WriteWaveMetrics
+from pilot.xds.writebudget import WriteBudget
+from pilot.xds.writewave import WriteWave
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +137,18 @@ class XdsMetrics:
         )
         self.istio = IstioXdsMetrics(registry)  # Istio's names (pilot.metrics)
         self.write_budget: WriteBudget | None = None  # the ADS server's, when it has one
-        WriteBudgetMetrics(lambda: self.write_budget, registry)
         self.write_wave: WriteWave | None = None  # the ADS server's, when ACKs wait for its writes
-        WriteWaveMetrics(lambda: self.write_wave, registry)
+        ScrapeTime(self._write_families, registry)
         # Labelled children by type URL: `labels()` takes a lock and builds a key, every stream every push.
         self._children: dict[tuple[int, str], Any] = {}
         self._by_type: dict[str, tuple[Any, Any]] = {}  # type name (CDS, ...) -> (push time, config size)
+
+    def _write_families(self) -> Iterator[Metric]:
+        """The write budget's and the write wave's metrics, when the server has them."""
+        if self.write_budget is not None:
+            yield from self.write_budget.metric_families()
+        if self.write_wave is not None:
+            yield from self.write_wave.metric_families()
 
     def written(self, type_name: str, took: float, made: float, size: int) -> None:
         """Istio's histograms for one response written in `took` seconds: its send time (the write

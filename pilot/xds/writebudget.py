@@ -32,12 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable, Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 DEFAULT_LIMIT = 64 * 1024 * 1024
 DEFAULT_SMALL = 64 * 1024
@@ -107,6 +105,18 @@ class WriteBudget:
             self.in_flight -= taken
             self._grant()
 
+    def metric_families(self) -> Iterator[Metric]:
+        """`pilot_xds_write_budget_bytes` (counted now), `pilot_xds_write_budget_waits_total` and
+        `pilot_xds_write_budget_overdrawn_total`, made when scraped (`pilot.metrics.ScrapeTime`):
+        nothing is updated per write."""
+        yield GaugeMetricFamily("pilot_xds_write_budget_bytes",
+                                "bytes of large xDS responses gRPC holds for proxies now", value=self.in_flight)
+        yield CounterMetricFamily("pilot_xds_write_budget_waits",
+                                  "large xDS responses that waited for the write budget", value=self.waits)
+        yield CounterMetricFamily("pilot_xds_write_budget_overdrawn",
+                                  "large xDS responses written over budget after waiting its patience",
+                                  value=self.overdrawn)
+
     def _grant(self) -> None:
         """Let waiting streams go, in order, while the budget has room."""
         waiting = self._waiting
@@ -120,25 +130,3 @@ class WriteBudget:
             waiting.popleft()
             self.in_flight += head.size
             head.future.set_result(None)
-
-
-class WriteBudgetMetrics(Collector):
-    """The budget of the ADS server as metrics, read when scraped (nothing is updated per write):
-    `pilot_xds_write_budget_bytes` (counted now), `pilot_xds_write_budget_waits_total` and
-    `pilot_xds_write_budget_overdrawn_total`. `budget()` gives the server's budget (None: none)."""
-
-    def __init__(self, budget: Callable[[], WriteBudget | None], registry: CollectorRegistry) -> None:
-        self.budget = budget
-        registry.register(self)
-
-    def collect(self) -> Iterable[Metric]:
-        budget = self.budget()
-        if budget is None:
-            return
-        yield GaugeMetricFamily("pilot_xds_write_budget_bytes",
-                                "bytes of large xDS responses gRPC holds for proxies now", value=budget.in_flight)
-        yield CounterMetricFamily("pilot_xds_write_budget_waits",
-                                  "large xDS responses that waited for the write budget", value=budget.waits)
-        yield CounterMetricFamily("pilot_xds_write_budget_overdrawn",
-                                  "large xDS responses written over budget after waiting its patience",
-                                  value=budget.overdrawn)

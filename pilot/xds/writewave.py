@@ -28,11 +28,10 @@ timer firing per `patience` (`WriteWave`), and per held reader one `asyncio.Even
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.metrics_core import Metric
 
 DEFAULT_PATIENCE = 1.0  # seconds a wave of writes may hold readers
 
@@ -98,6 +97,14 @@ class WriteWave:
         if self._open is not None:
             self._open.set()
 
+    def metric_families(self) -> Iterator[Metric]:
+        """`pilot_xds_ack_holds_total` and `pilot_xds_write_waves_outlasted_total`, made when scraped
+        (`pilot.metrics.ScrapeTime`)."""
+        yield CounterMetricFamily("pilot_xds_ack_holds", "times a stream waited for pilot's writes in flight to "
+                                  "end before reading its next request (after a plain ACK)", value=self.holds)
+        yield CounterMetricFamily("pilot_xds_write_waves_outlasted", "waves of writes that lasted longer than the "
+                                  "ACK hold's patience, so readers read on before they ended", value=self.released)
+
     def _outlasted(self) -> None:
         self._timer = None
         if self._open is None or self._open.is_set():
@@ -109,21 +116,3 @@ class WriteWave:
             return
         self.released += 1
         self._open.set()  # until the writes drain: the next wave closes it again
-
-
-class WriteWaveMetrics(Collector):
-    """The wave of the ADS server as metrics, read when scraped: `pilot_xds_ack_holds_total` and
-    `pilot_xds_write_waves_outlasted_total`. `wave()` gives the server's (None: holding is off)."""
-
-    def __init__(self, wave: Callable[[], WriteWave | None], registry: CollectorRegistry) -> None:
-        self.wave = wave
-        registry.register(self)
-
-    def collect(self) -> Iterable[CounterMetricFamily]:
-        wave = self.wave()
-        if wave is None:
-            return
-        yield CounterMetricFamily("pilot_xds_ack_holds", "times a stream waited for pilot's writes in flight to "
-                                  "end before reading its next request (after a plain ACK)", value=wave.holds)
-        yield CounterMetricFamily("pilot_xds_write_waves_outlasted", "waves of writes that lasted longer than the "
-                                  "ACK hold's patience, so readers read on before they ended", value=wave.released)
