@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -15,8 +14,9 @@ from envoy.service.discovery.v3 import discovery_pb2
 from benchmarks import meshgen
 from pilot.app import Pilot
 from pilot.settings import PilotSettings
-from pilot.testing.ads_client import SMALL_WINDOW, SOTW_METHOD, AdsClient, make_node, resource_names
+from pilot.testing.ads_client import SMALL_WINDOW, SOTW_METHOD, AdsClient, resource_names
 from pilot.xds.typeurls import CLUSTER
+from tests.unit.stuckproxies import metric, node
 
 
 @pytest.fixture
@@ -27,14 +27,8 @@ async def pilot(tmp_path: Path) -> AsyncIterator[Pilot]:
         yield p
 
 
-def node(name: str) -> Any:
-    return make_node(f"sidecar~127.0.9.1~{name}.{meshgen.NAMESPACE}~bench.svc.cluster.local",
-                     namespace=meshgen.NAMESPACE, labels={"app": "svc-000", "version": "v1"})
-
-
 def send_timeouts(pilot: Pilot) -> float:
-    value = pilot.registry.get_sample_value("pilot_xds_stream_errors_total", {"reason": "send_timeout"})
-    return value or 0.0
+    return metric(pilot, "pilot_xds_stream_errors_total", {"reason": "send_timeout"})
 
 
 async def test_a_proxy_that_stops_reading_is_closed_and_told_why(pilot: Pilot) -> None:

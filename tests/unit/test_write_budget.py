@@ -17,9 +17,10 @@ from envoy.service.discovery.v3 import discovery_pb2
 from benchmarks import meshgen
 from pilot.app import Pilot
 from pilot.settings import PilotSettings
-from pilot.testing.ads_client import SMALL_WINDOW, SOTW_METHOD, AdsClient, make_node, resource_names
+from pilot.testing.ads_client import SMALL_WINDOW, SOTW_METHOD, AdsClient, resource_names
 from pilot.xds.typeurls import CLUSTER
 from pilot.xds.writebudget import WriteBudget
+from tests.unit.stuckproxies import metric, node
 
 
 def test_small_responses_pass_uncounted_and_large_ones_are_counted_until_given_back() -> None:
@@ -104,15 +105,6 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
     settings = PilotSettings(ads_port=0, debug_port=0, config_dir=tmp_path, write_budget_mb=1)
     async with Pilot(settings) as p:
         yield Served(p, mesh)
-
-
-def node(name: str) -> Any:
-    return make_node(f"sidecar~127.0.9.1~{name}.{meshgen.NAMESPACE}~bench.svc.cluster.local",
-                     namespace=meshgen.NAMESPACE, labels={"app": "svc-000", "version": "v1"})
-
-
-def metric(pilot: Pilot, name: str) -> float:
-    return pilot.registry.get_sample_value(name) or 0.0
 
 
 async def open_stuck(pilot: Pilot, channels: list[grpc.aio.Channel]) -> list[Any]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -15,9 +14,10 @@ from envoy.service.discovery.v3 import discovery_pb2
 from benchmarks import meshgen
 from pilot.app import Pilot
 from pilot.settings import PilotSettings
-from pilot.testing.ads_client import SMALL_WINDOW, SOTW_METHOD, AdsClient, make_node, resource_names
+from pilot.testing.ads_client import SMALL_WINDOW, SOTW_METHOD, AdsClient, resource_names
 from pilot.xds.typeurls import CLUSTER, LISTENER
 from pilot.xds.writewave import WriteWave
+from tests.unit.stuckproxies import metric, node
 
 
 async def test_readers_are_held_while_writes_are_in_flight_and_read_on_when_the_last_ends() -> None:
@@ -85,15 +85,6 @@ async def test_a_closed_wave_never_holds() -> None:
     wave.begin()
     assert not wave.holding
     wave.end()
-
-
-def node(name: str) -> Any:
-    return make_node(f"sidecar~127.0.9.1~{name}.{meshgen.NAMESPACE}~bench.svc.cluster.local",
-                     namespace=meshgen.NAMESPACE, labels={"app": "svc-000", "version": "v1"})
-
-
-def metric(pilot: Pilot, name: str) -> float:
-    return pilot.registry.get_sample_value(name) or 0.0
 
 
 @pytest.fixture(params=[30_000, 300], ids=["patient", "impatient"])
