@@ -30,8 +30,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
-from prometheus_client.core import CounterMetricFamily
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 DEFAULT_PATIENCE = 1.0  # seconds a wave of writes may hold readers
 
@@ -55,6 +54,7 @@ class WriteWave:
         self._open: asyncio.Event | None = None  # set: readers read; made on the loop, lazily
         self._began = 0.0  # loop time the wave in flight began
         self._timer: asyncio.TimerHandle | None = None
+        self._armed_for = 0.0  # loop time the timer fires at
         self._closed = False
 
     @property
@@ -72,7 +72,7 @@ class WriteWave:
             loop = asyncio.get_running_loop()
             self._began = loop.time()
             if self._timer is None:
-                self._timer = loop.call_at(self._began + self.patience, self._outlasted)
+                self._arm(loop, self._began + self.patience)
 
     def end(self) -> None:
         """A write completed, failed or was cancelled. The last of a wave opens the gate (the timer
@@ -105,14 +105,17 @@ class WriteWave:
         yield CounterMetricFamily("pilot_xds_write_waves_outlasted", "waves of writes that lasted longer than the "
                                   "ACK hold's patience, so readers read on before they ended", value=self.released)
 
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        self._armed_for = when
+        self._timer = loop.call_at(when, self._outlasted)
+
     def _outlasted(self) -> None:
         self._timer = None
         if self._open is None or self._open.is_set():
             return  # no wave holds anyone: the next wave arms the timer again
-        loop = asyncio.get_running_loop()
         deadline = self._began + self.patience
-        if loop.time() < deadline:  # a later wave than the one this timer was armed for
-            self._timer = loop.call_at(deadline, self._outlasted)
+        if deadline > self._armed_for:  # a later wave than the one this timer was armed for
+            self._arm(asyncio.get_running_loop(), deadline)
             return
         self.released += 1
         self._open.set()  # until the writes drain: the next wave closes it again
