@@ -208,8 +208,9 @@ class Target:
         if value is not None:
             within = value < self.limit if self.op == "<" else value <= self.limit
             met = bool(within and run.converged)
-        replay = self.value(base) if base is not None and base.converged else None
-        floor = base.cpu_floor(self.floor, cores) if base is not None and self.floor else None
+        usable = base is not None and base.converged
+        replay = self.value(base) if base is not None and usable else None
+        floor = base.cpu_floor(self.floor, cores) if base is not None and usable and self.floor else None
         return {"protocol": run.protocol, "clients": run.clients, "services": run.services, "scope": self.scope,
                 "target": self.name, "value": value, "op": self.op, "limit": self.limit, "unit": self.unit,
                 "met": met, "replay": replay, "floor": floor}
