@@ -13,8 +13,8 @@ import pytest
 
 from meshctl.democonfig import DemoMesh
 from meshctl.echoapp import start_echo_app
-from meshctl.localmesh import http_session
-from tests.e2e.conftest import free_port, random_block
+from meshctl.localmesh import free_port, http_session
+from tests.e2e.conftest import random_block
 
 pytestmark = pytest.mark.e2e
 MESHCTL = [sys.executable, "-m", "meshctl.cli"]

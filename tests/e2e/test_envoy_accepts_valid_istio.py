@@ -163,7 +163,7 @@ def _destination(i: int) -> st.SearchStrategy[dict[str, Any]]:
 @st.composite
 def route_destinations(draw: st.DrawFn, i: int) -> list[dict[str, Any]]:
     count = draw(st.integers(1, 3))
-    dests = [{"destination": draw(_destination(i))} for _ in range(count)]
+    dests: list[dict[str, Any]] = [{"destination": draw(_destination(i))} for _ in range(count)]
     if count > 1:  # weights adding up to 100, valid before and after Istio's normalisation
         cuts = sorted(draw(st.lists(st.integers(0, 100), min_size=count - 1, max_size=count - 1)))
         for d, lo, hi in zip(dests, [0, *cuts], [*cuts, 100], strict=True):

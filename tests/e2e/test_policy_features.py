@@ -33,9 +33,9 @@ from multidict import CIMultiDict
 from meshctl.devcerts import DevCa
 from meshctl.echoapp import make_app, start_echo_app
 from meshctl.envoy import EnvoyProcess
-from meshctl.localmesh import LocalMesh, http_session
+from meshctl.localmesh import LocalMesh, free_port, http_session
 from pilot.settings import PilotSettings
-from tests.e2e.conftest import free_port, random_block
+from tests.e2e.conftest import random_block
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 

@@ -20,9 +20,9 @@ import pytest
 import pytest_asyncio
 
 from meshctl.envoy import EnvoyProcess
-from meshctl.localmesh import LocalMesh, http_session
+from meshctl.localmesh import LocalMesh, free_port, http_session
 from pilot.settings import PilotSettings
-from tests.e2e.conftest import free_port, random_block, service_entry, workload_entry
+from tests.e2e.conftest import random_block, service_entry, workload_entry
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 

@@ -356,9 +356,10 @@ def test_control_plane_command_starts_in_cluster_and_is_ready(kube_cluster: Kube
 
 def _field(path: str, pod: dict[str, Any], host_ip: str) -> str:
     """A downward-API fieldRef's value, as the kubelet resolves it for this pod."""
-    values = {"metadata.name": pod["metadata"]["name"], "metadata.namespace": pod["metadata"]["namespace"],
-              "status.podIP": pod["status"]["podIP"], "status.hostIP": host_ip,
-              "spec.serviceAccountName": pod["spec"]["serviceAccountName"]}
+    values: dict[str, str] = {
+        "metadata.name": pod["metadata"]["name"], "metadata.namespace": pod["metadata"]["namespace"],
+        "status.podIP": pod["status"]["podIP"], "status.hostIP": host_ip,
+        "spec.serviceAccountName": pod["spec"]["serviceAccountName"]}
     assert path in values, f"the test's kubelet does not resolve fieldRef {path}"
     return values[path]
 
@@ -383,7 +384,7 @@ def test_proxy_command_with_the_injected_mounts_gets_a_certificate_and_is_ready(
             if "value" in var:
                 monkeypatch.setenv(var["name"], var["value"])
         settings = InjectSettings()
-        pod = {"apiVersion": "v1", "kind": "Pod",
+        pod: dict[str, Any] = {"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": "reviews-0", "namespace": ns, "labels": {"app": "reviews", "version": "v1"}},
                "spec": {"serviceAccountName": "reviews", "containers": [{"name": "app", "image": "app:1"}]},
                "status": {"podIP": cp.pod_ip}}
@@ -398,9 +399,10 @@ def test_proxy_command_with_the_injected_mounts_gets_a_certificate_and_is_ready(
         work = Path(tempfile.mkdtemp(prefix="meshctl-sidecar-"))
         proc: subprocess.Popen[bytes] | None = None
         try:
-            sources = {"istio-token": {"istio-token": token}, "istiod-ca-cert": {"root-cert.pem": roots[0].read_text()},
-                       "istio-podinfo": {"labels": _downward(pod["metadata"]["labels"]), "annotations": _downward(
-                           injected["metadata"].get("annotations", {}))}}
+            sources: dict[str, dict[str, str]] = {
+                "istio-token": {"istio-token": token}, "istiod-ca-cert": {"root-cert.pem": roots[0].read_text()},
+                "istio-podinfo": {"labels": _downward(pod["metadata"]["labels"]), "annotations": _downward(
+                    injected["metadata"].get("annotations", {}))}}
             volumes = {v["name"]: v for v in injected["spec"]["volumes"]}
             steps = [*_readonly_root(), "mkdir -p /run/etc-up /run/etc-work",
                      "mount -t overlay overlay -o lowerdir=/etc,upperdir=/run/etc-up,workdir=/run/etc-work /etc",

@@ -202,7 +202,10 @@ def test_install_is_complete_idempotent_and_uninstall_removes_it(
     out = meshctl("uninstall", "--kubeconfig", kubeconfig, "-n", ns)
     assert out.stdout.splitlines()[0] == f"ValidatingWebhookConfiguration istio-validator-{ns} deleted"
     for obj in control_plane(installed):
-        _until(f"{obj['kind']} {obj['metadata']['name']} gone", lambda o=obj: _get(kube_cluster, o) is None)
+        def gone(o: dict[str, Any] = obj) -> bool:
+            return _get(kube_cluster, o) is None
+
+        _until(f"{obj['kind']} {obj['metadata']['name']} gone", gone)
     assert _get(kube_cluster, crds()[0]) is not None  # CRDs (and users' mesh config) stay without --purge
     again = meshctl("uninstall", "--kubeconfig", kubeconfig, "-n", ns)
     assert "not found" in again.stdout  # nothing left: still exit 0

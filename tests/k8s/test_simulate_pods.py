@@ -48,7 +48,6 @@ from tests.k8s.meshpods import (
     APP,
     APP_UID,
     PORT,
-    REPO,
     Mesh,
     RunningPod,
     http_status,
@@ -57,7 +56,7 @@ from tests.k8s.meshpods import (
     started_mesh,
     until,
 )
-from tests.k8s.pods import Pod
+from tests.k8s.pods import REPO, Pod
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 

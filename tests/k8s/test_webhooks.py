@@ -168,8 +168,10 @@ def env(kube_cluster: KubeCluster, tmp_path_factory: pytest.TempPathFactory) -> 
             kube_cluster.kubectl("create", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "Namespace",
                                                                          "metadata": meta}))
         for name, _ in namespaces.values():  # pods need the default ServiceAccount (kube-controller-manager's)
-            until(f"ServiceAccount {name}/default", lambda n=name: kube_cluster.kubectl(
-                "-n", n, "get", "serviceaccount", "default", check=False).returncode == 0)
+            def has_default_account(n: str = name) -> bool:
+                return kube_cluster.kubectl("-n", n, "get", "serviceaccount", "default", check=False).returncode == 0
+
+            until(f"ServiceAccount {name}/default", has_default_account)
         for config in configs:
             kube_cluster.kubectl("create", "-f", "-", stdin=json.dumps(config))
         environment = Env(kube_cluster, server, namespaces["enrolled"][0], namespaces["revision"][0],
@@ -233,7 +235,7 @@ def test_pod_label_and_annotation_opt_out_and_label_opt_in(env: Env) -> None:
 
 def test_reinjection_is_a_no_op(env: Env) -> None:
     first = env.create_pod(env.enrolled, "once")
-    again = {"apiVersion": "v1", "kind": "Pod",
+    again: dict[str, Any] = {"apiVersion": "v1", "kind": "Pod",
              "metadata": {k: first["metadata"][k] for k in ("labels", "annotations")} | {"name": "twice"},
              "spec": {k: v for k, v in first["spec"].items() if k not in ("nodeName",)}}
     again["spec"]["volumes"] = [v for v in again["spec"]["volumes"] if not v["name"].startswith("kube-api-access-")]

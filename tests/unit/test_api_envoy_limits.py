@@ -13,7 +13,8 @@ import pytest
 
 from pilot.api import InvalidObjectError, parse_object
 from pilot.api.envoy_limits import MAX_DURATION_SECONDS, MAX_HEADER_BYTES, header_value_problem
-from pilot.api.route_common import ENVOY_RE2_MAX_PROGRAM_SIZE, regex_problem
+from pilot.api.route_common import regex_problem
+from pilot.runtime_limits import ENVOY_RE2_MAX_PROGRAM_SIZE
 
 DEST = {"destination": {"host": "reviews"}}
 

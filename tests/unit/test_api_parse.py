@@ -239,4 +239,4 @@ def test_malformed_documents(document: object, error: type[ApiError], text: str)
 def test_objects_are_frozen() -> None:
     obj = parse_object(doc("ServiceEntry", SE_SPEC))
     with pytest.raises(Exception, match="frozen"):
-        obj.spec.hosts = ()  # type: ignore[misc]
+        obj.spec.hosts = ()  # type: ignore[attr-defined]

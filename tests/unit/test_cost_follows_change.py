@@ -229,6 +229,7 @@ def test_an_endpoint_change_costs_a_stream_nothing_for_its_other_types(
     real = View.view
 
     def counting(self: View, names: frozenset[str] | None) -> View:
+        assert after is not None
         asked.append(next(t for t in (CLUSTER, ENDPOINT, LISTENER, ROUTE) if after.of(t) is self))
         return real(self, names)
 

@@ -66,9 +66,11 @@ def type_errors(value: Any, schema: dict[str, Any], path: str = "") -> list[str]
     if ("minimum" in schema and value < schema["minimum"]) or ("maximum" in schema and value > schema["maximum"]):
         errors.append(f"{path}: {value!r} out of bounds")
     if kind == "array":
+        assert isinstance(value, list)
         for i, item in enumerate(value):
             errors += type_errors(item, schema["items"], f"{path}[{i}]")
     if kind == "object":
+        assert isinstance(value, dict)
         errors += [f"{path}.{k}: required" for k in schema.get("required", ()) if k not in value]
         props, extra = schema.get("properties", {}), schema.get("additionalProperties")
         for key, item in value.items():

@@ -35,7 +35,7 @@ def edited(**spec: Any) -> list[Any]:
     out = []
     for obj in load_dir(CANARY).objects:
         if obj.key == ("WorkloadEntry", "default", "reviews-v1"):
-            obj = obj.model_copy(update={"spec": obj.spec.model_copy(update=spec)})  # noqa: PLW2901
+            obj = obj.model_copy(update={"spec": getattr(obj, "spec").model_copy(update=spec)})  # noqa: PLW2901, B009
         out.append(obj)
     return out
 

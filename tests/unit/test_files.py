@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
 
 from pilot.config import ConfigStore, FileSource, files, load_dir, load_text
+from pilot.config.yaml_dir import walk_yaml
 
 SE = """apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -79,8 +81,7 @@ def test_sync_applies_to_store_with_errors(tmp_path: Path) -> None:
     assert [r["name"] for r in store.debug_dump()["rejected"]] == ["bad"]
 
 
-async def _until(predicate: object, timeout: float = 1.5) -> None:
-    assert callable(predicate)
+async def _until(predicate: Callable[[], object], timeout: float = 1.5) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline, "change not picked up in time"
@@ -94,7 +95,9 @@ async def test_watch_picks_up_add_change_fix_and_delete(tmp_path: Path, watch: L
     source = FileSource(store, tmp_path, interval=0.05, watch=watch, rescan=60, settle=0.2)
     task = asyncio.create_task(source.run())
     try:
-        names = lambda: sorted(o.metadata.name for o in store.objects())  # noqa: E731
+        def names() -> list[str]:
+            return sorted(o.metadata.name for o in store.objects())
+
         (tmp_path / "a.yaml").write_text(se("a"))
         await _until(lambda: names() == ["a"])
         (tmp_path / "b.yaml").write_text(se("b", port=0))  # bad at first
@@ -149,7 +152,9 @@ async def test_a_replaced_directory_is_watched_again(tmp_path: Path) -> None:
     source.sync()
     task = asyncio.create_task(source.run())
     try:
-        names = lambda: sorted(o.metadata.name for o in store.objects())  # noqa: E731
+        def names() -> list[str]:
+            return sorted(o.metadata.name for o in store.objects())
+
         await asyncio.sleep(0.1)  # let the watch arm on the first directory
         replacement = tmp_path / "next"
         replacement.mkdir()
@@ -191,7 +196,7 @@ async def test_an_edit_named_by_file_events_is_read_without_walking_the_director
         (config / f"s{i:02d}.yaml").write_text(se(f"s{i:02d}", host=f"s{i}.example.com"))
     (config / "sub" / "deep.yaml").write_text(se("deep", host="deep.example.com"))
     walks: list[Path] = []
-    real_walk = files.walk_yaml
+    real_walk = walk_yaml
 
     def counting(directory: Path) -> Any:
         walks.append(directory)
@@ -202,7 +207,8 @@ async def test_an_edit_named_by_file_events_is_read_without_walking_the_director
     source = FileSource(store, config, rescan=60)  # no periodic sweep in this test: events only
 
     def ports() -> dict[str, int]:
-        return {o.metadata.name: o.spec.ports[0].number for o in store.objects()}
+        objects: list[Any] = list(store.objects())
+        return {o.metadata.name: o.spec.ports[0].number for o in objects}
 
     task = asyncio.create_task(source.run())
     try:
@@ -235,7 +241,7 @@ async def test_the_safety_sweep_waits_while_pilot_pushes_but_file_events_do_not(
     is writing a push it waits, at most `SWEEP_DEFERRAL`; an edit named by an event is read at once."""
     (tmp_path / "a.yaml").write_text(se("a"))
     walks: list[float] = []
-    real_walk = files.walk_yaml
+    real_walk = walk_yaml
 
     def counting(directory: Path) -> Any:
         walks.append(0.0)
@@ -246,7 +252,9 @@ async def test_the_safety_sweep_waits_while_pilot_pushes_but_file_events_do_not(
     store = ConfigStore()
     source = FileSource(store, tmp_path, rescan=0.05, settle=0.05, busy=lambda: pushing[0])
     task = asyncio.create_task(source.run())
-    names = lambda: sorted(o.metadata.name for o in store.objects())  # noqa: E731
+    def names() -> list[str]:
+        return sorted(o.metadata.name for o in store.objects())
+
     try:
         await _until(lambda: names() == ["a"])  # the first reload, when the watch is armed, walks
         await asyncio.sleep(0.3)  # the files settle; no sweep may run from here while pushing

@@ -216,7 +216,8 @@ def test_server_conflicts_are_reported_for_declared_gateway_workloads() -> None:
 
 
 def test_mutual_tls_requires_and_verifies_client_certificates() -> None:
-    mutual = {**SIMPLE, "mode": "MUTUAL", "caCertificates": "/ca.pem", "subjectAltNames": ["client.example.com"]}
+    mutual: dict[str, Any] = {**SIMPLE, "mode": "MUTUAL", "caCertificates": "/ca.pem",
+                              "subjectAltNames": ["client.example.com"]}
     objs = [gateway(server(443, "HTTPS", ["*"], **mutual)), *SERVICES, route("*", "web", ["edge/gw"])]
     listener = resources(objs)[typeurls.LISTENER]["127.0.0.70_443"]
     ctx = tls_pb2.DownstreamTlsContext()
@@ -231,7 +232,7 @@ def test_mutual_tls_requires_and_verifies_client_certificates() -> None:
 def test_client_certificate_pins_and_crl_are_validated_and_translated() -> None:
     pins = {"verifyCertificateHash": ["AB:" * 31 + "CD"], "verifyCertificateSpki": ["A" * 43 + "="],
             "caCrl": "/crl.pem"}
-    mutual = {**SIMPLE, "mode": "MUTUAL", "caCertificates": "/ca.pem", **pins}
+    mutual: dict[str, Any] = {**SIMPLE, "mode": "MUTUAL", "caCertificates": "/ca.pem", **pins}
     objs = [gateway(server(443, "HTTPS", ["*"], **mutual)), *SERVICES, route("*", "web", ["edge/gw"])]
     ctx = tls_pb2.DownstreamTlsContext()
     chain = resources(objs)[typeurls.LISTENER]["127.0.0.70_443"].filter_chains[0]

@@ -84,7 +84,7 @@ def test_a_quiet_moment_collects_the_cycles_left_by_a_burst_and_then_nothing_unt
     cycle = _Cycle()
     gone = weakref.ref(cycle)
     del cycle
-    kept = [[] for _ in range(QUIET_MINIMUM)]  # a burst of allocations (tracked lists)
+    kept: list[list[object]] = [[] for _ in range(QUIET_MINIMUM)]  # a burst of allocations (tracked lists)
     assert gc.get_count()[0] >= QUIET_MINIMUM and gone() is not None
     assert collect_when_quiet() == 1
     assert gone() is None  # reference counting alone never frees a cycle
@@ -97,7 +97,7 @@ def test_a_quiet_moment_collects_the_cycles_left_by_a_burst_and_then_nothing_unt
 def test_a_quiet_moment_collects_everything_when_the_collector_would_have_done_so_next() -> None:
     gc.set_threshold(700, 10, 3)  # a full collection after every third middle one
     done = []
-    kept = []
+    kept: list[object] = []
     for _ in range(6):
         kept.append([[] for _ in range(QUIET_MINIMUM)])
         done.append(collect_when_quiet())

@@ -39,7 +39,8 @@ def make_pod(*, labels: dict[str, str] | None = None, annotations: dict[str, str
 
 def container(pod: dict[str, Any], name: str) -> dict[str, Any]:
     spec = pod["spec"]
-    found = [c for c in spec.get("containers", []) + spec.get("initContainers", []) if c["name"] == name]
+    found: list[dict[str, Any]] = [
+        c for c in spec.get("containers", []) + spec.get("initContainers", []) if c["name"] == name]
     assert len(found) == 1, f"{name}: {len(found)} containers"
     return found[0]
 

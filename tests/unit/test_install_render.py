@@ -172,7 +172,7 @@ def test_uninstall_removes_webhooks_first_and_keeps_crds_unless_purge() -> None:
 def test_ca_bundle_patch_sets_each_differing_webhook_guarded_by_its_name() -> None:
     pem = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
     bundle = base64.b64encode(pem).decode()
-    config = {"webhooks": [{"name": "a", "clientConfig": {"caBundle": bundle}},
+    config: dict[str, Any] = {"webhooks": [{"name": "a", "clientConfig": {"caBundle": bundle}},
                            {"name": "b", "clientConfig": {"service": {"name": "istiod"}}}]}
     assert ca_bundle_patch(config, pem) == [
         {"op": "test", "path": "/webhooks/1/name", "value": "b"},

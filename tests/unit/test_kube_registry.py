@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from pilot.api import parse_object
 from pilot.config.store import ConfigStore
+from pilot.debounce import ENDPOINT_KINDS
 from pilot.kube.meshconfig import NamespaceSelector
 from pilot.kube.namespaces import NamespaceFilter
 from pilot.kube.registry import (
@@ -42,7 +43,7 @@ from pilot.model.conversions import Conversions
 from pilot.model.diff import endpoints_only
 from pilot.model.mesh import MeshSnapshot
 from pilot.model.proxy import NodeError, ProxyClass, ProxyKind, pod_of_node
-from pilot.push import ENDPOINT_KINDS, Pusher
+from pilot.push import Pusher
 from pilot.translate import generate, generate_endpoints
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE

@@ -6,8 +6,10 @@ Real processes (`python -m meshctl.cli up|demo`) and real sockets; the first pil
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -204,8 +206,8 @@ def test_a_port_handed_out_is_not_handed_out_again_before_it_is_bound(
     # (seen once in CI: the draw then skipped it and ran out of scripted draws).
     first, second = _free_now(FREE_PORTS_FROM + 7, 2)
     draws = iter([first, first, second])
-    monkeypatch.setattr(localmesh.random, "randrange", lambda *_: next(draws))
-    monkeypatch.setattr(localmesh, "_HANDED_OUT", localmesh.collections.deque(maxlen=4))
+    monkeypatch.setattr(random, "randrange", lambda *_: next(draws))  # the module localmesh draws from
+    monkeypatch.setattr(localmesh, "_HANDED_OUT", collections.deque(maxlen=4))
     assert [free_port(), free_port()] == [first, second]
 
 

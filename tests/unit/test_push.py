@@ -56,7 +56,7 @@ def test_store_reports_the_kinds_changed_since_a_revision() -> None:
     store.replace_source("f", objects)
     base = store.revision
     store.replace_source("f", _moved(objects, "WorkloadEntry"))
-    assert store.kinds_changed_since(base) == {"WorkloadEntry"}
+    assert store.kinds_changed_since(base) == frozenset({"WorkloadEntry"})
     assert store.kinds_changed_since(store.revision) == frozenset()
     store.touch()
     assert store.kinds_changed_since(base) is None  # a touch says nothing about kinds

@@ -220,9 +220,10 @@ def test_a_sequence_of_edits_matches_a_pipeline_without_the_fast_path() -> None:
     publish identical content every time."""
     fast, full = Pipeline(fast=True), Pipeline(fast=False)
     assert fast.pusher.routes is not None
-    edits = [{}, {"web_weight": 60}, {"web_weight": 60, "export": '"."'}, {"web_weight": 60, "moved": 1},
-             {"web_weight": 60, "source_labels": True, "moved": 1}, {"web_weight": 40, "source_labels": True},
-             {"web_weight": 40}, {"web_weight": 40, "moved": 3}, {"web_weight": 10, "cart_rule": False}]
+    edits: list[dict[str, Any]] = [
+        {}, {"web_weight": 60}, {"web_weight": 60, "export": '"."'}, {"web_weight": 60, "moved": 1},
+        {"web_weight": 60, "source_labels": True, "moved": 1}, {"web_weight": 40, "source_labels": True},
+        {"web_weight": 40}, {"web_weight": 40, "moved": 3}, {"web_weight": 10, "cart_rule": False}]
     for edit in edits:
         a, b = fast.push(objects(**edit)), full.push(objects(**edit))
         assert {k: s.versions() for k, s in a.items()} == {k: s.versions() for k, s in b.items()}, edit

@@ -67,7 +67,7 @@ def test_any_request_sequence_is_handled(steps: list[tuple[object, ...]], delta:
     seen_nonces: set[str] = set()
     for item in steps:
         if item[0] == "snap":
-            snap = SNAPSHOTS[int(item[1])]  # type: ignore[arg-type]
+            snap = SNAPSHOTS[int(str(item[1]))]
         else:
             _, type_url, names, nonce_choice, nack = item
             nonce = _nonce(str(nonce_choice), last_nonce.get(str(type_url), ""))
@@ -103,7 +103,7 @@ def test_any_request_sequence_is_handled(steps: list[tuple[object, ...]], delta:
         for t, ts in status.types.items():
             if ts.state() == SyncState.STALE:
                 assert not delta and t not in FULL_STATE_TYPES, vars(ts)
-                assert set(session.types[t].held) - set(snap.of(t).resources), vars(ts)  # type: ignore[attr-defined]
+                assert set(session.types[t].held) - set(snap.of(t).resources), vars(ts)
 
 
 def _ask_for_held_clusters_endpoints(session: object, delta: bool) -> None:
