@@ -208,9 +208,11 @@ class Target:
         if value is not None:
             within = value < self.limit if self.op == "<" else value <= self.limit
             met = bool(within and run.converged)
-        usable = base is not None and base.converged
-        replay = self.value(base) if base is not None and usable else None
-        floor = base.cpu_floor(self.floor, cores) if base is not None and usable and self.floor else None
+        replay: float | None = None
+        floor: float | None = None
+        if base is not None and base.converged:
+            replay = self.value(base)
+            floor = base.cpu_floor(self.floor, cores) if self.floor else None
         return {"protocol": run.protocol, "clients": run.clients, "services": run.services, "scope": self.scope,
                 "target": self.name, "value": value, "op": self.op, "limit": self.limit, "unit": self.unit,
                 "met": met, "replay": replay, "floor": floor}
@@ -253,8 +255,8 @@ class ReplayTarget:
     kind: str
 
     def check(self, run: Run, base: Run) -> dict[str, Any]:
-        mine, theirs = run.pooled(self.kind).p99, base.pooled(self.kind).p99
-        value = mine / theirs if theirs > 0 and not math.isnan(mine) and not math.isnan(theirs) else None
+        found = _ratio(run.pooled(self.kind).p99, base.pooled(self.kind).p99)
+        value = None if math.isnan(found) else found
         met = None if value is None else bool(value <= REPLAY_FACTOR and run.converged and base.converged)
         return {"protocol": run.protocol, "clients": run.clients, "services": run.services, "scope": MISSION,
                 "target": f"{self.kind} change p99 / the replay's", "value": value, "op": "<=",
@@ -311,25 +313,27 @@ def _nan_to_none(value: Any) -> Any:
     return value
 
 
-def _ratios(pilot: Run, base: Run) -> dict[str, Any]:
-    def ratio(a: float, b: float) -> float:
-        return a / b if b > 0 and not math.isnan(a) and not math.isnan(b) else math.nan
+def _ratio(a: float, b: float) -> float:
+    """a / b, NaN when either was not measured or b is not positive."""
+    return a / b if b > 0 and not math.isnan(a) and not math.isnan(b) else math.nan
 
+
+def _ratios(pilot: Run, base: Run) -> dict[str, Any]:
     out: dict[str, Any] = {"protocol": pilot.protocol, "clients": pilot.clients}
-    out["connect"] = ratio(pilot.connected_all_s, base.connected_all_s)  # until all clients ACKed
-    out["connect_p99"] = ratio(pilot.connect.p99, base.connect.p99)
+    out["connect"] = _ratio(pilot.connected_all_s, base.connected_all_s)  # until all clients ACKed
+    out["connect_p99"] = _ratio(pilot.connect.p99, base.connect.p99)
     for kind in KINDS:
         p, b = pilot.pooled(kind), base.pooled(kind)
-        out[f"{kind}_p99"] = ratio(p.p99, b.p99)
+        out[f"{kind}_p99"] = _ratio(p.p99, b.p99)
         # The same from the end of pilot's configured debounce (Istio's PILOT_DEBOUNCE_AFTER is
         # 100 ms too): a wait pilot chooses, which the baseline, replaying at once, does not have.
-        out[f"{kind}_p99_past_debounce"] = ratio(p.p99 - pilot.debounce_s.get(kind, 0.0), b.p99)
+        out[f"{kind}_p99_past_debounce"] = _ratio(p.p99 - pilot.debounce_s.get(kind, 0.0), b.p99)
         # Fan-out alone: the spread between the first and last ACK, without detection/debounce.
-        out[f"{kind}_spread"] = ratio(p.max - p.min, b.max - b.min)
+        out[f"{kind}_spread"] = _ratio(p.max - p.min, b.max - b.min)
     # Round k of pilot against round k of the baseline, which ran right after it (`benchmarks.paired`):
     # the pooled figures above follow the worst round, these show whether one round decided them.
     out["per_round_p99"] = {
-        name: [ratio(a.latency.p99, c.latency.p99) for a, c in zip(pilot.phase(name), base.phase(name), strict=False)]
+        name: [_ratio(a.latency.p99, c.latency.p99) for a, c in zip(pilot.phase(name), base.phase(name), strict=False)]
         for name in ("connect", *KINDS)}
     # The simulated Envoys' CPU in the same rounds, pilot's over the baseline's: they run the same
     # code on the same bytes against both servers. A round far above 1.0x had the clients doing more
@@ -337,7 +341,8 @@ def _ratios(pilot: Run, base: Run) -> dict[str, Any]:
     # out (a client woken for each response pays the wake-up each time, one woken for a burst once),
     # which a slower server causes itself. A hint to read a round's p99 ratio with, not a verdict.
     out["per_round_client_cpu"] = {
-        name: [ratio(a.client_cpu_s, c.client_cpu_s) for a, c in zip(pilot.phase(name), base.phase(name), strict=False)]
+        name: [_ratio(a.client_cpu_s, c.client_cpu_s)
+               for a, c in zip(pilot.phase(name), base.phase(name), strict=False)]
         for name in KINDS}
     return out
 

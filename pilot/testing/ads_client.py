@@ -22,13 +22,14 @@ from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
 from pilot.model.proxy import META_BIND_ADDRESS, META_LABELS, META_NAMESPACE, META_WORKLOAD
+from pilot.xds.server import SERVICE
 from pilot.xds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 DiscoveryRequest = discovery_pb2.DiscoveryRequest
 DeltaDiscoveryRequest = discovery_pb2.DeltaDiscoveryRequest
 
 # The SotW ADS method, for raw calls that write request bytes and may stop reading.
-SOTW_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+SOTW_METHOD = f"/{SERVICE}/StreamAggregatedResources"
 # Channel options of a client that opens no flow-control window beyond 16 KB while its application
 # does not read: a proxy that stops reading, for tests of what pilot does about it.
 SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384),

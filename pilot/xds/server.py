@@ -22,10 +22,11 @@ row, session, cache watch, reader) and sends DEADLINE_EXCEEDED behind the stuck 
 grpc.aio cannot reset one call, so gRPC frees its copy when the connection ends: when the proxy
 reads again (it then gets the status and reconnects), when keepalive finds a dead peer (ping
 every 30 s, 10 s to answer), or at the latest when the connection reaches its maximum age (30
-min by default, as istiod; then 10 s of grace). Every response written and every call ended is reported to `quiet` (a
-`pilot.quiet.WhenQuiet` shared with the pusher), so pilot's release (garbage collected, free heap
-pages back to the OS) waits until streams have stopped taking responses: releasing while a fan-out
-still writes would leave its buffers, freed afterwards, in the heap.
+min by default, as istiod; then 10 s of grace). Every response written and every call ended is
+reported to `quiet` (a `pilot.quiet.WhenQuiet` shared with the pusher), so pilot's release
+(garbage collected, free heap pages back to the OS) waits until streams have stopped taking
+responses: releasing while a fan-out still writes would leave its buffers, freed afterwards, in
+the heap.
 
 Two faces, one state: `start` serves plaintext ADS (15010, unauthenticated: any local process
 may claim any Node); `start_secure` adds the authenticated port (15012): a `TlsFront` terminates
