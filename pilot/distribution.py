@@ -37,9 +37,6 @@ from pilot.model.proxy import ProxyClass
 from pilot.xds import typeurls
 from pilot.xds.status import StreamStatus, SyncState
 
-# Metadata that changes without the object's content changing (or that a client adds on apply).
-_BOOKKEEPING = ("resourceVersion", "generation", "uid", "creationTimestamp", "managedFields", "selfLink")
-
 
 class Distribution(StrEnum):
     ACKED = "ACKED"  # the proxy ACKed config that includes the change
@@ -53,16 +50,13 @@ FAILED = frozenset({Distribution.NACKED, Distribution.NOT_GENERATED})
 
 
 def content_hash(obj: ApiObject) -> str:
-    """A hash of what an object says (spec, labels, annotations), not of its bookkeeping.
+    """A hash of what an object says (spec, labels, annotations), not of its bookkeeping
+    (`ApiObject.content`: no status, no resourceVersion, generation, ...).
 
     meshctl hashes the file it reads the same way, so "pilot holds exactly this content" is a
     string compare. Cost: one JSON dump of the object.
     """
-    data = obj.to_dict()
-    data.pop("status", None)
-    meta = {k: v for k, v in data.get("metadata", {}).items() if k not in _BOOKKEEPING}
-    data["metadata"] = meta
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    text = json.dumps(obj.content().to_dict(), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

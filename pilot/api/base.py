@@ -168,6 +168,11 @@ class ObjectMeta(IstioModel):
     self_link: Any = None
 
 
+# ObjectMeta fields Kubernetes maintains on every write: not part of what an object asks for.
+BOOKKEEPING: dict[str, Any] = {"resource_version": None, "generation": None, "uid": None,
+                               "creation_timestamp": None, "managed_fields": None, "self_link": None}
+
+
 class ApiObject(IstioModel):
     """A top-level Istio object. Subclasses set ``KIND`` and a typed ``spec``."""
 
@@ -191,6 +196,17 @@ class ApiObject(IstioModel):
     def to_dict(self) -> dict[str, Any]:
         """The object as JSON-ready data in Istio's field names (debug pages, dumps)."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def same_content(self, other: ApiObject) -> bool:
+        """Whether `other` says the same as this object: equal but for `status` and the metadata
+        Kubernetes keeps (`BOOKKEEPING`: resourceVersion, generation, ...), which a status write
+        changes without changing what the object asks for. What `content_hash` hashes
+        (`pilot.distribution`), compared without the JSON: two shallow copies and model equality."""
+        return type(self) is type(other) and self.content() == other.content()
+
+    def content(self) -> ApiObject:
+        """A shallow copy without `status` and the `BOOKKEEPING` metadata."""
+        return self.model_copy(update={"status": None, "metadata": self.metadata.model_copy(update=BOOKKEEPING)})
 
     @property
     def warnings(self) -> tuple[FieldIssue, ...]:

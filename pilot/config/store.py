@@ -152,7 +152,8 @@ class ConfigStore:
         kinds: set[str] = set()
         for key in keys:
             winner = self._winner(key)
-            if winner != self._effective.get(key):
+            before = self._effective.get(key)
+            if winner != before:
                 kinds.add(key[0])
                 if winner is None:
                     del self._effective[key]
@@ -168,7 +169,10 @@ class ConfigStore:
                     elif self._ordered is not None:
                         self._ordered[self._position[key]] = winner[1]
                     self._effective[key] = winner
-                    self._arrived[key] = (self._revision + 1, time.time())  # the revision _bump makes
+                    # A status write (Kubernetes: new resourceVersion and status) is not new content:
+                    # `meshctl wait` judges proxies against when the content arrived.
+                    if before is None or key not in self._arrived or not before[1].same_content(winner[1]):
+                        self._arrived[key] = (self._revision + 1, time.time())  # the revision _bump makes
                     self._removed.pop(key, None)
         if kinds:
             self._bump(frozenset(kinds))

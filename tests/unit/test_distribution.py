@@ -76,6 +76,26 @@ def test_store_records_when_content_arrived_and_why_it_was_rejected() -> None:
     assert store.rejection(("VirtualService", "default", "other")) is None
 
 
+def test_a_status_write_is_not_a_new_arrival() -> None:
+    """On Kubernetes pilot's own status write gives the object a new resourceVersion and status;
+    the store takes the new object (it is what the API server holds) but the content's arrival
+    stays, so `meshctl wait` keeps judging proxies against the change they must take."""
+    store = ConfigStore()
+    store.apply(vs((80, 20), resourceVersion="1", generation=1))
+    key = ("VirtualService", "default", "reviews")
+    first = store.arrival(key)
+    revision = store.revision
+    written = vs((80, 20), resourceVersion="2", generation=1).model_copy(
+        update={"status": {"observedGeneration": 1, "conditions": [{"type": "Reconciled", "status": "True"}]}})
+    store.apply(written)
+    assert store.revision > revision and store.get(*key) == written  # the store holds the new object
+    assert store.arrival(key) == first
+    store.apply(vs((80, 20), resourceVersion="3", generation=2, labels={"team": "a"}))  # labels are content
+    assert store.arrival(key) is not None and store.arrival(key) != first
+    assert vs((80, 20)).same_content(vs((80, 20), resourceVersion="9", uid="u"))
+    assert not vs((80, 20)).same_content(vs((20, 80)))
+
+
 class Mesh:
     """A real store, pusher and snapshot cache with streams driven as sessions drive them."""
 
