@@ -49,19 +49,20 @@ def run_benchmark(clients: list[int], protocols: list[str], workdir: Path, repea
                   pilot_env: dict[str, str] | None = None, profile_dir: Path | None = None,
                   console: Console | None = None, pin: bool = False, classes: int | str = 10,
                   idle_seconds: float = 3.0, quiet_seconds: float = 2.0,
-                  sample_dir: Path | None = None, namespaces: int = 1) -> Report:
+                  sample_dir: Path | None = None, namespaces: int = 1, client: str = "python") -> Report:
     """Run every (protocol, N) case; the result holds pilot and baseline runs in order.
 
     `classes` is a fixed count of config classes or "per-workload" (each proxy poses as one of
     the mesh's workloads). After connect the server is left alone `quiet_seconds`, then its
     idle CPU and steady RSS are read over `idle_seconds` (tests shorten both). `namespaces`: the
-    services (and, per workload, the proxies) spread over that many namespaces.
+    services (and, per workload, the proxies) spread over that many namespaces. `client`: the
+    simulated Envoys, "python" (`benchmarks.worker`) or "go" (`benchmarks.goworker`).
     """
     console = console or Console(stderr=True, width=max(160, Console(stderr=True).width))
     report = Report(machine_info(pin), {"clients": clients, "protocols": protocols, "repeats": repeats,
                                      "services": services, "namespaces": namespaces, "classes": classes,
                                      "idle_seconds": idle_seconds,
-                                     "pilot_env": pilot_env or {}, "pinned": pin})
+                                     "pilot_env": pilot_env or {}, "pinned": pin, "client": client})
     per_workload = classes == PER_WORKLOAD
     with ProcessGroup() as group:
         for protocol in protocols:
@@ -71,9 +72,10 @@ def run_benchmark(clients: list[int], protocols: list[str], workdir: Path, repea
                                classes=10 if per_workload else int(classes), per_workload=per_workload,
                                repeats=repeats, workers=workers, idle_seconds=idle_seconds,
                                quiet_seconds=quiet_seconds,
-                               pilot_env=pilot_env or {}, profile=profile, pin=pin, sample_dir=sample_dir)
+                               pilot_env=pilot_env or {}, profile=profile, pin=pin, sample_dir=sample_dir,
+                               client=client)
                 started = time.monotonic()
-                console.print(f"[bold]{protocol} N={n}[/] ({opts.worker_count} client workers, "
+                console.print(f"[bold]{protocol} N={n}[/] ({opts.worker_count} {client} client workers, "
                               f"{opts.services} services in {opts.namespaces} namespace(s), "
                               f"{opts.class_count} {opts.class_mode} classes)")
                 report.runs.extend(run_pair(group, opts, console.print, with_baseline=baseline))
@@ -121,6 +123,9 @@ def _classes(text: str) -> int | str:
 @click.option("--idle-seconds", default=3.0, show_default=True, type=click.FloatRange(min=0.5),
               help="Idle window after connect: server CPU over it (idle vCPU) and RSS samples (steady RSS).")
 @click.option("--workers", default=0, help="Client worker processes (0: 1, 2 or 4 by client count).")
+@click.option("--client", type=click.Choice(["python", "go"]), default="python", show_default=True,
+              help="Simulated Envoys: Python (grpcio, one process per core) or Go (benchmarks/simenvoy, built "
+                   "with the machine's Go on first use; reads xDS at a fraction of the CPU).")
 @click.option("--no-baseline", is_flag=True, help="Skip the raw fan-out baseline.")
 @click.option("--pin", is_flag=True,
               help="Server (pilot or baseline) on the first CPU core, client workers on the others.")
@@ -134,8 +139,8 @@ def _classes(text: str) -> int | str:
 @click.option("--pilot-env", multiple=True,
               help="KEY=VALUE for pilot's environment, e.g. MESHCTL_PILOT_DEBOUNCE_MS=10.")
 def main(clients: str, protocol: str, repeats: int, services: int, namespaces: int, classes_text: str,
-         idle_seconds: float, workers: int, no_baseline: bool, pin: bool, json_path: Path | None, workdir: Path | None,
-         profile_dir: Path | None, sample_dir: Path | None, pilot_env: tuple[str, ...]) -> None:
+         idle_seconds: float, workers: int, client: str, no_baseline: bool, pin: bool, json_path: Path | None,
+         workdir: Path | None, profile_dir: Path | None, sample_dir: Path | None, pilot_env: tuple[str, ...]) -> None:
     """Measure pilot's ADS fan-out: connect time, change latency, CPU and memory."""
     if namespaces > services:
         raise click.BadParameter(f"at most one namespace per service ({services})", param_hint="--namespaces")
@@ -155,7 +160,7 @@ def main(clients: str, protocol: str, repeats: int, services: int, namespaces: i
         report = run_benchmark(counts, protocols, base, repeats, services, workers, not no_baseline, env,
                                profile_dir.resolve() if profile_dir else None, pin=pin, classes=classes,
                                idle_seconds=idle_seconds, sample_dir=sample_dir.resolve() if sample_dir else None,
-                               namespaces=namespaces)
+                               namespaces=namespaces, client=client)
     print_report(report, Console(width=max(200, Console().width)))
     if json_path:
         report.write_json(json_path)

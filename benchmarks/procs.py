@@ -56,6 +56,10 @@ class ProcessGroup:
         self._popen.append(proc)
         return proc
 
+    def adopt(self, proc: subprocess.Popen[bytes]) -> None:
+        """Own a process started elsewhere (stopped with the rest)."""
+        self._popen.append(proc)
+
     def spawn(self, target: Callable[..., None], *args: Any) -> tuple[Connection, Any]:
         """Start `target(conn, *args)` in a spawned process; returns our end of the pipe."""
         ours, theirs = SPAWN.Pipe()

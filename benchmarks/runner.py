@@ -27,6 +27,7 @@ import psutil
 
 from benchmarks import baseline, meshgen, worker
 from benchmarks.client import ClientResult, Expectation
+from benchmarks.goworker import GoWorkerHandle
 from benchmarks.procs import ProcessGroup, ResourceMeter, cpu_of
 from benchmarks.report import MB, PER_WORKLOAD, Latency, Phase, Run
 from benchmarks.worker import NodeSpec, WorkerHandle
@@ -53,12 +54,16 @@ class Options:
     profile: Path | None = None
     pin: bool = False  # server on the first core, clients on the others (as Envoys would be elsewhere)
     sample_dir: Path | None = None  # py-spy the server during each change, one raw file per change
+    client: str = "python"  # python (benchmarks.worker) | go (benchmarks.goworker: benchmarks/simenvoy)
 
     @property
     def worker_count(self) -> int:
-        """1 worker up to 300 clients, 2 up to 2,000 (one per core on a 2-core box), then 4."""
+        """1 worker up to 300 clients, 2 up to 2,000 (one per core on a 2-core box), then 4; the
+        Go clients need one process for any number (Go spreads the streams over the cores)."""
         if self.workers:
             return self.workers
+        if self.client == "go":
+            return 1
         return 1 if self.clients <= 300 else 2 if self.clients <= 2000 else 4
 
     @property
@@ -147,12 +152,16 @@ class Session:
         self.meter = meter
         self.server = server
         self.changes = 0
-        self.handles: list[WorkerHandle] = []
+        self.handles: list[WorkerHandle | GoWorkerHandle] = []
         for _ in range(opts.worker_count):
-            conn, proc = group.spawn(worker.main)
-            self.handles.append(WorkerHandle(conn, proc))
+            if opts.client == "go":
+                handle: WorkerHandle | GoWorkerHandle = GoWorkerHandle.start(group, opts.workdir / "simenvoy.log")
+            else:
+                conn, proc = group.spawn(worker.main)
+                handle = WorkerHandle(conn, proc)
+            self.handles.append(handle)
             if opts.pin:
-                pin(proc.pid, server=False)
+                pin(handle.process.pid, server=False)
 
     def call_all(self, name: str, *args: Any, timeout: float = 30.0) -> list[Any]:
         return [h.call(name, *args, timeout=timeout) for h in self.handles]

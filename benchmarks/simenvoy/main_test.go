@@ -1,0 +1,182 @@
+package main
+
+import (
+	"fmt"
+	"slices"
+	"testing"
+
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+)
+
+const clusters = 20
+
+func cluster(i int) *clusterv3.Cluster {
+	return &clusterv3.Cluster{
+		Name:                 fmt.Sprintf("outbound|80||svc-%03d.bench.svc.cluster.local", i),
+		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS},
+		EdsClusterConfig: &clusterv3.Cluster_EdsClusterConfig{
+			EdsConfig: &corev3.ConfigSource{ConfigSourceSpecifier: &corev3.ConfigSource_Ads{Ads: &corev3.AggregatedConfigSource{}}}},
+	}
+}
+
+func pack(t *testing.T, m proto.Message) *anypb.Any {
+	t.Helper()
+	a, err := anypb.New(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+func marshal(t *testing.T, m proto.Message) []byte {
+	t.Helper()
+	b, err := proto.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func deltaCDS(t *testing.T, version, nonce string, cs []*clusterv3.Cluster, removed ...string) []byte {
+	resp := &discoveryv3.DeltaDiscoveryResponse{SystemVersionInfo: version, TypeUrl: clusterT, Nonce: nonce,
+		RemovedResources: removed}
+	for _, c := range cs {
+		resp.Resources = append(resp.Resources, &discoveryv3.Resource{Name: c.Name, Version: c.Name + "-1",
+			Resource: pack(t, c)})
+	}
+	return marshal(t, resp)
+}
+
+func names(cs []*clusterv3.Cluster) []string {
+	out := make([]string, len(cs))
+	for i, c := range cs {
+		out[i] = c.Name
+	}
+	slices.Sort(out)
+	return out
+}
+
+// Two clients getting the same clusters (other version, other nonce) share one decoded result,
+// and each asks for the clusters' endpoints, sorted, in one subscribe request; a later response
+// removing one cluster unsubscribes its endpoints only.
+func TestDeltaClientsShareDecodedClustersAndFollowEDSNames(t *testing.T) {
+	c := newCache()
+	cs := make([]*clusterv3.Cluster, clusters)
+	for i := range cs {
+		cs[i] = cluster(clusters - i) // out of order: the subscription is sorted
+	}
+	var subs []*subscription
+	for i, nonce := range []string{"n1", "n2"} {
+		cl := newClient(&corev3.Node{Id: fmt.Sprint("sidecar~", i)}, true, c, false)
+		typeURL, reqs, err := cl.deltaResponse(deltaCDS(t, "v"+nonce, nonce, cs))
+		if err != nil || typeURL != clusterT || len(reqs) != 2 {
+			t.Fatalf("response: %v %q %d requests", err, typeURL, len(reqs))
+		}
+		ack, sub := reqs[0].(*discoveryv3.DeltaDiscoveryRequest), reqs[1].(*discoveryv3.DeltaDiscoveryRequest)
+		if ack.TypeUrl != clusterT || ack.ResponseNonce != nonce || ack.Node.GetId() == "" {
+			t.Fatalf("ACK %v", ack)
+		}
+		if sub.TypeUrl != endpointT || !slices.Equal(sub.ResourceNamesSubscribe, names(cs)) {
+			t.Fatalf("subscribe %v", sub)
+		}
+		subs = append(subs, cl.types[endpointT].subscribed)
+		if len(c.responses) != 1 {
+			t.Fatalf("%d decoded responses cached, want 1", len(c.responses))
+		}
+		if i == 1 {
+			removal := marshal(t, &discoveryv3.DeltaDiscoveryResponse{TypeUrl: clusterT, Nonce: "n3",
+				RemovedResources: []string{cs[0].Name}})
+			_, reqs, err = cl.deltaResponse(removal)
+			if err != nil || len(reqs) != 2 {
+				t.Fatalf("removal: %v, %d requests", err, len(reqs))
+			}
+			change := reqs[1].(*discoveryv3.DeltaDiscoveryRequest)
+			if !slices.Equal(change.ResourceNamesUnsubscribe, []string{cs[0].Name}) || len(change.ResourceNamesSubscribe) != 0 {
+				t.Fatalf("removal request %v", change)
+			}
+			if len(cl.types[endpointT].subscribed.set) != clusters-1 {
+				t.Fatalf("still subscribed to %d", len(cl.types[endpointT].subscribed.set))
+			}
+		}
+	}
+	if subs[0] != subs[1] {
+		t.Fatal("two clients with the same clusters should share one subscription")
+	}
+}
+
+// A SotW client asks for the RDS names its listeners use and repeats the names it subscribes to
+// in every ACK, as Envoy does; it is ready once every subscribed name arrived.
+func TestSotwClientFollowsRouteNamesAndRepeatsThemInACKs(t *testing.T) {
+	hcm := &hcmv3.HttpConnectionManager{RouteSpecifier: &hcmv3.HttpConnectionManager_Rds{
+		Rds: &hcmv3.Rds{RouteConfigName: "8080"}}}
+	listener := &listenerv3.Listener{Name: "outbound", DefaultFilterChain: &listenerv3.FilterChain{
+		Filters: []*listenerv3.Filter{{Name: "hcm", ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: pack(t, hcm)}}}}}
+	cl := newClient(&corev3.Node{Id: "sidecar~1"}, false, newCache(), false)
+	lds := marshal(t, &discoveryv3.DiscoveryResponse{VersionInfo: "1", Nonce: "a", TypeUrl: listenerT,
+		Resources: []*anypb.Any{pack(t, listener)}})
+	_, reqs, err := cl.sotwResponse(lds)
+	if err != nil || len(reqs) != 2 {
+		t.Fatalf("%v, %d requests", err, len(reqs))
+	}
+	rds := reqs[1].(*discoveryv3.DiscoveryRequest)
+	if rds.TypeUrl != routeT || !slices.Equal(rds.ResourceNames, []string{"8080"}) {
+		t.Fatalf("RDS request %v", rds)
+	}
+	route := marshal(t, &discoveryv3.DiscoveryResponse{VersionInfo: "7", Nonce: "b", TypeUrl: routeT,
+		Resources: []*anypb.Any{pack(t, &routev3.RouteConfiguration{Name: "8080"})}})
+	_, reqs, err = cl.sotwResponse(route)
+	if err != nil || len(reqs) != 1 {
+		t.Fatalf("%v, %d requests", err, len(reqs))
+	}
+	ack := reqs[0].(*discoveryv3.DiscoveryRequest)
+	if ack.VersionInfo != "7" || ack.ResponseNonce != "b" || !slices.Equal(ack.ResourceNames, []string{"8080"}) {
+		t.Fatalf("ACK %v", ack)
+	}
+	if cl.complete() {
+		t.Fatal("ready before CDS was ACKed")
+	}
+	cds := marshal(t, &discoveryv3.DiscoveryResponse{VersionInfo: "1", Nonce: "c", TypeUrl: clusterT})
+	if _, _, err = cl.sotwResponse(cds); err != nil || !cl.complete() {
+		t.Fatalf("not ready after CDS, LDS and RDS: %v", err)
+	}
+}
+
+// A change is recognised by every needle, near the first one or anywhere else; a response with
+// only some of them does not match.
+func TestExpectationNeedsEveryNeedle(t *testing.T) {
+	weighted := func(name string, weight uint32) []byte {
+		return marshal(t, &routev3.WeightedCluster_ClusterWeight{Name: name, Weight: wrapperspb.UInt32(weight)})
+	}
+	a, b := weighted("outbound|80|v1|svc", 30), weighted("outbound|80|v2|svc", 70)
+	e := &expectation{Kind: "route", TypeURL: routeT, Needles: [][]byte{a, b}}
+	filler := make([]byte, 10000)
+	if !e.matches(slices.Concat(a, b)) || !e.matches(slices.Concat(b, filler, a)) {
+		t.Fatal("every needle present: should match")
+	}
+	if e.matches(slices.Concat(filler, a)) || e.matches(b) {
+		t.Fatal("a needle missing: should not match")
+	}
+	if (&expectation{}).matches(a) {
+		t.Fatal("no needles: nothing matches")
+	}
+}
+
+func TestFirstStringReadsFieldOneOnly(t *testing.T) {
+	if got := firstString(marshal(t, &routev3.RouteConfiguration{Name: "8080"})); got != "8080" {
+		t.Fatalf("got %q", got)
+	}
+	if got := firstString([]byte{0x12, 0x01, 'x'}); got != "" {
+		t.Fatalf("field 2 taken as a name: %q", got)
+	}
+	if got := firstString([]byte{0x0A, 0x05, 'x'}); got != "" {
+		t.Fatalf("truncated name taken: %q", got)
+	}
+}
