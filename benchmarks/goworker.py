@@ -36,7 +36,6 @@ from benchmarks.client import ClientResult, Expectation
 from benchmarks.worker import Worker
 
 SOURCE = Path(__file__).resolve().parent / "simenvoy"
-MODULE_FILES = ("go.mod", "go.sum", "main.go")
 
 
 def cache_root(env: Mapping[str, str]) -> Path:
@@ -47,8 +46,10 @@ def cache_root(env: Mapping[str, str]) -> Path:
 def source_digest() -> str:
     """Hash of the module's files: the cache key, so an edit is never served a stale binary."""
     digest = hashlib.sha256()
-    for name in MODULE_FILES:
-        digest.update(name.encode() + b"\0" + (SOURCE / name).read_bytes() + b"\0")
+    sources = sorted(p for p in SOURCE.glob("*.go") if not p.stem.endswith("_test"))
+    built = [SOURCE / "go.mod", SOURCE / "go.sum", *sources]
+    for path in built:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 

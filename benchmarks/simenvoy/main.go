@@ -78,8 +78,9 @@ func monotonic() float64 {
 	return float64(ts.Sec) + float64(ts.Nsec)/1e9
 }
 
-// rawCodec sends protobuf messages and receives each response as its bytes: the client decodes
-// only what it needs, and the expectation searches the bytes as received.
+// rawCodec sends protobuf messages and receives each response as its bytes, in a buffer of
+// gRPC's pool that the reader frees once done: the client decodes only what it needs, and the
+// expectation searches the bytes as received.
 type rawCodec struct{}
 
 func (rawCodec) Marshal(v any) (mem.BufferSlice, error) {
@@ -91,7 +92,7 @@ func (rawCodec) Marshal(v any) (mem.BufferSlice, error) {
 }
 
 func (rawCodec) Unmarshal(data mem.BufferSlice, v any) error {
-	*(v.(*[]byte)) = data.Materialize()
+	*(v.(*mem.Buffer)) = data.MaterializeToBuffer(mem.DefaultBufferPool())
 	return nil
 }
 
@@ -409,8 +410,8 @@ func (c *client) runStream(ctx context.Context, conn *grpc.ClientConn) bool {
 	}
 	got := false
 	for {
-		var raw []byte
-		if err := s.RecvMsg(&raw); err != nil {
+		var buf mem.Buffer
+		if err := s.RecvMsg(&buf); err != nil {
 			if errors.Is(err, io.EOF) {
 				c.fail(errors.New("stream ended by server"))
 			} else {
@@ -419,7 +420,9 @@ func (c *client) runStream(ctx context.Context, conn *grpc.ClientConn) bool {
 			return got
 		}
 		got = true
-		if err := c.onResponse(s, raw); err != nil {
+		err := c.onResponse(s, buf.ReadOnlyData())
+		buf.Free() // nothing keeps the bytes: names are copied, a recorded response too
+		if err != nil {
 			c.fail(err)
 			return got
 		}
@@ -458,7 +461,7 @@ func (c *client) onResponse(s grpc.ClientStream, raw []byte) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.record && c.exp == nil {
-		c.initial = append(c.initial, recordedResponse{typeURL, raw})
+		c.initial = append(c.initial, recordedResponse{typeURL, bytes.Clone(raw)})
 	}
 	if c.res.ReadyAt == nil && c.complete() {
 		c.res.ReadyAt = &now
@@ -469,7 +472,7 @@ func (c *client) onResponse(s grpc.ClientStream, raw []byte) error {
 	if e := c.exp; e != nil && c.res.MatchedAt == nil && typeURL == e.TypeURL && e.matches(raw) {
 		c.res.MatchedAt = &now
 		if c.record {
-			c.changes[e.Kind] = raw
+			c.changes[e.Kind] = bytes.Clone(raw)
 		}
 	}
 	return nil
@@ -522,21 +525,17 @@ func (c *client) request(typeURL, version, nonce string, names []string) proto.M
 }
 
 func (c *client) sotwResponse(raw []byte) (string, []proto.Message, error) {
-	resp := &discoveryv3.DiscoveryResponse{}
-	if err := proto.Unmarshal(raw, resp); err != nil {
+	resp, err := parseResponse(raw, false)
+	if err != nil {
 		return "", nil, err
 	}
-	typeURL := resp.GetTypeUrl()
+	typeURL := resp.typeURL
 	state, ok := c.types[typeURL]
 	if !ok {
 		return "", nil, fmt.Errorf("response of unknown type %q", typeURL)
 	}
-	state.version, state.nonce, state.acked = resp.GetVersionInfo(), resp.GetNonce(), true
-	items := make([]item, len(resp.GetResources()))
-	for i, r := range resp.GetResources() {
-		items[i] = item{firstString(r.GetValue()), r.GetValue()}
-	}
-	d := c.cache.response(typeURL, items)
+	state.version, state.nonce, state.acked = resp.version, resp.nonce, true
+	d := c.cache.response(typeURL, resp.items)
 	reqs := []proto.Message{c.request(typeURL, state.version, state.nonce, state.subscribed.sorted)}
 	depT := dependent[typeURL]
 	if depT == "" {
@@ -552,27 +551,23 @@ func (c *client) sotwResponse(raw []byte) (string, []proto.Message, error) {
 }
 
 func (c *client) deltaResponse(raw []byte) (string, []proto.Message, error) {
-	resp := &discoveryv3.DeltaDiscoveryResponse{}
-	if err := proto.Unmarshal(raw, resp); err != nil {
+	resp, err := parseResponse(raw, true)
+	if err != nil {
 		return "", nil, err
 	}
-	typeURL := resp.GetTypeUrl()
+	typeURL := resp.typeURL
 	state, ok := c.types[typeURL]
 	if !ok {
 		return "", nil, fmt.Errorf("response of unknown type %q", typeURL)
 	}
-	state.nonce, state.acked = resp.GetNonce(), true
+	state.nonce, state.acked = resp.nonce, true
 	reqs := []proto.Message{c.request(typeURL, "", state.nonce, nil)}
-	items := make([]item, len(resp.GetResources()))
-	for i, r := range resp.GetResources() {
-		items[i] = item{r.GetName(), r.GetResource().GetValue()}
-	}
-	d := c.cache.response(typeURL, items)
+	d := c.cache.response(typeURL, resp.items)
 	depT := dependent[typeURL]
 	if depT == "" {
 		state.receive(d.names)
 		if state.received != nil {
-			for _, n := range resp.GetRemovedResources() {
+			for _, n := range resp.removed {
 				delete(state.received, n)
 			}
 		}
@@ -580,7 +575,7 @@ func (c *client) deltaResponse(raw []byte) (string, []proto.Message, error) {
 	}
 	dep := c.types[depT]
 	var wanted *subscription
-	if state.refs == nil && len(resp.GetRemovedResources()) == 0 {
+	if state.refs == nil && len(resp.removed) == 0 {
 		state.refs, state.sharedRefs, wanted = d.refs, true, d.wanted // every connect: shared as is
 	} else {
 		if state.sharedRefs || state.refs == nil {
@@ -593,7 +588,7 @@ func (c *client) deltaResponse(raw []byte) (string, []proto.Message, error) {
 		for k, v := range d.refs {
 			state.refs[k] = v
 		}
-		for _, n := range resp.GetRemovedResources() {
+		for _, n := range resp.removed {
 			delete(state.refs, n)
 		}
 		union := map[string]struct{}{}

@@ -180,3 +180,49 @@ func TestFirstStringReadsFieldOneOnly(t *testing.T) {
 		t.Fatalf("truncated name taken: %q", got)
 	}
 }
+
+// The protowire reading gives what proto.Unmarshal would, with resources' bytes taken from the
+// message itself (not copied).
+func TestParseResponseReadsWhatUnmarshalDoes(t *testing.T) {
+	cs := []*clusterv3.Cluster{cluster(1), cluster(2)}
+	raw := deltaCDS(t, "v9", "n9", cs, "gone-a", "gone-b")
+	got, err := parseResponse(raw, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := &discoveryv3.DeltaDiscoveryResponse{}
+	if err := proto.Unmarshal(raw, want); err != nil {
+		t.Fatal(err)
+	}
+	if got.version != "v9" || got.nonce != "n9" || got.typeURL != clusterT ||
+		!slices.Equal(got.removed, want.RemovedResources) || len(got.items) != 2 {
+		t.Fatalf("delta: %+v", got)
+	}
+	for i, it := range got.items {
+		if it.name != want.Resources[i].Name || !slices.Equal(it.value, want.Resources[i].Resource.Value) {
+			t.Fatalf("delta resource %d: %q", i, it.name)
+		}
+		bytesIndex(t, raw, it.value) // fails unless the value lies inside the message
+	}
+	sotw := marshal(t, &discoveryv3.DiscoveryResponse{VersionInfo: "3", Nonce: "x", TypeUrl: routeT,
+		Resources: []*anypb.Any{pack(t, &routev3.RouteConfiguration{Name: "8080"}), pack(t, &routev3.RouteConfiguration{Name: "9090"})}})
+	got, err = parseResponse(sotw, false)
+	if err != nil || got.version != "3" || got.nonce != "x" || got.typeURL != routeT || len(got.items) != 2 ||
+		got.items[0].name != "8080" || got.items[1].name != "9090" {
+		t.Fatalf("sotw: %+v, %v", got, err)
+	}
+	if _, err := parseResponse(sotw[:len(sotw)-1], false); err == nil {
+		t.Fatal("a truncated response should not parse")
+	}
+}
+
+func bytesIndex(t *testing.T, haystack, needle []byte) int {
+	t.Helper()
+	for i := range len(haystack) - len(needle) + 1 {
+		if &haystack[i] == &needle[0] {
+			return i
+		}
+	}
+	t.Fatal("a resource's bytes were copied out of the message")
+	return -1
+}
