@@ -78,6 +78,26 @@ async def test_a_write_that_waited_its_patience_goes_over_budget_and_is_counted(
     assert budget.take_now(1000) == 1000  # nothing left behind in the queue
 
 
+async def test_a_write_waits_past_its_patience_while_the_budget_keeps_draining() -> None:
+    """A long queue behind proxies that read (a fleet connecting at once) is not a stall: the
+    waiting write goes in its turn, within budget, however long that takes."""
+    budget = WriteBudget(limit=1000, small=100, patience=0.1)
+    for _ in range(10):
+        assert budget.take_now(100) == 100  # ten writes in flight, each taken in turn
+    began = asyncio.get_running_loop().time()
+    waiting = asyncio.create_task(budget.take(1000))
+    for _ in range(10):  # one completes every 60 ms: 600 ms in all, six times the patience
+        await asyncio.sleep(0.06)
+        assert not waiting.done() or budget.in_flight == 1000
+        budget.give_back(100)
+    assert await asyncio.wait_for(waiting, 5) == 1000
+    assert asyncio.get_running_loop().time() - began >= 0.5
+    assert budget.overdrawn == 0 and budget.in_flight == 1000
+    # Then a stall: nothing comes back, so the next write goes over budget after its patience.
+    assert await asyncio.wait_for(budget.take(300), 5) == 300
+    assert budget.overdrawn == 1 and budget.in_flight == 1300
+
+
 async def test_a_cancelled_waiter_leaves_the_queue_and_keeps_no_bytes() -> None:
     budget = WriteBudget(limit=1000, small=100, patience=30)
     budget.take_now(1000)
