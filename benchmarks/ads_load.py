@@ -49,14 +49,14 @@ def run_benchmark(clients: list[int], protocols: list[str], workdir: Path, repea
                   pilot_env: dict[str, str] | None = None, profile_dir: Path | None = None,
                   console: Console | None = None, pin: bool = False, classes: int | str = 10,
                   idle_seconds: float = 3.0, quiet_seconds: float = 2.0,
-                  sample_dir: Path | None = None, namespaces: int = 1, client: str = "python") -> Report:
+                  sample_dir: Path | None = None, namespaces: int = 1, client: str = "go") -> Report:
     """Run every (protocol, N) case; the result holds pilot and baseline runs in order.
 
     `classes` is a fixed count of config classes or "per-workload" (each proxy poses as one of
     the mesh's workloads). After connect the server is left alone `quiet_seconds`, then its
     idle CPU and steady RSS are read over `idle_seconds` (tests shorten both). `namespaces`: the
     services (and, per workload, the proxies) spread over that many namespaces. `client`: the
-    simulated Envoys, "python" (`benchmarks.worker`) or "go" (`benchmarks.goworker`).
+    simulated Envoys, "go" (`benchmarks.goworker`) or "python" (`benchmarks.worker`).
     """
     console = console or Console(stderr=True, width=max(160, Console(stderr=True).width))
     report = Report(machine_info(pin), {"clients": clients, "protocols": protocols, "repeats": repeats,
@@ -123,9 +123,9 @@ def _classes(text: str) -> int | str:
 @click.option("--idle-seconds", default=3.0, show_default=True, type=click.FloatRange(min=0.5),
               help="Idle window after connect: server CPU over it (idle vCPU) and RSS samples (steady RSS).")
 @click.option("--workers", default=0, help="Client worker processes (0: 1, 2 or 4 by client count).")
-@click.option("--client", type=click.Choice(["python", "go"]), default="python", show_default=True,
-              help="Simulated Envoys: Python (grpcio, one process per core) or Go (benchmarks/simenvoy, built "
-                   "with the machine's Go on first use; reads xDS at a fraction of the CPU).")
+@click.option("--client", type=click.Choice(["go", "python"]), default="go", show_default=True,
+              help="Simulated Envoys: Go (benchmarks/simenvoy, built with the machine's Go on first use) or "
+                   "Python (grpcio, one worker process per core; 2-3x the CPU per large response).")
 @click.option("--no-baseline", is_flag=True, help="Skip the raw fan-out baseline.")
 @click.option("--pin", is_flag=True,
               help="Server (pilot or baseline) on the first CPU core, client workers on the others.")

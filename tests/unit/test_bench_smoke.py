@@ -22,9 +22,10 @@ from benchmarks.report import print_report
 
 @pytest.mark.timeout(60)
 def test_benchmark_converges_with_five_clients(tmp_path: Path) -> None:
+    """The Python simulated Envoys (`benchmarks.worker`); the other tests run the default, Go's."""
     quiet = Console(file=io.StringIO(), width=160)
     report = run_benchmark([5], ["sotw", "delta"], tmp_path, repeats=1, services=5, console=quiet,
-                           idle_seconds=0.5, quiet_seconds=0.1)
+                           idle_seconds=0.5, quiet_seconds=0.1, client="python")
     print_report(report, quiet)
     report.write_json(tmp_path / "result.json")
 
