@@ -37,7 +37,10 @@ class PilotSettings(BaseSettings):
         30_000, ge=0, description="a proxy that does not take a response this long has its stream closed; 0: never")
     write_budget_mb: int = Field(
         64, ge=0, description="connecting proxies' large first xDS responses (64 KB or more) gRPC may hold at "
-        "once; past it a stream waits its turn, for 2 s at most (`pilot.xds.writebudget`); 0: unbounded")
+        "once; past it a stream waits its turn, while the budget drains (`pilot.xds.writebudget`); 0: unbounded")
+    push_budget_mb: int = Field(
+        128, ge=0, description="the same for large pushes to connected proxies (a budget of its own, so "
+        "connecting proxies never hold up pushes); 0: unbounded")
     ack_hold_ms: int = Field(
         1000, ge=0, description="while pilot writes a push, a stream's next request after a plain ACK is read "
         "once the writes end, this long at most (`pilot.xds.writewave`); 0: never held")

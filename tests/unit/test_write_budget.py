@@ -194,3 +194,53 @@ async def test_a_push_to_a_connected_proxy_never_waits_for_the_budget(served: Se
     finally:
         for channel in channels:
             await channel.close()
+
+
+@pytest.fixture
+async def pushing(tmp_path: Path) -> AsyncIterator[Served]:
+    mesh = meshgen.generate(tmp_path, services=200)  # CDS responses of ~250 KB: past the client's window
+    # A 1 MB push budget: four pushes to connected proxies that stopped reading spend it.
+    settings = PilotSettings(ads_port=0, debug_port=0, config_dir=tmp_path, push_budget_mb=1)
+    async with Pilot(settings) as p:
+        yield Served(p, mesh)
+
+
+async def test_pushes_to_connected_proxies_take_turns_in_a_budget_of_their_own(pushing: Served) -> None:
+    """Six connected proxies stop reading; a new service makes a ~250 KB cluster push to each. Four
+    spend the 1 MB push budget, the rest wait their turn, and the write budget of connecting
+    proxies is untouched; once the proxies read again every push arrives and nothing stays counted."""
+    pilot = pushing.pilot
+    channels = [grpc.aio.insecure_channel(pilot.ads_address, options=SMALL_WINDOW) for _ in range(6)]
+    try:
+        calls = []
+        for i, channel in enumerate(channels):
+            call = channel.stream_stream(SOTW_METHOD, request_serializer=bytes, response_deserializer=bytes)()
+            ask = discovery_pb2.DiscoveryRequest(node=node(f"slow-{i}"), type_url=CLUSTER)
+            await call.write(ask.SerializeToString())
+            first = discovery_pb2.DiscoveryResponse.FromString(await asyncio.wait_for(call.read(), 15))
+            await call.write(discovery_pb2.DiscoveryRequest(type_url=CLUSTER, version_info=first.version_info,
+                                                            response_nonce=first.nonce).SerializeToString())
+            calls.append(call)
+        connect_waits = metric(pilot, "pilot_xds_write_budget_waits_total")
+        new = meshgen.ServiceSpec(index=200, endpoints={"v1": ["10.2.0.1"], "v2": ["10.2.0.2"]})
+        pushing.mesh.services.append(new)
+        pushing.mesh.write_service(200)
+        for _ in range(200):
+            if metric(pilot, "pilot_xds_push_budget_waits_total") >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert metric(pilot, "pilot_xds_push_budget_waits_total") >= 2
+        assert 0 < metric(pilot, "pilot_xds_push_budget_bytes") <= 1024 * 1024
+        assert metric(pilot, "pilot_xds_write_budget_waits_total") == connect_waits
+        for call in calls:  # reading again: every proxy gets the new service
+            pushed = discovery_pb2.DiscoveryResponse.FromString(await asyncio.wait_for(call.read(), 15))
+            assert "outbound|8080||svc-200.bench.svc.cluster.local" in resource_names(pushed)
+            call.cancel()
+        for _ in range(100):
+            if metric(pilot, "pilot_xds_push_budget_bytes") == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert metric(pilot, "pilot_xds_push_budget_bytes") == 0
+    finally:
+        for channel in channels:
+            await channel.close()
