@@ -87,7 +87,6 @@ class Pilot:
         self.ads = AdsServer(self.cache, self.status, send_timeout=settings.send_timeout_ms / 1000 or None,
                              max_connection_age=settings.max_connection_age_ms / 1000 or None,
                              write_budget=settings.write_budget_mb * 1024 * 1024 or None,
-                             push_budget=settings.push_budget_mb * 1024 * 1024 or None,
                              ack_hold=settings.ack_hold_ms / 1000 or None,
                              quiet=self.pusher.quiet)  # the release waits for the writes to settle too
         self.ads.changes = self.changes

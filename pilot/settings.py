@@ -38,9 +38,6 @@ class PilotSettings(BaseSettings):
     write_budget_mb: int = Field(
         64, ge=0, description="connecting proxies' large first xDS responses (64 KB or more) gRPC may hold at "
         "once; past it a stream waits its turn, while the budget drains (`pilot.xds.writebudget`); 0: unbounded")
-    push_budget_mb: int = Field(
-        128, ge=0, description="the same for large pushes to connected proxies (a budget of its own, so "
-        "connecting proxies never hold up pushes); 0: unbounded")
     ack_hold_ms: int = Field(
         1000, ge=0, description="while pilot writes a push, a stream's next request after a plain ACK is read "
         "once the writes end, this long at most (`pilot.xds.writewave`); 0: never held")

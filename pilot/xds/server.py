@@ -84,7 +84,7 @@ from pilot.xds.sotw import SotwSession
 from pilot.xds.status import StatusRegistry
 from pilot.xds.streams import PodStreams, StreamSignals, read_requests
 from pilot.xds.tlsfront import TlsFront
-from pilot.xds.writebudget import DEFAULT_LIMIT, DEFAULT_PUSH_LIMIT, WriteBudget
+from pilot.xds.writebudget import DEFAULT_LIMIT, WriteBudget
 from pilot.xds.writewave import DEFAULT_PATIENCE, WriteWave
 
 if TYPE_CHECKING:
@@ -120,13 +120,11 @@ class AdsServer:
         quiet: WhenQuiet | None = None,
         write_budget: int | None = DEFAULT_LIMIT,
         ack_hold: float | None = DEFAULT_PATIENCE,
-        push_budget: int | None = DEFAULT_PUSH_LIMIT,
     ) -> None:
         """`send_timeout` (seconds, None: never) bounds how long one response may wait for the
         proxy to take it; `max_connection_age` (None: unbounded) is when gRPC closes a connection
         gracefully; `quiet` is told of every response written and every call ended;
         `write_budget`: bytes of first responses gRPC may hold at once (None: unbounded);
-        `push_budget`: the same for large pushes to connected proxies, a budget of its own;
         `ack_hold`: seconds a wave of writes may keep readers from reading on after a plain ACK
         (`pilot.xds.writewave`; None: never)."""
         self.cache = cache
@@ -138,8 +136,6 @@ class AdsServer:
         self.quiet = quiet
         self.write_budget = WriteBudget(write_budget) if write_budget else None
         status.metrics.write_budget = self.write_budget
-        self.push_budget = WriteBudget(push_budget, metric="pilot_xds_push_budget") if push_budget else None
-        status.metrics.push_budget = self.push_budget
         self.write_wave = WriteWave(ack_hold) if ack_hold else None
         status.metrics.write_wave = self.write_wave
         self.subscriptions = Subscriptions(sharing=cache.sharing)  # shared by every stream's session
@@ -465,20 +461,15 @@ class AdsServer:
         """Hand one response (of type `type_name`: CDS, ...) to gRPC; SendTimeoutError if the proxy
         does not take it in time. `made`: seconds this stream spent making the response (its step);
         `first`: the stream's first response of the type (a connecting proxy's config), which
-        waits for its share of the `WriteBudget` before the send timeout starts; a large push
-        waits for its share of the push budget the same way.
+        waits for its share of the `WriteBudget` before the send timeout starts.
 
         The timeout is one server-wide `SendWatch`, not a timer per write (a timer object, a heap
         push and a cancellation each: about 7 µs per write on the shared 2-core machine, 14 ms per
         route change at mission scale). Istio's histograms: `XdsMetrics.written`.
         """
         istio = self.status.metrics.istio
-        budget = self.write_budget if first else self.push_budget
-        taken: int | None = 0
-        if budget is not None:  # a push: one call and a comparison, unless the budget is spent
-            taken = budget.take_now(len(response))
-            if taken is None:
-                taken = await budget.take(len(response))
+        budget = self.write_budget if first else None  # a few writes per stream: not the hot path
+        taken = await budget.take(len(response)) if budget is not None else 0
         began = time.perf_counter()
         watch, wave = self._send_watch, self.write_wave
         task: Any = asyncio.current_task() if watch is not None else None
@@ -502,7 +493,7 @@ class AdsServer:
                 wave.end()
             if watch is not None:
                 watch.end(task)
-            if budget is not None and taken:
+            if budget is not None:
                 budget.give_back(taken)
         self.status.metrics.written(type_name, time.perf_counter() - began, made, len(response))
 

@@ -137,7 +137,6 @@ class XdsMetrics:
         )
         self.istio = IstioXdsMetrics(registry)  # Istio's names (pilot.metrics)
         self.write_budget: WriteBudget | None = None  # the ADS server's, when it has one
-        self.push_budget: WriteBudget | None = None  # the same, for pushes to connected proxies
         self.write_wave: WriteWave | None = None  # the ADS server's, when ACKs wait for its writes
         ScrapeTime(self._write_families, registry)
         # Labelled children by type URL: `labels()` takes a lock and builds a key, every stream every push.
@@ -145,11 +144,9 @@ class XdsMetrics:
         self._by_type: dict[str, tuple[Any, Any]] = {}  # type name (CDS, ...) -> (push time, config size)
 
     def _write_families(self) -> Iterator[Metric]:
-        """The write and push budgets' and the write wave's metrics, when the server has them."""
+        """The write budget's and the write wave's metrics, when the server has them."""
         if self.write_budget is not None:
             yield from self.write_budget.metric_families()
-        if self.push_budget is not None:
-            yield from self.push_budget.metric_families()
         if self.write_wave is not None:
             yield from self.write_wave.metric_families()
 

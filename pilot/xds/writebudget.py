@@ -1,5 +1,4 @@
-"""How many bytes of large responses gRPC may hold at once: connecting proxies' first responses,
-and (a budget of its own) pushes to connected proxies.
+"""How many bytes of connecting proxies' large first responses gRPC may hold at once.
 
 Why: gRPC copies every response a stream writes and keeps the copy until the proxy has taken it
 (a stream's writer waits for that, so each stream has at most one). A proxy's first config is its
@@ -17,12 +16,10 @@ never do, so a flood of new proxies cannot hold up what connected ones are sent 
 concurrent pushes instead, `PILOT_PUSH_THROTTLE`: 25 on two cores; pilot counts bytes, since
 responses range from a few hundred bytes to a megabyte).
 
-Pushes have a budget of their own (`push_budget_mb`, 128 MB; session 29): a route change writes
-the same 0.57 MB route configuration to every proxy at mission scale, 1.14 GB, and gRPC holds a
-copy per write until the proxy's connection takes it. With simulated Envoys that read as fast
-as Envoy (the Go ones, 256 MiB HTTP/2 windows) pilot's RSS during a route change reached
-381-534 MB unbounded, against 369-394 MB with this budget, at the same p99 and CPU (six route
-changes each, alternating).
+Pushes have no budget: one of their own (128 MB, tried in session 29 with simulated Envoys that
+read as fast as Envoy) left a mission-scale route change's peak RSS where it was (388-434 MB
+against 389-470 without) and cost 0.06 s of CPU and 80 ms of p99 per change, the price of 2,000
+writes taking turns.
 
 What it costs: a response under `small` passes without being counted. A large first response is
 counted while gRPC holds it; when the budget is spent, its stream waits its turn (first come,
@@ -51,7 +48,6 @@ from dataclasses import dataclass, field
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 DEFAULT_LIMIT = 64 * 1024 * 1024
-DEFAULT_PUSH_LIMIT = 128 * 1024 * 1024
 DEFAULT_SMALL = 64 * 1024
 DEFAULT_PATIENCE = 2.0
 
@@ -79,7 +75,6 @@ class WriteBudget:
     waits: int = 0  # writes that had to wait for their turn, ever
     overdrawn: int = 0  # writes that went over budget after waiting `patience`, ever
     progress_at: float = 0.0  # monotonic time bytes were last given back
-    metric: str = "pilot_xds_write_budget"  # its metrics' name prefix (the push budget has its own)
     _waiting: collections.deque[_Waiter] = field(default_factory=collections.deque)
     # One timer for all waiters: when it fires, those that waited `patience` go over budget if the
     # budget stalled that long too; then it is armed for the next waiter's earliest moment.
@@ -101,8 +96,8 @@ class WriteBudget:
         (bytes given back) is younger than `patience`: the writes holding it are stuck.
 
         Cost: a future per waiting write; the patience is one timer for the whole queue (a timer
-        per waiter, `wait_for`, was ~10% of pilot's event loop in a mission-scale route change,
-        where most of 2,000 pushes wait their turn in the push budget)."""
+        per waiter, `wait_for` and a shield, was ~10% of pilot's event loop when 2,000 writes took
+        turns in a mission-scale route change, under the push budget that was tried)."""
         taken = self.take_now(size)
         if taken is not None:
             return taken
@@ -155,16 +150,15 @@ class WriteBudget:
             self._grant()
 
     def metric_families(self) -> Iterator[Metric]:
-        """`<metric>_bytes` (counted now), `<metric>_waits_total` and `<metric>_overdrawn_total`
-        (`metric`: `pilot_xds_write_budget`, or `pilot_xds_push_budget` for pushes), made when
-        scraped (`pilot.metrics.ScrapeTime`): nothing is updated per write."""
-        what = "pushes to connected proxies" if "push" in self.metric else "connecting proxies' first responses"
-        yield GaugeMetricFamily(f"{self.metric}_bytes", f"bytes of large xDS responses ({what}) gRPC holds now",
-                                value=self.in_flight)
-        yield CounterMetricFamily(f"{self.metric}_waits", f"large xDS responses ({what}) that waited for the budget",
-                                  value=self.waits)
-        yield CounterMetricFamily(f"{self.metric}_overdrawn",
-                                  f"large xDS responses ({what}) written over budget after it stalled for its patience",
+        """`pilot_xds_write_budget_bytes` (counted now), `pilot_xds_write_budget_waits_total` and
+        `pilot_xds_write_budget_overdrawn_total`, made when scraped (`pilot.metrics.ScrapeTime`):
+        nothing is updated per write."""
+        yield GaugeMetricFamily("pilot_xds_write_budget_bytes",
+                                "bytes of large xDS responses gRPC holds for proxies now", value=self.in_flight)
+        yield CounterMetricFamily("pilot_xds_write_budget_waits",
+                                  "large xDS responses that waited for the write budget", value=self.waits)
+        yield CounterMetricFamily("pilot_xds_write_budget_overdrawn",
+                                  "large xDS responses written over budget once it stalled for its patience",
                                   value=self.overdrawn)
 
     def _grant(self) -> None:
