@@ -524,16 +524,25 @@ func (c *client) request(typeURL, version, nonce string, names []string) proto.M
 		ResponseNonce: nonce, ResourceNames: names}
 }
 
+// received decodes a response and finds the client's state for its type.
+func (c *client) received(raw []byte, delta bool) (*response, *typeState, error) {
+	resp, err := parseResponse(raw, delta)
+	if err != nil {
+		return nil, nil, err
+	}
+	state, ok := c.types[resp.typeURL]
+	if !ok {
+		return nil, nil, fmt.Errorf("response of unknown type %q", resp.typeURL)
+	}
+	return resp, state, nil
+}
+
 func (c *client) sotwResponse(raw []byte) (string, []proto.Message, error) {
-	resp, err := parseResponse(raw, false)
+	resp, state, err := c.received(raw, false)
 	if err != nil {
 		return "", nil, err
 	}
 	typeURL := resp.typeURL
-	state, ok := c.types[typeURL]
-	if !ok {
-		return "", nil, fmt.Errorf("response of unknown type %q", typeURL)
-	}
 	state.version, state.nonce, state.acked = resp.version, resp.nonce, true
 	d := c.cache.response(typeURL, resp.items)
 	reqs := []proto.Message{c.request(typeURL, state.version, state.nonce, state.subscribed.sorted)}
@@ -551,15 +560,11 @@ func (c *client) sotwResponse(raw []byte) (string, []proto.Message, error) {
 }
 
 func (c *client) deltaResponse(raw []byte) (string, []proto.Message, error) {
-	resp, err := parseResponse(raw, true)
+	resp, state, err := c.received(raw, true)
 	if err != nil {
 		return "", nil, err
 	}
 	typeURL := resp.typeURL
-	state, ok := c.types[typeURL]
-	if !ok {
-		return "", nil, fmt.Errorf("response of unknown type %q", typeURL)
-	}
 	state.nonce, state.acked = resp.nonce, true
 	reqs := []proto.Message{c.request(typeURL, "", state.nonce, nil)}
 	d := c.cache.response(typeURL, resp.items)
@@ -762,10 +767,12 @@ func (w *worker) disconnect(grace time.Duration) {
 		c.closing = true
 		s := c.stream
 		c.mu.Unlock()
-		if s != nil {
-			c.sendMu.Lock()
-			_ = s.CloseSend()
-			c.sendMu.Unlock()
+		if s != nil { // apart: a send blocked by a server that stopped reading must not hold up the rest
+			go func(c *client, s grpc.ClientStream) {
+				c.sendMu.Lock()
+				defer c.sendMu.Unlock()
+				_ = s.CloseSend()
+			}(c, s)
 		}
 	}
 	ended := make(chan struct{})
