@@ -36,7 +36,7 @@ class PilotSettings(BaseSettings):
     send_timeout_ms: int = Field(
         30_000, ge=0, description="a proxy that does not take a response this long has its stream closed; 0: never")
     write_budget_mb: int = Field(
-        64, ge=0, description="connecting proxies' large first xDS responses (64 KB or more) gRPC may hold at "
+        32, ge=0, description="connecting proxies' large first xDS responses (64 KB or more) gRPC may hold at "
         "once; past it a stream waits its turn, while the budget drains (`pilot.xds.writebudget`); 0: unbounded")
     ack_hold_ms: int = Field(
         1000, ge=0, description="while pilot writes a push, a stream's next request after a plain ACK is read "
