@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.client import ClientResult, Expectation
+from benchmarks.procs import ProcessGroup
 from benchmarks.worker import Worker
 
 SOURCE = Path(__file__).resolve().parent / "simenvoy"
@@ -90,8 +91,8 @@ class GoWorkerHandle:
         threading.Thread(target=self._read, daemon=True, name=f"simenvoy-{process.pid}").start()
 
     @classmethod
-    def start(cls, group: Any, log: Path) -> GoWorkerHandle:
-        """Start the binary under `group` (a `procs.ProcessGroup`, which stops it at the end)."""
+    def start(cls, group: ProcessGroup, log: Path) -> GoWorkerHandle:
+        """Start the binary under `group`, which stops it at the end."""
         with log.open("ab") as err:
             proc = subprocess.Popen([str(binary())], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
         group.adopt(proc)

@@ -53,7 +53,7 @@ class ProcessGroup:
         with log.open("wb") as out:
             proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
                                     stdin=subprocess.DEVNULL)
-        self._popen.append(proc)
+        self.adopt(proc)
         return proc
 
     def adopt(self, proc: subprocess.Popen[bytes]) -> None:

@@ -62,11 +62,12 @@ const (
 	sotwMethod  = service + "StreamAggregatedResources"
 	deltaMethod = service + "DeltaAggregatedResources"
 
-	streamsPerConn = 250       // as the Python workers: one TCP connection per 250 streams
-	retryBase      = 0.5       // Envoy's ADS backoff: jittered exponential from 500 ms,
-	retryMax       = 30.0      // capped at 30 s
-	near           = 2048      // how far from the first needle the others are looked for first (bytes)
-	window         = 256 << 20 // Envoy's default HTTP/2 stream and connection windows (256 MiB)
+	streamsPerConn = 250             // as the Python workers: one TCP connection per 250 streams
+	retryBase      = 0.5             // Envoy's ADS backoff: jittered exponential from 500 ms,
+	retryMax       = 30.0            // capped at 30 s
+	near           = 2048            // how far from the first needle the others are looked for first (bytes)
+	window         = 256 << 20       // Envoy's default HTTP/2 stream and connection windows (256 MiB)
+	closeGrace     = 5 * time.Second // how long a disconnect lets the server end half-closed streams
 )
 
 // dependent: the type whose names a response of this type tells the client to request.
@@ -280,9 +281,9 @@ func (e *expectation) matches(raw []byte) bool {
 	if at < 0 {
 		return false
 	}
-	window := raw[max(0, at-near):min(len(raw), at+near)]
+	around := raw[max(0, at-near):min(len(raw), at+near)]
 	for _, n := range e.Needles[1:] {
-		if !bytes.Contains(window, n) && !bytes.Contains(raw, n) {
+		if !bytes.Contains(around, n) && !bytes.Contains(raw, n) {
 			return false
 		}
 	}
@@ -636,13 +637,12 @@ type fleet struct {
 }
 
 type command struct {
-	Cmd     string       `json:"cmd"`
-	Target  string       `json:"target"`
-	Delta   bool         `json:"delta"`
-	Nodes   [][]byte     `json:"nodes"`
-	Record  bool         `json:"record"`
-	Expect  *expectation `json:"expectation"`
-	GraceMs int          `json:"grace_ms"`
+	Cmd    string       `json:"cmd"`
+	Target string       `json:"target"`
+	Delta  bool         `json:"delta"`
+	Nodes  [][]byte     `json:"nodes"`
+	Record bool         `json:"record"`
+	Expect *expectation `json:"expectation"`
 }
 
 type worker struct {
@@ -820,10 +820,6 @@ func main() {
 }
 
 func (w *worker) handle(cmd *command) any {
-	grace := time.Duration(max(cmd.GraceMs, 0)) * time.Millisecond
-	if grace == 0 {
-		grace = 5 * time.Second
-	}
 	var value any
 	var err error
 	switch cmd.Cmd {
@@ -838,7 +834,7 @@ func (w *worker) handle(cmd *command) any {
 	case "recorded":
 		value = w.recorded()
 	case "disconnect", "close":
-		w.disconnect(grace)
+		w.disconnect(closeGrace)
 		value = true
 	default:
 		err = fmt.Errorf("unknown command %q", cmd.Cmd)

@@ -79,7 +79,7 @@ class WriteBudget:
     patience: float = DEFAULT_PATIENCE
     in_flight: int = 0  # bytes counted now
     waits: int = 0  # writes that had to wait for their turn, ever
-    overdrawn: int = 0  # writes that went over budget after waiting `patience`, ever
+    overdrawn: int = 0  # writes that went over budget once it had stalled for `patience`, ever
     progress_at: float = 0.0  # monotonic time bytes were last given back
     _waiting: collections.deque[_Waiter] = field(default_factory=collections.deque)
     # One timer for all waiters: when it fires, those that waited `patience` go over budget if the
