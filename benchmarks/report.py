@@ -62,6 +62,9 @@ class Phase:
     error: str = ""
     server_system_s: float = 0.0  # the part of server_cpu_s spent in the kernel (socket copies, page faults)
     server_minor_faults: int = 0  # pages the server touched for the first time during the phase
+    # server_cpu_s by thread (`benchmarks.procs.thread_cpu`): "main" (the event loop), gRPC's
+    # "event_engine", the rest by name
+    server_threads: dict[str, float] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:

@@ -223,7 +223,8 @@ class Session:
         stamps = [getattr(r, f"{key}_at") for r in self.results()]
         latency = Latency.of([t - t0 for t in stamps if t is not None])
         phase = Phase(name, self.opts.clients, done, latency, split.cpu, peak / MB, self.client_cpu() - client_cpu,
-                      self.reconnects() - reconnects, error, split.system, split.minor_faults)
+                      self.reconnects() - reconnects, error, split.system, split.minor_faults,
+                      {name: round(seconds, 4) for name, seconds in split.threads if seconds > 0})
         return phase, t0
 
 
@@ -380,7 +381,17 @@ def _line(phase: Phase) -> str:
     retried = f", {phase.reconnects} streams reopened" if phase.reconnects else ""
     return (f"  {phase.name:8s} {phase.converged}/{phase.clients} converged, {ms}, "
             f"server CPU {phase.server_cpu_s:.2f}s ({phase.server_system_s:.2f}s system, "
-            f"{phase.server_minor_faults:,} minor faults), RSS {phase.server_peak_rss_mb:.0f} MB{retried}{status}")
+            f"{phase.server_minor_faults:,} minor faults{_threads(phase)}), RSS {phase.server_peak_rss_mb:.0f} MB"
+            f"{retried}{status}")
+
+
+def _threads(phase: Phase) -> str:
+    """"; by thread: main 0.40, event_engine 0.13, python 0.05" (seconds; threads under 5 ms left
+    out), or nothing if unknown."""
+    if not phase.server_threads:
+        return ""
+    busiest = sorted(((n, s) for n, s in phase.server_threads.items() if s >= 0.005), key=lambda item: -item[1])
+    return "; by thread: " + ", ".join(f"{name} {seconds:.2f}" for name, seconds in busiest)
 
 
 def _class_cpu(run: Run) -> str:

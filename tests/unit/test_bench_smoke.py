@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ import yaml
 from rich.console import Console
 
 from benchmarks.ads_load import run_benchmark
-from benchmarks.procs import minor_faults
+from benchmarks.procs import CpuSplit, minor_faults, thread_cpu
 from benchmarks.report import print_report
 
 
@@ -39,7 +41,12 @@ def test_benchmark_converges_with_five_clients(tmp_path: Path) -> None:
         assert all(0 <= p.server_system_s <= p.server_cpu_s + 0.02 for p in run.phases)
     # Connecting allocates (streams, snapshots): the server touched new pages.
     assert all(r.phases[0].server_minor_faults > 0 for r in report.runs)
+    # ... and its CPU is split by thread: the event loop and gRPC's threads worked in each connect.
+    for run in report.runs:
+        threads = run.phases[0].server_threads
+        assert threads.get("main", 0) > 0 and sum(threads.values()) <= run.phases[0].server_cpu_s + 0.05, threads
     assert (tmp_path / "result.json").stat().st_size > 0
+    assert "main" in json.loads((tmp_path / "result.json").read_text())["runs"][0]["phases"][0]["server_threads"]
 
 
 @pytest.mark.timeout(60)
@@ -316,3 +323,34 @@ def test_minor_faults_count_pages_touched_for_the_first_time() -> None:
     after = minor_faults(os.getpid())
     assert after - before >= 8_000  # 16,384 pages; allocators may map some ahead
     assert minor_faults(2**22 + 7) == 0  # a process that is not there
+
+
+def test_thread_cpu_splits_a_process_by_thread() -> None:
+    """A real process that spins its main thread, then a named worker thread (its name set through
+    prctl, as gRPC names its threads): each thread's seconds are its own; a phase's split subtracts."""
+    code = (
+        "import ctypes, sys, threading, time\n"
+        "def spin(seconds):\n"
+        "    end = time.thread_time() + seconds\n"
+        "    while time.thread_time() < end: pass\n"
+        "def worker():\n"
+        "    ctypes.CDLL(None).prctl(15, b'busy_worker', 0, 0, 0)\n"  # PR_SET_NAME
+        "    spin(0.3)\n"
+        "    time.sleep(60)\n"  # alive while measured: a thread that ended is no longer listed
+        "spin(0.2)\n"
+        "threading.Thread(target=worker, daemon=True).start()\n"
+        "time.sleep(0.6); print('spun', flush=True); sys.stdin.readline()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "spun"
+        split = dict(thread_cpu(proc.pid))
+        assert split.get("main", 0) >= 0.15, split
+        assert split.get("busy_worker", 0) >= 0.25, split
+        assert set(split) == {"main", "busy_worker"}, split
+    finally:
+        proc.kill()
+        proc.wait()
+    phase = CpuSplit(2.0, 1.0, 30, (("event_engine", 0.5), ("main", 2.5))) - CpuSplit(1.0, 0.5, 10, (("main", 1.0),))
+    assert phase == CpuSplit(1.0, 0.5, 20, (("event_engine", 0.5), ("main", 1.5)))
+    assert thread_cpu(2**22 + 7) == ()  # a process that is not there
