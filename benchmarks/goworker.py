@@ -28,13 +28,13 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from benchmarks.client import ClientResult, Expectation
 from benchmarks.procs import ProcessGroup
-from benchmarks.worker import Worker
+from benchmarks.worker import NodeSpec, Worker
 
 SOURCE = Path(__file__).resolve().parent / "simenvoy"
 
@@ -85,18 +85,19 @@ class GoWorkerHandle:
     process; stderr goes to `log` (Go panics land there).
     """
 
-    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], node: Callable[[NodeSpec], Any] = Worker.node) -> None:
         self.process = process
+        self.node = node  # the Node each client sends (`Worker.node`: a plain sidecar; `kube_worker`: a Pod's)
         self._replies: queue.Queue[bytes] = queue.Queue()
         threading.Thread(target=self._read, daemon=True, name=f"simenvoy-{process.pid}").start()
 
     @classmethod
-    def start(cls, group: ProcessGroup, log: Path) -> GoWorkerHandle:
-        """Start the binary under `group`, which stops it at the end."""
+    def start(cls, group: ProcessGroup, log: Path, node: Callable[[NodeSpec], Any] = Worker.node) -> GoWorkerHandle:
+        """Start the binary under `group`, which stops it at the end; its clients send `node(spec)`."""
         with log.open("ab") as err:
             proc = subprocess.Popen([str(binary())], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
         group.adopt(proc)
-        return cls(proc)
+        return cls(proc, node)
 
     def _read(self) -> None:
         assert self.process.stdout is not None
@@ -104,7 +105,7 @@ class GoWorkerHandle:
             self._replies.put(line)
 
     def call(self, name: str, *args: Any, timeout: float = 30.0) -> Any:
-        message = _command(name, args)
+        message = _command(name, args, self.node)
         stdin = self.process.stdin
         assert stdin is not None
         try:
@@ -135,10 +136,10 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _command(name: str, args: tuple[Any, ...]) -> dict[str, Any]:
+def _command(name: str, args: tuple[Any, ...], node: Callable[[NodeSpec], Any] = Worker.node) -> dict[str, Any]:
     if name == "connect":
         target, delta, specs, record = args
-        nodes = [_b64(Worker.node(spec).SerializeToString()) for spec in specs]
+        nodes = [_b64(node(spec).SerializeToString()) for spec in specs]
         return {"cmd": name, "target": target, "delta": delta, "nodes": nodes, "record": record}
     if name == "arm":
         (exp,) = args

@@ -14,10 +14,11 @@ load average before and after each phase:
 3. **initial sync**: a second pilot started on the full cluster: time from spawn to its first
    push (pilot waits for its watches' first lists before it), CPU and RSS, against the empty
    pilot's start measured in phase 1;
-4. **proxies**: `--proxies` simulated Envoys (the `ads_load` client) posing as the Pods'
-   sidecars (captured traffic) connect; steady RSS and idle CPU; route changes (a merge patch of a
-   VirtualService through the API) and endpoint changes (a Pod's Ready condition flipped in the
-   API server; kube-controller-manager updates the EndpointSlice) timed to each proxy's ACK;
+4. **proxies**: `--proxies` simulated Envoys (`ads_load`'s: the Go ones by default, `--client
+   python` for the grpcio ones) posing as the Pods' sidecars (captured traffic) connect; steady
+   RSS and idle CPU; route changes (a merge patch of a VirtualService through the API) and
+   endpoint changes (a Pod's Ready condition flipped in the API server; kube-controller-manager
+   updates the EndpointSlice) timed to each proxy's ACK;
 5. **baseline**: the same proxies and changes against `ads_load`'s replay server (the bytes
    pilot sent, no logic), for the fan-out ratio.
 
@@ -49,6 +50,7 @@ from benchmarks import kube_worker
 from benchmarks import kubeobjects as ko
 from benchmarks.ads_load import machine_info
 from benchmarks.client import Expectation, first_string
+from benchmarks.goworker import GoWorkerHandle
 from benchmarks.kubedriver import KubeDriver
 from benchmarks.procs import REPO, ProcessGroup, ResourceMeter
 from benchmarks.report import (
@@ -100,12 +102,13 @@ class KubeOptions:
     quiet_seconds: float = 2.0
     baseline: bool = True
     workdir: Path = Path()
+    client: str = "go"  # the simulated Envoys: "go" (benchmarks/simenvoy) or "python" (kube_worker)
 
     def runner_options(self) -> Options:
         """The `ads_load` options its session machinery reads (one class per posed workload)."""
         return Options(clients=self.proxies, protocol=self.protocol, workdir=self.workdir, services=self.services,
                        per_workload=True, repeats=self.repeats, workers=self.workers,
-                       idle_seconds=self.idle_seconds, quiet_seconds=self.quiet_seconds)
+                       idle_seconds=self.idle_seconds, quiet_seconds=self.quiet_seconds, client=self.client)
 
 
 @dataclass
@@ -166,13 +169,19 @@ class KubeReport:
 
 
 class CapturedSession(Session):
-    """`runner.Session` whose workers' clients pose as Pods' sidecars (`kube_worker`)."""
+    """`runner.Session` whose clients pose as Pods' sidecars (`kube_worker.captured_node`): the Go
+    simulated Envoys (`goworker`, one process) or the Python ones (`kube_worker` processes)."""
 
     def __init__(self, group: ProcessGroup, opts: Options, meter: ResourceMeter) -> None:
-        self.opts, self.meter, self.handles = opts, meter, []
+        self.opts, self.meter, self.server, self.changes = opts, meter, "pilot", 0
+        self.handles: list[WorkerHandle | GoWorkerHandle] = []
         for _ in range(opts.worker_count):
-            conn, proc = group.spawn(kube_worker.main)
-            self.handles.append(WorkerHandle(conn, proc))
+            if opts.client == "go":
+                self.handles.append(GoWorkerHandle.start(group, opts.workdir / "simenvoy.log",
+                                                         node=kube_worker.captured_node))
+            else:
+                conn, proc = group.spawn(kube_worker.main)
+                self.handles.append(WorkerHandle(conn, proc))
 
 
 @contextlib.contextmanager
@@ -512,13 +521,17 @@ def print_kube_report(report: KubeReport, console: Console | None = None) -> Non
 @click.option("--concurrency", default=32, show_default=True, type=click.IntRange(1),
               help="Parallel API requests while creating the cluster's objects.")
 @click.option("--idle-seconds", default=3.0, show_default=True, type=click.FloatRange(min=0.5))
-@click.option("--workers", default=0, help="Client worker processes (0: 1, 2 or 4 by proxy count).")
+@click.option("--workers", default=0, help="Client worker processes (0: 1 for Go; 1, 2 or 4 by proxy count).")
+@click.option("--client", type=click.Choice(["go", "python"]), default="go", show_default=True,
+              help="Simulated Envoys: Go (benchmarks/simenvoy, built with the machine's Go on first use) or "
+                   "Python (grpcio; 2-3x the CPU per large response).")
 @click.option("--no-baseline", is_flag=True, help="Skip the replay baseline.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write results here.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep pilot logs here (default: a temp dir, removed).")
 def main(services: int, pods: int, proxies: int, protocol: str, repeats: int, concurrency: int,
-         idle_seconds: float, workers: int, no_baseline: bool, json_path: Path | None, workdir: Path | None) -> None:
+         idle_seconds: float, workers: int, client: str, no_baseline: bool, json_path: Path | None,
+         workdir: Path | None) -> None:
     """Pilot watching a real API server: kubectl-to-ACK latency, memory and CPU."""
     if proxies > pods:
         raise click.BadParameter(f"{proxies} proxies but {pods} pods: each proxy poses as its own Pod",
@@ -528,7 +541,7 @@ def main(services: int, pods: int, proxies: int, protocol: str, repeats: int, co
         base.mkdir(parents=True, exist_ok=True)
         opts = KubeOptions(services=services, pods=pods, proxies=proxies, protocol=protocol, repeats=repeats,
                            workers=workers, concurrency=concurrency, idle_seconds=idle_seconds,
-                           baseline=not no_baseline, workdir=base.resolve())
+                           baseline=not no_baseline, workdir=base.resolve(), client=client)
         report = run_kube_benchmark(opts)
     print_kube_report(report)
     if json_path:

@@ -1,10 +1,11 @@
 """Client workers whose simulated Envoys pose as Pods' sidecars, with captured traffic.
 
 The same worker and client as `ads_load` (`benchmarks.worker`, `benchmarks.client`); only the
-Node differs: Istio's sidecar id naming the Pod and its IP (pilot matches it to the Pod, whose
-labels then decide the class) and `INTERCEPTION_MODE: REDIRECT`, so pilot serves the
-captured-traffic listener model (per-port listeners and route configurations named by port) a
-sidecar behind iptables gets. Runs as a spawned process, driven over a pipe like `worker.main`.
+Node differs (`captured_node`, which the Go simulated Envoys of `benchmarks.goworker` send too):
+Istio's sidecar id naming the Pod and its IP (pilot matches it to the Pod, whose labels then
+decide the class) and `INTERCEPTION_MODE: REDIRECT`, so pilot serves the captured-traffic
+listener model (per-port listeners and route configurations named by port) a sidecar behind
+iptables gets. Runs as a spawned process, driven over a pipe like `worker.main`.
 """
 
 from __future__ import annotations

@@ -30,11 +30,14 @@ def test_more_proxies_than_pods_is_refused() -> None:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
-def test_kube_load_converges_and_reports_every_figure(tmp_path: Path) -> None:
+@pytest.mark.parametrize("client", ["go", "python"])
+def test_kube_load_converges_and_reports_every_figure(tmp_path: Path, client: str) -> None:
+    """Both kinds of simulated Envoys pose as Pods' sidecars (captured traffic): the Go ones (the
+    default) and the Python ones (`kube_worker`)."""
     out = io.StringIO()
     console = Console(file=out, width=220)
     opts = KubeOptions(services=3, pods=8, proxies=4, repeats=1, idle_seconds=0.5, quiet_seconds=0.2,
-                       workdir=tmp_path)
+                       workdir=tmp_path, client=client)
     report = run_kube_benchmark(opts, console)
     print_kube_report(report, console)
 
