@@ -136,7 +136,7 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _command(name: str, args: tuple[Any, ...], node: Callable[[NodeSpec], Any] = Worker.node) -> dict[str, Any]:
+def _command(name: str, args: tuple[Any, ...], node: Callable[[NodeSpec], Any]) -> dict[str, Any]:
     if name == "connect":
         target, delta, specs, record = args
         nodes = [_b64(node(spec).SerializeToString()) for spec in specs]

@@ -50,7 +50,6 @@ from benchmarks import kube_worker
 from benchmarks import kubeobjects as ko
 from benchmarks.ads_load import machine_info
 from benchmarks.client import Expectation, first_string
-from benchmarks.goworker import GoWorkerHandle
 from benchmarks.kubedriver import KubeDriver
 from benchmarks.procs import REPO, ProcessGroup, ResourceMeter
 from benchmarks.report import (
@@ -75,7 +74,7 @@ from benchmarks.runner import (
     median_rss,
     run_baseline,
 )
-from benchmarks.worker import NodeSpec, WorkerHandle
+from benchmarks.worker import NodeSpec
 from pilot.xds.typeurls import CLUSTER, ROUTE
 from tests.k8s.cluster import KubeCluster, cached_tools
 
@@ -170,18 +169,10 @@ class KubeReport:
 
 class CapturedSession(Session):
     """`runner.Session` whose clients pose as Pods' sidecars (`kube_worker.captured_node`): the Go
-    simulated Envoys (`goworker`, one process) or the Python ones (`kube_worker` processes)."""
+    simulated Envoys or the Python ones (`kube_worker` processes)."""
 
-    def __init__(self, group: ProcessGroup, opts: Options, meter: ResourceMeter) -> None:
-        self.opts, self.meter, self.server, self.changes = opts, meter, "pilot", 0
-        self.handles: list[WorkerHandle | GoWorkerHandle] = []
-        for _ in range(opts.worker_count):
-            if opts.client == "go":
-                self.handles.append(GoWorkerHandle.start(group, opts.workdir / "simenvoy.log",
-                                                         node=kube_worker.captured_node))
-            else:
-                conn, proc = group.spawn(kube_worker.main)
-                self.handles.append(WorkerHandle(conn, proc))
+    node = staticmethod(kube_worker.captured_node)
+    worker_main = staticmethod(kube_worker.main)
 
 
 @contextlib.contextmanager

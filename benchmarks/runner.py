@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,13 @@ def pin(pid: int, server: bool) -> None:
 
 
 class Session:
-    """Client workers connected to one server, with that server's resource meter."""
+    """Client workers connected to one server, with that server's resource meter.
+
+    `node` is the Node each Go client sends and `worker_main` the Python workers' entry point:
+    a plain sidecar's here, a Pod's in `kube_load.CapturedSession`."""
+
+    node: Callable[[NodeSpec], Any] = staticmethod(worker.Worker.node)
+    worker_main: Callable[[Connection], None] = staticmethod(worker.main)
 
     def __init__(self, group: ProcessGroup, opts: Options, meter: ResourceMeter, server: str = "pilot") -> None:
         self.opts = opts
@@ -155,9 +162,10 @@ class Session:
         self.handles: list[WorkerHandle | GoWorkerHandle] = []
         for _ in range(opts.worker_count):
             if opts.client == "go":
-                handle: WorkerHandle | GoWorkerHandle = GoWorkerHandle.start(group, opts.workdir / "simenvoy.log")
+                handle: WorkerHandle | GoWorkerHandle = GoWorkerHandle.start(
+                    group, opts.workdir / "simenvoy.log", node=self.node)
             else:
-                conn, proc = group.spawn(worker.main)
+                conn, proc = group.spawn(self.worker_main)
                 handle = WorkerHandle(conn, proc)
             self.handles.append(handle)
             if opts.pin:
