@@ -10,6 +10,11 @@ configuration, 1.2-1.6 s per mission-scale route change on the two cores pilot s
 pilot itself spends (session 28's floor). Envoy reads xDS in C++; compiled Go is much closer to
 that cost, so with these clients the figures say more about the control plane.
 
+They identify as Envoy 1.40 (`Node.user_agent_build_version`, `as_envoy`) and, on delta
+streams, take virtual hosts over VHDS as it does: pilot serves them route configurations naming
+VHDS and a route change as the virtual hosts it changed (`pilot.translate.vhds`). The Python
+clients identify as nothing and get route configurations whole.
+
 The binary is built with the machine's Go from the module next to this file (versions pinned by
 its go.mod and go.sum, downloaded from the Go module proxy) into
 `${XDG_CACHE_HOME:-~/.cache}/meshctl/simenvoy/<hash of the module's files>/`, so a changed
@@ -132,6 +137,17 @@ class GoWorkerHandle:
         return _reply(name, reply["ok"])
 
 
+ENVOY_RELEASE = (1, 40)  # what the simulated Envoys say they are (the release whose VHDS they follow)
+
+
+def as_envoy(node: Any) -> Any:
+    """`node` as Envoy sends it: its user agent and release (pilot reads them to serve VHDS)."""
+    node.user_agent_name = "envoy"
+    node.user_agent_build_version.version.major_number, node.user_agent_build_version.version.minor_number = (
+        ENVOY_RELEASE)
+    return node
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -139,7 +155,7 @@ def _b64(data: bytes) -> str:
 def _command(name: str, args: tuple[Any, ...], node: Callable[[NodeSpec], Any]) -> dict[str, Any]:
     if name == "connect":
         target, delta, specs, record = args
-        nodes = [_b64(node(spec).SerializeToString()) for spec in specs]
+        nodes = [_b64(as_envoy(node(spec)).SerializeToString()) for spec in specs]
         return {"cmd": name, "target": target, "delta": delta, "nodes": nodes, "record": record}
     if name == "arm":
         (exp,) = args

@@ -22,6 +22,7 @@ import yaml
 from google.protobuf import any_pb2, json_format
 
 from meshctl.envoy_dump import dynamic_resources
+from pilot.translate.vhds import merged_json
 
 COMPARED = ("CDS", "EDS", "LDS", "RDS")
 
@@ -96,6 +97,8 @@ def diff_proxy(pilot_dump: Mapping[str, Any], envoy_dump: Mapping[str, Any],
         if served is None:
             continue
         want = {_name(short, r): r for r in served.get("resources", ())}
+        if short == "RDS":  # a VHDS proxy's virtual hosts, merged into their configurations as Envoy does
+            want = merged_json(want, (pilot_dump.get("VHDS") or {}).get("resources", ()))
         have = dynamic_resources(envoy_dump, short)
         if short == "EDS":
             eds_clusters = {n for n, c in dynamic_resources(envoy_dump, "CDS").items() if c.get("type") == "EDS"}

@@ -21,6 +21,8 @@ from typing import Any
 
 from cryptography import x509
 
+from pilot.translate.vhds import vhost_display_name
+
 CLUSTERS = "ClustersConfigDump"
 LISTENERS = "ListenersConfigDump"
 ROUTES = "RoutesConfigDump"
@@ -220,10 +222,10 @@ def route_rows(dump: Mapping[str, Any], index: ConfigIndex, name: str | None = N
             continue
         for vhost in config.get("virtual_hosts", ()):
             domains = _domains(vhost.get("domains", ()))
-            host = str(vhost.get("name", "")).rsplit(":", 1)[0]
+            host = vhost_display_name(config, vhost).rsplit(":", 1)[0]
             for route in vhost.get("routes", ()):
                 service = _istio_config(route) or ", ".join(index.virtual_services.get(host, ())) or "-"
-                rows.append((str(config.get("name", "")), str(vhost.get("name", "")), domains,
+                rows.append((str(config.get("name", "")), vhost_display_name(config, vhost), domains,
                              route_match(route.get("match", {})), service))
     return sorted(rows, key=lambda r: r[:2])  # stable: routes keep Envoy's order inside a virtual host
 

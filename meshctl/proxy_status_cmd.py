@@ -21,7 +21,7 @@ from meshctl.config_diff import TypeDiff, diff_proxy
 from meshctl.inspect_http import get_json, http_base, resolve_proxy
 from meshctl.output import PROBLEM, console, emit
 from meshctl.proxy_target import admin_option, complete_proxy, debug_option, reach, syncz
-from meshctl.status_view import TYPES, nack_lines, status_table
+from meshctl.status_view import TYPES, column_state, nack_lines, status_table
 
 EXAMPLES = """
 \b
@@ -78,7 +78,7 @@ def wide_table(rows: Sequence[Mapping[str, Any]], pilot: str) -> Table:
         cells = []
         for t in TYPES:
             st = row["types"].get(t, {})
-            state = st.get("state", "NOT_SENT")
+            state = column_state(row["types"], t)
             acked = str(st.get("acked_version") or "-")[:8]
             cells.append(Text(f"{state} {acked}", style="red" if state == "NACKED" else ""))
         table.add_row(str(row["proxy"]), f'{row["namespace"]}/{row["workload"]}', *cells, pilot,

@@ -11,6 +11,16 @@ from rich.text import Text
 
 TYPES = ("CDS", "EDS", "LDS", "RDS")
 _STYLE = {"SYNCED": "green", "STALE": "yellow", "NACKED": "bold red", "NOT_SENT": "dim"}
+_WORSE = {"SYNCED": 0, "NOT_SENT": 1, "STALE": 2, "NACKED": 3}  # which of two states a column shows
+
+
+def column_state(types: dict[str, Any], short: str) -> str:
+    """A type's state in the table. A VHDS proxy's virtual hosts are part of its routes, so its RDS
+    column shows the worse of RDS and VHDS (a NACKed virtual host is a NACKed route change)."""
+    state = str(types.get(short, {}).get("state", "NOT_SENT"))
+    if short == "RDS" and "VHDS" in types:
+        state = max(state, str(types["VHDS"].get("state", "NOT_SENT")), key=lambda s: _WORSE.get(s, 1))
+    return state
 
 
 def _age(since: float, now: float) -> str:
@@ -31,7 +41,7 @@ def status_table(rows: Sequence[dict[str, Any]], now: float | None = None) -> Ta
     for row in rows:
         cells = []
         for t in TYPES:
-            state = row["types"].get(t, {}).get("state", "NOT_SENT")
+            state = column_state(row["types"], t)
             cells.append(Text(state, style=_STYLE.get(state, "")))
         table.add_row(
             row["proxy"], f'{row["namespace"]}/{row["workload"]}', row["protocol"], *cells,

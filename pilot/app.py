@@ -37,6 +37,7 @@ from pilot.tasks import TaskFailures, spawn
 from pilot.tracing import ChangeTracker, ObservedStore, tracer_provider
 from pilot.translate import generate, generate_endpoints, generate_parts, generate_routes
 from pilot.translate.prepare import prepare_shared
+from pilot.translate.vhds import vhds_parts
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.secrets import SecretServer
 from pilot.xds.server import AdsServer, SecureServing
@@ -87,7 +88,7 @@ class Pilot:
         self.ads = AdsServer(self.cache, self.status, send_timeout=settings.send_timeout_ms / 1000 or None,
                              max_connection_age=settings.max_connection_age_ms / 1000 or None,
                              write_budget=settings.write_budget_mb * 1024 * 1024 or None,
-                             ack_hold=settings.ack_hold_ms / 1000 or None,
+                             ack_hold=settings.ack_hold_ms / 1000 or None, vhds=settings.vhds,
                              quiet=self.pusher.quiet)  # the release waits for the writes to settle too
         self.ads.changes = self.changes
         self.files = (
@@ -131,7 +132,7 @@ class Pilot:
             endpoint_debounce=settings.endpoint_debounce_ms / 1000,
             endpoints_only=endpoints_only,
             generate_endpoints=generate_endpoints,
-            routes=RoutesFastPath(http_routes_only, generate_routes) if real else None,
+            routes=RoutesFastPath(http_routes_only, generate_routes, vhds_parts) if real else None,
             prepare=prepare_shared if real else None,  # a full push's shared parts, off the event loop
             release_memory=release_when_quiet,
             carry=carry,

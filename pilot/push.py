@@ -57,6 +57,9 @@ class RoutesFastPath(NamedTuple):
 
     applies: Callable[[Any, Any], bool]  # (old mesh, new mesh): only HTTP routes changed
     generate: GenerateEndpoints  # (mesh, proxy): a plain sidecar's route part alone
+    # (mesh, route part) -> (route configurations naming VHDS, virtual hosts): how a VHDS class
+    # (`ProxyClass.vhds`) takes the route part, exactly as `generate_parts` splits it.
+    split: Callable[[Any, Mapping[str, Any]], tuple[Mapping[str, Any], Mapping[str, Any]]] | None = None
 
 
 # One push's groups (fast paths): id of a class's last part -> (that part, its next version, the
@@ -65,7 +68,7 @@ _Groups = dict[int, tuple[Mapping[str, Any], Mapping[str, Any], Any]]
 # The two fast paths (`Pusher._build`): "" is a full push.
 EDS_ONLY, ROUTES_ONLY = "eds", "routes"
 _DONE = {EDS_ONLY: "given new endpoints (EDS only)", ROUTES_ONLY: "given new routes (routes only)"}
-_REPLACED = {EDS_ONLY: typeurls.ENDPOINT, ROUTES_ONLY: typeurls.ROUTE}  # the type each fast path replaces
+_REPLACED = {EDS_ONLY: (typeurls.ENDPOINT,), ROUTES_ONLY: (typeurls.ROUTE, typeurls.VIRTUAL_HOST)}  # what each replaces
 
 
 class Pusher:
@@ -370,8 +373,18 @@ class Pusher:
             self.publish(key)  # captured sidecars, gateways, classes without a good snapshot
             return False
         generate = self.routes.generate
+        split = self.routes.split if key.vhds else None
+        if key.vhds and split is None:  # no way to split the route part as `generate` does
+            self.publish(key)
+            return False
         try:
-            part, routes = self._next_part(regrouped, old, typeurls.ROUTE, lambda: generate(self.mesh, key))
+            part, routes = self._next_part(regrouped, old, None if split else typeurls.ROUTE,
+                                           lambda: generate(self.mesh, key))
+            if split is not None:  # a VHDS class: its route configurations stay, its virtual hosts change
+                bases, hosts = split(self.mesh, part)
+                routes = self.serializer.set_of(typeurls.ROUTE, bases)
+                hosts_set = self.serializer.set_of(typeurls.VIRTUAL_HOST, hosts)
+                previous = previous.with_type(typeurls.VIRTUAL_HOST, hosts_set)
             self._set(key, previous.with_type(typeurls.ROUTE, routes))
         except Exception:  # an inconsistent result: generate this class in full instead
             log.exception("route fast path failed for %s; generating it in full", key.describe())
@@ -380,15 +393,19 @@ class Pusher:
         self.route_parts[key] = part
         return True
 
-    def _next_part(self, regrouped: _Groups | None, old: Mapping[str, Any] | None, type_url: str,
+    def _next_part(self, regrouped: _Groups | None, old: Mapping[str, Any] | None, type_url: str | None,
                    make: Callable[[], Mapping[str, Any]]) -> tuple[Mapping[str, Any], Any]:
-        """The next version of the part `old` (and its ResourceSet): the one this push's first class
-        with `old` made, or `make()` for that first class (always, without groups)."""
+        """The next version of the part `old` (and its ResourceSet; None for `type_url` None, a part
+        that is not published as it is): the one this push's first class with `old` made, or
+        `make()` for that first class (always, without groups)."""
         found = regrouped.get(id(old)) if regrouped is not None and old is not None else None
         if found is not None and found[0] is old:  # the entry keeps `old` alive: ids stay its own
-            return found[1], found[2]
+            made = found[2]
+            if made is None and type_url is not None:  # made by a VHDS class of the group first
+                made = self.serializer.set_of(type_url, found[1])
+            return found[1], made
         part = make()
-        made = self.serializer.set_of(type_url, part)
+        made = self.serializer.set_of(type_url, part) if type_url is not None else None
         if regrouped is not None and old is not None:
             regrouped[id(old)] = (old, part, made)
         return part, made
@@ -421,7 +438,8 @@ class Pusher:
         routes, endpoints = parts.get(typeurls.ROUTE, ()), parts.get(typeurls.ENDPOINT, ())
         grouping = self._grouping()
         if grouping and key.kind == ProxyKind.SIDECAR and not key.captured and len(routes) == 1:
-            self.route_parts[key] = routes[0]
+            # A VHDS class's route part is split for publishing; the fast path groups by the part whole.
+            self.route_parts[key] = self.routes.generate(self.mesh, key) if key.vhds and self.routes else routes[0]
         else:
             self.route_parts.pop(key, None)
         if grouping and len(endpoints) == 1:

@@ -47,6 +47,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -56,6 +57,7 @@ const (
 	listenerT  = typePrefix + "config.listener.v3.Listener"
 	endpointT  = typePrefix + "config.endpoint.v3.ClusterLoadAssignment"
 	routeT     = typePrefix + "config.route.v3.RouteConfiguration"
+	vhostT     = typePrefix + "config.route.v3.VirtualHost" // VHDS: delta only, as Envoy
 	hcmT       = typePrefix + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
 	service     = "/envoy.service.discovery.v3.AggregatedDiscoveryService/"
@@ -338,7 +340,7 @@ func newClient(node *corev3.Node, delta bool, c *cache, record bool) *client {
 
 func (c *client) reset() {
 	c.types = map[string]*typeState{}
-	for _, t := range []string{clusterT, endpointT, listenerT, routeT} {
+	for _, t := range []string{clusterT, endpointT, listenerT, routeT, vhostT} {
 		c.types[t] = &typeState{subscribed: emptySub, received: map[string]struct{}{}}
 	}
 	c.sentNode = false
@@ -470,7 +472,9 @@ func (c *client) onResponse(s grpc.ClientStream, raw []byte) error {
 			c.types[t].received = nil // only readiness needs it
 		}
 	}
-	if e := c.exp; e != nil && c.res.MatchedAt == nil && typeURL == e.TypeURL && e.matches(raw) {
+	// A route change reaches a VHDS client as the virtual hosts it changed.
+	expected := c.exp != nil && (typeURL == c.exp.TypeURL || typeURL == vhostT && c.exp.TypeURL == routeT)
+	if e := c.exp; expected && c.res.MatchedAt == nil && e.matches(raw) {
 		c.res.MatchedAt = &now
 		if c.record {
 			c.changes[e.Kind] = bytes.Clone(raw)
@@ -481,7 +485,23 @@ func (c *client) onResponse(s grpc.ClientStream, raw []byte) error {
 
 func (c *client) complete() bool {
 	t := c.types
-	return t[clusterT].acked && t[listenerT].acked && covers(t[endpointT]) && covers(t[routeT])
+	vhds := t[vhostT]
+	return t[clusterT].acked && t[listenerT].acked && covers(t[endpointT]) && covers(t[routeT]) &&
+		(vhds.subscribed != vhdsSub || vhds.acked)
+}
+
+// vhdsSub marks a client subscribed to VHDS: Envoy subscribes with no names (a wildcard).
+var vhdsSub = &subscription{set: map[string]struct{}{}}
+
+// namesVHDS: whether a serialized RouteConfiguration names a VHDS source (field 9, vhds).
+func namesVHDS(value []byte) bool {
+	found := false
+	_ = fields(value, func(num protowire.Number, _ []byte) {
+		if num == fRouteVhds {
+			found = true
+		}
+	})
+	return found
 }
 
 func covers(t *typeState) bool {
@@ -575,6 +595,16 @@ func (c *client) deltaResponse(raw []byte) (string, []proto.Message, error) {
 		if state.received != nil {
 			for _, n := range resp.removed {
 				delete(state.received, n)
+			}
+		}
+		// As Envoy: a route configuration naming VHDS makes the stream subscribe to virtual hosts.
+		if vh := c.types[vhostT]; typeURL == routeT && vh.subscribed != vhdsSub {
+			for _, it := range resp.items {
+				if namesVHDS(it.value) {
+					vh.subscribed = vhdsSub
+					reqs = append(reqs, &discoveryv3.DeltaDiscoveryRequest{TypeUrl: vhostT})
+					break
+				}
 			}
 		}
 		return typeURL, reqs, nil

@@ -11,6 +11,7 @@ import (
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
@@ -226,3 +227,53 @@ func bytesIndex(t *testing.T, haystack, needle []byte) int {
 	t.Fatal("a resource's bytes were copied out of the message")
 	return -1
 }
+
+// A delta client whose route configuration names VHDS subscribes to virtual hosts with no names,
+// as Envoy does, once; it is ready only after its first VHDS answer; a route change expected as
+// RDS is found in a VHDS response (the virtual host it changed).
+func TestDeltaClientTakesVirtualHostsOverVHDS(t *testing.T) {
+	cl := newClient(&corev3.Node{Id: "sidecar~1"}, true, newCache(), false)
+	cl.types[clusterT].acked, cl.types[listenerT].acked = true, true
+	cl.types[routeT].subscribe(cl.cache.subscription(map[string]struct{}{"outbound": {}}))
+	base := &routev3.RouteConfiguration{Name: "outbound", Vhds: &routev3.Vhds{ConfigSource: &corev3.ConfigSource{
+		ConfigSourceSpecifier: &corev3.ConfigSource_Ads{Ads: &corev3.AggregatedConfigSource{}}}}}
+	rds := marshal(t, &discoveryv3.DeltaDiscoveryResponse{TypeUrl: routeT, Nonce: "r1",
+		Resources: []*discoveryv3.Resource{{Name: "outbound", Version: "1", Resource: pack(t, base)}}})
+	_, reqs, err := cl.deltaResponse(rds)
+	if err != nil || len(reqs) != 2 {
+		t.Fatalf("%v, %d requests", err, len(reqs))
+	}
+	sub := reqs[1].(*discoveryv3.DeltaDiscoveryRequest)
+	if sub.TypeUrl != vhostT || len(sub.ResourceNamesSubscribe) != 0 || sub.ResponseNonce != "" {
+		t.Fatalf("VHDS subscription %v", sub)
+	}
+	if cl.complete() {
+		t.Fatal("ready before the first VHDS answer")
+	}
+	if _, again, _ := cl.deltaResponse(rds); len(again) != 1 {
+		t.Fatalf("subscribed to VHDS again: %d requests", len(again))
+	}
+	vhost := &routev3.VirtualHost{Name: "outbound/svc-001:80", Domains: []string{"svc-001"}, Routes: []*routev3.Route{{
+		Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{
+			Cluster: "outbound|80|v2|svc-001"}}}}}}
+	vhds := marshal(t, &discoveryv3.DeltaDiscoveryResponse{TypeUrl: vhostT, Nonce: "v1",
+		Resources: []*discoveryv3.Resource{{Name: vhost.Name, Version: "1", Resource: pack(t, vhost)}}})
+	cl.exp = &expectation{Kind: "route", TypeURL: routeT, Needles: [][]byte{[]byte("outbound|80|v2|svc-001")}}
+	if err := cl.onResponse(nopStream{}, vhds); err != nil {
+		t.Fatal(err)
+	}
+	if cl.res.ReadyAt == nil || cl.res.MatchedAt == nil { // ready: the VHDS answer was the last thing missing
+		t.Fatalf("ready at %v, matched at %v", cl.res.ReadyAt, cl.res.MatchedAt)
+	}
+	plain := newClient(&corev3.Node{Id: "sidecar~2"}, true, newCache(), false)
+	whole := &routev3.RouteConfiguration{Name: "outbound", VirtualHosts: []*routev3.VirtualHost{vhost}}
+	if _, reqs, _ := plain.deltaResponse(marshal(t, &discoveryv3.DeltaDiscoveryResponse{TypeUrl: routeT, Nonce: "r",
+		Resources: []*discoveryv3.Resource{{Name: "outbound", Resource: pack(t, whole)}}})); len(reqs) != 1 {
+		t.Fatalf("a route configuration without VHDS: %d requests", len(reqs))
+	}
+}
+
+// nopStream takes the requests a client sends and drops them (only SendMsg is called).
+type nopStream struct{ grpc.ClientStream }
+
+func (nopStream) SendMsg(any) error { return nil }

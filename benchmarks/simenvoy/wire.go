@@ -26,6 +26,7 @@ const (
 	fAnyValue  = 2
 	fResName   = 3 // Resource.name
 	fResAny    = 2 // Resource.resource
+	fRouteVhds = 9 // envoy.config.route.v3.RouteConfiguration.vhds
 )
 
 // fields calls visit with every length-delimited field of msg; other wire types are skipped.

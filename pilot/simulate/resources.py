@@ -8,6 +8,8 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from pilot.translate.vhds import merged_json
+
 Json = dict[str, Any]
 _SHORT = {"LDS": "listeners", "RDS": "routes", "CDS": "clusters", "EDS": "endpoints"}
 
@@ -25,7 +27,7 @@ class Resources:
     def from_config_dump(cls, dump: Mapping[str, Any]) -> Resources:
         """From pilot's `/debug/config_dump?proxy=` body: `{"LDS": {"resources": [...]}, ...}`."""
         lists: dict[str, list[Json]] = {}
-        for short, attr in _SHORT.items():
+        for short, attr in {**_SHORT, "VHDS": "vhosts"}.items():
             section = dump.get(short) or {}
             items = section.get("resources", []) if isinstance(section, Mapping) else []
             lists[attr] = [_strip_any(r) for r in items]
@@ -43,9 +45,11 @@ class Resources:
 
     @classmethod
     def _from_lists(cls, lists: Mapping[str, list[Json]]) -> Resources:
+        """Virtual hosts a VHDS proxy takes apart (`vhosts`) join their route configurations, as in Envoy."""
+        routes = merged_json({r.get("name", ""): r for r in lists.get("routes", [])}, lists.get("vhosts", []))
         return cls(
             listeners=tuple(lists.get("listeners", [])),
-            routes={r.get("name", ""): r for r in lists.get("routes", [])},
+            routes=routes,
             clusters={c.get("name", ""): c for c in lists.get("clusters", [])},
             endpoints={e.get("clusterName", ""): e for e in lists.get("endpoints", [])},
         )
@@ -54,7 +58,7 @@ class Resources:
 def _attr_of(type_url: str) -> str | None:
     tail = type_url.rsplit(".", 1)[-1]
     return {"Listener": "listeners", "RouteConfiguration": "routes", "Cluster": "clusters",
-            "ClusterLoadAssignment": "endpoints"}.get(tail)
+            "ClusterLoadAssignment": "endpoints", "VirtualHost": "vhosts"}.get(tail)
 
 
 def _strip_any(resource: Json) -> Json:

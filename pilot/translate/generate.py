@@ -24,6 +24,7 @@ from pilot.translate.passthrough import PASSTHROUGH_CLUSTER, allow_any, passthro
 from pilot.translate.routes import carried_outbound_config
 from pilot.translate.scope import InboundPort, ProxyView, proxy_view, scope_view
 from pilot.translate.tcp_routes import outbound_l4_listeners
+from pilot.translate.vhds import vhds_parts
 from pilot.translate.visibility import (
     outbound_policy_vhosts,
     routing_rules_alone_differ,
@@ -216,17 +217,22 @@ def generate_parts(mesh: MeshSnapshot, proxy: ProxyClass) -> Parts:
             listeners = sorted_by_name({**listeners, **l4})
         listener_parts = (listeners,)
         routes = _sidecar_routes(seen, proxy, view, passthrough)
-    return {
+    parts: dict[str, tuple[Mapping[str, Any], ...]] = {
         typeurls.CLUSTER: (shared_clusters, own_clusters),
         typeurls.ENDPOINT: (generate_endpoints(mesh, proxy, view),),
         typeurls.LISTENER: listener_parts,
         typeurls.ROUTE: (routes,),
     }
+    if proxy.vhds and proxy.kind == ProxyKind.SIDECAR and routes:
+        bases, hosts = vhds_parts(mesh, routes)
+        parts[typeurls.ROUTE], parts[typeurls.VIRTUAL_HOST] = (bases,), (hosts,)
+    return parts
 
 
 def generate_routes(mesh: MeshSnapshot, proxy: ProxyClass) -> Mapping[str, Any]:
     """Only the route configurations of a sidecar that is not captured: exactly
-    ``generate_parts(...)[ROUTE][0]`` (the same object), for the route fast path."""
+    ``generate_parts(...)[ROUTE][0]`` (the same object), for the route fast path; for a VHDS
+    class, the configurations whole, which `vhds_parts` splits as `generate_parts` does."""
     if proxy.kind != ProxyKind.SIDECAR or proxy.captured:
         raise ValueError(f"{proxy.describe()}: only plain sidecars have a route part of their own")
     view = proxy_view(mesh, proxy)

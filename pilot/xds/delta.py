@@ -192,7 +192,15 @@ class DeltaSession(SessionBase[_DeltaType]):
         if type_url == typeurls.CLUSTER:
             self._rewarm(snapshot, state.held, changed)
         shareable = bool(held_before) and not forced and not missing
-        if view.gone_from(state.held):  # removals still to come: the proxy holds more than the view
+        gone = view.gone_from(state.held)
+        if gone and type_url == typeurls.VIRTUAL_HOST:
+            # Removed with the updates, in one response: nothing refers to a virtual host, and a
+            # domain moving from one virtual host to another would otherwise be held twice, which
+            # Envoy refuses (domains are unique in a route configuration).
+            state.held, state.held_version = view, view.version
+            return self._send(type_url, snapshot, state, changed, [*missing, *gone],
+                              (view, held_before) if shareable else None)
+        if gone:  # removals still to come: the proxy holds more than the view
             state.held = {**state.held, **changed}
             state.held_version = ""
             shareable = False

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
 import time
@@ -64,7 +65,7 @@ from google.protobuf.message import DecodeError
 
 from pilot.listen import check_free
 from pilot.metrics import xds_type
-from pilot.model.proxy import NodeError, ProxyIdentity, ProxyKind, identity_from_node
+from pilot.model.proxy import NodeError, ProxyIdentity, ProxyKind, identity_from_node, takes_vhds_over_ads
 from pilot.quiet import WhenQuiet
 from pilot.xds import typeurls
 from pilot.xds.cache import ClassWatch, SnapshotCache
@@ -120,16 +121,19 @@ class AdsServer:
         quiet: WhenQuiet | None = None,
         write_budget: int | None = DEFAULT_LIMIT,
         ack_hold: float | None = DEFAULT_PATIENCE,
+        vhds: bool = True,
     ) -> None:
         """`send_timeout` (seconds, None: never) bounds how long one response may wait for the
         proxy to take it; `max_connection_age` (None: unbounded) is when gRPC closes a connection
         gracefully; `quiet` is told of every response written and every call ended;
         `write_budget`: bytes of first responses gRPC may hold at once (None: unbounded);
         `ack_hold`: seconds a wave of writes may keep readers from reading on after a plain ACK
-        (`pilot.xds.writewave`; None: never)."""
+        (`pilot.xds.writewave`; None: never); `vhds`: sidecars on delta streams whose Envoy takes
+        VHDS over ADS get their virtual hosts that way (`ProxyClass.vhds`, `pilot.translate.vhds`)."""
         self.cache = cache
         self.status = status
         self.classify = classify
+        self.vhds = vhds
         self.send_timeout = send_timeout
         self._send_watch = SendWatch(send_timeout) if send_timeout else None
         self.max_connection_age = max_connection_age
@@ -285,7 +289,7 @@ class AdsServer:
             return None
         try:
             first = kind.parse(first_wire)
-            identity = self.classify(first.node)
+            identity = self._served_as(self.classify(first.node), first.node, kind.protocol)
             if authenticated:
                 identity = self._authenticate(identity, context)
         except DecodeError as exc:
@@ -302,6 +306,15 @@ class AdsServer:
         else:
             return identity, first, first_wire
         return None
+
+    def _served_as(self, identity: ProxyIdentity, node: Any, protocol: str) -> ProxyIdentity:
+        """`identity` with its class marked `vhds` when the stream can take virtual hosts over VHDS:
+        a sidecar's delta stream from an Envoy that accepts VHDS over ADS (`takes_vhds_over_ads`)."""
+        found = identity.proxy_class
+        if (not self.vhds or protocol != "delta" or found.kind != ProxyKind.SIDECAR or found.vhds
+                or not takes_vhds_over_ads(node)):
+            return identity
+        return dataclasses.replace(identity, proxy_class=dataclasses.replace(found, vhds=True))
 
     async def _refuse(self, context: grpc.aio.ServicerContext, reason: str, code: grpc.StatusCode, detail: str) -> None:
         self.status.metrics.stream_errors.labels(reason).inc()
@@ -435,7 +448,7 @@ class AdsServer:
         no longer passes (it cannot: a Pod's IPs and service account do not change), the stream
         keeps its class and says why in the log."""
         try:
-            found = self.classify(stream.node)
+            found = self._served_as(self.classify(stream.node), stream.node, session.protocol)
             if authenticated:
                 found = self._authenticate(found, context)
         except (NodeError, PeerUnauthenticatedError, PeerMismatchError) as exc:

@@ -46,7 +46,7 @@ SHARED_RESPONSES = 32
 
 
 # Types whose resources name clusters: sent only once the proxy holds those clusters warm.
-_WAIT_FOR_CLUSTERS = frozenset({typeurls.LISTENER, typeurls.ROUTE})
+_WAIT_FOR_CLUSTERS = frozenset({typeurls.LISTENER, typeurls.ROUTE, typeurls.VIRTUAL_HOST})
 
 
 def held_version_of(held: Mapping[str, Resource]) -> str:

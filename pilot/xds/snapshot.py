@@ -146,22 +146,24 @@ class Serializer:
         self._last_sets, self._sets = self._sets, {}
         self._views = {}
 
-    def advance(self, complete: bool, replaced: str | None = None) -> None:
+    def advance(self, complete: bool, replaced: str | tuple[str, ...] | None = None) -> None:
         """A push is done: see `Conversions.advance` (a complete push lets go of what it did not use).
 
-        `replaced`: the one type a fast-path push gave every published class anew (routes or
-        endpoints). Its serialized resources that no set made in this push holds are dropped now:
+        `replaced`: the type(s) a fast-path push gave every published class anew (routes, with
+        VHDS classes their virtual hosts too, or endpoints). Their serialized resources that no
+        set made in this push holds are dropped now:
         a partial push keeps every other conversion, and without this each route change would keep
         its old route configurations (0.57 MB each, one per namespace at 1,000 services) until the
         next full push. Costs one pass over that type's serialized resources (a few thousand
         route configurations at mission scale), not over every type's.
         """
-        if not complete and replaced is not None:
-            memo = self._resources.get(replaced)
+        types = () if complete or replaced is None else (replaced,) if isinstance(replaced, str) else replaced
+        for type_url in types:
+            memo = self._resources.get(type_url)
             if memo is not None:
-                kept = {id(r) for _, made in self._sets.values() if made.type_url == replaced
+                kept = {id(r) for _, made in self._sets.values() if made.type_url == type_url
                         for r in made.by_name.values()}
-                memo.forget(lambda _key, value: id(value) not in kept)
+                memo.forget(lambda _key, value: id(value) not in kept)  # noqa: B023 (called at once)
         for memo in self._resources.values():
             memo.advance(complete)
         self._last_sets = {}

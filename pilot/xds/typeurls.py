@@ -1,7 +1,8 @@
 """Envoy v3 resource type URLs and the order in which they are pushed.
 
 The order is the xDS "make before break" order: clusters before the endpoints that
-fill them, listeners before the routes they name.
+fill them, listeners before the routes they name, route configurations before the virtual
+hosts they take over VHDS.
 """
 
 from typing import Final
@@ -11,16 +12,20 @@ ENDPOINT: Final = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssig
 LISTENER: Final = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE: Final = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 SECRET: Final = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+# Virtual hosts of route configurations that name VHDS (delta xDS only; `pilot.translate.vhds`).
+VIRTUAL_HOST: Final = "type.googleapis.com/envoy.config.route.v3.VirtualHost"
 
-PUSH_ORDER: Final = (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET)
+PUSH_ORDER: Final = (CLUSTER, ENDPOINT, LISTENER, ROUTE, VIRTUAL_HOST, SECRET)
 
-# LDS and CDS are wildcard types: an empty subscription means "everything".
-WILDCARD_TYPES: Final = frozenset({CLUSTER, LISTENER})
+# LDS and CDS are wildcard types: an empty subscription means "everything". So is VHDS: Envoy
+# subscribes to it with no names and takes whatever virtual hosts the server sends.
+WILDCARD_TYPES: Final = frozenset({CLUSTER, LISTENER, VIRTUAL_HOST})
 # In SotW, an LDS or CDS response carries the whole subscribed set, wildcard or named: a resource
 # left out is removed by the proxy. EDS and RDS responses may carry only what changed.
 FULL_STATE_TYPES: Final = frozenset({CLUSTER, LISTENER})
 
-SHORT_NAMES: Final = {CLUSTER: "CDS", ENDPOINT: "EDS", LISTENER: "LDS", ROUTE: "RDS", SECRET: "SDS"}
+SHORT_NAMES: Final = {CLUSTER: "CDS", ENDPOINT: "EDS", LISTENER: "LDS", ROUTE: "RDS", VIRTUAL_HOST: "VHDS",
+                      SECRET: "SDS"}
 
 
 def short_name(type_url: str) -> str:

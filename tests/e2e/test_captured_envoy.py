@@ -204,8 +204,9 @@ async def test_captured_traffic_is_routed_arrives_through_inbound_capture_and_pa
             async def configured(name: str, needle: str) -> bool:
                 return needle in await admin(pods[name], "/config_dump")
 
+            # Its virtual host arrives over VHDS (a delta Envoy 1.40), named for the configuration.
             await until("the client's route configuration 9080",
-                        lambda: configured("client", f'"name": "{HOST}:{PORT}"'))
+                        lambda: configured("client", f'"name": "{PORT}/{HOST}:{PORT}"'))
             for name in ("v1", "v2"):
                 await until(f"{name}'s inbound chain", lambda n=name: configured(n, f"inbound|{PORT}||"))
             await until("the apps", lambda: _apps_up(pods))

@@ -14,7 +14,7 @@ from meshctl.cli import cli
 from meshctl.localmesh import LocalMesh, http_session
 from pilot.app import Pilot
 from pilot.translate import generate
-from pilot.xds.typeurls import CLUSTER, LISTENER, ROUTE
+from pilot.xds.typeurls import CLUSTER, LISTENER, ROUTE, VIRTUAL_HOST
 from tests.e2e.conftest import Canary
 
 # Every test here runs with sidecars on both ADS variants: delta (the default, as Istio since 1.22)
@@ -52,22 +52,34 @@ async def test_sidecars_warm_ack_every_type_and_route_weighted_http(canary: Cana
 
 
 def corrupting(bad: dict[str, bool]) -> Any:
-    """The real generator, plus (while bad["on"]) a route with a regex Envoy refuses."""
+    """The real generator, plus (while bad["on"]) a route with a regex Envoy refuses in every virtual
+    host of the outbound route configuration, and of the virtual hosts a VHDS sidecar takes apart."""
+
+    def broken(vh: Any) -> Any:
+        vh = _copy(vh)  # generated messages are shared between classes: corrupt a copy, never the original
+        r = vh.routes.add()
+        r.match.safe_regex.regex = "(unclosed"
+        r.route.cluster = vh.routes[0].route.cluster or vh.routes[0].route.weighted_clusters.clusters[0].name
+        return vh
 
     def gen(mesh: Any, proxy: Any) -> Any:
         out = generate(mesh, proxy)
         if bad["on"] and "outbound" in out.get(ROUTE, {}):
-            # Generated messages are shared between classes: corrupt a copy, never the original.
-            rc = type(out[ROUTE]["outbound"])()
-            rc.CopyFrom(out[ROUTE]["outbound"])
+            rc = _copy(out[ROUTE]["outbound"])
+            for i, vh in enumerate(list(rc.virtual_hosts)):
+                rc.virtual_hosts[i].CopyFrom(broken(vh))
             out[ROUTE] = {**out[ROUTE], "outbound": rc}
-            for vh in rc.virtual_hosts:
-                r = vh.routes.add()
-                r.match.safe_regex.regex = "(unclosed"
-                r.route.cluster = vh.routes[0].route.cluster or vh.routes[0].route.weighted_clusters.clusters[0].name
+            if VIRTUAL_HOST in out:
+                out[VIRTUAL_HOST] = {name: broken(vh) for name, vh in out[VIRTUAL_HOST].items()}
         return out
 
     return gen
+
+
+def _copy(message: Any) -> Any:
+    out = type(message)()
+    out.CopyFrom(message)
+    return out
 
 
 async def test_invalid_resource_is_nacked_shown_and_last_good_config_keeps_serving(

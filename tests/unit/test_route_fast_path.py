@@ -21,9 +21,10 @@ from pilot.model.diff import endpoints_only, http_routes_only
 from pilot.model.proxy import ProxyClass, ProxyKind
 from pilot.push import Pusher, RoutesFastPath
 from pilot.translate import generate, generate_endpoints, generate_parts, generate_routes
+from pilot.translate.vhds import vhds_parts
 from pilot.xds.cache import SnapshotCache
 from pilot.xds.snapshot import Snapshot
-from pilot.xds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from pilot.xds.typeurls import CLUSTER, ENDPOINT, LISTENER, ROUTE, VIRTUAL_HOST
 
 SERVICE = """\
 apiVersion: networking.istio.io/v1
@@ -94,7 +95,11 @@ CLASSES = [
     ProxyClass(ProxyKind.SIDECAR, "other", (("app", "x"), ("tier", "a"))),
     ProxyClass(ProxyKind.SIDECAR, "other", (("app", "y"), ("tier", "b")), captured=True),
     ProxyClass(ProxyKind.ROUTER, "shop", (("istio", "ingressgateway"),)),
+    # Delta Envoys taking virtual hosts over VHDS (`pilot.translate.vhds`): a plain and a captured one.
+    ProxyClass(ProxyKind.SIDECAR, "shop", (("app", "web"), ("version", "v1")), vhds=True),
+    ProxyClass(ProxyKind.SIDECAR, "other", (("app", "y"), ("tier", "b")), captured=True, vhds=True),
 ]
+FULL = [k for k in CLASSES if k.kind == ProxyKind.ROUTER or k.captured]  # generated in full on a route edit
 
 
 def mesh_text(web_weight: int = 90, *, export: str = '"*"', hosts: str = "web.shop.svc.cluster.local",
@@ -149,7 +154,7 @@ class Pipeline:
 
         self.pusher = Pusher(self.store, self.cache, build, counting, self.metrics,
                              endpoints_only=endpoints_only, generate_endpoints=counting_endpoints,
-                             routes=RoutesFastPath(http_routes_only, counting_routes) if fast else None,
+                             routes=RoutesFastPath(http_routes_only, counting_routes, vhds_parts) if fast else None,
                              carry=carry)
         self._watching = ExitStack()
         for key in CLASSES:
@@ -194,13 +199,13 @@ def test_a_route_edit_takes_the_fast_path_and_equals_a_full_generation(fast: Pip
     # gets its routes alone (`generate_routes`).
     plain = [k for k in CLASSES if k.kind == ProxyKind.SIDECAR and not k.captured]
     groups = {id(fast.pusher.route_parts[k]) for k in plain}
-    assert len(fast.generated) == 2 and len(fast.routes_generated) == len(groups) < len(plain)
+    assert len(fast.generated) == len(FULL) and len(fast.routes_generated) == len(groups) < len(plain)
     assert fast.metrics.route_only_pushes._value.get() == len(plain)
     for key in plain:
         if key not in fast.generated:  # took its group's routes: every other type is the same object
             for type_url in (CLUSTER, ENDPOINT, LISTENER):
                 assert after[key].of(type_url) is before[key].of(type_url)  # type: ignore[union-attr]
-    shop = [k for k in plain if k.namespace == "shop"]
+    shop = [k for k in plain if k.namespace == "shop" and not k.vhds]
     assert len({id(after[k].of(ROUTE)) for k in shop}) == 1  # one route configuration, shared
 
 
@@ -261,7 +266,11 @@ def test_an_endpoint_move_generates_endpoints_once_per_group_and_equals_a_full_g
 def test_generate_routes_is_the_route_part_of_generate_parts() -> None:
     mesh = build_mesh(objects())
     for key in CLASSES:
-        if key.kind == ProxyKind.SIDECAR and not key.captured:
+        if key.kind == ProxyKind.SIDECAR and not key.captured and key.vhds:  # split as generate_parts does
+            bases, hosts = vhds_parts(mesh, generate_routes(mesh, key))
+            parts = generate_parts(mesh, key)
+            assert bases is parts[ROUTE][0] and hosts is parts[VIRTUAL_HOST][0]
+        elif key.kind == ProxyKind.SIDECAR and not key.captured:
             assert generate_routes(mesh, key) is generate_parts(mesh, key)[ROUTE][0]
         else:
             with pytest.raises(ValueError, match="only plain sidecars"):
