@@ -175,6 +175,12 @@ def test_mission_targets_show_the_replay_the_machine_floor_and_the_replay_factor
     assert rows["endpoint change p99 / the replay's"]["met"] is True  # 1.11x
     alone = {r["target"] for r in Report({"cpus": 2}, {}, [pilot]).targets()}
     assert "route change p99" in alone and "route change p99 / the replay's" not in alone
+    # Where the replay is far inside the limit the bytes do not decide: the ratio has no verdict.
+    base.samples["route"] = [0.05, 0.3]
+    rows = {r["target"]: r for r in Report({"cpus": 2}, {}, [pilot, base]).targets()}
+    ratio = rows["route change p99 / the replay's"]
+    assert ratio["value"] == pytest.approx(1.3 / 0.3) and ratio["met"] is None and ratio["applies"] is False
+    assert rows["route change p99"]["met"] is False  # the absolute limit still applies (1.3 s)
 
 
 def test_ratios_past_the_debounce_take_pilots_configured_wait_off_its_own_latencies() -> None:
