@@ -17,7 +17,8 @@ so a push costs each stream O(changes) plus the bytes it writes.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
@@ -29,7 +30,7 @@ from pilot.xds.snapshot import Snapshot
 from pilot.xds.wire import names_region, str_field
 
 
-@dataclass
+@dataclass(slots=True)
 class _TypeState:
     names: frozenset[str] | None  # None: wildcard (every resource of the type); interned, shared
     # What the proxy was sent: the shared view itself whenever it holds exactly that (no copy).
@@ -45,7 +46,9 @@ class _TypeState:
     seen_whole: View | None = None
     seen_view: View = EMPTY_SET
     force_all: bool = True  # a new request: answer even if nothing changed
-    force_names: set[str] = field(default_factory=set)  # newly subscribed names
+    # Newly subscribed names; the shared empty frozenset until there are some (a set per type and
+    # stream would cost 216 bytes each: ~2 MB at 2,000 streams, for sets that are nearly always empty).
+    force_names: AbstractSet[str] = frozenset()
     requested_key: bytes | None = None  # the wire bytes of the last request's names (interned)
 
 
@@ -167,8 +170,9 @@ class SotwSession(SessionBase[_TypeState]):
         if names is None or state.names is None:
             state.force_all = True
         else:
-            state.force_names |= names - state.names
-            state.force_names &= names
+            added = names - state.names
+            if added or state.force_names:
+                state.force_names = (state.force_names | added) & names
             held = state.held
             # A view restricted to the new names is memoized per subscription: shared, not copied.
             state.held = held.view(names) if isinstance(held, View) else {
@@ -197,7 +201,7 @@ class SotwSession(SessionBase[_TypeState]):
             if forced:
                 changed = {**changed, **{n: r for n in state.force_names if (r := view.get(n)) is not None}}
         state.force_all = False
-        state.force_names.clear()
+        state.force_names = frozenset()
         if not changed:
             return None
         # Usually the proxy then holds exactly the view: share it. Otherwise it keeps resources
@@ -233,7 +237,7 @@ class SotwSession(SessionBase[_TypeState]):
         changed = [n for n in clusters.changes_from(held, state.held_version) if n in held]
         again = {e for n in changed if (e := snapshot.eds_name(n)) is not None} & eds.names
         if again:
-            eds.force_names |= again
+            eds.force_names = eds.force_names | again
             eds.seen = ""
 
     def _eds_subscription(self) -> frozenset[str] | None:
@@ -277,5 +281,5 @@ class SotwSession(SessionBase[_TypeState]):
         self._sent(type_url, version, nonce)
         state.held, state.held_version, state.last_nonce = held, version, nonce
         state.force_all = False
-        state.force_names.clear()
+        state.force_names = frozenset()
         return data
