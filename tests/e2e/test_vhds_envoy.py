@@ -16,6 +16,7 @@ import pytest
 
 from meshctl.localmesh import http_session
 from tests.e2e.conftest import Canary
+from tests.e2e.test_describe import versions_answering
 
 pytestmark = pytest.mark.e2e
 HOST = {"Host": "reviews:9080"}
@@ -41,13 +42,8 @@ def _pushed(canary: Canary, kind: str) -> tuple[float, float]:
 
 
 async def _versions(canary: Canary, requests: int = 400) -> collections.Counter[str]:
-    counts: collections.Counter[str] = collections.Counter()
-    async with http_session() as session:
-        for _ in range(requests):
-            async with session.get(canary.outbound + "/", headers=HOST) as resp:
-                assert resp.status == 200
-                counts[(await resp.json())["version"]] += 1
-    return counts
+    """Which version answers `requests` requests to reviews (each must be a 200)."""
+    return await versions_answering(canary, requests)
 
 
 async def test_a_route_change_reaches_delta_sidecars_as_one_virtual_host(canary: Canary) -> None:
