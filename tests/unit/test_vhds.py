@@ -16,7 +16,9 @@ from pilot.model.proxy import ProxyClass, ProxyIdentity, ProxyKind, takes_vhds_o
 from pilot.translate import generate_parts
 from pilot.translate.encoded import as_message
 from pilot.translate.vhds import merged_json, vhost_display_name
+from pilot.xds.cache import SnapshotCache
 from pilot.xds.delta import DeltaSession
+from pilot.xds.server import AdsServer
 from pilot.xds.snapshot import Snapshot
 from pilot.xds.status import StatusRegistry, XdsMetrics
 from pilot.xds.typeurls import ROUTE, VIRTUAL_HOST
@@ -134,3 +136,22 @@ def test_tools_see_the_configuration_as_envoy_merges_it() -> None:
     assert merged["inbound"]["virtualHosts"] == [] and base["virtualHosts"] == [{"name": "allow_any", "domains": ["*"]}]
     assert vhost_display_name(base, {"name": "outbound/a:80"}) == "a:80"
     assert vhost_display_name(plain, {"name": "inbound/x"}) == "inbound/x"
+
+
+def test_the_server_marks_delta_sidecars_of_envoy_1_40_unless_turned_off() -> None:
+    """`AdsServer._served_as`: a delta sidecar stream from Envoy 1.40 is served as a VHDS class; a
+    SotW stream, a gateway, an older Envoy, and any stream with `vhds=False`
+    (`MESHCTL_PILOT_VHDS=false`) keep their class."""
+    def served(protocol: str, kind: ProxyKind = ProxyKind.SIDECAR, node: Any = None, on: bool = True) -> bool:
+        status = StatusRegistry(XdsMetrics(CollectorRegistry()))
+        server = AdsServer(SnapshotCache(), status, vhds=on)
+        identity = ProxyIdentity("p", "c", ProxyClass(kind, "shop"))
+        found = server._served_as(identity, _node() if node is None else node, protocol)
+        assert found.node_id == "p" and found.proxy_class.namespace == "shop"
+        return found.proxy_class.vhds
+
+    assert served("delta")
+    assert not served("sotw")
+    assert not served("delta", ProxyKind.ROUTER)
+    assert not served("delta", node=_node(minor=39))
+    assert not served("delta", on=False)
