@@ -22,6 +22,7 @@ from pilot.config.store import ConfigStore
 from pilot.credentials import CredentialIndex, with_credential_warnings
 from pilot.debounce import ENDPOINT_KINDS
 from pilot.debug import DebugApi
+from pilot.fastpath import RoutesFastPath
 from pilot.gcpolicy import release_when_quiet
 from pilot.jwks import JwksFetcher
 from pilot.listen import check_free
@@ -31,7 +32,7 @@ from pilot.model.build import build_mesh
 from pilot.model.conversions import Conversions
 from pilot.model.diff import endpoints_only, http_routes_only
 from pilot.model.mesh import MeshSnapshot
-from pilot.push import Generate, Pusher, RoutesFastPath
+from pilot.push import Generate, Pusher
 from pilot.settings import PilotSettings
 from pilot.tasks import TaskFailures, spawn
 from pilot.tracing import ChangeTracker, ObservedStore, tracer_provider

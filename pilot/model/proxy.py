@@ -126,6 +126,15 @@ def takes_vhds_over_ads(node: Any) -> bool:
     return (version.major_number, version.minor_number) >= VHDS_OVER_ADS_SINCE
 
 
+def served_as(identity: ProxyIdentity, node: Any, protocol: str) -> ProxyIdentity:
+    """`identity` with its class marked `vhds` when its stream can take virtual hosts over VHDS: a
+    sidecar's delta stream from an Envoy that accepts VHDS over ADS (`takes_vhds_over_ads`)."""
+    found = identity.proxy_class
+    if protocol != "delta" or found.kind != ProxyKind.SIDECAR or found.vhds or not takes_vhds_over_ads(node):
+        return identity
+    return dataclasses.replace(identity, proxy_class=dataclasses.replace(found, vhds=True))
+
+
 def identity_from_node(node: Any) -> ProxyIdentity:
     """Read identity and class from an `envoy.config.core.v3.Node`.
 

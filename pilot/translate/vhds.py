@@ -29,7 +29,7 @@ share a route part share its split.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from envoy.config.core.v3 import config_source_pb2
@@ -39,7 +39,7 @@ from pilot.api.http_route import MAX_DIRECT_RESPONSE_BODY
 from pilot.model.mesh import MeshSnapshot
 from pilot.translate.encoded import Encoded
 from pilot.translate.memo import carried_value, memoized_for
-from pilot.xds.wire import str_field
+from pilot.xds.wire import fields, str_field
 
 _VIRTUAL_HOSTS = 2  # RouteConfiguration.virtual_hosts
 _NAME = 1  # VirtualHost.name
@@ -69,7 +69,7 @@ def _split(mesh: MeshSnapshot, routes: Mapping[str, Any]) -> Split:
     for name, config in routes.items():
         data = config.SerializeToString(deterministic=True)
         rest = bytearray()
-        for number, start, end, payload in _fields(data):
+        for number, start, end, payload in fields(data):
             host = carried_value(mesh, _renamed, name, data[payload:end]) if number == _VIRTUAL_HOSTS else None
             if host is None or host.wildcard:
                 rest += data[start:end]
@@ -114,7 +114,7 @@ def _renamed(config: str, data: bytes) -> _Host:
     own = ""
     wildcard = False
     kept = bytearray()
-    for number, start, end, payload in _fields(data):
+    for number, start, end, payload in fields(data):
         if number == _NAME:
             own = data[payload:end].decode()
             continue
@@ -123,44 +123,6 @@ def _renamed(config: str, data: bytes) -> _Host:
         kept += data[start:end]
     name = f"{config}/{own}"
     return _Host(name, Encoded(route_components_pb2.VirtualHost, str_field(_NAME, name) + bytes(kept)), wildcard)
-
-
-def _fields(data: bytes) -> Iterator[tuple[int, int, int, int]]:
-    """Each top-level field of an encoded message: (number, start, end, payload start); for a
-    length-delimited field the payload is data[payload:end]. ValueError on a malformed encoding."""
-    pos, size = 0, len(data)
-    while pos < size:
-        start = pos
-        key, pos = _varint_at(data, pos)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            _, pos = _varint_at(data, pos)
-            payload = pos
-        elif wire_type == 2:
-            length, payload = _varint_at(data, pos)
-            pos = payload + length
-        elif wire_type == 1:
-            pos = payload = pos + 8
-        elif wire_type == 5:
-            pos = payload = pos + 4
-        else:
-            raise ValueError(f"unsupported wire type {wire_type} at byte {start}")
-        if pos > size or number == 0:
-            raise ValueError(f"truncated or invalid field at byte {start}")
-        yield number, start, pos, payload
-
-
-def _varint_at(data: bytes, pos: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        if pos >= len(data):
-            raise ValueError("truncated varint")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
 
 
 

@@ -196,10 +196,7 @@ class DeltaSession(SessionBase[_DeltaType]):
             self._rewarm(snapshot, state.held, changed)
         shareable = bool(held_before) and not forced and not missing
         gone = view.gone_from(state.held)
-        if gone and type_url == typeurls.VIRTUAL_HOST:
-            # Removed with the updates, in one response: nothing refers to a virtual host, and a
-            # domain moving from one virtual host to another would otherwise be held twice, which
-            # Envoy refuses (domains are unique in a route configuration).
+        if gone and type_url in typeurls.REMOVED_WITH_UPDATES:  # one response: updates and removals
             state.held, state.held_version = view, view.version
             return self._send(type_url, snapshot, state, changed, [*missing, *gone],
                               (view, held_before) if shareable else None)

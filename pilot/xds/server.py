@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import ssl
 import time
@@ -65,7 +64,7 @@ from google.protobuf.message import DecodeError
 
 from pilot.listen import check_free
 from pilot.metrics import xds_type
-from pilot.model.proxy import NodeError, ProxyIdentity, ProxyKind, identity_from_node, takes_vhds_over_ads
+from pilot.model.proxy import NodeError, ProxyIdentity, ProxyKind, identity_from_node, served_as
 from pilot.quiet import WhenQuiet
 from pilot.xds import typeurls
 from pilot.xds.cache import ClassWatch, SnapshotCache
@@ -308,13 +307,8 @@ class AdsServer:
         return None
 
     def _served_as(self, identity: ProxyIdentity, node: Any, protocol: str) -> ProxyIdentity:
-        """`identity` with its class marked `vhds` when the stream can take virtual hosts over VHDS:
-        a sidecar's delta stream from an Envoy that accepts VHDS over ADS (`takes_vhds_over_ads`)."""
-        found = identity.proxy_class
-        if (not self.vhds or protocol != "delta" or found.kind != ProxyKind.SIDECAR or found.vhds
-                or not takes_vhds_over_ads(node)):
-            return identity
-        return dataclasses.replace(identity, proxy_class=dataclasses.replace(found, vhds=True))
+        """`identity` as this server serves it: a VHDS class where `served_as` says so, unless off."""
+        return served_as(identity, node, protocol) if self.vhds else identity
 
     async def _refuse(self, context: grpc.aio.ServicerContext, reason: str, code: grpc.StatusCode, detail: str) -> None:
         self.status.metrics.stream_errors.labels(reason).inc()

@@ -146,7 +146,7 @@ class Serializer:
         self._last_sets, self._sets = self._sets, {}
         self._views = {}
 
-    def advance(self, complete: bool, replaced: str | tuple[str, ...] | None = None) -> None:
+    def advance(self, complete: bool, replaced: tuple[str, ...] = ()) -> None:
         """A push is done: see `Conversions.advance` (a complete push lets go of what it did not use).
 
         `replaced`: the type(s) a fast-path push gave every published class anew (routes, with
@@ -157,8 +157,7 @@ class Serializer:
         next full push. Costs one pass over that type's serialized resources (a few thousand
         route configurations at mission scale), not over every type's.
         """
-        types = () if complete or replaced is None else (replaced,) if isinstance(replaced, str) else replaced
-        for type_url in types:
+        for type_url in () if complete else replaced:
             memo = self._resources.get(type_url)
             if memo is not None:
                 kept = {id(r) for _, made in self._sets.values() if made.type_url == type_url

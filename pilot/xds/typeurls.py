@@ -20,6 +20,11 @@ PUSH_ORDER: Final = (CLUSTER, ENDPOINT, LISTENER, ROUTE, VIRTUAL_HOST, SECRET)
 # LDS and CDS are wildcard types: an empty subscription means "everything". So is VHDS: Envoy
 # subscribes to it with no names and takes whatever virtual hosts the server sends.
 WILDCARD_TYPES: Final = frozenset({CLUSTER, LISTENER, VIRTUAL_HOST})
+# Types whose removals go in the response with the updates that replace them, not after every
+# update was ACKed (make before break): nothing refers to a virtual host, and a domain moving from
+# one virtual host to another would otherwise be held twice, which Envoy refuses (domains are
+# unique in a route configuration).
+REMOVED_WITH_UPDATES: Final = frozenset({VIRTUAL_HOST})
 # In SotW, an LDS or CDS response carries the whole subscribed set, wildcard or named: a resource
 # left out is removed by the proxy. EDS and RDS responses may carry only what changed.
 FULL_STATE_TYPES: Final = frozenset({CLUSTER, LISTENER})

@@ -7,7 +7,7 @@ parsers merge concatenated encodings of one message, so the result is an ordinar
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 _LEN = 2  # wire type of length-delimited fields
 
@@ -115,3 +115,43 @@ def ack_nonce(raw: bytes, start: int) -> str | None:
         return raw[begin:end].decode() or None
     except (IndexError, UnicodeDecodeError):
         return None
+
+
+def fields(data: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """Each top-level field of an encoded message: (number, start, end, payload start); for a
+    length-delimited field the payload is data[payload:end]. ValueError on a malformed encoding.
+    For splitting a message by field without parsing it (`pilot.translate.vhds`)."""
+    pos, size = 0, len(data)
+    while pos < size:
+        start = pos
+        key, pos = varint_at(data, pos)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, pos = varint_at(data, pos)
+            payload = pos
+        elif wire_type == 2:
+            length, payload = varint_at(data, pos)
+            pos = payload + length
+        elif wire_type == 1:
+            pos = payload = pos + 8
+        elif wire_type == 5:
+            pos = payload = pos + 4
+        else:
+            raise ValueError(f"unsupported wire type {wire_type} at byte {start}")
+        if pos > size or number == 0:
+            raise ValueError(f"truncated or invalid field at byte {start}")
+        yield number, start, pos, payload
+
+
+def varint_at(data: bytes, pos: int) -> tuple[int, int]:
+    """The varint at `pos` and where it ends."""
+    value, shift = 0, 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7

@@ -15,11 +15,12 @@ from prometheus_client import CollectorRegistry
 
 from pilot.config.store import ConfigStore
 from pilot.config.yaml_dir import load_dir
+from pilot.fastpath import RoutesFastPath
 from pilot.metrics import PushMetrics
 from pilot.model.build import build_mesh
 from pilot.model.diff import http_routes_only
 from pilot.model.proxy import ProxyClass, ProxyKind
-from pilot.push import Pusher, RoutesFastPath
+from pilot.push import Pusher
 from pilot.quiet import WhenQuiet
 from pilot.translate import generate, generate_parts, generate_routes
 from pilot.translate.prepare import prepare_shared

@@ -14,12 +14,13 @@ from prometheus_client import CollectorRegistry
 
 from pilot.config.store import ConfigStore
 from pilot.config.yaml_text import load_text
+from pilot.fastpath import RoutesFastPath
 from pilot.metrics import PushMetrics
 from pilot.model.build import build_mesh
 from pilot.model.conversions import Conversions
 from pilot.model.diff import endpoints_only, http_routes_only
 from pilot.model.proxy import ProxyClass, ProxyKind
-from pilot.push import Pusher, RoutesFastPath
+from pilot.push import Pusher
 from pilot.translate import generate, generate_endpoints, generate_parts, generate_routes
 from pilot.translate.vhds import vhds_parts
 from pilot.xds.cache import SnapshotCache
