@@ -47,6 +47,7 @@ from benchmarks.runner import (
     pilot_debounce,
     pin,
 )
+from benchmarks.wirebytes import change_wire
 from benchmarks.worker import NodeSpec, WorkerHandle
 
 Log = Callable[[str], None]
@@ -128,6 +129,9 @@ def run_pair(group: ProcessGroup, opts: Options, log: Log, with_baseline: bool =
             pilot_run.empty_rss_mb = median_rss(meter) / MB
             log("  round 1, pilot:")
             recording = _turn(sides[0], opts, 0, log, record=True)
+            if recording is not None:  # both servers send the recorded bytes
+                wire = change_wire(recording.initial, recording.changes, opts.protocol == "delta")
+                pilot_run.wire = base_run.wire = {k: [w.response, w.ack] for k, w in wire.items()}
             if with_baseline and recording is not None:
                 runs.append(base_run)
                 current = base_run
