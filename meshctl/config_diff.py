@@ -71,6 +71,9 @@ class TypeDiff:
     only_in_proxy: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     text: str = ""  # the unified diff, `--- pilot` / `+++ proxy`
+    # RDS of a VHDS proxy: the virtual hosts' own versions (pilot's, ACKed). A route change reaches
+    # such a proxy as virtual hosts, so the configurations' versions alone would not show it arrived.
+    vhds_versions: tuple[str, str] | None = None
 
     @property
     def in_sync(self) -> bool:
@@ -80,7 +83,17 @@ class TypeDiff:
         return {"type": self.type, "in_sync": self.in_sync, "pilot_version": self.pilot_version,
                 "acked_version": self.acked_version, "resources": self.resources,
                 "only_in_pilot": self.only_in_pilot, "only_in_proxy": self.only_in_proxy, "changed": self.changed,
-                "diff": self.text}
+                "diff": self.text,
+                **({"vhds_pilot_version": self.vhds_versions[0], "vhds_acked_version": self.vhds_versions[1]}
+                   if self.vhds_versions is not None else {})}
+
+    def versions(self) -> str:
+        """Pilot's and the ACKed version for people, with the virtual hosts' for a VHDS proxy's RDS."""
+        text = f"pilot {self.pilot_version[:12] or '-'}, ACKed {self.acked_version[:12] or '-'}"
+        if self.vhds_versions is not None:
+            vhds_pilot, vhds_acked = self.vhds_versions
+            text += f"; its virtual hosts over VHDS: pilot {vhds_pilot[:12] or '-'}, ACKed {vhds_acked[:12] or '-'}"
+        return text
 
 
 def diff_proxy(pilot_dump: Mapping[str, Any], envoy_dump: Mapping[str, Any],
@@ -103,7 +116,11 @@ def diff_proxy(pilot_dump: Mapping[str, Any], envoy_dump: Mapping[str, Any],
         if short == "EDS":
             eds_clusters = {n for n, c in dynamic_resources(envoy_dump, "CDS").items() if c.get("type") == "EDS"}
             have = {n: r for n, r in have.items() if n in eds_clusters or n in want}
-        out.append(_diff_type(short, want, have, str(served.get("version", "")), acked.get(short, "")))
+        found = _diff_type(short, want, have, str(served.get("version", "")), acked.get(short, ""))
+        vhds = pilot_dump.get("VHDS")
+        if short == "RDS" and vhds is not None:
+            found.vhds_versions = (str(vhds.get("version", "")), acked.get("VHDS", ""))
+        out.append(found)
     return out
 
 

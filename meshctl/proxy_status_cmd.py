@@ -80,6 +80,8 @@ def wide_table(rows: Sequence[Mapping[str, Any]], pilot: str) -> Table:
             st = row["types"].get(t, {})
             state = column_state(row["types"], t)
             acked = str(st.get("acked_version") or "-")[:8]
+            if t == "RDS" and "VHDS" in row["types"]:  # and its virtual hosts' (see `column_state`)
+                acked += "+" + (str(row["types"]["VHDS"].get("acked_version") or "-")[:8])
             cells.append(Text(f"{state} {acked}", style="red" if state == "NACKED" else ""))
         table.add_row(str(row["proxy"]), f'{row["namespace"]}/{row["workload"]}', *cells, pilot,
                       str(row.get("admin") or "-"))
@@ -111,7 +113,7 @@ def _print_diffs(name: str, diffs: Sequence[TypeDiff]) -> None:
     out = console()
     out.print(f"[bold]{name}[/]: pilot's config (---) against the proxy's Envoy (+++)", highlight=False)
     for d in diffs:
-        versions = f"pilot {d.pilot_version[:12] or '-'}, ACKed {d.acked_version[:12] or '-'}"
+        versions = d.versions()
         if d.in_sync:
             out.print(f"{d.type}: [green]in sync[/] ({d.resources} resources; {versions})", highlight=False)
             continue

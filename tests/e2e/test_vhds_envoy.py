@@ -16,7 +16,7 @@ import pytest
 
 from meshctl.localmesh import http_session
 from tests.e2e.conftest import Canary
-from tests.e2e.test_describe import versions_answering
+from tests.e2e.test_describe import debug, meshctl, versions_answering
 
 pytestmark = pytest.mark.e2e
 HOST = {"Host": "reviews:9080"}
@@ -41,6 +41,14 @@ def _pushed(canary: Canary, kind: str) -> tuple[float, float]:
     return count, size
 
 
+async def _rds_status(canary: Canary) -> dict[str, Any]:
+    """The RDS entry of `meshctl proxy-status default/frontend -o json`."""
+    code, out = await meshctl("proxy-status", "default/frontend", "--debug", debug(canary), "-o", "json")
+    assert code == 0, out
+    (rds,) = [t for t in json.loads(out)["types"] if t["type"] == "RDS"]
+    return rds  # type: ignore[no-any-return]
+
+
 async def _versions(canary: Canary, requests: int = 400) -> collections.Counter[str]:
     """Which version answers `requests` requests to reviews (each must be a 200)."""
     return await versions_answering(canary, requests)
@@ -56,10 +64,17 @@ async def test_a_route_change_reaches_delta_sidecars_as_one_virtual_host(canary:
 
     rds_before, vhds_before = _pushed(canary, "rds"), _pushed(canary, "vhds")
     assert vhds_before[0] >= len(canary.mesh.sidecars)  # every sidecar took its virtual hosts
+    status_before = await _rds_status(canary)
     revision = canary.mesh.pilot.store.revision
     canary.set_weights(0, 100)
     await canary.mesh.wait_applied(revision)
     assert await _versions(canary) == {"v2": 400}
+    # `meshctl proxy-status PROXY` shows the change arrived: the configurations keep their version,
+    # the virtual hosts' moved, and Envoy ACKed it; its merged view matches pilot's.
+    status_after = await _rds_status(canary)
+    assert status_after["in_sync"] and status_after["pilot_version"] == status_before["pilot_version"]
+    assert status_after["vhds_pilot_version"] != status_before["vhds_pilot_version"]
+    assert status_after["vhds_acked_version"] == status_after["vhds_pilot_version"]
 
     rds_after, vhds_after = _pushed(canary, "rds"), _pushed(canary, "vhds")
     assert rds_after == rds_before  # no route configuration was sent again

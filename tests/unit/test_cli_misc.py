@@ -287,6 +287,24 @@ def test_diff_names_changed_missing_and_extra_resources() -> None:
     assert endpoint_summary(_endpoint(1, True)) == endpoint_summary(_endpoint(1, False))
 
 
+def test_diff_of_a_vhds_proxy_merges_its_virtual_hosts_and_names_their_versions() -> None:
+    """A VHDS proxy's route configurations are compared with their virtual hosts merged in, as
+    Envoy holds them; the RDS line also names the virtual hosts' versions, since a route change
+    reaches such a proxy as virtual hosts and leaves the configurations' version as it was."""
+    vhost = {"name": "outbound/r:9080", "domains": ["r:9080"], "routes": []}
+    vhds: dict[str, Any] = {"config_source": {"ads": {}}}
+    pilot = {"RDS": {"version": "rds1", "resources": [{"name": "outbound", "vhds": vhds, "virtual_hosts": []}]},
+             "VHDS": {"version": "vh2", "resources": [vhost]}}
+    envoy = {"configs": [{"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump", "dynamic_route_configs": [
+        {"version_info": "rds1", "route_config": {"name": "outbound", "vhds": vhds, "virtual_hosts": [vhost]}}]}]}
+    (rds,) = diff_proxy(pilot, envoy, {"RDS": "rds1", "VHDS": "vh1"})
+    assert rds.in_sync and rds.vhds_versions == ("vh2", "vh1")
+    assert rds.versions() == "pilot rds1, ACKed rds1; its virtual hosts over VHDS: pilot vh2, ACKed vh1"
+    assert rds.as_dict()["vhds_acked_version"] == "vh1"
+    (plain,) = diff_proxy({"RDS": pilot["RDS"]}, envoy, {"RDS": "rds1"})
+    assert plain.vhds_versions is None and "vhds_pilot_version" not in plain.as_dict() and not plain.in_sync
+
+
 def test_cluster_rows_read_istio_names_and_destination_rules() -> None:
     index = ConfigIndex.from_configz({"objects": [
         {"kind": "DestinationRule", "namespace": "d", "name": "r", "object": {"spec": {"host": "r"}}},
