@@ -53,8 +53,9 @@ def run_benchmark(clients: list[int], protocols: list[str], workdir: Path, repea
     """Run every (protocol, N) case; the result holds pilot and baseline runs in order.
 
     `classes` is a fixed count of config classes or "per-workload" (each proxy poses as one of
-    the mesh's workloads). After connect the server is left alone `quiet_seconds`, then its
-    idle CPU and steady RSS are read over `idle_seconds` (tests shorten both). `namespaces`: the
+    the mesh's workloads). After connect the server is left alone `quiet_seconds` and until its
+    RSS settles (`runner.settled_rss`), then its idle CPU and steady RSS are read over
+    `idle_seconds` (tests shorten both). `namespaces`: the
     services (and, per workload, the proxies) spread over that many namespaces. `client`: the
     simulated Envoys, "go" (`benchmarks.goworker`) or "python" (`benchmarks.worker`).
     """

@@ -87,6 +87,7 @@ class Run:
     peak_rss_mb: float = 0.0
     empty_rss_mb: float = math.nan  # mesh loaded, before any client connected
     steady_rss_mb: float = math.nan  # all clients connected and ACKed, then idle
+    settled_after_s: float = math.nan  # when its RSS stopped moving after connect (`runner.settled_rss`)
     idle_cpu_s: float = math.nan  # server CPU seconds over `idle_seconds` of idleness after connect
     idle_seconds: float = 0.0
     # pilot_class_publish_cpu_seconds after connect; None when pilot does not export it.

@@ -316,14 +316,37 @@ def median_rss(meter: ResourceMeter, samples: int = 5, interval: float = 0.2) ->
     return float(statistics.median(readings))
 
 
+def settled_rss(rss: Callable[[], int], step: float = 0.25, span: int = 4, tolerance: float = 0.01,
+                 limit: float = 10.0, sleep: Callable[[float], None] = time.sleep) -> float:
+    """Seconds until the server's RSS stopped moving: its last `span` readings, `step` apart,
+    within `tolerance` of their largest (at most `limit` seconds).
+
+    Why: pilot hands memory back (garbage collection, free heap pages to the OS) once its streams
+    have been quiet for a while (`pilot.quiet`); on a slow spell that came after the fixed quiet
+    pause, and the steady RSS read before it (session 31, V3: 323 MB, 292 MB seconds later)
+    measured the connect's leftovers, not pilot at rest.
+    """
+    readings: list[int] = []
+    waited = 0.0
+    while waited < limit:
+        readings = [*readings[-(span - 1):], rss()]
+        if len(readings) == span and max(readings) - min(readings) <= tolerance * max(readings):
+            break
+        sleep(step)
+        waited += step
+    return waited
+
+
 def _idle(session: Session, run: Run, log: Callable[[str], None]) -> None:
-    """After connect: a quiet pause, then the idle window (server CPU, and RSS sampled across it).
+    """After connect: a quiet pause, until pilot's RSS has settled (`settled_rss`), then the idle
+    window (server CPU, and RSS sampled across it).
 
     Nothing is sent to the server meanwhile and the workers are not polled, so what the server
     spends is its own idle cost (timers, watchers, GC); its RSS then holds every stream and class.
     """
     opts = session.opts
     time.sleep(opts.quiet_seconds)
+    run.settled_after_s = opts.quiet_seconds + settled_rss(session.meter.rss)
     started = session.meter.cpu()
     samples = 5
     run.steady_rss_mb = median_rss(session.meter, samples, opts.idle_seconds / samples) / MB
@@ -332,7 +355,8 @@ def _idle(session: Session, run: Run, log: Callable[[str], None]) -> None:
     run.idle_seconds = opts.idle_seconds
     per_class = "" if math.isnan(run.kb_per_class) else f", {run.kb_per_class:.1f} KB per class"
     log(f"  idle     RSS empty {run.empty_rss_mb:.0f} MB, steady {run.steady_rss_mb:.0f} MB "
-        f"({run.kb_per_stream:.1f} KB per stream+class{per_class}), idle {run.idle_vcpu:.3f} vCPU")
+        f"({run.kb_per_stream:.1f} KB per stream+class{per_class}; settled {run.settled_after_s:.2f} s after "
+        f"connect), idle {run.idle_vcpu:.3f} vCPU")
 
 
 Change = Callable[[str, int], tuple[Expectation, Callable[[], float]]]

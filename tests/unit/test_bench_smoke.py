@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -411,3 +412,24 @@ def test_change_wire_counts_what_each_proxy_is_sent_and_acks() -> None:
     rows = {r["target"]: r for r in Report({}, {}, [run]).targets()}
     assert rows["endpoint change p99"]["bytes"] == "2,000 x 200 B = 400 KB out, 2,000 ACKs x 148 KB = 296 MB in"
     assert rows["route change p99"]["bytes"] == "" and rows["peak RSS"]["bytes"] == ""
+
+
+def test_steady_rss_waits_until_the_server_stops_handing_memory_back() -> None:
+    """`settled_rss`: the steady reading waits for the server's RSS to stop moving (pilot releases
+    memory once its streams are quiet, which on a slow machine comes after the fixed pause), and
+    gives up after its limit when it never settles."""
+    from benchmarks.runner import settled_rss
+
+    def server(readings: list[int]) -> tuple[Callable[[], int], list[float]]:
+        slept: list[float] = []
+        it = iter(readings)
+        last = readings[-1]
+        return (lambda: next(it, last)), slept
+
+    rss, slept = server([480, 470, 400, 330, 292, 292, 291, 292])
+    waited = settled_rss(rss, sleep=slept.append)
+    assert waited == pytest.approx(0.25 * 7) and len(slept) == 7  # four readings within 1%: 292, 292, 291, 292
+    rss, slept = server([300, 300, 300, 300])
+    assert settled_rss(rss, sleep=slept.append) == pytest.approx(0.75)  # already at rest: three steps
+    rss, slept = server(list(range(500, 100, -10)))
+    assert settled_rss(rss, limit=2.0, sleep=slept.append) == pytest.approx(2.0)  # never settles: the limit
