@@ -116,10 +116,16 @@ async def secret_roots(cluster: KubeCluster, ns: str) -> list[str]:
     return [fingerprint(c) for c in x509.load_pem_x509_certificates(pem)] if pem else []
 
 
+# What a delta sidecar of Envoy 1.40 holds once synced: its row lists a type only from the proxy's
+# first request of it, so a row of CDS alone (a stream just opened) is SYNCED but not the config.
+SIDECAR_TYPES = frozenset({"CDS", "EDS", "LDS", "RDS", "VHDS"})
+
+
 async def _synced(debug: str, node_id: str) -> bool:
     rows = await get_json(f"http://{debug}/debug/syncz")
     row = next((r for r in rows or () if r["proxy"] == node_id), None)
-    return row is not None and bool(row["types"]) and all(t["state"] == "SYNCED" for t in row["types"].values())
+    return (row is not None and row["types"].keys() >= SIDECAR_TYPES
+            and all(t["state"] == "SYNCED" for t in row["types"].values()))
 
 
 async def _row(debug: str, node_id: str) -> dict[str, Any] | None:

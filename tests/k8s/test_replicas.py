@@ -60,8 +60,14 @@ def _routes(dump: Any) -> dict[str, Any]:
     return {c["route_config"]["name"]: (c.get("version_info"), c["route_config"]) for c in found}
 
 
+# What a delta sidecar of Envoy 1.40 holds once synced: its row lists a type only from the proxy's
+# first request of it, so a row of CDS alone (a stream just opened) is SYNCED but not the config.
+SIDECAR_TYPES = frozenset({"CDS", "EDS", "LDS", "RDS", "VHDS"})
+
+
 def _synced(row: dict[str, Any] | None) -> bool:
-    return row is not None and bool(row["types"]) and all(t["state"] == "SYNCED" for t in row["types"].values())
+    return (row is not None and row["types"].keys() >= SIDECAR_TYPES
+            and all(t["state"] == "SYNCED" for t in row["types"].values()))
 
 
 async def test_a_proxy_whose_pilot_dies_reconnects_to_the_other_replica_and_stays_synced(
