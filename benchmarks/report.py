@@ -283,31 +283,27 @@ class ReplayTarget:
     whoever writes it). Checked only where the bytes decide (the replay takes at least
     `BYTES_BOUND_SHARE` of the absolute limit); otherwise `met` is None and `applies` says why."""
 
-    name: str
-    limit: float  # the figure's absolute limit at mission scale
-    value: Callable[[Run], float]
+    target: Target  # a mission-scale figure a change's bytes drive (`Target.change`)
+
+    def _of(self, run: Run) -> float:
+        found = self.target.value(run)
+        return math.nan if found is None else found
 
     def check(self, run: Run, base: Run) -> dict[str, Any]:
-        replay = self.value(base)
-        found = _ratio(self.value(run), replay)
+        replay = self._of(base)
+        found = _ratio(self._of(run), replay)
         value = None if math.isnan(found) else found
-        bound = replay >= BYTES_BOUND_SHARE * self.limit
+        bound = replay >= BYTES_BOUND_SHARE * self.target.limit
         met = None if value is None or not bound else bool(value <= REPLAY_FACTOR and run.converged
                                                            and base.converged)
         return {"protocol": run.protocol, "clients": run.clients, "services": run.services, "scope": MISSION,
-                "target": f"{self.name} / the replay's", "value": value, "op": "<=",
+                "target": f"{self.target.name} / the replay's", "value": value, "op": "<=",
                 "limit": REPLAY_FACTOR, "unit": "x", "met": met, "replay": replay, "floor": None,
                 "applies": bound, "bytes": ""}
 
 
-def _p99(kind: str) -> Callable[[Run], float]:
-    return lambda r: r.pooled(kind).p99
-
-
-REPLAY_TARGETS = (
-    *(ReplayTarget(f"{kind} change p99", MISSION_P99[kind], _p99(kind)) for kind in KINDS),
-    ReplayTarget("pilot CPU per route change", MISSION_CPU_PER_ROUTE_CHANGE, lambda r: r.cpu_per_change("route")),
-)
+# One per change-driven mission figure: route and endpoint p99, CPU per route change.
+REPLAY_TARGETS = tuple(ReplayTarget(t) for t in TARGETS if t.scope == MISSION and t.change)
 
 
 @dataclass

@@ -126,7 +126,6 @@ def _renamed(config: str, data: bytes) -> _Host:
     return _Host(name, Encoded(route_components_pb2.VirtualHost, str_field(_NAME, name) + bytes(kept)), wildcard)
 
 
-
 def vhost_display_name(config: Mapping[str, Any], vhost: Mapping[str, Any]) -> str:
     """A virtual host's name as Istio shows it: a VHDS one's resource name without the
     `<route configuration>/` it carries (`reviews.default.svc.cluster.local:9080`)."""

@@ -46,6 +46,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
+from pilot.model.proxy import ProxyIdentity, ProxyKind
 from pilot.xds import typeurls
 from pilot.xds.resources import Resource, ResourceSet
 
@@ -197,6 +198,17 @@ class SecretServer:
         if reason is None:
             return SecretGrant(namespace, service_account, True)
         return SecretGrant(namespace, service_account, False, reason)
+
+    async def stream_grant(self, identity: ProxyIdentity, authenticated: bool) -> SecretGrant | None:
+        """What an ADS stream may read: an authenticated router its namespace's Secrets (`grant`;
+        a warning when that is no certificates), every other stream nothing (None)."""
+        if not authenticated or identity.proxy_class.kind != ProxyKind.ROUTER:
+            return None
+        grant = await self.grant(identity.namespace, identity.service_account or "default")
+        if not grant.certificates:
+            log.warning("SDS: %s (%s/%s) gets no certificates of its namespace: %s", identity.node_id,
+                        grant.namespace, grant.service_account, grant.reason)
+        return grant
 
     def view(self, grant: SecretGrant) -> ResourceSet:
         """The SDS resources `grant` covers: one object per namespace, grant kind and Secret version."""

@@ -42,15 +42,10 @@ def str_field(field_number: int, text: str) -> bytes:
 
 
 def _len_field_bounds(data: bytes, pos: int) -> tuple[int, int]:
-    """Where a length-delimited field's payload starts and ends, given the position just after its tag."""
-    length, shift = 0, 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        length |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return pos, pos + length
-        shift += 7
+    """Where a length-delimited field's payload starts and ends, given the position just after its
+    tag. ValueError when the length is cut off."""
+    length, start = varint_at(data, pos)
+    return start, start + length
 
 
 def _after_len_field(data: bytes, pos: int) -> int:
@@ -72,7 +67,7 @@ def names_region(raw: bytes, type_fields: Mapping[bytes, str]) -> tuple[int, int
         start = _after_len_field(raw, 1) if raw[:1] == b"\x0a" else 0
         if raw[start:start + 1] == b"\x12":
             start = _after_len_field(raw, start + 1)
-    except IndexError:
+    except ValueError:
         return None
     for encoded, type_url in type_fields.items():
         at = raw.rfind(encoded, start)
@@ -94,7 +89,7 @@ def subscribe_tail(raw: bytes) -> tuple[int, str] | None:
         if raw[pos:pos + 1] != b"\x12":
             return None
         start, end = _len_field_bounds(raw, pos + 1)
-    except IndexError:
+    except ValueError:
         return None
     if end > len(raw):
         return None
@@ -113,7 +108,7 @@ def ack_nonce(raw: bytes, start: int) -> str | None:
         if end != len(raw):
             return None
         return raw[begin:end].decode() or None
-    except (IndexError, UnicodeDecodeError):
+    except ValueError:  # a cut-off length, or a nonce that is not UTF-8
         return None
 
 

@@ -165,9 +165,9 @@ def test_only_authenticated_routers_get_a_grant(pems: dict[str, bytes]) -> None:
                              service_account="gw")
 
     router, sidecar = proxy(ProxyKind.ROUTER), proxy(ProxyKind.SIDECAR)
-    assert asyncio.run(ads._secret_grant(router, authenticated=False)) is None  # plaintext: never
-    assert asyncio.run(ads._secret_grant(sidecar, authenticated=True)) is None
-    grant = asyncio.run(ads._secret_grant(router, authenticated=True))
+    assert asyncio.run(ads.secrets.stream_grant(router, authenticated=False)) is None  # plaintext: never
+    assert asyncio.run(ads.secrets.stream_grant(sidecar, authenticated=True)) is None
+    grant = asyncio.run(ads.secrets.stream_grant(router, authenticated=True))
     assert grant == SecretGrant("a", "gw", True)
     # The stream's snapshot: the class's, with the namespace's secrets; the cached one has none.
     cached = Snapshot.from_resources({})
