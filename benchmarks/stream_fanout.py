@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +61,7 @@ class Client:
     due: int = 0  # responses this client waits for
     done: asyncio.Event = field(default_factory=asyncio.Event)
     last: bytes = b""  # the last response, to replay in the floor
+    reading: bool = False  # a request was read: it counts as handled once the next is asked for
 
     def subscribe(self, snapshot: Snapshot) -> None:
         """Queue the four requests of a connecting sidecar and learn what its ACKs repeat (a SotW ACK
@@ -89,11 +90,13 @@ class Client:
         if self.received >= self.due:
             self.done.set()
 
-    async def stream(self) -> AsyncIterator[bytes]:
-        """The requests as the server reads them; each counts as handled once the next is asked for."""
-        while True:
-            yield await self.requests.get()
+    async def read(self) -> bytes:
+        """The next request, as pilot reads it (`context.read`); the one before counts as handled."""
+        if self.reading:
             self.requests.task_done()
+        wire = await self.requests.get()
+        self.reading = True
+        return wire
 
 
 @dataclass
@@ -111,6 +114,9 @@ class Context:
 
     def peer(self) -> str:
         return "ipv4:127.0.0.1:15000"
+
+    async def read(self) -> bytes:
+        return await self.client.read()
 
     async def write(self, data: bytes) -> None:
         began = time.perf_counter()
@@ -135,8 +141,8 @@ async def _floor_stream(cache: SnapshotCache, client: Client, context: Context, 
     kind = discovery_pb2.DeltaDiscoveryRequest if client.delta else discovery_pb2.DiscoveryRequest
 
     async def read() -> None:
-        async for wire in client.stream():
-            kind.FromString(wire)
+        while True:
+            kind.FromString(await client.read())
 
     reader = asyncio.create_task(read())
     try:
@@ -171,7 +177,7 @@ async def run_fleet(streams: int, delta: bool, before: Snapshot, changes: dict[s
         cache.set(key, before)
         client.subscribe(before)
         context = Context(client, clock)
-        stream = handler.stream_stream(client.stream(), context) if replay is None else \
+        stream = handler.stream_stream(None, context) if replay is None else \
             _floor_stream(cache, client, context, replay, kind)
         clients.append(client)
         tasks.append(asyncio.ensure_future(stream))

@@ -160,11 +160,12 @@ class AdsServer:
 
     def handler(self, *, authenticated: bool = False) -> grpc.GenericRpcHandler:
         """ADS; `authenticated` streams must hold the identity their Node claims (see `start_secure`)."""
-        async def sotw(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
-            await self._stream(requests, context, SotwSession, authenticated)
+        # Requests are read with `context.read`, never through gRPC's iterator (`read_requests`).
+        async def sotw(_requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+            await self._stream(context, SotwSession, authenticated)
 
-        async def delta(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
-            await self._stream(requests, context, DeltaSession, authenticated)
+        async def delta(_requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+            await self._stream(context, DeltaSession, authenticated)
 
         # No (de)serializers: requests reach the sessions as the bytes gRPC read and responses are
         # pre-encoded bytes, so gRPC passes both through as they are, without a Python call each.
@@ -277,14 +278,13 @@ class AdsServer:
         return check_peer(identity, holder, account)
 
     async def _open(
-        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, kind: type[SessionBase[Any]],
-        authenticated: bool,
+        self, context: grpc.aio.ServicerContext, kind: type[SessionBase[Any]], authenticated: bool,
     ) -> tuple[ProxyIdentity, Any, bytes] | None:
         """The first request, decoded, and who sent it; None once the stream is refused (aborted,
         counted, logged) or ended before its first request. Requests arrive as bytes: sessions
         decode what they need (`handle_wire`)."""
-        first_wire: bytes | None = await anext(aiter(requests), None)
-        if first_wire is None:
+        first_wire = await context.read()  # not the request iterator: see `read_requests`
+        if first_wire is grpc.aio.EOF:
             return None
         try:
             first = kind.parse(first_wire)
@@ -318,10 +318,9 @@ class AdsServer:
     # each stream's last response (megabytes at mission scale) referenced by gRPC's own loop until
     # the next one, so every idle stream would hold a copy. Here nothing keeps a written response.
     async def _stream(
-        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, kind: type[SessionBase[Any]],
-        authenticated: bool = False,
+        self, context: grpc.aio.ServicerContext, kind: type[SessionBase[Any]], authenticated: bool = False,
     ) -> None:
-        opened = await self._open(requests, context, kind, authenticated)
+        opened = await self._open(context, kind, authenticated)
         if opened is None:
             return
         identity, first, first_wire = opened
@@ -339,7 +338,7 @@ class AdsServer:
         grant = await self.secrets.stream_grant(identity, authenticated) if self.secrets is not None else None
         # Delta streams only: held SotW ACKs cost pilot ~25% more CPU per route change at 1,000 proxies.
         held = self.write_wave if kind.protocol == "delta" else None
-        reader = asyncio.create_task(read_requests(requests, session, stream, held))
+        reader = asyncio.create_task(read_requests(context.read, session, stream, held))
         pod = self.pods.follow(identity.node_id, first.node, stream)  # to classify again (`pod_changed`)
         try:
             with ClassWatch(self.cache, identity.proxy_class, stream.wake.set) as watch, \
