@@ -46,6 +46,7 @@ from benchmarks.runner import (
     node_specs,
     pilot_debounce,
     pin,
+    settled_rss,
 )
 from benchmarks.wirebytes import change_wire
 from benchmarks.worker import NodeSpec, WorkerHandle
@@ -95,12 +96,24 @@ def _turn(side: _Side, opts: Options, round_: int, log: Log, record: bool = Fals
         if not phase.complete:
             raise RuntimeError(f"{kind} change did not complete in round {round_ + 1}: {phase.error}")
         expectations[kind] = expectation
+    if round_ == 0:
+        _after_changes(session, run, log)
     recording = None
     if record:
         initial, changes = session.handles[0].call("recorded")
         recording = Recording(_by_type(initial), changes, expectations, side.specs)
     session.call_all("disconnect", timeout=60)
     return recording
+
+
+def _after_changes(session: Session, run: Run, log: Log) -> None:
+    """The server's RSS once settled after the first round's changes, the fleet still connected:
+    what it keeps after a spike. Steady state again, so held to the steady RSS limit; a server
+    that keeps what a change's ACKs brought in (session 33: 148 KB per SotW proxy) shows here."""
+    settled = settled_rss(session.meter.rss)
+    run.after_rss_mb = median_rss(session.meter) / MB
+    log(f"  after    RSS {run.after_rss_mb:.0f} MB, settled {settled:.2f} s after the changes "
+        f"(steady {run.steady_rss_mb:.0f} MB)")
 
 
 def run_pair(group: ProcessGroup, opts: Options, log: Log, with_baseline: bool = True) -> list[Run]:

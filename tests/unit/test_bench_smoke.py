@@ -71,7 +71,7 @@ def test_benchmark_per_workload_classes(tmp_path: Path) -> None:
                 "kb_per_class", "idle_vcpu"):
         assert isinstance(summary[key], float), key
     assert "cpu_per_new_class_ms" in summary  # None if pilot does not export pilot_class_publish_cpu_seconds
-    for key in ("empty_rss_mb", "steady_rss_mb", "peak_rss_mb"):
+    for key in ("empty_rss_mb", "steady_rss_mb", "peak_rss_mb", "after_rss_mb"):  # after: settled after the changes
         assert saved["runs"][0][key] > 0, key
     assert isinstance(summary["streams_reopened"], int)
     assert {"connect_p99", "route_p99", "endpoint_p99", "route_p99_past_debounce"} <= saved["ratios"][0].keys()
@@ -126,7 +126,7 @@ def test_mission_targets_only_for_per_workload_runs_of_1000_services() -> None:
     def run(services: int, mode: str, publishes: int | None) -> Run:
         r = Run("pilot", "sotw", 2000, services, 2000, mode, peak_rss_mb=400, empty_rss_mb=100, steady_rss_mb=250,
                 idle_cpu_s=0.03, idle_seconds=3, class_publish_cpu_s=None if publishes is None else 1.0,
-                class_publishes=publishes)
+                class_publishes=publishes, after_rss_mb=260)
         r.phases = [Phase("connect", 2000, 2000, Latency.of([1.0, 12.0]), 5.0, 250, 1.0),
                     Phase("route", 2000, 2000, Latency.of([0.5]), 0.4, 250, 1.0),
                     Phase("endpoint", 2000, 2000, Latency.of([0.1]), 0.1, 250, 1.0)]
@@ -135,9 +135,12 @@ def test_mission_targets_only_for_per_workload_runs_of_1000_services() -> None:
 
     report = Report({}, {}, [run(1000, "per-workload", 2000), run(1000, "fixed", 2000), run(999, "per-workload", 1)])
     rows = report.targets()
-    assert len(rows) == 8 and all(r["services"] == 1000 and r["scope"] == "mission scale" for r in rows)
+    assert len(rows) == 9 and all(r["services"] == 1000 and r["scope"] == "mission scale" for r in rows)
     assert {r["target"]: r["met"] for r in rows}["CPU per new class"] is True  # 0.5 ms
     assert all(r["met"] for r in rows)
+    kept = run(1000, "per-workload", 2000)
+    kept.after_rss_mb = 576  # what each SotW proxy's last EDS ACK kept cost at 2,000 proxies (session 33)
+    assert {r["target"]: r["met"] for r in Report({}, {}, [kept]).targets()}["RSS after the changes"] is False
     absent = Report({}, {}, [run(1000, "per-workload", None)]).targets()
     assert {r["target"]: r["met"] for r in absent}["CPU per new class"] is None
 
