@@ -109,8 +109,11 @@ def _turn(side: _Side, opts: Options, round_: int, log: Log, record: bool = Fals
 def _after_changes(session: Session, run: Run, log: Log) -> None:
     """The server's RSS once settled after the first round's changes, the fleet still connected:
     what it keeps after a spike. Steady state again, so held to the steady RSS limit; a server
-    that keeps what a change's ACKs brought in (session 33: 148 KB per SotW proxy) shows here."""
-    settled = settled_rss(session.meter.rss)
+    that keeps what a change's ACKs brought in (session 33: 148 KB per SotW proxy) shows here.
+    The same quiet pause as before the steady RSS first: pilot hands free heap back 1 s after its
+    last write (`pilot.quiet`), and RSS can hold still for the settle check's 0.75 s before that."""
+    time.sleep(session.opts.quiet_seconds)
+    settled = session.opts.quiet_seconds + settled_rss(session.meter.rss)
     run.after_rss_mb = median_rss(session.meter) / MB
     log(f"  after    RSS {run.after_rss_mb:.0f} MB, settled {settled:.2f} s after the changes "
         f"(steady {run.steady_rss_mb:.0f} MB)")
