@@ -84,6 +84,7 @@ from pilot.xds.sotw import SotwSession
 from pilot.xds.status import StatusRegistry
 from pilot.xds.streams import PodStreams, StreamSignals, read_requests
 from pilot.xds.tlsfront import TlsFront
+from pilot.xds.wakeups import drain_wakeups
 from pilot.xds.writebudget import DEFAULT_LIMIT, WriteBudget
 from pilot.xds.writewave import DEFAULT_PATIENCE, WriteWave
 
@@ -210,6 +211,7 @@ class AdsServer:
             raise
         self._server = server
         await server.start()
+        drain_wakeups(asyncio.get_running_loop())  # completions reach the loop during a fan-out
         return bound
 
     async def start_secure(
@@ -235,6 +237,7 @@ class AdsServer:
         server.add_generic_rpc_handlers((self.handler(authenticated=True), *extra_handlers))
         internal = int(server.add_insecure_port("127.0.0.1:0"))
         await server.start()
+        drain_wakeups(asyncio.get_running_loop())
         self._secure = server
         self._front = TlsFront(context, "127.0.0.1", internal)
         try:
