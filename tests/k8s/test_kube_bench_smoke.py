@@ -19,7 +19,8 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from benchmarks import kube_load
-from benchmarks.kube_load import KubeOptions, print_kube_report, run_kube_benchmark
+from benchmarks.kube_load import KubeOptions, run_kube_benchmark
+from benchmarks.kube_tables import print_kube_report
 
 
 def test_more_proxies_than_pods_is_refused() -> None:
