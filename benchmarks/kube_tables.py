@@ -3,13 +3,12 @@ phases, latencies and the load average, then `benchmarks.report`'s tables for th
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.report import _footprint_table, _ratio_table, _ratios, _results_table
+from benchmarks.report import _footprint_table, _ms, _num, _ratio_table, _ratios, _results_table
 
 if TYPE_CHECKING:
     from benchmarks.kube_load import KubeReport
@@ -17,14 +16,6 @@ if TYPE_CHECKING:
 
 def load_average(values: tuple[float, float, float]) -> str:
     return " ".join(f"{v:.2f}" for v in values)
-
-
-def _num(value: float, digits: int = 1) -> str:
-    return "-" if math.isnan(value) else f"{value:.{digits}f}"  # NaN: not measured
-
-
-def _ms(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value * 1000:.0f}"
 
 
 def cluster_table(report: KubeReport) -> Table:
@@ -37,9 +28,9 @@ def cluster_table(report: KubeReport) -> Table:
               "destination rules": opts.services, "virtual services": opts.services, "services": opts.services}
     for step, seconds in report.create_s.items():
         count = counts.get(step, sum(counts.values()))
-        table.add_row(step, str(count), _num(seconds), _num(count / seconds if seconds else float("nan"), 0))
+        table.add_row(step, str(count), _num(seconds, 1), _num(count / seconds if seconds else None))
     table.add_row("EndpointSlices (kube-controller-manager), after the last Service", str(opts.services),
-                  _num(report.slices_s), _num(opts.services / report.slices_s if report.slices_s else float("nan"), 0))
+                  _num(report.slices_s, 1), _num(opts.services / report.slices_s if report.slices_s else None))
     return table
 
 
@@ -52,7 +43,7 @@ def pilot_table(report: KubeReport) -> Table:
     extra = f.sync_cpu_s - f.empty_start_cpu_s
     table.add_row("start, empty cluster", _num(f.empty_start_s, 2), _num(f.empty_start_cpu_s, 2),
                   _num(f.empty_rss_mb, 0), "spawn -> serving (imports, watches listed, first push)")
-    table.add_row("cluster filling (watching)", _num(f.load_caught_up_s), _num(f.load_cpu_s, 2),
+    table.add_row("cluster filling (watching)", _num(f.load_caught_up_s, 1), _num(f.load_cpu_s, 2),
                   f"{_num(f.loaded_rss_mb, 0)} (peak {_num(f.load_peak_rss_mb, 0)})",
                   "s: quiet this long after the last EndpointSlice")
     table.add_row("initial sync, full cluster", _num(f.sync_s, 2), _num(f.sync_cpu_s, 2), _num(f.synced_rss_mb, 0),
@@ -60,7 +51,7 @@ def pilot_table(report: KubeReport) -> Table:
                   f"{f.services_in_first_push}/{report.options.services} services"
                   + (" [red]sync timed out[/]" if f.sync_timed_out else ""))
     if run is not None:
-        table.add_row(f"{run.clients} proxies connected, idle", _num(run.idle_seconds), _num(run.idle_cpu_s, 3),
+        table.add_row(f"{run.clients} proxies connected, idle", _num(run.idle_seconds, 1), _num(run.idle_cpu_s, 3),
                       f"{_num(run.steady_rss_mb, 0)} (peak {_num(run.peak_rss_mb, 0)})",
                       f"idle {_num(run.idle_vcpu, 3)} vCPU; {run.classes} classes; route configurations "
                       f"{', '.join(f.route_names[:4]) or '-'}{' ...' if len(f.route_names) > 4 else ''}")

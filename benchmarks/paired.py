@@ -46,7 +46,7 @@ from benchmarks.runner import (
     node_specs,
     pilot_debounce,
     pin,
-    settled_rss,
+    quiet_then_settled,
 )
 from benchmarks.wirebytes import change_wire
 from benchmarks.worker import NodeSpec, WorkerHandle
@@ -112,8 +112,7 @@ def _after_changes(session: Session, run: Run, log: Log) -> None:
     that keeps what a change's ACKs brought in (session 33: 148 KB per SotW proxy) shows here.
     The same quiet pause as before the steady RSS first: pilot hands free heap back 1 s after its
     last write (`pilot.quiet`), and RSS can hold still for the settle check's 0.75 s before that."""
-    time.sleep(session.opts.quiet_seconds)
-    settled = session.opts.quiet_seconds + settled_rss(session.meter.rss)
+    settled = quiet_then_settled(session)
     run.after_rss_mb = median_rss(session.meter) / MB
     log(f"  after    RSS {run.after_rss_mb:.0f} MB, settled {settled:.2f} s after the changes "
         f"(steady {run.steady_rss_mb:.0f} MB)")

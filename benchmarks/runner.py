@@ -337,6 +337,13 @@ def settled_rss(rss: Callable[[], int], step: float = 0.25, span: int = 4, toler
     return waited
 
 
+def quiet_then_settled(session: Session) -> float:
+    """The quiet pause (`quiet_seconds`, the server left alone), then until its RSS has settled
+    (`settled_rss`); the seconds both took."""
+    time.sleep(session.opts.quiet_seconds)
+    return session.opts.quiet_seconds + settled_rss(session.meter.rss)
+
+
 def _idle(session: Session, run: Run, log: Callable[[str], None]) -> None:
     """After connect: a quiet pause, until pilot's RSS has settled (`settled_rss`), then the idle
     window (server CPU, and RSS sampled across it).
@@ -345,8 +352,7 @@ def _idle(session: Session, run: Run, log: Callable[[str], None]) -> None:
     spends is its own idle cost (timers, watchers, GC); its RSS then holds every stream and class.
     """
     opts = session.opts
-    time.sleep(opts.quiet_seconds)
-    run.settled_after_s = opts.quiet_seconds + settled_rss(session.meter.rss)
+    run.settled_after_s = quiet_then_settled(session)
     started = session.meter.cpu()
     samples = 5
     run.steady_rss_mb = median_rss(session.meter, samples, opts.idle_seconds / samples) / MB

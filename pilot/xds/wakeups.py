@@ -47,13 +47,14 @@ def drain_wakeups(loop: asyncio.AbstractEventLoop) -> bool:
         return False
     for key in list(selector.get_map().values()):
         handle = key.data[0] if isinstance(key.data, tuple) else None
-        callback = getattr(handle, "_callback", None)
+        if handle is None:
+            continue
+        callback = handle._callback
         if getattr(callback, "draining", False):
             return True
         if getattr(getattr(callback, "func", None), "__name__", "") != GRPC_READER:
             continue
-        assert callback is not None and handle is not None
-        wrapped = _draining(key.fd, callback, tuple(getattr(handle, "_args", ())))
+        wrapped = _draining(key.fd, callback, tuple(handle._args))
         loop.remove_reader(key.fd)
         loop.add_reader(key.fd, wrapped)
         return True
@@ -62,8 +63,9 @@ def drain_wakeups(loop: asyncio.AbstractEventLoop) -> bool:
 
 
 def _draining(fd: int, callback: Callable[..., Any], args: tuple[Any, ...]) -> Callable[[], None]:
+    pending = array.array("i", [0])  # FIONREAD's answer, reused: the loop calls this one at a time
+
     def on_wakeup() -> None:
-        pending = array.array("i", [0])
         fcntl.ioctl(fd, termios.FIONREAD, pending)
         if pending[0] > 1:
             os.read(fd, pending[0] - 1)
