@@ -77,7 +77,9 @@ async def _turns_to_take_a_burst(drain: bool) -> tuple[bool, int]:
         client.stdin.flush()
         # The loop is busy (blocked) while every message arrives and gRPC completes its read.
         assert client.stdout.readline().strip() == "sent"
-        time.sleep(1.0)  # noqa: ASYNC251
+        # Time for gRPC to complete every read, on a loaded CI machine too: reads it completes
+        # only after the loop frees up would be counted as turns (1 s gave 136 turns once in CI).
+        time.sleep(3.0)  # noqa: ASYNC251
 
         async def tick() -> None:
             nonlocal turns
@@ -100,7 +102,7 @@ async def _turns_to_take_a_burst(drain: bool) -> tuple[bool, int]:
 async def test_drained_wake_ups_hand_a_burst_of_completions_over_at_once() -> None:
     drained, turns = await _turns_to_take_a_burst(drain=True)
     assert drained  # gRPC's reader found and wrapped, and found wrapped on a second call
-    assert turns <= 20, turns  # 3 here: the first turn takes what gRPC queued, the next the rest
+    assert turns <= 60, turns  # 3 here: the first turn takes what gRPC queued, the next the rest
 
 
 @pytest.mark.timeout(60)
@@ -108,4 +110,4 @@ async def test_without_draining_grpc_hands_a_burst_over_a_few_hundred_turns_apar
     """The control: the flaw the wrapper works around, as grpcio has it (435-439 turns here)."""
     drained, turns = await _turns_to_take_a_burst(drain=False)
     assert not drained
-    assert turns >= 100, turns
+    assert turns >= 200, turns
