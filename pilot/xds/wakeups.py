@@ -11,10 +11,14 @@ writes, then 2,000 EDS ACKs of 148 KB) ran into this: no write completion and no
 pilot until the last write had started, while gRPC held the ACKs it had read (266 MB of read
 buffers at the heap's peak, session 33, benchmarks/README).
 
-`drain_wakeups` wraps that reader: on each wake-up it first reads every pending byte but one
-(`FIONREAD`), then runs gRPC's own callback, which reads the last and takes the queue. No
-completion is lost: a byte only ever stands for a completion queued before it, and the queue is
-taken whole each time. Cost: one ioctl and at most one read per wake-up.
+`drain_wakeups` wraps that reader: on each wake-up it counts the pending bytes (`FIONREAD`), runs
+gRPC's own callback, which reads one and takes the queue, and then reads the rest of those it
+counted. No completion is lost: a byte is written only after its completion was queued, so every
+byte counted stands for a completion the callback took; bytes written since stay for the next
+wake-up. When the callback raises (a completion for an event loop already closed, as in a test
+process that runs many loops), nothing more is read, so the bytes left wake the loop again and
+the rest of the queue is taken as gRPC alone would. Cost: one ioctl and at most one read per
+wake-up.
 
 It reaches into grpcio (its reader is a partial of `PollerCompletionQueue._handle_events`) and
 asyncio (the selector's registered handle). Where either has another shape it finds nothing,
@@ -67,9 +71,9 @@ def _draining(fd: int, callback: Callable[..., Any], args: tuple[Any, ...]) -> C
 
     def on_wakeup() -> None:
         fcntl.ioctl(fd, termios.FIONREAD, pending)
+        callback(*args)
         if pending[0] > 1:
             os.read(fd, pending[0] - 1)
-        callback(*args)
 
     on_wakeup.draining = True  # type: ignore[attr-defined]
     return on_wakeup
