@@ -282,6 +282,15 @@ def test_leftovers_of_a_dead_run_are_removed() -> None:
     state.write_text(json.dumps({"pid": 2**22 + 7, "start": "0"}))  # above pid_max: never alive
     leftover = subprocess.Popen(["ip", "netns", "exec", busy, "sleep", "300"])
     try:
+        # `ip netns exec` enters the namespace after Popen returns: until it has, no cleanup can
+        # find the process there (once, in CI, the namespace went first and `sleep` outlived it).
+        for _ in range(500):
+            pids = subprocess.run(["ip", "netns", "pids", busy], capture_output=True, text=True, check=False).stdout
+            if str(leftover.pid) in pids.split():
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError(f"the leftover process never entered {busy}")
         with PodNetwork.running() as network:
             names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
             assert netns not in names and busy not in names
