@@ -49,7 +49,8 @@ def run_benchmark(clients: list[int], protocols: list[str], workdir: Path, repea
                   pilot_env: dict[str, str] | None = None, profile_dir: Path | None = None,
                   console: Console | None = None, pin: bool = False, classes: int | str = 10,
                   idle_seconds: float = 3.0, quiet_seconds: float = 2.0,
-                  sample_dir: Path | None = None, namespaces: int = 1, client: str = "go") -> Report:
+                  sample_dir: Path | None = None, namespaces: int = 1, client: str = "go",
+                  streams_per_connection: int = 1) -> Report:
     """Run every (protocol, N) case; the result holds pilot and baseline runs in order.
 
     `classes` is a fixed count of config classes or "per-workload" (each proxy poses as one of
@@ -57,13 +58,15 @@ def run_benchmark(clients: list[int], protocols: list[str], workdir: Path, repea
     RSS settles (`runner.settled_rss`), then its idle CPU and steady RSS are read over
     `idle_seconds` (tests shorten both). `namespaces`: the
     services (and, per workload, the proxies) spread over that many namespaces. `client`: the
-    simulated Envoys, "go" (`benchmarks.goworker`) or "python" (`benchmarks.worker`).
+    simulated Envoys, "go" (`benchmarks.goworker`) or "python" (`benchmarks.worker`);
+    `streams_per_connection` of them share each TCP connection (1: each its own, as Envoys).
     """
     console = console or Console(stderr=True, width=max(160, Console(stderr=True).width))
     report = Report(machine_info(pin), {"clients": clients, "protocols": protocols, "repeats": repeats,
                                      "services": services, "namespaces": namespaces, "classes": classes,
                                      "idle_seconds": idle_seconds,
-                                     "pilot_env": pilot_env or {}, "pinned": pin, "client": client})
+                                     "pilot_env": pilot_env or {}, "pinned": pin, "client": client,
+                                     "streams_per_connection": streams_per_connection})
     per_workload = classes == PER_WORKLOAD
     with ProcessGroup() as group:
         for protocol in protocols:
@@ -74,9 +77,10 @@ def run_benchmark(clients: list[int], protocols: list[str], workdir: Path, repea
                                repeats=repeats, workers=workers, idle_seconds=idle_seconds,
                                quiet_seconds=quiet_seconds,
                                pilot_env=pilot_env or {}, profile=profile, pin=pin, sample_dir=sample_dir,
-                               client=client)
+                               client=client, streams_per_connection=streams_per_connection)
                 started = time.monotonic()
                 console.print(f"[bold]{protocol} N={n}[/] ({opts.worker_count} {client} client workers, "
+                              f"{streams_per_connection} stream(s) per TCP connection, "
                               f"{opts.services} services in {opts.namespaces} namespace(s), "
                               f"{opts.class_count} {opts.class_mode} classes)")
                 report.runs.extend(run_pair(group, opts, console.print, with_baseline=baseline))
@@ -127,6 +131,9 @@ def _classes(text: str) -> int | str:
 @click.option("--client", type=click.Choice(["go", "python"]), default="go", show_default=True,
               help="Simulated Envoys: Go (benchmarks/simenvoy, built with the machine's Go on first use) or "
                    "Python (grpcio, one worker process per core; 2-3x the CPU per large response).")
+@click.option("--streams-per-connection", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Simulated Envoys per TCP connection: 1 as Envoy (each proxy's ADS stream on its own "
+                   "connection); sessions up to 34 ran 250.")
 @click.option("--no-baseline", is_flag=True, help="Skip the raw fan-out baseline.")
 @click.option("--pin", is_flag=True,
               help="Server (pilot or baseline) on the first CPU core, client workers on the others.")
@@ -140,8 +147,9 @@ def _classes(text: str) -> int | str:
 @click.option("--pilot-env", multiple=True,
               help="KEY=VALUE for pilot's environment, e.g. MESHCTL_PILOT_DEBOUNCE_MS=10.")
 def main(clients: str, protocol: str, repeats: int, services: int, namespaces: int, classes_text: str,
-         idle_seconds: float, workers: int, client: str, no_baseline: bool, pin: bool, json_path: Path | None,
-         workdir: Path | None, profile_dir: Path | None, sample_dir: Path | None, pilot_env: tuple[str, ...]) -> None:
+         idle_seconds: float, workers: int, client: str, streams_per_connection: int, no_baseline: bool, pin: bool,
+         json_path: Path | None, workdir: Path | None, profile_dir: Path | None, sample_dir: Path | None,
+         pilot_env: tuple[str, ...]) -> None:
     """Measure pilot's ADS fan-out: connect time, change latency, CPU and memory."""
     if namespaces > services:
         raise click.BadParameter(f"at most one namespace per service ({services})", param_hint="--namespaces")
@@ -161,7 +169,7 @@ def main(clients: str, protocol: str, repeats: int, services: int, namespaces: i
         report = run_benchmark(counts, protocols, base, repeats, services, workers, not no_baseline, env,
                                profile_dir.resolve() if profile_dir else None, pin=pin, classes=classes,
                                idle_seconds=idle_seconds, sample_dir=sample_dir.resolve() if sample_dir else None,
-                               namespaces=namespaces, client=client)
+                               namespaces=namespaces, client=client, streams_per_connection=streams_per_connection)
     print_report(report, Console(width=max(200, Console().width)))
     if json_path:
         report.write_json(json_path)

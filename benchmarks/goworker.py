@@ -154,9 +154,10 @@ def _b64(data: bytes) -> str:
 
 def _command(name: str, args: tuple[Any, ...], node: Callable[[NodeSpec], Any]) -> dict[str, Any]:
     if name == "connect":
-        target, delta, specs, record = args
+        target, delta, specs, record, per_connection = args
         nodes = [_b64(as_envoy(node(spec)).SerializeToString()) for spec in specs]
-        return {"cmd": name, "target": target, "delta": delta, "nodes": nodes, "record": record}
+        return {"cmd": name, "target": target, "delta": delta, "nodes": nodes, "record": record,
+                "streams_per_connection": per_connection}
     if name == "arm":
         (exp,) = args
         assert isinstance(exp, Expectation)

@@ -238,6 +238,20 @@ class ResourceMeter:
             return CpuSplit()
         return CpuSplit(float(t.user), float(t.system), minor_faults(self.proc.pid), thread_cpu(self.proc.pid))
 
+    def inbound_connections(self) -> int:
+        """TCP connections the process accepted and holds: established, on a port it listens on.
+
+        What the benchmark's clients opened (one per simulated Envoy, or one per channel of
+        `streams_per_connection` streams): each costs the server gRPC's transport and read
+        buffers besides its streams, so the steady RSS is read with this count beside it.
+        """
+        try:
+            conns = self.proc.net_connections("tcp")
+        except psutil.Error:
+            return 0
+        listening = {c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN}
+        return sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port in listening for c in conns)
+
     def rss(self) -> int:
         try:
             return int(self.proc.memory_info().rss)

@@ -88,6 +88,7 @@ class Run:
     empty_rss_mb: float = math.nan  # mesh loaded, before any client connected
     steady_rss_mb: float = math.nan  # all clients connected and ACKed, then idle
     settled_after_s: float = math.nan  # when its RSS stopped moving after connect (`runner.settled_rss`)
+    connections: int = 0  # TCP connections the server held at steady RSS (`ResourceMeter.inbound_connections`)
     after_rss_mb: float = math.nan  # settled again after round 1's changes, the fleet connected
     idle_cpu_s: float = math.nan  # server CPU seconds over `idle_seconds` of idleness after connect
     idle_seconds: float = 0.0

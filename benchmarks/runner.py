@@ -56,6 +56,9 @@ class Options:
     pin: bool = False  # server on the first core, clients on the others (as Envoys would be elsewhere)
     sample_dir: Path | None = None  # py-spy the server during each change, one raw file per change
     client: str = "python"  # python (benchmarks.worker) | go (benchmarks.goworker: benchmarks/simenvoy)
+    # Simulated Envoys per TCP connection: 1, as Envoy (each proxy's ADS stream has its own
+    # connection); sessions up to 34 ran 250 per connection (`--streams-per-connection`).
+    streams_per_connection: int = 1
 
     @property
     def worker_count(self) -> int:
@@ -246,7 +249,7 @@ def _connect(session: Session, target: str, delta: bool, specs: list[NodeSpec], 
     def trigger() -> float:
         t0 = time.monotonic()
         for i, (handle, share) in enumerate(zip(session.handles, shares, strict=True)):
-            handle.call("connect", target, delta, share, record and i == 0)
+            handle.call("connect", target, delta, share, record and i == 0, opts.streams_per_connection)
         return t0
 
     phase, t0 = session.measure("connect", "ready", opts.connect_timeout, trigger)
@@ -356,13 +359,14 @@ def _idle(session: Session, run: Run, log: Callable[[str], None]) -> None:
     started = session.meter.cpu()
     samples = 5
     run.steady_rss_mb = median_rss(session.meter, samples, opts.idle_seconds / samples) / MB
+    run.connections = session.meter.inbound_connections()
     time.sleep(opts.idle_seconds / samples)
     run.idle_cpu_s = session.meter.cpu() - started
     run.idle_seconds = opts.idle_seconds
     per_class = "" if math.isnan(run.kb_per_class) else f", {run.kb_per_class:.1f} KB per class"
-    log(f"  idle     RSS empty {run.empty_rss_mb:.0f} MB, steady {run.steady_rss_mb:.0f} MB "
-        f"({run.kb_per_stream:.1f} KB per stream+class{per_class}; settled {run.settled_after_s:.2f} s after "
-        f"connect), idle {run.idle_vcpu:.3f} vCPU")
+    log(f"  idle     RSS empty {run.empty_rss_mb:.0f} MB, steady {run.steady_rss_mb:.0f} MB with "
+        f"{run.connections:,} TCP connections ({run.kb_per_stream:.1f} KB per stream+class{per_class}; "
+        f"settled {run.settled_after_s:.2f} s after connect), idle {run.idle_vcpu:.3f} vCPU")
 
 
 Change = Callable[[str, int], tuple[Expectation, Callable[[], float]]]

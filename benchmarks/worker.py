@@ -22,7 +22,7 @@ import grpc
 from benchmarks.client import ClientResult, Expectation, NameCache, SimClient
 from pilot.testing.ads_client import make_node
 
-STREAMS_PER_CHANNEL = 250
+STREAMS_PER_CHANNEL = 250  # `write_floor`'s channels; the benchmark's clients take theirs from `connect`
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.use_local_subchannel_pool", 1),  # one TCP connection per channel, not one shared
@@ -52,8 +52,10 @@ class Worker:
         self.channels: list[grpc.aio.Channel] = []
         self.tasks: list[asyncio.Task[None]] = []
 
-    def connect(self, target: str, delta: bool, nodes: list[NodeSpec], record_first: bool) -> int:
-        count = max(1, math.ceil(len(nodes) / STREAMS_PER_CHANNEL))
+    def connect(self, target: str, delta: bool, nodes: list[NodeSpec], record_first: bool,
+                per_connection: int = 1) -> int:
+        """Open a stream per node, `per_connection` streams on each channel (TCP connection)."""
+        count = max(1, math.ceil(len(nodes) / max(1, per_connection)))
         self.channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(count)]
         for i, spec in enumerate(nodes):
             client = SimClient(self.node(spec), delta, self.names, record=record_first and i == 0)

@@ -18,7 +18,7 @@
 // compares them with its own.
 //
 // Commands (field "cmd"): connect {target, delta, nodes: base64 serialized Node messages,
-// record}, status, arm {kind, type_url, needles: base64}, results, recorded, disconnect, close.
+// record, streams_per_connection}, status, arm {kind, type_url, needles: base64}, results, recorded, disconnect, close.
 package main
 
 import (
@@ -64,12 +64,11 @@ const (
 	sotwMethod  = service + "StreamAggregatedResources"
 	deltaMethod = service + "DeltaAggregatedResources"
 
-	streamsPerConn = 250             // as the Python workers: one TCP connection per 250 streams
-	retryBase      = 0.5             // Envoy's ADS backoff: jittered exponential from 500 ms,
-	retryMax       = 30.0            // capped at 30 s
-	near           = 2048            // how far from the first needle the others are looked for first (bytes)
-	window         = 256 << 20       // Envoy's default HTTP/2 stream and connection windows (256 MiB)
-	closeGrace     = 5 * time.Second // how long a disconnect lets the server end half-closed streams
+	retryBase  = 0.5             // Envoy's ADS backoff: jittered exponential from 500 ms,
+	retryMax   = 30.0            // capped at 30 s
+	near       = 2048            // how far from the first needle the others are looked for first (bytes)
+	window     = 256 << 20       // Envoy's default HTTP/2 stream and connection windows (256 MiB)
+	closeGrace = 5 * time.Second // how long a disconnect lets the server end half-closed streams
 )
 
 // dependent: the type whose names a response of this type tells the client to request.
@@ -667,12 +666,14 @@ type fleet struct {
 }
 
 type command struct {
-	Cmd    string       `json:"cmd"`
-	Target string       `json:"target"`
-	Delta  bool         `json:"delta"`
-	Nodes  [][]byte     `json:"nodes"`
-	Record bool         `json:"record"`
-	Expect *expectation `json:"expectation"`
+	Cmd    string   `json:"cmd"`
+	Target string   `json:"target"`
+	Delta  bool     `json:"delta"`
+	Nodes  [][]byte `json:"nodes"`
+	Record bool     `json:"record"`
+	// Streams per TCP connection: 1 (or unset) as Envoy, whose ADS stream has its connection.
+	PerConn int          `json:"streams_per_connection"`
+	Expect  *expectation `json:"expectation"`
 }
 
 type worker struct {
@@ -687,7 +688,8 @@ func (w *worker) connect(cmd *command) (any, error) {
 	f := &fleet{}
 	ctx, cancel := context.WithCancel(context.Background())
 	f.cancel = cancel
-	count := (len(cmd.Nodes) + streamsPerConn - 1) / streamsPerConn
+	perConn := max(1, cmd.PerConn)
+	count := (len(cmd.Nodes) + perConn - 1) / perConn
 	for range max(1, count) {
 		conn, err := grpc.NewClient("passthrough:///"+cmd.Target,
 			grpc.WithTransportCredentials(insecure.NewCredentials()),

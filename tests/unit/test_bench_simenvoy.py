@@ -48,6 +48,20 @@ def test_benchmark_converges_with_the_go_clients(tmp_path: Path) -> None:
         assert [p.name for p in run.phases] == ["connect", "route", "endpoint"]
         assert all(p.converged == 8 and p.reconnects == 0 for p in run.phases)
         assert len(run.samples["route"]) == 8 and len(run.samples["endpoint"]) == 8
+        # One TCP connection per simulated Envoy by default, as each Envoy opens its own.
+        assert run.connections == 8, (run.server, run.protocol, run.connections)
+
+
+@pytest.mark.timeout(300)
+def test_streams_share_connections_when_asked(tmp_path: Path) -> None:
+    """`streams_per_connection` puts that many simulated Envoys on one TCP connection (the setup of
+    sessions up to 34): 9 clients, 4 per connection, are 3 connections at pilot and at the replay."""
+    goworker.binary()
+    report = run_benchmark([9], ["sotw"], tmp_path, repeats=1, services=3, idle_seconds=0.5, quiet_seconds=0.1,
+                           console=Console(file=io.StringIO(), width=200), client="go", streams_per_connection=4)
+
+    assert report.settings["streams_per_connection"] == 4
+    assert [(r.server, r.converged, r.connections) for r in report.runs] == [("pilot", True, 3), ("baseline", True, 3)]
 
 
 def test_a_changed_source_gets_its_own_cache_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -38,6 +38,7 @@ def test_benchmark_converges_with_five_clients(tmp_path: Path) -> None:
         assert run.converged, (run.server, run.protocol, run.error, [p.error for p in run.phases])
         assert [p.name for p in run.phases] == ["connect", "route", "endpoint"]
         assert all(p.converged == 5 for p in run.phases)
+        assert run.connections == 5  # a channel, so a TCP connection, per simulated Envoy
         # The kernel's part of the server's CPU is measured apart, and is a part of it.
         assert all(0 <= p.server_system_s <= p.server_cpu_s + 0.02 for p in run.phases)
     # Connecting allocates (streams, snapshots): the server touched new pages.
