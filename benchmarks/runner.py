@@ -356,10 +356,10 @@ def _idle(session: Session, run: Run, log: Callable[[str], None]) -> None:
     """
     opts = session.opts
     run.settled_after_s = quiet_then_settled(session)
+    run.connections = session.meter.inbound_connections()  # read before the idle window, not inside it
     started = session.meter.cpu()
     samples = 5
     run.steady_rss_mb = median_rss(session.meter, samples, opts.idle_seconds / samples) / MB
-    run.connections = session.meter.inbound_connections()
     time.sleep(opts.idle_seconds / samples)
     run.idle_cpu_s = session.meter.cpu() - started
     run.idle_seconds = opts.idle_seconds

@@ -18,7 +18,8 @@
 // compares them with its own.
 //
 // Commands (field "cmd"): connect {target, delta, nodes: base64 serialized Node messages,
-// record, streams_per_connection}, status, arm {kind, type_url, needles: base64}, results, recorded, disconnect, close.
+// record, streams_per_connection}, status, arm {kind, type_url, needles: base64}, results,
+// recorded, disconnect, close.
 package main
 
 import (
