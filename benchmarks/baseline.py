@@ -18,6 +18,7 @@ import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
 from benchmarks.worker import Command
+from pilot.xds.grpcoptions import server_options
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 
@@ -65,12 +66,9 @@ class Replay:
 
 
 async def serve(conn: Connection, replay: Replay) -> None:
-    server = grpc.aio.server(options=[
-        ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-        ("grpc.server.max_pending_requests", 100_000),
-        ("grpc.server.max_pending_requests_hard_limit", 100_000),
-    ])
+    # pilot's gRPC options (its read buffer cap included), so the two servers differ only in
+    # what they run per write, not in how gRPC reads and buffers.
+    server = grpc.aio.server(options=server_options(None))
     server.add_generic_rpc_handlers((replay.handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

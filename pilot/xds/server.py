@@ -11,7 +11,8 @@ responses leave as pre-encoded bytes, often one object shared by every stream ma
 step; no frame keeps a response or a request once it is handed over.
 
 Cost per stream: two small tasks and the session's state (references to shared views); at
-mission scale about 60-80 KB of pilot's RSS, mostly gRPC's own per-call buffers.
+mission scale about 65 KB of pilot's RSS with its TCP connection, mostly gRPC's own per-call and
+per-connection state (its read buffers capped as `pilot.xds.grpcoptions` explains).
 
 Slow and hostile clients: the writer awaits each `context.write`, so gRPC holds at most one
 response per stream that the proxy has not taken yet (gRPC copies it per call: up to the
@@ -69,6 +70,7 @@ from pilot.quiet import WhenQuiet
 from pilot.xds import typeurls
 from pilot.xds.cache import ClassWatch, SnapshotCache
 from pilot.xds.delta import DeltaSession
+from pilot.xds.grpcoptions import server_options
 from pilot.xds.peers import (
     PeerIdentityHook,
     PeerMismatchError,
@@ -94,8 +96,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
-KEEPALIVE_TIMEOUT_MS = 10_000  # istiod's keepaliveTimeout
-CONNECTION_AGE_GRACE_MS = 10_000  # istiod's MaxServerConnectionAgeGrace
 
 
 @dataclass(frozen=True)
@@ -175,33 +175,13 @@ class AdsServer:
             "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(delta),
         })
 
-    def _options(self) -> list[tuple[str, int]]:
-        options: list[tuple[str, int]] = [
-            # gRPC's default SO_REUSEPORT would let a second pilot share this port.
-            ("grpc.so_reuseport", 0),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-            ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.keepalive_permit_without_calls", 1),
-            # A fleet reconnecting at once (pilot restart) opens thousands of streams together;
-            # gRPC's default of 1,000 pending calls would refuse most of them.
-            ("grpc.server.max_pending_requests", 100_000),
-            ("grpc.server.max_pending_requests_hard_limit", 100_000),
-        ]
-        if self.max_connection_age:
-            options += [("grpc.max_connection_age_ms", int(self.max_connection_age * 1000)),
-                        ("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_MS)]
-        return options
-
     async def start(self, host: str, port: int) -> int:
         """Listen on host:port alone (0 = any free port); returns the bound port.
 
         Raises AddressInUseError, leaving nothing running, when another process has the address.
         """
         check_free("xDS", host, port)  # before gRPC tries: it would log its own error first
-        server = grpc.aio.server(options=self._options())
+        server = grpc.aio.server(options=server_options(self.max_connection_age))
         server.add_generic_rpc_handlers((self.handler(),))
         try:
             bound = int(server.add_insecure_port(f"{host}:{port}"))
@@ -233,7 +213,7 @@ class AdsServer:
         """
         check_free("authenticated xDS", host, port)
         self._peer_identity, self._workload_account = peer_identity, workload_account
-        server = grpc.aio.server(options=self._options())
+        server = grpc.aio.server(options=server_options(self.max_connection_age))
         server.add_generic_rpc_handlers((self.handler(authenticated=True), *extra_handlers))
         internal = int(server.add_insecure_port("127.0.0.1:0"))
         await server.start()
