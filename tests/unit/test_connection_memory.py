@@ -113,10 +113,10 @@ async def _kb_per_connection(capped: bool) -> float:
     try:
         port = await asyncio.to_thread(ours.recv)
         ours.send("heap")
-        before = await asyncio.to_thread(ours.recv)
+        before: int = await asyncio.to_thread(ours.recv)
         channels, _calls = await _connect_and_go_quiet(port)
         ours.send("heap")
-        after = await asyncio.to_thread(ours.recv)
+        after: int = await asyncio.to_thread(ours.recv)
         established = [c for c in psutil.Process(process.pid).net_connections("tcp")
                        if c.status == psutil.CONN_ESTABLISHED]
         assert len(established) == CONNECTIONS  # one TCP connection per proxy, all still open
