@@ -12,6 +12,7 @@ from pilot.model.mtls import ISTIO_TLS_MODE, endpoint_tls_mode, spiffe_uri
 from pilot.model.policy import NO_POLICY, ConnectionPool, TrafficPolicy
 from pilot.translate import names
 from pilot.translate.common import ads_config_source, lb_endpoint
+from pilot.translate.encoded import encoded_values
 from pilot.translate.memo import carried
 from pilot.translate.mtls import apply_mesh_tls, sni
 from pilot.translate.policy import apply_connection_limits, apply_traffic_policy, set_http_options
@@ -52,13 +53,19 @@ def subsets_of(rule: DestinationPolicy | None) -> list[str]:
 
 def outbound_clusters(mesh: MeshSnapshot, mtls: bool = False) -> dict[str, Any]:
     """Every outbound cluster; a service's are carried over from the last mesh version while
-    the service and its DestinationRule are unchanged (the same objects). `mtls`: for a proxy
-    with mesh certificates (`pilot.translate.mtls`), checking servers against `trust_domain`."""
+    the service and its DestinationRule are unchanged (the same objects), kept as encodings
+    (`pilot.translate.encoded.Encoded`). `mtls`: for a proxy with mesh certificates
+    (`pilot.translate.mtls`), checking servers against `trust_domain`."""
     out: dict[str, Any] = {}
     domain = mesh.trust_domain if mtls else None
     for service in mesh.services.values():
-        out.update(carried(mesh, service_clusters, (service, mesh.destination_rules.get(service.host)), domain))
+        out.update(carried(mesh, _kept_clusters, (service, mesh.destination_rules.get(service.host)), domain))
     return out
+
+
+def _kept_clusters(service: Service, rule: DestinationPolicy | None, trust_domain: str | None) -> dict[str, Any]:
+    """`service_clusters`, each kept as its encoding (`pilot.translate.encoded.encoded_values`)."""
+    return encoded_values(service_clusters(service, rule, trust_domain))
 
 
 def service_clusters(

@@ -13,6 +13,7 @@ from pilot.model.mtls import DISABLE, ISTIO_TLS_MODE, PeerAuthn, endpoint_tls_mo
 from pilot.translate import names
 from pilot.translate.clusters import discovery, subsets_of, uses_eds
 from pilot.translate.common import UNIX_PREFIX, lb_endpoint
+from pilot.translate.encoded import encoded_values
 from pilot.translate.memo import Patched, carried
 from pilot.translate.mtls import tls_endpoint_metadata
 
@@ -30,14 +31,15 @@ def _routable(endpoint: Endpoint) -> bool:
 
 def load_assignments(mesh: MeshSnapshot, mtls: bool = False) -> dict[str, Any]:
     """Every ClusterLoadAssignment; a service's are carried over from the last mesh version while
-    the service (its endpoints included) and its DestinationRule are the same objects. `mtls`
+    the service (its endpoints included) and its DestinationRule are the same objects, kept as
+    encodings (`pilot.translate.encoded.Encoded`). `mtls`
     (the client has mesh certificates): endpoints that accept Istio mutual TLS are marked."""
     out: dict[str, Any] = {}
     peers = mesh.peer_authn if mtls else None
     for service in mesh.services.values():
         if discovery(service) == "EDS":
             rule = mesh.destination_rules.get(service.host)
-            out.update(carried(mesh, service_assignments, (service, rule, peers)))
+            out.update(carried(mesh, _kept_assignments, (service, rule, peers)))
     return out
 
 
@@ -66,7 +68,7 @@ def patched_assignments(
         if kind != "EDS":
             continue
         rule = mesh.destination_rules.get(host)
-        before, after = (carried(mesh, service_assignments, (s, rule, peers)) for s in (was, service))
+        before, after = (carried(mesh, _kept_assignments, (s, rule, peers)) for s in (was, service))
         if before.keys() != after.keys():
             return None
         replacements.update(after)
@@ -105,6 +107,13 @@ def service_assignments(
                 ],
             )
     return out
+
+
+def _kept_assignments(
+    service: Service, rule: DestinationPolicy | None, peers: PeerAuthn | None = None
+) -> dict[str, Any]:
+    """`service_assignments`, each kept as its encoding (`pilot.translate.encoded.encoded_values`)."""
+    return encoded_values(service_assignments(service, rule, peers))
 
 
 def _accepts_mtls(peers: PeerAuthn, endpoint: Endpoint, port: int) -> bool:

@@ -82,10 +82,15 @@ def _entry(vhost: Any) -> _Entry:
     return len_field(2, vhost.SerializeToString(deterministic=True)), needs_large_direct_bodies((vhost,))
 
 
-def _carried_entry(mesh: MeshSnapshot, vhost: Any) -> _Entry:
-    """`_entry`, once per virtual host message: namespaces and mesh versions share the messages
-    of unchanged virtual hosts (`_vhost`), and so their encodings."""
-    return carried_by(mesh, _ENTRY_TAG, (vhost,), (), lambda: _entry(vhost))
+def _vhost_entry(mesh: MeshSnapshot, name: str, service: Service, port: ServicePort, source: RouteSource,
+                 domains: tuple[str, ...]) -> _Entry:
+    """`_entry` of `_vhost`, carried as `_vhost` is (namespaces and mesh versions share the
+    encodings of unchanged virtual hosts), with no message kept: the configuration is joined from
+    the encodings, and a VirtualHost message (~4 KB in memory with its routes) would only stay
+    to key them (2,000 at mission scale)."""
+    routes = vhost_routes(mesh, service, port, source)
+    return carried_by(mesh, _ENTRY_TAG, (routes,), (name, domains),
+                      lambda: _entry(rc.VirtualHost(name=name, domains=domains, routes=routes)))
 
 
 _DATA, _LARGE = itemgetter(0), itemgetter(1)
@@ -209,7 +214,7 @@ def _make_skeleton(mesh: MeshSnapshot) -> _Skeleton:
             by_sender.append(index)
             entries.append(_PLACEHOLDER)
         else:
-            entries.append(_carried_entry(mesh, _vhost(mesh, name, service, port, neutral, claimed[name])))
+            entries.append(_vhost_entry(mesh, name, service, port, neutral, claimed[name]))
     return _Skeleton(tuple(vhosts), claimed, full, positions, {ns: tuple(v) for ns, v in own.items()},
                      tuple(by_sender), tuple(entries))
 
@@ -251,7 +256,7 @@ def _namespace_entries(
     for index in sorted({i for i, _ in own}.union(skeleton.by_sender)):
         name, service, port = skeleton.vhosts[index]
         domains = claimed.get(name) or skeleton.claimed[name]
-        entries[index] = _carried_entry(mesh, _vhost(mesh, name, service, port, source, domains))
+        entries[index] = _vhost_entry(mesh, name, service, port, source, domains)
     return tuple(entries), claimed
 
 
@@ -281,7 +286,7 @@ def _patched(
         service = mesh.services[host]
         for index, port in zip(basis.positions.get(host, ()), service.http_ports, strict=True):
             name = names.virtual_host(host, port.number)
-            entries[index] = _carried_entry(mesh, _vhost(mesh, name, service, port, source, basis.claimed[name]))
+            entries[index] = _vhost_entry(mesh, name, service, port, source, basis.claimed[name])
     return dataclasses.replace(basis, services=mesh.services, virtual_services=after, entries=tuple(entries),
                                config=_encode(entries, basis.tail))
 

@@ -38,7 +38,14 @@ def listener_route_names(listener: Any) -> Iterator[str]:
 
 
 def references_of(type_url: str, message: Any) -> tuple[str, ...]:
-    """Names a resource makes a proxy ask for in the dependent type (CDS -> EDS, LDS -> RDS)."""
+    """Names a resource makes a proxy ask for in the dependent type (CDS -> EDS, LDS -> RDS).
+
+    A resource the generators handed over as its encoding (`pilot.translate.encoded.Encoded`,
+    which has no fields to read) is parsed here, once per object: a few microseconds a cluster."""
+    if type_url not in (_CLUSTER_TYPE, _LISTENER_TYPE):
+        return ()
+    if not hasattr(message, "ListFields"):
+        message = message.message()
     if type_url == _CLUSTER_TYPE:
         name = cluster_eds_name(message)
         return (name,) if name else ()

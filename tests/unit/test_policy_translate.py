@@ -12,6 +12,7 @@ from pilot.api import ApiObject, parse_object
 from pilot.model.build import build_mesh
 from pilot.model.mesh import MeshSnapshot
 from pilot.translate.clusters import outbound_clusters
+from pilot.translate.encoded import as_message
 from pilot.translate.endpoints import load_assignments
 from pilot.translate.policy import UNLIMITED, cluster_hash_policies
 
@@ -47,7 +48,8 @@ def mesh(policy: dict[str, Any] | None = None, subsets: list[dict[str, Any]] | N
 
 
 def cluster(m: MeshSnapshot, port: int = 9080, subset: str = "") -> Any:
-    return outbound_clusters(m)[f"outbound|{port}|{subset}|{HOST}"]
+    """The cluster's message (generators keep outbound clusters as their encodings)."""
+    return as_message(outbound_clusters(m)[f"outbound|{port}|{subset}|{HOST}"])
 
 
 def thresholds(c: Any) -> tuple[int, int, int, int]:
