@@ -8,6 +8,10 @@ own encodings (protobuf's encoding of a repeated field is the concatenation of i
 a namespace costs its bytes, and an edit is a join of shared pieces (see
 `pilot.translate.routes.carried_outbound_config`).
 
+The same holds, per message, for what generators keep for the whole mesh: the outbound clusters
+and ClusterLoadAssignments are handed over encoded (`encoded_values`), ~300 bytes each instead of
+a ~2.5-3 KB message.
+
 The snapshot layer serializes messages with `SerializeToString(deterministic=True)`, which this
 answers with the bytes themselves; `message()` parses them for anyone who needs the fields.
 """

@@ -189,7 +189,9 @@ def generate_parts(mesh: MeshSnapshot, proxy: ProxyClass) -> Parts:
     own part holds only what depends on the proxy itself (inbound clusters and listeners,
     passthrough). Parts keep their positions per proxy kind (and listener model: a captured
     class's listeners are a shared outbound part and its own, `pilot.translate.captured`), so
-    two versions of a class's config compare part by part.
+    two versions of a class's config compare part by part. Values are messages, or their
+    encodings (`pilot.translate.encoded.Encoded`) where keeping messages would cost memory: the
+    outbound clusters, the endpoints and, with a carry, the outbound route configuration.
     """
     view = proxy_view(mesh, proxy)
     seen = _seen(mesh, proxy, view)

@@ -28,7 +28,8 @@ from pilot.xds.resources import EMPTY_SET, Resource, ResourceSet, View
 
 # type_url -> resource name -> protobuf message; what `generate` returns.
 ProxyResources = Mapping[str, Mapping[str, Any]]
-# type_url -> parts, each a name -> message mapping (disjoint); what `generate_parts` returns.
+# type_url -> parts, each a name -> message (or its encoding, `pilot.translate.encoded.Encoded`) mapping
+# (disjoint); what `generate_parts` returns.
 ProxyParts = Mapping[str, Sequence[Mapping[str, Any]]]
 
 _REFERENCES = (("EDS", typeurls.CLUSTER, typeurls.ENDPOINT), ("RDS", typeurls.LISTENER, typeurls.ROUTE))
