@@ -2,7 +2,8 @@
 
 Most of them are limits an xDS server needs (message sizes for a mesh's largest response,
 keepalive as istiod sets it, room for a whole fleet reconnecting at once). One is about memory
-per connection, and it is the largest single term of pilot's memory at scale:
+per connection; without it, gRPC's read buffers were the largest single term of pilot's memory at
+scale:
 
 `READ_BUFFER_LIMIT`. gRPC's TCP endpoint sizes each read by what the connection's earlier reads
 brought in; once that estimate passes 12 KB it reads into 64 KB blocks, and the part of a block
