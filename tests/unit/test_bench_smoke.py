@@ -352,13 +352,16 @@ def test_thread_cpu_splits_a_process_by_thread() -> None:
         "def spin(seconds):\n"
         "    end = time.thread_time() + seconds\n"
         "    while time.thread_time() < end: pass\n"
+        "spun = threading.Event()\n"
         "def worker():\n"
         "    ctypes.CDLL(None).prctl(15, b'busy_worker', 0, 0, 0)\n"  # PR_SET_NAME
         "    spin(0.3)\n"
+        "    spun.set()\n"
         "    time.sleep(60)\n"  # alive while measured: a thread that ended is no longer listed
         "spin(0.2)\n"
         "threading.Thread(target=worker, daemon=True).start()\n"
-        "time.sleep(0.6); print('spun', flush=True); sys.stdin.readline()\n"
+        # once the worker has its 0.3 s (not after a fixed wait: on a loaded machine it got 0.21)
+        "spun.wait(30); print('spun', flush=True); sys.stdin.readline()\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
