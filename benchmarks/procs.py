@@ -201,6 +201,17 @@ def minor_faults(pid: int) -> int:
     return int(fields[7])  # after the command: state, ppid, pgrp, session, tty, tpgid, flags, minflt
 
 
+def inbound_connections(proc: psutil.Process) -> int:
+    """TCP connections `proc` accepted and holds: established, on a port it listens on (0 when
+    it is gone)."""
+    try:
+        conns = proc.net_connections("tcp")
+    except psutil.Error:
+        return 0
+    listening = {c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN}
+    return sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port in listening for c in conns)
+
+
 class ResourceMeter:
     """Peak RSS (sampled every `interval` s) and CPU seconds of one process, per phase."""
 
@@ -239,18 +250,13 @@ class ResourceMeter:
         return CpuSplit(float(t.user), float(t.system), minor_faults(self.proc.pid), thread_cpu(self.proc.pid))
 
     def inbound_connections(self) -> int:
-        """TCP connections the process accepted and holds: established, on a port it listens on.
+        """`inbound_connections` of the measured process.
 
         What the benchmark's clients opened (one per simulated Envoy, or one per channel of
         `streams_per_connection` streams): each costs the server gRPC's transport and read
         buffers besides its streams, so the steady RSS is read with this count beside it.
         """
-        try:
-            conns = self.proc.net_connections("tcp")
-        except psutil.Error:
-            return 0
-        listening = {c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN}
-        return sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port in listening for c in conns)
+        return inbound_connections(self.proc)
 
     def rss(self) -> int:
         try:

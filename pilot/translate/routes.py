@@ -68,9 +68,9 @@ def _sorted_vhosts(mesh: MeshSnapshot) -> list[tuple[str, Service, ServicePort]]
 
 def _vhost(mesh: MeshSnapshot, name: str, service: Service, port: ServicePort, source: RouteSource,
            domains: tuple[str, ...]) -> Any:
-    routes = vhost_routes(mesh, service, port, source)
-    return carried_by(mesh, _VHOST_TAG, (routes,), (name, domains),
-                      lambda: rc.VirtualHost(name=name, domains=domains, routes=routes))
+    """A virtual host message, for the configuration as a message (no carry: tests and tools);
+    pilot's pushes keep only its encoding (`_vhost_entry`)."""
+    return rc.VirtualHost(name=name, domains=domains, routes=vhost_routes(mesh, service, port, source))
 
 
 # One virtual host as an element of RouteConfiguration.virtual_hosts (field 2), and whether one of
@@ -84,10 +84,11 @@ def _entry(vhost: Any) -> _Entry:
 
 def _vhost_entry(mesh: MeshSnapshot, name: str, service: Service, port: ServicePort, source: RouteSource,
                  domains: tuple[str, ...]) -> _Entry:
-    """`_entry` of `_vhost`, carried as `_vhost` is (namespaces and mesh versions share the
-    encodings of unchanged virtual hosts), with no message kept: the configuration is joined from
-    the encodings, and a VirtualHost message (~4 KB in memory with its routes) would only stay
-    to key them (2,000 at mission scale)."""
+    """`_entry` of `_vhost`, carried while its routes are the same objects and its name and
+    domains equal (namespaces and mesh versions share the encodings of unchanged virtual hosts),
+    with no message kept: the configuration is joined from the encodings, and a VirtualHost
+    message (~4 KB in memory with its routes) would only stay to key them (2,000 at mission
+    scale)."""
     routes = vhost_routes(mesh, service, port, source)
     return carried_by(mesh, _ENTRY_TAG, (routes,), (name, domains),
                       lambda: _entry(rc.VirtualHost(name=name, domains=domains, routes=routes)))
@@ -320,7 +321,6 @@ def _same_but_endpoints(old: Mapping[str, Service], new: Mapping[str, Service]) 
 
 
 _CLAIMS_TAG = "vhost-domains"
-_VHOST_TAG = "vhost"
 _ENTRY_TAG = "vhost-entry"
 
 

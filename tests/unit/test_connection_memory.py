@@ -22,6 +22,7 @@ import psutil
 from envoy.service.discovery.v3 import discovery_pb2
 from prometheus_client import CollectorRegistry
 
+from benchmarks.procs import inbound_connections
 from pilot.model.proxy import identity_from_node
 from pilot.testing.ads_client import SOTW_METHOD, make_node
 from pilot.xds.cache import SnapshotCache
@@ -117,9 +118,8 @@ async def _kb_per_connection(capped: bool) -> float:
         channels, _calls = await _connect_and_go_quiet(port)
         ours.send("heap")
         after: int = await asyncio.to_thread(ours.recv)
-        established = [c for c in psutil.Process(process.pid).net_connections("tcp")
-                       if c.status == psutil.CONN_ESTABLISHED]
-        assert len(established) == CONNECTIONS  # one TCP connection per proxy, all still open
+        # one TCP connection per proxy, all still open
+        assert inbound_connections(psutil.Process(process.pid)) == CONNECTIONS
         return (after - before) / CONNECTIONS / 1024
     finally:
         for channel in channels:
