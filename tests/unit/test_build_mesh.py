@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 from typing import Any
 
@@ -71,6 +72,53 @@ def test_selector_picks_same_namespace_workloads_and_resolves_ports() -> None:
     ]
     assert [s.host for s in mesh.services_selecting("default", {"app": "reviews", "x": "y"})] == [REVIEWS]
     assert mesh.services_selecting("other", {"app": "reviews"}) == ()
+
+
+def _behind(view: Any) -> Any:
+    """The dict a read-only view shows (what CPython's collector sees it refer to)."""
+    (mapping,) = gc.get_referents(view)
+    return mapping
+
+
+def test_equal_label_and_port_maps_share_one_dict_and_stay_read_only() -> None:
+    twin = workload("v1b", "127.0.0.14", {"version": "v1", "app": "reviews"}, ports={"http": 9081})
+    mesh = build_mesh([SE, V1, V2, twin, OTHER_NS])
+    one, two, other = mesh.workload("default", "v1"), mesh.workload("default", "v1b"), mesh.workload("default", "v2")
+    elsewhere = mesh.workload("other", "v3")
+    assert one is not None and two is not None and other is not None and elsewhere is not None
+    # Equal content, given in another order: one sorted dict behind both views.
+    assert _behind(one.labels) is _behind(two.labels) and list(one.labels) == ["app", "version"]
+    assert _behind(one.ports) is _behind(two.ports) and dict(one.ports) == {"http": 9081}
+    assert _behind(other.labels) is not _behind(one.labels) and other.labels["version"] == "v2"
+    assert not other.ports and other.ports is elsewhere.ports  # no ports given: the one empty map
+    with pytest.raises(TypeError):
+        one.labels["version"] = "v9"  # type: ignore[index]
+    service = mesh.service(REVIEWS)
+    assert service is not None
+    v1_ports = [e.ports for e in service.endpoints if e.workload in ("default/v1", "default/v1b")]
+    assert len(v1_ports) == 2 and _behind(v1_ports[0]) is _behind(v1_ports[1])
+
+
+def test_maps_share_only_when_keys_and_values_are_exactly_strings_or_integers() -> None:
+    from pilot.model.mesh import frozen_map
+
+    assert _behind(frozen_map({"a": 1})) is _behind(frozen_map({"a": 1}))
+    assert frozen_map({}) is frozen_map(None)
+    flag = frozen_map({"a": True})  # equal to {"a": 1}, but a bool stays a bool
+    assert _behind(flag) is not _behind(frozen_map({"a": 1})) and type(flag["a"]) is bool
+    assert type(frozen_map({"a": 1})["a"]) is int
+    nested = {"a": (1, 2)}
+    assert _behind(frozen_map(nested)) is not _behind(frozen_map(nested)) and frozen_map(nested) == nested
+
+
+def test_a_shared_map_goes_when_its_last_view_does() -> None:
+    from pilot.model import mesh as m
+
+    key = (("test-only", "x"),)
+    view = m.frozen_map(dict(key))
+    assert key in m._SHARED_MAPS
+    del view
+    assert key not in m._SHARED_MAPS  # freed by reference counting, no collection needed
 
 
 def test_inline_endpoints() -> None:
