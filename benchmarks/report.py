@@ -1,10 +1,10 @@
-"""Benchmark results: latency summaries, targets, the printed tables and the JSON file."""
+"""Benchmark results: latency summaries, the printed tables and the JSON file (the targets: `benchmarks.targets`)."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,18 +12,18 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.wirebytes import ChangeWire, arithmetic
+from benchmarks.targets import (
+    BYTES_BOUND_SHARE,
+    MISSION,
+    MISSION_SERVICES,
+    TARGET_N,
+    ratio,
+    target_rows,
+)
 
 MB = 1024 * 1024
 KINDS = ("route", "endpoint")
 PER_WORKLOAD = "per-workload"
-# Targets at 1,000 proxies.
-TARGET_N = 1000
-TARGET_ROUTE_P99 = 1.0
-TARGET_ENDPOINT_P99 = 0.3
-TARGET_RSS_MB = 300.0
-# Mission scale: runs with at least this many services and one config class per workload.
-MISSION_SERVICES = 1000
 
 
 def percentile(values: Sequence[float], pct: float) -> float:
@@ -194,119 +194,6 @@ class Run:
         }
 
 
-@dataclass(frozen=True)
-class Target:
-    """One limit on one figure of a pilot run; `applies` picks the runs it is checked on."""
-
-    scope: str
-    name: str
-    op: str  # "<" or "<="
-    limit: float
-    unit: str
-    value: Callable[[Run], float | None]
-    applies: Callable[[Run], bool]
-    floor: str = ""  # a change kind: the row also shows the baseline's `cpu_floor` for it
-    change: str = ""  # the change kind whose bytes drive the figure: the row shows their arithmetic
-
-    def within(self, value: float) -> bool:
-        return value < self.limit if self.op == "<" else value <= self.limit
-
-    def check(self, run: Run, base: Run | None = None, cores: int = 0) -> dict[str, Any]:
-        """The row for one run: met is None when the figure is not available (not exported).
-        With the baseline of the same run, the row shows the baseline's figure too ("replay":
-        the same bytes with no pilot logic, on the same machine) and, for a change's latency,
-        the least the machine allows (`Run.cpu_floor` of the baseline): the arithmetic next to
-        a limit that the bytes, not pilot, may decide. A change's figure that the replay misses
-        as well is bytes-bound (`applies` "bytes", met None): no server can meet that limit with
-        those bytes on this machine, and its `REPLAY_TARGETS` row (pilot within 1.2x of the
-        replay) is the verdict, as the issue has it."""
-        value = self.value(run)
-        met: bool | None = None
-        if value is not None:
-            met = bool(self.within(value) and run.converged)
-        replay: float | None = None
-        floor: float | None = None
-        applies: bool | str = True
-        if base is not None and base.converged:
-            replay = self.value(base)
-            floor = base.cpu_floor(self.floor, cores) if self.floor else None
-            if self.change and replay is not None and not math.isnan(replay) and not self.within(replay):
-                met, applies = None, "bytes"
-        wire = run.wire.get(self.change) if self.change else None
-        return {"protocol": run.protocol, "clients": run.clients, "services": run.services, "scope": self.scope,
-                "target": self.name, "value": value, "op": self.op, "limit": self.limit, "unit": self.unit,
-                "met": met, "replay": replay, "floor": floor, "applies": applies,
-                "bytes": arithmetic(run.clients, ChangeWire(*wire)) if wire else ""}
-
-
-def _at_1000(run: Run) -> bool:
-    return run.clients == TARGET_N
-
-
-def _mission(run: Run) -> bool:
-    return run.mission_scale
-
-
-MISSION = "mission scale"
-MISSION_P99 = {"route": 1.0, "endpoint": 0.3}  # the issue's p99 limits per change at mission scale, seconds
-MISSION_CPU_PER_ROUTE_CHANGE = 0.5  # seconds of the server's CPU
-TARGETS = (
-    Target(f"{TARGET_N} proxies", "route change p99", "<", TARGET_ROUTE_P99, "s",
-           lambda r: r.pooled("route").p99, _at_1000),
-    Target(f"{TARGET_N} proxies", "endpoint change p99", "<", TARGET_ENDPOINT_P99, "s",
-           lambda r: r.pooled("endpoint").p99, _at_1000),
-    Target(f"{TARGET_N} proxies", "pilot peak RSS", "<", TARGET_RSS_MB, "MB", lambda r: r.peak_rss_mb, _at_1000),
-    Target(MISSION, "steady RSS", "<=", 300.0, "MB", lambda r: r.steady_rss_mb, _mission),
-    Target(MISSION, "peak RSS", "<=", 500.0, "MB", lambda r: r.peak_rss_mb, _mission),
-    Target(MISSION, "RSS after the changes", "<=", 300.0, "MB", lambda r: r.after_rss_mb, _mission),
-    Target(MISSION, "route change p99", "<", MISSION_P99["route"], "s", lambda r: r.pooled("route").p99, _mission,
-           "route", "route"),
-    Target(MISSION, "endpoint change p99", "<", MISSION_P99["endpoint"], "s", lambda r: r.pooled("endpoint").p99,
-           _mission, "endpoint", "endpoint"),
-    Target(MISSION, "all connected and ACKed", "<", 15.0, "s", lambda r: r.connected_all_s, _mission),
-    Target(MISSION, "pilot CPU per route change", "<", MISSION_CPU_PER_ROUTE_CHANGE, "s",
-           lambda r: r.cpu_per_change("route"), _mission, change="route"),
-    Target(MISSION, "CPU per new class", "<=", 1.0, "ms", lambda r: r.class_cpu_ms, _mission),
-    Target(MISSION, "idle CPU", "<=", 0.05, "vCPU", lambda r: r.idle_vcpu, _mission),
-)
-# Where bytes must be written regardless, pilot must not be the bottleneck: at mission scale its
-# p99 within this factor of the baseline's (the replay of the same bytes) in the same run.
-REPLAY_FACTOR = 1.2
-# When the bytes decide: the replay alone takes at least this share of the change's absolute limit.
-# Below it (a route change over VHDS writes ~1 MB to 2,000 proxies, not 1.1 GB) the absolute limit
-# is the one that applies, and the ratio row is printed without a verdict.
-BYTES_BOUND_SHARE = 0.5
-
-
-@dataclass(frozen=True)
-class ReplayTarget:
-    """A change's figure against the baseline's in the same run, pilot's over the replay's: its
-    p99, pooled over the rounds (the ratio table's "p99", debounce included), and pilot's CPU per
-    route change (the issue's "pilot must not be the bottleneck" where 1.1 GB must be written
-    whoever writes it). Checked only where the bytes decide (the replay takes at least
-    `BYTES_BOUND_SHARE` of the absolute limit); otherwise `met` is None and `applies` says why."""
-
-    target: Target  # a mission-scale figure a change's bytes drive (`Target.change`)
-
-    def _of(self, run: Run) -> float:
-        found = self.target.value(run)
-        return math.nan if found is None else found
-
-    def check(self, run: Run, base: Run) -> dict[str, Any]:
-        replay = self._of(base)
-        found = _ratio(self._of(run), replay)
-        value = None if math.isnan(found) else found
-        bound = replay >= BYTES_BOUND_SHARE * self.target.limit
-        met = None if value is None or not bound else bool(value <= REPLAY_FACTOR and run.converged
-                                                           and base.converged)
-        return {"protocol": run.protocol, "clients": run.clients, "services": run.services, "scope": MISSION,
-                "target": f"{self.target.name} / the replay's", "value": value, "op": "<=",
-                "limit": REPLAY_FACTOR, "unit": "x", "met": met, "replay": replay, "floor": None,
-                "applies": bound, "bytes": ""}
-
-
-# One per change-driven mission figure: route and endpoint p99, CPU per route change.
-REPLAY_TARGETS = tuple(ReplayTarget(t) for t in TARGETS if t.scope == MISSION and t.change)
 
 
 @dataclass
@@ -321,15 +208,8 @@ class Report:
         return [(r, base.get((r.protocol, r.clients))) for r in self.runs if r.server == "pilot"]
 
     def targets(self) -> list[dict[str, Any]]:
-        """Every target's row for every pilot run it applies to; at mission scale, with the baseline
-        of the same run, also the rows of `REPLAY_TARGETS`."""
-        cores = int(self.machine.get("cpus") or 0)
-        rows = []
-        for run, base in self.pairs():
-            rows += [t.check(run, base, cores) for t in TARGETS if t.applies(run)]
-            if base is not None and _mission(run):
-                rows += [t.check(run, base) for t in REPLAY_TARGETS]
-        return rows
+        """Every target's row for every pilot run it applies to (`benchmarks.targets`)."""
+        return target_rows(self.pairs(), int(self.machine.get("cpus") or 0))
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -356,27 +236,23 @@ def _nan_to_none(value: Any) -> Any:
     return value
 
 
-def _ratio(a: float, b: float) -> float:
-    """a / b, NaN when either was not measured or b is not positive."""
-    return a / b if b > 0 and not math.isnan(a) and not math.isnan(b) else math.nan
-
 
 def _ratios(pilot: Run, base: Run) -> dict[str, Any]:
     out: dict[str, Any] = {"protocol": pilot.protocol, "clients": pilot.clients}
-    out["connect"] = _ratio(pilot.connected_all_s, base.connected_all_s)  # until all clients ACKed
-    out["connect_p99"] = _ratio(pilot.connect.p99, base.connect.p99)
+    out["connect"] = ratio(pilot.connected_all_s, base.connected_all_s)  # until all clients ACKed
+    out["connect_p99"] = ratio(pilot.connect.p99, base.connect.p99)
     for kind in KINDS:
         p, b = pilot.pooled(kind), base.pooled(kind)
-        out[f"{kind}_p99"] = _ratio(p.p99, b.p99)
+        out[f"{kind}_p99"] = ratio(p.p99, b.p99)
         # The same from the end of pilot's configured debounce (Istio's PILOT_DEBOUNCE_AFTER is
         # 100 ms too): a wait pilot chooses, which the baseline, replaying at once, does not have.
-        out[f"{kind}_p99_past_debounce"] = _ratio(p.p99 - pilot.debounce_s.get(kind, 0.0), b.p99)
+        out[f"{kind}_p99_past_debounce"] = ratio(p.p99 - pilot.debounce_s.get(kind, 0.0), b.p99)
         # Fan-out alone: the spread between the first and last ACK, without detection/debounce.
-        out[f"{kind}_spread"] = _ratio(p.max - p.min, b.max - b.min)
+        out[f"{kind}_spread"] = ratio(p.max - p.min, b.max - b.min)
     # Round k of pilot against round k of the baseline, which ran right after it (`benchmarks.paired`):
     # the pooled figures above follow the worst round, these show whether one round decided them.
     out["per_round_p99"] = {
-        name: [_ratio(a.latency.p99, c.latency.p99) for a, c in zip(pilot.phase(name), base.phase(name), strict=False)]
+        name: [ratio(a.latency.p99, c.latency.p99) for a, c in zip(pilot.phase(name), base.phase(name), strict=False)]
         for name in ("connect", *KINDS)}
     # The simulated Envoys' CPU in the same rounds, pilot's over the baseline's: they run the same
     # code on the same bytes against both servers. A round far above 1.0x had the clients doing more
@@ -384,7 +260,7 @@ def _ratios(pilot: Run, base: Run) -> dict[str, Any]:
     # out (a client woken for each response pays the wake-up each time, one woken for a burst once),
     # which a slower server causes itself. A hint to read a round's p99 ratio with, not a verdict.
     out["per_round_client_cpu"] = {
-        name: [_ratio(a.client_cpu_s, c.client_cpu_s)
+        name: [ratio(a.client_cpu_s, c.client_cpu_s)
                for a, c in zip(pilot.phase(name), base.phase(name), strict=False)]
         for name in KINDS}
     return out
