@@ -171,6 +171,11 @@ class Conversions:
             return None
         return found[0], found[1][0], found[1][2]
 
+    def stage_args(self, tag: Hashable) -> tuple[Hashable, ...] | None:
+        """The arguments of a stage's last run (None if it never ran): a patch applies only to equal ones."""
+        found = self._stages.get(tag)
+        return None if found is None or found[1] is None else found[1][1]
+
     def stage_store(self, tag: Hashable, memo: Conversions, objs: tuple[Any, ...], args: tuple[Hashable, ...],
                     value: Any) -> None:
         """Record a stage's result computed by patching (`stage_last`)."""

@@ -64,8 +64,14 @@ class Scoping:
     # Indexes of destination_rules, filled by __post_init__: exact hosts, and the wildcard rules.
     rules_by_host: Mapping[str, tuple[Exported[DestinationPolicy], ...]] = field(default_factory=_no_rules)
     wildcard_rules: tuple[Exported[DestinationPolicy], ...] = ()
+    # The destination_rules the two indexes were made from. `dataclasses.replace` hands a copy the
+    # indexes of its original, and they stand while the rules are that very tuple: a routing edit
+    # (`pilot.model.route_patches`) and the route diff copy scoping without indexing 1,000 rules again.
+    indexed_from: tuple[Exported[DestinationPolicy], ...] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.indexed_from is self.destination_rules:
+            return
         by_host: dict[str, list[Exported[DestinationPolicy]]] = {}
         for rule in self.destination_rules:
             if not rule.value.host.startswith("*"):
@@ -73,6 +79,7 @@ class Scoping:
         object.__setattr__(self, "rules_by_host", MappingProxyType({h: tuple(r) for h, r in by_host.items()}))
         wild = tuple(r for r in self.destination_rules if r.value.host.startswith("*"))
         object.__setattr__(self, "wildcard_rules", wild)
+        object.__setattr__(self, "indexed_from", self.destination_rules)
 
     def service_export(self, host: str) -> frozenset[str]:
         return self.service_exports.get(host, EVERYWHERE)
