@@ -18,6 +18,7 @@ The cost is a dictionary lookup per rejected document.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -83,8 +84,11 @@ class ConfigStore:
             self._position = {key: i for i, key in enumerate(self._sorted_keys)}
         if kind is None:
             return list(self._ordered)
-        return [obj for key, obj in zip(self._sorted_keys or sorted(self._effective), self._ordered, strict=True)
-                if key[0] == kind]
+        # Keys sort by kind first, so one kind's objects are one run of the list: two bisections
+        # instead of a pass over ~9,000 keys (two callers ask on every push: 4 ms of the loop).
+        keys = self._sorted_keys if self._sorted_keys is not None else sorted(self._effective)
+        start = bisect.bisect_left(keys, (kind,))
+        return self._ordered[start:bisect.bisect_left(keys, (kind + "\x00",), start)]
 
     def apply(self, obj: ApiObject, source_id: str = DEFAULT_SOURCE) -> bool:
         """Add or replace one object; True if the effective config changed."""

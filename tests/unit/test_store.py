@@ -148,3 +148,22 @@ async def test_touch_wakes_waiters_without_changing_objects() -> None:
     assert store.touch() == 2
     assert await asyncio.wait_for(waiter, 1) == 2
     assert [o.metadata.name for o in store.objects()] == ["a"]
+
+
+def test_objects_of_a_kind_whose_name_begins_another_kind_are_exactly_its_own() -> None:
+    """One kind's objects are one run of the sorted list ("Service" sorts right before "ServiceEntry"
+    and "ServiceEndpoints"), sliced out by bisection: each kind gets all of its own and nothing else."""
+    from pilot.kube.registry import KubeService
+
+    store = ConfigStore()
+    spec = {"hosts": ["a.example"], "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}]}
+    entry = {"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry", "spec": spec}
+    for ns in ("a", "b"):
+        meta = {"name": "s", "namespace": ns}
+        store.apply(parse_object({**entry, "metadata": meta}))
+        store.apply(KubeService.model_validate({**entry, "kind": "Service", "metadata": meta}))
+        store.apply(we("w", namespace=ns))
+    every = store.objects()
+    for kind in ("Service", "ServiceEntry", "WorkloadEntry", "Gateway", "Serv", "A", "Z"):
+        assert store.objects(kind) == [o for o in every if o.kind == kind], kind
+    assert [o.metadata.namespace for o in store.objects("Service")] == ["a", "b"]
