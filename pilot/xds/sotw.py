@@ -27,7 +27,7 @@ from pilot.xds import typeurls
 from pilot.xds.resources import EMPTY_SET, Resource, View, version_of
 from pilot.xds.session import SessionBase, held_version_of
 from pilot.xds.snapshot import Snapshot
-from pilot.xds.wire import names_region, str_field
+from pilot.xds.wire import SOTW_NONCE, ack_nonce, names_region, str_field
 
 
 @dataclass(slots=True)
@@ -90,17 +90,22 @@ class SotwSession(SessionBase[_TypeState]):
         """`handle` for a request as received. An ACK repeating this stream's names (the usual
         request, and at mission scale 100 KB of EDS names) is recognised by comparing those bytes
         with the ones the stream sent last (`bytes.startswith` at an offset: a memcmp without a copy;
-        comparing through a memoryview goes byte by byte, 100x slower), and only the few other fields are decoded."""
+        comparing through a memoryview goes byte by byte, 100x slower), and only the few other fields
+        are decoded: when all that follows the names and type is the nonce (a plain ACK: no error),
+        that field alone, without a protobuf message (~2 us of each of 2,000 ACKs per push)."""
         region = names_region(raw, TYPE_FIELDS)
         if region is not None:
             start, end, type_url = region
             state = self.types.get(type_url)
             key = state.requested_key if state is not None else None
             if key is not None and len(key) == end - start and raw.startswith(key, start):
+                names = state.names  # type: ignore[union-attr]
+                nonce = ack_nonce(raw, end, SOTW_NONCE)
+                if nonce is not None:
+                    return self._apply(type_url, nonce, None, key, names)
                 rest = discovery_pb2.DiscoveryRequest.FromString(raw[:start] + raw[end:])
                 if not rest.resource_names and not rest.type_url:  # nothing outside the region adds names
-                    rest.type_url = type_url
-                    return self._apply(rest, key, state.names)  # type: ignore[union-attr]
+                    return self._apply(type_url, rest.response_nonce, self._error_text(rest), key, names)
         return self.handle(self.parse(raw), raw)
 
     def handle(self, request: Any, wire: bytes | None = None) -> bool:
@@ -115,13 +120,13 @@ class SotwSession(SessionBase[_TypeState]):
             names, key = state.names, state.requested_key  # an ACK repeating its names: O(1) in Python
         else:
             key, names = self._names(type_url, request, key)
-        return self._apply(request, key, names)
+        return self._apply(type_url, request.response_nonce, self._error_text(request), key, names)
 
-    def _apply(self, request: Any, key: bytes | None, names: frozenset[str] | None) -> bool:
-        """A request whose subscription is known (`names`, and the wire `key` it was read from)."""
-        type_url: str = request.type_url
+    def _apply(self, type_url: str, nonce: str, error: str | None, key: bytes | None,
+               names: frozenset[str] | None) -> bool:
+        """A request of `type_url` whose subscription is known (`names`, and the wire `key` it was
+        read from), acknowledging `nonce` ("": none), NACKing with `error` (None: no error)."""
         state = self.types.get(type_url)
-        nonce: str = request.response_nonce
         if state is None or not state.last_nonce:
             # First request of a type on this stream: never stale, whatever nonce it carries.
             self.types[type_url] = _TypeState(names=names, requested_key=key)
@@ -134,7 +139,6 @@ class SotwSession(SessionBase[_TypeState]):
             return False
         settled = type_url in self.pending
         if settled:
-            error = self._error_text(request)
             self._acknowledge(type_url, nonce, error)
             # `held` is never changed in place (a send or a resubscription replaces it), so the
             # two may share one object.

@@ -96,12 +96,18 @@ def subscribe_tail(raw: bytes) -> tuple[int, str] | None:
     return end, raw[start:end].decode("utf-8", "replace")
 
 
-def ack_nonce(raw: bytes, start: int) -> str | None:
-    """The nonce of a serialized DeltaDiscoveryRequest whose fields from `start` (what
-    `subscribe_tail` returns) on are a response_nonce (6) and nothing else: a plain ACK, which
-    names its type and the response it acknowledges, subscribes to nothing and carries no error.
+# The response_nonce field's tag in each protocol's request: DeltaDiscoveryRequest (6), DiscoveryRequest (5).
+DELTA_NONCE, SOTW_NONCE = b"\x32", b"\x2a"
+
+
+def ack_nonce(raw: bytes, start: int, tag: bytes = DELTA_NONCE) -> str | None:
+    """The nonce of a serialized request whose fields from `start` on are a response_nonce and
+    nothing else. For a DeltaDiscoveryRequest, `start` is what `subscribe_tail` returns: such a
+    request is a plain ACK, which names its type and the response it acknowledges, subscribes to
+    nothing and carries no error. For a DiscoveryRequest (`tag` SOTW_NONCE), `start` is the end of
+    what `names_region` finds: no error and nothing after the names and type.
     None for anything else, an empty nonce or one that is not UTF-8 (the parser's to refuse)."""
-    if raw[start:start + 1] != b"\x32":
+    if raw[start:start + 1] != tag:
         return None
     try:
         begin, end = _len_field_bounds(raw, start + 1)

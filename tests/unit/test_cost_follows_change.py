@@ -394,6 +394,52 @@ def test_an_ack_repeating_its_names_is_applied_without_decoding_them(monkeypatch
     assert len(decoded) == 1 and state.names == frozenset(names[:-1])
 
 
+
+def test_a_plain_sotw_ack_is_read_without_a_message_and_anything_more_the_ordinary_way(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SotW ACK whose names repeat the stream's and that carries nothing after its type but the
+    nonce is settled from that field alone; a NACK (error_detail after the nonce), a stale nonce and
+    a request carrying a node behave as the decoded ones do."""
+    registry = _registry()
+    session = SotwSession(registry.open(_identity(), "sotw", "test"), registry)
+    names = [f"c{i}" for i in range(1, 40)]
+    status = registry.streams()[0]
+    session.handle_wire(discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=names).SerializeToString())
+    messages: list[int] = []
+    real = discovery_pb2.DiscoveryRequest.FromString
+    monkeypatch.setattr(discovery_pb2.DiscoveryRequest, "FromString",
+                        staticmethod(lambda data: messages.append(len(data)) or real(data)))
+
+    def push(version: int) -> str:
+        (raw,) = session.responses(snapshot({n: version for n in names}))
+        return str(discovery_pb2.DiscoveryResponse.FromString(raw).nonce)
+
+    def request(nonce: str, **fields: Any) -> bytes:
+        return bytes(discovery_pb2.DiscoveryRequest(
+            version_info="v", type_url=ENDPOINT, resource_names=names, response_nonce=nonce, **fields
+        ).SerializeToString())
+
+    nonce = push(1)
+    assert not session.handle_wire(request(nonce))  # a plain ACK: nothing to answer
+    assert status.of(ENDPOINT).acked_version and not session.pending
+    assert messages == []  # no DiscoveryRequest was decoded
+    nonce = push(2)
+    nack = discovery_pb2.DiscoveryRequest.FromString(request(nonce))
+    nack.error_detail.message = "rejected"
+    session.handle_wire(nack.SerializeToString())
+    assert status.of(ENDPOINT).nack_message == "rejected" and len(messages) == 2  # decoded: it has an error
+    assert not session.handle_wire(request("stale"))  # a stale nonce is ignored, as decoded
+    messages.clear()
+    nonce = push(3)
+    with_node = discovery_pb2.DiscoveryRequest.FromString(request(nonce))
+    with_node.node.id = "sidecar~1.2.3.4~a.ns~ns.svc.cluster.local"
+    session.handle_wire(with_node.SerializeToString())  # the node precedes the names: still a plain ACK
+    assert len(messages) == 1  # this test's own
+    endpoints = status.of(ENDPOINT)
+    assert endpoints.nack_message == "" and endpoints.acked_version == endpoints.sent_version
+
+
 def _delta_subscribe(names: list[str], node_id: str = "", **fields: Any) -> bytes:
     request = discovery_pb2.DeltaDiscoveryRequest(type_url=ENDPOINT, resource_names_subscribe=names, **fields)
     if node_id:
