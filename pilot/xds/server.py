@@ -366,6 +366,7 @@ class AdsServer:
         made_of: tuple[Snapshot | None, Any] | None = None
         stream.dirty = True  # the first request is handled already
         wake = stream.wake
+        task = asyncio.current_task()  # this stream's writer, as the send watch follows it
         first_sent: set[str] = set()  # types whose first response this stream has written (`_write`)
         while True:
             # Cleared before looking, so whatever happens from here on (a request, a snapshot, the
@@ -399,7 +400,7 @@ class AdsServer:
                     kind = types[i] if types else ""
                     first = bool(kind) and kind not in first_sent
                     first_sent.add(kind)
-                    await self._write(context, responses.pop(0), kind, made if i == 0 else 0.0, first)
+                    await self._write(context, responses.pop(0), kind, made if i == 0 else 0.0, first, task)
                 if self.changes is not None and types:
                     self.changes.written(session.status.stream_id, session.status.connected_at, types)
             if not wake.is_set():  # else: something came while the responses were written
@@ -436,11 +437,12 @@ class AdsServer:
             self.secrets.audit(session.status.stream_id, identity.node_id, grant, names)
 
     async def _write(self, context: grpc.aio.ServicerContext, response: bytes, type_name: str = "",
-                     made: float = 0.0, first: bool = False) -> None:
+                     made: float = 0.0, first: bool = False, task: Any = None) -> None:
         """Hand one response (of type `type_name`: CDS, ...) to gRPC; SendTimeoutError if the proxy
         does not take it in time. `made`: seconds this stream spent making the response (its step);
         `first`: the stream's first response of the type (a connecting proxy's config), which
-        waits for its share of the `WriteBudget` before the send timeout starts.
+        waits for its share of the `WriteBudget` before the send timeout starts. `task`: the
+        writing task (looked up when not given).
 
         The timeout is one server-wide `SendWatch`, not a timer per write (a timer object, a heap
         push and a cancellation each: about 7 µs per write on the shared 2-core machine, 14 ms per
@@ -451,7 +453,8 @@ class AdsServer:
         taken = await budget.take(len(response)) if budget is not None else 0
         began = time.perf_counter()
         watch, wave = self._send_watch, self.write_wave
-        task: Any = asyncio.current_task() if watch is not None else None
+        if task is None and watch is not None:
+            task = asyncio.current_task()
         if watch is not None:
             watch.begin(task)
         if wave is not None:
