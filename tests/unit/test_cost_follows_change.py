@@ -408,8 +408,12 @@ def test_a_plain_sotw_ack_is_read_without_a_message_and_anything_more_the_ordina
     session.handle_wire(discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=names).SerializeToString())
     messages: list[int] = []
     real = discovery_pb2.DiscoveryRequest.FromString
-    monkeypatch.setattr(discovery_pb2.DiscoveryRequest, "FromString",
-                        staticmethod(lambda data: messages.append(len(data)) or real(data)))
+
+    def counted(data: bytes) -> Any:
+        messages.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(discovery_pb2.DiscoveryRequest, "FromString", staticmethod(counted))
 
     def push(version: int) -> str:
         (raw,) = session.responses(snapshot({n: version for n in names}))
