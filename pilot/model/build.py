@@ -32,15 +32,14 @@ from pilot.model import mesh as m
 from pilot.model.authz import Security, build_security
 from pilot.model.build_scoping import ScopeInputs, build_scoping, gateway_server_conflicts, oldest_merged_rules
 from pilot.model.build_services import services_stage
-from pilot.model.conversions import Conversions
+from pilot.model.conversions import Conversions, changed_positions
 from pilot.model.delegates import resolve_delegates
 from pilot.model.hosts import ROOT_NAMESPACE
 from pilot.model.local_ports import local_port_warnings
 from pilot.model.mtls import PeerAuthn, peer_authn_stage
-from pilot.model.route_patches import delegates_stage, routing_stage, scoping_stage
+from pilot.model.route_patches import delegates_stage, for_sidecars, routing_stage, scoping_stage
 from pilot.model.scoping import Scoping
 
-MESH_GATEWAY = "mesh"
 _LATEST = datetime.max.replace(tzinfo=UTC)
 T = TypeVar("T", bound=ApiObject)
 R = TypeVar("R")
@@ -93,11 +92,8 @@ def build_mesh(
         memo, tuple(virtual_services), cluster_domain,
         lambda sub: _warned(lambda w: _virtual_services(virtual_services, cluster_domain, w, sub)))
     scope_inputs = ScopeInputs(list(entries), list(dest_rules), virtual_services, list(gateways), list(sidecars))
-    scoping, scoping_warnings = scoping_stage(
-        memo, (*entries, *dest_rules, *virtual_services, *gateways, *sidecars),
-        (len(entries), len(dest_rules), len(virtual_services), len(gateways), len(sidecars)),
-        cluster_domain, root_namespace,
-        lambda sub: _warned(lambda w: build_scoping(scope_inputs, cluster_domain, w, sub, root_namespace)))
+    scoping, scoping_warnings = scoping_stage(memo, scope_inputs, cluster_domain, root_namespace, lambda sub: _warned(
+        lambda w: build_scoping(scope_inputs, cluster_domain, w, sub, root_namespace)))
     rules = _base_rules(memo, scoping)
     warnings = [*delegate_warnings, *service_warnings, *routing_warnings, *scoping_warnings]
     warnings += memo.stage("gateway-conflicts", (scoping, workloads), (),
@@ -154,8 +150,8 @@ def _with_registry_endpoints(
         sub, before, (merged, position) = last
         count = len(entries)
         if len(before) == count + len(endpoints) and all(a is b for a, b in zip(before, entries, strict=False)):
-            changed = [i for i, (a, b) in enumerate(zip(before[count:], endpoints, strict=True)) if a is not b]
-            if len(changed) <= max(len(endpoints) // 8, 1) and len(sub) < 2 * count + 64 and all(
+            changed = changed_positions(before[count:], endpoints)
+            if changed is not None and sub.has_room(count) and all(
                     _key(before[count + i]) == _key(endpoints[i]) for i in changed):
                 patched = list(merged)
                 for i in changed:
@@ -215,18 +211,16 @@ def _workloads_stage(memo: Conversions, entries: tuple[WorkloadEntry, ...]) -> d
     last = memo.stage_last("workloads")
     if last is not None:
         sub, before, value = last
-        if len(before) == len(entries):
-            changed = [i for i, (a, b) in enumerate(zip(before, entries, strict=True)) if a is not b]
-            if not changed:
-                return value  # type: ignore[no-any-return]
-            # Bounded: patching only adds conversions, so past twice the entries a full pass runs.
-            if len(changed) <= max(len(entries) // 8, 1) and len(sub) < 2 * len(entries) + 64 and all(
-                    _key(before[i]) == _key(entries[i]) for i in changed):
-                patched = dict(value)
-                for i in changed:
-                    patched[_key(entries[i])] = sub.of(_workload, entries[i])
-                memo.stage_store("workloads", sub, entries, (), patched)
-                return patched
+        changed = changed_positions(before, entries)
+        if changed == []:
+            return value  # type: ignore[no-any-return]
+        if changed is not None and sub.has_room(len(entries)) and all(
+                _key(before[i]) == _key(entries[i]) for i in changed):
+            patched = dict(value)
+            for i in changed:
+                patched[_key(entries[i])] = sub.of(_workload, entries[i])
+            memo.stage_store("workloads", sub, entries, (), patched)
+            return patched
     return memo.stage("workloads", entries, (), lambda sub: _workloads(list(entries), sub))
 
 
@@ -240,11 +234,10 @@ def _of(memo: Conversions, by_kind: Mapping[type[ApiObject], list[ApiObject]], c
     found = tuple(by_kind.get(cls, ()))
     tag = ("by-precedence", cls)
     last = memo.stage_last(tag)
-    if last is not None and len(last[1]) == len(found):
+    if last is not None:
         sub, before, ordered = last
-        changed = [i for i, (a, b) in enumerate(zip(before, found, strict=True)) if a is not b]
-        if changed and len(changed) <= max(len(found) // 8, 1) and all(
-                precedence(before[i]) == precedence(found[i]) for i in changed):
+        changed = changed_positions(before, found)
+        if changed and all(precedence(before[i]) == precedence(found[i]) for i in changed):
             position = {id(obj): n for n, obj in enumerate(ordered)}
             patched = list(ordered)
             for i in changed:
@@ -277,7 +270,7 @@ def _virtual_services(
 ) -> dict[str, m.RoutingRule]:
     found: dict[str, m.RoutingRule] = {}
     for vs in entries:
-        if vs.spec.gateways and MESH_GATEWAY not in vs.spec.gateways:
+        if not for_sidecars(vs):
             continue  # gateway-only routes do not apply to sidecars
         rule = memo.of(convert_routes.routing_rule, vs, cluster_domain)
         for host in rule.hosts:

@@ -41,7 +41,7 @@ def services_stage(
             if old is workloads:
                 return services, warnings, shape
             moved = _moved(old, workloads)
-            if moved is not None and len(sub) < 2 * (len(entries) + len(workloads)) + 64:
+            if moved is not None and sub.has_room(len(entries) + len(workloads)):
                 index.replace(moved)
                 patched = dict(services)
                 for i in owners.selecting(entries, moved):

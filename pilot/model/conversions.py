@@ -10,13 +10,25 @@ entries used by the latest build are kept.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+import operator
+from collections.abc import Callable, Hashable, Sequence
+from itertools import compress, count
 from typing import Any, TypeVar
 
 R = TypeVar("R")
 
 
 Key = Hashable
+
+
+def changed_positions(before: Sequence[Any], after: Sequence[Any]) -> list[int] | None:
+    """Positions where `after` holds another object than `before` (identity, compared in C): what
+    a patched stage redoes. None when the lengths differ or more than an eighth of them changed
+    (a full pass is then about as cheap)."""
+    if len(before) != len(after):
+        return None
+    changed = list(compress(count(), map(operator.is_not, before, after)))
+    return changed if len(changed) <= max(len(after) // 8, 1) else None
 
 
 class Conversions:
@@ -170,6 +182,11 @@ class Conversions:
         if found is None or found[1] is None:
             return None
         return found[0], found[1][0], found[1][2]
+
+    def has_room(self, inputs: int) -> bool:
+        """Whether a patched stage may add to this (its own) memo: patching only adds conversions, so
+        past twice its `inputs` the stage runs in full, which starts a new generation."""
+        return len(self) < 2 * inputs + 64
 
     def stage_args(self, tag: Hashable) -> tuple[Hashable, ...] | None:
         """The arguments of a stage's last run (None if it never ran): a patch applies only to equal ones."""

@@ -19,28 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Callable, Sequence
-from itertools import compress, count
+from collections.abc import Callable
 from typing import Any
 
 from pilot.api import VirtualService
 from pilot.model import convert_routes
 from pilot.model import mesh as m
-from pilot.model.conversions import Conversions
+from pilot.model.build_scoping import ScopeInputs
+from pilot.model.conversions import Conversions, changed_positions
 from pilot.model.hosts import MESH_GATEWAY, export_set
 from pilot.model.scoping import Exported, Scoping
 
 DELEGATES, ROUTING, SCOPING = "delegates", "routing", "scoping"
 Warnings = tuple[str, ...]
-
-
-def changed_positions(before: Sequence[Any], after: Sequence[Any]) -> list[int] | None:
-    """Positions where `after` holds another object than `before`; None when the lengths differ or
-    more than an eighth of them changed (a full pass is then about as cheap)."""
-    if len(before) != len(after):
-        return None
-    changed = list(compress(count(), map(operator.is_not, before, after)))
-    return changed if len(changed) <= max(len(after) // 8, 1) else None
 
 
 def keeps_place(old: VirtualService, new: VirtualService) -> bool:
@@ -56,12 +47,13 @@ def delegating(vs: VirtualService) -> bool:
     return vs.spec.is_delegate or any(route.delegate is not None for route in vs.spec.http)
 
 
+def for_sidecars(vs: VirtualService) -> bool:
+    """Whether a VirtualService applies to sidecars (no gateways, or `mesh` among them)."""
+    return not vs.spec.gateways or MESH_GATEWAY in vs.spec.gateways
+
+
 def _mesh_only(vs: VirtualService) -> bool:
     return all(g == MESH_GATEWAY for g in vs.spec.gateways)
-
-
-def _roomy(sub: Conversions, inputs: int) -> bool:
-    return len(sub) < 2 * inputs + 64
 
 
 def delegates_stage(memo: Conversions, routes: tuple[VirtualService, ...],
@@ -91,11 +83,11 @@ def routing_stage(memo: Conversions, services: tuple[VirtualService, ...], clust
     if last is not None and memo.stage_args(ROUTING) == args:
         sub, before, (found, warnings) = last
         changed = changed_positions(before, services)
-        if changed and _roomy(sub, len(services)) and all(keeps_place(before[i], services[i]) for i in changed):
+        if changed and sub.has_room(len(services)) and all(keeps_place(before[i], services[i]) for i in changed):
             patched = dict(found)
             for i in changed:
                 vs = services[i]
-                if vs.spec.gateways and MESH_GATEWAY not in vs.spec.gateways:
+                if not for_sidecars(vs):
                     continue  # gateway-only, before and after: not in the table
                 rule = sub.of(convert_routes.routing_rule, vs, cluster_domain)
                 for host in rule.hosts:
@@ -107,21 +99,22 @@ def routing_stage(memo: Conversions, services: tuple[VirtualService, ...], clust
     return memo.stage(ROUTING, services, args, full)
 
 
-def scoping_stage(memo: Conversions, objs: tuple[Any, ...], sizes: tuple[int, ...], cluster_domain: str,
-                  root_namespace: str, full: Callable[[Conversions], tuple[Scoping, Warnings]],
-                  ) -> tuple[Scoping, Warnings]:
-    """Scoping (`pilot.model.build_scoping`) over `objs`: the ServiceEntries, DestinationRules,
-    VirtualServices, Gateways and Sidecars, `sizes` of each in that order. When only mesh-bound
-    VirtualServices changed, in place: their rules replaced, the rest (DestinationRule indexes
-    included) and the warnings kept, since what the warnings read of a rule kept its place."""
-    args = (cluster_domain, root_namespace, sizes)
+def scoping_stage(memo: Conversions, inputs: ScopeInputs, cluster_domain: str, root_namespace: str,
+                  full: Callable[[Conversions], tuple[Scoping, Warnings]]) -> tuple[Scoping, Warnings]:
+    """Scoping (`pilot.model.build_scoping`) of `inputs`. When only mesh-bound VirtualServices
+    changed, in place: their rules replaced, the rest (DestinationRule indexes included) and the
+    warnings kept, since what the warnings read of a rule kept its place."""
+    groups = (inputs.service_entries, inputs.destination_rules, inputs.virtual_services, inputs.gateways,
+              inputs.sidecars)
+    objs: tuple[Any, ...] = tuple(obj for group in groups for obj in group)
+    args = (cluster_domain, root_namespace, tuple(map(len, groups)))
     last = memo.stage_last(SCOPING)
     if last is not None and memo.stage_args(SCOPING) == args:
         sub, before, (scoping, warnings) = last
         changed = changed_positions(before, objs)
-        start = sizes[0] + sizes[1]
-        end = start + sizes[2]
-        if (changed and _roomy(sub, len(objs)) and all(start <= i < end for i in changed)
+        start = len(groups[0]) + len(groups[1])
+        end = start + len(groups[2])
+        if (changed and sub.has_room(len(objs)) and all(start <= i < end for i in changed)
                 and all(keeps_place(before[i], objs[i]) and _mesh_only(objs[i]) for i in changed)):
             rules = list(scoping.routing_rules)
             for i in changed:

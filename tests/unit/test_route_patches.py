@@ -18,8 +18,7 @@ from pilot.config.yaml_dir import load_dir
 from pilot.config.yaml_text import load_text
 from pilot.model import build
 from pilot.model.build import build_mesh
-from pilot.model.conversions import Conversions
-from pilot.model.route_patches import changed_positions
+from pilot.model.conversions import Conversions, changed_positions
 
 # Beside the generated services: a delegate and its root, a Gateway-bound route, and two
 # VirtualServices on one host (the older one routes it; the later one is reported and ignored).
