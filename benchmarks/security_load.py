@@ -178,7 +178,8 @@ async def _agent_worker_main(conn: Connection) -> None:
                 agents = [_agent(s, fleet) for s in specs]
                 if start:
                     await asyncio.gather(*(a.start() for a in agents))
-                    await asyncio.wait_for(asyncio.gather(*(a.ready.wait() for a in agents)), GUARD)
+                    async with asyncio.timeout(GUARD):
+                        await asyncio.gather(*(a.ready.wait() for a in agents))
                 gc.collect()
                 conn.send(("ready", [a.credential is not None for a in agents].count(True)))
             elif command == "obtain":

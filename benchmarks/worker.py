@@ -96,7 +96,8 @@ class Worker:
     async def close(self, grace: float = 5.0) -> None:
         """Half-close every stream and let the server end them; cancel what is left after `grace`."""
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True), grace)
+            async with asyncio.timeout(grace):
+                await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=grace)
         for task in self.tasks:

@@ -172,7 +172,8 @@ async def grpc_floor(streams: int, size: int, rounds: int, tls: str = "") -> Flo
     reader = multiprocessing.get_context("spawn").Process(target=_grpc_reader, args=(port, streams, child, ca_pem))
     reader.start()
     try:
-        await asyncio.wait_for(opened.wait(), OPEN_TIMEOUT)
+        async with asyncio.timeout(OPEN_TIMEOUT):
+            await opened.wait()
         user, system = _cpu()
         wall = time.perf_counter()
         for event in go:

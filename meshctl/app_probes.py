@@ -182,8 +182,8 @@ async def _tcp(probe: TcpSocket, pod_ip: str, timeout: float) -> ProbeResult:
     host = probe.host or pod_ip
     source = _source(host)
     try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, probe.port, local_addr=(source, 0) if source else None), timeout)
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(host, probe.port, local_addr=(source, 0) if source else None)
     except (OSError, TimeoutError) as exc:
         return ProbeResult(500, f"TCP {host}:{probe.port} failed: {type(exc).__name__}: {exc}")
     writer.close()

@@ -170,7 +170,8 @@ class EnvoyProcess:
     async def _check_address_free(self) -> None:
         """Fail early and clearly when another proxy (usually a leftover) owns this address."""
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(self.spec.address, ADMIN_PORT), 1)
+            async with asyncio.timeout(1):
+                _, writer = await asyncio.open_connection(self.spec.address, ADMIN_PORT)
         except (OSError, TimeoutError):
             return
         writer.close()
@@ -264,7 +265,8 @@ class EnvoyProcess:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), self._stop_timeout)
+                async with asyncio.timeout(self._stop_timeout):
+                    await proc.wait()
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()

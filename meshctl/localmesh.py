@@ -140,7 +140,8 @@ class LocalMesh:
         await agent.start()
         self.agents[f"{spec.namespace}/{spec.workload}"] = agent
         try:
-            await asyncio.wait_for(agent.ready.wait(), 30)
+            async with asyncio.timeout(30):
+                await agent.ready.wait()
         except TimeoutError:
             raise LocalMeshError(f"the agent of {spec.namespace}/{spec.workload} got no certificate in 30s") from None
         return dataclasses.replace(spec, pilot_port=self.pilot.xds_tls_port, pilot_host=self.settings.xds_tls_host,
@@ -185,8 +186,10 @@ class LocalMesh:
         """
         deadline = time.monotonic() + timeout
         store = self.pilot.store
-        revision = await asyncio.wait_for(store.wait_for_change(after_revision), timeout)
-        await asyncio.wait_for(self.pilot.pusher.wait_built(revision), max(0.1, deadline - time.monotonic()))
+        async with asyncio.timeout(timeout):
+            revision = await store.wait_for_change(after_revision)
+        async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+            await self.pilot.pusher.wait_built(revision)
         return await self.wait_synced(max(0.1, deadline - time.monotonic()))
 
     async def wait_synced(self, timeout: float = 20.0, proxies: int | None = None) -> list[dict[str, Any]]:

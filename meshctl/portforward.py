@@ -82,7 +82,8 @@ async def _rest(proc: asyncio.subprocess.Process) -> str:
     if proc.stderr is None:
         return ""
     with contextlib.suppress(TimeoutError):
-        return (await asyncio.wait_for(proc.stderr.read(), 5)).decode(errors="replace")[-1000:]
+        async with asyncio.timeout(5):
+            return (await proc.stderr.read()).decode(errors="replace")[-1000:]
     return ""
 
 
@@ -90,7 +91,8 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
     if proc.returncode is None:
         proc.terminate()
         try:
-            await asyncio.wait_for(proc.wait(), 5)
+            async with asyncio.timeout(5):
+                await proc.wait()
         except TimeoutError:
             proc.kill()
             await proc.wait()

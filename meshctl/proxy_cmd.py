@@ -222,7 +222,8 @@ async def _start_agent(stack: contextlib.AsyncExitStack, spec: BootstrapSpec, op
         raise click.UsageError(str(exc)) from None
     agent = await stack.enter_async_context(WorkloadAgent(settings, CollectorRegistry()))
     try:
-        await asyncio.wait_for(agent.ready.wait(), ready_timeout or None)
+        async with asyncio.timeout(ready_timeout or None):
+            await agent.ready.wait()
     except TimeoutError:
         raise click.ClickException(
             f"{spec.node_id}: no certificate for {agent.identity} from the CA at {ca} after {ready_timeout:g}s "
@@ -364,7 +365,8 @@ def _inbound_endpoints(clusters: Any) -> list[tuple[str, str, int]]:
 
 async def _accepts(host: str, port: int) -> bool:
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
+        async with asyncio.timeout(1):
+            _, writer = await asyncio.open_connection(host, port)
     except (OSError, TimeoutError):
         return False
     writer.close()

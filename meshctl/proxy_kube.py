@@ -163,7 +163,8 @@ async def run_pod_proxy(pod: PodProxy, probers: Mapping[str, AppProbe], files: P
                 f"{pod.node_id}: cannot listen on status port {pod.status_port}: {exc}") from None
         stack.push_async_callback(status.stop)
         try:
-            await asyncio.wait_for(agent.ready.wait(), cert_timeout or None)
+            async with asyncio.timeout(cert_timeout or None):
+                await agent.ready.wait()
         except TimeoutError:
             raise click.ClickException(
                 f"{pod.node_id}: no certificate for {agent.identity} from the CA at {pod.ca_address} after "

@@ -207,7 +207,8 @@ class Pilot:
         self._tasks.append(spawn("kube-registry", lambda: registry.run(client), self.failures))
         timeout = self.settings.kube_sync_timeout_ms / 1000
         try:
-            await asyncio.wait_for(registry.synced.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await registry.synced.wait()
         except TimeoutError:
             log.warning("kubernetes service registry: not synced after %.0f s; serving what is known", timeout)
 

@@ -36,8 +36,8 @@ async def settle(store: Any, built_revision: int, revision: int, *, quiet: float
         kinds = store.kinds_changed_since(built_revision)
         fast = kinds is not None and kinds <= ENDPOINT_KINDS
         try:
-            revision = await asyncio.wait_for(store.wait_for_change(revision),
-                                              min(endpoint_quiet if fast else quiet, left))
+            async with asyncio.timeout(min(endpoint_quiet if fast else quiet, left)):
+                revision = await store.wait_for_change(revision)
         except TimeoutError:
             return revision, fast
     return revision, False

@@ -100,7 +100,8 @@ class JwksFetcher:
     async def _sleep_until_due(self, revision: int) -> None:
         wait = min(self._due.values(), default=time.monotonic() + self.refresh) - time.monotonic()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.store.wait_for_change(revision), timeout=max(wait, 0.0))
+            async with asyncio.timeout(max(wait, 0.0)):
+                await self.store.wait_for_change(revision)
 
     async def _fetch(self, session: aiohttp.ClientSession, source: str) -> str:
         uri = source

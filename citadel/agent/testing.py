@@ -99,7 +99,8 @@ class SDSStream:
 
     async def read(self, timeout: float = READ_GUARD) -> Any:
         """The next response (raises TimeoutError after `timeout`, the guard, or if the call ended)."""
-        response = await asyncio.wait_for(self._call.read(), timeout)
+        async with asyncio.timeout(timeout):
+            response = await self._call.read()
         if response is grpc.aio.EOF:
             raise EOFError("the agent ended the SDS stream")
         return response

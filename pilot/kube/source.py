@@ -166,7 +166,8 @@ class KubeSource:
     async def wait_synced(self, timeout: float) -> bool:
         """Wait until the first lists are in the store (see `synced`); False if `timeout` passed first."""
         try:
-            await asyncio.wait_for(self.synced.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.synced.wait()
         except TimeoutError:
             return False
         return True

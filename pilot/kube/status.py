@@ -204,7 +204,8 @@ class StatusWriter:
             wait = self.pusher.wait_built(seen + 1)
             if pending:  # retry failed writes without waiting for a change
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wait, self.retry)
+                    async with asyncio.timeout(self.retry):
+                        await wait
             else:
                 await wait
             seen = self.pusher.built_revision

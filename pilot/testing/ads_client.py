@@ -164,7 +164,8 @@ class AdsClient:
 
     async def recv(self, timeout: float = 5.0) -> Any:
         """The next response; raises TimeoutError if none comes in time, or the stream's error."""
-        got = await asyncio.wait_for(self._inbox.get(), timeout)
+        async with asyncio.timeout(timeout):
+            got = await self._inbox.get()
         if isinstance(got, BaseException):
             raise got
         return got
@@ -172,7 +173,8 @@ class AdsClient:
     async def expect_silence(self, seconds: float = 0.3) -> None:
         """Assert the server sends nothing for a while."""
         try:
-            got = await asyncio.wait_for(self._inbox.get(), seconds)
+            async with asyncio.timeout(seconds):
+                got = await self._inbox.get()
         except TimeoutError:
             return
         if isinstance(got, BaseException):

@@ -70,3 +70,17 @@ async def test_changes_during_the_wait_are_carried_and_the_wait_is_bounded() -> 
     stop.set()
     await task
     assert built < revision <= store.revision and not fast
+
+
+async def test_a_change_in_the_step_the_pusher_is_cancelled_does_not_keep_it_waiting() -> None:
+    # The cancellation must win over a change that lands in the same loop step (Python 3.11's
+    # asyncio.wait_for dropped it, and a pusher stopped right after a config change waited again).
+    store, _ = _store()
+    built = store.revision
+    task = asyncio.create_task(settle(store, built, built, quiet=30.0, endpoint_quiet=30.0, longest=60.0))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    store.touch()
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert done == {task} and task.cancelled()

@@ -140,3 +140,18 @@ async def test_run_touches_the_store_once_keys_arrive(idp: Idp) -> None:
     finally:
         task.cancel()
     assert fetcher.current()[f"{idp.base}/keys"] == KEYS_V1
+
+
+async def test_a_store_change_at_the_moment_of_cancellation_does_not_swallow_it() -> None:
+    # Python 3.11's asyncio.wait_for returns the inner result when the wait is cancelled in the
+    # same loop step as the inner wait completes, dropping the cancellation: the fetcher then
+    # slept again, and a pilot stopping right after a config change hung (CI, session 38).
+    store = ConfigStore()
+    fetcher = JwksFetcher(store)  # no rules: it only waits for the store
+    task = asyncio.create_task(fetcher.run())
+    for _ in range(20):  # into `_sleep_until_due`
+        await asyncio.sleep(0)
+    store.touch()  # wakes the store's waiter ...
+    task.cancel()  # ... in the same step as the cancellation
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert done == {task} and task.cancelled()
