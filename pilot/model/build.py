@@ -32,7 +32,7 @@ from pilot.model import mesh as m
 from pilot.model.authz import Security, build_security
 from pilot.model.build_scoping import ScopeInputs, build_scoping, gateway_server_conflicts, oldest_merged_rules
 from pilot.model.build_services import services_stage
-from pilot.model.conversions import Conversions, changed_positions
+from pilot.model.conversions import Conversions, changed_keys, changed_positions, position
 from pilot.model.delegates import resolve_delegates
 from pilot.model.hosts import ROOT_NAMESPACE
 from pilot.model.local_ports import local_port_warnings
@@ -45,7 +45,7 @@ T = TypeVar("T", bound=ApiObject)
 R = TypeVar("R")
 K = TypeVar("K", str, tuple[str, str])
 V = TypeVar("V")
-_ABSENT = object()
+FEW = 8  # changed objects found by a search each rather than through a map of all positions
 _DANGLING = "dangling-findings"  # (shape, rules, id(rule) -> (rule, its findings)) of the last check
 
 
@@ -187,15 +187,14 @@ def _frozen(memo: Conversions, tag: str, items: dict[K, V]) -> Mapping[K, V]:
         sub, (before,), frozen = last
         if before is items:
             return frozen  # type: ignore[no-any-return]
-        if len(before) == len(items):
-            changed = [key for key, value in items.items() if before.get(key, _ABSENT) is not value]
-            if len(changed) <= max(len(items) // 8, 1) and all(key in before for key in changed):
-                patched = dict(frozen)  # in key order already
-                for key in changed:
-                    patched[key] = items[key]
-                result: Mapping[K, V] = MappingProxyType(patched)
-                memo.stage_store(tag, sub, (items,), (), result)
-                return result
+        changed = changed_keys(before, items)  # a stage patched the dict: same keys, same order
+        if changed is not None:
+            patched = dict(frozen)  # in key order already
+            for key in changed:
+                patched[key] = items[key]
+            result: Mapping[K, V] = MappingProxyType(patched)
+            memo.stage_store(tag, sub, (items,), (), result)
+            return result
     return memo.stage(tag, (items,), (), lambda _: m.frozen_map(items))
 
 
@@ -238,10 +237,14 @@ def _of(memo: Conversions, by_kind: Mapping[type[ApiObject], list[ApiObject]], c
         sub, before, ordered = last
         changed = changed_positions(before, found)
         if changed and all(precedence(before[i]) == precedence(found[i]) for i in changed):
-            position = {id(obj): n for n, obj in enumerate(ordered)}
             patched = list(ordered)
-            for i in changed:
-                patched[position[id(before[i])]] = found[i]
+            if len(changed) <= FEW:  # a search in C each: no map of every object's position
+                for i in changed:
+                    patched[position(ordered, before[i])] = found[i]
+            else:
+                where = {id(obj): n for n, obj in enumerate(ordered)}
+                for i in changed:
+                    patched[where[id(before[i])]] = found[i]
             memo.stage_store(tag, sub, found, (), tuple(patched))
             return tuple(patched)
     return memo.stage(tag, found, (), lambda _: tuple(sorted(found, key=precedence)))  # type: ignore[arg-type]

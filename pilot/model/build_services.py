@@ -14,7 +14,7 @@ from functools import partial
 from pilot.api import ServiceEntry, WorkloadEntrySpec
 from pilot.api.service_entry import ServicePort as ApiServicePort
 from pilot.model import mesh as m
-from pilot.model.conversions import Conversions
+from pilot.model.conversions import Conversions, changed_keys, changed_positions
 
 # The services stage's result: the services, their conflict warnings, their shape (see
 # `services_stage`), the workload index, and what patching needs (`_Owners`).
@@ -37,7 +37,7 @@ def services_stage(
     if last is not None:
         sub, before, (services, warnings, shape, index, owners) = last
         old = before[-1]
-        if len(before) == len(entries) + 1 and all(a is b for a, b in zip(before, entries, strict=False)):
+        if len(before) == len(entries) + 1 and changed_positions(before[:-1], entries) == []:
             if old is workloads:
                 return services, warnings, shape
             moved = _moved(old, workloads)
@@ -67,6 +67,9 @@ def _moved(
 ) -> list[tuple[m.Workload | None, m.Workload | None]] | None:
     """(before, after) per workload that changed, appeared (None before) or went (None after);
     None when that is more than an eighth of them (rebuilding is then as cheap)."""
+    same_keys = changed_keys(old, new)  # the usual case, entries edited in place: compared in C
+    if same_keys is not None:
+        return [(old[k], new[k]) for k in same_keys]
     moved: list[tuple[m.Workload | None, m.Workload | None]] = [
         (old.get(k), wl) for k, wl in new.items() if old.get(k) is not wl]
     added = sum(1 for before, _ in moved if before is None)

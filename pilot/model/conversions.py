@@ -11,8 +11,8 @@ entries used by the latest build are kept.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Hashable, Sequence
-from itertools import compress, count
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from itertools import compress, count, repeat
 from typing import Any, TypeVar
 
 R = TypeVar("R")
@@ -29,6 +29,28 @@ def changed_positions(before: Sequence[Any], after: Sequence[Any]) -> list[int] 
         return None
     changed = list(compress(count(), map(operator.is_not, before, after)))
     return changed if len(changed) <= max(len(after) // 8, 1) else None
+
+
+def changed_keys(before: Mapping[Any, Any], after: Mapping[Any, Any]) -> list[Any] | None:
+    """Keys whose value in `after` is another object than in `before`, when both hold the very same
+    key objects in the same order (a dict copied and patched, as the build's stages make them);
+    None otherwise, or when more than an eighth changed (`changed_positions`).
+
+    Why: the build compares its maps of ~1,000 services and ~2,000 workloads with the last build's
+    on every endpoint change; a Python loop over them was ~0.5 ms each, this compares in C.
+    """
+    keys = tuple(after)
+    if changed_positions(tuple(before), keys) != []:
+        return None
+    changed = changed_positions(tuple(before.values()), tuple(after.values()))
+    return None if changed is None else [keys[i] for i in changed]
+
+
+def position(items: Sequence[Any], obj: Any) -> int:
+    """Where `obj` itself (identity, not equality) is in `items`, searched in C; ValueError if absent."""
+    for found in compress(count(), map(operator.is_, items, repeat(obj))):
+        return found
+    raise ValueError("not in the sequence")
 
 
 class Conversions:
@@ -164,8 +186,8 @@ class Conversions:
         stage loses none of the conversions its next run will reuse. One result per tag is kept.
         """
         memo, last = self._stages.get(tag) or (Conversions(), None)
-        if last is not None and last[1] == args and len(last[0]) == len(objs) and all(
-                a is b for a, b in zip(last[0], objs, strict=True)):
+        if last is not None and last[1] == args and len(last[0]) == len(objs) and not any(
+                map(operator.is_not, last[0], objs)):  # identity, compared in C
             self.hits += 1
             return last[2]  # type: ignore[no-any-return]
         memo.next_build()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from pilot.model.conversions import changed_keys
 from pilot.model.mesh import DNS_RESOLUTIONS, MeshSnapshot, RoutingRule, Service
 from pilot.model.scoping import Exported
 
@@ -29,15 +30,23 @@ def endpoints_only(old: MeshSnapshot, new: MeshSnapshot) -> bool:
         return False
     if (old.peer_authn, old.trust_domain) != (new.peer_authn, new.trust_domain):  # mutual TLS: listeners, clusters
         return False
-    if old.workloads.keys() != new.workloads.keys() or old.services.keys() != new.services.keys():
-        return False
-    for key, was in old.workloads.items():
-        now = new.workloads[key]
-        if was is not now and (was.labels, was.ports, was.service_account) != (
-                now.labels, now.ports, now.service_account):
+    # The build patches its maps in place (same keys, same order): what changed is found in C.
+    workloads = changed_keys(old.workloads, new.workloads)
+    if workloads is None:
+        if old.workloads.keys() != new.workloads.keys():
+            return False
+        workloads = [k for k, was in old.workloads.items() if was is not new.workloads[k]]
+    for key in workloads:
+        was, now = old.workloads[key], new.workloads[key]
+        if (was.labels, was.ports, was.service_account) != (now.labels, now.ports, now.service_account):
             return False
     # Services the build carried over unchanged are the same objects: only the others are compared.
-    return all(s is (n := new.services[h]) or _same_but_endpoints(s, n) for h, s in old.services.items())
+    services = changed_keys(old.services, new.services)
+    if services is None:
+        if old.services.keys() != new.services.keys():
+            return False
+        services = [h for h, s in old.services.items() if s is not new.services[h]]
+    return all(_same_but_endpoints(old.services[h], new.services[h]) for h in services)
 
 
 def _same_but_endpoints(old: Service, new: Service) -> bool:

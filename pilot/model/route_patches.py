@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 from collections.abc import Callable
+from itertools import chain
 from typing import Any
 
 from pilot.api import VirtualService
@@ -106,7 +107,7 @@ def scoping_stage(memo: Conversions, inputs: ScopeInputs, cluster_domain: str, r
     warnings kept, since what the warnings read of a rule kept its place."""
     groups = (inputs.service_entries, inputs.destination_rules, inputs.virtual_services, inputs.gateways,
               inputs.sidecars)
-    objs: tuple[Any, ...] = tuple(obj for group in groups for obj in group)
+    objs: tuple[Any, ...] = tuple(chain.from_iterable(groups))
     args = (cluster_domain, root_namespace, tuple(map(len, groups)))
     last = memo.stage_last(SCOPING)
     if last is not None and memo.stage_args(SCOPING) == args:

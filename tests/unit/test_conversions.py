@@ -11,7 +11,7 @@ import pytest
 from pilot.api import ApiObject
 from pilot.config.yaml_dir import load_dir
 from pilot.model.build import build_mesh
-from pilot.model.conversions import Conversions
+from pilot.model.conversions import Conversions, changed_keys, position
 
 EXAMPLES = sorted(p for p in (Path(__file__).resolve().parents[2] / "examples").iterdir() if p.is_dir())
 Edit = Callable[[ApiObject], ApiObject | None]
@@ -260,3 +260,22 @@ def test_an_endpoint_move_looks_again_only_at_the_entries_selecting_it(tmp_path:
     changed = [h for h in after.services if after.services[h] is not before.services[h]]
     assert len(changed) == 1 and any(e.address == "10.250.0.1" for e in after.services[changed[0]].endpoints)
     assert after == build_mesh(objects)
+
+
+def test_changed_keys_finds_replaced_values_of_a_patched_copy_and_gives_up_otherwise() -> None:
+    before = {f"host-{i}": object() for i in range(16)}
+    after = dict(before)
+    after["host-3"] = object()
+    assert changed_keys(before, after) == ["host-3"]
+    assert changed_keys(before, dict(before)) == []
+    rekeyed = {"".join(k): v for k, v in before.items()}  # equal keys, other objects: not told apart in C
+    assert changed_keys(before, rekeyed) is None
+    assert changed_keys(before, dict(reversed(before.items()))) is None
+    assert changed_keys(before, {k: object() for k in before}) is None  # more than an eighth
+
+
+def test_position_is_by_identity() -> None:
+    a, b = [1000, 2000], [1000, 2000]  # equal, not the same
+    assert position([a, b], b) == 1
+    with pytest.raises(ValueError):
+        position([a], b)
