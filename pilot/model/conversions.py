@@ -207,8 +207,16 @@ class Conversions:
 
     def has_room(self, inputs: int) -> bool:
         """Whether a patched stage may add to this (its own) memo: patching only adds conversions, so
-        past twice its `inputs` the stage runs in full, which starts a new generation."""
-        return len(self) < 2 * inputs + 64
+        past twice its `inputs` the stage runs in full, which starts a new generation.
+
+        Counted without the union `__len__` makes (O(entries), twice per endpoint build): both
+        generations' sizes added, which is exact for a stage's memo (a stage's run ends with its
+        last generation dropped) and otherwise errs towards running in full."""
+        return self._bound() < 2 * inputs + 64
+
+    def _bound(self) -> int:
+        """At least `len(self)`, in O(stages)."""
+        return len(self._current) + len(self._last) + sum(memo._bound() for memo, _ in self._stages.values())
 
     def stage_args(self, tag: Hashable) -> tuple[Hashable, ...] | None:
         """The arguments of a stage's last run (None if it never ran): a patch applies only to equal ones."""
