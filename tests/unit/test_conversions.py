@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -279,3 +280,26 @@ def test_position_is_by_identity() -> None:
     assert position([a, b], b) == 1
     with pytest.raises(ValueError):
         position([a], b)
+
+
+def test_patched_stages_stay_bounded_under_endless_endpoint_moves(tmp_path: Path) -> None:
+    """Patching only adds conversions to a stage's memo; past twice its inputs the stage runs in
+    full (`Conversions.has_room`), which starts a new generation: memory stays bounded."""
+    from benchmarks import meshgen
+
+    config = meshgen.generate(tmp_path, services=20)
+    objects = list(load_dir(config.directory).objects)
+    entries = [i for i, o in enumerate(objects) if o.kind == "WorkloadEntry"]
+    memo = Conversions()
+    build_mesh(objects, conversions=memo)
+    stage = memo._stages["workloads"][0]  # the stage's own memo
+    sizes = [len(stage)]
+    for n in range(6 * len(entries)):
+        i = entries[n % len(entries)]
+        objects[i] = _spec(objects[i], address=f"10.251.{n // 250}.{n % 250}")
+        build_mesh(objects, conversions=memo)
+        sizes.append(len(stage))
+        assert sizes[-1] <= 2 * len(entries) + 64 + 1
+    # Each patch added one conversion; a full run started over from one per entry.
+    assert any(b < a for a, b in itertools.pairwise(sizes))
+    assert build_mesh(objects, conversions=memo) == build_mesh(objects)
