@@ -32,7 +32,7 @@ from pilot.model import mesh as m
 from pilot.model.authz import Security, build_security
 from pilot.model.build_scoping import ScopeInputs, build_scoping, gateway_server_conflicts, oldest_merged_rules
 from pilot.model.build_services import services_stage
-from pilot.model.conversions import Conversions, changed_keys, changed_positions, position
+from pilot.model.conversions import Conversions, changed_keys, changed_positions, position, same_objects
 from pilot.model.delegates import resolve_delegates
 from pilot.model.hosts import ROOT_NAMESPACE
 from pilot.model.local_ports import local_port_warnings
@@ -149,7 +149,7 @@ def _with_registry_endpoints(
     if last is not None:
         sub, before, (merged, position) = last
         count = len(entries)
-        if len(before) == count + len(endpoints) and all(a is b for a, b in zip(before, entries, strict=False)):
+        if len(before) == count + len(endpoints) and same_objects(before[:count], entries):
             changed = changed_positions(before[count:], endpoints)
             if changed is not None and sub.has_room(count) and all(
                     _key(before[count + i]) == _key(endpoints[i]) for i in changed):

@@ -14,7 +14,7 @@ from functools import partial
 from pilot.api import ServiceEntry, WorkloadEntrySpec
 from pilot.api.service_entry import ServicePort as ApiServicePort
 from pilot.model import mesh as m
-from pilot.model.conversions import Conversions, changed_keys, changed_positions
+from pilot.model.conversions import Conversions, changed_keys, same_objects
 
 # The services stage's result: the services, their conflict warnings, their shape (see
 # `services_stage`), the workload index, and what patching needs (`_Owners`).
@@ -37,7 +37,7 @@ def services_stage(
     if last is not None:
         sub, before, (services, warnings, shape, index, owners) = last
         old = before[-1]
-        if len(before) == len(entries) + 1 and changed_positions(before[:-1], entries) == []:
+        if len(before) == len(entries) + 1 and same_objects(before[:-1], entries):
             if old is workloads:
                 return services, warnings, shape
             moved = _moved(old, workloads)

@@ -21,6 +21,12 @@ R = TypeVar("R")
 Key = Hashable
 
 
+def same_objects(before: Sequence[Any], after: Sequence[Any]) -> bool:
+    """Whether both hold the very same objects in the same order (identity, compared in C): what
+    tells a build stage its inputs did not change."""
+    return len(before) == len(after) and not any(map(operator.is_not, before, after))
+
+
 def changed_positions(before: Sequence[Any], after: Sequence[Any]) -> list[int] | None:
     """Positions where `after` holds another object than `before` (identity, compared in C): what
     a patched stage redoes. None when the lengths differ or more than an eighth of them changed
@@ -40,7 +46,7 @@ def changed_keys(before: Mapping[Any, Any], after: Mapping[Any, Any]) -> list[An
     on every endpoint change; a Python loop over them was ~0.5 ms each, this compares in C.
     """
     keys = tuple(after)
-    if changed_positions(tuple(before), keys) != []:
+    if not same_objects(tuple(before), keys):
         return None
     changed = changed_positions(tuple(before.values()), tuple(after.values()))
     return None if changed is None else [keys[i] for i in changed]
@@ -165,7 +171,7 @@ class Conversions:
         """
         key = (tag, tuple(map(id, objs)), args)
         found = self._current.get(key) or self._last.get(key)
-        if found is not None and all(a is b for a, b in zip(found[0], objs, strict=True)):
+        if found is not None and same_objects(found[0], objs):
             self._current[key] = found
             self.hits += 1
             return found[1]  # type: ignore[no-any-return]
@@ -186,8 +192,7 @@ class Conversions:
         stage loses none of the conversions its next run will reuse. One result per tag is kept.
         """
         memo, last = self._stages.get(tag) or (Conversions(), None)
-        if last is not None and last[1] == args and len(last[0]) == len(objs) and not any(
-                map(operator.is_not, last[0], objs)):  # identity, compared in C
+        if last is not None and last[1] == args and same_objects(last[0], objs):
             self.hits += 1
             return last[2]  # type: ignore[no-any-return]
         memo.next_build()

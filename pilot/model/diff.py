@@ -16,10 +16,14 @@ pusher's route fast path relies on.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from pilot.model.conversions import changed_keys
 from pilot.model.mesh import DNS_RESOLUTIONS, MeshSnapshot, RoutingRule, Service
 from pilot.model.scoping import Exported
+
+K = TypeVar("K")
 
 
 def endpoints_only(old: MeshSnapshot, new: MeshSnapshot) -> bool:
@@ -30,23 +34,26 @@ def endpoints_only(old: MeshSnapshot, new: MeshSnapshot) -> bool:
         return False
     if (old.peer_authn, old.trust_domain) != (new.peer_authn, new.trust_domain):  # mutual TLS: listeners, clusters
         return False
-    # The build patches its maps in place (same keys, same order): what changed is found in C.
-    workloads = changed_keys(old.workloads, new.workloads)
-    if workloads is None:
-        if old.workloads.keys() != new.workloads.keys():
-            return False
-        workloads = [k for k, was in old.workloads.items() if was is not new.workloads[k]]
+    # What the build carried over unchanged is the same object: only the others are compared.
+    workloads, services = _replaced(old.workloads, new.workloads), _replaced(old.services, new.services)
+    if workloads is None or services is None:
+        return False
     for key in workloads:
         was, now = old.workloads[key], new.workloads[key]
         if (was.labels, was.ports, was.service_account) != (now.labels, now.ports, now.service_account):
             return False
-    # Services the build carried over unchanged are the same objects: only the others are compared.
-    services = changed_keys(old.services, new.services)
-    if services is None:
-        if old.services.keys() != new.services.keys():
-            return False
-        services = [h for h, s in old.services.items() if s is not new.services[h]]
     return all(_same_but_endpoints(old.services[h], new.services[h]) for h in services)
+
+
+def _replaced(old: Mapping[K, Any], new: Mapping[K, Any]) -> list[K] | None:
+    """Keys whose value is another object in `new`; None if the keys differ. The build patches its
+    maps in place (same keys, same order), so this is usually found in C (`changed_keys`)."""
+    found = changed_keys(old, new)
+    if found is not None:
+        return found
+    if old.keys() != new.keys():
+        return None
+    return [k for k, value in old.items() if value is not new[k]]
 
 
 def _same_but_endpoints(old: Service, new: Service) -> bool:

@@ -18,7 +18,6 @@ memo, so past twice its inputs the pass runs in full and starts a new memo gener
 from __future__ import annotations
 
 import dataclasses
-import operator
 from collections.abc import Callable
 from itertools import chain
 from typing import Any
@@ -27,7 +26,7 @@ from pilot.api import VirtualService
 from pilot.model import convert_routes
 from pilot.model import mesh as m
 from pilot.model.build_scoping import ScopeInputs
-from pilot.model.conversions import Conversions, changed_positions
+from pilot.model.conversions import Conversions, changed_positions, same_objects
 from pilot.model.hosts import MESH_GATEWAY, export_set
 from pilot.model.scoping import Exported, Scoping
 
@@ -66,7 +65,7 @@ def delegates_stage(memo: Conversions, routes: tuple[VirtualService, ...],
     if last is not None:
         sub, before, (resolved, warnings) = last
         changed = changed_positions(before, routes)
-        if (changed and not warnings and len(resolved) == len(before) and all(map(operator.is_, resolved, before))
+        if (changed and not warnings and same_objects(resolved, before)
                 and not any(delegating(before[i]) or delegating(routes[i]) for i in changed)):
             result: tuple[list[VirtualService], Warnings] = (list(routes), ())
             memo.stage_store(DELEGATES, sub, routes, (), result)

@@ -12,7 +12,7 @@ import pytest
 from pilot.api import ApiObject
 from pilot.config.yaml_dir import load_dir
 from pilot.model.build import build_mesh
-from pilot.model.conversions import Conversions, changed_keys, position
+from pilot.model.conversions import Conversions, changed_keys, position, same_objects
 
 EXAMPLES = sorted(p for p in (Path(__file__).resolve().parents[2] / "examples").iterdir() if p.is_dir())
 Edit = Callable[[ApiObject], ApiObject | None]
@@ -303,3 +303,11 @@ def test_patched_stages_stay_bounded_under_endless_endpoint_moves(tmp_path: Path
     # Each patch added one conversion; a full run started over from one per entry.
     assert any(b < a for a, b in itertools.pairwise(sizes))
     assert build_mesh(objects, conversions=memo) == build_mesh(objects)
+
+
+def test_same_objects_is_identity_in_order() -> None:
+    a, b = [1000], [1000]  # equal, not the same
+    assert same_objects((a, b), [a, b])
+    assert not same_objects((a, b), (a, [1000]))
+    assert not same_objects((a, b), (b, a))
+    assert not same_objects((a,), (a, b))
