@@ -55,9 +55,11 @@ class Target:
         the same bytes with no pilot logic, on the same machine) and, for a change's latency,
         the least the machine allows (`Run.cpu_floor` of the baseline): the arithmetic next to
         a limit that the bytes, not pilot, may decide. A change's figure that the replay misses
-        as well is bytes-bound (`applies` "bytes", met None): no server can meet that limit with
-        those bytes on this machine, and its `REPLAY_TARGETS` row (pilot within 1.2x of the
-        replay) is the verdict, as the issue has it."""
+        as well is bytes-bound (`applies` "bytes", met None) if the change moves many bytes
+        (`heavy`): no server can meet that limit with those bytes on this machine, and its
+        `REPLAY_TARGETS` row (pilot within 1.2x of the replay) is the verdict, as the issue has it.
+        A change of few bytes that the replay misses as well keeps its limit: what the machine
+        cannot do there is not the bytes' doing."""
         value = self.value(run)
         met: bool | None = None
         if value is not None:
@@ -68,7 +70,8 @@ class Target:
         if base is not None and base.converged:
             replay = self.value(base)
             floor = base.cpu_floor(self.floor, cores) if self.floor else None
-            if self.change and replay is not None and not math.isnan(replay) and not self.within(replay):
+            if (self.change and replay is not None and not math.isnan(replay) and not self.within(replay)
+                    and heavy(run, self.change)):
                 met, applies = None, "bytes"
         wire = run.wire.get(self.change) if self.change else None
         return {"protocol": run.protocol, "clients": run.clients, "services": run.services, "scope": self.scope,
@@ -110,21 +113,40 @@ TARGETS = (
 # Where bytes must be written regardless, pilot must not be the bottleneck: at mission scale its
 # p99 within this factor of the baseline's (the replay of the same bytes) in the same run.
 REPLAY_FACTOR = 1.2
-# When the bytes decide: the replay alone takes at least this share of the change's absolute limit.
-# Below it (a route change over VHDS writes ~1 MB to 2,000 proxies, not 1.1 GB) the absolute limit
-# is the one that applies, and the ratio row is printed without a verdict.
+# When the bytes decide: the change moves at least this many megabytes between pilot and its
+# proxies, both ways (`heavy`), and the replay alone takes at least `BYTES_BOUND_SHARE` of the
+# change's absolute limit. The issue's case is a SotW route change at mission scale: 2,000 x
+# 0.57 MB = 1.1 GB out (a SotW endpoint change moves 0.3 GB: every EDS ACK repeats ~3,000 names).
+# A delta change moves ~1.6 MB, 60x under this line: there the replay's time is 2,000 simulated
+# Envoys waking on the two shared cores, not bytes, and the absolute limit is the verdict.
+BYTES_BOUND_MB = 100.0
 BYTES_BOUND_SHARE = 0.5
+
+
+def heavy(run: Run, change: str) -> bool:
+    """Whether a change of `change`'s kind moves at least `BYTES_BOUND_MB` in `run` (responses out
+    and ACKs in, for every proxy). False when the bytes were not recorded: the limit then stands."""
+    wire = run.wire.get(change)
+    return wire is not None and run.clients * sum(wire) >= BYTES_BOUND_MB * 1e6
 
 
 @dataclass(frozen=True)
 class ReplayTarget:
     """A change's figure against the baseline's in the same run, pilot's over the replay's: its
-    p99, pooled over the rounds (the ratio table's "p99", debounce included), and pilot's CPU per
+    p99 pooled over the rounds from the end of pilot's configured debounce, and pilot's CPU per
     route change (the issue's "pilot must not be the bottleneck" where 1.1 GB must be written
-    whoever writes it). Checked only where the bytes decide (the replay takes at least
-    `BYTES_BOUND_SHARE` of the absolute limit); otherwise `met` is None and `applies` says why."""
+    whoever writes it). Checked only where the bytes decide (`heavy`, and the replay takes at least
+    `BYTES_BOUND_SHARE` of the absolute limit); otherwise `met` is None and `applies` says why.
+
+    Why past the debounce: pilot waits `debounce_ms` (Istio's PILOT_DEBOUNCE_AFTER, 100 ms) after
+    a config change before it builds, on purpose and as configured, while the replay writes at
+    once. Counted in, that wait alone is 0.1 s of the 1.2x's 0.12 s allowance at a replay p99 of
+    0.6 s: a server exactly as fast as the replay at writing would miss the rule whenever the
+    replay's p99 is under ~0.55 s. The wait is not pilot being the bottleneck; the absolute p99
+    limit still counts it, and the row shows the ratio with it too."""
 
     target: Target  # a mission-scale figure a change's bytes drive (`Target.change`)
+    waits: bool = False  # a latency: pilot's configured debounce for the change comes off its figure
 
     def _of(self, run: Run) -> float:
         found = self.target.value(run)
@@ -132,19 +154,23 @@ class ReplayTarget:
 
     def check(self, run: Run, base: Run) -> dict[str, Any]:
         replay = self._of(base)
-        found = ratio(self._of(run), replay)
+        wait = run.debounce_s.get(self.target.change, 0.0) if self.waits else 0.0
+        found = ratio(self._of(run) - wait, replay)
         value = None if math.isnan(found) else found
-        bound = replay >= BYTES_BOUND_SHARE * self.target.limit
+        bound = heavy(run, self.target.change) and replay >= BYTES_BOUND_SHARE * self.target.limit
         met = None if value is None or not bound else bool(value <= REPLAY_FACTOR and run.converged
                                                            and base.converged)
+        name = f"{self.target.name}{' past the debounce' if self.waits else ''} / the replay's"
+        with_wait = ratio(self._of(run), replay)
+        shown = bool(wait) and not math.isnan(with_wait)
+        note = f"{with_wait:.2f}x with the debounce ({wait * 1000:.0f} ms)" if shown else ""
         return {"protocol": run.protocol, "clients": run.clients, "services": run.services, "scope": MISSION,
-                "target": f"{self.target.name} / the replay's", "value": value, "op": "<=",
-                "limit": REPLAY_FACTOR, "unit": "x", "met": met, "replay": replay, "floor": None,
-                "applies": bound, "bytes": ""}
+                "target": name, "value": value, "op": "<=", "limit": REPLAY_FACTOR, "unit": "x", "met": met,
+                "replay": replay, "floor": None, "applies": bound, "bytes": note}
 
 
-# One per change-driven mission figure: route and endpoint p99, CPU per route change.
-REPLAY_TARGETS = tuple(ReplayTarget(t) for t in TARGETS if t.scope == MISSION and t.change)
+# One per change-driven mission figure: route and endpoint p99 (past the debounce), CPU per route change.
+REPLAY_TARGETS = tuple(ReplayTarget(t, waits=bool(t.floor)) for t in TARGETS if t.scope == MISSION and t.change)
 
 
 def target_rows(pairs: Sequence[tuple[Run, Run | None]], cores: int) -> list[dict[str, Any]]:
