@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.targets import (
+    BYTES_BOUND_MB,
     BYTES_BOUND_SHARE,
     MISSION,
     MISSION_SERVICES,
@@ -355,10 +356,11 @@ def _targets_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title=f"targets ({TARGET_N} proxies: runs with N = {TARGET_N}; {MISSION}: runs with "
                         f">= {MISSION_SERVICES} services and per-workload classes; the replay: the baseline's figure; "
                         "CPU floor: (its CPU + the clients' per change) / cores, the least this machine allows; "
-                        f"x the replay's: checked where the replay's figure is >= {BYTES_BOUND_SHARE:g} of the limit, "
-                        "n/a where the bytes do not decide; bytes: the replay misses the limit too, so the bytes "
+                        f"x the replay's: checked for changes that move >= {BYTES_BOUND_MB:g} MB where the replay's "
+                        f"figure is >= {BYTES_BOUND_SHARE:g} of the limit, n/a where the bytes do not decide, p99s "
+                        "past pilot's configured debounce; bytes: the replay misses the limit too, so the bytes "
                         "decide and the row's x the replay's is its verdict; the bytes: per change, what every "
-                        "proxy is sent and ACKs)")
+                        "proxy is sent and ACKs; for a p99 ratio, the ratio with the debounce)")
     for col in ("proto", "N", "scope", "target", "value", "limit", "met", "the replay", "CPU floor", "the bytes"):
         table.add_column(col)
     for row in rows:
@@ -366,7 +368,7 @@ def _targets_table(rows: list[dict[str, Any]]) -> Table:
         table.add_row(row["protocol"], str(row["clients"]), row["scope"], row["target"],
                       f"{_num(row['value'], digits)} {row['unit']}", f"{row['op']} {row['limit']} {row['unit']}",
                       _verdict(row), _num(row.get("replay"), digits), _num(row.get("floor"), digits),
-                      row.get("bytes", ""))
+                      row.get("bytes") or row.get("with_debounce", ""))
     return table
 
 

@@ -194,7 +194,7 @@ def test_mission_targets_show_the_replay_the_machine_floor_and_the_replay_factor
     pilot.debounce_s = {"route": 0.2, "endpoint": 0.01}
     rows = {r["target"]: r for r in Report({"cpus": 2}, {}, [pilot, base]).targets()}
     assert rows[route_ratio]["value"] == pytest.approx(1.1) and rows[route_ratio]["met"] is True
-    assert rows[route_ratio]["bytes"] == "1.30x with the debounce (200 ms)"
+    assert rows[route_ratio]["with_debounce"] == "1.30x with the debounce (200 ms)"
     assert rows["pilot CPU per route change / the replay's"]["value"] == pytest.approx(0.9 / 0.7)
     pilot.debounce_s = {}
     alone = {r["target"] for r in Report({"cpus": 2}, {}, [pilot]).targets()}
