@@ -18,8 +18,9 @@ start each change at zero, and a change's own allocations (fewer than the thresh
 trigger one. The threshold is left as it was: deferring collections further (200,000, tried)
 let a connecting fleet's garbage fragment the heap, and steady RSS rose from ~275 to 371 MB.
 
-`meshctl up` also picks the allocator before it starts anything (`choose_allocator`): glibc
-malloc, or jemalloc on request; `allocator_environment` says why.
+`meshctl up` also picks the allocator before it starts anything (`choose_allocator`): jemalloc
+where it is installed, else (or with ``MESHCTL_MALLOC=glibc``) glibc malloc;
+`allocator_environment` says why.
 """
 
 from __future__ import annotations
@@ -81,8 +82,10 @@ def release_when_quiet() -> bool:
 # free for about 10 s straight to the OS (no "muzzy" stage), and pilot purges at once a second
 # after pushes stop (`release_free_memory`). A shorter decay (1 s, tried) handed back pages in the
 # middle of a push that its next writes then faulted back in: SotW route p99 went to 1.5-1.7x
-# the replay baseline's at mission scale, against 1.1-1.3x under glibc.
-JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:10000,muzzy_decay_ms:0"
+# the replay baseline's at mission scale, against 1.1-1.3x under glibc. One arena for every thread:
+# at mission scale 283 MB steady against 286 with jemalloc's default (four per core), and no
+# slower (thread caches serve most allocations without the arena's lock).
+JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:10000,muzzy_decay_ms:0,narenas:1"
 # jemalloc's "all arenas" index for mallctl("arena.<i>.purge").
 _ALL_ARENAS = 4096
 
@@ -115,25 +118,35 @@ def allocator_environment(environ: Mapping[str, str], jemalloc: str | None) -> d
 
     None when ``PYTHONMALLOC`` is set (the operator chose; ``pymalloc`` keeps Python's own
     allocator). Otherwise Python allocates every object with the C allocator
-    (``PYTHONMALLOC=malloc``): glibc malloc with ``MALLOC_ARENA_MAX=2``, or, when
-    ``MESHCTL_MALLOC=jemalloc`` asks for it, jemalloc where its library `jemalloc` names is there
-    and nothing else is preloaded (``LD_PRELOAD`` gains it, ``MALLOC_CONF`` defaults to
-    `JEMALLOC_CONF`). ``MESHCTL_MALLOC`` tells the re-executed process which one it got.
+    (``PYTHONMALLOC=malloc``): jemalloc where its library `jemalloc` names is there, nothing else
+    is preloaded and ``MESHCTL_MALLOC`` does not say ``glibc`` (``LD_PRELOAD`` gains it,
+    ``MALLOC_CONF`` defaults to `JEMALLOC_CONF`), else glibc malloc with ``MALLOC_ARENA_MAX=2``.
+    ``MESHCTL_MALLOC`` tells the re-executed process which one it got.
 
     Why not Python's allocator: it returns a 1 MiB arena to the OS only once every object in it is
     gone, and the few long-lived objects made while a large config was loaded pin many of them:
     with 12,000 routes loaded then removed, pilot kept 45% of the 170 MB it grew by (the limit its
-    test sets is 20%). glibc kept 13%, jemalloc 4%. Why glibc by default: jemalloc was no faster at
-    mission scale, where gRPC's writes dominate (in-process, a stream's push step took about 20%
-    less time under it), and it held 5-8 MB more steady RSS in the small-mesh benchmark; see the
-    README's Settings. Why two arenas for glibc: glibc gives every thread that allocates its own
-    arena (gRPC's threads, the build thread), and small objects spread over them cost steady
-    memory: at mission scale pilot held 323 MB with the default and 291 MB with two.
+    test sets is 20%). glibc kept 13%, jemalloc 4%.
+
+    Why jemalloc before glibc (session 41): pilot's per-stream push step, the work every proxy
+    costs on every change, took 44-64 us under glibc against 31-46 under Python's allocator and
+    34-36 under jemalloc (`benchmarks.stream_fanout`, 2,000 streams, alternating runs); glibc's tunables
+    (a larger tcache, fastbins) did not close it. At mission scale pilot's rounds after a fleet
+    reconnected cost up to 60% more CPU under glibc and not under jemalloc. What it costs:
+    ~4 KB more per connection (two allocations per connection land in jemalloc's 10 KiB size
+    class, most likely gRPC's 8 KiB buffers with a header; glibc rounds to 16 bytes): ~5 MB at
+    2,000 proxies, within
+    the mission targets (README, Benchmarks, session 41). One arena (`JEMALLOC_CONF`): 3 MB less
+    than jemalloc's default of four per core, at no cost in speed measured.
+
+    Why two arenas for glibc: glibc gives every thread that allocates its own arena (gRPC's
+    threads, the build thread), and small objects spread over them cost steady memory: at mission
+    scale pilot held 323 MB with the default and 291 MB with two.
     """
     if "PYTHONMALLOC" in environ:
         return None
     env = {**environ, "PYTHONMALLOC": "malloc"}
-    if jemalloc and environ.get("MESHCTL_MALLOC") == "jemalloc" and not environ.get("LD_PRELOAD"):
+    if jemalloc and environ.get("MESHCTL_MALLOC", "jemalloc") == "jemalloc" and not environ.get("LD_PRELOAD"):
         env.update(LD_PRELOAD=jemalloc, MALLOC_CONF=environ.get("MALLOC_CONF", JEMALLOC_CONF),
                    MESHCTL_MALLOC="jemalloc")
     else:

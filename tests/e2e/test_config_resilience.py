@@ -183,9 +183,9 @@ async def test_pilot_memory_returns_near_its_baseline_after_a_large_config_is_re
         tmp_path: Path, allocator: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """`meshctl up` as its own process, with a sidecar: RSS after a 12,000-route config is gone
     (and a 15 MB VirtualService of 174,000 routes was refused) is back near what it was before,
-    under glibc malloc (the default) and under jemalloc (`MESHCTL_MALLOC=jemalloc`; CI installs it)."""
-    if allocator == "jemalloc":
-        monkeypatch.setenv("MESHCTL_MALLOC", "jemalloc")
+    under jemalloc (the default where installed; CI installs it) and under glibc malloc
+    (`MESHCTL_MALLOC=glibc`)."""
+    monkeypatch.setenv("MESHCTL_MALLOC", allocator)
     demo = DemoMesh(random_block(), {"v1": free_port(), "v2": free_port()})
     (tmp_path / "mesh.yaml").write_text(demo.mesh_yaml())
     (tmp_path / "route.yaml").write_text(demo.route_yaml([50, 50]))

@@ -94,7 +94,7 @@ def test_control_plane_image_runs_the_deployments_command() -> None:
     path = DOCKER / "Dockerfile.control-plane"
     assert dockerfile_command(path) == ["meshctl", *control_plane_args(InstallOptions())]
     assert dockerfile_user(path) == f"{PROXY_UID}:{PROXY_UID}"
-    assert "libjemalloc2" in path.read_text()  # MESHCTL_MALLOC=jemalloc works in the image
+    assert "libjemalloc2" in path.read_text()  # pilot runs under jemalloc in the image
 
 
 def test_proxy_image_runs_the_injected_command() -> None:

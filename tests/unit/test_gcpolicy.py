@@ -118,21 +118,25 @@ def test_pilot_collects_and_releases_when_its_streams_go_quiet() -> None:
 JEMALLOC = "libjemalloc.so.2"
 
 
-def test_jemalloc_is_preloaded_with_its_release_settings_when_asked_for_and_installed() -> None:
-    env = allocator_environment({"PATH": "/bin", "MESHCTL_MALLOC": "jemalloc"}, JEMALLOC)
-    assert env == {"PATH": "/bin", "PYTHONMALLOC": "malloc", "LD_PRELOAD": JEMALLOC, "MALLOC_CONF": JEMALLOC_CONF,
-                   "MESHCTL_MALLOC": "jemalloc"}
+def test_jemalloc_is_preloaded_with_its_release_settings_by_default_where_installed() -> None:
+    jemalloc = {"PATH": "/bin", "PYTHONMALLOC": "malloc", "LD_PRELOAD": JEMALLOC, "MALLOC_CONF": JEMALLOC_CONF,
+                "MESHCTL_MALLOC": "jemalloc"}
+    assert allocator_environment({"PATH": "/bin"}, JEMALLOC) == jemalloc  # installed, nothing asked for
+    assert allocator_environment({"PATH": "/bin", "MESHCTL_MALLOC": "jemalloc"}, JEMALLOC) == jemalloc
     assert "background_thread:true" in JEMALLOC_CONF and "muzzy_decay_ms:0" in JEMALLOC_CONF
+    assert "narenas:1" in JEMALLOC_CONF
 
 
-def test_glibc_with_two_arenas_by_default_and_without_jemalloc_or_with_another_preload() -> None:
+def test_glibc_with_two_arenas_when_asked_for_or_without_jemalloc_or_with_another_preload() -> None:
     glibc = {"PYTHONMALLOC": "malloc", "MALLOC_ARENA_MAX": "2", "MESHCTL_MALLOC": "glibc"}
-    assert allocator_environment({}, JEMALLOC) == glibc  # installed, not asked for
+    assert allocator_environment({"MESHCTL_MALLOC": "glibc"}, JEMALLOC) == glibc  # installed, glibc asked for
+    assert allocator_environment({}, None) == glibc  # not installed
     assert allocator_environment({"MESHCTL_MALLOC": "jemalloc"}, None) == glibc  # asked for, not installed
-    assert allocator_environment({"MESHCTL_MALLOC": "glibc"}, JEMALLOC) == glibc
     preload = {"LD_PRELOAD": "libfoo.so", "MESHCTL_MALLOC": "jemalloc"}
     assert allocator_environment(preload, JEMALLOC) == {"LD_PRELOAD": "libfoo.so", **glibc}
     assert allocator_environment({"MALLOC_ARENA_MAX": "8"}, None) == {**glibc, "MALLOC_ARENA_MAX": "8"}
+    assert allocator_environment({"MESHCTL_MALLOC": "glibc", "MALLOC_ARENA_MAX": "8"}, JEMALLOC) == {
+        **glibc, "MALLOC_ARENA_MAX": "8"}
 
 
 def test_the_operators_choices_are_kept() -> None:
