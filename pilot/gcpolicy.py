@@ -130,14 +130,14 @@ def allocator_environment(environ: Mapping[str, str], jemalloc: str | None) -> d
 
     Why jemalloc before glibc (session 41): pilot's per-stream push step, the work every proxy
     costs on every change, took 44-64 us under glibc against 31-46 under Python's allocator and
-    34-36 under jemalloc (`benchmarks.stream_fanout`, 2,000 streams, alternating runs); glibc's tunables
-    (a larger tcache, fastbins) did not close it. At mission scale pilot's rounds after a fleet
-    reconnected cost up to 60% more CPU under glibc and not under jemalloc. What it costs:
+    34-36 under jemalloc (`benchmarks.stream_fanout`, 2,000 streams, alternating runs); glibc's
+    tunables (a larger tcache, fastbins) did not close it. At mission scale pilot's rounds after a
+    fleet reconnected cost up to 60% more CPU under glibc and not under jemalloc. What it costs:
     ~4 KB more per connection (two allocations per connection land in jemalloc's 10 KiB size
-    class, most likely gRPC's 8 KiB buffers with a header; glibc rounds to 16 bytes): ~5 MB at
-    2,000 proxies, within
-    the mission targets (README, Benchmarks, session 41). One arena (`JEMALLOC_CONF`): 3 MB less
-    than jemalloc's default of four per core, at no cost in speed measured.
+    class, most likely gRPC's 8 KiB buffers with a header; glibc rounds to 16 bytes): 5-6 MB at
+    2,000 proxies, within the mission targets (README, Benchmarks, session 41). One arena
+    (`JEMALLOC_CONF`): 3 MB less than jemalloc's default of four per core, at no cost in speed
+    measured.
 
     Why two arenas for glibc: glibc gives every thread that allocates its own arena (gRPC's
     threads, the build thread), and small objects spread over them cost steady memory: at mission
