@@ -17,6 +17,7 @@ from benchmarks.targets import (
     BYTES_BOUND_SHARE,
     MISSION,
     MISSION_SERVICES,
+    REPLAY_FACTOR,
     TARGET_N,
     ratio,
     target_rows,
@@ -358,8 +359,9 @@ def _targets_table(rows: list[dict[str, Any]]) -> Table:
                         "CPU floor: (its CPU + the clients' per change) / cores, the least this machine allows; "
                         f"x the replay's: checked for changes that move >= {BYTES_BOUND_MB:g} MB where the replay's "
                         f"figure is >= {BYTES_BOUND_SHARE:g} of the limit, n/a where the bytes do not decide, p99s "
-                        "past pilot's configured debounce; bytes: the replay misses the limit too, so the bytes "
-                        "decide and the row's x the replay's is its verdict; the bytes: per change, what every "
+                        "past pilot's configured debounce; bytes: the change moves >= "
+                        f"{BYTES_BOUND_MB:g} MB and {REPLAY_FACTOR:g}x the replay's figure misses the limit, so the "
+                        "bytes decide and the row's x the replay's is its verdict; the bytes: per change, what every "
                         "proxy is sent and ACKs; for a p99 ratio, the ratio with the debounce)")
     for col in ("proto", "N", "scope", "target", "value", "limit", "met", "the replay", "CPU floor", "the bytes"):
         table.add_column(col)

@@ -208,6 +208,21 @@ def test_mission_targets_show_the_replay_the_machine_floor_and_the_replay_factor
     assert rows[route_ratio]["met"] is None and rows[route_ratio]["applies"] is False
     for r in (pilot, base):
         r.wire = {"route": [568_000, 118], "endpoint": [620, 148_000]}
+    # The replay inside the CPU limit, but 1.2x of it not: a server the 1.2x rule passes could miss
+    # the limit, so the bytes decide (0.45 s: 0.54 s allowed). With the replay at 0.4 s (0.48 s
+    # allowed) both rules agree and the limit is the verdict again.
+    cpu_row = "pilot CPU per route change"
+    pilot.phases[1].server_cpu_s, pilot.phases[2].server_cpu_s = 0.4, 0.6  # 0.5 s: misses < 0.5 s
+    for rounds, bound in (((0.4, 0.5), True), ((0.35, 0.45), False)):
+        base.phases[1].server_cpu_s, base.phases[2].server_cpu_s = rounds
+        rows = {r["target"]: r for r in Report({"cpus": 2}, {}, [pilot, base]).targets()}
+        assert rows[cpu_row]["replay"] == pytest.approx(sum(rounds) / 2) and rows[cpu_row]["replay"] < 0.5
+        if bound:
+            assert rows[cpu_row]["met"] is None and rows[cpu_row]["applies"] == "bytes"
+            assert rows[f"{cpu_row} / the replay's"]["met"] is True  # 1.11x
+        else:
+            assert rows[cpu_row]["met"] is False and rows[cpu_row]["applies"] is True
+            assert rows[f"{cpu_row} / the replay's"]["met"] is False  # 1.25x
     # Where the replay is far inside the limit the bytes do not decide: the ratio has no verdict.
     base.samples["route"] = [0.05, 0.3]
     rows = {r["target"]: r for r in Report({"cpus": 2}, {}, [pilot, base]).targets()}
