@@ -213,11 +213,11 @@ def test_mission_targets_show_the_replay_the_machine_floor_and_the_replay_factor
     # allowed) both rules agree and the limit is the verdict again.
     cpu_row = "pilot CPU per route change"
     pilot.phases[1].server_cpu_s, pilot.phases[2].server_cpu_s = 0.4, 0.6  # 0.5 s: misses < 0.5 s
-    for rounds, bound in (((0.4, 0.5), True), ((0.35, 0.45), False)):
+    for rounds, bytes_bound in (((0.4, 0.5), True), ((0.35, 0.45), False)):
         base.phases[1].server_cpu_s, base.phases[2].server_cpu_s = rounds
         rows = {r["target"]: r for r in Report({"cpus": 2}, {}, [pilot, base]).targets()}
         assert rows[cpu_row]["replay"] == pytest.approx(sum(rounds) / 2) and rows[cpu_row]["replay"] < 0.5
-        if bound:
+        if bytes_bound:
             assert rows[cpu_row]["met"] is None and rows[cpu_row]["applies"] == "bytes"
             assert rows[f"{cpu_row} / the replay's"]["met"] is True  # 1.11x
         else:
