@@ -31,10 +31,10 @@ fan-out still writes would leave its buffers, freed afterwards, in the heap. Not
 `add_done_callback`: grpc.aio keeps each callback in a list on the call's state, bound to the
 context that holds that state, so every call that had one ended as a reference cycle (the call's
 state, its context and their lists, ~11 objects with gRPC's own), freed only by a full garbage
-collection, which pilot runs rarely (`pilot.gcpolicy`): a fleet of 2,000 reconnecting left ~3 MB
-of them per reconnect. The one case the handler's end comes long before the call's, a stream
-closed behind a stuck response, leaves that response's pages to the allocator's own decay (or
-the next release).
+collection, which pilot runs rarely (`pilot.gcpolicy`): with a fleet of 2,000 reconnecting,
+pilot's allocated heap grew 2.9-3.2 MB per reconnect with them and 0.3-1.1 MB without. The one
+case where the handler's end comes long before the call's, a stream closed behind a stuck
+response, leaves that response's pages to the allocator's own decay (or the next release).
 
 Two faces, one state: `start` serves plaintext ADS (15010, unauthenticated: any local process
 may claim any Node); `start_secure` adds the authenticated port (15012): a `TlsFront` terminates

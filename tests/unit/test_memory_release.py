@@ -58,7 +58,7 @@ async def test_a_stream_that_ended_leaves_no_reference_cycle_of_pilots_making() 
 
     grpc.aio keeps an `add_done_callback` callback on the call's state, bound to the context that
     holds that state: a cycle per call, freed only by a full collection, which pilot runs rarely
-    (`pilot.gcpolicy`; a fleet reconnecting left ~3 MB of them per 2,000 streams). The server
+    (`pilot.gcpolicy`; a fleet of 2,000 reconnecting grew pilot's heap by 2-3 MB each time). The server
     learns of a stream's end from its handler instead, and still tells `quiet` of it. Here the
     collector is off while streams open and end, so whatever they left in cycles is still there to
     count: none of it may be a call's state or context (gRPC's own method lookup leaves a small
