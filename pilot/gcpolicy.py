@@ -133,9 +133,10 @@ def allocator_environment(environ: Mapping[str, str], jemalloc: str | None) -> d
     34-36 under jemalloc (`benchmarks.stream_fanout`, 2,000 streams, alternating runs); glibc's
     tunables (a larger tcache, fastbins) did not close it. At mission scale pilot's rounds after a
     fleet reconnected cost up to 60% more CPU under glibc and not under jemalloc. What it costs:
-    ~4 KB more per connection (two allocations per connection land in jemalloc's 10 KiB size
-    class, most likely gRPC's 8 KiB buffers with a header; glibc rounds to 16 bytes): 5-6 MB at
-    2,000 proxies, within the mission targets (README, Benchmarks, session 41). One arena
+    ~4 KB more per connection, 5-6 MB at 2,000 proxies, within the mission targets (README,
+    Benchmarks, sessions 41-42). gRPC's TCP read slices (a fixed 8 KiB plus a header) land in
+    jemalloc's 10 KiB size class, where glibc rounds to 16 bytes; replaced on every read, they also
+    leave some of those slabs half used after a change (8 MB at mission scale). One arena
     (`JEMALLOC_CONF`): 3 MB less than jemalloc's default of four per core, at no cost in speed
     measured.
 
