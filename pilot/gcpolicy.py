@@ -136,7 +136,7 @@ def allocator_environment(environ: Mapping[str, str], jemalloc: str | None) -> d
     ~4 KB more per connection, 5-6 MB at 2,000 proxies, within the mission targets (README,
     Benchmarks, sessions 41-42). gRPC's TCP read slices (a fixed 8 KiB plus a header) land in
     jemalloc's 10 KiB size class, where glibc rounds to 16 bytes; replaced on every read, they also
-    leave some of those slabs half used after a change (8 MB at mission scale). One arena
+    leave some of those slabs half used after a change (~7 MB at mission scale). One arena
     (`JEMALLOC_CONF`): 3 MB less than jemalloc's default of four per core, at no cost in speed
     measured.
 
