@@ -50,7 +50,7 @@ def run_benchmark(clients: list[int], protocols: list[str], workdir: Path, repea
                   console: Console | None = None, pin: bool = False, classes: int | str = 10,
                   idle_seconds: float = 3.0, quiet_seconds: float = 2.0,
                   sample_dir: Path | None = None, namespaces: int = 1, client: str = "go",
-                  streams_per_connection: int = 1) -> Report:
+                  streams_per_connection: int = 1, changes: int = 1) -> Report:
     """Run every (protocol, N) case; the result holds pilot and baseline runs in order.
 
     `classes` is a fixed count of config classes or "per-workload" (each proxy poses as one of
@@ -60,10 +60,12 @@ def run_benchmark(clients: list[int], protocols: list[str], workdir: Path, repea
     services (and, per workload, the proxies) spread over that many namespaces. `client`: the
     simulated Envoys, "go" (`benchmarks.goworker`) or "python" (`benchmarks.worker`);
     `streams_per_connection` of them share each TCP connection (1: each its own, as Envoys).
+    `changes`: changes of each kind per round (route, endpoint, route, ...).
     """
     console = console or Console(stderr=True, width=max(160, Console(stderr=True).width))
     report = Report(machine_info(pin), {"clients": clients, "protocols": protocols, "repeats": repeats,
-                                     "services": services, "namespaces": namespaces, "classes": classes,
+                                     "changes": changes, "services": services, "namespaces": namespaces,
+                                     "classes": classes,
                                      "idle_seconds": idle_seconds,
                                      "pilot_env": pilot_env or {}, "pinned": pin, "client": client,
                                      "streams_per_connection": streams_per_connection})
@@ -74,7 +76,7 @@ def run_benchmark(clients: list[int], protocols: list[str], workdir: Path, repea
                 profile = profile_dir / f"pilot-{protocol}-{n}.prof" if profile_dir else None
                 opts = Options(clients=n, protocol=protocol, workdir=workdir, services=services, namespaces=namespaces,
                                classes=10 if per_workload else int(classes), per_workload=per_workload,
-                               repeats=repeats, workers=workers, idle_seconds=idle_seconds,
+                               repeats=repeats, changes=changes, workers=workers, idle_seconds=idle_seconds,
                                quiet_seconds=quiet_seconds,
                                pilot_env=pilot_env or {}, profile=profile, pin=pin, sample_dir=sample_dir,
                                client=client, streams_per_connection=streams_per_connection)
@@ -117,6 +119,9 @@ def _classes(text: str) -> int | str:
 @click.option("--repeats", default=3, show_default=True,
               help="Rounds per run: each connects the fleet and makes one change of each kind; "
                    "pilot and baseline alternate.")
+@click.option("--changes", default=1, show_default=True, type=click.IntRange(1, 20),
+              help="Changes of each kind per round (route, endpoint, route, ...): CPU per change and the "
+                   "latencies pool rounds x changes, a narrower mean for one change more each.")
 @click.option("--services", default=50, show_default=True, type=click.IntRange(1, MAX_SERVICES),
               help="Services in the generated mesh.")
 @click.option("--namespaces", default=1, show_default=True, type=click.IntRange(min=1),
@@ -146,7 +151,7 @@ def _classes(text: str) -> int | str:
               help="py-spy the server (pilot, baseline) while clients connect and in each change; stacks here.")
 @click.option("--pilot-env", multiple=True,
               help="KEY=VALUE for pilot's environment, e.g. MESHCTL_PILOT_DEBOUNCE_MS=10.")
-def main(clients: str, protocol: str, repeats: int, services: int, namespaces: int, classes_text: str,
+def main(clients: str, protocol: str, repeats: int, changes: int, services: int, namespaces: int, classes_text: str,
          idle_seconds: float, workers: int, client: str, streams_per_connection: int, no_baseline: bool, pin: bool,
          json_path: Path | None, workdir: Path | None, profile_dir: Path | None, sample_dir: Path | None,
          pilot_env: tuple[str, ...]) -> None:
@@ -169,7 +174,8 @@ def main(clients: str, protocol: str, repeats: int, services: int, namespaces: i
         report = run_benchmark(counts, protocols, base, repeats, services, workers, not no_baseline, env,
                                profile_dir.resolve() if profile_dir else None, pin=pin, classes=classes,
                                idle_seconds=idle_seconds, sample_dir=sample_dir.resolve() if sample_dir else None,
-                               namespaces=namespaces, client=client, streams_per_connection=streams_per_connection)
+                               namespaces=namespaces, client=client, streams_per_connection=streams_per_connection,
+                               changes=changes)
     print_report(report, Console(width=max(200, Console().width)))
     if json_path:
         report.write_json(json_path)

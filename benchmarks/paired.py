@@ -4,7 +4,8 @@ Why: this 2-core machine's speed drifts by tens of percent over minutes (in four
 the baseline's own SotW connect took 10.0 to 15.3 s). Measuring all of pilot's phases and then the
 baseline's a minute later put that drift into the pilot / baseline ratios, and each run's worst
 ratio came from whichever server drew the slow minute. Here both servers stay up and take turns:
-round k is pilot's connect, route change and endpoint change, then the same three on the baseline.
+round k is pilot's connect, route change and endpoint change (`--changes N`: N of each, alternating),
+then the same on the baseline.
 After its turn a server's clients disconnect, so one fleet at a time shares the machine with one
 busy server; the idle one costs nothing measurable (pilot idles at ~0.02 vCPU).
 
@@ -67,9 +68,9 @@ class _Side:
 
 
 def _turn(side: _Side, opts: Options, round_: int, log: Log, record: bool = False) -> Recording | None:
-    """One round on one server: connect its fleet, (first round: idle figures), one change of each
-    kind, disconnect. Returns what its recording client captured when `record`; raises on a phase
-    that did not complete (the run's error)."""
+    """One round on one server: connect its fleet, (first round: idle figures), `opts.changes`
+    changes of each kind (alternating), disconnect. Returns what its recording client captured
+    when `record`; raises on a phase that did not complete (the run's error)."""
     session, run = side.session, side.run
     phase = _connect(session, side.target, opts.protocol == "delta", side.specs, record,
                      run.samples.setdefault("connect", []))
@@ -85,9 +86,9 @@ def _turn(side: _Side, opts: Options, round_: int, log: Log, record: bool = Fals
     else:  # the same quiet pause the first round's idle window begins with: changes meet a settled server
         time.sleep(opts.quiet_seconds)
     expectations: dict[str, Expectation] = {}
-    for kind in KINDS:
+    for kind, index in [(kind, round_ * opts.changes + j) for j in range(opts.changes) for kind in KINDS]:
         time.sleep(opts.settle)
-        expectation, trigger = side.change(kind, round_)
+        expectation, trigger = side.change(kind, index)
         session.call_all("arm", expectation)
         phase, t0 = session.measure(kind, "matched", opts.change_timeout, trigger)
         run.phases.append(phase)
@@ -131,6 +132,7 @@ def run_pair(group: ProcessGroup, opts: Options, log: Log, with_baseline: bool =
         pin(pilot.proc.pid, server=True)
     log(f"pilot pid {pilot.proc.pid}: xDS {pilot.ads}, debug {pilot.debug}; {opts.clients} {opts.protocol} clients "
         f"in {opts.class_count} {opts.class_mode} classes; {opts.repeats} rounds"
+        + (f" of {opts.changes} changes of each kind" if opts.changes > 1 else "")
         + (", pilot and baseline alternating" if with_baseline else ""))
     runs = [pilot_run]
     sides: list[_Side] = []

@@ -47,6 +47,10 @@ class Options:
     classes: int = 10  # fixed class count, unless per_workload
     per_workload: bool = False  # every proxy poses as one of the mesh's workloads
     repeats: int = 3
+    # Changes of each kind per round (`benchmarks.paired`): route, endpoint, route, ... on the same
+    # fleet. More than one narrows the CPU-per-change mean (averaged over rounds x changes) at the
+    # cost of one more change each, not of a reconnect.
+    changes: int = 1
     workers: int = 0  # 0: chosen from the client count
     settle: float = 0.5  # pause between changes, seconds
     idle_seconds: float = 3.0  # idle window after connect, for idle CPU and steady RSS

@@ -109,6 +109,22 @@ def test_rounds_alternate_pilot_and_baseline(tmp_path: Path) -> None:
         assert run.connect.p99 == max(run.samples["connect"])
 
 
+@pytest.mark.timeout(90)
+def test_changes_per_round_alternate_kinds_and_pool_into_each_figure(tmp_path: Path) -> None:
+    """`changes=2`: each round takes route, endpoint, route, endpoint on the same fleet, pilot's
+    edits each a new one (the baseline replays pilot's last of each kind, which its clients must
+    recognise), and CPU per change and the latencies pool every change of the kind."""
+    report = run_benchmark([4], ["sotw"], tmp_path, repeats=1, changes=2, services=6,
+                           console=Console(file=io.StringIO(), width=200), idle_seconds=0.5, quiet_seconds=0.1)
+    assert report.settings["changes"] == 2
+    for run in report.runs:
+        assert run.converged, (run.server, run.error, [p.error for p in run.phases])
+        assert [p.name for p in run.phases] == ["connect", "route", "endpoint", "route", "endpoint"]
+        assert len(run.samples["route"]) == 8 and len(run.samples["endpoint"]) == 8
+        routes = run.phase("route")
+        assert run.cpu_per_change("route") == pytest.approx(sum(p.server_cpu_s for p in routes) / 2)
+
+
 def test_class_publish_metric_read_from_prometheus_text() -> None:
     from benchmarks.procs import parse_class_publish
 
