@@ -2,7 +2,8 @@
 
 It replays responses recorded from pilot in the same run (so sizes are equal): a request
 without a nonce for a type gets that type's initial responses, ACKs are ignored, and `push`
-sends one recorded change response to every open stream. Runs as its own process (spawn),
+sends one recorded change response to every open stream; `learn` replaces the recorded change of
+a kind (`benchmarks.paired` teaches it each change pilot made in its first round). Runs as its own process (spawn),
 driven over a pipe like a client worker; one event loop, one queue per stream.
 """
 
@@ -82,6 +83,10 @@ async def serve(conn: Connection, replay: Replay) -> None:
             if cmd.name == "close":
                 conn.send(True)
                 return
+            if cmd.name == "learn":  # (kind, bytes): pilot's change of that kind, to replay from now on
+                replay.changes[cmd.args[0]] = cmd.args[1]
+                conn.send(True)
+                continue
             conn.send(replay.push(*cmd.args) if cmd.name == "push" else ValueError(cmd.name))
     finally:
         await server.stop(0)

@@ -433,10 +433,12 @@ def _line(phase: Phase) -> str:
 
 def _threads(phase: Phase) -> str:
     """"; by thread: main 0.40, event_engine 0.13, python 0.05" (seconds; threads under 5 ms left
-    out), or nothing if unknown."""
+    out), or nothing if unknown or every thread was under that."""
     if not phase.server_threads:
         return ""
     busiest = sorted(((n, s) for n, s in phase.server_threads.items() if s >= 0.005), key=lambda item: -item[1])
+    if not busiest:
+        return ""
     return "; by thread: " + ", ".join(f"{name} {seconds:.2f}" for name, seconds in busiest)
 
 

@@ -89,18 +89,23 @@ def test_benchmark_per_workload_classes(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(90)
-def test_rounds_alternate_pilot_and_baseline(tmp_path: Path) -> None:
-    """Two rounds: pilot's fleet connects and takes a route and an endpoint change, then the
-    baseline's, then both again; connect latencies pool over the rounds and "all connected" is the
-    slowest round's."""
+def test_pilot_and_baseline_take_turns_change_by_change(tmp_path: Path) -> None:
+    """Two rounds: pilot's fleet connects, then the baseline's, then each change is made on pilot
+    and right after on the baseline (which replays what pilot just sent); connect latencies pool
+    over the rounds and "all connected" is the slowest round's."""
     out = io.StringIO()
     report = run_benchmark([4], ["sotw"], tmp_path, repeats=2, services=4, console=Console(file=out, width=200),
                            idle_seconds=0.5, quiet_seconds=0.1)
     log = out.getvalue()
 
-    turns = [line.strip().rstrip(":") for line in log.splitlines() if line.strip().startswith("round ")]
-    assert turns[:4] == ["round 1, pilot", "round 1, baseline (replayed bytes, no pilot logic)",
-                         "round 2, pilot", "round 2, baseline"], log
+    steps = [tuple(line.split()[:2]) for line in log.splitlines()
+             if line.strip().startswith(("round ", "pilot ", "baseline "))][1:]  # the first: pilot's pid line
+    first = [("round", "1:"), ("pilot", "connect"), ("pilot", "idle"), ("pilot", "CPU"),
+             ("baseline", "connect"), ("baseline", "idle"), ("pilot", "route"), ("baseline", "route"),
+             ("pilot", "endpoint"), ("baseline", "endpoint"), ("pilot", "after"), ("baseline", "after")]
+    second = [("round", "2:"), ("pilot", "connect"), ("baseline", "connect"), ("pilot", "route"),
+              ("baseline", "route"), ("pilot", "endpoint"), ("baseline", "endpoint")]
+    assert steps == first + second, log
     for run in report.runs:
         assert run.converged, (run.server, run.error, [p.error for p in run.phases])
         assert [p.name for p in run.phases] == ["connect", "route", "endpoint"] * 2
