@@ -251,8 +251,9 @@ def _ratios(pilot: Run, base: Run) -> dict[str, Any]:
         out[f"{kind}_p99_past_debounce"] = ratio(p.p99 - pilot.debounce_s.get(kind, 0.0), b.p99)
         # Fan-out alone: the spread between the first and last ACK, without detection/debounce.
         out[f"{kind}_spread"] = ratio(p.max - p.min, b.max - b.min)
-    # Round k of pilot against round k of the baseline, which ran right after it (`benchmarks.paired`):
-    # the pooled figures above follow the worst round, these show whether one round decided them.
+    # Pilot's k-th phase of a kind against the baseline's k-th, made right after it (`benchmarks.paired`:
+    # connects in turn, changes in turn): the pooled figures above follow the worst change, these show
+    # whether one change decided them.
     out["per_round_p99"] = {
         name: [ratio(a.latency.p99, c.latency.p99) for a, c in zip(pilot.phase(name), base.phase(name), strict=False)]
         for name in ("connect", *KINDS)}
@@ -290,7 +291,8 @@ def print_report(report: Report, console: Console | None = None) -> None:
         console.print(_ratio_table(pairs))
         for pilot, ratios in pairs:
             rounds, clients = ratios["per_round_p99"], ratios["per_round_client_cpu"]
-            console.print(f"{pilot.protocol} {pilot.clients}: p99 ratio per round (pilot round k / baseline round k): "
+            console.print(f"{pilot.protocol} {pilot.clients}: p99 ratio per phase (pilot's k-th / the baseline's k-th, "
+                          "made in turn): "
                           + "; ".join(f"{name} " + " ".join(_x(v) for v in values) for name, values in rounds.items())
                           + " | the clients' CPU, same ratio: "
                           + "; ".join(f"{name} " + " ".join(_x(v) for v in values) for name, values in clients.items()))
