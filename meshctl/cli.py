@@ -100,7 +100,10 @@ def up(config_dir: Path | None, ads_addr: str, tls_addr: str, debug_addr: str, s
     from pilot.gcpolicy import choose_allocator, forget_preload
 
     if sys.argv[1:2] == ["up"]:  # this process is `meshctl up` (not a test invoking the command)
-        choose_allocator(["-m", "meshctl.cli", *sys.argv[1:]], os.environ)  # fast, and memory returns
+        try:
+            choose_allocator(["-m", "meshctl.cli", *sys.argv[1:]], os.environ)  # fast, and memory returns
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
         forget_preload(os.environ)
     from citadel.errors import CitadelError
     from meshctl.security import default_state_dir

@@ -145,6 +145,21 @@ def test_the_operators_choices_are_kept() -> None:
     assert allocator_environment(conf, JEMALLOC)["MALLOC_CONF"] == "narenas:2"  # type: ignore[index]
 
 
+def test_an_allocator_name_that_is_neither_is_refused_not_taken_for_glibc() -> None:
+    for environ in ({"MESHCTL_MALLOC": "jemaloc"}, {"MESHCTL_MALLOC": "", "PYTHONMALLOC": "malloc"}):
+        with pytest.raises(ValueError, match=r"MESHCTL_MALLOC=.*expected one of jemalloc, glibc"):
+            allocator_environment(environ, JEMALLOC)
+
+
+def test_meshctl_up_says_which_setting_is_wrong_before_it_starts_anything(tmp_path: Path) -> None:
+    env = {**os.environ, "MESHCTL_MALLOC": "jemaloc", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env.pop("PYTHONMALLOC", None)
+    out = subprocess.run([sys.executable, "-m", "meshctl.cli", "up", "--config-dir", str(tmp_path)], check=False,
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "MESHCTL_MALLOC='jemaloc': expected one of jemalloc, glibc" in out.stderr
+
+
 def test_the_preload_is_not_passed_on_to_programs_pilot_starts() -> None:
     environ = {"MESHCTL_MALLOC": "jemalloc", "LD_PRELOAD": JEMALLOC, "PYTHONMALLOC": "malloc"}
     forget_preload(environ)
