@@ -7,7 +7,7 @@ drift into the pilot / baseline ratios, and each run's worst ratio came from whi
 the slow minute. From session 17 to 42 both servers took turns by rounds (pilot's connect and
 changes, then the baseline's, about 40 s each), and a slow spell could still fall on one server's
 whole turn (session 43's C3: pilot's three route changes of one round at 1.5-2.0x the replay's p99
-while the simulated Envoys, the same code on the same bytes, needed 1.2-1.6x their CPU). So since
+while the simulated Envoys, the same code on the same bytes, needed 1.15-1.6x their CPU). So since
 session 43 both fleets stay connected through a round and the servers take turns change by change:
 
     round k: pilot's fleet connects, then the baseline's (pilot's fleet idle, connected);
