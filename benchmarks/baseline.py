@@ -3,8 +3,8 @@
 It replays responses recorded from pilot in the same run (so sizes are equal): a request
 without a nonce for a type gets that type's initial responses, ACKs are ignored, and `push`
 sends one recorded change response to every open stream; `learn` replaces the recorded change of
-a kind (`benchmarks.paired` teaches it each change pilot made in its first round). Runs as its own process (spawn),
-driven over a pipe like a client worker; one event loop, one queue per stream.
+a kind (`benchmarks.paired` teaches it each change pilot made in its first round). Runs as its own
+process (spawn), driven over a pipe like a client worker; one event loop, one queue per stream.
 """
 
 from __future__ import annotations
