@@ -184,7 +184,13 @@ async def test_pilot_memory_returns_near_its_baseline_after_a_large_config_is_re
     """`meshctl up` as its own process, with a sidecar: RSS after a 12,000-route config is gone
     (and a 15 MB VirtualService of 174,000 routes was refused) is back near what it was before,
     under jemalloc (the default where installed; CI installs it) and under glibc malloc
-    (`MESHCTL_MALLOC=glibc`)."""
+    (`MESHCTL_MALLOC=glibc`), and the same spike again leaves nothing more behind.
+
+    Two bounds, as measured here (MB over the baseline after the first spike / more after the
+    second, of ~120 MB grown each time): jemalloc 6 / 1, glibc 13 / 1. The first spike pays once
+    for what pilot keeps from then on (modules and caches first used by a large config, the
+    allocator's own spread), and that part varies with the machine: glibc kept 29 MB of 140 in one
+    CI run. A cache holding previous meshes would keep most of a spike, every time."""
     monkeypatch.setenv("MESHCTL_MALLOC", allocator)
     demo = DemoMesh(random_block(), {"v1": free_port(), "v2": free_port()})
     (tmp_path / "mesh.yaml").write_text(demo.mesh_yaml())
@@ -215,36 +221,42 @@ async def test_pilot_memory_returns_near_its_baseline_after_a_large_config_is_re
             await wait_synced(debug, 1)
             baseline = await trimmed_rss()
 
-            files = [tmp_path / f"big-{i}.yaml" for i in range(6)]
-            for i, path in enumerate(files):
-                path.write_text(service_with_routes(i, 2_000))
-            huge = tmp_path / "huge.yaml"
-            huge.write_text(service_with_routes(99, 174_000))
-            assert huge.stat().st_size > 10 * 1_572_864
-            peak = 0.0
-            for _ in range(600):
+            async def spike() -> tuple[float, float]:
+                """Load the large config, then remove it: RSS at its peak and after (trimmed)."""
+                files = [tmp_path / f"big-{i}.yaml" for i in range(6)]
+                for i, path in enumerate(files):
+                    path.write_text(service_with_routes(i, 2_000))
+                huge = tmp_path / "huge.yaml"
+                huge.write_text(service_with_routes(99, 174_000))
+                assert huge.stat().st_size > 10 * 1_572_864
+                peak = 0.0
+                for _ in range(600):
+                    peak = max(peak, psutil.Process(pilot.pid).memory_info().rss / 2**20)
+                    body = await get("/debug/configz")
+                    if sum(o["name"].startswith("big-") for o in body["objects"]) > 2 * len(files) and body["rejected"]:
+                        break
+                    await asyncio.sleep(0.5)
+                (refused,) = [r for r in body["rejected"] if r["file"] == "huge.yaml"]
+                assert refused["kind"] == "VirtualService" and refused["name"] == "big-99"
+                assert "over the 1.5 MiB limit of a Kubernetes object" in refused["message"]
+                await wait_synced(debug, 1)
                 peak = max(peak, psutil.Process(pilot.pid).memory_info().rss / 2**20)
-                body = await get("/debug/configz")
-                if sum(o["name"].startswith("big-") for o in body["objects"]) > 2 * len(files) and body["rejected"]:
-                    break
-                await asyncio.sleep(0.5)
-            (refused,) = [r for r in body["rejected"] if r["file"] == "huge.yaml"]
-            assert refused["kind"] == "VirtualService" and refused["name"] == "big-99"
-            assert "over the 1.5 MiB limit of a Kubernetes object" in refused["message"]
-            await wait_synced(debug, 1)
-            peak = max(peak, psutil.Process(pilot.pid).memory_info().rss / 2**20)
 
-            for path in [*files, huge]:
-                path.unlink()
-            for _ in range(600):
-                body = await get("/debug/configz")
-                if not any(o["name"].startswith("big-") for o in body["objects"]):
-                    break
-                await asyncio.sleep(0.5)
-            await wait_synced(debug, 1)
-            after = await trimmed_rss()
+                for path in [*files, huge]:
+                    path.unlink()
+                for _ in range(600):
+                    body = await get("/debug/configz")
+                    if not any(o["name"].startswith("big-") for o in body["objects"]):
+                        break
+                    await asyncio.sleep(0.5)
+                await wait_synced(debug, 1)
+                return peak, await trimmed_rss()
+
+            peak, after = await spike()
+            again_peak, again = await spike()
         assert peak - baseline > 60, f"not a large config: {baseline:.0f} -> {peak:.0f} MB"
-        assert after - baseline < 0.2 * (peak - baseline), f"RSS {baseline:.0f} -> {peak:.0f} -> {after:.0f} MB"
+        assert after - baseline < 0.3 * (peak - baseline), f"RSS {baseline:.0f} -> {peak:.0f} -> {after:.0f} MB"
+        assert again - after < 0.1 * (again_peak - after), f"again: {after:.0f} -> {again_peak:.0f} -> {again:.0f} MB"
     finally:
         for proc in reversed(procs):
             await stop(proc)
