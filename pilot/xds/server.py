@@ -311,7 +311,12 @@ class AdsServer:
     async def _stream(
         self, context: grpc.aio.ServicerContext, kind: type[SessionBase[Any]], authenticated: bool = False,
     ) -> None:
-        opened = await self._open(context, kind, authenticated)
+        opened = None
+        try:
+            opened = await self._open(context, kind, authenticated)
+        finally:
+            if opened is None:  # refused (`abort` raises) or ended before its first request: gRPC
+                self._stream_ended()  # frees this call's state now too, as after any stream
         if opened is None:
             return
         identity, first, first_wire = opened

@@ -11,6 +11,8 @@ import asyncio
 import gc
 import time
 
+import grpc
+import pytest
 from prometheus_client import CollectorRegistry
 
 from pilot.model.proxy import identity_from_node
@@ -101,3 +103,44 @@ async def test_a_stream_that_ended_leaves_no_reference_cycle_of_pilots_making() 
             gc.enable()
         await server.stop(0)
     assert "RPCState" not in left and "_ServicerContext" not in left, sorted(left)
+
+
+async def test_a_refused_stream_and_one_ended_before_its_first_request_are_reported_to_quiet() -> None:
+    """A stream refused at its first request (a Node without an id) and one that ends
+    before sending any request get no response, but gRPC frees their calls' state when their
+    handlers return, as for any stream: the release waits for that too (each is a touch)."""
+    reported: list[int] = []
+
+    class Counting(WhenQuiet):
+        def touch(self, events: int = 1) -> None:
+            reported.append(events)
+            super().touch(events)
+
+    quiet = Counting(delay=60)
+    registry = CollectorRegistry()
+    server = AdsServer(SnapshotCache(), StatusRegistry(XdsMetrics(registry)), quiet=quiet)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        async with AdsClient(f"127.0.0.1:{port}", make_node("")) as refused:
+            refused.send(CLUSTER)
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await refused.recv()
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for _ in range(50):
+            if reported:
+                break
+            await asyncio.sleep(0.05)
+        assert reported == [1]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.stream_stream(
+                "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources")()
+            await call.done_writing()  # ends the stream without a request
+            assert await call.read() is grpc.aio.EOF
+        for _ in range(50):
+            if len(reported) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert reported == [1, 1]
+        assert registry.get_sample_value("pilot_xds_stream_errors_total", {"reason": "bad_node"}) == 1
+    finally:
+        await server.stop(0)
