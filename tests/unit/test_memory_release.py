@@ -25,6 +25,18 @@ from pilot.xds.typeurls import CLUSTER
 from tests.conformance.builders import snapshot
 
 
+class CountingQuiet(WhenQuiet):
+    """A `WhenQuiet` that also keeps what each `touch` reported."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay)
+        self.reported: list[int] = []
+
+    def touch(self, events: int = 1) -> None:
+        self.reported.append(events)
+        super().touch(events)
+
+
 async def test_memory_is_released_once_the_writes_have_stopped() -> None:
     # 0.5 s: a loaded CI machine can stall the loop for a few hundred ms between two pushes.
     quiet = WhenQuiet(delay=0.5)
@@ -65,14 +77,8 @@ async def test_a_stream_that_ended_leaves_no_reference_cycle_of_pilots_making() 
     collector is off while streams open and end, so whatever they left in cycles is still there to
     count: none of it may be a call's state or context (gRPC's own method lookup leaves a small
     cycle per call, which pilot cannot avoid)."""
-    reported: list[int] = []
-
-    class Counting(WhenQuiet):
-        def touch(self, events: int = 1) -> None:
-            reported.append(events)
-            super().touch(events)
-
-    quiet = Counting(delay=60)
+    quiet = CountingQuiet(delay=60)
+    reported = quiet.reported
     cache = SnapshotCache()
     server = AdsServer(cache, StatusRegistry(XdsMetrics(CollectorRegistry())), quiet=quiet)
     port = await server.start("127.0.0.1", 0)
@@ -109,14 +115,8 @@ async def test_a_refused_stream_and_one_ended_before_its_first_request_are_repor
     """A stream refused at its first request (a Node without an id) and one that ends
     before sending any request get no response, but gRPC frees their calls' state when their
     handlers return, as for any stream: the release waits for that too (each is a touch)."""
-    reported: list[int] = []
-
-    class Counting(WhenQuiet):
-        def touch(self, events: int = 1) -> None:
-            reported.append(events)
-            super().touch(events)
-
-    quiet = Counting(delay=60)
+    quiet = CountingQuiet(delay=60)
+    reported = quiet.reported
     registry = CollectorRegistry()
     server = AdsServer(SnapshotCache(), StatusRegistry(XdsMetrics(registry)), quiet=quiet)
     port = await server.start("127.0.0.1", 0)
