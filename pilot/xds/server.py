@@ -311,12 +311,15 @@ class AdsServer:
     async def _stream(
         self, context: grpc.aio.ServicerContext, kind: type[SessionBase[Any]], authenticated: bool = False,
     ) -> None:
-        opened = None
         try:
-            opened = await self._open(context, kind, authenticated)
-        finally:
-            if opened is None:  # refused (`abort` raises) or ended before its first request: gRPC
-                self._stream_ended()  # frees this call's state now too, as after any stream
+            await self._run_stream(context, kind, authenticated)
+        finally:  # however the stream ends (refused, before its first request, timed out, ...)
+            self._stream_ended()
+
+    async def _run_stream(
+        self, context: grpc.aio.ServicerContext, kind: type[SessionBase[Any]], authenticated: bool,
+    ) -> None:
+        opened = await self._open(context, kind, authenticated)
         if opened is None:
             return
         identity, first, first_wire = opened
@@ -352,7 +355,6 @@ class AdsServer:
             if grant is not None and self.secrets is not None:
                 self.secrets.forget(stream_status.stream_id, identity.node_id)
             log.debug("stream %d of %s closed", stream_status.stream_id, identity.node_id)
-            self._stream_ended()
         if timed_out:
             del session, stream, reader  # pilot's part of the stream goes now, not with the call
             self.status.metrics.stream_errors.labels("send_timeout").inc()
