@@ -1,7 +1,7 @@
 """The Go simulated Envoys (`benchmarks/simenvoy`): built once into a cache, driven like a worker.
 
 `GoWorkerHandle` answers the same commands as `worker.WorkerHandle` (connect, status, arm,
-results, recorded, disconnect, close), so the runner drives either kind of client the same way.
+results, recorded, recorded_changes, disconnect, close), so the runner drives either kind of client the same way.
 One process holds the whole fleet: Go's scheduler spreads the streams over the cores, where the
 Python clients need one worker process per core.
 
@@ -174,7 +174,11 @@ def _reply(name: str, value: Any) -> Any:
                              reconnects=r["reconnects"], error=r["error"]) for r in value]
     if name == "recorded":
         initial = [(type_url, base64.b64decode(raw)) for type_url, raw in value["initial"]]
-        changes = {kind: base64.b64decode(raw) for kind, raw in value["changes"].items()}
-        return initial, changes
+        return initial, _changes(value["changes"])
+    if name == "recorded_changes":
+        return _changes(value)
     return value
 
+
+def _changes(value: dict[str, str]) -> dict[str, bytes]:
+    return {kind: base64.b64decode(raw) for kind, raw in value.items()}

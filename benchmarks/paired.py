@@ -167,7 +167,7 @@ class _Pair:
                 if replay is None:
                     continue
                 if round_ == 0:  # the baseline replays the change pilot just made
-                    _, changes = ours.session.handles[0].call("recorded")
+                    changes = ours.session.handles[0].call("recorded_changes")
                     replay.recording.changes[kind] = changes[kind]
                     replay.recording.expectations[kind] = expectation
                     replay.server.call("learn", kind, changes[kind])

@@ -41,7 +41,7 @@ class NodeSpec:
 
 @dataclass(frozen=True)
 class Command:
-    name: str  # connect | status | arm | results | recorded | disconnect | close
+    name: str  # connect | status | arm | results | recorded | recorded_changes | disconnect | close
     args: tuple[Any, ...] = ()
 
 
@@ -145,6 +145,8 @@ def _dispatch(worker: Worker, cmd: Command) -> Any:
         return worker.results()
     if cmd.name == "recorded":
         return worker.recorded()
+    if cmd.name == "recorded_changes":  # the change responses alone: the initial config is megabytes
+        return worker.recorded()[1]
     if cmd.name in ("close", "disconnect"):
         return True
     raise ValueError(f"unknown command {cmd.name!r}")

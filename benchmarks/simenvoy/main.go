@@ -19,7 +19,7 @@
 //
 // Commands (field "cmd"): connect {target, delta, nodes: base64 serialized Node messages,
 // record, streams_per_connection}, status, arm {kind, type_url, needles: base64}, results,
-// recorded, disconnect, close.
+// recorded, recorded_changes, disconnect, close.
 package main
 
 import (
@@ -769,14 +769,16 @@ func (w *worker) results() any {
 	return out
 }
 
-func (w *worker) recorded() any {
+func (w *worker) recorded(withInitial bool) any {
 	initial, changes := [][2]any{}, map[string][]byte{}
 	if w.fleet != nil {
 		for _, c := range w.fleet.clients {
 			c.mu.Lock()
 			if c.record {
-				for _, r := range c.initial {
-					initial = append(initial, [2]any{r.TypeURL, r.Raw})
+				if withInitial {
+					for _, r := range c.initial {
+						initial = append(initial, [2]any{r.TypeURL, r.Raw})
+					}
 				}
 				for k, v := range c.changes {
 					changes[k] = v
@@ -784,6 +786,9 @@ func (w *worker) recorded() any {
 			}
 			c.mu.Unlock()
 		}
+	}
+	if !withInitial {
+		return changes
 	}
 	return map[string]any{"initial": initial, "changes": changes}
 }
@@ -865,7 +870,9 @@ func (w *worker) handle(cmd *command) any {
 	case "results":
 		value = w.results()
 	case "recorded":
-		value = w.recorded()
+		value = w.recorded(true)
+	case "recorded_changes": // the change responses alone: the initial config is megabytes
+		value = w.recorded(false)
 	case "disconnect", "close":
 		w.disconnect(closeGrace)
 		value = true
