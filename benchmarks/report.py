@@ -69,6 +69,9 @@ class Phase:
     # server_cpu_s by thread (`benchmarks.procs.thread_cpu`): "main" (the event loop), gRPC's
     # "event_engine", the rest by name
     server_threads: dict[str, float] = field(default_factory=dict)
+    # CPU seconds the host took from the machine's CPUs while the phase ran (`procs.machine_steal`):
+    # a change slowed by the machine rather than by its server shows here
+    machine_steal_s: float = 0.0
 
     @property
     def complete(self) -> bool:
@@ -266,6 +269,11 @@ def _ratios(pilot: Run, base: Run) -> dict[str, Any]:
         name: [ratio(a.client_cpu_s, c.client_cpu_s)
                for a, c in zip(pilot.phase(name), base.phase(name), strict=False)]
         for name in KINDS}
+    # The host's steal in the same rounds, pilot's phase and the baseline's (seconds, all CPUs).
+    out["per_round_steal_s"] = {
+        name: [[a.machine_steal_s, c.machine_steal_s]
+               for a, c in zip(pilot.phase(name), base.phase(name), strict=False)]
+        for name in KINDS}
     return out
 
 
@@ -296,6 +304,12 @@ def print_report(report: Report, console: Console | None = None) -> None:
                           + "; ".join(f"{name} " + " ".join(_x(v) for v in values) for name, values in rounds.items())
                           + " | the clients' CPU, same ratio: "
                           + "; ".join(f"{name} " + " ".join(_x(v) for v in values) for name, values in clients.items()))
+            steal = ratios["per_round_steal_s"]
+            if any(s for pairs in steal.values() for pair in pairs for s in pair):
+                console.print(f"{pilot.protocol} {pilot.clients}: the host's steal per phase in ms (pilot's k-th / "
+                              "the baseline's k-th): " + "; ".join(
+                                  f"{name} " + " ".join(f"{a * 1000:.0f}/{b * 1000:.0f}" for a, b in pairs)
+                                  for name, pairs in steal.items()))
     targets = report.targets()
     if targets:
         console.print(_targets_table(targets))

@@ -29,7 +29,7 @@ import psutil
 from benchmarks import baseline, meshgen, worker
 from benchmarks.client import ClientResult, Expectation
 from benchmarks.goworker import GoWorkerHandle
-from benchmarks.procs import ProcessGroup, ResourceMeter, cpu_of
+from benchmarks.procs import ProcessGroup, ResourceMeter, cpu_of, machine_steal
 from benchmarks.report import MB, PER_WORKLOAD, Latency, Phase, Run
 from benchmarks.worker import NodeSpec, WorkerHandle
 from pilot.settings import PilotSettings
@@ -231,15 +231,18 @@ class Session:
         self.meter.mark()
         client_cpu = self.client_cpu()
         reconnects = self.reconnects()
+        steal = machine_steal()
         with self._sampled(name):
             t0 = trigger()
             done, error = self.wait(key, timeout)
+        steal = machine_steal() - steal
         split, peak = self.meter.phase_split()
         stamps = [getattr(r, f"{key}_at") for r in self.results()]
         latency = Latency.of([t - t0 for t in stamps if t is not None])
         phase = Phase(name, self.opts.clients, done, latency, split.cpu, peak / MB, self.client_cpu() - client_cpu,
                       self.reconnects() - reconnects, error, split.system, split.minor_faults,
-                      {name: round(seconds, 4) for name, seconds in split.threads if seconds > 0})
+                      {name: round(seconds, 4) for name, seconds in split.threads if seconds > 0},
+                      round(steal, 2))
         return phase, t0
 
 
@@ -428,7 +431,12 @@ def _line(phase: Phase) -> str:
     return (f"  {phase.name:8s} {phase.converged}/{phase.clients} converged, {ms}, "
             f"server CPU {phase.server_cpu_s:.2f}s ({phase.server_system_s:.2f}s system, "
             f"{phase.server_minor_faults:,} minor faults{_threads(phase)}), RSS {phase.server_peak_rss_mb:.0f} MB"
-            f"{retried}{status}")
+            f"{_steal(phase)}{retried}{status}")
+
+
+def _steal(phase: Phase) -> str:
+    """", host steal 0.15 s" (the machine's CPUs summed, `procs.machine_steal`), or nothing if none."""
+    return f", host steal {phase.machine_steal_s:.2f} s" if phase.machine_steal_s > 0 else ""
 
 
 def _threads(phase: Phase) -> str:

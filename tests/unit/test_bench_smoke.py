@@ -85,6 +85,10 @@ def test_benchmark_per_workload_classes(tmp_path: Path) -> None:
         assert clients["route"] == [pytest.approx(pilot_route.client_cpu_s / base_route.client_cpu_s)]
     else:
         assert clients["route"] == [None]
+    # The host's steal in each phase, pilot's and the baseline's: what /proc/stat counted meanwhile.
+    steal = saved["ratios"][0]["per_round_steal_s"]
+    assert steal["route"] == [[pilot_route.machine_steal_s, base_route.machine_steal_s]]
+    assert all(p.machine_steal_s >= 0 for run in report.runs for p in run.phases)
     assert report.targets() == []  # mission-scale targets need >= 1,000 services
 
 
@@ -271,6 +275,7 @@ def test_ratios_past_the_debounce_take_pilots_configured_wait_off_its_own_latenc
     assert ratios["endpoint_p99"] == pytest.approx(1.02) and ratios["endpoint_p99_past_debounce"] == pytest.approx(1.0)
     assert ratios["per_round_p99"] == {"connect": [], "route": [], "endpoint": []}  # no phases recorded here
     assert ratios["per_round_client_cpu"] == {"route": [], "endpoint": []}
+    assert ratios["per_round_steal_s"] == {"route": [], "endpoint": []}
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
@@ -497,3 +502,17 @@ def test_steady_rss_waits_until_the_server_stops_handing_memory_back() -> None:
     assert settled_rss(rss, sleep=slept.append) == pytest.approx(0.75)  # already at rest: three steps
     rss, slept = server(list(range(500, 100, -10)))
     assert settled_rss(rss, limit=2.0, sleep=slept.append) == pytest.approx(2.0)  # never settles: the limit
+
+
+def test_machine_steal_reads_the_steal_column_of_proc_stat() -> None:
+    """The figure per phase is /proc/stat's steal column in seconds: it never goes back, and it is
+    the eighth number after "cpu" divided by the clock tick."""
+    import os
+
+    from benchmarks.procs import machine_steal
+
+    with open("/proc/stat", encoding="ascii") as stat:
+        ticks = int(stat.readline().split()[8])
+    first = machine_steal()
+    assert first >= ticks / os.sysconf("SC_CLK_TCK")
+    assert machine_steal() >= first
