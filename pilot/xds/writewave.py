@@ -20,7 +20,7 @@ ACK (a NACK, a new subscription) may wait for the rest of a wave, `patience` at 
 
 Measured at mission scale (`benchmarks.ads_load`, 2,000 delta proxies, alternating runs with
 `ACK_HOLD_MS=0`): pilot's CPU per route change 0.78 s against 0.85 s over seven runs each, p99s
-2-8% lower, endpoint changes and SotW within their noise (README Benchmarks, session 27). Cost:
+2-8% lower, endpoint changes and SotW within their noise (`benchmarks/SESSIONS.md`, session 27). Cost:
 two integer updates per write (SotW's too: a delta reader waits for every write), at most one
 timer firing per `patience` (`WriteWave`), and per held reader one `asyncio.Event` wait.
 """
