@@ -274,7 +274,33 @@ def _ratios(pilot: Run, base: Run) -> dict[str, Any]:
         name: [[a.machine_steal_s, c.machine_steal_s]
                for a, c in zip(pilot.phase(name), base.phase(name), strict=False)]
         for name in KINDS}
+    out["slowest"] = {name: _slowest(pilot.phase(name), base.phase(name)) for name in KINDS}
     return out
+
+
+def _slowest(mine: list[Phase], theirs: list[Phase]) -> dict[str, Any] | None:
+    """Pilot's change of one kind with the highest p99, with the host's steal during it and the
+    baseline's change made right after it: the pooled p99 follows its slowest changes, so this is
+    the change a missed latency row is about, and whether the machine was taken from under it.
+    None when no change of the kind was measured."""
+    timed = [(i, p) for i, p in enumerate(mine) if not math.isnan(p.latency.p99)]
+    if not timed:
+        return None
+    i, phase = max(timed, key=lambda item: item[1].latency.p99)
+    pair = theirs[i] if i < len(theirs) else None
+    return {"index": i + 1, "of": len(mine), "p99_s": phase.latency.p99, "steal_s": phase.machine_steal_s,
+            "replay_p99_s": pair.latency.p99 if pair is not None else None,
+            "replay_steal_s": pair.machine_steal_s if pair is not None else None}
+
+
+def _slowest_text(found: dict[str, Any]) -> str:
+    """"route 2 of 9, p99 1276 ms, host steal 0 ms (the replay's next: 575 ms, steal 0 ms)"."""
+    text = (f"{found['index']} of {found['of']}, p99 {found['p99_s'] * 1000:.0f} ms, "
+            f"host steal {found['steal_s'] * 1000:.0f} ms")
+    if found["replay_p99_s"] is not None:
+        text += (f" (the replay's next: {_ms(found['replay_p99_s'])} ms, "
+                 f"steal {found['replay_steal_s'] * 1000:.0f} ms)")
+    return text
 
 
 def _ms(value: float) -> str:
@@ -310,6 +336,8 @@ def print_report(report: Report, console: Console | None = None) -> None:
                               "the baseline's k-th): " + "; ".join(
                                   f"{name} " + " ".join(f"{a * 1000:.0f}/{b * 1000:.0f}" for a, b in pairs)
                                   for name, pairs in steal.items()))
+            console.print(f"{pilot.protocol} {pilot.clients}: pilot's slowest change of each kind: " + "; ".join(
+                f"{name} {_slowest_text(found)}" for name, found in ratios["slowest"].items() if found is not None))
     targets = report.targets()
     if targets:
         console.print(_targets_table(targets))

@@ -89,6 +89,10 @@ def test_benchmark_per_workload_classes(tmp_path: Path) -> None:
     steal = saved["ratios"][0]["per_round_steal_s"]
     assert steal["route"] == [[pilot_route.machine_steal_s, base_route.machine_steal_s]]
     assert all(p.machine_steal_s >= 0 for run in report.runs for p in run.phases)
+    # The slowest change of each kind, with its steal and the baseline's change made right after it.
+    assert saved["ratios"][0]["slowest"]["route"] == {
+        "index": 1, "of": 1, "p99_s": pilot_route.latency.p99, "steal_s": pilot_route.machine_steal_s,
+        "replay_p99_s": base_route.latency.p99, "replay_steal_s": base_route.machine_steal_s}
     assert report.targets() == []  # mission-scale targets need >= 1,000 services
 
 
@@ -276,6 +280,7 @@ def test_ratios_past_the_debounce_take_pilots_configured_wait_off_its_own_latenc
     assert ratios["per_round_p99"] == {"connect": [], "route": [], "endpoint": []}  # no phases recorded here
     assert ratios["per_round_client_cpu"] == {"route": [], "endpoint": []}
     assert ratios["per_round_steal_s"] == {"route": [], "endpoint": []}
+    assert ratios["slowest"] == {"route": None, "endpoint": None}
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
@@ -516,3 +521,19 @@ def test_machine_steal_reads_the_steal_column_of_proc_stat() -> None:
     first = machine_steal()
     assert first >= ticks / os.sysconf("SC_CLK_TCK")
     assert machine_steal() >= first
+
+
+def test_slowest_change_names_pilots_highest_p99_its_steal_and_the_replays_pair() -> None:
+    """A missed latency row is about pilot's slowest changes: the report names the one with the
+    highest p99, the host's steal during it and the baseline's change made right after it."""
+    from benchmarks.report import Latency, Phase, Run, _ratios
+
+    pilot, base = Run("pilot", "delta", 2000), Run("baseline", "delta", 2000)
+    for p99, steal in ((0.21, 0.0), (0.56, 0.47), (0.29, 0.0)):
+        pilot.phases.append(Phase("endpoint", 2000, 2000, Latency.of([p99]), 0.3, 290, 0.2, machine_steal_s=steal))
+    for p99, steal in ((0.15, 0.0), (0.22, 0.05), (0.16, 0.0)):
+        base.phases.append(Phase("endpoint", 2000, 2000, Latency.of([p99]), 0.2, 190, 0.2, machine_steal_s=steal))
+    slowest = _ratios(pilot, base)["slowest"]
+    assert slowest["route"] is None  # no route change measured
+    assert slowest["endpoint"] == {"index": 2, "of": 3, "p99_s": 0.56, "steal_s": 0.47,
+                                   "replay_p99_s": 0.22, "replay_steal_s": 0.05}
