@@ -510,30 +510,20 @@ def test_steady_rss_waits_until_the_server_stops_handing_memory_back() -> None:
 
 
 def test_machine_steal_reads_the_steal_column_of_proc_stat() -> None:
-    """The figure per phase is /proc/stat's steal column in seconds: it never goes back, and it is
-    the eighth number after "cpu" divided by the clock tick."""
+    """The figure per phase is /proc/stat's steal column (the eighth number after "cpu") in
+    seconds: read between two reads of that column, it lies between them (another column, idle or
+    user time, would not), and it never goes back."""
     import os
 
     from benchmarks.procs import machine_steal
 
-    with open("/proc/stat", encoding="ascii") as stat:
-        ticks = int(stat.readline().split()[8])
+    def ticks() -> int:
+        with open("/proc/stat", encoding="ascii") as stat:
+            return int(stat.readline().split()[8])
+
+    tick = os.sysconf("SC_CLK_TCK")
+    before = ticks()
     first = machine_steal()
-    assert first >= ticks / os.sysconf("SC_CLK_TCK")
+    after = ticks()
+    assert before / tick <= first <= after / tick
     assert machine_steal() >= first
-
-
-def test_slowest_change_names_pilots_highest_p99_its_steal_and_the_replays_pair() -> None:
-    """A missed latency row is about pilot's slowest changes: the report names the one with the
-    highest p99, the host's steal during it and the baseline's change made right after it."""
-    from benchmarks.report import Latency, Phase, Run, _ratios
-
-    pilot, base = Run("pilot", "delta", 2000), Run("baseline", "delta", 2000)
-    for p99, steal in ((0.21, 0.0), (0.56, 0.47), (0.29, 0.0)):
-        pilot.phases.append(Phase("endpoint", 2000, 2000, Latency.of([p99]), 0.3, 290, 0.2, machine_steal_s=steal))
-    for p99, steal in ((0.15, 0.0), (0.22, 0.05), (0.16, 0.0)):
-        base.phases.append(Phase("endpoint", 2000, 2000, Latency.of([p99]), 0.2, 190, 0.2, machine_steal_s=steal))
-    slowest = _ratios(pilot, base)["slowest"]
-    assert slowest["route"] is None  # no route change measured
-    assert slowest["endpoint"] == {"index": 2, "of": 3, "p99_s": 0.56, "steal_s": 0.47,
-                                   "replay_p99_s": 0.22, "replay_steal_s": 0.05}
