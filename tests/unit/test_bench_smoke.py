@@ -527,3 +527,19 @@ def test_machine_steal_reads_the_steal_column_of_proc_stat() -> None:
     after = ticks()
     assert before / tick <= first <= after / tick
     assert machine_steal() >= first
+
+
+def test_slowest_change_names_pilots_highest_p99_its_steal_and_the_replays_pair() -> None:
+    """A missed latency row is about pilot's slowest changes: the report names the one with the
+    highest p99, the host's steal during it and the baseline's change made right after it."""
+    from benchmarks.report import Latency, Phase, Run, _ratios
+
+    pilot, base = Run("pilot", "delta", 2000), Run("baseline", "delta", 2000)
+    for p99, steal in ((0.21, 0.0), (0.56, 0.47), (0.29, 0.0)):
+        pilot.phases.append(Phase("endpoint", 2000, 2000, Latency.of([p99]), 0.3, 290, 0.2, machine_steal_s=steal))
+    for p99, steal in ((0.15, 0.0), (0.22, 0.05), (0.16, 0.0)):
+        base.phases.append(Phase("endpoint", 2000, 2000, Latency.of([p99]), 0.2, 190, 0.2, machine_steal_s=steal))
+    slowest = _ratios(pilot, base)["slowest"]
+    assert slowest["route"] is None  # no route change measured
+    assert slowest["endpoint"] == {"index": 2, "of": 3, "p99_s": 0.56, "steal_s": 0.47,
+                                   "replay_p99_s": 0.22, "replay_steal_s": 0.05}
