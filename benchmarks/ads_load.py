@@ -26,7 +26,7 @@ from rich.console import Console
 
 from benchmarks.meshgen import MAX_SERVICES
 from benchmarks.paired import run_pair
-from benchmarks.procs import ProcessGroup
+from benchmarks.procs import ProcessGroup, machine_steal
 from benchmarks.report import PER_WORKLOAD, Report, print_report
 from benchmarks.runner import Options, py_spy
 
@@ -70,6 +70,7 @@ def run_benchmark(clients: list[int], protocols: list[str], workdir: Path, repea
                                      "pilot_env": pilot_env or {}, "pinned": pin, "client": client,
                                      "streams_per_connection": streams_per_connection})
     per_workload = classes == PER_WORKLOAD
+    load_before, steal_before = os.getloadavg()[0], machine_steal()
     with ProcessGroup() as group:
         for protocol in protocols:
             for n in clients:
@@ -87,7 +88,17 @@ def run_benchmark(clients: list[int], protocols: list[str], workdir: Path, repea
                               f"{opts.class_count} {opts.class_mode} classes)")
                 report.runs.extend(run_pair(group, opts, console.print, with_baseline=baseline))
                 console.print(f"  [dim]{time.monotonic() - started:.0f}s[/]")
+    _machine_during(report.machine, load_before, os.getloadavg()[0], machine_steal() - steal_before)
     return report
+
+
+def _machine_during(machine: dict[str, object], load_before: float, load_after: float, steal_s: float) -> None:
+    """What the machine was doing around the run, in the report's machine record and its note: the
+    1-minute load average before and after and the CPU seconds the host took meanwhile (steal, all
+    CPUs). Why: every figure here moves with the machine, and a run is read next to its load."""
+    machine.update(load_before=round(load_before, 2), load_after=round(load_after, 2), steal_s=round(steal_s, 2))
+    machine["note"] = (f"{machine['note']} Load average {load_before:.2f} before, {load_after:.2f} after; "
+                       f"the host took {steal_s:.2f} s of CPU (steal) during the run.")
 
 
 def _ints(text: str) -> list[int]:

@@ -93,6 +93,10 @@ def test_benchmark_per_workload_classes(tmp_path: Path) -> None:
     assert saved["ratios"][0]["slowest"]["route"] == {
         "index": 1, "of": 1, "p99_s": pilot_route.latency.p99, "steal_s": pilot_route.machine_steal_s,
         "replay_p99_s": base_route.latency.p99, "replay_steal_s": base_route.machine_steal_s}
+    # The machine around the run: load before and after, the host's steal during it, in the note too.
+    machine = saved["machine"]
+    assert machine["load_before"] >= 0 and machine["load_after"] >= 0 and machine["steal_s"] >= 0
+    assert f"Load average {machine['load_before']:.2f} before" in machine["note"]
     assert report.targets() == []  # mission-scale targets need >= 1,000 services
 
 
