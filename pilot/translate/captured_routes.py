@@ -5,7 +5,8 @@ port is known before any header is read; the route configuration of that port ho
 virtual hosts of services with an HTTP port of that number (Istio's
 ``buildSidecarOutboundHTTPRouteConfig``). Domains are Istio's for sidecars: the host, its
 Kubernetes short forms (``reviews``, ``reviews.default``, ``reviews.default.svc`` within the
-proxy's namespace; the last two elsewhere) and the service's addresses, all without a port:
+proxy's namespace; the last two elsewhere), the absolute host (``reviews.default.svc.cluster.local.``,
+Istio 1.27 on) and the service's addresses, all without a port:
 ``ignore_port_in_host_matching`` makes ``Host: reviews:9080`` match ``reviews``. A domain is
 claimed once per configuration (full names and addresses before short forms). The last virtual
 host catches the rest: ``allow_any`` to the original destination, or ``block_all`` (502) under
@@ -89,7 +90,8 @@ def _vhost(mesh: MeshSnapshot, service: Service, port: ServicePort, source: Rout
     routes = vhost_routes(mesh, service, port, source)
     name = names.virtual_host(service.host, port.number)
     return carried_by(mesh, _VHOST_TAG, (routes,), (name, domains),
-                      lambda: rc.VirtualHost(name=name, domains=domains, routes=routes))
+                      lambda: rc.VirtualHost(name=name, domains=domains, routes=routes,
+                                             include_request_attempt_count=True))
 
 
 def _config(number: int, vhosts: tuple[Any, ...], catch_all: Any) -> Any:
@@ -107,7 +109,7 @@ def _catch_all(blocked: bool) -> Any:
         return passthrough_vhost()
     route = rc.Route(name=BLOCK_ALL, match=rc.RouteMatch(prefix="/"))
     route.direct_response.status = 502
-    return rc.VirtualHost(name=BLOCK_ALL, domains=["*"], routes=[route])
+    return rc.VirtualHost(name=BLOCK_ALL, domains=["*"], routes=[route], include_request_attempt_count=True)
 
 
 def service_addresses(service: Service) -> tuple[str, ...]:
@@ -140,7 +142,7 @@ def _claimed_domains(mesh: MeshSnapshot, members: Members, namespace: str) -> di
 
 def _domains(service: Service, namespace: str, cluster_domain: str) -> tuple[list[str], list[str]]:
     """(full name and addresses, short forms) as Istio generates them for a sidecar."""
-    full = [service.host, *(f"[{a}]" if ":" in a else a for a in service_addresses(service))]
+    full = [*names.host_domains(service.host), *(f"[{a}]" if ":" in a else a for a in service_addresses(service))]
     short: list[str] = []
     suffix = f".svc.{cluster_domain}"
     if service.host.endswith(suffix):

@@ -76,7 +76,8 @@ def gateway_resources(mesh: MeshSnapshot, view: ProxyView) -> tuple[Resources, R
 
 
 def _rds_filter(route_name: str, port: int, security: WorkloadSecurity) -> Any:
-    hcm = hcm_pb2.HttpConnectionManager(stat_prefix=f"gateway_{port}", strip_any_host_port=True)
+    hcm = hcm_pb2.HttpConnectionManager(stat_prefix=f"gateway_{port}", strip_any_host_port=True,
+                                        server_name=names.SERVER_NAME)
     jwt = jwt_filter(security.jwt)
     hcm.http_filters.extend([*([jwt] if jwt is not None else []), *http_rbac_filters(security)])
     # Istio's gateways: the client's address goes into X-Forwarded-For, and as no address is

@@ -72,7 +72,8 @@ def gateway_route_config(
         ]
         if not routes:
             continue
-        vhost = rc.VirtualHost(name=names.virtual_host(host, port), domains=[host], routes=routes)
+        vhost = rc.VirtualHost(name=names.virtual_host(host, port), domains=[host], routes=routes,
+                               include_request_attempt_count=True)
         if host in redirected:
             # Istio's httpsRedirect: Envoy answers plain-HTTP requests with a 301 to https.
             vhost.require_tls = rc.VirtualHost.ALL

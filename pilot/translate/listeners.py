@@ -98,7 +98,8 @@ def inbound_listener(bind: str, port: InboundPort, security: WorkloadSecurity = 
     stat_prefix = f"inbound_{port.port}"
     if port.http:
         hcm = hcm_pb2.HttpConnectionManager(
-            stat_prefix=stat_prefix, route_config=inbound_route_config(port.port, port.grpc)
+            stat_prefix=stat_prefix, route_config=inbound_route_config(port.port, port.grpc),
+            server_name=names.SERVER_NAME,
         )
         jwt = jwt_filter(security.jwt)
         hcm.http_filters.extend([*([jwt] if jwt is not None else []), *http_rbac_filters(security)])

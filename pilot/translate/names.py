@@ -6,6 +6,8 @@ habits and dashboards read the same.
 
 from __future__ import annotations
 
+import ipaddress
+
 OUTBOUND_PORT = 15001
 INBOUND_CAPTURE_PORT = 15006  # captured model: where iptables redirects inbound connections
 OUTBOUND_ROUTE = "outbound"
@@ -21,6 +23,10 @@ VIRTUAL_INBOUND = "virtualInbound"
 BLACKHOLE_CLUSTER = "BlackHoleCluster"
 INBOUND_PASSTHROUGH_CLUSTER = "InboundPassthroughCluster"
 PASSTHROUGH_FILTER_CHAIN = "PassthroughFilterChain"
+
+# The Server header inbound listeners and gateways answer with (Istio's default proxy headers;
+# a sidecar's outbound listener keeps Envoy's "envoy", as Istio's does).
+SERVER_NAME = "istio-envoy"
 
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
@@ -51,3 +57,18 @@ def virtual_host(host: str, port: int) -> str:
 def port_route(port: int) -> str:
     """Captured model: the route configuration of every HTTP service on ``port`` (Istio's "8080")."""
     return str(port)
+
+
+def host_domains(host: str) -> list[str]:
+    """A service host as a sidecar's virtual host domains: the host and its absolute form.
+
+    Istio 1.27 on (`PILOT_ENABLE_ABSOLUTE_FQDN_VHOST_DOMAIN`, on by default) adds the host with
+    a trailing dot, ``reviews.default.svc.cluster.local.``: a client that writes the absolute
+    name (as DNS allows) gets the service's routes, not the catch-all. An IP address has no such
+    form.
+    """
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return [host, f"{host}."]
+    return [host]

@@ -55,8 +55,11 @@ def passthrough_filter() -> Any:
 
 
 def passthrough_vhost() -> Any:
-    """Last resort of the outbound route config: any other host, no timeout (as Istio's passthrough)."""
+    """Last resort of the outbound route config: any other host, as Istio's passthrough: no
+    timeout, a gRPC caller's ``grpc-timeout`` header honoured without a cap, and the attempt
+    count sent upstream (``x-envoy-attempt-count``, Istio's default proxy headers)."""
     route = rc.Route(name=ALLOW_ANY_VHOST, match=rc.RouteMatch(prefix="/"))
     route.route.cluster = PASSTHROUGH_CLUSTER
     route.route.timeout.FromSeconds(0)
-    return rc.VirtualHost(name=ALLOW_ANY_VHOST, domains=["*"], routes=[route])
+    route.route.max_grpc_timeout.FromSeconds(0)
+    return rc.VirtualHost(name=ALLOW_ANY_VHOST, domains=["*"], routes=[route], include_request_attempt_count=True)

@@ -1,10 +1,13 @@
 """The outbound RouteConfiguration: one virtual host per (service host, HTTP port).
 
 Domains are what an app may put in its Host header: ``host:port`` always, the bare host for
-the service's lowest HTTP port, and Kubernetes short forms (``reviews``, ``reviews.default``)
-for ``*.svc.<cluster domain>`` hosts. A domain may appear only once in a route config (Envoy
+the service's lowest HTTP port, the same two for the absolute host (``reviews.default.svc.cluster.local.``,
+Istio 1.27 on), and Kubernetes short forms (``reviews``, ``reviews.default``) for
+``*.svc.<cluster domain>`` hosts. A domain may appear only once in a route config (Envoy
 rejects duplicates), so full host names are claimed first and a short form that would
-collide is left out.
+collide is left out. Every virtual host sends the attempt count upstream
+(``include_request_attempt_count``: the app sees ``x-envoy-attempt-count``), as Istio's default
+proxy headers do for sidecars and gateways.
 """
 
 from __future__ import annotations
@@ -70,7 +73,8 @@ def _vhost(mesh: MeshSnapshot, name: str, service: Service, port: ServicePort, s
            domains: tuple[str, ...]) -> Any:
     """A virtual host message, for the configuration as a message (no carry: tests and tools);
     pilot's pushes keep only its encoding (`_vhost_entry`)."""
-    return rc.VirtualHost(name=name, domains=domains, routes=vhost_routes(mesh, service, port, source))
+    return rc.VirtualHost(name=name, domains=domains, routes=vhost_routes(mesh, service, port, source),
+                          include_request_attempt_count=True)
 
 
 # One virtual host as an element of RouteConfiguration.virtual_hosts (field 2), and whether one of
@@ -91,7 +95,8 @@ def _vhost_entry(mesh: MeshSnapshot, name: str, service: Service, port: ServiceP
     scale)."""
     routes = vhost_routes(mesh, service, port, source)
     return carried_by(mesh, _ENTRY_TAG, (routes,), (name, domains),
-                      lambda: _entry(rc.VirtualHost(name=name, domains=domains, routes=routes)))
+                      lambda: _entry(rc.VirtualHost(name=name, domains=domains, routes=routes,
+                                                    include_request_attempt_count=True)))
 
 
 _DATA, _LARGE = itemgetter(0), itemgetter(1)
@@ -336,7 +341,7 @@ def _domains(
     mesh: MeshSnapshot, service: Service, port: ServicePort, namespace: str
 ) -> tuple[list[str], list[str]]:
     """(full-name domains, short-form domains) wanted by one virtual host."""
-    full = [service.host]
+    full = names.host_domains(service.host)
     short: list[str] = []
     found = _kube_name(mesh, service.host)
     if found is not None:

@@ -183,7 +183,7 @@ def outbound_policy_vhosts(egress: EgressScope | None) -> list[rc.VirtualHost]:
         return []
     route = rc.Route(name=BLOCK_ALL, match=rc.RouteMatch(prefix="/"))
     route.direct_response.status = 502
-    return [rc.VirtualHost(name=BLOCK_ALL, domains=["*"], routes=[route])]
+    return [rc.VirtualHost(name=BLOCK_ALL, domains=["*"], routes=[route], include_request_attempt_count=True)]
 
 
 def selected_rules(mesh: MeshSnapshot, namespace: str, labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:

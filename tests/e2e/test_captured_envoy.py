@@ -227,6 +227,8 @@ async def test_captured_traffic_is_routed_arrives_through_inbound_capture_and_pa
                 assert (await curl(pods["client"], f"http://{VIP}:{PORT}/"))["tag"] == "v1"
             by_name = await curl(pods["client"], f"http://{HOST}:{PORT}/", "--resolve", f"{HOST}:{PORT}:{VIP}")
             assert by_name["tag"] == "v1"  # Host: the service name (as DNS would give the VIP)
+            absolute = await curl(pods["client"], f"http://{VIP}:{PORT}/", "-H", f"Host: {HOST}.:{PORT}")
+            assert absolute["tag"] == "v1"  # the absolute name, trailing dot (Istio 1.27 on), is the service's too
             inbound = await admin(pods["v2"], "/stats?filter=inbound")
             assert stat(inbound, f"http.inbound_{PORT}.downstream_rq_completed") >= 1, inbound
 

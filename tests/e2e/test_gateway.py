@@ -153,6 +153,17 @@ async def test_gateway_routes_by_host_and_path_to_two_backends(ingress: Ingress)
             assert resp.headers["location"].startswith("https://shop.example.com")
 
 
+async def test_gateway_answers_as_istio_envoy_and_sends_the_attempt_count(ingress: Ingress) -> None:
+    """Istio's default proxy headers on a gateway: ``server: istio-envoy`` on the answer, and the
+    backend sees ``x-envoy-attempt-count``."""
+    async with http_session() as session, session.get(
+        ingress.url(HTTP_PORT, "/"), headers={"Host": "shop.example.com"}
+    ) as resp:
+        assert resp.status == 200 and resp.headers["server"] == "istio-envoy"
+        body = await resp.json(content_type=None)
+    assert body["name"] == "web" and body["headers"]["x-envoy-attempt-count"] == "1"
+
+
 async def test_https_server_presents_file_certificate_by_sni(ingress: Ingress) -> None:
     trusted = ssl.create_default_context(cafile=str(ingress.ca_file))
     url = ingress.url(HTTPS_PORT, "/api/secure", scheme="https")

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
+from yarl import URL
 
 from meshctl.localmesh import http_session
 from tests.e2e.route_features_mesh import HOST, TO_V1, Reply, Routes, running_mesh, tagged
@@ -97,6 +98,25 @@ async def test_method_authority_and_header_prefix_regex_matches(routes: Routes) 
         ({"x_id": "123"}, "id"), ({"x_id": "1234"}, "fallback"), ({"x_id": "12a"}, "fallback"),
     ]  # fmt: skip
     assert [(h, (await routes.call("/", **h)).tag) for h, _ in cases] == cases
+
+
+async def test_the_absolute_host_name_gets_the_services_routes_and_the_app_the_attempt_count(
+    routes: Routes,
+) -> None:
+    """Istio 1.27 on: ``web.default.svc.cluster.local.`` (trailing dot, as DNS allows) is a domain
+    of the service's virtual host, with and without the port; without it the request would fall
+    to the passthrough catch-all. Istio's default proxy headers: the app sees the attempt count,
+    and a sidecar's inbound listener answers as ``istio-envoy``."""
+    await routes.route(tagged(("fqdn", "{authority: {prefix: web.default.svc}}")))
+    for host in ("web.default.svc.cluster.local.:8080", "web.default.svc.cluster.local."):
+        reply = await routes.call("/", host=host)
+        assert (reply.status, reply.tag) == (200, "fqdn"), host
+        assert reply.received["x-envoy-attempt-count"] == "1"
+    assert (await routes.call("/", host="web.default.svc.cluster.local.:8081")).tag == "fqdn"  # the second port's
+    # Straight to web-v1's sidecar inbound port: the Server header is Istio's inbound one.
+    port = URL(routes.apps["v1"]).port
+    async with http_session() as session, session.get(f"http://{routes.addresses['web-v1']}:{port}/") as resp:
+        assert resp.status == 200 and resp.headers["server"] == "istio-envoy"
 
 
 async def test_without_headers_matches_requests_lacking_the_header(routes: Routes) -> None:

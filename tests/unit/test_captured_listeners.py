@@ -125,7 +125,9 @@ def test_a_port_route_configuration_holds_only_that_ports_services_with_istio_do
     assert set(vhosts) == {"reviews.default.svc.cluster.local:9080", "ratings.default.svc.cluster.local:9080",
                            "allow_any"}
     assert vhosts["reviews.default.svc.cluster.local:9080"] == [
-        "10.96.0.10", "reviews", "reviews.default", "reviews.default.svc", "reviews.default.svc.cluster.local"]
+        "10.96.0.10", "reviews", "reviews.default", "reviews.default.svc", "reviews.default.svc.cluster.local",
+        "reviews.default.svc.cluster.local."]  # the absolute name too (Istio 1.27 on)
+    assert all(v.include_request_attempt_count for v in config.virtual_hosts)  # Istio's default proxy headers
     # Another namespace's service: no bare short name (it would be this namespace's service).
     details = next(v for v in out[ROUTE]["8080"].virtual_hosts if v.name.startswith("details"))
     assert "details" not in details.domains and "details.shop" in details.domains

@@ -44,10 +44,13 @@ def test_short_forms_depend_on_namespace_and_bare_host_on_lowest_port() -> None:
     same = domains(mesh, sidecar("default"))
     assert same["reviews.default.svc.cluster.local:80"] == sorted(
         f"{h}{p}"
-        for h in ("reviews", "reviews.default", "reviews.default.svc", "reviews.default.svc.cluster.local")
+        for h in ("reviews", "reviews.default", "reviews.default.svc", "reviews.default.svc.cluster.local",
+                  "reviews.default.svc.cluster.local.")  # the absolute name (Istio 1.27 on)
         for p in ("", ":80")
     )
     assert "reviews" not in same["reviews.default.svc.cluster.local:9080"]
+    assert "reviews.default.svc.cluster.local." not in same["reviews.default.svc.cluster.local:9080"]
+    assert "reviews.default.svc.cluster.local.:9080" in same["reviews.default.svc.cluster.local:9080"]
     assert "reviews:9080" in same["reviews.default.svc.cluster.local:9080"]
     other = domains(mesh, sidecar("shop"))
     assert "reviews:80" not in other["reviews.default.svc.cluster.local:80"]
