@@ -231,10 +231,12 @@ def route_rows(dump: Mapping[str, Any], index: ConfigIndex, name: str | None = N
 
 
 def _domains(domains: Sequence[str]) -> str:
-    """The longest domain stands for its short forms (as istioctl prints `reviews.default.svc.cluster.local`)."""
+    """The longest domain stands for its short forms (as istioctl prints `reviews.default.svc.cluster.local`);
+    the absolute form (trailing dot) only where there is nothing else."""
     if not domains:
         return "-"
-    plain = [d for d in domains if ":" not in d] or list(domains)
+    plain = ([d for d in domains if ":" not in d and not d.endswith(".")] or [d for d in domains if ":" not in d]
+             or list(domains))
     longest = max(plain, key=len)
     more = len(domains) - 1
     return f"{longest} +{more} more" if more else longest

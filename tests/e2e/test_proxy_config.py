@@ -122,7 +122,7 @@ async def test_listeners_and_routes_tables(mesh: Mesh) -> None:
     assert rows(await mesh.ok("proxy-config", "listeners", "frontend", "--port", "15021"))[0][:3] == [
         "health", frontend, "15021"]
     routes = rows(await mesh.ok("proxy-config", "routes", "frontend", "--name", "outbound"))
-    assert ["outbound", f"{REVIEWS}:9080", f"{REVIEWS} +7 more", "/*", "reviews.default"] in routes
+    assert ["outbound", f"{REVIEWS}:9080", f"{REVIEWS} +9 more", "/*", "reviews.default"] in routes
     assert all(r[0] == "outbound" for r in routes)
 
 

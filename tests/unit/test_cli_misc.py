@@ -327,10 +327,11 @@ def test_route_rows_take_istio_metadata_first() -> None:
                  "config": "/apis/networking.istio.io/v1/namespaces/shop/virtual-service/cart"}}}}
     dump = {"configs": [{"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump", "dynamic_route_configs": [
         {"route_config": {"name": "80", "virtual_hosts": [{"name": "cart.shop.svc.cluster.local:80",
-                                                           "domains": ["cart.shop.svc.cluster.local", "cart"],
+                                                           "domains": ["cart.shop.svc.cluster.local",
+                                                                       "cart.shop.svc.cluster.local.", "cart"],
                                                            "routes": [route]}]}}]}]}
     assert route_rows(dump, ConfigIndex()) == [
-        ("80", "cart.shop.svc.cluster.local:80", "cart.shop.svc.cluster.local +1 more", "/api* [headers: end-user]",
+        ("80", "cart.shop.svc.cluster.local:80", "cart.shop.svc.cluster.local +2 more", "/api* [headers: end-user]",
          "cart.shop")]
 
 
