@@ -231,13 +231,11 @@ def route_rows(dump: Mapping[str, Any], index: ConfigIndex, name: str | None = N
 
 
 def _domains(domains: Sequence[str]) -> str:
-    """The longest domain stands for its short forms (as istioctl prints `reviews.default.svc.cluster.local`);
-    the absolute form (trailing dot) only where there is nothing else."""
+    """The longest domain stands for its short forms (as istioctl prints `reviews.default.svc.cluster.local`),
+    one without a port or a trailing dot (the absolute form) where there is one."""
     if not domains:
         return "-"
-    plain = ([d for d in domains if ":" not in d and not d.endswith(".")] or [d for d in domains if ":" not in d]
-             or list(domains))
-    longest = max(plain, key=len)
+    longest = max(domains, key=lambda d: (":" not in d, not d.endswith("."), len(d)))
     more = len(domains) - 1
     return f"{longest} +{more} more" if more else longest
 

@@ -6,7 +6,7 @@ habits and dashboards read the same.
 
 from __future__ import annotations
 
-import ipaddress
+from pilot.api.service_entry import is_ip
 
 OUTBOUND_PORT = 15001
 INBOUND_CAPTURE_PORT = 15006  # captured model: where iptables redirects inbound connections
@@ -67,8 +67,4 @@ def host_domains(host: str) -> list[str]:
     name (as DNS allows) gets the service's routes, not the catch-all. An IP address has no such
     form.
     """
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return [host, f"{host}."]
-    return [host]
+    return [host] if is_ip(host) else [host, f"{host}."]
