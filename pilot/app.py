@@ -164,7 +164,7 @@ class Pilot:
         if self.loop_watch is not None:
             self.loop_watch.start()
         if self.files is not None:
-            await self.files.load()  # parsed off the loop; the store (which wakes asyncio waiters) on it
+            self.files.sync()  # on the loop: the store wakes asyncio waiters
             self._tasks.append(spawn("config-files", self.files.run, self.failures))
         if self.settings.kubeconfig is not None or self.settings.kube_in_cluster:
             await self._start_kube_source()

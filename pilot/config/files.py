@@ -227,19 +227,8 @@ class FileSource:
         self._stored: LoadResult | None = None  # what the store was last given (None: unknown)
 
     def sync(self) -> bool:
-        """Load the directory now if it changed; True if the revision moved. For tests and tools."""
+        """Load the directory now if it changed; True if the revision moved. For tests and startup."""
         scanned = self._scan()
-        return scanned is not None and self._apply(scanned)
-
-    async def load(self) -> bool:
-        """`sync` for a running loop (pilot's start): the directory is read and parsed in a worker
-        thread, as every later reload is, and only the store update runs on the loop.
-
-        Why: at 1,000 files reading and parsing take ~2 s; on the loop that was a 2.2 s stall,
-        logged as one with its stack (`pilot.loopwatch`) on every start at mission scale, with the
-        loop unable to run anything else (signals, the CA's tasks) meanwhile. A failure raises,
-        as `sync` does: a start does not go on with a directory it could not read."""
-        scanned = await asyncio.to_thread(self._scan)
         return scanned is not None and self._apply(scanned)
 
     @property
