@@ -161,11 +161,15 @@ class Pilot:
             raise
 
     async def _start(self) -> None:
+        if self.files is not None:
+            # On the loop: the store wakes asyncio waiters. At 1,000 files this holds the loop ~2 s,
+            # before anything is served; a worker thread instead made glibc malloc keep more after
+            # config spikes (session 47, reverted), so the watchdog starts after it rather than
+            # report every large start as a stall.
+            self.files.sync()
+            self._tasks.append(spawn("config-files", self.files.run, self.failures))
         if self.loop_watch is not None:
             self.loop_watch.start()
-        if self.files is not None:
-            self.files.sync()  # on the loop: the store wakes asyncio waiters
-            self._tasks.append(spawn("config-files", self.files.run, self.failures))
         if self.settings.kubeconfig is not None or self.settings.kube_in_cluster:
             await self._start_kube_source()
         if self.kube is not None and self._kube_registry is None:  # the same cluster's Services and Pods

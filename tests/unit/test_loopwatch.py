@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -52,3 +53,26 @@ async def test_pilot_watches_its_loop_from_start_to_stop_unless_turned_off() -> 
     assert not watch.watching  # stopped with pilot
     off = Pilot(PilotSettings(ads_port=0, debug_port=0, loop_stall_ms=0))
     assert off.loop_watch is None
+
+
+async def test_pilot_watches_its_loop_from_after_its_first_config_load(tmp_path: Path) -> None:
+    """The first load of the config directory runs on the loop before anything is served (at 1,000
+    files ~2 s): the watchdog starts after it, so a large mesh's start is not reported as a stall."""
+    (tmp_path / "se.yaml").write_text(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: se, namespace: default}\n"
+        "spec: {hosts: [s.example.com], ports: [{number: 80, name: http, protocol: HTTP}]}\n")
+    pilot = Pilot(PilotSettings(ads_port=0, debug_port=0, config_dir=tmp_path))
+    files, watch = pilot.files, pilot.loop_watch
+    assert files is not None and watch is not None
+    watching_while_loading: list[bool] = []
+    load = files.sync
+
+    def observed_load() -> bool:  # the real load, noting whether the watchdog ran during it
+        watching_while_loading.append(watch.watching)
+        return load()
+
+    files.sync = observed_load  # type: ignore[method-assign]
+    async with pilot:
+        assert watch.watching
+        assert [o.metadata.name for o in pilot.store.objects("ServiceEntry")] == ["se"]
+    assert watching_while_loading == [False]
