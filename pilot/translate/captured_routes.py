@@ -35,7 +35,7 @@ from pilot.translate.memo import carried_by, carried_value, memoized
 from pilot.translate.passthrough import passthrough_vhost
 from pilot.translate.route_source import RouteSource
 from pilot.translate.routes import vhost_routes
-from pilot.translate.visibility import BLOCK_ALL
+from pilot.translate.visibility import block_all_vhost
 
 Members = tuple[tuple[Service, ServicePort], ...]
 
@@ -105,11 +105,7 @@ def _config(number: int, vhosts: tuple[Any, ...], catch_all: Any) -> Any:
 def _catch_all(blocked: bool) -> Any:
     """Istio's last virtual host: ``allow_any`` to PassthroughCluster (here an original-destination
     cluster), or ``block_all`` answering 502 under REGISTRY_ONLY."""
-    if not blocked:
-        return passthrough_vhost()
-    route = rc.Route(name=BLOCK_ALL, match=rc.RouteMatch(prefix="/"))
-    route.direct_response.status = 502
-    return rc.VirtualHost(name=BLOCK_ALL, domains=["*"], routes=[route], include_request_attempt_count=True)
+    return block_all_vhost() if blocked else passthrough_vhost()
 
 
 def service_addresses(service: Service) -> tuple[str, ...]:

@@ -181,9 +181,14 @@ def outbound_policy_vhosts(egress: EgressScope | None) -> list[rc.VirtualHost]:
     """
     if egress is None or egress.outbound_policy != REGISTRY_ONLY:
         return []
+    return [block_all_vhost()]
+
+
+def block_all_vhost() -> rc.VirtualHost:
+    """``block_all``: every host answered 502 (REGISTRY_ONLY's catch-all, both outbound models)."""
     route = rc.Route(name=BLOCK_ALL, match=rc.RouteMatch(prefix="/"))
     route.direct_response.status = 502
-    return [rc.VirtualHost(name=BLOCK_ALL, domains=["*"], routes=[route], include_request_attempt_count=True)]
+    return rc.VirtualHost(name=BLOCK_ALL, domains=["*"], routes=[route], include_request_attempt_count=True)
 
 
 def selected_rules(mesh: MeshSnapshot, namespace: str, labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
