@@ -24,7 +24,6 @@ import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
-from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 
 from pilot.model.mesh import MeshSnapshot, Service, ServicePort
@@ -34,7 +33,7 @@ from pilot.translate.http_routes import allow_large_direct_bodies
 from pilot.translate.memo import carried_by, carried_value, memoized
 from pilot.translate.passthrough import passthrough_vhost
 from pilot.translate.route_source import RouteSource
-from pilot.translate.routes import vhost_routes
+from pilot.translate.routes import service_vhost, vhost_routes
 from pilot.translate.visibility import block_all_vhost
 
 Members = tuple[tuple[Service, ServicePort], ...]
@@ -90,8 +89,7 @@ def _vhost(mesh: MeshSnapshot, service: Service, port: ServicePort, source: Rout
     routes = vhost_routes(mesh, service, port, source)
     name = names.virtual_host(service.host, port.number)
     return carried_by(mesh, _VHOST_TAG, (routes,), (name, domains),
-                      lambda: rc.VirtualHost(name=name, domains=domains, routes=routes,
-                                             include_request_attempt_count=True))
+                      lambda: service_vhost(name, domains, routes))
 
 
 def _config(number: int, vhosts: tuple[Any, ...], catch_all: Any) -> Any:

@@ -73,8 +73,13 @@ def _vhost(mesh: MeshSnapshot, name: str, service: Service, port: ServicePort, s
            domains: tuple[str, ...]) -> Any:
     """A virtual host message, for the configuration as a message (no carry: tests and tools);
     pilot's pushes keep only its encoding (`_vhost_entry`)."""
-    return rc.VirtualHost(name=name, domains=domains, routes=vhost_routes(mesh, service, port, source),
-                          include_request_attempt_count=True)
+    return service_vhost(name, domains, vhost_routes(mesh, service, port, source))
+
+
+def service_vhost(name: str, domains: Sequence[str], routes: Sequence[Any]) -> Any:
+    """A service's virtual host on a sidecar (both outbound models): its routes, and the attempt
+    count sent upstream as Istio's default proxy headers do."""
+    return rc.VirtualHost(name=name, domains=domains, routes=routes, include_request_attempt_count=True)
 
 
 # One virtual host as an element of RouteConfiguration.virtual_hosts (field 2), and whether one of
@@ -95,8 +100,7 @@ def _vhost_entry(mesh: MeshSnapshot, name: str, service: Service, port: ServiceP
     scale)."""
     routes = vhost_routes(mesh, service, port, source)
     return carried_by(mesh, _ENTRY_TAG, (routes,), (name, domains),
-                      lambda: _entry(rc.VirtualHost(name=name, domains=domains, routes=routes,
-                                                    include_request_attempt_count=True)))
+                      lambda: _entry(service_vhost(name, domains, routes)))
 
 
 _DATA, _LARGE = itemgetter(0), itemgetter(1)
